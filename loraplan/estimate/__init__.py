@@ -1,0 +1,1 @@
+"""The analytical estimator: pure Python, no torch. See ``api.estimate``."""

@@ -1,0 +1,60 @@
+"""PEFT target-module semantics (peft/tuners/tuners_utils.py::check_target_module_exists).
+
+- a list of names: a module matches when its full name equals a name or ends with "." + name;
+- a single string that is not a plain name: a regular expression that must fullmatch the name;
+- "all-linear": every Linear except the output layer (peft's INCLUDE_LINEAR_LAYERS_SHORTHAND);
+  extra names given beside it (e.g. "all-linear,lm_head") are added.
+"""
+
+from __future__ import annotations
+
+import re
+
+from .errors import TargetError
+from .spec import LinearSpec, ModelSpec
+
+ALL_LINEAR = "all-linear"
+_PLAIN = re.compile(r"^[A-Za-z0-9_.]+$")
+
+
+def parse_targets(text: str | list | tuple) -> tuple[str, ...]:
+    """'q_proj,v_proj' -> ('q_proj', 'v_proj'); keeps order, drops blanks and duplicates."""
+    items = text.split(",") if isinstance(text, str) else list(text)
+    out: list[str] = []
+    for t in (str(i).strip() for i in items):
+        if t and t not in out:
+            out.append(t)
+    if not out:
+        raise TargetError("--targets is empty; give module names like 'q_proj,v_proj' or 'all-linear'")
+    return tuple(out)
+
+
+def _matches(name: str, target: str) -> bool:
+    if _PLAIN.match(target):
+        return name == target or name.endswith("." + target)
+    return re.fullmatch(target, name) is not None
+
+
+def select_targets(model: ModelSpec, targets: tuple[str, ...]) -> tuple[LinearSpec, ...]:
+    """The Linear modules LoRA adapts, in model order. Raises TargetError for a name matching nothing."""
+    names = [t for t in targets if t != ALL_LINEAR]
+    chosen: set[str] = set()
+    if ALL_LINEAR in targets:
+        chosen.update(l.name for l in model.linears if l.role != "lm_head")
+    for t in names:
+        hit = [l.name for l in model.linears if _matches(l.name, t)]
+        if not hit:
+            raise TargetError(
+                f"LoRA target '{t}' matches no Linear module of {model.name}; "
+                f"its Linear modules are: {', '.join(linear_leaf_names(model))} (or use 'all-linear')")
+        chosen.update(hit)
+    return tuple(l for l in model.linears if l.name in chosen)
+
+
+def linear_leaf_names(model: ModelSpec) -> list[str]:
+    """Distinct last components of Linear module names, in model order (what users type)."""
+    seen: list[str] = []
+    for l in model.linears:
+        if l.leaf not in seen:
+            seen.append(l.leaf)
+    return seen
