@@ -17,24 +17,25 @@ from ..spec import Calibration, GpuSpec, ModelSpec
 HERE = Path(__file__).parent
 
 
-def _read_dir(sub: str) -> dict[str, dict]:
+def _read_dir(sub: str, key: str) -> dict[str, dict]:
+    """Every JSON file of a catalog folder, keyed by its ``key`` field (else the file stem)."""
     out = {}
     for p in sorted((HERE / sub).glob("*.json")):
         data = json.loads(p.read_text())
-        out[data.get("name") or data.get("id") or data.get("gpu") or p.stem] = data
+        out[data.get(key) or p.stem] = data
     return out
 
 
 @lru_cache(maxsize=None)
 def model_entries() -> dict[str, dict]:
     """Catalog name -> model entry."""
-    return _read_dir("models")
+    return _read_dir("models", "name")
 
 
 @lru_cache(maxsize=None)
 def gpu_entries() -> dict[str, dict]:
     """GPU id -> GPU entry."""
-    return _read_dir("gpus")
+    return _read_dir("gpus", "id")
 
 
 def model_names() -> list[str]:
@@ -85,7 +86,7 @@ def load_gpu(gpu_id: str) -> GpuSpec:
 
 @lru_cache(maxsize=None)
 def calibration_entries() -> dict[str, dict]:
-    return _read_dir("calibrations")
+    return _read_dir("calibrations", "gpu")
 
 
 def load_calibration(gpu_id: str | None, path: str | None = None) -> Calibration:

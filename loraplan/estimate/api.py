@@ -1,0 +1,40 @@
+"""``estimate()``: the analytical estimator's one entry point (pure Python, no torch)."""
+
+from __future__ import annotations
+
+from ..catalog import load_calibration
+from ..spec import Calibration, GpuSpec, LoraSpec, ModelSpec, TrainSpec, run_inputs
+from ..targets import select_targets
+from .memory import estimate_memory, make_setup
+from .params import count_params
+from .result import Estimate
+
+
+def estimate(model: ModelSpec, lora: LoraSpec, train: TrainSpec, gpu: GpuSpec | None = None,
+             calibration: Calibration | None = None, with_time: bool = True) -> Estimate:
+    """Peak memory ledger, parameter counts, fit verdict and (when a GPU is given) step time."""
+    cal = calibration or load_calibration(gpu.id if gpu else None)
+    adapted = select_targets(model, lora.targets)
+    setup = make_setup(model, lora, train, adapted, gpu.compute_capability if gpu else "9.0")
+    memory = estimate_memory(setup, gpu, cal)
+    time = None
+    if with_time and gpu is not None:
+        try:
+            from .time import estimate_step_time
+        except ImportError:  # time model not installed in this build
+            estimate_step_time = None
+        if estimate_step_time is not None:
+            time = estimate_step_time(model, lora, train, gpu, cal)
+    inputs = run_inputs(model, lora, train)
+    inputs["attention_kernel"] = setup.attention
+    if gpu is not None:
+        inputs["gpu"] = gpu.id
+    return Estimate(
+        inputs=inputs,
+        params=count_params(model, lora, adapted),
+        memory=memory,
+        gpu=gpu.id if gpu else None,
+        gpu_memory_bytes=gpu.memory_bytes if gpu else None,
+        time=time,
+        calibration={"gpu": cal.gpu, "coefficients": dict(cal.coefficients)},
+    )
