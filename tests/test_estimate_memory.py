@@ -125,3 +125,26 @@ def test_fit_verdict_against_gpu_memory():
     assert e.fits is False and e.headroom_bytes < 0
     e = estimate(load_model("qwen2.5-0.5b"), LoraSpec(8, 16, 0.05, ("q_proj",)), TrainSpec(quant="nf4"), GPU, with_time=False)
     assert e.fits is True and e.headroom_bytes > 0
+
+
+def test_array_path_equals_scalar_path():
+    """The sweep evaluates the same formulas on numpy arrays: results must be identical."""
+    np = pytest.importorskip("numpy")
+    from loraplan.estimate.memory import Shape, peak_allocated, structure, choose_attention
+
+    gpu, cal = GPU, load_calibration(GPU.id)
+    for model, quant, opt, gc in [("llama-2-7b", "nf4", "adamw", True), ("qwen2.5-0.5b", "bf16", "paged_adamw_8bit", False),
+                                  ("llama-2-7b", "int8", "adamw_8bit", True)]:
+        m = load_model(model)
+        lora = LoraSpec(8, 16, 0.05, ("all-linear",))
+        ad = select_targets(m, lora.targets)
+        st = structure(m, ad, quant, True)
+        b = np.array([1, 2, 4, 8]); s = np.array([512, 1024, 256, 2048]); r = np.array([8, 16, 64, 256])
+        d = np.array([0.05, 0.0, 0.1, 0.05])
+        train = TrainSpec(quant=quant, optimizer=opt, gradient_checkpointing=gc)
+        kind = choose_attention(m, train, "9.0")
+        arr, idx = peak_allocated(st, train, kind, Shape(b, s, s, r, d), gpu, cal)
+        for i in range(4):
+            one, j = peak_allocated(st, train, kind, Shape(int(b[i]), int(s[i]), int(s[i]), int(r[i]), float(d[i])), gpu, cal)
+            assert arr[i] == pytest.approx(one, rel=1e-12)
+            assert idx[i] == j
