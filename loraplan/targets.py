@@ -14,6 +14,33 @@ from .errors import TargetError
 from .spec import LinearSpec, ModelSpec
 
 ALL_LINEAR = "all-linear"
+
+#: What PEFT targets when LoraConfig.target_modules is None
+#: (peft/utils/constants.py::TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, peft 0.21).
+#: phi3 has no entry there (PEFT asks for target_modules); loraplan uses its fused qkv_proj.
+PEFT_DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
+    "llama": ("q_proj", "v_proj"),
+    "mistral": ("q_proj", "v_proj"),
+    "qwen2": ("q_proj", "v_proj"),
+    "qwen3": ("q_proj", "v_proj"),
+    "gemma2": ("q_proj", "v_proj"),
+    "opt": ("q_proj", "v_proj"),
+    "gpt_neox": ("query_key_value",),
+    "falcon": ("query_key_value",),
+    "t5": ("q", "v"),
+    "mt5": ("q", "v"),
+    "phi3": ("qkv_proj",),
+}
+
+
+def default_targets(model: ModelSpec) -> tuple[str, ...]:
+    """PEFT's default target modules for the model's family; TargetError when it has none."""
+    try:
+        return PEFT_DEFAULT_TARGETS[model.model_type]
+    except KeyError:
+        raise TargetError(
+            f"PEFT has no default LoRA targets for model_type '{model.model_type}'; pass --targets "
+            f"(its Linear modules are: {', '.join(linear_leaf_names(model))}, or 'all-linear')") from None
 _PLAIN = re.compile(r"^[A-Za-z0-9_.]+$")
 
 

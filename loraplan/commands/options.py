@@ -25,7 +25,7 @@ DEFAULTS: dict[str, Any] = {
     "rank": 8,
     "alpha": None,  # 2 x rank
     "dropout": 0.05,
-    "targets": "q_proj,v_proj",
+    "targets": None,  # PEFT's default for the model family (q_proj,v_proj for llama)
     "optimizer": "adamw",
     "batch": 1,
     "seq": 512,
@@ -115,7 +115,7 @@ def case_options(multi: bool = False, gpu: bool = True):
             click.option("--dropout", default=None, help="LoRA dropout [default: 0.05]" + m),
             click.option("--targets", default=None, multiple=multi,
                          help="LoRA target modules: comma list of module names, 'all-linear', or "
-                              "'all-linear,lm_head' [default: q_proj,v_proj]" + (" (repeat the option for several sets)" if multi else "")),
+                              "'all-linear,lm_head' [default: PEFT's default for the family, e.g. q_proj,v_proj]" + (" (repeat the option for several sets)" if multi else "")),
             click.option("--optimizer", default=None, help=f"{', '.join(OPTIMIZERS)} [default: adamw]" + m),
             click.option("--batch", default=None, help="Micro-batch size [default: 1]" + m),
             click.option("--seq", default=None, help="Sequence length in tokens [default: 512]" + m),
@@ -144,9 +144,9 @@ def split_values(key: str, raw) -> list:
         return [DEFAULTS.get(key)]
     if isinstance(raw, (list, tuple)):
         if key == "targets":
-            return list(raw) if raw else [DEFAULTS["targets"]]
+            return list(raw) if raw else [None]
         return [parse(v) for v in raw]
-    if isinstance(raw, bool) or key in ("targets",):
+    if isinstance(raw, bool) or key == "targets":
         return [raw]
     out: list = []
     for part in str(raw).split(","):
@@ -190,7 +190,7 @@ def expand_grid(opts: dict) -> list[dict]:
 def resolve_case(case: dict, model: ModelSpec | None = None) -> tuple[ModelSpec, LoraSpec, TrainSpec]:
     """One single-valued case dict (CLI option names, values raw or parsed) -> validated specs."""
     from ..catalog import load_model
-    from ..targets import parse_targets, select_targets
+    from ..targets import default_targets, parse_targets, select_targets
 
     v = {k: (DEFAULTS.get(k) if case.get(k) is None else PARSERS[k](case[k])) for k in PARSERS}
     model = model or load_model(v["model"])
@@ -208,7 +208,7 @@ def resolve_case(case: dict, model: ModelSpec | None = None) -> tuple[ModelSpec,
     frac = v["int8_outlier_fraction"]
     if frac is not None and not 0.0 <= frac <= 1.0:
         raise InputError(f"--int8-outlier-fraction {frac} must be between 0 and 1")
-    targets = parse_targets(v["targets"])
+    targets = parse_targets(v["targets"]) if v["targets"] else default_targets(model)
     lora = LoraSpec(rank=v["rank"], alpha=alpha, dropout=v["dropout"], targets=targets)
     select_targets(model, targets)  # raises TargetError listing the module names that exist
     if model.max_positions and v["seq"] > model.max_positions:
