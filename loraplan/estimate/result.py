@@ -46,6 +46,7 @@ class Estimate:
     time: TimeEstimate | None = None
     method: str = "analytic"
     calibration: dict[str, Any] = field(default_factory=dict)
+    detail: dict[str, Any] = field(default_factory=dict)  # method-specific extras (trace phases, ...)
 
     @property
     def fits(self) -> bool | None:
@@ -81,6 +82,8 @@ class Estimate:
             "headroom_bytes": self.headroom_bytes,
             "calibration": self.calibration,
         }
+        if self.detail:
+            d["detail"] = self.detail
         if self.time is not None:
             d["time"] = {"step_s": self.time.step_s, "tokens_per_s": self.time.tokens_per_s,
                          "components": dict(self.time.components), "bound": self.time.bound}

@@ -1,0 +1,117 @@
+"""Trace mode: the real transformers + peft (+ bitsandbytes) LoRA training step on the meta device.
+
+Public API (importing this package never imports torch):
+
+- ``run_trace_subprocess(model_config, lora, train, gpu_cc="9.0", timeout_s=300, steps=2) -> dict``:
+  runs ``python -m loraplan.trace.worker`` in a fresh process (JSON over stdin/stdout) and
+  returns ``run.trace_step``'s dict; raises a one-line ``TraceError`` (a LoraplanError) on
+  failure or timeout, ``MissingExtraError`` when torch/transformers/peft are missing.
+- ``run.trace_step(...)``: the same in-process (imports torch).
+- ``tracker.LiveTensorTracker``: the generic storage-level live-tensor tracker.
+- ``emulation``: the CUDA-emulation pieces (sdpa backend choice, fused dropout, int8 fakes,
+  in-kernel transients, cuBLAS workspace).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import asdict
+from typing import Any
+
+from ..errors import InputError, LoraplanError, MissingExtraError, TargetError, require_extra
+from ..spec import LoraSpec, TrainSpec
+
+__all__ = ["run_trace_subprocess", "trace_estimate", "TraceError", "TraceDataDependentError", "TraceTimeoutError"]
+
+
+class TraceError(LoraplanError):
+    """The meta-device trace could not run this setup."""
+
+
+class TraceDataDependentError(TraceError):
+    """An op needs tensor values (``.item()``, data-dependent shapes) on meta."""
+
+
+class TraceTimeoutError(TraceError):
+    """The trace worker ran past its time limit."""
+
+
+_ERRORS = {c.__name__: c for c in (TraceError, TraceDataDependentError, TraceTimeoutError, InputError,
+                                   TargetError, MissingExtraError, LoraplanError)}
+
+
+def run_trace_subprocess(model_config: dict, lora: LoraSpec, train: TrainSpec, gpu_cc: str | None = "9.0",
+                         timeout_s: float = 300, steps: int = 2) -> dict[str, Any]:
+    """Trace one setup in a worker process; see ``loraplan.trace.run.trace_step`` for the result."""
+    for mod in ("torch", "transformers", "peft"):
+        require_extra(mod)
+    payload = json.dumps({"model_config": dict(model_config), "lora": asdict(lora), "train": asdict(train),
+                          "gpu_cc": gpu_cc, "steps": steps})
+    try:
+        proc = subprocess.run([sys.executable, "-m", "loraplan.trace.worker"], input=payload, capture_output=True,
+                              text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise TraceTimeoutError(f"the meta-device trace ran longer than {timeout_s:g} s and was stopped; "
+                                f"raise the timeout or use --method analytic") from None
+    out = proc.stdout.strip().splitlines()
+    try:
+        reply = json.loads(out[-1]) if out else None
+    except json.JSONDecodeError:
+        reply = None
+    if not isinstance(reply, dict):
+        tail = " ".join(proc.stderr.strip().splitlines()[-1:]) or f"exit code {proc.returncode}"
+        raise TraceError(f"the meta-device trace worker failed: {tail[:300]}")
+    if "error" in reply:
+        err = reply["error"]
+        cls = _ERRORS.get(err.get("type"), TraceError)
+        raise cls(err.get("message", "the meta-device trace failed"))
+    return reply["result"]
+
+
+def trace_estimate(analytic, model, lora: LoraSpec, train: TrainSpec, gpu=None, timeout_s: float = 300):
+    """An Estimate whose memory comes from a meta-device trace of the real step.
+
+    Same schema as the analytic estimate (``loraplan estimate --method trace``): the trace's
+    peak allocated and its breakdown at the peak replace the ledger; reserved and device total
+    apply the same calibration coefficients to it; ``detail`` keeps the trace's own output
+    (phase peaks, what was live at the peak, sdpa kernels used, versions, caveats) and the
+    analytic peak beside it.
+    """
+    from dataclasses import replace
+
+    from ..estimate.result import MemoryEstimate
+
+    cc = gpu.compute_capability if gpu is not None else "9.0"
+    tr = run_trace_subprocess(dict(model.config), lora, train, cc, timeout_s=timeout_s)
+    am = analytic.memory
+    peak = int(tr["peak_allocated_bytes"])
+    ratio = am.peak_reserved_bytes / am.peak_allocated_bytes if am.peak_allocated_bytes else 1.0
+    reserved = int(peak * ratio)
+    outside = dict(am.outside_allocator_bytes)
+    if tr.get("paged_optimizer_bytes"):
+        outside["paged_optimizer_state"] = int(tr["paged_optimizer_bytes"])
+    memory = MemoryEstimate(
+        components={k: int(v) for k, v in tr["components"].items() if v},
+        peak_allocated_bytes=peak,
+        peak_reserved_bytes=reserved,
+        device_total_bytes=reserved + sum(outside.values()),
+        peak_moment=str(tr.get("peak_phase", "")),
+        moments={k: int(v) for k, v in tr.get("phase_peaks", {}).items()},
+        outside_allocator_bytes=outside,
+        notes=tuple(tr.get("uncertain", ())) if train.quant == "int8" else am.notes,
+    )
+    detail = {
+        "analytic_peak_allocated_bytes": am.peak_allocated_bytes,
+        "trace_vs_analytic_percent": 100.0 * (am.peak_allocated_bytes - peak) / peak if peak else None,
+        "phase_peaks": tr.get("phase_peaks"),
+        "terms": tr.get("terms"),
+        "top_live": tr.get("top_live"),
+        "sdpa_backends": tr.get("sdpa_backends"),
+        "params_peft": tr.get("params"),
+        "versions": tr.get("versions"),
+        "uncertain": tr.get("uncertain"),
+        "elapsed_s": tr.get("elapsed_s"),
+    }
+    return replace(analytic, memory=memory, method="trace", detail=detail)

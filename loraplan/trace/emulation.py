@@ -1,0 +1,317 @@
+"""Make a meta-device training step allocate what the same step allocates on a CUDA GPU.
+
+Each difference between meta (or CPU) and CUDA that changes which tensors exist is one small
+function here, with where the CUDA behaviour comes from:
+
+- ``choose_sdpa_backend`` / ``cuda_like_sdpa``: torch's CUDA sdpa picks flash, mem-efficient or
+  math (``sdp_utils.cpp``); on meta it always takes math (B·H·S·S fp32 scores). We mirror the
+  choice and call ``aten._scaled_dot_product_flash_attention`` / ``_efficient_attention``
+  directly (both have meta kernels and autograd formulas). Flash pads head dims to a multiple
+  of 8 like ``attention.cpp`` does; GQA goes to flash natively, otherwise k/v are repeated.
+- ``fused_dropout``: on CUDA ``F.dropout`` is ``native_dropout`` (saves a 1-byte mask); on CPU
+  and meta it saves a full-size noise tensor.
+- ``no_packed_sequences``: ``transformers.masking_utils.find_packed_sequence_indices`` reads
+  tensor values (``.all()``); an unpacked batch gives None.
+- ``register_int8_fakes``: bitsandbytes' int8 fake kernels ask for data-dependent outlier
+  counts; ours take the outlier column count from an explicit policy, and give ``subA`` the
+  shape CUDA's ``int8_mixed_scaled_mm`` returns (rows × outlier columns, input dtype; the
+  stock fake says int64 of length n).
+- ``kernel_transients``: memory allocated inside a custom op's kernel, which dispatch never
+  sees (4-bit dequantize + linear fallback, int8 matmul int32 result); reported to the tracker
+  as transients at the moment of the op.
+- ``constant_terms``: memory outside any op: cuBLAS workspaces.
+- AdamW uses ``foreach=True`` as torch picks it for CUDA params (see run.py).
+
+int8 on CUDA (bitsandbytes 0.50.2 ``autograd/_functions.py``): ``bnb.matmul`` takes
+``MatMul8bitLt`` on CUDA and meta (``MatMul8bitFp`` only on CPU/XPU, so a CPU run does not show
+CUDA's int8 memory). With frozen int8 weights the forward takes the fast path
+(``int8_vectorwise_quant`` of ``A.to(fp16)``, so CAt = None) and keeps
+``ctx.tensors = (None, subA, A)`` as plain ctx attributes, not ``save_for_backward``: the layer
+input A (fp32 after prepare_model_for_kbit_training) and subA (A's outlier columns, A's dtype)
+live as long as the autograd node, i.e. through non-reentrant checkpointing and, because the
+protocol's ``loss`` holds the previous graph, through the next step's forward. ``state.idx``
+(int64 outlier column ids) stays on the module's MatmulLtState. The backward dequantizes the
+whole weight in A's dtype (visible to dispatch). The trace runs this real code; only the
+outlier count is an assumption (``DEFAULT_INT8_OUTLIER_FRACTION`` or the user's fraction).
+
+What stays uncertain is said where it is modelled (see ``UNCERTAIN``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Callable
+
+import torch
+
+MiB = 1 << 20
+
+#: what this emulation cannot know for sure; reported with every trace
+UNCERTAIN = (
+    "int8: the share of input columns above the 6.0 outlier threshold depends on the weights and "
+    "activations (random-init weights give many on down_proj); it sets the size of subA, which "
+    "MatMul8bitLt keeps as a ctx attribute for the life of the graph",
+    "4-bit: whether bitsandbytes' gemm_4bit takes its custom kernel or dequantize + linear for "
+    "M <= 1536 rows depends on a per-GPU heuristic; the trace assumes dequantize + linear "
+    "(an upper bound: out x in x 2 B transient per call)",
+    "cuBLAS workspace: 32 MiB per handle on sm90+ (8 MiB before), two handles assumed (forward "
+    "thread and autograd's device thread); cuBLASLt may add its own workspace in some builds",
+    "allocator: only the 512 B block rounding of max_memory_allocated is modelled, not "
+    "fragmentation or reserved memory",
+)
+
+
+# ----------------------------------------------------------------------------- sdpa
+def parse_cc(cc: str | None) -> tuple[int, int] | None:
+    """'9.0' -> (9, 0); None stays None (no NVIDIA GPU: math backend only)."""
+    if cc is None:
+        return None
+    major, _, minor = str(cc).partition(".")
+    return int(major), int(minor or 0)
+
+
+def choose_sdpa_backend(dtype: torch.dtype, head_dim_qk: int, head_dim_v: int, has_mask: bool,
+                        gpu_cc: str | None = "9.0", requested: str = "auto") -> str:
+    """The kernel torch's CUDA sdpa picks: "flash", "efficient" or "math".
+
+    Rules (torch ``sdp_utils.cpp``, priority flash > efficient > math):
+    flash needs no explicit mask, fp16/bf16, sm80+, equal q/k/v head dims <= 256 (padded to a
+    multiple of 8 by the caller); mem-efficient takes a mask and fp32 too, sm50+, head dim <= 512
+    (the fp16/bf16 kernel wants a multiple of 8, torch pads the mask but not the head dim, so an
+    odd head dim in half precision falls to math); everything else is math. ``requested`` forces
+    a backend (as ``torch.nn.attention.sdpa_kernel`` would, without its fallback).
+    """
+    if requested in ("flash", "efficient", "math"):
+        return requested
+    cc = parse_cc(gpu_cc)
+    if cc is None:
+        return "math"
+    half = dtype in (torch.float16, torch.bfloat16)
+    if (not has_mask and half and cc >= (8, 0) and head_dim_qk == head_dim_v and head_dim_qk <= 256):
+        return "flash"
+    if cc >= (5, 0) and dtype in (torch.float16, torch.bfloat16, torch.float32) and head_dim_qk <= 512:
+        if not half or (head_dim_qk % 8 == 0 and head_dim_v % 8 == 0):
+            return "efficient"
+    return "math"
+
+
+def _pad8(x: torch.Tensor) -> torch.Tensor:
+    d = x.shape[-1]
+    return x if d % 8 == 0 else torch.nn.functional.pad(x, (0, 8 - d % 8))
+
+
+def cuda_like_sdpa(gpu_cc: str | None = "9.0", requested: str = "auto",
+                   log: Callable[[str], None] | None = None, original=None):
+    """A drop-in ``F.scaled_dot_product_attention`` that runs the kernel CUDA would choose."""
+    original = original or torch.nn.functional.scaled_dot_product_attention
+
+    def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+             enable_gqa=False):
+        backend = choose_sdpa_backend(query.dtype, query.shape[-1], value.shape[-1], attn_mask is not None,
+                                      gpu_cc, requested)
+        if log is not None:
+            log(backend)
+        if backend == "flash" and attn_mask is None:
+            d = query.shape[-1]
+            sc = scale if scale is not None else 1.0 / math.sqrt(d)
+            q, k, v = _pad8(query), _pad8(key), _pad8(value)
+            out = torch.ops.aten._scaled_dot_product_flash_attention(
+                q, k, v, dropout_p, is_causal, False, scale=sc)[0]
+            return out[..., :d] if out.shape[-1] != d else out
+        if enable_gqa and key.shape[-3] != query.shape[-3]:
+            rep = query.shape[-3] // key.shape[-3]
+            key = key.repeat_interleave(rep, dim=-3)
+            value = value.repeat_interleave(rep, dim=-3)
+        if backend == "efficient":
+            need_lse = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+            mask = attn_mask
+            if mask is not None and mask.dtype == torch.bool:
+                # torch converts a bool mask to an additive one of the query dtype (convert_boolean_attn_mask)
+                mask = torch.zeros_like(mask, dtype=query.dtype).masked_fill_(~mask, float("-inf"))
+            if mask is not None:
+                mask = _mem_eff_mask(mask, query, key)
+            return torch.ops.aten._scaled_dot_product_efficient_attention(
+                query, key, value, mask, need_lse, dropout_p, is_causal, scale=scale)[0]
+        return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                        scale=scale)
+
+    return sdpa
+
+
+def _mem_eff_mask(mask: torch.Tensor, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """torch ``preprocess_mask``: expand to (B, H, Lq, Lk) and pad the last dim to a multiple of 16."""
+    b, h, lq, lk = query.shape[0], query.shape[-3], query.shape[-2], key.shape[-2]
+    mask = mask.expand(b, h, lq, lk)
+    if lk % 16:
+        pad = 16 - lk % 16
+        mask = torch.nn.functional.pad(mask, (0, pad))[..., :lk]
+    return mask
+
+
+# ----------------------------------------------------------------------------- dropout
+def fused_dropout(input, p=0.5, training=True, inplace=False):
+    """``F.dropout`` as on CUDA: ``native_dropout`` (keeps a bool mask) when 0 < p < 1 and training."""
+    if not training or p == 0.0 or input.numel() == 0:
+        return input
+    if p >= 1.0:
+        return input.mul(0.0) if not inplace else input.zero_()
+    out = torch.native_dropout(input, p, True)[0]
+    if inplace:
+        return input.copy_(out)
+    return out
+
+
+def no_packed_sequences(position_ids):  # noqa: ARG001 - signature of the function it replaces
+    """``find_packed_sequence_indices`` for an unpacked batch: always None."""
+    return None
+
+
+# ----------------------------------------------------------------------------- int8
+#: default share of input columns with an |x| >= 6.0 outlier, per Linear leaf name, for
+#: random-init weights (CPU simulation at 3B/7B widths: 66-78% for down_proj, ~0 elsewhere)
+DEFAULT_INT8_OUTLIER_FRACTION = {"down_proj": 0.72}
+
+_int8_policy: Callable[[int], int] = lambda cols: 0  # noqa: E731
+
+
+def set_int8_outlier_policy(fn: Callable[[int], int]) -> None:
+    """``fn(input_columns) -> outlier columns`` used by the int8 fake kernels from now on."""
+    global _int8_policy
+    _int8_policy = fn
+
+
+def int8_outlier_columns(cols: int) -> int:
+    return max(0, min(cols, int(_int8_policy(cols))))
+
+
+_int8_registered = False
+
+
+def register_int8_fakes() -> None:
+    """Override bitsandbytes' int8 fake kernels so they need no data-dependent sizes."""
+    global _int8_registered
+    if _int8_registered:
+        return
+    import bitsandbytes  # noqa: F401 - defines the ops
+
+    lib = torch.library
+
+    def vectorwise_quant(A, threshold=0.0):
+        out_row = torch.empty(A.shape, device=A.device, dtype=torch.int8)
+        row_stats = torch.empty(A.numel() // A.shape[-1], device=A.device, dtype=torch.float32)
+        if threshold == 0.0:
+            return out_row, row_stats, None
+        n = int8_outlier_columns(A.shape[-1])
+        return out_row, row_stats, torch.empty(n, device=A.device, dtype=torch.int64)
+
+    def double_quant(A, threshold=0.0):
+        out_row = torch.empty_like(A, dtype=torch.int8)
+        out_col = torch.empty_like(A, dtype=torch.int8)
+        row_stats = torch.empty(A.numel() // A.shape[-1], device=A.device, dtype=torch.float32)
+        col_stats = torch.empty(A.shape[-1], device=A.device, dtype=torch.float32)
+        n = int8_outlier_columns(A.shape[-1]) if threshold > 0.0 else 0
+        return out_row, out_col, row_stats, col_stats, torch.empty(n, device=A.device, dtype=torch.int64)
+
+    def mixed_scaled_mm(A, CA, CB, SCA, SCB, outlier_cols=None, bias=None):
+        out = torch.empty((*CA.shape[:-1], CB.shape[0]), device=A.device, dtype=A.dtype)
+        n = 0 if outlier_cols is None else outlier_cols.numel()
+        rows = A.numel() // A.shape[-1]
+        # CUDA (backends/default/ops.py): subA = A[:, outlier_cols].contiguous(), else empty(0)
+        sub = A.new_empty((rows, n)) if n else A.new_empty(0)
+        return out, sub
+
+    lib.register_fake("bitsandbytes::int8_vectorwise_quant", vectorwise_quant, allow_override=True)
+    lib.register_fake("bitsandbytes::int8_double_quant", double_quant, allow_override=True)
+    lib.register_fake("bitsandbytes::int8_mixed_scaled_mm", mixed_scaled_mm, allow_override=True)
+    _int8_registered = True
+
+
+# ----------------------------------------------------------------------------- in-kernel memory
+def _itemsize(dtype) -> int:
+    return torch.empty((), dtype=dtype, device="meta").element_size()
+
+
+def kernel_transients(func, args, kwargs) -> list[tuple[str, int]]:
+    """(name, bytes) a bitsandbytes op's CUDA kernel allocates internally, beyond its outputs.
+
+    - ``gemm_4bit`` (backends/cuda/ops.py ``_dequant_linear_fallback``): dequantized weight
+      N·K·itemsize(A) plus, with double quant, the fp32 absmax twice (absmax_dq and + offset).
+    - ``int8_scaled_mm`` / ``int8_mixed_scaled_mm`` (backends/default/ops.py): the int32 matmul
+      result rows·N·4 B; mixed adds the outlier weight columns dequantized (N·n·4 B fp32 + N·n·
+      itemsize(A)).
+    - ``int8_vectorwise_quant`` with a threshold (backends/cuda/ops.py): ``A.abs()`` (2 B) and the
+      bool outlier mask (1 B) per element.
+    """
+    name = getattr(getattr(func, "overloadpacket", None), "_qualified_op_name", "") or str(func)
+    if "bitsandbytes" not in name:
+        return []
+    get = lambda i, k, d=None: args[i] if len(args) > i else kwargs.get(k, d)  # noqa: E731
+    if name.endswith("::gemm_4bit"):
+        A, shapeB, absmax8 = get(0, "A"), get(2, "shapeB"), get(7, "absmax_8bit")
+        n, k = int(shapeB[0]), int(shapeB[1])
+        b = n * k * _itemsize(A.dtype)
+        if absmax8 is not None:
+            b += 2 * absmax8.numel() * 4
+        return [("bnb_4bit_dequant", b)]
+    if name.endswith("::int8_scaled_mm"):
+        A, B = get(0, "A"), get(1, "B")
+        return [("bnb_int8_matmul", (A.numel() // A.shape[-1]) * B.shape[0] * 4)]
+    if name.endswith("::int8_mixed_scaled_mm"):
+        A, CB, cols = get(0, "A"), get(2, "CB"), get(5, "outlier_cols")
+        rows = A.numel() // A.shape[-1]
+        n = 0 if cols is None else cols.numel()
+        return [("bnb_int8_matmul", rows * CB.shape[0] * 4 + CB.shape[0] * n * (4 + _itemsize(A.dtype)))]
+    if name.endswith("::int8_vectorwise_quant"):
+        A, thr = get(0, "A"), get(1, "threshold", 0.0)
+        if thr and thr > 0.0:
+            return [("bnb_int8_outlier_scan", A.numel() * 3)]
+    return []
+
+
+def cublas_workspace_bytes(gpu_cc: str | None) -> int:
+    """Per-handle cuBLAS workspace torch allocates through the caching allocator
+    (``CublasHandlePool.cpp``): 32 MiB on sm90+, else 4096 KiB x 2 + 16 KiB x 8."""
+    cc = parse_cc(gpu_cc)
+    if cc is None:
+        return 0
+    if cc >= (9, 0):
+        return 32 * MiB
+    return 4096 * 1024 * 2 + 16 * 1024 * 8
+
+
+def constant_terms(gpu_cc: str | None, handles: int = 2) -> dict[str, dict]:
+    """Memory that is allocated from the caching allocator without passing through dispatch,
+    alive for the whole step, as named terms with their provenance."""
+    ws = cublas_workspace_bytes(gpu_cc)
+    if not ws:
+        return {}
+    return {"cublas_workspace": {
+        "bytes": ws * handles,
+        "source": f"torch CublasHandlePool: {ws // MiB if ws % MiB == 0 else ws / MiB:g} MiB per handle "
+                  f"x {handles} handles (forward thread + autograd device thread); "
+                  "matches the constant 64 MiB gap of bf16 traces vs the H100 reference",
+    }}
+
+
+# ----------------------------------------------------------------------------- all together
+@contextlib.contextmanager
+def cuda_emulation(gpu_cc: str | None = "9.0", attention: str = "auto",
+                   sdpa_log: Callable[[str], None] | None = None):
+    """Patch torch/transformers for the duration: CUDA-like sdpa, fused dropout, no packed
+    sequence detection. Restores everything on exit."""
+    import torch.nn.functional as F
+    import transformers.masking_utils as mu
+
+    saved = [(F, "scaled_dot_product_attention", F.scaled_dot_product_attention),
+             (F, "dropout", F.dropout),
+             (mu, "find_packed_sequence_indices", mu.find_packed_sequence_indices)]
+    try:
+        F.scaled_dot_product_attention = cuda_like_sdpa(gpu_cc, attention, sdpa_log,
+                                                        original=saved[0][2])
+        F.dropout = fused_dropout
+        mu.find_packed_sequence_indices = no_packed_sequences
+        yield
+    finally:
+        for obj, name, val in saved:
+            setattr(obj, name, val)

@@ -1,0 +1,407 @@
+"""Trace one LoRA/QLoRA training burst on the meta device and count its tensor memory.
+
+``trace_step`` builds the model from its config on ``torch.device("meta")``, applies exactly the
+code paths of the reference protocol (shared/reference/protocol.md: quantization as
+bitsandbytes would, ``prepare_model_for_kbit_training``, gradient checkpointing, ``get_peft_model``,
+the real optimizer) and runs ``steps`` training steps of
+``loss = model(input_ids=ids, labels=ids).loss; loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)``
+under a ``LiveTensorTracker`` with 512 B block rounding, inside ``emulation.cuda_emulation``.
+Nothing is allocated; a 7B step takes seconds.
+
+The result predicts ``torch.cuda.max_memory_allocated()``: the tracker's peak (which includes
+kernel-internal transients, see ``emulation.kernel_transients``) plus constant terms that never
+pass through dispatch (cuBLAS workspaces).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+import warnings
+from typing import Any
+
+from ..errors import InputError, LoraplanError, require_extra
+from ..spec import LoraSpec, TrainSpec
+
+CATEGORIES = ("weights", "lora_weights", "lora_grads", "optimizer_state", "activations", "logits_loss", "other")
+
+
+from . import TraceDataDependentError, TraceError  # noqa: E402 - one error hierarchy for the package
+
+_PLAIN = re.compile(r"^[A-Za-z0-9_.]+$")
+
+
+def _peft_targets(model, targets: tuple[str, ...]):
+    """LoraSpec targets -> LoraConfig.target_modules, with peft's own "all-linear"."""
+    targets = tuple(targets)
+    if targets == ("all-linear",):
+        return "all-linear"
+    if len(targets) == 1 and not _PLAIN.match(targets[0]):
+        return targets[0]  # a regular expression, as peft takes a single string
+    if "all-linear" in targets:
+        import torch
+
+        out_emb = model.get_output_embeddings()
+        names = set()
+        for name, mod in model.named_modules():
+            if mod is out_emb:
+                continue
+            if isinstance(mod, torch.nn.Linear) or type(mod).__name__ in ("Linear4bit", "Linear8bitLt", "Conv1D"):
+                names.add(name.rsplit(".", 1)[-1])
+        names.update(t for t in targets if t != "all-linear")
+        return sorted(names)
+    return list(targets)
+
+
+def _quantize_meta(model, train: TrainSpec, torch_mod):
+    """Replace Linears by bitsandbytes modules and quantize their weights on meta, as
+    ``from_pretrained(quantization_config=BitsAndBytesConfig(...))`` does on a GPU."""
+    torch = torch_mod
+    import bitsandbytes as bnb
+    from transformers import BitsAndBytesConfig
+    from transformers.quantizers.auto import AutoHfQuantizer
+
+    if train.quant in ("nf4", "fp4"):
+        qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=train.quant,
+                                bnb_4bit_use_double_quant=bool(train.double_quant),
+                                bnb_4bit_compute_dtype=torch.bfloat16)
+    else:
+        qc = BitsAndBytesConfig(load_in_8bit=True)
+    hq = AutoHfQuantizer.from_config(qc, pre_quantized=False)
+    hq.preprocess_model(model, device_map={"": 0}, dtype=torch.bfloat16)
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, bnb.nn.Linear4bit):
+            w = torch.empty(mod.out_features, mod.in_features, dtype=torch.bfloat16, device="meta")
+            old = mod.weight
+            new = bnb.nn.Params4bit(w, requires_grad=False, **old.__dict__)
+            new._quantize(torch.device("meta"))
+            mod.weight = new
+        elif isinstance(mod, bnb.nn.Linear8bitLt):
+            w = torch.empty(mod.out_features, mod.in_features, dtype=torch.bfloat16, device="meta")
+            new = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False)
+            new._quantize(torch.device("meta"))
+            mod.weight = new
+        else:
+            continue
+        if mod.bias is not None:  # loaded from the bf16 checkpoint
+            mod.bias = torch.nn.Parameter(torch.empty(mod.out_features, dtype=torch.bfloat16, device="meta"),
+                                          requires_grad=False)
+    hq.postprocess_model(model)
+    model.hf_quantizer = hq
+    return model
+
+
+def _make_optimizer(name: str, params, tracker, torch):
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=1e-4, foreach=True)  # CUDA's default path
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=1e-4, momentum=0, foreach=True)
+    import bitsandbytes as bnb
+
+    cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+           "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}.get(name)
+    if cls is None:
+        raise InputError(f"optimizer '{name}' is not supported by the trace")
+    opt = cls(params, lr=1e-4)
+    if opt.is_paged:
+        # F.get_paged uses cudaMallocManaged: outside torch's allocator, so not in
+        # max_memory_allocated. Make the same buffers untracked on meta.
+        def get_state_buffer(p, dtype=torch.float32):
+            if p.numel() < 1e5:
+                return torch.zeros_like(p, dtype=dtype, device=p.device)
+            with tracker.pause():
+                buf = torch.zeros_like(p, dtype=dtype, device=p.device)
+            tracker.ignore(buf)
+            opt._paged_bytes = getattr(opt, "_paged_bytes", 0) + buf.numel() * buf.element_size()
+            return buf
+
+        opt.get_state_buffer = get_state_buffer
+        opt.prefetch_state = lambda p: None
+    return opt
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("torch", "transformers", "peft", "bitsandbytes"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def trace_step(model_config: dict, lora: LoraSpec, train: TrainSpec, gpu_compute_capability: str | None = "9.0",
+               steps: int = 2) -> dict[str, Any]:
+    """Run ``steps`` training steps on meta and predict ``torch.cuda.max_memory_allocated``.
+
+    ``model_config``: config.json values (needs ``model_type``). Returns a plain dict:
+    peak_allocated_bytes, phase_peaks, peak_phase, components (the ledger categories at the
+    peak, summing to peak_allocated_bytes), terms (named in-kernel / constant memory with
+    provenance), top_live (largest groups live at the peak), params, sdpa backends used,
+    versions, uncertain (what the emulation cannot know), elapsed_s.
+    """
+    for mod in ("torch", "transformers", "peft"):
+        require_extra(mod)
+    if train.quant in ("nf4", "fp4", "int8") or train.optimizer not in ("adamw", "sgd"):
+        require_extra("bitsandbytes")
+    if train.quant not in ("bf16", "fp16", "fp32", "nf4", "fp4", "int8"):
+        raise InputError(f"quant '{train.quant}' is not supported by the trace")
+    if steps < 1:
+        raise InputError(f"steps {steps} must be at least 1")
+
+    import torch
+    import transformers
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    from . import emulation as em
+    from .tracker import LiveTensorTracker
+
+    t0 = time.perf_counter()
+    transformers.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    import logging
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    cfg = dict(model_config)
+    model_type = cfg.pop("model_type", None)
+    if not model_type:
+        raise InputError("model config has no 'model_type'; give the config.json of a transformers model")
+    cfg.pop("torch_dtype", None)
+    cfg.pop("dtype", None)
+    cfg.pop("quantization_config", None)
+    try:
+        config = transformers.AutoConfig.for_model(model_type, **cfg)
+    except (ValueError, KeyError) as e:
+        raise InputError(f"transformers {transformers.__version__} cannot build model_type "
+                         f"'{model_type}': {str(e).splitlines()[0]}") from None
+    config.use_cache = False
+    seq2seq = bool(getattr(config, "is_encoder_decoder", False))
+    if seq2seq:  # labels -> decoder inputs need these; published T5 configs set both to 0
+        if getattr(config, "pad_token_id", None) is None:
+            config.pad_token_id = 0
+        if getattr(config, "decoder_start_token_id", None) is None:
+            config.decoder_start_token_id = config.pad_token_id
+    auto = transformers.AutoModelForSeq2SeqLM if seq2seq else transformers.AutoModelForCausalLM
+    load_dtype = {"fp16": torch.float16, "fp32": torch.float32}.get(train.quant, torch.bfloat16)
+    attn_impl = "eager" if train.attention == "eager" else "sdpa"
+    quantized = train.quant in ("nf4", "fp4", "int8")
+
+    # ---- module context: which module is running (forward hooks), for breakdowns and errors
+    mod_names: dict[int, str] = {}
+    stack: list[str] = []
+
+    def pre_hook(module, args):
+        stack.append(mod_names.get(id(module), type(module).__name__))
+
+    def post_hook(module, args, output):
+        if stack:
+            stack.pop()
+
+    def context():
+        return stack[-1] if stack else ""
+
+    # ---- int8 outliers: explicit fraction, else the per-module default for random-init weights
+    frac = train.int8_outlier_fraction
+
+    def outlier_policy(cols: int) -> int:
+        if frac is not None:
+            return round(frac * cols)
+        parts = [p for p in context().split(".") if p not in ("base_layer",)]
+        leaf = parts[-1] if parts else ""
+        return round(em.DEFAULT_INT8_OUTLIER_FRACTION.get(leaf, 0.0) * cols)
+
+    def op_hook(tr, func, args, kwargs, out):
+        for name, nbytes in em.kernel_transients(func, args, kwargs):
+            tr.transient(nbytes, name)
+
+    tracker = LiveTensorTracker(round_to=512, device="meta", context_fn=context, op_hook=op_hook)
+    sdpa_used: dict[str, int] = {}
+
+    def log_sdpa(b):
+        sdpa_used[b] = sdpa_used.get(b, 0) + 1
+
+    if train.quant == "int8":
+        em.register_int8_fakes()
+        em.set_int8_outlier_policy(outlier_policy)
+
+    h_pre = torch.nn.modules.module.register_module_forward_pre_hook(pre_hook)
+    h_post = torch.nn.modules.module.register_module_forward_hook(post_hook)
+    try:
+        with em.cuda_emulation(gpu_compute_capability, train.attention, log_sdpa), tracker:
+            try:
+                result = _run(torch, transformers, auto, config, load_dtype, attn_impl, quantized, seq2seq,
+                              lora, train, steps, tracker, mod_names, stack,
+                              LoraConfig, get_peft_model, prepare_model_for_kbit_training)
+            except LoraplanError:
+                raise
+            except Exception as e:  # noqa: BLE001 - turned into one line naming op and module
+                if os.environ.get("LORAPLAN_TRACE_DEBUG"):
+                    raise
+                raise _explain(e, tracker, stack, model_type) from None
+    finally:
+        h_pre.remove()
+        h_post.remove()
+        em.set_int8_outlier_policy(lambda cols: 0)
+
+    consts = em.constant_terms(gpu_compute_capability)
+    const_bytes = sum(t["bytes"] for t in consts.values())
+    comp = result["components"]
+    terms = dict(consts)
+    if tracker.peak_transient is not None:
+        name, nbytes = tracker.peak_transient
+        terms[name] = {"bytes": nbytes, "source": "in-kernel transient at the peak moment (emulation.kernel_transients)"}
+    comp["other"] += const_bytes
+    peak = tracker.peak + const_bytes
+    assert sum(comp.values()) == peak, (sum(comp.values()), peak)
+    phase_peaks = {k: v + const_bytes for k, v in tracker.phase_peaks.items() if k != "setup"}
+    step_phases = {k: v for k, v in phase_peaks.items() if k in ("forward", "backward", "optimizer")}
+    peak_phase = max(step_phases, key=step_phases.get) if step_phases else ""
+    result.update(
+        peak_allocated_bytes=peak,
+        phase_peaks=phase_peaks,
+        peak_phase=peak_phase,
+        terms=terms,
+        transient_peaks=dict(tracker.transient_peaks),
+        sdpa_backends=sdpa_used,
+        gpu_compute_capability=gpu_compute_capability,
+        steps=steps,
+        versions=_versions(),
+        uncertain=list(em.UNCERTAIN),
+        int8_outlier_fraction=(frac if frac is not None else dict(em.DEFAULT_INT8_OUTLIER_FRACTION))
+        if train.quant == "int8" else None,
+        elapsed_s=round(time.perf_counter() - t0, 3),
+    )
+    return result
+
+
+def _run(torch, transformers, auto, config, load_dtype, attn_impl, quantized, seq2seq, lora, train, steps,
+         tracker, mod_names, stack, LoraConfig, get_peft_model, prepare_model_for_kbit_training):
+    gc = train.gradient_checkpointing
+    with tracker.phase("setup"):
+        with torch.device("meta"):
+            model = auto.from_config(config, dtype=load_dtype, attn_implementation=attn_impl)
+        if quantized:
+            _quantize_meta(model, train, torch)
+        model.config.use_cache = False
+        if quantized:
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc,
+                                                    gradient_checkpointing_kwargs={"use_reentrant": False})
+        elif gc:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        lcfg = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                          target_modules=_peft_targets(model, lora.targets), bias="none",
+                          task_type="SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM")
+        try:
+            model = get_peft_model(model, lcfg)
+        except ValueError as e:
+            from ..errors import TargetError
+
+            raise TargetError(f"LoRA targets {list(lora.targets)}: {str(e).splitlines()[0]}") from None
+        model.train()
+        mod_names.update({id(m): n for n, m in model.named_modules()})
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        if not trainable:
+            raise TraceError("no trainable parameters after get_peft_model; check --targets")
+        n_train, n_total = model.get_nb_trainable_parameters()
+        opt = _make_optimizer(train.optimizer, trainable, tracker, torch)
+        b, s = train.batch, train.seq
+        vocab = config.get_text_config().vocab_size if hasattr(config, "get_text_config") else config.vocab_size
+        ids = torch.randint(0, vocab, (b, s), device="meta")
+        labels = ids
+        if seq2seq and train.target_seq and train.target_seq != s:
+            labels = torch.randint(0, vocab, (b, train.target_seq), device="meta")
+        # label what exists before the burst
+        for p in model.parameters():
+            tracker.label(p, "lora_weights" if p.requires_grad else "weights")
+        for buf in model.buffers():
+            tracker.label(buf, "weights")
+        tracker.label(ids, "inputs")
+        tracker.label(labels, "inputs")
+        for rec_i in list(tracker._live.values()):  # quant states, int8 CB/SCB, rope tables ...
+            rec = tracker._records[rec_i]
+            if rec[5] is None:
+                rec[5] = "weights"
+    def label_grad(p):
+        tracker.label(p.grad, "lora_grads")
+
+    for p in trainable:
+        p.register_post_accumulate_grad_hook(label_grad)
+    tracker.reset_peak()
+
+    # exactly the protocol's loop: `loss` keeps the previous step's graph (and what autograd
+    # Functions keep as ctx attributes) alive until the next forward returns
+    for i in range(steps):
+        with tracker.phase(f"step{i + 1}"):
+            with tracker.phase("forward"):
+                stack.clear()  # checkpoint recompute stops early, leaving stale hook entries
+                loss = model(input_ids=ids, labels=labels).loss
+            with tracker.phase("backward"):
+                stack.clear()
+                loss.backward()
+            with tracker.phase("optimizer"):
+                opt.step()
+                for st in opt.state.values():
+                    for v in st.values():
+                        if isinstance(v, torch.Tensor):
+                            tracker.label(v, "optimizer_state")
+                opt.zero_grad(set_to_none=True)
+    del loss
+
+    comp = _categorize(tracker, vocab)
+    top = [g.to_dict() for g in tracker.snapshot("peak", top=15)]
+    return {
+        "components": comp,
+        "top_live": top,
+        "params": {"trainable": int(n_train), "total": int(n_total)},
+        "paged_optimizer_bytes": int(getattr(opt, "_paged_bytes", 0)),
+        "model_type": config.model_type,
+    }
+
+
+def _categorize(tracker, vocab: int) -> dict[str, int]:
+    """What is live at the peak, in ledger categories (sums to the tracker's peak)."""
+    comp = dict.fromkeys(CATEGORIES, 0)
+    for r in tracker.records_live_at("peak"):
+        label, phase, ctx = r["label"], r["phase"], r["context"] or ""
+        if label in ("weights", "lora_weights", "lora_grads", "optimizer_state"):
+            cat = label
+        elif label == "inputs":
+            cat = "other"
+        elif phase == "optimizer":
+            cat = "optimizer_state"  # AdamW foreach step temporaries
+        elif phase in ("forward", "backward"):
+            leaf = ctx.rsplit(".", 1)[-1]
+            shape = r["shape"]
+            if leaf == "lm_head" or (shape and shape[-1] == vocab) or (phase == "forward" and _is_top_level(ctx)):
+                cat = "logits_loss"
+            else:
+                cat = "activations"
+        else:
+            cat = "other"
+        comp[cat] += r["bytes"]
+    if tracker.peak_transient is not None:
+        comp["other"] += tracker.peak_transient[1]
+    return comp
+
+
+def _is_top_level(ctx: str) -> bool:
+    """The loss is computed in the top-level *ForCausalLM forward (after lm_head)."""
+    return ctx in ("", "base_model", "base_model.model")
+
+
+def _explain(e: Exception, tracker, stack: list[str], model_type: str) -> LoraplanError:
+    msg = " ".join(str(e).split())
+    op = getattr(tracker, "failed_op", None) or "?"
+    where = stack[-1] if stack else "(outside any module)"
+    data_dep = any(k in msg for k in ("meta tensors", "data-dependent", "item()", "nonzero", "Cannot copy out",
+                                      "_local_scalar_dense", "data dependent"))
+    if data_dep:
+        return TraceDataDependentError(
+            f"the meta-device trace of {model_type} needs tensor values at op '{op}' in module '{where}' "
+            f"({msg[:160]}); this setup cannot be traced, use --method analytic")
+    return TraceError(f"the meta-device trace of {model_type} failed at op '{op}' in module '{where}': "
+                      f"{type(e).__name__}: {msg[:200]}")
