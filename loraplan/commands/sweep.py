@@ -1,0 +1,59 @@
+"""``loraplan sweep``: estimate a grid of setups; write CSV, JSON lines or Parquet."""
+
+from __future__ import annotations
+
+import time
+
+import click
+
+from .options import case_options
+
+
+@click.command("sweep")
+@case_options(multi=True)
+@click.option("--grid", "grid_file", type=click.Path(dir_okay=False), default=None,
+              help="TOML/JSON grid: option names as keys (gpu included), a value or a list each")
+@click.option("--out", type=click.Path(dir_okay=False), required=True,
+              help="Output file: .csv, .jsonl or .parquet (format from the extension unless --format)")
+@click.option("--format", "fmt", type=click.Choice(["csv", "jsonl", "parquet"]), default=None,
+              help="Output format [default: from the --out extension]")
+@click.option("--yes", is_flag=True, help="Run grids larger than 100,000 cases")
+@click.option("--quiet", is_flag=True, help="No progress bar or summary")
+def sweep_command(grid_file, out, fmt, yes, quiet, **opts):
+    """Estimate every combination of the given values (the Cartesian product) and write one row each.
+
+    \b
+    Example: loraplan sweep --model llama-2-7b,llama-3-8b --quant nf4,bf16 --rank 8:64:x2 \\
+             --seq 512:4096:x2 --batch 1,2,4 --gpu l4-24gb,a100-sxm-80gb --out grid.parquet
+    Rows hold the inputs, parameter counts, peak allocated / reserved / device-total bytes, fit
+    verdict and headroom, and step time; a case that cannot be estimated gets its error in 'error'.
+    """
+    from ..errors import InputError
+    from ..sweep import MAX_CASES, build_cases, count_cases, evaluate, load_grid, output_format, write_rows
+
+    fmt = output_format(out, fmt)
+    grids = load_grid(grid_file) if grid_file else None
+    n = count_cases(opts, grids)
+    if n > MAX_CASES and not yes:
+        raise InputError(f"the grid has {n:,} cases, more than {MAX_CASES:,}; narrow it or pass --yes")
+    cases = build_cases(opts, grids)
+    t0 = time.perf_counter()
+    if quiet or len(cases) < 2000:
+        written = write_rows(evaluate(cases), out, fmt)
+    else:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        with Progress(TextColumn("sweep"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                      transient=True) as bar:
+            task = bar.add_task("sweep", total=len(cases))
+            step = max(1, len(cases) // 200)
+
+            def tick(i):
+                if i % step == 0 or i == len(cases):
+                    bar.update(task, completed=i)
+
+            written = write_rows(evaluate(cases, on_progress=tick), out, fmt)
+    dt = time.perf_counter() - t0
+    if not quiet:
+        click.echo(f"wrote {written:,} rows to {out} ({fmt}) in {dt:.2f} s ({written / dt if dt else 0:,.0f} cases/s)",
+                   err=True)

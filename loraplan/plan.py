@@ -1,0 +1,292 @@
+"""Plan a whole fine-tuning job across GPUs: what fits, largest batch / sequence, time and cost.
+
+Library code: returns plain data (dataclasses with ``to_dict``), never prints. For each GPU:
+
+- the estimate at the requested micro-batch (fits, headroom);
+- the largest micro-batch that fits at this sequence length and the largest sequence length that
+  fits at this micro-batch (binary search over the memory estimate, which grows with both);
+- step time, tokens/s, total hours and dollars for the job;
+- when nothing fits: the single changes that would help (gradient checkpointing, 4-bit base,
+  8-bit / paged optimizer, micro-batch 1 + gradient accumulation, shorter sequence), each with
+  its estimated memory saving and whether it alone makes the run fit.
+
+Job size: ``tokens`` (packed: every row holds ``seq`` tokens) or ``examples`` (one example per
+row, padded to ``seq``), times ``epochs``. With an effective batch E, the micro-batch is the
+largest that fits (at most E) and gradient accumulation makes up the rest: ceil(E / micro).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+from typing import Callable, Iterable
+
+from .errors import InputError, UnknownNameError, suggest
+from .spec import Calibration, GpuSpec, LoraSpec, ModelSpec, TrainSpec
+
+#: upper bounds of the binary searches (a search stops at the first size that does not fit)
+MAX_SEARCH_BATCH = 4096
+MAX_SEARCH_SEQ = 1 << 20
+
+EstimateFn = Callable[..., object]  # estimate(model, lora, train, gpu, calibration) -> Estimate
+
+
+@dataclass(frozen=True)
+class Job:
+    """How much training: tokens (packed) or examples (padded rows), times epochs."""
+
+    tokens: int | None = None
+    examples: int | None = None
+    tokens_per_example: int | None = None
+    epochs: float = 1.0
+    effective_batch: int | None = None  # sequences per optimizer step (micro-batch x accumulation)
+
+    def validate(self) -> None:
+        if self.tokens is None and self.examples is None:
+            raise InputError("give the job size: --tokens N, or --examples N (with --tokens-per-example M)")
+        if self.tokens is not None and self.examples is not None:
+            raise InputError("give either --tokens or --examples, not both")
+        if self.tokens is not None and self.tokens <= 0:
+            raise InputError(f"--tokens {self.tokens} must be a positive integer")
+        if self.examples is not None and self.examples <= 0:
+            raise InputError(f"--examples {self.examples} must be a positive integer")
+        if self.tokens_per_example is not None and self.tokens_per_example <= 0:
+            raise InputError(f"--tokens-per-example {self.tokens_per_example} must be a positive integer")
+        if not self.epochs > 0:
+            raise InputError(f"--epochs {self.epochs} must be positive")
+        if self.effective_batch is not None and self.effective_batch <= 0:
+            raise InputError(f"--effective-batch {self.effective_batch} must be a positive integer")
+
+    def micro_steps(self, micro_batch: int, seq: int) -> int:
+        """Forward/backward passes of ``micro_batch`` rows of ``seq`` tokens over the whole job."""
+        if self.examples is not None:
+            rows = self.examples * self.epochs
+        else:
+            rows = self.tokens * self.epochs / seq
+        return max(1, math.ceil(rows / micro_batch))
+
+
+@dataclass(frozen=True)
+class Suggestion:
+    """One change that lowers peak memory when a setup does not fit."""
+
+    change: str             # human description, e.g. "4-bit base (nf4)"
+    option: str             # the CLI option that makes it, e.g. "--quant nf4"
+    device_total_bytes: int
+    saving_bytes: int
+    fits: bool
+
+
+@dataclass
+class GpuPlan:
+    gpu: str
+    name: str
+    memory_bytes: int
+    fits: bool
+    device_total_bytes: int
+    headroom_bytes: int
+    micro_batch: int
+    grad_accum: int
+    seq: int
+    max_micro_batch: int      # largest micro-batch that fits at this seq (0: none)
+    max_seq: int              # largest seq that fits at this micro-batch (0: none)
+    step_s: float | None
+    tokens_per_s: float | None
+    bound: str
+    micro_steps: int
+    total_hours: float | None
+    price_usd_per_hour: float | None
+    total_usd: float | None
+    cheapest: bool = False
+    fastest: bool = False
+    suggestions: list[Suggestion] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["suggestions"] = [asdict(s) for s in self.suggestions]
+        return d
+
+
+@dataclass
+class Plan:
+    inputs: dict
+    job: Job
+    gpus: list[GpuPlan]
+
+    def to_dict(self) -> dict:
+        return {"inputs": self.inputs, "job": asdict(self.job), "gpus": [g.to_dict() for g in self.gpus]}
+
+
+def parse_prices(items: Iterable[str], known_ids: Iterable[str]) -> dict[str, float]:
+    """['h100-sxm-80gb=2.5', ...] -> {id: usd_per_hour}; one-line errors for bad entries."""
+    known = list(known_ids)
+    out: dict[str, float] = {}
+    for item in items or ():
+        if "=" not in item:
+            raise InputError(f"--price '{item}' must look like GPU_ID=USD_PER_HOUR, e.g. h100-sxm-80gb=2.49")
+        gid, _, val = item.partition("=")
+        gid = gid.strip().lower()
+        if gid not in known:
+            raise UnknownNameError(f"--price names unknown GPU '{gid}'{suggest(gid, known)} (see 'loraplan gpus')")
+        try:
+            usd = float(val)
+        except ValueError:
+            raise InputError(f"--price {gid}='{val}' is not a number; give US dollars per hour, e.g. {gid}=2.49") from None
+        if not math.isfinite(usd) or usd < 0:
+            raise InputError(f"--price {gid}={val} must be a non-negative number of US dollars per hour")
+        out[gid] = usd
+    return out
+
+
+def _default_estimate() -> EstimateFn:
+    from .estimate.api import estimate
+
+    return estimate
+
+
+class _Evaluator:
+    """Memoized memory estimates for one (model, lora, gpu, calibration)."""
+
+    def __init__(self, estimate_fn: EstimateFn, model: ModelSpec, lora: LoraSpec, gpu: GpuSpec, cal: Calibration):
+        self.fn, self.model, self.lora, self.gpu, self.cal = estimate_fn, model, lora, gpu, cal
+        self.cache: dict[TrainSpec, object] = {}
+
+    def __call__(self, train: TrainSpec, with_time: bool = False):
+        key = (train, with_time)
+        if key not in self.cache:
+            self.cache[key] = self.fn(self.model, self.lora, train, self.gpu, self.cal, with_time=with_time)
+        return self.cache[key]
+
+    def total(self, train: TrainSpec) -> int:
+        return int(self(train).memory.device_total_bytes)
+
+    def fits(self, train: TrainSpec) -> bool:
+        return self.total(train) <= self.gpu.memory_bytes
+
+
+def _largest(fits: Callable[[int], bool], lo: int, hi: int) -> int:
+    """Largest n in [lo, hi] with fits(n), assuming fits is monotone (True then False); 0 if none."""
+    if not fits(lo):
+        return 0
+    # gallop up to bracket the boundary, then bisect
+    n = lo
+    while n < hi:
+        nxt = min(hi, n * 2)
+        if not fits(nxt):
+            hi = nxt - 1
+            break
+        n = nxt
+    else:
+        return n
+    good, bad = n, hi + 1
+    while bad - good > 1:
+        mid = (good + bad) // 2
+        if fits(mid):
+            good = mid
+        else:
+            bad = mid
+    return good
+
+
+def _suggestions(ev: _Evaluator, train: TrainSpec, max_seq: int) -> list[Suggestion]:
+    base = ev.total(train)
+    cands: list[tuple[str, str, TrainSpec]] = []
+    if not train.gradient_checkpointing:
+        cands.append(("gradient checkpointing", "--gradient-checkpointing", replace(train, gradient_checkpointing=True)))
+    if train.quant not in ("nf4", "fp4"):
+        cands.append(("4-bit base (nf4 + double quant)", "--quant nf4 --double-quant",
+                      replace(train, quant="nf4", double_quant=True, int8_outlier_fraction=None)))
+    if train.optimizer in ("adamw", "paged_adamw_32bit"):
+        cands.append(("paged 8-bit AdamW", "--optimizer paged_adamw_8bit", replace(train, optimizer="paged_adamw_8bit")))
+    if train.batch > 1:
+        cands.append((f"micro-batch 1 + gradient accumulation x{train.batch}",
+                      f"--batch 1 (or --effective-batch {train.batch})", replace(train, batch=1)))
+    if 0 < max_seq < train.seq:
+        cands.append((f"shorter sequences ({max_seq} tokens)", f"--seq {max_seq}", replace(train, seq=max_seq)))
+    elif max_seq == 0 and train.seq > 128:
+        cands.append(("shorter sequences (128 tokens)", "--seq 128", replace(train, seq=128)))
+    out = []
+    combined, combined_total, options = train, base, []
+    for change, option, t in cands:
+        total = ev.total(t)
+        if total < base:  # a 4-bit base alone can cost more (fp32 stream) without checkpointing
+            out.append(Suggestion(change, option, total, base - total, total <= ev.gpu.memory_bytes))
+        if not change.startswith("shorter"):
+            # greedy combination: apply this change on top of the ones kept so far
+            trial = replace(combined, **{f: getattr(t, f) for f in
+                                         ("gradient_checkpointing", "quant", "double_quant", "optimizer", "batch",
+                                          "int8_outlier_fraction") if getattr(t, f) != getattr(train, f)})
+            trial_total = ev.total(trial)
+            if trial_total < combined_total:
+                combined, combined_total = trial, trial_total
+                options.append(option.split(" (")[0])
+    out.sort(key=lambda s: -s.saving_bytes)
+    if len(options) > 1 and not any(s.fits for s in out):
+        total = ev.total(combined)
+        fits = total <= ev.gpu.memory_bytes
+        change = "these changes together"
+        if not fits:
+            ms = _largest(lambda n: ev.fits(replace(combined, seq=n)), 1, train.seq)
+            if ms:
+                options.append(f"--seq {ms}")
+                change = f"these changes together, with sequences of {ms} tokens"
+                total, fits = ev.total(replace(combined, seq=ms)), True
+        out.append(Suggestion(change, " ".join(options), total, base - total, fits))
+    return out
+
+
+def plan_job(model: ModelSpec, lora: LoraSpec, train: TrainSpec, gpus: list[GpuSpec], job: Job, *,
+             prices: dict[str, float] | None = None, calibrations: dict[str, Calibration] | None = None,
+             fixed_batch: bool = True, estimate_fn: EstimateFn | None = None) -> Plan:
+    """Plan ``job`` on every GPU in ``gpus``.
+
+    ``fixed_batch``: keep ``train.batch`` as the micro-batch; otherwise (with
+    ``job.effective_batch``) use the largest micro-batch that fits, up to the effective batch.
+    """
+    from .catalog import load_calibration
+    from .estimate.time import estimate_step_time
+    from .spec import run_inputs
+
+    job.validate()
+    estimate_fn = estimate_fn or _default_estimate()
+    prices = prices or {}
+    calibrations = calibrations or {}
+    if job.effective_batch is not None and fixed_batch and job.effective_batch % train.batch:
+        raise InputError(f"--effective-batch {job.effective_batch} is not a multiple of --batch {train.batch}; "
+                         f"give one or the other, or make them divisible")
+    rows: list[GpuPlan] = []
+    for gpu in gpus:
+        cal = calibrations.get(gpu.id) or load_calibration(gpu.id)
+        ev = _Evaluator(estimate_fn, model, lora, gpu, cal)
+        seq = train.seq
+        max_b = _largest(lambda b: ev.fits(replace(train, batch=b)), 1, MAX_SEARCH_BATCH)
+        micro = train.batch
+        if not fixed_batch and job.effective_batch is not None:
+            micro = max(1, min(max_b, job.effective_batch)) if max_b else train.batch
+        t = replace(train, batch=micro)
+        max_s = _largest(lambda s: ev.fits(replace(t, seq=s)), 1,
+                         min(MAX_SEARCH_SEQ, max(seq, (model.max_positions or seq) * 4)))
+        est = ev(t, with_time=True)
+        total = int(est.memory.device_total_bytes)
+        fits = total <= gpu.memory_bytes
+        accum = math.ceil(job.effective_batch / micro) if job.effective_batch else 1
+        te = getattr(est, "time", None) or estimate_step_time(model, lora, t, gpu, cal)
+        steps = job.micro_steps(micro, seq)
+        hours = steps * te.step_s / 3600.0
+        price = prices.get(gpu.id, gpu.price_usd_per_hour)
+        rows.append(GpuPlan(
+            gpu=gpu.id, name=gpu.name, memory_bytes=gpu.memory_bytes, fits=fits, device_total_bytes=total,
+            headroom_bytes=gpu.memory_bytes - total, micro_batch=micro, grad_accum=accum, seq=seq,
+            max_micro_batch=max_b, max_seq=max_s, step_s=te.step_s, tokens_per_s=te.tokens_per_s,
+            bound=te.bound, micro_steps=steps, total_hours=hours, price_usd_per_hour=price,
+            total_usd=hours * price if price is not None else None,
+            suggestions=[] if fits else _suggestions(ev, t, max_s),
+        ))
+    fit_rows = [r for r in rows if r.fits]
+    if fit_rows:
+        min(fit_rows, key=lambda r: r.total_hours).fastest = True
+        priced = [r for r in fit_rows if r.total_usd is not None]
+        if priced:
+            min(priced, key=lambda r: r.total_usd).cheapest = True
+    inputs = run_inputs(model, lora, train)
+    return Plan(inputs=inputs, job=job, gpus=rows)

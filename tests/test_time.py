@@ -1,0 +1,77 @@
+"""Step-time model: accuracy on the shared H100 reference, physics sanity, no torch."""
+
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from loraplan.catalog import load_calibration, load_gpu
+from loraplan.commands.options import resolve_case
+from loraplan.estimate.time import COEFFICIENTS, estimate_step_time, step_work
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import time_vs_reference as tvr  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not tvr.DEFAULT_REFERENCE.exists(), reason="shared reference not available")
+
+
+def test_reference_mape_within_15_percent():
+    rows = tvr.compare()
+    s = tvr.summary(rows)
+    assert s["n"] == 10
+    assert s["mape"] <= 0.15, s
+    assert all(abs(r["error"]) < 0.35 for r in rows), rows
+
+
+def test_h100_calibration_has_provenance_and_all_coefficients():
+    cal = load_calibration("h100-sxm-80gb")
+    for name in COEFFICIENTS:
+        assert name in cal.coefficients, name
+    prov = cal.provenance["h100-sxm-80gb"]["time"]
+    assert len(prov["records"]) == 10 and "residuals" in prov and prov["date"]
+    for k in ("time_eff_mm", "time_eff_fp32", "time_eff_bw"):
+        assert 0.1 <= cal.coefficients[k] <= 1.0
+
+
+def _t(gpu="h100-sxm-80gb", **case):
+    m, l, t = resolve_case(case)
+    g = load_gpu(gpu)
+    return estimate_step_time(m, l, t, g, load_calibration(g.id))
+
+
+def test_physics_directions():
+    base = _t(model="llama-2-7b", quant="nf4", seq=512, batch=1)
+    assert _t(model="llama-2-7b", quant="nf4", seq=512, batch=1, gradient_checkpointing=False).step_s < base.step_s
+    assert _t(model="llama-2-7b", quant="nf4", seq=512, batch=1, targets="all-linear").step_s > base.step_s
+    assert _t(model="llama-2-7b", quant="nf4", seq=4096, batch=8).step_s > base.step_s
+    # a slower GPU is not faster; time at large token counts scales with bandwidth/TFLOPs
+    big = dict(model="llama-2-7b", quant="bf16", seq=2048, batch=8)
+    assert _t("t4-16gb", **big).step_s > _t("a100-sxm-80gb", **big).step_s > _t("h100-sxm-80gb", **big).step_s
+    assert base.tokens_per_s == pytest.approx(512 / base.step_s)
+    c = base.components
+    assert base.step_s == pytest.approx(max(c["host_s"], c["gpu_s"]))
+
+
+def test_int8_adds_host_and_gpu():
+    t = _t(model="llama-2-7b", quant="int8")
+    assert t.step_s == pytest.approx(t.components["host_s"] + t.components["gpu_s"])
+
+
+def test_flops_follow_the_4N_rule():
+    m, l, t = resolve_case({"model": "llama-2-7b", "quant": "bf16", "gradient_checkpointing": False, "seq": 8, "batch": 1})
+    w = step_work(m, l, t)
+    n_frozen = sum(x.in_features * x.out_features for x in m.linears if x.role != "lm_head")
+    lm = m.hidden_size * m.vocab_size
+    attn = w.flops_mm - 4 * 8 * (n_frozen + lm)
+    assert 0 <= attn < 1e-3 * w.flops_mm  # attention at s=8 is negligible
+    w_gc = step_work(m, l, replace(t, gradient_checkpointing=True))
+    assert w_gc.flops_mm - w.flops_mm == pytest.approx(2 * 8 * n_frozen, rel=1e-3)
+
+
+def test_time_module_imports_no_torch():
+    code = ("import sys; from loraplan.estimate.time import estimate_step_time; "
+            "assert 'torch' not in sys.modules and 'numpy' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
