@@ -1,9 +1,24 @@
 """ModelSpec from a Hugging Face config.json: pure-Python shape rules per model family.
 
 Each rule derives every weight matrix with its exact shape and the module name transformers
-gives it (checked against meta-device builds in tests/test_hf_shapes.py). For a model_type
-without a rule, ``spec_from_meta`` builds the model on the meta device (needs torch +
-transformers) and reads its modules.
+5.x gives it (checked against meta-device builds in tests/test_hf_shapes.py), plus every other
+parameter (embeddings, norm weights and biases, position tables). Missing config keys take the
+defaults of the transformers config class of that family. For a model_type without a rule,
+``spec_from_meta`` builds the model on the meta device (needs torch + transformers) and reads
+its modules.
+
+Roles (LinearSpec.role) name what a matrix computes, across families:
+
+- attention: ``q k v o``, or ``qkv`` for a fused projection (phi3 ``qkv_proj``, gpt-neox and
+  falcon ``query_key_value``); T5 decoder cross-attention: ``cross_q cross_k cross_v cross_o``;
+- MLP: ``gate up down`` for a gated MLP (act(gate)·up -> down; T5 v1.1 ``wi_0 wi_1 wo``),
+  ``gate_up`` for a fused gate+up (phi3 ``gate_up_proj``), ``fc_in fc_out`` for a plain MLP
+  (OPT ``fc1 fc2``, gpt-neox/falcon ``dense_h_to_4h dense_4h_to_h``, T5 v1.0 ``wi wo``);
+- ``project_in`` / ``project_out``: OPT's embedding projections when word_embed_proj_dim differs
+  from hidden_size; ``lm_head``: the output embedding.
+
+ArchSpec.norms_per_layer counts the hidden-size norms of one (decoder) layer; per-head norms
+(qwen3 q_norm/k_norm) are listed in ArchSpec.extra_norms instead.
 """
 
 from __future__ import annotations
@@ -22,26 +37,36 @@ def _req(cfg: Mapping[str, Any], key: str, model_type: str):
     return cfg[key]
 
 
-def _llama_like(cfg: Mapping[str, Any], name: str, *, qkv_bias: bool, o_bias: bool = False,
-                mlp_bias: bool = False, arch: ArchSpec, extra_norm_numel: Callable[[int, int], dict] | None = None,
-                ) -> ModelSpec:
+def _get(cfg: Mapping[str, Any], key: str, default):
+    """cfg[key], or the family default when the key is absent or null."""
+    v = cfg.get(key)
+    return default if v is None else v
+
+
+def _kv_heads(cfg: Mapping[str, Any], n_h: int, default: int | None) -> int:
+    """num_key_value_heads; absent -> the config class default (None there means n_h)."""
+    if "num_key_value_heads" in cfg:
+        return cfg["num_key_value_heads"] or n_h
+    return default or n_h
+
+
+def _llama_like(cfg: Mapping[str, Any], name: str, *, qkv_bias: bool, o_bias: bool, mlp_bias: bool,
+                head_dim: int, n_kv: int, tie: bool, arch: ArchSpec,
+                layer_norms: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm"),
+                head_norms: tuple[str, ...] = ()) -> ModelSpec:
     """llama / mistral / qwen2 / qwen3 / gemma2: separate q,k,v,o and gate,up,down projections.
 
     Shapes: q [n_h*d, h], k,v [n_kv*d, h], o [h, n_h*d], gate,up [I, h], down [h, I];
-    embed_tokens [V, h]; lm_head [V, h] unless tied; RMSNorm weights [h].
+    embed_tokens [V, h]; lm_head [V, h] (shares embed_tokens when tied); RMSNorm weights [h]
+    (``layer_norms`` per layer, plus model.norm); per-head norms [d] (``head_norms``, qwen3).
     """
     mt = cfg.get("model_type", "llama")
     h = _req(cfg, "hidden_size", mt)
     L = _req(cfg, "num_hidden_layers", mt)
     n_h = _req(cfg, "num_attention_heads", mt)
-    n_kv = cfg.get("num_key_value_heads") or n_h
-    d = cfg.get("head_dim") or h // n_h
     inter = _req(cfg, "intermediate_size", mt)
     V = _req(cfg, "vocab_size", mt)
-    tie = bool(cfg.get("tie_word_embeddings", mt in ("gemma2",)))
-    qkv_bias = bool(cfg.get("attention_bias", qkv_bias))
-    o_bias = bool(cfg.get("attention_bias", o_bias)) if mt in ("llama", "mistral") else o_bias
-    mlp_bias = bool(cfg.get("mlp_bias", mlp_bias))
+    d = head_dim
     linears: list[LinearSpec] = []
     others: list[ParamSpec] = [ParamSpec("model.embed_tokens.weight", V * h, "embedding")]
     for i in range(L):
@@ -55,12 +80,8 @@ def _llama_like(cfg: Mapping[str, Any], name: str, *, qkv_bias: bool, o_bias: bo
             LinearSpec(f"{p}.mlp.up_proj", h, inter, mlp_bias, "up", "decoder", i),
             LinearSpec(f"{p}.mlp.down_proj", inter, h, mlp_bias, "down", "decoder", i),
         ]
-        others += [
-            ParamSpec(f"{p}.input_layernorm.weight", h, "norm"),
-            ParamSpec(f"{p}.post_attention_layernorm.weight", h, "norm"),
-        ]
-        if extra_norm_numel:
-            others += [ParamSpec(f"{p}.{k}", n, "norm") for k, n in extra_norm_numel(h, d).items()]
+        others += [ParamSpec(f"{p}.self_attn.{n}.weight", d, "norm") for n in head_norms]
+        others += [ParamSpec(f"{p}.{n}.weight", h, "norm") for n in layer_norms]
     others.append(ParamSpec("model.norm.weight", h, "norm"))
     linears.append(LinearSpec("lm_head", h, V, False, "lm_head", "head", None))
     return ModelSpec(
@@ -71,35 +92,336 @@ def _llama_like(cfg: Mapping[str, Any], name: str, *, qkv_bias: bool, o_bias: bo
     )
 
 
+def _heads(cfg, mt):
+    h = _req(cfg, "hidden_size", mt)
+    n_h = _req(cfg, "num_attention_heads", mt)
+    return h, n_h
+
+
 def _llama(cfg, name):
-    return _llama_like(cfg, name, qkv_bias=False, arch=ArchSpec())
+    # LlamaConfig: attention_bias (q,k,v,o) and mlp_bias default False; head_dim default h // n_h.
+    h, n_h = _heads(cfg, "llama")
+    ab = bool(cfg.get("attention_bias", False))
+    return _llama_like(cfg, name, qkv_bias=ab, o_bias=ab, mlp_bias=bool(cfg.get("mlp_bias", False)),
+                       head_dim=_get(cfg, "head_dim", h // n_h), n_kv=_kv_heads(cfg, n_h, None),
+                       tie=bool(cfg.get("tie_word_embeddings", False)), arch=ArchSpec())
 
 
 def _mistral(cfg, name):
-    return _llama_like(cfg, name, qkv_bias=False, arch=ArchSpec(sliding_window=cfg.get("sliding_window")))
+    # MistralAttention/MLP: bias=False hard-coded; num_key_value_heads default 8; sliding_window 4096.
+    h, n_h = _heads(cfg, "mistral")
+    sw = cfg.get("sliding_window", 4096)
+    return _llama_like(cfg, name, qkv_bias=False, o_bias=False, mlp_bias=False,
+                       head_dim=_get(cfg, "head_dim", h // n_h), n_kv=_kv_heads(cfg, n_h, 8),
+                       tie=bool(cfg.get("tie_word_embeddings", False)), arch=ArchSpec(sliding_window=sw))
 
 
 def _qwen2(cfg, name):
-    # Qwen2 has biases on q,k,v only (transformers Qwen2Attention: bias=True for q/k/v, False for o).
-    sw = cfg.get("sliding_window") if cfg.get("use_sliding_window") else None
-    return _llama_like(cfg, name, qkv_bias=True, arch=ArchSpec(sliding_window=sw))
+    # Qwen2Attention: q,k,v bias=True, o bias=False (hard-coded); num_key_value_heads default 32.
+    h, n_h = _heads(cfg, "qwen2")
+    sw = cfg.get("sliding_window", 4096) if cfg.get("use_sliding_window") else None
+    return _llama_like(cfg, name, qkv_bias=True, o_bias=False, mlp_bias=False,
+                       head_dim=_get(cfg, "head_dim", h // n_h), n_kv=_kv_heads(cfg, n_h, 32),
+                       tie=bool(cfg.get("tie_word_embeddings", False)), arch=ArchSpec(sliding_window=sw))
 
 
 def _qwen3(cfg, name):
-    # Qwen3: no q/k/v bias by default; per-head RMSNorm on q and k (weights [head_dim]).
-    return _llama_like(
-        cfg, name, qkv_bias=False,
-        arch=ArchSpec(extra_norms=("q_norm", "k_norm")),
-        extra_norm_numel=lambda h, d: {"self_attn.q_norm.weight": d, "self_attn.k_norm.weight": d},
+    # Qwen3: attention_bias (q,k,v,o) default False; head_dim default 128 (not h // n_h);
+    # per-head RMSNorm q_norm, k_norm (weights [head_dim]).
+    h, n_h = _heads(cfg, "qwen3")
+    ab = bool(cfg.get("attention_bias", False))
+    sw = cfg.get("sliding_window", 4096) if cfg.get("use_sliding_window") else None
+    return _llama_like(cfg, name, qkv_bias=ab, o_bias=ab, mlp_bias=False,
+                       head_dim=_get(cfg, "head_dim", 128), n_kv=_kv_heads(cfg, n_h, 32),
+                       tie=bool(cfg.get("tie_word_embeddings", False)),
+                       arch=ArchSpec(sliding_window=sw, extra_norms=("q_norm", "k_norm")),
+                       head_norms=("q_norm", "k_norm"))
+
+
+def _gemma2(cfg, name):
+    # Gemma2: attention_bias (q,k,v,o) default False; head_dim default 256; 4 RMSNorms per layer
+    # (pre/post attention, pre/post MLP); tied embeddings by default; every other layer uses a
+    # sliding window. transformers runs it with eager attention (attention-logit softcapping).
+    h, n_h = _heads(cfg, "gemma2")
+    ab = bool(cfg.get("attention_bias", False))
+    arch = ArchSpec(attention="eager", sliding_window=cfg.get("sliding_window", 4096), norms_per_layer=4,
+                    final_logit_softcapping=cfg.get("final_logit_softcapping", 30.0))
+    return _llama_like(cfg, name, qkv_bias=ab, o_bias=ab, mlp_bias=False,
+                       head_dim=_get(cfg, "head_dim", 256), n_kv=_kv_heads(cfg, n_h, 4),
+                       tie=bool(cfg.get("tie_word_embeddings", True)), arch=arch,
+                       layer_norms=("input_layernorm", "post_attention_layernorm",
+                                    "pre_feedforward_layernorm", "post_feedforward_layernorm"))
+
+
+def _spec(cfg, name, mt, *, h, L, n_h, n_kv, d, inter, V, tie, linears, others, arch, max_pos,
+          enc_dec=False, enc_layers=0) -> ModelSpec:
+    return ModelSpec(
+        name=name, model_type=mt, config=dict(cfg), hidden_size=h, num_layers=L, num_heads=n_h,
+        num_kv_heads=n_kv, head_dim=d, intermediate_size=inter, vocab_size=V, max_positions=max_pos,
+        tie_word_embeddings=tie, linears=tuple(linears), others=tuple(others), arch=arch,
+        is_encoder_decoder=enc_dec, num_encoder_layers=enc_layers,
     )
 
 
-#: model_type -> rule. Families added by their own functions below.
+def _phi3(cfg, name):
+    """Phi-3: fused qkv_proj [(n_h + 2·n_kv)·d, h] and gate_up_proj [2·I, h]; no biases.
+
+    Phi3Attention registers o_proj before qkv_proj; RMSNorm; untied by default.
+    """
+    mt = "phi3"
+    h, n_h = _heads(cfg, mt)
+    L = _req(cfg, "num_hidden_layers", mt)
+    inter = _req(cfg, "intermediate_size", mt)
+    V = _req(cfg, "vocab_size", mt)
+    n_kv = _kv_heads(cfg, n_h, None)
+    d = _get(cfg, "head_dim", h // n_h)
+    linears: list[LinearSpec] = []
+    others = [ParamSpec("model.embed_tokens.weight", V * h, "embedding")]
+    for i in range(L):
+        p = f"model.layers.{i}"
+        linears += [
+            LinearSpec(f"{p}.self_attn.o_proj", n_h * d, h, False, "o", "decoder", i),
+            LinearSpec(f"{p}.self_attn.qkv_proj", h, (n_h + 2 * n_kv) * d, False, "qkv", "decoder", i),
+            LinearSpec(f"{p}.mlp.gate_up_proj", h, 2 * inter, False, "gate_up", "decoder", i),
+            LinearSpec(f"{p}.mlp.down_proj", inter, h, False, "down", "decoder", i),
+        ]
+        others += [ParamSpec(f"{p}.input_layernorm.weight", h, "norm"),
+                   ParamSpec(f"{p}.post_attention_layernorm.weight", h, "norm")]
+    others.append(ParamSpec("model.norm.weight", h, "norm"))
+    linears.append(LinearSpec("lm_head", h, V, False, "lm_head", "head", None))
+    return _spec(cfg, name, mt, h=h, L=L, n_h=n_h, n_kv=n_kv, d=d, inter=inter, V=V,
+                 tie=bool(cfg.get("tie_word_embeddings", False)), linears=linears, others=others,
+                 arch=ArchSpec(sliding_window=cfg.get("sliding_window")),
+                 max_pos=cfg.get("max_position_embeddings", 4096))
+
+
+def _layernorm(name: str, n: int) -> list[ParamSpec]:
+    """nn.LayerNorm: weight [n] and bias [n]."""
+    return [ParamSpec(f"{name}.weight", n, "norm"), ParamSpec(f"{name}.bias", n, "norm")]
+
+
+def _gpt_neox(cfg, name):
+    """GPT-NeoX / Pythia: fused query_key_value [3h, h] and dense [h, h] (bias: attention_bias,
+    default True); MLP dense_h_to_4h [I, h], dense_4h_to_h [h, I] with bias; LayerNorms with bias.
+
+    Rotary on rotary_pct (partial_rotary_factor) of each head, default 0.25; parallel residual
+    (use_parallel_residual, default True); lm_head untied by default.
+    """
+    mt = "gpt_neox"
+    h, n_h = _heads(cfg, mt)
+    L = _req(cfg, "num_hidden_layers", mt)
+    inter = _req(cfg, "intermediate_size", mt)
+    V = _req(cfg, "vocab_size", mt)
+    ab = bool(cfg.get("attention_bias", True))
+    linears: list[LinearSpec] = []
+    others = [ParamSpec("gpt_neox.embed_in.weight", V * h, "embedding")]
+    for i in range(L):
+        p = f"gpt_neox.layers.{i}"
+        others += _layernorm(f"{p}.input_layernorm", h) + _layernorm(f"{p}.post_attention_layernorm", h)
+        linears += [
+            LinearSpec(f"{p}.attention.query_key_value", h, 3 * h, ab, "qkv", "decoder", i),
+            LinearSpec(f"{p}.attention.dense", h, h, ab, "o", "decoder", i),
+            LinearSpec(f"{p}.mlp.dense_h_to_4h", h, inter, True, "fc_in", "decoder", i),
+            LinearSpec(f"{p}.mlp.dense_4h_to_h", inter, h, True, "fc_out", "decoder", i),
+        ]
+    others += _layernorm("gpt_neox.final_layer_norm", h)
+    linears.append(LinearSpec("lm_head", h, V, False, "lm_head", "head", None))
+    arch = ArchSpec(mlp="plain", norm="layer", parallel_attn=bool(cfg.get("use_parallel_residual", True)))
+    return _spec(cfg, name, mt, h=h, L=L, n_h=n_h, n_kv=n_h, d=h // n_h, inter=inter, V=V,
+                 tie=bool(cfg.get("tie_word_embeddings", False)), linears=linears, others=others,
+                 arch=arch, max_pos=cfg.get("max_position_embeddings", 2048))
+
+
+def _opt(cfg, name):
+    """OPT: k,v,q,out_proj [h, h] and fc1 [F, h], fc2 [h, F], all with bias (enable_bias, default True).
+
+    embed_tokens [V, P] with P = word_embed_proj_dim (default h); learned positions
+    embed_positions [max_position_embeddings + 2, h] (OPT's offset of 2); when P != h,
+    project_out [P, h] and project_in [h, P] (bias-free Linears). LayerNorms with bias when
+    layer_norm_elementwise_affine (default True); the final one only when do_layer_norm_before
+    (default True). lm_head [V, P], tied by default.
+    """
+    mt = "opt"
+    h, n_h = _heads(cfg, mt)
+    L = _req(cfg, "num_hidden_layers", mt)
+    F = _req(cfg, "ffn_dim", mt)
+    V = _req(cfg, "vocab_size", mt)
+    P = _get(cfg, "word_embed_proj_dim", h)
+    max_pos = cfg.get("max_position_embeddings", 2048)
+    b = bool(cfg.get("enable_bias", True))
+    affine = bool(cfg.get("layer_norm_elementwise_affine", True))
+    ln = (lambda n: _layernorm(n, h)) if affine else (lambda n: [])
+    pre = "model.decoder"
+    others = [ParamSpec(f"{pre}.embed_tokens.weight", V * P, "embedding"),
+              ParamSpec(f"{pre}.embed_positions.weight", (max_pos + 2) * h, "position")]
+    linears: list[LinearSpec] = []
+    if P != h:
+        linears += [LinearSpec(f"{pre}.project_out", h, P, False, "project_out", "decoder", None),
+                    LinearSpec(f"{pre}.project_in", P, h, False, "project_in", "decoder", None)]
+    if cfg.get("do_layer_norm_before", True) and not cfg.get("_remove_final_layer_norm", False):
+        others += ln(f"{pre}.final_layer_norm")
+    for i in range(L):
+        p = f"{pre}.layers.{i}"
+        linears += [
+            LinearSpec(f"{p}.self_attn.k_proj", h, h, b, "k", "decoder", i),
+            LinearSpec(f"{p}.self_attn.v_proj", h, h, b, "v", "decoder", i),
+            LinearSpec(f"{p}.self_attn.q_proj", h, h, b, "q", "decoder", i),
+            LinearSpec(f"{p}.self_attn.out_proj", h, h, b, "o", "decoder", i),
+            LinearSpec(f"{p}.fc1", h, F, b, "fc_in", "decoder", i),
+            LinearSpec(f"{p}.fc2", F, h, b, "fc_out", "decoder", i),
+        ]
+        others += ln(f"{p}.self_attn_layer_norm") + ln(f"{p}.final_layer_norm")
+    linears.append(LinearSpec("lm_head", P, V, False, "lm_head", "head", None))
+    return _spec(cfg, name, mt, h=h, L=L, n_h=n_h, n_kv=n_h, d=h // n_h, inter=F, V=V,
+                 tie=bool(cfg.get("tie_word_embeddings", True)), linears=linears, others=others,
+                 arch=ArchSpec(mlp="plain", norm="layer", position="learned"), max_pos=max_pos)
+
+
+def _falcon(cfg, name):
+    """Falcon: fused query_key_value and dense, MLP dense_h_to_4h [F, h] / dense_4h_to_h (F =
+    ffn_hidden_size, default 4h); bias on all four when ``bias`` (default False).
+
+    query_key_value out: (n_h + 2·n_kv)·d with new_decoder_architecture (n_kv = num_kv_heads,
+    default n_h), h + 2·d with multi_query (default True), else 3h. LayerNorms with bias:
+    parallel_attn (default True) has one input_layernorm, or ln_attn + ln_mlp when
+    num_ln_in_parallel_attn is 2 (the default with new_decoder_architecture); sequential layers
+    have input_layernorm + post_attention_layernorm. Rotary, or ALiBi when ``alibi``. Tied by default.
+    """
+    mt = "falcon"
+    h = cfg.get("hidden_size") or cfg.get("n_embed") or _req(cfg, "hidden_size", mt)
+    n_h = _req(cfg, "num_attention_heads", mt)
+    L = _req(cfg, "num_hidden_layers", mt)
+    V = _req(cfg, "vocab_size", mt)
+    d = h // n_h
+    F = _get(cfg, "ffn_hidden_size", 4 * h)
+    new = bool(cfg.get("new_decoder_architecture", False))
+    mq = bool(cfg.get("multi_query", True))
+    parallel = bool(cfg.get("parallel_attn", True))
+    b = bool(cfg.get("bias", False))
+    if new:
+        n_kv = _get(cfg, "num_kv_heads", n_h)
+        qkv_out = (n_h + 2 * n_kv) * d
+    elif mq:
+        n_kv, qkv_out = 1, h + 2 * d
+    else:
+        n_kv, qkv_out = n_h, 3 * h
+    n_ln = cfg.get("num_ln_in_parallel_attn")
+    if n_ln is None and new:
+        n_ln = 2
+    if not parallel:
+        norms = ("post_attention_layernorm", "input_layernorm")
+    elif n_ln == 2:
+        norms = ("ln_attn", "ln_mlp")
+    else:
+        norms = ("input_layernorm",)
+    linears: list[LinearSpec] = []
+    others = [ParamSpec("transformer.word_embeddings.weight", V * h, "embedding")]
+    for i in range(L):
+        p = f"transformer.h.{i}"
+        linears += [
+            LinearSpec(f"{p}.self_attention.query_key_value", h, qkv_out, b, "qkv", "decoder", i),
+            LinearSpec(f"{p}.self_attention.dense", h, h, b, "o", "decoder", i),
+            LinearSpec(f"{p}.mlp.dense_h_to_4h", h, F, b, "fc_in", "decoder", i),
+            LinearSpec(f"{p}.mlp.dense_4h_to_h", F, h, b, "fc_out", "decoder", i),
+        ]
+        for n in norms:
+            others += _layernorm(f"{p}.{n}", h)
+    others += _layernorm("transformer.ln_f", h)
+    linears.append(LinearSpec("lm_head", h, V, False, "lm_head", "head", None))
+    arch = ArchSpec(mlp="plain", norm="layer", parallel_attn=parallel,
+                    position="alibi" if cfg.get("alibi", False) else "rope", norms_per_layer=len(norms))
+    return _spec(cfg, name, mt, h=h, L=L, n_h=n_h, n_kv=n_kv, d=d, inter=F, V=V,
+                 tie=bool(cfg.get("tie_word_embeddings", True)), linears=linears, others=others,
+                 arch=arch, max_pos=cfg.get("max_position_embeddings", 2048))
+
+
+#: transformers 4.x defaults of tie_word_embeddings (T5Config True, MT5Config False)
+_T5_TIE_DEFAULT = {"t5": True, "mt5": False}
+
+
+def _t5(cfg, name):
+    """T5 / mT5 (T5ForConditionalGeneration): encoder and decoder stacks of ``block``s.
+
+    Per block: SelfAttention q,k,v [n_h·d_kv, d_model], o [d_model, n_h·d_kv] (no biases);
+    decoder blocks add EncDecAttention (roles cross_q/k/v/o); MLP DenseReluDense ``wi``/``wo``
+    (feed_forward_proj "relu"/"gelu": roles fc_in/fc_out) or ``wi_0``/``wi_1``/``wo``
+    ("gated-*": roles gate/up/down). Norms: T5LayerNorm (RMS, weight only) per sub-layer and
+    one final per stack. relative_attention_bias [buckets, n_h] in block 0 of each stack.
+    ``shared`` [V, d_model] is the one input embedding (encoder/decoder embed_tokens share it).
+
+    lm_head: transformers 5.x forces config.tie_word_embeddings=True for T5/mT5, but
+    from_pretrained keeps lm_head separate when the checkpoint holds a different one: T5 v1.0
+    checkpoints tie, T5 v1.1 / flan-t5 / mT5 / mT0 (config.json ``tie_word_embeddings: false``)
+    do not. The rule follows the config.json value (default: True for t5, False for mt5).
+    """
+    mt = cfg.get("model_type", "t5")
+    dm = _req(cfg, "d_model", mt)
+    dkv = _req(cfg, "d_kv", mt)
+    dff = _req(cfg, "d_ff", mt)
+    n_h = _req(cfg, "num_heads", mt)
+    V = _req(cfg, "vocab_size", mt)
+    enc_L = _req(cfg, "num_layers", mt)
+    dec_L = _get(cfg, "num_decoder_layers", enc_L)
+    buckets = cfg.get("relative_attention_num_buckets", 32)
+    ffp = cfg.get("feed_forward_proj", "relu" if mt == "t5" else "gated-gelu")
+    gated = ffp.split("-")[0] == "gated"
+    inner = n_h * dkv
+    linears: list[LinearSpec] = []
+    others = [ParamSpec("shared.weight", V * dm, "embedding")]
+
+    def attn(prefix, stack, i, kind, roles):
+        return [LinearSpec(f"{prefix}.{kind}.q", dm, inner, False, roles[0], stack, i),
+                LinearSpec(f"{prefix}.{kind}.k", dm, inner, False, roles[1], stack, i),
+                LinearSpec(f"{prefix}.{kind}.v", dm, inner, False, roles[2], stack, i),
+                LinearSpec(f"{prefix}.{kind}.o", inner, dm, False, roles[3], stack, i)]
+
+    def mlp(prefix, stack, i):
+        q = f"{prefix}.DenseReluDense"
+        if gated:
+            return [LinearSpec(f"{q}.wi_0", dm, dff, False, "gate", stack, i),
+                    LinearSpec(f"{q}.wi_1", dm, dff, False, "up", stack, i),
+                    LinearSpec(f"{q}.wo", dff, dm, False, "down", stack, i)]
+        return [LinearSpec(f"{q}.wi", dm, dff, False, "fc_in", stack, i),
+                LinearSpec(f"{q}.wo", dff, dm, False, "fc_out", stack, i)]
+
+    for stack, L in (("encoder", enc_L), ("decoder", dec_L)):
+        for i in range(L):
+            p = f"{stack}.block.{i}.layer"
+            linears += attn(f"{p}.0", stack, i, "SelfAttention", ("q", "k", "v", "o"))
+            if i == 0:
+                others.append(ParamSpec(f"{p}.0.SelfAttention.relative_attention_bias.weight",
+                                        buckets * n_h, "position"))
+            others.append(ParamSpec(f"{p}.0.layer_norm.weight", dm, "norm"))
+            ff = 1
+            if stack == "decoder":
+                linears += attn(f"{p}.1", stack, i, "EncDecAttention",
+                                ("cross_q", "cross_k", "cross_v", "cross_o"))
+                others.append(ParamSpec(f"{p}.1.layer_norm.weight", dm, "norm"))
+                ff = 2
+            linears += mlp(f"{p}.{ff}", stack, i)
+            others.append(ParamSpec(f"{p}.{ff}.layer_norm.weight", dm, "norm"))
+        others.append(ParamSpec(f"{stack}.final_layer_norm.weight", dm, "norm"))
+    linears.append(LinearSpec("lm_head", dm, V, False, "lm_head", "head", None))
+    arch = ArchSpec(mlp="gated" if gated else "plain", norm="rms", position="relative_bias", norms_per_layer=3)
+    return _spec(cfg, name, mt, h=dm, L=dec_L, n_h=n_h, n_kv=n_h, d=dkv, inter=dff, V=V,
+                 tie=bool(cfg.get("tie_word_embeddings", _T5_TIE_DEFAULT.get(mt, True))),
+                 linears=linears, others=others, arch=arch, max_pos=None,
+                 enc_dec=True, enc_layers=enc_L)
+
+
+#: model_type -> rule.
 RULES: dict[str, Callable[[Mapping[str, Any], str], ModelSpec]] = {
     "llama": _llama,
     "mistral": _mistral,
     "qwen2": _qwen2,
     "qwen3": _qwen3,
+    "gemma2": _gemma2,
+    "phi3": _phi3,
+    "gpt_neox": _gpt_neox,
+    "opt": _opt,
+    "falcon": _falcon,
+    "t5": _t5,
+    "mt5": _t5,
 }
 
 

@@ -1,0 +1,161 @@
+"""``loraplan models`` and ``loraplan gpus``: the built-in catalogs as a table or JSON.
+
+Rows are plain dicts built from the catalog loaders (``model_rows``, ``gpu_rows``); rich only
+renders them. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import click
+
+GIB = 1024 ** 3
+
+
+def _human(n: int | None) -> str:
+    """6738415616 -> '6.74B'."""
+    if n is None:
+        return "-"
+    for div, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= div:
+            return f"{n / div:.3g}{unit}" if n / div < 100 else f"{n / div:.0f}{unit}"
+    return str(n)
+
+
+def _repo(url: str) -> str:
+    """'https://huggingface.co/meta-llama/Llama-2-7b-hf/blob/main/config.json' -> 'meta-llama/Llama-2-7b-hf'."""
+    m = re.match(r"https?://huggingface\.co/([^/]+/[^/]+)", url or "")
+    return m.group(1) if m else (url or "-")
+
+
+def model_rows() -> list[dict]:
+    """One dict per catalog model, in name order, from its ModelSpec."""
+    from ..catalog import load_model, model_names
+
+    rows = []
+    for name in model_names():
+        s = load_model(name)
+        rows.append({
+            "name": s.name,
+            "model_type": s.model_type,
+            "total_params": s.total_params,
+            "layers": s.num_layers,
+            "encoder_layers": s.num_encoder_layers if s.is_encoder_decoder else None,
+            "hidden_size": s.hidden_size,
+            "heads": s.num_heads,
+            "kv_heads": s.num_kv_heads,
+            "head_dim": s.head_dim,
+            "intermediate_size": s.intermediate_size,
+            "vocab_size": s.vocab_size,
+            "max_positions": s.max_positions,
+            "tie_word_embeddings": s.tie_word_embeddings,
+            "source": s.source,
+        })
+    return rows
+
+
+def gpu_rows() -> list[dict]:
+    """One dict per catalog GPU, in id order; missing fields are None."""
+    from ..catalog import gpu_entries
+
+    rows = []
+    for gid, e in sorted(gpu_entries().items()):
+        mem = e.get("memory_bytes")
+        rows.append({
+            "id": e.get("id", gid),
+            "name": e.get("name"),
+            "vendor": e.get("vendor"),
+            "memory_bytes": mem,
+            "memory_gib": round(mem / GIB, 1) if isinstance(mem, (int, float)) else None,
+            "bf16_tflops": e.get("bf16_tflops"),
+            "bandwidth_gb_s": e.get("bandwidth_gb_s"),
+            "compute_capability": e.get("compute_capability"),
+            "price_usd_per_hour": e.get("price_usd_per_hour"),
+            "price_date": e.get("price_date"),
+            "source": e.get("source"),
+        })
+    return rows
+
+
+def _num(v, fmt: str = "{:g}") -> str:
+    return "-" if v is None else fmt.format(v)
+
+
+@click.command("models")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def models_command(fmt):
+    """List the built-in model catalog (shapes from each model's published config.json).
+
+    Give a catalog name to --model, or a path to any config.json. Params: unique
+    parameters of the base model (a tied lm_head counted once).
+    """
+    rows = model_rows()
+    if fmt == "json":
+        click.echo(json.dumps(rows, indent=2))
+        return
+    from rich.console import Console
+
+    cells = []
+    for r in rows:
+        layers = f"{r['encoder_layers']}+{r['layers']}" if r["encoder_layers"] is not None else str(r["layers"])
+        cells.append([r["name"], r["model_type"], _human(r["total_params"]), layers, str(r["hidden_size"]),
+                      f"{r['heads']}/{r['kv_heads']}", str(r["vocab_size"]),
+                      "yes" if r["tie_word_embeddings"] else "no", _repo(r["source"])])
+    cols = (("name", "left"), ("type", "left"), ("params", "right"), ("layers", "right"), ("hidden", "right"),
+            ("heads/kv", "right"), ("vocab", "right"), ("tied", "center"), ("source", "left"))
+    con = Console()
+    con.print(_table(f"{len(rows)} models", cols, cells, fold="source", width=con.width, drop_fold=True))
+    con.print("layers: encoder+decoder for encoder-decoder models. 'loraplan models --format json' "
+              "gives exact counts and source URLs.", style="dim")
+
+
+@click.command("gpus")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def gpus_command(fmt):
+    """List the built-in GPU catalog: memory, dense bf16 TFLOPs, bandwidth, on-demand price.
+
+    Memory is the total the driver reports, in GiB (2^30 bytes). Prices are list prices as of
+    the date shown; override them with 'loraplan plan --price ID=USD'.
+    """
+    rows = gpu_rows()
+    if fmt == "json":
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo("the GPU catalog is empty (no loraplan/catalog/gpus/*.json files)")
+        return
+    from rich.console import Console
+
+    cells = [[r["id"], r["name"] or "-", _num(r["memory_gib"], "{:.1f}"), _num(r["bf16_tflops"]),
+              _num(r["bandwidth_gb_s"]), _num(r["price_usd_per_hour"], "{:.2f}"), r["price_date"] or "-"]
+             for r in rows]
+    cols = (("id", "left"), ("name", "left"), ("memory\nGiB", "right"), ("bf16\nTFLOPs", "right"),
+            ("bandwidth\nGB/s", "right"), ("$/h", "right"), ("price\ndate", "left"))
+    con = Console()
+    con.print(_table(f"{len(rows)} GPUs", cols, cells, fold="name", width=con.width))
+
+
+def _table(title: str, cols, cells: list[list[str]], fold: str, width: int, drop_fold: bool = False):
+    """A rich Table whose columns keep their full width; ``fold`` takes what is left and wraps,
+    or (``drop_fold``) is left out when the terminal is too narrow for it."""
+    from rich import box
+    from rich.table import Table
+
+    widths = [max([max(len(x) for x in col.split("\n"))] + [len(c[i]) for c in cells])
+              for i, (col, _) in enumerate(cols)]
+    fixed = sum(w + 2 for (col, _), w in zip(cols, widths) if col != fold)
+    keep_fold = not (drop_fold and width < fixed + 2 + min(widths[[c for c, _ in cols].index(fold)], 24))
+    t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
+              padding=(0, 1, 0, 0))
+    for (col, just), w in zip(cols, widths):
+        if col == fold:
+            if keep_fold:
+                t.add_column(col, justify=just, overflow="fold", min_width=min(w, 10))
+        else:
+            t.add_column(col, justify=just, no_wrap=True, min_width=w)
+    idx = [i for i, (col, _) in enumerate(cols) if col != fold or keep_fold]
+    for c in cells:
+        t.add_row(*(c[i] for i in idx))
+    return t
