@@ -1,0 +1,151 @@
+"""``loraplan profile``: short real LoRA/QLoRA training bursts, recorded as JSON lines.
+
+Every case runs in its own worker process (clean peaks; a crash or OOM costs one case), with
+the protocol of shared/reference/protocol.md, on CUDA or, for a smoke test, on the CPU.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import warnings
+
+import click
+
+from .options import case_options, expand_grid
+
+
+def _fmt_bytes(n) -> str:
+    if n is None:
+        return "-"
+    n = float(n)
+    for unit, div in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= div:
+            return f"{n / div:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def _fmt_s(x) -> str:
+    if x is None:
+        return "-"
+    return f"{x * 1000:.1f} ms" if x < 1 else f"{x:.2f} s"
+
+
+@click.command("profile")
+@case_options(multi=True, gpu=False)
+@click.option("--gpu", default=None,
+              help="GPU id whose estimate is stored beside each record [default: the detected GPU when the "
+                   "catalog has it; h100-sxm-80gb otherwise and with --device cpu]")
+@click.option("--device", type=click.Choice(["cuda", "cpu"]), default="cuda", show_default=True,
+              help="Where the bursts run; cpu is a smoke test (memory from a live-tensor tracker, no NVML)")
+@click.option("--steps", type=click.IntRange(1, 10000), default=6, show_default=True, help="Training steps per case")
+@click.option("--warmup", type=click.IntRange(0, 10000), default=2, show_default=True,
+              help="Steps left out of the median step time")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=600.0, show_default=True,
+              help="Seconds one case may take (building a cached model does not count)")
+@click.option("--force", is_flag=True, help="Run cases that are already recorded again (appends new records)")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Records file [default: profiles/<gpu-id>.jsonl]")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+              help="Where random-weight checkpoints are kept [default: ~/.cache/loraplan/models]")
+@click.option("--grid", "grid_file", type=click.Path(dir_okay=False), default=None,
+              help="TOML/JSON grid: option names as keys, a value or a list each; command-line options win")
+def profile_command(gpu, device, steps, warmup, timeout, force, out, cache_dir, grid_file, **opts):
+    """Run short real training bursts and record memory and time, one JSON line per case.
+
+    Cases already in the records file are skipped (use --force to redo them). Each case runs in
+    its own process with a time limit; OOM, timeout and errors are recorded with the phase
+    reached. Example: loraplan profile --model qwen2.5-0.5b --quant nf4,bf16 --seq 512:2048:x2
+    """
+    from ..errors import InputError
+    from ..profile.grid import load_grid_file, merge_grids
+    from ..profile.runner import build_cases, check_extras, detect_device, profile
+
+    if warmup >= steps:
+        raise InputError(f"--warmup {warmup} must be smaller than --steps {steps}; the median uses the steps after warmup")
+    grids = load_grid_file(grid_file) if grid_file else None
+    case_dicts = []
+    for g in merge_grids(opts, grids):
+        case_dicts.extend(expand_grid(g))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cases = build_cases(case_dicts, gpu)
+    for w in {str(w.message) for w in caught if issubclass(w.category, UserWarning)}:
+        click.echo(f"warning: {w}", err=True)
+    check_extras(cases, device)
+    dev = detect_device(device)
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    err = Console(stderr=True)
+    from ..profile.records import default_out_path
+
+    path = out or str(default_out_path(dev.gpu_id))
+    err.print(f"profiling {len(cases)} case(s) on {dev.name or dev.device} ({dev.gpu_id}) -> {path}")
+    progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(bar_width=20),
+                        MofNCompleteColumn(), TextColumn("[cyan]{task.fields[phase]}"), TimeElapsedColumn(),
+                        TextColumn("{task.fields[peak]}"), console=err, transient=False)
+    state = {"task": None, "t0": 0.0}
+
+    def on_event(ev):
+        kind = ev.get("ev")
+        if kind == "skip":
+            progress.console.print(f"  [dim]skip {ev['i']}/{ev['n']} {ev['label']} (already recorded; --force redoes)[/]")
+            progress.advance(overall)
+        elif kind == "case_start":
+            state["t0"] = time.monotonic()
+            state["task"] = progress.add_task(f"case {ev['i']}/{ev['n']} {ev['label']}", total=None,
+                                              phase="start", peak="")
+        elif kind == "phase" and state["task"] is not None:
+            progress.update(state["task"], phase=ev["phase"])
+        elif kind in ("mem", "step") and state["task"] is not None:
+            peak = (ev.get("mem") or {}).get("max_allocated_bytes") if kind == "mem" else ev.get("max_allocated_bytes")
+            if peak is not None:
+                progress.update(state["task"], peak=f"peak {_fmt_bytes(peak)}")
+        elif kind == "case_end":
+            rec = ev["record"]
+            if state["task"] is not None:
+                progress.remove_task(state["task"])
+                state["task"] = None
+            colour = {"ok": "green", "oom": "yellow", "timeout": "yellow"}.get(rec["status"], "red")
+            extra = "" if rec["status"] == "ok" else f" in {rec.get('phase')}: {(rec.get('error') or '')[:160]}"
+            progress.console.print(f"  [{colour}]{rec['status']}[/] {ev['i']}/{ev['n']} {ev['label']} "
+                                   f"peak {_fmt_bytes((rec.get('memory') or {}).get('peak_allocated_bytes'))} "
+                                   f"({time.monotonic() - state['t0']:.1f} s){extra}")
+            progress.advance(overall)
+
+    with progress:
+        overall = progress.add_task("cases", total=len(cases), phase="", peak="")
+        results = profile(cases, dev, out=path, force=force, steps=steps, warmup=warmup, timeout=timeout,
+                          cache_dir=cache_dir, on_event=on_event, on_warning=lambda m: err.print(f"warning: {m}"))
+    _summary(results, dev)
+
+
+def _summary(results, dev) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..profile.runner import estimated_peak, measured_peak
+
+    con = Console(file=sys.stdout, width=max(Console().width, 140))
+    t = Table(title="measured vs estimated" + (" (CPU run: not comparable with a GPU estimate)" if dev.device == "cpu" else ""))
+    for col in ("case", "status", "peak measured", "peak estimated", "diff", "step measured", "step estimated", "tokens/s"):
+        t.add_column(col, justify="left" if col in ("case", "status") else "right")
+    for r in results:
+        rec = r.record or {}
+        m, e = measured_peak(rec), estimated_peak(rec)
+        diff = f"{(e - m) / m * 100:+.1f}%" if m and e else "-"
+        tm = (rec.get("time") or {}).get("step_s_median")
+        te = ((rec.get("estimate") or {}).get("time") or {}).get("step_s")
+        tps = (rec.get("time") or {}).get("tokens_per_s")
+        status = rec.get("status", "?") + (" (recorded)" if r.skipped else "")
+        t.add_row(r.case.label, status, _fmt_bytes(m), _fmt_bytes(e), diff, _fmt_s(tm), _fmt_s(te),
+                  f"{tps:,.0f}" if tps else "-")
+    con.print(t)
+    why = {rec.get("estimate_error") for rec in (r.record or {} for r in results) if rec.get("estimate_error")}
+    for w in sorted(why)[:3]:
+        con.print(f"[dim]no estimate: {w}[/]")
+
+
+command = profile_command

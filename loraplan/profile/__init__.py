@@ -1,0 +1,17 @@
+"""Real LoRA/QLoRA training bursts (``loraplan profile``), following shared/reference/protocol.md.
+
+Public API (only ``burst``/``worker``/``probes``/``cpu_tracker`` import torch, and only in the
+worker process):
+
+- ``runner.build_cases(case_dicts, gpu=None) -> list[Case]``: grid dicts (case option names)
+  -> validated cases; ``runner.detect_device("cuda"|"cpu") -> DeviceInfo`` (gpu id from the
+  catalog, asked of a worker so the parent never opens a CUDA context);
+  ``runner.profile(cases, dev, out=, force=, steps=, warmup=, timeout=, cache_dir=, on_event=)
+  -> list[CaseResult]``: one worker process per case, one record appended per case;
+  ``runner.run_worker(spec, timeout)``, ``runner.make_record(...)``, ``runner.check_extras``.
+- ``records``: ``append_record`` (one os.write to an O_APPEND fd + fsync), ``read_records``
+  (corrupt lines reported by number, never rewritten), ``case_key``, ``gpu_id_for_name``.
+- ``burst.run_burst(spec, emit) -> dict``: one case in this process (status ok|oom|error).
+- ``probes``: ``CudaProbe`` (torch.cuda.memory_stats peaks), ``NvmlSampler`` (2 ms thread),
+  ``CpuProbe`` (live-tensor tracker); ``grid.load_grid_file`` for ``--grid``.
+"""

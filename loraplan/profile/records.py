@@ -1,0 +1,151 @@
+"""Profile records: one JSON object per line in ``profiles/<gpu-id>.jsonl``.
+
+Writing is crash-safe: each record is one ``os.write`` of the whole line to an ``O_APPEND``
+descriptor followed by ``fsync``, so a process killed at any moment (``kill -9`` included)
+leaves only whole lines. Reading never rewrites a file: a line that does not parse is
+reported with its line number and skipped. Pure Python (no torch).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+SCHEMA = 1
+
+#: CUDA device names -> catalog GPU ids, used when the catalog entry does not list the name itself
+KNOWN_DEVICE_NAMES = {
+    "nvidia h100 80gb hbm3": "h100-sxm-80gb",
+    "nvidia h100 pcie": "h100-pcie-80gb",
+    "nvidia h100 nvl": "h100-nvl-94gb",
+    "nvidia h200": "h200-sxm-141gb",
+    "nvidia a100-sxm4-80gb": "a100-sxm-80gb",
+    "nvidia a100-sxm4-40gb": "a100-sxm-40gb",
+    "nvidia a100 80gb pcie": "a100-pcie-80gb",
+    "nvidia a10g": "a10g-24gb",
+    "nvidia l4": "l4-24gb",
+    "nvidia geforce rtx 4090": "rtx-4090-24gb",
+    "nvidia geforce rtx 3090": "rtx-3090-24gb",
+}
+
+
+def slug(text: str) -> str:
+    s = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return s or "unknown"
+
+
+def gpu_id_for_name(device_name: str, entries: dict[str, dict] | None = None) -> str:
+    """Catalog GPU id for a CUDA device name ("NVIDIA H100 80GB HBM3" -> "h100-sxm-80gb").
+
+    A catalog entry matches when its ``name`` or one of its ``device_names`` equals the CUDA
+    name (case and punctuation ignored); then the built-in table of common names (only ids the
+    catalog holds, when it holds any); else a slug of the name.
+    """
+    if entries is None:
+        try:
+            from ..catalog import gpu_entries
+
+            entries = gpu_entries()
+        except Exception:
+            entries = {}
+    norm = slug(device_name)
+    bare = slug(re.sub(r"^nvidia\s+", "", device_name.strip(), flags=re.I))
+    for gid, e in entries.items():
+        names = [e.get("name") or ""] + list(e.get("device_names") or []) + list(e.get("cuda_names") or [])
+        if any(slug(n) in (norm, bare) for n in names if n):
+            return gid
+    known = KNOWN_DEVICE_NAMES.get(device_name.strip().lower())
+    if known and (not entries or known in entries):
+        return known
+    return bare
+
+
+def case_key(inputs: dict[str, Any]) -> str:
+    """Stable key of a case: sha256 of its inputs as canonical JSON (first 16 hex digits)."""
+    text = json.dumps(inputs, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def append_record(path: str | Path, record: dict[str, Any]) -> None:
+    """Append one record as one line: a single write to an O_APPEND fd, then fsync."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    data = (json.dumps(record, sort_keys=False, separators=(",", ":"), default=_json_default) + "\n").encode()
+    fd = os.open(p, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        # a file whose last line lacks its newline (written by something else) keeps that line
+        # as is: ours starts on a line of its own, in the same single write
+        size = os.fstat(fd).st_size
+        if size:
+            with open(p, "rb") as f:
+                f.seek(size - 1)
+                if f.read(1) != b"\n":
+                    data = b"\n" + data
+        n = os.write(fd, data)
+        while n < len(data):  # regular files write everything at once; be correct anyway
+            n += os.write(fd, data[n:])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _json_default(o):
+    if isinstance(o, (set, tuple)):
+        return list(o)
+    if hasattr(o, "item"):
+        return o.item()
+    return str(o)
+
+
+@dataclass
+class RecordFile:
+    """What a records file holds: parsed records and the lines that could not be read."""
+
+    path: Path
+    records: list[dict[str, Any]] = field(default_factory=list)
+    problems: list[tuple[int, str]] = field(default_factory=list)  # (line number, why)
+
+    @property
+    def keys(self) -> set[str]:
+        return {r["key"] for r in self.records if isinstance(r.get("key"), str)}
+
+    def messages(self) -> list[str]:
+        return [f"{self.path}:{n}: skipped a corrupt record line ({why}); the file is left as it is"
+                for n, why in self.problems]
+
+
+def read_records(path: str | Path) -> RecordFile:
+    """Parse a records file; a missing file is empty. Corrupt lines are reported, never fixed."""
+    p = Path(path)
+    out = RecordFile(p)
+    if not p.exists():
+        return out
+    with open(p, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+            line = raw.strip()
+            if not line:
+                continue
+            try:
+                rec = json.loads(line.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                out.problems.append((n, f"not JSON: {e}"))
+                continue
+            if not isinstance(rec, dict):
+                out.problems.append((n, "not a JSON object"))
+                continue
+            out.records.append(rec)
+    return out
+
+
+def default_out_path(gpu_id: str, root: str | Path = "profiles") -> Path:
+    return Path(root) / f"{gpu_id}.jsonl"
+
+
+def done_keys(records: Iterable[dict[str, Any]]) -> set[str]:
+    """Keys of cases already recorded (any status: an OOM or a timeout is a result too)."""
+    return {r["key"] for r in records if isinstance(r.get("key"), str)}

@@ -1,0 +1,389 @@
+"""The sweep side of ``loraplan profile`` (pure Python: torch runs only in the workers).
+
+For each case: its inputs (``run_inputs`` + device + gpu id) and stable key; skip it when the
+records file holds that key (unless ``force``); else run ``python -m loraplan.profile.worker``
+in its own process group with a time limit, follow its progress lines, and append one record.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import queue
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import LoraplanError, MissingExtraError
+from ..spec import LoraSpec, ModelSpec, TrainSpec, run_inputs
+from .records import SCHEMA, append_record, case_key, default_out_path, gpu_id_for_name, read_records
+
+OnEvent = Callable[[dict], None]
+MARK = "@@loraplan "
+BNB_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
+
+
+class DeviceError(LoraplanError):
+    """The device asked for is not there (e.g. --device cuda on a machine without CUDA)."""
+
+
+@dataclass(frozen=True)
+class Case:
+    model: ModelSpec
+    lora: LoraSpec
+    train: TrainSpec
+    gpu: str | None = None  # GPU id whose estimate goes beside the measurement
+
+    @property
+    def label(self) -> str:
+        t, l = self.train, self.lora
+        q = t.quant + ("-dq" if t.double_quant and t.quant in ("nf4", "fp4") else "")
+        tg = "+".join(l.targets)
+        s = f"s{t.seq}" + (f"/{t.target_seq}" if t.target_seq and t.target_seq != t.seq else "")
+        return (f"{self.model.name} {q} r{l.rank} {tg} {t.optimizer} b{t.batch} {s} "
+                f"{'gc' if t.gradient_checkpointing else 'nogc'}" + (f" {t.attention}" if t.attention != "auto" else ""))
+
+
+@dataclass
+class DeviceInfo:
+    device: str  # cuda | cpu
+    gpu_id: str  # catalog id, a slug of the CUDA name, or "cpu"
+    name: str | None = None
+    probe: dict = field(default_factory=dict)
+
+
+@dataclass
+class CaseResult:
+    case: Case
+    key: str
+    record: dict | None
+    skipped: bool = False
+
+
+# ---- checks -----------------------------------------------------------------------------
+
+def check_extras(cases: list[Case], device: str) -> None:
+    """MissingExtraError naming pip install 'loraplan[profile]' when a needed package is absent."""
+    import importlib.util
+
+    need = ["torch", "transformers", "peft"]
+    if any(c.train.quant in ("nf4", "fp4", "int8") or c.train.optimizer in BNB_OPTIMIZERS for c in cases):
+        need.append("bitsandbytes")
+    if device == "cuda":
+        need.append("pynvml")
+    missing = [m for m in need if importlib.util.find_spec(m) is None]
+    if missing:
+        pretty = ["nvidia-ml-py" if m == "pynvml" else m for m in missing]
+        raise MissingExtraError(
+            f"'loraplan profile' needs {', '.join(pretty)}, which {'is' if len(pretty) == 1 else 'are'} not installed; "
+            f"install them with: pip install 'loraplan[profile]'")
+
+
+def detect_device(device: str, python: str | None = None, timeout: float = 120.0) -> DeviceInfo:
+    """``cpu`` -> DeviceInfo("cpu", "cpu"); ``cuda`` asks a worker process (the parent never
+    creates a CUDA context) for device 0's name and maps it to a catalog GPU id."""
+    if device == "cpu":
+        return DeviceInfo("cpu", "cpu", None, {})
+    if device != "cuda":
+        raise DeviceError(f"--device '{device}' is not one of cuda, cpu")
+    try:
+        p = subprocess.run([python or sys.executable, "-m", "loraplan.profile.worker", "--probe"],
+                           capture_output=True, text=True, timeout=timeout)
+        info = json.loads(p.stdout.strip().splitlines()[-1]) if p.stdout.strip() else {}
+    except (subprocess.TimeoutExpired, json.JSONDecodeError, IndexError) as e:
+        raise DeviceError(f"could not ask torch about CUDA ({type(e).__name__}); use --device cpu for a CPU burst") from None
+    if not info.get("cuda_available"):
+        why = f" ({info['error']})" if info.get("error") else ""
+        build = f"torch {info.get('torch')}, CUDA build {info.get('cuda') or 'none'}"
+        raise DeviceError(f"--device cuda: no CUDA GPU is available to torch ({build}){why}; "
+                          f"use --device cpu for a CPU burst")
+    name = info.get("name") or "cuda"
+    return DeviceInfo("cuda", gpu_id_for_name(name), name, info)
+
+
+def resolve_model(name_or_path: str) -> ModelSpec:
+    """``loraplan.catalog.load_model``; for a family without a shape rule and no meta builder
+    in loraplan, read the Linear modules from a meta-device build here (torch is present)."""
+    from ..catalog import load_model
+
+    try:
+        return load_model(name_or_path)
+    except ModuleNotFoundError as e:
+        if not (e.name or "").startswith("loraplan"):
+            raise
+    from ..hf import load_config
+
+    p = Path(name_or_path).expanduser()
+    cfg = load_config(p)
+    name = p.parent.name if p.name == "config.json" else (p.name if p.is_dir() else p.stem)
+    return meta_spec(cfg, name, str(p))
+
+
+def meta_spec(cfg: dict, name: str, source: str = "") -> ModelSpec:
+    """A ModelSpec from a meta-device build: every nn.Linear with its shape and name."""
+    import re
+
+    import torch
+    import transformers
+
+    from ..spec import ArchSpec, LinearSpec, ParamSpec
+
+    c = dict(cfg)
+    hf = transformers.AutoConfig.for_model(c.pop("model_type"), **c)
+    enc_dec = bool(getattr(hf, "is_encoder_decoder", False))
+    cls = transformers.AutoModelForSeq2SeqLM if enc_dec else transformers.AutoModelForCausalLM
+    with torch.device("meta"):
+        model = cls.from_config(hf)
+    out_emb = model.get_output_embeddings()
+    linears, seen = [], set()
+    for mname, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear):
+            m = re.search(r"\.(\d+)\.", mname)
+            stack = "head" if mod is out_emb else ("encoder" if mname.startswith("encoder") else "decoder")
+            linears.append(LinearSpec(mname, mod.in_features, mod.out_features, mod.bias is not None,
+                                      "lm_head" if mod is out_emb else mname.rsplit(".", 1)[-1], stack,
+                                      int(m.group(1)) if m else None))
+            seen.update(id(p) for p in mod.parameters())
+    others = [ParamSpec(n, p.numel(), "embedding" if "embed" in n or "shared" in n else "other")
+              for n, p in model.named_parameters() if id(p) not in seen]
+    h = getattr(hf, "hidden_size", None) or getattr(hf, "d_model", 0)
+    n_h = getattr(hf, "num_attention_heads", None) or getattr(hf, "num_heads", 1)
+    L = getattr(hf, "num_decoder_layers", None) or getattr(hf, "num_hidden_layers", None) or getattr(hf, "num_layers", 0)
+    return ModelSpec(
+        name=name, model_type=hf.model_type, config=dict(cfg), hidden_size=int(h), num_layers=int(L),
+        num_heads=int(n_h), num_kv_heads=int(getattr(hf, "num_key_value_heads", None) or n_h),
+        head_dim=int(getattr(hf, "head_dim", None) or getattr(hf, "d_kv", None) or (h // n_h)),
+        intermediate_size=int(getattr(hf, "intermediate_size", None) or getattr(hf, "d_ff", 0) or 0),
+        vocab_size=int(hf.vocab_size), max_positions=getattr(hf, "max_position_embeddings", None),
+        tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)), linears=tuple(linears),
+        others=tuple(others), arch=ArchSpec(), is_encoder_decoder=enc_dec,
+        num_encoder_layers=int(getattr(hf, "num_layers", 0) or 0) if enc_dec else 0, source=source)
+
+
+def build_cases(case_dicts: list[dict], gpu: str | None = None) -> list[Case]:
+    """Grid dicts (CLI option names) -> validated cases (resolve_case), models read once each."""
+    from ..commands.options import resolve_case
+
+    models: dict[str, ModelSpec] = {}
+    out = []
+    for d in case_dicts:
+        name = d.get("model") or "llama-2-7b"
+        if name not in models:
+            models[name] = resolve_model(name)
+        m, l, t = resolve_case(d, models[name])
+        out.append(Case(m, l, t, gpu))
+    return out
+
+
+# ---- one case ---------------------------------------------------------------------------
+
+def case_inputs(case: Case, dev: DeviceInfo) -> dict:
+    d = run_inputs(case.model, case.lora, case.train)
+    d.update(device=dev.device, gpu_id=dev.gpu_id)
+    return d
+
+
+def estimate_for(case: Case, dev: DeviceInfo) -> tuple[dict | None, str | None, str | None]:
+    """(estimate.to_dict(), GPU id used, why absent) from loraplan.estimate.api, when present."""
+    try:
+        from ..estimate.api import estimate
+    except ImportError as e:
+        return None, None, f"loraplan.estimate.api is not available ({e})"
+    from ..catalog import gpu_entries, load_calibration, load_gpu
+
+    gid = dev.gpu_id if dev.device == "cuda" and dev.gpu_id in gpu_entries() else (case.gpu or "h100-sxm-80gb")
+    try:
+        gpu = load_gpu(gid)
+        cal = load_calibration(gid)
+        est = estimate(case.model, case.lora, case.train, gpu, cal)
+        return est.to_dict(), gid, None
+    except Exception as e:  # noqa: BLE001 - a failing estimate must not lose the measurement
+        return None, gid, f"{type(e).__name__}: {e}"
+
+
+def worker_spec(case: Case, dev: DeviceInfo, steps: int, warmup: int, cache_dir: str | None) -> dict:
+    from .burst import has_weights
+
+    src = case.model.source
+    return {
+        "model": {"name": case.model.name, "config": dict(case.model.config),
+                  "path": src if src and has_weights(src) else None},
+        "lora": {"rank": case.lora.rank, "alpha": case.lora.alpha, "dropout": case.lora.dropout,
+                 "targets": list(case.lora.targets)},
+        "train": asdict(case.train), "device": dev.device, "steps": steps, "warmup": warmup,
+        "cache_dir": cache_dir, "nvml": dev.device == "cuda",
+    }
+
+
+def run_worker(spec: dict, timeout: float, on_event: OnEvent | None = None, python: str | None = None,
+               env: dict | None = None) -> dict:
+    """Run one burst in a subprocess; returns the burst result (status ok|oom|timeout|error).
+
+    ``timeout`` bounds the case's wall time except while it builds the cached model (once per
+    model): the clock restarts when building ends.
+    """
+    on_event = on_event or (lambda ev: None)
+    with tempfile.TemporaryDirectory(prefix="loraplan-profile-") as tmp:
+        spec_path, result_path, err_path = (os.path.join(tmp, n) for n in ("spec.json", "result.json", "stderr.txt"))
+        with open(spec_path, "w") as f:
+            json.dump(spec, f)
+        wenv = dict(os.environ if env is None else env)
+        wenv.update(PYTHONUNBUFFERED="1", HF_HUB_DISABLE_PROGRESS_BARS="1", TQDM_DISABLE="1",
+                    TRANSFORMERS_VERBOSITY="error", HF_HUB_OFFLINE="1",
+                    LORAPLAN_PARENT_PID=str(os.getpid()))
+        with open(err_path, "wb") as err:
+            t0 = time.monotonic()
+            proc = subprocess.Popen([python or sys.executable, "-m", "loraplan.profile.worker",
+                                     "--spec", spec_path, "--result", result_path],
+                                    stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
+                                    start_new_session=True)
+            q: queue.Queue = queue.Queue()
+
+            def reader():
+                for raw in proc.stdout:
+                    line = raw.decode("utf-8", "replace").rstrip("\n")
+                    if line.startswith(MARK):
+                        try:
+                            q.put(json.loads(line[len(MARK):]))
+                        except json.JSONDecodeError:
+                            pass
+                q.put(None)
+
+            threading.Thread(target=reader, daemon=True).start()
+            phase, mem_phases, deadline, timed_out, eof = "start", {}, t0 + timeout, False, False
+            try:
+                while True:
+                    try:
+                        ev = q.get(timeout=0.1)
+                    except queue.Empty:
+                        ev = False
+                    if ev is None:
+                        eof = True
+                    elif ev:
+                        if ev.get("ev") == "phase":
+                            if ev["phase"] == "build":
+                                deadline = math.inf
+                            elif phase == "build":
+                                deadline = time.monotonic() + timeout
+                            phase = ev["phase"]
+                        elif ev.get("ev") == "mem":
+                            mem_phases[ev["phase"]] = ev.get("mem")
+                        on_event(ev)
+                    if eof and proc.poll() is not None:
+                        break
+                    if time.monotonic() > deadline:
+                        timed_out = True
+                        _kill_group(proc)
+                        break
+            finally:
+                if proc.poll() is None and not timed_out:
+                    _kill_group(proc)
+            rc = proc.wait()
+        if timed_out:
+            return {"status": "timeout", "phase": phase,
+                    "error": f"no result within --timeout {timeout:g}s (reached phase '{phase}'); the worker was killed",
+                    "memory": {"phases": mem_phases}, "wall_s": time.monotonic() - t0}
+        if os.path.exists(result_path):
+            with open(result_path) as f:
+                return json.load(f)
+        tail = Path(err_path).read_text(errors="replace")[-3000:]
+        how = f"killed by signal {-rc}" if rc < 0 else f"exit status {rc}"
+        if rc == -signal.SIGKILL:
+            how += " (possibly the system's out-of-memory killer)"
+        return {"status": "error", "phase": phase,
+                "error": f"worker died without a result ({how}) in phase '{phase}'" + (f": {tail.strip().splitlines()[-1]}" if tail.strip() else ""),
+                "stderr_tail": tail, "memory": {"phases": mem_phases}, "wall_s": time.monotonic() - t0}
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """Kill the worker we started and its children (its own session / process group)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        try:
+            proc.kill()
+        except ProcessLookupError:
+            pass
+
+
+def make_record(case: Case, dev: DeviceInfo, result: dict, *, steps: int, warmup: int, timeout: float) -> dict:
+    inputs = case_inputs(case, dev)
+    est, est_gpu, est_why = estimate_for(case, dev)
+    protocol = dict(result.get("protocol") or {})
+    protocol.update(steps=steps, warmup=warmup, timeout_s=timeout, reference="shared/reference/protocol.md")
+    rec = {
+        "schema": SCHEMA,
+        "key": case_key(inputs),
+        "label": case.label,
+        "inputs": inputs,
+        "status": result.get("status", "error"),
+        "phase": result.get("phase"),
+        "error": result.get("error"),
+        "memory": result.get("memory") or {},
+        "nvml": result.get("nvml") or ({"available": False, "reason": "--device cpu: NVML measures GPUs only"}
+                                       if dev.device == "cpu" else {"available": False, "reason": "no result from the worker"}),
+        "time": result.get("time") or {},
+        "params": result.get("params"),
+        "env": result.get("env") or {"device": dev.device, "gpu_name": dev.name},
+        "protocol": protocol,
+        "estimate": est,
+        "estimate_gpu": est_gpu,
+        "estimate_error": est_why,
+        "recorded_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "wall_s": result.get("wall_s"),
+    }
+    for k in ("traceback", "stderr_tail"):
+        if result.get(k):
+            rec[k] = result[k]
+    return rec
+
+
+# ---- the sweep --------------------------------------------------------------------------
+
+def profile(cases: list[Case], dev: DeviceInfo, *, out: str | Path | None = None, force: bool = False,
+            steps: int = 6, warmup: int = 2, timeout: float = 600.0, cache_dir: str | None = None,
+            on_event: OnEvent | None = None, on_warning: Callable[[str], None] | None = None,
+            python: str | None = None) -> list[CaseResult]:
+    """Run every case not yet recorded in ``out`` (default profiles/<gpu-id>.jsonl); append records."""
+    on_event = on_event or (lambda ev: None)
+    path = Path(out) if out else default_out_path(dev.gpu_id)
+    existing = read_records(path)
+    for msg in existing.messages():
+        (on_warning or (lambda m: None))(msg)
+    done = existing.keys
+    by_key = {r.get("key"): r for r in existing.records}
+    results: list[CaseResult] = []
+    n = len(cases)
+    for i, case in enumerate(cases, start=1):
+        key = case_key(case_inputs(case, dev))
+        if key in done and not force:
+            results.append(CaseResult(case, key, by_key.get(key), skipped=True))
+            on_event({"ev": "skip", "i": i, "n": n, "label": case.label, "key": key})
+            continue
+        on_event({"ev": "case_start", "i": i, "n": n, "label": case.label, "key": key})
+        spec = worker_spec(case, dev, steps, warmup, cache_dir)
+        result = run_worker(spec, timeout, on_event, python=python)
+        rec = make_record(case, dev, result, steps=steps, warmup=warmup, timeout=timeout)
+        append_record(path, rec)
+        done.add(key)
+        results.append(CaseResult(case, key, rec))
+        on_event({"ev": "case_end", "i": i, "n": n, "label": case.label, "record": rec})
+    return results
+
+
+def measured_peak(rec: dict) -> int | None:
+    mem = rec.get("memory") or {}
+    return mem.get("peak_allocated_bytes")
+
+
+def estimated_peak(rec: dict) -> int | None:
+    est = rec.get("estimate") or {}
+    return (est.get("memory") or {}).get("peak_allocated_bytes")

@@ -1,0 +1,101 @@
+"""Real (tiny) CPU bursts in this process: every quant/optimizer/checkpointing path of the
+protocol, and failures as data."""
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+from test_profile_configs import TINY  # noqa: E402
+
+from loraplan.profile.burst import MEMORY_PHASES, model_cache_path, run_burst  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("models")
+
+
+def spec(cache, kind="llama", quant="bf16", optimizer="adamw", gc=True, targets=("q_proj", "v_proj"),
+         double_quant=True, steps=3, warmup=1, batch=2, seq=16, target_seq=None, dropout=0.05):
+    return {"model": {"name": f"tiny-{kind}", "config": TINY[kind]},
+            "lora": {"rank": 4, "alpha": 8.0, "dropout": dropout, "targets": list(targets)},
+            "train": {"quant": quant, "double_quant": double_quant, "optimizer": optimizer, "batch": batch,
+                      "seq": seq, "target_seq": target_seq, "gradient_checkpointing": gc, "attention": "auto",
+                      "int8_outlier_fraction": None},
+            "device": "cpu", "steps": steps, "warmup": warmup, "cache_dir": str(cache)}
+
+
+CASES = {
+    "llama-bf16-adamw-gc": dict(),
+    "llama-bf16-sgd-nogc": dict(optimizer="sgd", gc=False),
+    "llama-nf4-adamw-gc": dict(quant="nf4"),
+    "llama-fp4-nodq-sgd-nogc-alllinear-lmhead": dict(quant="fp4", double_quant=False, optimizer="sgd", gc=False,
+                                                     targets=("all-linear", "lm_head")),
+    "llama-int8-sgd-nogc": dict(quant="int8", optimizer="sgd", gc=False),
+    "qwen2-bf16-adamw-alllinear": dict(kind="qwen2", targets=("all-linear",), dropout=0.0),
+    "t5-bf16-adamw-gc": dict(kind="t5", targets=("q", "v"), target_seq=8),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_cpu_burst(cache, name):
+    events = []
+    s = spec(cache, **CASES[name])
+    r = run_burst(s, events.append)
+    assert r["status"] == "ok", r.get("traceback")
+    assert r["phase"] == "done" and r["error"] is None
+    mem = r["memory"]
+    assert set(MEMORY_PHASES) <= set(mem["phases"])
+    assert len(mem["step_peaks"]) == 3
+    load = mem["phases"]["load"]["max_allocated_bytes"]
+    assert 0 < load <= mem["peak_allocated_bytes"] == max(p["max_allocated_bytes"] for p in mem["step_peaks"])
+    assert mem["process_peak_allocated_bytes"] >= mem["peak_allocated_bytes"]
+    assert mem["source"].startswith("live-tensor tracker")
+    assert r["nvml"] == {"available": False, "reason": "--device cpu: NVML measures GPUs only"}
+    t = r["time"]
+    assert len(t["step_s"]) == 3 and t["step_s_median"] > 0 and t["tokens_per_step"] == 2 * 16
+    assert t["tokens_per_s"] == pytest.approx(32 / t["step_s_median"])
+    assert 0 < r["params"]["trainable"] < r["params"]["total"]
+    assert r["protocol"]["attention"].startswith("sdpa:math") or "eager" in r["protocol"]["attention"]
+    assert r["env"]["versions"]["torch"] and r["env"]["device"] == "cpu"
+    phases = [e["phase"] for e in events if e["ev"] == "phase"]
+    assert phases[-1] == "done" and phases.index("load") < phases.index("first_forward") < phases.index("steps")
+    if s["train"]["quant"] != "bf16":
+        assert r["protocol"]["quantization"]["quant_method"] == "bitsandbytes"
+    if name.startswith("t5"):
+        assert r["protocol"]["loader"] == "AutoModelForSeq2SeqLM" and t["decoder_tokens_per_step"] == 16
+    if "lmhead" in name:
+        assert "lm_head" in r["protocol"]["target_modules"]
+
+
+def test_quantized_weights_are_smaller(cache):
+    bf16 = run_burst(spec(cache, steps=1, warmup=0))
+    nf4 = run_burst(spec(cache, quant="nf4", steps=1, warmup=0))
+    assert nf4["memory"]["phases"]["load"]["max_allocated_bytes"] < bf16["memory"]["phases"]["load"]["max_allocated_bytes"]
+    # adamw state exists from the first step on: step 2's peak holds it, sgd's does not
+    assert model_cache_path("tiny-llama", TINY["llama"], cache).is_dir()
+
+
+@pytest.mark.parametrize("kind,phase,status", [("oom", "first_backward", "oom"), ("memory", "prepare", "oom"),
+                                               ("error", "lora", "error")])
+def test_failures_are_data(cache, monkeypatch, kind, phase, status):
+    monkeypatch.setenv("LORAPLAN_PROFILE_FAULT", f"{kind}@{phase}")
+    r = run_burst(spec(cache))
+    assert r["status"] == status and r["phase"] == phase
+    assert ("OutOfMemoryError" if kind == "oom" else "Error") in r["error"]
+    assert "load" in r["memory"]["phases"] and r["time"] == {}
+
+
+def test_real_oom_from_a_monkeypatched_step(cache, monkeypatch):
+    def boom(self, *a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", boom)
+    r = run_burst(spec(cache))
+    assert r["status"] == "oom" and r["phase"] == "first_optimizer_step"
+    assert "Tried to allocate" in r["error"]
+    assert "first_backward" in r["memory"]["phases"]

@@ -1,0 +1,165 @@
+"""``loraplan profile`` end to end: worker subprocesses, records, resume, kill -9, timeout,
+OOM from a worker, corrupt lines, and one-line errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from test_profile_configs import write_config
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+pytestmark = pytest.mark.slow
+
+CLI = [sys.executable, "-m", "loraplan.cli", "profile"]
+
+
+def run_cli(*args, env=None, timeout=240):
+    e = dict(os.environ, **(env or {}))
+    return subprocess.run(CLI + [str(a) for a in args], capture_output=True, text=True, timeout=timeout, env=e)
+
+
+def lines(path):
+    data = path.read_bytes()
+    assert data == b"" or data.endswith(b"\n"), "a torn last line"
+    return [json.loads(l) for l in data.splitlines() if l.strip()]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    root = tmp_path_factory.mktemp("profile")
+    return {"root": root, "cache": root / "models", "llama": write_config(root, "llama")}
+
+
+def base_args(work, out, *extra):
+    return ["--device", "cpu", "--model", work["llama"], "--steps", 2, "--warmup", 1, "--batch", 1,
+            "--seq", 16, "--rank", 4, "--cache-dir", work["cache"], "--out", out, *extra]
+
+
+def test_sweep_records_then_resume_skips(work):
+    from loraplan.profile.runner import DeviceInfo, build_cases, case_inputs
+    from loraplan.spec import run_inputs
+
+    out = work["root"] / "sweep.jsonl"
+    grid = work["root"] / "grid.json"
+    grid.write_text(json.dumps({"quant": ["bf16", "int8"], "optimizer": "sgd", "gradient_checkpointing": False}))
+    p = run_cli(*base_args(work, out, "--grid", grid))
+    assert p.returncode == 0, p.stderr
+    recs = lines(out)
+    assert [r["status"] for r in recs] == ["ok", "ok"], [r.get("error") for r in recs]
+    assert "measured vs estimated" in p.stdout and "2/2" in p.stderr
+    dev = DeviceInfo("cpu", "cpu")
+    cases = build_cases([{"model": str(work["llama"]), "quant": q, "optimizer": "sgd", "gradient_checkpointing": False,
+                          "batch": 1, "seq": 16, "rank": 4} for q in ("bf16", "int8")])
+    for rec, case in zip(recs, cases):
+        want = run_inputs(case.model, case.lora, case.train)
+        want.update(device="cpu", gpu_id="cpu")
+        assert rec["inputs"] == json.loads(json.dumps(want)) == json.loads(json.dumps(case_inputs(case, dev)))
+        assert rec["memory"]["peak_allocated_bytes"] > rec["memory"]["phases"]["load"]["max_allocated_bytes"] > 0
+        assert len(rec["time"]["step_s"]) == 2 and rec["params"]["trainable"] > 0
+        assert rec["nvml"]["available"] is False and rec["env"]["versions"]["peft"]
+        assert rec["estimate"] is not None or rec["estimate_error"]
+    before = out.read_bytes()
+    t0 = time.time()
+    p2 = run_cli(*base_args(work, out, "--grid", grid))
+    assert p2.returncode == 0 and out.read_bytes() == before
+    assert p2.stderr.count("already recorded") == 2 and time.time() - t0 < 30
+    # a corrupt line is reported with its number and the file is left byte for byte
+    corrupt = before + b'{"key": "torn\n'
+    out.write_bytes(corrupt)
+    p3 = run_cli(*base_args(work, out, "--grid", grid))
+    assert p3.returncode == 0 and out.read_bytes() == corrupt
+    assert "sweep.jsonl:3:" in p3.stderr.replace("\n", "")
+
+
+def test_kill_9_leaves_whole_lines_and_rerun_resumes(work):
+    out = work["root"] / "kill.jsonl"
+    args = base_args(work, out, "--quant", "bf16", "--optimizer", "sgd,adamw", "--no-gradient-checkpointing")
+    proc = subprocess.Popen(CLI + [str(a) for a in args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out.exists() and out.read_bytes().count(b"\n") >= 1):
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    first = lines(out)
+    assert 1 <= len(first) <= 2
+    p = run_cli(*args)
+    assert p.returncode == 0, p.stderr
+    recs = lines(out)
+    assert len(recs) == 2 and len({r["key"] for r in recs}) == 2
+    assert all(r["status"] == "ok" for r in recs)
+
+
+def test_timeout_record(work):
+    out = work["root"] / "timeout.jsonl"
+    p = run_cli(*base_args(work, out, "--quant", "bf16", "--timeout", 0.3))
+    assert p.returncode == 0, p.stderr
+    (rec,) = lines(out)
+    assert rec["status"] == "timeout" and "--timeout 0.3s" in rec["error"] and rec["phase"]
+
+
+def test_oom_in_worker_is_recorded(work, tmp_path):
+    from loraplan.profile.runner import DeviceInfo, build_cases, profile
+
+    out = tmp_path / "oom.jsonl"
+    (case,) = build_cases([{"model": str(work["llama"]), "quant": "bf16", "seq": 16, "rank": 4}])
+    os.environ["LORAPLAN_PROFILE_FAULT"] = "oom@first_forward"
+    try:
+        (res,) = profile([case], DeviceInfo("cpu", "cpu"), out=out, steps=2, warmup=1, timeout=120,
+                         cache_dir=str(work["cache"]))
+    finally:
+        del os.environ["LORAPLAN_PROFILE_FAULT"]
+    (rec,) = lines(out)
+    assert rec == json.loads(json.dumps(res.record))
+    assert rec["status"] == "oom" and rec["phase"] == "first_forward" and "OutOfMemoryError" in rec["error"]
+    assert "prepare" in rec["memory"]["phases"]
+
+
+def test_device_cuda_without_cuda_is_a_one_line_error(work, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    p = run_cli("--model", work["llama"], "--quant", "bf16", "--out", tmp_path / "x.jsonl")
+    assert p.returncode == 2
+    assert "use --device cpu" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_missing_extra_names_the_pip_command(monkeypatch, work):
+    import importlib.util
+
+    from loraplan.errors import MissingExtraError
+    from loraplan.profile.runner import build_cases, check_extras
+
+    cases = build_cases([{"model": str(work["llama"]), "quant": "nf4"}])
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n in ("bitsandbytes", "pynvml") else real(n, *a))
+    with pytest.raises(MissingExtraError, match=r"pip install 'loraplan\[profile\]'") as ei:
+        check_extras(cases, "cuda")
+    assert "bitsandbytes" in str(ei.value) and "nvidia-ml-py" in str(ei.value)
+
+
+def test_bad_options_exit_2(work, tmp_path):
+    p = run_cli("--device", "cpu", "--model", work["llama"], "--steps", 2, "--warmup", 2, "--out", tmp_path / "x.jsonl")
+    assert p.returncode == 2 and "--warmup 2 must be smaller" in p.stderr
+    p = run_cli("--device", "cpu", "--model", work["llama"], "--targets", "nope", "--out", tmp_path / "x.jsonl")
+    assert p.returncode == 2 and "nope" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_t5_and_qwen2_configs_resolve_to_cases(tmp_path):
+    from loraplan.profile.runner import build_cases
+
+    t5 = write_config(tmp_path, "t5")
+    q = write_config(tmp_path, "qwen2")
+    (c5,) = build_cases([{"model": str(t5), "quant": "bf16", "targets": "q,v", "seq": 32, "target_seq": 16}])
+    assert c5.model.model_type == "t5" and c5.train.target_seq == 16 and c5.lora.targets == ("q", "v")
+    (cq,) = build_cases([{"model": str(q), "quant": "nf4", "targets": "all-linear"}])
+    assert cq.model.model_type == "qwen2" and cq.train.double_quant is True
