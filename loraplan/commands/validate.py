@@ -1,0 +1,124 @@
+"""``loraplan validate``: loraplan's estimate vs every measured record; MAPE, worst, a gate."""
+
+from __future__ import annotations
+
+import click
+
+from ..calibrate import METRICS
+from ..errors import LoraplanError
+
+
+class ErrorAboveThreshold(LoraplanError):
+    """An estimate misses a measurement by more than --max-error: exit status 1, not 2."""
+
+    exit_code = 1
+
+
+@click.command("validate")
+@click.argument("records", nargs=-1)
+@click.option("--gpu", default=None, help="Only records of this GPU id")
+@click.option("--calibration", "calibration_file", type=click.Path(dir_okay=False), default=None,
+              help="Calibration file from 'loraplan calibrate' [default: built-in for each record's GPU]")
+@click.option("--max-error", type=float, default=None,
+              help="Exit with status 1 when any case's |error| on the --check metrics exceeds PCT percent")
+@click.option("--check", default="allocated", show_default=True,
+              help=f"Metrics --max-error applies to: comma list of {', '.join(METRICS)}, or 'all'")
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
+def validate_command(records, gpu, calibration_file, max_error, check, fmt):
+    """Compare loraplan's estimate with measured records, case by case.
+
+    \b
+    RECORDS: profiles/<gpu-id>.jsonl files, folders of them, reference JSON files or the
+    word 'reference' (the shipped H100 measurements) [default: profiles/*.jsonl + reference].
+    Per case: predicted vs measured peak allocated, peak reserved, device total (NVML) and
+    step time with signed errors ((predicted - measured) / measured); weights and optimizer
+    state where the record's phase peaks allow; MAPE and worst per metric. Records taken with
+    other library versions than the estimator was checked on are flagged.
+    """
+    from ..catalog import load_calibration
+    from ..errors import InputError
+    from ..measurements import load_measurements, select
+    from ..report.validation import validate
+
+    checks = list(METRICS) if check.strip().lower() == "all" else [c.strip().lower() for c in check.split(",") if c.strip()]
+    bad = [c for c in checks if c not in METRICS]
+    if bad or not checks:
+        raise InputError(f"--check '{check}' must be a comma list of {', '.join(METRICS)} or 'all'")
+    if max_error is not None and max_error < 0:
+        raise InputError(f"--max-error {max_error:g} must be a percentage >= 0 (e.g. 5)")
+    ms = load_measurements(list(records) or None)
+    for p in ms.problems:
+        click.echo(f"warning: {p}", err=True)
+    items = select(ms, gpu, need_ok=False)
+    select(items, need_ok=True)  # at least one successful case, else a one-line error
+    cache: dict = {}
+
+    def cal_for(gid):
+        if gid not in cache:
+            cache[gid] = load_calibration(gid, calibration_file)
+        return cache[gid]
+
+    v = validate(items, cal_for, calibration_label=calibration_file or "built-in")
+    if fmt == "json":
+        from ..render import to_json
+
+        click.echo(to_json(v.to_dict()))
+    elif fmt == "csv":
+        from ..render import to_csv
+
+        click.echo(to_csv([c.to_dict() for c in v.cases]), nl=False)
+    else:
+        print_table(v)
+    if max_error is not None:
+        worst = v.worst(checks)
+        if worst and 100 * worst[0] > max_error:
+            raise ErrorAboveThreshold(f"{worst[2]} error {100 * worst[0]:.2f}% on {worst[1]} exceeds --max-error "
+                                      f"{max_error:g}%; fix the estimate or raise the threshold")
+        click.echo(f"ok: every {', '.join(checks)} error is within {max_error:g}%", err=True)
+
+def print_table(v) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..render import gib
+    from ..report.validation import label
+
+    con = Console(width=max(Console().width, 160))
+    metrics = [m for m in METRICS if m in v.summary]
+    t = Table(title=f"estimate vs measurement (calibration: {v.calibration}; GiB, s; error = (pred - meas) / meas)",
+              title_justify="left")
+    t.add_column("case")
+    t.add_column("status")
+    for m in metrics:
+        t.add_column(f"{label(m)}\npred / meas", justify="right")
+        t.add_column("error", justify="right")
+    t.add_column("flags")
+    for c in v.cases:
+        row = [c.id, c.status]
+        for m in metrics:
+            if m in c.metrics:
+                p, y = c.metrics[m]
+                row += [(f"{p:.3f} / {y:.3f}" if m == "step" else f"{gib(p)} / {gib(y)}"), f"{100 * c.error(m):+.2f}%"]
+            else:
+                row += ["-", ""]
+        row.append("; ".join(c.flags))
+        t.add_row(*row)
+    con.print(t)
+    comps = [k for k in v.summary if k not in METRICS]
+    if comps:
+        ct = Table(title="ledger components checked from phase peaks (GiB)", title_justify="left")
+        for col in ("case", "component", "predicted", "measured", "error"):
+            ct.add_column(col, justify="left" if col in ("case", "component") else "right")
+        for c in v.cases:
+            for k, (p, y) in c.components.items():
+                ct.add_row(c.id, k.replace("_", " "), gib(p), gib(y), f"{100 * c.error(k):+.2f}%")
+        con.print(ct)
+    for k, s in v.summary.items():
+        con.print(f"{label(k):22s} MAPE {100 * s['mape']:6.2f}%  worst {100 * s['worst']:+7.2f}% ({s['worst_case']})  "
+                  f"bias {100 * s['bias']:+6.2f}%  cases {s['n']}")
+    flagged = [c.id for c in v.cases if any("expected" in f for f in c.flags)]
+    if flagged:
+        con.print(f"[yellow]{len(flagged)} record(s) from other library versions than "
+                  + ", ".join(f"{k} {x}" for k, x in v.expected_versions.items() if x) + "[/]")
+
+command = validate_command

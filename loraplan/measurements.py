@@ -1,0 +1,369 @@
+"""Measured cases, whatever file they come from, as one :class:`Measurement` dataclass.
+
+Two sources are read:
+
+- profile records (``profiles/<gpu-id>.jsonl``, written by ``loraplan profile``; one JSON object
+  per line, read with :func:`loraplan.profile.records.read_records`): ``inputs`` (the keys of
+  :func:`loraplan.spec.run_inputs` plus ``device`` and ``gpu_id``), ``status``, ``memory``
+  (``peak_allocated_bytes``, ``peak_reserved_bytes``, per-phase peaks), ``nvml``
+  (``baseline_used_bytes``, ``peak_used_bytes``), ``time.step_s_median``, ``env.versions``;
+- the shipped reference file (``loraplan/data/h100-measurements.json``) or one like it: model
+  configs under ``models`` and flat cases (``peak_allocated_bytes``, ``step_s_median``).
+
+``calibrate``, ``validate`` and ``report validation`` all read measurements through
+:func:`load_measurements`. Pure Python: no torch, no pandas.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from .errors import ConfigError, InputError, LoraplanError
+from .spec import LoraSpec, ModelSpec, TrainSpec
+
+#: what ``calibrate`` / ``validate`` read when given no files
+DEFAULT_PROFILE_GLOB = "profiles/*.jsonl"
+REFERENCE = "reference"  # a RECORDS argument naming the shipped reference file
+
+VERSIONED = ("torch", "transformers", "peft", "bitsandbytes")
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One measured case: the specs it ran and what was measured (bytes, seconds)."""
+
+    id: str
+    source: str  # file (and line) it was read from
+    gpu: str | None  # catalog GPU id; "cpu" for --device cpu records
+    model: ModelSpec
+    lora: LoraSpec
+    train: TrainSpec
+    status: str = "ok"  # ok | oom | timeout | error
+    peak_allocated_bytes: int | None = None  # torch.cuda.max_memory_allocated over the steps
+    peak_reserved_bytes: int | None = None  # torch.cuda.max_memory_reserved over the steps
+    nvml_peak_used_bytes: int | None = None  # NVML "used", largest sample
+    nvml_baseline_used_bytes: int | None = None  # NVML "used" before CUDA was initialised
+    step_s: float | None = None  # median step time after warm-up
+    versions: dict[str, str | None] = field(default_factory=dict)
+    phases: dict[str, dict[str, int]] = field(default_factory=dict)  # memory phase peaks / currents
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    @property
+    def device_used_bytes(self) -> int | None:
+        """Device memory this run added (NVML peak − baseline): compare with the device total."""
+        if self.nvml_peak_used_bytes is None:
+            return None
+        return self.nvml_peak_used_bytes - (self.nvml_baseline_used_bytes or 0)
+
+
+@dataclass
+class MeasurementSet:
+    """Measurements read from files, and the records that could not be used (with why)."""
+
+    measurements: list[Measurement] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.measurements)
+
+    def __iter__(self):
+        return iter(self.measurements)
+
+    @property
+    def gpus(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for m in self.measurements:
+            out[m.gpu or "unknown"] = out.get(m.gpu or "unknown", 0) + 1
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# reading
+# --------------------------------------------------------------------------------------------
+
+
+def default_sources(root: str | Path = ".", reference: bool = True) -> list[str]:
+    """profiles/*.jsonl under ``root`` plus (``reference``) the shipped reference file."""
+    files = sorted(str(p) for p in Path(root).glob(DEFAULT_PROFILE_GLOB))
+    return files + ([REFERENCE] if reference else [])
+
+
+def load_measurements(paths: Iterable[str | Path] | None = None) -> MeasurementSet:
+    """Read every measurement in ``paths`` (files, folders of *.jsonl, or ``"reference"``).
+
+    ``None`` reads :func:`default_sources`. A path that does not exist raises InputError; a
+    record that cannot be turned into specs is skipped and listed in ``problems``.
+    """
+    out = MeasurementSet()
+    for p in (default_sources() if paths is None else list(paths)):
+        p = str(p)
+        if p == REFERENCE:
+            _read_reference(None, out)
+            continue
+        path = Path(p)
+        if path.is_dir():
+            files = sorted(path.glob("*.jsonl"))
+            if not files:
+                raise InputError(f"folder '{p}' holds no *.jsonl profile records; run 'loraplan profile' or name the files")
+            for f in files:
+                _read_jsonl(f, out)
+        elif not path.exists():
+            raise InputError(f"records file '{p}' does not exist; give profiles/<gpu-id>.jsonl files "
+                             f"(from 'loraplan profile') or '{REFERENCE}' for the shipped H100 measurements")
+        elif path.suffix == ".jsonl":
+            _read_jsonl(path, out)
+        else:
+            _read_json(path, out)
+    return out
+
+
+def reference_measurements(path: str | Path | None = None) -> list[Measurement]:
+    """The shipped H100 reference cases (or a file like it) as measurements."""
+    out = MeasurementSet()
+    _read_reference(path, out)
+    return out.measurements
+
+
+def _read_jsonl(path: Path, out: MeasurementSet) -> None:
+    from .profile.records import read_records
+
+    rf = read_records(path)
+    out.files.append(str(path))
+    out.problems.extend(rf.messages())
+    for i, rec in enumerate(rf.records, start=1):
+        try:
+            out.measurements.append(measurement_from_record(rec, f"{path}#{i}"))
+        except LoraplanError as e:
+            out.problems.append(f"{path}: record {i} ({rec.get('label') or rec.get('key') or '?'}) skipped: {e}")
+
+
+def _read_json(path: Path, out: MeasurementSet) -> None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"cannot read records file '{path}': {e}; give a .jsonl from 'loraplan profile' "
+                          f"or a reference file with 'models' and 'cases'") from None
+    if isinstance(data, dict) and "cases" in data and "models" in data:
+        _read_reference(path, out, data)
+        return
+    recs = data if isinstance(data, list) else [data]
+    out.files.append(str(path))
+    for i, rec in enumerate(recs, start=1):
+        if not isinstance(rec, dict):
+            out.problems.append(f"{path}: item {i} is not a JSON object; skipped")
+            continue
+        try:
+            out.measurements.append(measurement_from_record(rec, f"{path}#{i}"))
+        except LoraplanError as e:
+            out.problems.append(f"{path}: record {i} skipped: {e}")
+
+
+def _read_reference(path: str | Path | None, out: MeasurementSet, data: dict | None = None) -> None:
+    from .hf import spec_from_config
+    from .reference import REFERENCE_FILE, REFERENCE_GPU, case_specs
+
+    p = Path(path) if path else REFERENCE_FILE
+    if data is None:
+        data = json.loads(p.read_text())
+    out.files.append(str(p))
+    models = {name: spec_from_config(cfg, name) for name, cfg in data["models"].items()}
+    gpu = _gpu_from_name(data.get("gpu")) or REFERENCE_GPU
+    versions = versions_from_text(data.get("about", ""))
+    for c in data["cases"]:
+        model = models.get(c["model"])
+        if model is None:
+            out.problems.append(f"{p}: case {c.get('id')} names model '{c['model']}' that the file's 'models' lacks; skipped")
+            continue
+        lora, train = case_specs(c, model)
+        out.measurements.append(Measurement(
+            id=c.get("id") or c["model"], source=f"{p}#{c.get('id')}", gpu=c.get("gpu") or gpu, model=model,
+            lora=lora, train=train, status=c.get("status", "ok"),
+            peak_allocated_bytes=_int(c.get("peak_allocated_bytes")),
+            peak_reserved_bytes=_int(c.get("peak_reserved_bytes")),
+            nvml_peak_used_bytes=_int(c.get("nvml_peak_used_bytes")),
+            nvml_baseline_used_bytes=_int(c.get("nvml_baseline_used_bytes")),
+            step_s=_float(c.get("step_s_median", c.get("step_s"))), versions=dict(versions)))
+
+
+def versions_from_text(text: str) -> dict[str, str]:
+    """'torch 2.11.0+cu130, transformers 5.17.0, ...' -> {'torch': '2.11.0+cu130', ...}."""
+    out = {}
+    for pkg in VERSIONED:
+        m = re.search(rf"\b{pkg}\s+v?([0-9][0-9A-Za-z.+\-]*[0-9A-Za-z])", text or "")
+        if m:
+            out[pkg] = m.group(1)
+    return out
+
+
+def _int(v) -> int | None:
+    return None if v is None else int(v)
+
+
+def _float(v) -> float | None:
+    return None if v is None else float(v)
+
+
+def _gpu_from_name(name: str | None) -> str | None:
+    if not name:
+        return None
+    from .profile.records import gpu_id_for_name
+
+    return gpu_id_for_name(name)
+
+
+def _model_for(inputs: dict, rec: dict) -> ModelSpec:
+    """The record's model: an inline config, a catalog name, or a config path that exists here."""
+    from .catalog import load_model, model_entries
+    from .hf import spec_from_config
+
+    name = str(inputs.get("model") or "")
+    cfg = inputs.get("model_config") or rec.get("model_config")
+    if not cfg and isinstance(rec.get("model"), dict):
+        cfg = rec["model"].get("config")
+    if isinstance(cfg, dict) and cfg:
+        return spec_from_config(cfg, name or "model")
+    if name.strip().lower() in model_entries() or Path(name).expanduser().exists():
+        return load_model(name)
+    model_dir = (rec.get("protocol") or {}).get("model_dir")
+    if model_dir and (Path(model_dir) / "config.json").exists():
+        spec = load_model(str(Path(model_dir) / "config.json"))
+        from dataclasses import replace
+
+        return replace(spec, name=name or spec.name)
+    raise ConfigError(f"model '{name}' is neither a catalog name nor a config path on this machine; "
+                      f"copy its config.json here and set the record's inputs.model to its path")
+
+
+def measurement_from_record(rec: dict[str, Any], source: str = "") -> Measurement:
+    """A profile record (or a flat reference-style case) -> Measurement. Raises ConfigError."""
+    from .reference import case_specs
+
+    if "inputs" in rec:
+        inputs = dict(rec["inputs"])
+    else:  # flat case: the inputs are the record itself
+        inputs = dict(rec)
+    missing = [k for k in ("model", "quant", "optimizer", "batch", "seq", "rank", "targets") if inputs.get(k) is None]
+    if missing:
+        raise ConfigError(f"record lacks inputs {', '.join(missing)}")
+    inputs.setdefault("alpha", 2 * int(inputs["rank"]))
+    inputs.setdefault("dropout", 0.0)
+    inputs.setdefault("gradient_checkpointing", True)
+    model = _model_for(inputs, rec)
+    lora, train = case_specs(inputs, model)
+    if model.is_encoder_decoder and train.target_seq is None:
+        from dataclasses import replace
+
+        train = replace(train, target_seq=train.seq)
+
+    mem = rec.get("memory") or {}
+    nvml = rec.get("nvml") or {}
+    tm = rec.get("time") or {}
+    env = rec.get("env") or {}
+    device = inputs.get("device") or env.get("device")
+    gpu = "cpu" if device == "cpu" else (inputs.get("gpu_id") or inputs.get("gpu") or rec.get("estimate_gpu")
+                                         or _gpu_from_name(env.get("gpu_name")))
+    step = tm.get("step_s_median") if isinstance(tm, dict) else None
+    nv_ok = isinstance(nvml, dict) and nvml.get("available", True)
+    phases = {k: dict(v) for k, v in (mem.get("phases") or {}).items() if isinstance(v, dict)}
+    return Measurement(
+        id=str(rec.get("id") or rec.get("label") or rec.get("key") or source),
+        source=source, gpu=gpu, model=model, lora=lora, train=train,
+        status=str(rec.get("status") or "ok"),
+        peak_allocated_bytes=_int(mem.get("peak_allocated_bytes", rec.get("peak_allocated_bytes"))),
+        peak_reserved_bytes=_int(mem.get("peak_reserved_bytes", rec.get("peak_reserved_bytes"))),
+        nvml_peak_used_bytes=_int(nvml.get("peak_used_bytes")) if nv_ok else _int(rec.get("nvml_peak_used_bytes")),
+        nvml_baseline_used_bytes=_int(nvml.get("baseline_used_bytes")) if nv_ok else _int(rec.get("nvml_baseline_used_bytes")),
+        step_s=_float(step if step is not None else rec.get("step_s_median", rec.get("step_s"))),
+        versions=dict(env.get("versions") or rec.get("versions") or {}),
+        phases=phases, error=rec.get("error"),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# selecting
+# --------------------------------------------------------------------------------------------
+
+
+def select(ms: MeasurementSet | list[Measurement], gpu: str | None = None, *, need_ok: bool = True,
+           what: str = "records") -> list[Measurement]:
+    """The measurements of one GPU (``gpu`` or the only one present); raise InputError otherwise.
+
+    Mixed GPUs without ``gpu`` and sets without a successful case are user errors that name
+    the fix.
+    """
+    items = list(ms)
+    if not items:
+        raise InputError(f"no {what} to read; run 'loraplan profile' to make profiles/<gpu-id>.jsonl, "
+                         f"or pass '{REFERENCE}' for the shipped H100 measurements")
+    counts: dict[str, int] = {}
+    for m in items:
+        counts[m.gpu or "unknown"] = counts.get(m.gpu or "unknown", 0) + 1
+    if gpu is None:
+        if len(counts) > 1:
+            listing = ", ".join(f"{g} ({n})" for g, n in sorted(counts.items()))
+            raise InputError(f"the {what} come from several GPUs: {listing}; pick one with --gpu "
+                             f"(e.g. --gpu {sorted(counts)[0]})")
+    else:
+        gpu = gpu.strip().lower()
+        items = [m for m in items if m.gpu == gpu]
+        if not items:
+            raise InputError(f"no {what} for --gpu {gpu}; the {what} hold: "
+                             + ", ".join(f"{g} ({n})" for g, n in sorted(counts.items())))
+    if need_ok:
+        good = [m for m in items if m.ok and m.peak_allocated_bytes is not None]
+        if not good:
+            st: dict[str, int] = {}
+            for m in items:
+                st[m.status] = st.get(m.status, 0) + 1
+            raise InputError(f"no successful case among the {len(items)} {what} ("
+                             + ", ".join(f"{n} {s}" for s, n in sorted(st.items()))
+                             + "); re-run 'loraplan profile' with smaller cases (batch, seq) that fit")
+        return good
+    return items
+
+
+def version_flags(m: Measurement, expected: dict[str, str | None] | None = None) -> list[str]:
+    """Library versions of ``m`` that differ (major.minor) from ``expected`` (default: the
+    versions of the shipped reference, which the formulas are checked against) and the running
+    loraplan."""
+    exp = dict(expected if expected is not None else expected_versions())
+    flags = []
+    for pkg, want in exp.items():
+        have = m.versions.get(pkg)
+        if have and want and _minor(have) != _minor(want):
+            flags.append(f"{pkg} {have} (expected {want})")
+    return flags
+
+
+def expected_versions() -> dict[str, str | None]:
+    """Reference library versions, and the installed loraplan."""
+    from .reference import REFERENCE_FILE
+
+    try:
+        out: dict[str, str | None] = versions_from_text(json.loads(REFERENCE_FILE.read_text()).get("about", ""))
+    except (OSError, json.JSONDecodeError):
+        out = {}
+    out["loraplan"] = loraplan_version()
+    return out
+
+
+def loraplan_version() -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version("loraplan")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _minor(v: str) -> str:
+    return ".".join(re.split(r"[.+]", str(v))[:2])

@@ -1,0 +1,150 @@
+"""``loraplan report validation``: predicted vs measured, as a document with plots."""
+
+from __future__ import annotations
+
+from ..calibrate import METRICS
+from ..render import GiB
+from .document import Document, pyplot
+from .validation import Validation, label
+
+#: ledger colours shared by the stacked bars of both reports
+COLORS = {
+    "frozen_linear_weights": "#4c72b0", "unquantized_weights": "#8172b2", "lora_weights": "#64b5cd",
+    "lora_gradients": "#55a868", "optimizer_state": "#c44e52", "optimizer_temporaries": "#e08a8c",
+    "activations": "#dd8452", "int8_previous_step": "#f2b880", "logits_loss": "#937860",
+    "backward_transients": "#da8bc3", "cuda_workspaces": "#8c8c8c", "allocator_overhead": "#cccccc",
+}
+LEDGER_ORDER = list(COLORS)
+
+
+def _unit(metric: str) -> tuple[float, str]:
+    return (1.0, "s") if metric == "step" else (GiB, "GiB")
+
+
+def validation_document(v: Validation, title: str = "loraplan validation: estimate vs measurement",
+                        sources: list[str] | None = None):
+    import pandas as pd
+
+    plt = pyplot()
+    doc = Document(title)
+    gpus = sorted({c.gpu or "?" for c in v.cases})
+    doc.paragraph(f"{len(v.cases)} measured cases on {', '.join(gpus)}; calibration: {v.calibration}. "
+                  f"Error = (predicted - measured) / measured. Estimator checked against "
+                  + ", ".join(f"{k} {x}" for k, x in v.expected_versions.items() if x) + ".")
+    if sources:
+        doc.paragraph("Records: " + ", ".join(sources))
+    metrics = [m for m in METRICS if m in v.summary]
+
+    doc.heading("Summary")
+    doc.table(summary_frame(v), "MAPE, mean signed error (bias) and worst case per metric")
+
+    doc.heading("Per case")
+    doc.table(cases_frame(v), "GiB for memory, seconds for step time")
+
+    # scatter per metric
+    doc.heading("Predicted vs measured")
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 4.8), squeeze=False)
+    for ax, m in zip(axes[0], metrics):
+        div, unit = _unit(m)
+        pts = [(c.metrics[m][1] / div, c.metrics[m][0] / div, c.id) for c in v.cases if m in c.metrics]
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        ax.scatter(xs, ys, s=28, color="#4c72b0", zorder=3)
+        lo, hi = 0, max(xs + ys) * 1.08
+        ax.plot([lo, hi], [lo, hi], color="#888", lw=1, ls="--", label="identity (perfect)")
+        ax.set_xlim(lo, hi)
+        ax.set_ylim(lo, hi)
+        ax.set_aspect("equal")
+        ax.set_xlabel(f"measured {label(m)} ({unit})")
+        ax.set_ylabel(f"predicted {label(m)} ({unit})")
+        s = v.summary[m]
+        ax.set_title(f"{label(m)}: MAPE {100 * s['mape']:.2f}%, n={s['n']}")
+        ax.grid(alpha=.3)
+        ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    doc.figure(fig, "Predicted vs measured", "each point is one case; the dashed line is a perfect estimate")
+
+    # error by case
+    doc.heading("Error by case")
+    ids = [c.id for c in v.cases if c.metrics]
+    fig, ax = plt.subplots(figsize=(10, 0.35 * len(ids) * max(1, len(metrics)) ** 0.5 + 1.6))
+    h = 0.8 / max(1, len(metrics))
+    for j, m in enumerate(metrics):
+        vals = [100 * (c.error(m) or 0) if m in c.metrics else 0 for c in v.cases if c.metrics]
+        ax.barh([i + j * h for i in range(len(ids))], vals, height=h, label=label(m))
+    ax.set_yticks([i + h * (len(metrics) - 1) / 2 for i in range(len(ids))])
+    ax.set_yticklabels(ids, fontsize=8)
+    ax.invert_yaxis()
+    ax.axvline(0, color="#444", lw=.8)
+    ax.set_xlabel("signed error, (predicted - measured) / measured (%)")
+    ax.grid(axis="x", alpha=.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.tight_layout()
+    doc.figure(fig, "Signed error by case and metric")
+
+    # error by component: phase-peak checks when present, and the predicted ledger vs measured total
+    comps = [k for k in v.summary if k not in METRICS]
+    doc.heading("Error by component")
+    if comps:
+        rows = [{"component": k.replace("_", " "), "cases": v.summary[k]["n"],
+                 "MAPE": f"{100 * v.summary[k]['mape']:.2f}%", "worst": f"{100 * v.summary[k]['worst']:+.2f}%",
+                 "worst case": v.summary[k]["worst_case"]} for k in comps]
+        doc.table(pd.DataFrame(rows), "ledger lines checked against phase peaks of the records")
+    else:
+        doc.paragraph("The records hold no per-phase memory peaks, so no ledger line can be checked on its own; "
+                      "below, the predicted ledger at the peak moment is drawn against the measured total.")
+    fig = ledger_vs_measured(v, plt)
+    doc.figure(fig, "Predicted ledger at the peak moment vs measured peak allocated",
+               "stacked bars: predicted components; black marker: measured torch.cuda.max_memory_allocated")
+    return doc
+
+
+def ledger_vs_measured(v: Validation, plt):
+    cases = [c for c in v.cases if "allocated" in c.metrics]
+    fig, ax = plt.subplots(figsize=(10, 0.45 * len(cases) + 2))
+    used = [k for k in LEDGER_ORDER if any(k in c.predicted_components for c in cases)]
+    used += sorted({k for c in cases for k in c.predicted_components} - set(used))
+    left = [0.0] * len(cases)
+    for k in used:
+        vals = [c.predicted_components.get(k, 0) / GiB for c in cases]
+        ax.barh(range(len(cases)), vals, left=left, color=COLORS.get(k), label=k.replace("_", " "))
+        left = [a + b for a, b in zip(left, vals)]
+    ax.scatter([c.metrics["allocated"][1] / GiB for c in cases], range(len(cases)), marker="D", color="black",
+               zorder=4, label="measured peak allocated")
+    ax.set_yticks(range(len(cases)))
+    ax.set_yticklabels([f"{c.id} ({c.peak_moment})" for c in cases], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("memory (GiB)")
+    ax.grid(axis="x", alpha=.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.tight_layout()
+    return fig
+
+
+def summary_frame(v: Validation):
+    import pandas as pd
+
+    rows = []
+    for k, s in v.summary.items():
+        rows.append({"metric": label(k), "cases": s["n"], "MAPE": f"{100 * s['mape']:.2f}%",
+                     "bias": f"{100 * s['bias']:+.2f}%", "worst": f"{100 * s['worst']:+.2f}%",
+                     "worst case": s["worst_case"]})
+    return pd.DataFrame(rows)
+
+
+def cases_frame(v: Validation):
+    import pandas as pd
+
+    rows = []
+    for c in v.cases:
+        r = {"case": c.id, "status": c.status, "peak moment": c.peak_moment}
+        for m in METRICS:
+            if any(m in x.metrics for x in v.cases):
+                div, unit = _unit(m)
+                p, y = c.metrics.get(m, (None, None))
+                fmt = "{:.3f}"
+                r[f"{label(m)} predicted ({unit})"] = None if p is None else fmt.format(p / div)
+                r[f"{label(m)} measured ({unit})"] = None if y is None else fmt.format(y / div)
+                r[f"{label(m)} error"] = None if p is None else f"{100 * c.error(m):+.2f}%"
+        r["flags"] = "; ".join(c.flags)
+        rows.append(r)
+    return pd.DataFrame(rows)
