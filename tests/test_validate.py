@@ -41,7 +41,7 @@ def test_csv_format(run_cli):
 def test_max_error_gate(run_cli):
     code, _, err = run_cli("validate", "reference", "--max-error", "5")
     assert code == 0
-    code, _, err = run_cli("validate", "reference", "--max-error", "1")
+    code, _, err = run_cli("validate", "reference", "--max-error", "0.5")
     assert code == 1 and "l2-7b-int8" in err
     code, _, err = run_cli("validate", "reference", "--max-error", "5", "--check", "all")
     assert code == 1 and "step" in err

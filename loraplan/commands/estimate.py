@@ -18,8 +18,11 @@ LEDGER_LABELS = {
     "optimizer_temporaries": "optimizer step temporaries",
     "activations": "activations saved for backward",
     "int8_previous_step": "int8: previous step's kept inputs",
+    "previous_step_input_grad": "previous step's input embedding + grad",
+    "input_embedding_grad": "input embedding output + its grad",
     "logits_loss": "logits and loss",
     "backward_transients": "backward transients (grads, dequantized weight)",
+    "kernel_transients": "int8 matmul transients (int32 result, outlier columns)",
     "cuda_workspaces": "cuBLAS workspaces",
     "allocator_overhead": "allocator overhead (calibrated)",
 }

@@ -46,7 +46,7 @@ FOUR_BIT = ("nf4", "fp4")
 QUANTIZED = FOUR_BIT + ("int8",)
 
 #: The moments of a step at which the peak can sit, in step order.
-MOMENTS = ("forward", "loss backward", "layer backward", "optimizer step")
+MOMENTS = ("forward", "int8 matmul", "loss backward", "layer backward", "optimizer step")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,6 +115,8 @@ class Structure:
     int8_outlier_in_per_layer: dict[str, float]
     int8_all_in_per_layer: dict[str, float]
     outlier_p: float  # per-element probability that an MLP-out input exceeds 6.0 (random init)
+    #: the first layer the input meets: Σ in_features of its adapted attention-input Linears
+    first_layer_attn_in_adapted: int = 0
 
     @property
     def stream_bytes(self) -> int:
@@ -158,9 +160,12 @@ def _build_structure(model: ModelSpec, adapted, quant: str, dq: bool) -> Structu
         layers = max(_stack_layers(model, l.stack), 1)
         groups.setdefault(l.stack, {})[(l.layer, _input_group(l.role))] = l.in_features
         all_in[l.stack] = all_in.get(l.stack, 0.0) + l.in_features / layers
-        if l.role in ("down", "fc_out"):
+        if l.role in INT8_OUTLIER_ROLES:
             outl[l.stack] = outl.get(l.stack, 0.0) + l.in_features / layers
     int8_inputs = {st: sum(g.values()) / max(_stack_layers(model, st), 1) for st, g in groups.items()}
+    first_stack = "encoder" if model.is_encoder_decoder else "decoder"
+    first_attn_in = sum(l.in_features for l in adapted
+                        if l.stack == first_stack and l.layer == 0 and _input_group(l.role) == "attn_in")
     sigma = float(model.config.get("initializer_range", 0.02)) * math.sqrt(model.hidden_size)
     return Structure(
         model=model, quant=quant, double_quant=dq, adapted=tuple(adapted),
@@ -172,6 +177,7 @@ def _build_structure(model: ModelSpec, adapted, quant: str, dq: bool) -> Structu
                                  default=0),
         int8_inputs_per_layer=int8_inputs, int8_outlier_in_per_layer=outl, int8_all_in_per_layer=all_in,
         outlier_p=_p_silu_product_exceeds(sigma, 6.0) if quant == "int8" else 0.0,
+        first_layer_attn_in_adapted=first_attn_in,
     )
 
 
@@ -407,10 +413,10 @@ def attention_saved_per_layer(st: Structure, kind: str, T, b, seq, kv_seq):
       the head dim padded to a multiple of 8 (torch sdpa ``pad_last_dim<8>``), + the fp32
       logsumexp 4·b·n_h·s. GQA native: k, v keep n_kv heads.
     - sdpa mem-efficient: q, k, v, output + fp32 logsumexp padded to a multiple of 32 in s.
-    - math (fp32 stream with grouped-query attention): scaled q, k and v repeated to n_h heads,
-      the output, and the softmax output a·b·n_h·s² (pre-softmax scores are not kept).
-    - eager (transformers eager_attention_forward): the fp32 softmax (4 B) and its cast back to
-      the stream dtype (a B) are both saved; logit softcapping (gemma2) keeps tanh's output too.
+    - math (fp32 stream with grouped-query attention: torch documents GQA for flash and math
+      only): scaled q, k and v repeated to n_h heads and the softmax output a·b·n_h·s².
+    - eager (transformers eager_attention_forward): q, k and v repeated, the fp32 softmax (4 B)
+      and its cast back to the stream dtype (a B); logit softcapping (gemma2) keeps tanh's output.
     Source: transformers integrations/sdpa_attention.py, models/llama/modeling_llama.py; torch
     aten/src/ATen/native/transformers/attention.cpp (outputs each kernel saves).
     """
@@ -422,11 +428,18 @@ def attention_saved_per_layer(st: Structure, kind: str, T, b, seq, kv_seq):
     if kind == "efficient":
         return a * T * n_h * d * 2 + 2 * a * b * kv_seq * n_kv * d + 4 * b * n_h * (_ceil(seq / 32) * 32)
     scores = b * n_h * seq * kv_seq
-    qkvo = a * T * n_h * d * 2 + 2 * a * b * kv_seq * n_h * d
+    qkv = a * T * n_h * d + 2 * a * b * kv_seq * n_h * d  # k, v repeated to n_h heads
     if kind == "math":
-        return qkvo + a * scores
-    softcap = a * scores if m.config.get("attn_logit_softcapping") else 0
-    return qkvo + (4 + a) * scores + softcap
+        # aten _scaled_dot_product_attention_math: q·√scale, (k·√scale)ᵀ and v (repeated for
+        # enable_gqa) and the softmax output (input dtype) are saved; the scores before the
+        # softmax and the output are not.
+        return qkv + a * scores
+    # eager (transformers eager_attention_forward, repeat_kv): the fp32 softmax (4 B) and its
+    # cast back to the stream dtype (a B, a no-op for an fp32 stream) are saved; logit
+    # softcapping (gemma2) keeps tanh's output too (a B).
+    softmax = 4 + (a if a != 4 else 0)
+    softcap = a if m.config.get("attn_logit_softcapping") else 0
+    return qkv + (softmax + softcap) * scores
 
 
 def norm_saved(st: Structure, T):
@@ -489,8 +502,9 @@ def head_lora_activations(st: Structure, x: Shape):
 
 def saved_activations(st: Structure, kind: str, x: Shape, gradient_checkpointing: bool):
     """Activations alive at the end of the forward (excluding the loss): every layer's saved
-    tensors (or only the checkpointed inputs), the final norm, RoPE tables and, for
-    encoder-decoder models, the encoder output read by every cross-attention."""
+    tensors (or only the checkpointed inputs), the final norm, RoPE tables (cos, sin:
+    2·a·s·d, position_ids have batch 1) and, for encoder-decoder models, the encoder output
+    read by every cross-attention."""
     m = st.model
     if gradient_checkpointing:
         layers = checkpoint_inputs(st, x)
@@ -498,11 +512,32 @@ def saved_activations(st: Structure, kind: str, x: Shape, gradient_checkpointing
         layers = m.num_layers * layer_saved(st, kind, x, "decoder")
         if m.is_encoder_decoder:
             layers = layers + m.num_encoder_layers * layer_saved(st, kind, x, "encoder")
+        layers = layers - first_layer_not_saved(st, kind, x)
     final = norm_saved(st, x.T)
     if m.is_encoder_decoder:
         final = final + norm_saved(st, x.T_enc) + st.stream_bytes * x.T_enc * m.hidden_size
-    rope = 2 * st.stream_bytes * x.b * x.tseq * m.head_dim if m.arch.position == "rope" else 0
+    rope = 2 * st.stream_bytes * x.tseq * m.head_dim if m.arch.position == "rope" else 0
     return layers + final + rope + head_lora_activations(st, x)
+
+
+def first_layer_not_saved(st: Structure, kind: str, x: Shape):
+    """What the first layer does *not* save when its input needs no gradient.
+
+    Without gradient checkpointing nothing calls enable_input_require_grads (the protocol and
+    prepare_model_for_kbit_training only do so with checkpointing), so the frozen embedding's
+    output does not require grad and autograd saves nothing for ops on it: the first layer's
+    input norm and the dropout masks of its adapted attention-input Linears (dropout needs no
+    input gradient; lora_A still saves the dropout output for its weight gradient). When no
+    attention input is adapted there, the attention block saves nothing either.
+    """
+    m = st.model
+    first = "encoder" if m.is_encoder_decoder else "decoder"
+    T = x.T_enc if first == "encoder" else x.T
+    not_saved = norm_saved(st, T) + _where(x.dropout > 0, 1, 0) * T * st.first_layer_attn_in_adapted
+    if not st.first_layer_attn_in_adapted:
+        seq = x.seq if first == "encoder" else x.tseq
+        not_saved = not_saved + attention_saved_per_layer(st, kind, T, x.b, seq, seq)
+    return not_saved
 
 
 # ---------------------------------------------------------------------------------------------
@@ -585,6 +620,16 @@ def default_int8_outlier_fraction(st: Structure, T):
     return 1.0 - (1.0 - st.outlier_p) ** T
 
 
+#: roles whose input is the MLP product (where random-init int8 outliers sit)
+INT8_OUTLIER_ROLES = ("down", "fc_out")
+
+
+def random_init_outlier_fraction(model: ModelSpec, T) -> float:
+    """``default_int8_outlier_fraction`` for a model without a Structure (used by the trace)."""
+    sigma = float(model.config.get("initializer_range", 0.02)) * math.sqrt(model.hidden_size)
+    return 1.0 - (1.0 - _p_silu_product_exceeds(sigma, 6.0)) ** T
+
+
 def _p_silu_product_exceeds(sigma: float, thr: float, n: int = 800) -> float:
     """P(|silu(g)·u| > thr) for independent g, u ~ N(0, σ²) (midpoint rule over g)."""
     lo, hi = -10 * sigma, 10 * sigma
@@ -627,6 +672,49 @@ def int8_retained_per_step(st: Structure, x: Shape, outlier_fraction=None):
     return total
 
 
+def input_leaf_and_grad(st: Structure, x: Shape, gradient_checkpointing: bool):
+    """The embedding output as a leaf that requires grad, and its ``.grad``: 2·a·T·h.
+
+    With checkpointing, enable_input_require_grads marks the embedding output
+    ``requires_grad_(True)`` (transformers modeling_utils): it becomes a leaf, backward
+    accumulates a gradient into its ``.grad``, and the AccumulateGrad node of the graph held by
+    ``loss`` keeps both alive through the optimizer step and into the next forward, until
+    ``loss`` is rebound. Without checkpointing nothing requires the input's grad: 0.
+    """
+    if not gradient_checkpointing:
+        return 0
+    m = st.model
+    return 2 * st.stream_bytes * m.hidden_size * (x.T_enc if m.is_encoder_decoder else x.T)
+
+
+def last_hidden_state(st: Structure, x: Shape):
+    """The final norm's output (a·T·h): the forward's ``hidden_states`` local is still alive while
+    the loss is computed inside ``*ForCausalLM.forward`` (it is not saved for backward)."""
+    return st.stream_bytes * x.T * st.model.hidden_size
+
+
+def int8_matmul_transient(st: Structure, x: Shape, outlier_fraction=None):
+    """Inside an int8 Linear's forward (bitsandbytes backends/default/ops.py
+    ``int8_mixed_scaled_mm``): the int32 matmul result (4·T·out) and the outlier weight columns
+    ``CB[:, cols]`` gathered (1 B) and dequantized to fp32 (4 B), cast to A's dtype when that
+    is not fp32: out·n·(5 + a') with n = f·in outlier columns. The largest over the Linears."""
+    if st.quant != "int8":
+        return 0
+    a = st.stream_bytes
+    cast = 0 if a == 4 else a
+    best = 0
+    for l in st.model.linears:
+        if l.role == "lm_head" or l.layer is None:
+            continue
+        T = x.T_enc if l.stack == "encoder" else x.T
+        if outlier_fraction is not None:
+            f = outlier_fraction
+        else:
+            f = default_int8_outlier_fraction(st, T) if l.role in INT8_OUTLIER_ROLES else 0.0
+        best = _max(best, 4 * T * l.out_features + l.out_features * _ceil(f * l.in_features) * (5 + cast))
+    return best
+
+
 def cuda_workspaces(gpu: GpuSpec | None, cal: Calibration) -> int:
     """cuBLAS/cuBLASLt workspaces, allocated through the caching allocator but invisible to a
     dispatch trace: one per handle, and training uses two (the forward thread's and autograd's
@@ -660,8 +748,15 @@ def moments(st: Structure, train: TrainSpec, kind: str, x: Shape, gpu: GpuSpec |
     int8_keep = int8_retained_per_step(st, x, train.int8_outlier_fraction)
     out: dict[str, dict[str, Any]] = {}
     # 1. forward, inside the loss. int8: the previous step's graph still holds its ctx tensors.
-    out["forward"] = dict(base, activations=acts + int8_keep, logits_loss=loss_forward_transient(st, x),
-                          int8_previous_step=int8_keep)
+    leaf = input_leaf_and_grad(st, x, train.gradient_checkpointing)
+    out["forward"] = dict(base, activations=acts + int8_keep + last_hidden_state(st, x),
+                          logits_loss=loss_forward_transient(st, x), int8_previous_step=int8_keep,
+                          previous_step_input_grad=leaf)
+    # 1b. int8: inside the last layer's int8 matmul of the forward (before the logits exist).
+    if st.quant == "int8":
+        out["int8 matmul"] = dict(base, activations=acts + int8_keep, int8_previous_step=int8_keep,
+                                  previous_step_input_grad=leaf,
+                                  kernel_transients=int8_matmul_transient(st, x, train.int8_outlier_fraction))
     # 2. loss backward, at the head.
     out["loss backward"] = dict(base, activations=acts + int8_keep, logits_loss=loss_backward_transient(st, x))
     # 3. the first (top) decoder layer's backward: the other layers' inputs (checkpointing) or
@@ -678,14 +773,15 @@ def moments(st: Structure, train: TrainSpec, kind: str, x: Shape, gpu: GpuSpec |
                                  lora_gradients=lora_gradients(st, x.r) / max(m.num_layers, 1))
     # 4. the optimizer step.
     out["optimizer step"] = dict(base, lora_gradients=lora_gradients(st, x.r),
-                                 optimizer_temporaries=optimizer_step_temporaries(st, x.r, opt))
+                                 optimizer_temporaries=optimizer_step_temporaries(st, x.r, opt),
+                                 input_embedding_grad=leaf)
     return out
 
 
 def peak_allocated(st: Structure, train: TrainSpec, kind: str, x: Shape, gpu: GpuSpec | None, cal: Calibration):
     """Peak allocated bytes (scalar or array) and the index into MOMENTS of the peak moment."""
     ms = moments(st, train, kind, x, gpu, cal)
-    totals = [sum(ms[k].values()) for k in MOMENTS]
+    totals = [sum(ms[k].values()) if k in ms else 0 for k in MOMENTS]
     if all(_is_scalar(t) for t in totals):
         i = max(range(len(totals)), key=lambda j: totals[j])
         return totals[i], i
@@ -718,7 +814,7 @@ def estimate_memory(s: Setup, gpu: GpuSpec | None, cal: Calibration) -> MemoryEs
     st, x = s.structure, s.shape
     ms = moments(st, s.train, s.attention, x, gpu, cal)
     totals = {k: int(sum(v.values())) for k, v in ms.items()}
-    peak_name = max(MOMENTS, key=lambda k: totals[k])
+    peak_name = max(totals, key=lambda k: totals[k])
     components = {k: int(v) for k, v in ms[peak_name].items() if v}
     peak = sum(components.values())
     reserved = int(peak * (1 + cal.get("reserved_over_allocated_ratio", 0.10)))

@@ -32,7 +32,7 @@ live as long as the autograd node, i.e. through non-reentrant checkpointing and,
 protocol's ``loss`` holds the previous graph, through the next step's forward. ``state.idx``
 (int64 outlier column ids) stays on the module's MatmulLtState. The backward dequantizes the
 whole weight in A's dtype (visible to dispatch). The trace runs this real code; only the
-outlier count is an assumption (``DEFAULT_INT8_OUTLIER_FRACTION`` or the user's fraction).
+outlier count is an assumption (the estimator's random-init default for MLP-out inputs, or the user's fraction).
 
 What stays uncertain is said where it is modelled (see ``UNCERTAIN``).
 """
@@ -72,7 +72,7 @@ def parse_cc(cc: str | None) -> tuple[int, int] | None:
 
 
 def choose_sdpa_backend(dtype: torch.dtype, head_dim_qk: int, head_dim_v: int, has_mask: bool,
-                        gpu_cc: str | None = "9.0", requested: str = "auto") -> str:
+                        gpu_cc: str | None = "9.0", requested: str = "auto", gqa: bool = False) -> str:
     """The kernel torch's CUDA sdpa picks: "flash", "efficient" or "math".
 
     Rules (torch ``sdp_utils.cpp``, priority flash > efficient > math):
@@ -80,7 +80,10 @@ def choose_sdpa_backend(dtype: torch.dtype, head_dim_qk: int, head_dim_v: int, h
     multiple of 8 by the caller); mem-efficient takes a mask and fp32 too, sm50+, head dim <= 512
     (the fp16/bf16 kernel wants a multiple of 8, torch pads the mask but not the head dim, so an
     odd head dim in half precision falls to math); everything else is math. ``requested`` forces
-    a backend (as ``torch.nn.attention.sdpa_kernel`` would, without its fallback).
+    a backend (as ``torch.nn.attention.sdpa_kernel`` would, without its fallback). Grouped-query
+    attention (``enable_gqa`` with fewer kv heads) runs on flash or math only (torch's
+    scaled_dot_product_attention docstring; mem-efficient checks
+    ``check_batch_size_and_num_heads_dense<false>``).
     """
     if requested in ("flash", "efficient", "math"):
         return requested
@@ -90,7 +93,7 @@ def choose_sdpa_backend(dtype: torch.dtype, head_dim_qk: int, head_dim_v: int, h
     half = dtype in (torch.float16, torch.bfloat16)
     if (not has_mask and half and cc >= (8, 0) and head_dim_qk == head_dim_v and head_dim_qk <= 256):
         return "flash"
-    if cc >= (5, 0) and dtype in (torch.float16, torch.bfloat16, torch.float32) and head_dim_qk <= 512:
+    if not gqa and cc >= (5, 0) and dtype in (torch.float16, torch.bfloat16, torch.float32) and head_dim_qk <= 512:
         if not half or (head_dim_qk % 8 == 0 and head_dim_v % 8 == 0):
             return "efficient"
     return "math"
@@ -108,8 +111,9 @@ def cuda_like_sdpa(gpu_cc: str | None = "9.0", requested: str = "auto",
 
     def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
              enable_gqa=False):
+        gqa = bool(enable_gqa) and key.shape[-3] != query.shape[-3]
         backend = choose_sdpa_backend(query.dtype, query.shape[-1], value.shape[-1], attn_mask is not None,
-                                      gpu_cc, requested)
+                                      gpu_cc, requested, gqa)
         if log is not None:
             log(backend)
         if backend == "flash" and attn_mask is None:
@@ -168,10 +172,6 @@ def no_packed_sequences(position_ids):  # noqa: ARG001 - signature of the functi
 
 
 # ----------------------------------------------------------------------------- int8
-#: default share of input columns with an |x| >= 6.0 outlier, per Linear leaf name, for
-#: random-init weights (CPU simulation at 3B/7B widths: 66-78% for down_proj, ~0 elsewhere)
-DEFAULT_INT8_OUTLIER_FRACTION = {"down_proj": 0.72}
-
 _int8_policy: Callable[[int], int] = lambda cols: 0  # noqa: E731
 
 
@@ -238,8 +238,8 @@ def kernel_transients(func, args, kwargs) -> list[tuple[str, int]]:
     - ``gemm_4bit`` (backends/cuda/ops.py ``_dequant_linear_fallback``): dequantized weight
       N·K·itemsize(A) plus, with double quant, the fp32 absmax twice (absmax_dq and + offset).
     - ``int8_scaled_mm`` / ``int8_mixed_scaled_mm`` (backends/default/ops.py): the int32 matmul
-      result rows·N·4 B; mixed adds the outlier weight columns dequantized (N·n·4 B fp32 + N·n·
-      itemsize(A)).
+      result rows·N·4 B; mixed adds the outlier weight columns: ``CB[:, cols].contiguous()``
+      (N·n int8), dequantized to fp32 (N·n·4 B) and cast to A's dtype (N·n·itemsize, none for fp32).
     - ``int8_vectorwise_quant`` with a threshold (backends/cuda/ops.py): ``A.abs()`` (2 B) and the
       bool outlier mask (1 B) per element.
     """
@@ -261,7 +261,10 @@ def kernel_transients(func, args, kwargs) -> list[tuple[str, int]]:
         A, CB, cols = get(0, "A"), get(2, "CB"), get(5, "outlier_cols")
         rows = A.numel() // A.shape[-1]
         n = 0 if cols is None else cols.numel()
-        return [("bnb_int8_matmul", rows * CB.shape[0] * 4 + CB.shape[0] * n * (4 + _itemsize(A.dtype)))]
+        # int32 result + outlier weight columns: gathered int8 (1 B), dequantized fp32 (4 B), cast to
+        # A's dtype (a copy only when A is not fp32)
+        cast = 0 if A.dtype == torch.float32 else _itemsize(A.dtype)
+        return [("bnb_int8_matmul", rows * CB.shape[0] * 4 + CB.shape[0] * n * (1 + 4 + cast))]
     if name.endswith("::int8_vectorwise_quant"):
         A, thr = get(0, "A"), get(1, "threshold", 0.0)
         if thr and thr > 0.0:

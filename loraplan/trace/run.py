@@ -203,15 +203,17 @@ def trace_step(model_config: dict, lora: LoraSpec, train: TrainSpec, gpu_compute
     def context():
         return stack[-1] if stack else ""
 
-    # ---- int8 outliers: explicit fraction, else the per-module default for random-init weights
+    # ---- int8 outliers: explicit fraction, else the analytic estimator's random-init default
+    #      for MLP-out inputs (loraplan.estimate.memory.default_int8_outlier_fraction), 0 elsewhere
     frac = train.int8_outlier_fraction
+    default_frac, outlier_leaves = _default_outliers(model_config, train)
 
     def outlier_policy(cols: int) -> int:
         if frac is not None:
             return round(frac * cols)
         parts = [p for p in context().split(".") if p not in ("base_layer",)]
         leaf = parts[-1] if parts else ""
-        return round(em.DEFAULT_INT8_OUTLIER_FRACTION.get(leaf, 0.0) * cols)
+        return round(default_frac * cols) if leaf in outlier_leaves else 0
 
     def op_hook(tr, func, args, kwargs, out):
         for name, nbytes in em.kernel_transients(func, args, kwargs):
@@ -270,7 +272,7 @@ def trace_step(model_config: dict, lora: LoraSpec, train: TrainSpec, gpu_compute
         steps=steps,
         versions=_versions(),
         uncertain=list(em.UNCERTAIN),
-        int8_outlier_fraction=(frac if frac is not None else dict(em.DEFAULT_INT8_OUTLIER_FRACTION))
+        int8_outlier_fraction=(frac if frac is not None else {leaf: default_frac for leaf in sorted(outlier_leaves)})
         if train.quant == "int8" else None,
         elapsed_s=round(time.perf_counter() - t0, 3),
     )
@@ -352,7 +354,7 @@ def _run(torch, transformers, auto, config, load_dtype, attn_impl, quantized, se
     del loss
 
     comp = _categorize(tracker, vocab)
-    top = [g.to_dict() for g in tracker.snapshot("peak", top=15)]
+    top = [g.to_dict() for g in tracker.snapshot("peak", top=int(os.environ.get("LORAPLAN_TRACE_TOP", "15")))]
     return {
         "components": comp,
         "top_live": top,
@@ -405,3 +407,14 @@ def _explain(e: Exception, tracker, stack: list[str], model_type: str) -> Lorapl
             f"({msg[:160]}); this setup cannot be traced, use --method analytic")
     return TraceError(f"the meta-device trace of {model_type} failed at op '{op}' in module '{where}': "
                       f"{type(e).__name__}: {msg[:200]}")
+
+
+def _default_outliers(model_config: dict, train: TrainSpec) -> tuple[float, set[str]]:
+    """The random-init outlier share and the Linear leaf names it applies to (MLP-out inputs)."""
+    from ..estimate.memory import INT8_OUTLIER_ROLES, random_init_outlier_fraction
+    from ..hf import spec_from_config
+
+    spec = spec_from_config(model_config, "trace")
+    T = train.batch * ((train.target_seq or train.seq) if spec.is_encoder_decoder else train.seq)
+    leaves = {l.leaf for l in spec.linears if l.role in INT8_OUTLIER_ROLES}
+    return random_init_outlier_fraction(spec, T), leaves
