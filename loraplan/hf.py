@@ -328,8 +328,10 @@ def _falcon(cfg, name):
             others += _layernorm(f"{p}.{n}", h)
     others += _layernorm("transformer.ln_f", h)
     linears.append(LinearSpec("lm_head", h, V, False, "lm_head", "head", None))
+    # FalconLinear subclasses nn.Linear: transformers' bnb integration leaves it unquantized.
     arch = ArchSpec(mlp="plain", norm="layer", parallel_attn=parallel,
-                    position="alibi" if cfg.get("alibi", False) else "rope", norms_per_layer=len(norms))
+                    position="alibi" if cfg.get("alibi", False) else "rope", norms_per_layer=len(norms),
+                    bnb_converts_linears=False)
     return _spec(cfg, name, mt, h=h, L=L, n_h=n_h, n_kv=n_kv, d=d, inter=F, V=V,
                  tie=bool(cfg.get("tie_word_embeddings", True)), linears=linears, others=others,
                  arch=arch, max_pos=cfg.get("max_position_embeddings", 2048))

@@ -62,6 +62,9 @@ class ArchSpec:
     norms_per_layer: int = 2
     extra_norms: tuple = ()  # e.g. ("q_norm","k_norm") for qwen3, post-norms for gemma2
     final_logit_softcapping: float | None = None
+    #: False when the family's Linears are nn.Linear subclasses (FalconLinear) that transformers'
+    #: bitsandbytes integration does not convert (``type(module) is nn.Linear``)
+    bnb_converts_linears: bool = True
 
 
 @dataclass(frozen=True)

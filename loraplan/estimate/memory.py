@@ -117,10 +117,18 @@ class Structure:
     outlier_p: float  # per-element probability that an MLP-out input exceeds 6.0 (random init)
     #: the first layer the input meets: Σ in_features of its adapted attention-input Linears
     first_layer_attn_in_adapted: int = 0
+    #: per stack: Σ over adapted MLP-out Linears (down, fc_out) of one layer of in_features
+    mlp_out_adapted_in: dict = field(default_factory=dict)
 
     @property
     def stream_bytes(self) -> int:
         return stream_dtype_bytes(self.quant)
+
+    @property
+    def linear_quant(self) -> str:
+        """How the frozen Linears are stored: the quantization asked for, unless the bnb quantizer
+        does not convert this family's Linears (then fp32 after prepare_model_for_kbit_training)."""
+        return effective_linear_quant(self.model, self.quant)
 
 
 _STRUCTURE_CACHE: dict[tuple, tuple[ModelSpec, Structure]] = {}
@@ -143,6 +151,7 @@ def _build_structure(model: ModelSpec, adapted, quant: str, dq: bool) -> Structu
     sizes: Counter = Counter()
     lin_in: dict[str, float] = {}
     lin_n: dict[str, float] = {}
+    mlp_out: dict[str, float] = {}
     for l in adapted:
         sizes[l.in_features] += 1
         sizes[l.out_features] += 1
@@ -151,6 +160,8 @@ def _build_structure(model: ModelSpec, adapted, quant: str, dq: bool) -> Structu
         layers = max(_stack_layers(model, l.stack), 1)
         lin_in[l.stack] = lin_in.get(l.stack, 0.0) + l.in_features / layers
         lin_n[l.stack] = lin_n.get(l.stack, 0.0) + 1.0 / layers
+        if l.role in INT8_OUTLIER_ROLES:
+            mlp_out[l.stack] = mlp_out.get(l.stack, 0.0) + l.in_features / layers
     groups: dict[str, dict[tuple, int]] = {}
     outl: dict[str, float] = {}
     all_in: dict[str, float] = {}
@@ -169,16 +180,26 @@ def _build_structure(model: ModelSpec, adapted, quant: str, dq: bool) -> Structu
     sigma = float(model.config.get("initializer_range", 0.02)) * math.sqrt(model.hidden_size)
     return Structure(
         model=model, quant=quant, double_quant=dq, adapted=tuple(adapted),
-        frozen_linear_weights=frozen_linear_weights(model, quant, dq),
+        frozen_linear_weights=frozen_linear_weights(model, effective_linear_quant(model, quant), dq),
         unquantized_weights=unquantized_weights(model, quant),
         lora_sizes=sizes, lora_in_per_layer=lin_in, lora_count_per_layer=lin_n,
         head_adapted=any(l.role == "lm_head" for l in adapted),
         biggest_linear_numel=max((l.in_features * l.out_features for l in model.linears if l.role != "lm_head"),
                                  default=0),
         int8_inputs_per_layer=int8_inputs, int8_outlier_in_per_layer=outl, int8_all_in_per_layer=all_in,
-        outlier_p=_p_silu_product_exceeds(sigma, 6.0) if quant == "int8" else 0.0,
-        first_layer_attn_in_adapted=first_attn_in,
+        outlier_p=_p_silu_product_exceeds(sigma, 6.0) if effective_linear_quant(model, quant) == "int8" else 0.0,
+        first_layer_attn_in_adapted=first_attn_in, mlp_out_adapted_in=mlp_out,
     )
+
+
+def effective_linear_quant(model: ModelSpec, quant: str) -> str:
+    """transformers' bitsandbytes integration replaces only modules whose type *is* nn.Linear
+    (or Conv1D) (integrations/bitsandbytes.py::replace_with_bnb_linear: ``type(module) is
+    nn.Linear``); subclasses such as FalconLinear stay in the load dtype, and
+    prepare_model_for_kbit_training then casts them to fp32 like any other bf16 parameter."""
+    if quant in QUANTIZED and not model.arch.bnb_converts_linears:
+        return "fp32"
+    return quant
 
 
 def _stack_layers(model: ModelSpec, stack: str) -> int:
@@ -426,7 +447,10 @@ def attention_saved_per_layer(st: Structure, kind: str, T, b, seq, kv_seq):
         dp = -(-d // 8) * 8
         return a * T * n_h * dp * 2 + 2 * a * b * kv_seq * n_kv * dp + 4 * b * n_h * seq
     if kind == "efficient":
-        return a * T * n_h * d * 2 + 2 * a * b * kv_seq * n_kv * d + 4 * b * n_h * (_ceil(seq / 32) * 32)
+        # T5: the relative position bias (cross-attention: zeros) goes in as an additive mask
+        # [1, n_h, s, kv] in the stream dtype, last dim padded to 16, and is saved for backward.
+        bias = a * n_h * seq * (_ceil(kv_seq / 16) * 16) if _t5_style(m) else 0
+        return a * T * n_h * d * 2 + 2 * a * b * kv_seq * n_kv * d + 4 * b * n_h * (_ceil(seq / 32) * 32) + bias
     scores = b * n_h * seq * kv_seq
     qkv = a * T * n_h * d + 2 * a * b * kv_seq * n_h * d  # k, v repeated to n_h heads
     if kind == "math":
@@ -445,22 +469,75 @@ def attention_saved_per_layer(st: Structure, kind: str, T, b, seq, kv_seq):
 def norm_saved(st: Structure, T):
     """One norm's saved bytes.
 
-    RMSNorm: the fp32 upcast of its input (4·T·h; for an fp32 stream the input itself, which the
-    norm then keeps alive) + rsqrt (4·T). LayerNorm (native_layer_norm): its input (a·T·h) +
-    mean and rstd (2·4·T). Source: modeling_llama.py::LlamaRMSNorm; memory-physics.md §5.
+    RMSNorm (llama): the fp32 upcast of its input (4·T·h; for an fp32 stream the input itself,
+    which the norm then keeps alive) + rsqrt (4·T). T5LayerNorm multiplies the *original*
+    input by the fp32 rsqrt, so a half-precision input (a·T·h) is kept beside the fp32 copy that
+    ``pow`` saves. LayerNorm (native_layer_norm): its input (a·T·h) + mean and rstd (2·4·T).
+    Source: modeling_llama.py::LlamaRMSNorm, modeling_t5.py::T5LayerNorm; memory-physics.md §5.
     """
-    h = st.model.hidden_size
+    h, a = st.model.hidden_size, st.stream_bytes
     if st.model.arch.norm == "rms":
-        return 4 * T * h + 4 * T
-    return st.stream_bytes * T * h + 8 * T
+        t5_input = a if (_t5_style(st.model) and a != 4) else 0
+        return (4 + t5_input) * T * h + 4 * T
+    return a * T * h + 8 * T
+
+
+def _t5_style(model: ModelSpec) -> bool:
+    """T5/mT5: T5LayerNorm, relative position bias, residual dropout, loss on raw logits."""
+    return model.arch.position == "relative_bias"
+
+
+def hidden_dropout(model: ModelSpec) -> float:
+    """p of the model's own residual/FFN dropouts in training (not LoRA's, not attention's):
+    T5 ``dropout_rate`` (0.1), OPT ``dropout`` (0.1), others ``hidden_dropout`` (0)."""
+    cfg = model.config
+    if _t5_style(model):
+        return float(cfg.get("dropout_rate", 0.1) or 0)
+    if model.model_type == "opt":
+        return float(cfg.get("dropout", 0.1) or 0)
+    return float(cfg.get("hidden_dropout", 0.0) or 0)
+
+
+def model_dropout_masks_per_layer(st: Structure, T, stack: str):
+    """Bool masks (1 B/elem) the model's own dropouts keep per layer (CUDA native_dropout):
+    T5 every sub-layer output (2 in the encoder, 3 in the decoder, T·h each) and the FFN inner
+    activation (T·I); OPT the attention and FFN outputs (2·T·h)."""
+    m = st.model
+    if not hidden_dropout(m):
+        return 0
+    if _t5_style(m):
+        sub = 2 if stack == "encoder" else 3
+        return sub * T * m.hidden_size + T * m.intermediate_size
+    if m.model_type == "opt":
+        return 2 * T * m.hidden_size
+    return 0
+
+
+#: activations transformers implements in Python (not one fused kernel): NewGELUActivation
+#: keeps x (for pow), tanh's output, 0.5·x and 1 + tanh (activations.py).
+_UNFUSED_GELU = ("gelu_new", "gelu_fast", "gelu_pytorch")
+
+
+def _activation(model: ModelSpec) -> str:
+    cfg = model.config
+    if _t5_style(model):
+        ffp = cfg.get("feed_forward_proj", "relu")
+        return cfg.get("dense_act_fn") or ("gelu_new" if ffp == "gated-gelu" else ffp.split("-")[-1])
+    return str(cfg.get("hidden_act") or cfg.get("hidden_activation") or cfg.get("activation_function") or "silu")
 
 
 def mlp_saved(st: Structure, T):
-    """MLP saved bytes. Gated (act(gate) * up): the activation's input, its output and the up
-    output: 3·a·T·I. Plain (act(fc_in) -> fc_out): the activation's input or output: a·T·I.
+    """MLP saved bytes. Gated (act(gate) * up) with a fused activation (SiLU, GELU): the
+    activation's input, its output and the up output: 3·a·T·I; with NewGELU (T5 v1.1, mT5:
+    gelu_new in Python) x, tanh(·), 0.5·x, 1 + tanh and the product's two inputs: 6·a·T·I.
+    Plain (act(fc_in) -> fc_out): the activation's input or output: a·T·I (5·a·T·I unfused).
     Frozen Linears save nothing for their own weights (autograd saves only what a needed
     gradient uses; the input gradient needs only the weight)."""
-    k = 3 if st.model.arch.mlp == "gated" else 1
+    unfused = _activation(st.model) in _UNFUSED_GELU
+    if st.model.arch.mlp == "gated":
+        k = 6 if unfused else 3
+    else:
+        k = 4 if unfused else 1
     return k * st.stream_bytes * T * st.model.intermediate_size
 
 
@@ -482,7 +559,8 @@ def layer_saved(st: Structure, kind: str, x: Shape, stack: str = "decoder"):
         norms = m.arch.norms_per_layer
         if m.is_encoder_decoder:
             att = att + attention_saved_per_layer(st, kind, T, x.b, x.tseq, x.seq)
-    return norms * norm_saved(st, T) + att + mlp_saved(st, T) + lora_activations_per_layer(st, x, stack, T)
+    return (norms * norm_saved(st, T) + att + mlp_saved(st, T) + lora_activations_per_layer(st, x, stack, T)
+            + model_dropout_masks_per_layer(st, T, stack))
 
 
 def checkpoint_inputs(st: Structure, x: Shape):
@@ -566,12 +644,17 @@ def loss_forward_transient(st: Structure, x: Shape):
     logits_to_keep=0 keeps every position)."""
     TV = x.T * st.model.vocab_size
     c = logits_bytes(st)
+    if _t5_style(st.model):  # T5ForConditionalGeneration: CrossEntropyLoss on the raw logits
+        return 2 * c * TV
     return c * TV + (4 * TV if c == 2 else 0) + 4 * TV + logit_softcap_saved(st, x)
 
 
 def loss_backward_transient(st: Structure, x: Shape):
     """At the head of backward: log_softmax's saved fp32 output, the nll_loss gradient and
-    log_softmax's input gradient, all fp32 [T, V]: 12·T·V (memory-physics.md §6)."""
+    log_softmax's input gradient, all fp32 [T, V]: 12·T·V (memory-physics.md §6). T5 computes
+    CrossEntropyLoss on the logits as they are (modeling_t5.py): 3·c·T·V."""
+    if _t5_style(st.model):  # no fp32 upcast: log_softmax, its grad in and out in the logits dtype
+        return 3 * logits_bytes(st) * x.T * st.model.vocab_size
     return 12 * x.T * st.model.vocab_size + logit_softcap_saved(st, x)
 
 
@@ -580,30 +663,57 @@ def dequantized_weight_transient(st: Structure) -> int:
     backward): nf4/fp4 -> out·in·2 B in bf16 (bitsandbytes backends/cuda/ops.py
     ``_dequant_linear_fallback``; autograd MatMul4Bit.backward). int8 backward:
     ``CB.to(dtype_A)`` -> out·in·a (MatMul8bitLt.backward)."""
-    if st.quant not in QUANTIZED:
+    if st.linear_quant not in QUANTIZED:
         return 0
-    return st.biggest_linear_numel * (2 if st.quant in FOUR_BIT else st.stream_bytes)
+    return st.biggest_linear_numel * (2 if st.linear_quant in FOUR_BIT else st.stream_bytes)
 
 
 def layer_backward_transients(st: Structure, x: Shape):
-    """Gradients alive inside the first layer's backward, at the MLP (its largest point).
+    """Bytes above the top layer's saved tensors S at its largest point in backward (may be < 0
+    in part: tensors already released), for the MLP, where layers peak.
 
-    Two moments, whichever is larger, plus the residual-stream gradient (a·T·h):
-    - the MLP product's backward (gated): the gradient of the down input (a·T·I) and the two it
-      makes, for the activation output and the up output (2·a·T·I): 3·a·T·I; plain MLP: the
-      down-input gradient and the activation's input gradient, 2·a·T·I;
-    - the quantized down projection's backward: its dequantized weight beside the input
-      gradient it produces in the compute dtype (2·T·I for 4-bit, whose Linear4bit computes
-      in bf16; a·T·I for int8).
-    Saved tensors of the nodes already run are released as backward goes (autograd
-    release_variables), which is why the two moments do not add.
+    With D the input width of the MLP-out Linear (down/fc_out; D = I), a the stream bytes,
+    l = the bytes its LoRA saves (5·T·D with dropout, released when its backward runs), the
+    candidates are, on top of the residual-stream gradient a·T·h:
+    - recompute / forward through an adapted down projection: its input (a·T·D) held while
+      4-bit dequantizes the weight (W_dq = out·in·2 B) beside a bf16 copy of the input (2·T·D),
+      before the LoRA branch exists (−l); then the LoRA branch's fp32 cast of a bf16/fp16
+      input (4·T·D) beside the complete S;
+    - backward through the down projection: the LoRA branch runs first (later autograd
+      sequence number) and leaves its input gradient (dropout backward, fp32 4·T·D, cast to the
+      stream dtype when a = 2); then the base: W_dq + its bf16 input gradient (2·T·D) for
+      4-bit, a·T·D for bf16; then their sum (a·T·D);
+    - the MLP product's backward (gated): the down-input gradient and the two it makes:
+      3·a·T·I; plain MLP: 2·a·T·I.
+    Non-reentrant recompute stops early once the last saved tensor is made, so without LoRA on
+    the down projection its forward is not recomputed. Saved tensors of nodes already run are
+    released as backward goes (autograd release_variables). Sources: peft/tuners/lora/layer.py
+    and bnb.py (branch order, casts), bitsandbytes autograd MatMul4Bit.backward, cuda
+    ``_dequant_linear_fallback``; checked against the meta-device trace on small configs.
     """
     m, a, T = st.model, st.stream_bytes, x.T
     I = m.intermediate_size
     k = 3 if m.arch.mlp == "gated" else 2
     deq = dequantized_weight_transient(st)
-    grad_in = (2 if st.quant in FOUR_BIT else a) * T * I
-    return _max(k * a * T * I, deq + grad_in if deq else 0) + a * T * m.hidden_size
+    four_bit = st.linear_quant in FOUR_BIT
+    D_ad = st.mlp_out_adapted_in.get("decoder", 0.0)  # Σ adapted MLP-out inputs (≈ I or 0)
+    adapted = 1 if D_ad else 0
+    l_saved = _where(x.dropout > 0, 5, 0 if a == 4 else 4) * T * D_ad
+    lora_grad_peak = adapted * (4 + (a if a != 4 else 0)) * T * I
+    lora_grad_held = adapted * (a if a != 4 else 4) * T * I
+    base = (deq + 2 * T * I) if four_bit else (deq + a * T * I if deq else a * T * I)
+    candidates = [
+        -l_saved + k * a * T * I,  # MLP product backward
+        -l_saved + _max(lora_grad_peak, lora_grad_held + base),  # down backward, base branch
+        -l_saved + adapted * (lora_grad_held + 2 * a * T * I),  # down backward, the sum
+    ]
+    if adapted:
+        candidates.append(-l_saved + a * T * I + ((2 * T * I + deq) if four_bit else 0))  # recompute: base
+        candidates.append(a * T * I + (4 * T * I if a != 4 else 0))  # recompute: LoRA cast
+    best = candidates[0]
+    for c in candidates[1:]:
+        best = _max(best, c)
+    return best + a * T * m.hidden_size
 
 
 def default_int8_outlier_fraction(st: Structure, T):
@@ -657,7 +767,7 @@ def int8_retained_per_step(st: Structure, x: Shape, outlier_fraction=None):
     ``outlier_fraction`` None: the random-init default for MLP-out inputs, 0 elsewhere; a
     number: that share for every int8 Linear.
     """
-    if st.quant != "int8":
+    if st.linear_quant != "int8":
         return 0
     a, m = st.stream_bytes, st.model
     total = 0
@@ -698,7 +808,7 @@ def int8_matmul_transient(st: Structure, x: Shape, outlier_fraction=None):
     ``int8_mixed_scaled_mm``): the int32 matmul result (4·T·out) and the outlier weight columns
     ``CB[:, cols]`` gathered (1 B) and dequantized to fp32 (4 B), cast to A's dtype when that
     is not fp32: out·n·(5 + a') with n = f·in outlier columns. The largest over the Linears."""
-    if st.quant != "int8":
+    if st.linear_quant != "int8":
         return 0
     a = st.stream_bytes
     cast = 0 if a == 4 else a
@@ -753,7 +863,7 @@ def moments(st: Structure, train: TrainSpec, kind: str, x: Shape, gpu: GpuSpec |
                           logits_loss=loss_forward_transient(st, x), int8_previous_step=int8_keep,
                           previous_step_input_grad=leaf)
     # 1b. int8: inside the last layer's int8 matmul of the forward (before the logits exist).
-    if st.quant == "int8":
+    if st.linear_quant == "int8":
         out["int8 matmul"] = dict(base, activations=acts + int8_keep, int8_previous_step=int8_keep,
                                   previous_step_input_grad=leaf,
                                   kernel_transients=int8_matmul_transient(st, x, train.int8_outlier_fraction))
@@ -823,7 +933,11 @@ def estimate_memory(s: Setup, gpu: GpuSpec | None, cal: Calibration) -> MemoryEs
     if paged:
         outside["paged_optimizer_state"] = paged
     notes = []
-    if s.train.quant == "int8" and s.train.int8_outlier_fraction is None:
+    if st.linear_quant == "fp32" and s.train.quant in QUANTIZED:
+        notes.append(f"{st.model.model_type}: transformers' bitsandbytes quantizer converts only exact nn.Linear "
+                     f"modules; this family's Linears stay unquantized and are upcast to fp32 by "
+                     f"prepare_model_for_kbit_training")
+    if st.linear_quant == "int8" and s.train.int8_outlier_fraction is None:
         f = default_int8_outlier_fraction(st, x.T)
         notes.append(f"int8: assumes {f:.0%} of MLP-out input columns are outliers (random-init weights); "
                      f"trained models have far fewer: set --int8-outlier-fraction")

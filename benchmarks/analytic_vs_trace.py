@@ -1,0 +1,135 @@
+"""Analytic ledger vs meta-device trace over a grid: the trace is the estimator's teacher.
+
+For every model family of the catalog (shrunk to a small config so each trace takes about a
+second, or at full size with --full), quantization, LoRA targets, checkpointing and optimizer,
+prints the analytic and the traced peak allocated, the signed error, where each puts the peak,
+and, per ledger component, how the two disagree. Summary: error distribution per family.
+
+    python benchmarks/analytic_vs_trace.py [--quick] [--full] [--families llama,t5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+import sys
+import time
+
+from loraplan.catalog import load_calibration, load_gpu, model_entries
+from loraplan.estimate.api import estimate
+from loraplan.hf import spec_from_config
+from loraplan.spec import LoraSpec, TrainSpec
+from loraplan.targets import default_targets
+
+#: one catalog model per family
+FAMILIES = {
+    "llama": "llama-3.2-1b", "mistral": "mistral-7b", "qwen2": "qwen2.5-0.5b", "qwen3": "qwen3-0.6b",
+    "gemma2": "gemma-2-2b", "phi3": "phi-3-mini-4k", "gpt_neox": "pythia-1b", "opt": "opt-6.7b",
+    "falcon": "falcon-7b", "t5": "flan-t5-base", "mt5": "mt0-large",
+}
+
+_SIZE_KEYS = {"hidden_size": 256, "d_model": 256, "word_embed_proj_dim": 256}
+_LAYER_KEYS = ("num_hidden_layers", "num_layers", "num_decoder_layers")
+
+
+def small_config(cfg: dict, layers: int = 2, vocab: int = 2048) -> dict:
+    """A shrunk copy of a config: same family and shape rules, hidden 256, 4 heads, 2 layers."""
+    c = dict(cfg)
+    heads = c.get("num_attention_heads") or c.get("num_heads") or 4
+    kv = c.get("num_key_value_heads") or c.get("num_kv_heads") or heads
+    for k, v in _SIZE_KEYS.items():
+        if k in c:
+            c[k] = v
+    inter_ratio = None
+    for k in ("intermediate_size", "d_ff", "ffn_dim"):
+        if c.get(k):
+            base = cfg.get("hidden_size") or cfg.get("d_model")
+            inter_ratio = c[k] / base
+            c[k] = int(round(256 * inter_ratio / 32)) * 32
+    for k in _LAYER_KEYS:
+        if k in c and c[k]:
+            c[k] = layers
+    for k in ("num_attention_heads", "num_heads"):
+        if k in c:
+            c[k] = 4
+    if "num_key_value_heads" in c and c["num_key_value_heads"]:
+        c["num_key_value_heads"] = max(1, 4 * kv // heads)
+    if "num_kv_heads" in c and c["num_kv_heads"]:
+        c["num_kv_heads"] = max(1, 4 * kv // heads)
+    if "head_dim" in c and c["head_dim"]:
+        c["head_dim"] = 64
+    if "d_kv" in c:
+        c["d_kv"] = 64
+    c["vocab_size"] = vocab
+    return c
+
+
+def grid(quick: bool):
+    quants = ["bf16", "nf4"] if quick else ["bf16", "nf4", "fp4", "int8"]
+    targets = ["default", "all-linear"] if quick else ["default", "all-linear", "all-linear,lm_head"]
+    gcs = [True, False]
+    opts = ["adamw"] if quick else ["adamw", "sgd", "adamw_8bit"]
+    shapes = [(2, 256, 8)] if quick else [(2, 256, 8), (1, 1024, 64), (4, 128, 256)]
+    return list(itertools.product(quants, targets, gcs, opts, shapes))
+
+
+def run(families, quick=False, full=False, steps=2):
+    from loraplan.trace.run import trace_step
+
+    gpu = load_gpu("h100-sxm-80gb")
+    cal = load_calibration(gpu.id)
+    rows = []
+    for fam in families:
+        entry = model_entries()[FAMILIES[fam]]
+        cfg = dict(entry["config"]) if full else small_config(entry["config"])
+        model = spec_from_config(cfg, f"{FAMILIES[fam]}{'' if full else '-small'}")
+        for quant, tgt, gc, opt, (b, s, r) in grid(quick):
+            targets = default_targets(model) if tgt == "default" else tuple(tgt.split(","))
+            lora = LoraSpec(rank=r, alpha=2 * r, dropout=0.05, targets=targets)
+            train = TrainSpec(quant=quant, optimizer=opt, batch=b, seq=s, gradient_checkpointing=gc,
+                              target_seq=s if model.is_encoder_decoder else None)
+            e = estimate(model, lora, train, gpu, cal, with_time=False)
+            t0 = time.perf_counter()
+            try:
+                tr = trace_step(cfg, lora, train, gpu.compute_capability, steps=steps)
+            except Exception as ex:  # noqa: BLE001 - a benchmark reports, it does not stop
+                print(f"{fam:8s} {quant:5s} {tgt:18s} gc={int(gc)} {opt:10s} b{b} s{s} r{r}: trace failed: "
+                      f"{str(ex)[:120]}", flush=True)
+                continue
+            a, p = e.memory.peak_allocated_bytes, tr["peak_allocated_bytes"]
+            err = 100.0 * (a - p) / p
+            rows.append(dict(family=fam, quant=quant, targets=tgt, gc=gc, opt=opt, b=b, s=s, r=r, err=err,
+                             analytic=a, trace=p, moment=e.memory.peak_moment, trace_phase=tr["peak_phase"]))
+            print(f"{fam:8s} {quant:5s} {tgt:18s} gc={int(gc)} {opt:10s} b{b} s{s:<5d} r{r:<4d} analytic "
+                  f"{a / 2**20:9.2f} MiB  trace {p / 2**20:9.2f} MiB  {err:+7.2f}%  {e.memory.peak_moment:15s} "
+                  f"trace:{tr['peak_phase']:9s} {time.perf_counter() - t0:5.1f}s", flush=True)
+    return rows
+
+
+def summarize(rows):
+    print("\nerror distribution (analytic - trace) / trace, by family and quantization:")
+    keys = sorted({(r["family"], r["quant"]) for r in rows})
+    for fam, q in keys:
+        errs = [r["err"] for r in rows if r["family"] == fam and r["quant"] == q]
+        print(f"  {fam:8s} {q:5s} n={len(errs):3d}  mean |err| {statistics.mean(abs(e) for e in errs):6.2f}%  "
+              f"min {min(errs):+7.2f}%  max {max(errs):+7.2f}%")
+    errs = [abs(r["err"]) for r in rows]
+    if errs:
+        print(f"all: n={len(errs)}  mean |err| {statistics.mean(errs):.2f}%  within 2%: "
+              f"{sum(e <= 2 for e in errs)}/{len(errs)}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--full", action="store_true", help="full-size configs (slow)")
+    ap.add_argument("--families", default=",".join(FAMILIES))
+    args = ap.parse_args(argv)
+    rows = run(args.families.split(","), quick=args.quick, full=args.full)
+    summarize(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
