@@ -7,7 +7,7 @@ import pytest
 
 from loraplan.cli import main
 from loraplan.errors import ConfigError, InputError
-from loraplan.sweep import build_cases, count_cases, evaluate, load_grid
+from loraplan.sweep import COLUMNS, build_cases, count_cases, evaluate, load_grid
 
 
 def run(capsys, *args):
@@ -104,3 +104,169 @@ def test_cli_sweep_bad_grid(capsys, tmp_path):
     g.write_text('{"seq": []}')
     code, _, err = run(capsys, "sweep", "--grid", str(g), "--out", str(tmp_path / "o.csv"))
     assert code == 2 and "empty list" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# The vectorized path (CaseTable -> evaluate_table -> write_columns) against case by case
+# ---------------------------------------------------------------------------------------------
+
+#: a mixed grid: decoder and encoder-decoder models, every quantization, optimizers, sliding
+#: windows crossing the sequence (attention kernel changes within a group), eager attention,
+#: int8 with and without an outlier fraction, GPUs before and after sm80/sm90, and targets some
+#: models lack (error rows)
+MIXED = [
+    {"model": ["qwen2.5-0.5b", "mistral-7b", "gemma-2-2b", "falcon-7b"], "quant": ["nf4", "bf16", "int8", "fp32"],
+     "rank": [4, 64], "seq": [256, 8192], "batch": [1, 3], "dropout": [0, 0.1],
+     "targets": ["all-linear", "q_proj,v_proj"], "gpu": ["t4-16gb", "h100-sxm-80gb"]},
+    {"model": ["opt-6.7b", "pythia-1b"], "optimizer": ["adamw", "sgd", "adamw_8bit", "paged_adamw_8bit",
+                                                       "paged_adamw_32bit"],
+     "gradient_checkpointing": [True, False], "quant": ["nf4", "fp4"], "double_quant": [True, False],
+     "alpha": 4, "seq": [128, 1024], "gpu": "l4-24gb"},
+    {"model": "flan-t5-base", "seq": [128, 512], "target_seq": [32, 256], "targets": ["q,v", "all-linear"],
+     "quant": ["bf16", "int8"], "int8_outlier_fraction": [0.0, 0.3], "attention": ["auto", "eager", "math"],
+     "gpu": "a100-sxm-80gb"},
+    {"model": "flan-t5-base", "quant": "nf4", "seq": [100, 300], "gpu": "rtx4090-24gb"},
+    {"model": "llama-3.2-1b", "targets": "all-linear,lm_head", "gradient_checkpointing": False,
+     "attention": ["flash", "efficient"], "batch": 2, "rank": 16, "quant": ["bf16", "fp16"], "gpu": "h200-sxm-141gb"},
+]
+
+EXACT_FLOAT = ("alpha", "dropout", "int8_outlier_fraction")
+
+
+def _same_rows(new, ref):
+    assert len(new) == len(ref)
+    for a, b in zip(new, ref):
+        assert list(a) == COLUMNS
+        for c in COLUMNS:
+            va, vb = a[c], b.get(c)
+            if c in ("step_s", "tokens_per_s") and vb is not None:
+                assert va == pytest.approx(vb, rel=1e-9), (c, b)
+            else:
+                assert va == vb and type(va) is type(vb), (c, va, vb, b)
+
+
+def test_vectorized_rows_equal_per_case_estimate():
+    from loraplan.sweep import evaluate_each, evaluate_table, expand_cases
+
+    table = expand_cases({}, MIXED)
+    new = list(evaluate_table(table).rows())
+    ref = list(evaluate_each(table))
+    _same_rows(new, ref)
+    errors = [r for r in new if r["error"]]
+    assert errors and all("q_proj" in r["error"] for r in errors)  # falcon has query_key_value
+    assert len({r["peak_moment"] for r in new if not r["error"]}) >= 3
+    assert {"host", "compute", "host+gpu (int8 syncs)"} <= {r["bound"] for r in new}
+    assert any(r["target_seq"] == 32 for r in new) and any(r["int8_outlier_fraction"] == 0.3 for r in new)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_vectorized_rows_equal_estimate_api():
+    """Spot checks straight against the public estimate() (memory and time)."""
+    from loraplan.catalog import load_calibration, load_gpu
+    from loraplan.commands.options import resolve_case
+    from loraplan.estimate.api import estimate
+    from loraplan.sweep import evaluate_table, expand_cases
+
+    table = expand_cases({}, MIXED)
+    rows = list(evaluate_table(table).rows())
+    for i in range(0, len(rows), 37):
+        r = rows[i]
+        if r["error"]:
+            continue
+        m, l, t = resolve_case(table.case(i))
+        g = load_gpu(r["gpu"])
+        e = estimate(m, l, t, g, load_calibration(g.id))
+        assert r["peak_allocated_bytes"] == e.memory.peak_allocated_bytes
+        assert r["peak_reserved_bytes"] == e.memory.peak_reserved_bytes
+        assert r["device_total_bytes"] == e.memory.device_total_bytes
+        assert r["peak_moment"] == e.memory.peak_moment
+        assert (r["fits"], r["headroom_bytes"]) == (e.fits, e.headroom_bytes)
+        assert (r["trainable_params"], r["total_params"]) == (e.params.trainable, e.params.total)
+        assert r["step_s"] == pytest.approx(e.time.step_s, rel=1e-9)
+        assert r["bound"] == e.time.bound
+
+
+RAW = [
+    {"model": "qwen2.5-0.5b", "rank": -1, "gpu": "l4-24gb"},
+    {"model": "qwen2.5-0.5b", "rank": "8", "seq": "1024", "dropout": "0", "gpu": "l4-24gb"},
+    {"model": "qwen2.5-0.5b", "quant": "q3", "rank": 0, "gpu": "l4-24gb"},
+    {"model": "qwen2.5-0.5b", "rank": "x", "gpu": "l4-24gb"},
+    {"model": "no-such-model", "gpu": "l4-24gb"},
+    {"model": "qwen2.5-0.5b", "gpu": "h100-sxm"},
+    {"gpu": "t4-16gb"},
+    {"model": "qwen2.5-0.5b", "dropout": 1.5, "batch": 0, "gpu": "l4-24gb"},
+    {"model": "qwen2.5-0.5b", "targets": "nonexistent_proj", "seq": -5, "gpu": "l4-24gb"},
+    {"model": "qwen2.5-0.5b", "targets": "nonexistent_proj", "gpu": "l4-24gb"},
+    {"model": "flan-t5-base", "target_seq": 0, "gpu": "l4-24gb"},
+    {"model": "flan-t5-base", "gpu": "l4-24gb"},
+    {"model": "qwen2.5-0.5b", "quant": "int8", "int8_outlier_fraction": 2, "gpu": "l4-24gb"},
+    {"model": "qwen2.5-0.5b", "quant": "int8", "int8_outlier_fraction": "0.5", "gpu": "l4-24gb", "extra": 1},
+    {"model": "qwen2.5-0.5b", "quant": "bf16", "double_quant": True, "alpha": 3, "gpu": "l4-24gb"},
+]
+
+
+def test_raw_case_dicts_and_error_precedence():
+    """Any case dicts (raw strings, bad values, unknown names): the same rows, same errors, same
+    raw values in error rows, as case by case."""
+    from loraplan.sweep import evaluate_each
+
+    new = list(evaluate(RAW))
+    ref = list(evaluate_each(RAW))
+    _same_rows(new, ref)
+    assert [r["error"] is None for r in new] == [False, True, False, False, False, False, True, False, False,
+                                                   False, False, True, False, True, True]
+    assert "--quant" in new[2]["error"] and "--batch" in new[7]["error"] and "--seq" in new[8]["error"]
+    assert new[3]["rank"] == "x" and new[0]["rank"] == -1
+
+
+def test_writers_match_row_writers(tmp_path):
+    """CSV and JSON lines from the columns are byte for byte what the row writers write; Parquet
+    holds the same values."""
+    from loraplan.sweep import CaseTable, evaluate_table, expand_cases, write_columns, write_rows
+
+    table = CaseTable.concat([expand_cases({}, MIXED[2:]), CaseTable.from_dicts(RAW)])
+    cols = evaluate_table(table)
+    rows = list(cols.rows())
+    assert any(r["error"] for r in rows)
+    for fmt in ("csv", "jsonl"):
+        write_columns(cols, tmp_path / f"new.{fmt}", fmt)
+        write_rows(rows, tmp_path / f"old.{fmt}", fmt)
+        assert (tmp_path / f"new.{fmt}").read_bytes() == (tmp_path / f"old.{fmt}").read_bytes(), fmt
+    pd = pytest.importorskip("pandas")
+    pytest.importorskip("pyarrow")
+    write_columns(cols, tmp_path / "new.parquet", "parquet")
+    back = pd.read_parquet(tmp_path / "new.parquet")
+    assert list(back.columns) == COLUMNS and len(back) == len(rows)
+    for c in ("peak_allocated_bytes", "device_total_bytes", "error", "target_seq"):
+        got = [None if pd.isna(v) else v for v in back[c].tolist()]
+        assert got == [r[c] for r in rows], c
+
+
+def test_expand_cases_order_and_values():
+    """The columnar expansion lists the same cases, in the same order, as one dict per case."""
+    from loraplan.sweep import _build_case_dicts, expand_cases
+
+    opts = {"model": "qwen2.5-0.5b,llama-2-7b", "seq": "256:1024:x2", "rank": "8,16", "gpu": "l4-24gb,t4-16gb",
+            "targets": ("q_proj,v_proj", "all-linear")}
+    assert build_cases(opts) == _build_case_dicts(opts)
+    grids = [{"model": "qwen2.5-0.5b", "batch": [1, 2]}, {"model": ["qwen2.5-0.5b", "flan-t5-base"], "quant": "int8",
+                                                         "int8_outlier_fraction": [0.1, 0.2]}]
+    table = expand_cases({"gpu": "l4-24gb"}, grids)
+    assert table.to_dicts() == _build_case_dicts({"gpu": "l4-24gb"}, grids)
+    assert len(table) == 2 + 4 and table.levels["model"] == ["qwen2.5-0.5b", "flan-t5-base"]
+
+
+def test_sweep_speed_floor():
+    """Tens of thousands of cases evaluate in well under a second (the CLI's target is 100k/s)."""
+    import time
+
+    from loraplan.sweep import evaluate_table, expand_cases
+
+    table = expand_cases({"model": "qwen2.5-0.5b,llama-2-7b", "quant": "nf4,bf16", "rank": "8:256:+8",
+                          "seq": "256:8192:x2", "batch": "1:8:+1", "dropout": "0,0.05",
+                          "gpu": "l4-24gb,h100-sxm-80gb,a100-sxm-80gb"})
+    evaluate_table(table)  # warm caches
+    t0 = time.perf_counter()
+    cols = evaluate_table(table)
+    dt = time.perf_counter() - t0
+    assert len(cols) == 36_864 and dt < 1.0, dt

@@ -38,12 +38,47 @@ recompute of each decoder layer's forward):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import Mapping
+from dataclasses import dataclass, fields, replace
+from typing import Any, Mapping
 
 from ..spec import Calibration, GpuSpec, LoraSpec, ModelSpec, TrainSpec
 from ..targets import select_targets
 from .result import TimeEstimate
+
+# --------------------------------------------------------------------------------------------
+# Scalar-or-array helpers: step_work / step_time take ints (one case) or numpy arrays of one
+# shape for batch, seq, target_seq, rank and dropout (``loraplan sweep``: a whole grid at once).
+# numpy is imported only when an array is given.
+# --------------------------------------------------------------------------------------------
+
+
+def _is_scalar(x) -> bool:
+    return isinstance(x, (int, float))
+
+
+def _where(cond, a, b):
+    if _is_scalar(cond):
+        return a if cond else b
+    import numpy as np
+
+    return np.where(cond, a, b)
+
+
+def _max(a, b):
+    if _is_scalar(a) and _is_scalar(b):
+        return max(a, b)
+    import numpy as np
+
+    return np.maximum(a, b)
+
+
+def _min(a, b):
+    if _is_scalar(a) and _is_scalar(b):
+        return min(a, b)
+    import numpy as np
+
+    return np.minimum(a, b)
+
 
 # --------------------------------------------------------------------------------------------
 # Coefficient names (read with calibration.get(name, default)). The defaults are neutral
@@ -102,14 +137,17 @@ OPTIMIZER_BYTES = {"adamw": 36, "sgd": 12, "adamw_8bit": 16, "paged_adamw_8bit":
 
 @dataclass(frozen=True)
 class StepWork:
-    """What one training step does, independent of the GPU. All counts are per step."""
+    """What one training step does, independent of the GPU. All counts are per step.
 
-    tokens: int
-    flops_mm: float        # bf16/fp16 tensor-core matmul FLOPs (frozen linears, attention)
-    flops_fp32: float      # fp32 matmul FLOPs (LoRA adapters, fp32 lm_head)
-    bytes_moved: float     # memory traffic: weights, dequantization, elementwise, loss, optimizer
-    kernels: float         # GPU kernels launched
-    ops: float             # dispatched ops (host)
+    The numeric fields are numbers for one case, or numpy arrays when ``step_work`` was given
+    arrays (those that do not depend on batch, sequence, rank or dropout stay numbers)."""
+
+    tokens: Any            # int
+    flops_mm: Any          # float: bf16/fp16 tensor-core matmul FLOPs (frozen linears, attention)
+    flops_fp32: Any        # float: fp32 matmul FLOPs (LoRA adapters, fp32 lm_head)
+    bytes_moved: Any       # float: memory traffic: weights, dequantization, elementwise, loss, optimizer
+    kernels: Any           # float: GPU kernels launched
+    ops: Any               # float: dispatched ops (host)
     module_calls: float    # nn.Module __call__ (host)
     lora_calls: float      # peft LoRA module calls (forward, recompute, backward)
     bnb4_calls: float      # bitsandbytes 4-bit matmul calls (forward, recompute, backward)
@@ -119,6 +157,11 @@ class StepWork:
 
     def features(self) -> dict[str, float]:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("mm_dtype", "syncs")}
+
+    def take(self, index) -> "StepWork":
+        """The work of a subset of an array-valued StepWork (``index``: numpy index or mask)."""
+        return replace(self, **{f.name: getattr(self, f.name)[index] for f in fields(self)
+                                if getattr(getattr(self, f.name), "ndim", 0) > 0})
 
 
 _GROUP_CACHE: dict = {}
@@ -150,11 +193,23 @@ def _passes(gc: bool) -> int:
     return 2 if gc else 1
 
 
+def _decoder_seq(model: ModelSpec, train: TrainSpec):
+    """Decoder length: target_seq (or seq when unset / 0) for encoder-decoder models, else seq."""
+    s, ts = train.seq, train.target_seq
+    if not model.is_encoder_decoder or ts is None:
+        return s
+    return _where(ts != 0, ts, s) if not _is_scalar(ts) else (ts or s)
+
+
 def step_work(model: ModelSpec, lora: LoraSpec, train: TrainSpec) -> StepWork:
-    """Count FLOPs, bytes, ops and calls of one step (see the module docstring for the rules)."""
+    """Count FLOPs, bytes, ops and calls of one step (see the module docstring for the rules).
+
+    ``train.batch``, ``train.seq``, ``train.target_seq``, ``lora.rank`` and ``lora.dropout`` may
+    be numpy arrays of one shape: the counts are then arrays too, element for element equal to
+    the counts of each case on its own."""
     quant = train.quant
     b, s = train.batch, train.seq
-    s_dec = train.target_seq or s if model.is_encoder_decoder else s
+    s_dec = _decoder_seq(model, train)
     T_dec, T_enc = b * s_dec, b * s
     quantized = quant in ("nf4", "fp4", "int8")
     mm_dtype = quant if quant in ("bf16", "fp16", "fp32") else "bf16"
@@ -217,12 +272,12 @@ def step_work(model: ModelSpec, lora: LoraSpec, train: TrainSpec) -> StepWork:
             n_lora_tensors += count * (2)
             flops_fp32 += count * ((2.0 * npass_f + 4.0) * T * p)
             # cast to fp32, dropout (read, write, 1 B mask), r-wide mids, fp32 output, scale, add
-            elem_f = T * (fin * (a_stream + 4 + (9 if lora.dropout > 0 else 0))
+            elem_f = T * (fin * (a_stream + 4 + _where(lora.dropout > 0, 9, 0))
                           + 8 * r + fout * (4 + 8 + 3 * a_stream))
             bytes_moved += count * (elem_f * (npass_f + 2))  # backward moves about twice the forward's
             bytes_moved += count * (2 * 4 * p * npass)  # adapter weights read (fp32)
             lo_f, lo_b = OPS["lora"]
-            ops += count * (npass_f * lo_f + lo_b - (0 if lora.dropout > 0 else 2 * npass_f))
+            ops += count * (npass_f * lo_f + lo_b - _where(lora.dropout > 0, 0, 2 * npass_f))
             module_calls += count * (npass_f * 4)  # base_layer, lora_A, lora_B, dropout (or Identity)
             lora_calls += count * (npass)
 
@@ -259,7 +314,7 @@ def step_work(model: ModelSpec, lora: LoraSpec, train: TrainSpec) -> StepWork:
         elem += T * I * (10 if arch.mlp == "gated" else 4)
         bytes_moved += n_layers * elem * (fw + 2)
         # attention FLOPs per layer: forward 4·b·s²·n_h·d (QK^T and PV), causal halves it
-        s_eff = min(seq, arch.sliding_window) if arch.sliding_window else seq
+        s_eff = _min(seq, arch.sliding_window) if arch.sliding_window else seq
         fwd = 4.0 * (T // seq) * seq * s_eff * n_h * d
         if eager:
             flops_mm += n_layers * fwd * (fw + 2.0)
@@ -305,7 +360,9 @@ def coefficients(calibration: Calibration | None) -> dict[str, float]:
 
 
 def step_time(work: StepWork, gpu: GpuSpec, coef: Mapping[str, float]) -> TimeEstimate:
-    """Seconds per step on ``gpu`` for counted ``work``; components itemise the terms."""
+    """Seconds per step on ``gpu`` for counted ``work``; components itemise the terms.
+
+    An array-valued ``work`` gives array-valued seconds, tokens/s and ``bound`` (strings)."""
     compute_s = (work.flops_mm / (_peak_mm_tflops(gpu, work.mm_dtype) * 1e12 * coef["time_eff_mm"])
                  + work.flops_fp32 / (gpu.fp32_tflops * 1e12 * coef["time_eff_fp32"]))
     memory_s = work.bytes_moved / (gpu.bandwidth_gb_s * 1e9 * coef["time_eff_bw"])
@@ -319,15 +376,22 @@ def step_time(work: StepWork, gpu: GpuSpec, coef: Mapping[str, float]) -> TimeEs
         step = host_s + gpu_s
         bound = "host+gpu (int8 syncs)"
     else:
-        step = max(host_s, gpu_s)
-        bound = "host" if host_s >= gpu_s else ("compute" if compute_s >= memory_s + kernel_s else "memory")
+        step = _max(host_s, gpu_s)
+        bound = _where(host_s >= gpu_s, "host", _where(compute_s >= memory_s + kernel_s, "compute", "memory"))
     comps = {
         "gpu_compute_s": compute_s, "gpu_memory_s": memory_s, "gpu_kernel_s": kernel_s, "gpu_s": gpu_s,
         "host_ops_s": host_ops_s, "host_lora_s": host_lora_s, "host_bnb_s": host_bnb_s, "host_step_s": coef["time_host_step_s"],
         "host_s": host_s,
     }
-    return TimeEstimate(step_s=step, tokens_per_s=work.tokens / step if step > 0 else 0.0,
-                        components=comps, bound=bound)
+    if _is_scalar(step):
+        tokens_per_s = work.tokens / step if step > 0 else 0.0
+    else:
+        import numpy as np
+
+        with np.errstate(divide="ignore", invalid="ignore"):
+            tokens_per_s = np.where(step > 0, work.tokens / step, 0.0)
+        bound = np.broadcast_to(np.asarray(bound), np.shape(step))
+    return TimeEstimate(step_s=step, tokens_per_s=tokens_per_s, components=comps, bound=bound)
 
 
 def estimate_step_time(model: ModelSpec, lora: LoraSpec, train: TrainSpec, gpu: GpuSpec,
