@@ -62,6 +62,9 @@ def small_config(cfg: dict, layers: int = 2, vocab: int = 2048) -> dict:
     if "d_kv" in c:
         c["d_kv"] = 64
     c["vocab_size"] = vocab
+    for k in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id"):
+        if isinstance(c.get(k), int) and c[k] >= vocab:
+            c[k] = 0
     return c
 
 

@@ -119,6 +119,8 @@ class Structure:
     first_layer_attn_in_adapted: int = 0
     #: per stack: Σ over adapted MLP-out Linears (down, fc_out) of one layer of in_features
     mlp_out_adapted_in: dict = field(default_factory=dict)
+    #: distinct (stack, MLP-out role?, in, out) of the frozen layer Linears
+    linear_shapes: tuple = ()
 
     @property
     def stream_bytes(self) -> int:
@@ -189,6 +191,8 @@ def _build_structure(model: ModelSpec, adapted, quant: str, dq: bool) -> Structu
         int8_inputs_per_layer=int8_inputs, int8_outlier_in_per_layer=outl, int8_all_in_per_layer=all_in,
         outlier_p=_p_silu_product_exceeds(sigma, 6.0) if effective_linear_quant(model, quant) == "int8" else 0.0,
         first_layer_attn_in_adapted=first_attn_in, mlp_out_adapted_in=mlp_out,
+        linear_shapes=tuple(sorted({(l.stack, l.role in INT8_OUTLIER_ROLES, l.in_features, l.out_features)
+                                    for l in model.linears if l.role != "lm_head" and l.layer is not None})),
     )
 
 
@@ -443,6 +447,20 @@ def attention_saved_per_layer(st: Structure, kind: str, T, b, seq, kv_seq):
     """
     m, a = st.model, st.stream_bytes
     n_h, n_kv, d = m.num_heads, m.num_kv_heads, m.head_dim
+    # phi3 slices q, k, v out of its fused qkv_proj output as views: the saved v view keeps the
+    # whole [T, (n_h + 2·n_kv)·d] output alive, q and k parts included. (gpt-neox and falcon
+    # reshape and split per head; their traces show no such retention.)
+    fused = a * T * (n_h + n_kv) * d if _has_fused_qkv(m) and kind in ("flash", "efficient") else 0
+    return fused + _attention_core_saved(st, kind, T, b, seq, kv_seq)
+
+
+def _has_fused_qkv(model: ModelSpec) -> bool:
+    return model.model_type == "phi3" and any(l.role == "qkv" for l in model.linears)
+
+
+def _attention_core_saved(st: Structure, kind: str, T, b, seq, kv_seq):
+    m, a = st.model, st.stream_bytes
+    n_h, n_kv, d = m.num_heads, m.num_kv_heads, m.head_dim
     if kind == "flash":
         dp = -(-d // 8) * 8
         return a * T * n_h * dp * 2 + 2 * a * b * kv_seq * n_kv * dp + 4 * b * n_h * seq
@@ -560,14 +578,27 @@ def layer_saved(st: Structure, kind: str, x: Shape, stack: str = "decoder"):
         if m.is_encoder_decoder:
             att = att + attention_saved_per_layer(st, kind, T, x.b, x.tseq, x.seq)
     return (norms * norm_saved(st, T) + att + mlp_saved(st, T) + lora_activations_per_layer(st, x, stack, T)
-            + model_dropout_masks_per_layer(st, T, stack))
+            + model_dropout_masks_per_layer(st, T, stack) + head_norms_saved(st, T))
 
 
-def checkpoint_inputs(st: Structure, x: Shape):
-    """Non-reentrant checkpointing keeps each checkpointed layer's input: L·a·T·h
-    (torch/utils/checkpoint.py: the inputs are saved by _NoopSaveInputs for the recompute)."""
+def head_norms_saved(st: Structure, T):
+    """Per-head RMSNorms on q and k (qwen3 ``q_norm``/``k_norm``): like any RMSNorm they keep an
+    fp32 copy of their input (4·T·n·d) and rsqrt (4·T·n), for n = n_h and n_kv heads."""
     m = st.model
-    return st.stream_bytes * m.hidden_size * (m.num_layers * x.T + m.num_encoder_layers * x.T_enc)
+    if "q_norm" not in m.arch.extra_norms:
+        return 0
+    heads = m.num_heads + m.num_kv_heads
+    return 4 * T * heads * m.head_dim + 4 * T * heads
+
+
+def checkpoint_inputs(st: Structure, x: Shape, kind: str = "flash"):
+    """Non-reentrant checkpointing keeps each checkpointed layer's inputs: L·a·T·h
+    (torch/utils/checkpoint.py: the inputs are saved by _NoopSaveInputs for the recompute),
+    and the mask passed to every layer: eager attention gets an additive [b, 1, s, s] mask in
+    the stream dtype (transformers masking_utils eager_mask), one tensor shared by all layers."""
+    m = st.model
+    mask = st.stream_bytes * x.b * x.tseq * x.tseq if kind == "eager" else 0
+    return st.stream_bytes * m.hidden_size * (m.num_layers * x.T + m.num_encoder_layers * x.T_enc) + mask
 
 
 def head_lora_activations(st: Structure, x: Shape):
@@ -585,7 +616,7 @@ def saved_activations(st: Structure, kind: str, x: Shape, gradient_checkpointing
     read by every cross-attention."""
     m = st.model
     if gradient_checkpointing:
-        layers = checkpoint_inputs(st, x)
+        layers = checkpoint_inputs(st, x, kind)
     else:
         layers = m.num_layers * layer_saved(st, kind, x, "decoder")
         if m.is_encoder_decoder:
@@ -678,7 +709,7 @@ def layer_backward_transients(st: Structure, x: Shape):
     - recompute / forward through an adapted down projection: its input (a·T·D) held while
       4-bit dequantizes the weight (W_dq = out·in·2 B) beside a bf16 copy of the input (2·T·D),
       before the LoRA branch exists (−l); then the LoRA branch's fp32 cast of a bf16/fp16
-      input (4·T·D) beside the complete S;
+      input (4·T·D) and lora_B's fp32 output with its scaled copy (8·T·h) beside the complete S;
     - backward through the down projection: the LoRA branch runs first (later autograd
       sequence number) and leaves its input gradient (dropout backward, fp32 4·T·D, cast to the
       stream dtype when a = 2); then the base: W_dq + its bf16 input gradient (2·T·D) for
@@ -709,7 +740,9 @@ def layer_backward_transients(st: Structure, x: Shape):
     ]
     if adapted:
         candidates.append(-l_saved + a * T * I + ((2 * T * I + deq) if four_bit else 0))  # recompute: base
-        candidates.append(a * T * I + (4 * T * I if a != 4 else 0))  # recompute: LoRA cast
+        # recompute: LoRA branch of the down projection: its fp32 cast of a half input (held by
+        # peft's forward locals), and lora_B's fp32 output with its scaled copy (2·4·T·h)
+        candidates.append(a * T * I + (4 * T * I if a != 4 else 0) + 8 * T * m.hidden_size)
     best = candidates[0]
     for c in candidates[1:]:
         best = _max(best, c)
@@ -813,15 +846,13 @@ def int8_matmul_transient(st: Structure, x: Shape, outlier_fraction=None):
     a = st.stream_bytes
     cast = 0 if a == 4 else a
     best = 0
-    for l in st.model.linears:
-        if l.role == "lm_head" or l.layer is None:
-            continue
-        T = x.T_enc if l.stack == "encoder" else x.T
+    for stack, outlier_role, n_in, n_out in st.linear_shapes:
+        T = x.T_enc if stack == "encoder" else x.T
         if outlier_fraction is not None:
             f = outlier_fraction
         else:
-            f = default_int8_outlier_fraction(st, T) if l.role in INT8_OUTLIER_ROLES else 0.0
-        best = _max(best, 4 * T * l.out_features + l.out_features * _ceil(f * l.in_features) * (5 + cast))
+            f = default_int8_outlier_fraction(st, T) if outlier_role else 0.0
+        best = _max(best, 4 * T * n_out + n_out * _ceil(f * n_in) * (5 + cast))
     return best
 
 
@@ -873,7 +904,7 @@ def moments(st: Structure, train: TrainSpec, kind: str, x: Shape, gpu: GpuSpec |
     #    saved tensors, this layer's saved tensors (recomputed), gradient transients.
     S = layer_saved(st, kind, x, "decoder")
     if train.gradient_checkpointing:
-        below = checkpoint_inputs(st, x)
+        below = checkpoint_inputs(st, x, kind)
     else:
         below = (m.num_layers - 1) * S
         if m.is_encoder_decoder:
@@ -914,9 +945,22 @@ class Setup:
 def make_setup(model: ModelSpec, lora, train: TrainSpec, adapted: tuple[LinearSpec, ...],
                compute_capability: str | None = "9.0") -> Setup:
     st = structure(model, adapted, train.quant, train.double_quant)
-    tseq = (train.target_seq or train.seq) if model.is_encoder_decoder else train.seq
+    tseq = (train.target_seq if train.target_seq is not None else train.seq) if model.is_encoder_decoder else train.seq
     shape = Shape(b=train.batch, seq=train.seq, tseq=tseq, r=lora.rank, dropout=lora.dropout)
     return Setup(st, train, choose_attention(model, train, compute_capability), shape)
+
+
+def device_totals(peak_allocated, paged, cal: Calibration):
+    """(peak reserved, device total, CUDA context) from peak allocated: ints, or int64 arrays.
+
+    reserved = allocated × (1 + reserved_over_allocated_ratio) (caching-allocator slack);
+    device total (NVML used) = reserved + cuda_context_bytes + paged optimizer buffers, which
+    live in managed memory outside torch's allocator. Both coefficients come from the
+    calibration (priors until 'loraplan calibrate' fits them from profile records)."""
+    context = int(cal.get("cuda_context_bytes", 768 * MiB))
+    reserved = peak_allocated * (1 + cal.get("reserved_over_allocated_ratio", 0.10))
+    reserved = int(reserved) if _is_scalar(reserved) else reserved.astype("int64")
+    return reserved, reserved + context + paged, context
 
 
 def estimate_memory(s: Setup, gpu: GpuSpec | None, cal: Calibration) -> MemoryEstimate:
@@ -927,9 +971,9 @@ def estimate_memory(s: Setup, gpu: GpuSpec | None, cal: Calibration) -> MemoryEs
     peak_name = max(totals, key=lambda k: totals[k])
     components = {k: int(v) for k, v in ms[peak_name].items() if v}
     peak = sum(components.values())
-    reserved = int(peak * (1 + cal.get("reserved_over_allocated_ratio", 0.10)))
-    outside = {"cuda_context_and_libraries": int(cal.get("cuda_context_bytes", 768 * MiB))}
     paged = int(paged_optimizer_state(st, x.r, s.train.optimizer))
+    reserved, device, context = device_totals(peak, paged, cal)
+    outside = {"cuda_context_and_libraries": context}
     if paged:
         outside["paged_optimizer_state"] = paged
     notes = []
@@ -948,7 +992,7 @@ def estimate_memory(s: Setup, gpu: GpuSpec | None, cal: Calibration) -> MemoryEs
         components=components,
         peak_allocated_bytes=peak,
         peak_reserved_bytes=reserved,
-        device_total_bytes=reserved + sum(outside.values()),
+        device_total_bytes=device,
         peak_moment=peak_name,
         moments=totals,
         outside_allocator_bytes=outside,

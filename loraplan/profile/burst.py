@@ -344,7 +344,7 @@ def run_burst(spec: dict, emit: Emit | None = None) -> dict[str, Any]:
             try:
                 model = cls.from_pretrained(path, attn_implementation=attn_impl, **kw)
             except ValueError as e:
-                if attn_impl != "sdpa" or "sdpa" not in str(e).lower():
+                if attn_impl != "sdpa" or not ("sdpa" in str(e).lower() or "scaled_dot_product_attention" in str(e)):
                     raise
                 model = cls.from_pretrained(path, attn_implementation="eager", **kw)
                 attn_label = f"eager (model has no sdpa: {str(e).splitlines()[0][:200]})"

@@ -247,6 +247,7 @@ def trace_step(model_config: dict, lora: LoraSpec, train: TrainSpec, gpu_compute
         h_pre.remove()
         h_post.remove()
         em.set_int8_outlier_policy(lambda cols: 0)
+        _drop_meta_caches()
 
     consts = em.constant_terms(gpu_compute_capability)
     const_bytes = sum(t["bytes"] for t in consts.values())
@@ -284,7 +285,12 @@ def _run(torch, transformers, auto, config, load_dtype, attn_impl, quantized, se
     gc = train.gradient_checkpointing
     with tracker.phase("setup"):
         with torch.device("meta"):
-            model = auto.from_config(config, dtype=load_dtype, attn_implementation=attn_impl)
+            try:
+                model = auto.from_config(config, dtype=load_dtype, attn_implementation=attn_impl)
+            except ValueError as e:  # a family without sdpa (gemma2): the protocol's load falls back
+                if attn_impl != "sdpa" or not ("sdpa" in str(e).lower() or "scaled_dot_product_attention" in str(e)):
+                    raise
+                model = auto.from_config(config, dtype=load_dtype, attn_implementation="eager")
         if quantized:
             _quantize_meta(model, train, torch)
         model.config.use_cache = False
@@ -418,3 +424,16 @@ def _default_outliers(model_config: dict, train: TrainSpec) -> tuple[float, set[
     T = train.batch * ((train.target_seq or train.seq) if spec.is_encoder_decoder else train.seq)
     leaves = {l.leaf for l in spec.linears if l.role in INT8_OUTLIER_ROLES}
     return random_init_outlier_fraction(spec, T), leaves
+
+
+def _drop_meta_caches() -> None:
+    """bitsandbytes caches its quantization maps per process (functional.name2qmap), made on the
+    first device that asks: after a trace they are meta tensors, which a later real load in the
+    same process cannot copy. Forget the meta ones."""
+    try:
+        import bitsandbytes.functional as bf
+    except ImportError:
+        return
+    for k, v in list(bf.name2qmap.items()):
+        if getattr(v, "is_meta", False):
+            del bf.name2qmap[k]

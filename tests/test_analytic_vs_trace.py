@@ -1,0 +1,52 @@
+"""The analytical ledger agrees with the meta-device trace of the real step (issue: trace mode).
+
+Small configs of each family (hidden 256, 2 layers; benchmarks/analytic_vs_trace.py shrinks
+the catalog entry), bf16 and nf4, PEFT-default targets and all-linear, checkpointing on and
+off: analytic peak allocated within 2% of the trace. The wide grid (all quantizations,
+optimizers, ranks, shapes) is the benchmark; falcon (masked attention in fp32) and T5/mT5
+(backward transients of the Python GELU) are not yet within 2% there and are left out here.
+"""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+pytest.importorskip("bitsandbytes")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from analytic_vs_trace import FAMILIES, small_config  # noqa: E402
+
+from loraplan.catalog import load_calibration, load_gpu, model_entries  # noqa: E402
+from loraplan.estimate.api import estimate  # noqa: E402
+from loraplan.hf import spec_from_config  # noqa: E402
+from loraplan.spec import LoraSpec, TrainSpec  # noqa: E402
+from loraplan.targets import default_targets  # noqa: E402
+
+CHECKED = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3", "gpt_neox", "opt"]
+GRID = [(q, t, gc) for q in ("bf16", "nf4") for t in ("default", "all-linear") for gc in (True, False)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", CHECKED)
+def test_analytic_within_2_percent_of_trace(family):
+    from loraplan.trace.run import trace_step
+
+    gpu = load_gpu("h100-sxm-80gb")
+    cal = load_calibration(gpu.id)
+    cfg = small_config(model_entries()[FAMILIES[family]]["config"])
+    model = spec_from_config(cfg, f"{family}-small")
+    worst = []
+    for quant, tgt, gc in GRID:
+        targets = default_targets(model) if tgt == "default" else (tgt,)
+        lora = LoraSpec(rank=8, alpha=16, dropout=0.05, targets=targets)
+        train = TrainSpec(quant=quant, batch=2, seq=256, gradient_checkpointing=gc)
+        analytic = estimate(model, lora, train, gpu, cal, with_time=False).memory.peak_allocated_bytes
+        traced = trace_step(cfg, lora, train, gpu.compute_capability)["peak_allocated_bytes"]
+        err = (analytic - traced) / traced
+        worst.append((abs(err), quant, tgt, gc, err))
+    bad = [w for w in worst if w[0] > 0.02]
+    assert not bad, f"{family}: analytic vs trace beyond 2%: {bad}"
