@@ -125,6 +125,9 @@ class TrainSpec:
     attention: str = "auto"
     #: int8 only: fraction of Linear input columns above the 6.0 outlier threshold (None: default)
     int8_outlier_fraction: float | None = None
+    #: where the step runs: "cuda" (what loraplan predicts for users) or "cpu" (the CI-checkable
+    #: profile path: math attention, unfused dropout, no cuBLAS workspaces, int8 via MatMul8bitFp)
+    device: str = "cuda"
 
 
 @dataclass(frozen=True)

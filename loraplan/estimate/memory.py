@@ -121,6 +121,7 @@ class Structure:
     mlp_out_adapted_in: dict = field(default_factory=dict)
     #: distinct (stack, MLP-out role?, in, out) of the frozen layer Linears
     linear_shapes: tuple = ()
+    device: str = "cuda"
 
     @property
     def stream_bytes(self) -> int:
@@ -136,20 +137,21 @@ class Structure:
 _STRUCTURE_CACHE: dict[tuple, tuple[ModelSpec, Structure]] = {}
 
 
-def structure(model: ModelSpec, adapted: tuple[LinearSpec, ...], quant: str, double_quant: bool) -> Structure:
-    """The cached Structure of a model with these adapted Linears and this quantization."""
-    key = (id(model), tuple(l.name for l in adapted), quant, bool(double_quant))
+def structure(model: ModelSpec, adapted: tuple[LinearSpec, ...], quant: str, double_quant: bool,
+              device: str = "cuda") -> Structure:
+    """The cached Structure of a model with these adapted Linears, this quantization and device."""
+    key = (id(model), tuple(l.name for l in adapted), quant, bool(double_quant), device)
     hit = _STRUCTURE_CACHE.get(key)
     if hit is not None and hit[0] is model:
         return hit[1]
-    st = _build_structure(model, adapted, quant, bool(double_quant))
+    st = _build_structure(model, adapted, quant, bool(double_quant), device)
     if len(_STRUCTURE_CACHE) > 4096:
         _STRUCTURE_CACHE.clear()
     _STRUCTURE_CACHE[key] = (model, st)
     return st
 
 
-def _build_structure(model: ModelSpec, adapted, quant: str, dq: bool) -> Structure:
+def _build_structure(model: ModelSpec, adapted, quant: str, dq: bool, device: str = "cuda") -> Structure:
     sizes: Counter = Counter()
     lin_in: dict[str, float] = {}
     lin_n: dict[str, float] = {}
@@ -193,7 +195,15 @@ def _build_structure(model: ModelSpec, adapted, quant: str, dq: bool) -> Structu
         first_layer_attn_in_adapted=first_attn_in, mlp_out_adapted_in=mlp_out,
         linear_shapes=tuple(sorted({(l.stack, l.role in INT8_OUTLIER_ROLES, l.in_features, l.out_features)
                                     for l in model.linears if l.role != "lm_head" and l.layer is not None})),
+        device=device,
     )
+
+
+def _mask_bytes(st: Structure, input_bytes: int) -> int:
+    """Bytes per element a dropout keeps besides its output: CUDA's fused native_dropout a bool
+    mask (1 B); on CPU ATen multiplies by a noise tensor of the input's dtype and keeps that
+    (aten/src/ATen/native/Dropout.cpp: the fused kernel is acceptable on CUDA/XPU only)."""
+    return 1 if st.device != "cpu" else input_bytes
 
 
 def effective_linear_quant(model: ModelSpec, quant: str) -> str:
@@ -248,6 +258,8 @@ def choose_attention(model: ModelSpec, train: TrainSpec, compute_capability: str
         return train.attention
     if model.arch.attention == "eager":
         return "eager"
+    if train.device == "cpu":  # loraplan profile --device cpu runs sdpa on the math backend
+        return "math"
     masked = model.arch.position == "relative_bias" or (
         model.arch.sliding_window is not None and train.seq > model.arch.sliding_window)
     cc = float(compute_capability) if compute_capability else 8.0
@@ -418,7 +430,7 @@ def lora_activations_per_layer(st: Structure, x: Shape, stack: str, T):
     """Bytes peft's LoRA branch saves per layer, for each adapted Linear [out, in]:
 
     - dropout p > 0: the fp32 dropout output (4·T·in, lora_A's input) + the fused dropout's
-      bool mask (1·T·in; CUDA native_dropout) -> 5·T·in;
+      bool mask (1·T·in; CUDA native_dropout) -> 5·T·in (CPU: an fp32 noise tensor, 8·T·in);
     - p = 0 (nn.Identity): lora_A saves its input: the fp32 cast copy (4·T·in) of a bf16/fp16
       stream, one per module (peft Linear.forward: ``x = self._cast_input_dtype(x, lora_A.dtype)``),
       or the fp32 stream tensor itself (already alive: 0 extra);
@@ -427,7 +439,7 @@ def lora_activations_per_layer(st: Structure, x: Shape, stack: str, T):
     """
     in_sum = st.lora_in_per_layer.get(stack, 0.0)
     n = st.lora_count_per_layer.get(stack, 0.0)
-    per_in = _where(x.dropout > 0, 5, 0 if st.stream_bytes == 4 else 4)
+    per_in = _where(x.dropout > 0, 4 + _mask_bytes(st, 4), 0 if st.stream_bytes == 4 else 4)
     return per_in * T * in_sum + n * 4 * T * x.r
 
 
@@ -472,10 +484,10 @@ def _attention_core_saved(st: Structure, kind: str, T, b, seq, kv_seq):
     scores = b * n_h * seq * kv_seq
     qkv = a * T * n_h * d + 2 * a * b * kv_seq * n_h * d  # k, v repeated to n_h heads
     if kind == "math":
-        # aten _scaled_dot_product_attention_math: q·√scale, (k·√scale)ᵀ and v (repeated for
-        # enable_gqa) and the softmax output (input dtype) are saved; the scores before the
-        # softmax and the output are not.
-        return qkv + a * scores
+        # aten _scaled_dot_product_attention_math keeps its intermediates in fp32 for half inputs
+        # (torch docs): q·√scale, (k·√scale)ᵀ and v (repeated for enable_gqa) and the softmax
+        # output are saved in fp32; the scores before the softmax and the output are not.
+        return 4 * (T * n_h * d + 2 * b * kv_seq * n_h * d) + 4 * scores
     # eager (transformers eager_attention_forward, repeat_kv): the fp32 softmax (4 B) and its
     # cast back to the stream dtype (a B, a no-op for an fp32 stream) are saved; logit
     # softcapping (gemma2) keeps tanh's output too (a B).
@@ -523,11 +535,12 @@ def model_dropout_masks_per_layer(st: Structure, T, stack: str):
     m = st.model
     if not hidden_dropout(m):
         return 0
+    k = _mask_bytes(st, st.stream_bytes)
     if _t5_style(m):
         sub = 2 if stack == "encoder" else 3
-        return sub * T * m.hidden_size + T * m.intermediate_size
+        return k * (sub * T * m.hidden_size + T * m.intermediate_size)
     if m.model_type == "opt":
-        return 2 * T * m.hidden_size
+        return k * 2 * T * m.hidden_size
     return 0
 
 
@@ -642,7 +655,7 @@ def first_layer_not_saved(st: Structure, kind: str, x: Shape):
     m = st.model
     first = "encoder" if m.is_encoder_decoder else "decoder"
     T = x.T_enc if first == "encoder" else x.T
-    not_saved = norm_saved(st, T) + _where(x.dropout > 0, 1, 0) * T * st.first_layer_attn_in_adapted
+    not_saved = norm_saved(st, T) + _where(x.dropout > 0, _mask_bytes(st, 4), 0) * T * st.first_layer_attn_in_adapted
     if not st.first_layer_attn_in_adapted:
         seq = x.seq if first == "encoder" else x.tseq
         not_saved = not_saved + attention_saved_per_layer(st, kind, T, x.b, seq, seq)
@@ -729,7 +742,7 @@ def layer_backward_transients(st: Structure, x: Shape):
     four_bit = st.linear_quant in FOUR_BIT
     D_ad = st.mlp_out_adapted_in.get("decoder", 0.0)  # Σ adapted MLP-out inputs (≈ I or 0)
     adapted = 1 if D_ad else 0
-    l_saved = _where(x.dropout > 0, 5, 0 if a == 4 else 4) * T * D_ad
+    l_saved = _where(x.dropout > 0, 4 + _mask_bytes(st, 4), 0 if a == 4 else 4) * T * D_ad
     lora_grad_peak = adapted * (4 + (a if a != 4 else 0)) * T * I
     lora_grad_held = adapted * (a if a != 4 else 4) * T * I
     base = (deq + 2 * T * I) if four_bit else (deq + a * T * I if deq else a * T * I)
@@ -807,7 +820,9 @@ def int8_retained_per_step(st: Structure, x: Shape, outlier_fraction=None):
     for stack, in_sum in st.int8_inputs_per_layer.items():
         T = x.T_enc if stack == "encoder" else x.T
         L = _stack_layers(m, stack)
-        if outlier_fraction is None:
+        if st.device == "cpu":  # MatMul8bitFp keeps ctx.A only: no outlier columns
+            sub = 0
+        elif outlier_fraction is None:
             sub = default_int8_outlier_fraction(st, T) * st.int8_outlier_in_per_layer.get(stack, 0.0)
         else:
             sub = outlier_fraction * st.int8_all_in_per_layer.get(stack, 0.0)
@@ -844,6 +859,8 @@ def int8_matmul_transient(st: Structure, x: Shape, outlier_fraction=None):
     if st.linear_quant != "int8":
         return 0
     a = st.stream_bytes
+    if st.device == "cpu":  # MatMul8bitFp dequantizes the whole weight to A's dtype, then linear
+        return max((n_in * n_out for _, _, n_in, n_out in st.linear_shapes), default=0) * a
     cast = 0 if a == 4 else a
     best = 0
     for stack, outlier_role, n_in, n_out in st.linear_shapes:
@@ -856,12 +873,14 @@ def int8_matmul_transient(st: Structure, x: Shape, outlier_fraction=None):
     return best
 
 
-def cuda_workspaces(gpu: GpuSpec | None, cal: Calibration) -> int:
+def cuda_workspaces(gpu: GpuSpec | None, cal: Calibration, device: str = "cuda") -> int:
     """cuBLAS/cuBLASLt workspaces, allocated through the caching allocator but invisible to a
     dispatch trace: one per handle, and training uses two (the forward thread's and autograd's
     backward thread's). torch/csrc/cuda/CublasHandlePool.cpp default CUBLAS_WORKSPACE_CONFIG:
     ':4096:8' (32 MiB) on sm90+, ':4096:2:16:8' (8.125 MiB) before. The H100 bf16 reference
     cases sit 64 MiB above a dispatch trace (trace-notes.md)."""
+    if device == "cpu":
+        return 0
     cc = float(gpu.compute_capability) if gpu and gpu.compute_capability else 9.0
     per = cal.get("cublas_workspace_bytes_sm90", 32 * MiB) if cc >= 9.0 else cal.get(
         "cublas_workspace_bytes_pre_sm90", 8.125 * MiB)
@@ -882,7 +901,7 @@ def moments(st: Structure, train: TrainSpec, kind: str, x: Shape, gpu: GpuSpec |
         "unquantized_weights": st.unquantized_weights,
         "lora_weights": lora_weights(st, x.r),
         "optimizer_state": optimizer_state(st, x.r, opt),
-        "cuda_workspaces": cuda_workspaces(gpu, cal),
+        "cuda_workspaces": cuda_workspaces(gpu, cal, st.device),
         "allocator_overhead": int(cal.get("allocator_overhead_bytes", 0)),
     }
     acts = saved_activations(st, kind, x, train.gradient_checkpointing)
@@ -944,7 +963,7 @@ class Setup:
 
 def make_setup(model: ModelSpec, lora, train: TrainSpec, adapted: tuple[LinearSpec, ...],
                compute_capability: str | None = "9.0") -> Setup:
-    st = structure(model, adapted, train.quant, train.double_quant)
+    st = structure(model, adapted, train.quant, train.double_quant, train.device)
     tseq = (train.target_seq if train.target_seq is not None else train.seq) if model.is_encoder_decoder else train.seq
     shape = Shape(b=train.batch, seq=train.seq, tseq=tseq, r=lora.rank, dropout=lora.dropout)
     return Setup(st, train, choose_attention(model, train, compute_capability), shape)

@@ -143,7 +143,9 @@ def make_cpu_tracker():
     try:
         from ..trace.tracker import LiveTensorTracker
 
-        return LiveTensorTracker(round_to=None, device="cpu")
+        # counted in 512-byte blocks, as CUDA's caching allocator counts max_memory_allocated,
+        # so a CPU record and a CUDA prediction use the same unit (tensors < 512 B count 512)
+        return LiveTensorTracker(round_to=512, device="cpu")
     except ImportError:
         from .cpu_tracker import LiveTensorTracker as Fallback
 

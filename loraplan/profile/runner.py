@@ -203,7 +203,9 @@ def estimate_for(case: Case, dev: DeviceInfo) -> tuple[dict | None, str | None, 
     try:
         gpu = load_gpu(gid)
         cal = load_calibration(gid)
-        est = estimate(case.model, case.lora, case.train, gpu, cal)
+        from dataclasses import replace
+
+        est = estimate(case.model, case.lora, replace(case.train, device=dev.device), gpu, cal)
         return est.to_dict(), gid, None
     except Exception as e:  # noqa: BLE001 - a failing estimate must not lose the measurement
         return None, gid, f"{type(e).__name__}: {e}"
