@@ -75,7 +75,7 @@ def main(argv=None) -> int:
         click.echo(f"error: unknown option {e.option_name}{hint}; see 'loraplan {_sub(argv)}--help'", err=True)
         return 2
     except click.exceptions.UsageError as e:
-        click.echo(f"error: {e.format_message()}; see 'loraplan {_sub(argv)}--help'", err=True)
+        click.echo(f"error: {e.format_message().rstrip('.')}; see 'loraplan {_sub(argv)}--help'", err=True)
         return 2
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
