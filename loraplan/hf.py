@@ -331,7 +331,7 @@ def _falcon(cfg, name):
     # FalconLinear subclasses nn.Linear: transformers' bnb integration leaves it unquantized.
     arch = ArchSpec(mlp="plain", norm="layer", parallel_attn=parallel,
                     position="alibi" if cfg.get("alibi", False) else "rope", norms_per_layer=len(norms),
-                    bnb_converts_linears=False)
+                    bnb_converts_linears=False, sdpa_mask=True)
     return _spec(cfg, name, mt, h=h, L=L, n_h=n_h, n_kv=n_kv, d=d, inter=F, V=V,
                  tie=bool(cfg.get("tie_word_embeddings", True)), linears=linears, others=others,
                  arch=arch, max_pos=cfg.get("max_position_embeddings", 2048))

@@ -65,6 +65,9 @@ class ArchSpec:
     #: False when the family's Linears are nn.Linear subclasses (FalconLinear) that transformers'
     #: bitsandbytes integration does not convert (``type(module) is nn.Linear``)
     bnb_converts_linears: bool = True
+    #: the family passes an explicit additive causal mask to sdpa (falcon), which rules out flash
+    #: and is saved by mem-efficient attention
+    sdpa_mask: bool = False
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,8 @@
 Small configs of each family (hidden 256, 2 layers; benchmarks/analytic_vs_trace.py shrinks
 the catalog entry), bf16 and nf4, PEFT-default targets and all-linear, checkpointing on and
 off: analytic peak allocated within 2% of the trace. The wide grid (all quantizations,
-optimizers, ranks, shapes) is the benchmark; falcon (masked attention in fp32) and T5/mT5
-(backward transients of the Python GELU) are not yet within 2% there and are left out here.
+optimizers, ranks, shapes) is the benchmark. T5/mT5 are not yet within 2% (observed -3.2% to
++2.1%: the encoder-decoder backward transients are modelled coarsely) and are left out here.
 """
 
 import sys
@@ -26,7 +26,7 @@ from loraplan.hf import spec_from_config  # noqa: E402
 from loraplan.spec import LoraSpec, TrainSpec  # noqa: E402
 from loraplan.targets import default_targets  # noqa: E402
 
-CHECKED = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3", "gpt_neox", "opt"]
+CHECKED = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3", "gpt_neox", "opt", "falcon"]
 GRID = [(q, t, gc) for q in ("bf16", "nf4") for t in ("default", "all-linear") for gc in (True, False)]
 
 

@@ -117,6 +117,7 @@ class Structure:
     outlier_p: float  # per-element probability that an MLP-out input exceeds 6.0 (random init)
     #: the first layer the input meets: Σ in_features of its adapted attention-input Linears
     first_layer_attn_in_adapted: int = 0
+    first_layer_mlp_adapted: bool = False
     #: per stack: Σ over adapted MLP-out Linears (down, fc_out) of one layer of in_features
     mlp_out_adapted_in: dict = field(default_factory=dict)
     #: distinct (stack, MLP-out role?, in, out) of the frozen layer Linears
@@ -193,6 +194,8 @@ def _build_structure(model: ModelSpec, adapted, quant: str, dq: bool, device: st
         int8_inputs_per_layer=int8_inputs, int8_outlier_in_per_layer=outl, int8_all_in_per_layer=all_in,
         outlier_p=_p_silu_product_exceeds(sigma, 6.0) if effective_linear_quant(model, quant) == "int8" else 0.0,
         first_layer_attn_in_adapted=first_attn_in, mlp_out_adapted_in=mlp_out,
+        first_layer_mlp_adapted=any(l.stack == first_stack and l.layer == 0 and _input_group(l.role) in ("mlp_in", "down", "fc_out")
+                                    for l in adapted),
         linear_shapes=tuple(sorted({(l.stack, l.role in INT8_OUTLIER_ROLES, l.in_features, l.out_features)
                                     for l in model.linears if l.role != "lm_head" and l.layer is not None})),
         device=device,
@@ -260,7 +263,7 @@ def choose_attention(model: ModelSpec, train: TrainSpec, compute_capability: str
         return "eager"
     if train.device == "cpu":  # loraplan profile --device cpu runs sdpa on the math backend
         return "math"
-    masked = model.arch.position == "relative_bias" or (
+    masked = model.arch.position == "relative_bias" or model.arch.sdpa_mask or (
         model.arch.sliding_window is not None and train.seq > model.arch.sliding_window)
     cc = float(compute_capability) if compute_capability else 8.0
     if not masked and stream_dtype_bytes(train.quant) == 2 and model.head_dim <= 256 and cc >= 8.0:
@@ -480,6 +483,8 @@ def _attention_core_saved(st: Structure, kind: str, T, b, seq, kv_seq):
         # T5: the relative position bias (cross-attention: zeros) goes in as an additive mask
         # [1, n_h, s, kv] in the stream dtype, last dim padded to 16, and is saved for backward.
         bias = a * n_h * seq * (_ceil(kv_seq / 16) * 16) if _t5_style(m) else 0
+        if m.arch.sdpa_mask:  # falcon: the causal mask, made additive per call [b, 1, s, kv]
+            bias = a * b * seq * (_ceil(kv_seq / 16) * 16)
         return a * T * n_h * d * 2 + 2 * a * b * kv_seq * n_kv * d + 4 * b * n_h * (_ceil(seq / 32) * 32) + bias
     scores = b * n_h * seq * kv_seq
     qkv = a * T * n_h * d + 2 * a * b * kv_seq * n_h * d  # k, v repeated to n_h heads
@@ -608,9 +613,12 @@ def checkpoint_inputs(st: Structure, x: Shape, kind: str = "flash"):
     """Non-reentrant checkpointing keeps each checkpointed layer's inputs: L·a·T·h
     (torch/utils/checkpoint.py: the inputs are saved by _NoopSaveInputs for the recompute),
     and the mask passed to every layer: eager attention gets an additive [b, 1, s, s] mask in
-    the stream dtype (transformers masking_utils eager_mask), one tensor shared by all layers."""
+    the stream dtype (transformers masking_utils eager_mask), one tensor shared by all layers;
+    T5 passes its position biases (modeling_t5.py compute_bias) the same way."""
     m = st.model
     mask = st.stream_bytes * x.b * x.tseq * x.tseq if kind == "eager" else 0
+    if _t5_style(m):  # T5's position biases [1, n_h, s, s] (encoder, decoder self, cross: zeros)
+        mask = mask + st.stream_bytes * m.num_heads * (x.seq * x.seq + x.tseq * x.tseq + x.tseq * x.seq)
     return st.stream_bytes * m.hidden_size * (m.num_layers * x.T + m.num_encoder_layers * x.T_enc) + mask
 
 
@@ -659,6 +667,9 @@ def first_layer_not_saved(st: Structure, kind: str, x: Shape):
     if not st.first_layer_attn_in_adapted:
         seq = x.seq if first == "encoder" else x.tseq
         not_saved = not_saved + attention_saved_per_layer(st, kind, T, x.b, seq, seq)
+    if m.arch.parallel_attn and not st.first_layer_mlp_adapted:
+        # parallel attention (falcon, gpt-neox): the MLP reads the layer input directly
+        not_saved = not_saved + mlp_saved(st, T)
     return not_saved
 
 
@@ -722,7 +733,8 @@ def layer_backward_transients(st: Structure, x: Shape):
     - recompute / forward through an adapted down projection: its input (a·T·D) held while
       4-bit dequantizes the weight (W_dq = out·in·2 B) beside a bf16 copy of the input (2·T·D),
       before the LoRA branch exists (−l); then the LoRA branch's fp32 cast of a bf16/fp16
-      input (4·T·D) and lora_B's fp32 output with its scaled copy (8·T·h) beside the complete S;
+      input (4·T·D), the base output (a·T·h) and lora_B's fp32 output with its scaled copy
+      (8·T·h) beside the complete S;
     - backward through the down projection: the LoRA branch runs first (later autograd
       sequence number) and leaves its input gradient (dropout backward, fp32 4·T·D, cast to the
       stream dtype when a = 2); then the base: W_dq + its bf16 input gradient (2·T·D) for
@@ -751,11 +763,15 @@ def layer_backward_transients(st: Structure, x: Shape):
         -l_saved + _max(lora_grad_peak, lora_grad_held + base),  # down backward, base branch
         -l_saved + adapted * (lora_grad_held + 2 * a * T * I),  # down backward, the sum
     ]
+    if hidden_dropout(m) and _t5_style(m):
+        # T5's FFN dropout comes after the product: the recompute runs to it, making its output
+        candidates.append(-l_saved + a * T * I)
     if adapted:
         candidates.append(-l_saved + a * T * I + ((2 * T * I + deq) if four_bit else 0))  # recompute: base
         # recompute: LoRA branch of the down projection: its fp32 cast of a half input (held by
-        # peft's forward locals), and lora_B's fp32 output with its scaled copy (2·4·T·h)
-        candidates.append(a * T * I + (4 * T * I if a != 4 else 0) + 8 * T * m.hidden_size)
+        # peft's forward locals), the base output (a·T·h) and lora_B's fp32 output with its
+        # scaled copy (2·4·T·h)
+        candidates.append(a * T * I + (4 * T * I if a != 4 else 0) + (8 + a) * T * m.hidden_size)
     best = candidates[0]
     for c in candidates[1:]:
         best = _max(best, c)
