@@ -126,3 +126,21 @@ def spec_from_meta_build(cfg: Mapping[str, Any], name: str) -> ModelSpec:
         is_encoder_decoder=enc_dec,
         num_encoder_layers=int(getattr(text, "num_layers", 0) or 0) if enc_dec else 0,
     )
+
+
+def untie_like_checkpoint(model, cfg) -> None:
+    """Give the model its own lm_head when config.json says ``tie_word_embeddings: false``.
+
+    transformers 5.x forces T5Config/MT5Config.tie_word_embeddings=True, so ``from_config``
+    ties lm_head to the input embedding; ``from_pretrained`` of flan-t5 / mt0 checkpoints,
+    which hold a different lm_head, keeps it separate. Builds from a config (trace, profile's
+    random checkpoint) do the same here, so they match the real model (and the shape rules).
+    """
+    import torch
+
+    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    untied = cfg.get("tie_word_embeddings", cfg.get("model_type") != "mt5") is False
+    if untied and out is not None and inp is not None and out.weight is inp.weight:
+        out.weight = torch.nn.Parameter(torch.empty_like(out.weight))
+        if hasattr(model.config, "tie_word_embeddings"):
+            model.config.tie_word_embeddings = False

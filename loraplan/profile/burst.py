@@ -78,6 +78,11 @@ def ensure_model(name: str, config: dict, cache_dir: str | Path | None = None, e
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = _model_class(hf_config).from_config(hf_config, dtype=torch.bfloat16)
+    from .._meta import untie_like_checkpoint
+
+    untie_like_checkpoint(model, config)  # flan-t5/mt0: a separate lm_head, as their checkpoints have
+    if not model.config.tie_word_embeddings and model.get_output_embeddings() is not None:
+        torch.nn.init.normal_(model.get_output_embeddings().weight, std=0.02)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:

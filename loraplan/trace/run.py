@@ -235,7 +235,7 @@ def trace_step(model_config: dict, lora: LoraSpec, train: TrainSpec, gpu_compute
         with em.cuda_emulation(gpu_compute_capability, train.attention, log_sdpa), tracker:
             try:
                 result = _run(torch, transformers, auto, config, load_dtype, attn_impl, quantized, seq2seq,
-                              lora, train, steps, tracker, mod_names, stack,
+                              lora, train, steps, cfg, tracker, mod_names, stack,
                               LoraConfig, get_peft_model, prepare_model_for_kbit_training)
             except LoraplanError:
                 raise
@@ -281,6 +281,7 @@ def trace_step(model_config: dict, lora: LoraSpec, train: TrainSpec, gpu_compute
 
 
 def _run(torch, transformers, auto, config, load_dtype, attn_impl, quantized, seq2seq, lora, train, steps,
+         raw_config,
          tracker, mod_names, stack, LoraConfig, get_peft_model, prepare_model_for_kbit_training):
     gc = train.gradient_checkpointing
     with tracker.phase("setup"):
@@ -291,6 +292,9 @@ def _run(torch, transformers, auto, config, load_dtype, attn_impl, quantized, se
                 if attn_impl != "sdpa" or not ("sdpa" in str(e).lower() or "scaled_dot_product_attention" in str(e)):
                     raise
                 model = auto.from_config(config, dtype=load_dtype, attn_implementation="eager")
+            from .._meta import untie_like_checkpoint
+
+            untie_like_checkpoint(model, raw_config)
         if quantized:
             _quantize_meta(model, train, torch)
         model.config.use_cache = False
