@@ -51,6 +51,11 @@ class Measurement:
     versions: dict[str, str | None] = field(default_factory=dict)
     phases: dict[str, dict[str, int]] = field(default_factory=dict)  # memory phase peaks / currents
     error: str | None = None
+    #: the meta-device trace's predicted peak allocated (record's ``trace`` from ``profile --trace``,
+    #: or ``validate --trace``); None when the record has none or its trace failed
+    trace_peak_allocated_bytes: int | None = None
+    trace_peak_phase: str | None = None
+    trace_error: str | None = None  # why the record's trace failed
 
     @property
     def ok(self) -> bool:
@@ -191,7 +196,7 @@ def _read_reference(path: str | Path | None, out: MeasurementSet, data: dict | N
             peak_reserved_bytes=_int(c.get("peak_reserved_bytes")),
             nvml_peak_used_bytes=_int(c.get("nvml_peak_used_bytes")),
             nvml_baseline_used_bytes=_int(c.get("nvml_baseline_used_bytes")),
-            step_s=_float(c.get("step_s_median", c.get("step_s"))), versions=dict(versions)))
+            step_s=_float(c.get("step_s_median", c.get("step_s"))), versions=dict(versions), **trace_fields(c)))
 
 
 def versions_from_text(text: str) -> dict[str, str]:
@@ -284,8 +289,21 @@ def measurement_from_record(rec: dict[str, Any], source: str = "") -> Measuremen
         nvml_baseline_used_bytes=_int(nvml.get("baseline_used_bytes")) if nv_ok else _int(rec.get("nvml_baseline_used_bytes")),
         step_s=_float(step if step is not None else rec.get("step_s_median", rec.get("step_s"))),
         versions=dict(env.get("versions") or rec.get("versions") or {}),
-        phases=phases, error=rec.get("error"),
+        phases=phases, error=rec.get("error"), **trace_fields(rec),
     )
+
+
+def trace_fields(rec: dict[str, Any]) -> dict[str, Any]:
+    """The Measurement fields of a record's trace: its ``trace`` entry, or flat keys
+    ``trace_peak_allocated_bytes`` / ``trace_peak_phase``."""
+    tr = rec.get("trace")
+    if isinstance(tr, dict):
+        if tr.get("error"):
+            return {"trace_error": str(tr["error"])}
+        return {"trace_peak_allocated_bytes": _int(tr.get("peak_allocated_bytes")),
+                "trace_peak_phase": tr.get("peak_phase") or None}
+    return {"trace_peak_allocated_bytes": _int(rec.get("trace_peak_allocated_bytes")),
+            "trace_peak_phase": rec.get("trace_peak_phase") or None}
 
 
 # --------------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ def case_specs(case: dict, model: ModelSpec) -> tuple[LoraSpec, TrainSpec]:
         batch=int(case["batch"]), seq=int(case["seq"]), target_seq=case.get("target_seq"),
         gradient_checkpointing=bool(case["gradient_checkpointing"]), attention=case.get("attention", "auto"),
         int8_outlier_fraction=case.get("int8_outlier_fraction"),
+        device=case.get("device") or "cuda",
     )
     return lora, train
 

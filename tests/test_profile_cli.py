@@ -163,3 +163,46 @@ def test_t5_and_qwen2_configs_resolve_to_cases(tmp_path):
     assert c5.model.model_type == "t5" and c5.train.target_seq == 16 and c5.lora.targets == ("q", "v")
     (cq,) = build_cases([{"model": str(q), "quant": "nf4", "targets": "all-linear"}])
     assert cq.model.model_type == "qwen2" and cq.train.double_quant is True
+
+
+def test_profile_trace_stores_the_trace_beside_the_measurement(work):
+    out = work["root"] / "trace.jsonl"
+    t0 = time.time()
+    p = run_cli(*base_args(work, out, "--quant", "bf16", "--optimizer", "sgd", "--trace"))
+    assert p.returncode == 0, p.stderr
+    (rec,) = lines(out)
+    assert rec["status"] == "ok" and rec["memory"]["peak_allocated_bytes"] > 0
+    tr = rec["trace"]
+    assert "error" not in tr, tr
+    assert tr["peak_allocated_bytes"] > 0 and tr["peak_phase"] in ("forward", "backward", "optimizer")
+    assert sum(tr["components"].values()) == tr["peak_allocated_bytes"]
+    assert tr["phase_peaks"] and tr["versions"]["torch"] and tr["elapsed_s"] >= 0
+    assert tr["gpu"] == "h100-sxm-80gb" and tr["gpu_compute_capability"] == "9.0"
+    # a CPU burst: the trace (and any CUDA figure) is marked as not comparable with it
+    assert tr["comparable_with_measurement"] is False and "not comparable" in rec["comparable"]
+    assert "peak trace" in p.stdout and "n/c" in p.stdout
+    from loraplan.measurements import measurement_from_record
+
+    assert measurement_from_record(rec).trace_peak_allocated_bytes == tr["peak_allocated_bytes"]
+    assert time.time() - t0 < 60
+
+
+def test_trace_failure_never_loses_the_measurement(work, tmp_path, monkeypatch):
+    from loraplan.profile import runner
+    from loraplan.profile.runner import DeviceInfo, build_cases, profile
+
+    def boom(*a, **k):
+        from loraplan.trace import TraceError
+
+        raise TraceError("the meta-device trace failed at op 'aten::x'")
+
+    import loraplan.trace
+
+    monkeypatch.setattr(loraplan.trace, "run_trace_subprocess", boom)
+    (case,) = build_cases([{"model": str(work["llama"]), "quant": "bf16", "optimizer": "sgd", "seq": 16, "rank": 4}])
+    out = tmp_path / "fail.jsonl"
+    (res,) = profile([case], DeviceInfo("cpu", "cpu"), out=out, steps=2, warmup=1, timeout=120,
+                     cache_dir=str(work["cache"]), trace=True)
+    (rec,) = lines(out)
+    assert rec["status"] == "ok" and rec["memory"]["peak_allocated_bytes"] > 0
+    assert "aten::x" in rec["trace"]["error"] and runner.traced_peak(rec) is None

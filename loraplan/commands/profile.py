@@ -50,12 +50,20 @@ def _fmt_s(x) -> str:
               help="Where random-weight checkpoints are kept [default: ~/.cache/loraplan/models]")
 @click.option("--grid", "grid_file", type=click.Path(dir_okay=False), default=None,
               help="TOML/JSON grid: option names as keys, a value or a list each; command-line options win")
-def profile_command(gpu, device, steps, warmup, timeout, force, out, cache_dir, grid_file, **opts):
+@click.option("--trace/--no-trace", "trace", default=False, show_default=True,
+              help="Also run the meta-device trace of each case (its CUDA step on the estimate's GPU, ~2-8 s) "
+                   "and store it in the record beside the analytic estimate")
+@click.option("--trace-timeout", type=click.FloatRange(min=0, min_open=True), default=300.0, show_default=True,
+              help="Seconds one case's trace may take")
+def profile_command(gpu, device, steps, warmup, timeout, force, out, cache_dir, grid_file, trace, trace_timeout,
+                    **opts):
     """Run short real training bursts and record memory and time, one JSON line per case.
 
     Cases already in the records file are skipped (use --force to redo them). Each case runs in
     its own process with a time limit; OOM, timeout and errors are recorded with the phase
-    reached. Example: loraplan profile --model qwen2.5-0.5b --quant nf4,bf16 --seq 512:2048:x2
+    reached. With --trace each record also holds the meta-device trace's prediction (analytic,
+    trace and measured side by side; a trace failure is recorded, never fatal). Example:
+    loraplan profile --model qwen2.5-0.5b --quant nf4,bf16 --seq 512:2048:x2
     """
     from ..errors import InputError
     from ..profile.grid import load_grid_file, merge_grids
@@ -118,7 +126,8 @@ def profile_command(gpu, device, steps, warmup, timeout, force, out, cache_dir, 
     with progress:
         overall = progress.add_task("cases", total=len(cases), phase="", peak="")
         results = profile(cases, dev, out=path, force=force, steps=steps, warmup=warmup, timeout=timeout,
-                          cache_dir=cache_dir, on_event=on_event, on_warning=lambda m: err.print(f"warning: {m}"))
+                          cache_dir=cache_dir, on_event=on_event, on_warning=lambda m: err.print(f"warning: {m}"),
+                          trace=trace, trace_timeout=trace_timeout)
     _summary(results, dev)
 
 
@@ -126,11 +135,17 @@ def _summary(results, dev) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from ..profile.runner import estimated_peak, measured_peak
+    from ..profile.runner import estimated_peak, measured_peak, traced_peak
 
     con = Console(file=sys.stdout, width=max(Console().width, 140))
-    t = Table(title="measured vs estimated" + (" (CPU run: not comparable with a GPU estimate)" if dev.device == "cpu" else ""))
-    for col in ("case", "status", "peak measured", "peak estimated", "diff", "step measured", "step estimated", "tokens/s"):
+    with_trace = any("trace" in (r.record or {}) for r in results)
+    t = Table(title="measured vs estimated" + (" (CPU run: not comparable with a GPU estimate)" if dev.device == "cpu" else "")
+              + ("; trace: CUDA figure, n/c = not comparable with the CPU measurement" if dev.device == "cpu" and with_trace else ""))
+    cols = ["case", "status", "peak measured", "peak estimated", "diff"]
+    if with_trace:
+        cols += ["peak trace", "trace diff"]
+    cols += ["step measured", "step estimated", "tokens/s"]
+    for col in cols:
         t.add_column(col, justify="left" if col in ("case", "status") else "right")
     for r in results:
         rec = r.record or {}
@@ -140,12 +155,24 @@ def _summary(results, dev) -> None:
         te = ((rec.get("estimate") or {}).get("time") or {}).get("step_s")
         tps = (rec.get("time") or {}).get("tokens_per_s")
         status = rec.get("status", "?") + (" (recorded)" if r.skipped else "")
-        t.add_row(r.case.label, status, _fmt_bytes(m), _fmt_bytes(e), diff, _fmt_s(tm), _fmt_s(te),
-                  f"{tps:,.0f}" if tps else "-")
+        row = [r.case.label, status, _fmt_bytes(m), _fmt_bytes(e), diff]
+        if with_trace:
+            tp = traced_peak(rec)
+            if "trace" not in rec:
+                row += ["-", ""]
+            elif tp is None:
+                row += ["failed", ""]
+            else:
+                row += [_fmt_bytes(tp), "n/c" if dev.device == "cpu" else f"{(tp - m) / m * 100:+.1f}%" if m else "-"]
+        row += [_fmt_s(tm), _fmt_s(te), f"{tps:,.0f}" if tps else "-"]
+        t.add_row(*row)
     con.print(t)
     why = {rec.get("estimate_error") for rec in (r.record or {} for r in results) if rec.get("estimate_error")}
     for w in sorted(why)[:3]:
         con.print(f"[dim]no estimate: {w}[/]")
+    tr_why = {(rec.get("trace") or {}).get("error") for rec in (r.record or {} for r in results)} - {None}
+    for w in sorted(tr_why)[:3]:
+        con.print(f"[dim]no trace: {w}[/]")
 
 
 command = profile_command

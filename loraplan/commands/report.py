@@ -89,21 +89,33 @@ def _as_options(d: dict) -> dict:
               help="Calibration file from 'loraplan calibrate' [default: built-in per GPU]")
 @click.option("--out", default="reports", show_default=True, help="Folder to write into")
 @click.option("--name", default="validation", show_default=True, help="File name stem")
-def validation_command(records, gpu, calibration_file, out, name):
-    """Estimates vs measured RECORDS (profiles/*.jsonl, reference files, or 'reference')."""
+@click.option("--case", "case", default=None,
+              help="Only cases whose id contains one of these comma-separated substrings")
+@click.option("--trace/--no-trace", "trace", default=False, show_default=True,
+              help="Run the meta-device trace for records that have none (~2-8 s per case, torch needed)")
+@click.option("--trace-timeout", type=click.FloatRange(min=0, min_open=True), default=300.0, show_default=True,
+              help="Seconds one case's trace may take")
+def validation_command(records, gpu, calibration_file, out, name, case, trace, trace_timeout):
+    """Estimates vs measured RECORDS (profiles/*.jsonl, reference files, or 'reference').
+
+    Records with a meta-device trace ('profile --trace', or --trace here) show analytic, trace
+    and measured side by side."""
     from ..catalog import load_calibration
     from ..measurements import load_measurements, select
     from ..report.document import ensure_writable, require_report_extra
-    from ..report.validation import validate
+    from ..report.validation import filter_cases, validate
     from ..report.validation_report import validation_document
+    from .validate import traced
 
     require_report_extra()
     ensure_writable(out)
     ms = load_measurements(list(records) or None)
     for p in ms.problems:
         click.echo(f"warning: {p}", err=True)
-    items = select(ms, gpu, need_ok=False)
+    items = filter_cases(select(ms, gpu, need_ok=False), case)
     select(items, need_ok=True)
+    if trace:
+        items = traced(items, trace_timeout)
     v = validate(items, lambda gid: load_calibration(gid, calibration_file),
                  calibration_label=calibration_file or "built-in")
     doc = validation_document(v, sources=[_short_path(f) for f in ms.files])

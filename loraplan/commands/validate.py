@@ -24,7 +24,14 @@ class ErrorAboveThreshold(LoraplanError):
 @click.option("--check", default="allocated", show_default=True,
               help=f"Metrics --max-error applies to: comma list of {', '.join(METRICS)}, or 'all'")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
-def validate_command(records, gpu, calibration_file, max_error, check, fmt):
+@click.option("--case", "case", default=None,
+              help="Only cases whose id contains one of these comma-separated substrings (e.g. --case l2-7b-nf4-r8-qv)")
+@click.option("--trace/--no-trace", "trace", default=False, show_default=True,
+              help="Run the meta-device trace for records that have none (~2-8 s per case, torch needed), "
+                   "so analytic, trace and measured stand side by side")
+@click.option("--trace-timeout", type=click.FloatRange(min=0, min_open=True), default=300.0, show_default=True,
+              help="Seconds one case's trace may take")
+def validate_command(records, gpu, calibration_file, max_error, check, fmt, case, trace, trace_timeout):
     """Compare loraplan's estimate with measured records, case by case.
 
     \b
@@ -33,24 +40,30 @@ def validate_command(records, gpu, calibration_file, max_error, check, fmt):
     Per case: predicted vs measured peak allocated, peak reserved, device total (NVML) and
     step time with signed errors ((predicted - measured) / measured); weights and optimizer
     state where the record's phase peaks allow; MAPE and worst per metric. Records taken with
-    other library versions than the estimator was checked on are flagged.
+    other library versions than the estimator was checked on are flagged. Records with a
+    meta-device trace ('profile --trace', or --trace here) add the trace's predicted peak
+    allocated and its error beside the analytic one (metric 'trace' for --check).
     """
     from ..catalog import load_calibration
     from ..errors import InputError
     from ..measurements import load_measurements, select
-    from ..report.validation import validate
+    from ..report.validation import TRACE, filter_cases, validate
 
+    allowed = list(METRICS) + [TRACE]
     checks = list(METRICS) if check.strip().lower() == "all" else [c.strip().lower() for c in check.split(",") if c.strip()]
-    bad = [c for c in checks if c not in METRICS]
+    bad = [c for c in checks if c not in allowed]
     if bad or not checks:
-        raise InputError(f"--check '{check}' must be a comma list of {', '.join(METRICS)} or 'all'")
+        raise InputError(f"--check '{check}' must be a comma list of {', '.join(allowed)} or 'all'")
     if max_error is not None and max_error < 0:
         raise InputError(f"--max-error {max_error:g} must be a percentage >= 0 (e.g. 5)")
     ms = load_measurements(list(records) or None)
     for p in ms.problems:
         click.echo(f"warning: {p}", err=True)
     items = select(ms, gpu, need_ok=False)
+    items = filter_cases(items, case)
     select(items, need_ok=True)  # at least one successful case, else a one-line error
+    if trace:
+        items = traced(items, trace_timeout)
     cache: dict = {}
 
     def cal_for(gid):
@@ -59,6 +72,9 @@ def validate_command(records, gpu, calibration_file, max_error, check, fmt):
         return cache[gid]
 
     v = validate(items, cal_for, calibration_label=calibration_file or "built-in")
+    if max_error is not None and TRACE in checks and not v.has_trace:
+        raise InputError("--check trace needs records with a meta-device trace; add --trace "
+                         "(or record them with 'loraplan profile --trace')")
     if fmt == "json":
         from ..render import to_json
 
@@ -76,22 +92,45 @@ def validate_command(records, gpu, calibration_file, max_error, check, fmt):
                                       f"{max_error:g}%; fix the estimate or raise the threshold")
         click.echo(f"ok: every {', '.join(checks)} error is within {max_error:g}%", err=True)
 
+def traced(items, timeout_s: float):
+    """``add_traces`` with one progress line per case on stderr."""
+    from ..report.validation import add_traces
+
+    n = sum(1 for m in items if m.ok and m.trace_peak_allocated_bytes is None)
+    if n:
+        click.echo(f"tracing {n} case(s) on the meta device ...", err=True)
+
+    def done(m, k, total):
+        what = f"{m.trace_peak_allocated_bytes / 2**30:.3f} GiB" if m.trace_error is None else f"failed: {m.trace_error[:160]}"
+        click.echo(f"  trace {k}/{total} {m.id}: {what}", err=True)
+
+    return add_traces(items, timeout_s=timeout_s, on_done=done)
+
+
 def print_table(v) -> None:
     from rich.console import Console
     from rich.table import Table
 
     from ..render import gib
-    from ..report.validation import label
+    from ..report.validation import TRACE, label
 
     con = Console(width=max(Console().width, 160))
     metrics = [m for m in METRICS if m in v.summary]
-    t = Table(title=f"estimate vs measurement (calibration: {v.calibration}; GiB, s; error = (pred - meas) / meas)",
-              title_justify="left")
+    with_trace = v.has_trace
+
+    def head(m):
+        return "peak allocated (analytic)" if m == "allocated" and with_trace else label(m)
+
+    t = Table(title=f"estimate vs measurement (calibration: {v.calibration}; GiB, s; error = (pred - meas) / meas)"
+              + ("; trace = meta-device trace of the real step" if with_trace else ""), title_justify="left")
     t.add_column("case")
     t.add_column("status")
     for m in metrics:
-        t.add_column(f"{label(m)}\npred / meas", justify="right")
+        t.add_column(f"{head(m)}\npred / meas", justify="right")
         t.add_column("error", justify="right")
+        if m == "allocated" and with_trace:
+            t.add_column("trace\npred", justify="right")
+            t.add_column("trace\nerror", justify="right")
     t.add_column("flags")
     for c in v.cases:
         row = [c.id, c.status]
@@ -101,10 +140,13 @@ def print_table(v) -> None:
                 row += [(f"{p:.3f} / {y:.3f}" if m == "step" else f"{gib(p)} / {gib(y)}"), f"{100 * c.error(m):+.2f}%"]
             else:
                 row += ["-", ""]
+            if m == "allocated" and with_trace:
+                e = c.error(TRACE)
+                row += [gib(c.trace[0]), "n/c" if e is None else f"{100 * e:+.2f}%"] if c.trace else ["-", ""]
         row.append("; ".join(c.flags))
         t.add_row(*row)
     con.print(t)
-    comps = [k for k in v.summary if k not in METRICS]
+    comps = v.component_keys
     if comps:
         ct = Table(title="ledger components checked from phase peaks (GiB)", title_justify="left")
         for col in ("case", "component", "predicted", "measured", "error"):
@@ -114,7 +156,7 @@ def print_table(v) -> None:
                 ct.add_row(c.id, k.replace("_", " "), gib(p), gib(y), f"{100 * c.error(k):+.2f}%")
         con.print(ct)
     for k, s in v.summary.items():
-        con.print(f"{label(k):22s} MAPE {100 * s['mape']:6.2f}%  worst {100 * s['worst']:+7.2f}% ({s['worst_case']})  "
+        con.print(f"{head(k):25s} MAPE {100 * s['mape']:6.2f}%  worst {100 * s['worst']:+7.2f}% ({s['worst_case']})  "
                   f"bias {100 * s['bias']:+6.2f}%  cases {s['n']}")
     flagged = [c.id for c in v.cases if any("expected" in f for f in c.flags)]
     if flagged:

@@ -197,9 +197,9 @@ def estimate_for(case: Case, dev: DeviceInfo) -> tuple[dict | None, str | None, 
         from ..estimate.api import estimate
     except ImportError as e:
         return None, None, f"loraplan.estimate.api is not available ({e})"
-    from ..catalog import gpu_entries, load_calibration, load_gpu
+    from ..catalog import load_calibration, load_gpu
 
-    gid = dev.gpu_id if dev.device == "cuda" and dev.gpu_id in gpu_entries() else (case.gpu or "h100-sxm-80gb")
+    gid = estimate_gpu_id(case, dev)
     try:
         gpu = load_gpu(gid)
         cal = load_calibration(gid)
@@ -209,6 +209,45 @@ def estimate_for(case: Case, dev: DeviceInfo) -> tuple[dict | None, str | None, 
         return est.to_dict(), gid, None
     except Exception as e:  # noqa: BLE001 - a failing estimate must not lose the measurement
         return None, gid, f"{type(e).__name__}: {e}"
+
+
+def estimate_gpu_id(case: Case, dev: DeviceInfo) -> str:
+    """The GPU whose estimate goes beside the measurement: the detected GPU when the catalog has it
+    (CUDA runs), else the case's --gpu, else h100-sxm-80gb."""
+    from ..catalog import gpu_entries
+
+    return dev.gpu_id if dev.device == "cuda" and dev.gpu_id in gpu_entries() else (case.gpu or "h100-sxm-80gb")
+
+
+#: what a record keeps of ``run_trace_subprocess``'s result
+TRACE_KEYS = ("peak_allocated_bytes", "components", "phase_peaks", "peak_phase", "versions", "elapsed_s")
+
+
+def trace_for(case: Case, dev: DeviceInfo, timeout: float = 300.0) -> dict:
+    """The meta-device trace of the case's CUDA step, for the record's ``trace`` entry.
+
+    The TrainSpec goes in as given (device "cuda" semantics: the trace predicts the CUDA figure,
+    even for a --device cpu burst) with the compute capability of the estimate's GPU. Never
+    raises: a failure is ``{"error": "..."}`` (a trace failure must not lose the measurement).
+    """
+    gid = estimate_gpu_id(case, dev)
+    out: dict[str, Any] = {"gpu": gid}
+    try:
+        from ..catalog import load_gpu
+        from ..trace import run_trace_subprocess
+
+        cc = load_gpu(gid).compute_capability or "9.0"
+        out["gpu_compute_capability"] = cc
+        tr = run_trace_subprocess(dict(case.model.config), case.lora, case.train, cc, timeout_s=timeout)
+        out.update({k: tr.get(k) for k in TRACE_KEYS})
+        out["peak_allocated_bytes"] = int(tr["peak_allocated_bytes"])
+    except Exception as e:  # noqa: BLE001 - recorded, never fatal
+        out = {"error": f"{type(e).__name__}: {e}", "gpu": gid}
+    if dev.device == "cpu":
+        out["comparable_with_measurement"] = False
+        out["note"] = (f"CUDA figure for {gid}: not comparable with this --device cpu measurement (the record's "
+                       f"'estimate' is the CPU-target estimate)")
+    return out
 
 
 def worker_spec(case: Case, dev: DeviceInfo, steps: int, warmup: int, cache_dir: str | None) -> dict:
@@ -316,7 +355,10 @@ def _kill_group(proc: subprocess.Popen) -> None:
             pass
 
 
-def make_record(case: Case, dev: DeviceInfo, result: dict, *, steps: int, warmup: int, timeout: float) -> dict:
+def make_record(case: Case, dev: DeviceInfo, result: dict, *, steps: int, warmup: int, timeout: float,
+                trace: dict | None = None) -> dict:
+    """One JSON record: inputs, what the worker measured, the analytic estimate beside it and,
+    with ``trace`` (from :func:`trace_for`), the meta-device trace's prediction."""
     inputs = case_inputs(case, dev)
     est, est_gpu, est_why = estimate_for(case, dev)
     protocol = dict(result.get("protocol") or {})
@@ -342,6 +384,12 @@ def make_record(case: Case, dev: DeviceInfo, result: dict, *, steps: int, warmup
         "recorded_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "wall_s": result.get("wall_s"),
     }
+    if dev.device == "cpu":
+        rec["comparable"] = ("--device cpu: the measurement counts live tensor bytes on the CPU; 'estimate' is the "
+                             "CPU-target estimate" + ("; 'trace' is a CUDA figure and not comparable with it"
+                                                      if trace is not None else ""))
+    if trace is not None:
+        rec["trace"] = trace
     for k in ("traceback", "stderr_tail"):
         if result.get(k):
             rec[k] = result[k]
@@ -353,8 +401,12 @@ def make_record(case: Case, dev: DeviceInfo, result: dict, *, steps: int, warmup
 def profile(cases: list[Case], dev: DeviceInfo, *, out: str | Path | None = None, force: bool = False,
             steps: int = 6, warmup: int = 2, timeout: float = 600.0, cache_dir: str | None = None,
             on_event: OnEvent | None = None, on_warning: Callable[[str], None] | None = None,
-            python: str | None = None) -> list[CaseResult]:
-    """Run every case not yet recorded in ``out`` (default profiles/<gpu-id>.jsonl); append records."""
+            python: str | None = None, trace: bool = False, trace_timeout: float = 300.0) -> list[CaseResult]:
+    """Run every case not yet recorded in ``out`` (default profiles/<gpu-id>.jsonl); append records.
+
+    ``trace``: after each burst also run the meta-device trace of the case (its CUDA step on the
+    estimate's GPU) and keep it in the record under ``trace``.
+    """
     on_event = on_event or (lambda ev: None)
     path = Path(out) if out else default_out_path(dev.gpu_id)
     existing = read_records(path)
@@ -373,7 +425,11 @@ def profile(cases: list[Case], dev: DeviceInfo, *, out: str | Path | None = None
         on_event({"ev": "case_start", "i": i, "n": n, "label": case.label, "key": key})
         spec = worker_spec(case, dev, steps, warmup, cache_dir)
         result = run_worker(spec, timeout, on_event, python=python)
-        rec = make_record(case, dev, result, steps=steps, warmup=warmup, timeout=timeout)
+        tr = None
+        if trace:
+            on_event({"ev": "phase", "phase": "trace"})
+            tr = trace_for(case, dev, trace_timeout)
+        rec = make_record(case, dev, result, steps=steps, warmup=warmup, timeout=timeout, trace=tr)
         append_record(path, rec)
         done.add(key)
         results.append(CaseResult(case, key, rec))
@@ -389,3 +445,8 @@ def measured_peak(rec: dict) -> int | None:
 def estimated_peak(rec: dict) -> int | None:
     est = rec.get("estimate") or {}
     return (est.get("memory") or {}).get("peak_allocated_bytes")
+
+
+def traced_peak(rec: dict) -> int | None:
+    tr = rec.get("trace") or {}
+    return tr.get("peak_allocated_bytes") if "error" not in tr else None

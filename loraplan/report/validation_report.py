@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..calibrate import METRICS
 from ..render import GiB
 from .document import Document, pyplot
-from .validation import Validation, label
+from .validation import TRACE, Validation, label
 
 #: ledger colours shared by the stacked bars of both reports
 COLORS = {
@@ -33,6 +33,11 @@ def validation_document(v: Validation, title: str = "loraplan validation: estima
                   + ", ".join(f"{k} {x}" for k, x in v.expected_versions.items() if x) + ".")
     if sources:
         doc.paragraph("Records: " + ", ".join(sources))
+    if v.has_trace:
+        n = sum(1 for c in v.cases if c.trace is not None)
+        doc.paragraph(f"Three views of peak allocated memory for {n} case(s): analytic (loraplan's ledger), trace "
+                      f"(the real transformers + peft step run on the meta device, its live tensors counted) and "
+                      f"measured.")
     metrics = [m for m in METRICS if m in v.summary]
 
     doc.heading("Summary")
@@ -48,7 +53,13 @@ def validation_document(v: Validation, title: str = "loraplan validation: estima
         div, unit = _unit(m)
         pts = [(c.metrics[m][1] / div, c.metrics[m][0] / div, c.id) for c in v.cases if m in c.metrics]
         xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-        ax.scatter(xs, ys, s=28, color="#4c72b0", zorder=3)
+        tpts = ([(c.trace[1] / div, c.trace[0] / div) for c in v.cases if c.error(TRACE) is not None]
+                if m == "allocated" and TRACE in v.summary else [])
+        ax.scatter(xs, ys, s=28, color="#4c72b0", zorder=3, label="analytic" if tpts else None)
+        if tpts:
+            ax.scatter([p[0] for p in tpts], [p[1] for p in tpts], s=46, marker="x", color="#dd8452", zorder=4,
+                       label="trace")
+            xs, ys = xs + [p[0] for p in tpts], ys + [p[1] for p in tpts]
         lo, hi = 0, max(xs + ys) * 1.08
         ax.plot([lo, hi], [lo, hi], color="#888", lw=1, ls="--", label="identity (perfect)")
         ax.set_xlim(lo, hi)
@@ -57,21 +68,27 @@ def validation_document(v: Validation, title: str = "loraplan validation: estima
         ax.set_xlabel(f"measured {label(m)} ({unit})")
         ax.set_ylabel(f"predicted {label(m)} ({unit})")
         s = v.summary[m]
-        ax.set_title(f"{label(m)}: MAPE {100 * s['mape']:.2f}%, n={s['n']}")
+        title = f"{label(m)}: MAPE {100 * s['mape']:.2f}%, n={s['n']}"
+        if tpts:
+            st = v.summary[TRACE]
+            title = f"{label(m)}: MAPE analytic {100 * s['mape']:.2f}%, trace {100 * st['mape']:.2f}%"
+        ax.set_title(title, fontsize=10)
         ax.grid(alpha=.3)
         ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
-    doc.figure(fig, "Predicted vs measured", "each point is one case; the dashed line is a perfect estimate")
+    doc.figure(fig, "Predicted vs measured", "each point is one case; the dashed line is a perfect estimate"
+               + ("; peak allocated: dots analytic, crosses meta-device trace" if v.has_trace else ""))
 
     # error by case
     doc.heading("Error by case")
     ids = [c.id for c in v.cases if c.metrics]
-    fig, ax = plt.subplots(figsize=(10, 0.35 * len(ids) * max(1, len(metrics)) ** 0.5 + 1.6))
-    h = 0.8 / max(1, len(metrics))
-    for j, m in enumerate(metrics):
-        vals = [100 * (c.error(m) or 0) if m in c.metrics else 0 for c in v.cases if c.metrics]
+    series = metrics[:1] + ([TRACE] if TRACE in v.summary and metrics[:1] == ["allocated"] else []) + metrics[1:]
+    fig, ax = plt.subplots(figsize=(10, 0.35 * len(ids) * max(1, len(series)) ** 0.5 + 1.6))
+    h = 0.8 / max(1, len(series))
+    for j, m in enumerate(series):
+        vals = [100 * (c.error(m) or 0) for c in v.cases if c.metrics]
         ax.barh([i + j * h for i in range(len(ids))], vals, height=h, label=label(m))
-    ax.set_yticks([i + h * (len(metrics) - 1) / 2 for i in range(len(ids))])
+    ax.set_yticks([i + h * (len(series) - 1) / 2 for i in range(len(ids))])
     ax.set_yticklabels(ids, fontsize=8)
     ax.invert_yaxis()
     ax.axvline(0, color="#444", lw=.8)
@@ -82,7 +99,7 @@ def validation_document(v: Validation, title: str = "loraplan validation: estima
     doc.figure(fig, "Signed error by case and metric")
 
     # error by component: phase-peak checks when present, and the predicted ledger vs measured total
-    comps = [k for k in v.summary if k not in METRICS]
+    comps = v.component_keys
     doc.heading("Error by component")
     if comps:
         rows = [{"component": k.replace("_", " "), "cases": v.summary[k]["n"],
@@ -94,7 +111,8 @@ def validation_document(v: Validation, title: str = "loraplan validation: estima
                       "below, the predicted ledger at the peak moment is drawn against the measured total.")
     fig = ledger_vs_measured(v, plt)
     doc.figure(fig, "Predicted ledger at the peak moment vs measured peak allocated",
-               "stacked bars: predicted components; black marker: measured torch.cuda.max_memory_allocated")
+               "stacked bars: predicted components; black marker: measured torch.cuda.max_memory_allocated"
+               + ("; orange cross: the meta-device trace's peak" if v.has_trace else ""))
     return doc
 
 
@@ -110,6 +128,10 @@ def ledger_vs_measured(v: Validation, plt):
         left = [a + b for a, b in zip(left, vals)]
     ax.scatter([c.metrics["allocated"][1] / GiB for c in cases], range(len(cases)), marker="D", color="black",
                zorder=4, label="measured peak allocated")
+    tr = [(i, c.trace[0] / GiB) for i, c in enumerate(cases) if c.trace is not None]
+    if tr:
+        ax.scatter([x for _, x in tr], [i for i, _ in tr], marker="x", s=60, color="#dd8452", zorder=5,
+                   label="trace peak allocated")
     ax.set_yticks(range(len(cases)))
     ax.set_yticklabels([f"{c.id} ({c.peak_moment})" for c in cases], fontsize=8)
     ax.invert_yaxis()
@@ -125,7 +147,7 @@ def summary_frame(v: Validation):
 
     rows = []
     for k, s in v.summary.items():
-        rows.append({"metric": label(k), "cases": s["n"], "MAPE": f"{100 * s['mape']:.2f}%",
+        rows.append({"metric": "peak allocated (analytic)" if k == "allocated" and v.has_trace else label(k), "cases": s["n"], "MAPE": f"{100 * s['mape']:.2f}%",
                      "bias": f"{100 * s['bias']:+.2f}%", "worst": f"{100 * s['worst']:+.2f}%",
                      "worst case": s["worst_case"]})
     return pd.DataFrame(rows)
@@ -135,6 +157,7 @@ def cases_frame(v: Validation):
     import pandas as pd
 
     rows = []
+    with_trace = v.has_trace
     for c in v.cases:
         r = {"case": c.id, "status": c.status, "peak moment": c.peak_moment}
         for m in METRICS:
@@ -142,9 +165,17 @@ def cases_frame(v: Validation):
                 div, unit = _unit(m)
                 p, y = c.metrics.get(m, (None, None))
                 fmt = "{:.3f}"
-                r[f"{label(m)} predicted ({unit})"] = None if p is None else fmt.format(p / div)
+                name = "peak allocated analytic" if m == "allocated" and with_trace else f"{label(m)} predicted"
+                r[f"{name} ({unit})"] = None if p is None else fmt.format(p / div)
+                if m == "allocated" and with_trace:
+                    r[f"peak allocated trace ({unit})"] = None if c.trace is None else fmt.format(c.trace[0] / div)
                 r[f"{label(m)} measured ({unit})"] = None if y is None else fmt.format(y / div)
-                r[f"{label(m)} error"] = None if p is None else f"{100 * c.error(m):+.2f}%"
+                r[f"{label(m)} {'analytic error' if m == 'allocated' and with_trace else 'error'}"] = (
+                    None if p is None else f"{100 * c.error(m):+.2f}%")
+                if m == "allocated" and with_trace:
+                    e = c.error(TRACE)
+                    r["peak allocated trace error"] = (None if c.trace is None else "not comparable (CPU record)"
+                                                       if e is None else f"{100 * e:+.2f}%")
         r["flags"] = "; ".join(c.flags)
         rows.append(r)
     return pd.DataFrame(rows)
