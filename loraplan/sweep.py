@@ -49,8 +49,10 @@ COLUMNS = list(GRID_KEYS) + ["trainable_params", "total_params", "peak_allocated
                              "step_s", "tokens_per_s", "bound", "error"]
 
 
-def load_grid(path: str | Path) -> list[dict[str, Any]]:
+def load_grid(path: str | Path, keys: tuple[str, ...] = GRID_KEYS) -> list[dict[str, Any]]:
     """A TOML or JSON grid file -> list of grids (option -> value or list of values).
+
+    ``keys`` are the options a grid may name (profile and report take no ``gpu`` key).
 
     One table/object is one grid; ``[[grid]]`` tables (TOML) or a top-level list / ``{"grid":
     [...]}`` (JSON) hold several, whose cases are concatenated.
@@ -85,11 +87,11 @@ def load_grid(path: str | Path) -> list[dict[str, Any]]:
         for k, v in g.items():
             key = str(k).strip().lstrip("-").replace("-", "_")
             key = _ALIASES.get(key, key)
-            if key not in GRID_KEYS:
+            if key not in keys:
                 from .errors import suggest
 
-                raise ConfigError(f"grid file '{p}': unknown option '{k}'{suggest(key, GRID_KEYS)}; "
-                                  f"known: {', '.join(GRID_KEYS)}")
+                raise ConfigError(f"grid file '{p}': unknown option '{k}'{suggest(key, keys)}; "
+                                  f"known: {', '.join(keys)}")
             if isinstance(v, dict):
                 raise ConfigError(f"grid file '{p}': '{k}' must be a value or a list of values")
             if isinstance(v, list) and not v:
