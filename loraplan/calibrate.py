@@ -53,6 +53,11 @@ HOST_TERMS = (
     (("time_host_bnb4_call_s", "time_host_int8_call_s"), ("bnb4_calls", "int8_calls")),  # one bitsandbytes call cost
     (("time_host_step_s",), ()),  # constant per step
 )
+#: fit every time coefficient only with at least this many step-time records per coefficient;
+#: with fewer, fit one common scale (the holdout benchmark shows the full fit overfitting 9 records)
+RECORDS_PER_COEFFICIENT = 3
+#: time coefficients that are durations (scale with s) and efficiencies (scale with 1/s)
+_DURATION_PREFIX = ("time_host_", "time_gpu_kernel_s")
 #: a GPU-efficiency change must improve the in-sample step-time MAPE by this much (0.1 point) to count
 #: as determined: with host-bound records a grid search otherwise chases noise (see the holdout)
 EFF_MIN_GAIN = 0.001
@@ -281,6 +286,9 @@ def fit_time(ms: list[Measurement], base: Calibration) -> dict[str, CoefficientF
         return keep(f"{len(timed)} records with step times on a catalog GPU (needs {MIN_RECORDS})")
     works = [tmod.step_work(m.model, m.lora, m.train) for m in timed]
     gpus = [gpu_for(m) for m in timed]
+    n_free = len(HOST_TERMS) + len(EFF_GRID)
+    if len(timed) < RECORDS_PER_COEFFICIENT * n_free:
+        return _fit_time_scale(tmod, names, coef0, works, gpus, [m.step_s for m in timed], n_free)
     host_terms = [(ns, fs) for ns, fs in HOST_TERMS if all(n in coef0 for n in ns)]
     if not all(hasattr(works[0], f) for _, fs in host_terms for f in fs):
         return keep("the time model's StepWork lacks the counts this fit multiplies")
@@ -341,6 +349,35 @@ def fit_time(ms: list[Measurement], base: Calibration) -> dict[str, CoefficientF
             why = ("no record exercises it" if any(k in ns for ns, _ in host_terms)
                    else "not identifiable from step times (fixed)")
             out[k] = CoefficientFit(k, coef0[k], coef0[k], False, n_host, f"not fitted: {why}")
+    return out
+
+
+def _fit_time_scale(tmod, names, coef0, works, gpus, meas, n_free) -> dict[str, CoefficientFit]:
+    """One factor s for the whole step time: durations × s, efficiencies ÷ s.
+
+    step = max(host, gpu) (or host + gpu) is homogeneous of degree one in the durations and in
+    the inverse efficiencies, so this scales every prediction by s without changing a formula;
+    s is the median measured/predicted ratio (robust to one odd record)."""
+    import statistics
+
+    pred = [tmod.step_time(w, g, coef0).step_s for w, g in zip(works, gpus)]
+    ratios = [y / p for y, p in zip(meas, pred) if p > 0]
+    if not ratios:
+        return {k: CoefficientFit(k, coef0[k], coef0[k], False, len(meas), "not fitted: no prediction")
+                for k in names}
+    s = statistics.median(ratios)
+    why = (f"common scale s={s:.4g} (median measured/predicted over {len(meas)} records; "
+           f"{len(meas)} < {RECORDS_PER_COEFFICIENT}x{n_free} records to fit each coefficient)")
+    out = {}
+    for k in names:
+        if k.startswith(_DURATION_PREFIX):
+            new = coef0[k] * s
+        elif k.startswith("time_eff_"):
+            new = coef0[k] / s
+        else:
+            out[k] = CoefficientFit(k, coef0[k], coef0[k], False, len(meas), "not fitted: not a duration or efficiency")
+            continue
+        out[k] = CoefficientFit(k, coef0[k], float(f"{new:.4g}"), True, len(meas), why)
     return out
 
 
