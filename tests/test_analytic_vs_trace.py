@@ -3,8 +3,8 @@
 Small configs of each family (hidden 256, 2 layers; benchmarks/analytic_vs_trace.py shrinks
 the catalog entry), bf16 and nf4, PEFT-default targets and all-linear, checkpointing on and
 off: analytic peak allocated within 2% of the trace. The wide grid (all quantizations,
-optimizers, ranks, shapes) is the benchmark. T5/mT5 are not yet within 2% (observed -3.2% to
-+2.1%: the encoder-decoder backward transients are modelled coarsely) and are left out here.
+optimizers, ranks, shapes) is the benchmark. T5/mT5 are not yet within 2% (observed -4.9% to
++1.2%: the encoder-decoder backward transients are modelled coarsely) and are left out here.
 """
 
 import sys
