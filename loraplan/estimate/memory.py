@@ -775,7 +775,16 @@ def layer_backward_transients(st: Structure, x: Shape):
     best = candidates[0]
     for c in candidates[1:]:
         best = _max(best, c)
-    return best + a * T * m.hidden_size
+    extra = 0
+    if hidden_dropout(m):
+        # a residual dropout's backward makes the branch's gradient a tensor of its own, beside
+        # the residual path's (T5, OPT): one more a·T·h
+        extra = a * T * m.hidden_size
+    if _t5_style(m):
+        # T5 in backward: the gradient of the shared position bias, the bias recomputed in the
+        # first block and the cross-attention's zeros bias, each [1, n_h, s, s]
+        extra = extra + a * m.num_heads * (2 * x.tseq * x.tseq + x.tseq * x.seq)
+    return best + a * T * m.hidden_size + extra
 
 
 def default_int8_outlier_fraction(st: Structure, T):
