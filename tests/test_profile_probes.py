@@ -8,7 +8,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from loraplan.profile.cpu_tracker import LiveTensorTracker  # noqa: E402
+from loraplan.trace.tracker import LiveTensorTracker  # noqa: E402
 from loraplan.profile.probes import CpuProbe, CudaProbe, NvmlSampler  # noqa: E402
 
 
@@ -75,9 +75,9 @@ def test_cuda_probe_reads_allocator_peaks(monkeypatch):
 
 
 def test_live_tensor_tracker_counts_storages_once_and_frees():
-    tr = LiveTensorTracker()
+    tr = LiveTensorTracker(device="cpu")
     w = torch.zeros(100, dtype=torch.float32)
-    tr.register(w, w[:10])  # a view of a registered tensor counts once
+    tr.register([w, w[:10]], label="weights")  # a view of a registered tensor counts once
     assert tr.current == 400
     probe = CpuProbe(tr)
     with tr:

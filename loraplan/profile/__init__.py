@@ -1,6 +1,6 @@
 """Real LoRA/QLoRA training bursts (``loraplan profile``), following shared/reference/protocol.md.
 
-Public API (only ``burst``/``worker``/``probes``/``cpu_tracker`` import torch, and only in the
+Public API (only ``burst``/``worker``/``probes`` import torch, and only in the
 worker process):
 
 - ``runner.build_cases(case_dicts, gpu=None) -> list[Case]``: grid dicts (case option names)

@@ -143,18 +143,12 @@ def environment(device: str) -> dict[str, Any]:
 
 
 def make_cpu_tracker():
-    """The shared ``loraplan.trace.tracker.LiveTensorTracker`` (exact bytes, CPU storages only)
-    when present, else the small fallback in ``loraplan.profile.cpu_tracker``."""
-    try:
-        from ..trace.tracker import LiveTensorTracker
+    """The shared ``loraplan.trace.tracker.LiveTensorTracker`` for CPU storages, counting in
+    512-byte blocks as CUDA's caching allocator counts max_memory_allocated, so a CPU record
+    and a CUDA prediction use the same unit (tensors < 512 B count 512)."""
+    from ..trace.tracker import LiveTensorTracker
 
-        # counted in 512-byte blocks, as CUDA's caching allocator counts max_memory_allocated,
-        # so a CPU record and a CUDA prediction use the same unit (tensors < 512 B count 512)
-        return LiveTensorTracker(round_to=512, device="cpu")
-    except ImportError:
-        from .cpu_tracker import LiveTensorTracker as Fallback
-
-        return Fallback()
+    return LiveTensorTracker(round_to=512, device="cpu")
 
 
 def _fault(phase: str) -> None:

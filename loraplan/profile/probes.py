@@ -57,11 +57,8 @@ class CudaProbe:
 
 
 class CpuProbe:
-    """Phase peaks of live tensor bytes from a live-tensor tracker (no allocator on CPU).
-
-    Works with ``loraplan.trace.tracker.LiveTensorTracker`` (phases as context managers) and
-    with the small fallback ``loraplan.profile.cpu_tracker.LiveTensorTracker`` (begin/end).
-    """
+    """Phase peaks of live tensor bytes from ``loraplan.trace.tracker.LiveTensorTracker``
+    (no allocator on CPU)."""
 
     source = "live-tensor tracker (storage bytes of live tensors)"
 
@@ -70,16 +67,11 @@ class CpuProbe:
         self._open = None
 
     def begin(self, phase: str) -> None:
-        if hasattr(self.tracker, "begin_phase"):
-            self.tracker.begin_phase(phase)
-        else:
-            self._open = self.tracker.phase(phase)
-            self._open.__enter__()
+        self._open = self.tracker.phase(phase)
+        self._open.__enter__()
 
     def end(self, phase: str) -> dict[str, Any]:
-        if hasattr(self.tracker, "end_phase"):
-            self.tracker.end_phase()
-        elif self._open is not None:
+        if self._open is not None:
             self._open.__exit__(None, None, None)
             self._open = None
         peak = int(self.tracker.phase_peaks.get(phase, self.tracker.current))
