@@ -404,7 +404,9 @@ def _t5(cfg, name):
             others.append(ParamSpec(f"{p}.{ff}.layer_norm.weight", dm, "norm"))
         others.append(ParamSpec(f"{stack}.final_layer_norm.weight", dm, "norm"))
     linears.append(LinearSpec("lm_head", dm, V, False, "lm_head", "head", None))
-    arch = ArchSpec(mlp="gated" if gated else "plain", norm="rms", position="relative_bias", norms_per_layer=3)
+    # T5PreTrainedModel._keep_in_fp32_modules = ["wo"]: bnb never quantizes wo
+    arch = ArchSpec(mlp="gated" if gated else "plain", norm="rms", position="relative_bias", norms_per_layer=3,
+                    keep_fp32_leaves=("wo",))
     return _spec(cfg, name, mt, h=dm, L=dec_L, n_h=n_h, n_kv=n_h, d=dkv, inter=dff, V=V,
                  tie=bool(cfg.get("tie_word_embeddings", _T5_TIE_DEFAULT.get(mt, True))),
                  linears=linears, others=others, arch=arch, max_pos=None,

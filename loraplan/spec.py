@@ -68,6 +68,9 @@ class ArchSpec:
     #: the family passes an explicit additive causal mask to sdpa (falcon), which rules out flash
     #: and is saved by mem-efficient attention
     sdpa_mask: bool = False
+    #: Linear leaf names of the model's ``_keep_in_fp32_modules`` (T5: "wo"): never converted by
+    #: the bnb quantizer, and kept in fp32 for an fp16 load
+    keep_fp32_leaves: tuple = ()
 
 
 @dataclass(frozen=True)

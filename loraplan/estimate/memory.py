@@ -120,8 +120,12 @@ class Structure:
     first_layer_mlp_adapted: bool = False
     #: per stack: Σ over adapted MLP-out Linears (down, fc_out) of one layer of in_features
     mlp_out_adapted_in: dict = field(default_factory=dict)
-    #: distinct (stack, MLP-out role?, in, out) of the frozen layer Linears
+    #: per stack: Σ over all adapted MLP Linears (gate, up, down, fc_in, fc_out) of in_features
+    mlp_adapted_in: dict = field(default_factory=dict)
+    #: distinct (stack, MLP-out role?, in, out) of the frozen layer Linears stored as ``quant``
     linear_shapes: tuple = ()
+    #: the MLP-out Linear (down, fc_out) is stored quantized (T5's wo is not)
+    mlp_out_quantized: bool = True
     device: str = "cuda"
 
     @property
@@ -157,6 +161,7 @@ def _build_structure(model: ModelSpec, adapted, quant: str, dq: bool, device: st
     lin_in: dict[str, float] = {}
     lin_n: dict[str, float] = {}
     mlp_out: dict[str, float] = {}
+    mlp_all: dict[str, float] = {}
     for l in adapted:
         sizes[l.in_features] += 1
         sizes[l.out_features] += 1
@@ -167,12 +172,14 @@ def _build_structure(model: ModelSpec, adapted, quant: str, dq: bool, device: st
         lin_n[l.stack] = lin_n.get(l.stack, 0.0) + 1.0 / layers
         if l.role in INT8_OUTLIER_ROLES:
             mlp_out[l.stack] = mlp_out.get(l.stack, 0.0) + l.in_features / layers
+        if _input_group(l.role) in ("mlp_in", "down", "fc_out"):
+            mlp_all[l.stack] = mlp_all.get(l.stack, 0.0) + l.in_features / layers
     groups: dict[str, dict[tuple, int]] = {}
     outl: dict[str, float] = {}
     all_in: dict[str, float] = {}
     for l in model.linears:
-        if l.role == "lm_head" or l.layer is None:
-            continue
+        if l.role == "lm_head" or l.layer is None or linear_quant(model, quant, l) != quant:
+            continue  # int8 bookkeeping covers the Linears that really are int8
         layers = max(_stack_layers(model, l.stack), 1)
         groups.setdefault(l.stack, {})[(l.layer, _input_group(l.role))] = l.in_features
         all_in[l.stack] = all_in.get(l.stack, 0.0) + l.in_features / layers
@@ -185,19 +192,22 @@ def _build_structure(model: ModelSpec, adapted, quant: str, dq: bool, device: st
     sigma = float(model.config.get("initializer_range", 0.02)) * math.sqrt(model.hidden_size)
     return Structure(
         model=model, quant=quant, double_quant=dq, adapted=tuple(adapted),
-        frozen_linear_weights=frozen_linear_weights(model, effective_linear_quant(model, quant), dq),
+        frozen_linear_weights=frozen_linear_weights(model, quant, dq),
         unquantized_weights=unquantized_weights(model, quant),
         lora_sizes=sizes, lora_in_per_layer=lin_in, lora_count_per_layer=lin_n,
         head_adapted=any(l.role == "lm_head" for l in adapted),
-        biggest_linear_numel=max((l.in_features * l.out_features for l in model.linears if l.role != "lm_head"),
-                                 default=0),
+        biggest_linear_numel=max((l.in_features * l.out_features for l in model.linears
+                                  if l.role != "lm_head" and linear_quant(model, quant, l) == quant), default=0),
+        mlp_out_quantized=any(l.role in INT8_OUTLIER_ROLES and linear_quant(model, quant, l) == quant
+                              for l in model.linears),
         int8_inputs_per_layer=int8_inputs, int8_outlier_in_per_layer=outl, int8_all_in_per_layer=all_in,
         outlier_p=_p_silu_product_exceeds(sigma, 6.0) if effective_linear_quant(model, quant) == "int8" else 0.0,
-        first_layer_attn_in_adapted=first_attn_in, mlp_out_adapted_in=mlp_out,
+        first_layer_attn_in_adapted=first_attn_in, mlp_out_adapted_in=mlp_out, mlp_adapted_in=mlp_all,
         first_layer_mlp_adapted=any(l.stack == first_stack and l.layer == 0 and _input_group(l.role) in ("mlp_in", "down", "fc_out")
                                     for l in adapted),
         linear_shapes=tuple(sorted({(l.stack, l.role in INT8_OUTLIER_ROLES, l.in_features, l.out_features)
-                                    for l in model.linears if l.role != "lm_head" and l.layer is not None})),
+                                    for l in model.linears if l.role != "lm_head" and l.layer is not None
+                                    and linear_quant(model, quant, l) == quant})),
         device=device,
     )
 
@@ -217,6 +227,16 @@ def effective_linear_quant(model: ModelSpec, quant: str) -> str:
     if quant in QUANTIZED and not model.arch.bnb_converts_linears:
         return "fp32"
     return quant
+
+
+def linear_quant(model: ModelSpec, quant: str, linear: LinearSpec) -> str:
+    """How one frozen Linear is stored. Modules in the model's ``_keep_in_fp32_modules`` (T5's
+    wo) are in the bnb quantizer's modules_to_not_convert, so a quantized base keeps them in the
+    load dtype, then fp32 after prepare_model_for_kbit_training; an fp16 load upcasts them to
+    fp32 (transformers modeling_utils: only for fp16, not bf16)."""
+    if linear.leaf in model.arch.keep_fp32_leaves and quant in QUANTIZED + ("fp16",):
+        return "fp32"
+    return effective_linear_quant(model, quant)
 
 
 def _stack_layers(model: ModelSpec, stack: str) -> int:
@@ -309,7 +329,8 @@ def frozen_linear_weights(model: ModelSpec, quant: str, double_quant: bool) -> i
     transformers' bnb quantizer converts nn.Linear modules only and keeps the output embedding
     (lm_head) in the load dtype (quantizers/quantizer_bnb_*: modules_to_not_convert).
     """
-    return sum(quantized_linear_bytes(l, quant, double_quant) for l in model.linears if l.role != "lm_head")
+    return sum(quantized_linear_bytes(l, linear_quant(model, quant, l), double_quant)
+               for l in model.linears if l.role != "lm_head")
 
 
 def unquantized_weights(model: ModelSpec, quant: str) -> int:
@@ -446,7 +467,7 @@ def lora_activations_per_layer(st: Structure, x: Shape, stack: str, T):
     return per_in * T * in_sum + n * 4 * T * x.r
 
 
-def attention_saved_per_layer(st: Structure, kind: str, T, b, seq, kv_seq):
+def attention_saved_per_layer(st: Structure, kind: str, T, b, seq, kv_seq, cross: bool = False):
     """Bytes the attention block saves per layer (after its projections).
 
     - sdpa flash: q, k, v as given to the kernel (after RoPE: new tensors) and its output, with
@@ -466,23 +487,24 @@ def attention_saved_per_layer(st: Structure, kind: str, T, b, seq, kv_seq):
     # whole [T, (n_h + 2·n_kv)·d] output alive, q and k parts included. (gpt-neox and falcon
     # reshape and split per head; their traces show no such retention.)
     fused = a * T * (n_h + n_kv) * d if _has_fused_qkv(m) and kind in ("flash", "efficient") else 0
-    return fused + _attention_core_saved(st, kind, T, b, seq, kv_seq)
+    return fused + _attention_core_saved(st, kind, T, b, seq, kv_seq, cross)
 
 
 def _has_fused_qkv(model: ModelSpec) -> bool:
     return model.model_type == "phi3" and any(l.role == "qkv" for l in model.linears)
 
 
-def _attention_core_saved(st: Structure, kind: str, T, b, seq, kv_seq):
+def _attention_core_saved(st: Structure, kind: str, T, b, seq, kv_seq, cross: bool = False):
     m, a = st.model, st.stream_bytes
     n_h, n_kv, d = m.num_heads, m.num_kv_heads, m.head_dim
     if kind == "flash":
         dp = -(-d // 8) * 8
         return a * T * n_h * dp * 2 + 2 * a * b * kv_seq * n_kv * dp + 4 * b * n_h * seq
     if kind == "efficient":
-        # T5: the relative position bias (cross-attention: zeros) goes in as an additive mask
-        # [1, n_h, s, kv] in the stream dtype, last dim padded to 16, and is saved for backward.
-        bias = a * n_h * seq * (_ceil(kv_seq / 16) * 16) if _t5_style(m) else 0
+        # T5: the relative position bias plus the mask goes in as an additive mask [1, n_h, s, kv]
+        # in the stream dtype, made per self-attention call (last dim padded to 16) and saved for
+        # backward; cross-attention reuses one zeros bias (see t5_shared_biases).
+        bias = a * n_h * seq * (_ceil(kv_seq / 16) * 16) if _t5_style(m) and not cross else 0
         if m.arch.sdpa_mask:  # falcon: the causal mask, made additive per call [b, 1, s, kv]
             bias = a * b * seq * (_ceil(kv_seq / 16) * 16)
         return a * T * n_h * d * 2 + 2 * a * b * kv_seq * n_kv * d + 4 * b * n_h * (_ceil(seq / 32) * 32) + bias
@@ -594,7 +616,7 @@ def layer_saved(st: Structure, kind: str, x: Shape, stack: str = "decoder"):
         att = attention_saved_per_layer(st, kind, T, x.b, x.tseq, x.tseq)
         norms = m.arch.norms_per_layer
         if m.is_encoder_decoder:
-            att = att + attention_saved_per_layer(st, kind, T, x.b, x.tseq, x.seq)
+            att = att + attention_saved_per_layer(st, kind, T, x.b, x.tseq, x.seq, cross=True)
     return (norms * norm_saved(st, T) + att + mlp_saved(st, T) + lora_activations_per_layer(st, x, stack, T)
             + model_dropout_masks_per_layer(st, T, stack) + head_norms_saved(st, T))
 
@@ -617,9 +639,21 @@ def checkpoint_inputs(st: Structure, x: Shape, kind: str = "flash"):
     T5 passes its position biases (modeling_t5.py compute_bias) the same way."""
     m = st.model
     mask = st.stream_bytes * x.b * x.tseq * x.tseq if kind == "eager" else 0
-    if _t5_style(m):  # T5's position biases [1, n_h, s, s] (encoder, decoder self, cross: zeros)
-        mask = mask + st.stream_bytes * m.num_heads * (x.seq * x.seq + x.tseq * x.tseq + x.tseq * x.seq)
+    mask = mask + t5_shared_biases(st, x, checkpointed=True)
     return st.stream_bytes * m.hidden_size * (m.num_layers * x.T + m.num_encoder_layers * x.T_enc) + mask
+
+
+def t5_shared_biases(st: Structure, x: Shape, checkpointed: bool):
+    """T5's biases computed once and handed to every layer (modeling_t5.py compute_bias): the
+    cross-attention's zeros bias [1, n_h, s_t, s_e], kept by the graph, and — as checkpoint
+    inputs — the encoder and decoder position biases [1, n_h, s, s]."""
+    if not _t5_style(st.model):
+        return 0
+    n = st.stream_bytes * st.model.num_heads
+    shared = n * x.tseq * x.seq
+    if checkpointed:
+        shared = shared + n * (x.seq * x.seq + x.tseq * x.tseq)
+    return shared
 
 
 def head_lora_activations(st: Structure, x: Shape):
@@ -642,7 +676,7 @@ def saved_activations(st: Structure, kind: str, x: Shape, gradient_checkpointing
         layers = m.num_layers * layer_saved(st, kind, x, "decoder")
         if m.is_encoder_decoder:
             layers = layers + m.num_encoder_layers * layer_saved(st, kind, x, "encoder")
-        layers = layers - first_layer_not_saved(st, kind, x)
+        layers = layers - first_layer_not_saved(st, kind, x) + t5_shared_biases(st, x, checkpointed=False)
     final = norm_saved(st, x.T)
     if m.is_encoder_decoder:
         final = final + norm_saved(st, x.T_enc) + st.stream_bytes * x.T_enc * m.hidden_size
@@ -723,7 +757,7 @@ def dequantized_weight_transient(st: Structure) -> int:
     return st.biggest_linear_numel * (2 if st.linear_quant in FOUR_BIT else st.stream_bytes)
 
 
-def layer_backward_transients(st: Structure, x: Shape):
+def layer_backward_transients(st: Structure, x: Shape, kind: str = "flash", gradient_checkpointing: bool = True):
     """Bytes above the top layer's saved tensors S at its largest point in backward (may be < 0
     in part: tensors already released), for the MLP, where layers peak.
 
@@ -750,8 +784,8 @@ def layer_backward_transients(st: Structure, x: Shape):
     m, a, T = st.model, st.stream_bytes, x.T
     I = m.intermediate_size
     k = 3 if m.arch.mlp == "gated" else 2
-    deq = dequantized_weight_transient(st)
-    four_bit = st.linear_quant in FOUR_BIT
+    deq = dequantized_weight_transient(st) if st.mlp_out_quantized else 0
+    four_bit = st.linear_quant in FOUR_BIT and st.mlp_out_quantized
     D_ad = st.mlp_out_adapted_in.get("decoder", 0.0)  # Σ adapted MLP-out inputs (≈ I or 0)
     adapted = 1 if D_ad else 0
     l_saved = _where(x.dropout > 0, 4 + _mask_bytes(st, 4), 0 if a == 4 else 4) * T * D_ad
@@ -781,9 +815,18 @@ def layer_backward_transients(st: Structure, x: Shape):
         # the residual path's (T5, OPT): one more a·T·h
         extra = a * T * m.hidden_size
     if _t5_style(m):
-        # T5 in backward: the gradient of the shared position bias, the bias recomputed in the
-        # first block and the cross-attention's zeros bias, each [1, n_h, s, s]
-        extra = extra + a * m.num_heads * (2 * x.tseq * x.tseq + x.tseq * x.seq)
+        # T5 in backward: the gradient of the shared position bias [1, n_h, s, s]; with
+        # checkpointing also the bias recomputed in the first block and the cross-attention's
+        # recomputed zeros bias
+        extra = extra + a * m.num_heads * x.tseq * x.tseq
+        if gradient_checkpointing:
+            extra = extra + a * m.num_heads * (x.tseq * x.tseq + x.tseq * x.seq)
+    if kind in ("math", "eager"):
+        # score-matrix attention backward, after the MLP's backward has released the MLP's saved
+        # tensors: the softmax output's gradient and the scores' gradient, fp32 [b, n_h, s, s]
+        # each, beside the saved softmax
+        mlp_lora = _where(x.dropout > 0, 4 + _mask_bytes(st, 4), 0 if a == 4 else 4) * T * st.mlp_adapted_in.get("decoder", 0.0)
+        extra = _max(extra, 2 * 4 * x.b * m.num_heads * x.tseq * x.tseq - mlp_saved(st, T) - mlp_lora - best)
     return best + a * T * m.hidden_size + extra
 
 
@@ -954,7 +997,8 @@ def moments(st: Structure, train: TrainSpec, kind: str, x: Shape, gpu: GpuSpec |
         if m.is_encoder_decoder:
             below = below + m.num_encoder_layers * layer_saved(st, kind, x, "encoder")
     out["layer backward"] = dict(base, activations=below + S + int8_keep,
-                                 backward_transients=layer_backward_transients(st, x),
+                                 backward_transients=layer_backward_transients(st, x, kind,
+                                                                               train.gradient_checkpointing),
                                  lora_gradients=lora_gradients(st, x.r) / max(m.num_layers, 1))
     # 4. the optimizer step.
     out["optimizer step"] = dict(base, lora_gradients=lora_gradients(st, x.r),
