@@ -734,8 +734,14 @@ def loss_forward_transient(st: Structure, x: Shape):
     TV = x.T * st.model.vocab_size
     c = logits_bytes(st)
     if _t5_style(st.model):  # T5ForConditionalGeneration: CrossEntropyLoss on the raw logits
-        return 2 * c * TV
-    return c * TV + (4 * TV if c == 2 else 0) + 4 * TV + logit_softcap_saved(st, x)
+        loss = 2 * c * TV
+    else:
+        loss = c * TV + (4 * TV if c == 2 else 0) + 4 * TV + logit_softcap_saved(st, x)
+    if st.head_adapted:
+        # LoRA on lm_head: the base logits, the LoRA branch's scaled fp32 output and their fp32
+        # sum are alive together (peft Linear.forward: result + lora_B(lora_A(x)) * scaling)
+        loss = _max(loss, c * TV + 8 * TV)
+    return loss
 
 
 def loss_backward_transient(st: Structure, x: Shape):
@@ -869,7 +875,7 @@ def _p_silu_product_exceeds(sigma: float, thr: float, n: int = 800) -> float:
     return tot
 
 
-def int8_retained_per_step(st: Structure, x: Shape, outlier_fraction=None):
+def int8_retained_per_step(st: Structure, x: Shape, outlier_fraction=None, gradient_checkpointing: bool = True):
     """What LLM.int8 keeps for a whole step, checkpointing or not.
 
     MatMul8bitLt stores ``ctx.tensors = (CAt, subA, A)`` as plain ctx attributes, not
@@ -880,11 +886,23 @@ def int8_retained_per_step(st: Structure, x: Shape, outlier_fraction=None):
     outlier columns of each call, f·a·T·in (CAt is None when the weight is frozen).
     ``outlier_fraction`` None: the random-init default for MLP-out inputs, 0 elsewhere; a
     number: that share for every int8 Linear.
+    ctx.tensors is only set when an input needs a gradient: without checkpointing the first
+    layer's input does not (see first_layer_not_saved), so its attention-input Linears keep
+    nothing, nor, in a parallel-attention layer with an unadapted MLP, its MLP Linears.
     """
     if st.linear_quant != "int8":
         return 0
     a, m = st.stream_bytes, st.model
     total = 0
+    if not gradient_checkpointing:
+        first = "encoder" if m.is_encoder_decoder else "decoder"
+        T0 = x.T_enc if first == "encoder" else x.T
+        idle = m.hidden_size  # the attention input (q/k/v or fused qkv)
+        if m.arch.parallel_attn and not st.first_layer_mlp_adapted:
+            f = default_int8_outlier_fraction(st, T0) if outlier_fraction is None and st.device != "cpu" else (
+                outlier_fraction or 0)
+            idle = idle + m.hidden_size * (0 if m.arch.norms_per_layer == 1 else 1) + m.intermediate_size * (1 + f)
+        total = total - a * T0 * idle
     for stack, in_sum in st.int8_inputs_per_layer.items():
         T = x.T_enc if stack == "encoder" else x.T
         L = _stack_layers(m, stack)
@@ -917,6 +935,22 @@ def last_hidden_state(st: Structure, x: Shape):
     """The final norm's output (a·T·h): the forward's ``hidden_states`` local is still alive while
     the loss is computed inside ``*ForCausalLM.forward`` (it is not saved for backward)."""
     return st.stream_bytes * x.T * st.model.hidden_size
+
+
+def int8_saved_anyway(st: Structure, kind: str, x: Shape, gradient_checkpointing: bool):
+    """int8 Linear inputs that are also tensors autograd saves without checkpointing: the
+    attention output read by o_proj (saved by the flash / mem-efficient kernel) and, for a
+    plain ReLU MLP (OPT, T5 v1.0), the ReLU output read by fc_out (ReLU saves its result).
+    They are one storage, counted once. With checkpointing nothing else keeps them."""
+    if st.linear_quant != "int8" or gradient_checkpointing:
+        return 0
+    m, a = st.model, st.stream_bytes
+    per_layer = 0
+    if kind in ("flash", "efficient"):
+        per_layer = a * x.T * m.num_heads * m.head_dim
+    if m.arch.mlp == "plain" and _activation(m) == "relu":
+        per_layer = per_layer + a * x.T * m.intermediate_size
+    return m.num_layers * per_layer
 
 
 def int8_matmul_transient(st: Structure, x: Shape, outlier_fraction=None):
@@ -973,16 +1007,19 @@ def moments(st: Structure, train: TrainSpec, kind: str, x: Shape, gpu: GpuSpec |
         "allocator_overhead": int(cal.get("allocator_overhead_bytes", 0)),
     }
     acts = saved_activations(st, kind, x, train.gradient_checkpointing)
-    int8_keep = int8_retained_per_step(st, x, train.int8_outlier_fraction)
+    int8_keep = int8_retained_per_step(st, x, train.int8_outlier_fraction, train.gradient_checkpointing)
+    # this step's int8 inputs that autograd saves anyway (no double count); the previous step's
+    # graph holds its own copies in full
+    int8_now = int8_keep - int8_saved_anyway(st, kind, x, train.gradient_checkpointing)
     out: dict[str, dict[str, Any]] = {}
     # 1. forward, inside the loss. int8: the previous step's graph still holds its ctx tensors.
     leaf = input_leaf_and_grad(st, x, train.gradient_checkpointing)
-    out["forward"] = dict(base, activations=acts + int8_keep + last_hidden_state(st, x),
+    out["forward"] = dict(base, activations=acts + int8_now + last_hidden_state(st, x),
                           logits_loss=loss_forward_transient(st, x), int8_previous_step=int8_keep,
                           previous_step_input_grad=leaf)
     # 1b. int8: inside the last layer's int8 matmul of the forward (before the logits exist).
     if st.linear_quant == "int8":
-        out["int8 matmul"] = dict(base, activations=acts + int8_keep, int8_previous_step=int8_keep,
+        out["int8 matmul"] = dict(base, activations=acts + int8_now, int8_previous_step=int8_keep,
                                   previous_step_input_grad=leaf,
                                   kernel_transients=int8_matmul_transient(st, x, train.int8_outlier_fraction))
     # 2. loss backward, at the head.
