@@ -222,3 +222,9 @@ def resolve_case(case: dict, model: ModelSpec | None = None) -> tuple[ModelSpec,
         int8_outlier_fraction=frac if v["quant"] == "int8" else None,
     )
     return model, lora, train
+
+
+def trace_timeout_option(f):
+    """``--trace-timeout``: shared by the commands that can run the meta-device trace."""
+    return click.option("--trace-timeout", type=click.FloatRange(min=0, min_open=True), default=300.0,
+                        show_default=True, help="Seconds one case's trace may take")(f)

@@ -12,7 +12,7 @@ import warnings
 
 import click
 
-from .options import case_options, expand_grid
+from .options import case_options, expand_grid, trace_timeout_option
 
 
 def _fmt_bytes(n) -> str:
@@ -53,8 +53,7 @@ def _fmt_s(x) -> str:
 @click.option("--trace/--no-trace", "trace", default=False, show_default=True,
               help="Also run the meta-device trace of each case (its CUDA step on the estimate's GPU, ~2-8 s) "
                    "and store it in the record beside the analytic estimate")
-@click.option("--trace-timeout", type=click.FloatRange(min=0, min_open=True), default=300.0, show_default=True,
-              help="Seconds one case's trace may take")
+@trace_timeout_option
 def profile_command(gpu, device, steps, warmup, timeout, force, out, cache_dir, grid_file, trace, trace_timeout,
                     **opts):
     """Run short real training bursts and record memory and time, one JSON line per case.

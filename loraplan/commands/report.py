@@ -6,7 +6,7 @@ import warnings
 
 import click
 
-from .options import case_options
+from .options import case_options, trace_timeout_option
 
 
 @click.group("report")
@@ -93,8 +93,7 @@ def _as_options(d: dict) -> dict:
               help="Only cases whose id contains one of these comma-separated substrings")
 @click.option("--trace/--no-trace", "trace", default=False, show_default=True,
               help="Run the meta-device trace for records that have none (~2-8 s per case, torch needed)")
-@click.option("--trace-timeout", type=click.FloatRange(min=0, min_open=True), default=300.0, show_default=True,
-              help="Seconds one case's trace may take")
+@trace_timeout_option
 def validation_command(records, gpu, calibration_file, out, name, case, trace, trace_timeout):
     """Estimates vs measured RECORDS (profiles/*.jsonl, reference files, or 'reference').
 

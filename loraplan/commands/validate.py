@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from .options import trace_timeout_option
+
 from ..calibrate import METRICS
 from ..errors import LoraplanError
 
@@ -29,8 +31,7 @@ class ErrorAboveThreshold(LoraplanError):
 @click.option("--trace/--no-trace", "trace", default=False, show_default=True,
               help="Run the meta-device trace for records that have none (~2-8 s per case, torch needed), "
                    "so analytic, trace and measured stand side by side")
-@click.option("--trace-timeout", type=click.FloatRange(min=0, min_open=True), default=300.0, show_default=True,
-              help="Seconds one case's trace may take")
+@trace_timeout_option
 def validate_command(records, gpu, calibration_file, max_error, check, fmt, case, trace, trace_timeout):
     """Compare loraplan's estimate with measured records, case by case.
 

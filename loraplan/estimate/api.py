@@ -8,6 +8,7 @@ from ..targets import select_targets
 from .memory import estimate_memory, make_setup
 from .params import count_params
 from .result import Estimate
+from .time import estimate_step_time
 
 
 def estimate(model: ModelSpec, lora: LoraSpec, train: TrainSpec, gpu: GpuSpec | None = None,
@@ -19,12 +20,7 @@ def estimate(model: ModelSpec, lora: LoraSpec, train: TrainSpec, gpu: GpuSpec | 
     memory = estimate_memory(setup, gpu, cal)
     time = None
     if with_time and gpu is not None:
-        try:
-            from .time import estimate_step_time
-        except ImportError:  # time model not installed in this build
-            estimate_step_time = None
-        if estimate_step_time is not None:
-            time = estimate_step_time(model, lora, train, gpu, cal)
+        time = estimate_step_time(model, lora, train, gpu, cal)
     inputs = run_inputs(model, lora, train)
     inputs["attention_kernel"] = setup.attention
     if gpu is not None:

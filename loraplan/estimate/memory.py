@@ -178,7 +178,7 @@ def _build_structure(model: ModelSpec, adapted, quant: str, dq: bool, device: st
     outl: dict[str, float] = {}
     all_in: dict[str, float] = {}
     for l in model.linears:
-        if l.role == "lm_head" or l.layer is None or linear_quant(model, quant, l) != quant:
+        if l.role == "lm_head" or l.layer is None or linear_storage(model, quant, l) != quant:
             continue  # int8 bookkeeping covers the Linears that really are int8
         layers = max(_stack_layers(model, l.stack), 1)
         groups.setdefault(l.stack, {})[(l.layer, _input_group(l.role))] = l.in_features
@@ -197,8 +197,8 @@ def _build_structure(model: ModelSpec, adapted, quant: str, dq: bool, device: st
         lora_sizes=sizes, lora_in_per_layer=lin_in, lora_count_per_layer=lin_n,
         head_adapted=any(l.role == "lm_head" for l in adapted),
         biggest_linear_numel=max((l.in_features * l.out_features for l in model.linears
-                                  if l.role != "lm_head" and linear_quant(model, quant, l) == quant), default=0),
-        mlp_out_quantized=any(l.role in INT8_OUTLIER_ROLES and linear_quant(model, quant, l) == quant
+                                  if l.role != "lm_head" and linear_storage(model, quant, l) == quant), default=0),
+        mlp_out_quantized=any(l.role in INT8_OUTLIER_ROLES and linear_storage(model, quant, l) == quant
                               for l in model.linears),
         int8_inputs_per_layer=int8_inputs, int8_outlier_in_per_layer=outl, int8_all_in_per_layer=all_in,
         outlier_p=_p_silu_product_exceeds(sigma, 6.0) if effective_linear_quant(model, quant) == "int8" else 0.0,
@@ -207,7 +207,7 @@ def _build_structure(model: ModelSpec, adapted, quant: str, dq: bool, device: st
                                     for l in adapted),
         linear_shapes=tuple(sorted({(l.stack, l.role in INT8_OUTLIER_ROLES, l.in_features, l.out_features)
                                     for l in model.linears if l.role != "lm_head" and l.layer is not None
-                                    and linear_quant(model, quant, l) == quant})),
+                                    and linear_storage(model, quant, l) == quant})),
         device=device,
     )
 
@@ -229,7 +229,7 @@ def effective_linear_quant(model: ModelSpec, quant: str) -> str:
     return quant
 
 
-def linear_quant(model: ModelSpec, quant: str, linear: LinearSpec) -> str:
+def linear_storage(model: ModelSpec, quant: str, linear: LinearSpec) -> str:
     """How one frozen Linear is stored. Modules in the model's ``_keep_in_fp32_modules`` (T5's
     wo) are in the bnb quantizer's modules_to_not_convert, so a quantized base keeps them in the
     load dtype, then fp32 after prepare_model_for_kbit_training; an fp16 load upcasts them to
@@ -329,7 +329,7 @@ def frozen_linear_weights(model: ModelSpec, quant: str, double_quant: bool) -> i
     transformers' bnb quantizer converts nn.Linear modules only and keeps the output embedding
     (lm_head) in the load dtype (quantizers/quantizer_bnb_*: modules_to_not_convert).
     """
-    return sum(quantized_linear_bytes(l, linear_quant(model, quant, l), double_quant)
+    return sum(quantized_linear_bytes(l, linear_storage(model, quant, l), double_quant)
                for l in model.linears if l.role != "lm_head")
 
 
