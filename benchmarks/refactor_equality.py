@@ -1,0 +1,137 @@
+"""Prove that a refactor changed no number: every analytic output over a fixed grid, bit for bit.
+
+    python benchmarks/refactor_equality.py --write benchmarks/data/equality-before.json.gz
+    python benchmarks/refactor_equality.py --check benchmarks/data/equality-before.json.gz
+
+The grid: one catalog model per family (11 families) × every quantization × every optimizer ×
+checkpointing on/off × four (rank, batch, seq, dropout, targets, attention, int8
+outlier fraction) points, on GPUs of three
+generations (sm90, sm80, sm75) — 2,640 setups. For each setup it records the whole
+``estimate(...).to_dict()`` (inputs, parameter counts, peak allocated/reserved/device total,
+every ledger component, every moment, notes, step time and its components) and the sweep row
+``loraplan sweep`` writes for the same case (the vectorized path). Floats go through JSON's
+``repr`` round trip, so "equal" means bit-identical.
+
+``--check`` exits 1 and lists the first differences when anything differs. When a change of
+numbers is intended (new physics), regenerate the file in the same commit and say why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import itertools
+import json
+import math
+import sys
+import warnings
+from pathlib import Path
+
+#: one catalog model per family with a shape rule
+FAMILIES = {
+    "llama": "llama-2-7b", "mistral": "mistral-7b", "qwen2": "qwen2.5-0.5b", "qwen3": "qwen3-0.6b",
+    "gemma2": "gemma-2-2b", "phi3": "phi-3-mini-4k", "gpt_neox": "pythia-1b", "opt": "opt-6.7b",
+    "falcon": "falcon-7b", "t5": "flan-t5-base", "mt5": "mt0-large",
+}
+QUANTS = ("bf16", "fp16", "fp32", "nf4", "fp4", "int8")
+OPTIMIZERS = ("adamw", "sgd", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
+#: (rank, batch, seq, target_seq, dropout, targets, attention, int8 outlier fraction)
+POINTS = ((8, 1, 512, None, 0.05, None, "auto", None),
+          (64, 4, 1024, 256, 0.0, "all-linear", "auto", None),
+          (16, 2, 256, 512, 0.1, "all-linear,lm_head", "auto", 0.1),
+          (256, 1, 2048, None, 0.05, None, "math", None))
+GPUS = ("h100-sxm-80gb", "a100-sxm-80gb", "t4-16gb")
+
+
+def cases() -> list[dict]:
+    out = []
+    for i, (model, quant, opt, gc, pt) in enumerate(itertools.product(
+            FAMILIES.values(), QUANTS, OPTIMIZERS, (True, False), POINTS)):
+        rank, batch, seq, tseq, dropout, targets, attention, frac = pt
+        out.append({"model": model, "quant": quant, "double_quant": quant == "nf4", "rank": rank,
+                    "alpha": None, "dropout": dropout, "targets": targets, "optimizer": opt,
+                    "batch": batch, "seq": seq, "target_seq": tseq, "gradient_checkpointing": gc,
+                    "attention": attention, "int8_outlier_fraction": frac, "gpu": GPUS[i % len(GPUS)]})
+    return out
+
+
+def _clean(v):
+    """JSON-safe: numpy scalars to Python, NaN to the string 'nan' (JSON has no NaN)."""
+    if isinstance(v, dict):
+        return {str(k): _clean(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_clean(x) for x in v]
+    if hasattr(v, "item") and not isinstance(v, (str, bytes)):
+        v = v.item()
+    if isinstance(v, float) and math.isnan(v):
+        return "nan"
+    return v
+
+
+def outputs() -> list[dict]:
+    from loraplan.commands.options import resolve_case
+    from loraplan.catalog import load_gpu
+    from loraplan.estimate.api import estimate
+    from loraplan.sweep import evaluate
+
+    cs = cases()
+    rows = list(evaluate(cs))
+    out = []
+    for case, row in zip(cs, rows):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model, lora, train = resolve_case(case)
+        e = estimate(model, lora, train, load_gpu(case["gpu"]))
+        out.append({"case": case, "estimate": _clean(e.to_dict()), "sweep_row": _clean(row)})
+    return out
+
+
+def diff(a, b, path: str = "") -> list[str]:
+    """Paths where two JSON values differ (exact: floats compared by value, types included)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            if k not in a or k not in b:
+                out.append(f"{path}.{k}: {'missing before' if k not in a else 'missing after'}")
+            else:
+                out += diff(a[k], b[k], f"{path}.{k}")
+        return out
+    if isinstance(a, list) and isinstance(b, list):
+        if len(a) != len(b):
+            return [f"{path}: length {len(a)} != {len(b)}"]
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in diff(x, y, f"{path}[{i}]")]
+    if type(a) is not type(b) or a != b:
+        return [f"{path}: {a!r} -> {b!r}"]
+    return []
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    g = ap.add_mutually_exclusive_group(required=True)
+    g.add_argument("--write", metavar="FILE", help="write the outputs (gzip JSON)")
+    g.add_argument("--check", metavar="FILE", help="compare with a file written by --write")
+    args = ap.parse_args(argv)
+    now = outputs()
+    if args.write:
+        Path(args.write).parent.mkdir(parents=True, exist_ok=True)
+        with gzip.open(args.write, "wt") as f:
+            json.dump(now, f, sort_keys=True)
+        print(f"wrote {len(now)} setups to {args.write}")
+        return 0
+    with gzip.open(args.check, "rt") as f:
+        before = json.load(f)
+    # round-trip today's outputs through JSON too, so both sides have the same types
+    now = json.loads(json.dumps(now, sort_keys=True))
+    diffs = diff(before, now)
+    comps = sum(len(r["estimate"]["memory"]["components"]) for r in now)
+    print(f"{len(now)} setups, {comps} ledger components, {len(now)} sweep rows compared")
+    if diffs:
+        print(f"DIFFERENT at {len(diffs)} places; first 20:")
+        print("\n".join(diffs[:20]))
+        return 1
+    print("identical: every peak, component, moment, note, step time and sweep row is bit-identical")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
