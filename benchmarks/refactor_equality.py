@@ -86,22 +86,26 @@ def outputs() -> list[dict]:
     return out
 
 
-def diff(a, b, path: str = "") -> list[str]:
-    """Paths where two JSON values differ (exact: floats compared by value, types included)."""
+def diff(a, b, path: str = "", rtol: float = 0.0) -> list[tuple[str, float]]:
+    """(path, relative difference) where two JSON values differ; types must match, and floats
+    differ when |a - b| > rtol·|a| (rtol 0: bit-identical). Non-float differences are inf."""
     if isinstance(a, dict) and isinstance(b, dict):
         out = []
         for k in sorted(set(a) | set(b)):
             if k not in a or k not in b:
-                out.append(f"{path}.{k}: {'missing before' if k not in a else 'missing after'}")
+                out.append((f"{path}.{k}: {'missing before' if k not in a else 'missing after'}", math.inf))
             else:
-                out += diff(a[k], b[k], f"{path}.{k}")
+                out += diff(a[k], b[k], f"{path}.{k}", rtol)
         return out
     if isinstance(a, list) and isinstance(b, list):
         if len(a) != len(b):
-            return [f"{path}: length {len(a)} != {len(b)}"]
-        return [d for i, (x, y) in enumerate(zip(a, b)) for d in diff(x, y, f"{path}[{i}]")]
+            return [(f"{path}: length {len(a)} != {len(b)}", math.inf)]
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in diff(x, y, f"{path}[{i}]", rtol)]
+    if isinstance(a, float) and isinstance(b, float) and a != b:
+        rel = abs(a - b) / abs(a) if a else math.inf
+        return [(f"{path}: {a!r} -> {b!r}", rel)] if rel > rtol else []
     if type(a) is not type(b) or a != b:
-        return [f"{path}: {a!r} -> {b!r}"]
+        return [(f"{path}: {a!r} -> {b!r}", math.inf)]
     return []
 
 
@@ -110,6 +114,8 @@ def main(argv=None) -> int:
     g = ap.add_mutually_exclusive_group(required=True)
     g.add_argument("--write", metavar="FILE", help="write the outputs (gzip JSON)")
     g.add_argument("--check", metavar="FILE", help="compare with a file written by --write")
+    ap.add_argument("--float-rtol", type=float, default=0.0,
+                    help="tolerated relative difference of floats (default 0: bit-identical)")
     args = ap.parse_args(argv)
     now = outputs()
     if args.write:
@@ -122,14 +128,20 @@ def main(argv=None) -> int:
         before = json.load(f)
     # round-trip today's outputs through JSON too, so both sides have the same types
     now = json.loads(json.dumps(now, sort_keys=True))
-    diffs = diff(before, now)
     comps = sum(len(r["estimate"]["memory"]["components"]) for r in now)
     print(f"{len(now)} setups, {comps} ledger components, {len(now)} sweep rows compared")
-    if diffs:
-        print(f"DIFFERENT at {len(diffs)} places; first 20:")
-        print("\n".join(diffs[:20]))
+    exact = diff(before, now)
+    if not exact:
+        print("identical: every peak, component, moment, note, step time and sweep row is bit-identical")
+        return 0
+    worst = max(rel for _, rel in exact)
+    print(f"{len(exact)} values not bit-identical (largest relative difference {worst:.3g}); first 20:")
+    print("\n".join(f"  {p}" for p, _ in exact[:20]))
+    beyond = diff(before, now, rtol=args.float_rtol)
+    if beyond:
+        print(f"DIFFERENT: {len(beyond)} values beyond --float-rtol {args.float_rtol:g}")
         return 1
-    print("identical: every peak, component, moment, note, step time and sweep row is bit-identical")
+    print(f"equal within --float-rtol {args.float_rtol:g} (integers, strings and booleans exact)")
     return 0
 
 
