@@ -279,6 +279,34 @@ class LiveTensorTracker(TorchDispatchMode):
         return [dict(zip(keys, r)) for r in self._records
                 if r[_ALLOC] <= seq and (r[_FREE] is None or r[_FREE] > seq)]
 
+    def allocation_events(self, free_live_at_end: bool = False) -> list[tuple]:
+        """The allocation log as the ordered stream ``loraplan.allocator.replay`` takes:
+        ``("alloc", record_index, bytes)`` and ``("free", record_index)``, in sequence order.
+
+        Bytes are the record's (already rounded to ``round_to`` when set; the allocator model
+        rounds again, which is idempotent for 512) and are the storage's last known size if it
+        was resized. Zero-byte storages are skipped (the CUDA allocator hands out no block for
+        them). Storages still live at the end get no free event unless ``free_live_at_end``,
+        which frees them, in allocation order, after everything else. Memory reported through
+        ``transient(...)`` is not in the log (only its peak is kept), so it is not in the stream.
+        """
+        timed = []
+        live = []
+        for idx, r in enumerate(self._records):
+            if r[_BYTES] <= 0:
+                continue
+            timed.append((r[_ALLOC], 0, idx, r[_BYTES]))
+            if r[_FREE] is not None:
+                timed.append((r[_FREE], 1, idx, 0))
+            else:
+                live.append(idx)
+        timed.sort()
+        events: list[tuple] = [("alloc", idx, nb) if kind == 0 else ("free", idx)
+                               for _, kind, idx, nb in timed]
+        if free_live_at_end:
+            events.extend(("free", idx) for idx in live)
+        return events
+
     # ------------------------------------------------------------------ internals
     def _bump_phase(self, name: str) -> None:
         if self.current > self.phase_peaks.get(name, -1):
