@@ -242,3 +242,55 @@ def _weight_bytes_bound(cfg: Mapping[str, Any]) -> int:
     layers = sum(cfg[k] for k in LAYER_KEYS if isinstance(cfg.get(k), int) and not isinstance(cfg.get(k), bool))
     vocab = first("vocab_size", default=1)
     return 4 * (max(layers, 1) * (4 * width * h + 3 * h * inner) + 2 * vocab * h)
+
+
+# ------------------------------------------------------------------------------------------------
+# Calibration coefficients
+# ------------------------------------------------------------------------------------------------
+
+GiB = 1 << 30
+
+#: coefficient -> (lowest, highest, what it is): the physically possible range of each named
+#: coefficient a calibration may set. A value outside it is a broken file or a bad fit, never a
+#: GPU's property (efficiencies are fractions of peak; host costs per call are below 0.1 s).
+COEFFICIENT_RANGES: dict[str, tuple[float, float, str]] = {
+    "cublas_handles": (1, 64, "cuBLAS handles (one per thread that runs matmuls)"),
+    "cublas_workspace_bytes_sm90": (0, GiB, "bytes of one cuBLAS workspace on sm90+"),
+    "cublas_workspace_bytes_pre_sm90": (0, GiB, "bytes of one cuBLAS workspace before sm90"),
+    "allocator_overhead_bytes": (0, 16 * GiB, "bytes the allocator holds beyond the ledger"),
+    "reserved_over_allocated_ratio": (0, 4, "peak reserved / peak allocated - 1"),
+    "cuda_context_bytes": (0, 16 * GiB, "bytes of the CUDA context and libraries"),
+    "time_eff_mm": (1e-4, 1, "achieved / peak tensor-core matmul throughput"),
+    "time_eff_fp32": (1e-4, 1, "achieved / peak fp32 matmul throughput"),
+    "time_eff_bw": (1e-4, 1, "achieved / peak memory bandwidth"),
+    "time_gpu_kernel_s": (0, 0.01, "GPU seconds per kernel"),
+    "time_host_op_s": (0, 0.01, "host seconds per dispatched op"),
+    "time_host_lora_call_s": (0, 0.1, "host seconds per LoRA module call"),
+    "time_host_bnb4_call_s": (0, 0.1, "host seconds per bitsandbytes 4-bit call"),
+    "time_host_int8_call_s": (0, 0.1, "host seconds per bitsandbytes int8 call"),
+    "time_host_step_s": (0, 60, "fixed host seconds per step"),
+}
+
+
+def check_coefficients(coefficients: Any, where: str) -> dict[str, float]:
+    """The coefficients of a calibration, each a known name with a finite number in its range.
+
+    Raises ConfigError naming the file, the coefficient, its value and the allowed range (or the
+    known names, for an unknown one). Returns them as floats.
+    """
+    from .errors import suggest
+
+    if not isinstance(coefficients, Mapping):
+        raise ConfigError(f"calibration '{where}': 'coefficients' must be an object of name: number; "
+                          f"make one with 'loraplan calibrate'")
+    out = {}
+    for name, v in coefficients.items():
+        if name not in COEFFICIENT_RANGES:
+            raise ConfigError(f"calibration '{where}': unknown coefficient '{name}'"
+                              f"{suggest(str(name), COEFFICIENT_RANGES)}; known: {', '.join(COEFFICIENT_RANGES)}")
+        lo, hi, what = COEFFICIENT_RANGES[name]
+        if not is_number(v) or not math.isfinite(v) or not lo <= v <= hi:
+            raise ConfigError(f"calibration '{where}': {name} = {_describe(v)} is not a possible {what} "
+                              f"(allowed {lo:g} to {hi:g}); fix the file or re-run 'loraplan calibrate'")
+        out[name] = float(v)
+    return out

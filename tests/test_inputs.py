@@ -135,3 +135,27 @@ def test_positive_int(v):
     with pytest.raises(InputError, match="is not a positive integer"):
         positive_int(v, "--batch", "use 1 or more", upper=10)
     assert positive_int(3, "--batch", "x") == 3
+
+
+def test_every_shipped_calibration_is_in_range():
+    from loraplan.catalog import calibration_entries
+    from loraplan.inputs import check_coefficients
+
+    for gpu, entry in calibration_entries().items():
+        check_coefficients(entry["coefficients"], gpu)
+
+
+@pytest.mark.parametrize("name, value, words", [
+    ("reserved_over_allocated_ratio", -0.5, "reserved_over_allocated_ratio = -0.5 is not a possible"),
+    ("time_eff_mm", 0.0, "allowed 0.0001 to 1"),
+    ("time_eff_bw", float("nan"), "time_eff_bw = nan"),
+    ("cuda_context_bytes", "x", 'cuda_context_bytes = "x"'),
+    ("cublas_handles", True, "cublas_handles = true"),
+    ("time_host_op_s", -9.0, "time_host_op_s = -9.0"),
+    ("time_eff_nm", 0.5, "unknown coefficient 'time_eff_nm'; did you mean time_eff_mm"),
+])
+def test_impossible_coefficients_are_named(name, value, words):
+    from loraplan.inputs import check_coefficients
+
+    with pytest.raises(ConfigError, match=words):
+        check_coefficients({name: value}, "cal.json")
