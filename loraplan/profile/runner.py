@@ -22,17 +22,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import LoraplanError, MissingExtraError
+from ..errors import DeviceError, MissingExtraError
 from ..spec import LoraSpec, ModelSpec, TrainSpec, run_inputs
 from .records import SCHEMA, append_record, case_key, default_out_path, gpu_id_for_name, read_records
 
 OnEvent = Callable[[dict], None]
 MARK = "@@loraplan "
 BNB_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
-
-
-class DeviceError(LoraplanError):
-    """The device asked for is not there (e.g. --device cuda on a machine without CUDA)."""
 
 
 @dataclass(frozen=True)
