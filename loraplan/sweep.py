@@ -222,7 +222,7 @@ class CaseTable:
 
 def _grid_opts(given: dict[str, Any], g: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """One grid's options (command line merged in) and its GPU ids."""
-    from .commands.options import DEFAULTS
+    from .case import DEFAULTS
 
     opts = {k: None for k in GRID_KEYS}
     for k, v in g.items():
@@ -248,7 +248,7 @@ def expand_cases(cli_opts: dict[str, Any], grids: list[dict[str, Any]] | None = 
     over the grid's, except that a key set differently in both is contradictory (InputError).
     Every option value is parsed once (``split_values``); unknown model and GPU names stop the
     sweep here, with suggestions, rather than one row at a time."""
-    from .commands.options import DEFAULTS, split_values
+    from .case import DEFAULTS, split_values
 
     given = {k: v for k, v in cli_opts.items() if k in GRID_KEYS and v is not None and v != ()}
     tables = []
@@ -288,7 +288,7 @@ def _have_numpy() -> bool:
 def _build_case_dicts(cli_opts: dict[str, Any], grids: list[dict[str, Any]] | None = None) -> list[dict]:
     """``build_cases`` without numpy: one dict per case."""
     from .catalog import load_gpu, load_model
-    from .commands.options import DEFAULTS, expand_grid
+    from .case import DEFAULTS, expand_grid
 
     given = {k: v for k, v in cli_opts.items() if k in GRID_KEYS and v is not None and v != ()}
     cases: list[dict] = []
@@ -308,7 +308,7 @@ def _build_case_dicts(cli_opts: dict[str, Any], grids: list[dict[str, Any]] | No
 
 def count_cases(cli_opts: dict[str, Any], grids: list[dict[str, Any]] | None = None) -> int:
     """Number of cases without building them (for the --yes guard on huge grids)."""
-    from .commands.options import split_values
+    from .case import split_values
 
     total = 0
     for g in grids or [{}]:
@@ -328,7 +328,7 @@ def count_cases(cli_opts: dict[str, Any], grids: list[dict[str, Any]] | None = N
 
 
 def _check_contradictions(opts: dict[str, Any]) -> None:
-    from .commands.options import split_values
+    from .case import split_values
 
     quants = split_values("quant", opts.get("quant"))
     if opts.get("double_quant") not in (None, False, "false", "False") and not {"nf4", "fp4"} & set(quants):
@@ -412,7 +412,7 @@ def evaluate_table(table: CaseTable, on_progress: Callable[[int], None] | None =
     import numpy as np
 
     from .catalog import load_calibration, load_gpu, load_model
-    from .commands.options import DEFAULTS, PARSERS
+    from .case import DEFAULTS, PARSERS
     from .errors import LoraplanError
 
     n, L, C = len(table), table.levels, table.codes
@@ -583,7 +583,7 @@ def evaluate_table(table: CaseTable, on_progress: Callable[[int], None] | None =
 
 
 def _resolve(case: dict, model):
-    from .commands.options import resolve_case
+    from .case import resolve_case
 
     return resolve_case(case, model=model)
 
@@ -786,7 +786,7 @@ def evaluate_each(cases: Iterable[dict], *, estimate_fn: Callable | None = None,
     """The reference path: ``estimate()`` (memory) and ``step_time`` once per case (slow: about
     700 cases/s). ``evaluate_table`` must give the same rows."""
     from .catalog import load_calibration, load_gpu, load_model
-    from .commands.options import resolve_case
+    from .case import resolve_case
     from .estimate.time import coefficients, step_time, step_work
 
     if estimate_fn is None:

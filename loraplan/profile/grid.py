@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-#: grid keys -> case option keys (see loraplan/commands/options.py PARSERS)
+#: grid keys -> case option keys (see loraplan/case.py PARSERS)
 CASE_KEYS = ("model", "quant", "double_quant", "rank", "alpha", "dropout", "targets", "optimizer", "batch",
              "seq", "target_seq", "gradient_checkpointing", "attention", "int8_outlier_fraction")
 

@@ -166,12 +166,12 @@ def meta_spec(cfg: dict, name: str, source: str = "") -> ModelSpec:
 
 def build_cases(case_dicts: list[dict], gpu: str | None = None) -> list[Case]:
     """Grid dicts (CLI option names) -> validated cases (resolve_case), models read once each."""
-    from ..commands.options import resolve_case
+    from ..case import DEFAULTS, resolve_case
 
     models: dict[str, ModelSpec] = {}
     out = []
     for d in case_dicts:
-        name = d.get("model") or "llama-2-7b"
+        name = d.get("model") or DEFAULTS["model"]
         if name not in models:
             models[name] = resolve_model(name)
         m, l, t = resolve_case(d, models[name])
