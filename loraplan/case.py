@@ -11,29 +11,47 @@ from __future__ import annotations
 
 import itertools
 import warnings
+from dataclasses import fields
 from typing import Any, Callable
 
 from .errors import InputError
-from .spec import ATTENTION, OPTIMIZERS, QUANTS, LoraSpec, ModelSpec, TrainSpec
+from .spec import ATTENTION, OPTIMIZERS, QUANTS, LoraSpec, ModelSpec, TrainSpec, check_choice, check_value
 
-#: embedded default: a common QLoRA setup (seed 001/002: Llama-2-7B, nf4 + double quant, r8 q,v)
+#: default model and GPU: a common QLoRA setup (seed 001/002: Llama-2-7B, nf4 + double quant, r8 q,v)
+DEFAULT_MODEL = "llama-2-7b"
+DEFAULT_GPU = "h100-sxm-80gb"
+
+
+def _spec_defaults(cls) -> dict[str, Any]:
+    return {f.name: f.default for f in fields(cls)}
+
+
+_LORA, _TRAIN = _spec_defaults(LoraSpec), _spec_defaults(TrainSpec)
+
+#: option key -> default: the LoraSpec / TrainSpec field defaults (one source for the API and the
+#: CLI) plus model and GPU. alpha None: 2 x rank; targets None: PEFT's default for the family
+#: (q_proj,v_proj for llama); target_seq None: --seq; int8_outlier_fraction None: measured default.
 DEFAULTS: dict[str, Any] = {
-    "model": "llama-2-7b",
-    "quant": "nf4",
-    "double_quant": True,
-    "rank": 8,
-    "alpha": None,  # 2 x rank
-    "dropout": 0.05,
-    "targets": None,  # PEFT's default for the model family (q_proj,v_proj for llama)
-    "optimizer": "adamw",
-    "batch": 1,
-    "seq": 512,
-    "target_seq": None,
-    "gradient_checkpointing": True,
-    "attention": "auto",
-    "int8_outlier_fraction": None,
-    "gpu": "h100-sxm-80gb",
+    "model": DEFAULT_MODEL,
+    "quant": _TRAIN["quant"],
+    "double_quant": _TRAIN["double_quant"],
+    "rank": _LORA["rank"],
+    "alpha": _LORA["alpha"],
+    "dropout": _LORA["dropout"],
+    "targets": _LORA["targets"],
+    "optimizer": _TRAIN["optimizer"],
+    "batch": _TRAIN["batch"],
+    "seq": _TRAIN["seq"],
+    "target_seq": _TRAIN["target_seq"],
+    "gradient_checkpointing": _TRAIN["gradient_checkpointing"],
+    "attention": _TRAIN["attention"],
+    "int8_outlier_fraction": _TRAIN["int8_outlier_fraction"],
+    "gpu": DEFAULT_GPU,
 }
+
+#: resolve_case checks the numbers in this order, so that a case with several bad values names
+#: the same one in every command (the sweep's vectorized path follows it too)
+CHECK_ORDER = ("rank", "batch", "seq", "target_seq", "dropout", "int8_outlier_fraction")
 
 
 def _int(name):
@@ -54,13 +72,18 @@ def _float(name):
     return parse
 
 
+def _finite(name):
+    def parse(v):
+        x = _float(name)(v)
+        check_value(name, x)
+        return x
+    return parse
+
+
 def _choice(name, choices):
     def parse(v):
         v = str(v).strip().lower().replace("-", "_") if name == "optimizer" else str(v).strip().lower()
-        if v not in choices:
-            from .errors import suggest
-
-            raise InputError(f"--{name} '{v}' is not one of {', '.join(choices)}{suggest(v, choices)}")
+        check_choice(name, v, choices)
         return v
     return parse
 
@@ -84,7 +107,7 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
     "quant": _choice("quant", QUANTS),
     "double_quant": _bool("double-quant"),
     "rank": _int("rank"),
-    "alpha": _float("alpha"),
+    "alpha": _finite("alpha"),  # rejects nan/inf here, so the sweep's per-value parse catches them
     "dropout": _float("dropout"),
     "targets": str,
     "optimizer": _choice("optimizer", OPTIMIZERS),
@@ -155,22 +178,11 @@ def resolve_case(case: dict, model: ModelSpec | None = None) -> tuple[ModelSpec,
 
     v = {k: (DEFAULTS.get(k) if case.get(k) is None else PARSERS[k](case[k])) for k in PARSERS}
     model = model or load_model(v["model"])
-    if v["rank"] <= 0:
-        raise InputError(f"--rank {v['rank']} must be a positive integer (typical: 8, 16, 64)")
-    if v["batch"] <= 0:
-        raise InputError(f"--batch {v['batch']} must be a positive integer")
-    if v["seq"] <= 0:
-        raise InputError(f"--seq {v['seq']} must be a positive integer")
-    if v["target_seq"] is not None and v["target_seq"] <= 0:
-        raise InputError(f"--target-seq {v['target_seq']} must be a positive integer")
-    if not 0.0 <= v["dropout"] < 1.0:
-        raise InputError(f"--dropout {v['dropout']} must be in [0, 1)")
-    alpha = v["alpha"] if v["alpha"] is not None else 2.0 * v["rank"]
+    for k in CHECK_ORDER:  # before the specs: target_seq and the int8 fraction are checked even when unused
+        check_value(k, v[k])
     frac = v["int8_outlier_fraction"]
-    if frac is not None and not 0.0 <= frac <= 1.0:
-        raise InputError(f"--int8-outlier-fraction {frac} must be between 0 and 1")
     targets = parse_targets(v["targets"]) if v["targets"] else default_targets(model)
-    lora = LoraSpec(rank=v["rank"], alpha=alpha, dropout=v["dropout"], targets=targets)
+    lora = LoraSpec(rank=v["rank"], alpha=v["alpha"], dropout=v["dropout"], targets=targets)  # alpha None: 2 x rank
     select_targets(model, targets)  # raises TargetError listing the module names that exist
     if model.max_positions and v["seq"] > model.max_positions:
         warnings.warn(f"--seq {v['seq']} is longer than {model.name}'s {model.max_positions} positions; "

@@ -36,6 +36,13 @@ def run_trace_subprocess(model_config: dict, lora: LoraSpec, train: TrainSpec, g
     """Trace one setup in a worker process; see ``loraplan.trace.run.trace_step`` for the result."""
     for mod in ("torch", "transformers", "peft"):
         require_extra(mod)
+    if lora.targets is None:  # PEFT's default for the family, the modules the analytic view adapts
+        from dataclasses import replace
+
+        from ..hf import spec_from_config
+        from ..targets import default_targets
+
+        lora = replace(lora, targets=default_targets(spec_from_config(dict(model_config))))
     payload = json.dumps({"model_config": dict(model_config), "lora": asdict(lora), "train": asdict(train),
                           "gpu_cc": gpu_cc, "steps": steps})
     try:
