@@ -171,6 +171,31 @@ def expand_grid(opts: dict) -> list[dict]:
     return [dict(zip(keys, combo)) for combo in itertools.product(*values)]
 
 
+def grid_option(key: str, v: Any):
+    """A grid-file value -> what expand_grid takes: comma string / list of strings (targets: a tuple)."""
+    if key == "targets":
+        if isinstance(v, list):
+            return tuple(",".join(x) if isinstance(x, list) else str(x) for x in v)
+        return (str(v),)
+    if isinstance(v, list):
+        return [x if isinstance(x, bool) else str(x) for x in v]
+    return v if isinstance(v, bool) else str(v)
+
+
+def merge_grid(cli_opts: dict, grid: dict, keys: tuple[str, ...]) -> dict:
+    """One grid of a ``--grid`` file with the command line's options -> option dict over ``keys``.
+
+    The rule of every grid command (sweep, profile): an option given on the command line (not
+    None, not an empty tuple) replaces the grid's value for that key, in every grid of the file,
+    so a saved grid can be narrowed or changed without editing it; keys neither sets are None
+    (the default).
+    """
+    opts: dict[str, Any] = {k: None for k in keys}
+    opts.update((k, grid_option(k, v)) for k, v in grid.items())
+    opts.update((k, v) for k, v in cli_opts.items() if k in keys and v is not None and v != ())
+    return opts
+
+
 def resolve_case(case: dict, model: ModelSpec | None = None) -> tuple[ModelSpec, LoraSpec, TrainSpec]:
     """One single-valued case dict (CLI option names, values raw or parsed) -> validated specs."""
     from .catalog import load_model

@@ -30,6 +30,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+from .case import grid_option as _as_option
 from .errors import ConfigError, InputError
 
 #: more cases than this need ``--yes`` (or ``confirm=True``)
@@ -100,17 +101,6 @@ def load_grid(path: str | Path, keys: tuple[str, ...] = GRID_KEYS) -> list[dict[
             norm[key] = v
         out.append(norm)
     return out
-
-
-def _as_option(key: str, v: Any):
-    """A grid value -> what expand_grid takes: comma string / list of strings (targets: a tuple)."""
-    if key == "targets":
-        if isinstance(v, list):
-            return tuple(",".join(x) if isinstance(x, list) else str(x) for x in v)
-        return (str(v),)
-    if isinstance(v, list):
-        return [x if isinstance(x, bool) else str(x) for x in v]
-    return v if isinstance(v, bool) else str(v)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,15 +212,9 @@ class CaseTable:
 
 def _grid_opts(given: dict[str, Any], g: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """One grid's options (command line merged in) and its GPU ids."""
-    from .case import DEFAULTS
+    from .case import DEFAULTS, merge_grid
 
-    opts = {k: None for k in GRID_KEYS}
-    for k, v in g.items():
-        if k in given:
-            raise InputError(f"--{k.replace('_', '-')} is given both on the command line and in the grid "
-                             f"file ({v!r}); keep one")
-        opts[k] = _as_option(k, v)
-    opts.update(given)
+    opts = merge_grid(given, g, GRID_KEYS)  # the command line wins, as in profile --grid
     gpus_raw = opts.pop("gpu")
     if gpus_raw is None:
         gpus = [DEFAULTS["gpu"]]
@@ -245,7 +229,7 @@ def _grid_opts(given: dict[str, Any], g: dict[str, Any]) -> tuple[dict[str, Any]
 
 def expand_cases(cli_opts: dict[str, Any], grids: list[dict[str, Any]] | None = None) -> CaseTable:
     """The grid's cases as a CaseTable (gpu the fastest-varying option). Command-line values win
-    over the grid's, except that a key set differently in both is contradictory (InputError).
+    over the grid's (``loraplan.case.merge_grid``).
     Every option value is parsed once (``split_values``); unknown model and GPU names stop the
     sweep here, with suggestions, rather than one row at a time."""
     from .case import DEFAULTS, split_values
