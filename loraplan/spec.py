@@ -222,9 +222,13 @@ def check_value(key: str, value: Any) -> None:
     CHECKS[key](key, value)
 
 
-def _check_fields(spec: Any, names: tuple[str, ...]) -> None:
-    for name in names:
-        CHECKS[name](name, getattr(spec, name))
+def _checks(names: tuple[str, ...]) -> tuple[tuple[str, Callable[[str, Any], None]], ...]:
+    return tuple((n, CHECKS[n]) for n in names)
+
+
+_LORA_CHECKS = _checks(("rank", "alpha", "dropout", "targets"))
+_TRAIN_CHECKS = _checks(("quant", "double_quant", "optimizer", "batch", "seq", "target_seq", "gradient_checkpointing",
+                         "attention", "int8_outlier_fraction", "device"))
 
 
 @dataclass(frozen=True)
@@ -252,7 +256,8 @@ class LoraSpec:
             object.__setattr__(self, "targets", parse_targets(t))
         elif isinstance(t, list):
             object.__setattr__(self, "targets", tuple(t))
-        _check_fields(self, ("rank", "alpha", "dropout", "targets"))
+        for name, check in _LORA_CHECKS:
+            check(name, getattr(self, name))
         if self.alpha is None:
             object.__setattr__(self, "alpha", 2.0 * self.rank)
 
@@ -280,11 +285,8 @@ class TrainSpec:
     device: Device = "cuda"
 
     def __post_init__(self) -> None:
-        _check_fields(self, _TRAIN_FIELDS)
-
-
-_TRAIN_FIELDS = ("quant", "double_quant", "optimizer", "batch", "seq", "target_seq", "gradient_checkpointing",
-                 "attention", "int8_outlier_fraction", "device")
+        for name, check in _TRAIN_CHECKS:
+            check(name, getattr(self, name))
 
 
 @dataclass(frozen=True)
