@@ -69,7 +69,7 @@ def _clean(v):
 
 
 def outputs() -> list[dict]:
-    from loraplan.commands.options import resolve_case
+    from loraplan.case import resolve_case
     from loraplan.catalog import load_gpu
     from loraplan.estimate.api import estimate
     from loraplan.sweep import evaluate

@@ -27,7 +27,7 @@ def load_reference(path: str | Path | None = None) -> dict:
 
 def case_specs(case: dict, models: dict):
     """A reference case -> (ModelSpec, LoraSpec, TrainSpec) via the CLI's own resolver."""
-    from loraplan.commands.options import resolve_case
+    from loraplan.case import resolve_case
     from loraplan.hf import spec_from_config
 
     model = spec_from_config(models[case["model"]], case["model"])
@@ -90,7 +90,7 @@ SEEDS = [
 
 def seeds() -> list[dict]:
     from loraplan.catalog import load_calibration, load_gpu
-    from loraplan.commands.options import resolve_case
+    from loraplan.case import resolve_case
     from loraplan.estimate.time import estimate_step_time
 
     rows = []

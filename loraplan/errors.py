@@ -30,6 +30,22 @@ class MissingExtraError(LoraplanError):
     """An optional dependency group (``[profile]``, ``[report]``) is not installed."""
 
 
+class DeviceError(LoraplanError):
+    """The device asked for is not there (e.g. --device cuda on a machine without CUDA)."""
+
+
+class TraceError(LoraplanError):
+    """The meta-device trace could not run this setup."""
+
+
+class TraceDataDependentError(TraceError):
+    """An op needs tensor values (``.item()``, data-dependent shapes) on meta."""
+
+
+class TraceTimeoutError(TraceError):
+    """The trace worker ran past its time limit."""
+
+
 def suggest(name: str, choices, n: int = 3) -> str:
     """', did you mean a, b?' for the closest names, or '' when none is close."""
     import difflib

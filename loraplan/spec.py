@@ -7,13 +7,23 @@ Nothing here imports torch.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, asdict
-from typing import Any, Mapping
+from numbers import Integral, Real
+from typing import Any, Callable, Literal, Mapping, get_args
 
-QUANTS = ("bf16", "fp16", "fp32", "nf4", "fp4", "int8")
-OPTIMIZERS = ("adamw", "sgd", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
+from .errors import InputError, suggest
+
+Quant = Literal["bf16", "fp16", "fp32", "nf4", "fp4", "int8"]
+Optimizer = Literal["adamw", "sgd", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"]
 # sdpa backends CUDA can pick, plus "eager" (explicit softmax(QK^T)V) and "auto" (choose like CUDA would).
-ATTENTION = ("auto", "flash", "efficient", "math", "eager")
+Attention = Literal["auto", "flash", "efficient", "math", "eager"]
+Device = Literal["cuda", "cpu"]
+
+QUANTS: tuple[str, ...] = get_args(Quant)
+OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
+ATTENTION: tuple[str, ...] = get_args(Attention)
+DEVICES: tuple[str, ...] = get_args(Device)
 
 #: bytes per element of the load dtype of a non-quantized tensor
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -107,33 +117,176 @@ class ModelSpec:
         return lin + sum(p.numel for p in self.others)
 
 
+# ---- validation of case values (one home for the rules: the specs and loraplan.case use it) ----
+#
+# Each check takes the option key (``rank``, ``target_seq``) and a value and raises InputError
+# with one line naming the value (as its command-line option) and the fix. Python and numpy
+# scalars are checked. A numpy array (``ndim > 0``) passes unchecked: the vectorized sweep and
+# the time model build specs whose batch/seq/rank/dropout/... are arrays of values that were
+# checked one by one before (``loraplan.case.resolve_case``), and re-checking every element
+# would cost the sweep its speed.
+
+
+def _is_array(v: Any) -> bool:
+    """True for a numpy array of values (the vectorized path); numpy scalars are not arrays."""
+    return getattr(v, "ndim", 0) > 0
+
+
+def _opt(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def _shown(v: Any) -> Any:
+    return v if isinstance(v, Real) else repr(v)
+
+
+def _is_int(v: Any) -> bool:
+    return type(v) is int or (isinstance(v, Integral) and not isinstance(v, bool))
+
+
+def check_choice(key: str, v: Any, choices: tuple[str, ...]) -> None:
+    """InputError unless ``v`` is one of ``choices`` (with the closest names as suggestions)."""
+    if isinstance(v, str) and v in choices:
+        return
+    raise InputError(f"{_opt(key)} '{v}' is not one of {', '.join(choices)}{suggest(str(v), choices)}")
+
+
+def _choice(choices: tuple[str, ...]) -> Callable[[str, Any], None]:
+    return lambda key, v: check_choice(key, v, choices)
+
+
+def _positive_int(hint: str = "", optional: bool = False) -> Callable[[str, Any], None]:
+    def check(key: str, v: Any) -> None:
+        if (optional and v is None) or _is_array(v) or (_is_int(v) and v > 0):
+            return
+        raise InputError(f"{_opt(key)} {_shown(v)} must be a positive integer{hint}")
+    return check
+
+
+def _real(v: Any) -> bool:
+    return isinstance(v, Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_alpha(key: str, v: Any) -> None:
+    if v is None or _is_array(v) or _real(v):
+        return
+    raise InputError(f"{_opt(key)} {_shown(v)} must be a finite number (default: 2 x rank)")
+
+
+def _check_dropout(key: str, v: Any) -> None:
+    if _is_array(v) or (_real(v) and 0.0 <= v < 1.0):
+        return
+    raise InputError(f"{_opt(key)} {_shown(v)} must be in [0, 1)")
+
+
+def _check_fraction(key: str, v: Any) -> None:
+    if v is None or _is_array(v) or (_real(v) and 0.0 <= v <= 1.0):
+        return
+    raise InputError(f"{_opt(key)} {_shown(v)} must be between 0 and 1")
+
+
+def _check_bool(key: str, v: Any) -> None:
+    if isinstance(v, bool) or getattr(getattr(v, "dtype", None), "kind", None) == "b":
+        return
+    raise InputError(f"{_opt(key)} {_shown(v)} must be True or False")
+
+
+def _check_targets(key: str, v: Any) -> None:
+    if v is None or (isinstance(v, tuple) and v and all(isinstance(t, str) and t.strip() for t in v)):
+        return
+    raise InputError(f"{_opt(key)} {v!r} must be module names like ('q_proj', 'v_proj'), ('all-linear',) "
+                     f"or None (PEFT's default for the model family)")
+
+
+#: case key -> check(key, value): raises InputError with one line naming the value and the fix
+CHECKS: dict[str, Callable[[str, Any], None]] = {
+    "quant": _choice(QUANTS),
+    "double_quant": _check_bool,
+    "rank": _positive_int(" (typical: 8, 16, 64)"),
+    "alpha": _check_alpha,
+    "dropout": _check_dropout,
+    "targets": _check_targets,
+    "optimizer": _choice(OPTIMIZERS),
+    "batch": _positive_int(),
+    "seq": _positive_int(),
+    "target_seq": _positive_int(optional=True),
+    "gradient_checkpointing": _check_bool,
+    "attention": _choice(ATTENTION),
+    "int8_outlier_fraction": _check_fraction,
+    "device": _choice(DEVICES),
+}
+
+
+def check_value(key: str, value: Any) -> None:
+    """Raise InputError (one line: the value and the fix) when ``value`` is not valid for ``key``."""
+    CHECKS[key](key, value)
+
+
+def _checks(names: tuple[str, ...]) -> tuple[tuple[str, Callable[[str, Any], None]], ...]:
+    return tuple((n, CHECKS[n]) for n in names)
+
+
+_LORA_CHECKS = _checks(("rank", "alpha", "dropout", "targets"))
+_TRAIN_CHECKS = _checks(("quant", "double_quant", "optimizer", "batch", "seq", "target_seq", "gradient_checkpointing",
+                         "attention", "int8_outlier_fraction", "device"))
+
+
 @dataclass(frozen=True)
 class LoraSpec:
-    """PEFT LoraConfig fields that change memory and time."""
+    """PEFT LoraConfig fields that change memory and time; the defaults are the CLI's.
 
-    rank: int = 16
-    alpha: float = 32
+    ``alpha=None`` means 2 x rank (set on construction, so ``alpha`` is always a number after
+    it). ``targets=None`` means PEFT's default target modules for the model family
+    (``loraplan.targets.default_targets``), resolved where a model is known (``select_targets``,
+    ``estimate``); a comma string is split like ``--targets``, a list becomes a tuple.
+    Invalid values raise ``loraplan.errors.InputError``; numpy arrays of already-checked
+    values pass unchecked (the vectorized sweep, see ``CHECKS``).
+    """
+
+    rank: int = 8
+    alpha: float | None = None
     dropout: float = 0.05
-    targets: tuple[str, ...] = ("all-linear",)
+    targets: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        t = self.targets
+        if isinstance(t, str):
+            from .targets import parse_targets
+
+            object.__setattr__(self, "targets", parse_targets(t))
+        elif isinstance(t, list):
+            object.__setattr__(self, "targets", tuple(t))
+        for name, check in _LORA_CHECKS:
+            check(name, getattr(self, name))
+        if self.alpha is None:
+            object.__setattr__(self, "alpha", 2.0 * self.rank)
 
 
 @dataclass(frozen=True)
 class TrainSpec:
-    """The training setup of the protocol (shared/reference/protocol.md)."""
+    """The training setup of the protocol (shared/reference/protocol.md); the defaults are the CLI's.
 
-    quant: str = "nf4"
+    Invalid values raise ``loraplan.errors.InputError`` (one line); batch, seq, target_seq and
+    int8_outlier_fraction may be numpy arrays of already-checked values (the vectorized sweep).
+    """
+
+    quant: Quant = "nf4"
     double_quant: bool = True
-    optimizer: str = "adamw"
+    optimizer: Optimizer = "adamw"
     batch: int = 1
-    seq: int = 512
+    seq: int = 512  # tokens
     target_seq: int | None = None  # decoder length for encoder-decoder models
     gradient_checkpointing: bool = True
-    attention: str = "auto"
+    attention: Attention = "auto"
     #: int8 only: fraction of Linear input columns above the 6.0 outlier threshold (None: default)
     int8_outlier_fraction: float | None = None
     #: where the step runs: "cuda" (what loraplan predicts for users) or "cpu" (the CI-checkable
     #: profile path: math attention, unfused dropout, no cuBLAS workspaces, int8 via MatMul8bitFp)
-    device: str = "cuda"
+    device: Device = "cuda"
+
+    def __post_init__(self) -> None:
+        for name, check in _TRAIN_CHECKS:
+            check(name, getattr(self, name))
 
 
 @dataclass(frozen=True)
@@ -173,7 +326,13 @@ def run_inputs(model: ModelSpec, lora: LoraSpec, train: TrainSpec) -> dict:
     """Resolved inputs as a flat dict, with the keys of the reference cases and profile records."""
     d = {"model": model.name, "model_type": model.model_type}
     d.update(asdict(train))
-    d.update(rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, targets=list(lora.targets))
+    if lora.targets is None:
+        from .targets import default_targets
+
+        targets = default_targets(model)
+    else:
+        targets = lora.targets
+    d.update(rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, targets=list(targets))
     if train.quant not in ("nf4", "fp4"):
         d["double_quant"] = None
     return d

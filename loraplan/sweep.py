@@ -30,6 +30,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+from .case import grid_option as _as_option
 from .errors import ConfigError, InputError
 
 #: more cases than this need ``--yes`` (or ``confirm=True``)
@@ -100,17 +101,6 @@ def load_grid(path: str | Path, keys: tuple[str, ...] = GRID_KEYS) -> list[dict[
             norm[key] = v
         out.append(norm)
     return out
-
-
-def _as_option(key: str, v: Any):
-    """A grid value -> what expand_grid takes: comma string / list of strings (targets: a tuple)."""
-    if key == "targets":
-        if isinstance(v, list):
-            return tuple(",".join(x) if isinstance(x, list) else str(x) for x in v)
-        return (str(v),)
-    if isinstance(v, list):
-        return [x if isinstance(x, bool) else str(x) for x in v]
-    return v if isinstance(v, bool) else str(v)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,15 +212,9 @@ class CaseTable:
 
 def _grid_opts(given: dict[str, Any], g: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """One grid's options (command line merged in) and its GPU ids."""
-    from .commands.options import DEFAULTS
+    from .case import DEFAULTS, merge_grid
 
-    opts = {k: None for k in GRID_KEYS}
-    for k, v in g.items():
-        if k in given:
-            raise InputError(f"--{k.replace('_', '-')} is given both on the command line and in the grid "
-                             f"file ({v!r}); keep one")
-        opts[k] = _as_option(k, v)
-    opts.update(given)
+    opts = merge_grid(given, g, GRID_KEYS)  # the command line wins, as in profile --grid
     gpus_raw = opts.pop("gpu")
     if gpus_raw is None:
         gpus = [DEFAULTS["gpu"]]
@@ -245,10 +229,10 @@ def _grid_opts(given: dict[str, Any], g: dict[str, Any]) -> tuple[dict[str, Any]
 
 def expand_cases(cli_opts: dict[str, Any], grids: list[dict[str, Any]] | None = None) -> CaseTable:
     """The grid's cases as a CaseTable (gpu the fastest-varying option). Command-line values win
-    over the grid's, except that a key set differently in both is contradictory (InputError).
+    over the grid's (``loraplan.case.merge_grid``).
     Every option value is parsed once (``split_values``); unknown model and GPU names stop the
     sweep here, with suggestions, rather than one row at a time."""
-    from .commands.options import DEFAULTS, split_values
+    from .case import DEFAULTS, split_values
 
     given = {k: v for k, v in cli_opts.items() if k in GRID_KEYS and v is not None and v != ()}
     tables = []
@@ -288,7 +272,7 @@ def _have_numpy() -> bool:
 def _build_case_dicts(cli_opts: dict[str, Any], grids: list[dict[str, Any]] | None = None) -> list[dict]:
     """``build_cases`` without numpy: one dict per case."""
     from .catalog import load_gpu, load_model
-    from .commands.options import DEFAULTS, expand_grid
+    from .case import DEFAULTS, expand_grid
 
     given = {k: v for k, v in cli_opts.items() if k in GRID_KEYS and v is not None and v != ()}
     cases: list[dict] = []
@@ -308,7 +292,7 @@ def _build_case_dicts(cli_opts: dict[str, Any], grids: list[dict[str, Any]] | No
 
 def count_cases(cli_opts: dict[str, Any], grids: list[dict[str, Any]] | None = None) -> int:
     """Number of cases without building them (for the --yes guard on huge grids)."""
-    from .commands.options import split_values
+    from .case import split_values
 
     total = 0
     for g in grids or [{}]:
@@ -328,7 +312,7 @@ def count_cases(cli_opts: dict[str, Any], grids: list[dict[str, Any]] | None = N
 
 
 def _check_contradictions(opts: dict[str, Any]) -> None:
-    from .commands.options import split_values
+    from .case import split_values
 
     quants = split_values("quant", opts.get("quant"))
     if opts.get("double_quant") not in (None, False, "false", "False") and not {"nf4", "fp4"} & set(quants):
@@ -412,7 +396,7 @@ def evaluate_table(table: CaseTable, on_progress: Callable[[int], None] | None =
     import numpy as np
 
     from .catalog import load_calibration, load_gpu, load_model
-    from .commands.options import DEFAULTS, PARSERS
+    from .case import DEFAULTS, PARSERS
     from .errors import LoraplanError
 
     n, L, C = len(table), table.levels, table.codes
@@ -583,7 +567,7 @@ def evaluate_table(table: CaseTable, on_progress: Callable[[int], None] | None =
 
 
 def _resolve(case: dict, model):
-    from .commands.options import resolve_case
+    from .case import resolve_case
 
     return resolve_case(case, model=model)
 
@@ -786,7 +770,7 @@ def evaluate_each(cases: Iterable[dict], *, estimate_fn: Callable | None = None,
     """The reference path: ``estimate()`` (memory) and ``step_time`` once per case (slow: about
     700 cases/s). ``evaluate_table`` must give the same rows."""
     from .catalog import load_calibration, load_gpu, load_model
-    from .commands.options import resolve_case
+    from .case import resolve_case
     from .estimate.time import coefficients, step_time, step_work
 
     if estimate_fn is None:

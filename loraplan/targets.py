@@ -62,8 +62,16 @@ def _matches(name: str, target: str) -> bool:
     return re.fullmatch(target, name) is not None
 
 
-def select_targets(model: ModelSpec, targets: tuple[str, ...]) -> tuple[LinearSpec, ...]:
-    """The Linear modules LoRA adapts, in model order. Raises TargetError for a name matching nothing."""
+def resolve_targets(model: ModelSpec, targets: tuple[str, ...] | None) -> tuple[str, ...]:
+    """``targets``, or PEFT's default for the model's family when None (``LoraSpec``'s default)."""
+    return default_targets(model) if targets is None else targets
+
+
+def select_targets(model: ModelSpec, targets: tuple[str, ...] | None) -> tuple[LinearSpec, ...]:
+    """The Linear modules LoRA adapts, in model order (``None``: PEFT's default for the family).
+
+    Raises TargetError for a name matching nothing, or for None when the family has no default."""
+    targets = resolve_targets(model, targets)
     names = [t for t in targets if t != ALL_LINEAR]
     chosen: set[str] = set()
     if ALL_LINEAR in targets:

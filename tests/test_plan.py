@@ -8,7 +8,7 @@ import pytest
 
 from loraplan.catalog import load_gpu
 from loraplan.cli import main
-from loraplan.commands.options import resolve_case
+from loraplan.case import resolve_case
 from loraplan.errors import InputError
 from loraplan.plan import Job, _largest, parse_prices, plan_job
 

@@ -192,7 +192,7 @@ def test_trace_failure_never_loses_the_measurement(work, tmp_path, monkeypatch):
     from loraplan.profile.runner import DeviceInfo, build_cases, profile
 
     def boom(*a, **k):
-        from loraplan.trace import TraceError
+        from loraplan.errors import TraceError
 
         raise TraceError("the meta-device trace failed at op 'aten::x'")
 

@@ -70,7 +70,7 @@ def test_grid_files(tmp_path):
                  'gradient-checkpointing = [true, false]\n')
     (g,) = load_grid_file(t)
     assert g["quant"] == ["bf16", "nf4"] and g["gradient_checkpointing"] == [True, False]
-    from loraplan.commands.options import expand_grid
+    from loraplan.case import expand_grid
 
     (opts,) = merge_grids({"seq": "128", "rank": None, "targets": ()}, [g])
     cases = expand_grid(opts)

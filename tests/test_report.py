@@ -7,7 +7,7 @@ pytest.importorskip("matplotlib")
 pytest.importorskip("pandas")
 
 from loraplan.catalog import load_calibration, load_gpu, load_model  # noqa: E402
-from loraplan.commands.options import resolve_case  # noqa: E402
+from loraplan.case import resolve_case  # noqa: E402
 from loraplan.estimate.api import estimate  # noqa: E402
 from loraplan.render import GiB  # noqa: E402
 

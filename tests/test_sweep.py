@@ -25,7 +25,7 @@ def test_build_cases_product_and_gpu():
 
 def test_evaluate_rows_match_estimate():
     from loraplan.catalog import load_calibration, load_gpu
-    from loraplan.commands.options import resolve_case
+    from loraplan.case import resolve_case
     from loraplan.estimate.api import estimate
 
     rows = list(evaluate(build_cases({"model": "qwen2.5-0.5b", "seq": "256,512", "gpu": "h100-sxm-80gb"})))
@@ -63,8 +63,8 @@ def test_grid_files(tmp_path):
 def test_contradictory_grid():
     with pytest.raises(InputError, match="contradictory"):
         build_cases({"quant": "bf16", "int8_outlier_fraction": "0.1"})
-    with pytest.raises(InputError, match="both on the command line and in the grid"):
-        build_cases({"seq": "512"}, [{"seq": [256]}])
+    # a key set on the command line and in the grid: the command line wins (as in profile --grid)
+    assert [c["seq"] for c in build_cases({"seq": "512", "gpu": "l4-24gb"}, [{"seq": [256, 1024]}])] == [512]
 
 
 @pytest.mark.parametrize("ext", ["csv", "jsonl", "parquet"])
@@ -163,7 +163,7 @@ def test_vectorized_rows_equal_per_case_estimate():
 def test_vectorized_rows_equal_estimate_api():
     """Spot checks straight against the public estimate() (memory and time)."""
     from loraplan.catalog import load_calibration, load_gpu
-    from loraplan.commands.options import resolve_case
+    from loraplan.case import resolve_case
     from loraplan.estimate.api import estimate
     from loraplan.sweep import evaluate_table, expand_cases
 

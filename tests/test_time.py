@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from loraplan.catalog import load_calibration, load_gpu
-from loraplan.commands.options import resolve_case
+from loraplan.case import resolve_case
 from loraplan.estimate.time import COEFFICIENTS, estimate_step_time, step_work
 
 ROOT = Path(__file__).resolve().parents[1]

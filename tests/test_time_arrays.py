@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 
 from loraplan.catalog import load_calibration, load_gpu
-from loraplan.commands.options import resolve_case
+from loraplan.case import resolve_case
 from loraplan.estimate.time import coefficients, step_time, step_work
 
 np = pytest.importorskip("numpy")
@@ -55,7 +55,7 @@ def test_array_step_time_equals_scalar(case, gpu_id):
 
 def test_scalar_path_stays_plain_python():
     """One case stays ints/floats/str (no numpy types) and does not import numpy."""
-    code = ("import sys; from loraplan.commands.options import resolve_case; "
+    code = ("import sys; from loraplan.case import resolve_case; "
             "from loraplan.estimate.time import step_work, step_time, coefficients; "
             "from loraplan.catalog import load_gpu, load_calibration; "
             "m, l, t = resolve_case({'model': 'mistral-7b', 'seq': 8192, 'dropout': 0.0}); g = load_gpu('l4-24gb'); "

@@ -304,7 +304,7 @@ def test_trace_qwen2_all_linear_and_t5():
 def test_trace_data_dependent_op_fails_loudly(monkeypatch):
     import transformers.masking_utils as mu
 
-    from loraplan.trace import TraceDataDependentError
+    from loraplan.errors import TraceDataDependentError
 
     monkeypatch.setattr(em, "no_packed_sequences", mu.find_packed_sequence_indices)
     with pytest.raises(TraceDataDependentError) as ei:
@@ -315,8 +315,8 @@ def test_trace_data_dependent_op_fails_loudly(monkeypatch):
 
 @pytest.mark.slow
 def test_trace_subprocess_and_errors():
-    from loraplan.errors import LoraplanError, TargetError
-    from loraplan.trace import TraceTimeoutError, run_trace_subprocess
+    from loraplan.errors import LoraplanError, TargetError, TraceTimeoutError
+    from loraplan.trace import run_trace_subprocess
 
     r = run_trace_subprocess(LLAMA, QV, TrainSpec(quant="bf16", batch=1, seq=32), "9.0")
     _check(r)

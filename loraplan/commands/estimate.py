@@ -6,8 +6,9 @@ import warnings
 
 import click
 
+from ..case import resolve_case
 from ..errors import InputError
-from .options import case_options, resolve_case
+from .options import case_options
 
 LEDGER_LABELS = {
     "frozen_linear_weights": "frozen Linear weights (quantized base)",

@@ -2,101 +2,16 @@
 
 Single-valued commands (estimate, plan) use ``case_options()``; grid commands (sweep,
 profile) use ``case_options(multi=True)``, where every option takes comma lists or ranges
-(``--seq 512:8192:x2``, ``--rank 8:64:+8``) and ``expand_grid`` yields one plain dict per case.
-``resolve_case`` turns one plain dict into validated specs.
+(``--seq 512:8192:x2``, ``--rank 8:64:+8``). Parsing, defaults and validation live in
+``loraplan.case``; this module only declares the click options.
 """
 
 from __future__ import annotations
 
-import itertools
-import warnings
-from typing import Any, Callable
-
 import click
 
-from ..errors import InputError
-from ..spec import ATTENTION, OPTIMIZERS, QUANTS, LoraSpec, ModelSpec, TrainSpec
-
-#: embedded default: a common QLoRA setup (seed 001/002: Llama-2-7B, nf4 + double quant, r8 q,v)
-DEFAULTS: dict[str, Any] = {
-    "model": "llama-2-7b",
-    "quant": "nf4",
-    "double_quant": True,
-    "rank": 8,
-    "alpha": None,  # 2 x rank
-    "dropout": 0.05,
-    "targets": None,  # PEFT's default for the model family (q_proj,v_proj for llama)
-    "optimizer": "adamw",
-    "batch": 1,
-    "seq": 512,
-    "target_seq": None,
-    "gradient_checkpointing": True,
-    "attention": "auto",
-    "int8_outlier_fraction": None,
-    "gpu": "h100-sxm-80gb",
-}
-
-
-def _int(name):
-    def parse(v):
-        try:
-            return int(v)
-        except (TypeError, ValueError):
-            raise InputError(f"--{name} '{v}' is not an integer") from None
-    return parse
-
-
-def _float(name):
-    def parse(v):
-        try:
-            return float(v)
-        except (TypeError, ValueError):
-            raise InputError(f"--{name} '{v}' is not a number") from None
-    return parse
-
-
-def _choice(name, choices):
-    def parse(v):
-        v = str(v).strip().lower().replace("-", "_") if name == "optimizer" else str(v).strip().lower()
-        if v not in choices:
-            from ..errors import suggest
-
-            raise InputError(f"--{name} '{v}' is not one of {', '.join(choices)}{suggest(v, choices)}")
-        return v
-    return parse
-
-
-def _bool(name):
-    def parse(v):
-        if isinstance(v, bool):
-            return v
-        s = str(v).strip().lower()
-        if s in ("1", "true", "yes", "on"):
-            return True
-        if s in ("0", "false", "no", "off"):
-            return False
-        raise InputError(f"--{name} '{v}' is not true/false")
-    return parse
-
-
-#: option key -> parser of one value
-PARSERS: dict[str, Callable[[Any], Any]] = {
-    "model": str,
-    "quant": _choice("quant", QUANTS),
-    "double_quant": _bool("double-quant"),
-    "rank": _int("rank"),
-    "alpha": _float("alpha"),
-    "dropout": _float("dropout"),
-    "targets": str,
-    "optimizer": _choice("optimizer", OPTIMIZERS),
-    "batch": _int("batch"),
-    "seq": _int("seq"),
-    "target_seq": _int("target-seq"),
-    "gradient_checkpointing": _bool("gradient-checkpointing"),
-    "attention": _choice("attention", ATTENTION),
-    "int8_outlier_fraction": _float("int8-outlier-fraction"),
-    "gpu": str,
-}
+from ..case import DEFAULTS
+from ..spec import OPTIMIZERS, QUANTS
 
 
 def case_options(multi: bool = False, gpu: bool = True):
@@ -135,93 +50,6 @@ def case_options(multi: bool = False, gpu: bool = True):
             f = o(f)
         return f
     return deco
-
-
-def split_values(key: str, raw) -> list:
-    """One option's raw value -> list of parsed values (comma lists and ranges expanded)."""
-    parse = PARSERS[key]
-    if raw is None:
-        return [DEFAULTS.get(key)]
-    if isinstance(raw, (list, tuple)):
-        if key == "targets":
-            return list(raw) if raw else [None]
-        return [parse(v) for v in raw]
-    if isinstance(raw, bool) or key == "targets":
-        return [raw]
-    out: list = []
-    for part in str(raw).split(","):
-        part = part.strip()
-        if not part:
-            continue
-        if ":" in part and key not in ("model", "gpu"):
-            out.extend(_range(key, part))
-        else:
-            out.append(parse(part))
-    if not out:
-        raise InputError(f"--{key.replace('_', '-')} is empty; give at least one value")
-    return out
-
-
-def _range(key: str, text: str) -> list:
-    """'512:8192:x2' -> 512, 1024, ..., 8192;  '8:64:+8' -> 8, 16, ..., 64 (inclusive)."""
-    parts = text.split(":")
-    if len(parts) != 3 or not parts[2] or parts[2][0] not in "x+*":
-        raise InputError(f"--{key.replace('_', '-')} range '{text}' must look like start:stop:xFACTOR or start:stop:+STEP")
-    parse = PARSERS[key]
-    start, stop, step = parse(parts[0]), parse(parts[1]), float(parts[2][1:])
-    if (parts[2][0] in "x*" and step <= 1) or (parts[2][0] == "+" and step <= 0) or stop < start:
-        raise InputError(f"--{key.replace('_', '-')} range '{text}' never reaches its end; use a factor > 1 or a step > 0 with start <= stop")
-    vals, v = [], start
-    while v <= stop + 1e-9:
-        vals.append(parse(v) if isinstance(start, int) and float(v).is_integer() else v)
-        v = v * step if parts[2][0] in "x*" else v + step
-        if len(vals) > 100000:
-            raise InputError(f"range '{text}' has more than 100000 values")
-    return vals
-
-
-def expand_grid(opts: dict) -> list[dict]:
-    """Cartesian product of every multi-valued option -> list of single-valued case dicts."""
-    keys = [k for k in PARSERS if k in opts]
-    values = [split_values(k, opts.get(k)) for k in keys]
-    return [dict(zip(keys, combo)) for combo in itertools.product(*values)]
-
-
-def resolve_case(case: dict, model: ModelSpec | None = None) -> tuple[ModelSpec, LoraSpec, TrainSpec]:
-    """One single-valued case dict (CLI option names, values raw or parsed) -> validated specs."""
-    from ..catalog import load_model
-    from ..targets import default_targets, parse_targets, select_targets
-
-    v = {k: (DEFAULTS.get(k) if case.get(k) is None else PARSERS[k](case[k])) for k in PARSERS}
-    model = model or load_model(v["model"])
-    if v["rank"] <= 0:
-        raise InputError(f"--rank {v['rank']} must be a positive integer (typical: 8, 16, 64)")
-    if v["batch"] <= 0:
-        raise InputError(f"--batch {v['batch']} must be a positive integer")
-    if v["seq"] <= 0:
-        raise InputError(f"--seq {v['seq']} must be a positive integer")
-    if v["target_seq"] is not None and v["target_seq"] <= 0:
-        raise InputError(f"--target-seq {v['target_seq']} must be a positive integer")
-    if not 0.0 <= v["dropout"] < 1.0:
-        raise InputError(f"--dropout {v['dropout']} must be in [0, 1)")
-    alpha = v["alpha"] if v["alpha"] is not None else 2.0 * v["rank"]
-    frac = v["int8_outlier_fraction"]
-    if frac is not None and not 0.0 <= frac <= 1.0:
-        raise InputError(f"--int8-outlier-fraction {frac} must be between 0 and 1")
-    targets = parse_targets(v["targets"]) if v["targets"] else default_targets(model)
-    lora = LoraSpec(rank=v["rank"], alpha=alpha, dropout=v["dropout"], targets=targets)
-    select_targets(model, targets)  # raises TargetError listing the module names that exist
-    if model.max_positions and v["seq"] > model.max_positions:
-        warnings.warn(f"--seq {v['seq']} is longer than {model.name}'s {model.max_positions} positions; "
-                      f"the estimate assumes the model can run it (e.g. with RoPE scaling)", stacklevel=2)
-    train = TrainSpec(
-        quant=v["quant"], double_quant=bool(v["double_quant"]) and v["quant"] in ("nf4", "fp4"),
-        optimizer=v["optimizer"], batch=v["batch"], seq=v["seq"],
-        target_seq=(v["target_seq"] or v["seq"]) if model.is_encoder_decoder else None,
-        gradient_checkpointing=v["gradient_checkpointing"], attention=v["attention"],
-        int8_outlier_fraction=frac if v["quant"] == "int8" else None,
-    )
-    return model, lora, train
 
 
 def trace_timeout_option(f):

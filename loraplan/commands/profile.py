@@ -12,7 +12,8 @@ import warnings
 
 import click
 
-from .options import case_options, expand_grid, trace_timeout_option
+from ..case import expand_grid
+from .options import case_options, trace_timeout_option
 
 
 def _fmt_bytes(n) -> str:

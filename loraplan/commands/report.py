@@ -35,7 +35,7 @@ def compare_command(grid_file, tokens, calibration_file, out, name, **opts):
     from ..catalog import load_calibration, load_gpu
     from ..errors import InputError
     from ..report.compare import DEFAULT_GPUS, compare_document, configs_from_cases
-    from .options import expand_grid
+    from ..case import expand_grid
 
     from ..report.document import ensure_writable, require_report_extra
 

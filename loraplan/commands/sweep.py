@@ -15,7 +15,8 @@ PROGRESS_MIN_CASES = 500_000
 @click.command("sweep")
 @case_options(multi=True)
 @click.option("--grid", "grid_file", type=click.Path(dir_okay=False), default=None,
-              help="TOML/JSON grid: option names as keys (gpu included), a value or a list each")
+              help="TOML/JSON grid: option names as keys (gpu included), a value or a list each; "
+                   "command-line options win")
 @click.option("--out", type=click.Path(dir_okay=False), required=True,
               help="Output file: .csv, .jsonl or .parquet (format from the extension unless --format)")
 @click.option("--format", "fmt", type=click.Choice(["csv", "jsonl", "parquet"]), default=None,

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from ..catalog import load_calibration
 from ..spec import Calibration, GpuSpec, LoraSpec, ModelSpec, TrainSpec, run_inputs
-from ..targets import select_targets
+from ..targets import resolve_targets, select_targets
 from .memory import estimate_memory, make_setup
 from .params import count_params
 from .result import Estimate
@@ -13,7 +15,13 @@ from .time import estimate_step_time
 
 def estimate(model: ModelSpec, lora: LoraSpec, train: TrainSpec, gpu: GpuSpec | None = None,
              calibration: Calibration | None = None, with_time: bool = True) -> Estimate:
-    """Peak memory ledger, parameter counts, fit verdict and (when a GPU is given) step time."""
+    """Peak memory ledger, parameter counts, fit verdict and (when a GPU is given) step time.
+
+    ``lora.targets`` None (the default) is PEFT's default for the model family; the Estimate's
+    ``inputs`` name the modules it resolved to. Raises TargetError for targets matching nothing.
+    """
+    if lora.targets is None:
+        lora = replace(lora, targets=resolve_targets(model, None))
     cal = calibration or load_calibration(gpu.id if gpu else None)
     adapted = select_targets(model, lora.targets)
     setup = make_setup(model, lora, train, adapted, gpu.compute_capability if gpu else "9.0")

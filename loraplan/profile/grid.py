@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-#: grid keys -> case option keys (see loraplan/commands/options.py PARSERS)
+#: grid keys -> case option keys (see loraplan/case.py PARSERS)
 CASE_KEYS = ("model", "quant", "double_quant", "rank", "alpha", "dropout", "targets", "optimizer", "batch",
              "seq", "target_seq", "gradient_checkpointing", "attention", "int8_outlier_fraction")
 
@@ -25,16 +25,8 @@ def load_grid_file(path: str | Path) -> list[dict[str, Any]]:
 
 
 def merge_grids(cli_opts: dict[str, Any], grids: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
-    """Option dicts for expand_grid: CLI values (not None / not empty) override grid values."""
-    given = {k: v for k, v in cli_opts.items() if k in CASE_KEYS and v is not None and v != ()}
-    if not grids:
-        return [{k: cli_opts.get(k) for k in CASE_KEYS}]
-    out = []
-    for g in grids:
-        d = {k: None for k in CASE_KEYS}
-        for k, v in g.items():
-            d[k] = tuple(str(x) for x in v) if k == "targets" and isinstance(v, list) else (
-                list(v) if isinstance(v, list) else v)
-        d.update(given)
-        out.append(d)
-    return out
+    """Option dicts for expand_grid, one per grid: command-line values (not None / not empty)
+    replace the grid's, the rule of every grid command (``loraplan.case.merge_grid``)."""
+    from ..case import merge_grid
+
+    return [merge_grid(cli_opts, g, CASE_KEYS) for g in grids or [{}]]

@@ -22,17 +22,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import LoraplanError, MissingExtraError
+from ..errors import DeviceError, MissingExtraError
 from ..spec import LoraSpec, ModelSpec, TrainSpec, run_inputs
 from .records import SCHEMA, append_record, case_key, default_out_path, gpu_id_for_name, read_records
 
 OnEvent = Callable[[dict], None]
 MARK = "@@loraplan "
 BNB_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
-
-
-class DeviceError(LoraplanError):
-    """The device asked for is not there (e.g. --device cuda on a machine without CUDA)."""
 
 
 @dataclass(frozen=True)
@@ -170,12 +166,12 @@ def meta_spec(cfg: dict, name: str, source: str = "") -> ModelSpec:
 
 def build_cases(case_dicts: list[dict], gpu: str | None = None) -> list[Case]:
     """Grid dicts (CLI option names) -> validated cases (resolve_case), models read once each."""
-    from ..commands.options import resolve_case
+    from ..case import DEFAULTS, resolve_case
 
     models: dict[str, ModelSpec] = {}
     out = []
     for d in case_dicts:
-        name = d.get("model") or "llama-2-7b"
+        name = d.get("model") or DEFAULTS["model"]
         if name not in models:
             models[name] = resolve_model(name)
         m, l, t = resolve_case(d, models[name])

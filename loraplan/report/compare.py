@@ -27,7 +27,7 @@ class Config:
 
 def configs_from_cases(cases: list[dict]) -> tuple[list[Config], list[str]]:
     """Case dicts (from expand_grid, may hold 'gpu') -> distinct configurations and GPU ids."""
-    from ..commands.options import resolve_case
+    from ..case import resolve_case
 
     if not cases:
         raise InputError("the grid is empty: no configuration to compare; give option values "

@@ -4,7 +4,7 @@ Public API (importing this package never imports torch):
 
 - ``run_trace_subprocess(model_config, lora, train, gpu_cc="9.0", timeout_s=300, steps=2) -> dict``:
   runs ``python -m loraplan.trace.worker`` in a fresh process (JSON over stdin/stdout) and
-  returns ``run.trace_step``'s dict; raises a one-line ``TraceError`` (a LoraplanError) on
+  returns ``run.trace_step``'s dict; raises a one-line ``loraplan.errors.TraceError`` on
   failure or timeout, ``MissingExtraError`` when torch/transformers/peft are missing.
 - ``run.trace_step(...)``: the same in-process (imports torch).
 - ``tracker.LiveTensorTracker``: the generic storage-level live-tensor tracker.
@@ -20,22 +20,11 @@ import sys
 from dataclasses import asdict
 from typing import Any
 
-from ..errors import InputError, LoraplanError, MissingExtraError, TargetError, require_extra
+from ..errors import (InputError, LoraplanError, MissingExtraError, TargetError, TraceDataDependentError, TraceError,
+                      TraceTimeoutError, require_extra)
 from ..spec import LoraSpec, TrainSpec
 
-__all__ = ["run_trace_subprocess", "trace_estimate", "TraceError", "TraceDataDependentError", "TraceTimeoutError"]
-
-
-class TraceError(LoraplanError):
-    """The meta-device trace could not run this setup."""
-
-
-class TraceDataDependentError(TraceError):
-    """An op needs tensor values (``.item()``, data-dependent shapes) on meta."""
-
-
-class TraceTimeoutError(TraceError):
-    """The trace worker ran past its time limit."""
+__all__ = ["run_trace_subprocess", "trace_estimate"]
 
 
 _ERRORS = {c.__name__: c for c in (TraceError, TraceDataDependentError, TraceTimeoutError, InputError,
@@ -47,6 +36,13 @@ def run_trace_subprocess(model_config: dict, lora: LoraSpec, train: TrainSpec, g
     """Trace one setup in a worker process; see ``loraplan.trace.run.trace_step`` for the result."""
     for mod in ("torch", "transformers", "peft"):
         require_extra(mod)
+    if lora.targets is None:  # PEFT's default for the family, the modules the analytic view adapts
+        from dataclasses import replace
+
+        from ..hf import spec_from_config
+        from ..targets import default_targets
+
+        lora = replace(lora, targets=default_targets(spec_from_config(dict(model_config))))
     payload = json.dumps({"model_config": dict(model_config), "lora": asdict(lora), "train": asdict(train),
                           "gpu_cc": gpu_cc, "steps": steps})
     try:

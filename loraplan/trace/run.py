@@ -27,7 +27,7 @@ from ..spec import LoraSpec, TrainSpec
 CATEGORIES = ("weights", "lora_weights", "lora_grads", "optimizer_state", "activations", "logits_loss", "other")
 
 
-from . import TraceDataDependentError, TraceError  # noqa: E402 - one error hierarchy for the package
+from ..errors import TraceDataDependentError, TraceError  # noqa: E402 - one error hierarchy for the package
 
 _PLAIN = re.compile(r"^[A-Za-z0-9_.]+$")
 

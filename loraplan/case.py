@@ -1,0 +1,222 @@
+"""A training case as plain data: parsing, defaults, validation and grid expansion (no click).
+
+The CLI, the Python API and the library (sweep, profile, report) share these rules. A case is
+a dict keyed by the option names (``rank``, ``target_seq``, ...) whose values are raw strings
+or parsed values; ``None`` means the default. Grid values are comma lists or ranges
+(``512:8192:x2``, ``8:64:+8``); ``expand_grid`` yields one single-valued dict per case and
+``resolve_case`` turns one into validated specs. Bad input raises ``InputError`` (one line).
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+from dataclasses import fields
+from typing import Any, Callable
+
+from .errors import InputError
+from .spec import ATTENTION, OPTIMIZERS, QUANTS, LoraSpec, ModelSpec, TrainSpec, check_choice, check_value
+
+#: default model and GPU: a common QLoRA setup (seed 001/002: Llama-2-7B, nf4 + double quant, r8 q,v)
+DEFAULT_MODEL = "llama-2-7b"
+DEFAULT_GPU = "h100-sxm-80gb"
+
+
+def _spec_defaults(cls) -> dict[str, Any]:
+    return {f.name: f.default for f in fields(cls)}
+
+
+_LORA, _TRAIN = _spec_defaults(LoraSpec), _spec_defaults(TrainSpec)
+
+#: option key -> default: the LoraSpec / TrainSpec field defaults (one source for the API and the
+#: CLI) plus model and GPU. alpha None: 2 x rank; targets None: PEFT's default for the family
+#: (q_proj,v_proj for llama); target_seq None: --seq; int8_outlier_fraction None: measured default.
+DEFAULTS: dict[str, Any] = {
+    "model": DEFAULT_MODEL,
+    "quant": _TRAIN["quant"],
+    "double_quant": _TRAIN["double_quant"],
+    "rank": _LORA["rank"],
+    "alpha": _LORA["alpha"],
+    "dropout": _LORA["dropout"],
+    "targets": _LORA["targets"],
+    "optimizer": _TRAIN["optimizer"],
+    "batch": _TRAIN["batch"],
+    "seq": _TRAIN["seq"],
+    "target_seq": _TRAIN["target_seq"],
+    "gradient_checkpointing": _TRAIN["gradient_checkpointing"],
+    "attention": _TRAIN["attention"],
+    "int8_outlier_fraction": _TRAIN["int8_outlier_fraction"],
+    "gpu": DEFAULT_GPU,
+}
+
+#: resolve_case checks the numbers in this order, so that a case with several bad values names
+#: the same one in every command (the sweep's vectorized path follows it too)
+CHECK_ORDER = ("rank", "batch", "seq", "target_seq", "dropout", "int8_outlier_fraction")
+
+
+def _int(name):
+    def parse(v):
+        try:
+            return int(v)
+        except (TypeError, ValueError):
+            raise InputError(f"--{name} '{v}' is not an integer") from None
+    return parse
+
+
+def _float(name):
+    def parse(v):
+        try:
+            return float(v)
+        except (TypeError, ValueError):
+            raise InputError(f"--{name} '{v}' is not a number") from None
+    return parse
+
+
+def _finite(name):
+    def parse(v):
+        x = _float(name)(v)
+        check_value(name, x)
+        return x
+    return parse
+
+
+def _choice(name, choices):
+    def parse(v):
+        v = str(v).strip().lower().replace("-", "_") if name == "optimizer" else str(v).strip().lower()
+        check_choice(name, v, choices)
+        return v
+    return parse
+
+
+def _bool(name):
+    def parse(v):
+        if isinstance(v, bool):
+            return v
+        s = str(v).strip().lower()
+        if s in ("1", "true", "yes", "on"):
+            return True
+        if s in ("0", "false", "no", "off"):
+            return False
+        raise InputError(f"--{name} '{v}' is not true/false")
+    return parse
+
+
+#: option key -> parser of one value
+PARSERS: dict[str, Callable[[Any], Any]] = {
+    "model": str,
+    "quant": _choice("quant", QUANTS),
+    "double_quant": _bool("double-quant"),
+    "rank": _int("rank"),
+    "alpha": _finite("alpha"),  # rejects nan/inf here, so the sweep's per-value parse catches them
+    "dropout": _float("dropout"),
+    "targets": str,
+    "optimizer": _choice("optimizer", OPTIMIZERS),
+    "batch": _int("batch"),
+    "seq": _int("seq"),
+    "target_seq": _int("target-seq"),
+    "gradient_checkpointing": _bool("gradient-checkpointing"),
+    "attention": _choice("attention", ATTENTION),
+    "int8_outlier_fraction": _float("int8-outlier-fraction"),
+    "gpu": str,
+}
+
+
+def split_values(key: str, raw) -> list:
+    """One option's raw value -> list of parsed values (comma lists and ranges expanded)."""
+    parse = PARSERS[key]
+    if raw is None:
+        return [DEFAULTS.get(key)]
+    if isinstance(raw, (list, tuple)):
+        if key == "targets":
+            return list(raw) if raw else [None]
+        return [parse(v) for v in raw]
+    if isinstance(raw, bool) or key == "targets":
+        return [raw]
+    out: list = []
+    for part in str(raw).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if ":" in part and key not in ("model", "gpu"):
+            out.extend(_range(key, part))
+        else:
+            out.append(parse(part))
+    if not out:
+        raise InputError(f"--{key.replace('_', '-')} is empty; give at least one value")
+    return out
+
+
+def _range(key: str, text: str) -> list:
+    """'512:8192:x2' -> 512, 1024, ..., 8192;  '8:64:+8' -> 8, 16, ..., 64 (inclusive)."""
+    parts = text.split(":")
+    if len(parts) != 3 or not parts[2] or parts[2][0] not in "x+*":
+        raise InputError(f"--{key.replace('_', '-')} range '{text}' must look like start:stop:xFACTOR or start:stop:+STEP")
+    parse = PARSERS[key]
+    start, stop, step = parse(parts[0]), parse(parts[1]), float(parts[2][1:])
+    if (parts[2][0] in "x*" and step <= 1) or (parts[2][0] == "+" and step <= 0) or stop < start:
+        raise InputError(f"--{key.replace('_', '-')} range '{text}' never reaches its end; use a factor > 1 or a step > 0 with start <= stop")
+    vals, v = [], start
+    while v <= stop + 1e-9:
+        vals.append(parse(v) if isinstance(start, int) and float(v).is_integer() else v)
+        v = v * step if parts[2][0] in "x*" else v + step
+        if len(vals) > 100000:
+            raise InputError(f"range '{text}' has more than 100000 values")
+    return vals
+
+
+def expand_grid(opts: dict) -> list[dict]:
+    """Cartesian product of every multi-valued option -> list of single-valued case dicts."""
+    keys = [k for k in PARSERS if k in opts]
+    values = [split_values(k, opts.get(k)) for k in keys]
+    return [dict(zip(keys, combo)) for combo in itertools.product(*values)]
+
+
+def grid_option(key: str, v: Any):
+    """A grid-file value -> what expand_grid takes: comma string / list of strings (targets: a tuple)."""
+    if key == "targets":
+        if isinstance(v, list):
+            return tuple(",".join(x) if isinstance(x, list) else str(x) for x in v)
+        return (str(v),)
+    if isinstance(v, list):
+        return [x if isinstance(x, bool) else str(x) for x in v]
+    return v if isinstance(v, bool) else str(v)
+
+
+def merge_grid(cli_opts: dict, grid: dict, keys: tuple[str, ...]) -> dict:
+    """One grid of a ``--grid`` file with the command line's options -> option dict over ``keys``.
+
+    The rule of every grid command (sweep, profile): an option given on the command line (not
+    None, not an empty tuple) replaces the grid's value for that key, in every grid of the file,
+    so a saved grid can be narrowed or changed without editing it; keys neither sets are None
+    (the default).
+    """
+    opts: dict[str, Any] = {k: None for k in keys}
+    opts.update((k, grid_option(k, v)) for k, v in grid.items())
+    opts.update((k, v) for k, v in cli_opts.items() if k in keys and v is not None and v != ())
+    return opts
+
+
+def resolve_case(case: dict, model: ModelSpec | None = None) -> tuple[ModelSpec, LoraSpec, TrainSpec]:
+    """One single-valued case dict (CLI option names, values raw or parsed) -> validated specs."""
+    from .catalog import load_model
+    from .targets import default_targets, parse_targets, select_targets
+
+    v = {k: (DEFAULTS.get(k) if case.get(k) is None else PARSERS[k](case[k])) for k in PARSERS}
+    model = model or load_model(v["model"])
+    for k in CHECK_ORDER:  # before the specs: target_seq and the int8 fraction are checked even when unused
+        check_value(k, v[k])
+    frac = v["int8_outlier_fraction"]
+    targets = parse_targets(v["targets"]) if v["targets"] else default_targets(model)
+    lora = LoraSpec(rank=v["rank"], alpha=v["alpha"], dropout=v["dropout"], targets=targets)  # alpha None: 2 x rank
+    select_targets(model, targets)  # raises TargetError listing the module names that exist
+    if model.max_positions and v["seq"] > model.max_positions:
+        warnings.warn(f"--seq {v['seq']} is longer than {model.name}'s {model.max_positions} positions; "
+                      f"the estimate assumes the model can run it (e.g. with RoPE scaling)", stacklevel=2)
+    train = TrainSpec(
+        quant=v["quant"], double_quant=bool(v["double_quant"]) and v["quant"] in ("nf4", "fp4"),
+        optimizer=v["optimizer"], batch=v["batch"], seq=v["seq"],
+        target_seq=(v["target_seq"] or v["seq"]) if model.is_encoder_decoder else None,
+        gradient_checkpointing=v["gradient_checkpointing"], attention=v["attention"],
+        int8_outlier_fraction=frac if v["quant"] == "int8" else None,
+    )
+    return model, lora, train
