@@ -22,9 +22,11 @@ import warnings
 from typing import Any
 
 from ..errors import InputError, LoraplanError, require_extra
+from ..estimate.result import ledger_keys
 from ..spec import LoraSpec, TrainSpec
 
-CATEGORIES = ("weights", "lora_weights", "lora_grads", "optimizer_state", "activations", "logits_loss", "other")
+#: the trace's ledger lines (coarser than the analytic ledger's; see estimate.result.LEDGER)
+CATEGORIES = ledger_keys("trace")
 
 
 from . import TraceDataDependentError, TraceError  # noqa: E402 - one error hierarchy for the package
@@ -338,7 +340,7 @@ def _run(torch, transformers, auto, config, load_dtype, attn_impl, quantized, se
             if rec[5] is None:
                 rec[5] = "weights"
     def label_grad(p):
-        tracker.label(p.grad, "lora_grads")
+        tracker.label(p.grad, "lora_gradients")
 
     for p in trainable:
         p.register_post_accumulate_grad_hook(label_grad)
@@ -379,7 +381,7 @@ def _categorize(tracker, vocab: int) -> dict[str, int]:
     comp = dict.fromkeys(CATEGORIES, 0)
     for r in tracker.records_live_at("peak"):
         label, phase, ctx = r["label"], r["phase"], r["context"] or ""
-        if label in ("weights", "lora_weights", "lora_grads", "optimizer_state"):
+        if label in ("weights", "lora_weights", "lora_gradients", "optimizer_state"):
             cat = label
         elif label == "inputs":
             cat = "other"
