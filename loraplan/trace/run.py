@@ -16,7 +16,6 @@ pass through dispatch (cuBLAS workspaces).
 from __future__ import annotations
 
 import os
-import re
 import time
 import warnings
 from typing import Any
@@ -24,37 +23,13 @@ from typing import Any
 from ..errors import InputError, LoraplanError, require_extra
 from ..estimate.result import ledger_keys
 from ..spec import LoraSpec, TrainSpec
+from ..targets import peft_target_modules
 
 #: the trace's ledger lines (coarser than the analytic ledger's; see estimate.result.LEDGER)
 CATEGORIES = ledger_keys("trace")
 
 
 from . import TraceDataDependentError, TraceError  # noqa: E402 - one error hierarchy for the package
-
-_PLAIN = re.compile(r"^[A-Za-z0-9_.]+$")
-
-
-def _peft_targets(model, targets: tuple[str, ...]):
-    """LoraSpec targets -> LoraConfig.target_modules, with peft's own "all-linear"."""
-    targets = tuple(targets)
-    if targets == ("all-linear",):
-        return "all-linear"
-    if len(targets) == 1 and not _PLAIN.match(targets[0]):
-        return targets[0]  # a regular expression, as peft takes a single string
-    if "all-linear" in targets:
-        import torch
-
-        out_emb = model.get_output_embeddings()
-        names = set()
-        for name, mod in model.named_modules():
-            if mod is out_emb:
-                continue
-            if isinstance(mod, torch.nn.Linear) or type(mod).__name__ in ("Linear4bit", "Linear8bitLt", "Conv1D"):
-                names.add(name.rsplit(".", 1)[-1])
-        names.update(t for t in targets if t != "all-linear")
-        return sorted(names)
-    return list(targets)
-
 
 def _quantize_meta(model, train: TrainSpec, torch_mod):
     """Replace Linears by bitsandbytes modules and quantize their weights on meta, as
@@ -294,7 +269,7 @@ def _run(torch, transformers, auto, config, load_dtype, attn_impl, quantized, se
                 if attn_impl != "sdpa" or not ("sdpa" in str(e).lower() or "scaled_dot_product_attention" in str(e)):
                     raise
                 model = auto.from_config(config, dtype=load_dtype, attn_implementation="eager")
-            from .._meta import untie_like_checkpoint
+            from .._meta import linear_modules, untie_like_checkpoint
 
             untie_like_checkpoint(model, raw_config)
         if quantized:
@@ -307,7 +282,7 @@ def _run(torch, transformers, auto, config, load_dtype, attn_impl, quantized, se
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
         lcfg = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                          target_modules=_peft_targets(model, lora.targets), bias="none",
+                          target_modules=peft_target_modules(lora.targets, *linear_modules(model)), bias="none",
                           task_type="SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM")
         try:
             model = get_peft_model(model, lcfg)
