@@ -1,4 +1,4 @@
-"""Predicted vs measured step time on the shared H100 reference cases.
+"""Predicted vs measured step time on the H100 reference cases (loraplan/data/h100-measurements.json).
 
     python benchmarks/time_vs_reference.py [--reference PATH] [--gpu h100-sxm-80gb]
 
@@ -13,12 +13,10 @@ import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_REFERENCE = ROOT.parent / "shared" / "reference" / "h100-measurements.json"
-for candidate in (ROOT / "shared" / "reference" / "h100-measurements.json", Path("/work/shared/reference/h100-measurements.json")):
-    if candidate.exists():
-        DEFAULT_REFERENCE = candidate
-        break
+from loraplan.reference import REFERENCE_FILE
+
+#: the H100 reference shipped in the package (a copy of shared/reference/h100-measurements.json)
+DEFAULT_REFERENCE = REFERENCE_FILE
 
 
 def load_reference(path: str | Path | None = None) -> dict:

@@ -144,3 +144,22 @@ def untie_like_checkpoint(model, cfg) -> None:
         out.weight = torch.nn.Parameter(torch.empty_like(out.weight))
         if hasattr(model.config, "tie_word_embeddings"):
             model.config.tie_word_embeddings = False
+
+
+def linear_modules(model) -> tuple[list[str], str | None]:
+    """(full names of the ``nn.Linear`` / ``Conv1D`` modules, the output embedding's name), as
+    peft's all-linear sees them (peft/tuners/tuners_utils.py::_maybe_include_all_linear_layers)."""
+    import torch
+
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover
+        Conv1D = torch.nn.Linear
+    out_emb = model.get_output_embeddings()
+    names, head = [], None
+    for name, mod in model.named_modules():
+        if isinstance(mod, (torch.nn.Linear, Conv1D)):
+            names.append(name)
+        if out_emb is not None and mod is out_emb:
+            head = name
+    return names, head

@@ -180,10 +180,17 @@ def _with(cal: Calibration, **coef) -> Calibration:
     return Calibration(gpu=cal.gpu, coefficients=c, provenance=cal.provenance)
 
 
+def _prior(base: Calibration, name: str) -> float:
+    """Coefficient ``name`` of ``base``, else of the default calibration (calibrations/default.json)."""
+    from .catalog import load_calibration
+
+    return base.get(name, load_calibration(None).coefficients[name])
+
+
 def fit_memory(ms: list[Measurement], base: Calibration) -> dict[str, CoefficientFit]:
     fits: dict[str, CoefficientFit] = {}
     # allocator overhead: residual of peak allocated with the overhead at zero
-    prior = base.get("allocator_overhead_bytes", 0)
+    prior = _prior(base, "allocator_overhead_bytes")
     zero = _with(base, allocator_overhead_bytes=0)
     alloc = [m for m in ms if m.peak_allocated_bytes]
     if len(alloc) >= MIN_RECORDS:
@@ -198,7 +205,7 @@ def fit_memory(ms: list[Measurement], base: Calibration) -> dict[str, Coefficien
         fits["allocator_overhead_bytes"] = CoefficientFit("allocator_overhead_bytes", prior, prior, False, len(alloc),
                                                           f"not fitted: {len(alloc)} records with peak allocated (needs {MIN_RECORDS})")
     # reserved / allocated
-    prior = base.get("reserved_over_allocated_ratio", 0.05)
+    prior = _prior(base, "reserved_over_allocated_ratio")
     both = [m for m in ms if m.peak_allocated_bytes and m.peak_reserved_bytes]
     if len(both) >= MIN_RECORDS:
         r = fit_ratio([m.peak_allocated_bytes for m in both], [m.peak_reserved_bytes for m in both])
@@ -211,7 +218,7 @@ def fit_memory(ms: list[Measurement], base: Calibration) -> dict[str, Coefficien
             f"not fitted: {len(both)} records with peak reserved (needs {MIN_RECORDS}; profile records carry it, "
             f"the shipped reference does not)")
     # CUDA context and other memory outside the allocator
-    prior = base.get("cuda_context_bytes", 500 * 2**20)
+    prior = _prior(base, "cuda_context_bytes")
     nv = [m for m in both if m.device_used_bytes is not None]
     if len(nv) >= MIN_RECORDS:
         rest = []
@@ -271,10 +278,8 @@ def nnls(A: list[list[float]], y: list[float]) -> list[float]:
 
 def fit_time(ms: list[Measurement], base: Calibration) -> dict[str, CoefficientFit]:
     """Host costs by NNLS and GPU efficiencies on a grid (the method of benchmarks/fit_time_h100.py)."""
-    try:
-        from .estimate import time as tmod
-    except ImportError as e:
-        return {"time": CoefficientFit("time", 0, 0, False, 0, f"not fitted: no time model ({e})")}
+    from .estimate import time as tmod
+
     names = list(getattr(tmod, "COEFFICIENTS", {}))
     coef0 = tmod.coefficients(base)
     timed = [m for m in ms if m.step_s and gpu_for(m) is not None]

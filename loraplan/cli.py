@@ -8,7 +8,6 @@ User errors (LoraplanError, click usage errors) print one line and exit 2: never
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import sys
 
 import click
@@ -31,18 +30,13 @@ COMMANDS = {
 
 class LazyGroup(click.Group):
     def list_commands(self, ctx):
-        return [n for n, (mod, _) in COMMANDS.items() if importlib.util.find_spec(f"loraplan.commands.{mod}")]
+        return list(COMMANDS)
 
     def get_command(self, ctx, name):
         if name not in COMMANDS:
             return None
         mod, _ = COMMANDS[name]
-        try:
-            module = importlib.import_module(f"loraplan.commands.{mod}")
-        except ModuleNotFoundError as e:
-            if e.name and e.name.startswith("loraplan.commands"):
-                return None
-            raise
+        module = importlib.import_module(f"loraplan.commands.{mod}")
         return getattr(module, name.replace("-", "_") + "_command", None) or getattr(module, "command")
 
     def format_commands(self, ctx, formatter):

@@ -4,11 +4,16 @@
 - a single string that is not a plain name: a regular expression that must fullmatch the name;
 - "all-linear": every Linear except the output layer (peft's INCLUDE_LINEAR_LAYERS_SHORTHAND);
   extra names given beside it (e.g. "all-linear,lm_head") are added.
+
+``peft_target_modules`` turns loraplan's targets into ``LoraConfig.target_modules`` for the trace
+and the profile, so PEFT adapts exactly the modules ``select_targets`` counts.
 """
 
 from __future__ import annotations
 
 import re
+
+from typing import Sequence
 
 from .errors import TargetError
 from .spec import LinearSpec, ModelSpec
@@ -41,6 +46,8 @@ def default_targets(model: ModelSpec) -> tuple[str, ...]:
         raise TargetError(
             f"PEFT has no default LoRA targets for model_type '{model.model_type}'; pass --targets "
             f"(its Linear modules are: {', '.join(linear_leaf_names(model))}, or 'all-linear')") from None
+
+
 _PLAIN = re.compile(r"^[A-Za-z0-9_.]+$")
 
 
@@ -93,3 +100,22 @@ def linear_leaf_names(model: ModelSpec) -> list[str]:
         if l.leaf not in seen:
             seen.append(l.leaf)
     return seen
+
+
+def peft_target_modules(targets: Sequence[str], linears: Sequence[str], head: str | None) -> str | list[str]:
+    """``LoraConfig.target_modules`` that makes peft 0.21 adapt what ``select_targets`` counts.
+
+    ``linears``: full names of the model's ``nn.Linear`` / ``Conv1D`` modules, ``head``: the output
+    embedding's name (``_meta.linear_modules``). PEFT expands "all-linear" only when it is the
+    whole string (tuners_utils.py::_maybe_include_all_linear_layers: Linear and Conv1D minus the
+    output embedding), and matches a list item by exact name or "." suffix over *all* modules
+    (check_target_module_exists), as ``select_targets`` does over Linears: those two forms pass as
+    they are. A regular expression (PEFT: ``re.fullmatch`` of a single string against every
+    module, so ``.*\\.mlp\\..*`` also hits the activation and fails) and any mix become the full
+    names of the Linears ``select_targets`` picks.
+    """
+    targets = list(targets)
+    if targets == [ALL_LINEAR] or (ALL_LINEAR not in targets and all(_PLAIN.match(t) for t in targets)):
+        return ALL_LINEAR if targets == [ALL_LINEAR] else targets
+    names = [t for t in targets if t != ALL_LINEAR]
+    return [n for n in linears if (ALL_LINEAR in targets and n != head) or any(_matches(n, t) for t in names)]

@@ -10,30 +10,6 @@ from loraplan.measurements import load_measurements, measurement_from_record, se
 GPU = "h100-sxm-80gb"
 
 
-def profile_record(alloc, reserved=None, nvml_peak=None, status="ok", gpu=GPU, seq=512, versions=None):
-    """A record shaped like loraplan/profile/runner.make_record writes."""
-    return {"schema": 1, "key": f"k{seq}{status}{gpu}", "label": f"qwen2.5-0.5b s{seq}",
-            "inputs": {"model": "qwen2.5-0.5b", "model_type": "qwen2", "quant": "bf16", "double_quant": None,
-                       "optimizer": "adamw", "batch": 1, "seq": seq, "target_seq": None,
-                       "gradient_checkpointing": True, "attention": "auto", "int8_outlier_fraction": None,
-                       "rank": 8, "alpha": 16, "dropout": 0.05, "targets": ["q_proj", "v_proj"],
-                       "device": "cuda", "gpu_id": gpu},
-            "status": status,
-            "memory": {"peak_allocated_bytes": alloc, "peak_reserved_bytes": reserved,
-                       "phases": {"lora": {"allocated_bytes": 1_000_000_000}}},
-            "nvml": ({"available": True, "baseline_used_bytes": 10 * 2**20, "peak_used_bytes": nvml_peak}
-                     if nvml_peak else {"available": False}),
-            "time": {"step_s_median": 0.1} if status == "ok" else {},
-            "env": {"device": "cuda", "gpu_name": "NVIDIA H100 80GB HBM3",
-                    "versions": versions or {"torch": "2.11.0", "transformers": "5.17.0", "peft": "0.21.0",
-                                             "bitsandbytes": "0.50.2", "loraplan": "0.1.0"}}}
-
-
-def write_jsonl(path, recs):
-    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    return path
-
-
 def test_small_fits_are_exact():
     assert fit_offset([10.0, 20.0], [11.0, 21.0]) == pytest.approx(1.0)
     assert fit_ratio([100.0, 200.0], [110.0, 220.0]) == pytest.approx(0.1)
@@ -56,7 +32,7 @@ def test_reference_fits_only_what_it_can_determine():
     assert len(d["provenance"]["records"]) == 10
 
 
-def test_reserved_and_context_fitted_from_profile_records():
+def test_reserved_and_context_fitted_from_profile_records(profile_record):
     recs = [profile_record(a, int(a * 1.2), int(a * 1.2) + 10 * 2**20 + 600 * 2**20, seq=s)
             for a, s in ((2 * 2**30, 512), (3 * 2**30, 1024), (4 * 2**30, 2048))]
     ms = [measurement_from_record(r) for r in recs]
@@ -78,7 +54,7 @@ def test_calibrate_cli_writes_file_used_by_estimate(run_cli, tmp_path):
     assert est["memory"]["components"]["allocator_overhead"] == data["coefficients"]["allocator_overhead_bytes"]
 
 
-def test_mixed_gpus_need_gpu_option(run_cli, tmp_path):
+def test_mixed_gpus_need_gpu_option(run_cli, tmp_path, profile_record, write_jsonl):
     f = write_jsonl(tmp_path / "a10g.jsonl", [profile_record(2 * 2**30, gpu="a10g-24gb")])
     code, _, err = run_cli("calibrate", str(f), "reference", "--dry-run")
     assert code == 2 and "several GPUs" in err and "--gpu" in err and err.count("\n") == 1
@@ -86,7 +62,7 @@ def test_mixed_gpus_need_gpu_option(run_cli, tmp_path):
     assert code == 0, err
 
 
-def test_no_successful_case(run_cli, tmp_path):
+def test_no_successful_case(run_cli, tmp_path, profile_record, write_jsonl):
     f = write_jsonl(tmp_path / "h.jsonl", [profile_record(None, status="oom"), profile_record(None, status="error", seq=9)])
     code, _, err = run_cli("calibrate", str(f), "--dry-run")
     assert code == 2 and "no successful case" in err and "1 oom" in err
@@ -104,8 +80,19 @@ def test_unwritable_output(run_cli, tmp_path):
     assert code == 2 and "cannot write" in err and "--out" in err
 
 
-def test_cpu_records_refused():
+def test_cpu_records_refused(profile_record):
     r = profile_record(2 * 2**30)
     r["inputs"]["device"] = "cpu"
     with pytest.raises(InputError, match="device cpu"):
         calibrate([measurement_from_record(r)], "cpu")
+
+
+def test_priors_come_from_the_default_calibration():
+    """A base calibration without the memory coefficients falls back to default.json, not to copies."""
+    from loraplan.calibrate import fit_memory
+    from loraplan.spec import Calibration
+
+    fits = fit_memory([], Calibration(gpu="bare", coefficients={}, provenance={}))
+    default = load_calibration(None).coefficients
+    for name in ("allocator_overhead_bytes", "reserved_over_allocated_ratio", "cuda_context_bytes"):
+        assert fits[name].before == fits[name].after == default[name]

@@ -10,8 +10,6 @@ import time
 
 import pytest
 
-from test_profile_configs import write_config
-
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
@@ -33,9 +31,9 @@ def lines(path):
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory):
+def work(tmp_path_factory, write_tiny_config):
     root = tmp_path_factory.mktemp("profile")
-    return {"root": root, "cache": root / "models", "llama": write_config(root, "llama")}
+    return {"root": root, "cache": root / "models", "llama": write_tiny_config(root, "llama")}
 
 
 def base_args(work, out, *extra):
@@ -154,11 +152,11 @@ def test_bad_options_exit_2(work, tmp_path):
     assert p.returncode == 2 and "nope" in p.stderr and "Traceback" not in p.stderr
 
 
-def test_t5_and_qwen2_configs_resolve_to_cases(tmp_path):
+def test_t5_and_qwen2_configs_resolve_to_cases(tmp_path, write_tiny_config):
     from loraplan.profile.runner import build_cases
 
-    t5 = write_config(tmp_path, "t5")
-    q = write_config(tmp_path, "qwen2")
+    t5 = write_tiny_config(tmp_path, "t5")
+    q = write_tiny_config(tmp_path, "qwen2")
     (c5,) = build_cases([{"model": str(t5), "quant": "bf16", "targets": "q,v", "seq": 32, "target_seq": 16}])
     assert c5.model.model_type == "t5" and c5.train.target_seq == 16 and c5.lora.targets == ("q", "v")
     (cq,) = build_cases([{"model": str(q), "quant": "nf4", "targets": "all-linear"}])

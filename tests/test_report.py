@@ -11,8 +11,6 @@ from loraplan.case import resolve_case  # noqa: E402
 from loraplan.estimate.api import estimate  # noqa: E402
 from loraplan.render import GiB  # noqa: E402
 
-from test_calibrate import write_jsonl, profile_record  # noqa: E402
-
 PNG = b"\x89PNG"
 
 
@@ -88,7 +86,7 @@ def test_validation_report_content(run_cli, tmp_path):
     assert "MAPE" in md and "Predicted vs measured" in md
 
 
-def test_validation_report_mixed_gpus(run_cli, tmp_path):
+def test_validation_report_mixed_gpus(run_cli, tmp_path, profile_record, write_jsonl):
     f = write_jsonl(tmp_path / "a.jsonl", [profile_record(2 * 2**30, gpu="a10g-24gb")])
     code, _, err = run_cli("report", "validation", str(f), "reference", "--out", str(tmp_path))
     assert code == 2 and "--gpu" in err

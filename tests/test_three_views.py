@@ -9,12 +9,12 @@ import pytest
 
 from loraplan.measurements import load_measurements, measurement_from_record
 
-from test_calibrate import profile_record, write_jsonl
-
 GiB = 2**30
 
 
-def traced_records():
+@pytest.fixture
+def traced_records(profile_record):
+    """Three records: a traced one, one whose trace failed, one without a trace."""
     a = profile_record(2 * GiB, int(2.4 * GiB), 3 * GiB, seq=512)
     a["trace"] = {"peak_allocated_bytes": int(2.1 * GiB), "peak_phase": "backward", "components": {"other": 1},
                   "phase_peaks": {"backward": int(2.1 * GiB)}, "versions": {"torch": "2.11.0"}, "elapsed_s": 3.0}
@@ -24,8 +24,8 @@ def traced_records():
     return [a, b, c]
 
 
-def test_measurement_reads_the_trace():
-    a, b, c = traced_records()
+def test_measurement_reads_the_trace(traced_records):
+    a, b, c = traced_records
     ma, mb, mc = (measurement_from_record(r) for r in (a, b, c))
     assert ma.trace_peak_allocated_bytes == int(2.1 * GiB) and ma.trace_peak_phase == "backward"
     assert mb.trace_peak_allocated_bytes is None and "meta-device" in mb.trace_error
@@ -35,8 +35,8 @@ def test_measurement_reads_the_trace():
     assert all(m.trace_peak_allocated_bytes is None for m in load_measurements(["reference"]))
 
 
-def test_validate_shows_the_trace_column(run_cli, tmp_path):
-    f = write_jsonl(tmp_path / "h100.jsonl", traced_records())
+def test_validate_shows_the_trace_column(run_cli, tmp_path, write_jsonl, traced_records):
+    f = write_jsonl(tmp_path / "h100.jsonl", traced_records)
     code, out, err = run_cli("validate", str(f))
     assert code == 0, err
     assert "peak allocated (analytic)" in out and "trace" in out and "+5.00%" in out
@@ -63,7 +63,7 @@ def test_validate_shows_the_trace_column(run_cli, tmp_path):
     assert code == 0, err
 
 
-def test_validate_without_trace_is_unchanged(run_cli, tmp_path):
+def test_validate_without_trace_is_unchanged(run_cli, tmp_path, profile_record, write_jsonl):
     f = write_jsonl(tmp_path / "h100.jsonl", [profile_record(2 * GiB, seq=512)])
     code, out, _ = run_cli("validate", str(f))
     assert code == 0 and "trace" not in out and "(analytic)" not in out
@@ -73,7 +73,7 @@ def test_validate_without_trace_is_unchanged(run_cli, tmp_path):
     assert code == 2 and "--trace" in err
 
 
-def test_cpu_record_trace_is_shown_but_not_compared(run_cli, tmp_path):
+def test_cpu_record_trace_is_shown_but_not_compared(run_cli, tmp_path, profile_record, write_jsonl):
     r = profile_record(300_000, seq=16)
     r["inputs"]["device"] = "cpu"
     r["trace"] = {"peak_allocated_bytes": 67_000_000, "peak_phase": "backward", "comparable_with_measurement": False}
@@ -97,10 +97,10 @@ def test_case_filter(run_cli):
     assert code == 2 and "--case 'nope'" in err
 
 
-def test_validation_report_shows_the_trace(run_cli, tmp_path):
+def test_validation_report_shows_the_trace(run_cli, tmp_path, write_jsonl, traced_records):
     pytest.importorskip("matplotlib")
     pytest.importorskip("pandas")
-    f = write_jsonl(tmp_path / "h100.jsonl", traced_records())
+    f = write_jsonl(tmp_path / "h100.jsonl", traced_records)
     code, _, err = run_cli("report", "validation", str(f), "--out", str(tmp_path), "--name", "v")
     assert code == 0, err
     md = (tmp_path / "v.md").read_text()

@@ -11,6 +11,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
+from loraplan.estimate.result import ledger_keys  # noqa: E402
 from loraplan.spec import LoraSpec, TrainSpec  # noqa: E402
 from loraplan.trace import emulation as em  # noqa: E402
 from loraplan.trace.tracker import LiveTensorTracker, round_up  # noqa: E402
@@ -224,6 +225,7 @@ def _trace(cfg, lora=QV, **train):
 
 def _check(r):
     comp = r["components"]
+    assert tuple(comp) == ledger_keys("trace")  # the trace's lines are ledger-vocabulary keys
     assert sum(comp.values()) == r["peak_allocated_bytes"]
     assert r["peak_allocated_bytes"] > comp["weights"] > 0
     assert comp["lora_weights"] > 0

@@ -6,7 +6,7 @@ from loraplan.calibrate import predict
 from loraplan.catalog import load_calibration
 from loraplan.measurements import load_measurements
 
-from test_calibrate import GPU, profile_record, write_jsonl
+GPU = "h100-sxm-80gb"
 
 
 def test_table_has_every_case_and_summary(run_cli):
@@ -49,7 +49,7 @@ def test_max_error_gate(run_cli):
     assert code == 2 and "--check" in err
 
 
-def test_profile_records_reserved_device_components_and_version_flags(run_cli, tmp_path):
+def test_profile_records_reserved_device_components_and_version_flags(run_cli, tmp_path, profile_record, write_jsonl):
     recs = [profile_record(2 * 2**30, int(2.4 * 2**30), 3 * 2**30, seq=512),
             profile_record(3 * 2**30, int(3.3 * 2**30), 4 * 2**30, seq=1024,
                            versions={"torch": "2.9.0", "transformers": "5.17.0"}),
@@ -67,7 +67,7 @@ def test_profile_records_reserved_device_components_and_version_flags(run_cli, t
     assert "other library versions" in out
 
 
-def test_mixed_gpus_and_no_success(run_cli, tmp_path):
+def test_mixed_gpus_and_no_success(run_cli, tmp_path, profile_record, write_jsonl):
     f = write_jsonl(tmp_path / "a.jsonl", [profile_record(2 * 2**30, gpu="a10g-24gb")])
     code, _, err = run_cli("validate", str(f), "reference")
     assert code == 2 and "several GPUs" in err

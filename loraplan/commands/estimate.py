@@ -8,25 +8,8 @@ import click
 
 from ..case import resolve_case
 from ..errors import InputError
+from ..estimate.result import ledger_label
 from .options import case_options
-
-LEDGER_LABELS = {
-    "frozen_linear_weights": "frozen Linear weights (quantized base)",
-    "unquantized_weights": "embeddings, norms, lm_head, biases",
-    "lora_weights": "LoRA weights (fp32)",
-    "lora_gradients": "LoRA gradients (fp32)",
-    "optimizer_state": "optimizer state",
-    "optimizer_temporaries": "optimizer step temporaries",
-    "activations": "activations saved for backward",
-    "int8_previous_step": "int8: previous step's kept inputs",
-    "previous_step_input_grad": "previous step's input embedding + grad",
-    "input_embedding_grad": "input embedding output + its grad",
-    "logits_loss": "logits and loss",
-    "backward_transients": "backward transients (grads, dequantized weight)",
-    "kernel_transients": "int8 matmul transients (int32 result, outlier columns)",
-    "cuda_workspaces": "cuBLAS workspaces",
-    "allocator_overhead": "allocator overhead (calibrated)",
-}
 
 
 @click.command("estimate")
@@ -106,7 +89,7 @@ def _print_table(d: dict) -> None:
     t.add_column("share", justify="right")
     total = mem["peak_allocated_bytes"]
     for k, v in sorted(mem["components"].items(), key=lambda kv: -kv[1]):
-        t.add_row(LEDGER_LABELS.get(k, k.replace("_", " ")), gib(v), f"{100 * v / total:.1f}%" if total else "-")
+        t.add_row(ledger_label(k), gib(v), f"{100 * v / total:.1f}%" if total else "-")
     t.add_row("[bold]peak allocated[/] (torch max_memory_allocated)", f"[bold]{gib(total)}[/]", "100%")
     t.add_row("peak reserved (caching allocator)", gib(mem["peak_reserved_bytes"]), "")
     for k, v in mem["outside_allocator_bytes"].items():

@@ -88,3 +88,68 @@ class Estimate:
             d["time"] = {"step_s": self.time.step_s, "tokens_per_s": self.time.tokens_per_s,
                          "components": dict(self.time.components), "bound": self.time.bound}
         return d
+
+
+# ---- the ledger's vocabulary -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LedgerLine:
+    """One line of the memory ledger: its key (as in ``MemoryEstimate.components``), the label
+    shown in tables and legends, the colour of its segment in stacked bars, and the views that
+    emit it (``analytic``: ``estimate.memory.moments``; ``trace``: ``trace.run.trace_step``)."""
+
+    key: str
+    label: str
+    color: str
+    views: tuple[str, ...] = ("analytic",)
+
+
+_BOTH = ("analytic", "trace")
+
+#: every ledger line, in the order tables and stacked bars show them. The trace's categories are
+#: coarser: ``weights`` is the analytic frozen_linear_weights + unquantized_weights, ``other``
+#: holds its inputs, cuBLAS workspaces and the in-kernel transient at the peak, and its
+#: ``optimizer_state`` includes the optimizer step's temporaries.
+LEDGER: tuple[LedgerLine, ...] = (
+    LedgerLine("weights", "frozen weights and buffers (quantized base, embeddings, norms)", "#3d5a80", ("trace",)),
+    LedgerLine("frozen_linear_weights", "frozen Linear weights (quantized base)", "#4c72b0"),
+    LedgerLine("unquantized_weights", "embeddings, norms, lm_head, biases", "#8172b2"),
+    LedgerLine("lora_weights", "LoRA weights (fp32)", "#64b5cd", _BOTH),
+    LedgerLine("lora_gradients", "LoRA gradients (fp32)", "#55a868", _BOTH),
+    LedgerLine("optimizer_state", "optimizer state", "#c44e52", _BOTH),
+    LedgerLine("optimizer_temporaries", "optimizer step temporaries", "#e08a8c"),
+    LedgerLine("activations", "activations saved for backward", "#dd8452", _BOTH),
+    LedgerLine("int8_previous_step", "int8: previous step's kept inputs", "#f2b880"),
+    LedgerLine("previous_step_input_grad", "previous step's input embedding + grad", "#ccb974"),
+    LedgerLine("input_embedding_grad", "input embedding output + its grad", "#a6d854"),
+    LedgerLine("logits_loss", "logits and loss", "#937860", _BOTH),
+    LedgerLine("backward_transients", "backward transients (grads, dequantized weight)", "#da8bc3"),
+    LedgerLine("kernel_transients", "int8 matmul transients (int32 result, outlier columns)", "#b5556e"),
+    LedgerLine("cuda_workspaces", "cuBLAS workspaces", "#8c8c8c"),
+    LedgerLine("allocator_overhead", "allocator overhead (calibrated)", "#cccccc"),
+    LedgerLine("other", "inputs, cuBLAS workspaces, in-kernel transients", "#b0b0b0", ("trace",)),
+)
+LEDGER_BY_KEY: dict[str, LedgerLine] = {line.key: line for line in LEDGER}
+
+
+def ledger_keys(view: str | None = None) -> tuple[str, ...]:
+    """The ledger keys in order; only those ``view`` ("analytic" | "trace") emits when given."""
+    return tuple(line.key for line in LEDGER if view is None or view in line.views)
+
+
+def ledger_label(key: str) -> str:
+    """The display label of a ledger key (the key with spaces when it is not in the vocabulary)."""
+    line = LEDGER_BY_KEY.get(key)
+    return line.label if line else key.replace("_", " ")
+
+
+def ledger_color(key: str) -> str | None:
+    """The stacked-bar colour of a ledger key (None: matplotlib's next colour)."""
+    line = LEDGER_BY_KEY.get(key)
+    return line.color if line else None
+
+
+def ledger_order(keys) -> list[str]:
+    """``keys`` (distinct) in the vocabulary's order; keys outside it last, sorted."""
+    keys = set(keys)
+    return [k for k in ledger_keys() if k in keys] + sorted(keys - set(LEDGER_BY_KEY))

@@ -203,33 +203,6 @@ def _sdpa_backend(device: str, attention: str):
     return "sdpa", None, "sdpa:auto"
 
 
-def peft_targets(model, targets: list[str]):
-    """LoraConfig.target_modules for loraplan's target syntax (see loraplan/targets.py)."""
-    from ..targets import ALL_LINEAR, _PLAIN, _matches
-
-    targets = list(targets)
-    if targets == [ALL_LINEAR]:
-        return ALL_LINEAR
-    if len(targets) == 1 and not _PLAIN.match(targets[0]):
-        return targets[0]  # a regular expression, as peft reads a single string
-    if ALL_LINEAR not in targets and all(_PLAIN.match(t) for t in targets):
-        return targets
-    # mixed forms ("all-linear,lm_head", regex beside names): list the matching modules by name
-    import torch
-
-    out_emb = model.get_output_embeddings()
-    names = []
-    for name, mod in model.named_modules():
-        if not isinstance(mod, torch.nn.Linear):
-            continue
-        hit = any(t != ALL_LINEAR and _matches(name, t) for t in targets)
-        if ALL_LINEAR in targets and mod is not out_emb:
-            hit = True
-        if hit:
-            names.append(name)
-    return names
-
-
 def _optimizer(name: str, params):
     import torch
 
@@ -381,7 +354,10 @@ def run_burst(spec: dict, emit: Emit | None = None) -> dict[str, Any]:
         # ---- LoRA ---------------------------------------------------------------------
         phase("lora")
         probe.begin("lora")
-        target_modules = peft_targets(model, lora["targets"])
+        from .._meta import linear_modules
+        from ..targets import peft_target_modules
+
+        target_modules = peft_target_modules(lora["targets"], *linear_modules(model))
         cfg = peft.LoraConfig(r=int(lora["rank"]), lora_alpha=lora["alpha"], lora_dropout=float(lora["dropout"]),
                               target_modules=target_modules, bias="none",
                               task_type="SEQ_2_SEQ_LM" if enc_dec else "CAUSAL_LM")

@@ -47,12 +47,9 @@ def gpu_id_for_name(device_name: str, entries: dict[str, dict] | None = None) ->
     catalog holds, when it holds any); else a slug of the name.
     """
     if entries is None:
-        try:
-            from ..catalog import gpu_entries
+        from ..catalog import gpu_entries
 
-            entries = gpu_entries()
-        except Exception:
-            entries = {}
+        entries = gpu_entries()
     norm = slug(device_name)
     bare = slug(re.sub(r"^nvidia\s+", "", device_name.strip(), flags=re.I))
     for gid, e in entries.items():

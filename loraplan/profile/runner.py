@@ -105,75 +105,17 @@ def detect_device(device: str, python: str | None = None, timeout: float = 120.0
     return DeviceInfo("cuda", gpu_id_for_name(name), name, info)
 
 
-def resolve_model(name_or_path: str) -> ModelSpec:
-    """``loraplan.catalog.load_model``; for a family without a shape rule and no meta builder
-    in loraplan, read the Linear modules from a meta-device build here (torch is present)."""
-    from ..catalog import load_model
-
-    try:
-        return load_model(name_or_path)
-    except ModuleNotFoundError as e:
-        if not (e.name or "").startswith("loraplan"):
-            raise
-    from ..hf import load_config
-
-    p = Path(name_or_path).expanduser()
-    cfg = load_config(p)
-    name = p.parent.name if p.name == "config.json" else (p.name if p.is_dir() else p.stem)
-    return meta_spec(cfg, name, str(p))
-
-
-def meta_spec(cfg: dict, name: str, source: str = "") -> ModelSpec:
-    """A ModelSpec from a meta-device build: every nn.Linear with its shape and name."""
-    import re
-
-    import torch
-    import transformers
-
-    from ..spec import ArchSpec, LinearSpec, ParamSpec
-
-    c = dict(cfg)
-    hf = transformers.AutoConfig.for_model(c.pop("model_type"), **c)
-    enc_dec = bool(getattr(hf, "is_encoder_decoder", False))
-    cls = transformers.AutoModelForSeq2SeqLM if enc_dec else transformers.AutoModelForCausalLM
-    with torch.device("meta"):
-        model = cls.from_config(hf)
-    out_emb = model.get_output_embeddings()
-    linears, seen = [], set()
-    for mname, mod in model.named_modules():
-        if isinstance(mod, torch.nn.Linear):
-            m = re.search(r"\.(\d+)\.", mname)
-            stack = "head" if mod is out_emb else ("encoder" if mname.startswith("encoder") else "decoder")
-            linears.append(LinearSpec(mname, mod.in_features, mod.out_features, mod.bias is not None,
-                                      "lm_head" if mod is out_emb else mname.rsplit(".", 1)[-1], stack,
-                                      int(m.group(1)) if m else None))
-            seen.update(id(p) for p in mod.parameters())
-    others = [ParamSpec(n, p.numel(), "embedding" if "embed" in n or "shared" in n else "other")
-              for n, p in model.named_parameters() if id(p) not in seen]
-    h = getattr(hf, "hidden_size", None) or getattr(hf, "d_model", 0)
-    n_h = getattr(hf, "num_attention_heads", None) or getattr(hf, "num_heads", 1)
-    L = getattr(hf, "num_decoder_layers", None) or getattr(hf, "num_hidden_layers", None) or getattr(hf, "num_layers", 0)
-    return ModelSpec(
-        name=name, model_type=hf.model_type, config=dict(cfg), hidden_size=int(h), num_layers=int(L),
-        num_heads=int(n_h), num_kv_heads=int(getattr(hf, "num_key_value_heads", None) or n_h),
-        head_dim=int(getattr(hf, "head_dim", None) or getattr(hf, "d_kv", None) or (h // n_h)),
-        intermediate_size=int(getattr(hf, "intermediate_size", None) or getattr(hf, "d_ff", 0) or 0),
-        vocab_size=int(hf.vocab_size), max_positions=getattr(hf, "max_position_embeddings", None),
-        tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)), linears=tuple(linears),
-        others=tuple(others), arch=ArchSpec(), is_encoder_decoder=enc_dec,
-        num_encoder_layers=int(getattr(hf, "num_layers", 0) or 0) if enc_dec else 0, source=source)
-
-
 def build_cases(case_dicts: list[dict], gpu: str | None = None) -> list[Case]:
     """Grid dicts (CLI option names) -> validated cases (resolve_case), models read once each."""
     from ..case import DEFAULTS, resolve_case
+    from ..catalog import load_model
 
     models: dict[str, ModelSpec] = {}
     out = []
     for d in case_dicts:
         name = d.get("model") or DEFAULTS["model"]
         if name not in models:
-            models[name] = resolve_model(name)
+            models[name] = load_model(name)
         m, l, t = resolve_case(d, models[name])
         out.append(Case(m, l, t, gpu))
     return out
@@ -188,12 +130,9 @@ def case_inputs(case: Case, dev: DeviceInfo) -> dict:
 
 
 def estimate_for(case: Case, dev: DeviceInfo) -> tuple[dict | None, str | None, str | None]:
-    """(estimate.to_dict(), GPU id used, why absent) from loraplan.estimate.api, when present."""
-    try:
-        from ..estimate.api import estimate
-    except ImportError as e:
-        return None, None, f"loraplan.estimate.api is not available ({e})"
+    """(estimate.to_dict(), GPU id used, why absent): the analytic estimate beside the measurement."""
     from ..catalog import load_calibration, load_gpu
+    from ..estimate.api import estimate
 
     gid = estimate_gpu_id(case, dev)
     try:

@@ -7,8 +7,8 @@ from dataclasses import dataclass, replace
 from ..errors import InputError
 from ..render import GiB
 from ..spec import GpuSpec, LoraSpec, ModelSpec, TrainSpec
-from .document import Document, pyplot
-from .validation_report import COLORS, LEDGER_ORDER
+from ..estimate.result import ledger_color, ledger_label
+from .document import Document, ledger_segments, pyplot
 
 SEQ_SWEEP = [256 * 2 ** i for i in range(8)]  # 256 .. 32768
 BATCH_SWEEP = [2 ** i for i in range(8)]  # 1 .. 128
@@ -56,7 +56,8 @@ def _short(k: str) -> str:
 
 def compare_document(configs: list[Config], gpus: list[GpuSpec], calibration_for, tokens: float,
                      title: str = "loraplan: configurations compared") -> tuple[Document, dict]:
-    """The document and the numbers it shows ({label: {gpu: Estimate}})."""
+    """The document and the numbers it shows: ``estimates`` ({label: {gpu: Estimate}}), ``ledger``
+    (the stacked bars' data, see ``document.ledger_segments``) and ``curves``."""
     import pandas as pd
 
     from ..estimate.api import estimate
@@ -108,13 +109,14 @@ def compare_document(configs: list[Config], gpus: list[GpuSpec], calibration_for
     # stacked ledger
     doc.heading("Memory ledger")
     fig, ax = plt.subplots(figsize=(max(6, 1.5 * len(configs) + 4), 5))
-    used = [k for k in LEDGER_ORDER if any(k in ests[c.label][ref].memory.components for c in configs)]
-    used += sorted({k for c in configs for k in ests[c.label][ref].memory.components} - set(used))
+    ledger = {"gpu": ref, "configs": [c.label for c in configs],
+              "segments": ledger_segments([ests[c.label][ref].memory.components for c in configs]),
+              "peak_allocated_bytes": [ests[c.label][ref].memory.peak_allocated_bytes for c in configs]}
     bottom = [0.0] * len(configs)
     xs = range(len(configs))
-    for k in used:
-        vals = [ests[c.label][ref].memory.components.get(k, 0) / GiB for c in configs]
-        ax.bar(xs, vals, bottom=bottom, color=COLORS.get(k), label=k.replace("_", " "), width=0.6)
+    for k, seg in ledger["segments"].items():
+        vals = [b / GiB for b in seg]
+        ax.bar(xs, vals, bottom=bottom, color=ledger_color(k), label=ledger_label(k), width=0.6)
         bottom = [a + b for a, b in zip(bottom, vals)]
     extra = [(ests[c.label][ref].memory.device_total_bytes - ests[c.label][ref].memory.peak_allocated_bytes) / GiB
              for c in configs]
@@ -198,7 +200,7 @@ def compare_document(configs: list[Config], gpus: list[GpuSpec], calibration_for
         fig.tight_layout()
         doc.figure(fig, "Step time and job cost per GPU", "bars include GPUs where the configuration does not fit "
                    "(see the table's 'fits' column)")
-    return doc, {"estimates": ests, "curves": curves}
+    return doc, {"estimates": ests, "ledger": ledger, "curves": curves}
 
 
 def _wrap(text: str, width: int = 12) -> str:

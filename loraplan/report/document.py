@@ -11,14 +11,24 @@ import html
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 from ..errors import InputError, require_extra
+from ..estimate.result import ledger_order
 
 
 def require_report_extra() -> None:
     require_extra("matplotlib", "report")
     require_extra("pandas", "report")
+
+
+def ledger_segments(ledgers: Sequence[Mapping[str, int]]) -> dict[str, list[int]]:
+    """What a stacked ledger bar draws: key -> bytes in each bar, keys in the vocabulary's order.
+
+    Every key of every ledger is kept, so bar ``i`` sums to ``sum(ledgers[i].values())``.
+    """
+    keys = ledger_order({k for ledger in ledgers for k in ledger})
+    return {k: [int(ledger.get(k, 0)) for ledger in ledgers] for k in keys}
 
 
 def pyplot():

@@ -4,17 +4,9 @@ from __future__ import annotations
 
 from ..calibrate import METRICS
 from ..render import GiB
-from .document import Document, pyplot
+from ..estimate.result import ledger_color, ledger_label
+from .document import Document, ledger_segments, pyplot
 from .validation import TRACE, Validation, label
-
-#: ledger colours shared by the stacked bars of both reports
-COLORS = {
-    "frozen_linear_weights": "#4c72b0", "unquantized_weights": "#8172b2", "lora_weights": "#64b5cd",
-    "lora_gradients": "#55a868", "optimizer_state": "#c44e52", "optimizer_temporaries": "#e08a8c",
-    "activations": "#dd8452", "int8_previous_step": "#f2b880", "logits_loss": "#937860",
-    "backward_transients": "#da8bc3", "cuda_workspaces": "#8c8c8c", "allocator_overhead": "#cccccc",
-}
-LEDGER_ORDER = list(COLORS)
 
 
 def _unit(metric: str) -> tuple[float, str]:
@@ -116,15 +108,24 @@ def validation_document(v: Validation, title: str = "loraplan validation: estima
     return doc
 
 
+def ledger_bars(v: Validation) -> dict:
+    """The data of the ledger-vs-measured plot: case ids, the stacked segments (``ledger_segments``
+    of each case's predicted ledger at its peak moment), predicted and measured peak allocated."""
+    cases = [c for c in v.cases if "allocated" in c.metrics]
+    return {"cases": [c.id for c in cases],
+            "segments": ledger_segments([c.predicted_components for c in cases]),
+            "predicted_peak_allocated_bytes": [c.metrics["allocated"][0] for c in cases],
+            "measured_peak_allocated_bytes": [c.metrics["allocated"][1] for c in cases]}
+
+
 def ledger_vs_measured(v: Validation, plt):
     cases = [c for c in v.cases if "allocated" in c.metrics]
+    bars = ledger_bars(v)
     fig, ax = plt.subplots(figsize=(10, 0.45 * len(cases) + 2))
-    used = [k for k in LEDGER_ORDER if any(k in c.predicted_components for c in cases)]
-    used += sorted({k for c in cases for k in c.predicted_components} - set(used))
     left = [0.0] * len(cases)
-    for k in used:
-        vals = [c.predicted_components.get(k, 0) / GiB for c in cases]
-        ax.barh(range(len(cases)), vals, left=left, color=COLORS.get(k), label=k.replace("_", " "))
+    for k, seg in bars["segments"].items():
+        vals = [b / GiB for b in seg]
+        ax.barh(range(len(cases)), vals, left=left, color=ledger_color(k), label=ledger_label(k))
         left = [a + b for a, b in zip(left, vals)]
     ax.scatter([c.metrics["allocated"][1] / GiB for c in cases], range(len(cases)), marker="D", color="black",
                zorder=4, label="measured peak allocated")

@@ -16,43 +16,20 @@ pass through dispatch (cuBLAS workspaces).
 from __future__ import annotations
 
 import os
-import re
 import time
 import warnings
 from typing import Any
 
 from ..errors import InputError, LoraplanError, require_extra
+from ..estimate.result import ledger_keys
 from ..spec import LoraSpec, TrainSpec
+from ..targets import peft_target_modules
 
-CATEGORIES = ("weights", "lora_weights", "lora_grads", "optimizer_state", "activations", "logits_loss", "other")
+#: the trace's ledger lines (coarser than the analytic ledger's; see estimate.result.LEDGER)
+CATEGORIES = ledger_keys("trace")
 
 
 from ..errors import TraceDataDependentError, TraceError  # noqa: E402 - one error hierarchy for the package
-
-_PLAIN = re.compile(r"^[A-Za-z0-9_.]+$")
-
-
-def _peft_targets(model, targets: tuple[str, ...]):
-    """LoraSpec targets -> LoraConfig.target_modules, with peft's own "all-linear"."""
-    targets = tuple(targets)
-    if targets == ("all-linear",):
-        return "all-linear"
-    if len(targets) == 1 and not _PLAIN.match(targets[0]):
-        return targets[0]  # a regular expression, as peft takes a single string
-    if "all-linear" in targets:
-        import torch
-
-        out_emb = model.get_output_embeddings()
-        names = set()
-        for name, mod in model.named_modules():
-            if mod is out_emb:
-                continue
-            if isinstance(mod, torch.nn.Linear) or type(mod).__name__ in ("Linear4bit", "Linear8bitLt", "Conv1D"):
-                names.add(name.rsplit(".", 1)[-1])
-        names.update(t for t in targets if t != "all-linear")
-        return sorted(names)
-    return list(targets)
-
 
 def _quantize_meta(model, train: TrainSpec, torch_mod):
     """Replace Linears by bitsandbytes modules and quantize their weights on meta, as
@@ -292,7 +269,7 @@ def _run(torch, transformers, auto, config, load_dtype, attn_impl, quantized, se
                 if attn_impl != "sdpa" or not ("sdpa" in str(e).lower() or "scaled_dot_product_attention" in str(e)):
                     raise
                 model = auto.from_config(config, dtype=load_dtype, attn_implementation="eager")
-            from .._meta import untie_like_checkpoint
+            from .._meta import linear_modules, untie_like_checkpoint
 
             untie_like_checkpoint(model, raw_config)
         if quantized:
@@ -305,7 +282,7 @@ def _run(torch, transformers, auto, config, load_dtype, attn_impl, quantized, se
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
         lcfg = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                          target_modules=_peft_targets(model, lora.targets), bias="none",
+                          target_modules=peft_target_modules(lora.targets, *linear_modules(model)), bias="none",
                           task_type="SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM")
         try:
             model = get_peft_model(model, lcfg)
@@ -338,7 +315,7 @@ def _run(torch, transformers, auto, config, load_dtype, attn_impl, quantized, se
             if rec[5] is None:
                 rec[5] = "weights"
     def label_grad(p):
-        tracker.label(p.grad, "lora_grads")
+        tracker.label(p.grad, "lora_gradients")
 
     for p in trainable:
         p.register_post_accumulate_grad_hook(label_grad)
@@ -379,7 +356,7 @@ def _categorize(tracker, vocab: int) -> dict[str, int]:
     comp = dict.fromkeys(CATEGORIES, 0)
     for r in tracker.records_live_at("peak"):
         label, phase, ctx = r["label"], r["phase"], r["context"] or ""
-        if label in ("weights", "lora_weights", "lora_grads", "optimizer_state"):
+        if label in ("weights", "lora_weights", "lora_gradients", "optimizer_state"):
             cat = label
         elif label == "inputs":
             cat = "other"
