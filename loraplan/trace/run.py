@@ -204,7 +204,7 @@ def trace_step(model_config: dict, lora: LoraSpec, train: TrainSpec, gpu_compute
         return stack[-1] if stack else ""
 
     # ---- int8 outliers: explicit fraction, else the analytic estimator's random-init default
-    #      for MLP-out inputs (loraplan.estimate.memory.default_int8_outlier_fraction), 0 elsewhere
+    #      for MLP-out inputs (loraplan.estimate.transients.default_int8_outlier_fraction), 0 elsewhere
     frac = train.int8_outlier_fraction
     default_frac, outlier_leaves = _default_outliers(model_config, train)
 
@@ -421,7 +421,8 @@ def _explain(e: Exception, tracker, stack: list[str], model_type: str) -> Lorapl
 
 def _default_outliers(model_config: dict, train: TrainSpec) -> tuple[float, set[str]]:
     """The random-init outlier share and the Linear leaf names it applies to (MLP-out inputs)."""
-    from ..estimate.memory import INT8_OUTLIER_ROLES, random_init_outlier_fraction
+    from ..estimate.transients import random_init_outlier_fraction
+    from ..estimate.weights import INT8_OUTLIER_ROLES
     from ..hf import spec_from_config
 
     spec = spec_from_config(model_config, "trace")
