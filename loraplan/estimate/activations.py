@@ -127,7 +127,7 @@ def attention_saved_per_layer(st: Structure, kind: str, T, b, seq, kv_seq, cross
 
 
 def _has_fused_qkv(model: ModelSpec) -> bool:
-    return model.model_type == "phi3" and any(l.role == "qkv" for l in model.linears)
+    return model.arch.fused_qkv_views and any(l.role == "qkv" for l in model.linears)
 
 
 def _attention_core_saved(st: Structure, kind: str, T, b, seq, kv_seq, cross: bool = False):
@@ -140,7 +140,7 @@ def _attention_core_saved(st: Structure, kind: str, T, b, seq, kv_seq, cross: bo
         # T5: the relative position bias plus the mask goes in as an additive mask [1, n_h, s, kv]
         # in the stream dtype, made per self-attention call (last dim padded to 16) and saved for
         # backward; cross-attention reuses one zeros bias (see t5_shared_biases).
-        bias = a * n_h * seq * (_ceil(kv_seq / 16) * 16) if _t5_style(m) and not cross else 0
+        bias = a * n_h * seq * (_ceil(kv_seq / 16) * 16) if _relative_bias(m) and not cross else 0
         if m.arch.sdpa_mask:  # falcon: the causal mask, made additive per call [b, 1, s, kv]
             bias = a * b * seq * (_ceil(kv_seq / 16) * 16)
         return a * T * n_h * d * 2 + 2 * a * b * kv_seq * n_kv * d + 4 * b * n_h * (_ceil(seq / 32) * 32) + bias
@@ -170,25 +170,23 @@ def norm_saved(st: Structure, T):
     """
     h, a = st.model.hidden_size, st.stream_bytes
     if st.model.arch.norm == "rms":
-        t5_input = a if (_t5_style(st.model) and a != 4) else 0
+        t5_input = a if (st.model.arch.norm_keeps_input and a != 4) else 0
         return (4 + t5_input) * T * h + 4 * T
     return a * T * h + 8 * T
 
 
-def _t5_style(model: ModelSpec) -> bool:
-    """T5/mT5: T5LayerNorm, relative position bias, residual dropout, loss on raw logits."""
+def _relative_bias(model: ModelSpec) -> bool:
+    """T5/mT5 relative position bias: computed once per stack (modeling_t5.py compute_bias),
+    handed to every layer and added to the attention scores as an additive mask."""
     return model.arch.position == "relative_bias"
 
 
 def hidden_dropout(model: ModelSpec) -> float:
     """p of the model's own residual/FFN dropouts in training (not LoRA's, not attention's):
-    T5 ``dropout_rate`` (0.1), OPT ``dropout`` (0.1), others ``hidden_dropout`` (0)."""
-    cfg = model.config
-    if _t5_style(model):
-        return float(cfg.get("dropout_rate", 0.1) or 0)
-    if model.model_type == "opt":
-        return float(cfg.get("dropout", 0.1) or 0)
-    return float(cfg.get("hidden_dropout", 0.0) or 0)
+    the config value named by ``arch.hidden_dropout_key`` (T5 ``dropout_rate``, default 0.1;
+    OPT ``dropout``, 0.1; others ``hidden_dropout``, 0)."""
+    arch = model.arch
+    return float(model.config.get(arch.hidden_dropout_key, arch.hidden_dropout_default) or 0)
 
 
 def model_dropout_masks_per_layer(st: Structure, T, stack: str):
@@ -196,15 +194,13 @@ def model_dropout_masks_per_layer(st: Structure, T, stack: str):
     T5 every sub-layer output (2 in the encoder, 3 in the decoder, T·h each) and the FFN inner
     activation (T·I); OPT the attention and FFN outputs (2·T·h)."""
     m = st.model
-    if not hidden_dropout(m):
+    if not hidden_dropout(m) or not m.arch.sublayer_dropout:
         return 0
     k = _mask_bytes(st, st.stream_bytes)
-    if _t5_style(m):
-        sub = 2 if stack == "encoder" else 3
+    sub = 3 if (stack == "decoder" and m.is_encoder_decoder) else 2  # + cross-attention
+    if m.arch.ffn_inner_dropout:
         return k * (sub * T * m.hidden_size + T * m.intermediate_size)
-    if m.model_type == "opt":
-        return k * 2 * T * m.hidden_size
-    return 0
+    return k * sub * T * m.hidden_size
 
 
 #: activations transformers implements in Python (not one fused kernel): NewGELUActivation
@@ -214,7 +210,7 @@ _UNFUSED_GELU = ("gelu_new", "gelu_fast", "gelu_pytorch")
 
 def _activation(model: ModelSpec) -> str:
     cfg = model.config
-    if _t5_style(model):
+    if model.arch.activation_from == "feed_forward_proj":
         ffp = cfg.get("feed_forward_proj", "relu")
         return cfg.get("dense_act_fn") or ("gelu_new" if ffp == "gated-gelu" else ffp.split("-")[-1])
     return str(cfg.get("hidden_act") or cfg.get("hidden_activation") or cfg.get("activation_function") or "silu")
@@ -283,7 +279,7 @@ def t5_shared_biases(st: Structure, x: Shape, checkpointed: bool):
     """T5's biases computed once and handed to every layer (modeling_t5.py compute_bias): the
     cross-attention's zeros bias [1, n_h, s_t, s_e], kept by the graph, and — as checkpoint
     inputs — the encoder and decoder position biases [1, n_h, s, s]."""
-    if not _t5_style(st.model):
+    if not _relative_bias(st.model):
         return 0
     n = st.stream_bytes * st.model.num_heads
     shared = n * x.tseq * x.seq

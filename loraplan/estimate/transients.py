@@ -10,7 +10,7 @@ import math
 
 from ..spec import Calibration, GpuSpec, ModelSpec
 from ..storage import FOUR_BIT, QUANTIZED, unquantized_param_bytes
-from .activations import Shape, _activation, _t5_style, hidden_dropout, lora_input_saved_bytes, mlp_saved
+from .activations import Shape, _activation, _relative_bias, hidden_dropout, lora_input_saved_bytes, mlp_saved
 from .arrays import ceil as _ceil, maximum as _max
 from .weights import Structure, _p_silu_product_exceeds, _stack_layers
 
@@ -37,7 +37,7 @@ def loss_forward_transient(st: Structure, x: Shape):
     logits_to_keep=0 keeps every position)."""
     TV = x.T * st.model.vocab_size
     c = logits_bytes(st)
-    if _t5_style(st.model):  # T5ForConditionalGeneration: CrossEntropyLoss on the raw logits
+    if not st.model.arch.loss_upcasts_logits:  # T5ForConditionalGeneration: CrossEntropyLoss on the raw logits
         loss = 2 * c * TV
     else:
         loss = c * TV + (4 * TV if c == 2 else 0) + 4 * TV + logit_softcap_saved(st, x)
@@ -52,7 +52,7 @@ def loss_backward_transient(st: Structure, x: Shape):
     """At the head of backward: log_softmax's saved fp32 output, the nll_loss gradient and
     log_softmax's input gradient, all fp32 [T, V]: 12·T·V (memory-physics.md §6). T5 computes
     CrossEntropyLoss on the logits as they are (modeling_t5.py): 3·c·T·V."""
-    if _t5_style(st.model):  # no fp32 upcast: log_softmax, its grad in and out in the logits dtype
+    if not st.model.arch.loss_upcasts_logits:  # log_softmax, its grad in and out in the logits dtype
         return 3 * logits_bytes(st) * x.T * st.model.vocab_size
     return 12 * x.T * st.model.vocab_size + logit_softcap_saved(st, x)
 
@@ -107,7 +107,7 @@ def layer_backward_transients(st: Structure, x: Shape, kind: str = "flash", grad
         -l_saved + _max(lora_grad_peak, lora_grad_held + base),  # down backward, base branch
         -l_saved + adapted * (lora_grad_held + 2 * a * T * I),  # down backward, the sum
     ]
-    if hidden_dropout(m) and _t5_style(m):
+    if hidden_dropout(m) and m.arch.ffn_inner_dropout:
         # T5's FFN dropout comes after the product: the recompute runs to it, making its output
         candidates.append(-l_saved + a * T * I)
     if adapted:
@@ -124,7 +124,7 @@ def layer_backward_transients(st: Structure, x: Shape, kind: str = "flash", grad
         # a residual dropout's backward makes the branch's gradient a tensor of its own, beside
         # the residual path's (T5, OPT): one more a·T·h
         extra = a * T * m.hidden_size
-    if _t5_style(m):
+    if _relative_bias(m):
         # T5 in backward: the gradient of the shared position bias [1, n_h, s, s]; with
         # checkpointing also the bias recomputed in the first block and the cross-attention's
         # recomputed zeros bias
