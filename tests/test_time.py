@@ -26,12 +26,14 @@ def test_reference_mape_within_15_percent():
     assert all(abs(r["error"]) < 0.35 for r in rows), rows
 
 
-def test_h100_calibration_has_provenance_and_all_coefficients():
+def test_default_calibration_has_time_provenance_and_all_coefficients():
+    """The time priors live in calibrations/default.json, fitted on the H100 reference."""
     cal = load_calibration("h100-sxm-80gb")
     for name in COEFFICIENTS:
         assert name in cal.coefficients, name
-    prov = cal.provenance["h100-sxm-80gb"]["time"]
+    prov = cal.provenance["default"]["time"]
     assert len(prov["records"]) == 10 and "residuals" in prov and prov["date"]
+    assert set(prov["coefficients"]) == set(COEFFICIENTS)
     for k in ("time_eff_mm", "time_eff_fp32", "time_eff_bw"):
         assert 0.1 <= cal.coefficients[k] <= 1.0
 

@@ -35,14 +35,13 @@ from ..spec import Calibration, GpuSpec, LinearSpec, ModelSpec, TrainSpec
 from ..storage import QUANTIZED
 from .activations import Shape, checkpoint_inputs, choose_attention, layer_saved, saved_activations
 from .arrays import is_scalar as _is_scalar
+from .coefficients import coefficient
 from .result import MemoryEstimate
 from .transients import (cuda_workspaces, default_int8_outlier_fraction, input_leaf_and_grad, int8_matmul_transient,
                          int8_retained_per_step, int8_saved_anyway, last_hidden_state, layer_backward_transients,
                          loss_backward_transient, loss_forward_transient)
 from .weights import (Structure, lora_gradients, lora_weights, optimizer_state, optimizer_step_temporaries,
                       paged_optimizer_state, structure)
-
-MiB = 1 << 20
 
 #: The moments of a step at which the peak can sit, in step order.
 MOMENTS = ("forward", "int8 matmul", "loss backward", "layer backward", "optimizer step")
@@ -63,7 +62,7 @@ def moments(st: Structure, train: TrainSpec, kind: str, x: Shape, gpu: GpuSpec |
         "lora_weights": lora_weights(st, x.r),
         "optimizer_state": optimizer_state(st, x.r, opt),
         "cuda_workspaces": cuda_workspaces(gpu, cal, st.device),
-        "allocator_overhead": int(cal.get("allocator_overhead_bytes", 0)),
+        "allocator_overhead": int(coefficient(cal, "allocator_overhead_bytes")),
     }
     acts = saved_activations(st, kind, x, train.gradient_checkpointing)
     int8_keep = int8_retained_per_step(st, x, train.int8_outlier_fraction, train.gradient_checkpointing)
@@ -141,8 +140,8 @@ def device_totals(peak_allocated, paged, cal: Calibration):
     device total (NVML used) = reserved + cuda_context_bytes + paged optimizer buffers, which
     live in managed memory outside torch's allocator. Both coefficients come from the
     calibration (priors until 'loraplan calibrate' fits them from profile records)."""
-    context = int(cal.get("cuda_context_bytes", 768 * MiB))
-    reserved = peak_allocated * (1 + cal.get("reserved_over_allocated_ratio", 0.10))
+    context = int(coefficient(cal, "cuda_context_bytes"))
+    reserved = peak_allocated * (1 + coefficient(cal, "reserved_over_allocated_ratio"))
     reserved = int(reserved) if _is_scalar(reserved) else reserved.astype("int64")
     return reserved, reserved + context + paged, context
 

@@ -14,8 +14,10 @@ Everything that depends only on the model, LoRA and training setup is counted on
 calibration enter only in :func:`step_time`, a dot product. So one StepWork serves every GPU.
 
 The coefficients (``time_*``) are read from the Calibration: fitted on the shared H100 step
-times by ``benchmarks/fit_time_h100.py`` and written to ``catalog/calibrations/*.json``. The
-code holds no hardware numbers; peak TFLOPs and bandwidth come from the GpuSpec.
+times (the only GPU measured) by ``benchmarks/fit_time_h100.py`` and written to
+``catalog/calibrations/default.json``; other GPUs use the same efficiencies as fractions of
+their catalog peaks and the same host costs. The code holds no hardware numbers; peak TFLOPs
+and bandwidth come from the GpuSpec.
 
 Each term is one function (``frozen_linear_work``, ``lm_head_work``, ``lora_work``,
 ``layer_host_work``, ``layer_elementwise_work``, ``attention_work``, ``loss_work``,
@@ -54,23 +56,24 @@ from ..storage import (FOUR_BIT, dtype_bytes, lm_head_fp32, lora_adapter_bytes, 
                        stream_dtype_bytes)
 from ..targets import select_targets
 from .arrays import is_scalar as _is_scalar, maximum as _max, minimum as _min, where as _where
+from .coefficients import coefficient, default_calibration
 from .result import TimeEstimate
 
 # --------------------------------------------------------------------------------------------
-# Coefficient names (read with calibration.get(name, default)). The defaults are neutral
-# placeholders used only when no calibration file provides a value; the catalog calibrations
-# carry fitted values with provenance.
+# Coefficient names. Their values live in catalog/calibrations/default.json (fitted on the H100
+# reference by benchmarks/fit_time_h100.py, with provenance); a GPU's or a user's calibration
+# file may override them. The code holds no value.
 # --------------------------------------------------------------------------------------------
-COEFFICIENTS: dict[str, tuple[float, str]] = {
-    "time_eff_mm": (0.6, "achieved / dense peak for bf16/fp16 tensor-core matmuls"),
-    "time_eff_fp32": (0.6, "achieved / peak for fp32 (non-tensor-core) matmuls: LoRA, fp32 lm_head"),
-    "time_eff_bw": (0.7, "achieved / peak memory bandwidth for elementwise ops and weight streams"),
-    "time_gpu_kernel_s": (3e-6, "minimum GPU time per kernel (launch gap + tail)"),
-    "time_host_op_s": (1.5e-5, "host time per dispatched aten op or nn.Module call (forward or autograd node)"),
-    "time_host_lora_call_s": (4e-4, "extra host time per peft LoRA module call (Python forward, adapter loop, casts)"),
-    "time_host_bnb4_call_s": (2e-4, "extra host time per bitsandbytes 4-bit matmul call (Python, checks)"),
-    "time_host_int8_call_s": (2e-4, "extra host time per bitsandbytes int8 matmul call"),
-    "time_host_step_s": (5e-3, "fixed host time per step (loop, synchronize, optimizer bookkeeping)"),
+COEFFICIENTS: dict[str, str] = {
+    "time_eff_mm": "achieved / dense peak for bf16/fp16 tensor-core matmuls",
+    "time_eff_fp32": "achieved / peak for fp32 (non-tensor-core) matmuls: LoRA, fp32 lm_head",
+    "time_eff_bw": "achieved / peak memory bandwidth for elementwise ops and weight streams",
+    "time_gpu_kernel_s": "minimum GPU time per kernel (launch gap + tail)",
+    "time_host_op_s": "host time per dispatched aten op or nn.Module call (forward or autograd node)",
+    "time_host_lora_call_s": "extra host time per peft LoRA module call (Python forward, adapter loop, casts)",
+    "time_host_bnb4_call_s": "extra host time per bitsandbytes 4-bit matmul call (Python, checks)",
+    "time_host_int8_call_s": "extra host time per bitsandbytes int8 matmul call",
+    "time_host_step_s": "fixed host time per step (loop, synchronize, optimizer bookkeeping)",
 }
 
 #: ops (dispatched aten ops) per call of each piece, (forward, backward). Read from the
@@ -492,10 +495,10 @@ def _peak_mm_tflops(gpu: GpuSpec, dtype: str) -> float:
 
 
 def coefficients(calibration: Calibration | None) -> dict[str, float]:
-    """The time coefficients in effect: calibration values, else the neutral defaults."""
-    if calibration is None:
-        return {k: v for k, (v, _) in COEFFICIENTS.items()}
-    return {k: calibration.get(k, v) for k, (v, _) in COEFFICIENTS.items()}
+    """The time coefficients in effect: the calibration's, or the built-in priors
+    (calibrations/default.json) when none is given."""
+    cal = calibration if calibration is not None else default_calibration()
+    return {k: coefficient(cal, k) for k in COEFFICIENTS}
 
 
 def step_time(work: StepWork, gpu: GpuSpec, coef: Mapping[str, float]) -> TimeEstimate:

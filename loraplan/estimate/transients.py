@@ -12,9 +12,9 @@ from ..spec import Calibration, GpuSpec, ModelSpec
 from ..storage import FOUR_BIT, QUANTIZED, unquantized_param_bytes
 from .activations import Shape, _activation, _relative_bias, hidden_dropout, lora_input_saved_bytes, mlp_saved
 from .arrays import ceil as _ceil, maximum as _max
+from .coefficients import coefficient
 from .weights import Structure, _p_silu_product_exceeds, _stack_layers
 
-MiB = 1 << 20
 
 def logits_bytes(st: Structure) -> int:
     """Bytes per logit as lm_head produces it: its weight dtype (fp32 after prepare for a
@@ -266,10 +266,10 @@ def cuda_workspaces(gpu: GpuSpec | None, cal: Calibration, device: str = "cuda")
     dispatch trace: one per handle, and training uses two (the forward thread's and autograd's
     backward thread's). torch/csrc/cuda/CublasHandlePool.cpp default CUBLAS_WORKSPACE_CONFIG:
     ':4096:8' (32 MiB) on sm90+, ':4096:2:16:8' (8.125 MiB) before. The H100 bf16 reference
-    cases sit 64 MiB above a dispatch trace (trace-notes.md)."""
+    cases sit 64 MiB above a dispatch trace (trace-notes.md). The sizes and the handle count
+    are the calibration's ``cublas_*`` coefficients (calibrations/default.json)."""
     if device == "cpu":
         return 0
     cc = float(gpu.compute_capability) if gpu and gpu.compute_capability else 9.0
-    per = cal.get("cublas_workspace_bytes_sm90", 32 * MiB) if cc >= 9.0 else cal.get(
-        "cublas_workspace_bytes_pre_sm90", 8.125 * MiB)
-    return int(cal.get("cublas_handles", 2) * per)
+    per = coefficient(cal, "cublas_workspace_bytes_sm90" if cc >= 9.0 else "cublas_workspace_bytes_pre_sm90")
+    return int(coefficient(cal, "cublas_handles") * per)
