@@ -41,6 +41,10 @@ def load_dtype(quant: str) -> str:
     return quant if quant in ("fp16", "fp32") else "bf16"
 
 
+#: torch's names of the dtypes above, for the torch zone (trace, profile): getattr(torch, name)
+TORCH_DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "int8": "int8"}
+
+
 def matmul_dtype(quant: str) -> str:
     """The dtype the frozen Linears' matmuls run in: the load dtype of a bf16/fp16/fp32 base;
     bf16 for a quantized base (bitsandbytes dequantizes to ``bnb_4bit_compute_dtype``;

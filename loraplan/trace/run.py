@@ -23,6 +23,7 @@ from typing import Any
 
 from ..errors import InputError, LoraplanError, require_extra
 from ..spec import LoraSpec, TrainSpec
+from ..storage import TORCH_DTYPE_NAMES, is_quantized, load_dtype as storage_load_dtype
 
 CATEGORIES = ("weights", "lora_weights", "lora_grads", "optimizer_state", "activations", "logits_loss", "other")
 
@@ -145,7 +146,7 @@ def trace_step(model_config: dict, lora: LoraSpec, train: TrainSpec, gpu_compute
     """
     for mod in ("torch", "transformers", "peft"):
         require_extra(mod)
-    if train.quant in ("nf4", "fp4", "int8") or train.optimizer not in ("adamw", "sgd"):
+    if is_quantized(train.quant) or train.optimizer not in ("adamw", "sgd"):
         require_extra("bitsandbytes")
     if train.quant not in ("bf16", "fp16", "fp32", "nf4", "fp4", "int8"):
         raise InputError(f"quant '{train.quant}' is not supported by the trace")
@@ -185,9 +186,9 @@ def trace_step(model_config: dict, lora: LoraSpec, train: TrainSpec, gpu_compute
         if getattr(config, "decoder_start_token_id", None) is None:
             config.decoder_start_token_id = config.pad_token_id
     auto = transformers.AutoModelForSeq2SeqLM if seq2seq else transformers.AutoModelForCausalLM
-    load_dtype = {"fp16": torch.float16, "fp32": torch.float32}.get(train.quant, torch.bfloat16)
+    load_dtype = getattr(torch, TORCH_DTYPE_NAMES[storage_load_dtype(train.quant)])
     attn_impl = "eager" if train.attention == "eager" else "sdpa"
-    quantized = train.quant in ("nf4", "fp4", "int8")
+    quantized = is_quantized(train.quant)
 
     # ---- module context: which module is running (forward hooks), for breakdowns and errors
     mod_names: dict[int, str] = {}
