@@ -77,3 +77,13 @@ def test_time_module_imports_no_torch():
     code = ("import sys; from loraplan.estimate.time import estimate_step_time; "
             "assert 'torch' not in sys.modules and 'numpy' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_frozen_linears_billed_by_their_storage():
+    """Falcon's Linears stay fp32 under bitsandbytes (no bnb calls); T5's wo is fp32 under nf4."""
+    m, l, t = resolve_case(dict(model="falcon-7b", quant="nf4"))
+    w = step_work(m, l, t)
+    assert w.bnb4_calls == 0 and w.int8_calls == 0 and not w.syncs
+    m, l, t = resolve_case(dict(model="flan-t5-base", quant="nf4", gradient_checkpointing=True))
+    four_bit = [x for x in m.linears if x.role != "lm_head" and x.leaf != "wo"]
+    assert step_work(m, l, t).bnb4_calls == 3 * len(four_bit)  # forward, recompute, backward

@@ -30,7 +30,9 @@ adapter dtypes) come from ``loraplan.storage``.
 Counting rules (per pass; a step has forward, backward and, with gradient checkpointing, a
 recompute of each decoder layer's forward):
 
-- Frozen Linear: forward 2·T·in·out FLOPs, input-grad 2·T·in·out, no weight grad (§9).
+- Frozen Linear: forward 2·T·in·out FLOPs, input-grad 2·T·in·out, no weight grad (§9); billed
+  by how it is stored (``storage.linear_storage``): Falcon's Linears stay fp32 under
+  bitsandbytes (no bnb calls), T5's ``wo`` is fp32 under nf4/fp4/int8/fp16.
 - LoRA (fp32 adapters, peft autocast_adapter_dtype=True): forward 2·T·r·(in+out), backward
   4·T·r·(in+out), at the fp32 rate (x is cast to lora_A's dtype; no autocast in the protocol).
 - lm_head: 4·T·h·V; fp32 with a quantized base (prepare_model_for_kbit_training upcasts it).
@@ -52,7 +54,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any, Mapping
 
 from ..spec import Calibration, GpuSpec, LoraSpec, ModelSpec, TrainSpec
-from ..storage import (FOUR_BIT, dtype_bytes, lm_head_fp32, lora_adapter_bytes, matmul_dtype,
+from ..storage import (FOUR_BIT, dtype_bytes, linear_storage, lm_head_fp32, lora_adapter_bytes, matmul_dtype,
                        stream_dtype_bytes)
 from ..targets import select_targets
 from .arrays import is_scalar as _is_scalar, maximum as _max, minimum as _min, where as _where
@@ -139,6 +141,8 @@ INT8_BACKWARD_WEIGHT_BYTES = 1 + 2 + 2
 #: int8 per activation element besides the stream: the fp16 cast (2 B) and the int8 quantized
 #: copy (1 B) (``int8_vectorwise_quant(A.to(fp16))``)
 INT8_ACTIVATION_BYTES = 2 + 1
+#: a dtype cast (``Tensor.to``) before an fp32 Linear that gets a half input
+CAST_OPS = 1
 #: LoRA per adapted-input element: dropout read + write + the 1-byte mask (4 + 4 + 1)
 LORA_DROPOUT_BYTES = 9
 #: LoRA per r-wide intermediate element: fp32 written and read (4 + 4)
@@ -227,8 +231,8 @@ _GROUP_CACHE: dict = {}
 
 def _linear_groups(model: ModelSpec, targets: tuple[str, ...], quant: str) -> dict[tuple, int]:
     """Linears grouped by (stack, is lm_head, in, out, adapted, storage) -> count; cached per
-    model + targets + quantization. ``storage``: how the time model bills a frozen Linear; today
-    the quantization asked for (None for lm_head, billed by ``lm_head_work``).
+    model + targets + quantization. ``storage``: how the frozen Linear is stored
+    (``storage.linear_storage``; None for lm_head, billed by ``lm_head_work``).
 
     Cached on the model object's identity (ModelSpec holds a dict, so it is not hashable); the
     cache keeps a reference to the model so the identity stays valid.
@@ -241,7 +245,8 @@ def _linear_groups(model: ModelSpec, targets: tuple[str, ...], quant: str) -> di
     groups: dict[tuple, int] = {}
     for l in model.linears:
         head = l.role == "lm_head"
-        k = (l.stack, head, l.in_features, l.out_features, l.name in adapted, None if head else quant)
+        k = (l.stack, head, l.in_features, l.out_features, l.name in adapted,
+             None if head else linear_storage(model, quant, l))
         groups[k] = groups.get(k, 0) + 1
     if len(_GROUP_CACHE) > 4096:
         _GROUP_CACHE.clear()
@@ -276,7 +281,7 @@ def four_bit_weight_bytes(double_quant: bool) -> float:
 
 
 def frozen_linear_work(storage: str, count: int, T, fin: int, fout: int, npass_f: int, a_stream: int,
-                       a_mm: int, double_quant: bool) -> list[tuple[str, Any]]:
+                       mm_dtype: str, double_quant: bool) -> list[tuple[str, Any]]:
     """A group of ``count`` frozen [fout, fin] Linears stored as ``storage``, over a step.
 
     FLOPs: 2·T·in·out per pass, passes = forward (+ recompute) + backward's input-gradient GEMM
@@ -287,7 +292,12 @@ def frozen_linear_work(storage: str, count: int, T, fin: int, fout: int, npass_f
       (+ ``OPS["bnb4_double_quant"]`` with double quant: dequantize_blockwise of the absmax).
     - int8 (Linear8bitLt): per forward-type pass the int8 weight (1 B); backward dequantizes
       the whole weight (``INT8_BACKWARD_WEIGHT_BYTES``); activations cast to fp16 and int8.
-    - bf16/fp16/fp32: the weight read once per pass in the matmul dtype.
+    - bf16/fp16/fp32 in the run's matmul dtype: the weight read once per pass.
+    - fp32 in a bf16/fp16/quantized run (``storage.linear_storage``: FalconLinear, which the bnb
+      quantizer does not convert, upcast by prepare_model_for_kbit_training; T5's ``wo`` in
+      ``_keep_in_fp32_modules``): an fp32 matmul (fp32 rate, 4 B/weight per pass); a half
+      input is cast to the weight's dtype first (modeling_t5.py::T5DenseGatedActDense:
+      ``hidden_states.to(self.wo.weight.dtype)``): one more op and T·in·(a + 4) B per pass.
     Sources: bitsandbytes nn/modules.py, autograd/_functions.py, backends/cuda/ops.py.
     """
     w = fin * fout
@@ -307,8 +317,16 @@ def frozen_linear_work(storage: str, count: int, T, fin: int, fout: int, npass_f
                 ("bytes_moved", count * (npass * T * (fin + fout) * (a_stream + INT8_ACTIVATION_BYTES))),
                 ("int8_calls", count * (npass)),
                 ("ops", count * (npass_f * OPS["int8"][0] + OPS["int8"][1]))]
+    if storage == "fp32" and mm_dtype != "fp32":
+        out = [("flops_fp32", count * (FLOPS_PER_MAC * T * w * npass)),
+               ("bytes_moved", count * (npass * w * dtype_bytes("fp32"))),
+               ("ops", count * (npass_f * OPS["linear"][0] + OPS["linear"][1]))]
+        if a_stream != dtype_bytes("fp32"):
+            out += [("bytes_moved", count * (npass * T * fin * (a_stream + dtype_bytes("fp32")))),
+                    ("ops", count * (npass_f * CAST_OPS))]
+        return out
     return [("flops_mm", count * (FLOPS_PER_MAC * T * w * npass)),
-            ("bytes_moved", count * (npass * w * a_mm)),
+            ("bytes_moved", count * (npass * w * dtype_bytes(mm_dtype))),
             ("ops", count * (npass_f * OPS["linear"][0] + OPS["linear"][1]))]
 
 
@@ -462,7 +480,7 @@ def step_work(model: ModelSpec, lora: LoraSpec, train: TrainSpec) -> StepWork:
         if head:
             add(lm_head_work(quant, count, T, fin, fout, a_mm))
         else:
-            add(frozen_linear_work(storage, count, T, fin, fout, npass_f, a_stream, a_mm, train.double_quant))
+            add(frozen_linear_work(storage, count, T, fin, fout, npass_f, a_stream, mm_dtype, train.double_quant))
         if is_adapted:
             add(lora_work(count, T, fin, fout, lora.rank, lora.dropout, npass_f, a_stream))
 
