@@ -191,7 +191,7 @@ def _phi3(cfg, name):
     linears.append(LinearSpec("lm_head", h, V, False, "lm_head", "head", None))
     return _spec(cfg, name, mt, h=h, L=L, n_h=n_h, n_kv=n_kv, d=d, inter=inter, V=V,
                  tie=bool(cfg.get("tie_word_embeddings", False)), linears=linears, others=others,
-                 arch=ArchSpec(sliding_window=cfg.get("sliding_window")),
+                 arch=ArchSpec(sliding_window=cfg.get("sliding_window"), **MODEL_TYPE_FACTS[mt]),
                  max_pos=cfg.get("max_position_embeddings", 4096))
 
 
@@ -274,7 +274,8 @@ def _opt(cfg, name):
     linears.append(LinearSpec("lm_head", P, V, False, "lm_head", "head", None))
     return _spec(cfg, name, mt, h=h, L=L, n_h=n_h, n_kv=n_h, d=h // n_h, inter=F, V=V,
                  tie=bool(cfg.get("tie_word_embeddings", True)), linears=linears, others=others,
-                 arch=ArchSpec(mlp="plain", norm="layer", position="learned"), max_pos=max_pos)
+                 arch=ArchSpec(mlp="plain", norm="layer", position="learned", **MODEL_TYPE_FACTS[mt]),
+                 max_pos=max_pos)
 
 
 def _falcon(cfg, name):
@@ -405,8 +406,13 @@ def _t5(cfg, name):
         others.append(ParamSpec(f"{stack}.final_layer_norm.weight", dm, "norm"))
     linears.append(LinearSpec("lm_head", dm, V, False, "lm_head", "head", None))
     # T5PreTrainedModel._keep_in_fp32_modules = ["wo"]: bnb never quantizes wo
+    # T5LayerNorm keeps its input; T5's dropout (``dropout_rate``) on every sub-layer output and on
+    # the FFN's inner activation; T5ForConditionalGeneration's CrossEntropyLoss on the raw logits;
+    # the activation from ``dense_act_fn`` / ``feed_forward_proj`` (modeling_t5.py)
     arch = ArchSpec(mlp="gated" if gated else "plain", norm="rms", position="relative_bias", norms_per_layer=3,
-                    keep_fp32_leaves=("wo",))
+                    keep_fp32_leaves=("wo",), hidden_dropout_key="dropout_rate", hidden_dropout_default=0.1,
+                    sublayer_dropout=True, ffn_inner_dropout=True, norm_keeps_input=True,
+                    loss_upcasts_logits=False, activation_from="feed_forward_proj")
     return _spec(cfg, name, mt, h=dm, L=dec_L, n_h=n_h, n_kv=n_h, d=dkv, inter=dff, V=V,
                  tie=bool(cfg.get("tie_word_embeddings", _T5_TIE_DEFAULT.get(mt, True))),
                  linears=linears, others=others, arch=arch, max_pos=None,
@@ -414,6 +420,14 @@ def _t5(cfg, name):
 
 
 #: model_type -> rule.
+#: ArchSpec facts keyed by model_type, shared by the shape rules and the meta-device fallback:
+#: phi3 slices q, k, v out of qkv_proj's output as views (modeling_phi3.py); OPT applies its
+#: ``dropout`` (0.1) to the attention and FFN outputs (modeling_opt.py)
+MODEL_TYPE_FACTS: dict[str, dict[str, Any]] = {
+    "phi3": dict(fused_qkv_views=True),
+    "opt": dict(hidden_dropout_key="dropout", hidden_dropout_default=0.1, sublayer_dropout=True),
+}
+
 RULES: dict[str, Callable[[Mapping[str, Any], str], ModelSpec]] = {
     "llama": _llama,
     "mistral": _mistral,

@@ -81,6 +81,27 @@ class ArchSpec:
     #: Linear leaf names of the model's ``_keep_in_fp32_modules`` (T5: "wo"): never converted by
     #: the bnb quantizer, and kept in fp32 for an fp16 load
     keep_fp32_leaves: tuple = ()
+    #: q, k and v are sliced out of the fused qkv output as views, so the saved v view keeps the
+    #: whole output alive (phi3; gpt-neox and falcon reshape and split per head instead)
+    fused_qkv_views: bool = False
+    #: config key and default of the model's own residual/FFN dropout p in training
+    #: (T5 ``dropout_rate`` 0.1, OPT ``dropout`` 0.1, others ``hidden_dropout`` 0)
+    hidden_dropout_key: str = "hidden_dropout"
+    hidden_dropout_default: float = 0.0
+    #: every sub-layer output (self-attention, cross-attention, FFN) passes that dropout (T5, OPT)
+    sublayer_dropout: bool = False
+    #: the FFN's inner activation passes it too, after the gated product (T5's DenseActDense)
+    ffn_inner_dropout: bool = False
+    #: the RMS norm multiplies its *original* input by the fp32 rsqrt, so a half-precision input
+    #: is kept beside the fp32 copy (T5LayerNorm)
+    norm_keeps_input: bool = False
+    #: the loss casts the logits to fp32 first (ForCausalLMLoss ``logits.float()``); T5 runs
+    #: CrossEntropyLoss on the logits as they are
+    loss_upcasts_logits: bool = True
+    #: where the config names the MLP activation: "hidden_act" (or hidden_activation /
+    #: activation_function) | "feed_forward_proj" (T5: ``dense_act_fn`` or from
+    #: ``feed_forward_proj``)
+    activation_from: str = "hidden_act"
 
 
 @dataclass(frozen=True)

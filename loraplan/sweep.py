@@ -577,7 +577,7 @@ class _Group:
     Linears and the cached memory Structure."""
 
     def __init__(self, model, lora, train):
-        from .estimate.memory import structure
+        from .estimate.weights import structure
         from .targets import select_targets
 
         self.model, self.lora, self.train = model, lora, train
@@ -596,7 +596,8 @@ def _evaluate_group(p: _Group, idx, C, gpu_entry, data, none, rank_v, batch_v, s
 
     import numpy as np
 
-    from .estimate.memory import Shape, choose_attention, moments
+    from .estimate.activations import Shape, choose_attention
+    from .estimate.memory import moments
     from .estimate.params import count_params
     from .estimate.time import step_time, step_work
 
@@ -694,7 +695,8 @@ def _memory_totals(st, train, x, ms, cal):
     """
     import numpy as np
 
-    from .estimate.memory import device_totals, paged_optimizer_state
+    from .estimate.memory import device_totals
+    from .estimate.weights import paged_optimizer_state
 
     shape = np.shape(x.b)
 

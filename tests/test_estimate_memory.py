@@ -7,7 +7,8 @@ import pytest
 
 from loraplan.catalog import load_calibration, load_gpu, load_model
 from loraplan.estimate.api import estimate
-from loraplan.estimate.memory import make_setup, quantized_linear_bytes
+from loraplan.estimate.memory import make_setup
+from loraplan.estimate.weights import quantized_linear_bytes
 from loraplan.reference import REFERENCE_GPU, reference_cases
 from loraplan.spec import LinearSpec, LoraSpec, TrainSpec
 from loraplan.targets import select_targets
@@ -130,7 +131,9 @@ def test_fit_verdict_against_gpu_memory():
 def test_array_path_equals_scalar_path():
     """The sweep evaluates the same formulas on numpy arrays: results must be identical."""
     np = pytest.importorskip("numpy")
-    from loraplan.estimate.memory import Shape, peak_allocated, structure, choose_attention
+    from loraplan.estimate.activations import Shape, choose_attention
+    from loraplan.estimate.memory import peak_allocated
+    from loraplan.estimate.weights import structure
 
     gpu, cal = GPU, load_calibration(GPU.id)
     for model, quant, opt, gc in [("llama-2-7b", "nf4", "adamw", True), ("qwen2.5-0.5b", "bf16", "paged_adamw_8bit", False),

@@ -39,3 +39,29 @@ def test_gpu_entry(path: Path):
 def test_unknown_gpu_suggests_close_ids():
     with pytest.raises(UnknownNameError, match="h100-sxm-80gb"):
         load_gpu("h100-sxm")
+
+
+CALIBRATIONS = sorted((HERE / "calibrations").glob("*.json"))
+
+
+@pytest.mark.parametrize("path", [p for p in CALIBRATIONS if p.stem != "default"], ids=lambda p: p.stem)
+def test_gpu_calibration_only_where_measured(path: Path):
+    """A per-GPU calibration file exists only where something was measured on that GPU: it
+    changes some default coefficient and names the records it was fitted on; priors (and the
+    H100-fitted time coefficients every GPU shares) live in default.json alone."""
+    data = json.loads(path.read_text())
+    default = json.loads((HERE / "calibrations" / "default.json").read_text())["coefficients"]
+    assert data["gpu"] == path.stem and data["gpu"] in gpu_ids()
+    changed = {k for k, v in data["coefficients"].items() if default.get(k) != v}
+    assert changed, f"{path.name} only repeats default.json: delete it"
+    assert any("records" in (p if isinstance(p, dict) else {}) for p in data["provenance"].values()), \
+        f"{path.name}: no measured records in its provenance"
+
+
+def test_default_calibration_holds_every_estimator_coefficient():
+    from loraplan.estimate.time import COEFFICIENTS
+
+    coef = json.loads((HERE / "calibrations" / "default.json").read_text())["coefficients"]
+    names = set(COEFFICIENTS) | {"cublas_handles", "cublas_workspace_bytes_sm90", "cublas_workspace_bytes_pre_sm90",
+                                 "allocator_overhead_bytes", "reserved_over_allocated_ratio", "cuda_context_bytes"}
+    assert names <= set(coef), names - set(coef)

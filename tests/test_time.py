@@ -24,12 +24,14 @@ def test_reference_mape_within_15_percent():
     assert all(abs(e) < 0.35 for e in errors.values()), errors
 
 
-def test_h100_calibration_has_provenance_and_all_coefficients():
+def test_default_calibration_has_time_provenance_and_all_coefficients():
+    """The time priors live in calibrations/default.json, fitted on the H100 reference."""
     cal = load_calibration("h100-sxm-80gb")
     for name in COEFFICIENTS:
         assert name in cal.coefficients, name
-    prov = cal.provenance["h100-sxm-80gb"]["time"]
+    prov = cal.provenance["default"]["time"]
     assert len(prov["records"]) == 10 and "residuals" in prov and prov["date"]
+    assert set(prov["coefficients"]) == set(COEFFICIENTS)
     for k in ("time_eff_mm", "time_eff_fp32", "time_eff_bw"):
         assert 0.1 <= cal.coefficients[k] <= 1.0
 
@@ -73,3 +75,13 @@ def test_time_module_imports_no_torch():
     code = ("import sys; from loraplan.estimate.time import estimate_step_time; "
             "assert 'torch' not in sys.modules and 'numpy' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_frozen_linears_billed_by_their_storage():
+    """Falcon's Linears stay fp32 under bitsandbytes (no bnb calls); T5's wo is fp32 under nf4."""
+    m, l, t = resolve_case(dict(model="falcon-7b", quant="nf4"))
+    w = step_work(m, l, t)
+    assert w.bnb4_calls == 0 and w.int8_calls == 0 and not w.syncs
+    m, l, t = resolve_case(dict(model="flan-t5-base", quant="nf4", gradient_checkpointing=True))
+    four_bit = [x for x in m.linears if x.role != "lm_head" and x.leaf != "wo"]
+    assert step_work(m, l, t).bnb4_calls == 3 * len(four_bit)  # forward, recompute, backward

@@ -14,13 +14,25 @@ Everything that depends only on the model, LoRA and training setup is counted on
 calibration enter only in :func:`step_time`, a dot product. So one StepWork serves every GPU.
 
 The coefficients (``time_*``) are read from the Calibration: fitted on the shared H100 step
-times by ``benchmarks/fit_time_h100.py`` and written to ``catalog/calibrations/*.json``. The
-code holds no hardware numbers; peak TFLOPs and bandwidth come from the GpuSpec.
+times (the only GPU measured) by ``benchmarks/fit_time_h100.py`` and written to
+``catalog/calibrations/default.json``; other GPUs use the same efficiencies as fractions of
+their catalog peaks and the same host costs. The code holds no hardware numbers; peak TFLOPs
+and bandwidth come from the GpuSpec.
+
+Each term is one function (``frozen_linear_work``, ``lm_head_work``, ``lora_work``,
+``layer_host_work``, ``layer_elementwise_work``, ``attention_work``, ``loss_work``,
+``embedding_work``, ``optimizer_work``, ``kernel_count``) whose docstring gives its formula and
+source; the bytes/ops per element each library's code moves are named constants below. The
+terms return their increments in order and ``step_work`` adds them in one loop, so the
+floating-point sums keep one order. Storage rules (what is quantized, fp32, the stream and
+adapter dtypes) come from ``loraplan.storage``.
 
 Counting rules (per pass; a step has forward, backward and, with gradient checkpointing, a
 recompute of each decoder layer's forward):
 
-- Frozen Linear: forward 2·T·in·out FLOPs, input-grad 2·T·in·out, no weight grad (§9).
+- Frozen Linear: forward 2·T·in·out FLOPs, input-grad 2·T·in·out, no weight grad (§9); billed
+  by how it is stored (``storage.linear_storage``): Falcon's Linears stay fp32 under
+  bitsandbytes (no bnb calls), T5's ``wo`` is fp32 under nf4/fp4/int8/fp16.
 - LoRA (fp32 adapters, peft autocast_adapter_dtype=True): forward 2·T·r·(in+out), backward
   4·T·r·(in+out), at the fp32 rate (x is cast to lora_A's dtype; no autocast in the protocol).
 - lm_head: 4·T·h·V; fp32 with a quantized base (prepare_model_for_kbit_training upcasts it).
@@ -42,59 +54,28 @@ from dataclasses import dataclass, fields, replace
 from typing import Any, Mapping
 
 from ..spec import Calibration, GpuSpec, LoraSpec, ModelSpec, TrainSpec
+from ..storage import (FOUR_BIT, dtype_bytes, linear_storage, lm_head_fp32, lora_adapter_bytes, matmul_dtype,
+                       stream_dtype_bytes)
 from ..targets import select_targets
+from .arrays import is_scalar as _is_scalar, maximum as _max, minimum as _min, where as _where
+from .coefficients import coefficient, default_calibration
 from .result import TimeEstimate
 
 # --------------------------------------------------------------------------------------------
-# Scalar-or-array helpers: step_work / step_time take ints (one case) or numpy arrays of one
-# shape for batch, seq, target_seq, rank and dropout (``loraplan sweep``: a whole grid at once).
-# numpy is imported only when an array is given.
+# Coefficient names. Their values live in catalog/calibrations/default.json (fitted on the H100
+# reference by benchmarks/fit_time_h100.py, with provenance); a GPU's or a user's calibration
+# file may override them. The code holds no value.
 # --------------------------------------------------------------------------------------------
-
-
-def _is_scalar(x) -> bool:
-    return isinstance(x, (int, float))
-
-
-def _where(cond, a, b):
-    if _is_scalar(cond):
-        return a if cond else b
-    import numpy as np
-
-    return np.where(cond, a, b)
-
-
-def _max(a, b):
-    if _is_scalar(a) and _is_scalar(b):
-        return max(a, b)
-    import numpy as np
-
-    return np.maximum(a, b)
-
-
-def _min(a, b):
-    if _is_scalar(a) and _is_scalar(b):
-        return min(a, b)
-    import numpy as np
-
-    return np.minimum(a, b)
-
-
-# --------------------------------------------------------------------------------------------
-# Coefficient names (read with calibration.get(name, default)). The defaults are neutral
-# placeholders used only when no calibration file provides a value; the catalog calibrations
-# carry fitted values with provenance.
-# --------------------------------------------------------------------------------------------
-COEFFICIENTS: dict[str, tuple[float, str]] = {
-    "time_eff_mm": (0.6, "achieved / dense peak for bf16/fp16 tensor-core matmuls"),
-    "time_eff_fp32": (0.6, "achieved / peak for fp32 (non-tensor-core) matmuls: LoRA, fp32 lm_head"),
-    "time_eff_bw": (0.7, "achieved / peak memory bandwidth for elementwise ops and weight streams"),
-    "time_gpu_kernel_s": (3e-6, "minimum GPU time per kernel (launch gap + tail)"),
-    "time_host_op_s": (1.5e-5, "host time per dispatched aten op or nn.Module call (forward or autograd node)"),
-    "time_host_lora_call_s": (4e-4, "extra host time per peft LoRA module call (Python forward, adapter loop, casts)"),
-    "time_host_bnb4_call_s": (2e-4, "extra host time per bitsandbytes 4-bit matmul call (Python, checks)"),
-    "time_host_int8_call_s": (2e-4, "extra host time per bitsandbytes int8 matmul call"),
-    "time_host_step_s": (5e-3, "fixed host time per step (loop, synchronize, optimizer bookkeeping)"),
+COEFFICIENTS: dict[str, str] = {
+    "time_eff_mm": "achieved / dense peak for bf16/fp16 tensor-core matmuls",
+    "time_eff_fp32": "achieved / peak for fp32 (non-tensor-core) matmuls: LoRA, fp32 lm_head",
+    "time_eff_bw": "achieved / peak memory bandwidth for elementwise ops and weight streams",
+    "time_gpu_kernel_s": "minimum GPU time per kernel (launch gap + tail)",
+    "time_host_op_s": "host time per dispatched aten op or nn.Module call (forward or autograd node)",
+    "time_host_lora_call_s": "extra host time per peft LoRA module call (Python forward, adapter loop, casts)",
+    "time_host_bnb4_call_s": "extra host time per bitsandbytes 4-bit matmul call (Python, checks)",
+    "time_host_int8_call_s": "extra host time per bitsandbytes int8 matmul call",
+    "time_host_step_s": "fixed host time per step (loop, synchronize, optimizer bookkeeping)",
 }
 
 #: ops (dispatched aten ops) per call of each piece, (forward, backward). Read from the
@@ -135,6 +116,87 @@ OPTIMIZER_OPS = {
 OPTIMIZER_BYTES = {"adamw": 36, "sgd": 12, "adamw_8bit": 16, "paged_adamw_8bit": 16, "paged_adamw_32bit": 28}
 
 
+
+# --------------------------------------------------------------------------------------------
+# Named constants of the counting rules (what the code of each library does per call)
+# --------------------------------------------------------------------------------------------
+
+#: FLOPs of a matmul per multiply-add
+FLOPS_PER_MAC = 2.0
+#: passes of a frozen Linear's forward work in its backward: the input-gradient GEMM only, no
+#: weight gradient (memory-physics.md §9): forward 2, backward 2 FLOPs per weight per token
+FROZEN_BACKWARD_PASSES = 1
+#: LoRA backward FLOPs per parameter per token: input grad + weight grad GEMMs, 2 + 2 (§9)
+LORA_BACKWARD_FLOPS = 4.0
+#: bytes per weight element a 4-bit dequantization moves besides the packed weight: writes the
+#: bf16 weight (2 B), then the matmul reads it (2 B) (bitsandbytes backends/cuda/ops.py
+#: ``_dequant_linear_fallback``: dequantize_4bit, then torch.nn.functional.linear)
+DEQUANT4_BF16_BYTES = 2 + 2
+#: bytes per element of the bf16 copy bitsandbytes makes of a 4-bit Linear's input and output
+#: (Linear4bit.forward casts x to ``compute_dtype`` and the output back)
+BNB_COMPUTE_BYTES = 2
+#: int8 backward dequantizes the whole weight: reads CB (1 B), writes it in the input dtype
+#: (2 B), then the matmul reads it (2 B) (bitsandbytes autograd MatMul8bitLt.backward)
+INT8_BACKWARD_WEIGHT_BYTES = 1 + 2 + 2
+#: int8 per activation element besides the stream: the fp16 cast (2 B) and the int8 quantized
+#: copy (1 B) (``int8_vectorwise_quant(A.to(fp16))``)
+INT8_ACTIVATION_BYTES = 2 + 1
+#: a dtype cast (``Tensor.to``) before an fp32 Linear that gets a half input
+CAST_OPS = 1
+#: LoRA per adapted-input element: dropout read + write + the 1-byte mask (4 + 4 + 1)
+LORA_DROPOUT_BYTES = 9
+#: LoRA per r-wide intermediate element: fp32 written and read (4 + 4)
+LORA_MID_BYTES = 8
+#: LoRA per output element: fp32 lora_B output (4), its scaled copy written and read (8), and
+#: three stream-dtype tensors (the base output read, the sum written and read)
+LORA_OUT_FP32_BYTES = 4 + 8
+LORA_OUT_STREAM_TENSORS = 3
+#: backward moves about twice the forward's elementwise traffic (the gradient of each input and
+#: the saved tensors are read): a LoRA branch and a layer's elementwise ops bill forward passes + 2
+BACKWARD_TRAFFIC_OVER_FORWARD = 2
+#: a norm's traffic per element: RMSNorm (fp32 upcast, pow, mean, rsqrt, two muls, cast: 28 B
+#: fixed + 4 reads/writes in the stream dtype); LayerNorm (one fused kernel: 8 B + 2 in the stream dtype)
+RMSNORM_BYTES = (28, 4)
+LAYERNORM_BYTES = (8, 2)
+#: residual adds per layer (2), each reading two stream tensors and writing one (3)
+RESIDUAL_TENSORS = 2 * 3
+#: RoPE per q/k element: cos/sin reads, rotate_half (slices, neg, cat), muls and add: 16 B
+ROPE_BYTES = 16
+#: sdpa I/O per q, k, v and output element in bf16 (2 B) and the transposes around it (4 B per
+#: output element)
+SDPA_IO_BYTES = 2
+SDPA_TRANSPOSE_BYTES = 4
+#: MLP elementwise per intermediate element: gated (act(gate) read/write, the product's two
+#: reads and write: 10 B); plain (activation read and write: 4 B)
+MLP_GATED_BYTES = 10
+MLP_PLAIN_BYTES = 4
+#: attention FLOPs per layer forward: 4·b·s·s_kv·n_h·d (QKᵀ and PV, 2 FLOPs per MAC each)
+ATTENTION_FLOPS = 4.0
+#: causal flash / mem-efficient attention skip the masked blocks: about half the forward
+CAUSAL_FRACTION = 0.5
+#: flash backward over forward: 2.5 (FlashAttention-2 paper §3.1: backward recomputes the
+#: scores, 5 GEMMs vs 2)
+FLASH_BACKWARD_OVER_FORWARD = 2.5
+#: eager / math attention backward over forward (no causal skipping, no recompute): 2
+EAGER_BACKWARD_OVER_FORWARD = 2.0
+#: eager attention: ops per layer forward (and backward) beyond sdpa's: matmul, scale, mask
+#: add, softmax, matmul (transformers eager_attention_forward)
+EAGER_EXTRA_OPS = 5
+#: eager score traffic per element: written bf16 (2), softmax fp32 read/write (8), read for PV (2)
+EAGER_SCORE_BYTES = 2 + 8 + 2
+#: module calls per layer forward: the layer, its norms (added separately), attention, MLP, activation
+LAYER_MODULE_CALLS = 1 + 1 + 1 + 1
+#: module calls of the model outside its layers: embedding, final norm, lm_head glue, loss
+MODEL_MODULE_CALLS = 4
+#: logits and loss traffic per logit (T·V): fp32 logits: the loss's log_softmax written and
+#: read, nll and their gradients (32 B); bf16 logits add the ``logits.float()`` copy (40 B)
+#: (transformers loss/loss_utils.py::ForCausalLMLoss)
+LOSS_BYTES_FP32_LOGITS = 32
+LOSS_BYTES_HALF_LOGITS = 40
+#: embedding gather per hidden element: the fp32 index/gradient scatter (4 B) + the output
+EMBEDDING_BYTES = 4
+
+
 @dataclass(frozen=True)
 class StepWork:
     """What one training step does, independent of the GPU. All counts are per step.
@@ -167,20 +229,24 @@ class StepWork:
 _GROUP_CACHE: dict = {}
 
 
-def _linear_groups(model: ModelSpec, targets: tuple[str, ...]) -> dict[tuple, int]:
-    """Linears grouped by (stack, is lm_head, in, out, adapted) -> count; cached per model + targets.
+def _linear_groups(model: ModelSpec, targets: tuple[str, ...], quant: str) -> dict[tuple, int]:
+    """Linears grouped by (stack, is lm_head, in, out, adapted, storage) -> count; cached per
+    model + targets + quantization. ``storage``: how the frozen Linear is stored
+    (``storage.linear_storage``; None for lm_head, billed by ``lm_head_work``).
 
     Cached on the model object's identity (ModelSpec holds a dict, so it is not hashable); the
     cache keeps a reference to the model so the identity stays valid.
     """
-    key = (id(model), targets)
+    key = (id(model), targets, quant)
     hit = _GROUP_CACHE.get(key)
     if hit is not None and hit[0] is model:
         return hit[1]
     adapted = {l.name for l in select_targets(model, targets)}
     groups: dict[tuple, int] = {}
     for l in model.linears:
-        k = (l.stack, l.role == "lm_head", l.in_features, l.out_features, l.name in adapted)
+        head = l.role == "lm_head"
+        k = (l.stack, head, l.in_features, l.out_features, l.name in adapted,
+             None if head else linear_storage(model, quant, l))
         groups[k] = groups.get(k, 0) + 1
     if len(_GROUP_CACHE) > 4096:
         _GROUP_CACHE.clear()
@@ -201,8 +267,191 @@ def _decoder_seq(model: ModelSpec, train: TrainSpec):
     return _where(ts != 0, ts, s) if not _is_scalar(ts) else (ts or s)
 
 
+# --------------------------------------------------------------------------------------------
+# One function per term. Each returns its increments as (StepWork field, amount) pairs, in the
+# order the single loop of ``step_work`` adds them: the floating-point sums stay in one order.
+# --------------------------------------------------------------------------------------------
+
+
+def four_bit_weight_bytes(double_quant: bool) -> float:
+    """Bytes per weight a 4-bit dequantization reads: packed 0.5 B + absmax fp32 per 64-block
+    (4/64), or with double quant uint8 absmax per block + fp32 nested absmax per 256 blocks
+    (1/64 + 4/16384) (bitsandbytes functional.py::quantize_4bit; memory-physics.md §1)."""
+    return 0.5 + (1 / 64 + 4 / 16384 if double_quant else 4 / 64)
+
+
+def frozen_linear_work(storage: str, count: int, T, fin: int, fout: int, npass_f: int, a_stream: int,
+                       mm_dtype: str, double_quant: bool) -> list[tuple[str, Any]]:
+    """A group of ``count`` frozen [fout, fin] Linears stored as ``storage``, over a step.
+
+    FLOPs: 2·T·in·out per pass, passes = forward (+ recompute) + backward's input-gradient GEMM
+    (no weight gradient; memory-physics.md §9).
+    - nf4/fp4 (bitsandbytes Linear4bit): per pass the dequantization reads the packed weight
+      (``four_bit_weight_bytes``) and writes bf16, the matmul reads it; the input and output
+      are cast between the stream dtype and bf16. One bnb call per pass; ops ``OPS["bnb4"]``
+      (+ ``OPS["bnb4_double_quant"]`` with double quant: dequantize_blockwise of the absmax).
+    - int8 (Linear8bitLt): per forward-type pass the int8 weight (1 B); backward dequantizes
+      the whole weight (``INT8_BACKWARD_WEIGHT_BYTES``); activations cast to fp16 and int8.
+    - bf16/fp16/fp32 in the run's matmul dtype: the weight read once per pass.
+    - fp32 in a bf16/fp16/quantized run (``storage.linear_storage``: FalconLinear, which the bnb
+      quantizer does not convert, upcast by prepare_model_for_kbit_training; T5's ``wo`` in
+      ``_keep_in_fp32_modules``): an fp32 matmul (fp32 rate, 4 B/weight per pass); a half
+      input is cast to the weight's dtype first (modeling_t5.py::T5DenseGatedActDense:
+      ``hidden_states.to(self.wo.weight.dtype)``): one more op and T·in·(a + 4) B per pass.
+    Sources: bitsandbytes nn/modules.py, autograd/_functions.py, backends/cuda/ops.py.
+    """
+    w = fin * fout
+    npass = npass_f + FROZEN_BACKWARD_PASSES
+    if storage in FOUR_BIT:
+        out = [("flops_mm", count * (FLOPS_PER_MAC * T * w * npass)),
+               ("bytes_moved", count * (npass * w * (four_bit_weight_bytes(double_quant) + DEQUANT4_BF16_BYTES))),
+               ("bytes_moved", count * (npass * T * (fin + fout) * (a_stream + BNB_COMPUTE_BYTES))),
+               ("bnb4_calls", count * (npass)),
+               ("ops", count * (npass_f * OPS["bnb4"][0] + OPS["bnb4"][1]))]
+        if double_quant:
+            out.append(("ops", count * (npass_f * OPS["bnb4_double_quant"][0] + OPS["bnb4_double_quant"][1])))
+        return out
+    if storage == "int8":
+        return [("flops_mm", count * (FLOPS_PER_MAC * T * w * npass)),
+                ("bytes_moved", count * (npass_f * w * 1 + w * INT8_BACKWARD_WEIGHT_BYTES)),
+                ("bytes_moved", count * (npass * T * (fin + fout) * (a_stream + INT8_ACTIVATION_BYTES))),
+                ("int8_calls", count * (npass)),
+                ("ops", count * (npass_f * OPS["int8"][0] + OPS["int8"][1]))]
+    if storage == "fp32" and mm_dtype != "fp32":
+        out = [("flops_fp32", count * (FLOPS_PER_MAC * T * w * npass)),
+               ("bytes_moved", count * (npass * w * dtype_bytes("fp32"))),
+               ("ops", count * (npass_f * OPS["linear"][0] + OPS["linear"][1]))]
+        if a_stream != dtype_bytes("fp32"):
+            out += [("bytes_moved", count * (npass * T * fin * (a_stream + dtype_bytes("fp32")))),
+                    ("ops", count * (npass_f * CAST_OPS))]
+        return out
+    return [("flops_mm", count * (FLOPS_PER_MAC * T * w * npass)),
+            ("bytes_moved", count * (npass * w * dtype_bytes(mm_dtype))),
+            ("ops", count * (npass_f * OPS["linear"][0] + OPS["linear"][1]))]
+
+
+def lm_head_work(quant: str, count: int, T, fin: int, fout: int, a_mm: int) -> list[tuple[str, Any]]:
+    """lm_head: 4·T·h·V FLOPs (forward + input gradient, once: never checkpointed), its weight
+    read twice. fp32 after prepare_model_for_kbit_training for a quantized base and in an fp32
+    run (``storage.lm_head_fp32``): fp32 rate, 4 B/weight; else the matmul dtype."""
+    w = fin * fout
+    if lm_head_fp32(quant):
+        out = [("flops_fp32", count * (2 * FLOPS_PER_MAC * T * w)),
+               ("bytes_moved", count * (2 * dtype_bytes("fp32") * w))]
+    else:
+        out = [("flops_mm", count * (2 * FLOPS_PER_MAC * T * w)),
+               ("bytes_moved", count * (2 * a_mm * w))]
+    return out + [("ops", count * (sum(OPS["linear"])))]
+
+
+def lora_work(count: int, T, fin: int, fout: int, r, dropout, npass_f: int, a_stream: int) -> list[tuple[str, Any]]:
+    """peft LoRA on a group of ``count`` adapted Linears (fp32 adapters: autocast_adapter_dtype,
+    ``storage.LORA_ADAPTER_DTYPE``; x cast to lora_A's dtype, no autocast in the protocol).
+
+    FLOPs (fp32 rate): forward 2·T·r·(in+out) per forward-type pass, backward 4·T·r·(in+out).
+    Traffic per forward: the input cast to fp32, dropout (read, write, 1 B mask), the r-wide
+    intermediates, the fp32 output, its scaled copy and the add; backward about twice that;
+    the fp32 adapter weights read once per pass. Host: ``OPS["lora"]`` (no dropout ops when
+    p = 0: nn.Identity), 4 module calls per forward (base_layer, lora_A, lora_B, dropout), one
+    peft call per pass. Source: peft/tuners/lora/layer.py::Linear.forward, bnb.py.
+    """
+    npass = npass_f + FROZEN_BACKWARD_PASSES
+    p = r * (fin + fout)
+    elem_f = T * (fin * (a_stream + 4 + _where(dropout > 0, LORA_DROPOUT_BYTES, 0))
+                  + LORA_MID_BYTES * r + fout * (LORA_OUT_FP32_BYTES + LORA_OUT_STREAM_TENSORS * a_stream))
+    lo_f, lo_b = OPS["lora"]
+    return [("trainable", count * (p)),
+            ("n_lora_tensors", count * (2)),
+            ("flops_fp32", count * ((FLOPS_PER_MAC * npass_f + LORA_BACKWARD_FLOPS) * T * p)),
+            ("bytes_moved", count * (elem_f * (npass_f + BACKWARD_TRAFFIC_OVER_FORWARD))),
+            ("bytes_moved", count * (2 * lora_adapter_bytes() * p * npass)),
+            ("ops", count * (npass_f * lo_f + lo_b - _where(dropout > 0, 0, 2 * npass_f))),
+            ("module_calls", count * (npass_f * 4)),
+            ("lora_calls", count * (npass))]
+
+
+def layer_host_work(arch, n_layers: int, fw: int, gc: bool, eager: bool) -> list[tuple[str, Any]]:
+    """Per-layer ops of norms, attention, MLP and residuals (``OPS``; eager attention
+    ``EAGER_EXTRA_OPS`` more each way), checkpointing's bookkeeping, and module calls per layer
+    forward (the layer, its norms, attention, MLP, activation)."""
+    norms = arch.norms_per_layer + len(arch.extra_norms)
+    norm_kind = "rmsnorm" if arch.norm == "rms" else "layernorm"
+    attn_kind = "attn_rope" if arch.position == "rope" else "attn_norope"
+    mlp_kind = "mlp_gated" if arch.mlp == "gated" else "mlp_plain"
+    layer_f = norms * OPS[norm_kind][0] + OPS[attn_kind][0] + OPS[mlp_kind][0] + OPS["residual"][0]
+    layer_b = norms * OPS[norm_kind][1] + OPS[attn_kind][1] + OPS[mlp_kind][1] + OPS["residual"][1]
+    if eager:
+        layer_f += EAGER_EXTRA_OPS
+        layer_b += EAGER_EXTRA_OPS
+    return [("ops", n_layers * (fw * layer_f + layer_b + (OPS["gc_layer"][0] if gc else 0))),
+            ("module_calls", n_layers * fw * (norms + LAYER_MODULE_CALLS))]
+
+
+def layer_elementwise_work(model: ModelSpec, n_layers: int, T, fw: int, a_stream: int) -> list[tuple[str, Any]]:
+    """Elementwise traffic of the norms, residual adds, RoPE, sdpa I/O and the MLP activation
+    per layer forward (bytes per element of the tensors touched: the constants above), ×
+    (forward passes + ``BACKWARD_TRAFFIC_OVER_FORWARD``)."""
+    arch = model.arch
+    h, I = model.hidden_size, model.intermediate_size
+    n_h, n_kv, d = model.num_heads, model.num_kv_heads, model.head_dim
+    norms = arch.norms_per_layer + len(arch.extra_norms)
+    norm_b = ((RMSNORM_BYTES[0] + RMSNORM_BYTES[1] * a_stream) if arch.norm == "rms"
+              else (LAYERNORM_BYTES[0] + LAYERNORM_BYTES[1] * a_stream))
+    elem = T * h * (norms * norm_b + RESIDUAL_TENSORS * a_stream)
+    if arch.position == "rope":
+        elem += T * (n_h + n_kv) * d * ROPE_BYTES
+    elem += T * (2 * n_h + 2 * n_kv) * d * SDPA_IO_BYTES + T * n_h * d * SDPA_TRANSPOSE_BYTES
+    elem += T * I * (MLP_GATED_BYTES if arch.mlp == "gated" else MLP_PLAIN_BYTES)
+    return [("bytes_moved", n_layers * elem * (fw + BACKWARD_TRAFFIC_OVER_FORWARD))]
+
+
+def attention_work(model: ModelSpec, n_layers: int, T, seq, fw: int, eager: bool) -> list[tuple[str, Any]]:
+    """Attention FLOPs per layer: forward 4·b·s·s_kv·n_h·d (s_kv = min(s, sliding window)).
+    sdpa flash / mem-efficient (causal): × ``CAUSAL_FRACTION``, backward
+    ``FLASH_BACKWARD_OVER_FORWARD`` × forward. eager / math: full scores, backward 2 × forward,
+    plus the s² score tensors' traffic (``EAGER_SCORE_BYTES`` per element per pass)."""
+    arch = model.arch
+    n_h, d = model.num_heads, model.head_dim
+    s_eff = _min(seq, arch.sliding_window) if arch.sliding_window else seq
+    fwd = ATTENTION_FLOPS * (T // seq) * seq * s_eff * n_h * d
+    if eager:
+        return [("flops_mm", n_layers * fwd * (fw + EAGER_BACKWARD_OVER_FORWARD)),
+                ("bytes_moved", n_layers * (T // seq) * n_h * seq * s_eff * EAGER_SCORE_BYTES
+                 * (fw + BACKWARD_TRAFFIC_OVER_FORWARD))]
+    return [("flops_mm", n_layers * fwd * CAUSAL_FRACTION * (fw + FLASH_BACKWARD_OVER_FORWARD))]
+
+
+def loss_work(model: ModelSpec, quant: str, T) -> list[tuple[str, Any]]:
+    """Logits and loss: ``OPS["loss"]`` and T·V × ``LOSS_BYTES_*`` (fp32 logits when lm_head
+    is fp32, ``storage.lm_head_fp32``; HF ForCausalLM: logits.float() then cross_entropy)."""
+    per = LOSS_BYTES_FP32_LOGITS if lm_head_fp32(quant) else LOSS_BYTES_HALF_LOGITS
+    return [("ops", OPS["loss"][0] + OPS["loss"][1]), ("bytes_moved", T * model.vocab_size * per)]
+
+
+def embedding_work(model: ModelSpec, T, a_stream: int) -> list[tuple[str, Any]]:
+    """Embedding, rotary tables, mask helpers and final-norm glue: ``OPS["model"]``,
+    ``MODEL_MODULE_CALLS``, and the embedding gather's traffic T·h·(4 + a)."""
+    return [("ops", OPS["model"][0] + OPS["model"][1]), ("module_calls", MODEL_MODULE_CALLS),
+            ("bytes_moved", T * model.hidden_size * (EMBEDDING_BYTES + a_stream))]
+
+
+def optimizer_work(optimizer: str, n_lora_tensors, trainable) -> list[tuple[str, Any]]:
+    """One optimizer step: ``OPTIMIZER_OPS`` (fixed + per trainable tensor) and
+    ``OPTIMIZER_BYTES`` per trainable parameter."""
+    fixed, per = OPTIMIZER_OPS.get(optimizer, OPTIMIZER_OPS["adamw"])
+    return [("ops", fixed + per * n_lora_tensors),
+            ("bytes_moved", trainable * OPTIMIZER_BYTES.get(optimizer, 36))]
+
+
+def kernel_count(ops):
+    """GPU kernels launched: every op that is not a pure view launches at least one kernel;
+    views are about a sixth of the forward ops of a layer (transposes/reshapes) and some ops
+    launch two, so kernels ≈ ops."""
+    return ops
+
+
 def step_work(model: ModelSpec, lora: LoraSpec, train: TrainSpec) -> StepWork:
-    """Count FLOPs, bytes, ops and calls of one step (see the module docstring for the rules).
+    """Count FLOPs, bytes, ops and calls of one step: the terms above, added in one order.
 
     ``train.batch``, ``train.seq``, ``train.target_seq``, ``lora.rank`` and ``lora.dropout`` may
     be numpy arrays of one shape: the counts are then arrays too, element for element equal to
@@ -211,140 +460,51 @@ def step_work(model: ModelSpec, lora: LoraSpec, train: TrainSpec) -> StepWork:
     b, s = train.batch, train.seq
     s_dec = _decoder_seq(model, train)
     T_dec, T_enc = b * s_dec, b * s
-    quantized = quant in ("nf4", "fp4", "int8")
-    mm_dtype = quant if quant in ("bf16", "fp16", "fp32") else "bf16"
-    a_mm = 4 if mm_dtype == "fp32" else 2
-    # prepare_model_for_kbit_training makes embeddings/norms fp32: the residual stream is fp32
-    a_stream = 4 if (quantized or quant == "fp32") else 2
+    mm_dtype = matmul_dtype(quant)
+    a_mm = dtype_bytes(mm_dtype)
+    a_stream = stream_dtype_bytes(quant)
     gc = bool(train.gradient_checkpointing)
     fw = _passes(gc)  # decoder forward passes
 
-    groups = _linear_groups(model, lora.targets)
-    r = lora.rank
-    flops_mm = flops_fp32 = 0.0
-    bytes_moved = 0.0
-    ops = module_calls = 0.0
-    bnb4 = int8 = lora_calls = 0.0
-    n_lora_tensors = 0
-    trainable = 0
+    acc = {"flops_mm": 0.0, "flops_fp32": 0.0, "bytes_moved": 0.0, "ops": 0.0, "module_calls": 0.0,
+           "bnb4_calls": 0.0, "int8_calls": 0.0, "lora_calls": 0.0, "n_lora_tensors": 0, "trainable": 0}
 
-    q_bytes = {"nf4": 0.5 + (1 / 64 + 4 / 16384 if train.double_quant else 4 / 64),
-               "fp4": 0.5 + (1 / 64 + 4 / 16384 if train.double_quant else 4 / 64)}
+    def add(increments):
+        for name, amount in increments:
+            acc[name] += amount
 
-    for (stack, head, fin, fout, is_adapted), count in groups.items():
+    for (stack, head, fin, fout, is_adapted, storage), count in _linear_groups(model, lora.targets, quant).items():
         T = T_enc if stack == "encoder" else T_dec
-        w = fin * fout
         npass_f = 1 if head else fw          # forward-type passes (forward + recompute)
-        npass = npass_f + 1                  # + backward
-        module_calls += count * (npass_f)
+        add([("module_calls", count * (npass_f))])
         if head:
-            # lm_head stays in the load dtype; fp32 after prepare_model_for_kbit_training
-            if quantized or quant == "fp32":
-                flops_fp32 += count * (4.0 * T * w)
-                bytes_moved += count * (2 * 4 * w)
-            else:
-                flops_mm += count * (4.0 * T * w)
-                bytes_moved += count * (2 * a_mm * w)
-            ops += count * (sum(OPS["linear"]))
-        elif quant in ("nf4", "fp4"):
-            flops_mm += count * (2.0 * T * w * npass)
-            # dequantize: read packed + absmax, write bf16; matmul reads bf16
-            bytes_moved += count * (npass * w * (q_bytes[quant] + 2 + 2))
-            # bnb casts the (fp32) stream to bf16 and the output back
-            bytes_moved += count * (npass * T * (fin + fout) * (a_stream + 2))
-            bnb4 += count * (npass)
-            ops += count * (npass_f * OPS["bnb4"][0] + OPS["bnb4"][1])
-            if train.double_quant:
-                ops += count * (npass_f * OPS["bnb4_double_quant"][0] + OPS["bnb4_double_quant"][1])
-        elif quant == "int8":
-            flops_mm += count * (2.0 * T * w * npass)
-            bytes_moved += count * (npass_f * w * 1 + w * (1 + 2 + 2))
-            bytes_moved += count * (npass * T * (fin + fout) * (a_stream + 2 + 1))
-            int8 += count * (npass)
-            ops += count * (npass_f * OPS["int8"][0] + OPS["int8"][1])
+            add(lm_head_work(quant, count, T, fin, fout, a_mm))
         else:
-            flops_mm += count * (2.0 * T * w * npass)
-            bytes_moved += count * (npass * w * a_mm)
-            ops += count * (npass_f * OPS["linear"][0] + OPS["linear"][1])
+            add(frozen_linear_work(storage, count, T, fin, fout, npass_f, a_stream, mm_dtype, train.double_quant))
         if is_adapted:
-            p = r * (fin + fout)
-            trainable += count * (p)
-            n_lora_tensors += count * (2)
-            flops_fp32 += count * ((2.0 * npass_f + 4.0) * T * p)
-            # cast to fp32, dropout (read, write, 1 B mask), r-wide mids, fp32 output, scale, add
-            elem_f = T * (fin * (a_stream + 4 + _where(lora.dropout > 0, 9, 0))
-                          + 8 * r + fout * (4 + 8 + 3 * a_stream))
-            bytes_moved += count * (elem_f * (npass_f + 2))  # backward moves about twice the forward's
-            bytes_moved += count * (2 * 4 * p * npass)  # adapter weights read (fp32)
-            lo_f, lo_b = OPS["lora"]
-            ops += count * (npass_f * lo_f + lo_b - _where(lora.dropout > 0, 0, 2 * npass_f))
-            module_calls += count * (npass_f * 4)  # base_layer, lora_A, lora_B, dropout (or Identity)
-            lora_calls += count * (npass)
+            add(lora_work(count, T, fin, fout, lora.rank, lora.dropout, npass_f, a_stream))
 
     # decoder (and encoder) layers: norms, attention, MLP elementwise, residuals
     stacks = [(model.num_layers, T_dec, s_dec)]
     if model.is_encoder_decoder and model.num_encoder_layers:
         stacks.append((model.num_encoder_layers, T_enc, s))
-    h, I = model.hidden_size, model.intermediate_size
-    n_h, n_kv, d = model.num_heads, model.num_kv_heads, model.head_dim
-    arch = model.arch
-    norms = arch.norms_per_layer + len(arch.extra_norms)
-    norm_kind = "rmsnorm" if arch.norm == "rms" else "layernorm"
-    attn_kind = "attn_rope" if arch.position == "rope" else "attn_norope"
-    mlp_kind = "mlp_gated" if arch.mlp == "gated" else "mlp_plain"
-    attention = train.attention
-    eager = arch.attention == "eager" or attention in ("eager", "math")
+    eager = model.arch.attention == "eager" or train.attention in ("eager", "math")
     for n_layers, T, seq in stacks:
         if n_layers == 0:
             continue
-        layer_f = norms * OPS[norm_kind][0] + OPS[attn_kind][0] + OPS[mlp_kind][0] + OPS["residual"][0]
-        layer_b = norms * OPS[norm_kind][1] + OPS[attn_kind][1] + OPS[mlp_kind][1] + OPS["residual"][1]
-        if eager:
-            layer_f += 5  # matmul, scale, mask add, softmax, matmul (+ dropout off)
-            layer_b += 5
-        ops += n_layers * (fw * layer_f + layer_b + (OPS["gc_layer"][0] if gc else 0))
-        # module calls per layer forward: layer, norms, attention, mlp, act (+ rotary)
-        module_calls += n_layers * fw * (1 + norms + 1 + 1 + 1)
-        # elementwise traffic per layer forward (bytes per element of the tensors touched)
-        norm_b = (28 + 4 * a_stream) if arch.norm == "rms" else (8 + 2 * a_stream)
-        elem = T * h * (norms * norm_b + 2 * 3 * a_stream)
-        if arch.position == "rope":
-            elem += T * (n_h + n_kv) * d * 16
-        elem += T * (2 * n_h + 2 * n_kv) * d * 2 + T * n_h * d * 4  # sdpa I/O + transposes
-        elem += T * I * (10 if arch.mlp == "gated" else 4)
-        bytes_moved += n_layers * elem * (fw + 2)
-        # attention FLOPs per layer: forward 4·b·s²·n_h·d (QK^T and PV), causal halves it
-        s_eff = _min(seq, arch.sliding_window) if arch.sliding_window else seq
-        fwd = 4.0 * (T // seq) * seq * s_eff * n_h * d
-        if eager:
-            flops_mm += n_layers * fwd * (fw + 2.0)
-            # scores: written bf16, softmax fp32 read/write, read for PV; backward ~2x
-            bytes_moved += n_layers * (T // seq) * n_h * seq * s_eff * (2 + 8 + 2) * (fw + 2)
-        else:
-            flops_mm += n_layers * fwd * 0.5 * (fw + 2.5)
+        add(layer_host_work(model.arch, n_layers, fw, gc, eager))
+        add(layer_elementwise_work(model, n_layers, T, fw, a_stream))
+        add(attention_work(model, n_layers, T, seq, fw, eager))
 
-    # embedding, final norm, logits and loss (HF ForCausalLM: logits.float() then cross_entropy)
-    V = model.vocab_size
-    ops += OPS["model"][0] + OPS["model"][1] + OPS["loss"][0] + OPS["loss"][1]
-    module_calls += 4
-    logits_fp32 = quantized or quant == "fp32"
-    bytes_moved += T_dec * V * (32 if logits_fp32 else 40)
-    bytes_moved += T_dec * h * (4 + a_stream)  # embedding gather
-
-    # optimizer step
-    opt = train.optimizer
-    fixed, per = OPTIMIZER_OPS.get(opt, OPTIMIZER_OPS["adamw"])
-    ops += fixed + per * n_lora_tensors
-    bytes_moved += trainable * OPTIMIZER_BYTES.get(opt, 36)
-
-    # kernels: every op that is not a pure view launches at least one kernel; views are about
-    # a sixth of the forward ops of a layer (transposes/reshapes), so kernels ≈ ops here
-    kernels = ops
+    add(loss_work(model, quant, T_dec))
+    add(embedding_work(model, T_dec, a_stream))
+    add(optimizer_work(train.optimizer, acc["n_lora_tensors"], acc["trainable"]))
 
     return StepWork(
-        tokens=T_dec, flops_mm=flops_mm, flops_fp32=flops_fp32, bytes_moved=bytes_moved,
-        kernels=kernels, ops=ops, module_calls=module_calls, lora_calls=lora_calls, bnb4_calls=bnb4, int8_calls=int8,
-        mm_dtype=mm_dtype, syncs=int8 > 0,
+        tokens=T_dec, flops_mm=acc["flops_mm"], flops_fp32=acc["flops_fp32"], bytes_moved=acc["bytes_moved"],
+        kernels=kernel_count(acc["ops"]), ops=acc["ops"], module_calls=acc["module_calls"],
+        lora_calls=acc["lora_calls"], bnb4_calls=acc["bnb4_calls"], int8_calls=acc["int8_calls"],
+        mm_dtype=mm_dtype, syncs=acc["int8_calls"] > 0,
     )
 
 
@@ -353,10 +513,10 @@ def _peak_mm_tflops(gpu: GpuSpec, dtype: str) -> float:
 
 
 def coefficients(calibration: Calibration | None) -> dict[str, float]:
-    """The time coefficients in effect: calibration values, else the neutral defaults."""
-    if calibration is None:
-        return {k: v for k, (v, _) in COEFFICIENTS.items()}
-    return {k: calibration.get(k, v) for k, (v, _) in COEFFICIENTS.items()}
+    """The time coefficients in effect: the calibration's, or the built-in priors
+    (calibrations/default.json) when none is given."""
+    cal = calibration if calibration is not None else default_calibration()
+    return {k: coefficient(cal, k) for k in COEFFICIENTS}
 
 
 def step_time(work: StepWork, gpu: GpuSpec, coef: Mapping[str, float]) -> TimeEstimate:

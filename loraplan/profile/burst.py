@@ -183,9 +183,12 @@ def _quant_config(quant: str, double_quant: bool):
 
 
 def _load_dtype(quant: str):
+    """The torch dtype of ``storage.load_dtype`` (bf16 for bf16 and the quantized loads)."""
     import torch
 
-    return {"fp16": torch.float16, "fp32": torch.float32}.get(quant, torch.bfloat16)
+    from ..storage import TORCH_DTYPE_NAMES, load_dtype
+
+    return getattr(torch, TORCH_DTYPE_NAMES[load_dtype(quant)])
 
 
 def _sdpa_backend(device: str, attention: str):

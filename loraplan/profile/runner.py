@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 from ..errors import DeviceError, MissingExtraError
 from ..spec import LoraSpec, ModelSpec, TrainSpec, run_inputs
+from ..storage import is_quantized
 from .records import SCHEMA, append_record, case_key, default_out_path, gpu_id_for_name, read_records
 
 OnEvent = Callable[[dict], None]
@@ -71,7 +72,7 @@ def check_extras(cases: list[Case], device: str) -> None:
     import importlib.util
 
     need = ["torch", "transformers", "peft"]
-    if any(c.train.quant in ("nf4", "fp4", "int8") or c.train.optimizer in BNB_OPTIMIZERS for c in cases):
+    if any(is_quantized(c.train.quant) or c.train.optimizer in BNB_OPTIMIZERS for c in cases):
         need.append("bitsandbytes")
     if device == "cuda":
         need.append("pynvml")

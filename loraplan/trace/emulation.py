@@ -274,21 +274,29 @@ def kernel_transients(func, args, kwargs) -> list[tuple[str, int]]:
 
 def cublas_workspace_bytes(gpu_cc: str | None) -> int:
     """Per-handle cuBLAS workspace torch allocates through the caching allocator
-    (``CublasHandlePool.cpp``): 32 MiB on sm90+, else 4096 KiB x 2 + 16 KiB x 8."""
+    (``CublasHandlePool.cpp``): 32 MiB on sm90+, else 4096 KiB x 2 + 16 KiB x 8. The sizes are
+    written once, in catalog/calibrations/default.json (``cublas_workspace_bytes_*``), which the
+    analytic ledger reads too."""
+    from ..catalog import load_calibration
+
     cc = parse_cc(gpu_cc)
     if cc is None:
         return 0
-    if cc >= (9, 0):
-        return 32 * MiB
-    return 4096 * 1024 * 2 + 16 * 1024 * 8
+    coef = load_calibration(None).coefficients
+    return int(coef["cublas_workspace_bytes_sm90"] if cc >= (9, 0) else coef["cublas_workspace_bytes_pre_sm90"])
 
 
-def constant_terms(gpu_cc: str | None, handles: int = 2) -> dict[str, dict]:
+def constant_terms(gpu_cc: str | None, handles: int | None = None) -> dict[str, dict]:
     """Memory that is allocated from the caching allocator without passing through dispatch,
-    alive for the whole step, as named terms with their provenance."""
+    alive for the whole step, as named terms with their provenance. ``handles``: the
+    calibration's ``cublas_handles`` unless given."""
+    from ..catalog import load_calibration
+
     ws = cublas_workspace_bytes(gpu_cc)
     if not ws:
         return {}
+    if handles is None:
+        handles = int(load_calibration(None).coefficients["cublas_handles"])
     return {"cublas_workspace": {
         "bytes": ws * handles,
         "source": f"torch CublasHandlePool: {ws // MiB if ws % MiB == 0 else ws / MiB:g} MiB per handle "

@@ -20,16 +20,15 @@ import time
 import warnings
 from typing import Any
 
-from ..errors import InputError, LoraplanError, require_extra
+from ..errors import InputError, LoraplanError, TraceDataDependentError, TraceError, require_extra
 from ..estimate.result import ledger_keys
 from ..spec import LoraSpec, TrainSpec
+from ..storage import TORCH_DTYPE_NAMES, is_quantized, load_dtype as storage_load_dtype
 from ..targets import peft_target_modules
 
 #: the trace's ledger lines (coarser than the analytic ledger's; see estimate.result.LEDGER)
 CATEGORIES = ledger_keys("trace")
 
-
-from ..errors import TraceDataDependentError, TraceError  # noqa: E402 - one error hierarchy for the package
 
 def _quantize_meta(model, train: TrainSpec, torch_mod):
     """Replace Linears by bitsandbytes modules and quantize their weights on meta, as
@@ -122,7 +121,7 @@ def trace_step(model_config: dict, lora: LoraSpec, train: TrainSpec, gpu_compute
     """
     for mod in ("torch", "transformers", "peft"):
         require_extra(mod)
-    if train.quant in ("nf4", "fp4", "int8") or train.optimizer not in ("adamw", "sgd"):
+    if is_quantized(train.quant) or train.optimizer not in ("adamw", "sgd"):
         require_extra("bitsandbytes")
     if train.quant not in ("bf16", "fp16", "fp32", "nf4", "fp4", "int8"):
         raise InputError(f"quant '{train.quant}' is not supported by the trace")
@@ -162,9 +161,9 @@ def trace_step(model_config: dict, lora: LoraSpec, train: TrainSpec, gpu_compute
         if getattr(config, "decoder_start_token_id", None) is None:
             config.decoder_start_token_id = config.pad_token_id
     auto = transformers.AutoModelForSeq2SeqLM if seq2seq else transformers.AutoModelForCausalLM
-    load_dtype = {"fp16": torch.float16, "fp32": torch.float32}.get(train.quant, torch.bfloat16)
+    load_dtype = getattr(torch, TORCH_DTYPE_NAMES[storage_load_dtype(train.quant)])
     attn_impl = "eager" if train.attention == "eager" else "sdpa"
-    quantized = train.quant in ("nf4", "fp4", "int8")
+    quantized = is_quantized(train.quant)
 
     # ---- module context: which module is running (forward hooks), for breakdowns and errors
     mod_names: dict[int, str] = {}
@@ -181,7 +180,7 @@ def trace_step(model_config: dict, lora: LoraSpec, train: TrainSpec, gpu_compute
         return stack[-1] if stack else ""
 
     # ---- int8 outliers: explicit fraction, else the analytic estimator's random-init default
-    #      for MLP-out inputs (loraplan.estimate.memory.default_int8_outlier_fraction), 0 elsewhere
+    #      for MLP-out inputs (loraplan.estimate.transients.default_int8_outlier_fraction), 0 elsewhere
     frac = train.int8_outlier_fraction
     default_frac, outlier_leaves = _default_outliers(model_config, train)
 
@@ -398,7 +397,8 @@ def _explain(e: Exception, tracker, stack: list[str], model_type: str) -> Lorapl
 
 def _default_outliers(model_config: dict, train: TrainSpec) -> tuple[float, set[str]]:
     """The random-init outlier share and the Linear leaf names it applies to (MLP-out inputs)."""
-    from ..estimate.memory import INT8_OUTLIER_ROLES, random_init_outlier_fraction
+    from ..estimate.transients import random_init_outlier_fraction
+    from ..estimate.weights import INT8_OUTLIER_ROLES
     from ..hf import spec_from_config
 
     spec = spec_from_config(model_config, "trace")

@@ -1,0 +1,339 @@
+"""Activations: what autograd saves for backward, per layer and for the whole forward, and the
+attention kernel CUDA picks (it decides what attention saves).
+
+Notation: T = b·s tokens, h hidden, I intermediate, n_h / n_kv heads, d head dim, V vocab,
+L layers, r rank, a bytes of the residual stream (``loraplan.storage.stream_dtype_bytes``).
+The formulas take ints or numpy arrays of one shape (``estimate.arrays``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..spec import ModelSpec, TrainSpec
+from ..storage import stream_dtype_bytes
+from .arrays import ceil as _ceil, where as _where
+from .weights import Structure
+
+def choose_attention(model: ModelSpec, train: TrainSpec, compute_capability: str | None) -> str:
+    """The sdpa kernel CUDA picks (torch aten/.../transformers/cuda/sdp_utils.cpp: flash, then
+    mem-efficient, then math).
+
+    - eager attention (gemma2 logit softcapping) never reaches sdpa;
+    - a mask (a sliding window shorter than the sequence, T5's position bias) rules out flash;
+    - flash needs fp16/bf16, head dim <= 256 and sm80+, and supports grouped-query attention;
+    - mem-efficient takes fp32 too, but not grouped-query attention
+      (``check_batch_size_and_num_heads_dense<false>``) -> math.
+    transformers passes no mask and ``is_causal=True`` for an unpadded batch, and
+    ``enable_gqa=True`` when there is no mask (integrations/sdpa_attention.py::use_gqa_in_sdpa).
+    """
+    if train.attention != "auto":
+        return train.attention
+    if model.arch.attention == "eager":
+        return "eager"
+    if train.device == "cpu":  # loraplan profile --device cpu runs sdpa on the math backend
+        return "math"
+    masked = model.arch.position == "relative_bias" or model.arch.sdpa_mask or (
+        model.arch.sliding_window is not None and train.seq > model.arch.sliding_window)
+    cc = float(compute_capability) if compute_capability else 8.0
+    if not masked and stream_dtype_bytes(train.quant) == 2 and model.head_dim <= 256 and cc >= 8.0:
+        return "flash"
+    if model.num_kv_heads != model.num_heads and not masked:
+        return "math"
+    return "efficient"
+
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The numbers of a case: plain ints, or numpy arrays of one shape (a grid)."""
+
+    b: Any
+    seq: Any  # encoder / decoder-only sequence length
+    tseq: Any  # decoder length (= seq for decoder-only)
+    r: Any
+    dropout: Any
+
+    @property
+    def T(self):
+        return self.b * self.tseq
+
+    @property
+    def T_enc(self):
+        return self.b * self.seq
+
+
+
+def _mask_bytes(st: Structure, input_bytes: int) -> int:
+    """Bytes per element a dropout keeps besides its output: CUDA's fused native_dropout a bool
+    mask (1 B); on CPU ATen multiplies by a noise tensor of the input's dtype and keeps that
+    (aten/src/ATen/native/Dropout.cpp: the fused kernel is acceptable on CUDA/XPU only)."""
+    return 1 if st.device != "cpu" else input_bytes
+
+
+
+def lora_input_saved_bytes(st: Structure, dropout):
+    """Bytes per input element an adapted Linear's LoRA branch keeps for backward (lora_A's
+    input, saved for its weight gradient):
+
+    - dropout p > 0: the fp32 dropout output (4 B; the input is cast to the fp32 adapters'
+      dtype first) + what the dropout keeps besides it (``_mask_bytes``: CUDA's bool mask 1 B);
+    - p = 0 (nn.Identity): the fp32 cast copy of a bf16/fp16 stream (4 B, one per module), or
+      nothing for an fp32 stream (lora_A saves the stream tensor itself, already alive).
+    Source: peft/tuners/lora/layer.py::Linear.forward (``x = self._cast_input_dtype(x,
+    lora_A.weight.dtype)``, ``lora_A(dropout(x))``); memory-physics.md §4.
+    """
+    return _where(dropout > 0, 4 + _mask_bytes(st, 4), 0 if st.stream_bytes == 4 else 4)
+
+
+def lora_activations_per_layer(st: Structure, x: Shape, stack: str, T):
+    """Bytes peft's LoRA branch saves per layer, for each adapted Linear [out, in]:
+
+    - dropout p > 0: the fp32 dropout output (4·T·in, lora_A's input) + the fused dropout's
+      bool mask (1·T·in; CUDA native_dropout) -> 5·T·in (CPU: an fp32 noise tensor, 8·T·in);
+    - p = 0 (nn.Identity): lora_A saves its input: the fp32 cast copy (4·T·in) of a bf16/fp16
+      stream, one per module (peft Linear.forward: ``x = self._cast_input_dtype(x, lora_A.dtype)``),
+      or the fp32 stream tensor itself (already alive: 0 extra);
+    - lora_A's r-wide fp32 output, saved by lora_B: 4·T·r.
+    Source: peft/tuners/lora/layer.py and bnb.py (forward); memory-physics.md §4.
+    """
+    in_sum = st.lora_in_per_layer.get(stack, 0.0)
+    n = st.lora_count_per_layer.get(stack, 0.0)
+    return lora_input_saved_bytes(st, x.dropout) * T * in_sum + n * 4 * T * x.r
+
+
+def attention_saved_per_layer(st: Structure, kind: str, T, b, seq, kv_seq, cross: bool = False):
+    """Bytes the attention block saves per layer (after its projections).
+
+    - sdpa flash: q, k, v as given to the kernel (after RoPE: new tensors) and its output, with
+      the head dim padded to a multiple of 8 (torch sdpa ``pad_last_dim<8>``), + the fp32
+      logsumexp 4·b·n_h·s. GQA native: k, v keep n_kv heads.
+    - sdpa mem-efficient: q, k, v, output + fp32 logsumexp padded to a multiple of 32 in s.
+    - math (fp32 stream with grouped-query attention: torch documents GQA for flash and math
+      only): scaled q, k and v repeated to n_h heads and the softmax output a·b·n_h·s².
+    - eager (transformers eager_attention_forward): q, k and v repeated, the fp32 softmax (4 B)
+      and its cast back to the stream dtype (a B); logit softcapping (gemma2) keeps tanh's output.
+    Source: transformers integrations/sdpa_attention.py, models/llama/modeling_llama.py; torch
+    aten/src/ATen/native/transformers/attention.cpp (outputs each kernel saves).
+    """
+    m, a = st.model, st.stream_bytes
+    n_h, n_kv, d = m.num_heads, m.num_kv_heads, m.head_dim
+    # phi3 slices q, k, v out of its fused qkv_proj output as views: the saved v view keeps the
+    # whole [T, (n_h + 2·n_kv)·d] output alive, q and k parts included. (gpt-neox and falcon
+    # reshape and split per head; their traces show no such retention.)
+    fused = a * T * (n_h + n_kv) * d if _has_fused_qkv(m) and kind in ("flash", "efficient") else 0
+    return fused + _attention_core_saved(st, kind, T, b, seq, kv_seq, cross)
+
+
+def _has_fused_qkv(model: ModelSpec) -> bool:
+    return model.arch.fused_qkv_views and any(l.role == "qkv" for l in model.linears)
+
+
+def _attention_core_saved(st: Structure, kind: str, T, b, seq, kv_seq, cross: bool = False):
+    m, a = st.model, st.stream_bytes
+    n_h, n_kv, d = m.num_heads, m.num_kv_heads, m.head_dim
+    if kind == "flash":
+        dp = -(-d // 8) * 8
+        return a * T * n_h * dp * 2 + 2 * a * b * kv_seq * n_kv * dp + 4 * b * n_h * seq
+    if kind == "efficient":
+        # T5: the relative position bias plus the mask goes in as an additive mask [1, n_h, s, kv]
+        # in the stream dtype, made per self-attention call (last dim padded to 16) and saved for
+        # backward; cross-attention reuses one zeros bias (see t5_shared_biases).
+        bias = a * n_h * seq * (_ceil(kv_seq / 16) * 16) if _relative_bias(m) and not cross else 0
+        if m.arch.sdpa_mask:  # falcon: the causal mask, made additive per call [b, 1, s, kv]
+            bias = a * b * seq * (_ceil(kv_seq / 16) * 16)
+        return a * T * n_h * d * 2 + 2 * a * b * kv_seq * n_kv * d + 4 * b * n_h * (_ceil(seq / 32) * 32) + bias
+    scores = b * n_h * seq * kv_seq
+    qkv = a * T * n_h * d + 2 * a * b * kv_seq * n_h * d  # k, v repeated to n_h heads
+    if kind == "math":
+        # aten _scaled_dot_product_attention_math keeps its intermediates in fp32 for half inputs
+        # (torch docs): q·√scale, (k·√scale)ᵀ and v (repeated for enable_gqa) and the softmax
+        # output are saved in fp32; the scores before the softmax and the output are not.
+        return 4 * (T * n_h * d + 2 * b * kv_seq * n_h * d) + 4 * scores
+    # eager (transformers eager_attention_forward, repeat_kv): the fp32 softmax (4 B) and its
+    # cast back to the stream dtype (a B, a no-op for an fp32 stream) are saved; logit
+    # softcapping (gemma2) keeps tanh's output too (a B).
+    softmax = 4 + (a if a != 4 else 0)
+    softcap = a if m.config.get("attn_logit_softcapping") else 0
+    return qkv + (softmax + softcap) * scores
+
+
+def norm_saved(st: Structure, T):
+    """One norm's saved bytes.
+
+    RMSNorm (llama): the fp32 upcast of its input (4·T·h; for an fp32 stream the input itself,
+    which the norm then keeps alive) + rsqrt (4·T). T5LayerNorm multiplies the *original*
+    input by the fp32 rsqrt, so a half-precision input (a·T·h) is kept beside the fp32 copy that
+    ``pow`` saves. LayerNorm (native_layer_norm): its input (a·T·h) + mean and rstd (2·4·T).
+    Source: modeling_llama.py::LlamaRMSNorm, modeling_t5.py::T5LayerNorm; memory-physics.md §5.
+    """
+    h, a = st.model.hidden_size, st.stream_bytes
+    if st.model.arch.norm == "rms":
+        t5_input = a if (st.model.arch.norm_keeps_input and a != 4) else 0
+        return (4 + t5_input) * T * h + 4 * T
+    return a * T * h + 8 * T
+
+
+def _relative_bias(model: ModelSpec) -> bool:
+    """T5/mT5 relative position bias: computed once per stack (modeling_t5.py compute_bias),
+    handed to every layer and added to the attention scores as an additive mask."""
+    return model.arch.position == "relative_bias"
+
+
+def hidden_dropout(model: ModelSpec) -> float:
+    """p of the model's own residual/FFN dropouts in training (not LoRA's, not attention's):
+    the config value named by ``arch.hidden_dropout_key`` (T5 ``dropout_rate``, default 0.1;
+    OPT ``dropout``, 0.1; others ``hidden_dropout``, 0)."""
+    arch = model.arch
+    return float(model.config.get(arch.hidden_dropout_key, arch.hidden_dropout_default) or 0)
+
+
+def model_dropout_masks_per_layer(st: Structure, T, stack: str):
+    """Bool masks (1 B/elem) the model's own dropouts keep per layer (CUDA native_dropout):
+    T5 every sub-layer output (2 in the encoder, 3 in the decoder, T·h each) and the FFN inner
+    activation (T·I); OPT the attention and FFN outputs (2·T·h)."""
+    m = st.model
+    if not hidden_dropout(m) or not m.arch.sublayer_dropout:
+        return 0
+    k = _mask_bytes(st, st.stream_bytes)
+    sub = 3 if (stack == "decoder" and m.is_encoder_decoder) else 2  # + cross-attention
+    if m.arch.ffn_inner_dropout:
+        return k * (sub * T * m.hidden_size + T * m.intermediate_size)
+    return k * sub * T * m.hidden_size
+
+
+#: activations transformers implements in Python (not one fused kernel): NewGELUActivation
+#: keeps x (for pow), tanh's output, 0.5·x and 1 + tanh (activations.py).
+_UNFUSED_GELU = ("gelu_new", "gelu_fast", "gelu_pytorch")
+
+
+def _activation(model: ModelSpec) -> str:
+    cfg = model.config
+    if model.arch.activation_from == "feed_forward_proj":
+        ffp = cfg.get("feed_forward_proj", "relu")
+        return cfg.get("dense_act_fn") or ("gelu_new" if ffp == "gated-gelu" else ffp.split("-")[-1])
+    return str(cfg.get("hidden_act") or cfg.get("hidden_activation") or cfg.get("activation_function") or "silu")
+
+
+def mlp_saved(st: Structure, T):
+    """MLP saved bytes. Gated (act(gate) * up) with a fused activation (SiLU, GELU): the
+    activation's input, its output and the up output: 3·a·T·I; with NewGELU (T5 v1.1, mT5:
+    gelu_new in Python) x, tanh(·), 0.5·x, 1 + tanh and the product's two inputs: 6·a·T·I.
+    Plain (act(fc_in) -> fc_out): the activation's input or output: a·T·I (5·a·T·I unfused).
+    Frozen Linears save nothing for their own weights (autograd saves only what a needed
+    gradient uses; the input gradient needs only the weight)."""
+    unfused = _activation(st.model) in _UNFUSED_GELU
+    if st.model.arch.mlp == "gated":
+        k = 6 if unfused else 3
+    else:
+        k = 4 if unfused else 1
+    return k * st.stream_bytes * T * st.model.intermediate_size
+
+
+def layer_saved(st: Structure, kind: str, x: Shape, stack: str = "decoder"):
+    """S_layer: the bytes one decoder (or encoder) layer saves for backward without checkpointing.
+
+    For a bf16 Llama layer without LoRA:
+    8·T·h + 4·T·d·(n_h + n_kv) + 6·T·I + 4·b·n_h·s + 8·T (memory-physics.md §5, exact on CPU).
+    Encoder-decoder decoder layers add the cross-attention over the encoder output (and its norm).
+    """
+    m = st.model
+    if stack == "encoder":
+        T = x.T_enc
+        att = attention_saved_per_layer(st, kind, T, x.b, x.seq, x.seq)
+        norms = m.arch.norms_per_layer - 1
+    else:
+        T = x.T
+        att = attention_saved_per_layer(st, kind, T, x.b, x.tseq, x.tseq)
+        norms = m.arch.norms_per_layer
+        if m.is_encoder_decoder:
+            att = att + attention_saved_per_layer(st, kind, T, x.b, x.tseq, x.seq, cross=True)
+    return (norms * norm_saved(st, T) + att + mlp_saved(st, T) + lora_activations_per_layer(st, x, stack, T)
+            + model_dropout_masks_per_layer(st, T, stack) + head_norms_saved(st, T))
+
+
+def head_norms_saved(st: Structure, T):
+    """Per-head RMSNorms on q and k (qwen3 ``q_norm``/``k_norm``): like any RMSNorm they keep an
+    fp32 copy of their input (4·T·n·d) and rsqrt (4·T·n), for n = n_h and n_kv heads."""
+    m = st.model
+    if "q_norm" not in m.arch.extra_norms:
+        return 0
+    heads = m.num_heads + m.num_kv_heads
+    return 4 * T * heads * m.head_dim + 4 * T * heads
+
+
+def checkpoint_inputs(st: Structure, x: Shape, kind: str = "flash"):
+    """Non-reentrant checkpointing keeps each checkpointed layer's inputs: L·a·T·h
+    (torch/utils/checkpoint.py: the inputs are saved by _NoopSaveInputs for the recompute),
+    and the mask passed to every layer: eager attention gets an additive [b, 1, s, s] mask in
+    the stream dtype (transformers masking_utils eager_mask), one tensor shared by all layers;
+    T5 passes its position biases (modeling_t5.py compute_bias) the same way."""
+    m = st.model
+    mask = st.stream_bytes * x.b * x.tseq * x.tseq if kind == "eager" else 0
+    mask = mask + t5_shared_biases(st, x, checkpointed=True)
+    return st.stream_bytes * m.hidden_size * (m.num_layers * x.T + m.num_encoder_layers * x.T_enc) + mask
+
+
+def t5_shared_biases(st: Structure, x: Shape, checkpointed: bool):
+    """T5's biases computed once and handed to every layer (modeling_t5.py compute_bias): the
+    cross-attention's zeros bias [1, n_h, s_t, s_e], kept by the graph, and — as checkpoint
+    inputs — the encoder and decoder position biases [1, n_h, s, s]."""
+    if not _relative_bias(st.model):
+        return 0
+    n = st.stream_bytes * st.model.num_heads
+    shared = n * x.tseq * x.seq
+    if checkpointed:
+        shared = shared + n * (x.seq * x.seq + x.tseq * x.tseq)
+    return shared
+
+
+def head_lora_activations(st: Structure, x: Shape):
+    """LoRA on lm_head saves its dropout output and mask (5·T·h; 4·T·h without dropout) and 4·T·r."""
+    if not st.head_adapted:
+        return 0
+    h = st.model.hidden_size
+    return _where(x.dropout > 0, 5, 4) * x.T * h + 4 * x.T * x.r
+
+
+def saved_activations(st: Structure, kind: str, x: Shape, gradient_checkpointing: bool):
+    """Activations alive at the end of the forward (excluding the loss): every layer's saved
+    tensors (or only the checkpointed inputs), the final norm, RoPE tables (cos, sin:
+    2·a·s·d, position_ids have batch 1) and, for encoder-decoder models, the encoder output
+    read by every cross-attention."""
+    m = st.model
+    if gradient_checkpointing:
+        layers = checkpoint_inputs(st, x, kind)
+    else:
+        layers = m.num_layers * layer_saved(st, kind, x, "decoder")
+        if m.is_encoder_decoder:
+            layers = layers + m.num_encoder_layers * layer_saved(st, kind, x, "encoder")
+        layers = layers - first_layer_not_saved(st, kind, x) + t5_shared_biases(st, x, checkpointed=False)
+    final = norm_saved(st, x.T)
+    if m.is_encoder_decoder:
+        final = final + norm_saved(st, x.T_enc) + st.stream_bytes * x.T_enc * m.hidden_size
+    rope = 2 * st.stream_bytes * x.tseq * m.head_dim if m.arch.position == "rope" else 0
+    return layers + final + rope + head_lora_activations(st, x)
+
+
+def first_layer_not_saved(st: Structure, kind: str, x: Shape):
+    """What the first layer does *not* save when its input needs no gradient.
+
+    Without gradient checkpointing nothing calls enable_input_require_grads (the protocol and
+    prepare_model_for_kbit_training only do so with checkpointing), so the frozen embedding's
+    output does not require grad and autograd saves nothing for ops on it: the first layer's
+    input norm and the dropout masks of its adapted attention-input Linears (dropout needs no
+    input gradient; lora_A still saves the dropout output for its weight gradient). When no
+    attention input is adapted there, the attention block saves nothing either.
+    """
+    m = st.model
+    first = "encoder" if m.is_encoder_decoder else "decoder"
+    T = x.T_enc if first == "encoder" else x.T
+    not_saved = norm_saved(st, T) + _where(x.dropout > 0, _mask_bytes(st, 4), 0) * T * st.first_layer_attn_in_adapted
+    if not st.first_layer_attn_in_adapted:
+        seq = x.seq if first == "encoder" else x.tseq
+        not_saved = not_saved + attention_saved_per_layer(st, kind, T, x.b, seq, seq)
+    if m.arch.parallel_attn and not st.first_layer_mlp_adapted:
+        # parallel attention (falcon, gpt-neox): the MLP reads the layer input directly
+        not_saved = not_saved + mlp_saved(st, T)
+    return not_saved

@@ -1,0 +1,275 @@
+"""Transients and what outlives a step: logits and loss, the backward of a layer, the int8
+matmul's context tensors and kernel transients, the input leaf, the cuBLAS workspaces.
+
+Each ledger line is one function whose docstring gives its formula and source.
+"""
+
+from __future__ import annotations
+
+import math
+
+from ..spec import Calibration, GpuSpec, ModelSpec
+from ..storage import FOUR_BIT, QUANTIZED, unquantized_param_bytes
+from .activations import Shape, _activation, _relative_bias, hidden_dropout, lora_input_saved_bytes, mlp_saved
+from .arrays import ceil as _ceil, maximum as _max
+from .coefficients import coefficient
+from .weights import Structure, _p_silu_product_exceeds, _stack_layers
+
+
+def logits_bytes(st: Structure) -> int:
+    """Bytes per logit as lm_head produces it: its weight dtype (fp32 after prepare for a
+    quantized base, else the load dtype) -> 4 or 2 (``storage.unquantized_param_bytes``)."""
+    return unquantized_param_bytes(st.quant)
+
+
+def logit_softcap_saved(st: Structure, x: Shape):
+    """Final-logit softcapping (gemma2: ``logits = tanh(logits / cap) * cap``) keeps tanh's output
+    for backward: c·T·V more, alive until the loss backward passes it."""
+    if not st.model.config.get("final_logit_softcapping"):
+        return 0
+    return logits_bytes(st) * x.T * st.model.vocab_size
+
+
+def loss_forward_transient(st: Structure, x: Shape):
+    """Live at the end of the forward inside the loss: the logits (c·T·V), their fp32 copy when
+    c = 2 (ForCausalLMLoss: ``logits.float()``) and log_softmax's fp32 output (saved):
+    10·T·V for bf16 logits, 8·T·V for fp32 (transformers loss/loss_utils.py; the default
+    logits_to_keep=0 keeps every position)."""
+    TV = x.T * st.model.vocab_size
+    c = logits_bytes(st)
+    if not st.model.arch.loss_upcasts_logits:  # T5ForConditionalGeneration: CrossEntropyLoss on the raw logits
+        loss = 2 * c * TV
+    else:
+        loss = c * TV + (4 * TV if c == 2 else 0) + 4 * TV + logit_softcap_saved(st, x)
+    if st.head_adapted:
+        # LoRA on lm_head: the base logits, the LoRA branch's scaled fp32 output and their fp32
+        # sum are alive together (peft Linear.forward: result + lora_B(lora_A(x)) * scaling)
+        loss = _max(loss, c * TV + 8 * TV)
+    return loss
+
+
+def loss_backward_transient(st: Structure, x: Shape):
+    """At the head of backward: log_softmax's saved fp32 output, the nll_loss gradient and
+    log_softmax's input gradient, all fp32 [T, V]: 12·T·V (memory-physics.md §6). T5 computes
+    CrossEntropyLoss on the logits as they are (modeling_t5.py): 3·c·T·V."""
+    if not st.model.arch.loss_upcasts_logits:  # log_softmax, its grad in and out in the logits dtype
+        return 3 * logits_bytes(st) * x.T * st.model.vocab_size
+    return 12 * x.T * st.model.vocab_size + logit_softcap_saved(st, x)
+
+
+def dequantized_weight_transient(st: Structure) -> int:
+    """The largest weight a quantized Linear dequantizes on every call (forward fallback and
+    backward): nf4/fp4 -> out·in·2 B in bf16 (bitsandbytes backends/cuda/ops.py
+    ``_dequant_linear_fallback``; autograd MatMul4Bit.backward). int8 backward:
+    ``CB.to(dtype_A)`` -> out·in·a (MatMul8bitLt.backward)."""
+    if st.linear_quant not in QUANTIZED:
+        return 0
+    return st.biggest_linear_numel * (2 if st.linear_quant in FOUR_BIT else st.stream_bytes)
+
+
+def layer_backward_transients(st: Structure, x: Shape, kind: str = "flash", gradient_checkpointing: bool = True):
+    """Bytes above the top layer's saved tensors S at its largest point in backward (may be < 0
+    in part: tensors already released), for the MLP, where layers peak.
+
+    With D the input width of the MLP-out Linear (down/fc_out; D = I), a the stream bytes,
+    l = the bytes its LoRA saves (5·T·D with dropout, released when its backward runs), the
+    candidates are, on top of the residual-stream gradient a·T·h:
+    - recompute / forward through an adapted down projection: its input (a·T·D) held while
+      4-bit dequantizes the weight (W_dq = out·in·2 B) beside a bf16 copy of the input (2·T·D),
+      before the LoRA branch exists (−l); then the LoRA branch's fp32 cast of a bf16/fp16
+      input (4·T·D), the base output (a·T·h) and lora_B's fp32 output with its scaled copy
+      (8·T·h) beside the complete S;
+    - backward through the down projection: the LoRA branch runs first (later autograd
+      sequence number) and leaves its input gradient (dropout backward, fp32 4·T·D, cast to the
+      stream dtype when a = 2); then the base: W_dq + its bf16 input gradient (2·T·D) for
+      4-bit, a·T·D for bf16; then their sum (a·T·D);
+    - the MLP product's backward (gated): the down-input gradient and the two it makes:
+      3·a·T·I; plain MLP: 2·a·T·I.
+    Non-reentrant recompute stops early once the last saved tensor is made, so without LoRA on
+    the down projection its forward is not recomputed. Saved tensors of nodes already run are
+    released as backward goes (autograd release_variables). Sources: peft/tuners/lora/layer.py
+    and bnb.py (branch order, casts), bitsandbytes autograd MatMul4Bit.backward, cuda
+    ``_dequant_linear_fallback``; checked against the meta-device trace on small configs.
+    """
+    m, a, T = st.model, st.stream_bytes, x.T
+    I = m.intermediate_size
+    k = 3 if m.arch.mlp == "gated" else 2
+    deq = dequantized_weight_transient(st) if st.mlp_out_quantized else 0
+    four_bit = st.linear_quant in FOUR_BIT and st.mlp_out_quantized
+    D_ad = st.mlp_out_adapted_in.get("decoder", 0.0)  # Σ adapted MLP-out inputs (≈ I or 0)
+    adapted = 1 if D_ad else 0
+    l_saved = lora_input_saved_bytes(st, x.dropout) * T * D_ad
+    lora_grad_peak = adapted * (4 + (a if a != 4 else 0)) * T * I
+    lora_grad_held = adapted * (a if a != 4 else 4) * T * I
+    base = (deq + 2 * T * I) if four_bit else (deq + a * T * I if deq else a * T * I)
+    candidates = [
+        -l_saved + k * a * T * I,  # MLP product backward
+        -l_saved + _max(lora_grad_peak, lora_grad_held + base),  # down backward, base branch
+        -l_saved + adapted * (lora_grad_held + 2 * a * T * I),  # down backward, the sum
+    ]
+    if hidden_dropout(m) and m.arch.ffn_inner_dropout:
+        # T5's FFN dropout comes after the product: the recompute runs to it, making its output
+        candidates.append(-l_saved + a * T * I)
+    if adapted:
+        candidates.append(-l_saved + a * T * I + ((2 * T * I + deq) if four_bit else 0))  # recompute: base
+        # recompute: LoRA branch of the down projection: its fp32 cast of a half input (held by
+        # peft's forward locals), the base output (a·T·h) and lora_B's fp32 output with its
+        # scaled copy (2·4·T·h)
+        candidates.append(a * T * I + (4 * T * I if a != 4 else 0) + (8 + a) * T * m.hidden_size)
+    best = candidates[0]
+    for c in candidates[1:]:
+        best = _max(best, c)
+    extra = 0
+    if hidden_dropout(m):
+        # a residual dropout's backward makes the branch's gradient a tensor of its own, beside
+        # the residual path's (T5, OPT): one more a·T·h
+        extra = a * T * m.hidden_size
+    if _relative_bias(m):
+        # T5 in backward: the gradient of the shared position bias [1, n_h, s, s]; with
+        # checkpointing also the bias recomputed in the first block and the cross-attention's
+        # recomputed zeros bias
+        extra = extra + a * m.num_heads * x.tseq * x.tseq
+        if gradient_checkpointing:
+            extra = extra + a * m.num_heads * (x.tseq * x.tseq + x.tseq * x.seq)
+    if kind in ("math", "eager"):
+        # score-matrix attention backward, after the MLP's backward has released the MLP's saved
+        # tensors: the softmax output's gradient and the scores' gradient, fp32 [b, n_h, s, s]
+        # each, beside the saved softmax
+        mlp_lora = lora_input_saved_bytes(st, x.dropout) * T * st.mlp_adapted_in.get("decoder", 0.0)
+        extra = _max(extra, 2 * 4 * x.b * m.num_heads * x.tseq * x.tseq - mlp_saved(st, T) - mlp_lora - best)
+    return best + a * T * m.hidden_size + extra
+
+
+
+def default_int8_outlier_fraction(st: Structure, T):
+    """Share of MLP-out input columns with an element above LLM.int8's threshold (6.0), for the
+    random-initialised models of the protocol.
+
+    The down-projection input silu(g)·u with g, u ~ N(0, σ²), σ = initializer_range·√h
+    (RMS-normed input): p = P(|silu(g)·u| > 6) per element by numerical integration, and
+    1 − (1 − p)^T per column (0.82 for Llama-2-7B at T = 512; a CPU simulation with real
+    random weights gives the same). Other inputs (RMS-normed, attention outputs) stay far
+    below 6. Trained models have far fewer outlier columns (LLM.int8 paper: a handful of
+    hidden dimensions): pass --int8-outlier-fraction.
+    """
+    return 1.0 - (1.0 - st.outlier_p) ** T
+
+
+def random_init_outlier_fraction(model: ModelSpec, T) -> float:
+    """``default_int8_outlier_fraction`` for a model without a Structure (used by the trace)."""
+    sigma = float(model.config.get("initializer_range", 0.02)) * math.sqrt(model.hidden_size)
+    return 1.0 - (1.0 - _p_silu_product_exceeds(sigma, 6.0)) ** T
+
+
+def int8_retained_per_step(st: Structure, x: Shape, outlier_fraction=None, gradient_checkpointing: bool = True):
+    """What LLM.int8 keeps for a whole step, checkpointing or not.
+
+    MatMul8bitLt stores ``ctx.tensors = (CAt, subA, A)`` as plain ctx attributes, not
+    save_for_backward (bitsandbytes autograd/_functions.py): non-reentrant checkpointing cannot
+    drop them and backward does not free them; they live until the graph dies, i.e. until
+    ``loss`` is rebound after the *next* forward. Per layer: each distinct input A of an int8
+    Linear (views share storage: q/k/v read one, gate/up another): a·T·in, plus subA, the fp32
+    outlier columns of each call, f·a·T·in (CAt is None when the weight is frozen).
+    ``outlier_fraction`` None: the random-init default for MLP-out inputs, 0 elsewhere; a
+    number: that share for every int8 Linear.
+    ctx.tensors is only set when an input needs a gradient: without checkpointing the first
+    layer's input does not (see first_layer_not_saved), so its attention-input Linears keep
+    nothing, nor, in a parallel-attention layer with an unadapted MLP, its MLP Linears.
+    """
+    if st.linear_quant != "int8":
+        return 0
+    a, m = st.stream_bytes, st.model
+    total = 0
+    if not gradient_checkpointing:
+        first = "encoder" if m.is_encoder_decoder else "decoder"
+        T0 = x.T_enc if first == "encoder" else x.T
+        idle = m.hidden_size  # the attention input (q/k/v or fused qkv)
+        if m.arch.parallel_attn and not st.first_layer_mlp_adapted:
+            f = default_int8_outlier_fraction(st, T0) if outlier_fraction is None and st.device != "cpu" else (
+                outlier_fraction or 0)
+            idle = idle + m.hidden_size * (0 if m.arch.norms_per_layer == 1 else 1) + m.intermediate_size * (1 + f)
+        total = total - a * T0 * idle
+    for stack, in_sum in st.int8_inputs_per_layer.items():
+        T = x.T_enc if stack == "encoder" else x.T
+        L = _stack_layers(m, stack)
+        if st.device == "cpu":  # MatMul8bitFp keeps ctx.A only: no outlier columns
+            sub = 0
+        elif outlier_fraction is None:
+            sub = default_int8_outlier_fraction(st, T) * st.int8_outlier_in_per_layer.get(stack, 0.0)
+        else:
+            sub = outlier_fraction * st.int8_all_in_per_layer.get(stack, 0.0)
+        total = total + L * a * T * (in_sum + sub)
+    return total
+
+
+def input_leaf_and_grad(st: Structure, x: Shape, gradient_checkpointing: bool):
+    """The embedding output as a leaf that requires grad, and its ``.grad``: 2·a·T·h.
+
+    With checkpointing, enable_input_require_grads marks the embedding output
+    ``requires_grad_(True)`` (transformers modeling_utils): it becomes a leaf, backward
+    accumulates a gradient into its ``.grad``, and the AccumulateGrad node of the graph held by
+    ``loss`` keeps both alive through the optimizer step and into the next forward, until
+    ``loss`` is rebound. Without checkpointing nothing requires the input's grad: 0.
+    """
+    if not gradient_checkpointing:
+        return 0
+    m = st.model
+    return 2 * st.stream_bytes * m.hidden_size * (x.T_enc if m.is_encoder_decoder else x.T)
+
+
+def last_hidden_state(st: Structure, x: Shape):
+    """The final norm's output (a·T·h): the forward's ``hidden_states`` local is still alive while
+    the loss is computed inside ``*ForCausalLM.forward`` (it is not saved for backward)."""
+    return st.stream_bytes * x.T * st.model.hidden_size
+
+
+def int8_saved_anyway(st: Structure, kind: str, x: Shape, gradient_checkpointing: bool):
+    """int8 Linear inputs that are also tensors autograd saves without checkpointing: the
+    attention output read by o_proj (saved by the flash / mem-efficient kernel) and, for a
+    plain ReLU MLP (OPT, T5 v1.0), the ReLU output read by fc_out (ReLU saves its result).
+    They are one storage, counted once. With checkpointing nothing else keeps them."""
+    if st.linear_quant != "int8" or gradient_checkpointing:
+        return 0
+    m, a = st.model, st.stream_bytes
+    per_layer = 0
+    if kind in ("flash", "efficient"):
+        per_layer = a * x.T * m.num_heads * m.head_dim
+    if m.arch.mlp == "plain" and _activation(m) == "relu":
+        per_layer = per_layer + a * x.T * m.intermediate_size
+    return m.num_layers * per_layer
+
+
+def int8_matmul_transient(st: Structure, x: Shape, outlier_fraction=None):
+    """Inside an int8 Linear's forward (bitsandbytes backends/default/ops.py
+    ``int8_mixed_scaled_mm``): the int32 matmul result (4·T·out) and the outlier weight columns
+    ``CB[:, cols]`` gathered (1 B) and dequantized to fp32 (4 B), cast to A's dtype when that
+    is not fp32: out·n·(5 + a') with n = f·in outlier columns. The largest over the Linears."""
+    if st.linear_quant != "int8":
+        return 0
+    a = st.stream_bytes
+    if st.device == "cpu":  # MatMul8bitFp dequantizes the whole weight to A's dtype, then linear
+        return max((n_in * n_out for _, _, n_in, n_out in st.linear_shapes), default=0) * a
+    cast = 0 if a == 4 else a
+    best = 0
+    for stack, outlier_role, n_in, n_out in st.linear_shapes:
+        T = x.T_enc if stack == "encoder" else x.T
+        if outlier_fraction is not None:
+            f = outlier_fraction
+        else:
+            f = default_int8_outlier_fraction(st, T) if outlier_role else 0.0
+        best = _max(best, 4 * T * n_out + n_out * _ceil(f * n_in) * (5 + cast))
+    return best
+
+
+def cuda_workspaces(gpu: GpuSpec | None, cal: Calibration, device: str = "cuda") -> int:
+    """cuBLAS/cuBLASLt workspaces, allocated through the caching allocator but invisible to a
+    dispatch trace: one per handle, and training uses two (the forward thread's and autograd's
+    backward thread's). torch/csrc/cuda/CublasHandlePool.cpp default CUBLAS_WORKSPACE_CONFIG:
+    ':4096:8' (32 MiB) on sm90+, ':4096:2:16:8' (8.125 MiB) before. The H100 bf16 reference
+    cases sit 64 MiB above a dispatch trace (trace-notes.md). The sizes and the handle count
+    are the calibration's ``cublas_*`` coefficients (calibrations/default.json)."""
+    if device == "cpu":
+        return 0
+    cc = float(gpu.compute_capability) if gpu and gpu.compute_capability else 9.0
+    per = coefficient(cal, "cublas_workspace_bytes_sm90" if cc >= 9.0 else "cublas_workspace_bytes_pre_sm90")
+    return int(coefficient(cal, "cublas_handles") * per)
