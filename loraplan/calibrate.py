@@ -280,7 +280,7 @@ def fit_time(ms: list[Measurement], base: Calibration) -> dict[str, CoefficientF
     """Host costs by NNLS and GPU efficiencies on a grid (the method of benchmarks/fit_time_h100.py)."""
     from .estimate import time as tmod
 
-    names = list(getattr(tmod, "COEFFICIENTS", {}))
+    names = list(tmod.COEFFICIENTS)
     coef0 = tmod.coefficients(base)
     timed = [m for m in ms if m.step_s and gpu_for(m) is not None]
 

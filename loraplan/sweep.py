@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from .case import grid_option as _as_option
+from .case import CHECK_ORDER
 from .errors import ConfigError, InputError
 
 #: more cases than this need ``--yes`` (or ``confirm=True``)
@@ -255,39 +256,7 @@ def expand_cases(cli_opts: dict[str, Any], grids: list[dict[str, Any]] | None = 
 
 def build_cases(cli_opts: dict[str, Any], grids: list[dict[str, Any]] | None = None) -> list[dict]:
     """Case dicts (one per grid point, gpu included): ``expand_cases`` as a list of dicts."""
-    if not _have_numpy():
-        return _build_case_dicts(cli_opts, grids)
     return expand_cases(cli_opts, grids).to_dicts()
-
-
-def _have_numpy() -> bool:
-    """numpy is what makes a sweep fast; without it (core install) sweeps go case by case."""
-    try:
-        import numpy  # noqa: F401
-    except ModuleNotFoundError:
-        return False
-    return True
-
-
-def _build_case_dicts(cli_opts: dict[str, Any], grids: list[dict[str, Any]] | None = None) -> list[dict]:
-    """``build_cases`` without numpy: one dict per case."""
-    from .catalog import load_gpu, load_model
-    from .case import DEFAULTS, expand_grid
-
-    given = {k: v for k, v in cli_opts.items() if k in GRID_KEYS and v is not None and v != ()}
-    cases: list[dict] = []
-    for g in grids or [{}]:
-        opts, gpus = _grid_opts(given, g)
-        for c in expand_grid(opts):
-            for gpu in gpus:
-                cases.append({**c, "gpu": gpu})
-    if not cases:
-        raise InputError("the grid has no cases; give at least one value for every option")
-    for gid in {c["gpu"] for c in cases}:
-        load_gpu(gid)
-    for name in {c.get("model") or DEFAULTS["model"] for c in cases}:
-        load_model(str(name))
-    return cases
 
 
 def count_cases(cli_opts: dict[str, Any], grids: list[dict[str, Any]] | None = None) -> int:
@@ -381,7 +350,7 @@ class Columns:
 
 #: options resolved once per group (not numbers), and the numbers, in resolve_case's check order
 _STRUCTURAL = ("model", "quant", "double_quant", "targets", "optimizer", "gradient_checkpointing", "attention")
-_NUMERIC = ("rank", "batch", "seq", "target_seq", "dropout", "int8_outlier_fraction")
+_NUMERIC = CHECK_ORDER
 _INT_COLUMNS = ("rank", "batch", "seq", "target_seq", "trainable_params", "total_params", "peak_allocated_bytes",
                 "peak_reserved_bytes", "device_total_bytes", "gpu_memory_bytes", "headroom_bytes")
 _FLOAT_COLUMNS = ("alpha", "dropout", "int8_outlier_fraction", "step_s", "tokens_per_s")
@@ -650,69 +619,47 @@ def _evaluate_group(p: _Group, idx, C, gpu_entry, data, none, rank_v, batch_v, s
         ms = moments(p.structure, tr, kind, x, gpu, cal)
         peak[sel], moment[sel], reserved[sel], device[sel] = _memory_totals(p.structure, tr, x, ms, cal)
 
-    data["model"][idx] = p.model.name
-    data["quant"][idx] = p.train.quant
-    data["double_quant"][idx] = p.train.double_quant
-    data["rank"][idx] = r
-    data["alpha"][idx] = alpha
-    data["dropout"][idx] = d
-    data["targets"][idx] = p.targets
-    data["optimizer"][idx] = p.train.optimizer
-    data["batch"][idx] = b
-    data["seq"][idx] = s
-    if ts is None:
-        none["target_seq"][idx] = True
-    else:
-        data["target_seq"][idx] = ts
-    data["gradient_checkpointing"][idx] = p.train.gradient_checkpointing
-    data["attention"][idx] = p.train.attention
-    if frac is None:
-        none["int8_outlier_fraction"][idx] = True
-    else:
-        data["int8_outlier_fraction"][idx] = frac
-    data["gpu"][idx] = gpu.id
-    data["trainable_params"][idx] = trainable
-    data["total_params"][idx] = total
-    data["peak_allocated_bytes"][idx] = peak
-    data["peak_reserved_bytes"][idx] = reserved
-    data["device_total_bytes"][idx] = device
-    data["peak_moment"][idx] = moment
-    data["gpu_memory_bytes"][idx] = gpu.memory_bytes
-    data["fits"][idx] = device <= gpu.memory_bytes
-    data["headroom_bytes"][idx] = gpu.memory_bytes - device
-    data["step_s"][idx] = t.step_s
-    data["tokens_per_s"][idx] = t.tokens_per_s
-    data["bound"][idx] = t.bound
+    row = case_row(p.model, lora, train, gpu, trainable, total, peak, reserved, device, moment, t)
+    for c, v in row.items():
+        if v is None:
+            none[c][idx] = True
+        else:
+            data[c][idx] = v
+
+
+def case_row(model, lora, train, gpu, trainable, total, peak, reserved, device, moment, t) -> dict[str, Any]:
+    """The one row schema (COLUMNS but ``error``) of an evaluated case, from the resolved specs,
+    parameter counts, memory totals and TimeEstimate ``t``. Values are numbers for one case
+    (``evaluate_each``) or numpy arrays for a group (``evaluate_table``); None marks a cell
+    that does not apply (target_seq of a decoder-only model, an int8 fraction not given)."""
+    return dict(
+        model=model.name, quant=train.quant, double_quant=train.double_quant, rank=lora.rank,
+        alpha=lora.alpha, dropout=lora.dropout, targets=",".join(lora.targets), optimizer=train.optimizer,
+        batch=train.batch, seq=train.seq, target_seq=train.target_seq,
+        gradient_checkpointing=train.gradient_checkpointing, attention=train.attention,
+        int8_outlier_fraction=train.int8_outlier_fraction, gpu=gpu.id,
+        trainable_params=trainable, total_params=total, peak_allocated_bytes=peak, peak_reserved_bytes=reserved,
+        device_total_bytes=device, peak_moment=moment, gpu_memory_bytes=gpu.memory_bytes,
+        fits=device <= gpu.memory_bytes, headroom_bytes=gpu.memory_bytes - device,
+        step_s=t.step_s, tokens_per_s=t.tokens_per_s, bound=t.bound,
+    )
 
 
 def _memory_totals(st, train, x, ms, cal):
-    """``estimate_memory``'s totals for arrays of cases, from the ledger's moments ``ms``:
-    (peak allocated, peak moment names, peak reserved, device total).
-
-    As ``memory.estimate_memory``: each moment's total is int(Σ components); the peak moment is
-    the first largest (in the ledger's order); peak allocated is Σ int(component) at that
-    moment; reserved and device total come from ``memory.device_totals``.
-    """
+    """``estimate_memory``'s totals for arrays of cases from the ledger's moments ``ms``: (peak
+    allocated, peak moment names, peak reserved, device total), by the same functions
+    (``memory.peak_of``, ``memory.device_totals``)."""
     import numpy as np
 
-    from .estimate.memory import device_totals
+    from .estimate.memory import device_totals, peak_of
     from .estimate.weights import paged_optimizer_state
 
-    shape = np.shape(x.b)
-
-    def as_int(v):  # int(v), element-wise for arrays
-        return int(v) if isinstance(v, (int, float)) else np.asarray(v).astype(np.int64)
-
-    names = list(ms)
-    totals, sums = [], []
-    for k in names:
-        vals = list(ms[k].values())
-        totals.append(np.broadcast_to(as_int(sum(vals)), shape))
-        sums.append(np.broadcast_to(sum(as_int(v) for v in vals), shape))
-    i = np.stack(totals).argmax(axis=0)
-    peak = np.take_along_axis(np.stack(sums), i[None, :], axis=0)[0]
-    reserved, device, _ = device_totals(peak, as_int(paged_optimizer_state(st, x.r, train.optimizer)), cal)
-    return peak, _obj_array(names)[i], reserved, device
+    peak, moment = peak_of(ms)
+    peak = np.broadcast_to(peak, np.shape(x.b))
+    paged = paged_optimizer_state(st, x.r, train.optimizer)
+    paged = int(paged) if isinstance(paged, (int, float)) else np.asarray(paged).astype(np.int64)
+    reserved, device, _ = device_totals(peak, paged, cal)
+    return peak, np.broadcast_to(moment, np.shape(x.b)), reserved, device
 
 
 def _obj_array(values: list):
@@ -760,7 +707,7 @@ def evaluate(cases: Iterable[dict] | CaseTable, *, estimate_fn: Callable | None 
 
     Vectorized (``evaluate_table``); with a custom ``estimate_fn`` or without numpy, one call
     per case (``evaluate_each``)."""
-    if estimate_fn is not None or not _have_numpy():
+    if estimate_fn is not None:
         yield from evaluate_each(cases, estimate_fn=estimate_fn, on_progress=on_progress)
         return
     table = cases if isinstance(cases, CaseTable) else CaseTable.from_dicts(cases)
@@ -808,19 +755,9 @@ def evaluate_each(cases: Iterable[dict], *, estimate_fn: Callable | None = None,
                 est = estimate_fn(model, lora, train, gpu, cals[gid], with_time=False)
                 t = step_time(works[wkey], gpu, coefs[gid])
                 m = est.memory
-                row.update(
-                    model=model.name, quant=train.quant, double_quant=train.double_quant, rank=lora.rank,
-                    alpha=lora.alpha, dropout=lora.dropout, targets=",".join(lora.targets),
-                    optimizer=train.optimizer, batch=train.batch, seq=train.seq, target_seq=train.target_seq,
-                    gradient_checkpointing=train.gradient_checkpointing, attention=train.attention,
-                    int8_outlier_fraction=train.int8_outlier_fraction, gpu=gpu.id,
-                    trainable_params=est.params.trainable, total_params=est.params.total,
-                    peak_allocated_bytes=m.peak_allocated_bytes, peak_reserved_bytes=m.peak_reserved_bytes,
-                    device_total_bytes=m.device_total_bytes, peak_moment=m.peak_moment,
-                    gpu_memory_bytes=gpu.memory_bytes, fits=m.device_total_bytes <= gpu.memory_bytes,
-                    headroom_bytes=gpu.memory_bytes - m.device_total_bytes,
-                    step_s=t.step_s, tokens_per_s=t.tokens_per_s, bound=t.bound, error=None,
-                )
+                row.update(case_row(model, lora, train, gpu, est.params.trainable, est.params.total,
+                                    m.peak_allocated_bytes, m.peak_reserved_bytes, m.device_total_bytes,
+                                    m.peak_moment, t), error=None)
             except Exception as e:  # noqa: BLE001 - a bad case is a row, not the end of the sweep
                 from .errors import LoraplanError
 
@@ -1015,11 +952,6 @@ def write_rows(rows: Iterable[dict] | Columns, path: str | Path, fmt: str) -> in
 def sweep(cli_opts: dict[str, Any], grids: list[dict[str, Any]] | None = None, *, confirm: bool = False,
           limit: int = MAX_CASES) -> list[dict]:
     """Build and evaluate the grid; refuses more than ``limit`` cases unless ``confirm``."""
-    if not _have_numpy():
-        n = count_cases(cli_opts, grids)
-        if n > limit and not confirm:
-            raise InputError(f"the grid has {n:,} cases, more than {limit:,}; narrow it or pass --yes")
-        return list(evaluate_each(build_cases(cli_opts, grids)))
     return list(sweep_columns(cli_opts, grids, confirm=confirm, limit=limit).rows())
 
 

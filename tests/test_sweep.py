@@ -243,16 +243,26 @@ def test_writers_match_row_writers(tmp_path):
 
 
 def test_expand_cases_order_and_values():
-    """The columnar expansion lists the same cases, in the same order, as one dict per case."""
-    from loraplan.sweep import _build_case_dicts, expand_cases
+    """The columnar expansion lists the same cases, in the same order, as loraplan.case.expand_grid
+    (one dict per case) with the GPU varying fastest."""
+    from loraplan.case import expand_grid
+    from loraplan.sweep import GRID_KEYS, _grid_opts, expand_cases
+
+    def one_by_one(cli_opts, grids=None):
+        given = {k: v for k, v in cli_opts.items() if k in GRID_KEYS and v is not None}
+        out = []
+        for g in grids or [{}]:
+            opts, gpus = _grid_opts(given, g)
+            out += [{**c, "gpu": gpu} for c in expand_grid(opts) for gpu in gpus]
+        return out
 
     opts = {"model": "qwen2.5-0.5b,llama-2-7b", "seq": "256:1024:x2", "rank": "8,16", "gpu": "l4-24gb,t4-16gb",
             "targets": ("q_proj,v_proj", "all-linear")}
-    assert build_cases(opts) == _build_case_dicts(opts)
+    assert build_cases(opts) == one_by_one(opts)
     grids = [{"model": "qwen2.5-0.5b", "batch": [1, 2]}, {"model": ["qwen2.5-0.5b", "flan-t5-base"], "quant": "int8",
                                                          "int8_outlier_fraction": [0.1, 0.2]}]
     table = expand_cases({"gpu": "l4-24gb"}, grids)
-    assert table.to_dicts() == _build_case_dicts({"gpu": "l4-24gb"}, grids)
+    assert table.to_dicts() == one_by_one({"gpu": "l4-24gb"}, grids)
     assert len(table) == 2 + 4 and table.levels["model"] == ["qwen2.5-0.5b", "flan-t5-base"]
 
 

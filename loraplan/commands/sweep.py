@@ -33,8 +33,7 @@ def sweep_command(grid_file, out, fmt, yes, quiet, **opts):
     verdict and headroom, and step time; a case that cannot be estimated gets its error in 'error'.
     """
     from ..errors import InputError
-    from ..sweep import (MAX_CASES, _have_numpy, build_cases, count_cases, evaluate_each, evaluate_table,
-                         expand_cases, load_grid, output_format, write_columns, write_rows)
+    from ..sweep import MAX_CASES, count_cases, evaluate_table, expand_cases, load_grid, output_format, write_columns
 
     fmt = output_format(out, fmt)
     grids = load_grid(grid_file) if grid_file else None
@@ -42,10 +41,6 @@ def sweep_command(grid_file, out, fmt, yes, quiet, **opts):
     if n > MAX_CASES and not yes:
         raise InputError(f"the grid has {n:,} cases, more than {MAX_CASES:,}; narrow it or pass --yes")
     t0 = time.perf_counter()
-    if not _have_numpy():  # core install: case by case (about 700 cases/s)
-        written = write_rows(evaluate_each(build_cases(opts, grids)), out, fmt)
-        _summary(quiet, written, out, fmt, time.perf_counter() - t0)
-        return
     table = expand_cases(opts, grids)
     if quiet or len(table) < PROGRESS_MIN_CASES:
         cols = evaluate_table(table)

@@ -102,17 +102,32 @@ def moments(st: Structure, train: TrainSpec, kind: str, x: Shape, gpu: GpuSpec |
     return out
 
 
-def peak_allocated(st: Structure, train: TrainSpec, kind: str, x: Shape, gpu: GpuSpec | None, cal: Calibration):
-    """Peak allocated bytes (scalar or array) and the index into MOMENTS of the peak moment."""
-    ms = moments(st, train, kind, x, gpu, cal)
-    totals = [sum(ms[k].values()) if k in ms else 0 for k in MOMENTS]
+def peak_of(ms: dict[str, dict[str, Any]]):
+    """The one peak reduction over a step's moments (``moments()``): ``(peak_allocated, moment)``.
+
+    Each moment's total is ``int(Σ components)``; the peak moment is the first largest in step
+    order (MOMENTS); peak allocated is ``Σ int(component)`` at that moment, i.e. exactly the sum of
+    the itemised lines an estimate prints. Components may be ints or numpy arrays of one shape
+    (a sweep group): then both results are arrays (int64 bytes, object array of moment names).
+    """
+    names = list(ms)
+    totals = [sum(v.values()) for v in ms.values()]
     if all(_is_scalar(t) for t in totals):
-        i = max(range(len(totals)), key=lambda j: totals[j])
-        return totals[i], i
+        ints = [int(t) for t in totals]
+        i = max(range(len(ints)), key=lambda j: ints[j])
+        return sum(int(v) for v in ms[names[i]].values()), names[i]
     import numpy as np
 
-    stacked = np.stack([np.broadcast_to(np.asarray(t, dtype=float), np.shape(x.b)) for t in totals])
-    return stacked.max(axis=0), stacked.argmax(axis=0)
+    shape = next(np.shape(t) for t in totals if not _is_scalar(t))
+
+    def as_int(v):  # int(v), element-wise for arrays
+        return int(v) if _is_scalar(v) else np.asarray(v).astype(np.int64)
+
+    idx = np.stack([np.broadcast_to(as_int(t), shape) for t in totals]).argmax(axis=0)
+    sums = np.stack([np.broadcast_to(sum(as_int(v) for v in ms[k].values()), shape) for k in names])
+    moment = np.empty(len(names), dtype=object)
+    moment[:] = names
+    return np.take_along_axis(sums, idx[None, :], axis=0)[0], moment[idx]
 
 
 @dataclass(frozen=True)
@@ -150,10 +165,8 @@ def estimate_memory(s: Setup, gpu: GpuSpec | None, cal: Calibration) -> MemoryEs
     """Peak allocated = the largest moment; reserved and device totals from named coefficients."""
     st, x = s.structure, s.shape
     ms = moments(st, s.train, s.attention, x, gpu, cal)
-    totals = {k: int(sum(v.values())) for k, v in ms.items()}
-    peak_name = max(totals, key=lambda k: totals[k])
+    peak, peak_name = peak_of(ms)
     components = {k: int(v) for k, v in ms[peak_name].items() if v}
-    peak = sum(components.values())
     paged = int(paged_optimizer_state(st, x.r, s.train.optimizer))
     reserved, device, context = device_totals(peak, paged, cal)
     outside = {"cuda_context_and_libraries": context}
@@ -177,7 +190,7 @@ def estimate_memory(s: Setup, gpu: GpuSpec | None, cal: Calibration) -> MemoryEs
         peak_reserved_bytes=reserved,
         device_total_bytes=device,
         peak_moment=peak_name,
-        moments=totals,
+        moments={k: int(sum(v.values())) for k, v in ms.items()},
         outside_allocator_bytes=outside,
         notes=tuple(notes),
     )
