@@ -111,6 +111,49 @@ def test_tracker_resize_is_followed():
     assert tr.current == 400
 
 
+def test_tracker_stream_has_transients_resizes_and_persistent_allocations():
+    from loraplan.allocator import replay
+
+    tr = LiveTensorTracker(device="cpu")
+    with tr:
+        with tr.phase("one"):
+            a = torch.empty(100)  # record 0, 400 B
+            tr.transient(5000, "kernel")  # alloc + free right after a
+            tr.persistent(3000, "workspace")  # kept for good
+            b = torch.empty(10)  # record 1
+        with tr.phase("two"):
+            a.resize_(1000)  # new block (record 2) allocated, then the old one (record 0) freed
+            del b
+    ev = tr.allocation_events(with_phase=True)
+    kinds = [(e[0], e[1] if isinstance(e[1], int) else e[1][:2]) for e in ev]
+    assert kinds == [("alloc", 0), ("alloc", ("transient", "kernel")), ("free", ("transient", "kernel")),
+                     ("alloc", ("persistent", "workspace")), ("alloc", 1), ("alloc", 2), ("free", 0),
+                     ("free", 1)]
+    assert [e[-1] for e in ev] == ["one"] * 5 + ["two"] * 3
+    assert ev[5][2] == 4000 and ev[1][2] == 5000 and ev[3][2] == 3000
+    assert tr.n_resizes == 1 and tr.current == 4000  # the persistent bytes are stream-only
+    r = replay(tr.allocation_events())
+    assert r.final_allocated == 4096 + 3072 and r.live_at_end == 2
+    # starting at a moment: what is live then comes first, in allocation order
+    seq_b = tr._records[1][6]
+    ev2 = tr.allocation_events(start_seq=seq_b)
+    assert ev2[:3] == [("alloc", 0, 400), ("alloc", ("persistent", "workspace", 2), 3000), ("alloc", 1, 40)]
+    assert ev2[3:] == [("alloc", 2, 4000), ("free", 0), ("free", 1)]
+    del a
+
+
+def test_tracker_resize_to_zero_only_frees():
+    tr = LiveTensorTracker(device="cpu")
+    with tr:
+        t = torch.empty(256)
+        t.untyped_storage().resize_(0)
+        tr._resync(t)
+        t.untyped_storage().resize_(2048)
+        tr._resync(t)
+    assert tr.allocation_events() == [("alloc", 0, 1024), ("free", 0), ("alloc", 2, 2048)]
+    del t
+
+
 # ----------------------------------------------------------------------------- emulation
 @pytest.mark.parametrize("dtype,hd,mask,cc,want", [
     (torch.bfloat16, 128, False, "9.0", "flash"),
