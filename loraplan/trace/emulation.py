@@ -283,6 +283,21 @@ def cublas_workspace_bytes(gpu_cc: str | None) -> int:
     return 4096 * 1024 * 2 + 16 * 1024 * 8
 
 
+#: aten ops that run through a cuBLAS / cuBLASLt handle on CUDA (aten/src/ATen/native/cuda/Blas.cpp)
+CUBLAS_OPS = frozenset({"mm", "addmm", "bmm", "baddbmm", "addbmm", "addmv", "mv", "dot", "vdot",
+                        "_addmm_activation", "addr"})
+
+
+def cublas_thread() -> str:
+    """Which CPU thread would issue a cuBLAS call now on CUDA: "backward" inside an autograd
+    backward pass (the engine runs CUDA work on its per-device thread, torch/csrc/autograd/
+    engine.cpp), else "forward". On meta/CPU both run on the caller's thread, so the thread is
+    read from ``torch._C._current_graph_task_id()`` (-1 outside backward). cuBLAS handles and
+    their workspaces are per thread (CublasHandlePool.cpp: thread-local handle pool; workspace
+    per (handle, stream), allocated through the caching allocator at the first use)."""
+    return "backward" if torch._C._current_graph_task_id() != -1 else "forward"
+
+
 def constant_terms(gpu_cc: str | None, handles: int = 2) -> dict[str, dict]:
     """Memory that is allocated from the caching allocator without passing through dispatch,
     alive for the whole step, as named terms with their provenance."""
