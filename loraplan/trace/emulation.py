@@ -57,8 +57,9 @@ UNCERTAIN = (
     "(an upper bound: out x in x 2 B transient per call)",
     "cuBLAS workspace: 32 MiB per handle on sm90+ (8 MiB before), two handles assumed (forward "
     "thread and autograd's device thread); cuBLASLt may add its own workspace in some builds",
-    "allocator: only the 512 B block rounding of max_memory_allocated is modelled, not "
-    "fragmentation or reserved memory",
+    "allocator: reserved memory comes from replaying the traced allocation stream through a model "
+    "of the caching allocator (one stream, weights allocated in build order, kernel-internal "
+    "allocations only where emulation.kernel_transients / the cuBLAS workspaces name them)",
 )
 
 

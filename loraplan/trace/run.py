@@ -10,7 +10,9 @@ Nothing is allocated; a 7B step takes seconds.
 
 The result predicts ``torch.cuda.max_memory_allocated()``: the tracker's peak (which includes
 kernel-internal transients, see ``emulation.kernel_transients``) plus constant terms that never
-pass through dispatch (cuBLAS workspaces).
+pass through dispatch (cuBLAS workspaces); and ``torch.cuda.max_memory_reserved()`` by replaying
+the step's ordered allocation stream (storages, transients, resizes, the workspaces at each
+thread's first matmul) through ``loraplan.allocator`` (``replay_allocations``).
 """
 
 from __future__ import annotations
