@@ -5,8 +5,10 @@ all-linear targets, checkpointing on/off) and, with ``--full``, the H100 referen
 size, traces each step on meta, replays its allocation stream through ``loraplan.allocator``
 (default config and ``expandable_segments:True``) and prints per setup: traced peak allocated,
 replayed peak reserved (default / expandable), reserved/allocated, fragmentation at the peak,
-where the slack comes from (the weights' segments: reserved - allocated after loading; the rest:
-activation churn and segment rounding during the step), and the analytic reserved model
+where the slack comes from ("weights": reserved - allocated once the model is loaded, the tails
+of 20 MiB kLargeBuffer / 2 MiB kSmallBuffer segments and 2 MiB rounding; "step": the rest of
+peak reserved - peak allocated, i.e. activation churn, negative when the step's tensors fill the
+weights' segment tails), and the analytic reserved model
 (``loraplan.estimate.reserved``) against the default replay. Summary: agreement over the grid.
 
     python benchmarks/reserved_from_replay.py [--full] [--families llama,t5] [--no-grid]
