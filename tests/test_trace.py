@@ -112,6 +112,49 @@ def test_tracker_resize_is_followed():
     assert tr.current == 400
 
 
+def test_tracker_stream_has_transients_resizes_and_persistent_allocations():
+    from loraplan.allocator import replay
+
+    tr = LiveTensorTracker(device="cpu")
+    with tr:
+        with tr.phase("one"):
+            a = torch.empty(100)  # record 0, 400 B
+            tr.transient(5000, "kernel")  # alloc + free right after a
+            tr.persistent(3000, "workspace")  # kept for good
+            b = torch.empty(10)  # record 1
+        with tr.phase("two"):
+            a.resize_(1000)  # new block (record 2) allocated, then the old one (record 0) freed
+            del b
+    ev = tr.allocation_events(with_phase=True)
+    kinds = [(e[0], e[1] if isinstance(e[1], int) else e[1][:2]) for e in ev]
+    assert kinds == [("alloc", 0), ("alloc", ("transient", "kernel")), ("free", ("transient", "kernel")),
+                     ("alloc", ("persistent", "workspace")), ("alloc", 1), ("alloc", 2), ("free", 0),
+                     ("free", 1)]
+    assert [e[-1] for e in ev] == ["one"] * 5 + ["two"] * 3
+    assert ev[5][2] == 4000 and ev[1][2] == 5000 and ev[3][2] == 3000
+    assert tr.n_resizes == 1 and tr.current == 4000  # the persistent bytes are stream-only
+    r = replay(tr.allocation_events())
+    assert r.final_allocated == 4096 + 3072 and r.live_at_end == 2
+    # starting at a moment: what is live then comes first, in allocation order
+    seq_b = tr._records[1][6]
+    ev2 = tr.allocation_events(start_seq=seq_b)
+    assert ev2[:3] == [("alloc", 0, 400), ("alloc", ("persistent", "workspace", 2), 3000), ("alloc", 1, 40)]
+    assert ev2[3:] == [("alloc", 2, 4000), ("free", 0), ("free", 1)]
+    del a
+
+
+def test_tracker_resize_to_zero_only_frees():
+    tr = LiveTensorTracker(device="cpu")
+    with tr:
+        t = torch.empty(256)
+        t.untyped_storage().resize_(0)
+        tr._resync(t)
+        t.untyped_storage().resize_(2048)
+        tr._resync(t)
+    assert tr.allocation_events() == [("alloc", 0, 1024), ("free", 0), ("alloc", 2, 2048)]
+    del t
+
+
 # ----------------------------------------------------------------------------- emulation
 @pytest.mark.parametrize("dtype,hd,mask,cc,want", [
     (torch.bfloat16, 128, False, "9.0", "flash"),
@@ -246,6 +289,41 @@ def test_trace_bf16_llama(gc, opt):
     assert r["params"]["trainable"] == 2 * (64 * 8 + 8 * 64 + 64 * 8 + 8 * 32)
     if opt == "sgd":
         assert r["components"]["optimizer_state"] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quant", ["bf16", "nf4"])
+def test_trace_replays_its_stream_through_the_allocator_model(quant):
+    from loraplan.allocator import K_LARGE_BUFFER, replay
+
+    r = _trace(LLAMA, quant=quant, gradient_checkpointing=True)
+    a = r["allocator"]
+    # the stream holds everything the tracker counted: transients, resizes, cuBLAS workspaces
+    # (the replay may read higher: torch counts an unsplit block's remainder as allocated)
+    assert r["peak_allocated_bytes"] <= a["default"]["peak_allocated_bytes"] <= 1.01 * r["peak_allocated_bytes"]
+    assert a["cublas_workspace_threads"] == ["backward", "forward"]
+    assert r["peak_reserved_bytes"] == a["default"]["peak_reserved_bytes"] >= r["peak_allocated_bytes"]
+    assert r["peak_reserved_expandable_bytes"] == a["expandable_segments"]["peak_reserved_bytes"]
+    assert 0 <= r["fragmentation_at_peak"] < 1 and r["oom"] is None
+    assert a["weights"]["reserved_bytes"] >= a["weights"]["allocated_bytes"] > 0
+    # a card whose allocator can get less than the peak: OOM at an event inside a step
+    from loraplan.trace.run import trace_step
+
+    small = trace_step(LLAMA, QV, TrainSpec(quant=quant, batch=2, seq=64, gradient_checkpointing=True),
+                       gpu_memory_bytes=r["peak_allocated_bytes"] // 2, return_events=True)
+    oom = small["oom"]
+    assert oom is not None and oom["phase"].startswith("step1/") and "out of memory" in oom["message"].lower()
+    ev = small["_events"]
+    assert ev[oom["event"]][0] == "alloc"
+    assert replay(ev[:oom["event"]], capacity_bytes=r["peak_allocated_bytes"] // 2).oom_at is None
+    # weights' order (build order vs a checkpoint's): shuffling it moves peak reserved by <= 1 segment
+    import random
+
+    n = a["weights"]["n_events"]
+    for seed in range(3):
+        w = ev[:n]
+        random.Random(seed).shuffle(w)
+        assert abs(replay(w + ev[n:]).peak_reserved - r["peak_reserved_bytes"]) <= K_LARGE_BUFFER
 
 
 @pytest.mark.slow

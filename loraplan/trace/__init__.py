@@ -32,8 +32,11 @@ _ERRORS = {c.__name__: c for c in (TraceError, TraceDataDependentError, TraceTim
 
 
 def run_trace_subprocess(model_config: dict, lora: LoraSpec, train: TrainSpec, gpu_cc: str | None = "9.0",
-                         timeout_s: float = 300, steps: int = 2) -> dict[str, Any]:
-    """Trace one setup in a worker process; see ``loraplan.trace.run.trace_step`` for the result."""
+                         timeout_s: float = 300, steps: int = 2, gpu_memory_bytes: int | None = None) -> dict[str, Any]:
+    """Trace one setup in a worker process; see ``loraplan.trace.run.trace_step`` for the result.
+
+    ``gpu_memory_bytes``: what the caching allocator can obtain on the card; when given, the
+    allocator replay says whether and where the step would raise OOM (``result["oom"]``)."""
     for mod in ("torch", "transformers", "peft"):
         require_extra(mod)
     if lora.targets is None:  # PEFT's default for the family, the modules the analytic view adapts
@@ -44,7 +47,7 @@ def run_trace_subprocess(model_config: dict, lora: LoraSpec, train: TrainSpec, g
 
         lora = replace(lora, targets=default_targets(spec_from_config(dict(model_config))))
     payload = json.dumps({"model_config": dict(model_config), "lora": asdict(lora), "train": asdict(train),
-                          "gpu_cc": gpu_cc, "steps": steps})
+                          "gpu_cc": gpu_cc, "steps": steps, "gpu_memory_bytes": gpu_memory_bytes})
     try:
         proc = subprocess.run([sys.executable, "-m", "loraplan.trace.worker"], input=payload, capture_output=True,
                               text=True, timeout=timeout_s)
@@ -70,22 +73,32 @@ def trace_estimate(analytic, model, lora: LoraSpec, train: TrainSpec, gpu=None, 
     """An Estimate whose memory comes from a meta-device trace of the real step.
 
     Same schema as the analytic estimate (``loraplan estimate --method trace``): the trace's
-    peak allocated and its breakdown at the peak replace the ledger; reserved and device total
-    apply the same calibration coefficients to it; ``detail`` keeps the trace's own output
-    (phase peaks, what was live at the peak, sdpa kernels used, versions, caveats) and the
-    analytic peak beside it.
+    peak allocated and its breakdown at the peak replace the ledger; peak reserved is the
+    replay of the traced allocation stream through the caching-allocator model (default
+    config; ``loraplan.trace.run.replay_allocations``), device total adds what lives outside
+    the allocator; ``detail`` keeps the trace's own output (phase peaks, what was live at the
+    peak, sdpa kernels used, versions, caveats), the analytic peak beside it, and under
+    ``allocator`` the replays (default and expandable segments, fragmentation, OOM verdict
+    against the GPU's memory less the memory outside the allocator).
     """
     from dataclasses import replace
 
     from ..estimate.result import MemoryEstimate
 
     cc = gpu.compute_capability if gpu is not None else "9.0"
-    tr = run_trace_subprocess(dict(model.config), lora, train, cc, timeout_s=timeout_s)
     am = analytic.memory
-    peak = int(tr["peak_allocated_bytes"])
-    ratio = am.peak_reserved_bytes / am.peak_allocated_bytes if am.peak_allocated_bytes else 1.0
-    reserved = int(peak * ratio)
     outside = dict(am.outside_allocator_bytes)
+    capacity = None
+    if gpu is not None and getattr(gpu, "memory_bytes", None):
+        # paged optimizer state is managed memory the driver evicts under pressure: not subtracted
+        capacity = int(gpu.memory_bytes) - sum(v for k, v in outside.items() if k != "paged_optimizer_state")
+    tr = run_trace_subprocess(dict(model.config), lora, train, cc, timeout_s=timeout_s, gpu_memory_bytes=capacity)
+    peak = int(tr["peak_allocated_bytes"])
+    if tr.get("peak_reserved_bytes") is not None:
+        reserved = int(tr["peak_reserved_bytes"])
+    else:  # a worker without the allocator replay: the analytic ratio
+        ratio = am.peak_reserved_bytes / am.peak_allocated_bytes if am.peak_allocated_bytes else 1.0
+        reserved = int(peak * ratio)
     if tr.get("paged_optimizer_bytes"):
         outside["paged_optimizer_state"] = int(tr["paged_optimizer_bytes"])
     memory = MemoryEstimate(
@@ -109,5 +122,7 @@ def trace_estimate(analytic, model, lora: LoraSpec, train: TrainSpec, gpu=None, 
         "versions": tr.get("versions"),
         "uncertain": tr.get("uncertain"),
         "elapsed_s": tr.get("elapsed_s"),
+        "allocator": tr.get("allocator"),
+        "analytic_peak_reserved_bytes": am.peak_reserved_bytes,
     }
     return replace(analytic, memory=memory, method="trace", detail=detail)

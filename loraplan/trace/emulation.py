@@ -57,8 +57,9 @@ UNCERTAIN = (
     "(an upper bound: out x in x 2 B transient per call)",
     "cuBLAS workspace: 32 MiB per handle on sm90+ (8 MiB before), two handles assumed (forward "
     "thread and autograd's device thread); cuBLASLt may add its own workspace in some builds",
-    "allocator: only the 512 B block rounding of max_memory_allocated is modelled, not "
-    "fragmentation or reserved memory",
+    "allocator: reserved memory comes from replaying the traced allocation stream through a model "
+    "of the caching allocator (one stream, weights allocated in build order, kernel-internal "
+    "allocations only where emulation.kernel_transients / the cuBLAS workspaces name them)",
 )
 
 
@@ -284,6 +285,21 @@ def cublas_workspace_bytes(gpu_cc: str | None) -> int:
         return 0
     coef = load_calibration(None).coefficients
     return int(coef["cublas_workspace_bytes_sm90"] if cc >= (9, 0) else coef["cublas_workspace_bytes_pre_sm90"])
+
+
+#: aten ops that run through a cuBLAS / cuBLASLt handle on CUDA (aten/src/ATen/native/cuda/Blas.cpp)
+CUBLAS_OPS = frozenset({"mm", "addmm", "bmm", "baddbmm", "addbmm", "addmv", "mv", "dot", "vdot",
+                        "_addmm_activation", "addr"})
+
+
+def cublas_thread() -> str:
+    """Which CPU thread would issue a cuBLAS call now on CUDA: "backward" inside an autograd
+    backward pass (the engine runs CUDA work on its per-device thread, torch/csrc/autograd/
+    engine.cpp), else "forward". On meta/CPU both run on the caller's thread, so the thread is
+    read from ``torch._C._current_graph_task_id()`` (-1 outside backward). cuBLAS handles and
+    their workspaces are per thread (CublasHandlePool.cpp: thread-local handle pool; workspace
+    per (handle, stream), allocated through the caching allocator at the first use)."""
+    return "backward" if torch._C._current_graph_task_id() != -1 else "forward"
 
 
 def constant_terms(gpu_cc: str | None, handles: int | None = None) -> dict[str, dict]:

@@ -10,7 +10,9 @@ Nothing is allocated; a 7B step takes seconds.
 
 The result predicts ``torch.cuda.max_memory_allocated()``: the tracker's peak (which includes
 kernel-internal transients, see ``emulation.kernel_transients``) plus constant terms that never
-pass through dispatch (cuBLAS workspaces).
+pass through dispatch (cuBLAS workspaces); and ``torch.cuda.max_memory_reserved()`` by replaying
+the step's ordered allocation stream (storages, transients, resizes, the workspaces at each
+thread's first matmul) through ``loraplan.allocator`` (``replay_allocations``).
 """
 
 from __future__ import annotations
@@ -110,14 +112,21 @@ def _versions() -> dict[str, str]:
 
 
 def trace_step(model_config: dict, lora: LoraSpec, train: TrainSpec, gpu_compute_capability: str | None = "9.0",
-               steps: int = 2) -> dict[str, Any]:
+               steps: int = 2, gpu_memory_bytes: int | None = None, return_events: bool = False) -> dict[str, Any]:
     """Run ``steps`` training steps on meta and predict ``torch.cuda.max_memory_allocated``.
 
     ``model_config``: config.json values (needs ``model_type``). Returns a plain dict:
     peak_allocated_bytes, phase_peaks, peak_phase, components (the ledger categories at the
     peak, summing to peak_allocated_bytes), terms (named in-kernel / constant memory with
     provenance), top_live (largest groups live at the peak), params, sdpa backends used,
-    versions, uncertain (what the emulation cannot know), elapsed_s.
+    versions, uncertain (what the emulation cannot know), elapsed_s; and from a replay of the
+    step's allocation stream through ``loraplan.allocator`` (see ``replay_allocations``):
+    peak_reserved_bytes (default allocator config), peak_reserved_expandable_bytes
+    (``expandable_segments:True``), fragmentation_at_peak, oom (None, or where a card whose
+    caching allocator can obtain ``gpu_memory_bytes`` would raise), and ``allocator`` (both
+    replays in detail). ``gpu_memory_bytes``: what the allocator can get on the card (its memory
+    minus the CUDA context and other memory outside the allocator); None = no OOM check.
+    ``return_events``: also return the stream itself under ``_events`` (in-process use only).
     """
     for mod in ("torch", "transformers", "peft"):
         require_extra(mod)
@@ -191,9 +200,17 @@ def trace_step(model_config: dict, lora: LoraSpec, train: TrainSpec, gpu_compute
         leaf = parts[-1] if parts else ""
         return round(default_frac * cols) if leaf in outlier_leaves else 0
 
+    ws_bytes = em.cublas_workspace_bytes(gpu_compute_capability)
+    ws_threads: set[str] = set()
+
     def op_hook(tr, func, args, kwargs, out):
         for name, nbytes in em.kernel_transients(func, args, kwargs):
             tr.transient(nbytes, name)
+        if ws_bytes and len(ws_threads) < 2 and _op_base(func) in em.CUBLAS_OPS:
+            thread = em.cublas_thread()
+            if thread not in ws_threads:  # first cuBLAS call of this thread: its workspace, kept
+                ws_threads.add(thread)
+                tr.persistent(ws_bytes, f"cublas_workspace_{thread}")
 
     tracker = LiveTensorTracker(round_to=512, device="meta", context_fn=context, op_hook=op_hook)
     sdpa_used: dict[str, int] = {}
@@ -238,6 +255,20 @@ def trace_step(model_config: dict, lora: LoraSpec, train: TrainSpec, gpu_compute
     phase_peaks = {k: v + const_bytes for k, v in tracker.phase_peaks.items() if k != "setup"}
     step_phases = {k: v for k, v in phase_peaks.items() if k in ("forward", "backward", "optimizer")}
     peak_phase = max(step_phases, key=step_phases.get) if step_phases else ""
+    events = tracker.allocation_events(start_seq=getattr(tracker, "setup_end_seq", None), with_phase=True)
+    n_weight_events = sum(1 for e in events if e[-1] == "setup")
+    replays = replay_allocations(events, gpu_memory_bytes, n_weight_events)
+    replays.update(n_resizes=tracker.n_resizes, cublas_workspace_threads=sorted(ws_threads),
+                   tracker_peak_allocated_bytes=peak)
+    if return_events:
+        result["_events"] = events
+    result.update(
+        peak_reserved_bytes=replays["default"]["peak_reserved_bytes"],
+        peak_reserved_expandable_bytes=replays["expandable_segments"]["peak_reserved_bytes"],
+        fragmentation_at_peak=replays["default"]["fragmentation_at_peak"],
+        oom=replays["default"]["oom"],
+        allocator=replays,
+    )
     result.update(
         peak_allocated_bytes=peak,
         phase_peaks=phase_peaks,
@@ -318,6 +349,7 @@ def _run(torch, transformers, auto, config, load_dtype, attn_impl, quantized, se
 
     for p in trainable:
         p.register_post_accumulate_grad_hook(label_grad)
+    tracker.setup_end_seq = tracker._seq  # the allocator replay starts here: the built model, no setup churn
     tracker.reset_peak()
 
     # exactly the protocol's loop: `loss` keeps the previous step's graph (and what autograd
@@ -348,6 +380,65 @@ def _run(torch, transformers, auto, config, load_dtype, attn_impl, quantized, se
         "paged_optimizer_bytes": int(getattr(opt, "_paged_bytes", 0)),
         "model_type": config.model_type,
     }
+
+
+#: the allocator configurations every trace is replayed under (PYTORCH_CUDA_ALLOC_CONF strings)
+REPLAY_CONFIGS = {"default": "", "expandable_segments": "expandable_segments:True"}
+
+
+def replay_allocations(events: list, capacity_bytes: int | None = None, n_weight_events: int = 0) -> dict:
+    """Replay a trace's allocation stream through ``loraplan.allocator`` under each of
+    ``REPLAY_CONFIGS``; plain dict per config: peak_allocated_bytes, peak_reserved_bytes,
+    allocated_at_peak_reserved_bytes, fragmentation_at_peak, max_segments, num_alloc_retries and
+    oom (None, or {"event": index, "phase": tracker phase path then, "message"}); plus
+    ``weights``: a replay of the first ``n_weight_events`` events alone (the built model), whose
+    reserved - allocated is the weights' share of the slack.
+
+    The stream starts with the model's tensors allocated in the order the model was built
+    (``from_config`` creates each module's parameters in ``__init__`` order, then
+    quantization replaces the frozen Linear weights one module at a time, then peft adds
+    lora_A/lora_B per adapted module). A real ``from_pretrained`` allocates in checkpoint order
+    instead: transformers loads the state dict shard by shard (safetensors key order,
+    alphabetical within a shard: ``model.layers.0.mlp.down_proj`` before ``...self_attn.q_proj``),
+    a bf16 weight is loaded then quantized (the bf16 copy freed at once), and peft's adapters
+    come after everything. What differs is only the *order* of persistent allocations that
+    are never freed: with no frees in between, the caching allocator's state after the load
+    depends on the order only through how sub-10-MiB tensors share 20 MiB (large pool) and
+    2 MiB (small pool) segments. Measured (tests/test_trace.py and five shuffles each, b2 s256,
+    checkpointing): a 4-layer hidden-512 Llama bf16/nf4 moved by 0 B; Qwen2.5-0.5B nf4 by 0 B,
+    bf16 by 0 or +20 MiB (one kLargeBuffer segment) on 2.54 GB reserved, < 1%: the order
+    matters little, because the step's peak is set by activation churn on top of segments
+    that are never freed. The transient bf16 copies of a quantized
+    load are not replayed: they are freed before the next weight arrives, and their blocks
+    stay cached (reserved) for reuse — up to one Linear's bf16 size plus segment rounding that
+    the trace does not show.
+    """
+    from ..allocator import replay
+
+    out: dict[str, Any] = {"capacity_bytes": capacity_bytes, "n_events": len(events),
+                           "configs": dict(REPLAY_CONFIGS)}
+    for name, conf in REPLAY_CONFIGS.items():
+        r = replay(events, capacity_bytes=capacity_bytes, config=conf)
+        oom = None
+        if r.oom_at is not None:
+            oom = {"event": r.oom_at, "phase": str(events[r.oom_at][-1]), "message": r.oom_error}
+        out[name] = {
+            "peak_allocated_bytes": r.peak_allocated, "peak_reserved_bytes": r.peak_reserved,
+            "allocated_at_peak_reserved_bytes": r.allocated_at_peak_reserved,
+            "fragmentation_at_peak": r.fragmentation_at_peak, "max_segments": r.max_segments,
+            "num_alloc_retries": r.num_alloc_retries, "oom": oom,
+        }
+    w = replay(events[:n_weight_events])
+    out["weights"] = {"allocated_bytes": w.final_allocated, "reserved_bytes": w.final_reserved,
+                      "n_events": n_weight_events}
+    return out
+
+
+def _op_base(func) -> str:
+    try:
+        return func.overloadpacket.__name__
+    except AttributeError:
+        return ""
 
 
 def _categorize(tracker, vocab: int) -> dict[str, int]:

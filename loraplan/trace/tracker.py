@@ -76,8 +76,9 @@ class LiveGroup:
                 "label": self.label, "context": self.context, "count": self.count, "bytes": self.bytes}
 
 
-# record layout (plain list for speed): see _new_record
-_BYTES, _PHASE, _OP, _DTYPE, _SHAPE, _LABEL, _ALLOC, _FREE, _CTX = range(9)
+# record layout (plain list for speed): see _track; _PATH / _FPATH: the whole phase stack
+# ("step1/forward") at allocation / at free, for saying where a replayed OOM happens
+_BYTES, _PHASE, _OP, _DTYPE, _SHAPE, _LABEL, _ALLOC, _FREE, _CTX, _PATH, _FPATH = range(11)
 
 
 class LiveTensorTracker(TorchDispatchMode):
@@ -120,6 +121,10 @@ class LiveTensorTracker(TorchDispatchMode):
         self._ignored: set[int] = set()  # storage _cdata never counted (see ignore)
         self._seq = 0
         self.n_allocations = 0
+        #: allocator events that are not storages: (seq, order, kind, key, bytes, phase path);
+        #: transients (alloc + free at one moment) and persistent allocations (see ``persistent``)
+        self._extra: list[tuple] = []
+        self.n_resizes = 0
 
     # ------------------------------------------------------------------ dispatch
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -192,6 +197,10 @@ class LiveTensorTracker(TorchDispatchMode):
         nbytes = round_up(int(nbytes), self.round_to)
         if nbytes <= 0:
             return
+        key = ("transient", name, len(self._extra))
+        path = self.phase_path
+        self._extra.append((self._seq, len(self._extra), "alloc", key, nbytes, path))
+        self._extra.append((self._seq, len(self._extra), "free", key, 0, path))
         self.transient_peaks[name] = max(self.transient_peaks.get(name, 0), nbytes)
         cand = self.current + nbytes
         if cand > self.peak:
@@ -200,6 +209,20 @@ class LiveTensorTracker(TorchDispatchMode):
             if cand > self.phase_peaks.get(p, -1):
                 self.phase_peaks[p] = cand
                 self._phase_peak_seq[p] = self._seq
+
+    def persistent(self, nbytes: int, name: str = "persistent") -> None:
+        """Log, for the allocator stream only, an allocation made now outside dispatch and never
+        freed (e.g. a cuBLAS workspace, cached per handle for the life of the process). It does
+        not change ``current`` / ``peak``: callers that count it in their peak add it as a term."""
+        nbytes = round_up(int(nbytes), self.round_to)
+        if nbytes > 0:
+            self._extra.append((self._seq, len(self._extra), "alloc", ("persistent", name, len(self._extra)),
+                                nbytes, self.phase_path))
+
+    @property
+    def phase_path(self) -> str:
+        """The whole phase stack, outermost first: "step1/forward"."""
+        return "/".join(self._phase_stack)
 
     @contextlib.contextmanager
     def pause(self):
@@ -279,32 +302,55 @@ class LiveTensorTracker(TorchDispatchMode):
         return [dict(zip(keys, r)) for r in self._records
                 if r[_ALLOC] <= seq and (r[_FREE] is None or r[_FREE] > seq)]
 
-    def allocation_events(self, free_live_at_end: bool = False) -> list[tuple]:
+    def allocation_events(self, free_live_at_end: bool = False, start_seq: int | None = None,
+                          with_phase: bool = False) -> list[tuple]:
         """The allocation log as the ordered stream ``loraplan.allocator.replay`` takes:
-        ``("alloc", record_index, bytes)`` and ``("free", record_index)``, in sequence order.
+        ``("alloc", key, bytes)`` and ``("free", key)``, in sequence order (a storage's key is its
+        record index; transients and persistent allocations have tuple keys).
 
         Bytes are the record's (already rounded to ``round_to`` when set; the allocator model
-        rounds again, which is idempotent for 512) and are the storage's last known size if it
-        was resized. Zero-byte storages are skipped (the CUDA allocator hands out no block for
-        them). Storages still live at the end get no free event unless ``free_live_at_end``,
-        which frees them, in allocation order, after everything else. Memory reported through
-        ``transient(...)`` is not in the log (only its peak is kept), so it is not in the stream.
+        rounds again, which is idempotent for 512). A storage resized in place is two records
+        (see ``_resync_storage``). Zero-byte storages are skipped (the CUDA allocator hands out
+        no block for them). ``transient(...)`` memory is an alloc and a free right after the op
+        that reported it; ``persistent(...)`` memory is an alloc at the moment it was logged.
+        Storages still live at the end get no free event unless ``free_live_at_end``, which
+        frees them, in allocation order, after everything else.
+
+        ``start_seq``: begin the stream at that moment: what is live then is allocated first,
+        in allocation order (e.g. the weights as the model was built, without the setup's
+        churn), then the events after it. ``with_phase``: append the phase path at the event
+        ("step1/backward") as the last item (``replay`` ignores extra items).
         """
         timed = []
         live = []
+        prefix = []
+        s0 = -1 if start_seq is None else start_seq
         for idx, r in enumerate(self._records):
             if r[_BYTES] <= 0:
                 continue
-            timed.append((r[_ALLOC], 0, idx, r[_BYTES]))
+            if r[_ALLOC] <= s0:
+                if r[_FREE] is not None and r[_FREE] <= s0:
+                    continue
+                prefix.append((r[_ALLOC], 0, 0, "alloc", idx, r[_BYTES], r[_PATH]))
+            else:
+                timed.append((r[_ALLOC], 0, 0, "alloc", idx, r[_BYTES], r[_PATH]))
             if r[_FREE] is not None:
-                timed.append((r[_FREE], 1, idx, 0))
+                timed.append((r[_FREE], 0, 0, "free", idx, 0, r[_FPATH]))
             else:
                 live.append(idx)
-        timed.sort()
-        events: list[tuple] = [("alloc", idx, nb) if kind == 0 else ("free", idx)
-                               for _, kind, idx, nb in timed]
+        for seq, order, kind, key, nb, path in self._extra:
+            if seq > s0:
+                timed.append((seq, 1, order, kind, key, nb, path))
+            elif kind == "alloc" and key[0] == "persistent":
+                prefix.append((seq, 1, order, kind, key, nb, path))
+        prefix.sort(key=lambda e: e[:3])
+        timed.sort(key=lambda e: e[:3])
+        events = [("alloc", key, nb, path) if kind == "alloc" else ("free", key, path)
+                           for _, _, _, kind, key, nb, path in prefix + timed]
         if free_live_at_end:
-            events.extend(("free", idx) for idx in live)
+            events.extend(("free", idx, "end") for idx in live)
+        if not with_phase:
+            events = [e[:-1] for e in events]
         return events
 
     # ------------------------------------------------------------------ internals
@@ -336,7 +382,7 @@ class LiveTensorTracker(TorchDispatchMode):
             except Exception:  # a context is a nicety, never a failure
                 ctx = None
         rec = [nbytes, self.phase_name, op, str(t.dtype).replace("torch.", ""), tuple(t.shape),
-               label, self._seq, None, ctx]
+               label, self._seq, None, ctx, self.phase_path, None]
         idx = len(self._records)
         self._records.append(rec)
         self._live[key] = idx
@@ -360,15 +406,35 @@ class LiveTensorTracker(TorchDispatchMode):
             self._resync_storage(st)
 
     def _resync_storage(self, st) -> None:
-        idx = self._live[st._cdata]
+        """Follow an in-place resize of a tracked storage (``resize_``, ``out=`` ops).
+
+        In the allocator's stream it becomes what ``resize_bytes_cuda`` (aten/src/ATen/native/
+        cuda/Resize.cpp) does: allocate the new size, copy, then free the old block
+        (``set_data_ptr_noswap`` drops it); resizing to 0 bytes only frees. The storage gets a
+        new record (same phase/op/label), the old one is closed.
+        """
+        key = st._cdata
+        idx = self._live[key]
         rec = self._records[idx]
         nbytes = round_up(st.nbytes(), self.round_to)
-        if nbytes != rec[_BYTES]:
-            self.current += nbytes - rec[_BYTES]
-            rec[_BYTES] = nbytes
-            if self.current > self.peak:
-                self._seq += 1
-                self.peak, self.peak_seq, self.peak_transient = self.current, self._seq, None
+        if nbytes == rec[_BYTES]:
+            return
+        self.n_resizes += 1
+        self._seq += 1  # the new block (a 0-byte record when resized to 0: never in the stream)
+        new = list(rec)
+        new[_BYTES], new[_ALLOC], new[_FREE], new[_PATH], new[_FPATH] = nbytes, self._seq, None, self.phase_path, None
+        self._live[key] = len(self._records)
+        self._records.append(new)
+        weakref.finalize(st, _free, weakref.ref(self), key, len(self._records) - 1)
+        self._seq += 1
+        rec[_FREE], rec[_FPATH] = self._seq, self.phase_path
+        self.current += nbytes - rec[_BYTES]  # the alloc-then-free overlap is not a peak here
+        if self.current > self.peak:
+            self.peak, self.peak_seq, self.peak_transient = self.current, self._seq, None
+        for p in self._phase_stack:
+            if self.current > self.phase_peaks.get(p, -1):
+                self.phase_peaks[p] = self.current
+                self._phase_peak_seq[p] = self._seq
 
     def _on_free(self, key: int, idx: int) -> None:
         if self._live.get(key) != idx:
@@ -377,6 +443,7 @@ class LiveTensorTracker(TorchDispatchMode):
         rec = self._records[idx]
         self._seq += 1
         rec[_FREE] = self._seq
+        rec[_FPATH] = self.phase_path
         self.current -= rec[_BYTES]
 
 

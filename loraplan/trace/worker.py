@@ -1,6 +1,6 @@
 """``python -m loraplan.trace.worker``: one trace, JSON in on stdin, JSON out on stdout.
 
-In:  {"model_config": {...}, "lora": LoraSpec fields, "train": TrainSpec fields, "gpu_cc": "9.0", "steps": 2}
+In:  {"model_config": {...}, "lora": LoraSpec fields, "train": TrainSpec fields, "gpu_cc": "9.0", "steps": 2, "gpu_memory_bytes": null}
 Out: {"result": trace_step's dict} or {"error": {"type": class name, "message": one line}} (exit 1).
 """
 
@@ -21,7 +21,8 @@ def main() -> int:
         lora = dict(req["lora"])
         lora["targets"] = tuple(lora.get("targets") or ("all-linear",))
         result = trace_step(req["model_config"], LoraSpec(**lora), TrainSpec(**req["train"]),
-                            req.get("gpu_cc", "9.0"), int(req.get("steps", 2)))
+                            req.get("gpu_cc", "9.0"), int(req.get("steps", 2)),
+                            gpu_memory_bytes=req.get("gpu_memory_bytes"))
         reply, rc = {"result": result}, 0
     except Exception as e:  # noqa: BLE001 - every failure becomes one JSON line
         from ..errors import LoraplanError
