@@ -19,7 +19,7 @@ def main() -> int:
         from .run import trace_step
 
         lora = dict(req["lora"])
-        lora["targets"] = tuple(lora.get("targets") or ("all-linear",))
+        lora["targets"] = tuple(lora["targets"]) if lora.get("targets") else None  # None: the family's default
         result = trace_step(req["model_config"], LoraSpec(**lora), TrainSpec(**req["train"]),
                             req.get("gpu_cc", "9.0"), int(req.get("steps", 2)),
                             gpu_memory_bytes=req.get("gpu_memory_bytes"))
