@@ -1,4 +1,4 @@
-"""Real LoRA/QLoRA training bursts (``loraplan profile``), following shared/reference/protocol.md.
+"""Real LoRA/QLoRA training bursts (``loraplan profile``), following loraplan/data/h100-protocol.md.
 
 Public API (only ``burst``/``worker``/``probes`` import torch, and only in the
 worker process):

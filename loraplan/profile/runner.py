@@ -494,6 +494,7 @@ def _sweep(cases: list[Case], dev: DeviceInfo, path: Path, sig: _Signals, *, for
     check_host_memory([c for c, k in zip(cases, keys) if force or k not in done], dev)
     results: list[CaseResult] = []
     n = len(cases)
+    on_event({"ev": "start", "n": n, "path": str(path)})
     for i, (case, key) in enumerate(zip(cases, keys), start=1):
         if key in done and not force:
             results.append(CaseResult(case, key, by_key.get(key), skipped=True))
