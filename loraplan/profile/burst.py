@@ -135,10 +135,10 @@ def ensure_model(name: str, config: dict, cache_dir: str | Path | None = None, e
     folders of dead builds, and an incomplete entry (:func:`checkpoint_complete`) is rebuilt.
     """
     path = model_cache_path(name, config, cache_dir)
+    remove_stale_builds(path.parent)  # also when the entry is cached: a killed 7B build leaves ~13 GB
     if checkpoint_complete(path):
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_builds(path.parent)
     if emit:
         emit({"ev": "phase", "phase": "build"})
     import torch
