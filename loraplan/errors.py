@@ -46,6 +46,19 @@ class TraceTimeoutError(TraceError):
     """The trace worker ran past its time limit."""
 
 
+
+class RecordsError(LoraplanError):
+    """A records file that cannot be written (read-only folder, full disk); a measurement made
+    before the failure is kept in a recovery file that the message names."""
+
+
+class ProfileBusyError(LoraplanError):
+    """Another ``loraplan profile`` run holds the records file (or the GPU) this run needs."""
+
+
+class HostMemoryError(DeviceError):
+    """The model's weights would not fit in the host RAM that is available."""
+
 def suggest(name: str, choices, n: int = 3) -> str:
     """', did you mean a, b?' for the closest names, or '' when none is close."""
     import difflib

@@ -69,7 +69,10 @@ def test_entry_is_well_formed(name):
     e = model_entries()[name]
     assert re.fullmatch(r"[a-z0-9][a-z0-9.]*(-[a-z0-9.]+)*", name), name
     assert (HERE / "models" / f"{name}.json").exists()  # file name = catalog name
-    assert re.fullmatch(r"https://huggingface\.co/[\w.-]+/[\w.-]+/blob/main/config\.json", e["source"])
+    if e.get("test_shape"):  # tiny-llama: a shape for CPU smoke runs, with no checkpoint anywhere, and says so
+        assert "test shape" in e["source"] and "test shape" in e["notes"] and load_model(name).total_params < 10**6
+    else:
+        assert re.fullmatch(r"https://huggingface\.co/[\w.-]+/[\w.-]+/blob/main/config\.json", e["source"])
     assert e["config"]["model_type"] in RULES  # every catalog model has a pure rule (no torch needed)
 
 

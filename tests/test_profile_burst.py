@@ -129,3 +129,29 @@ def test_cuda_burst(spec, quant):
     e = estimate(model, lora, train, gpu, load_calibration(gid if gpu else None), with_time=False)
     assert r["params"]["trainable"] == e.params.trainable
     assert mem["peak_allocated_bytes"] == pytest.approx(e.memory.peak_allocated_bytes, rel=0.25)
+
+
+def test_partial_cache_entry_is_rebuilt_and_dead_builds_removed(tmp_path, tiny_configs):
+    import subprocess
+    import sys
+
+    from loraplan.profile.burst import checkpoint_complete, ensure_model
+
+    cfg = tiny_configs["llama"]
+    good = ensure_model("tiny-llama", cfg, tmp_path)
+    assert checkpoint_complete(good) and good == model_cache_path("tiny-llama", cfg, tmp_path)
+    weights = good / "model.safetensors"
+    whole = weights.read_bytes()
+    weights.write_bytes(whole[: len(whole) // 2])  # a half-written entry (an older loraplan, a kill)
+    assert not checkpoint_complete(good)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".{good.name}.tmp-{dead.pid}-x1y2"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"partial")
+    other = tmp_path / ".not-ours"
+    other.mkdir()
+    assert ensure_model("tiny-llama", cfg, tmp_path) == good
+    assert checkpoint_complete(good) and len(weights.read_bytes()) == len(whole)
+    assert not stale.exists() and other.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([good.name, ".not-ours"])

@@ -204,3 +204,90 @@ def test_trace_failure_never_loses_the_measurement(work, tmp_path, monkeypatch):
     (rec,) = lines(out)
     assert rec["status"] == "ok" and rec["memory"]["peak_allocated_bytes"] > 0
     assert "aten::x" in rec["trace"]["error"] and runner.traced_peak(rec) is None
+
+
+# ---- kill -9, a second run, a kill during the model build: nothing lost, nothing left over -----
+
+def _wait_for(cond, what, timeout=180):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if cond():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _run_dirs(tmp):
+    return sorted(p.name for p in tmp.iterdir() if p.name.startswith("loraplan-profile-"))
+
+
+def test_kill_9_mid_case_loses_nothing_and_the_next_run_cleans_up_and_resumes(work, tmp_path):
+    tmp = tmp_path / "systmp"
+    tmp.mkdir()
+    env = {"TMPDIR": str(tmp)}
+    out = tmp_path / "k9.jsonl"
+    one = base_args(work, out, "--quant", "bf16", "--optimizer", "sgd", "--no-gradient-checkpointing")
+    both = base_args(work, out, "--quant", "bf16", "--optimizer", "sgd,adamw", "--no-gradient-checkpointing")
+    assert run_cli(*one, env=env).returncode == 0
+    first = out.read_bytes()
+    # the second case hangs in its burst; kill -9 the run there (its worker dies with it)
+    proc = subprocess.Popen(CLI + [str(a) for a in both], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=dict(os.environ, LORAPLAN_PROFILE_FAULT="sleep@first_forward", **env))
+    _wait_for(lambda: any((tmp / d / "spec.json").exists() for d in _run_dirs(tmp)), "the second case's worker")
+    time.sleep(1.0)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert out.read_bytes() == first, "the finished record is untouched, no partial line"
+    left = _run_dirs(tmp)  # kill -9 gave the run no chance to remove its temp folder
+    assert left and all(n.startswith(f"loraplan-profile-{proc.pid}-") for n in left)
+    assert (tmp_path / "k9.jsonl.lock").exists()  # left too, but its flock died with the run: it blocks nothing
+    p = run_cli(*both, env=env)
+    assert p.returncode == 0, p.stderr
+    assert p.stderr.count("already recorded") == 1, "resume skips exactly the finished case"
+    recs = lines(out)
+    assert len(recs) == 2 and len({r["key"] for r in recs}) == 2 and all(r["status"] == "ok" for r in recs)
+    assert out.read_bytes().startswith(first)
+    assert _run_dirs(tmp) == [] and not (tmp_path / "k9.jsonl.lock").exists()
+
+
+def test_second_run_on_the_same_file_is_refused_and_sigterm_cleans_up(work, tmp_path):
+    tmp = tmp_path / "systmp"
+    tmp.mkdir()
+    env = {"TMPDIR": str(tmp)}
+    out = tmp_path / "two.jsonl"
+    args = base_args(work, out, "--quant", "bf16", "--optimizer", "sgd")
+    proc = subprocess.Popen(CLI + [str(a) for a in args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, LORAPLAN_PROFILE_FAULT="sleep@first_forward", **env))
+    try:
+        _wait_for(lambda: any((tmp / d / "spec.json").exists() for d in _run_dirs(tmp)), "the first run's worker")
+        p = run_cli(*args, env=env)
+        assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1
+        assert f"in use by another 'loraplan profile' run (pid {proc.pid}" in p.stderr and "--out another file" in p.stderr
+    finally:
+        proc.send_signal(signal.SIGTERM)  # ends through the normal exit path
+        rc = proc.wait(timeout=60)
+    assert rc == 128 + signal.SIGTERM and "Traceback" not in proc.stderr.read()
+    assert _run_dirs(tmp) == [] and not (tmp_path / "two.jsonl.lock").exists() and not out.exists()
+
+
+def test_kill_9_during_model_build_leaves_no_entry_a_later_run_trusts(work, tmp_path):
+    from loraplan.catalog import load_model
+    from loraplan.profile.burst import model_cache_path
+
+    cache = tmp_path / "models"
+    out = tmp_path / "build.jsonl"
+    args = ["--device", "cpu", "--model", "tiny-llama", "--quant", "bf16", "--optimizer", "sgd", "--steps", 2,
+            "--warmup", 1, "--batch", 1, "--seq", 16, "--rank", 4, "--cache-dir", cache, "--out", out]
+    entry = model_cache_path("tiny-llama", dict(load_model("tiny-llama").config), cache)
+    proc = subprocess.Popen(CLI + [str(a) for a in args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=dict(os.environ, LORAPLAN_PROFILE_FAULT="sleep@build", TMPDIR=str(tmp_path)))
+    building = lambda: [d for d in cache.glob(f".{entry.name}.tmp-*") if (d / "model.safetensors").exists()]  # noqa: E731
+    _wait_for(lambda: cache.is_dir() and building(), "the model build")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not entry.exists() and building() and not out.exists()
+    p = run_cli(*args, env={"TMPDIR": str(tmp_path)})
+    assert p.returncode == 0, p.stderr
+    (rec,) = lines(out)
+    assert rec["status"] == "ok" and rec["protocol"]["model_dir"] == str(entry)
+    assert [d.name for d in cache.iterdir()] == [entry.name]

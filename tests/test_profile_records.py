@@ -87,3 +87,97 @@ def test_grid_files(tmp_path):
     bad.write_text('{"quant": ')
     with pytest.raises(ConfigError, match="not valid JSON"):
         load_grid_file(bad)
+
+
+# ---- a records file that cannot be written: no partial line, no lost record -------------------
+
+def test_full_disk_mid_write_leaves_no_partial_line(tmp_path, monkeypatch):
+    p = tmp_path / "g.jsonl"
+    append_record(p, {"key": "a"})
+    before = p.read_bytes()
+    calls = []
+    real = os.write
+
+    def write(fd, data):  # writes half of the line, then the disk is full
+        calls.append(len(data))
+        if b'"key":"big"' in bytes(data) or len(calls) > 1:
+            if len(calls) == 1:
+                return real(fd, bytes(data)[: len(data) // 2])
+            import errno
+
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, data)
+
+    monkeypatch.setattr(os, "write", write)
+    with pytest.raises(OSError) as ei:
+        append_record(p, {"key": "big", "x": "y" * 1000})
+    monkeypatch.undo()
+    assert ei.value.errno == 28 and len(calls) == 2  # the short write, then ENOSPC
+    assert p.read_bytes() == before  # truncated back to the last whole line
+    append_record(p, {"key": "c"})  # later appends are clean
+    rf = read_records(p)
+    assert [r["key"] for r in rf.records] == ["a", "c"] and rf.problems == []
+
+
+def test_check_writable(tmp_path, monkeypatch):
+    from loraplan.errors import RecordsError
+    from loraplan.profile import records
+    from loraplan.profile.records import check_writable
+
+    check_writable(tmp_path / "new" / "g.jsonl")  # creates the folder, leaves no file
+    assert list((tmp_path / "new").iterdir()) == []
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(RecordsError, match=r"cannot write the records file .*file/g\.jsonl .*pass --out"):
+        check_writable(blocker / "g.jsonl")  # its "folder" is a file
+    if os.geteuid() != 0:  # root writes into read-only folders
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        (ro / "g.jsonl").write_text("")
+        ro.chmod(0o555)
+        (ro / "g.jsonl").chmod(0o444)
+        try:
+            with pytest.raises(RecordsError, match="Permission denied"):
+                check_writable(ro / "g.jsonl")
+            with pytest.raises(RecordsError, match="Permission denied"):
+                check_writable(ro / "other.jsonl")
+        finally:
+            ro.chmod(0o755)
+
+    class Full:
+        f_bavail, f_frsize = 10, 4096
+
+    monkeypatch.setattr(records.os, "statvfs", lambda p: Full)
+    with pytest.raises(RecordsError, match=r"is full \(40960 bytes free\)"):
+        check_writable(tmp_path / "g.jsonl")
+
+
+def test_recovery_file_is_added_back_once(tmp_path, monkeypatch):
+    from loraplan.profile.records import keep_record, merge_recovered, recovery_paths
+
+    monkeypatch.setenv("LORAPLAN_CACHE", str(tmp_path / "cache"))
+    p = tmp_path / "g.jsonl"
+    append_record(p, {"key": "a", "recorded_at": "t1"})
+    kept = keep_record(p, {"key": "b", "recorded_at": "t2"})
+    assert kept == recovery_paths(p)[0] and not kept.name.endswith(".jsonl")
+    # the folder became read-only: the next recovery file goes to the user's cache
+    real_append = append_record
+
+    def no_beside(path, rec):
+        if os.path.dirname(os.path.abspath(path)) == str(tmp_path):
+            raise PermissionError(13, "Permission denied")
+        real_append(path, rec)
+
+    import loraplan.profile.records as records
+
+    monkeypatch.setattr(records, "append_record", no_beside)
+    kept2 = keep_record(p, {"key": "c", "recorded_at": "t3"})
+    assert kept2 == recovery_paths(p)[1] and str(tmp_path / "cache" / "recovered") in str(kept2)
+    monkeypatch.setattr(records, "append_record", real_append)
+    added = merge_recovered(p)
+    assert [(rp, n, gone) for rp, n, gone in added] == [(kept, 1, True), (kept2, 1, True)]
+    assert [r["key"] for r in read_records(p).records] == ["a", "b", "c"]
+    assert not kept.exists() and not kept2.exists() and merge_recovered(p) == []
+    # a run killed between adding and removing: nothing is added twice
+    keep_record(p, {"key": "b", "recorded_at": "t2"})
+    assert merge_recovered(p) == [(kept, 0, True)] and len(read_records(p).records) == 3

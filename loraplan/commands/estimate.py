@@ -25,7 +25,7 @@ def estimate_command(method, calibration_file, fmt, **opts):
 
     \b
     What is predicted: torch.cuda.max_memory_allocated() over a short training burst of
-    the plain transformers + peft + bitsandbytes loop of shared/reference/protocol.md
+    the plain transformers + peft + bitsandbytes loop of loraplan/data/h100-protocol.md
     (from_pretrained in bf16 + BitsAndBytesConfig, sdpa attention, use_cache=False,
     prepare_model_for_kbit_training for quantized bases, non-reentrant gradient
     checkpointing, get_peft_model, the chosen optimizer, loss = model(ids, labels=ids).loss).

@@ -1,7 +1,7 @@
 """``loraplan profile``: short real LoRA/QLoRA training bursts, recorded as JSON lines.
 
 Every case runs in its own worker process (clean peaks; a crash or OOM costs one case), with
-the protocol of shared/reference/protocol.md, on CUDA or, for a smoke test, on the CPU.
+the protocol of loraplan/data/h100-protocol.md, on CUDA or, for a smoke test, on the CPU.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ def _fmt_s(x) -> str:
               help="GPU id whose estimate is stored beside each record [default: the detected GPU when the "
                    "catalog has it; h100-sxm-80gb otherwise and with --device cpu]")
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), default="cuda", show_default=True,
-              help="Where the bursts run; cpu is a smoke test (memory from a live-tensor tracker, no NVML)")
+              help="Where the bursts run; cpu is a smoke test (memory from a live-tensor tracker, no NVML) "
+                   "and needs --model (tiny-llama: a tiny test shape)")
 @click.option("--steps", type=click.IntRange(1, 10000), default=6, show_default=True, help="Training steps per case")
 @click.option("--warmup", type=click.IntRange(0, 10000), default=2, show_default=True,
               help="Steps left out of the median step time")
@@ -62,8 +63,14 @@ def profile_command(gpu, device, steps, warmup, timeout, force, out, cache_dir, 
     Cases already in the records file are skipped (use --force to redo them). Each case runs in
     its own process with a time limit; OOM, timeout and errors are recorded with the phase
     reached. With --trace each record also holds the meta-device trace's prediction (analytic,
-    trace and measured side by side; a trace failure is recorded, never fatal). Example:
-    loraplan profile --model qwen2.5-0.5b --quant nf4,bf16 --seq 512:2048:x2
+    trace and measured side by side; a trace failure is recorded, never fatal). The protocol is
+    loraplan/data/h100-protocol.md. One run at a time per records file and per GPU (a lock); a
+    record that cannot be written is kept in a recovery file that the next run adds back.
+
+    \b
+    Examples:
+      loraplan profile --model qwen2.5-0.5b --quant nf4,bf16 --seq 512:2048:x2
+      loraplan profile --device cpu --model tiny-llama --quant bf16,nf4   # CPU smoke run
     """
     from ..errors import InputError
     from ..profile.grid import load_grid_file, merge_grids
@@ -72,8 +79,17 @@ def profile_command(gpu, device, steps, warmup, timeout, force, out, cache_dir, 
     if warmup >= steps:
         raise InputError(f"--warmup {warmup} must be smaller than --steps {steps}; the median uses the steps after warmup")
     grids = load_grid_file(grid_file) if grid_file else None
+    merged = merge_grids(opts, grids)
+    if device == "cpu" and any(g.get("model") in (None, "", ()) for g in merged):
+        from ..case import DEFAULT_MODEL
+        from ..catalog import load_model
+
+        gib = load_model(DEFAULT_MODEL).total_params * 2 / 2**30
+        raise InputError(f"--device cpu needs --model: the default ({DEFAULT_MODEL}) would build {gib:.1f} GiB of "
+                         f"random bf16 weights in host RAM; use --model tiny-llama for a CPU smoke run, or "
+                         f"--model {DEFAULT_MODEL} to run it on the CPU anyway")
     case_dicts = []
-    for g in merge_grids(opts, grids):
+    for g in merged:
         case_dicts.extend(expand_grid(g))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -90,15 +106,19 @@ def profile_command(gpu, device, steps, warmup, timeout, force, out, cache_dir, 
     from ..profile.records import default_out_path
 
     path = out or str(default_out_path(dev.gpu_id))
-    err.print(f"profiling {len(cases)} case(s) on {dev.name or dev.device} ({dev.gpu_id}) -> {path}")
     progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(bar_width=20),
                         MofNCompleteColumn(), TextColumn("[cyan]{task.fields[phase]}"), TimeElapsedColumn(),
                         TextColumn("{task.fields[peak]}"), console=err, transient=False)
-    state = {"task": None, "t0": 0.0}
+    state = {"task": None, "t0": 0.0, "overall": None}
 
     def on_event(ev):
         kind = ev.get("ev")
-        if kind == "skip":
+        overall = state["overall"]
+        if kind == "start":  # the records file is writable and locked: only now does the run show
+            err.print(f"profiling {len(cases)} case(s) on {dev.name or dev.device} ({dev.gpu_id}) -> {path}")
+            progress.start()
+            state["overall"] = progress.add_task("cases", total=len(cases), phase="", peak="")
+        elif kind == "skip":
             progress.console.print(f"  [dim]skip {ev['i']}/{ev['n']} {ev['label']} (already recorded; --force redoes)[/]")
             progress.advance(overall)
         elif kind == "case_start":
@@ -123,11 +143,12 @@ def profile_command(gpu, device, steps, warmup, timeout, force, out, cache_dir, 
                                    f"({time.monotonic() - state['t0']:.1f} s){extra}")
             progress.advance(overall)
 
-    with progress:
-        overall = progress.add_task("cases", total=len(cases), phase="", peak="")
+    try:
         results = profile(cases, dev, out=path, force=force, steps=steps, warmup=warmup, timeout=timeout,
                           cache_dir=cache_dir, on_event=on_event, on_warning=lambda m: err.print(f"warning: {m}"),
                           trace=trace, trace_timeout=trace_timeout)
+    finally:
+        progress.stop()
     _summary(results, dev)
 
 

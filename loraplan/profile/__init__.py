@@ -1,4 +1,4 @@
-"""Real LoRA/QLoRA training bursts (``loraplan profile``), following shared/reference/protocol.md.
+"""Real LoRA/QLoRA training bursts (``loraplan profile``), following loraplan/data/h100-protocol.md.
 
 Public API (only ``burst``/``worker``/``probes`` import torch, and only in the
 worker process):
@@ -9,8 +9,12 @@ worker process):
   ``runner.profile(cases, dev, out=, force=, steps=, warmup=, timeout=, cache_dir=, on_event=)
   -> list[CaseResult]``: one worker process per case, one record appended per case;
   ``runner.run_worker(spec, timeout)``, ``runner.make_record(...)``, ``runner.check_extras``.
-- ``records``: ``append_record`` (one os.write to an O_APPEND fd + fsync), ``read_records``
-  (corrupt lines reported by number, never rewritten), ``case_key``, ``gpu_id_for_name``.
+- ``records``: ``append_record`` (one os.write to an O_APPEND fd + fsync; a write that fails part
+  way is truncated back), ``check_writable``, ``keep_record``/``merge_recovered`` (a record that
+  cannot be written goes to a recovery file the next run adds back), ``read_records`` (corrupt
+  lines reported by number, never rewritten), ``case_key``, ``gpu_id_for_name``.
+- ``locks``: ``records_lock`` / ``device_lock`` (one run per records file and per GPU, flock),
+  ``remove_stale_temp_dirs`` (temp folders of killed runs).
 - ``burst.run_burst(spec, emit) -> dict``: one case in this process (status ok|oom|error).
 - ``probes``: ``CudaProbe`` (torch.cuda.memory_stats peaks), ``NvmlSampler`` (2 ms thread),
   ``CpuProbe`` (live-tensor tracker); ``grid.load_grid_file`` for ``--grid``.

@@ -1,4 +1,4 @@
-"""One training burst, exactly as shared/reference/protocol.md describes it (needs the
+"""One training burst, exactly as loraplan/data/h100-protocol.md describes it (needs the
 ``[profile]`` extra). :func:`run_burst` is what the worker subprocess calls; it never raises for
 a failure of the case: OOM and errors come back as data with the phase they happened in.
 """
@@ -62,11 +62,83 @@ def _model_class(config_or_flag):
     return transformers.AutoModelForSeq2SeqLM if enc_dec else transformers.AutoModelForCausalLM
 
 
+def _safetensors_complete(f: Path) -> bool:
+    """A .safetensors file is whole: its header parses and the file is as long as the header says
+    (8-byte length, JSON header, then the tensors' bytes up to the largest ``data_offsets`` end)."""
+    try:
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if n <= 0 or n > 100 * 2**20:
+                return False
+            header = json.loads(fh.read(n))
+        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+        return f.stat().st_size == 8 + n + max(ends, default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return False
+
+
+def checkpoint_complete(folder: str | Path) -> bool:
+    """A cached checkpoint a burst can trust: config.json, weights (:func:`has_weights`), every
+    shard the index names present, every .safetensors file whole. New entries appear whole (built
+    under a temp name, then renamed); this also rejects a half-written entry from an older loraplan."""
+    p = Path(folder)
+    if not has_weights(p):
+        return False
+    try:
+        json.loads((p / "config.json").read_text())
+        for idx in p.glob("*.index.json"):
+            shards = set((json.loads(idx.read_text()).get("weight_map") or {}).values())
+            if any(not (p / s).is_file() for s in shards):
+                return False
+    except (OSError, ValueError, AttributeError):
+        return False
+    return all(_safetensors_complete(f) for f in p.glob("*.safetensors"))
+
+
+#: ``.<entry>.tmp-<pid>-<random>``: a checkpoint being built (by the live process <pid>)
+_BUILD_TMP = re.compile(r"^\.(?P<entry>.+)\.tmp-(?P<pid>\d+)-[A-Za-z0-9_]+$")
+#: the pid-less temp names of older versions: ``.<name>-<config hash>.<8 random>``
+_LEGACY_BUILD_TMP = re.compile(r"^\.[A-Za-z0-9._-]+-[0-9a-f]{12}\.[a-z0-9_]{8}$")
+
+
+def remove_stale_builds(cache: str | Path) -> list[Path]:
+    """Remove the temp folders of builds whose process is dead (a kill during the build) and
+    pid-less ones of older versions a day old; returns what was removed."""
+    from .locks import LEGACY_TEMP_AGE_S, pid_alive
+
+    removed = []
+    root = Path(cache)
+    if not root.is_dir():
+        return removed
+    for d in root.iterdir():
+        try:
+            if not d.name.startswith(".") or not d.is_dir() or d.is_symlink():
+                continue
+            m = _BUILD_TMP.match(d.name)
+            if m:
+                stale = not pid_alive(int(m.group("pid")))
+            else:
+                stale = bool(_LEGACY_BUILD_TMP.match(d.name)) and time.time() - d.stat().st_mtime > LEGACY_TEMP_AGE_S
+        except OSError:
+            continue
+        if stale:
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
+
+
 def ensure_model(name: str, config: dict, cache_dir: str | Path | None = None, emit: Emit | None = None) -> Path:
-    """The cached random-weight checkpoint for ``config``; built (bf16, CPU) and saved once."""
+    """The cached random-weight checkpoint for ``config``; built (bf16, CPU) and saved once.
+
+    The build is written under ``.<entry>.tmp-<pid>-*`` and renamed into place only when whole, so
+    a kill at any moment never leaves an entry a later run trusts; a later build removes the temp
+    folders of dead builds, and an incomplete entry (:func:`checkpoint_complete`) is rebuilt.
+    """
     path = model_cache_path(name, config, cache_dir)
-    if has_weights(path):
+    remove_stale_builds(path.parent)  # also when the entry is cached: a killed 7B build leaves ~13 GB
+    if checkpoint_complete(path):
         return path
+    path.parent.mkdir(parents=True, exist_ok=True)
     if emit:
         emit({"ev": "phase", "phase": "build"})
     import torch
@@ -83,15 +155,19 @@ def ensure_model(name: str, config: dict, cache_dir: str | Path | None = None, e
     untie_like_checkpoint(model, config)  # flan-t5/mt0: a separate lm_head, as their checkpoints have
     if not model.config.tie_word_embeddings and model.get_output_embeddings() is not None:
         torch.nn.init.normal_(model.get_output_embeddings().weight, std=0.02)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
     try:
         model.save_pretrained(tmp)
         del model
+        _fault("build")  # test hook: a kill between the save and the rename
+        if path.exists() and not checkpoint_complete(path):  # an incomplete entry: move it aside, then remove it
+            bad = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
+            os.replace(path, bad / "old")
+            shutil.rmtree(bad, ignore_errors=True)
         try:
             os.replace(tmp, path)  # atomic: a half-written folder is never used
         except OSError:
-            if not has_weights(path):
+            if not checkpoint_complete(path):  # else: another run built it at the same time
                 raise
     finally:
         if tmp.exists():

@@ -2,19 +2,26 @@
 
 Writing is crash-safe: each record is one ``os.write`` of the whole line to an ``O_APPEND``
 descriptor followed by ``fsync``, so a process killed at any moment (``kill -9`` included)
-leaves only whole lines. Reading never rewrites a file: a line that does not parse is
-reported with its line number and skipped. Pure Python (no torch).
+leaves only whole lines; a write that fails part way (full disk) is truncated back, so it
+leaves no partial line either, and the record goes to a recovery file
+(:func:`keep_record`) that the next run adds back (:func:`merge_recovered`). Reading never
+rewrites a file: a line that does not parse is reported with its line number and skipped.
+Pure Python (no torch).
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import re
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
+
+from ..errors import RecordsError
 
 SCHEMA = 1
 
@@ -69,7 +76,12 @@ def case_key(inputs: dict[str, Any]) -> str:
 
 
 def append_record(path: str | Path, record: dict[str, Any]) -> None:
-    """Append one record as one line: a single write to an O_APPEND fd, then fsync."""
+    """Append one record as one line: a single write to an O_APPEND fd, then fsync.
+
+    A write that fails part way (ENOSPC, EIO) is undone: the file is truncated back to its size
+    before this call, so no partial line is left to corrupt later appends; the OSError is raised
+    (the caller keeps the record elsewhere, see :func:`keep_record`).
+    """
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     data = (json.dumps(record, sort_keys=False, separators=(",", ":"), default=_json_default) + "\n").encode()
@@ -83,12 +95,99 @@ def append_record(path: str | Path, record: dict[str, Any]) -> None:
                 f.seek(size - 1)
                 if f.read(1) != b"\n":
                     data = b"\n" + data
-        n = os.write(fd, data)
-        while n < len(data):  # regular files write everything at once; be correct anyway
-            n += os.write(fd, data[n:])
-        os.fsync(fd)
+        try:
+            n = os.write(fd, data)
+            while n < len(data):  # a short write: the disk filled up, or a signal; the next call says which
+                k = os.write(fd, data[n:])
+                if k <= 0:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                n += k
+            os.fsync(fd)
+        except OSError:
+            try:
+                os.ftruncate(fd, size)  # back to the last whole line (a later append starts a new line anyway)
+            except OSError:
+                pass
+            raise
     finally:
         os.close(fd)
+
+
+#: free space a records file's disk must have before a run starts (a record is 5-100 KB)
+MIN_FREE_BYTES = 1 << 20
+
+
+def check_writable(path: str | Path) -> None:
+    """RecordsError (the path and the fix, one line) unless records can be appended to ``path``:
+    its folder can be created and written, the file (when it exists) opened for appending, and
+    the disk has :data:`MIN_FREE_BYTES` free. Creates nothing that stays."""
+    p = Path(path)
+    fix = "make it writable, or pass --out a file in a writable folder"
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        if p.exists():
+            os.close(os.open(p, os.O_WRONLY | os.O_APPEND))
+        else:
+            fd, probe = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".probe", dir=p.parent)
+            os.close(fd)
+            os.unlink(probe)
+        st = os.statvfs(p.parent)
+    except OSError as e:
+        raise RecordsError(f"cannot write the records file {p} ({e.strerror or e}); {fix}") from None
+    free = st.f_bavail * st.f_frsize
+    if free < MIN_FREE_BYTES:
+        raise RecordsError(f"the disk holding the records file {p} is full ({free} bytes free); "
+                           f"free some space, or pass --out a file on another disk")
+
+
+def recovery_paths(path: str | Path) -> list[Path]:
+    """Where a record that could not be appended to ``path`` is kept, in the order tried: beside it
+    (``<file>.recovered``), in the user's cache (``~/.cache/loraplan/recovered/``, or
+    ``$LORAPLAN_CACHE/recovered/``), in the temp folder. None ends in ``.jsonl``, so readers of
+    ``profiles/*.jsonl`` never count a record twice."""
+    p = Path(os.path.abspath(path))
+    tag = f"{slug(p.stem)}-{hashlib.sha256(str(p).encode()).hexdigest()[:8]}.jsonl.recovered"
+    cache = Path(os.environ.get("LORAPLAN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "loraplan"))
+    return [p.with_name(p.name + ".recovered"), cache / "recovered" / tag,
+            Path(tempfile.gettempdir()) / f"loraplan-recovered-{tag}"]
+
+
+def keep_record(path: str | Path, record: dict[str, Any]) -> Path:
+    """Append ``record`` to the first of :func:`recovery_paths` that takes it; returns that file.
+    Raises the last OSError when none does."""
+    err: OSError | None = None
+    for rp in recovery_paths(path):
+        try:
+            append_record(rp, record)
+            return rp
+        except OSError as e:
+            err = e
+    assert err is not None
+    raise err
+
+
+def merge_recovered(path: str | Path) -> list[tuple[Path, int, bool]]:
+    """Append to ``path`` the records that :func:`keep_record` kept for it (those not already
+    there, by key and time), then remove the recovery files; returns (file, records added,
+    removed). A recovery file with unreadable lines is left in place (removed False). Call with
+    the records file locked. An OSError leaves the recovery file in place."""
+    out = []
+    have = {(r.get("key"), r.get("recorded_at")) for r in read_records(path).records}
+    for rp in recovery_paths(path):
+        if not rp.is_file():
+            continue
+        rf = read_records(rp)
+        n = 0
+        for rec in rf.records:
+            ident = (rec.get("key"), rec.get("recorded_at"))
+            if ident not in have:
+                append_record(path, rec)
+                have.add(ident)
+                n += 1
+        if not rf.problems:
+            rp.unlink()
+        out.append((rp, n, not rf.problems))
+    return out
 
 
 def _json_default(o):

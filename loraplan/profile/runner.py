@@ -3,10 +3,17 @@
 For each case: its inputs (``run_inputs`` + device + gpu id) and stable key; skip it when the
 records file holds that key (unless ``force``); else run ``python -m loraplan.profile.worker``
 in its own process group with a time limit, follow its progress lines, and append one record.
+
+Nothing measured is lost: the records file is checked writable and locked (and, on CUDA, the
+GPU) before any burst; a record that cannot be appended goes to a recovery file that the next
+run adds back; SIGTERM/SIGHUP end the run through the normal exit path (worker killed, temp
+folder removed, a finished measurement written first); temp folders of killed runs are removed
+at the next start.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -22,10 +29,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import DeviceError, MissingExtraError
+from ..errors import DeviceError, HostMemoryError, MissingExtraError, RecordsError
 from ..spec import LoraSpec, ModelSpec, TrainSpec, run_inputs
-from ..storage import is_quantized
-from .records import SCHEMA, append_record, case_key, default_out_path, gpu_id_for_name, read_records
+from ..storage import dtype_bytes, is_quantized, load_dtype
+from .locks import device_key, device_lock, records_lock, remove_stale_temp_dirs, temp_prefix
+from .records import (SCHEMA, append_record, case_key, check_writable, default_out_path, gpu_id_for_name,
+                      keep_record, merge_recovered, read_records)
 
 OnEvent = Callable[[dict], None]
 MARK = "@@loraplan "
@@ -104,6 +113,47 @@ def detect_device(device: str, python: str | None = None, timeout: float = 120.0
                           f"use --device cpu for a CPU burst")
     name = info.get("name") or "cuda"
     return DeviceInfo("cuda", gpu_id_for_name(name), name, info)
+
+
+def host_memory_available_bytes() -> int | None:
+    """RAM the kernel says can be had without swapping: MemAvailable of /proc/meminfo (Linux),
+    else free pages x page size (``os.sysconf``); None when neither is there."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def host_weight_bytes(case: Case) -> int:
+    """Host RAM the model's weights alone take in a --device cpu burst: every parameter in the
+    larger of bf16 (the cached random-weight checkpoint is built in bf16, burst.ensure_model) and
+    the load dtype (``storage.load_dtype``). Activations, gradients and optimizer come on top."""
+    return case.model.total_params * max(dtype_bytes("bf16"), dtype_bytes(load_dtype(case.train.quant)))
+
+
+def check_host_memory(cases: list[Case], dev: DeviceInfo, available: int | None = None) -> None:
+    """HostMemoryError (one line) when a --device cpu case's weights alone exceed the available
+    host RAM: such a burst would swap or be killed after minutes of building."""
+    if dev.device != "cpu" or not cases:
+        return
+    avail = host_memory_available_bytes() if available is None else available
+    if avail is None:
+        return
+    case = max(cases, key=host_weight_bytes)
+    need = host_weight_bytes(case)
+    if need > avail:
+        gib = 2**30
+        raise HostMemoryError(
+            f"--device cpu: the weights of '{case.model.name}' ({case.model.total_params / 1e9:.2f}B parameters) "
+            f"alone need {need / gib:.1f} GiB of host RAM and {avail / gib:.1f} GiB is available; for a CPU smoke "
+            f"run use --model tiny-llama (a tiny test shape), or profile this model with --device cuda")
 
 
 def build_cases(case_dicts: list[dict], gpu: str | None = None) -> list[Case]:
@@ -208,7 +258,7 @@ def run_worker(spec: dict, timeout: float, on_event: OnEvent | None = None, pyth
     model): the clock restarts when building ends.
     """
     on_event = on_event or (lambda ev: None)
-    with tempfile.TemporaryDirectory(prefix="loraplan-profile-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=temp_prefix()) as tmp:  # a kill -9 leaves it: the next run removes it
         spec_path, result_path, err_path = (os.path.join(tmp, n) for n in ("spec.json", "result.json", "stderr.txt"))
         with open(spec_path, "w") as f:
             json.dump(spec, f)
@@ -298,7 +348,7 @@ def make_record(case: Case, dev: DeviceInfo, result: dict, *, steps: int, warmup
     inputs = case_inputs(case, dev)
     est, est_gpu, est_why = estimate_for(case, dev)
     protocol = dict(result.get("protocol") or {})
-    protocol.update(steps=steps, warmup=warmup, timeout_s=timeout, reference="shared/reference/protocol.md")
+    protocol.update(steps=steps, warmup=warmup, timeout_s=timeout, reference="loraplan/data/h100-protocol.md")
     rec = {
         "schema": SCHEMA,
         "key": case_key(inputs),
@@ -334,6 +384,65 @@ def make_record(case: Case, dev: DeviceInfo, result: dict, *, steps: int, warmup
 
 # ---- the sweep --------------------------------------------------------------------------
 
+class _Signals:
+    """SIGTERM and SIGHUP raise SystemExit(128 + signal) in the main thread, so the run ends through
+    its ``finally`` blocks (worker group killed, temp folder removed, locks released) rather than
+    where it stands; inside :meth:`held` (a finished measurement being written) they wait."""
+
+    SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))
+
+    def __init__(self) -> None:
+        self.holding = 0
+        self.pending: int | None = None
+
+    def _handler(self, signum, frame) -> None:
+        if self.holding:
+            self.pending = signum
+        else:
+            raise SystemExit(128 + signum)
+
+    @contextlib.contextmanager
+    def installed(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        old = {s: signal.signal(s, self._handler) for s in self.SIGNALS}
+        try:
+            yield self
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+    @contextlib.contextmanager
+    def held(self):
+        self.holding += 1
+        try:
+            yield
+        finally:
+            self.holding -= 1
+        if not self.holding and self.pending is not None:
+            raise SystemExit(128 + self.pending)
+
+
+def _write_or_keep(path: Path, rec: dict, label: str) -> None:
+    """Append ``rec``; when that fails, keep it in a recovery file and raise RecordsError saying where."""
+    try:
+        append_record(path, rec)
+        return
+    except OSError as e:
+        why = e.strerror or str(e)
+    try:
+        kept = keep_record(path, rec)
+    except OSError as e2:
+        import json as _json
+
+        raise RecordsError(f"could not append to {path} ({why}) nor write a recovery file ({e2.strerror or e2}); "
+                           f"the measurement of '{label}' is this record: "
+                           f"{_json.dumps(rec, separators=(',', ':'), default=str)}") from None
+    raise RecordsError(f"could not append to {path} ({why}); the measurement of '{label}' is kept in {kept} and "
+                       f"the next run on {path} adds it back; free space or fix permissions, then run again") from None
+
+
 def profile(cases: list[Case], dev: DeviceInfo, *, out: str | Path | None = None, force: bool = False,
             steps: int = 6, warmup: int = 2, timeout: float = 600.0, cache_dir: str | None = None,
             on_event: OnEvent | None = None, on_warning: Callable[[str], None] | None = None,
@@ -342,18 +451,51 @@ def profile(cases: list[Case], dev: DeviceInfo, *, out: str | Path | None = None
 
     ``trace``: after each burst also run the meta-device trace of the case (its CUDA step on the
     estimate's GPU) and keep it in the record under ``trace``.
+
+    Before any burst: RecordsError when ``out`` cannot be written, ProfileBusyError when another
+    run holds ``out`` (or, on CUDA, the GPU), HostMemoryError when a --device cpu case's weights
+    exceed the host RAM. A record that cannot be appended after its burst is kept in a recovery
+    file (RecordsError names it) and added back by the next run.
     """
     on_event = on_event or (lambda ev: None)
+    warn = on_warning or (lambda m: None)
     path = Path(out) if out else default_out_path(dev.gpu_id)
+    check_writable(path)
+    sig = _Signals()
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(sig.installed())
+        stack.enter_context(records_lock(path, warn))
+        if dev.device == "cuda":
+            stack.enter_context(device_lock(device_key(dev.probe.get("uuid")), dev.name, warn))
+        remove_stale_temp_dirs()
+        try:
+            for rp, n, removed in merge_recovered(path):
+                warn(f"added {n} record(s) to {path} from {rp}, kept there after an earlier write failure"
+                     + ("" if removed else f"; {rp} has unreadable lines and is left in place"))
+        except OSError as e:
+            raise RecordsError(f"could not add the records kept after an earlier write failure to {path} "
+                               f"({e.strerror or e}); they stay where they are; free space or fix permissions, "
+                               f"then run again") from None
+        return _sweep(cases, dev, path, sig, force=force, steps=steps, warmup=warmup, timeout=timeout,
+                      cache_dir=cache_dir, on_event=on_event, warn=warn, python=python, trace=trace,
+                      trace_timeout=trace_timeout)
+
+
+def _sweep(cases: list[Case], dev: DeviceInfo, path: Path, sig: _Signals, *, force: bool, steps: int, warmup: int,
+           timeout: float, cache_dir: str | None, on_event: OnEvent, warn: Callable[[str], None],
+           python: str | None, trace: bool, trace_timeout: float) -> list[CaseResult]:
+    """profile()'s loop, run with the records file locked."""
     existing = read_records(path)
     for msg in existing.messages():
-        (on_warning or (lambda m: None))(msg)
+        warn(msg)
     done = existing.keys
     by_key = {r.get("key"): r for r in existing.records}
+    keys = [case_key(case_inputs(case, dev)) for case in cases]
+    check_host_memory([c for c, k in zip(cases, keys) if force or k not in done], dev)
     results: list[CaseResult] = []
     n = len(cases)
-    for i, case in enumerate(cases, start=1):
-        key = case_key(case_inputs(case, dev))
+    on_event({"ev": "start", "n": n, "path": str(path)})
+    for i, (case, key) in enumerate(zip(cases, keys), start=1):
         if key in done and not force:
             results.append(CaseResult(case, key, by_key.get(key), skipped=True))
             on_event({"ev": "skip", "i": i, "n": n, "label": case.label, "key": key})
@@ -361,12 +503,20 @@ def profile(cases: list[Case], dev: DeviceInfo, *, out: str | Path | None = None
         on_event({"ev": "case_start", "i": i, "n": n, "label": case.label, "key": key})
         spec = worker_spec(case, dev, steps, warmup, cache_dir)
         result = run_worker(spec, timeout, on_event, python=python)
-        tr = None
+        tr, stop = None, None
         if trace:
             on_event({"ev": "phase", "phase": "trace"})
-            tr = trace_for(case, dev, trace_timeout)
-        rec = make_record(case, dev, result, steps=steps, warmup=warmup, timeout=timeout, trace=tr)
-        append_record(path, rec)
+            try:
+                tr = trace_for(case, dev, trace_timeout)
+            except (SystemExit, KeyboardInterrupt) as e:  # stopped while tracing: keep the measurement, then stop
+                stop = e
+                tr = {"error": f"the run was stopped ({type(e).__name__}) before the trace finished",
+                      "gpu": estimate_gpu_id(case, dev)}
+        with sig.held():
+            rec = make_record(case, dev, result, steps=steps, warmup=warmup, timeout=timeout, trace=tr)
+            _write_or_keep(path, rec, case.label)
+        if stop is not None:
+            raise stop
         done.add(key)
         results.append(CaseResult(case, key, rec))
         on_event({"ev": "case_end", "i": i, "n": n, "label": case.label, "record": rec})

@@ -77,7 +77,8 @@ def probe() -> dict:
         if out["cuda_available"]:
             props = torch.cuda.get_device_properties(0)
             out.update(name=props.name, total_bytes=int(props.total_memory), count=torch.cuda.device_count(),
-                       compute_capability=f"{props.major}.{props.minor}")
+                       compute_capability=f"{props.major}.{props.minor}",
+                       uuid=str(getattr(props, "uuid", "") or "") or None)
     except Exception as e:  # noqa: BLE001
         out["error"] = f"{type(e).__name__}: {e}"
     return out
