@@ -254,13 +254,20 @@ def layer_saved(st: Structure, kind: str, x: Shape, stack: str = "decoder"):
 
 
 def head_norms_saved(st: Structure, T):
-    """Per-head RMSNorms on q and k (qwen3 ``q_norm``/``k_norm``): like any RMSNorm they keep an
-    fp32 copy of their input (4·T·n·d) and rsqrt (4·T·n), for n = n_h and n_kv heads."""
+    """RMSNorms on q and k: like any RMSNorm they keep an fp32 copy of their input (4·T·n·d,
+    for n = n_h and n_kv heads) and one fp32 rsqrt per normalised row:
+
+    - per head (``qk_norm_scope`` "head": qwen3, gemma3 ``q_norm(view(..., d))``): 4·T·n per norm;
+    - over the whole projection ("projection": olmo2 ``q_norm(q_proj(x))`` with weight [n_h·d]):
+      4·T per norm, one row per token.
+    Source: modeling_qwen3.py::Qwen3Attention.forward, modeling_gemma3.py::Gemma3Attention.forward,
+    modeling_olmo2.py::Olmo2Attention.forward (Olmo2RMSNorm = the llama RMSNorm)."""
     m = st.model
     if "q_norm" not in m.arch.extra_norms:
         return 0
     heads = m.num_heads + m.num_kv_heads
-    return 4 * T * heads * m.head_dim + 4 * T * heads
+    rows = 2 if m.arch.qk_norm_scope == "projection" else heads
+    return 4 * T * heads * m.head_dim + 4 * T * rows
 
 
 def checkpoint_inputs(st: Structure, x: Shape, kind: str = "flash"):
