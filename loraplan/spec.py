@@ -76,6 +76,9 @@ class ArchSpec:
     qk_norm_scope: str = "head"
     #: how many decoder layers use ``sliding_window`` (gemma3 ``layer_types``); None: all of them
     sliding_layers: int | None = None
+    #: the spec was read from a meta-device build (``loraplan._meta``), not a shape rule: shapes and
+    #: parameter counts are exact, the activation terms are the generic (llama-like) ones
+    from_meta_build: bool = False
     final_logit_softcapping: float | None = None
     #: False when the family's Linears are nn.Linear subclasses (FalconLinear) that transformers'
     #: bitsandbytes integration does not convert (``type(module) is nn.Linear``)

@@ -223,3 +223,19 @@ def test_meta_fallback_unknown_model_type_is_one_line_config_error():
     with pytest.raises(ConfigError) as e:
         spec_from_config({"model_type": "no-such-family", "hidden_size": 8}, "x")
     assert "no-such-family" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_meta_fallback_estimate_says_which_terms_are_generic():
+    """An estimate for a family without a shape rule notes that its activation terms are generic."""
+    from loraplan.catalog import load_calibration, load_gpu
+    from loraplan.estimate.api import estimate
+    from loraplan.spec import TrainSpec
+
+    cfg = {"model_type": "gpt2", "vocab_size": 320, "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 64}
+    spec = spec_from_config(cfg, "tiny-gpt2")
+    assert spec.arch.from_meta_build
+    gpu = load_gpu("h100-sxm-80gb")
+    e = estimate(spec, LoraSpec(rank=4, targets=("c_attn",)), TrainSpec(quant="bf16", seq=32), gpu,
+                 load_calibration(gpu.id), with_time=False)
+    assert any("no shape rule" in n and "generic" in n for n in e.memory.notes)
+    assert not spec_from_config(CASES["olmo2-gqa-bias-tied"], "o").arch.from_meta_build

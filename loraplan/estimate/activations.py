@@ -123,7 +123,27 @@ def attention_saved_per_layer(st: Structure, kind: str, T, b, seq, kv_seq, cross
     # whole [T, (n_h + 2·n_kv)·d] output alive, q and k parts included. (gpt-neox and falcon
     # reshape and split per head; their traces show no such retention.)
     fused = a * T * (n_h + n_kv) * d if _has_fused_qkv(m) and kind in ("flash", "efficient") else 0
-    return fused + _attention_core_saved(st, kind, T, b, seq, kv_seq, cross)
+    return fused + _attention_core_saved(st, kind, T, b, seq, kv_seq, cross) + attention_dropout_saved(st, kind, b, seq,
+                                                                                                         kv_seq)
+
+
+def attention_dropout_saved(st: Structure, kind: str, b, seq, kv_seq):
+    """Attention-probability dropout in training (config ``attention_dropout`` p > 0, granite 3.x:
+    0.1): with the math kernel or eager attention the dropped probabilities are a new tensor,
+    saved for the product with v, plus what the dropout keeps besides it (``_mask_bytes``: CUDA's
+    native_dropout bool mask, 1 B), per score element b·n_h·s·kv:
+
+    - math (torch ``_scaled_dot_product_attention_math``: ``at::dropout`` on the fp32 softmax): 4 + 1 B;
+    - eager (transformers ``eager_attention_forward``: ``F.dropout`` on the stream-dtype probabilities): a + 1 B.
+    flash and mem-efficient draw the mask inside the kernel from a saved seed/offset (no per-element
+    tensor). Source: modeling_granite.py::GraniteAttention.forward (``dropout=0.0 if not
+    self.training else self.attention_dropout``), torch aten/src/ATen/native/transformers/attention.cpp.
+    """
+    p = float(st.model.config.get("attention_dropout") or 0)
+    if p <= 0 or kind not in ("math", "eager"):
+        return 0
+    kept = 4 if kind == "math" else st.stream_bytes
+    return (kept + _mask_bytes(st, kept)) * b * st.model.num_heads * seq * kv_seq
 
 
 def _has_fused_qkv(model: ModelSpec) -> bool:
