@@ -27,7 +27,32 @@ FAMILIES = {
     "llama": "llama-3.2-1b", "mistral": "mistral-7b", "qwen2": "qwen2.5-0.5b", "qwen3": "qwen3-0.6b",
     "gemma2": "gemma-2-2b", "phi3": "phi-3-mini-4k", "gpt_neox": "pythia-1b", "opt": "opt-6.7b",
     "falcon": "falcon-7b", "t5": "flan-t5-base", "mt5": "mt0-large",
+    "gemma": "gemma-2b", "gemma3_text": "gemma-3-270m", "olmo2": "olmo-2-0425-1b", "granite": "granite-3.2-8b-instruct",
+    "smollm3": "smollm3-like", "mistral_hd": "mistral-nemo-base-2407",
 }
+
+#: checked by the benchmark (``--families``) but not gated at 2% by tests/test_analytic_vs_trace.py,
+#: with the reason (see the issue-14 report):
+#: - granite_attn_dropout: granite 3.0/3.1 ship attention_dropout 0.1; with nf4's fp32 stream the
+#:   math kernel runs ``at::dropout``, which on the meta device is the unfused CPU path (an fp32
+#:   noise tensor, 4 B) where CUDA keeps a 1-byte mask: the trace reads ~2-2.5% above CUDA;
+#: - phi4: phi-4's GQA small config reads -2.0% in one case (bf16, all-linear, checkpointing).
+UNGATED = {"granite_attn_dropout": "granite-3.1-2b-instruct", "phi4": "phi-4"}
+
+#: families without a catalog entry: a config with the family's defaults (SmolLM3Config: 36
+#: layers, hidden 2048, 16 heads, 4 kv heads, vocab 128256, tied; every 4th layer without RoPE)
+INLINE = {
+    "smollm3-like": {"model_type": "smollm3", "vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 11008,
+                     "num_hidden_layers": 36, "num_attention_heads": 16, "num_key_value_heads": 4,
+                     "no_rope_layer_interval": 4, "tie_word_embeddings": True, "pad_token_id": 128004,
+                     "bos_token_id": 128000, "eos_token_id": 128001},
+}
+
+
+def family_config(fam: str) -> dict:
+    """The config a family is checked on: its catalog entry's, or an INLINE one."""
+    name = FAMILIES.get(fam) or UNGATED[fam]
+    return dict(INLINE[name]) if name in INLINE else dict(model_entries()[name]["config"])
 
 _SIZE_KEYS = {"hidden_size": 256, "d_model": 256, "word_embed_proj_dim": 256}
 _LAYER_KEYS = ("num_hidden_layers", "num_layers", "num_decoder_layers")
@@ -61,6 +86,8 @@ def small_config(cfg: dict, layers: int = 2, vocab: int = 2048) -> dict:
         c["head_dim"] = 64
     if "d_kv" in c:
         c["d_kv"] = 64
+    if isinstance(c.get("layer_types"), list):  # per-layer attention kinds (gemma3): keep the last
+        c["layer_types"] = c["layer_types"][-layers:]  # ones, which end on a global layer
     c["vocab_size"] = vocab
     for k in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id"):
         if isinstance(c.get(k), int) and c[k] >= vocab:
@@ -84,9 +111,9 @@ def run(families, quick=False, full=False, steps=2):
     cal = load_calibration(gpu.id)
     rows = []
     for fam in families:
-        entry = model_entries()[FAMILIES[fam]]
-        cfg = dict(entry["config"]) if full else small_config(entry["config"])
-        model = spec_from_config(cfg, f"{FAMILIES[fam]}{'' if full else '-small'}")
+        base = family_config(fam)
+        cfg = base if full else small_config(base)
+        model = spec_from_config(cfg, f"{fam}{'' if full else '-small'}")
         for quant, tgt, gc, opt, (b, s, r) in grid(quick):
             targets = default_targets(model) if tgt == "default" else tuple(tgt.split(","))
             lora = LoraSpec(rank=r, alpha=2 * r, dropout=0.05, targets=targets)

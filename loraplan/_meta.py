@@ -123,7 +123,8 @@ def spec_from_meta_build(cfg: Mapping[str, Any], name: str) -> ModelSpec:
         max_positions=getattr(text, "max_position_embeddings", None), tie_word_embeddings=tied,
         linears=tuple(linears), others=tuple(others),
         arch=ArchSpec(attention="eager" if getattr(hf_cfg, "_attn_implementation", None) == "eager" else "sdpa",
-                      sliding_window=getattr(text, "sliding_window", None), **MODEL_TYPE_FACTS.get(str(mt), {})),
+                      sliding_window=getattr(text, "sliding_window", None), from_meta_build=True,
+                      **MODEL_TYPE_FACTS.get(str(mt), {})),
         is_encoder_decoder=enc_dec,
         num_encoder_layers=int(getattr(text, "num_layers", 0) or 0) if enc_dec else 0,
     )

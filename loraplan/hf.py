@@ -153,6 +153,93 @@ def _gemma2(cfg, name):
                                     "pre_feedforward_layernorm", "post_feedforward_layernorm"))
 
 
+def _gemma(cfg, name):
+    # Gemma (1): attention_bias (q,k,v,o) default False; head_dim default 256 (not h // n_h);
+    # num_key_value_heads default 16; tied by default; GemmaRMSNorm (weight [h], applied as
+    # 1 + w); the embedding output is scaled by sqrt(h) (modeling_gemma.py::GemmaTextScaledWordEmbedding).
+    h, n_h = _heads(cfg, "gemma")
+    ab = bool(cfg.get("attention_bias", False))
+    return _llama_like(cfg, name, qkv_bias=ab, o_bias=ab, mlp_bias=False,
+                       head_dim=_get(cfg, "head_dim", 256), n_kv=_kv_heads(cfg, n_h, 16),
+                       tie=bool(cfg.get("tie_word_embeddings", True)),
+                       arch=ArchSpec(**MODEL_TYPE_FACTS["gemma"]))
+
+
+def _gemma3_text(cfg, name):
+    # Gemma 3 text (Gemma3ForCausalLM, modeling_gemma3.py): gemma2's four RMSNorms per layer plus
+    # per-head q_norm/k_norm [head_dim]; head_dim default 256, num_key_value_heads default 4;
+    # tied by default; sdpa (attn_logit_softcapping default None). ``layer_types`` (default: every
+    # ``sliding_window_pattern``-th layer global, pattern 6) marks the sliding-window layers.
+    h, n_h = _heads(cfg, "gemma3_text")
+    L = _req(cfg, "num_hidden_layers", "gemma3_text")
+    ab = bool(cfg.get("attention_bias", False))
+    types = cfg.get("layer_types")
+    if not types:
+        pattern = cfg.get("sliding_window_pattern") or cfg.get("_sliding_window_pattern") or 6
+        types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(L)]
+    sw = cfg.get("sliding_window", 4096)
+    n_sliding = sum(t == "sliding_attention" for t in types[:L]) if sw else 0
+    arch = ArchSpec(sliding_window=sw, sliding_layers=n_sliding, norms_per_layer=4,
+                    extra_norms=("q_norm", "k_norm"),
+                    attention="eager" if cfg.get("attn_logit_softcapping") else "sdpa",
+                    final_logit_softcapping=cfg.get("final_logit_softcapping"), **MODEL_TYPE_FACTS["gemma3_text"])
+    return _llama_like(cfg, name, qkv_bias=ab, o_bias=ab, mlp_bias=False,
+                       head_dim=_get(cfg, "head_dim", 256), n_kv=_kv_heads(cfg, n_h, 4),
+                       tie=bool(cfg.get("tie_word_embeddings", True)), arch=arch,
+                       layer_norms=("input_layernorm", "post_attention_layernorm",
+                                    "pre_feedforward_layernorm", "post_feedforward_layernorm"),
+                       head_norms=("q_norm", "k_norm"))
+
+
+def _olmo2(cfg, name):
+    # OLMo 2 (modeling_olmo2.py): attention_bias (q,k,v,o) default False; no input norm: the
+    # layer normalises the attention and MLP *outputs* (post_attention_layernorm,
+    # post_feedforward_layernorm, [h]); q_norm [n_h*d] and k_norm [n_kv*d] over the whole
+    # projection (before the head split); untied by default; head_dim h // n_h.
+    h, n_h = _heads(cfg, "olmo2")
+    ab = bool(cfg.get("attention_bias", False))
+    n_kv = _kv_heads(cfg, n_h, None)
+    d = _get(cfg, "head_dim", h // n_h)
+    spec = _llama_like(cfg, name, qkv_bias=ab, o_bias=ab, mlp_bias=False, head_dim=d, n_kv=n_kv,
+                       tie=bool(cfg.get("tie_word_embeddings", False)),
+                       arch=ArchSpec(extra_norms=("q_norm", "k_norm"), qk_norm_scope="projection"),
+                       layer_norms=("post_attention_layernorm", "post_feedforward_layernorm"))
+    from dataclasses import replace
+
+    others = []
+    for p in spec.others:  # q_norm / k_norm cover the whole projection
+        others.append(p)
+        if p.name.endswith(".post_attention_layernorm.weight"):
+            pre = p.name.rsplit(".post_attention_layernorm.weight", 1)[0]
+            others[-1:-1] = [ParamSpec(f"{pre}.self_attn.q_norm.weight", n_h * d, "norm"),
+                             ParamSpec(f"{pre}.self_attn.k_norm.weight", n_kv * d, "norm")]
+    return replace(spec, others=tuple(others))
+
+
+def _granite(cfg, name):
+    # Granite (modeling_granite.py): llama shapes; attention_bias (q,k,v,o) and mlp_bias default
+    # False; num_key_value_heads default n_h; untied by default. embedding_multiplier,
+    # residual_multiplier, attention_multiplier and logits_scaling scale values, not shapes.
+    h, n_h = _heads(cfg, "granite")
+    ab = bool(cfg.get("attention_bias", False))
+    return _llama_like(cfg, name, qkv_bias=ab, o_bias=ab, mlp_bias=bool(cfg.get("mlp_bias", False)),
+                       head_dim=_get(cfg, "head_dim", h // n_h), n_kv=_kv_heads(cfg, n_h, None),
+                       tie=bool(cfg.get("tie_word_embeddings", False)),
+                       arch=ArchSpec(**MODEL_TYPE_FACTS["granite"]))
+
+
+def _smollm3(cfg, name):
+    # SmolLM3 (modeling_smollm3.py): llama shapes; attention_bias (q,k,v,o) and mlp_bias default
+    # False; num_key_value_heads default 4; tied by default; ``no_rope_layers`` skips RoPE in some
+    # layers (no shape change); a sliding window only when use_sliding_window.
+    h, n_h = _heads(cfg, "smollm3")
+    ab = bool(cfg.get("attention_bias", False))
+    sw = cfg.get("sliding_window") if cfg.get("use_sliding_window") else None
+    return _llama_like(cfg, name, qkv_bias=ab, o_bias=ab, mlp_bias=bool(cfg.get("mlp_bias", False)),
+                       head_dim=_get(cfg, "head_dim", h // n_h), n_kv=_kv_heads(cfg, n_h, 4),
+                       tie=bool(cfg.get("tie_word_embeddings", True)), arch=ArchSpec(sliding_window=sw))
+
+
 def _spec(cfg, name, mt, *, h, L, n_h, n_kv, d, inter, V, tie, linears, others, arch, max_pos,
           enc_dec=False, enc_layers=0) -> ModelSpec:
     return ModelSpec(
@@ -426,6 +513,9 @@ def _t5(cfg, name):
 MODEL_TYPE_FACTS: dict[str, dict[str, Any]] = {
     "phi3": dict(fused_qkv_views=True),
     "opt": dict(hidden_dropout_key="dropout", hidden_dropout_default=0.1, sublayer_dropout=True),
+    "gemma": dict(),
+    "gemma3_text": dict(),
+    "granite": dict(),
 }
 
 RULES: dict[str, Callable[[Mapping[str, Any], str], ModelSpec]] = {
@@ -434,6 +524,11 @@ RULES: dict[str, Callable[[Mapping[str, Any], str], ModelSpec]] = {
     "qwen2": _qwen2,
     "qwen3": _qwen3,
     "gemma2": _gemma2,
+    "gemma": _gemma,
+    "gemma3_text": _gemma3_text,
+    "olmo2": _olmo2,
+    "granite": _granite,
+    "smollm3": _smollm3,
     "phi3": _phi3,
     "gpt_neox": _gpt_neox,
     "opt": _opt,

@@ -71,6 +71,14 @@ class ArchSpec:
     sliding_window: int | None = None
     norms_per_layer: int = 2
     extra_norms: tuple = ()  # e.g. ("q_norm","k_norm") for qwen3, post-norms for gemma2
+    #: what q_norm/k_norm normalise: "head" (each head's d values: qwen3, gemma3) or
+    #: "projection" (the whole n·d output of q_proj/k_proj before the head split: olmo2)
+    qk_norm_scope: str = "head"
+    #: how many decoder layers use ``sliding_window`` (gemma3 ``layer_types``); None: all of them
+    sliding_layers: int | None = None
+    #: the spec was read from a meta-device build (``loraplan._meta``), not a shape rule: shapes and
+    #: parameter counts are exact, the activation terms are the generic (llama-like) ones
+    from_meta_build: bool = False
     final_logit_softcapping: float | None = None
     #: False when the family's Linears are nn.Linear subclasses (FalconLinear) that transformers'
     #: bitsandbytes integration does not convert (``type(module) is nn.Linear``)

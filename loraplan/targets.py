@@ -23,6 +23,8 @@ ALL_LINEAR = "all-linear"
 #: What PEFT targets when LoraConfig.target_modules is None
 #: (peft/utils/constants.py::TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, peft 0.21).
 #: phi3 has no entry there (PEFT asks for target_modules); loraplan uses its fused qkv_proj.
+#: olmo2, granite and smollm3 have none either: loraplan uses q_proj, v_proj, the attention
+#: pair PEFT picks for every llama-shaped family it lists (their modules carry those names).
 PEFT_DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
     "llama": ("q_proj", "v_proj"),
     "mistral": ("q_proj", "v_proj"),
@@ -35,6 +37,11 @@ PEFT_DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
     "t5": ("q", "v"),
     "mt5": ("q", "v"),
     "phi3": ("qkv_proj",),
+    "gemma": ("q_proj", "v_proj"),
+    "gemma3_text": ("q_proj", "v_proj"),
+    "olmo2": ("q_proj", "v_proj"),
+    "granite": ("q_proj", "v_proj"),
+    "smollm3": ("q_proj", "v_proj"),
 }
 
 

@@ -72,7 +72,9 @@ def test_entry_is_well_formed(name):
     if e.get("test_shape"):  # tiny-llama: a shape for CPU smoke runs, with no checkpoint anywhere, and says so
         assert "test shape" in e["source"] and "test shape" in e["notes"] and load_model(name).total_params < 10**6
     else:
-        assert re.fullmatch(r"https://huggingface\.co/[\w.-]+/[\w.-]+/blob/main/config\.json", e["source"])
+        # the config.json page the values were read from: main, or the pinned revision/branch that was read
+        assert re.fullmatch(r"https://huggingface\.co/[\w.-]+/[\w.-]+/(blob|blame|raw)/[\w.%-]+/config\.json",
+                            e["source"])
     assert e["config"]["model_type"] in RULES  # every catalog model has a pure rule (no torch needed)
 
 
@@ -184,3 +186,25 @@ def test_gpus_command_with_empty_catalog(monkeypatch):
     assert r.exit_code == 0 and "empty" in r.output
     r = CliRunner().invoke(gpus_command, ["--format", "json"])
     assert json.loads(r.output) == []
+
+
+def test_models_filters_by_family_and_size():
+    """``loraplan models --family/--min-params/--max-params/--size`` keep the rows that match."""
+    from loraplan.commands.catalog_cmds import filter_rows, model_rows, parse_size
+
+    assert parse_size("7B") == 7e9 and parse_size("500m") == 5e8 and parse_size("1.5e9") == 1.5e9
+    rows = model_rows()
+    gemma = filter_rows(rows, ("gemma3_text",))
+    assert gemma and {r["model_type"] for r in gemma} == {"gemma3_text"}
+    small = filter_rows(rows, (), None, 1e9)
+    assert small and all(r["total_params"] <= 1e9 for r in small)
+    mid = filter_rows(rows, ("llama", "olmo2"), 5e9, 9e9)
+    assert {r["name"] for r in mid} >= {"llama-3.1-8b", "olmo-2-1124-7b"}
+
+
+def test_catalog_has_70_models_with_sources():
+    from loraplan.catalog import model_entries
+
+    entries = model_entries()
+    assert len(entries) >= 70
+    assert all(e.get("source", "").startswith("https://") for e in entries.values())

@@ -115,3 +115,16 @@ def test_estimate_path_never_imports_torch_or_pandas():
         "bad=[m for m in ('torch','transformers','pandas','peft') if m in sys.modules]; "
         "assert not bad, bad")
     assert r.returncode == 0, r.stderr
+
+
+def test_models_cli_family_filter():
+    from click.testing import CliRunner
+
+    from loraplan.cli import cli
+
+    r = CliRunner().invoke(cli, ["models", "--family", "olmo2", "--format", "json"])
+    assert r.exit_code == 0, r.output
+    import json as _json
+
+    rows = _json.loads(r.output)
+    assert rows and {x["model_type"] for x in rows} == {"olmo2"}

@@ -32,6 +32,8 @@ ATTN_TARGETS = {
     "qwen3": ["q_proj", "v_proj"], "gemma2": ["q_proj", "v_proj"], "opt": ["q_proj", "v_proj"],
     "phi3": ["qkv_proj"], "gpt_neox": ["query_key_value"], "falcon": ["query_key_value"],
     "t5": ["q", "v"], "mt5": ["q", "v"], "gpt2": ["c_attn"],
+    "gemma": ["q_proj", "v_proj"], "gemma3_text": ["q_proj", "v_proj"], "olmo2": ["q_proj", "v_proj"],
+    "granite": ["q_proj", "v_proj"], "smollm3": ["q_proj", "v_proj"],
 }
 
 #: small configs that take the branches the catalog does not (rules must match transformers there too)
@@ -73,6 +75,28 @@ EXTRA = {
     "t5-asymmetric-relu": {"model_type": "t5", "vocab_size": 320, "d_model": 64, "d_kv": 8, "d_ff": 96,
                            "num_layers": 3, "num_decoder_layers": 2, "num_heads": 4,
                            "relative_attention_num_buckets": 16},
+    "gemma-defaults": {"model_type": "gemma", "vocab_size": 320, "hidden_size": 64, "intermediate_size": 96,
+                       "num_hidden_layers": 2, "num_attention_heads": 4},
+    "gemma-bias-untied-mqa": {"model_type": "gemma", "vocab_size": 320, "hidden_size": 64, "intermediate_size": 96,
+                              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 1,
+                              "head_dim": 32, "attention_bias": True, "tie_word_embeddings": False},
+    "gemma3-text-defaults": {"model_type": "gemma3_text", "vocab_size": 320, "hidden_size": 64,
+                             "intermediate_size": 96, "num_hidden_layers": 7, "num_attention_heads": 4},
+    "gemma3-text-layer-types-bias": {"model_type": "gemma3_text", "vocab_size": 320, "hidden_size": 64,
+                                     "intermediate_size": 96, "num_hidden_layers": 3, "num_attention_heads": 4,
+                                     "num_key_value_heads": 2, "head_dim": 32, "attention_bias": True,
+                                     "tie_word_embeddings": False, "sliding_window": 16,
+                                     "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]},
+    "olmo2-gqa-bias-tied": {"model_type": "olmo2", "vocab_size": 320, "hidden_size": 64, "intermediate_size": 96,
+                            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                            "attention_bias": True, "tie_word_embeddings": True},
+    "granite-defaults-biases": {"model_type": "granite", "vocab_size": 320, "hidden_size": 64,
+                                "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
+                                "attention_bias": True, "mlp_bias": True, "embedding_multiplier": 12.0,
+                                "logits_scaling": 8.0, "residual_multiplier": 0.22, "attention_multiplier": 0.0078125},
+    "smollm3-defaults-untied": {"model_type": "smollm3", "vocab_size": 320, "hidden_size": 64,
+                                "intermediate_size": 96, "num_hidden_layers": 4, "num_attention_heads": 8,
+                                "tie_word_embeddings": False, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
     "mt5-default-untied": {"model_type": "mt5", "vocab_size": 320, "d_model": 64, "d_kv": 8, "d_ff": 96,
                            "num_layers": 2, "num_heads": 4},
 }
@@ -199,3 +223,19 @@ def test_meta_fallback_unknown_model_type_is_one_line_config_error():
     with pytest.raises(ConfigError) as e:
         spec_from_config({"model_type": "no-such-family", "hidden_size": 8}, "x")
     assert "no-such-family" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_meta_fallback_estimate_says_which_terms_are_generic():
+    """An estimate for a family without a shape rule notes that its activation terms are generic."""
+    from loraplan.catalog import load_calibration, load_gpu
+    from loraplan.estimate.api import estimate
+    from loraplan.spec import TrainSpec
+
+    cfg = {"model_type": "gpt2", "vocab_size": 320, "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 64}
+    spec = spec_from_config(cfg, "tiny-gpt2")
+    assert spec.arch.from_meta_build
+    gpu = load_gpu("h100-sxm-80gb")
+    e = estimate(spec, LoraSpec(rank=4, targets=("c_attn",)), TrainSpec(quant="bf16", seq=32), gpu,
+                 load_calibration(gpu.id), with_time=False)
+    assert any("no shape rule" in n and "generic" in n for n in e.memory.notes)
+    assert not spec_from_config(CASES["olmo2-gqa-bias-tied"], "o").arch.from_meta_build

@@ -56,6 +56,31 @@ def model_rows() -> list[dict]:
     return rows
 
 
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kKmMbBtT]?)\s*$")
+_UNIT = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}
+
+
+def parse_size(text: str) -> float:
+    """'7b' -> 7e9, '500M' -> 5e8, '1.5B' -> 1.5e9, '3e9'-style plain numbers too."""
+    m = _SIZE.match(str(text))
+    if m:
+        return float(m.group(1)) * _UNIT[m.group(2).lower()]
+    try:
+        return float(text)
+    except ValueError:
+        raise click.BadParameter(f"'{text}' is not a size; give e.g. 500M, 7B or 1.5e9") from None
+
+
+def filter_rows(rows: list[dict], family: tuple[str, ...] = (), min_params: float | None = None,
+                max_params: float | None = None) -> list[dict]:
+    """Rows of the given model_types (any of ``family``), with min <= total_params <= max."""
+    fams = {f.strip().lower() for f in family if f.strip()}
+    return [r for r in rows
+            if (not fams or r["model_type"].lower() in fams)
+            and (min_params is None or r["total_params"] >= min_params)
+            and (max_params is None or r["total_params"] <= max_params)]
+
+
 def gpu_rows() -> list[dict]:
     """One dict per catalog GPU, in id order; missing fields are None."""
     from ..catalog import gpu_entries
@@ -85,13 +110,32 @@ def _num(v, fmt: str = "{:g}") -> str:
 
 @click.command("models")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
-def models_command(fmt):
+@click.option("--family", multiple=True, metavar="MODEL_TYPE",
+              help="Only this model_type (e.g. llama, gemma3_text, olmo2); repeat or comma-separate for several.")
+@click.option("--min-params", default=None, metavar="SIZE", help="Only models with at least SIZE parameters (500M, 7B).")
+@click.option("--max-params", default=None, metavar="SIZE", help="Only models with at most SIZE parameters.")
+@click.option("--size", default=None, metavar="SIZE",
+              help="Only models within 25%% of SIZE parameters (e.g. 7B); combines with the bounds above.")
+def models_command(fmt, family, min_params, max_params, size):
     """List the built-in model catalog (shapes from each model's published config.json).
 
     Give a catalog name to --model, or a path to any config.json. Params: unique
     parameters of the base model (a tied lm_head counted once).
     """
-    rows = model_rows()
+    fams = tuple(f for item in family for f in item.split(","))
+    lo = parse_size(min_params) if min_params is not None else None
+    hi = parse_size(max_params) if max_params is not None else None
+    if size is not None:
+        target = parse_size(size)
+        lo = max(lo or 0.0, 0.75 * target)
+        hi = min(hi, 1.25 * target) if hi is not None else 1.25 * target
+    rows = filter_rows(model_rows(), fams, lo, hi)
+    if not rows and fmt == "table":
+        from ..catalog import model_names, load_model
+
+        known = sorted({load_model(n).model_type for n in model_names()})
+        click.echo(f"no catalog model matches; families: {', '.join(known)}")
+        return
     if fmt == "json":
         click.echo(json.dumps(rows, indent=2))
         return

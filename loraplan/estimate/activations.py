@@ -123,7 +123,27 @@ def attention_saved_per_layer(st: Structure, kind: str, T, b, seq, kv_seq, cross
     # whole [T, (n_h + 2·n_kv)·d] output alive, q and k parts included. (gpt-neox and falcon
     # reshape and split per head; their traces show no such retention.)
     fused = a * T * (n_h + n_kv) * d if _has_fused_qkv(m) and kind in ("flash", "efficient") else 0
-    return fused + _attention_core_saved(st, kind, T, b, seq, kv_seq, cross)
+    return fused + _attention_core_saved(st, kind, T, b, seq, kv_seq, cross) + attention_dropout_saved(st, kind, b, seq,
+                                                                                                         kv_seq)
+
+
+def attention_dropout_saved(st: Structure, kind: str, b, seq, kv_seq):
+    """Attention-probability dropout in training (config ``attention_dropout`` p > 0, granite 3.x:
+    0.1): with the math kernel or eager attention the dropped probabilities are a new tensor,
+    saved for the product with v, plus what the dropout keeps besides it (``_mask_bytes``: CUDA's
+    native_dropout bool mask, 1 B), per score element b·n_h·s·kv:
+
+    - math (torch ``_scaled_dot_product_attention_math``: ``at::dropout`` on the fp32 softmax): 4 + 1 B;
+    - eager (transformers ``eager_attention_forward``: ``F.dropout`` on the stream-dtype probabilities): a + 1 B.
+    flash and mem-efficient draw the mask inside the kernel from a saved seed/offset (no per-element
+    tensor). Source: modeling_granite.py::GraniteAttention.forward (``dropout=0.0 if not
+    self.training else self.attention_dropout``), torch aten/src/ATen/native/transformers/attention.cpp.
+    """
+    p = float(st.model.config.get("attention_dropout") or 0)
+    if p <= 0 or kind not in ("math", "eager"):
+        return 0
+    kept = 4 if kind == "math" else st.stream_bytes
+    return (kept + _mask_bytes(st, kept)) * b * st.model.num_heads * seq * kv_seq
 
 
 def _has_fused_qkv(model: ModelSpec) -> bool:
@@ -254,13 +274,20 @@ def layer_saved(st: Structure, kind: str, x: Shape, stack: str = "decoder"):
 
 
 def head_norms_saved(st: Structure, T):
-    """Per-head RMSNorms on q and k (qwen3 ``q_norm``/``k_norm``): like any RMSNorm they keep an
-    fp32 copy of their input (4·T·n·d) and rsqrt (4·T·n), for n = n_h and n_kv heads."""
+    """RMSNorms on q and k: like any RMSNorm they keep an fp32 copy of their input (4·T·n·d,
+    for n = n_h and n_kv heads) and one fp32 rsqrt per normalised row:
+
+    - per head (``qk_norm_scope`` "head": qwen3, gemma3 ``q_norm(view(..., d))``): 4·T·n per norm;
+    - over the whole projection ("projection": olmo2 ``q_norm(q_proj(x))`` with weight [n_h·d]):
+      4·T per norm, one row per token.
+    Source: modeling_qwen3.py::Qwen3Attention.forward, modeling_gemma3.py::Gemma3Attention.forward,
+    modeling_olmo2.py::Olmo2Attention.forward (Olmo2RMSNorm = the llama RMSNorm)."""
     m = st.model
     if "q_norm" not in m.arch.extra_norms:
         return 0
     heads = m.num_heads + m.num_kv_heads
-    return 4 * T * heads * m.head_dim + 4 * T * heads
+    rows = 2 if m.arch.qk_norm_scope == "projection" else heads
+    return 4 * T * heads * m.head_dim + 4 * T * rows
 
 
 def checkpoint_inputs(st: Structure, x: Shape, kind: str = "flash"):

@@ -181,6 +181,8 @@ def estimate_memory(s: Setup, gpu: GpuSpec | None, cal: Calibration) -> MemoryEs
         f = default_int8_outlier_fraction(st, x.T)
         notes.append(f"int8: assumes {f:.0%} of MLP-out input columns are outliers (random-init weights); "
                      f"trained models have far fewer: set --int8-outlier-fraction")
+    if st.model.arch.from_meta_build:
+        notes.append(generic_terms_note(st.model))
     if not _calibrated(cal, "reserved_over_allocated_ratio"):
         notes.append("reserved and device total use uncalibrated priors (allocator ratio, CUDA context); "
                      "peak allocated is the checked figure")
@@ -199,3 +201,12 @@ def estimate_memory(s: Setup, gpu: GpuSpec | None, cal: Calibration) -> MemoryEs
 def _calibrated(cal: Calibration, name: str) -> bool:
     """True when a GPU calibration (not the default priors) supplies ``name``."""
     return any(name in (prov or {}) for key, prov in cal.provenance.items() if key != "default")
+
+
+def generic_terms_note(model: ModelSpec) -> str:
+    """What an estimate for a family without a shape rule (a meta-device build) knows and guesses."""
+    a = model.arch
+    return (f"{model.model_type} has no shape rule: Linear shapes, LoRA, optimizer, gradient and logits lines "
+            f"are exact (read from a meta-device build); activations use generic terms: "
+            f"{a.norms_per_layer} {a.norm} norms per layer, a {a.mlp} MLP, {a.attention} attention, no per-head norms, "
+            f"no family-specific scaling or dropout tensors; check with 'loraplan profile --trace'")
