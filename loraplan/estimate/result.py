@@ -209,10 +209,26 @@ def ledger_keys(view: str | None = None) -> tuple[str, ...]:
     return tuple(line.key for line in LEDGER if view is None or view in line.views)
 
 
-def ledger_label(key: str) -> str:
-    """The display label of a ledger key (the key with spaces when it is not in the vocabulary)."""
+def ledger_label(key: str, quant: str | None = None, model=None) -> str:
+    """The display label of a ledger key (the key with spaces when it is not in the vocabulary).
+
+    With the setup's ``quant`` (and ``model``, for families whose Linears bitsandbytes does not
+    convert), the weight lines say what is true for it (loraplan.storage): "frozen Linear weights
+    (nf4)", "(bf16)" for an unquantized base, "(fp32, not quantized)" for a Falcon "4-bit" base;
+    "embeddings, norms, lm_head, biases (fp32)" after prepare_model_for_kbit_training."""
     line = LEDGER_BY_KEY.get(key)
-    return line.label if line else key.replace("_", " ")
+    label = line.label if line else key.replace("_", " ")
+    if quant is None or key not in ("frozen_linear_weights", "unquantized_weights"):
+        return label
+    from ..storage import effective_linear_quant, is_quantized, unquantized_param_bytes
+
+    if key == "frozen_linear_weights":
+        stored = effective_linear_quant(model, quant) if model is not None else quant
+        if is_quantized(quant) and not is_quantized(stored):
+            return f"frozen Linear weights ({stored}, not quantized)"
+        return f"frozen Linear weights ({stored}{' base' if is_quantized(stored) else ''})"
+    dtype = "fp32" if unquantized_param_bytes(quant) == 4 else quant
+    return f"embeddings, norms, lm_head, biases ({dtype})"
 
 
 def ledger_color(key: str) -> str | None:
