@@ -126,7 +126,7 @@ def _print_table(d: dict) -> None:
     accum = bool(job.get("effective_batch"))
     # (header, justify, priority: 0 always kept, higher dropped first to fit the width)
     cols = [("GPU", "left", 0), ("fits?", "left", 0), ("need", "right", 1), ("have", "right", 5),
-            ("micro x acc", "right", 2 if accum else 9), ("max batch", "right", 1), ("max seq", "right", 1),
+            ("micro x acc", "right", 2), ("max batch", "right", 1), ("max seq", "right", 1),
             ("step", "right", 3 if sized else 2), ("tokens/s", "right", 6)]
     if sized:
         cols += [("time", "right", 1), ("$/h", "right", 7), ("total $", "right", 1)]
@@ -145,6 +145,8 @@ def _print_table(d: dict) -> None:
                     f"{g['price_usd_per_hour']:.2f}" if g["price_usd_per_hour"] is not None else "-",
                     f"{g['total_usd']:,.2f}" if g["fits"] and g["total_usd"] is not None else "-"]
         rows.append(row)
+    if not accum:  # micro x accumulation is "batch x 1": say nothing
+        cols, rows = cols[:4] + cols[5:], [r[:4] + r[5:] for r in rows]
     t, dropped = fit_columns(con, cols, rows, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
                              collapse_padding=True, padding=(0, 1))
     con.print(t)
