@@ -314,7 +314,8 @@ def _candidates(model: ModelSpec, lora: LoraSpec, train: TrainSpec, cc) -> tuple
             continue
         c.append((f"{kind} attention kernel", f"--attention {kind}", lora, replace(train, attention=kind)))
     defaults = tuple(default_targets(model))
-    if tuple(lora.targets or ()) != defaults and len(defaults) < len(lora.targets or ()):
+    wide = any(t.startswith("all-linear") for t in lora.targets or ()) or len(defaults) < len(lora.targets or ())
+    if tuple(lora.targets or ()) != defaults and wide:
         c.append((f"fewer targets (PEFT's default: {','.join(defaults)})", f"--targets {','.join(defaults)}",
                   replace(lora, targets=defaults), train))
     elif lora.targets and len(lora.targets) > 1 and "all-linear" not in lora.targets:

@@ -118,7 +118,7 @@ def _pair(p: float, y: float) -> str:
 
 
 def print_table(v) -> None:
-    from ..render import console, fit_columns, size
+    from ..render import bullets, console, fit_columns, size
     from ..report.validation import TRACE, label
 
     con = console()
@@ -136,7 +136,6 @@ def print_table(v) -> None:
         cols += [(f"{head(m)}\npred / meas", "right", 2 + 2 * i), ("error" if i == 0 else f"{label(m)}\nerror", "right", 0 if i == 0 else 3 + i)]
         if m == "allocated" and with_trace:
             cols += [("trace\npred", "right", 6), ("trace\nerror", "right", 2)]
-    cols.append(("flags", "left", 9))
     rows = []
     for c in v.cases:
         row = [c.id, c.status]
@@ -149,10 +148,13 @@ def print_table(v) -> None:
             if m == "allocated" and with_trace:
                 e = c.error(TRACE)
                 row += [size(c.trace[0]), "n/c" if e is None else f"{100 * e:+.2f}%"] if c.trace else ["-", ""]
-        row.append("; ".join(c.flags))
         rows.append(row)
     t, dropped = fit_columns(con, cols, rows)
     con.print(t)
+    flagged_cases = [f"{c.id}: {'; '.join(c.flags)}" for c in v.cases if c.flags]
+    if flagged_cases:
+        con.print("flags:")
+        bullets(con, flagged_cases, indent=2)
     if dropped:
         con.print("[dim]not shown at this width: " + ", ".join(d.replace("\n", " ") for d in dropped)
                   + " (--format json has every field)[/]")
