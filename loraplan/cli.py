@@ -19,6 +19,7 @@ COMMANDS = {
     "estimate": ("estimate", "Predict peak GPU memory (itemised) and step time for one setup."),
     "models": ("catalog_cmds", "List the built-in model catalog."),
     "gpus": ("catalog_cmds", "List the built-in GPU catalog."),
+    "explain": ("explain", "What dominates the peak memory, why, and which changes lower it."),
     "plan": ("plan", "Which GPUs fit, largest batch/sequence, time and cost of a whole job."),
     "sweep": ("sweep", "Estimate a grid of setups fast; write CSV, JSON lines or Parquet."),
     "profile": ("profile", "Run short real training bursts and record memory and time."),

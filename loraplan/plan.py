@@ -4,14 +4,17 @@ Library code: returns plain data (dataclasses with ``to_dict``), never prints. F
 
 - the estimate at the requested micro-batch (fits, headroom);
 - the largest micro-batch that fits at this sequence length and the largest sequence length that
-  fits at this micro-batch (binary search over the memory estimate, which grows with both);
-- step time, tokens/s, total hours and dollars for the job;
+  fits at this micro-batch (binary search over the memory estimate, which grows with both),
+  capped at the model's max_position_embeddings (``seq_limit`` says when RoPE scaling would be
+  needed for more);
+- step time, tokens/s and, for a job with a size, total hours and dollars;
+- the fit verdict against the model's uncertainty (``Estimate.verdict``);
 - when nothing fits: the single changes that would help (gradient checkpointing, 4-bit base,
   8-bit / paged optimizer, micro-batch 1 + gradient accumulation, shorter sequence), each with
   its estimated memory saving and whether it alone makes the run fit.
 
-Job size: ``tokens`` (packed: every row holds ``seq`` tokens) or ``examples`` (one example per
-row, padded to ``seq``), times ``epochs``. With an effective batch E, the micro-batch is the
+Job size (optional; without it no hours or dollars): ``tokens`` (packed: every row holds ``seq``
+tokens) or ``examples`` (one example per row, padded to ``seq``), times ``epochs``. With an effective batch E, the micro-batch is the
 largest that fits (at most E) and gradient accumulation makes up the rest: ceil(E / micro).
 """
 
@@ -27,6 +30,9 @@ from .spec import Calibration, GpuSpec, LoraSpec, ModelSpec, TrainSpec
 #: upper bounds of the binary searches (a search stops at the first size that does not fit)
 MAX_SEARCH_BATCH = 4096
 MAX_SEARCH_SEQ = 1 << 20
+#: the memory-only sequence search goes to this many times max_position_embeddings (what RoPE
+#: scaling factors commonly reach), so a plan can say how far scaling would get within memory
+MAX_SEQ_OVER_POSITIONS = 4
 
 EstimateFn = Callable[..., object]  # estimate(model, lora, train, gpu, calibration) -> Estimate
 
@@ -41,24 +47,38 @@ class Job:
     epochs: float = 1.0
     effective_batch: int | None = None  # sequences per optimizer step (micro-batch x accumulation)
 
+    @property
+    def sized(self) -> bool:
+        """True when the job has a size (tokens or examples): hours and dollars can be computed."""
+        return self.tokens is not None or self.examples is not None
+
     def validate(self) -> None:
-        if self.tokens is None and self.examples is None:
-            raise InputError("give the job size: --tokens N, or --examples N (with --tokens-per-example M)")
+        """One-line errors naming the bad value and the fix. No size is valid: the plan then
+        answers fit / largest batch / largest sequence only."""
+        from .inputs import finite, positive_int
+
         if self.tokens is not None and self.examples is not None:
             raise InputError("give either --tokens or --examples, not both")
-        if self.tokens is not None and self.tokens <= 0:
-            raise InputError(f"--tokens {self.tokens} must be a positive integer")
-        if self.examples is not None and self.examples <= 0:
-            raise InputError(f"--examples {self.examples} must be a positive integer")
-        if self.tokens_per_example is not None and self.tokens_per_example <= 0:
-            raise InputError(f"--tokens-per-example {self.tokens_per_example} must be a positive integer")
-        if not self.epochs > 0:
-            raise InputError(f"--epochs {self.epochs} must be positive")
-        if self.effective_batch is not None and self.effective_batch <= 0:
-            raise InputError(f"--effective-batch {self.effective_batch} must be a positive integer")
+        if self.tokens is not None:
+            positive_int(self.tokens, "--tokens", "give the training tokens per epoch, e.g. --tokens 5e7")
+        if self.examples is not None:
+            positive_int(self.examples, "--examples", "give the number of examples per epoch, e.g. --examples 50000")
+        if self.tokens_per_example is not None:
+            positive_int(self.tokens_per_example, "--tokens-per-example", "give typical tokens per example, e.g. 512")
+        if self.tokens_per_example is not None and self.examples is None:
+            raise InputError("--tokens-per-example needs --examples N (the number of examples)")
+        fix = "give a positive number of passes over the data, e.g. --epochs 1"
+        if finite(self.epochs, "--epochs", fix) <= 0:
+            raise InputError(f"--epochs {self.epochs!r} is not positive; {fix}")
+        if self.effective_batch is not None:
+            positive_int(self.effective_batch, "--effective-batch",
+                         "give the sequences per optimizer step, e.g. --effective-batch 16, or leave it out")
 
-    def micro_steps(self, micro_batch: int, seq: int) -> int:
-        """Forward/backward passes of ``micro_batch`` rows of ``seq`` tokens over the whole job."""
+    def micro_steps(self, micro_batch: int, seq: int) -> int | None:
+        """Forward/backward passes of ``micro_batch`` rows of ``seq`` tokens over the whole job
+        (None for a job without a size)."""
+        if not self.sized:
+            return None
         if self.examples is not None:
             rows = self.examples * self.epochs
         else:
@@ -89,17 +109,22 @@ class GpuPlan:
     grad_accum: int
     seq: int
     max_micro_batch: int      # largest micro-batch that fits at this seq (0: none)
-    max_seq: int              # largest seq that fits at this micro-batch (0: none)
+    max_seq: int              # largest seq that fits at this micro-batch, within the model's positions (0: none)
     step_s: float | None
     tokens_per_s: float | None
     bound: str
-    micro_steps: int
+    micro_steps: int | None   # None: no job size given
     total_hours: float | None
     price_usd_per_hour: float | None
     total_usd: float | None
     cheapest: bool = False
     fastest: bool = False
     suggestions: list[Suggestion] = field(default_factory=list)
+    verdict: str | None = None          # Estimate.verdict: the headroom against the model's uncertainty
+    margin_bytes: int | None = None     # headroom beyond the uncertainty band
+    max_positions: int | None = None    # the model's max_position_embeddings (None: no limit known)
+    max_seq_memory: int = 0             # largest seq memory allows (searched to MAX_SEQ_OVER_POSITIONS x positions)
+    seq_limit: str = ""                 # what caps max_seq when not memory: how to go further
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -133,7 +158,8 @@ def parse_prices(items: Iterable[str], known_ids: Iterable[str]) -> dict[str, fl
         except ValueError:
             raise InputError(f"--price {gid}='{val}' is not a number; give US dollars per hour, e.g. {gid}=2.49") from None
         if not math.isfinite(usd) or usd < 0:
-            raise InputError(f"--price {gid}={val} must be a non-negative number of US dollars per hour")
+            raise InputError(f"--price {gid}={val} is not a non-negative finite number of US dollars per hour; "
+                             f"give one like {gid}=2.49")
         out[gid] = usd
     return out
 
@@ -235,6 +261,20 @@ def _suggestions(ev: _Evaluator, train: TrainSpec, max_seq: int) -> list[Suggest
     return out
 
 
+def _position_cap(model: ModelSpec, max_mem: int) -> tuple[int, str]:
+    """(largest usable sequence, what caps it beyond memory): a sequence longer than
+    max_position_embeddings needs RoPE scaling (rope models) or is not possible (learned
+    positions); the plan says so instead of capping silently."""
+    pos = model.max_positions
+    if not pos or max_mem <= pos:
+        return max_mem, ""
+    if model.arch.position == "rope":
+        more = f"{max_mem:,}" if max_mem < pos * MAX_SEQ_OVER_POSITIONS else f">= {max_mem:,}"
+        return pos, (f"memory allows {more} tokens; beyond max_position_embeddings {pos:,} needs RoPE scaling "
+                     f"(rope_scaling in config.json)")
+    return pos, f"memory allows more, but {model.model_type} has {model.arch.position} positions up to {pos:,}"
+
+
 def plan_job(model: ModelSpec, lora: LoraSpec, train: TrainSpec, gpus: list[GpuSpec], job: Job, *,
              prices: dict[str, float] | None = None, calibrations: dict[str, Calibration] | None = None,
              fixed_batch: bool = True, estimate_fn: EstimateFn | None = None) -> Plan:
@@ -264,25 +304,28 @@ def plan_job(model: ModelSpec, lora: LoraSpec, train: TrainSpec, gpus: list[GpuS
         if not fixed_batch and job.effective_batch is not None:
             micro = max(1, min(max_b, job.effective_batch)) if max_b else train.batch
         t = replace(train, batch=micro)
-        max_s = _largest(lambda s: ev.fits(replace(t, seq=s)), 1,
-                         min(MAX_SEARCH_SEQ, max(seq, (model.max_positions or seq) * 4)))
+        max_mem = _largest(lambda s: ev.fits(replace(t, seq=s)), 1,
+                           min(MAX_SEARCH_SEQ, max(seq, (model.max_positions or seq) * MAX_SEQ_OVER_POSITIONS)))
+        max_s, seq_limit = _position_cap(model, max_mem)
         est = ev(t, with_time=True)
         total = int(est.memory.device_total_bytes)
         fits = total <= gpu.memory_bytes
         accum = math.ceil(job.effective_batch / micro) if job.effective_batch else 1
         te = getattr(est, "time", None) or estimate_step_time(model, lora, t, gpu, cal)
         steps = job.micro_steps(micro, seq)
-        hours = steps * te.step_s / 3600.0
+        hours = steps * te.step_s / 3600.0 if steps is not None else None
         price = prices.get(gpu.id, gpu.price_usd_per_hour)
         rows.append(GpuPlan(
             gpu=gpu.id, name=gpu.name, memory_bytes=gpu.memory_bytes, fits=fits, device_total_bytes=total,
             headroom_bytes=gpu.memory_bytes - total, micro_batch=micro, grad_accum=accum, seq=seq,
             max_micro_batch=max_b, max_seq=max_s, step_s=te.step_s, tokens_per_s=te.tokens_per_s,
             bound=te.bound, micro_steps=steps, total_hours=hours, price_usd_per_hour=price,
-            total_usd=hours * price if price is not None else None,
+            total_usd=hours * price if price is not None and hours is not None else None,
             suggestions=[] if fits else _suggestions(ev, t, max_s),
+            verdict=getattr(est, "verdict", None), margin_bytes=getattr(est, "margin_bytes", None),
+            max_positions=model.max_positions, max_seq_memory=max_mem, seq_limit=seq_limit,
         ))
-    fit_rows = [r for r in rows if r.fits]
+    fit_rows = [r for r in rows if r.fits and r.total_hours is not None]
     if fit_rows:
         min(fit_rows, key=lambda r: r.total_hours).fastest = True
         priced = [r for r in fit_rows if r.total_usd is not None]

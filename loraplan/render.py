@@ -17,6 +17,49 @@ def gib(nbytes: float | None) -> str:
     return "-" if nbytes is None else f"{nbytes / GiB:,.2f}"
 
 
+#: binary units, largest first: a size is shown in the largest unit it reaches
+_UNITS = (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10))
+
+
+def size(nbytes: float | None, signed: bool = False) -> str:
+    """Bytes with the unit chosen by magnitude: '4.68 GiB', '12.0 MiB', '768 B' (never '0.00 GiB'
+    for a small nonzero figure); ``signed`` adds '+' to positive values."""
+    if nbytes is None:
+        return "-"
+    sign = "-" if nbytes < 0 else ("+" if signed and nbytes > 0 else "")
+    n = abs(nbytes)
+    for unit, scale in _UNITS:
+        if n >= scale:
+            v = n / scale
+            return f"{sign}{v:,.2f} {unit}" if unit == "GiB" or v < 100 else f"{sign}{v:,.0f} {unit}"
+    return f"{sign}{n:,.0f} B"
+
+
+def fit_columns(console, columns: list[tuple], rows: list[list], **table_kw):
+    """A rich Table that fits ``console.width``: ``columns`` are (header, justify, priority);
+    the lowest-priority columns (largest number) are dropped until the table's width fits.
+    Returns (table, dropped headers)."""
+    from rich.measure import Measurement
+    from rich.table import Table
+
+    keep = list(range(len(columns)))
+    dropped: list[str] = []
+    while True:
+        t = Table(**table_kw)
+        for i in keep:
+            head, just, _ = columns[i]
+            t.add_column(head, justify=just)
+        for r in rows:
+            t.add_row(*[r[i] for i in keep])
+        width = Measurement.get(console, console.options.update_width(1 << 16), t).maximum
+        droppable = [i for i in keep if columns[i][2] > 0]
+        if width <= console.width or not droppable:
+            return t, dropped
+        worst = max(droppable, key=lambda i: (columns[i][2], i))
+        keep.remove(worst)
+        dropped.append(columns[worst][0])
+
+
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     """{'a': {'b': 1}} -> {'a.b': 1}; lists become comma-joined strings."""
     out: dict[str, Any] = {}
@@ -45,3 +88,59 @@ def to_csv(rows: Iterable[dict]) -> str:
     w.writeheader()
     w.writerows(rows)
     return buf.getvalue()
+
+
+#: rich styles of the fit verdicts (loraplan.estimate.result.VERDICTS)
+VERDICT_STYLE = {"fits": "green", "fits, within the uncertainty": "yellow", "fits with paging": "yellow",
+                 "does not fit": "red"}
+
+
+#: the verdicts in a narrow table column (header "fits?")
+VERDICT_SHORT = {"fits": "yes", "fits, within the uncertainty": "yes, in band", "fits with paging": "paging",
+                 "does not fit": "no"}
+#: the line under a table that uses VERDICT_SHORT
+VERDICT_LEGEND = ("fits?: yes; yes, in band (headroom below the model's uncertainty); paging (only with the "
+                  "paged optimizer state evicted); no")
+
+
+def verdict_text(verdict: str | None, short: bool = False) -> str:
+    """The verdict as rich markup ('-' without a GPU); ``short``: VERDICT_SHORT's word."""
+    if verdict is None:
+        return "-"
+    style = VERDICT_STYLE.get(verdict, "")
+    text = VERDICT_SHORT.get(verdict, verdict) if short else verdict
+    return f"[{style}]{text}[/]" if style else text
+
+
+def bullets(console, lines, indent: int = 0, mark: str = "-") -> None:
+    """Print ``lines`` as a list with a hanging indent (wrapped lines align with the text)."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    g = Table.grid(padding=(0, 1))
+    g.add_column(width=indent + len(mark), justify="right", no_wrap=True)
+    g.add_column()
+    for line in lines:
+        g.add_row(mark, escape(line))
+    console.print(g)
+
+
+def verdict_line(d: dict) -> str:
+    """'GPU: capacity -> verdict (headroom X; margin Y beyond the ±Z uncertainty)' from an
+    Estimate/Explanation dict (keys gpu, gpu_memory_bytes, verdict, headroom_bytes, margin_bytes,
+    uncertainty_bytes)."""
+    line = (f"{d['gpu']}: {size(d['gpu_memory_bytes'])} -> [bold]{verdict_text(d.get('verdict'))}[/] "
+            f"(headroom {size(d['headroom_bytes'])}")
+    if d.get("uncertainty_bytes") is not None:
+        line += f"; uncertainty ±{size(d['uncertainty_bytes'])}, margin {size(d['margin_bytes'])}"
+    return line + ")"
+
+
+def console(width: int | None = None):
+    """A rich Console for tables: the terminal's width, 80 columns when not a terminal."""
+    from rich.console import Console
+
+    con = Console(width=width) if width else Console()
+    if width is None and not con.is_terminal:
+        con = Console(width=80)
+    return con

@@ -10,7 +10,8 @@ from conftest import run_module
 def test_default_table_runs(run_cli):
     code, out, err = run_cli("estimate")
     assert code == 0, err
-    assert "llama-2-7b" in out and "peak allocated" in out and "FITS" in out
+    assert "llama-2-7b" in out and "peak allocated" in out and "-> fits (headroom" in out
+    assert "[analytic]" in out and "nf4 base" in out and "0.00 GiB" not in out
 
 
 def test_json_has_the_contract_keys(run_cli):

@@ -71,10 +71,13 @@ def test_parse_prices_errors():
 
 
 def test_job_validation():
-    with pytest.raises(InputError):
-        Job().validate()
-    with pytest.raises(InputError):
-        Job(tokens=5, examples=5).validate()
+    Job().validate()  # no size: fit, largest batch and sequence only
+    assert not Job().sized and Job().micro_steps(1, 512) is None
+    for bad in (Job(tokens=5, examples=5), Job(tokens=0), Job(tokens=-3), Job(examples=10, epochs=float("inf")),
+                Job(tokens=10, epochs=float("nan")), Job(tokens=10, epochs=0), Job(tokens=10, effective_batch=0),
+                Job(tokens_per_example=512)):
+        with pytest.raises(InputError):
+            bad.validate()
 
 
 def run(capsys, *args):
@@ -96,6 +99,7 @@ def test_cli_plan_json(capsys):
 def test_cli_plan_table_and_csv(capsys):
     code, out, _ = run(capsys, "plan", "--model", "qwen2.5-0.5b", "--tokens", "1e6", "--gpu", "l4-24gb")
     assert code == 0 and "l4-24gb" in out and "cheapest" in out
+    assert max(len(line) for line in out.splitlines()) <= 80  # captured: an 80-column console
     code, out, _ = run(capsys, "plan", "--model", "qwen2.5-0.5b", "--tokens", "1e6", "--gpu", "l4-24gb", "--format", "csv")
     assert code == 0 and out.splitlines()[0].startswith("gpu,")
 
@@ -104,10 +108,40 @@ def test_cli_plan_table_and_csv(capsys):
     (["--gpu", "h100-sxm"], "did you mean"),
     (["--price", "h100-sxm-80gb=abc"], "not a number"),
     (["--price", "nogpu=1"], "unknown GPU"),
-    ([], "job size"),
+    (["--epochs", "inf"], "--epochs"),
+    (["--epochs", "nan"], "--epochs"),
+    (["--epochs", "-1"], "--epochs"),
+    (["--effective-batch", "0"], "--effective-batch"),
+    (["--price", "l4-24gb=nan"], "l4-24gb"),
+    (["--price", "l4-24gb=-1"], "l4-24gb"),
+    (["--price", "l4-24gb=x"], "not a number"),
+    (["--tokens", "nan"], "--tokens"),
+    (["--tokens", "inf"], "--tokens"),
+    (["--tokens", "0"], "--tokens"),
+    (["--tokens", "-5"], "--tokens"),
+    (["--tokens", "2.5"], "--tokens"),
+    (["--examples", "nan"], "--examples"),
+    (["--examples", "10", "--tokens-per-example", "0"], "--tokens-per-example"),
 ])
 def test_cli_plan_errors(capsys, args, needle):
-    base = ["plan", "--model", "qwen2.5-0.5b"] + ([] if args == [] else ["--tokens", "1000"])
+    base = ["plan", "--model", "qwen2.5-0.5b", "--gpu", "l4-24gb"]
+    if "--tokens" not in args and "--examples" not in args:
+        base += ["--tokens", "1000"]
     code, out, err = run(capsys, *base, *args)
     assert code == 2
     assert needle in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_plan_without_job_size_answers_fit_batch_and_sequence(capsys):
+    code, out, err = run(capsys, "plan", "--model", "llama-2-7b", "--gpu", "t4-16gb,h100-sxm-80gb", "--format", "json")
+    assert code == 0, err
+    d = json.loads(out)
+    for g in d["gpus"]:
+        assert g["total_hours"] is None and g["total_usd"] is None and g["micro_steps"] is None
+        assert g["verdict"] == "fits" and g["margin_bytes"] > 0 and g["max_micro_batch"] > 1
+        # llama-2-7b has 4,096 positions: memory allows more, and the plan says RoPE scaling is needed
+        assert g["max_seq"] == 4096 == g["max_positions"] and g["max_seq_memory"] > 4096
+        assert "RoPE scaling" in g["seq_limit"]
+    code, out, err = run(capsys, "plan", "--model", "llama-2-7b", "--gpu", "t4-16gb,h100-sxm-80gb")
+    assert code == 0 and "no job size" in out and "RoPE scaling" in out and "total $" not in out
+    assert max(len(line) for line in out.splitlines()) <= 80

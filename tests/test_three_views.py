@@ -40,7 +40,7 @@ def test_validate_shows_the_trace_column(run_cli, tmp_path, write_jsonl, traced_
     code, out, err = run_cli("validate", str(f))
     assert code == 0, err
     assert "peak allocated (analytic)" in out and "trace" in out and "+5.00%" in out
-    assert "peak allocated (trace)" in out and "MAPE   5.00%" in out
+    assert "peak allocated (trace)" in out and "peak allocated (trace): MAPE 5.00%" in out
     assert "trace failed" in out
 
     code, out, _ = run_cli("validate", str(f), "--format", "json")

@@ -55,29 +55,30 @@ def calibrate_command(records, gpu, with_reference, only, base_file, out, dry_ru
 
 
 def _print(res, path, skipped: int) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     from ..calibrate import METRIC_LABELS
+    from ..render import console, fit_columns
 
-    con = Console(width=max(Console().width, 150))
+    con = console()
     con.print(f"[bold]{res.gpu}[/]: {len(res.records)} successful records"
               + (f" ({skipped} other records not used)" if skipped else ""))
-    t = Table(title="coefficients", title_justify="left")
-    for c in ("coefficient", "before", "after", "records", "how"):
-        t.add_column(c, justify="right" if c in ("before", "after", "records") else "left", no_wrap=c != "how")
-    for k, f in res.fits.items():
-        t.add_row(k, _fmt(k, f.before), _fmt(k, f.after) if f.fitted else "[dim]unchanged[/]", str(f.records),
-                  f.method if f.fitted else f"[dim]{f.method}[/]")
+    cols = [("coefficient", "left", 0), ("before", "right", 1), ("after", "right", 0), ("records", "right", 2),
+            ("how", "left", 3)]
+    rows = [[k, _fmt(k, f.before), _fmt(k, f.after) if f.fitted else "[dim]unchanged[/]", str(f.records),
+             f.method if f.fitted else f"[dim]{f.method}[/]"] for k, f in res.fits.items()]
+    t, dropped = fit_columns(con, cols, rows, title="coefficients", title_justify="left")
     con.print(t)
-    r = Table(title="fit residuals on these records (signed relative error)", title_justify="left")
-    for c in ("metric", "n", "MAPE before", "MAPE after", "worst before", "worst after"):
-        r.add_column(c, justify="left" if c == "metric" else "right")
+    cols = [("metric", "left", 0), ("n", "right", 3), ("MAPE before", "right", 1), ("MAPE after", "right", 0),
+            ("worst before", "right", 2), ("worst after", "right", 1)]
+    rows = []
     for k, b in res.residuals_before.items():
         a = res.residuals_after[k]
-        r.add_row(METRIC_LABELS.get(k, k), str(b["n"]), f"{100 * b['mape']:.2f}%", f"{100 * a['mape']:.2f}%",
-                  f"{100 * b['worst']:+.2f}% ({b['worst_case']})", f"{100 * a['worst']:+.2f}% ({a['worst_case']})")
+        rows.append([METRIC_LABELS.get(k, k), str(b["n"]), f"{100 * b['mape']:.2f}%", f"{100 * a['mape']:.2f}%",
+                     f"{100 * b['worst']:+.2f}% ({b['worst_case']})", f"{100 * a['worst']:+.2f}% ({a['worst_case']})"])
+    r, more = fit_columns(con, cols, rows, title="fit residuals on these records (signed relative error)",
+                          title_justify="left")
     con.print(r)
+    if dropped or more:
+        con.print(f"[dim]not shown at this width: {', '.join(dropped + more)} (the calibration file has them)[/]")
     if path:
         con.print(f"wrote {path}; use it with: loraplan estimate --gpu {res.gpu} --calibration {path}")
 

@@ -20,7 +20,10 @@ from .options import case_options
 @click.option("--calibration", "calibration_file", type=click.Path(dir_okay=False), default=None,
               help="Calibration file from 'loraplan calibrate' [default: built-in for the GPU]")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
-def estimate_command(method, calibration_file, fmt, **opts):
+@click.option("--explain", "explain_", is_flag=True, default=False,
+              help="Also say what dominates the peak and why, and re-estimate the levers that lower it "
+                   "(as 'loraplan explain'; table or json)")
+def estimate_command(method, calibration_file, fmt, explain_, **opts):
     """Predict peak GPU memory (itemised ledger) and step time for one LoRA/QLoRA setup.
 
     \b
@@ -40,22 +43,40 @@ def estimate_command(method, calibration_file, fmt, **opts):
         model, lora, train = resolve_case(opts)
     for w in caught:
         click.echo(f"warning: {w.message}", err=True)
+    if explain_ and fmt == "csv":
+        raise InputError("--explain has no CSV form; use --format table or --format json")
     gpu = load_gpu(opts["gpu"]) if opts.get("gpu") else None
     cal = load_calibration(gpu.id if gpu else None, calibration_file)
     result = estimate(model, lora, train, gpu, cal)
     if method == "trace":
         result = _with_trace(result, model, lora, train, gpu)
     data = result.to_dict()
+    explanation = None
+    if explain_:
+        from ..explain import explain
+
+        explanation = explain(model, lora, train, gpu, cal).to_dict()
     if fmt == "json":
         from ..render import to_json
 
+        if explanation is not None:
+            data["explain"] = explanation
         click.echo(to_json(data))
     elif fmt == "csv":
         from ..render import to_csv
 
         click.echo(to_csv([data]), nl=False)
     else:
-        _print_table(data)
+        labels = {k: ledger_label(k, train.quant, model) for k in data["memory"]["components"]}
+        _print_table(data, labels)
+        if explanation is not None:
+            from ..render import console
+            from .explain import print_explanation
+
+            con = console()
+            con.print()
+            con.print("[bold]Explain[/]" + (" (analytic ledger)" if method == "trace" else ""))
+            print_explanation(con, explanation)
 
 
 def _with_trace(result, model, lora, train, gpu):
@@ -67,45 +88,40 @@ def _with_trace(result, model, lora, train, gpu):
     return trace_estimate(result, model, lora, train, gpu)
 
 
-def _print_table(d: dict) -> None:
-    from rich.console import Console
+def _print_table(d: dict, labels: dict[str, str] | None = None) -> None:
+    """The estimate as tables that fit an 80-column terminal; sizes in units chosen by size."""
+    from rich.markup import escape
     from rich.table import Table
 
-    from ..render import gib
+    from ..render import bullets, console, size, verdict_line
+    from .explain import print_header
 
-    con = Console()
+    labels = labels or {}
+    con = console()
     inp, mem, p = d["inputs"], d["memory"], d["params"]
-    q = inp["quant"] + (" + double quant" if inp.get("double_quant") else "")
-    con.print(f"[bold]{inp['model']}[/] ({inp['model_type']})  {q}  LoRA r={inp['rank']} alpha={inp['alpha']:g} "
-              f"dropout={inp['dropout']:g} targets={','.join(inp['targets'])}")
-    con.print(f"optimizer {inp['optimizer']}  batch {inp['batch']} x seq {inp['seq']}"
-              + (f" (target {inp['target_seq']})" if inp.get("target_seq") else "")
-              + f"  gradient checkpointing {'on' if inp['gradient_checkpointing'] else 'off'}"
-              + f"  attention {inp.get('attention_kernel', inp['attention'])}  [{d['method']}]")
+    print_header(con, inp, d["method"])
     con.print(f"trainable params {p['trainable']:,} of {p['total']:,} ({p['trainable_percent']:.4f}%)")
     t = Table(title=f"Peak allocated memory at: {mem['peak_moment']}", title_justify="left")
     t.add_column("component")
-    t.add_column("GiB", justify="right")
+    t.add_column("size", justify="right")
     t.add_column("share", justify="right")
     total = mem["peak_allocated_bytes"]
     for k, v in sorted(mem["components"].items(), key=lambda kv: -kv[1]):
-        t.add_row(ledger_label(k), gib(v), f"{100 * v / total:.1f}%" if total else "-")
-    t.add_row("[bold]peak allocated[/] (torch max_memory_allocated)", f"[bold]{gib(total)}[/]", "100%")
-    t.add_row("peak reserved (caching allocator)", gib(mem["peak_reserved_bytes"]), "")
+        t.add_row(escape(labels.get(k) or ledger_label(k)), size(v), f"{100 * v / total:.1f}%" if total else "-")
+    t.add_row("[bold]peak allocated[/] (torch max_memory_allocated)", f"[bold]{size(total)}[/]", "100%")
+    t.add_row("peak reserved (caching allocator)", size(mem["peak_reserved_bytes"]), "")
     for k, v in mem["outside_allocator_bytes"].items():
-        t.add_row(f"+ {k.replace('_', ' ')} (outside torch)", gib(v), "")
-    t.add_row("[bold]device total[/] (NVML used)", f"[bold]{gib(mem['device_total_bytes'])}[/]", "")
+        t.add_row(f"+ {k.replace('_', ' ')} (outside torch)", size(v), "")
+    t.add_row("[bold]device total[/] (NVML used)", f"[bold]{size(mem['device_total_bytes'])}[/]", "")
     con.print(t)
     if d.get("gpu"):
-        cap = d["gpu_memory_bytes"]
-        verdict = "[green]FITS[/]" if d["fits"] else "[red]DOES NOT FIT[/]"
-        con.print(f"{d['gpu']}: {gib(cap)} GiB -> {verdict} (headroom {gib(d['headroom_bytes'])} GiB)")
+        con.print(verdict_line(d))
     if d.get("time"):
         tm = d["time"]
         con.print(f"step time {tm['step_s']:.3f} s, {tm['tokens_per_s']:,.0f} tokens/s"
                   + (f" ({tm['bound']}-bound)" if tm.get("bound") else ""))
-    for n in mem.get("notes", []):
-        con.print(f"[dim]note: {n}[/]")
+    if mem.get("notes"):
+        bullets(con, mem["notes"], mark="note:")
 
 
 command = estimate_command

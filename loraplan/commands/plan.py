@@ -40,9 +40,13 @@ def plan_command(gpu_list, tokens, examples, tokens_per_example, epochs, effecti
 
     tokens = _count("tokens", tokens)
     examples = _count("examples", examples)
+    if tokens_per_example is not None:
+        from ..inputs import positive_int
+
+        positive_int(tokens_per_example, "--tokens-per-example", "give typical tokens per example, e.g. 512")
     if tokens_per_example is not None and opts.get("seq") is None:
         opts["seq"] = tokens_per_example
-    if examples is None and tokens is None and tokens_per_example is not None:
+    if examples is None and tokens_per_example is not None:
         raise InputError("--tokens-per-example needs --examples N (the number of examples)")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -79,11 +83,15 @@ def plan_command(gpu_list, tokens, examples, tokens_per_example, epochs, effecti
 
 
 def _count(name: str, v: float | None) -> int | None:
-    """--tokens 5e6 -> 5000000; a fractional count is an error."""
+    """--tokens 5e6 -> 5000000; NaN, infinity, a fraction, zero or a negative count is an error."""
+    from ..inputs import finite
+
     if v is None:
         return None
-    if v != int(v):
-        raise InputError(f"--{name} {v:g} must be a whole number")
+    fix = f"give a positive whole number, e.g. --{name} {'5e7' if name == 'tokens' else '50000'}"
+    v = finite(v, f"--{name}", fix)
+    if v != int(v) or v <= 0:
+        raise InputError(f"--{name} {v:g} is not a positive whole number; {fix}")
     return int(v)
 
 
@@ -94,49 +102,77 @@ def _hours(h) -> str:
 
 
 def _print_table(d: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
+    """The plan in 80 columns: the least important columns are dropped to fit the terminal."""
+    from rich.markup import escape
 
-    from ..render import gib
+    from rich import box
 
-    con = Console()
-    if not con.is_terminal or con.width < 150:
-        con = Console(width=150)
+    from ..plan import MAX_SEQ_OVER_POSITIONS
+    from ..render import VERDICT_LEGEND, bullets, console, fit_columns, size, verdict_text
+
+    con = console()
     inp, job = d["inputs"], d["job"]
+    sized = job["tokens"] is not None or job["examples"] is not None
     q = inp["quant"] + (" + double quant" if inp.get("double_quant") else "")
-    size = (f"{job['tokens']:,} tokens" if job["tokens"] is not None else f"{job['examples']:,} examples")
-    con.print(f"[bold]{inp['model']}[/]  {q}  LoRA r={inp['rank']} targets={','.join(inp['targets'])}  "
-              f"optimizer {inp['optimizer']}  seq {inp['seq']}  gradient checkpointing "
+    con.print(f"[bold]{escape(inp['model'])}[/]  {q}  LoRA r={inp['rank']} targets={escape(','.join(inp['targets']))}")
+    con.print(f"optimizer {inp['optimizer']}  batch {inp['batch']} x seq {inp['seq']}  checkpointing "
               f"{'on' if inp['gradient_checkpointing'] else 'off'}")
-    con.print(f"job: {size} x {job['epochs']:g} epochs"
-              + (f", effective batch {job['effective_batch']}" if job.get("effective_batch") else ""))
-    t = Table(title_justify="left")
-    for col, just in [("GPU", "left"), ("fits", "left"), ("need GiB", "right"), ("have GiB", "right"),
-                      ("micro x accum", "right"), ("max batch", "right"), ("max seq", "right"),
-                      ("step", "right"), ("tokens/s", "right"), ("time", "right"), ("$/h", "right"),
-                      ("total $", "right"), ("", "left")]:
-        t.add_column(col, justify=just)
+    if sized:
+        size_txt = (f"{job['tokens']:,} tokens" if job["tokens"] is not None else f"{job['examples']:,} examples")
+        con.print(f"job: {size_txt} x {job['epochs']:g} epochs"
+                  + (f", effective batch {job['effective_batch']}" if job.get("effective_batch") else ""))
+    else:
+        con.print("no job size: hours and $ need --tokens N or --examples N")
+    accum = bool(job.get("effective_batch"))
+    # (header, justify, priority: 0 always kept, higher dropped first to fit the width)
+    cols = [("GPU", "left", 0), ("fits?", "left", 0), ("need", "right", 1), ("have", "right", 5),
+            ("micro x acc", "right", 2), ("max batch", "right", 1), ("max seq", "right", 1),
+            ("step", "right", 3 if sized else 2), ("tokens/s", "right", 6)]
+    if sized:
+        cols += [("time", "right", 1), ("$/h", "right", 7), ("total $", "right", 1)]
+    rows = []
     for g in d["gpus"]:
-        marks = " ".join(m for m, on in (("cheapest", g["cheapest"]), ("fastest", g["fastest"])) if on)
-        t.add_row(
-            g["gpu"], "[green]yes[/]" if g["fits"] else "[red]no[/]", gib(g["device_total_bytes"]),
-            gib(g["memory_bytes"]), f"{g['micro_batch']} x {g['grad_accum']}",
+        row = [
+            g["gpu"], verdict_text(g.get("verdict") or ("fits" if g["fits"] else "does not fit"), short=True),
+            size(g["device_total_bytes"]), size(g["memory_bytes"]), f"{g['micro_batch']} x {g['grad_accum']}",
             str(g["max_micro_batch"]) if g["max_micro_batch"] else "-",
-            f"{g['max_seq']:,}" if g["max_seq"] else "-",
+            (f"{g['max_seq']:,}" + ("*" if g.get("seq_limit") else "")) if g["max_seq"] else "-",
             f"{g['step_s']:.3f} s" if g["step_s"] is not None else "-",
             f"{g['tokens_per_s']:,.0f}" if g["tokens_per_s"] else "-",
-            _hours(g["total_hours"]) if g["fits"] else "-",
-            f"{g['price_usd_per_hour']:.2f}" if g["price_usd_per_hour"] is not None else "-",
-            f"{g['total_usd']:,.2f}" if g["fits"] and g["total_usd"] is not None else "-",
-            f"[bold]{marks}[/]",
-        )
+        ]
+        if sized:
+            row += [_hours(g["total_hours"]) if g["fits"] else "-",
+                    f"{g['price_usd_per_hour']:.2f}" if g["price_usd_per_hour"] is not None else "-",
+                    f"{g['total_usd']:,.2f}" if g["fits"] and g["total_usd"] is not None else "-"]
+        rows.append(row)
+    if not accum:  # micro x accumulation is "batch x 1": say nothing
+        cols, rows = cols[:4] + cols[5:], [r[:4] + r[5:] for r in rows]
+    t, dropped = fit_columns(con, cols, rows, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
+                             collapse_padding=True, padding=(0, 1))
     con.print(t)
+    con.print(f"[dim]{VERDICT_LEGEND}[/]")
+    marks = [f"{m}: [bold]{g['gpu']}[/]" for m in ("cheapest", "fastest") for g in d["gpus"] if g[m]]
+    if marks:
+        con.print("; ".join(marks))
+    limits = [g for g in d["gpus"] if g.get("seq_limit")]
+    if limits:
+        lo = min(g["max_seq_memory"] for g in limits)
+        hi = max(g["max_seq_memory"] for g in limits)
+        top = max(g["max_positions"] for g in limits) * MAX_SEQ_OVER_POSITIONS
+        span = f"{lo:,}" + (f" to {'>= ' if hi >= top else ''}{hi:,}" if hi != lo else "")
+        rope = any("RoPE" in g["seq_limit"] for g in limits)
+        con.print(f"* capped at max_position_embeddings {limits[0]['max_positions']:,}; memory alone allows "
+                  f"{span} tokens" + ("; longer sequences need RoPE scaling (rope_scaling in config.json)"
+                                      if rope else f"; {limits[0]['seq_limit'].split(', but ')[-1]}"))
+    if dropped:
+        con.print(f"[dim]not shown at this width: {', '.join(dropped)} "
+                  f"(--format json or csv has every field)[/]")
     for g in d["gpus"]:
         if g["fits"] or not g["suggestions"]:
             continue
-        con.print(f"[red]{g['gpu']}[/] needs {gib(g['device_total_bytes'])} GiB of {gib(g['memory_bytes'])}; changes:")
-        for s in g["suggestions"]:
-            con.print(f"  {s['option']:<40s} {s['change']}: saves {gib(s['saving_bytes'])} GiB"
-                      + (" -> [green]fits[/]" if s["fits"] else ""))
+        con.print(f"[red]{g['gpu']}[/] needs {size(g['device_total_bytes'])} of {size(g['memory_bytes'])}; changes:")
+        bullets(con, [f"{s['option']}: {s['change']}, saves {size(s['saving_bytes'])}" + (" -> fits" if s["fits"] else "")
+                      for s in g["suggestions"]], indent=2)
     con.print("[dim]times: analytic step-time model fitted on H100 measurements; other GPUs scaled by their "
-              "specs (catalog/calibrations). Prices: catalog list prices unless --price.[/]")
+              "specs (catalog/calibrations)." + (" Prices: catalog list prices unless --price." if sized else "")
+              + "[/]")

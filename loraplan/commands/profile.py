@@ -154,20 +154,24 @@ def profile_command(gpu, device, steps, warmup, timeout, force, out, cache_dir, 
 
 def _summary(results, dev) -> None:
     from rich.console import Console
-    from rich.table import Table
 
     from ..profile.runner import estimated_peak, measured_peak, traced_peak
+    from ..render import fit_columns
 
-    con = Console(file=sys.stdout, width=max(Console().width, 140))
+    con = Console(file=sys.stdout)
+    if not con.is_terminal:
+        con = Console(file=sys.stdout, width=80)
     with_trace = any("trace" in (r.record or {}) for r in results)
-    t = Table(title="measured vs estimated" + (" (CPU run: not comparable with a GPU estimate)" if dev.device == "cpu" else "")
-              + ("; trace: CUDA figure, n/c = not comparable with the CPU measurement" if dev.device == "cpu" and with_trace else ""))
-    cols = ["case", "status", "peak measured", "peak estimated", "diff"]
+    title = ("measured vs estimated" + (" (CPU run: not comparable with a GPU estimate)" if dev.device == "cpu" else "")
+             + ("; trace: CUDA figure, n/c = not comparable with the CPU measurement"
+                if dev.device == "cpu" and with_trace else ""))
+    # (header, justify, priority: 0 always kept; the highest is dropped first to fit the width)
+    cols = [("case", "left", 0), ("status", "left", 1), ("peak measured", "right", 0), ("peak estimated", "right", 0),
+            ("diff", "right", 0)]
     if with_trace:
-        cols += ["peak trace", "trace diff"]
-    cols += ["step measured", "step estimated", "tokens/s"]
-    for col in cols:
-        t.add_column(col, justify="left" if col in ("case", "status") else "right")
+        cols += [("peak trace", "right", 4), ("trace diff", "right", 3)]
+    cols += [("step measured", "right", 2), ("step estimated", "right", 5), ("tokens/s", "right", 6)]
+    rows = []
     for r in results:
         rec = r.record or {}
         m, e = measured_peak(rec), estimated_peak(rec)
@@ -186,8 +190,11 @@ def _summary(results, dev) -> None:
             else:
                 row += [_fmt_bytes(tp), "n/c" if dev.device == "cpu" else f"{(tp - m) / m * 100:+.1f}%" if m else "-"]
         row += [_fmt_s(tm), _fmt_s(te), f"{tps:,.0f}" if tps else "-"]
-        t.add_row(*row)
+        rows.append(row)
+    t, dropped = fit_columns(con, cols, rows, title=title)
     con.print(t)
+    if dropped:
+        con.print(f"[dim]not shown at this width: {', '.join(dropped)} (the records in profiles/ have them)[/]")
     why = {rec.get("estimate_error") for rec in (r.record or {} for r in results) if rec.get("estimate_error")}
     for w in sorted(why)[:3]:
         con.print(f"[dim]no estimate: {w}[/]")

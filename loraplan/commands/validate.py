@@ -108,57 +108,67 @@ def traced(items, timeout_s: float):
     return add_traces(items, timeout_s=timeout_s, on_done=done)
 
 
-def print_table(v) -> None:
-    from rich.console import Console
-    from rich.table import Table
+def _pair(p: float, y: float) -> str:
+    """'4.68 / 4.70 GiB': both in the unit the larger one takes (render.size)."""
+    from ..render import size
 
-    from ..render import gib
+    unit = size(max(abs(p), abs(y))).split()[-1]
+    scale = {"GiB": 1 << 30, "MiB": 1 << 20, "KiB": 1 << 10, "B": 1}[unit]
+    return f"{p / scale:,.2f} / {y / scale:,.2f} {unit}"
+
+
+def print_table(v) -> None:
+    from ..render import bullets, console, fit_columns, size
     from ..report.validation import TRACE, label
 
-    con = Console(width=max(Console().width, 160))
+    con = console()
     metrics = [m for m in METRICS if m in v.summary]
     with_trace = v.has_trace
 
     def head(m):
         return "peak allocated (analytic)" if m == "allocated" and with_trace else label(m)
 
-    t = Table(title=f"estimate vs measurement (calibration: {v.calibration}; GiB, s; error = (pred - meas) / meas)"
-              + ("; trace = meta-device trace of the real step" if with_trace else ""), title_justify="left")
-    t.add_column("case")
-    t.add_column("status")
-    for m in metrics:
-        t.add_column(f"{head(m)}\npred / meas", justify="right")
-        t.add_column("error", justify="right")
+    con.print(f"estimate vs measurement (calibration: {v.calibration}; error = (pred - meas) / meas)"
+              + ("; trace = meta-device trace of the real step" if with_trace else ""))
+    # (header, justify, priority: 0 always kept; the highest is dropped first to fit the width)
+    cols = [("case", "left", 0), ("status", "left", 5)]
+    for i, m in enumerate(metrics):
+        cols += [(f"{head(m)}\npred / meas", "right", 2 + 2 * i), ("error" if i == 0 else f"{label(m)}\nerror", "right", 0 if i == 0 else 3 + i)]
         if m == "allocated" and with_trace:
-            t.add_column("trace\npred", justify="right")
-            t.add_column("trace\nerror", justify="right")
-    t.add_column("flags")
+            cols += [("trace\npred", "right", 6), ("trace\nerror", "right", 2)]
+    rows = []
     for c in v.cases:
         row = [c.id, c.status]
         for m in metrics:
             if m in c.metrics:
                 p, y = c.metrics[m]
-                row += [(f"{p:.3f} / {y:.3f}" if m == "step" else f"{gib(p)} / {gib(y)}"), f"{100 * c.error(m):+.2f}%"]
+                row += [(f"{p:.3f} / {y:.3f}" if m == "step" else _pair(p, y)), f"{100 * c.error(m):+.2f}%"]
             else:
                 row += ["-", ""]
             if m == "allocated" and with_trace:
                 e = c.error(TRACE)
-                row += [gib(c.trace[0]), "n/c" if e is None else f"{100 * e:+.2f}%"] if c.trace else ["-", ""]
-        row.append("; ".join(c.flags))
-        t.add_row(*row)
+                row += [size(c.trace[0]), "n/c" if e is None else f"{100 * e:+.2f}%"] if c.trace else ["-", ""]
+        rows.append(row)
+    t, dropped = fit_columns(con, cols, rows)
     con.print(t)
+    flagged_cases = [f"{c.id}: {'; '.join(c.flags)}" for c in v.cases if c.flags]
+    if flagged_cases:
+        con.print("flags:")
+        bullets(con, flagged_cases, indent=2)
+    if dropped:
+        con.print("[dim]not shown at this width: " + ", ".join(d.replace("\n", " ") for d in dropped)
+                  + " (--format json has every field)[/]")
     comps = v.component_keys
     if comps:
-        ct = Table(title="ledger components checked from phase peaks (GiB)", title_justify="left")
-        for col in ("case", "component", "predicted", "measured", "error"):
-            ct.add_column(col, justify="left" if col in ("case", "component") else "right")
-        for c in v.cases:
-            for k, (p, y) in c.components.items():
-                ct.add_row(c.id, k.replace("_", " "), gib(p), gib(y), f"{100 * c.error(k):+.2f}%")
+        cols = [("case", "left", 0), ("component", "left", 0), ("predicted", "right", 1), ("measured", "right", 1),
+                ("error", "right", 0)]
+        rows = [[c.id, k.replace("_", " "), size(p), size(y), f"{100 * c.error(k):+.2f}%"]
+                for c in v.cases for k, (p, y) in c.components.items()]
+        ct, _ = fit_columns(con, cols, rows, title="ledger components checked from phase peaks", title_justify="left")
         con.print(ct)
     for k, s in v.summary.items():
-        con.print(f"{head(k):25s} MAPE {100 * s['mape']:6.2f}%  worst {100 * s['worst']:+7.2f}% ({s['worst_case']})  "
-                  f"bias {100 * s['bias']:+6.2f}%  cases {s['n']}")
+        con.print(f"{head(k)}: MAPE {100 * s['mape']:.2f}%, bias {100 * s['bias']:+.2f}%, cases {s['n']}, "
+                  f"worst {100 * s['worst']:+.2f}% ({s['worst_case']})")
     flagged = [c.id for c in v.cases if any("expected" in f for f in c.flags)]
     if flagged:
         con.print(f"[yellow]{len(flagged)} record(s) from other library versions than "

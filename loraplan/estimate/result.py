@@ -58,6 +58,31 @@ class Estimate:
     def headroom_bytes(self) -> int | None:
         return None if self.gpu_memory_bytes is None else self.gpu_memory_bytes - self.memory.device_total_bytes
 
+    @property
+    def uncertainty_bytes(self) -> int | None:
+        """The band around the device total (``uncertainty_band``), from the calibration's
+        ``*_uncertainty`` coefficients; None when the Estimate carries no calibration."""
+        return uncertainty_band(self.memory, self.calibration.get("coefficients") or {})
+
+    @property
+    def verdict(self) -> str | None:
+        """One of VERDICTS (None without a GPU): the headroom compared with the uncertainty band.
+
+        - "fits": the device total plus the band fits the card;
+        - "fits, within the uncertainty": the device total fits, but less than the band is left;
+        - "fits with paging": only with the paged optimizer state evicted to host memory (it is
+          managed memory, which the driver pages out under pressure: bitsandbytes
+          functional.py::get_paged); what stays resident fits;
+        - "does not fit".
+        """
+        return _verdict(self.memory, self.gpu_memory_bytes, self.uncertainty_bytes)[0]
+
+    @property
+    def margin_bytes(self) -> int | None:
+        """Headroom left beyond the uncertainty band (negative: inside the band, or over the card);
+        for "fits with paging", counted without the evictable paged optimizer state."""
+        return _verdict(self.memory, self.gpu_memory_bytes, self.uncertainty_bytes)[1]
+
     def to_dict(self) -> dict[str, Any]:
         m = self.memory
         d: dict[str, Any] = {
@@ -80,6 +105,9 @@ class Estimate:
             "gpu_memory_bytes": self.gpu_memory_bytes,
             "fits": self.fits,
             "headroom_bytes": self.headroom_bytes,
+            "verdict": self.verdict,
+            "margin_bytes": self.margin_bytes,
+            "uncertainty_bytes": self.uncertainty_bytes,
             "calibration": self.calibration,
         }
         if self.detail:
@@ -88,6 +116,50 @@ class Estimate:
             d["time"] = {"step_s": self.time.step_s, "tokens_per_s": self.time.tokens_per_s,
                          "components": dict(self.time.components), "bound": self.time.bound}
         return d
+
+
+# ---- the fit verdict -----------------------------------------------------------------------------
+
+#: the fit verdicts, best first
+VERDICTS = ("fits", "fits, within the uncertainty", "fits with paging", "does not fit")
+
+#: the calibration coefficients the band reads (catalog/calibrations/default.json: values and sources)
+UNCERTAINTY_COEFFICIENTS = ("peak_allocated_uncertainty_ratio", "reserved_over_allocated_uncertainty",
+                            "cuda_context_uncertainty_bytes")
+
+
+def uncertainty_band(memory: MemoryEstimate, coefficients) -> int | None:
+    """Bytes by which the device total may be off, from what is checked and what is a prior.
+
+    device total = A·(1 + ρ) + C + P (memory.device_totals: peak allocated A, reserved ratio ρ,
+    CUDA context C, paged buffers P). Each uncertain factor moves it by:
+    u_A·A·(1 + ρ) = u_A·(peak reserved) (peak allocated, checked to
+    ``peak_allocated_uncertainty_ratio`` u_A on the reference) + u_ρ·A
+    (``reserved_over_allocated_uncertainty``, a prior's spread) + u_C
+    (``cuda_context_uncertainty_bytes``, a prior's spread), added linearly (the worst case; the
+    errors' correlation is unknown). None when a coefficient is missing (an Estimate built
+    without ``load_calibration``).
+    """
+    try:
+        u_a, u_rho, u_c = (float(coefficients[k]) for k in UNCERTAINTY_COEFFICIENTS)
+    except KeyError:
+        return None
+    a = memory.peak_allocated_bytes
+    return int(u_a * memory.peak_reserved_bytes + u_rho * a + u_c)
+
+
+def _verdict(memory: MemoryEstimate, capacity: int | None, band: int | None) -> tuple[str | None, int | None]:
+    """(verdict, margin bytes); see ``Estimate.verdict``."""
+    if capacity is None:
+        return None, None
+    band = band or 0
+    headroom = capacity - memory.device_total_bytes
+    if headroom >= 0:
+        return ("fits" if headroom >= band else "fits, within the uncertainty"), headroom - band
+    paged = memory.outside_allocator_bytes.get("paged_optimizer_state", 0)
+    if paged and headroom + paged >= 0:
+        return "fits with paging", headroom + paged - band
+    return "does not fit", headroom - band
 
 
 # ---- the ledger's vocabulary -------------------------------------------------------------------
@@ -137,10 +209,26 @@ def ledger_keys(view: str | None = None) -> tuple[str, ...]:
     return tuple(line.key for line in LEDGER if view is None or view in line.views)
 
 
-def ledger_label(key: str) -> str:
-    """The display label of a ledger key (the key with spaces when it is not in the vocabulary)."""
+def ledger_label(key: str, quant: str | None = None, model=None) -> str:
+    """The display label of a ledger key (the key with spaces when it is not in the vocabulary).
+
+    With the setup's ``quant`` (and ``model``, for families whose Linears bitsandbytes does not
+    convert), the weight lines say what is true for it (loraplan.storage): "frozen Linear weights
+    (nf4)", "(bf16)" for an unquantized base, "(fp32, not quantized)" for a Falcon "4-bit" base;
+    "embeddings, norms, lm_head, biases (fp32)" after prepare_model_for_kbit_training."""
     line = LEDGER_BY_KEY.get(key)
-    return line.label if line else key.replace("_", " ")
+    label = line.label if line else key.replace("_", " ")
+    if quant is None or key not in ("frozen_linear_weights", "unquantized_weights"):
+        return label
+    from ..storage import effective_linear_quant, is_quantized, unquantized_param_bytes
+
+    if key == "frozen_linear_weights":
+        stored = effective_linear_quant(model, quant) if model is not None else quant
+        if is_quantized(quant) and not is_quantized(stored):
+            return f"frozen Linear weights ({stored}, not quantized)"
+        return f"frozen Linear weights ({stored}{' base' if is_quantized(stored) else ''})"
+    dtype = "fp32" if unquantized_param_bytes(quant) == 4 else quant
+    return f"embeddings, norms, lm_head, biases ({dtype})"
 
 
 def ledger_color(key: str) -> str | None:
