@@ -187,9 +187,12 @@ def main(argv=None) -> int:
     print("\n".join(f"  {p}" for p, _ in exact[:20]))
     beyond = diff(before, now, rtol=args.float_rtol)
     if not args.strict:
-        explained = len(beyond)
+        added = sum(1 for p, _ in beyond if is_added(p))
+        explained = len(beyond) - added
         beyond = unintended(beyond, now)
         explained -= len(beyond)
+        if added:
+            print(f"{added} of them are new keys listed in ADDED (no existing value changed by them)")
         if explained:
             print(f"{explained} of them are the intended changes listed in INTENDED:")
             for why, models, quants, _ in INTENDED:
