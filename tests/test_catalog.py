@@ -207,4 +207,4 @@ def test_catalog_has_70_models_with_sources():
 
     entries = model_entries()
     assert len(entries) >= 70
-    assert all(e.get("source", "").startswith("https://") for e in entries.values())
+    assert all(e.get("source", "").startswith("https://") for e in entries.values() if not e.get("test_shape"))

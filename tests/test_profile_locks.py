@@ -209,3 +209,24 @@ def test_cpu_without_model_is_refused(run_cli, tmp_path):
     code, out, err = run_cli("profile", "--device", "cpu", "--out", str(tmp_path / "x.jsonl"))
     assert code == 2 and "--device cpu needs --model" in err and "--model tiny-llama" in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "x.jsonl").exists()
+
+
+def test_a_zombie_is_not_alive():
+    """A killed child that nobody reaped holds no files: its temp folders are stale."""
+    import subprocess
+    import sys
+
+    from loraplan.profile.locks import pid_alive
+
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    import time
+
+    for _ in range(100):  # exited but not waited for: a zombie
+        time.sleep(0.05)
+        with open(f"/proc/{p.pid}/stat", "rb") as f:
+            if f.read().rsplit(b")", 1)[1].split()[0] == b"Z":
+                break
+    assert not pid_alive(p.pid)
+    p.wait()
+    assert not pid_alive(p.pid)
+    assert pid_alive(os.getpid())

@@ -42,6 +42,8 @@ def temp_prefix() -> str:
 
 
 def pid_alive(pid: int) -> bool:
+    """True while process ``pid`` runs. A zombie (killed, not yet reaped — e.g. an orphaned
+    worker whose new parent is a PID 1 that does not reap) counts as dead: it holds no files."""
     if pid <= 0:
         return False
     try:
@@ -50,7 +52,12 @@ def pid_alive(pid: int) -> bool:
         return False
     except PermissionError:  # someone else's process: alive
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]  # the field after "(comm)"
+        return state not in (b"Z", b"X")
+    except (OSError, IndexError):  # no /proc (not Linux): signal 0 succeeded
+        return True
 
 
 def remove_stale_temp_dirs(root: str | Path | None = None) -> list[Path]:
