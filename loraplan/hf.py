@@ -587,6 +587,8 @@ RULES: dict[str, Callable[[Mapping[str, Any], str], ModelSpec]] = {
     "qwen3_moe": _qwen3_moe,
     "olmoe": _olmoe,
 }
+#: the sparse-MoE families among RULES (fused 3-D experts)
+MOE_RULES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 
 
 def load_config(path: str | Path) -> dict:

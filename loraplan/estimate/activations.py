@@ -231,6 +231,62 @@ def mlp_saved(st: Structure, T):
     return k * st.stream_bytes * T * st.model.intermediate_size
 
 
+def moe_block_saved(st: Structure, T):
+    """Bytes one sparse-MoE block saves for backward (transformers 5 default experts
+    implementation "grouped_mm": modeling_utils.get_correct_experts_implementation; the forward is
+    integrations/moe.py::grouped_mm_experts_forward). S = T·k token-expert pairs, I_e the expert
+    width, w bytes of the stored experts (storage.expert_storage: bf16 2, fp32 4 under a
+    bitsandbytes base), a the stream dtype:
+
+    - router (MixtralTopKRouter / Qwen*TopKRouter): fp32 softmax output 4·T·E, top-k indices
+      8·T·k and the renormalised top-k weights 4·T·k;
+    - dispatch: ``hidden_states[perm // k]`` and ``sample_weights[perm]`` keep their int64
+      indices (8·S each); the combine ``weighted_out[inv_perm]`` keeps inv_perm (8·S);
+    - experts: ``gate_up`` grouped_mm output [S, 2·I_e] (SiLU keeps its gate view, so the whole
+      output) + the SiLU output [S, I_e]: 3·w·S·I_e, as a dense gated MLP over S rows; the down
+      output [S, h] and the routing weights [S] kept by ``proj_out * sample_weights``: w·S·h +
+      r·S (r = 4 for mixtral's fp32 router weights, else a). Token counts per expert do not
+      enter: grouped_mm processes the S sorted rows in one call, so routing imbalance changes
+      time, not these bytes (expected tokens per expert T·k/E);
+    - LoRA on fused experts (PEFT ParamWrapper) makes the frozen grouped_mm operands need grads:
+      the inputs it reads are kept (w·S·h for gate_up, w·S·I_e for down) and the parametrized
+      weight W + ΔW [E, out, in] (w B) is saved by grouped_mm for the input gradient;
+    - a shared expert (qwen2_moe): a gated MLP 3·a·T·I_s + its sigmoid gate a·T + the gated
+      output a·T·h.
+    The auxiliary load-balancing loss runs only with ``output_router_logits`` (default False in
+    every family here) and is not modelled.
+    """
+    m, moe = st.model, st.model.moe
+    a, w = st.stream_bytes, st.expert_bytes
+    k, E, I_e, h = moe.top_k, moe.num_experts, moe.expert_intermediate_size, m.hidden_size
+    S = T * k
+    r = a if moe.router_weights_in_stream_dtype else 4
+    router = 4 * T * E + 8 * T * k + 4 * T * k
+    dispatch = 3 * 8 * S
+    experts = 3 * w * S * I_e + w * S * h + r * S
+    roles = {e.role for e in st.adapted_experts}
+    lora = 0
+    if roles:
+        per_layer = [e for e in st.adapted_experts if e.layer == moe.layers[0]]
+        lora = sum(w * e.numel for e in per_layer)
+        lora = lora + (w * S * h if "gate_up" in roles else 0) + (w * S * I_e if "down" in roles else 0)
+    shared = 0
+    if moe.shared_expert_intermediate_size:
+        shared = 3 * a * T * moe.shared_expert_intermediate_size + a * T + a * T * h
+    return router + dispatch + experts + lora + shared
+
+
+def _mlp_saved_per_layer(st: Structure, T):
+    """The MLP's saved bytes averaged over the layers: the dense MLP, or for a sparse-MoE model
+    ``moe_block_saved`` in its MoE layers and the dense MLP elsewhere (qwen mlp_only_layers)."""
+    moe = st.model.moe
+    if moe is None:
+        return mlp_saved(st, T)
+    L = max(st.model.num_layers, 1)
+    n = len(moe.layers)
+    return (n * moe_block_saved(st, T) + (L - n) * mlp_saved(st, T)) / L
+
+
 def layer_saved(st: Structure, kind: str, x: Shape, stack: str = "decoder"):
     """S_layer: the bytes one decoder (or encoder) layer saves for backward without checkpointing.
 
@@ -249,7 +305,7 @@ def layer_saved(st: Structure, kind: str, x: Shape, stack: str = "decoder"):
         norms = m.arch.norms_per_layer
         if m.is_encoder_decoder:
             att = att + attention_saved_per_layer(st, kind, T, x.b, x.tseq, x.seq, cross=True)
-    return (norms * norm_saved(st, T) + att + mlp_saved(st, T) + lora_activations_per_layer(st, x, stack, T)
+    return (norms * norm_saved(st, T) + att + _mlp_saved_per_layer(st, T) + lora_activations_per_layer(st, x, stack, T)
             + model_dropout_masks_per_layer(st, T, stack) + head_norms_saved(st, T))
 
 
@@ -257,9 +313,11 @@ def head_norms_saved(st: Structure, T):
     """Per-head RMSNorms on q and k (qwen3 ``q_norm``/``k_norm``): like any RMSNorm they keep an
     fp32 copy of their input (4·T·n·d) and rsqrt (4·T·n), for n = n_h and n_kv heads."""
     m = st.model
+    heads = m.num_heads + m.num_kv_heads
+    if "q_norm_full" in m.arch.extra_norms:  # olmoe: one norm over all of q, one over all of k
+        return 4 * T * heads * m.head_dim + 2 * 4 * T
     if "q_norm" not in m.arch.extra_norms:
         return 0
-    heads = m.num_heads + m.num_kv_heads
     return 4 * T * heads * m.head_dim + 4 * T * heads
 
 

@@ -210,7 +210,10 @@ def expert_quantization_warning(st: Structure, quant: str) -> str:
     n = sum(e.numel for e in st.model.experts)
     return (f"WARNING: {quant} does NOT quantize this MoE's experts: bitsandbytes converts only nn.Linear, and "
             f"transformers 5 stores the {n / 1e9:.1f} B expert parameters as fused 3-D tensors, so they load in bf16 "
-            f"and prepare_model_for_kbit_training upcasts them to fp32 ({gib:.1f} GiB, line 'expert_weights'). "
+            f"and prepare_model_for_kbit_training upcasts them to fp32 ({gib:.1f} GiB, line 'expert_weights'); "
+            f"the default grouped_mm experts kernel then rejects the fp32 experts (torch._grouped_mm: 'Expected "
+            f"inputs of BF16 type'; seen in loraplan's meta trace), so the step fails unless "
+            f"experts_implementation='eager'. "
             f"Instead: train the bf16 base (--quant bf16 halves this line), or quantize the experts with "
             f"{'; '.join(EXPERT_QUANTIZATION_PATHS)}")
 

@@ -66,6 +66,11 @@ class Structure:
         return stream_dtype_bytes(self.quant)
 
     @property
+    def expert_bytes(self) -> int:
+        """Bytes/element of the stored fused experts (``storage.expert_storage``)."""
+        return dtype_bytes(expert_storage(self.quant))
+
+    @property
     def linear_quant(self) -> str:
         """How the frozen Linears are stored: the quantization asked for, unless the bnb quantizer
         does not convert this family's Linears (then fp32 after prepare_model_for_kbit_training)."""
