@@ -32,6 +32,11 @@ from .spec import ExpertSpec, LinearSpec, ModelSpec
 ALL_LINEAR = "all-linear"
 #: shorthand for every fused MoE expert parameter (PEFT target_parameters)
 EXPERTS = "experts"
+#: families whose "all-linear" PEFT 0.21 rewrites with its transformers-v4 compatibility conversion
+#: (peft/utils/transformers_weight_conversion.py::_convert_peft_config_moe: model types in its
+#: _MODEL_TO_CONVERSION_PATTERN whose base is in _MOE_FUSED_TARGETS): "all-linear" then also
+#: adapts every router (``gate.weight``) and every fused expert parameter, gate_up_proj at rank 2r
+PEFT_MOE_ALL_LINEAR_REWRITE = ("mixtral", "qwen3_moe", "olmoe")
 
 #: What PEFT targets when LoraConfig.target_modules is None
 #: (peft/utils/constants.py::TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, peft 0.21).
@@ -127,6 +132,12 @@ def select_expert_targets(model: ModelSpec, targets: tuple[str, ...] | None,
     if not model.experts:
         return ()
     targets = resolve_targets(model, targets)
+    if ALL_LINEAR in targets and model.model_type in PEFT_MOE_ALL_LINEAR_REWRITE:
+        raise TargetError(
+            f"'{ALL_LINEAR}' on {model.model_type}: PEFT 0.21 rewrites it (transformers-v4 compatibility, "
+            f"peft/utils/transformers_weight_conversion.py::_convert_peft_config_moe) into LoRA on every router "
+            f"and every fused expert (gate_up_proj at rank 2r), which needs --dropout 0 and which loraplan does "
+            f"not count; list the targets instead, e.g. 'q_proj,k_proj,v_proj,o_proj,experts'")
     names = [t for t in expert_parameter_targets(model, targets)]
     chosen = tuple(e for e in model.experts if EXPERTS in targets or any(_matches(e.name, t) for t in names))
     if chosen and dropout is not None and not _is_array_like(dropout) and dropout > 0:
