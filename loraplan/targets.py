@@ -193,8 +193,9 @@ def peft_target_modules(targets: Sequence[str], linears: Sequence[str], head: st
     module, so ``.*\\.mlp\\..*`` also hits the activation and fails) and any mix become the full
     names of the Linears ``select_targets`` picks.
     """
-    # fused expert parameters go to target_parameters (peft_target_parameters), not target_modules
-    targets = [t for t in targets if t == ALL_LINEAR or any(_matches(n, t) for n in linears)]
+    # the caller leaves out the fused-expert targets (expert_parameter_targets): they go to
+    # target_parameters (peft_target_parameters), not target_modules
+    targets = [t for t in targets if t != EXPERTS]
     if targets == [ALL_LINEAR] or (ALL_LINEAR not in targets and all(_PLAIN.match(t) for t in targets)):
         return ALL_LINEAR if targets == [ALL_LINEAR] else targets
     names = [t for t in targets if t != ALL_LINEAR]

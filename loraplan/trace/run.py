@@ -25,7 +25,7 @@ from ..estimate.result import ledger_keys
 from ..spec import LoraSpec, TrainSpec
 from ..storage import TORCH_DTYPE_NAMES, is_quantized, load_dtype as storage_load_dtype
 from ..hf import MOE_RULES
-from ..targets import peft_target_modules, peft_target_parameters
+from ..targets import expert_parameter_targets, peft_target_modules, peft_target_parameters
 
 #: the trace's ledger lines (coarser than the analytic ledger's; see estimate.result.LEDGER)
 CATEGORIES = ledger_keys("trace")
@@ -284,10 +284,14 @@ def _run(torch, transformers, auto, config, load_dtype, attn_impl, quantized, se
         from ..hf import spec_from_config
 
         # fused MoE expert parameters go to target_parameters (lora.ParamWrapper), as loraplan counts them
-        target_parameters = peft_target_parameters(spec_from_config(raw_config), lora.targets) \
-            if raw_config.get("model_type") in MOE_RULES else None
+        module_targets, target_parameters = tuple(lora.targets), None
+        if raw_config.get("model_type") in MOE_RULES:
+            spec = spec_from_config(raw_config)
+            target_parameters = peft_target_parameters(spec, lora.targets)
+            expert_targets = expert_parameter_targets(spec, lora.targets)
+            module_targets = tuple(t for t in lora.targets if t not in expert_targets)
         lcfg = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                          target_modules=peft_target_modules(lora.targets, *linear_modules(model)) or None,
+                          target_modules=peft_target_modules(module_targets, *linear_modules(model)) or None,
                           target_parameters=target_parameters, bias="none",
                           task_type="SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM")
         try:
