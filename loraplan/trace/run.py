@@ -285,8 +285,8 @@ def _run(torch, transformers, auto, config, load_dtype, attn_impl, quantized, se
 
         # fused MoE expert parameters go to target_parameters (lora.ParamWrapper), as loraplan counts them
         module_targets, target_parameters = tuple(lora.targets), None
-        if raw_config.get("model_type") in MOE_RULES:
-            spec = spec_from_config(raw_config)
+        if config.model_type in MOE_RULES:  # raw_config has its model_type popped
+            spec = spec_from_config({**raw_config, "model_type": config.model_type})
             target_parameters = peft_target_parameters(spec, lora.targets)
             expert_targets = expert_parameter_targets(spec, lora.targets)
             module_targets = tuple(t for t in lora.targets if t not in expert_targets)
