@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from .errors import ConfigError
-from .spec import ArchSpec, LinearSpec, ModelSpec, ParamSpec
+from .spec import ArchSpec, ExpertSpec, LinearSpec, ModelSpec, MoeSpec, ParamSpec
 
 
 def _req(cfg: Mapping[str, Any], key: str, model_type: str):
@@ -506,6 +506,148 @@ def _t5(cfg, name):
                  enc_dec=True, enc_layers=enc_L)
 
 
+# ---- sparse mixture-of-experts families (transformers 5: fused 3-D expert parameters) ----------
+#
+# transformers 5 stores a MoE block's routed experts as two fused parameters per layer,
+# ``mlp.experts.gate_up_proj`` [E, 2·I_e, h] and ``mlp.experts.down_proj`` [E, h, I_e]
+# (modeling_mixtral.py::MixtralExperts, ``@use_experts_implementation``), and the router as a bare
+# parameter ``mlp.gate.weight`` [E, h] (MixtralTopKRouter: ``F.linear(x, self.weight)``): neither
+# is an nn.Linear. They are ModelSpec.experts (ExpertSpec) and a ParamSpec of kind "router".
+
+
+def _moe_decoder(cfg: Mapping[str, Any], name: str, mt: str, *, n_kv_default: int | None, head_dim: int,
+                 qkv_bias: bool, o_bias: bool, num_experts_key: str, expert_inter_key: str,
+                 moe_layers: Callable[[int], bool], shared_inter: int, head_norm_sizes: tuple[int, int] | None,
+                 moe: dict, arch: ArchSpec) -> ModelSpec:
+    """Llama-like attention + a sparse MoE block per MoE layer (a dense gated MLP elsewhere).
+
+    Per MoE layer: router ``mlp.gate.weight`` [E, h]; experts ``mlp.experts.gate_up_proj``
+    [E, 2·I_e, h], ``mlp.experts.down_proj`` [E, h, I_e]; with a shared expert (qwen2_moe)
+    ``mlp.shared_expert.{gate,up,down}_proj`` (I_s) and ``mlp.shared_expert_gate`` [1, h].
+    """
+    h = _req(cfg, "hidden_size", mt)
+    L = _req(cfg, "num_hidden_layers", mt)
+    n_h = _req(cfg, "num_attention_heads", mt)
+    inter = _req(cfg, "intermediate_size", mt)
+    V = _req(cfg, "vocab_size", mt)
+    E = _req(cfg, num_experts_key, mt)
+    I_e = _req(cfg, expert_inter_key, mt)
+    n_kv = _kv_heads(cfg, n_h, n_kv_default)
+    d = head_dim
+    linears: list[LinearSpec] = []
+    experts: list[ExpertSpec] = []
+    others: list[ParamSpec] = [ParamSpec("model.embed_tokens.weight", V * h, "embedding")]
+    sparse: list[int] = []
+    for i in range(L):
+        p = f"model.layers.{i}"
+        linears += [
+            LinearSpec(f"{p}.self_attn.q_proj", h, n_h * d, qkv_bias, "q", "decoder", i),
+            LinearSpec(f"{p}.self_attn.k_proj", h, n_kv * d, qkv_bias, "k", "decoder", i),
+            LinearSpec(f"{p}.self_attn.v_proj", h, n_kv * d, qkv_bias, "v", "decoder", i),
+            LinearSpec(f"{p}.self_attn.o_proj", n_h * d, h, o_bias, "o", "decoder", i),
+        ]
+        if head_norm_sizes:
+            others += [ParamSpec(f"{p}.self_attn.q_norm.weight", head_norm_sizes[0], "norm"),
+                       ParamSpec(f"{p}.self_attn.k_norm.weight", head_norm_sizes[1], "norm")]
+        if moe_layers(i):
+            sparse.append(i)
+            others.append(ParamSpec(f"{p}.mlp.gate.weight", E * h, "router"))
+            experts += [ExpertSpec(f"{p}.mlp.experts.gate_up_proj", E, h, 2 * I_e, "gate_up", i),
+                        ExpertSpec(f"{p}.mlp.experts.down_proj", E, I_e, h, "down", i)]
+            if shared_inter:
+                linears += [
+                    LinearSpec(f"{p}.mlp.shared_expert.gate_proj", h, shared_inter, False, "gate", "decoder", i),
+                    LinearSpec(f"{p}.mlp.shared_expert.up_proj", h, shared_inter, False, "up", "decoder", i),
+                    LinearSpec(f"{p}.mlp.shared_expert.down_proj", shared_inter, h, False, "down", "decoder", i),
+                    LinearSpec(f"{p}.mlp.shared_expert_gate", h, 1, False, "shared_expert_gate", "decoder", i),
+                ]
+        else:
+            linears += [
+                LinearSpec(f"{p}.mlp.gate_proj", h, inter, False, "gate", "decoder", i),
+                LinearSpec(f"{p}.mlp.up_proj", h, inter, False, "up", "decoder", i),
+                LinearSpec(f"{p}.mlp.down_proj", inter, h, False, "down", "decoder", i),
+            ]
+        others += [ParamSpec(f"{p}.input_layernorm.weight", h, "norm"),
+                   ParamSpec(f"{p}.post_attention_layernorm.weight", h, "norm")]
+    others.append(ParamSpec("model.norm.weight", h, "norm"))
+    linears.append(LinearSpec("lm_head", h, V, False, "lm_head", "head", None))
+    spec = MoeSpec(num_experts=E, top_k=_req(cfg, "num_experts_per_tok", mt), expert_intermediate_size=I_e,
+                   layers=tuple(sparse), shared_expert_intermediate_size=shared_inter,
+                   output_router_logits=bool(cfg.get("output_router_logits", False)), **moe)
+    return ModelSpec(
+        name=name, model_type=mt, config=dict(cfg), hidden_size=h, num_layers=L, num_heads=n_h,
+        num_kv_heads=n_kv, head_dim=d, intermediate_size=inter, vocab_size=V,
+        max_positions=cfg.get("max_position_embeddings"),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        linears=tuple(linears), others=tuple(others), arch=arch, experts=tuple(experts), moe=spec,
+    )
+
+
+def _qwen_moe_layers(cfg: Mapping[str, Any]) -> Callable[[int], bool]:
+    """Qwen2MoeDecoderLayer / Qwen3MoeDecoderLayer: a MoE block when ``layer_idx not in
+    mlp_only_layers and num_experts > 0 and (layer_idx + 1) % decoder_sparse_step == 0``."""
+    only = set(cfg.get("mlp_only_layers") or [])
+    step = _get(cfg, "decoder_sparse_step", 1)
+    n = cfg.get("num_experts", 0) or 0
+    return lambda i: i not in only and n > 0 and (i + 1) % step == 0
+
+
+def _mixtral(cfg, name):
+    # MixtralConfig: num_key_value_heads 8, num_local_experts 8, num_experts_per_tok 2, experts of
+    # intermediate_size, sliding_window None; no biases; MixtralTopKRouter always renormalises its
+    # top-k weights and returns them in fp32.
+    h, n_h = _heads(cfg, "mixtral")
+    return _moe_decoder(cfg, name, "mixtral", n_kv_default=8, head_dim=_get(cfg, "head_dim", h // n_h),
+                        qkv_bias=False, o_bias=False, num_experts_key="num_local_experts",
+                        expert_inter_key="intermediate_size", moe_layers=lambda i: True, shared_inter=0,
+                        head_norm_sizes=None,
+                        moe=dict(norm_topk_prob=True, router_weights_in_stream_dtype=False),
+                        arch=ArchSpec(sliding_window=cfg.get("sliding_window")))
+
+
+def _qwen2_moe(cfg, name):
+    # Qwen2MoeConfig: num_key_value_heads 16, qkv_bias True (o_proj bias-free), 60 experts of
+    # moe_intermediate_size 1408, top-4, shared expert 5632 with a sigmoid gate, norm_topk_prob False.
+    h, n_h = _heads(cfg, "qwen2_moe")
+    sw = cfg.get("sliding_window", 4096) if cfg.get("use_sliding_window") else None
+    return _moe_decoder(cfg, name, "qwen2_moe", n_kv_default=16, head_dim=_get(cfg, "head_dim", h // n_h),
+                        qkv_bias=bool(cfg.get("qkv_bias", True)), o_bias=False, num_experts_key="num_experts",
+                        expert_inter_key="moe_intermediate_size", moe_layers=_qwen_moe_layers(cfg),
+                        shared_inter=_get(cfg, "shared_expert_intermediate_size", 5632), head_norm_sizes=None,
+                        moe=dict(norm_topk_prob=bool(cfg.get("norm_topk_prob", False))),
+                        arch=ArchSpec(sliding_window=sw))
+
+
+def _qwen3_moe(cfg, name):
+    # Qwen3MoeConfig: num_key_value_heads 4, attention_bias False, head_dim h // n_h unless given
+    # (Qwen3MoeAttention: getattr(config, "head_dim", ...)), per-head q_norm/k_norm [d],
+    # 128 experts of moe_intermediate_size 768, top-8, no shared expert.
+    h, n_h = _heads(cfg, "qwen3_moe")
+    d = _get(cfg, "head_dim", h // n_h)
+    ab = bool(cfg.get("attention_bias", False))
+    sw = cfg.get("sliding_window", 4096) if cfg.get("use_sliding_window") else None
+    return _moe_decoder(cfg, name, "qwen3_moe", n_kv_default=4, head_dim=d, qkv_bias=ab, o_bias=ab,
+                        num_experts_key="num_experts", expert_inter_key="moe_intermediate_size",
+                        moe_layers=_qwen_moe_layers(cfg), shared_inter=0, head_norm_sizes=(d, d),
+                        moe=dict(norm_topk_prob=bool(cfg.get("norm_topk_prob", False))),
+                        arch=ArchSpec(sliding_window=sw, extra_norms=("q_norm", "k_norm")))
+
+
+def _olmoe(cfg, name):
+    # OlmoeConfig: num_key_value_heads = n_h, attention_bias False, 64 experts of
+    # intermediate_size, top-8; q_norm over all of q [h] and k_norm over k [(h // n_h)·n_kv]
+    # (OlmoeAttention), not per head.
+    h, n_h = _heads(cfg, "olmoe")
+    n_kv = _kv_heads(cfg, n_h, None)
+    ab = bool(cfg.get("attention_bias", False))
+    return _moe_decoder(cfg, name, "olmoe", n_kv_default=None, head_dim=_get(cfg, "head_dim", h // n_h),
+                        qkv_bias=ab, o_bias=ab, num_experts_key="num_experts",
+                        expert_inter_key="intermediate_size", moe_layers=lambda i: True, shared_inter=0,
+                        head_norm_sizes=(h, (h // n_h) * n_kv),
+                        moe=dict(norm_topk_prob=bool(cfg.get("norm_topk_prob", False))),
+                        arch=ArchSpec(extra_norms=("q_norm", "k_norm"), qk_norm_scope="projection"))
+
+
 #: model_type -> rule.
 #: ArchSpec facts keyed by model_type, shared by the shape rules and the meta-device fallback:
 #: phi3 slices q, k, v out of qkv_proj's output as views (modeling_phi3.py); OPT applies its
@@ -535,7 +677,13 @@ RULES: dict[str, Callable[[Mapping[str, Any], str], ModelSpec]] = {
     "falcon": _falcon,
     "t5": _t5,
     "mt5": _t5,
+    "mixtral": _mixtral,
+    "qwen2_moe": _qwen2_moe,
+    "qwen3_moe": _qwen3_moe,
+    "olmoe": _olmoe,
 }
+#: the sparse-MoE families among RULES (fused 3-D experts)
+MOE_RULES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 
 
 def load_config(path: str | Path) -> dict:

@@ -60,6 +60,45 @@ class ParamSpec:
 
 
 @dataclass(frozen=True)
+class ExpertSpec:
+    """One fused 3-D expert parameter of a transformers 5 MoE block (``MixtralExperts.gate_up_proj``
+    [E, 2·I, h], ``down_proj`` [E, h, I]): E experts' weights in one ``nn.Parameter``, not an
+    nn.Linear. ``in_features``/``out_features`` are one expert's; the parameter is
+    [num_experts, out_features, in_features] (transformers' ``is_transposed=False`` layout)."""
+
+    name: str  # full parameter name, e.g. "model.layers.0.mlp.experts.gate_up_proj"
+    num_experts: int
+    in_features: int
+    out_features: int
+    role: str  # gate_up | down
+    layer: int | None = None
+
+    @property
+    def leaf(self) -> str:
+        return self.name.rsplit(".", 1)[-1]
+
+    @property
+    def numel(self) -> int:
+        return self.num_experts * self.in_features * self.out_features
+
+
+@dataclass(frozen=True)
+class MoeSpec:
+    """Routing facts of a sparse-MoE family (config.json; transformers 5 ``*SparseMoeBlock``)."""
+
+    num_experts: int  # E: routed experts per MoE layer
+    top_k: int  # k: experts per token (num_experts_per_tok)
+    expert_intermediate_size: int  # I_e of one routed expert
+    layers: tuple[int, ...]  # decoder layers whose MLP is the MoE block (the others: dense MLP)
+    shared_expert_intermediate_size: int = 0  # qwen2_moe: an always-on gated MLP + sigmoid gate
+    norm_topk_prob: bool = True  # top-k weights renormalised to sum to 1 (mixtral: always)
+    #: the router's top-k weights are cast to the logits' dtype (qwen/olmoe ``.to(router_logits.dtype)``);
+    #: mixtral keeps them fp32, so its weighted expert outputs are fp32
+    router_weights_in_stream_dtype: bool = True
+    output_router_logits: bool = False  # training adds the auxiliary load-balancing loss
+
+
+@dataclass(frozen=True)
 class ArchSpec:
     """How a layer computes, as far as activation memory and FLOPs care."""
 
@@ -134,6 +173,9 @@ class ModelSpec:
     is_encoder_decoder: bool = False
     num_encoder_layers: int = 0
     source: str = ""
+    #: fused 3-D expert parameters (sparse-MoE families), in model order; () for dense models
+    experts: tuple[ExpertSpec, ...] = ()
+    moe: MoeSpec | None = None
 
     @property
     def lm_head(self) -> LinearSpec | None:
@@ -143,7 +185,7 @@ class ModelSpec:
     def total_params(self) -> int:
         """Unique parameters (a tied lm_head shares the embedding and is not counted twice)."""
         lin = sum(l.numel for l in self.linears if not (l.role == "lm_head" and self.tie_word_embeddings))
-        return lin + sum(p.numel for p in self.others)
+        return lin + sum(p.numel for p in self.others) + sum(e.numel for e in self.experts)
 
 
 # ---- validation of case values (one home for the rules: the specs and loraplan.case use it) ----

@@ -72,6 +72,35 @@ def linear_storage(model: ModelSpec, quant: str, linear: LinearSpec) -> str:
     return effective_linear_quant(model, quant)
 
 
+def expert_storage(quant: str) -> str:
+    """How the fused 3-D expert parameters of a sparse-MoE block are stored (transformers 5:
+    ``MixtralExperts.gate_up_proj`` [E, 2·I, h], ``down_proj`` [E, h, I], plain nn.Parameter).
+
+    bitsandbytes never quantizes them: transformers' bnb quantizer converts modules in
+    ``replace_with_bnb_linear`` only when ``isinstance(module, Conv1D) or type(module) is
+    nn.Linear`` (transformers 5.24 integrations/bitsandbytes.py L189), and quantizes only the
+    weights of the Linear4bit/Linear8bitLt it made (quantizer_bnb_4bit.py::param_needs_quantization
+    L83-87: ``isinstance(module, bnb.nn.Linear4bit)``). So an nf4/fp4/int8 "QLoRA" loads the
+    experts in the load dtype (bf16), and ``prepare_model_for_kbit_training`` then casts every
+    bf16/fp16 parameter that is not Params4bit to fp32 (peft 0.21 utils/other.py L204-209):
+    fp32, 4 B/param. An unquantized base keeps its load dtype.
+    """
+    return "fp32" if quant in QUANTIZED else load_dtype(quant)
+
+
+def experts_unquantized(model: ModelSpec, quant: str) -> bool:
+    """True when the user asked for a bitsandbytes quantization and the model has fused experts
+    that bitsandbytes leaves unquantized (and prepare_model_for_kbit_training upcasts to fp32)."""
+    return quant in QUANTIZED and bool(model.experts)
+
+
+#: the transformers 5.24 quantization paths that do convert fused experts (what to use instead of
+#: bitsandbytes for a MoE): FineGrainedFP8Config replaces every ``*.experts`` module by FP8Experts
+#: (integrations/finegrained_fp8.py::replace_with_fp8_linear, ``module_name.endswith(".experts")``)
+#: and its quantizer reports ``is_trainable`` True (quantizer_finegrained_fp8.py L163)
+EXPERT_QUANTIZATION_PATHS = ("FineGrainedFP8Config (fp8 experts, trainable)",)
+
+
 def stream_dtype_bytes(quant: str) -> int:
     """a: bytes/element of the residual stream.
 

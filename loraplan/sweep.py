@@ -547,10 +547,10 @@ class _Group:
 
     def __init__(self, model, lora, train):
         from .estimate.weights import structure
-        from .targets import select_targets
+        from .targets import select_expert_targets, select_targets
 
         self.model, self.lora, self.train = model, lora, train
-        self.adapted = select_targets(model, lora.targets)
+        self.adapted = select_targets(model, lora.targets) + select_expert_targets(model, lora.targets, lora.dropout)
         self.structure = structure(model, self.adapted, train.quant, train.double_quant)
         self.targets = ",".join(lora.targets)
         self.encoder_decoder = train.target_seq is not None  # resolve_case sets it for enc-dec only

@@ -5,6 +5,17 @@
 - "all-linear": every Linear except the output layer (peft's INCLUDE_LINEAR_LAYERS_SHORTHAND);
   extra names given beside it (e.g. "all-linear,lm_head") are added.
 
+Sparse-MoE families (transformers 5) keep their routed experts as fused 3-D parameters
+(``mlp.experts.gate_up_proj``, ``mlp.experts.down_proj``), not Linears; PEFT adapts them through
+``LoraConfig(target_parameters=...)`` (lora.ParamWrapper), matched by full parameter name or "." suffix
+(tuners_utils.py::_inject_parameters). loraplan takes them in the same ``--targets`` list:
+
+- a name that matches no Linear but matches fused expert parameters by that suffix rule
+  (``experts.gate_up_proj``, ``experts.down_proj``; in Mixtral also ``gate_up_proj``) adapts them;
+- ``experts``: every fused expert parameter (both per MoE layer);
+- "all-linear" never includes them (PEFT's shorthand covers Linear/Conv1D only). PEFT's ParamWrapper
+  rejects ``lora_dropout != 0``, so adapting experts needs ``--dropout 0``.
+
 ``peft_target_modules`` turns loraplan's targets into ``LoraConfig.target_modules`` for the trace
 and the profile, so PEFT adapts exactly the modules ``select_targets`` counts.
 """
@@ -16,15 +27,24 @@ import re
 from typing import Sequence
 
 from .errors import TargetError
-from .spec import LinearSpec, ModelSpec
+from .spec import ExpertSpec, LinearSpec, ModelSpec
 
 ALL_LINEAR = "all-linear"
+#: shorthand for every fused MoE expert parameter (PEFT target_parameters)
+EXPERTS = "experts"
+#: families whose "all-linear" PEFT 0.21 rewrites with its transformers-v4 compatibility conversion
+#: (peft/utils/transformers_weight_conversion.py::_convert_peft_config_moe: model types in its
+#: _MODEL_TO_CONVERSION_PATTERN whose base is in _MOE_FUSED_TARGETS): "all-linear" then also
+#: adapts every router (``gate.weight``) and every fused expert parameter, gate_up_proj at rank 2r
+PEFT_MOE_ALL_LINEAR_REWRITE = ("mixtral", "qwen3_moe", "olmoe")
 
 #: What PEFT targets when LoraConfig.target_modules is None
 #: (peft/utils/constants.py::TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, peft 0.21).
 #: phi3 has no entry there (PEFT asks for target_modules); loraplan uses its fused qkv_proj.
 #: olmo2, granite and smollm3 have none either: loraplan uses q_proj, v_proj, the attention
 #: pair PEFT picks for every llama-shaped family it lists (their modules carry those names).
+#: Of the MoE families PEFT lists mixtral (q_proj, v_proj); qwen2_moe, qwen3_moe and olmoe have no
+#: entry, and loraplan uses the same q_proj, v_proj.
 PEFT_DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
     "llama": ("q_proj", "v_proj"),
     "mistral": ("q_proj", "v_proj"),
@@ -42,6 +62,10 @@ PEFT_DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
     "olmo2": ("q_proj", "v_proj"),
     "granite": ("q_proj", "v_proj"),
     "smollm3": ("q_proj", "v_proj"),
+    "mixtral": ("q_proj", "v_proj"),
+    "qwen2_moe": ("q_proj", "v_proj"),
+    "qwen3_moe": ("q_proj", "v_proj"),
+    "olmoe": ("q_proj", "v_proj"),
 }
 
 
@@ -86,12 +110,16 @@ def select_targets(model: ModelSpec, targets: tuple[str, ...] | None) -> tuple[L
 
     Raises TargetError for a name matching nothing, or for None when the family has no default."""
     targets = resolve_targets(model, targets)
-    names = [t for t in targets if t != ALL_LINEAR]
+    names = [t for t in targets if t not in (ALL_LINEAR, EXPERTS)]
     chosen: set[str] = set()
     if ALL_LINEAR in targets:
         chosen.update(l.name for l in model.linears if l.role != "lm_head")
+    if EXPERTS in targets and not model.experts:
+        raise TargetError(f"LoRA target '{EXPERTS}' needs a sparse-MoE model; {model.name} has no fused experts")
     for t in names:
         hit = [l.name for l in model.linears if _matches(l.name, t)]
+        if not hit and any(_matches(e.name, t) for e in model.experts):
+            continue  # a fused expert parameter: select_expert_targets
         if not hit:
             raise TargetError(
                 f"LoRA target '{t}' matches no Linear module of {model.name}; "
@@ -100,12 +128,63 @@ def select_targets(model: ModelSpec, targets: tuple[str, ...] | None) -> tuple[L
     return tuple(l for l in model.linears if l.name in chosen)
 
 
+def select_expert_targets(model: ModelSpec, targets: tuple[str, ...] | None,
+                          dropout: float | None = None) -> tuple[ExpertSpec, ...]:
+    """The fused expert parameters LoRA adapts (PEFT ``target_parameters``), in model order: those
+    matched by ``experts`` or by a target that matches no Linear (see the module docstring).
+
+    PEFT's ParamWrapper raises for ``lora_dropout != 0`` (peft/tuners/lora/layer.py
+    ParamWrapper.__init__: "does not work with lora_dropout != 0"): TargetError when experts are
+    chosen and ``dropout`` > 0."""
+    if not model.experts:
+        return ()
+    targets = resolve_targets(model, targets)
+    if ALL_LINEAR in targets and model.model_type in PEFT_MOE_ALL_LINEAR_REWRITE:
+        raise TargetError(
+            f"'{ALL_LINEAR}' on {model.model_type}: PEFT 0.21 rewrites it (transformers-v4 compatibility, "
+            f"peft/utils/transformers_weight_conversion.py::_convert_peft_config_moe) into LoRA on every router "
+            f"and every fused expert (gate_up_proj at rank 2r), which needs --dropout 0 and which loraplan does "
+            f"not count; list the targets instead, e.g. 'q_proj,k_proj,v_proj,o_proj,experts'")
+    names = [t for t in expert_parameter_targets(model, targets)]
+    chosen = tuple(e for e in model.experts if EXPERTS in targets or any(_matches(e.name, t) for t in names))
+    if chosen and dropout is not None and not _is_array_like(dropout) and dropout > 0:
+        raise TargetError(f"LoRA on fused MoE experts ({', '.join(sorted({e.leaf for e in chosen}))}) goes through "
+                          f"PEFT's ParamWrapper, which rejects lora_dropout={dropout}; pass --dropout 0")
+    return chosen
+
+
+def expert_parameter_targets(model: ModelSpec, targets: tuple[str, ...]) -> list[str]:
+    """The targets that name fused expert parameters: ``experts``, or a name that matches no
+    Linear but matches an expert parameter (suffix rule) — what goes to ``target_parameters``."""
+    out = []
+    for t in targets:
+        if t == EXPERTS or (t != ALL_LINEAR and not any(_matches(l.name, t) for l in model.linears)
+                            and any(_matches(e.name, t) for e in model.experts)):
+            out.append(t)
+    return out
+
+
+def peft_target_parameters(model: ModelSpec, targets: tuple[str, ...]) -> list[str]:
+    """``LoraConfig.target_parameters`` for the experts ``select_expert_targets`` counts: their full
+    parameter names (PEFT matches a full name exactly)."""
+    return [e.name for e in select_expert_targets(model, targets)]
+
+
+def _is_array_like(v) -> bool:
+    return getattr(v, "ndim", 0) > 0
+
+
 def linear_leaf_names(model: ModelSpec) -> list[str]:
-    """Distinct last components of Linear module names, in model order (what users type)."""
+    """Distinct last components of Linear module names, in model order (what users type); for a
+    sparse-MoE model also ``experts.gate_up_proj``-style names of its fused expert parameters."""
     seen: list[str] = []
     for l in model.linears:
         if l.leaf not in seen:
             seen.append(l.leaf)
+    for e in model.experts:
+        n = f"experts.{e.leaf}"
+        if n not in seen:
+            seen.append(n)
     return seen
 
 
@@ -121,7 +200,9 @@ def peft_target_modules(targets: Sequence[str], linears: Sequence[str], head: st
     module, so ``.*\\.mlp\\..*`` also hits the activation and fails) and any mix become the full
     names of the Linears ``select_targets`` picks.
     """
-    targets = list(targets)
+    # the caller leaves out the fused-expert targets (expert_parameter_targets): they go to
+    # target_parameters (peft_target_parameters), not target_modules
+    targets = [t for t in targets if t != EXPERTS]
     if targets == [ALL_LINEAR] or (ALL_LINEAR not in targets and all(_PLAIN.match(t) for t in targets)):
         return ALL_LINEAR if targets == [ALL_LINEAR] else targets
     names = [t for t in targets if t != ALL_LINEAR]

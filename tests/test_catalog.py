@@ -19,7 +19,7 @@ from loraplan.spec import LoraSpec
 
 NAMES = model_names()
 ROLES = {"q", "k", "v", "o", "qkv", "gate", "up", "gate_up", "down", "fc_in", "fc_out", "lm_head",
-         "project_in", "project_out", "cross_q", "cross_k", "cross_v", "cross_o"}
+         "project_in", "project_out", "cross_q", "cross_k", "cross_v", "cross_o", "shared_expert_gate"}
 
 #: total parameters as published (model cards / safetensors metadata) = what the rules derive
 PUBLISHED_TOTALS = {
@@ -93,7 +93,7 @@ def test_spec_is_consistent(name):
         assert {l.layer for l in s.linears if l.stack == "encoder"} == set(range(s.num_encoder_layers))
     assert s.num_heads % s.num_kv_heads == 0
     assert s.total_params == sum(l.numel for l in s.linears if not (l.role == "lm_head" and s.tie_word_embeddings)) \
-        + sum(p.numel for p in s.others)
+        + sum(p.numel for p in s.others) + sum(e.numel for e in s.experts)
 
 
 @pytest.mark.parametrize("name,total", sorted(PUBLISHED_TOTALS.items()))

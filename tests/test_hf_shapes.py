@@ -18,10 +18,11 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 from loraplan.catalog import model_entries, model_names  # noqa: E402
-from loraplan.errors import ConfigError  # noqa: E402
+from loraplan.errors import ConfigError, TargetError  # noqa: E402
 from loraplan.estimate.params import count_params  # noqa: E402
 from loraplan.hf import RULES, spec_from_config  # noqa: E402
 from loraplan.spec import LoraSpec  # noqa: E402
+from loraplan.targets import PEFT_MOE_ALL_LINEAR_REWRITE  # noqa: E402
 
 pytestmark = pytest.mark.slow
 transformers.logging.set_verbosity_error()
@@ -34,6 +35,7 @@ ATTN_TARGETS = {
     "t5": ["q", "v"], "mt5": ["q", "v"], "gpt2": ["c_attn"],
     "gemma": ["q_proj", "v_proj"], "gemma3_text": ["q_proj", "v_proj"], "olmo2": ["q_proj", "v_proj"],
     "granite": ["q_proj", "v_proj"], "smollm3": ["q_proj", "v_proj"],
+    "mixtral": ["q_proj", "v_proj"], "qwen3_moe": ["q_proj", "v_proj"],
 }
 
 #: small configs that take the branches the catalog does not (rules must match transformers there too)
@@ -156,12 +158,16 @@ def test_linears_and_params_match_transformers(name):
               if id(p) not in linear_ids or (tied and p is head.weight)}
     if tied:  # a tied head's weight is reported under the input embedding's name
         theirs = {n: v for n, v in theirs.items() if not n.startswith(spec.lm_head.name + ".")}
-    assert {p.name: p.numel for p in spec.others} == theirs
+    # sparse-MoE families: the fused 3-D expert parameters are ModelSpec.experts
+    assert {**{p.name: p.numel for p in spec.others}, **{e.name: e.numel for e in spec.experts}} == theirs
+    for e in spec.experts:
+        assert tuple(model.get_parameter(e.name).shape) == (e.num_experts, e.out_features, e.in_features)
     assert spec.total_params == sum(p.numel() for p in model.parameters())
     # hidden-state roles are consistent with the Linear shapes
     for l in spec.linears:
         assert l.role in {"q", "k", "v", "o", "qkv", "gate", "up", "gate_up", "down", "fc_in", "fc_out",
-                          "lm_head", "project_in", "project_out", "cross_q", "cross_k", "cross_v", "cross_o"}
+                          "lm_head", "project_in", "project_out", "cross_q", "cross_k", "cross_v", "cross_o",
+                          "shared_expert_gate"}
     assert spec.arch.attention == ("eager" if model.config._attn_implementation == "eager" else "sdpa")
 
 
@@ -181,7 +187,14 @@ def test_counts_match_peft(name, targets, timings):
     model = get_peft_model(build_meta(cfg), LoraConfig(r=8, target_modules=tm))
     trainable, total = model.get_nb_trainable_parameters()
     timings[f"{name}/{targets}"] = time.perf_counter() - t0
-    ours = count_params(spec, LoraSpec(rank=8, targets=tuple(tm) if targets == "attn" else ("all-linear",)))
+    lora = LoraSpec(rank=8, targets=tuple(tm) if targets == "attn" else ("all-linear",))
+    if targets == "all-linear" and cfg["model_type"] in PEFT_MOE_ALL_LINEAR_REWRITE:
+        # PEFT rewrites all-linear into LoRA on routers and fused experts too: loraplan refuses it
+        assert any(".mlp.experts." in n for n, p in model.named_parameters() if p.requires_grad)
+        with pytest.raises(TargetError, match="rewrites it"):
+            count_params(spec, lora)
+        return
+    ours = count_params(spec, lora)
     assert (ours.trainable, ours.total) == (trainable, total)
 
 

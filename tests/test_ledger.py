@@ -12,7 +12,7 @@ from loraplan.estimate.api import estimate
 from loraplan.estimate.memory import make_setup, moments
 from loraplan.estimate.result import LEDGER, LEDGER_BY_KEY, ledger_keys, ledger_label, ledger_order
 from loraplan.spec import OPTIMIZERS, LoraSpec, TrainSpec
-from loraplan.targets import select_targets
+from loraplan.targets import PEFT_MOE_ALL_LINEAR_REWRITE, select_expert_targets, select_targets
 
 
 def _one_model_per_family() -> list[str]:
@@ -37,13 +37,16 @@ def test_every_analytic_key_is_in_the_vocabulary(name):
     gpu = load_gpu("h100-sxm-80gb")
     cal = load_calibration(gpu.id)
     lora = LoraSpec(rank=8, alpha=16, targets=("all-linear",))
+    if model.model_type in PEFT_MOE_ALL_LINEAR_REWRITE:  # PEFT rewrites all-linear there: list them
+        lora = LoraSpec(rank=8, alpha=16, dropout=0.0, targets=("q_proj", "k_proj", "v_proj", "o_proj", "experts"))
     seen: set[str] = set()
     for quant, opt, gc in product(("bf16", "nf4", "int8"), OPTIMIZERS, (True, False)):
         train = TrainSpec(quant=quant, optimizer=opt, gradient_checkpointing=gc, batch=2, seq=256,
                           target_seq=128 if model.is_encoder_decoder else None)
         e = estimate(model, lora, train, gpu, cal, with_time=False)
         seen.update(e.memory.components)
-        s = make_setup(model, lora, train, select_targets(model, lora.targets), gpu.compute_capability)
+        s = make_setup(model, lora, train, select_targets(model, lora.targets)
+                       + select_expert_targets(model, lora.targets), gpu.compute_capability)
         for ledger in moments(s.structure, s.train, s.attention, s.shape, gpu, cal).values():
             seen.update(ledger)
     assert seen <= set(ledger_keys("analytic")), seen - set(ledger_keys("analytic"))

@@ -30,7 +30,8 @@ def case_options(multi: bool = False, gpu: bool = True):
             click.option("--dropout", default=None, help="LoRA dropout [default: 0.05]" + m),
             click.option("--targets", default=None, multiple=multi,
                          help="LoRA target modules: comma list of module names, 'all-linear', or "
-                              "'all-linear,lm_head' [default: PEFT's default for the family, e.g. q_proj,v_proj]" + (" (repeat the option for several sets)" if multi else "")),
+                              "'all-linear,lm_head'; MoE experts: 'experts' or 'experts.gate_up_proj' (PEFT target_parameters, "
+                              "needs --dropout 0) [default: PEFT's default for the family, e.g. q_proj,v_proj]" + (" (repeat the option for several sets)" if multi else "")),
             click.option("--optimizer", default=None, help=f"{', '.join(OPTIMIZERS)} [default: adamw]" + m),
             click.option("--batch", default=None, help="Micro-batch size [default: 1]" + m),
             click.option("--seq", default=None, help="Sequence length in tokens [default: 512]" + m),

@@ -251,6 +251,62 @@ def mlp_saved(st: Structure, T):
     return k * st.stream_bytes * T * st.model.intermediate_size
 
 
+def moe_block_saved(st: Structure, T):
+    """Bytes one sparse-MoE block saves for backward (transformers 5 default experts
+    implementation "grouped_mm": modeling_utils.get_correct_experts_implementation; the forward is
+    integrations/moe.py::grouped_mm_experts_forward). S = T·k token-expert pairs, I_e the expert
+    width, w bytes of the stored experts (storage.expert_storage: bf16 2, fp32 4 under a
+    bitsandbytes base), a the stream dtype:
+
+    - router (MixtralTopKRouter / Qwen*TopKRouter): fp32 softmax output 4·T·E, top-k indices
+      8·T·k and the renormalised top-k weights 4·T·k;
+    - dispatch: ``hidden_states[perm // k]`` and ``sample_weights[perm]`` keep their int64
+      indices (8·S each); the combine ``weighted_out[inv_perm]`` keeps inv_perm (8·S);
+    - experts: ``gate_up`` grouped_mm output [S, 2·I_e] (SiLU keeps its gate view, so the whole
+      output) + the SiLU output [S, I_e]: 3·w·S·I_e, as a dense gated MLP over S rows; the down
+      output [S, h] and the routing weights [S] kept by ``proj_out * sample_weights``: w·S·h +
+      r·S (r = 4 for mixtral's fp32 router weights, else a). Token counts per expert do not
+      enter: grouped_mm processes the S sorted rows in one call, so routing imbalance changes
+      time, not these bytes (expected tokens per expert T·k/E);
+    - LoRA on fused experts (PEFT ParamWrapper) makes the frozen grouped_mm operands need grads:
+      the inputs it reads are kept (w·S·h for gate_up, w·S·I_e for down) and the parametrized
+      weight W + ΔW [E, out, in] (w B) is saved by grouped_mm for the input gradient;
+    - a shared expert (qwen2_moe): a gated MLP 3·a·T·I_s + its sigmoid gate a·T + the gated
+      output a·T·h.
+    The auxiliary load-balancing loss runs only with ``output_router_logits`` (default False in
+    every family here) and is not modelled.
+    """
+    m, moe = st.model, st.model.moe
+    a, w = st.stream_bytes, st.expert_bytes
+    k, E, I_e, h = moe.top_k, moe.num_experts, moe.expert_intermediate_size, m.hidden_size
+    S = T * k
+    r = a if moe.router_weights_in_stream_dtype else 4
+    router = 4 * T * E + 8 * T * k + 4 * T * k
+    dispatch = 3 * 8 * S
+    experts = 3 * w * S * I_e + w * S * h + r * S
+    roles = {e.role for e in st.adapted_experts}
+    lora = 0
+    if roles:
+        per_layer = [e for e in st.adapted_experts if e.layer == moe.layers[0]]
+        lora = sum(w * e.numel for e in per_layer)
+        lora = lora + (w * S * h if "gate_up" in roles else 0) + (w * S * I_e if "down" in roles else 0)
+    shared = 0
+    if moe.shared_expert_intermediate_size:
+        shared = 3 * a * T * moe.shared_expert_intermediate_size + a * T + a * T * h
+    return router + dispatch + experts + lora + shared
+
+
+def _mlp_saved_per_layer(st: Structure, T):
+    """The MLP's saved bytes averaged over the layers: the dense MLP, or for a sparse-MoE model
+    ``moe_block_saved`` in its MoE layers and the dense MLP elsewhere (qwen mlp_only_layers)."""
+    moe = st.model.moe
+    if moe is None:
+        return mlp_saved(st, T)
+    L = max(st.model.num_layers, 1)
+    n = len(moe.layers)
+    return (n * moe_block_saved(st, T) + (L - n) * mlp_saved(st, T)) / L
+
+
 def layer_saved(st: Structure, kind: str, x: Shape, stack: str = "decoder"):
     """S_layer: the bytes one decoder (or encoder) layer saves for backward without checkpointing.
 
@@ -269,7 +325,7 @@ def layer_saved(st: Structure, kind: str, x: Shape, stack: str = "decoder"):
         norms = m.arch.norms_per_layer
         if m.is_encoder_decoder:
             att = att + attention_saved_per_layer(st, kind, T, x.b, x.tseq, x.seq, cross=True)
-    return (norms * norm_saved(st, T) + att + mlp_saved(st, T) + lora_activations_per_layer(st, x, stack, T)
+    return (norms * norm_saved(st, T) + att + _mlp_saved_per_layer(st, T) + lora_activations_per_layer(st, x, stack, T)
             + model_dropout_masks_per_layer(st, T, stack) + head_norms_saved(st, T))
 
 
@@ -278,14 +334,14 @@ def head_norms_saved(st: Structure, T):
     for n = n_h and n_kv heads) and one fp32 rsqrt per normalised row:
 
     - per head (``qk_norm_scope`` "head": qwen3, gemma3 ``q_norm(view(..., d))``): 4·T·n per norm;
-    - over the whole projection ("projection": olmo2 ``q_norm(q_proj(x))`` with weight [n_h·d]):
+    - over the whole projection ("projection": olmo2, olmoe ``q_norm(q_proj(x))`` with weight [n_h·d]):
       4·T per norm, one row per token.
     Source: modeling_qwen3.py::Qwen3Attention.forward, modeling_gemma3.py::Gemma3Attention.forward,
-    modeling_olmo2.py::Olmo2Attention.forward (Olmo2RMSNorm = the llama RMSNorm)."""
+    modeling_olmo2.py::Olmo2Attention.forward and modeling_olmoe.py::OlmoeAttention.forward (the llama RMSNorm)."""
     m = st.model
+    heads = m.num_heads + m.num_kv_heads
     if "q_norm" not in m.arch.extra_norms:
         return 0
-    heads = m.num_heads + m.num_kv_heads
     rows = 2 if m.arch.qk_norm_scope == "projection" else heads
     return 4 * T * heads * m.head_dim + 4 * T * rows
 

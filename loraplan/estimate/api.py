@@ -6,7 +6,7 @@ from dataclasses import replace
 
 from ..catalog import load_calibration
 from ..spec import Calibration, GpuSpec, LoraSpec, ModelSpec, TrainSpec, run_inputs
-from ..targets import resolve_targets, select_targets
+from ..targets import resolve_targets, select_expert_targets, select_targets
 from .memory import estimate_memory, make_setup
 from .params import count_params
 from .result import Estimate
@@ -23,7 +23,8 @@ def estimate(model: ModelSpec, lora: LoraSpec, train: TrainSpec, gpu: GpuSpec | 
     if lora.targets is None:
         lora = replace(lora, targets=resolve_targets(model, None))
     cal = calibration or load_calibration(gpu.id if gpu else None)
-    adapted = select_targets(model, lora.targets)
+    # Linears (target_modules) + fused MoE expert parameters (target_parameters)
+    adapted = select_targets(model, lora.targets) + select_expert_targets(model, lora.targets, lora.dropout)
     setup = make_setup(model, lora, train, adapted, gpu.compute_capability if gpu else "9.0")
     memory = estimate_memory(setup, gpu, cal)
     time = None

@@ -31,8 +31,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..spec import Calibration, GpuSpec, LinearSpec, ModelSpec, TrainSpec
-from ..storage import QUANTIZED
+from ..spec import Calibration, ExpertSpec, GpuSpec, LinearSpec, ModelSpec, TrainSpec
+from ..storage import EXPERT_QUANTIZATION_PATHS, QUANTIZED, experts_unquantized
 from .activations import Shape, checkpoint_inputs, choose_attention, layer_saved, saved_activations
 from .arrays import is_scalar as _is_scalar
 from .coefficients import coefficient
@@ -64,6 +64,8 @@ def moments(st: Structure, train: TrainSpec, kind: str, x: Shape, gpu: GpuSpec |
         "cuda_workspaces": cuda_workspaces(gpu, cal, st.device),
         "allocator_overhead": int(coefficient(cal, "allocator_overhead_bytes")),
     }
+    if st.expert_weights:  # sparse-MoE families only: dense ledgers keep their keys
+        base = {"expert_weights": st.expert_weights, **base}
     acts = saved_activations(st, kind, x, train.gradient_checkpointing)
     int8_keep = int8_retained_per_step(st, x, train.int8_outlier_fraction, train.gradient_checkpointing)
     # this step's int8 inputs that autograd saves anyway (no double count); the previous step's
@@ -140,7 +142,7 @@ class Setup:
     shape: Shape = field(repr=False)
 
 
-def make_setup(model: ModelSpec, lora, train: TrainSpec, adapted: tuple[LinearSpec, ...],
+def make_setup(model: ModelSpec, lora, train: TrainSpec, adapted: tuple[LinearSpec | ExpertSpec, ...],
                compute_capability: str | None = "9.0") -> Setup:
     st = structure(model, adapted, train.quant, train.double_quant, train.device)
     tseq = (train.target_seq if train.target_seq is not None else train.seq) if model.is_encoder_decoder else train.seq
@@ -177,6 +179,8 @@ def estimate_memory(s: Setup, gpu: GpuSpec | None, cal: Calibration) -> MemoryEs
         notes.append(f"{st.model.model_type}: transformers' bitsandbytes quantizer converts only exact nn.Linear "
                      f"modules; this family's Linears stay unquantized and are upcast to fp32 by "
                      f"prepare_model_for_kbit_training")
+    if experts_unquantized(st.model, s.train.quant):
+        notes.append(expert_quantization_warning(st, s.train.quant))
     if st.linear_quant == "int8" and s.train.int8_outlier_fraction is None:
         f = default_int8_outlier_fraction(st, x.T)
         notes.append(f"int8: assumes {f:.0%} of MLP-out input columns are outliers (random-init weights); "
@@ -196,6 +200,24 @@ def estimate_memory(s: Setup, gpu: GpuSpec | None, cal: Calibration) -> MemoryEs
         outside_allocator_bytes=outside,
         notes=tuple(notes),
     )
+
+
+def expert_quantization_warning(st: Structure, quant: str) -> str:
+    """The loud note of a bitsandbytes "QLoRA" of a sparse-MoE model: its experts are not quantized.
+
+    transformers 5's bnb quantizer converts only ``type(module) is nn.Linear`` / Conv1D
+    (integrations/bitsandbytes.py::replace_with_bnb_linear), and fused experts are 3-D
+    nn.Parameters; prepare_model_for_kbit_training then upcasts them to fp32 (storage.expert_storage)."""
+    gib = st.expert_weights / 2**30
+    n = sum(e.numel for e in st.model.experts)
+    return (f"WARNING: {quant} does NOT quantize this MoE's experts: bitsandbytes converts only nn.Linear, and "
+            f"transformers 5 stores the {n / 1e9:.1f} B expert parameters as fused 3-D tensors, so they load in bf16 "
+            f"and prepare_model_for_kbit_training upcasts them to fp32 ({gib:.1f} GiB, line 'expert_weights'); "
+            f"the default grouped_mm experts kernel then rejects the fp32 experts (torch._grouped_mm: 'Expected "
+            f"inputs of BF16 type'; seen in loraplan's meta trace), so the step fails unless "
+            f"experts_implementation='eager'. "
+            f"Instead: train the bf16 base (--quant bf16 halves this line), or quantize the experts with "
+            f"{'; '.join(EXPERT_QUANTIZATION_PATHS)}")
 
 
 def _calibrated(cal: Calibration, name: str) -> bool:

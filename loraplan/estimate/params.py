@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..spec import LinearSpec, LoraSpec, ModelSpec
-from ..targets import select_targets
+from ..spec import ExpertSpec, LinearSpec, LoraSpec, ModelSpec
+from ..targets import select_expert_targets, select_targets
 
 
 @dataclass(frozen=True)
@@ -27,13 +27,16 @@ class ParamCounts:
         return 100.0 * self.trainable / self.total if self.total else 0.0
 
 
-def lora_params(linear: LinearSpec, rank: int) -> int:
-    """r·(in + out): lora_A [r, in] + lora_B [out, r]."""
-    return rank * (linear.in_features + linear.out_features)
+def lora_params(linear: LinearSpec | ExpertSpec, rank: int) -> int:
+    """r·(in + out): lora_A [r, in] + lora_B [out, r]. A fused expert parameter [E, out, in]
+    (PEFT lora.ParamWrapper): lora_A = Linear(in, r·E), lora_B = Linear(r·E, out), so r·E·(in + out)
+    (peft/tuners/lora/layer.py::ParamWrapper.update_layer)."""
+    return rank * getattr(linear, "num_experts", 1) * (linear.in_features + linear.out_features)
 
 
 def count_params(model: ModelSpec, lora: LoraSpec, adapted: tuple[LinearSpec, ...] | None = None) -> ParamCounts:
-    adapted = select_targets(model, lora.targets) if adapted is None else adapted
+    if adapted is None:
+        adapted = select_targets(model, lora.targets) + select_expert_targets(model, lora.targets)
     trainable = sum(lora_params(l, lora.rank) for l in adapted)
     base = model.total_params
     return ParamCounts(trainable=trainable, total=base + trainable, base=base, adapted_modules=len(adapted))

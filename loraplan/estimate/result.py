@@ -179,13 +179,14 @@ class LedgerLine:
 _BOTH = ("analytic", "trace")
 
 #: every ledger line, in the order tables and stacked bars show them. The trace's categories are
-#: coarser: ``weights`` is the analytic frozen_linear_weights + unquantized_weights, ``other``
+#: coarser: ``weights`` is the analytic frozen_linear_weights + unquantized_weights (+ expert_weights), ``other``
 #: holds its inputs, cuBLAS workspaces and the in-kernel transient at the peak, and its
 #: ``optimizer_state`` includes the optimizer step's temporaries.
 LEDGER: tuple[LedgerLine, ...] = (
     LedgerLine("weights", "frozen weights and buffers (quantized base, embeddings, norms)", "#3d5a80", ("trace",)),
     LedgerLine("frozen_linear_weights", "frozen Linear weights (quantized base)", "#4c72b0"),
     LedgerLine("unquantized_weights", "embeddings, norms, lm_head, biases", "#8172b2"),
+    LedgerLine("expert_weights", "MoE expert weights (fused; never bnb-quantized)", "#2a9d8f"),
     LedgerLine("lora_weights", "LoRA weights (fp32)", "#64b5cd", _BOTH),
     LedgerLine("lora_gradients", "LoRA gradients (fp32)", "#55a868", _BOTH),
     LedgerLine("optimizer_state", "optimizer state", "#c44e52", _BOTH),

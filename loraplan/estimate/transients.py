@@ -84,7 +84,7 @@ def layer_backward_transients(st: Structure, x: Shape, kind: str = "flash", grad
       stream dtype when a = 2); then the base: W_dq + its bf16 input gradient (2·T·D) for
       4-bit, a·T·D for bf16; then their sum (a·T·D);
     - the MLP product's backward (gated): the down-input gradient and the two it makes:
-      3·a·T·I; plain MLP: 2·a·T·I.
+      3·a·T·I; plain MLP: 2·a·T·I; a sparse-MoE top layer: 3·w·(T·k)·I_e over the routed rows.
     Non-reentrant recompute stops early once the last saved tensor is made, so without LoRA on
     the down projection its forward is not recomputed. Saved tensors of nodes already run are
     released as backward goes (autograd release_variables). Sources: peft/tuners/lora/layer.py
@@ -102,8 +102,14 @@ def layer_backward_transients(st: Structure, x: Shape, kind: str = "flash", grad
     lora_grad_peak = adapted * (4 + (a if a != 4 else 0)) * T * I
     lora_grad_held = adapted * (a if a != 4 else 4) * T * I
     base = (deq + 2 * T * I) if four_bit else (deq + a * T * I if deq else a * T * I)
+    product = k * a * T * I
+    if m.moe is not None and m.moe.layers and m.num_layers - 1 in m.moe.layers:
+        # the top layer is a sparse-MoE block: its product backward runs over the S = T·k routed
+        # rows at the expert width (grouped_mm_experts_forward: act_fn(gate) * up on [S, I_e]),
+        # in the experts' dtype (storage.expert_storage)
+        product = 3 * st.expert_bytes * T * m.moe.top_k * m.moe.expert_intermediate_size
     candidates = [
-        -l_saved + k * a * T * I,  # MLP product backward
+        -l_saved + product,  # MLP product backward
         -l_saved + _max(lora_grad_peak, lora_grad_held + base),  # down backward, base branch
         -l_saved + adapted * (lora_grad_held + 2 * a * T * I),  # down backward, the sum
     ]

@@ -12,9 +12,9 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field
 
-from ..spec import LinearSpec, ModelSpec
-from ..storage import FOUR_BIT, effective_linear_quant, linear_storage, lora_adapter_bytes, stream_dtype_bytes, \
-    unquantized_param_bytes
+from ..spec import ExpertSpec, LinearSpec, ModelSpec
+from ..storage import FOUR_BIT, dtype_bytes, effective_linear_quant, expert_storage, linear_storage, \
+    lora_adapter_bytes, stream_dtype_bytes, unquantized_param_bytes
 from .arrays import blocks as _blocks, ceil as _ceil, where as _where
 
 #: roles whose input is the MLP product (where random-init int8 outliers sit)
@@ -56,10 +56,19 @@ class Structure:
     #: the MLP-out Linear (down, fc_out) is stored quantized (T5's wo is not)
     mlp_out_quantized: bool = True
     device: str = "cuda"
+    #: fused 3-D MoE expert parameters, as stored (``expert_weights``); 0 for dense models
+    expert_weights: int = 0
+    #: the adapted fused expert parameters (PEFT target_parameters -> lora.ParamWrapper)
+    adapted_experts: tuple = ()
 
     @property
     def stream_bytes(self) -> int:
         return stream_dtype_bytes(self.quant)
+
+    @property
+    def expert_bytes(self) -> int:
+        """Bytes/element of the stored fused experts (``storage.expert_storage``)."""
+        return dtype_bytes(expert_storage(self.quant))
 
     @property
     def linear_quant(self) -> str:
@@ -86,7 +95,12 @@ def structure(model: ModelSpec, adapted: tuple[LinearSpec, ...], quant: str, dou
 
 
 def _build_structure(model: ModelSpec, adapted, quant: str, dq: bool, device: str = "cuda") -> Structure:
+    experts = tuple(a for a in adapted if isinstance(a, ExpertSpec))
+    adapted = tuple(a for a in adapted if not isinstance(a, ExpertSpec))
     sizes: Counter = Counter()
+    for e in experts:  # ParamWrapper: lora_A [r·E, in], lora_B [out, r·E]
+        sizes[e.num_experts * e.in_features] += 1
+        sizes[e.num_experts * e.out_features] += 1
     lin_in: dict[str, float] = {}
     lin_n: dict[str, float] = {}
     mlp_out: dict[str, float] = {}
@@ -120,6 +134,7 @@ def _build_structure(model: ModelSpec, adapted, quant: str, dq: bool, device: st
                         if l.stack == first_stack and l.layer == 0 and _input_group(l.role) == "attn_in")
     sigma = float(model.config.get("initializer_range", 0.02)) * math.sqrt(model.hidden_size)
     return Structure(
+        expert_weights=expert_weights(model, quant), adapted_experts=experts,
         model=model, quant=quant, double_quant=dq, adapted=tuple(adapted),
         frozen_linear_weights=frozen_linear_weights(model, quant, dq),
         unquantized_weights=unquantized_weights(model, quant),
@@ -214,8 +229,18 @@ def frozen_linear_weights(model: ModelSpec, quant: str, double_quant: bool) -> i
                for l in model.linears if l.role != "lm_head")
 
 
+def expert_weights(model: ModelSpec, quant: str) -> int:
+    """Fused MoE expert parameters (gate_up_proj [E, 2·I, h], down_proj [E, h, I] per MoE layer):
+    E·in·out × bytes of ``storage.expert_storage`` — the load dtype (bf16 2 B) for an unquantized
+    base, and **fp32 (4 B) for an nf4/fp4/int8 base**: bitsandbytes converts only nn.Linear, so the
+    experts stay bf16 and prepare_model_for_kbit_training upcasts them (peft utils/other.py).
+    Mixtral-8x7B: 45.1 B expert params -> 84 GiB bf16, 168 GiB under a "QLoRA"."""
+    return int(sum(_blocks(e.numel * dtype_bytes(expert_storage(quant))) for e in model.experts))
+
+
 def unquantized_weights(model: ModelSpec, quant: str) -> int:
-    """Embeddings, norms, position tables, biases and lm_head, in their final dtype.
+    """Embeddings, norms, position tables, biases, MoE routers (``mlp.gate.weight``) and lm_head,
+    in their final dtype.
 
     bf16/fp16 base: 2 B/param; fp32 base: 4 B. Quantized base: prepare_model_for_kbit_training
     casts every fp16/bf16 parameter that is not Params4bit/Int8Params to fp32

@@ -26,7 +26,8 @@ from ..errors import InputError, LoraplanError, TraceDataDependentError, TraceEr
 from ..estimate.result import ledger_keys
 from ..spec import LoraSpec, TrainSpec
 from ..storage import TORCH_DTYPE_NAMES, is_quantized, load_dtype as storage_load_dtype
-from ..targets import peft_target_modules
+from ..hf import MOE_RULES
+from ..targets import expert_parameter_targets, peft_target_modules, peft_target_parameters
 
 #: the trace's ledger lines (coarser than the analytic ledger's; see estimate.result.LEDGER)
 CATEGORIES = ledger_keys("trace")
@@ -311,8 +312,18 @@ def _run(torch, transformers, auto, config, load_dtype, attn_impl, quantized, se
         elif gc:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
+        from ..hf import spec_from_config
+
+        # fused MoE expert parameters go to target_parameters (lora.ParamWrapper), as loraplan counts them
+        module_targets, target_parameters = tuple(lora.targets), None
+        if config.model_type in MOE_RULES:  # raw_config has its model_type popped
+            spec = spec_from_config({**raw_config, "model_type": config.model_type})
+            target_parameters = peft_target_parameters(spec, lora.targets)
+            expert_targets = expert_parameter_targets(spec, lora.targets)
+            module_targets = tuple(t for t in lora.targets if t not in expert_targets)
         lcfg = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                          target_modules=peft_target_modules(lora.targets, *linear_modules(model)), bias="none",
+                          target_modules=peft_target_modules(module_targets, *linear_modules(model)) or None,
+                          target_parameters=target_parameters, bias="none",
                           task_type="SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM")
         try:
             model = get_peft_model(model, lcfg)
