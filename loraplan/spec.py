@@ -376,6 +376,8 @@ class GpuSpec:
     price_usd_per_hour: float | None
     price_date: str | None
     source: str
+    #: the GPU's link to host memory, a key of loraplan/data/host-links.json (paging cost)
+    host_link: str | None = None
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from loraplan.allocator import replay
 from loraplan.errors import InputError  # noqa: F401 - the package imports cleanly without torch
 from loraplan.estimate.arrays import blocks as _blocks
 from loraplan.estimate.weights import quantized_linear_bytes
-from loraplan.estimate.reserved import (PAGED_MIN_NUMEL, StepScript, load_host_links, paged_fit_verdict,
+from loraplan.estimate.reserved import (PAGED_MIN_NUMEL, StepScript, load_host_links, paging_cost,
                                         peak_reserved_bytes, replay_step, weight_tensor_bytes)
 from loraplan.hf import spec_from_config
 from loraplan.spec import LinearSpec, LoraSpec, TrainSpec
@@ -74,28 +74,43 @@ def test_step_script_frees_everything_it_allocates():
 
 
 # ----------------------------------------------------------------------------- paged optimizers
-def test_paged_verdict_three_ways():
+def test_paging_cost_follows_the_bitsandbytes_cost_model():
     links = load_host_links()
     G = 2**30
-    assert paged_fit_verdict(60 * G, 10 * G, 80 * G, "pcie5_x16").verdict == "fits"
-    assert paged_fit_verdict(85 * G, 10 * G, 80 * G, "pcie5_x16").verdict == "does not fit"
-    assert paged_fit_verdict(85 * G, 0, 80 * G, "pcie5_x16").verdict == "does not fit"
-    v = paged_fit_verdict(75 * G, 10 * G, 80 * G, "pcie5_x16")
-    assert v.verdict == "fits with paging" and v.over_bytes == 5 * G
+    v = paging_cost(5 * G, "pcie5_x16")
     bw = links["links"]["pcie5_x16"]["bytes_per_s"]
     eff = links["paging_efficiency"]["value"]
-    assert v.paging_s_per_step == pytest.approx(5 * G / (eff * bw))
-    assert v.paging_s_lower_bound == pytest.approx(5 * G / bw)
-    assert v.paging_s_lower_bound < v.paging_s_per_step
+    assert v.seconds_per_step == pytest.approx(5 * G / (eff * bw))
+    assert v.lower_bound_s == pytest.approx(5 * G / bw) and v.lower_bound_s < v.seconds_per_step
     # the bitsandbytes docs' own example: 1 GB evicted per step over PCIe 3.0 x16 ~ 125 ms
-    one = paged_fit_verdict(80 * 10**9 - 1, 10**9 + 1, 80 * 10**9, "pcie3_x16")
-    assert one.paging_s_per_step == pytest.approx(0.125, rel=0.02)
+    assert paging_cost(10**9, "pcie3_x16").seconds_per_step == pytest.approx(0.125, rel=0.02)
     # NVLink-C2C moves the same bytes ~29x faster than PCIe 4
-    c2c = paged_fit_verdict(75 * G, 10 * G, 80 * G, "nvlink_c2c")
-    assert c2c.paging_s_per_step < v.paging_s_per_step / 5
+    assert paging_cost(5 * G, "nvlink_c2c").seconds_per_step < v.seconds_per_step / 5
     with pytest.raises(KeyError):
-        paged_fit_verdict(75 * G, 10 * G, 80 * G, "pcie9")
+        paging_cost(5 * G, "pcie9")
     assert PAGED_MIN_NUMEL == 100_000
+
+
+def test_fits_with_paging_reports_its_time_cost():
+    """A paged optimizer whose state alone does not fit: the verdict says so and the estimate
+    carries the per-step paging time over the GPU's host link (catalog data)."""
+    from loraplan.catalog import load_gpu, load_model
+    from loraplan.estimate.api import estimate
+
+    gpu = load_gpu("rtx4090-24gb")
+    assert gpu.host_link == "pcie4_x16"
+    m = load_model("llama-3-8b")
+    for rank in (256, 512, 1024, 2048):
+        e = estimate(m, LoraSpec(rank=rank, targets=("all-linear",)), TrainSpec(quant="nf4",
+                     optimizer="paged_adamw_32bit"), gpu, with_time=False)
+        if e.verdict == "fits with paging":
+            break
+    assert e.verdict == "fits with paging", e.verdict
+    over = e.memory.device_total_bytes - gpu.memory_bytes
+    p = e.detail["paging"]
+    assert p["evicted_bytes"] == over and 0 < over <= e.memory.outside_allocator_bytes["paged_optimizer_state"]
+    assert p["seconds_per_step"] == pytest.approx(paging_cost(over, "pcie4_x16").seconds_per_step)
+    assert any("paging" in n and "pcie4_x16" in n for n in e.memory.notes)
 
 
 def test_host_links_have_sources():

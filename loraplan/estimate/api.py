@@ -34,7 +34,7 @@ def estimate(model: ModelSpec, lora: LoraSpec, train: TrainSpec, gpu: GpuSpec | 
     inputs["attention_kernel"] = setup.attention
     if gpu is not None:
         inputs["gpu"] = gpu.id
-    return Estimate(
+    result = Estimate(
         inputs=inputs,
         params=count_params(model, lora, adapted),
         memory=memory,
@@ -43,3 +43,21 @@ def estimate(model: ModelSpec, lora: LoraSpec, train: TrainSpec, gpu: GpuSpec | 
         time=time,
         calibration={"gpu": cal.gpu, "coefficients": dict(cal.coefficients)},
     )
+    return _with_paging_cost(result, gpu)
+
+
+def _with_paging_cost(e: Estimate, gpu: GpuSpec | None) -> Estimate:
+    """For "fits with paging": what moves over the GPU's host link every step, and how long it
+    takes (``reserved.paging_cost``), as ``detail["paging"]`` and a note. Other verdicts: as is."""
+    if e.verdict != "fits with paging" or gpu is None or not gpu.host_link:
+        return e
+    from .reserved import paging_cost
+
+    cost = paging_cost(e.memory.device_total_bytes - gpu.memory_bytes, gpu.host_link)
+    note = (f"paging: {cost.evicted_bytes / 2**30:.2f} GiB of paged optimizer state moves over {cost.link} "
+            f"every step, about {cost.seconds_per_step:.2f} s per step (at least {cost.lower_bound_s:.2f} s; "
+            f"uncertain: {cost.uncertain})")
+    detail = dict(e.detail, paging={"evicted_bytes": cost.evicted_bytes, "link": cost.link,
+                                     "seconds_per_step": cost.seconds_per_step, "lower_bound_s": cost.lower_bound_s,
+                                     "uncertain": cost.uncertain, "sources": list(cost.sources)})
+    return replace(e, memory=replace(e.memory, notes=e.memory.notes + (note,)), detail=detail)

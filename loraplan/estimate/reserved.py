@@ -26,7 +26,7 @@ from ``c10/cuda/CUDACachingAllocator.cpp``). Nothing is fitted. The stream is:
 memory.py's formulas. Agreement with the trace replays (``loraplan.trace.run.replay_allocations``)
 is printed by ``benchmarks/reserved_from_replay.py`` and held by ``tests/test_reserved.py``.
 
-Paged optimizers: ``paged_fit_verdict`` (see its docstring; link bandwidths are data in
+Paged optimizers: ``paging_cost``, the per-step time of "fits with paging" (``Estimate.verdict``; link bandwidths are data in
 ``loraplan/data/host-links.json``).
 """
 
@@ -40,7 +40,7 @@ from typing import Sequence
 from ..allocator import AllocatorConfig, ReplayResult, replay
 
 __all__ = ["StepScript", "peak_reserved_bytes", "replay_step", "weight_tensor_bytes", "step_script",
-           "reserved_for_setup", "PagedVerdict", "paged_fit_verdict", "load_host_links"]
+           "reserved_for_setup", "PagingCost", "paging_cost", "load_host_links"]
 
 
 @dataclass(frozen=True)
@@ -332,56 +332,38 @@ def load_host_links(path: str | Path | None = None) -> dict:
 
 
 @dataclass(frozen=True)
-class PagedVerdict:
-    """``verdict``: "fits" (everything, paged state included, fits on the card), "fits with
-    paging" (only the paged state does not fit: the driver evicts managed pages to host memory and
-    brings them back when the optimizer touches them), "does not fit" (what must be resident
-    alone exceeds the card). ``paging_s_per_step``: the bitsandbytes maintainers' cost model for
-    the evicted bytes per step (0 unless "fits with paging"), ``paging_s_lower_bound`` the same
-    bytes at the link's peak; ``uncertain`` says why it is only an estimate."""
+class PagingCost:
+    """Time to move paged optimizer state through the host link, per step. ``seconds_per_step``:
+    the bitsandbytes maintainers' cost model; ``lower_bound_s``: the same bytes at the link's
+    peak; ``uncertain`` says why it is only an estimate."""
 
-    verdict: str
-    over_bytes: int
-    paged_bytes: int
-    paging_s_per_step: float
-    paging_s_lower_bound: float
-    link: str | None
+    evicted_bytes: int
+    seconds_per_step: float
+    lower_bound_s: float
+    link: str
     uncertain: str = ""
     sources: tuple = field(default_factory=tuple)
 
 
-def paged_fit_verdict(device_needed_bytes: int, paged_bytes: int, gpu_memory_bytes: int,
-                      link: str | None = None, host_links: dict | None = None) -> PagedVerdict:
-    """Fit verdict when part of the state is paged (cudaMallocManaged) optimizer state.
+def paging_cost(evicted_bytes: int, link: str, host_links: dict | None = None) -> PagingCost:
+    """Per-step time of paging ``evicted_bytes`` of managed (cudaMallocManaged) optimizer state.
 
-    ``device_needed_bytes``: everything that must be resident (peak reserved + CUDA context and
-    libraries); ``paged_bytes``: the paged optimizer buffers (weights.py ``paged_optimizer_state``;
-    only tensors with >= ``PAGED_MIN_NUMEL`` elements are paged); ``gpu_memory_bytes``: the card.
-    With ``over = device_needed + paged - gpu_memory``: over <= 0 -> "fits"; device_needed >
-    gpu_memory (or nothing paged) -> "does not fit" (managed pages can be evicted, the caching
-    allocator's cannot); else "fits with paging": each step the optimizer reads and writes all its
-    state, so ``evicted = min(over, paged)`` bytes are faulted back in (and evicted again) per step.
-    Time (bitsandbytes docs 'Paged optimizers': "if you evict 1 GB of memory per
-    forward-backward-optimizer loop, then you can expect about 50% of the PCIe bandwidth as time in
-    the best case"): evicted / (paging_efficiency x link bandwidth); lower bound evicted / bandwidth.
-    Bandwidths and the efficiency are data (``loraplan/data/host-links.json``), with sources.
-    Uncertain: the efficiency is a maintainer's estimate for prefetched PCIe 3.0 transfers, not a
-    measurement; fault-driven migration without prefetch is slower, and whether eviction overlaps
-    compute depends on the driver.
+    When only the paged state does not fit (``Estimate.verdict`` "fits with paging"), the driver
+    evicts that many bytes to host memory and faults them back when ``optimizer.step()`` reads
+    them: every step moves them. Time (bitsandbytes docs 'Paged optimizers': "if you evict 1 GB of
+    memory per forward-backward-optimizer loop, then you can expect about 50% of the PCIe bandwidth
+    as time in the best case"): evicted / (paging_efficiency × link bandwidth); lower bound
+    evicted / bandwidth. Bandwidths and the efficiency are data (``loraplan/data/host-links.json``)
+    with sources. Uncertain: the efficiency is a maintainer's estimate for prefetched PCIe 3.0
+    transfers, not a measurement; fault-driven migration without prefetch is slower, and whether
+    eviction overlaps compute depends on the driver. Raises KeyError for an unknown ``link``.
     """
-    dev, paged, cap = int(device_needed_bytes), int(paged_bytes), int(gpu_memory_bytes)
-    over = dev + paged - cap
-    if over <= 0:
-        return PagedVerdict("fits", 0, paged, 0.0, 0.0, link)
-    if dev > cap or paged <= 0:
-        return PagedVerdict("does not fit", over, paged, 0.0, 0.0, link)
     data = host_links if host_links is not None else load_host_links()
     links = data["links"]
-    if link is None or link not in links:
+    if link not in links:
         raise KeyError(f"host link {link!r} is not in host-links.json; use one of {', '.join(sorted(links))}")
     bw = float(links[link]["bytes_per_s"])
     eff = float(data["paging_efficiency"]["value"])
-    moved = min(over, paged)
-    return PagedVerdict("fits with paging", over, paged, moved / (eff * bw), moved / bw, link,
-                        uncertain=data["paging_efficiency"]["uncertain"],
-                        sources=(links[link]["source"], data["paging_efficiency"]["source"]))
+    moved = max(int(evicted_bytes), 0)
+    return PagingCost(moved, moved / (eff * bw), moved / bw, link, uncertain=data["paging_efficiency"]["uncertain"],
+                      sources=(links[link]["source"], data["paging_efficiency"]["source"]))
