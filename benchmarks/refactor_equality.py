@@ -66,6 +66,9 @@ INTENDED = (
      "_ignore_causal_mask_sdpa), not only above it; with it each layer's sdpa saves an additive mask and "
      "k, v repeated to n_h heads (phi-3-mini's window is 2047: the seq-2048 points)",
      ("phi-3-mini-4k", "mistral-7b"), QUANTS, _MEMORY_FIELDS),
+    ("issue 14, library versions are inputs: every estimate names the stack it assumes (inputs.stack: the "
+     "installed versions, or --stack); no number moves with the installed versions",
+     tuple(FAMILIES.values()), QUANTS, r"\.estimate\.inputs\.stack(\.\w+)?$"),
 )
 
 

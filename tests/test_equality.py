@@ -29,7 +29,7 @@ def test_the_intended_changes_are_what_they_say():
     with gzip.open(ROOT / "benchmarks" / "data" / "equality-before.json.gz", "rt") as f:
         before = json.load(f)
     now = json.loads(json.dumps(eq.outputs(), sort_keys=True))
-    diffs = eq.diff(before, now)
+    diffs = [d for d in eq.diff(before, now) if ".estimate.inputs.stack" not in d[0]]
     models = {now[int(p.split("]")[0].strip("["))]["case"]["model"] for p, _ in diffs}
     assert models <= {"falcon-7b", "flan-t5-base", "mt0-large", "pythia-1b", "phi-3-mini-4k", "mistral-7b"}, models
     for p, _ in diffs:

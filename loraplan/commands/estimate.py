@@ -83,6 +83,8 @@ def _print_table(d: dict) -> None:
               + f"  gradient checkpointing {'on' if inp['gradient_checkpointing'] else 'off'}"
               + f"  attention {inp.get('attention_kernel', inp['attention'])}  [{d['method']}]")
     con.print(f"trainable params {p['trainable']:,} of {p['total']:,} ({p['trainable_percent']:.4f}%)")
+    if inp.get("stack"):
+        con.print("stack " + ", ".join(f"{k} {v}" for k, v in inp["stack"].items()))
     t = Table(title=f"Peak allocated memory at: {mem['peak_moment']}", title_justify="left")
     t.add_column("component")
     t.add_column("GiB", justify="right")

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from .. import versions
 from ..spec import ModelSpec, TrainSpec
 from ..storage import stream_dtype_bytes
 from .arrays import ceil as _ceil, where as _where
@@ -25,6 +26,8 @@ def choose_attention(model: ModelSpec, train: TrainSpec, compute_capability: str
     - flash needs fp16/bf16, head dim <= 256 and sm80+, and supports grouped-query attention;
     - mem-efficient takes fp32 too, but not grouped-query attention
       (``check_batch_size_and_num_heads_dense<false>``) -> math.
+    Which kernel takes GQA and fp32 depends on the torch version: rules ``sdpa_flash_gqa`` and
+    ``sdpa_efficient_gqa`` of loraplan/data/version-rules.json, for ``train.stack``.
     transformers passes no mask and ``is_causal=True`` for an unpadded batch, and
     ``enable_gqa=True`` when there is no mask (integrations/sdpa_attention.py::use_gqa_in_sdpa).
     """
@@ -36,9 +39,13 @@ def choose_attention(model: ModelSpec, train: TrainSpec, compute_capability: str
         return "math"
     masked = model.arch.position == "relative_bias" or model.arch.sdpa_mask or sliding_window_reached(model, train.seq)
     cc = float(compute_capability) if compute_capability else 8.0
-    if not masked and stream_dtype_bytes(train.quant) == 2 and model.head_dim <= 256 and cc >= 8.0:
+    # grouped-query heads reach sdpa only without a mask and with a torch that has enable_gqa;
+    # otherwise transformers repeats k, v to n_h heads (repeat_kv) and any kernel takes them
+    gqa = model.num_kv_heads != model.num_heads and not masked and versions.rule("sdpa_flash_gqa", train.stack)
+    half = stream_dtype_bytes(train.quant) == 2  # rule sdpa_flash_dtypes: fp16/bf16 only
+    if not masked and half and model.head_dim <= 256 and cc >= 8.0:
         return "flash"
-    if model.num_kv_heads != model.num_heads and not masked:
+    if gqa and not versions.rule("sdpa_efficient_gqa", train.stack):
         return "math"
     return "efficient"
 

@@ -63,7 +63,7 @@ def moments(st: Structure, train: TrainSpec, kind: str, x: Shape, gpu: GpuSpec |
         "unquantized_weights": st.unquantized_weights,
         "lora_weights": lora_weights(st, x.r),
         "optimizer_state": optimizer_state(st, x.r, opt),
-        "cuda_workspaces": cuda_workspaces(gpu, cal, st.device),
+        "cuda_workspaces": cuda_workspaces(gpu, cal, st.device, train.stack),
         "allocator_overhead": int(coefficient(cal, "allocator_overhead_bytes")),
     }
     acts = saved_activations(st, kind, x, train.gradient_checkpointing)

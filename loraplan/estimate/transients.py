@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+from .. import versions
 from ..spec import Calibration, GpuSpec, ModelSpec
 from ..storage import FOUR_BIT, QUANTIZED, unquantized_param_bytes
 from .activations import Shape, _activation, _relative_bias, hidden_dropout, lora_input_saved_bytes, mlp_saved
@@ -264,15 +265,20 @@ def int8_matmul_transient(st: Structure, x: Shape, outlier_fraction=None):
     return best
 
 
-def cuda_workspaces(gpu: GpuSpec | None, cal: Calibration, device: str = "cuda") -> int:
+def cuda_workspaces(gpu: GpuSpec | None, cal: Calibration, device: str = "cuda", stack=None) -> int:
     """cuBLAS/cuBLASLt workspaces, allocated through the caching allocator but invisible to a
     dispatch trace: one per handle, and training uses two (the forward thread's and autograd's
     backward thread's). torch/csrc/cuda/CublasHandlePool.cpp default CUBLAS_WORKSPACE_CONFIG:
     ':4096:8' (32 MiB) on sm90+, ':4096:2:16:8' (8.125 MiB) before. The H100 bf16 reference
     cases sit 64 MiB above a dispatch trace (trace-notes.md). The sizes and the handle count
-    are the calibration's ``cublas_*`` coefficients (calibrations/default.json)."""
-    if device == "cpu":
+    are the calibration's ``cublas_*`` coefficients (calibrations/default.json).
+    Version rules (data/version-rules.json): ``cublas_workspace_in_allocator`` (False from the
+    torch release where TORCH_CUBLAS_WORKSPACE_CACHE became opt-in: then 0) and
+    ``cublas_workspace_32mib_min_cc``.
+    """
+    if device == "cpu" or not versions.rule("cublas_workspace_in_allocator", stack):
         return 0
     cc = float(gpu.compute_capability) if gpu and gpu.compute_capability else 9.0
-    per = coefficient(cal, "cublas_workspace_bytes_sm90" if cc >= 9.0 else "cublas_workspace_bytes_pre_sm90")
+    big = cc >= float(versions.rule("cublas_workspace_32mib_min_cc", stack))
+    per = coefficient(cal, "cublas_workspace_bytes_sm90" if big else "cublas_workspace_bytes_pre_sm90")
     return int(coefficient(cal, "cublas_handles") * per)
