@@ -99,6 +99,8 @@ def small_config(cfg: dict, layers: int = 2, vocab: int = 2048) -> dict:
         c["d_kv"] = 64
     if isinstance(c.get("layer_types"), list):  # per-layer attention kinds (gemma3): keep the last
         c["layer_types"] = c["layer_types"][-layers:]  # ones, which end on a global layer
+    if c.get("sliding_window"):
+        c["sliding_window"] = 256  # reached at the grid's seq >= 256 (transformers masks from seq >= window)
     c["vocab_size"] = vocab
     for k in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id"):
         if isinstance(c.get(k), int) and c[k] >= vocab:
@@ -111,7 +113,9 @@ def grid(quick: bool):
     targets = ["default", "all-linear"] if quick else ["default", "all-linear", "all-linear,lm_head"]
     gcs = [True, False]
     opts = ["adamw"] if quick else ["adamw", "sgd", "adamw_8bit"]
-    shapes = [(2, 256, 8)] if quick else [(2, 256, 8), (1, 1024, 64), (4, 128, 256)]
+    # (batch, seq, rank, decoder length for encoder-decoder models: None = seq)
+    shapes = [(2, 256, 8, None), (2, 512, 8, 128)] if quick else [
+        (2, 256, 8, None), (1, 1024, 64, None), (4, 128, 256, None), (2, 1024, 8, 256), (2, 128, 8, 512)]
     return list(itertools.product(quants, targets, gcs, opts, shapes))
 
 
@@ -125,7 +129,9 @@ def run(families, quick=False, full=False, steps=2):
         base = family_config(fam)
         cfg = base if full else small_config(base)
         model = spec_from_config(cfg, f"{fam}{'' if full else '-small'}")
-        for quant, tgt, gc, opt, (b, s, r) in grid(quick):
+        for quant, tgt, gc, opt, (b, s, r, ts) in grid(quick):
+            if ts is not None and not model.is_encoder_decoder:
+                continue  # unequal lengths are an encoder-decoder axis
             if fam in MOE_FAMILIES:
                 if quant != "bf16":
                     continue
@@ -133,7 +139,7 @@ def run(families, quick=False, full=False, steps=2):
             targets = default_targets(model) if tgt == "default" else tuple(tgt.split(","))
             lora = LoraSpec(rank=r, alpha=2 * r, dropout=0.05, targets=targets)
             train = TrainSpec(quant=quant, optimizer=opt, batch=b, seq=s, gradient_checkpointing=gc,
-                              target_seq=s if model.is_encoder_decoder else None)
+                              target_seq=(ts or s) if model.is_encoder_decoder else None)
             e = estimate(model, lora, train, gpu, cal, with_time=False)
             t0 = time.perf_counter()
             try:
@@ -144,9 +150,9 @@ def run(families, quick=False, full=False, steps=2):
                 continue
             a, p = e.memory.peak_allocated_bytes, tr["peak_allocated_bytes"]
             err = 100.0 * (a - p) / p
-            rows.append(dict(family=fam, quant=quant, targets=tgt, gc=gc, opt=opt, b=b, s=s, r=r, err=err,
+            rows.append(dict(family=fam, quant=quant, targets=tgt, gc=gc, opt=opt, b=b, s=s, r=r, ts=ts, err=err,
                              analytic=a, trace=p, moment=e.memory.peak_moment, trace_phase=tr["peak_phase"]))
-            print(f"{fam:8s} {quant:5s} {tgt:18s} gc={int(gc)} {opt:10s} b{b} s{s:<5d} r{r:<4d} analytic "
+            print(f"{fam:8s} {quant:5s} {tgt:18s} gc={int(gc)} {opt:10s} b{b} s{s:<5d}{'' if ts is None else f'->{ts}'} r{r:<4d} analytic "
                   f"{a / 2**20:9.2f} MiB  trace {p / 2**20:9.2f} MiB  {err:+7.2f}%  {e.memory.peak_moment:15s} "
                   f"trace:{tr['peak_phase']:9s} {time.perf_counter() - t0:5.1f}s", flush=True)
     return rows

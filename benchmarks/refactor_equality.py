@@ -45,6 +45,10 @@ POINTS = ((8, 1, 512, None, 0.05, None, "auto", None),
 GPUS = ("h100-sxm-80gb", "a100-sxm-80gb", "t4-16gb")
 
 
+#: the memory figures of an estimate and its sweep row
+_MEMORY_FIELDS = (r"\.(estimate\.(headroom_bytes|memory\.[\w .]+)|sweep_row\.(peak_allocated_bytes|peak_reserved_bytes|"
+                  r"device_total_bytes|headroom_bytes|peak_moment))$")
+
 #: deliberate changes since equality-before.json.gz: (why, models, quants, field-path regex[,
 #: verdict]); models / quants None: any; a verdict: only setups that now get that fit verdict
 INTENDED = (
@@ -52,6 +56,17 @@ INTENDED = (
      "is not converted by bitsandbytes and runs fp32 matmuls; T5's wo (_keep_in_fp32_modules) is fp32",
      ("falcon-7b", "flan-t5-base", "mt0-large"), ("nf4", "fp4", "int8", "fp16"),
      r"\.(estimate\.time\.(step_s|tokens_per_s|bound|components\.\w+)|sweep_row\.(step_s|tokens_per_s|bound))$"),
+    ("issue 14, T5 with unequal lengths: the decoder's cross-attention k/v LoRA branches read the encoder "
+     "output (T_enc tokens, not T; modeling_t5.py T5Attention.forward), and a new moment, the top encoder "
+     "layer's backward, sets the peak when the encoder is the longer stack (checked against the trace)",
+     ("flan-t5-base", "mt0-large"), QUANTS, _MEMORY_FIELDS),
+    ("issue 14, gpt-neox: v is a view of the fused query_key_value output, so sdpa's saved v keeps all of it "
+     "(modeling_gpt_neox.py chunk of a view); the two parallel LayerNorms save one input, counted once",
+     ("pythia-1b",), QUANTS, _MEMORY_FIELDS),
+    ("issue 14, sliding window: transformers builds the mask once seq >= window (masking_utils.py "
+     "_ignore_causal_mask_sdpa), not only above it; with it each layer's sdpa saves an additive mask and "
+     "k, v repeated to n_h heads (phi-3-mini's window is 2047: the seq-2048 points)",
+     ("phi-3-mini-4k", "mistral-7b"), QUANTS, _MEMORY_FIELDS),
     ("a 'fits with paging' verdict carries the per-step paging time over the GPU's host link: a note and "
      "detail['paging'] (estimate.api._with_paging_cost)",
      None, None, r"^\.estimate\.(detail|memory\.notes)$", "fits with paging"),
@@ -66,6 +81,9 @@ ADDED = (
      "uncertainty_bytes) and the uncertainty coefficients it reads from calibrations/default.json",
      r"^\.estimate\.(verdict|margin_bytes|uncertainty_bytes|calibration\.coefficients\."
      r"(peak_allocated_uncertainty_ratio|reserved_over_allocated_uncertainty|cuda_context_uncertainty_bytes))$"),
+    ("issue 14, library versions are inputs: every estimate names the stack it assumes (inputs.stack: the "
+     "installed versions, or --stack); no number moves with the installed versions",
+     r"^\.estimate\.inputs\.stack$"),
 )
 
 

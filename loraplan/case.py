@@ -200,6 +200,7 @@ def resolve_case(case: dict, model: ModelSpec | None = None) -> tuple[ModelSpec,
     """One single-valued case dict (CLI option names, values raw or parsed) -> validated specs."""
     from .catalog import load_model
     from .targets import default_targets, parse_targets, select_targets
+    from .versions import parse_stack
 
     v = {k: (DEFAULTS.get(k) if case.get(k) is None else PARSERS[k](case[k])) for k in PARSERS}
     model = model or load_model(v["model"])
@@ -218,5 +219,7 @@ def resolve_case(case: dict, model: ModelSpec | None = None) -> tuple[ModelSpec,
         target_seq=(v["target_seq"] or v["seq"]) if model.is_encoder_decoder else None,
         gradient_checkpointing=v["gradient_checkpointing"], attention=v["attention"],
         int8_outlier_fraction=frac if v["quant"] == "int8" else None,
+        # --stack torch=2.11,transformers=5.17 (single-valued commands only; not a grid axis)
+        stack=parse_stack(case.get("stack")),
     )
     return model, lora, train

@@ -313,7 +313,8 @@ def _gpt_neox(cfg, name):
         ]
     others += _layernorm("gpt_neox.final_layer_norm", h)
     linears.append(LinearSpec("lm_head", h, V, False, "lm_head", "head", None))
-    arch = ArchSpec(mlp="plain", norm="layer", parallel_attn=bool(cfg.get("use_parallel_residual", True)))
+    arch = ArchSpec(mlp="plain", norm="layer", parallel_attn=bool(cfg.get("use_parallel_residual", True)),
+                    **MODEL_TYPE_FACTS[mt])
     return _spec(cfg, name, mt, h=h, L=L, n_h=n_h, n_kv=n_h, d=h // n_h, inter=inter, V=V,
                  tie=bool(cfg.get("tie_word_embeddings", False)), linears=linears, others=others,
                  arch=arch, max_pos=cfg.get("max_position_embeddings", 2048))
@@ -650,10 +651,14 @@ def _olmoe(cfg, name):
 
 #: model_type -> rule.
 #: ArchSpec facts keyed by model_type, shared by the shape rules and the meta-device fallback:
-#: phi3 slices q, k, v out of qkv_proj's output as views (modeling_phi3.py); OPT applies its
+#: phi3 and gpt-neox slice q, k, v out of the fused output as views (modeling_phi3.py,
+#: modeling_gpt_neox.py); OPT applies its
 #: ``dropout`` (0.1) to the attention and FFN outputs (modeling_opt.py)
 MODEL_TYPE_FACTS: dict[str, dict[str, Any]] = {
     "phi3": dict(fused_qkv_views=True),
+    # gpt-neox: ``self.query_key_value(x).view(...).transpose(1, 2).chunk(3, dim=-1)``: v is a view of
+    # the whole fused output and sdpa saves it (modeling_gpt_neox.py GPTNeoXAttention.forward)
+    "gpt_neox": dict(fused_qkv_views=True),
     "opt": dict(hidden_dropout_key="dropout", hidden_dropout_default=0.1, sublayer_dropout=True),
     "gemma": dict(),
     "gemma3_text": dict(),

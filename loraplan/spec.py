@@ -285,7 +285,15 @@ CHECKS: dict[str, Callable[[str, Any], None]] = {
     "attention": _choice(ATTENTION),
     "int8_outlier_fraction": _check_fraction,
     "device": _choice(DEVICES),
+    "stack": lambda key, v: _check_stack(v),
 }
+
+
+def _check_stack(v: Any) -> None:
+    """A stack must name known libraries with numeric versions (loraplan.versions.parse_stack)."""
+    from .versions import parse_stack
+
+    parse_stack(v)
 
 
 def check_value(key: str, value: Any) -> None:
@@ -299,7 +307,7 @@ def _checks(names: tuple[str, ...]) -> tuple[tuple[str, Callable[[str, Any], Non
 
 _LORA_CHECKS = _checks(("rank", "alpha", "dropout", "targets"))
 _TRAIN_CHECKS = _checks(("quant", "double_quant", "optimizer", "batch", "seq", "target_seq", "gradient_checkpointing",
-                         "attention", "int8_outlier_fraction", "device"))
+                         "attention", "int8_outlier_fraction", "device", "stack"))
 
 
 @dataclass(frozen=True)
@@ -354,10 +362,18 @@ class TrainSpec:
     #: where the step runs: "cuda" (what loraplan predicts for users) or "cpu" (the CI-checkable
     #: profile path: math attention, unfused dropout, no cuBLAS workspaces, int8 via MatMul8bitFp)
     device: Device = "cuda"
+    #: library versions the step runs with, ((library, version), ...) sorted; None: the installed
+    #: ones (or the newest known without torch). Kernel choice and storage rules depend on them
+    #: (loraplan/data/version-rules.json, loraplan.versions)
+    stack: tuple[tuple[str, str], ...] | None = None
 
     def __post_init__(self) -> None:
         for name, check in _TRAIN_CHECKS:
             check(name, getattr(self, name))
+        if self.stack is not None and not isinstance(self.stack, tuple):
+            from .versions import parse_stack
+
+            object.__setattr__(self, "stack", parse_stack(self.stack))
 
 
 @dataclass(frozen=True)
@@ -408,4 +424,7 @@ def run_inputs(model: ModelSpec, lora: LoraSpec, train: TrainSpec) -> dict:
     d.update(rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, targets=list(targets))
     if train.quant not in ("nf4", "fp4"):
         d["double_quant"] = None
+    from .versions import resolve
+
+    d["stack"] = resolve(train.stack)  # the versions the estimate assumes, given or detected
     return d

@@ -101,6 +101,8 @@ def _print_table(d: dict, labels: dict[str, str] | None = None) -> None:
     inp, mem, p = d["inputs"], d["memory"], d["params"]
     print_header(con, inp, d["method"])
     con.print(f"trainable params {p['trainable']:,} of {p['total']:,} ({p['trainable_percent']:.4f}%)")
+    if inp.get("stack"):
+        con.print("stack " + ", ".join(f"{k} {v}" for k, v in inp["stack"].items()))
     t = Table(title=f"Peak allocated memory at: {mem['peak_moment']}", title_justify="left")
     t.add_column("component")
     t.add_column("size", justify="right")

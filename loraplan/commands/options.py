@@ -44,6 +44,11 @@ def case_options(multi: bool = False, gpu: bool = True):
                          help="int8 only: share of Linear input columns above the 6.0 outlier threshold "
                               "[default: measured for random-init weights; trained models have fewer]" + m),
         ]
+        if not multi:
+            opts.append(click.option("--stack", default=None,
+                                     help="Library versions to assume, e.g. torch=2.11,transformers=5.17 (libraries: "
+                                          "torch, transformers, peft, bitsandbytes) [default: the installed ones; "
+                                          "without torch, the newest known set]"))
         if gpu:
             opts.append(click.option("--gpu", default=None if multi else DEFAULTS["gpu"], show_default=not multi,
                                      help="GPU id (see 'loraplan gpus')" + (" (comma list)" if multi else "")))

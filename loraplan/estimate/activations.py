@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from .. import versions
 from ..spec import ModelSpec, TrainSpec
 from ..storage import stream_dtype_bytes
 from .arrays import ceil as _ceil, where as _where
@@ -25,6 +26,8 @@ def choose_attention(model: ModelSpec, train: TrainSpec, compute_capability: str
     - flash needs fp16/bf16, head dim <= 256 and sm80+, and supports grouped-query attention;
     - mem-efficient takes fp32 too, but not grouped-query attention
       (``check_batch_size_and_num_heads_dense<false>``) -> math.
+    Which kernel takes GQA and fp32 depends on the torch version: rules ``sdpa_flash_gqa`` and
+    ``sdpa_efficient_gqa`` of loraplan/data/version-rules.json, for ``train.stack``.
     transformers passes no mask and ``is_causal=True`` for an unpadded batch, and
     ``enable_gqa=True`` when there is no mask (integrations/sdpa_attention.py::use_gqa_in_sdpa).
     """
@@ -34,15 +37,30 @@ def choose_attention(model: ModelSpec, train: TrainSpec, compute_capability: str
         return "eager"
     if train.device == "cpu":  # loraplan profile --device cpu runs sdpa on the math backend
         return "math"
-    masked = model.arch.position == "relative_bias" or model.arch.sdpa_mask or (
-        model.arch.sliding_window is not None and train.seq > model.arch.sliding_window)
+    masked = model.arch.position == "relative_bias" or model.arch.sdpa_mask or sliding_window_reached(model, train.seq)
     cc = float(compute_capability) if compute_capability else 8.0
-    if not masked and stream_dtype_bytes(train.quant) == 2 and model.head_dim <= 256 and cc >= 8.0:
+    # grouped-query heads reach sdpa only without a mask and with a torch that has enable_gqa;
+    # otherwise transformers repeats k, v to n_h heads (repeat_kv) and any kernel takes them
+    gqa = model.num_kv_heads != model.num_heads and not masked and versions.rule("sdpa_flash_gqa", train.stack)
+    half = stream_dtype_bytes(train.quant) == 2  # rule sdpa_flash_dtypes: fp16/bf16 only
+    if not masked and half and model.head_dim <= 256 and cc >= 8.0:
         return "flash"
-    if model.num_kv_heads != model.num_heads and not masked:
+    if gqa and not versions.rule("sdpa_efficient_gqa", train.stack):
         return "math"
     return "efficient"
 
+
+
+def sliding_window_reached(model: ModelSpec, seq):
+    """transformers builds an explicit mask once the key length reaches the window:
+    masking_utils.py::_ignore_causal_mask_sdpa returns False when
+    ``local_attention_size is not None and kv_length >= local_attention_size`` (so at
+    seq == sliding_window too). With a mask, sdpa_attention.py::use_gqa_in_sdpa is False on CUDA:
+    k and v are repeated to n_h heads (repeat_kv) and CUDA's sdpa takes the memory-efficient kernel."""
+    w = model.arch.sliding_window
+    if w is None:
+        return False if not hasattr(seq, "shape") else seq < 0
+    return seq >= w
 
 
 @dataclass(frozen=True)
@@ -96,11 +114,18 @@ def lora_activations_per_layer(st: Structure, x: Shape, stack: str, T):
       stream, one per module (peft Linear.forward: ``x = self._cast_input_dtype(x, lora_A.dtype)``),
       or the fp32 stream tensor itself (already alive: 0 extra);
     - lora_A's r-wide fp32 output, saved by lora_B: 4·T·r.
+    A decoder layer's cross-attention k/v (T5 ``EncDecAttention.k/v``) read the encoder output,
+    so their branch holds T_enc = b·s_enc tokens, not T (modeling_t5.py T5Attention.forward:
+    ``self.k(current_states)`` with ``current_states = key_value_states``).
     Source: peft/tuners/lora/layer.py and bnb.py (forward); memory-physics.md §4.
     """
+    per_token = lora_input_saved_bytes(st, x.dropout)
     in_sum = st.lora_in_per_layer.get(stack, 0.0)
     n = st.lora_count_per_layer.get(stack, 0.0)
-    return lora_input_saved_bytes(st, x.dropout) * T * in_sum + n * 4 * T * x.r
+    out = per_token * T * in_sum + n * 4 * T * x.r
+    if stack == "decoder" and "cross" in st.lora_in_per_layer:
+        out = out + (per_token * st.lora_in_per_layer["cross"] + st.lora_count_per_layer["cross"] * 4 * x.r) * x.T_enc
+    return out
 
 
 def attention_saved_per_layer(st: Structure, kind: str, T, b, seq, kv_seq, cross: bool = False):
@@ -163,7 +188,15 @@ def _attention_core_saved(st: Structure, kind: str, T, b, seq, kv_seq, cross: bo
         bias = a * n_h * seq * (_ceil(kv_seq / 16) * 16) if _relative_bias(m) and not cross else 0
         if m.arch.sdpa_mask:  # falcon: the causal mask, made additive per call [b, 1, s, kv]
             bias = a * b * seq * (_ceil(kv_seq / 16) * 16)
-        return a * T * n_h * d * 2 + 2 * a * b * kv_seq * n_kv * d + 4 * b * n_h * (_ceil(seq / 32) * 32) + bias
+        kv_heads = n_kv
+        if m.arch.sliding_window is not None:
+            # a reached sliding window: transformers' bool mask, made additive per call by torch
+            # (convert_boolean_attn_mask, [b, 1, s, kv] in the query dtype, padded to 16) and saved;
+            # k, v repeated to n_h heads by repeat_kv (no enable_gqa with a mask)
+            reached = sliding_window_reached(m, kv_seq)
+            bias = bias + _where(reached, a * b * seq * (_ceil(kv_seq / 16) * 16), 0)
+            kv_heads = _where(reached, n_h, n_kv)
+        return a * T * n_h * d * 2 + 2 * a * b * kv_seq * kv_heads * d + 4 * b * n_h * (_ceil(seq / 32) * 32) + bias
     scores = b * n_h * seq * kv_seq
     qkv = a * T * n_h * d + 2 * a * b * kv_seq * n_h * d  # k, v repeated to n_h heads
     if kind == "math":
@@ -325,8 +358,20 @@ def layer_saved(st: Structure, kind: str, x: Shape, stack: str = "decoder"):
         norms = m.arch.norms_per_layer
         if m.is_encoder_decoder:
             att = att + attention_saved_per_layer(st, kind, T, x.b, x.tseq, x.seq, cross=True)
-    return (norms * norm_saved(st, T) + att + _mlp_saved_per_layer(st, T) + lora_activations_per_layer(st, x, stack, T)
+    return (norms * norm_saved(st, T) - shared_norm_input(st, T) + att + _mlp_saved_per_layer(st, T)
+            + lora_activations_per_layer(st, x, stack, T)
             + model_dropout_masks_per_layer(st, T, stack) + head_norms_saved(st, T))
+
+
+def shared_norm_input(st: Structure, T):
+    """Parallel attention with two LayerNorms on one input (gpt-neox ``input_layernorm`` and
+    ``post_attention_layernorm``, falcon ``ln_attn`` and ``ln_mlp``): both save the same layer
+    input, one storage: (norms − 1)·a·T·h counted once too often by ``norms · norm_saved``
+    (modeling_gpt_neox.py GPTNeoXLayer.forward with use_parallel_residual)."""
+    m = st.model
+    if not m.arch.parallel_attn or m.arch.norm != "layer" or m.arch.norms_per_layer < 2:
+        return 0
+    return (m.arch.norms_per_layer - 1) * st.stream_bytes * T * m.hidden_size
 
 
 def head_norms_saved(st: Structure, T):
@@ -354,8 +399,19 @@ def checkpoint_inputs(st: Structure, x: Shape, kind: str = "flash"):
     T5 passes its position biases (modeling_t5.py compute_bias) the same way."""
     m = st.model
     mask = st.stream_bytes * x.b * x.tseq * x.tseq if kind == "eager" else 0
-    mask = mask + t5_shared_biases(st, x, checkpointed=True)
+    mask = mask + t5_shared_biases(st, x, checkpointed=True) + sliding_window_mask(st, kind, x)
     return st.stream_bytes * m.hidden_size * (m.num_layers * x.T + m.num_encoder_layers * x.T_enc) + mask
+
+
+def sliding_window_mask(st: Structure, kind: str, x: Shape):
+    """The bool [b, 1, s, s] sliding-window causal mask transformers builds once per forward when
+    the sequence reaches the window (masking_utils.py sdpa_mask), handed to every layer: b·s²
+    bytes, kept as a checkpoint input with checkpointing (without, only the additive copies each
+    layer's sdpa saves outlive the forward). Eager attention's additive
+    mask is counted in ``checkpoint_inputs``."""
+    if kind == "eager" or st.model.arch.sliding_window is None:
+        return 0
+    return _where(sliding_window_reached(st.model, x.tseq), x.b * x.tseq * x.tseq, 0)
 
 
 def t5_shared_biases(st: Structure, x: Shape, checkpointed: bool):
@@ -369,6 +425,32 @@ def t5_shared_biases(st: Structure, x: Shape, checkpointed: bool):
     if checkpointed:
         shared = shared + n * (x.seq * x.seq + x.tseq * x.tseq)
     return shared
+
+
+def encoder_backward_activations(st: Structure, kind: str, x: Shape, gradient_checkpointing: bool):
+    """What is alive inside the top encoder layer's backward (encoder-decoder models), besides the
+    backward transients: the decoder's saved tensors are released by then.
+
+    - that layer's saved tensors (recomputed with checkpointing) S_enc;
+    - below it: with checkpointing the encoder layers' inputs (L_enc·a·T_enc·h) and the encoder
+      position bias [1, n_h, s_e, s_e]; the embedding outputs that enable_input_require_grads
+      made leaves (a·(T_enc + T)·h) and the cross-attention's zeros bias, a leaf that requires
+      grad under checkpointing (modeling_t5.py T5Attention.forward), with its ``.grad``:
+      2·a·n_h·s_t·s_e. Without checkpointing the other encoder layers' saved tensors
+      (the first layer's as in ``first_layer_not_saved``);
+    - the encoder output's gradient, summed over the decoder's cross-attentions: a·T_enc·h.
+    """
+    m, a, h = st.model, st.stream_bytes, st.model.hidden_size
+    S = layer_saved(st, kind, x, "encoder")
+    if gradient_checkpointing:
+        below = (a * h * (m.num_encoder_layers * x.T_enc + x.T_enc + x.T)
+                 + (a * m.num_heads * x.seq * x.seq if _relative_bias(m) else 0)
+                 + (2 * a * m.num_heads * x.tseq * x.seq if _relative_bias(m) else 0))
+        if m.arch.norm_keeps_input and a != 4:
+            below = below - a * x.T_enc * h  # T5LayerNorm keeps the layer input: the checkpointed input itself
+    else:
+        below = (m.num_encoder_layers - 1) * S - first_layer_not_saved(st, kind, x)
+    return below + S + a * x.T_enc * h
 
 
 def head_lora_activations(st: Structure, x: Shape):

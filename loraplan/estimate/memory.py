@@ -14,6 +14,7 @@ largest wins:
 - ``loss backward``:  the start of backward, at the head (log-softmax saved, its grad in and out);
 - ``layer backward``: inside the first decoder layer's backward (its saved tensors, recomputed
   when checkpointing, plus the gradient transients and the dequantized weight);
+- ``encoder layer backward`` (encoder-decoder): inside the top encoder layer's backward;
 - ``optimizer step``: LoRA weights + gradients + optimizer state + the step's temporaries.
 
 Two halves: ``Structure`` holds what depends only on the model, the targets and the
@@ -28,12 +29,13 @@ a quantized base, because prepare_model_for_kbit_training makes embeddings and n
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..spec import Calibration, ExpertSpec, GpuSpec, LinearSpec, ModelSpec, TrainSpec
 from ..storage import EXPERT_QUANTIZATION_PATHS, QUANTIZED, experts_unquantized
-from .activations import Shape, checkpoint_inputs, choose_attention, layer_saved, saved_activations
+from .activations import (Shape, checkpoint_inputs, choose_attention, encoder_backward_activations, layer_saved,
+                          saved_activations)
 from .arrays import is_scalar as _is_scalar
 from .coefficients import coefficient
 from .result import MemoryEstimate
@@ -44,7 +46,7 @@ from .weights import (Structure, lora_gradients, lora_weights, optimizer_state, 
                       paged_optimizer_state, structure)
 
 #: The moments of a step at which the peak can sit, in step order.
-MOMENTS = ("forward", "int8 matmul", "loss backward", "layer backward", "optimizer step")
+MOMENTS = ("forward", "int8 matmul", "loss backward", "layer backward", "encoder layer backward", "optimizer step")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -61,7 +63,7 @@ def moments(st: Structure, train: TrainSpec, kind: str, x: Shape, gpu: GpuSpec |
         "unquantized_weights": st.unquantized_weights,
         "lora_weights": lora_weights(st, x.r),
         "optimizer_state": optimizer_state(st, x.r, opt),
-        "cuda_workspaces": cuda_workspaces(gpu, cal, st.device),
+        "cuda_workspaces": cuda_workspaces(gpu, cal, st.device, train.stack),
         "allocator_overhead": int(coefficient(cal, "allocator_overhead_bytes")),
     }
     if st.expert_weights:  # sparse-MoE families only: dense ledgers keep their keys
@@ -97,6 +99,14 @@ def moments(st: Structure, train: TrainSpec, kind: str, x: Shape, gpu: GpuSpec |
                                  backward_transients=layer_backward_transients(st, x, kind,
                                                                                train.gradient_checkpointing),
                                  lora_gradients=lora_gradients(st, x.r) / max(m.num_layers, 1))
+    # 3b. encoder-decoder: the top encoder layer's backward, after the decoder's backward has
+    #     released the decoder's saved tensors. It sets the peak when the encoder is the longer stack.
+    if m.is_encoder_decoder:
+        out["encoder layer backward"] = dict(
+            base, activations=encoder_backward_activations(st, kind, x, train.gradient_checkpointing) + int8_keep,
+            backward_transients=layer_backward_transients(st, replace(x, tseq=x.seq), kind,
+                                                          train.gradient_checkpointing, stack="encoder"),
+            lora_gradients=lora_gradients(st, x.r) * m.num_layers / max(m.num_layers + m.num_encoder_layers, 1))
     # 4. the optimizer step.
     out["optimizer step"] = dict(base, lora_gradients=lora_gradients(st, x.r),
                                  optimizer_temporaries=optimizer_step_temporaries(st, x.r, opt),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+from .. import versions
 from ..spec import Calibration, GpuSpec, ModelSpec
 from ..storage import FOUR_BIT, QUANTIZED, unquantized_param_bytes
 from .activations import Shape, _activation, _relative_bias, hidden_dropout, lora_input_saved_bytes, mlp_saved
@@ -67,7 +68,8 @@ def dequantized_weight_transient(st: Structure) -> int:
     return st.biggest_linear_numel * (2 if st.linear_quant in FOUR_BIT else st.stream_bytes)
 
 
-def layer_backward_transients(st: Structure, x: Shape, kind: str = "flash", gradient_checkpointing: bool = True):
+def layer_backward_transients(st: Structure, x: Shape, kind: str = "flash", gradient_checkpointing: bool = True,
+                              stack: str = "decoder"):
     """Bytes above the top layer's saved tensors S at its largest point in backward (may be < 0
     in part: tensors already released), for the MLP, where layers peak.
 
@@ -85,6 +87,8 @@ def layer_backward_transients(st: Structure, x: Shape, kind: str = "flash", grad
       4-bit, a·T·D for bf16; then their sum (a·T·D);
     - the MLP product's backward (gated): the down-input gradient and the two it makes:
       3·a·T·I; plain MLP: 2·a·T·I; a sparse-MoE top layer: 3·w·(T·k)·I_e over the routed rows.
+    ``stack="encoder"`` (encoder-decoder models): the top encoder layer, with ``x`` the encoder's
+    shape (T = T_enc); its position bias is an input, not recomputed.
     Non-reentrant recompute stops early once the last saved tensor is made, so without LoRA on
     the down projection its forward is not recomputed. Saved tensors of nodes already run are
     released as backward goes (autograd release_variables). Sources: peft/tuners/lora/layer.py
@@ -96,7 +100,7 @@ def layer_backward_transients(st: Structure, x: Shape, kind: str = "flash", grad
     k = 3 if m.arch.mlp == "gated" else 2
     deq = dequantized_weight_transient(st) if st.mlp_out_quantized else 0
     four_bit = st.linear_quant in FOUR_BIT and st.mlp_out_quantized
-    D_ad = st.mlp_out_adapted_in.get("decoder", 0.0)  # Σ adapted MLP-out inputs (≈ I or 0)
+    D_ad = st.mlp_out_adapted_in.get(stack, 0.0)  # Σ adapted MLP-out inputs (≈ I or 0)
     adapted = 1 if D_ad else 0
     l_saved = lora_input_saved_bytes(st, x.dropout) * T * D_ad
     lora_grad_peak = adapted * (4 + (a if a != 4 else 0)) * T * I
@@ -130,10 +134,10 @@ def layer_backward_transients(st: Structure, x: Shape, kind: str = "flash", grad
         # a residual dropout's backward makes the branch's gradient a tensor of its own, beside
         # the residual path's (T5, OPT): one more a·T·h
         extra = a * T * m.hidden_size
-    if _relative_bias(m):
+    if _relative_bias(m) and stack == "decoder":
         # T5 in backward: the gradient of the shared position bias [1, n_h, s, s]; with
         # checkpointing also the bias recomputed in the first block and the cross-attention's
-        # recomputed zeros bias
+        # recomputed zeros bias. (The top encoder layer takes its bias as an input: none of these.)
         extra = extra + a * m.num_heads * x.tseq * x.tseq
         if gradient_checkpointing:
             extra = extra + a * m.num_heads * (x.tseq * x.tseq + x.tseq * x.seq)
@@ -141,7 +145,7 @@ def layer_backward_transients(st: Structure, x: Shape, kind: str = "flash", grad
         # score-matrix attention backward, after the MLP's backward has released the MLP's saved
         # tensors: the softmax output's gradient and the scores' gradient, fp32 [b, n_h, s, s]
         # each, beside the saved softmax
-        mlp_lora = lora_input_saved_bytes(st, x.dropout) * T * st.mlp_adapted_in.get("decoder", 0.0)
+        mlp_lora = lora_input_saved_bytes(st, x.dropout) * T * st.mlp_adapted_in.get(stack, 0.0)
         extra = _max(extra, 2 * 4 * x.b * m.num_heads * x.tseq * x.tseq - mlp_saved(st, T) - mlp_lora - best)
     return best + a * T * m.hidden_size + extra
 
@@ -267,15 +271,20 @@ def int8_matmul_transient(st: Structure, x: Shape, outlier_fraction=None):
     return best
 
 
-def cuda_workspaces(gpu: GpuSpec | None, cal: Calibration, device: str = "cuda") -> int:
+def cuda_workspaces(gpu: GpuSpec | None, cal: Calibration, device: str = "cuda", stack=None) -> int:
     """cuBLAS/cuBLASLt workspaces, allocated through the caching allocator but invisible to a
     dispatch trace: one per handle, and training uses two (the forward thread's and autograd's
     backward thread's). torch/csrc/cuda/CublasHandlePool.cpp default CUBLAS_WORKSPACE_CONFIG:
     ':4096:8' (32 MiB) on sm90+, ':4096:2:16:8' (8.125 MiB) before. The H100 bf16 reference
     cases sit 64 MiB above a dispatch trace (trace-notes.md). The sizes and the handle count
-    are the calibration's ``cublas_*`` coefficients (calibrations/default.json)."""
-    if device == "cpu":
+    are the calibration's ``cublas_*`` coefficients (calibrations/default.json).
+    Version rules (data/version-rules.json): ``cublas_workspace_in_allocator`` (False from the
+    torch release where TORCH_CUBLAS_WORKSPACE_CACHE became opt-in: then 0) and
+    ``cublas_workspace_32mib_min_cc``.
+    """
+    if device == "cpu" or not versions.rule("cublas_workspace_in_allocator", stack):
         return 0
     cc = float(gpu.compute_capability) if gpu and gpu.compute_capability else 9.0
-    per = coefficient(cal, "cublas_workspace_bytes_sm90" if cc >= 9.0 else "cublas_workspace_bytes_pre_sm90")
+    big = cc >= float(versions.rule("cublas_workspace_32mib_min_cc", stack))
+    per = coefficient(cal, "cublas_workspace_bytes_sm90" if big else "cublas_workspace_bytes_pre_sm90")
     return int(coefficient(cal, "cublas_handles") * per)

@@ -34,7 +34,8 @@ class Structure:
     unquantized_weights: int
     #: element counts per LoRA tensor per unit rank (lora_A: in, lora_B: out) -> how many tensors
     lora_sizes: Counter
-    #: per stack: Σ over adapted Linears of one layer of in_features, and their number (layer average)
+    #: per stack: Σ over adapted Linears of one layer of in_features, and their number (layer average);
+    #: key "cross": the decoder's cross-attention k/v, which read the encoder output (T_enc tokens)
     lora_in_per_layer: dict[str, float]
     lora_count_per_layer: dict[str, float]
     head_adapted: bool
@@ -111,8 +112,10 @@ def _build_structure(model: ModelSpec, adapted, quant: str, dq: bool, device: st
         if l.role == "lm_head":
             continue
         layers = max(_stack_layers(model, l.stack), 1)
-        lin_in[l.stack] = lin_in.get(l.stack, 0.0) + l.in_features / layers
-        lin_n[l.stack] = lin_n.get(l.stack, 0.0) + 1.0 / layers
+        # cross-attention k/v read the encoder output: their LoRA branch sees T_enc tokens
+        key = "cross" if _input_group(l.role) == "encoder_out" else l.stack
+        lin_in[key] = lin_in.get(key, 0.0) + l.in_features / layers
+        lin_n[key] = lin_n.get(key, 0.0) + 1.0 / layers
         if l.role in INT8_OUTLIER_ROLES:
             mlp_out[l.stack] = mlp_out.get(l.stack, 0.0) + l.in_features / layers
         if _input_group(l.role) in ("mlp_in", "down", "fc_out"):

@@ -69,6 +69,25 @@ def run_trace_subprocess(model_config: dict, lora: LoraSpec, train: TrainSpec, g
     return reply["result"]
 
 
+#: |analytic − trace| / trace above which both outputs say the two views disagree
+DISAGREEMENT_PERCENT = 3.0
+
+
+def _disagreement_notes(am, trace_peak: int, analytic_kernel, trace_kernels) -> tuple[str, ...]:
+    """A note when the analytic ledger and the trace differ by more than DISAGREEMENT_PERCENT
+    (shown in the table and kept in the JSON's memory.notes), naming both peaks and kernels."""
+    if not trace_peak:
+        return ()
+    pct = 100.0 * (am.peak_allocated_bytes - trace_peak) / trace_peak
+    if abs(pct) <= DISAGREEMENT_PERCENT:
+        return ()
+    kernels = ",".join(sorted(trace_kernels or {})) or "none"
+    return (f"trace and analytic disagree: analytic {am.peak_allocated_bytes / 2**30:.2f} GiB "
+            f"({am.peak_moment}, attention {analytic_kernel or '?'}) is {pct:+.1f}% from the trace "
+            f"{trace_peak / 2**30:.2f} GiB (sdpa {kernels}); the trace runs the installed libraries' code, "
+            f"compare the top_live breakdown in detail",)
+
+
 def trace_estimate(analytic, model, lora: LoraSpec, train: TrainSpec, gpu=None, timeout_s: float = 300):
     """An Estimate whose memory comes from a meta-device trace of the real step.
 
@@ -109,7 +128,8 @@ def trace_estimate(analytic, model, lora: LoraSpec, train: TrainSpec, gpu=None, 
         peak_moment=str(tr.get("peak_phase", "")),
         moments={k: int(v) for k, v in tr.get("phase_peaks", {}).items()},
         outside_allocator_bytes=outside,
-        notes=tuple(tr.get("uncertain", ())) if train.quant == "int8" else am.notes,
+        notes=(tuple(tr.get("uncertain", ())) if train.quant == "int8" else am.notes)
+        + _disagreement_notes(am, peak, analytic.inputs.get("attention_kernel"), tr.get("sdpa_backends")),
     )
     detail = {
         "analytic_peak_allocated_bytes": am.peak_allocated_bytes,
@@ -120,6 +140,7 @@ def trace_estimate(analytic, model, lora: LoraSpec, train: TrainSpec, gpu=None, 
         "sdpa_backends": tr.get("sdpa_backends"),
         "params_peft": tr.get("params"),
         "versions": tr.get("versions"),
+        "stack": tr.get("stack"),
         "uncertain": tr.get("uncertain"),
         "elapsed_s": tr.get("elapsed_s"),
         "allocator": tr.get("allocator"),

@@ -73,7 +73,8 @@ def parse_cc(cc: str | None) -> tuple[int, int] | None:
 
 
 def choose_sdpa_backend(dtype: torch.dtype, head_dim_qk: int, head_dim_v: int, has_mask: bool,
-                        gpu_cc: str | None = "9.0", requested: str = "auto", gqa: bool = False) -> str:
+                        gpu_cc: str | None = "9.0", requested: str = "auto", gqa: bool = False,
+                        stack=None) -> str:
     """The kernel torch's CUDA sdpa picks: "flash", "efficient" or "math".
 
     Rules (torch ``sdp_utils.cpp``, priority flash > efficient > math):
@@ -84,17 +85,21 @@ def choose_sdpa_backend(dtype: torch.dtype, head_dim_qk: int, head_dim_v: int, h
     a backend (as ``torch.nn.attention.sdpa_kernel`` would, without its fallback). Grouped-query
     attention (``enable_gqa`` with fewer kv heads) runs on flash or math only (torch's
     scaled_dot_product_attention docstring; mem-efficient checks
-    ``check_batch_size_and_num_heads_dense<false>``).
+    ``check_batch_size_and_num_heads_dense<false>``). The dtypes flash takes and whether
+    mem-efficient takes GQA are version rules (loraplan/data/version-rules.json, ``stack``).
     """
+    from .. import versions
+
     if requested in ("flash", "efficient", "math"):
         return requested
     cc = parse_cc(gpu_cc)
     if cc is None:
         return "math"
     half = dtype in (torch.float16, torch.bfloat16)
-    if (not has_mask and half and cc >= (8, 0) and head_dim_qk == head_dim_v and head_dim_qk <= 256):
+    flash_dtypes = tuple(getattr(torch, n) for n in versions.rule("sdpa_flash_dtypes", stack))
+    if (not has_mask and dtype in flash_dtypes and cc >= (8, 0) and head_dim_qk == head_dim_v and head_dim_qk <= 256):
         return "flash"
-    if not gqa and cc >= (5, 0) and dtype in (torch.float16, torch.bfloat16, torch.float32) and head_dim_qk <= 512:
+    if (not gqa or versions.rule("sdpa_efficient_gqa", stack)) and cc >= (5, 0) and dtype in (torch.float16, torch.bfloat16, torch.float32) and head_dim_qk <= 512:
         if not half or (head_dim_qk % 8 == 0 and head_dim_v % 8 == 0):
             return "efficient"
     return "math"
@@ -106,7 +111,7 @@ def _pad8(x: torch.Tensor) -> torch.Tensor:
 
 
 def cuda_like_sdpa(gpu_cc: str | None = "9.0", requested: str = "auto",
-                   log: Callable[[str], None] | None = None, original=None):
+                   log: Callable[[str], None] | None = None, original=None, stack=None):
     """A drop-in ``F.scaled_dot_product_attention`` that runs the kernel CUDA would choose."""
     original = original or torch.nn.functional.scaled_dot_product_attention
 
@@ -114,7 +119,7 @@ def cuda_like_sdpa(gpu_cc: str | None = "9.0", requested: str = "auto",
              enable_gqa=False):
         gqa = bool(enable_gqa) and key.shape[-3] != query.shape[-3]
         backend = choose_sdpa_backend(query.dtype, query.shape[-1], value.shape[-1], attn_mask is not None,
-                                      gpu_cc, requested, gqa)
+                                      gpu_cc, requested, gqa, stack)
         if log is not None:
             log(backend)
         if backend == "flash" and attn_mask is None:
@@ -273,18 +278,20 @@ def kernel_transients(func, args, kwargs) -> list[tuple[str, int]]:
     return []
 
 
-def cublas_workspace_bytes(gpu_cc: str | None) -> int:
+def cublas_workspace_bytes(gpu_cc: str | None, stack=None) -> int:
     """Per-handle cuBLAS workspace torch allocates through the caching allocator
     (``CublasHandlePool.cpp``): 32 MiB on sm90+, else 4096 KiB x 2 + 16 KiB x 8. The sizes are
     written once, in catalog/calibrations/default.json (``cublas_workspace_bytes_*``), which the
     analytic ledger reads too."""
+    from .. import versions
     from ..catalog import load_calibration
 
     cc = parse_cc(gpu_cc)
-    if cc is None:
+    if cc is None or not versions.rule("cublas_workspace_in_allocator", stack):
         return 0
     coef = load_calibration(None).coefficients
-    return int(coef["cublas_workspace_bytes_sm90"] if cc >= (9, 0) else coef["cublas_workspace_bytes_pre_sm90"])
+    big = cc >= parse_cc(versions.rule("cublas_workspace_32mib_min_cc", stack))
+    return int(coef["cublas_workspace_bytes_sm90"] if big else coef["cublas_workspace_bytes_pre_sm90"])
 
 
 #: aten ops that run through a cuBLAS / cuBLASLt handle on CUDA (aten/src/ATen/native/cuda/Blas.cpp)
@@ -302,13 +309,13 @@ def cublas_thread() -> str:
     return "backward" if torch._C._current_graph_task_id() != -1 else "forward"
 
 
-def constant_terms(gpu_cc: str | None, handles: int | None = None) -> dict[str, dict]:
+def constant_terms(gpu_cc: str | None, handles: int | None = None, stack=None) -> dict[str, dict]:
     """Memory that is allocated from the caching allocator without passing through dispatch,
     alive for the whole step, as named terms with their provenance. ``handles``: the
     calibration's ``cublas_handles`` unless given."""
     from ..catalog import load_calibration
 
-    ws = cublas_workspace_bytes(gpu_cc)
+    ws = cublas_workspace_bytes(gpu_cc, stack)
     if not ws:
         return {}
     if handles is None:
@@ -324,7 +331,7 @@ def constant_terms(gpu_cc: str | None, handles: int | None = None) -> dict[str, 
 # ----------------------------------------------------------------------------- all together
 @contextlib.contextmanager
 def cuda_emulation(gpu_cc: str | None = "9.0", attention: str = "auto",
-                   sdpa_log: Callable[[str], None] | None = None):
+                   sdpa_log: Callable[[str], None] | None = None, stack=None):
     """Patch torch/transformers for the duration: CUDA-like sdpa, fused dropout, no packed
     sequence detection. Restores everything on exit."""
     import torch.nn.functional as F
@@ -335,7 +342,7 @@ def cuda_emulation(gpu_cc: str | None = "9.0", attention: str = "auto",
              (mu, "find_packed_sequence_indices", mu.find_packed_sequence_indices)]
     try:
         F.scaled_dot_product_attention = cuda_like_sdpa(gpu_cc, attention, sdpa_log,
-                                                        original=saved[0][2])
+                                                        original=saved[0][2], stack=stack)
         F.dropout = fused_dropout
         mu.find_packed_sequence_indices = no_packed_sequences
         yield

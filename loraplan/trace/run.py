@@ -112,6 +112,15 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def _stack(train: TrainSpec) -> dict[str, str]:
+    """The versions the trace's rules assumed (``--stack`` over the installed ones). The code
+    that runs is always the installed one: a given stack changes only the emulated kernel
+    choice and constant terms."""
+    from ..versions import resolve
+
+    return resolve(train.stack)
+
+
 def trace_step(model_config: dict, lora: LoraSpec, train: TrainSpec, gpu_compute_capability: str | None = "9.0",
                steps: int = 2, gpu_memory_bytes: int | None = None, return_events: bool = False) -> dict[str, Any]:
     """Run ``steps`` training steps on meta and predict ``torch.cuda.max_memory_allocated``.
@@ -226,7 +235,7 @@ def trace_step(model_config: dict, lora: LoraSpec, train: TrainSpec, gpu_compute
     h_pre = torch.nn.modules.module.register_module_forward_pre_hook(pre_hook)
     h_post = torch.nn.modules.module.register_module_forward_hook(post_hook)
     try:
-        with em.cuda_emulation(gpu_compute_capability, train.attention, log_sdpa), tracker:
+        with em.cuda_emulation(gpu_compute_capability, train.attention, log_sdpa, train.stack), tracker:
             try:
                 result = _run(torch, transformers, auto, config, load_dtype, attn_impl, quantized, seq2seq,
                               lora, train, steps, cfg, tracker, mod_names, stack,
@@ -243,7 +252,7 @@ def trace_step(model_config: dict, lora: LoraSpec, train: TrainSpec, gpu_compute
         em.set_int8_outlier_policy(lambda cols: 0)
         _drop_meta_caches()
 
-    consts = em.constant_terms(gpu_compute_capability)
+    consts = em.constant_terms(gpu_compute_capability, stack=train.stack)
     const_bytes = sum(t["bytes"] for t in consts.values())
     comp = result["components"]
     terms = dict(consts)
@@ -280,6 +289,7 @@ def trace_step(model_config: dict, lora: LoraSpec, train: TrainSpec, gpu_compute
         gpu_compute_capability=gpu_compute_capability,
         steps=steps,
         versions=_versions(),
+        stack=_stack(train),
         uncertain=list(em.UNCERTAIN),
         int8_outlier_fraction=(frac if frac is not None else {leaf: default_frac for leaf in sorted(outlier_leaves)})
         if train.quant == "int8" else None,
