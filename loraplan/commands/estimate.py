@@ -40,7 +40,7 @@ def estimate_command(method, calibration_file, fmt, **opts):
         model, lora, train = resolve_case(opts)
     for w in caught:
         click.echo(f"warning: {w.message}", err=True)
-    gpu = load_gpu(opts["gpu"]) if opts.get("gpu") else None
+    gpu = load_gpu(opts["gpu"]) if opts.get("gpu") is not None else None  # '' is refused, not "no GPU"
     cal = load_calibration(gpu.id if gpu else None, calibration_file)
     result = estimate(model, lora, train, gpu, cal)
     if method == "trace":
