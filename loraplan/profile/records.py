@@ -118,10 +118,16 @@ class RecordFile:
 
 def read_records(path: str | Path) -> RecordFile:
     """Parse a records file; a missing file is empty. Corrupt lines are reported, never fixed."""
+    import stat
+
+    from ..errors import ConfigError
+
     p = Path(path)
     out = RecordFile(p)
     if not p.exists():
         return out
+    if not stat.S_ISREG(os.stat(p).st_mode):  # a FIFO or a device would block or never end
+        raise ConfigError(f"records file '{p}' is not a regular file; give profiles/<gpu-id>.jsonl files")
     with open(p, "rb") as f:
         for n, raw in enumerate(f, start=1):
             line = raw.strip()
