@@ -52,6 +52,17 @@ COLUMNS = list(GRID_KEYS) + ["trainable_params", "total_params", "peak_allocated
                              "step_s", "tokens_per_s", "bound", "error"]
 
 
+def _grid_scalar(x: Any, key: str) -> bool:
+    """A grid value: a string, a finite number or a boolean (targets: also a list of strings)."""
+    if key in ("model", "gpu"):
+        return isinstance(x, str)
+    if isinstance(x, (str, bool)):
+        return True
+    if isinstance(x, (int, float)):
+        return math.isfinite(x)
+    return key == "targets" and isinstance(x, list) and bool(x) and all(isinstance(t, str) for t in x)
+
+
 def load_grid(path: str | Path, keys: tuple[str, ...] = GRID_KEYS) -> list[dict[str, Any]]:
     """A TOML or JSON grid file -> list of grids (option -> value or list of values).
 
@@ -101,6 +112,10 @@ def load_grid(path: str | Path, keys: tuple[str, ...] = GRID_KEYS) -> list[dict[
             if isinstance(v, list) and not v:
                 raise InputError(f"grid file '{p}': '{k}' is an empty list, so the grid has no cases; "
                                  f"give at least one value or leave '{k}' out")
+            for x in (v if isinstance(v, list) else [v]):
+                if not _grid_scalar(x, key):
+                    raise ConfigError(f"grid file '{p}': '{k}' holds {json.dumps(x)[:40]}, which is not a value "
+                                      f"(a string, a finite number or true/false); fix the grid")
             norm[key] = v
         out.append(norm)
     return out
