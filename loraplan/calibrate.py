@@ -478,7 +478,10 @@ def _r(v):
 
 def write_calibration(result: CalibrationResult, path: str | Path) -> Path:
     """Write the calibration JSON; InputError naming the folder when it cannot be written."""
+    from .inputs import check_coefficients
+
     p = Path(path)
+    check_coefficients(result.calibration.coefficients, str(p))  # never write what --calibration refuses
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(json.dumps(result.to_dict(), indent=1) + "\n")

@@ -160,3 +160,18 @@ def test_calibrate_output_reads_back(tmp_path, run_cli):
     code, _, err = run_cli("calibrate", "reference", "--out", str(out), "--format", "json")
     assert code == 0, err
     load_calibration("h100-sxm-80gb", str(out))
+
+
+def test_records_file_lines_are_depth_capped_and_fifos_refused(tmp_path, profile_record):
+    import os
+
+    from loraplan.profile.records import read_records
+
+    p = tmp_path / "r.jsonl"
+    p.write_text("[" * 100_000 + "]" * 100_000 + "\n" + json.dumps(profile_record(3 * 2**30)) + "\n")
+    rf = read_records(p)
+    assert len(rf.records) == 1 and "nests deeper" in rf.problems[0][1]
+    fifo = tmp_path / "f.jsonl"
+    os.mkfifo(fifo)
+    with pytest.raises(ConfigError, match="not a regular file"):
+        read_records(fifo)

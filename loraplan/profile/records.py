@@ -121,6 +121,7 @@ def read_records(path: str | Path) -> RecordFile:
     import stat
 
     from ..errors import ConfigError
+    from ..inputs import MAX_JSON_DEPTH, json_depth
 
     p = Path(path)
     out = RecordFile(p)
@@ -134,7 +135,11 @@ def read_records(path: str | Path) -> RecordFile:
             if not line:
                 continue
             try:
-                rec = json.loads(line.decode("utf-8"))
+                text = line.decode("utf-8")
+                if json_depth(text) > MAX_JSON_DEPTH:  # json recurses per level
+                    out.problems.append((n, f"nests deeper than {MAX_JSON_DEPTH} levels"))
+                    continue
+                rec = json.loads(text)
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 out.problems.append((n, f"not JSON: {e}"))
                 continue
