@@ -415,6 +415,7 @@ def calibrate(measurements: Iterable[Measurement], gpu: str, base: Calibration |
         fits.update(fit_memory(ms, base))
     if "time" in parts:
         fits.update(fit_time(ms, base))
+    fits = {k: plausible(f) for k, f in fits.items()}
     coef = dict(base.coefficients)
     for k, f in fits.items():
         if f.fitted:
@@ -444,6 +445,24 @@ def calibrate(measurements: Iterable[Measurement], gpu: str, base: Calibration |
                              records=[m.id for m in ms], sources=sorted(set(sources)))
 
 
+def plausible(f: CoefficientFit) -> CoefficientFit:
+    """``f``, or the prior kept (not fitted, with why) when the fit left the coefficient's
+    physically possible range (inputs.COEFFICIENT_RANGES): calibrate never writes a value that
+    ``--calibration`` would refuse to read."""
+    import math
+
+    from .inputs import COEFFICIENT_RANGES
+
+    if not f.fitted or f.name not in COEFFICIENT_RANGES:
+        return f
+    lo, hi, what = COEFFICIENT_RANGES[f.name]
+    if math.isfinite(f.after) and lo <= f.after <= hi:
+        return f
+    return CoefficientFit(f.name, f.before, f.before, False, f.records,
+                          f"not fitted: the fit gave {f.after:.4g}, not a possible {what} ({lo:g} to {hi:g}); "
+                          f"kept the prior (check the records)")
+
+
 def _strip(res: dict[str, dict]) -> dict[str, dict]:
     """Residual summaries rounded for the JSON file."""
     out = {}
@@ -459,7 +478,10 @@ def _r(v):
 
 def write_calibration(result: CalibrationResult, path: str | Path) -> Path:
     """Write the calibration JSON; InputError naming the folder when it cannot be written."""
+    from .inputs import check_coefficients
+
     p = Path(path)
+    check_coefficients(result.calibration.coefficients, str(p))  # never write what --calibration refuses
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(json.dumps(result.to_dict(), indent=1) + "\n")

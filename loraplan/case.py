@@ -10,6 +10,7 @@ or parsed values; ``None`` means the default. Grid values are comma lists or ran
 from __future__ import annotations
 
 import itertools
+import math
 import warnings
 from dataclasses import fields
 from typing import Any, Callable
@@ -152,15 +153,31 @@ def _range(key: str, text: str) -> list:
     if len(parts) != 3 or not parts[2] or parts[2][0] not in "x+*":
         raise InputError(f"--{key.replace('_', '-')} range '{text}' must look like start:stop:xFACTOR or start:stop:+STEP")
     parse = PARSERS[key]
-    start, stop, step = parse(parts[0]), parse(parts[1]), float(parts[2][1:])
+    opt = f"--{key.replace('_', '-')}"
+    start, stop = parse(parts[0]), parse(parts[1])
+    try:
+        step = float(parts[2][1:])
+    except ValueError:
+        raise InputError(f"{opt} range '{text}': step '{parts[2][1:]}' is not a number; "
+                         f"use e.g. {parts[0]}:{parts[1]}:x2 or {parts[0]}:{parts[1]}:+8") from None
+    if not math.isfinite(step) or not (math.isfinite(start) and math.isfinite(stop)):
+        raise InputError(f"{opt} range '{text}' has a non-finite bound or step; use finite numbers, "
+                         f"e.g. {opt} 8:64:x2")
     if (parts[2][0] in "x*" and step <= 1) or (parts[2][0] == "+" and step <= 0) or stop < start:
-        raise InputError(f"--{key.replace('_', '-')} range '{text}' never reaches its end; use a factor > 1 or a step > 0 with start <= stop")
+        raise InputError(f"{opt} range '{text}' never reaches its end; use a factor > 1 or a step > 0 with start <= stop")
+    integer = isinstance(start, int)
+    if integer and parts[2][0] == "+" and not step.is_integer():
+        raise InputError(f"{opt} range '{text}': step {parts[2][1:]} is not a whole number, but {opt} takes "
+                         f"integers; use a whole step such as +{max(1, round(step))}")
     vals, v = [], start
     while v <= stop + 1e-9:
-        vals.append(parse(v) if isinstance(start, int) and float(v).is_integer() else v)
+        if integer and not float(v).is_integer():
+            raise InputError(f"{opt} range '{text}' reaches {v:g}, which is not an integer; use a whole factor "
+                             f"such as x2 or a step such as +8")
+        vals.append(parse(int(v)) if integer else v)
         v = v * step if parts[2][0] in "x*" else v + step
         if len(vals) > 100000:
-            raise InputError(f"range '{text}' has more than 100000 values")
+            raise InputError(f"{opt} range '{text}' has more than 100000 values; use a larger step or factor")
     return vals
 
 
@@ -207,7 +224,7 @@ def resolve_case(case: dict, model: ModelSpec | None = None) -> tuple[ModelSpec,
     for k in CHECK_ORDER:  # before the specs: target_seq and the int8 fraction are checked even when unused
         check_value(k, v[k])
     frac = v["int8_outlier_fraction"]
-    targets = parse_targets(v["targets"]) if v["targets"] else default_targets(model)
+    targets = parse_targets(v["targets"]) if v["targets"] is not None else default_targets(model)  # '' is refused
     lora = LoraSpec(rank=v["rank"], alpha=v["alpha"], dropout=v["dropout"], targets=targets)  # alpha None: 2 x rank
     select_targets(model, targets)  # raises TargetError listing the module names that exist
     if model.max_positions and v["seq"] > model.max_positions:

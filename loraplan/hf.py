@@ -23,7 +23,6 @@ ArchSpec.norms_per_layer counts the hidden-size norms of one (decoder) layer; pe
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -692,20 +691,15 @@ MOE_RULES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 
 
 def load_config(path: str | Path) -> dict:
-    """Read a config.json (or a folder holding one); one-line ConfigError if unreadable."""
+    """Read a config.json (or a folder holding one) through :func:`loraplan.inputs.read_json_file`
+    (regular files only, size and depth capped, UTF-8); one-line ConfigError if unreadable.
+    The values are checked by :func:`spec_from_config`."""
+    from .inputs import read_json_file
+
     p = Path(path)
     if p.is_dir():
         p = p / "config.json"
-    try:
-        text = p.read_text()
-    except OSError as e:
-        raise ConfigError(f"cannot read model config '{p}': {e.strerror}; give a catalog name "
-                          f"(see 'loraplan models') or a path to a config.json") from None
-    try:
-        cfg = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"'{p}' is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); "
-                          f"fix the file or give a catalog name") from None
+    cfg = read_json_file(p, "model config", "give a catalog name (see 'loraplan models') or a path to a config.json")
     if not isinstance(cfg, dict) or "model_type" not in cfg:
         raise ConfigError(f"'{p}' has no 'model_type'; a Hugging Face config.json names its model_type")
     return cfg
@@ -713,12 +707,57 @@ def load_config(path: str | Path) -> dict:
 
 def spec_from_config(cfg: Mapping[str, Any], name: str | None = None) -> ModelSpec:
     """ModelSpec for a config dict, by pure rules, or by a meta-device build when no rule exists."""
+    where = str(name or (cfg.get("_name_or_path") if isinstance(cfg, Mapping) else None) or "config.json")
+    check_config(cfg, where)  # every path (catalog, rules, meta build, trace) refuses the same values
     mt = cfg.get("model_type")
     name = name or cfg.get("_name_or_path") or str(mt)
+    if not isinstance(name, str):
+        name = str(mt)
     rule = RULES.get(mt)
     if rule is not None:
         return rule(cfg, name)
     return spec_from_meta(cfg, name)
+
+
+def check_config(cfg: Any, where: str) -> None:
+    """The one gate for config.json values, before anything is built from them: the value checks
+    of :func:`loraplan.inputs.check_model_config`, then what transformers refuses for a family
+    with a shape rule. One-line ConfigError each."""
+    from .inputs import check_model_config
+
+    check_model_config(cfg, where)
+    if cfg.get("model_type") in RULES:
+        _check_family(cfg, cfg["model_type"], where)
+
+
+#: families whose transformers config or attention refuses hidden_size % num_attention_heads != 0
+#: (transformers 5.x: LlamaConfig / Gemma2Config / GPTNeoXConfig.validate_architecture, OPTAttention
+#: and FalconAttention.__init__), even with head_dim set; mistral, qwen2 and phi3 build with
+#: head_dim = hidden_size // num_attention_heads (floor) when head_dim is absent, qwen3 and gemma2
+#: default head_dim to 128 / 256, T5 reads d_kv
+_HEADS_DIVIDE_HIDDEN = ("llama", "gemma2", "gpt_neox", "opt", "falcon")
+#: families whose head_dim defaults to hidden_size // num_attention_heads
+_HEAD_DIM_FROM_HIDDEN = ("llama", "mistral", "qwen2", "phi3", "gpt_neox", "opt", "falcon")
+
+
+def _check_family(cfg: Mapping[str, Any], mt: str, where: str) -> None:
+    """What transformers itself refuses for a family with a shape rule, as one-line ConfigErrors
+    (the values alone were checked by inputs.check_model_config)."""
+    h = cfg.get("hidden_size") if mt != "falcon" else (cfg.get("hidden_size") or cfg.get("n_embed"))
+    n_h = cfg.get("num_attention_heads")
+    if isinstance(h, int) and isinstance(n_h, int) and n_h > 0:
+        if mt in _HEADS_DIVIDE_HIDDEN and h % n_h:
+            raise ConfigError(f"'{where}': hidden_size {h} is not a multiple of num_attention_heads {n_h}; "
+                              f"transformers refuses this {mt} config: fix one of them in config.json")
+        if mt in _HEAD_DIM_FROM_HIDDEN and cfg.get("head_dim") is None and h < n_h:
+            raise ConfigError(f"'{where}': hidden_size {h} is smaller than num_attention_heads {n_h}, so "
+                              f"head_dim = {h} // {n_h} = 0; fix them in config.json or set head_dim")
+    if mt in ("t5", "mt5") and "feed_forward_proj" in cfg:
+        ffp = cfg["feed_forward_proj"]
+        parts = ffp.split("-") if isinstance(ffp, str) else []
+        if not parts or not all(parts) or len(parts) > 2 or (len(parts) == 2 and parts[0] != "gated"):
+            raise ConfigError(f"'{where}': feed_forward_proj {ffp!r} is not an activation such as \"relu\" "
+                              f"or \"gated-gelu\"; fix config.json")
 
 
 def spec_from_meta(cfg: Mapping[str, Any], name: str) -> ModelSpec:

@@ -17,6 +17,7 @@ Two sources are read:
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -152,11 +153,10 @@ def _read_jsonl(path: Path, out: MeasurementSet) -> None:
 
 
 def _read_json(path: Path, out: MeasurementSet) -> None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"cannot read records file '{path}': {e}; give a .jsonl from 'loraplan profile' "
-                          f"or a reference file with 'models' and 'cases'") from None
+    from .inputs import read_json_file
+
+    data = read_json_file(path, "records file", "give a .jsonl from 'loraplan profile' "
+                                                "or a reference file with 'models' and 'cases'")
     if isinstance(data, dict) and "cases" in data and "models" in data:
         _read_reference(path, out, data)
         return
@@ -176,19 +176,47 @@ def _read_reference(path: str | Path | None, out: MeasurementSet, data: dict | N
     from .hf import spec_from_config
     from .reference import REFERENCE_FILE, REFERENCE_GPU, case_specs
 
+    from .inputs import read_json_file
+
     p = Path(path) if path else REFERENCE_FILE
+    hint = "give a .jsonl from 'loraplan profile' or a reference file with 'models' and 'cases'"
     if data is None:
-        data = json.loads(p.read_text())
+        data = read_json_file(p, "records file", hint)
+    if not (isinstance(data, dict) and isinstance(data.get("models"), dict) and isinstance(data.get("cases"), list)):
+        raise ConfigError(f"records file '{p}' needs 'models' (an object) and 'cases' (a list); {hint}")
     out.files.append(str(p))
-    models = {name: spec_from_config(cfg, name) for name, cfg in data["models"].items()}
-    gpu = _gpu_from_name(data.get("gpu")) or REFERENCE_GPU
-    versions = versions_from_text(data.get("about", ""))
-    for c in data["cases"]:
-        model = models.get(c["model"])
+    models = {}
+    for name, cfg in data["models"].items():
+        try:
+            models[name] = spec_from_config(cfg, name)
+        except LoraplanError as e:
+            out.problems.append(f"{p}: model '{name}' skipped: {e}")
+    gpu = _gpu_from_name(data.get("gpu") if isinstance(data.get("gpu"), str) else None) or REFERENCE_GPU
+    about = data.get("about", "")
+    versions = versions_from_text(about if isinstance(about, str) else "")
+    for i, c in enumerate(data["cases"], start=1):
+        try:
+            if not isinstance(c, dict):
+                raise ConfigError(f"case is a JSON {type(c).__name__}, not an object")
+            missing = [k for k in ("model", "quant", "optimizer", "batch", "seq", "rank", "alpha", "dropout",
+                                   "targets", "gradient_checkpointing") if c.get(k) is None]
+            if missing:
+                raise ConfigError(f"case lacks {', '.join(missing)}")
+            check_inputs(c)
+            check_measured(c)
+            c = dict(c, targets=_targets_list(c["targets"]))
+        except LoraplanError as e:
+            out.problems.append(f"{p}: case {i} skipped: {e}")
+            continue
+        model = models.get(c["model"]) if isinstance(c["model"], str) else None
         if model is None:
             out.problems.append(f"{p}: case {c.get('id')} names model '{c['model']}' that the file's 'models' lacks; skipped")
             continue
-        lora, train = case_specs(c, model)
+        try:
+            lora, train = case_specs(c, model)
+        except LoraplanError as e:
+            out.problems.append(f"{p}: case {c.get('id') or i} skipped: {e}")
+            continue
         out.measurements.append(Measurement(
             id=c.get("id") or c["model"], source=f"{p}#{c.get('id')}", gpu=c.get("gpu") or gpu, model=model,
             lora=lora, train=train, status=c.get("status", "ok"),
@@ -252,13 +280,20 @@ def measurement_from_record(rec: dict[str, Any], source: str = "") -> Measuremen
     """A profile record (or a flat reference-style case) -> Measurement. Raises ConfigError."""
     from .reference import case_specs
 
+    if not isinstance(rec, dict):
+        raise ConfigError(f"record is a JSON {type(rec).__name__}, not an object")
     if "inputs" in rec:
+        if not isinstance(rec["inputs"], dict):
+            raise ConfigError("record 'inputs' is not an object of option: value")
         inputs = dict(rec["inputs"])
     else:  # flat case: the inputs are the record itself
         inputs = dict(rec)
     missing = [k for k in ("model", "quant", "optimizer", "batch", "seq", "rank", "targets") if inputs.get(k) is None]
     if missing:
         raise ConfigError(f"record lacks inputs {', '.join(missing)}")
+    check_inputs(inputs)
+    check_measured(rec)
+    inputs["targets"] = _targets_list(inputs["targets"])
     inputs.setdefault("alpha", 2 * int(inputs["rank"]))
     inputs.setdefault("dropout", 0.0)
     inputs.setdefault("gradient_checkpointing", True)
@@ -291,6 +326,127 @@ def measurement_from_record(rec: dict[str, Any], source: str = "") -> Measuremen
         versions=dict(env.get("versions") or rec.get("versions") or {}),
         phases=phases, error=rec.get("error"), **trace_fields(rec),
     )
+
+
+#: the record statuses ``loraplan profile`` writes
+STATUSES = ("ok", "oom", "timeout", "error")
+#: measured byte counts above this (1 PiB) are not a GPU's
+MAX_MEASURED_BYTES = 1 << 50
+#: a measured step longer than a day is not a training step
+MAX_STEP_S = 86_400.0
+
+
+def _shown(v: Any) -> str:
+    text = json.dumps(v) if isinstance(v, (str, list, dict, bool)) or v is None else repr(v)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _targets_list(t: str | list) -> list[str]:
+    """A record's targets as a list of names ('q_proj,v_proj' is split like --targets)."""
+    from .targets import parse_targets
+
+    return list(parse_targets(t))
+
+
+def check_inputs(inputs: dict[str, Any]) -> None:
+    """The inputs of a record or reference case by type and range, before any spec is built.
+
+    ConfigError (one line: key, value, what it must be) for: model not a name; quant, optimizer,
+    attention, device not a known choice; rank, batch, seq, target_seq not a positive integer;
+    alpha not finite; dropout outside [0, 1); int8_outlier_fraction outside [0, 1]; targets not
+    a name or a list of names; gradient_checkpointing / double_quant not true/false.
+    """
+    from .spec import ATTENTION, DEVICES, OPTIMIZERS, QUANTS
+
+    def bad(key: str, want: str) -> ConfigError:
+        return ConfigError(f"input {key} = {_shown(inputs.get(key))} must be {want}")
+
+    if not isinstance(inputs.get("model"), str) or not inputs["model"].strip():
+        raise bad("model", "a catalog name or a config path")
+    for key, choices in (("quant", QUANTS), ("optimizer", OPTIMIZERS), ("attention", ATTENTION), ("device", DEVICES)):
+        v = inputs.get(key)
+        if v is None and key in ("attention", "device"):
+            continue
+        if not isinstance(v, str) or v not in choices:
+            raise bad(key, f"one of {', '.join(choices)}")
+    for key in ("rank", "batch", "seq", "target_seq"):
+        v = inputs.get(key)
+        if v is None and key == "target_seq":
+            continue
+        if not _is_int(v) or v <= 0:
+            raise bad(key, "a positive integer")
+    if "alpha" in inputs and not _is_real(inputs["alpha"]):
+        raise bad("alpha", "a finite number")
+    if "dropout" in inputs and not (_is_real(inputs["dropout"]) and 0 <= inputs["dropout"] < 1):
+        raise bad("dropout", "a number in [0, 1)")
+    frac = inputs.get("int8_outlier_fraction")
+    if frac is not None and not (_is_real(frac) and 0 <= frac <= 1):
+        raise bad("int8_outlier_fraction", "a number in [0, 1] or null")
+    t = inputs.get("targets")
+    if not ((isinstance(t, str) and t.strip())
+            or (isinstance(t, list) and t and all(isinstance(x, str) and x.strip() for x in t))):
+        raise bad("targets", "a module name or a list of module names")
+    for key in ("gradient_checkpointing", "double_quant"):
+        if inputs.get(key) is not None and not isinstance(inputs[key], bool):
+            raise bad(key, "true or false")
+
+
+def check_measured(rec: dict[str, Any]) -> None:
+    """What a record says was measured, by type and physical range (ConfigError, one line).
+
+    status one of STATUSES; ``memory`` / ``nvml`` / ``time`` / ``env`` / ``trace`` objects when
+    present; peaks (allocated, reserved, NVML used, trace) whole numbers > 0 (a zero peak is a
+    failed measurement, never a pass) and below MAX_MEASURED_BYTES; NVML baseline >= 0 and below
+    the NVML peak; reserved >= allocated (the caching allocator reserves what it hands out);
+    step time finite, > 0 and below MAX_STEP_S.
+    """
+    status = rec.get("status", "ok")
+    if status is not None and status not in STATUSES:
+        raise ConfigError(f"status {_shown(status)} must be one of {', '.join(STATUSES)}")
+    for key in ("memory", "nvml", "time", "env", "trace"):
+        if rec.get(key) is not None and not isinstance(rec[key], dict):
+            raise ConfigError(f"'{key}' = {_shown(rec[key])} must be an object")
+    mem = rec.get("memory") or {}
+    nvml = rec.get("nvml") or {}
+    tm = rec.get("time") or {}
+    tr = rec.get("trace") or {}
+
+    def peak(where: str, v: Any, zero_ok: bool = False) -> int | None:
+        if v is None:
+            return None
+        if not _is_int(v) and not (_is_real(v) and float(v).is_integer()):
+            raise ConfigError(f"{where} = {_shown(v)} must be a whole number of bytes")
+        if v < 0 or (v == 0 and not zero_ok) or v > MAX_MEASURED_BYTES:
+            raise ConfigError(f"{where} = {_shown(v)} is not a possible measurement "
+                              f"(bytes {'>= 0' if zero_ok else '> 0'} and below 1 PiB); re-run 'loraplan profile'")
+        return int(v)
+
+    alloc = peak("peak_allocated_bytes", mem.get("peak_allocated_bytes", rec.get("peak_allocated_bytes")))
+    reserved = peak("peak_reserved_bytes", mem.get("peak_reserved_bytes", rec.get("peak_reserved_bytes")))
+    nv_peak = peak("nvml peak_used_bytes", nvml.get("peak_used_bytes", rec.get("nvml_peak_used_bytes")))
+    nv_base = peak("nvml baseline_used_bytes", nvml.get("baseline_used_bytes", rec.get("nvml_baseline_used_bytes")),
+                   zero_ok=True)
+    peak("trace peak_allocated_bytes", tr.get("peak_allocated_bytes", rec.get("trace_peak_allocated_bytes")))
+    if alloc is not None and reserved is not None and reserved < alloc:
+        raise ConfigError(f"peak_reserved_bytes {reserved:,} is below peak_allocated_bytes {alloc:,}; the allocator "
+                          f"reserves at least what it allocates: a corrupt record")
+    if nv_peak is not None and nv_base is not None and nv_base > nv_peak:
+        raise ConfigError(f"nvml baseline_used_bytes {nv_base:,} is above peak_used_bytes {nv_peak:,}: a corrupt record")
+    step = tm.get("step_s_median", rec.get("step_s_median", rec.get("step_s")))
+    if step is not None and not (_is_real(step) and 0 < step <= MAX_STEP_S):
+        raise ConfigError(f"step time {_shown(step)} s is not a possible measurement (finite, > 0, at most a day)")
+    for key in ("versions", "phases"):
+        v = (rec.get("env") or {}).get(key) if key == "versions" else mem.get(key)
+        if v is not None and not isinstance(v, dict):
+            raise ConfigError(f"'{key}' = {_shown(v)} must be an object")
 
 
 def trace_fields(rec: dict[str, Any]) -> dict[str, Any]:

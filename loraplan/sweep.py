@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -51,6 +52,17 @@ COLUMNS = list(GRID_KEYS) + ["trainable_params", "total_params", "peak_allocated
                              "step_s", "tokens_per_s", "bound", "error"]
 
 
+def _grid_scalar(x: Any, key: str) -> bool:
+    """A grid value: a string, a finite number or a boolean (targets: also a list of strings)."""
+    if key in ("model", "gpu"):
+        return isinstance(x, str)
+    if isinstance(x, (str, bool)):
+        return True
+    if isinstance(x, (int, float)):
+        return math.isfinite(x)
+    return key == "targets" and isinstance(x, list) and bool(x) and all(isinstance(t, str) for t in x)
+
+
 def load_grid(path: str | Path, keys: tuple[str, ...] = GRID_KEYS) -> list[dict[str, Any]]:
     """A TOML or JSON grid file -> list of grids (option -> value or list of values).
 
@@ -59,24 +71,25 @@ def load_grid(path: str | Path, keys: tuple[str, ...] = GRID_KEYS) -> list[dict[
     One table/object is one grid; ``[[grid]]`` tables (TOML) or a top-level list / ``{"grid":
     [...]}`` (JSON) hold several, whose cases are concatenated.
     """
+    from .inputs import MAX_JSON_DEPTH, json_depth, parse_json, read_text_file
+
     p = Path(path)
-    try:
-        text = p.read_text()
-    except OSError as e:
-        raise ConfigError(f"cannot read grid file '{p}': {e.strerror}") from None
+    hint = "give a TOML or JSON grid of option = value(s), e.g. seq = [512, 1024]"
+    text = read_text_file(p, "grid file", hint)
     if p.suffix.lower() == ".toml":
         import tomllib
 
+        depth = json_depth(text)  # brackets outside double-quoted strings: an upper bound for TOML
+        if depth > MAX_JSON_DEPTH:
+            raise ConfigError(f"grid file '{p}' nests {depth} levels deep (at most {MAX_JSON_DEPTH}); {hint}")
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"grid file '{p}' is not valid TOML: {e}") from None
+        except RecursionError:
+            raise ConfigError(f"grid file '{p}' nests too deep; {hint}") from None
     else:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"grid file '{p}' is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); "
-                              f"a .toml file is read as TOML") from None
+        data = parse_json(text, "grid file", str(p), "a .toml file is read as TOML")
     grids = data["grid"] if isinstance(data, dict) and isinstance(data.get("grid"), list) else (
         data if isinstance(data, list) else [data])
     if not grids:
@@ -99,6 +112,10 @@ def load_grid(path: str | Path, keys: tuple[str, ...] = GRID_KEYS) -> list[dict[
             if isinstance(v, list) and not v:
                 raise InputError(f"grid file '{p}': '{k}' is an empty list, so the grid has no cases; "
                                  f"give at least one value or leave '{k}' out")
+            for x in (v if isinstance(v, list) else [v]):
+                if not _grid_scalar(x, key):
+                    raise ConfigError(f"grid file '{p}': '{k}' holds {json.dumps(x)[:40]}, which is not a value "
+                                      f"(a string, a finite number or true/false); fix the grid")
             norm[key] = v
         out.append(norm)
     return out
@@ -241,6 +258,7 @@ def expand_cases(cli_opts: dict[str, Any], grids: list[dict[str, Any]] | None = 
         opts, gpus = _grid_opts(given, g)
         values = {k: split_values(k, opts.get(k)) for k in GRID_KEYS if k != "gpu"}
         values["gpu"] = gpus
+        _check_levels(values)
         tables.append(CaseTable.product(values))
     table = CaseTable.concat(tables)
     if not len(table):
@@ -252,6 +270,55 @@ def expand_cases(cli_opts: dict[str, Any], grids: list[dict[str, Any]] | None = 
     for name in {v or DEFAULTS["model"] for v in table.levels["model"]}:
         load_model(str(name))
     return table
+
+
+def _check_levels(values: dict[str, list]) -> None:
+    """Refuse a value that no case could use (rank 0, dropout inf, targets '*', an empty name):
+    a typo in one option must stop the sweep with one line, not fill the output with error
+    rows. What depends on the combination (targets a model lacks) stays a row's error."""
+    from .case import CHECK_ORDER
+    from .spec import check_value
+    from .targets import parse_targets
+
+    for k in CHECK_ORDER + ("alpha",):
+        for v in values.get(k, ()):
+            if v is not None:
+                check_value(k, v)
+    for t in values.get("targets", ()):
+        if t is not None:
+            parse_targets(t)
+    for k in ("model", "gpu"):
+        for v in values.get(k, ()):
+            if v is not None and not str(v).strip():
+                raise InputError(f"--{k} has an empty name; give {'catalog names' if k == 'model' else 'GPU ids'} "
+                                 f"(see 'loraplan {k}s')")
+
+
+def failed_cases(cols: "Columns") -> tuple[int, str | None]:
+    """(number of rows with an error, the first error message)."""
+    errs = [e for e in cols.values("error") if e]
+    return len(errs), (errs[0] if errs else None)
+
+
+def check_out_path(path: str | Path) -> Path:
+    """``path`` as a sweep output: its folder exists and is a folder, and it is not itself a folder.
+    InputError naming the path and the fix otherwise (checked before any case is evaluated)."""
+    p = Path(path)
+    if not str(path).strip():
+        raise InputError("--out is empty; give a file such as grid.csv, grid.jsonl or grid.parquet")
+    try:
+        if p.is_dir():
+            raise InputError(f"--out '{p}' is a folder; give a file in it, e.g. {p / 'grid.csv'}")
+        parent = p.parent
+        if not parent.exists():
+            raise InputError(f"--out '{p}': folder '{parent}' does not exist; create it first or choose another path")
+        if not parent.is_dir():
+            raise InputError(f"--out '{p}': '{parent}' is not a folder; choose another path")
+    except OSError as e:
+        raise InputError(f"--out '{p}' is not a usable path ({e.strerror}); choose another path") from None
+    if not os.access(parent, os.W_OK):
+        raise InputError(f"--out '{p}': folder '{parent}' is not writable; choose another path")
+    return p
 
 
 def build_cases(cli_opts: dict[str, Any], grids: list[dict[str, Any]] | None = None) -> list[dict]:
@@ -801,7 +868,13 @@ def write_columns(cols: Columns, path: str | Path, fmt: str) -> int:
     ``csv`` module's quoting, ``json.dumps`` of each row): each column's values are formatted
     once per distinct value (``repr`` for floats) and pyarrow joins them into lines; without
     pyarrow, ``write_rows`` does it row by row."""
-    p = Path(path)
+    try:
+        return _write_columns(cols, Path(path), fmt)
+    except OSError as e:
+        raise InputError(f"cannot write '{path}': {e.strerror}; choose a writable path with --out") from None
+
+
+def _write_columns(cols: Columns, p: Path, fmt: str) -> int:
     if fmt == "parquet":
         _need_pandas("Parquet")
         try:

@@ -86,8 +86,20 @@ def parse_targets(text: str | list | tuple) -> tuple[str, ...]:
     """'q_proj,v_proj' -> ('q_proj', 'v_proj'); keeps order, drops blanks and duplicates."""
     items = text.split(",") if isinstance(text, str) else list(text)
     out: list[str] = []
+    shown = text if isinstance(text, str) else ",".join(map(str, items))
     for t in (str(i).strip() for i in items):
-        if t and t not in out:
+        if not t:
+            if any(str(i).strip() for i in items):
+                raise TargetError(f"--targets '{shown}' has an empty name between commas; "
+                                  f"remove the extra comma (e.g. 'q_proj,v_proj')")
+            continue
+        if not _PLAIN.match(t) and t != ALL_LINEAR:
+            try:
+                re.compile(t)
+            except re.error as e:
+                raise TargetError(f"LoRA target '{t}' is neither a module name nor a valid regular expression "
+                                  f"({e}); give names like 'q_proj,v_proj' or 'all-linear'") from None
+        if t not in out:
             out.append(t)
     if not out:
         raise TargetError("--targets is empty; give module names like 'q_proj,v_proj' or 'all-linear'")

@@ -48,19 +48,39 @@ def load_model(name_or_path: str) -> ModelSpec:
     from ..hf import load_config, spec_from_config
 
     entries = model_entries()
-    key = name_or_path.strip().lower()
+    key = _name(name_or_path, "--model", "a catalog name (see 'loraplan models') or a path to a config.json")
     if key in entries:
         e = entries[key]
         spec = spec_from_config(e["config"], e["name"])
         return _with_source(spec, e.get("source", ""))
     p = Path(name_or_path).expanduser()
-    if p.exists() or "/" in name_or_path or name_or_path.endswith(".json"):
+    try:
+        exists = p.exists()
+    except OSError as e:  # e.g. a path component longer than the file system allows
+        raise UnknownNameError(f"--model '{name_or_path[:60]}...' is not a usable path ({e.strerror}); "
+                               f"give a catalog name (see 'loraplan models') or a path to a config.json") from None
+    if exists or "/" in name_or_path or name_or_path.endswith(".json"):
         cfg = load_config(p)
         name = p.parent.name if p.name == "config.json" else (p.name if p.is_dir() else p.stem)
         return _with_source(spec_from_config(cfg, name), str(p))
     raise UnknownNameError(
         f"unknown model '{name_or_path}'{suggest(key, entries)} "
         f"(see 'loraplan models', or give a path to a config.json)")
+
+
+#: longer names are refused before they reach the file system (PATH_MAX is 4096 on Linux)
+MAX_NAME_CHARS = 4096
+
+
+def _name(value, option: str, want: str) -> str:
+    """A catalog key from a name option: stripped, lower case; empty or absurdly long is an InputError."""
+    from ..errors import InputError
+
+    if not isinstance(value, str) or not value.strip():
+        raise InputError(f"{option} {value!r} is empty; give {want}")
+    if len(value) > MAX_NAME_CHARS:
+        raise InputError(f"{option} is {len(value):,} characters long (at most {MAX_NAME_CHARS:,}); give {want}")
+    return value.strip().lower()
 
 
 def _with_source(spec: ModelSpec, source: str) -> ModelSpec:
@@ -76,7 +96,7 @@ def gpu_ids() -> list[str]:
 @lru_cache(maxsize=None)
 def load_gpu(gpu_id: str) -> GpuSpec:
     entries = gpu_entries()
-    key = gpu_id.strip().lower()
+    key = _name(gpu_id, "--gpu", "a GPU id such as h100-sxm-80gb (see 'loraplan gpus')")
     if key not in entries:
         raise UnknownNameError(f"unknown GPU '{gpu_id}'{suggest(key, entries)} (see 'loraplan gpus')")
     e = entries[key]
@@ -96,20 +116,44 @@ def load_calibration(gpu_id: str | None, path: str | None = None) -> Calibration
     reference with their provenance; a GPU-specific file overrides it name by name.
     """
     entries = calibration_entries()
-    base = dict(entries.get("default", {}).get("coefficients", {}))
+    base = dict(_checked(entries.get("default", {}).get("coefficients", {}), "default"))
     prov = {"default": entries.get("default", {}).get("provenance", {})}
     if path is not None:
         from ..errors import ConfigError
+        from ..inputs import check_coefficients, read_json_file
 
-        try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ConfigError(f"cannot read calibration file '{path}': {e}; "
-                              f"make one with 'loraplan calibrate'") from None
-        base.update(data.get("coefficients", {}))
-        return Calibration(gpu=data.get("gpu", gpu_id or ""), coefficients=base,
-                           provenance={"file": str(path), **data.get("provenance", {})})
+        hint = "make one with 'loraplan calibrate'"
+        data = read_json_file(path, "calibration file", hint)
+        if not isinstance(data, dict):
+            raise ConfigError(f"calibration file '{path}' holds a JSON {type(data).__name__}, not an object "
+                              f"with 'coefficients'; {hint}")
+        if "coefficients" not in data:
+            raise ConfigError(f"calibration file '{path}' has no 'coefficients'; {hint}")
+        gpu = data.get("gpu", gpu_id or "")
+        if gpu is not None and not isinstance(gpu, str):
+            raise ConfigError(f"calibration file '{path}': 'gpu' must be a GPU id string; {hint}")
+        prov_file = data.get("provenance") or {}
+        if not isinstance(prov_file, dict):
+            raise ConfigError(f"calibration file '{path}': 'provenance' must be an object; {hint}")
+        check_coefficients(data["coefficients"], str(path))
+        base.update(data["coefficients"])  # the values as written (ints stay ints): checked above
+        return Calibration(gpu=gpu or gpu_id or "", coefficients=base,
+                           provenance={"file": str(path), **prov_file})
     if gpu_id and gpu_id in entries:
-        base.update(entries[gpu_id].get("coefficients", {}))
+        base.update(_checked(entries[gpu_id].get("coefficients", {}), gpu_id))
         prov[gpu_id] = entries[gpu_id].get("provenance", {})
     return Calibration(gpu=gpu_id or "", coefficients=base, provenance=prov)
+
+
+@lru_cache(maxsize=None)
+def _check_builtin(name: str) -> None:
+    from ..inputs import check_coefficients
+
+    check_coefficients(calibration_entries()[name].get("coefficients", {}), str(HERE / "calibrations" / f"{name}.json"))
+
+
+def _checked(coefficients: dict, name: str) -> dict:
+    """A built-in calibration's coefficients as written, range-checked once (inputs.check_coefficients)."""
+    if name in calibration_entries():
+        _check_builtin(name)
+    return dict(coefficients)

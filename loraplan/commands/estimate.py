@@ -45,7 +45,7 @@ def estimate_command(method, calibration_file, fmt, explain_, **opts):
         click.echo(f"warning: {w.message}", err=True)
     if explain_ and fmt == "csv":
         raise InputError("--explain has no CSV form; use --format table or --format json")
-    gpu = load_gpu(opts["gpu"]) if opts.get("gpu") else None
+    gpu = load_gpu(opts["gpu"]) if opts.get("gpu") is not None else None  # '' is refused, not "no GPU"
     cal = load_calibration(gpu.id if gpu else None, calibration_file)
     result = estimate(model, lora, train, gpu, cal)
     if method == "trace":

@@ -53,7 +53,7 @@ def plan_command(gpu_list, tokens, examples, tokens_per_example, epochs, effecti
         model, lora, train = resolve_case(opts)
     for w in caught:
         click.echo(f"warning: {w.message}", err=True)
-    ids = [g.strip() for g in gpu_list.split(",") if g.strip()] if gpu_list else gpu_ids()
+    ids = [g.strip() for g in gpu_list.split(",") if g.strip()] if gpu_list is not None else gpu_ids()  # '' is refused
     if not ids:
         raise InputError("--gpu is empty; give GPU ids like 'l4-24gb,h100-sxm-80gb' (see 'loraplan gpus')")
     gpus = [load_gpu(g) for g in ids]

@@ -42,7 +42,7 @@ def compare_command(grid_file, tokens, calibration_file, out, name, **opts):
     require_report_extra()
     if tokens <= 0:
         raise InputError(f"--tokens {tokens:g} must be positive")
-    ensure_writable(out)
+    ensure_writable(out, name)
     gpu_opt = opts.pop("gpu", None)
     if grid_file:
         from ..profile.grid import load_grid_file
@@ -61,7 +61,9 @@ def compare_command(grid_file, tokens, calibration_file, out, name, **opts):
         configs, _ = configs_from_cases(cases)
     for w in caught:
         click.echo(f"warning: {w.message}", err=True)
-    gids = [g.strip() for g in (gpu_opt or ",".join(DEFAULT_GPUS)).split(",") if g.strip()]
+    gids = [g.strip() for g in (",".join(DEFAULT_GPUS) if gpu_opt is None else gpu_opt).split(",") if g.strip()]
+    if not gids:
+        raise InputError(f"--gpu {gpu_opt!r} names no GPU; give GPU ids like 'l4-24gb,h100-sxm-80gb' (see 'loraplan gpus')")
     gpus = [load_gpu(g) for g in gids]
     doc, _ = compare_document(configs, gpus, lambda gid: load_calibration(gid, calibration_file), tokens)
     h, m = doc.write(out, name)
@@ -107,7 +109,7 @@ def validation_command(records, gpu, calibration_file, out, name, case, trace, t
     from .validate import traced
 
     require_report_extra()
-    ensure_writable(out)
+    ensure_writable(out, name)
     ms = load_measurements(list(records) or None)
     for p in ms.problems:
         click.echo(f"warning: {p}", err=True)

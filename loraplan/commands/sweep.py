@@ -33,9 +33,11 @@ def sweep_command(grid_file, out, fmt, yes, quiet, **opts):
     verdict and headroom, and step time; a case that cannot be estimated gets its error in 'error'.
     """
     from ..errors import InputError
-    from ..sweep import MAX_CASES, count_cases, evaluate_table, expand_cases, load_grid, output_format, write_columns
+    from ..sweep import (MAX_CASES, check_out_path, count_cases, evaluate_table, expand_cases, failed_cases, load_grid,
+                         output_format, write_columns)
 
     fmt = output_format(out, fmt)
+    check_out_path(out)
     grids = load_grid(grid_file) if grid_file else None
     n = count_cases(opts, grids)
     if n > MAX_CASES and not yes:
@@ -51,7 +53,13 @@ def sweep_command(grid_file, out, fmt, yes, quiet, **opts):
                       transient=True) as bar:
             task = bar.add_task("sweep", total=len(table))
             cols = evaluate_table(table, on_progress=lambda done: bar.update(task, completed=done))
+    failed, first = failed_cases(cols)
+    if failed and failed == len(cols):
+        raise InputError(f"none of the {len(cols):,} cases can be estimated: {first}")
     written = write_columns(cols, out, fmt)
+    if failed:
+        click.echo(f"warning: {failed:,} of {len(cols):,} cases could not be estimated (see the 'error' column), "
+                   f"e.g.: {first}", err=True)
     _summary(quiet, written, out, fmt, time.perf_counter() - t0)
 
 

@@ -55,8 +55,8 @@ def validate_command(records, gpu, calibration_file, max_error, check, fmt, case
     bad = [c for c in checks if c not in allowed]
     if bad or not checks:
         raise InputError(f"--check '{check}' must be a comma list of {', '.join(allowed)} or 'all'")
-    if max_error is not None and max_error < 0:
-        raise InputError(f"--max-error {max_error:g} must be a percentage >= 0 (e.g. 5)")
+    if max_error is not None and not (max_error >= 0 and max_error != float("inf")):  # NaN fails >= 0
+        raise InputError(f"--max-error {max_error:g} must be a finite percentage >= 0 (e.g. 5)")
     ms = load_measurements(list(records) or None)
     for p in ms.problems:
         click.echo(f"warning: {p}", err=True)

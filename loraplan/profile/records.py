@@ -217,17 +217,28 @@ class RecordFile:
 
 def read_records(path: str | Path) -> RecordFile:
     """Parse a records file; a missing file is empty. Corrupt lines are reported, never fixed."""
+    import stat
+
+    from ..errors import ConfigError
+    from ..inputs import MAX_JSON_DEPTH, json_depth
+
     p = Path(path)
     out = RecordFile(p)
     if not p.exists():
         return out
+    if not stat.S_ISREG(os.stat(p).st_mode):  # a FIFO or a device would block or never end
+        raise ConfigError(f"records file '{p}' is not a regular file; give profiles/<gpu-id>.jsonl files")
     with open(p, "rb") as f:
         for n, raw in enumerate(f, start=1):
             line = raw.strip()
             if not line:
                 continue
             try:
-                rec = json.loads(line.decode("utf-8"))
+                text = line.decode("utf-8")
+                if json_depth(text) > MAX_JSON_DEPTH:  # json recurses per level
+                    out.problems.append((n, f"nests deeper than {MAX_JSON_DEPTH} levels"))
+                    continue
+                rec = json.loads(text)
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 out.problems.append((n, f"not JSON: {e}"))
                 continue

@@ -42,19 +42,48 @@ def pyplot():
     return plt
 
 
-def ensure_writable(out_dir: str | Path) -> Path:
-    """Create ``out_dir`` (or fail with the fix) before any plot is drawn."""
+def ensure_writable(out_dir: str | Path, name: str | None = None) -> Path:
+    """Check, before any plot is drawn, that ``out_dir`` can be written (it, or the nearest folder
+    above it that exists, is a writable folder) and that ``name`` is a plain file stem
+    (:func:`check_name`). Creates nothing: the folder is made when the report is written, so a
+    report that fails leaves no empty folder behind."""
     import os
 
     d = Path(out_dir)
+    if name is not None:
+        check_name(name)
+    if not str(out_dir).strip():
+        raise InputError("--out is empty; give a folder such as reports")
+    probe = d
     try:
-        d.mkdir(parents=True, exist_ok=True)
+        while not probe.exists():
+            if probe.parent == probe:
+                break
+            probe = probe.parent
+        if not probe.is_dir():
+            raise InputError(f"cannot write the report into '{d}': '{probe}' is not a folder; choose a folder with --out")
     except OSError as e:
         raise InputError(f"cannot write the report into '{d}': {e.strerror or e}; "
                          f"choose a writable folder with --out") from None
-    if not os.access(d, os.W_OK | os.X_OK):
-        raise InputError(f"cannot write the report into '{d}': permission denied; choose a writable folder with --out")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise InputError(f"cannot write the report into '{d}': '{probe}' is not writable; "
+                         f"choose a writable folder with --out")
     return d
+
+
+#: the longest report name (file names are at most 255 bytes; the name gets -figN.png added)
+MAX_NAME_CHARS = 200
+
+
+def check_name(name: str) -> str:
+    """``name`` as a file stem inside ``--out``: no path separators, not '.'/'..', not empty."""
+    import os
+
+    if (not isinstance(name, str) or not name.strip() or name in (".", "..") or "/" in name or "\\" in name
+            or (os.sep in name) or "\0" in name or len(name) > MAX_NAME_CHARS):
+        raise InputError(f"--name {name[:60]!r} is not a plain file name (no '/', not '..', at most "
+                         f"{MAX_NAME_CHARS} characters); the report is written inside --out, e.g. --name my-report")
+    return name
 
 
 @dataclass
@@ -135,7 +164,9 @@ class Document:
 
     def write(self, out_dir: str | Path, name: str) -> tuple[Path, Path]:
         """Write ``<out>/<name>.html`` and ``<out>/<name>.md`` (+ ``<name>-figN.png``)."""
+        check_name(name)
         d = Path(out_dir)
+        made = _missing_folders(d)
         try:
             d.mkdir(parents=True, exist_ok=True)
             imgs = []
@@ -147,9 +178,26 @@ class Document:
             h.write_text(self.to_html())
             m.write_text(self.to_markdown(imgs))
         except OSError as e:
+            for f in made:  # leave no empty folder behind
+                try:
+                    f.rmdir()
+                except OSError:
+                    break
             raise InputError(f"cannot write the report into '{d}': {e.strerror or e}; "
                              f"choose a writable folder with --out") from None
         return h, m
+
+
+def _missing_folders(d: Path) -> list[Path]:
+    """The folders ``d.mkdir(parents=True)`` would create, deepest first."""
+    out = []
+    try:
+        while not d.exists() and d.parent != d:
+            out.append(d)
+            d = d.parent
+    except OSError:
+        return []
+    return out
 
 
 def markdown_table(df) -> str:

@@ -14,6 +14,8 @@ with the same measured peak as a third view (metric ``trace``), beside the analy
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
@@ -89,8 +91,12 @@ class Validation:
         best = None
         for m in metrics:
             s = self.summary.get(m)
-            if s and s["n"] and (best is None or abs(s["worst"]) > best[0]):
-                best = (abs(s["worst"]), s["worst_case"], m)
+            if not (s and s["n"]):
+                continue
+            for case, e in (s.get("cases") or {s["worst_case"]: s["worst"]}).items():
+                size = abs(e) if math.isfinite(e) else math.inf  # an error that is not a number never passes
+                if best is None or size > best[0]:
+                    best = (size, case, m)
         return best
 
     def to_dict(self) -> dict:

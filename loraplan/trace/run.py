@@ -146,6 +146,9 @@ def trace_step(model_config: dict, lora: LoraSpec, train: TrainSpec, gpu_compute
         raise InputError(f"quant '{train.quant}' is not supported by the trace")
     if steps < 1:
         raise InputError(f"steps {steps} must be at least 1")
+    from ..hf import check_config
+
+    check_config(model_config, "model config")  # the values the shape rules refuse, before transformers builds
 
     import torch
     import transformers

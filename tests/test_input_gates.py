@@ -1,0 +1,253 @@
+"""The validation layer wired in: every way in (config files, catalog, calibrations, grids,
+options, report names) refuses a bad value with one line, exit 2, before anything is built."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from loraplan.catalog import model_entries
+from loraplan.errors import ConfigError, InputError, LoraplanError
+
+
+def _one_line_refusal(run_cli, *args):
+    code, out, err = run_cli(*args)
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert code == 2, (args, out[-300:], err[-300:])
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+# ---- config.json: the reader and one gate for every path --------------------------------------
+
+
+def test_load_config_reads_through_the_reader(tmp_path):
+    from loraplan.hf import load_config
+
+    cfg = dict(model_entries()["qwen2.5-0.5b"]["config"])
+    p = tmp_path / "config.json"
+    p.write_bytes(b"\xef\xbb\xbf" + json.dumps(cfg).encode())
+    assert load_config(p)["model_type"] == "qwen2"
+    p.write_bytes(b"[" * 100_000 + b"]" * 100_000)
+    with pytest.raises(ConfigError, match="nests"):
+        load_config(p)
+    p.write_bytes(json.dumps(cfg).encode("utf-16"))
+    with pytest.raises(ConfigError, match="UTF-16"):
+        load_config(p)
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)
+    with pytest.raises(ConfigError, match="not a regular file"):
+        load_config(fifo)
+    with pytest.raises(ConfigError, match="not a regular file"):
+        load_config("/dev/zero")
+
+
+@pytest.mark.parametrize("key, value", [
+    ("hidden_size", float("nan")), ("num_hidden_layers", 2**63), ("num_attention_heads", 0),
+    ("vocab_size", "64"), ("intermediate_size", True), ("num_key_value_heads", 3), ("head_dim", {}),
+    ("max_position_embeddings", [])])
+def test_spec_from_config_refuses_before_building(key, value):
+    from loraplan.hf import spec_from_config
+
+    cfg = dict(model_entries()["llama-3.2-1b"]["config"], **{key: value})
+    with pytest.raises(ConfigError) as e:
+        spec_from_config(cfg, "bad")
+    assert "\n" not in str(e.value) and key in str(e.value)
+
+
+@pytest.mark.parametrize("base, refuse", [("llama-3.2-1b", True), ("gemma-2-2b", True), ("pythia-1b", True),
+                                          ("opt-6.7b", True), ("falcon-7b", True),
+                                          ("mistral-7b", False), ("qwen2.5-0.5b", False), ("phi-3-mini-4k", False)])
+def test_hidden_not_a_multiple_of_heads_follows_transformers(base, refuse):
+    """transformers 5.x: LlamaConfig, Gemma2Config, GPTNeoXConfig (validate_architecture),
+    OPTAttention and FalconAttention refuse hidden % heads != 0; mistral, qwen2 and phi3 build
+    with head_dim = hidden // heads (floor) when head_dim is absent, and so does the rule."""
+    from loraplan.hf import spec_from_config
+
+    cfg = dict(model_entries()[base]["config"])
+    cfg.pop("head_dim", None)
+    heads = cfg["num_attention_heads"]
+    cfg["hidden_size"] = cfg["hidden_size"] + 1  # no longer a multiple of the heads
+    cfg.pop("num_key_value_heads", None) if base != "falcon-7b" else None
+    if refuse:
+        with pytest.raises(ConfigError, match="multiple of num_attention_heads"):
+            spec_from_config(cfg, "odd")
+    else:
+        spec = spec_from_config(cfg, "odd")
+        assert spec.head_dim == cfg["hidden_size"] // heads > 0
+        q = next(l for l in spec.linears if l.role in ("q", "qkv"))
+        assert q.in_features == cfg["hidden_size"]
+
+
+def test_head_dim_zero_and_bad_t5_activation_are_refused():
+    from loraplan.hf import spec_from_config
+
+    cfg = dict(model_entries()["qwen2.5-0.5b"]["config"], hidden_size=8, num_attention_heads=14,
+               num_key_value_heads=2)
+    with pytest.raises(ConfigError, match="head_dim"):
+        spec_from_config(cfg, "tiny")
+    t5 = dict(model_entries()["flan-t5-base"]["config"], feed_forward_proj="gated-gelu-x")
+    with pytest.raises(ConfigError, match="feed_forward_proj"):
+        spec_from_config(t5, "t5")
+
+
+def test_trace_step_refuses_before_building():
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    from loraplan.spec import LoraSpec, TrainSpec
+    from loraplan.trace.run import trace_step
+
+    cfg = dict(model_entries()["qwen2.5-0.5b"]["config"], num_hidden_layers=10**9)
+    with pytest.raises(ConfigError, match="num_hidden_layers"):
+        trace_step(cfg, LoraSpec(), TrainSpec(quant="bf16"))
+
+
+def test_every_catalog_model_passes_the_gate():
+    from loraplan.hf import check_config
+
+    for name, e in model_entries().items():
+        check_config(e["config"], name)
+
+
+# ---- calibrations ----------------------------------------------------------------------------
+
+
+def test_shipped_calibrations_are_in_range():
+    from loraplan.catalog import HERE
+    from loraplan.inputs import check_coefficients
+
+    files = sorted((HERE / "calibrations").glob("*.json"))
+    assert any(p.name == "default.json" for p in files)
+    for p in files:
+        check_coefficients(json.loads(p.read_text())["coefficients"], str(p))
+
+
+@pytest.mark.parametrize("body, words", [
+    ('{"coefficients": {"time_eff_mm": NaN}}', "time_eff_mm"),
+    ('{"coefficients": {"time_eff_mm": 3}}', "allowed"),
+    ('{"coefficients": {"cuda_context_bytes": -1}}', "cuda_context_bytes"),
+    ('{"coefficients": {"time_host_op_s": "x"}}', "time_host_op_s"),
+    ('{"coefficients": {"nonsense": 1}}', "unknown coefficient"),
+    ('{"coefficients": [1]}', "coefficients"),
+    ('[1, 2]', "not an object"),
+    ('{"gpu": "h100-sxm-80gb"}', "no 'coefficients'"),
+])
+def test_calibration_files_are_checked(tmp_path, run_cli, body, words):
+    p = tmp_path / "cal.json"
+    p.write_text(body)
+    line = _one_line_refusal(run_cli, "estimate", "--calibration", str(p), "--format", "json")
+    assert words in line
+
+
+def test_zero_where_zero_is_possible(tmp_path, run_cli):
+    p = tmp_path / "cal.json"
+    p.write_text('{"coefficients": {"allocator_overhead_bytes": 0, "time_host_op_s": 0, '
+                 '"reserved_over_allocated_ratio": 0}}')
+    code, out, err = run_cli("estimate", "--calibration", str(p), "--format", "json")
+    assert code == 0, err
+
+
+# ---- grids -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, body", [
+    ("g.json", "[" * 10_000 + "]" * 10_000),
+    ("g.toml", "seq = " + "[" * 10_000 + "]" * 10_000),
+    ("g.json", '{"rank": [null]}'),
+    ("g.json", '{"rank": NaN}'),
+    ("g.json", '{"rank": [{"a": 1}]}'),
+    ("g.json", '{"gpu": [8, 16]}'),
+    ("g.json", '{"rank": "8:64:x0"}'),
+    ("g.json", '{"rank": [0]}'),
+])
+def test_bad_grids_are_one_line(tmp_path, run_cli, name, body):
+    g = tmp_path / name
+    g.write_text(body)
+    _one_line_refusal(run_cli, "sweep", "--grid", str(g), "--out", str(tmp_path / "o.csv"))
+    assert not (tmp_path / "o.csv").exists()
+
+
+# ---- options ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--targets", ""], "--targets"),
+    (["--targets", "*"], "regular expression"),
+    (["--targets", "q_proj,,"], "empty name"),
+    (["--targets", ","], "--targets"),
+    (["--gpu", ""], "--gpu"),
+    (["--model", ""], "--model"),
+    (["--model", "x" * 5000], "characters"),
+    (["--model", "x" * 300], "--model"),
+])
+def test_estimate_options(run_cli, args, words):
+    assert words in _one_line_refusal(run_cli, "estimate", "--format", "json", *args)
+
+
+def test_plan_gpu_empty_is_not_every_gpu(run_cli):
+    assert "--gpu" in _one_line_refusal(run_cli, "plan", "--gpu", "", "--tokens", "1e6", "--format", "json")
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--rank", "8:64:+0.5"], "whole"),
+    (["--batch", "1:8:xnan"], "non-finite"),
+    (["--rank", "8:64:+nan"], "non-finite"),
+    (["--seq", "512:8192:x1.5:"], "range"),
+    (["--seq", "100:1000:x1.5"], "not an integer"),
+    (["--dropout", "inf"], "--dropout"),
+    (["--rank", "0,8"], "--rank"),
+    (["--targets", "nonexistent_proj"], "none of the"),
+    (["--gpu", ""], "--gpu"),
+    (["--model", "x" * 5000], "characters"),
+])
+def test_sweep_options(tmp_path, run_cli, args, words):
+    out = tmp_path / "o.csv"
+    assert words in _one_line_refusal(run_cli, "sweep", "--model", "qwen2.5-0.5b", "--out", str(out), *args)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("out, words", [
+    ("{d}/missing/out.csv", "does not exist"),
+    ("{d}/out.xyz", "extension"),
+    ("/proc/forbidden.csv", "forbidden"),
+])
+def test_sweep_out(tmp_path, run_cli, out, words):
+    assert words in _one_line_refusal(run_cli, "sweep", "--model", "qwen2.5-0.5b", "--out", out.format(d=tmp_path))
+    assert not (tmp_path / "missing").exists()
+
+
+def test_sweep_mixed_errors_write_and_warn(tmp_path, run_cli):
+    out = tmp_path / "o.csv"
+    code, _, err = run_cli("sweep", "--model", "qwen2.5-0.5b,flan-t5-base", "--targets", "q_proj", "--out", str(out))
+    assert code == 0 and out.exists() and "1 of 2 cases could not be estimated" in err
+
+
+# ---- reports ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["../../x", "a/b", "..", "", "x" * 300])
+def test_report_name_stays_inside_out(tmp_path, run_cli, monkeypatch, name):
+    pytest.importorskip("matplotlib")
+    monkeypatch.chdir(tmp_path)
+    _one_line_refusal(run_cli, "report", "validation", "reference", "--out", "rep/sub", "--name", name)
+    assert not (tmp_path / "rep").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_failed_report_leaves_no_empty_folder(tmp_path, run_cli, monkeypatch):
+    pytest.importorskip("matplotlib")
+    monkeypatch.chdir(tmp_path)
+    _one_line_refusal(run_cli, "report", "validation", str(tmp_path / "missing.jsonl"), "--out", "rep")
+    assert not (tmp_path / "rep").exists()
+
+
+def test_library_errors_are_loraplan_errors():
+    from loraplan.case import split_values
+
+    with pytest.raises(InputError):
+        split_values("rank", "8:64:+0.5")
+    with pytest.raises(LoraplanError):
+        split_values("batch", "1:8:xnan")
