@@ -49,6 +49,18 @@ def _kv_heads(cfg: Mapping[str, Any], n_h: int, default: int | None) -> int:
     return default or n_h
 
 
+def _attention_linears(p: str, i: int, h: int, n_h: int, n_kv: int, d: int, qkv_bias: bool,
+                       o_bias: bool) -> list[LinearSpec]:
+    """Layer ``i``'s separate q, k, v, o projections under ``{p}.self_attn``: q [n_h·d, h],
+    k, v [n_kv·d, h], o [h, n_h·d] (LlamaAttention and the families built like it)."""
+    return [
+        LinearSpec(f"{p}.self_attn.q_proj", h, n_h * d, qkv_bias, "q", "decoder", i),
+        LinearSpec(f"{p}.self_attn.k_proj", h, n_kv * d, qkv_bias, "k", "decoder", i),
+        LinearSpec(f"{p}.self_attn.v_proj", h, n_kv * d, qkv_bias, "v", "decoder", i),
+        LinearSpec(f"{p}.self_attn.o_proj", n_h * d, h, o_bias, "o", "decoder", i),
+    ]
+
+
 def _llama_like(cfg: Mapping[str, Any], name: str, *, qkv_bias: bool, o_bias: bool, mlp_bias: bool,
                 head_dim: int, n_kv: int, tie: bool, arch: ArchSpec,
                 layer_norms: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm"),
@@ -70,11 +82,7 @@ def _llama_like(cfg: Mapping[str, Any], name: str, *, qkv_bias: bool, o_bias: bo
     others: list[ParamSpec] = [ParamSpec("model.embed_tokens.weight", V * h, "embedding")]
     for i in range(L):
         p = f"model.layers.{i}"
-        linears += [
-            LinearSpec(f"{p}.self_attn.q_proj", h, n_h * d, qkv_bias, "q", "decoder", i),
-            LinearSpec(f"{p}.self_attn.k_proj", h, n_kv * d, qkv_bias, "k", "decoder", i),
-            LinearSpec(f"{p}.self_attn.v_proj", h, n_kv * d, qkv_bias, "v", "decoder", i),
-            LinearSpec(f"{p}.self_attn.o_proj", n_h * d, h, o_bias, "o", "decoder", i),
+        linears += _attention_linears(p, i, h, n_h, n_kv, d, qkv_bias, o_bias) + [
             LinearSpec(f"{p}.mlp.gate_proj", h, inter, mlp_bias, "gate", "decoder", i),
             LinearSpec(f"{p}.mlp.up_proj", h, inter, mlp_bias, "up", "decoder", i),
             LinearSpec(f"{p}.mlp.down_proj", inter, h, mlp_bias, "down", "decoder", i),
@@ -540,12 +548,7 @@ def _moe_decoder(cfg: Mapping[str, Any], name: str, mt: str, *, n_kv_default: in
     sparse: list[int] = []
     for i in range(L):
         p = f"model.layers.{i}"
-        linears += [
-            LinearSpec(f"{p}.self_attn.q_proj", h, n_h * d, qkv_bias, "q", "decoder", i),
-            LinearSpec(f"{p}.self_attn.k_proj", h, n_kv * d, qkv_bias, "k", "decoder", i),
-            LinearSpec(f"{p}.self_attn.v_proj", h, n_kv * d, qkv_bias, "v", "decoder", i),
-            LinearSpec(f"{p}.self_attn.o_proj", n_h * d, h, o_bias, "o", "decoder", i),
-        ]
+        linears += _attention_linears(p, i, h, n_h, n_kv, d, qkv_bias, o_bias)
         if head_norm_sizes:
             others += [ParamSpec(f"{p}.self_attn.q_norm.weight", head_norm_sizes[0], "norm"),
                        ParamSpec(f"{p}.self_attn.k_norm.weight", head_norm_sizes[1], "norm")]
