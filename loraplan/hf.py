@@ -342,7 +342,9 @@ def _opt(cfg, name):
     F = _req(cfg, "ffn_dim", mt)
     V = _req(cfg, "vocab_size", mt)
     P = _get(cfg, "word_embed_proj_dim", h)
-    max_pos = cfg.get("max_position_embeddings", 2048)
+    # OPTConfig default 2048; an explicit null reaches OPTLearnedPositionalEmbedding(None + 2) in
+    # transformers too, which fails: the learned table needs a size
+    max_pos = _req(cfg, "max_position_embeddings", mt) if "max_position_embeddings" in cfg else 2048
     b = bool(cfg.get("enable_bias", True))
     affine = bool(cfg.get("layer_norm_elementwise_affine", True))
     ln = (lambda n: _layernorm(n, h)) if affine else (lambda n: [])

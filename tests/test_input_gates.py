@@ -251,3 +251,17 @@ def test_library_errors_are_loraplan_errors():
         split_values("rank", "8:64:+0.5")
     with pytest.raises(LoraplanError):
         split_values("batch", "1:8:xnan")
+
+
+def test_opt_needs_a_position_table_size():
+    """OPT's learned position table is [max_position_embeddings + 2, h]: null cannot be built (by
+    transformers either), so it is refused in one line; absent means OPTConfig's 2048."""
+    from loraplan.catalog import model_entries
+    from loraplan.errors import ConfigError
+    from loraplan.hf import spec_from_config
+
+    cfg = dict(model_entries()["opt-6.7b"]["config"])
+    with pytest.raises(ConfigError, match="lacks 'max_position_embeddings'"):
+        spec_from_config({**cfg, "max_position_embeddings": None}, "opt")
+    cfg.pop("max_position_embeddings")
+    assert spec_from_config(cfg, "opt").max_positions == 2048
