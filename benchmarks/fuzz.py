@@ -83,7 +83,9 @@ def _dimension_valid(key: str, raw: str, cfg: dict) -> str:
     except ValueError:
         return "invalid"
     if key in OPTIONAL_DIMENSIONS and v is None:
-        return "valid"
+        # OPT's learned position table is [max_position_embeddings + 2, h]: transformers cannot build
+        # it from null (OPTLearnedPositionalEmbedding adds its offset of 2 to the size)
+        return "invalid" if (key == "max_position_embeddings" and cfg.get("model_type") == "opt") else "valid"
     if isinstance(v, bool) or not isinstance(v, int) or v <= 0 or v > 10_000_000:
         return "invalid"
     heads = cfg.get("num_attention_heads") or cfg.get("num_heads")

@@ -129,3 +129,18 @@ def test_models_cli_family_filter():
 
     rows = _json.loads(r.output)
     assert rows and {x["model_type"] for x in rows} == {"olmo2"}
+
+
+def test_catalog_tables_leave_columns_out_whole_at_80_columns(monkeypatch, capsys):
+    """At 80 columns 'models' and 'gpus' leave whole columns out and say which, never cut a number
+    short (a vocab of 32000 printed as 3200 would be a wrong number)."""
+    from loraplan.cli import main
+
+    monkeypatch.setenv("COLUMNS", "80")
+    assert main(["models", "--size", "7B"]) == 0
+    out = capsys.readouterr().out
+    assert max(len(l) for l in out.splitlines()) <= 80
+    assert "not shown at this width: source, tied, vocab" in out and " 3200 " not in out
+    monkeypatch.setenv("COLUMNS", "200")
+    assert main(["models", "--size", "7B"]) == 0
+    assert "32000" in capsys.readouterr().out

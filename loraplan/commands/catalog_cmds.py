@@ -115,7 +115,7 @@ def _num(v, fmt: str = "{:g}") -> str:
 @click.option("--min-params", default=None, metavar="SIZE", help="Only models with at least SIZE parameters (500M, 7B).")
 @click.option("--max-params", default=None, metavar="SIZE", help="Only models with at most SIZE parameters.")
 @click.option("--size", default=None, metavar="SIZE",
-              help="Only models within 25%% of SIZE parameters (e.g. 7B); combines with the bounds above.")
+              help="Only models within 25 percent of SIZE parameters (e.g. 7B); combines with the bounds above.")
 def models_command(fmt, family, min_params, max_params, size):
     """List the built-in model catalog (shapes from each model's published config.json).
 
@@ -147,12 +147,13 @@ def models_command(fmt, family, min_params, max_params, size):
         cells.append([r["name"], r["model_type"], _human(r["total_params"]), layers, str(r["hidden_size"]),
                       f"{r['heads']}/{r['kv_heads']}", str(r["vocab_size"]),
                       "yes" if r["tie_word_embeddings"] else "no", _repo(r["source"])])
-    cols = (("name", "left"), ("type", "left"), ("params", "right"), ("layers", "right"), ("hidden", "right"),
-            ("heads/kv", "right"), ("vocab", "right"), ("tied", "center"), ("source", "left"))
-    con = Console()
-    con.print(_table(f"{len(rows)} models", cols, cells, fold="source", width=con.width, drop_fold=True))
-    con.print("layers: encoder+decoder for encoder-decoder models. 'loraplan models --format json' "
-              "gives exact counts and source URLs.", style="dim")
+    # (header, justify, priority): at a narrow width the highest numbers are left out, never cut
+    cols = (("name", "left", 0), ("type", "left", 0), ("params", "right", 0), ("layers", "right", 1),
+            ("hidden", "right", 2), ("heads/kv", "right", 3), ("vocab", "right", 4), ("tied", "center", 5),
+            ("source", "left", 6))
+    _print_table(Console(), f"{len(rows)} models", cols, cells,
+                 "layers: encoder+decoder for encoder-decoder models. 'loraplan models --format json' "
+                 "gives exact counts and source URLs.")
 
 
 @click.command("gpus")
@@ -175,31 +176,23 @@ def gpus_command(fmt):
     cells = [[r["id"], r["name"] or "-", _num(r["memory_gib"], "{:.1f}"), _num(r["bf16_tflops"]),
               _num(r["bandwidth_gb_s"]), _num(r["price_usd_per_hour"], "{:.2f}"), r["price_date"] or "-"]
              for r in rows]
-    cols = (("id", "left"), ("name", "left"), ("memory\nGiB", "right"), ("bf16\nTFLOPs", "right"),
-            ("bandwidth\nGB/s", "right"), ("$/h", "right"), ("price\ndate", "left"))
-    con = Console()
-    con.print(_table(f"{len(rows)} GPUs", cols, cells, fold="name", width=con.width))
+    cols = (("id", "left", 0), ("name", "left", 4), ("memory\nGiB", "right", 0), ("bf16\nTFLOPs", "right", 1),
+            ("bandwidth\nGB/s", "right", 2), ("$/h", "right", 1), ("price\ndate", "left", 3))
+    _print_table(Console(), f"{len(rows)} GPUs", cols, cells, "'loraplan gpus --format json' gives every field "
+                 "and its source.")
 
 
-def _table(title: str, cols, cells: list[list[str]], fold: str, width: int, drop_fold: bool = False):
-    """A rich Table whose columns keep their full width; ``fold`` takes what is left and wraps,
-    or (``drop_fold``) is left out when the terminal is too narrow for it."""
+def _print_table(con, title: str, cols, cells: list[list[str]], footer: str) -> None:
+    """The table at the console's width: whole columns are left out by priority (render.fit_columns)
+    and named, never cut short."""
     from rich import box
-    from rich.table import Table
+    from rich.markup import escape
 
-    widths = [max([max(len(x) for x in col.split("\n"))] + [len(c[i]) for c in cells])
-              for i, (col, _) in enumerate(cols)]
-    fixed = sum(w + 2 for (col, _), w in zip(cols, widths) if col != fold)
-    keep_fold = not (drop_fold and width < fixed + 2 + min(widths[[c for c, _ in cols].index(fold)], 24))
-    t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
-              padding=(0, 1, 0, 0))
-    for (col, just), w in zip(cols, widths):
-        if col == fold:
-            if keep_fold:
-                t.add_column(col, justify=just, overflow="fold", min_width=min(w, 10))
-        else:
-            t.add_column(col, justify=just, no_wrap=True, min_width=w)
-    idx = [i for i, (col, _) in enumerate(cols) if col != fold or keep_fold]
-    for c in cells:
-        t.add_row(*(c[i] for i in idx))
-    return t
+    from ..render import fit_columns
+
+    t, dropped = fit_columns(con, list(cols), cells, title=title, title_justify="left", box=box.SIMPLE_HEAD,
+                             pad_edge=False, padding=(0, 1, 0, 0))
+    con.print(t)
+    if dropped:
+        con.print(f"[dim]not shown at this width: {escape(', '.join(d.replace(chr(10), ' ') for d in dropped))}[/]")
+    con.print(footer, style="dim", highlight=False)
