@@ -22,6 +22,7 @@ from typing import Any
 
 from .estimate.activations import (attention_saved_per_layer, checkpoint_inputs, layer_saved,
                                    lora_activations_per_layer, mlp_saved)
+from .errors import LoraplanError
 from .estimate.api import estimate
 from .estimate.memory import make_setup
 from .estimate.result import Estimate, ledger_label
@@ -340,7 +341,8 @@ def explain(model: ModelSpec, lora: LoraSpec, train: TrainSpec, gpu: GpuSpec | N
     cc = gpu.compute_capability if gpu else "9.0"
     e = estimate(model, lora, train, gpu, cal)
     setup = make_setup(model, lora, train, select_targets(model, lora.targets), cc)
-    facts = [stream_fact(train)]
+    # the estimate's warnings about this setup come first (e.g. MoE experts bitsandbytes leaves unquantized)
+    facts = [n for n in e.memory.notes if n.startswith("WARNING")] + [stream_fact(train)]
     lq = effective_linear_quant(model, train.quant)
     if train.quant in FOUR_BIT and lq == "fp32":
         facts.append(f"{model.model_type}: bitsandbytes does not convert this family's Linears; they stay "
@@ -353,7 +355,7 @@ def explain(model: ModelSpec, lora: LoraSpec, train: TrainSpec, gpu: GpuSpec | N
     for change, option, lo, tr in cands:
         try:
             le = estimate(model, lo, tr, gpu, cal)
-        except Exception as exc:  # a change this model cannot take (e.g. targets): say so, offer nothing
+        except LoraplanError as exc:  # a change this model cannot take (e.g. targets): say so, offer nothing
             rejected.append(f"{option}: {exc}")
             continue
         saving = base - le.memory.device_total_bytes

@@ -137,9 +137,13 @@ class Plan:
     inputs: dict
     job: Job
     gpus: list[GpuPlan]
+    #: what the estimate says about the setup on every GPU (e.g. experts that bitsandbytes leaves
+    #: unquantized): the notes common to all GPUs' estimates
+    notes: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
-        return {"inputs": self.inputs, "job": asdict(self.job), "gpus": [g.to_dict() for g in self.gpus]}
+        return {"inputs": self.inputs, "job": asdict(self.job), "gpus": [g.to_dict() for g in self.gpus],
+                "notes": list(self.notes)}
 
 
 def parse_prices(items: Iterable[str], known_ids: Iterable[str]) -> dict[str, float]:
@@ -295,6 +299,7 @@ def plan_job(model: ModelSpec, lora: LoraSpec, train: TrainSpec, gpus: list[GpuS
         raise InputError(f"--effective-batch {job.effective_batch} is not a multiple of --batch {train.batch}; "
                          f"give one or the other, or make them divisible")
     rows: list[GpuPlan] = []
+    notes: list[tuple[str, ...]] = []
     for gpu in gpus:
         cal = calibrations.get(gpu.id) or load_calibration(gpu.id)
         ev = _Evaluator(estimate_fn, model, lora, gpu, cal)
@@ -304,10 +309,13 @@ def plan_job(model: ModelSpec, lora: LoraSpec, train: TrainSpec, gpus: list[GpuS
         if not fixed_batch and job.effective_batch is not None:
             micro = max(1, min(max_b, job.effective_batch)) if max_b else train.batch
         t = replace(train, batch=micro)
-        max_mem = _largest(lambda s: ev.fits(replace(t, seq=s)), 1,
-                           min(MAX_SEARCH_SEQ, max(seq, (model.max_positions or seq) * MAX_SEQ_OVER_POSITIONS)))
+        # without a position limit (T5's relative positions) memory alone decides, up to MAX_SEARCH_SEQ
+        seq_hi = MAX_SEARCH_SEQ if not model.max_positions else min(
+            MAX_SEARCH_SEQ, max(seq, model.max_positions * MAX_SEQ_OVER_POSITIONS))
+        max_mem = _largest(lambda s: ev.fits(replace(t, seq=s)), 1, seq_hi)
         max_s, seq_limit = _position_cap(model, max_mem)
         est = ev(t, with_time=True)
+        notes.append(tuple(getattr(est.memory, "notes", ())))
         total = int(est.memory.device_total_bytes)
         fits = total <= gpu.memory_bytes
         accum = math.ceil(job.effective_batch / micro) if job.effective_batch else 1
@@ -332,4 +340,5 @@ def plan_job(model: ModelSpec, lora: LoraSpec, train: TrainSpec, gpus: list[GpuS
         if priced:
             min(priced, key=lambda r: r.total_usd).cheapest = True
     inputs = run_inputs(model, lora, train)
-    return Plan(inputs=inputs, job=job, gpus=rows)
+    common = tuple(n for n in (notes[0] if notes else ()) if all(n in ns for ns in notes))
+    return Plan(inputs=inputs, job=job, gpus=rows, notes=common)

@@ -145,3 +145,19 @@ def test_plan_without_job_size_answers_fit_batch_and_sequence(capsys):
     code, out, err = run(capsys, "plan", "--model", "llama-2-7b", "--gpu", "t4-16gb,h100-sxm-80gb")
     assert code == 0 and "no job size" in out and "RoPE scaling" in out and "total $" not in out
     assert max(len(line) for line in out.splitlines()) <= 80
+
+
+def test_plan_carries_the_setup_warnings_and_searches_t5_sequences_by_memory():
+    """plan shows what the estimate warns about on every GPU (MoE experts left unquantized), and
+    for a model without a position limit (T5) the largest sequence is memory's, not 4 x --seq."""
+    from loraplan.catalog import load_gpu, load_model
+    from loraplan.plan import Job, plan_job
+    from loraplan.spec import LoraSpec, TrainSpec
+
+    gpus = [load_gpu("a100-sxm-80gb"), load_gpu("mi300x-192gb")]
+    p = plan_job(load_model("mixtral-8x7b"), LoraSpec(), TrainSpec(quant="nf4"), gpus, Job())
+    assert any(n.startswith("WARNING") and "experts" in n for n in p.notes)
+    assert "notes" in p.to_dict()
+    t5 = load_model("flan-t5-xl")
+    g = plan_job(t5, LoraSpec(), TrainSpec(quant="nf4", seq=512, target_seq=128), [load_gpu("t4-16gb")], Job()).gpus[0]
+    assert g.max_seq > 4 * 512 and g.max_seq == g.max_seq_memory
