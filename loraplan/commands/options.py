@@ -17,12 +17,13 @@ from ..spec import OPTIMIZERS, QUANTS
 def case_options(multi: bool = False, gpu: bool = True):
     """Decorator adding the case options. With ``multi`` each takes a comma list / range string."""
     m = " (comma list or range a:b:xK / a:b:+K)" if multi else ""
+    c = " (comma list)" if multi else ""  # choices: no ranges
 
     def deco(f):
         opts = [
             click.option("--model", default=None if multi else DEFAULTS["model"], show_default=not multi,
                          help="Catalog name (see 'loraplan models'), a folder with config.json, or a config.json path" + (" (comma list)" if multi else "")),
-            click.option("--quant", default=None, help=f"Base weights: {', '.join(QUANTS)} [default: nf4]" + m),
+            click.option("--quant", default=None, help=f"Base weights: {', '.join(QUANTS)} [default: nf4]" + c),
             click.option("--double-quant/--no-double-quant", default=None,
                          help="4-bit only: bitsandbytes double quantization of absmax [default: on]"),
             click.option("--rank", default=None, help="LoRA rank r [default: 8]" + m),
@@ -32,14 +33,14 @@ def case_options(multi: bool = False, gpu: bool = True):
                          help="LoRA target modules: comma list of module names, 'all-linear', or "
                               "'all-linear,lm_head'; MoE experts: 'experts' or 'experts.gate_up_proj' (PEFT target_parameters, "
                               "needs --dropout 0) [default: PEFT's default for the family, e.g. q_proj,v_proj]" + (" (repeat the option for several sets)" if multi else "")),
-            click.option("--optimizer", default=None, help=f"{', '.join(OPTIMIZERS)} [default: adamw]" + m),
+            click.option("--optimizer", default=None, help=f"{', '.join(OPTIMIZERS)} [default: adamw]" + c),
             click.option("--batch", default=None, help="Micro-batch size [default: 1]" + m),
             click.option("--seq", default=None, help="Sequence length in tokens [default: 512]" + m),
             click.option("--target-seq", default=None, help="Decoder length for encoder-decoder models [default: --seq]" + m),
             click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None,
                          help="Non-reentrant gradient checkpointing per decoder layer [default: on]"),
             click.option("--attention", default=None,
-                         help="Attention kernel: auto (as CUDA picks it), flash, efficient, math, eager [default: auto]" + m),
+                         help="Attention kernel: auto (as CUDA picks it), flash, efficient, math, eager [default: auto]" + c),
             click.option("--int8-outlier-fraction", default=None,
                          help="int8 only: share of Linear input columns above the 6.0 outlier threshold "
                               "[default: measured for random-init weights; trained models have fewer]" + m),
