@@ -184,7 +184,7 @@ _BOTH = ("analytic", "trace")
 #: ``optimizer_state`` includes the optimizer step's temporaries.
 LEDGER: tuple[LedgerLine, ...] = (
     LedgerLine("weights", "frozen weights and buffers (quantized base, embeddings, norms)", "#3d5a80", ("trace",)),
-    LedgerLine("frozen_linear_weights", "frozen Linear weights (quantized base)", "#4c72b0"),
+    LedgerLine("frozen_linear_weights", "frozen Linear weights", "#4c72b0"),  # the CLI names the storage per setup
     LedgerLine("unquantized_weights", "embeddings, norms, lm_head, biases", "#8172b2"),
     LedgerLine("expert_weights", "MoE expert weights (fused; never bnb-quantized)", "#2a9d8f"),
     LedgerLine("lora_weights", "LoRA weights (fp32)", "#64b5cd", _BOTH),
