@@ -125,6 +125,10 @@ class GpuPlan:
     max_positions: int | None = None    # the model's max_position_embeddings (None: no limit known)
     max_seq_memory: int = 0             # largest seq memory allows (searched to MAX_SEQ_OVER_POSITIONS x positions)
     seq_limit: str = ""                 # what caps max_seq when not memory: how to go further
+    #: the largest micro-batch / seq that fit with the whole uncertainty band to spare (verdict
+    #: "fits"); max_micro_batch / max_seq may sit inside the band
+    max_micro_batch_clear: int = 0
+    max_seq_clear: int = 0
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -192,6 +196,11 @@ class _Evaluator:
 
     def fits(self, train: TrainSpec) -> bool:
         return self.total(train) <= self.gpu.memory_bytes
+
+    def clear(self, train: TrainSpec) -> bool:
+        """Fits with the whole uncertainty band to spare (Estimate.verdict "fits")."""
+        band = getattr(self(train), "uncertainty_bytes", None) or 0
+        return self.total(train) + band <= self.gpu.memory_bytes
 
 
 def _largest(fits: Callable[[int], bool], lo: int, hi: int) -> int:
@@ -314,6 +323,8 @@ def plan_job(model: ModelSpec, lora: LoraSpec, train: TrainSpec, gpus: list[GpuS
             MAX_SEARCH_SEQ, max(seq, model.max_positions * MAX_SEQ_OVER_POSITIONS))
         max_mem = _largest(lambda s: ev.fits(replace(t, seq=s)), 1, seq_hi)
         max_s, seq_limit = _position_cap(model, max_mem)
+        clear_b = _largest(lambda b: ev.clear(replace(train, batch=b)), 1, max_b) if max_b else 0
+        clear_s = _largest(lambda s: ev.clear(replace(t, seq=s)), 1, max_s) if max_s else 0
         est = ev(t, with_time=True)
         notes.append(tuple(getattr(est.memory, "notes", ())))
         total = int(est.memory.device_total_bytes)
@@ -332,6 +343,7 @@ def plan_job(model: ModelSpec, lora: LoraSpec, train: TrainSpec, gpus: list[GpuS
             suggestions=[] if fits else _suggestions(ev, t, max_s),
             verdict=getattr(est, "verdict", None), margin_bytes=getattr(est, "margin_bytes", None),
             max_positions=model.max_positions, max_seq_memory=max_mem, seq_limit=seq_limit,
+            max_micro_batch_clear=clear_b, max_seq_clear=clear_s,
         ))
     fit_rows = [r for r in rows if r.fits and r.total_hours is not None]
     if fit_rows:

@@ -161,3 +161,22 @@ def test_plan_carries_the_setup_warnings_and_searches_t5_sequences_by_memory():
     t5 = load_model("flan-t5-xl")
     g = plan_job(t5, LoraSpec(), TrainSpec(quant="nf4", seq=512, target_seq=128), [load_gpu("t4-16gb")], Job()).gpus[0]
     assert g.max_seq > 4 * 512 and g.max_seq == g.max_seq_memory
+
+
+def test_plan_says_where_the_largest_batch_and_seq_leave_the_uncertainty_band():
+    """max batch / seq fit; the *_clear ones fit with the band to spare (verdict "fits") and the
+    next step up does not."""
+    from dataclasses import replace
+
+    from loraplan.catalog import load_gpu, load_model
+    from loraplan.estimate.api import estimate
+    from loraplan.plan import Job, plan_job
+    from loraplan.spec import LoraSpec, TrainSpec
+
+    gpu, model, lora = load_gpu("a100-sxm-80gb"), load_model("qwen2.5-7b"), LoraSpec()
+    train = TrainSpec(quant="bf16", seq=2048)
+    g = plan_job(model, lora, train, [gpu], Job()).gpus[0]
+    assert 0 < g.max_micro_batch_clear <= g.max_micro_batch and 0 < g.max_seq_clear <= g.max_seq
+    assert estimate(model, lora, replace(train, batch=g.max_micro_batch_clear), gpu).verdict == "fits"
+    assert estimate(model, lora, replace(train, batch=g.max_micro_batch_clear + 1), gpu).verdict != "fits"
+    assert estimate(model, lora, replace(train, seq=g.max_seq_clear), gpu).verdict == "fits"

@@ -164,6 +164,12 @@ def _print_table(d: dict) -> None:
         con.print(f"* capped at max_position_embeddings {limits[0]['max_positions']:,}; memory alone allows "
                   f"{span} tokens" + ("; longer sequences need RoPE scaling (rope_scaling in config.json)"
                                       if rope else f"; {limits[0]['seq_limit'].split(', but ')[-1]}"))
+    edge = [g for g in d["gpus"] if g["max_micro_batch"] and (g["max_micro_batch_clear"] < g["max_micro_batch"]
+                                                              or g["max_seq_clear"] < g["max_seq"])]
+    if edge:
+        con.print("max batch / max seq fit, but inside the model's uncertainty band; with the band to spare: "
+                  + "; ".join(f"{g['gpu']} batch {g['max_micro_batch_clear']}, seq {g['max_seq_clear']:,}"
+                              for g in edge))
     if dropped:
         con.print(f"[dim]not shown at this width: {', '.join(dropped)} "
                   f"(--format json or csv has every field)[/]")
