@@ -22,6 +22,7 @@ import json
 import math
 import os
 import stat
+from numbers import Integral, Real
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -123,11 +124,17 @@ def json_depth(text: str) -> int:
     return best
 
 
-def parse_json(text: str, what: str, where: str, hint: str, max_depth: int = MAX_JSON_DEPTH) -> Any:
-    """``json.loads`` with the nesting depth capped first; one-line ConfigError on bad JSON."""
+def check_depth(text: str, what: str, where: str, hint: str, max_depth: int = MAX_JSON_DEPTH) -> None:
+    """ConfigError when ``text`` nests brackets deeper than ``max_depth`` (JSON; an upper bound for
+    TOML), before a recursive parser sees it."""
     depth = json_depth(text)
     if depth > max_depth:
         raise ConfigError(f"{what} '{where}' nests {depth} levels deep (at most {max_depth}); {hint}")
+
+
+def parse_json(text: str, what: str, where: str, hint: str, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """``json.loads`` with the nesting depth capped first; one-line ConfigError on bad JSON."""
+    check_depth(text, what, where, hint, max_depth)
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
@@ -150,6 +157,16 @@ def read_json_file(path: str | Path, what: str, hint: str, max_bytes: int = MAX_
 def is_number(v: Any) -> bool:
     """A real int or float (bool is not a number here)."""
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def is_int(v: Any) -> bool:
+    """An integer, Python's or numpy's (bool is not one here); the common case checked first."""
+    return type(v) is int or (isinstance(v, Integral) and not isinstance(v, bool))
+
+
+def is_finite(v: Any) -> bool:
+    """A finite real number, Python's or numpy's (bool, NaN and ±inf are not)."""
+    return isinstance(v, Real) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def finite(v: Any, name: str, fix: str) -> float:

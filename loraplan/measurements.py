@@ -17,13 +17,13 @@ Two sources are read:
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 from .errors import ConfigError, InputError, LoraplanError
+from .inputs import is_finite, is_int
 from .spec import LoraSpec, ModelSpec, TrainSpec
 
 #: what ``calibrate`` / ``validate`` read when given no files
@@ -341,14 +341,6 @@ def _shown(v: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_real(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def _targets_list(t: str | list) -> list[str]:
     """A record's targets as a list of names ('q_proj,v_proj' is split like --targets)."""
     from .targets import parse_targets
@@ -381,14 +373,14 @@ def check_inputs(inputs: dict[str, Any]) -> None:
         v = inputs.get(key)
         if v is None and key == "target_seq":
             continue
-        if not _is_int(v) or v <= 0:
+        if not is_int(v) or v <= 0:
             raise bad(key, "a positive integer")
-    if "alpha" in inputs and not _is_real(inputs["alpha"]):
+    if "alpha" in inputs and not is_finite(inputs["alpha"]):
         raise bad("alpha", "a finite number")
-    if "dropout" in inputs and not (_is_real(inputs["dropout"]) and 0 <= inputs["dropout"] < 1):
+    if "dropout" in inputs and not (is_finite(inputs["dropout"]) and 0 <= inputs["dropout"] < 1):
         raise bad("dropout", "a number in [0, 1)")
     frac = inputs.get("int8_outlier_fraction")
-    if frac is not None and not (_is_real(frac) and 0 <= frac <= 1):
+    if frac is not None and not (is_finite(frac) and 0 <= frac <= 1):
         raise bad("int8_outlier_fraction", "a number in [0, 1] or null")
     t = inputs.get("targets")
     if not ((isinstance(t, str) and t.strip())
@@ -422,7 +414,7 @@ def check_measured(rec: dict[str, Any]) -> None:
     def peak(where: str, v: Any, zero_ok: bool = False) -> int | None:
         if v is None:
             return None
-        if not _is_int(v) and not (_is_real(v) and float(v).is_integer()):
+        if not is_int(v) and not (is_finite(v) and float(v).is_integer()):
             raise ConfigError(f"{where} = {_shown(v)} must be a whole number of bytes")
         if v < 0 or (v == 0 and not zero_ok) or v > MAX_MEASURED_BYTES:
             raise ConfigError(f"{where} = {_shown(v)} is not a possible measurement "
@@ -441,7 +433,7 @@ def check_measured(rec: dict[str, Any]) -> None:
     if nv_peak is not None and nv_base is not None and nv_base > nv_peak:
         raise ConfigError(f"nvml baseline_used_bytes {nv_base:,} is above peak_used_bytes {nv_peak:,}: a corrupt record")
     step = tm.get("step_s_median", rec.get("step_s_median", rec.get("step_s")))
-    if step is not None and not (_is_real(step) and 0 < step <= MAX_STEP_S):
+    if step is not None and not (is_finite(step) and 0 < step <= MAX_STEP_S):
         raise ConfigError(f"step time {_shown(step)} s is not a possible measurement (finite, > 0, at most a day)")
     for key in ("versions", "phases"):
         v = (rec.get("env") or {}).get(key) if key == "versions" else mem.get(key)

@@ -7,12 +7,12 @@ Nothing here imports torch.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, asdict
-from numbers import Integral, Real
+from numbers import Real
 from typing import Any, Callable, Literal, Mapping, get_args
 
 from .errors import InputError, suggest
+from .inputs import is_finite, is_int
 
 Quant = Literal["bf16", "fp16", "fp32", "nf4", "fp4", "int8"]
 Optimizer = Literal["adamw", "sgd", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"]
@@ -211,10 +211,6 @@ def _shown(v: Any) -> Any:
     return v if isinstance(v, Real) else repr(v)
 
 
-def _is_int(v: Any) -> bool:
-    return type(v) is int or (isinstance(v, Integral) and not isinstance(v, bool))
-
-
 def check_choice(key: str, v: Any, choices: tuple[str, ...]) -> None:
     """InputError unless ``v`` is one of ``choices`` (with the closest names as suggestions)."""
     if isinstance(v, str) and v in choices:
@@ -228,30 +224,26 @@ def _choice(choices: tuple[str, ...]) -> Callable[[str, Any], None]:
 
 def _positive_int(hint: str = "", optional: bool = False) -> Callable[[str, Any], None]:
     def check(key: str, v: Any) -> None:
-        if (optional and v is None) or _is_array(v) or (_is_int(v) and v > 0):
+        if (optional and v is None) or _is_array(v) or (is_int(v) and v > 0):
             return
         raise InputError(f"{_opt(key)} {_shown(v)} must be a positive integer{hint}")
     return check
 
 
-def _real(v: Any) -> bool:
-    return isinstance(v, Real) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def _check_alpha(key: str, v: Any) -> None:
-    if v is None or _is_array(v) or _real(v):
+    if v is None or _is_array(v) or is_finite(v):
         return
     raise InputError(f"{_opt(key)} {_shown(v)} must be a finite number (default: 2 x rank)")
 
 
 def _check_dropout(key: str, v: Any) -> None:
-    if _is_array(v) or (_real(v) and 0.0 <= v < 1.0):
+    if _is_array(v) or (is_finite(v) and 0.0 <= v < 1.0):
         return
     raise InputError(f"{_opt(key)} {_shown(v)} must be in [0, 1)")
 
 
 def _check_fraction(key: str, v: Any) -> None:
-    if v is None or _is_array(v) or (_real(v) and 0.0 <= v <= 1.0):
+    if v is None or _is_array(v) or (is_finite(v) and 0.0 <= v <= 1.0):
         return
     raise InputError(f"{_opt(key)} {_shown(v)} must be between 0 and 1")
 

@@ -71,7 +71,7 @@ def load_grid(path: str | Path, keys: tuple[str, ...] = GRID_KEYS) -> list[dict[
     One table/object is one grid; ``[[grid]]`` tables (TOML) or a top-level list / ``{"grid":
     [...]}`` (JSON) hold several, whose cases are concatenated.
     """
-    from .inputs import MAX_JSON_DEPTH, json_depth, parse_json, read_text_file
+    from .inputs import check_depth, parse_json, read_text_file
 
     p = Path(path)
     hint = "give a TOML or JSON grid of option = value(s), e.g. seq = [512, 1024]"
@@ -79,9 +79,7 @@ def load_grid(path: str | Path, keys: tuple[str, ...] = GRID_KEYS) -> list[dict[
     if p.suffix.lower() == ".toml":
         import tomllib
 
-        depth = json_depth(text)  # brackets outside double-quoted strings: an upper bound for TOML
-        if depth > MAX_JSON_DEPTH:
-            raise ConfigError(f"grid file '{p}' nests {depth} levels deep (at most {MAX_JSON_DEPTH}); {hint}")
+        check_depth(text, "grid file", str(p), hint)  # brackets outside strings: an upper bound for TOML
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
