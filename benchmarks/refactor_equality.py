@@ -84,6 +84,12 @@ ADDED = (
     ("issue 14, library versions are inputs: every estimate names the stack it assumes (inputs.stack: the "
      "installed versions, or --stack); no number moves with the installed versions",
      r"^\.estimate\.inputs\.stack$"),
+    ("issue 11, the training stack is an input: every estimate names the recipe it assumes (trainer, "
+     "mixed precision, dtypes, accumulation, clipping, checkpointing variant, attention, padding, loss), "
+     "resolved from the trainer's defaults; under --trainer loop no number moves",
+     r"^\.estimate\.inputs\.(trainer|mixed_precision|load_dtype|prepare_kbit|compute_dtype|adapter_dtype|"
+     r"gradient_accumulation|max_grad_norm|reentrant|attn_implementation|padding|lengths|loss|"
+     r"checkpoint_every_n_layers|checkpoint_offload)$"),
 )
 
 

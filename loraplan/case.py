@@ -16,7 +16,8 @@ from dataclasses import fields
 from typing import Any, Callable
 
 from .errors import InputError
-from .spec import ATTENTION, OPTIMIZERS, QUANTS, LoraSpec, ModelSpec, TrainSpec, check_choice, check_value
+from .spec import (ATTENTION, ATTN_IMPLEMENTATIONS, FLOAT_DTYPES, LOSSES, MIXED_PRECISION, OPTIMIZERS, PADDINGS,
+                   QUANTS, RECIPE_FIELDS, TRAINERS, LoraSpec, ModelSpec, TrainSpec, check_choice, check_value)
 
 #: default model and GPU: a common QLoRA setup (seed 001/002: Llama-2-7B, nf4 + double quant, r8 q,v)
 DEFAULT_MODEL = "llama-2-7b"
@@ -48,6 +49,8 @@ DEFAULTS: dict[str, Any] = {
     "attention": _TRAIN["attention"],
     "int8_outlier_fraction": _TRAIN["int8_outlier_fraction"],
     "gpu": DEFAULT_GPU,
+    # the training stack (issue 11); None: the trainer's default (loraplan.trainers)
+    **{k: _TRAIN[k] for k in RECIPE_FIELDS},
 }
 
 #: resolve_case checks the numbers in this order, so that a case with several bad values names
@@ -119,7 +122,66 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
     "attention": _choice("attention", ATTENTION),
     "int8_outlier_fraction": _float("int8-outlier-fraction"),
     "gpu": str,
+    "trainer": _choice("trainer", TRAINERS),
+    "mixed_precision": _choice("mixed-precision", MIXED_PRECISION),
+    "load_dtype": _choice("load-dtype", FLOAT_DTYPES),
+    "prepare_kbit": _bool("prepare-kbit"),
+    "compute_dtype": _choice("compute-dtype", FLOAT_DTYPES),
+    "adapter_dtype": _choice("adapter-dtype", FLOAT_DTYPES),
+    "gradient_accumulation": _int("gradient-accumulation"),
+    "max_grad_norm": _finite("max-grad-norm"),
+    "reentrant": _bool("reentrant"),
+    "attn_implementation": _choice("attn-implementation", ATTN_IMPLEMENTATIONS),
+    "padding": _choice("padding", PADDINGS),
+    "lengths": lambda v: parse_lengths(v),
+    "loss": _choice("loss", LOSSES),
+    "checkpoint_every_n_layers": _int("checkpoint-every-n-layers"),
+    "checkpoint_offload": _bool("checkpoint-offload"),
 }
+
+#: options that are one value each even in grid commands (their own commas are not grid axes)
+SINGLE_VALUED = ("targets", "lengths")
+
+
+def parse_lengths(v) -> tuple[int, ...]:
+    """``--lengths``: token counts of the dataset's rows -> tuple of positive ints.
+
+    Takes a comma list (``412,1830,4096``: e.g. p50, p99 and max), a sequence of ints, or the path
+    of a text file with one count per line or a JSON list of counts. Raises InputError naming
+    the bad value.
+    """
+    import json
+    import os
+
+    if isinstance(v, (list, tuple)):
+        items = list(v)
+    else:
+        text = str(v).strip()
+        if text and not text.replace(",", "").replace(" ", "").isdigit() and os.path.exists(text):
+            from .inputs import read_text_file
+
+            body = read_text_file(text, "--lengths file", "give one token count per line or a JSON list").strip()
+            try:
+                items = json.loads(body) if body.startswith("[") else body.split()
+            except ValueError as e:
+                raise InputError(f"--lengths file {text} is not a JSON list or one count per line ({e})") from None
+            if not isinstance(items, list):
+                raise InputError(f"--lengths file {text} must hold a list of token counts")
+        else:
+            items = [x for x in text.split(",") if x.strip()]
+    out = []
+    for x in items:
+        try:
+            n = int(str(x).strip())
+        except ValueError:
+            raise InputError(f"--lengths value '{x}' is not a whole token count; give counts like 412,1830,4096 "
+                             f"or a file with one count per line") from None
+        if n <= 0:
+            raise InputError(f"--lengths value {n} must be a positive token count")
+        out.append(n)
+    if not out:
+        raise InputError("--lengths is empty; give token counts like 412,1830,4096 or a file of counts")
+    return tuple(out)
 
 
 def split_values(key: str, raw) -> list:
@@ -127,6 +189,8 @@ def split_values(key: str, raw) -> list:
     parse = PARSERS[key]
     if raw is None:
         return [DEFAULTS.get(key)]
+    if key == "lengths":
+        return [parse(raw)]
     if isinstance(raw, (list, tuple)):
         if key == "targets":
             return list(raw) if raw else [None]
@@ -238,5 +302,6 @@ def resolve_case(case: dict, model: ModelSpec | None = None) -> tuple[ModelSpec,
         int8_outlier_fraction=frac if v["quant"] == "int8" else None,
         # --stack torch=2.11,transformers=5.17 (single-valued commands only; not a grid axis)
         stack=parse_stack(case.get("stack")),
+        **{k: v[k] for k in RECIPE_FIELDS},
     )
     return model, lora, train

@@ -19,11 +19,24 @@ Optimizer = Literal["adamw", "sgd", "adamw_8bit", "paged_adamw_8bit", "paged_ada
 # sdpa backends CUDA can pick, plus "eager" (explicit softmax(QK^T)V) and "auto" (choose like CUDA would).
 Attention = Literal["auto", "flash", "efficient", "math", "eager"]
 Device = Literal["cuda", "cpu"]
+# The training stack (issue 11): which trainer runs the step and the settings it exposes.
+Trainer = Literal["loop", "hf", "trl"]
+MixedPrecision = Literal["no", "bf16", "fp16"]
+FloatDtype = Literal["bf16", "fp16", "fp32"]
+AttnImplementation = Literal["sdpa", "eager", "flash_attention_2"]
+Padding = Literal["max-length", "longest", "packing", "padding-free"]
+Loss = Literal["standard", "chunked", "liger"]
 
 QUANTS: tuple[str, ...] = get_args(Quant)
 OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
 ATTENTION: tuple[str, ...] = get_args(Attention)
 DEVICES: tuple[str, ...] = get_args(Device)
+TRAINERS: tuple[str, ...] = get_args(Trainer)
+MIXED_PRECISION: tuple[str, ...] = get_args(MixedPrecision)
+FLOAT_DTYPES: tuple[str, ...] = get_args(FloatDtype)
+ATTN_IMPLEMENTATIONS: tuple[str, ...] = get_args(AttnImplementation)
+PADDINGS: tuple[str, ...] = get_args(Padding)
+LOSSES: tuple[str, ...] = get_args(Loss)
 
 #: bytes per element of the load dtype of a non-quantized tensor
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -254,6 +267,24 @@ def _check_bool(key: str, v: Any) -> None:
     raise InputError(f"{_opt(key)} {_shown(v)} must be True or False")
 
 
+def _optional(check: Callable[[str, Any], None]) -> Callable[[str, Any], None]:
+    """``check`` that also accepts None (the trainer's default, loraplan.trainers)."""
+    return lambda key, v: None if v is None else check(key, v)
+
+
+def _check_grad_norm(key: str, v: Any) -> None:
+    if v is None or _is_array(v) or (is_finite(v) and v >= 0):
+        return
+    raise InputError(f"{_opt(key)} {_shown(v)} must be a finite number >= 0 (0 turns clipping off)")
+
+
+def _check_lengths(key: str, v: Any) -> None:
+    if v is None or (isinstance(v, tuple) and v and all(is_int(x) and x > 0 for x in v)):
+        return
+    raise InputError(f"{_opt(key)} {v!r} must be positive token counts, e.g. (412, 1830, 4096) "
+                     f"(p50, p99, max or every row's count)")
+
+
 def _check_targets(key: str, v: Any) -> None:
     if v is None or (isinstance(v, tuple) and v and all(isinstance(t, str) and t.strip() for t in v)):
         return
@@ -278,6 +309,21 @@ CHECKS: dict[str, Callable[[str, Any], None]] = {
     "int8_outlier_fraction": _check_fraction,
     "device": _choice(DEVICES),
     "stack": lambda key, v: _check_stack(v),
+    "trainer": _choice(TRAINERS),
+    "mixed_precision": _optional(_choice(MIXED_PRECISION)),
+    "load_dtype": _optional(_choice(FLOAT_DTYPES)),
+    "prepare_kbit": _optional(_check_bool),
+    "compute_dtype": _optional(_choice(FLOAT_DTYPES)),
+    "adapter_dtype": _optional(_choice(FLOAT_DTYPES)),
+    "gradient_accumulation": _positive_int(" (micro-steps per optimizer step; 1: none)"),
+    "max_grad_norm": _check_grad_norm,
+    "reentrant": _optional(_check_bool),
+    "attn_implementation": _optional(_choice(ATTN_IMPLEMENTATIONS)),
+    "padding": _choice(PADDINGS),
+    "lengths": _check_lengths,
+    "loss": _choice(LOSSES),
+    "checkpoint_every_n_layers": _positive_int(" (1: every decoder layer)"),
+    "checkpoint_offload": _check_bool,
 }
 
 
@@ -297,9 +343,13 @@ def _checks(names: tuple[str, ...]) -> tuple[tuple[str, Callable[[str, Any], Non
     return tuple((n, CHECKS[n]) for n in names)
 
 
+#: the training-stack fields of TrainSpec (issue 11); None values are the trainer's defaults
+RECIPE_FIELDS = ("trainer", "mixed_precision", "load_dtype", "prepare_kbit", "compute_dtype", "adapter_dtype", "gradient_accumulation",
+                 "max_grad_norm", "reentrant", "attn_implementation", "padding", "lengths", "loss",
+                 "checkpoint_every_n_layers", "checkpoint_offload")
 _LORA_CHECKS = _checks(("rank", "alpha", "dropout", "targets"))
 _TRAIN_CHECKS = _checks(("quant", "double_quant", "optimizer", "batch", "seq", "target_seq", "gradient_checkpointing",
-                         "attention", "int8_outlier_fraction", "device", "stack"))
+                         "attention", "int8_outlier_fraction", "device", "stack", *RECIPE_FIELDS))
 
 
 @dataclass(frozen=True)
@@ -358,8 +408,44 @@ class TrainSpec:
     #: ones (or the newest known without torch). Kernel choice and storage rules depend on them
     #: (loraplan/data/version-rules.json, loraplan.versions)
     stack: tuple[tuple[str, str], ...] | None = None
+    # --- the training stack (issue 11). None: the trainer's default, filled in by
+    # loraplan.trainers.resolve_recipe from loraplan/data/trainers.json (sources there).
+    #: who runs the step: "loop" (the H100 protocol: a plain loop), "hf" (transformers.Trainer),
+    #: "trl" (trl.SFTTrainer)
+    trainer: Trainer = "loop"
+    #: autocast dtype of the step ("no": none); fp16 adds a GradScaler
+    mixed_precision: MixedPrecision | None = None
+    #: dtype ``from_pretrained`` gives the parameters that are not quantized
+    load_dtype: FloatDtype | None = None
+    #: ``peft.prepare_model_for_kbit_training`` applied (quantized bases only)
+    prepare_kbit: bool | None = None
+    #: bitsandbytes ``bnb_4bit_compute_dtype`` (4-bit only): the dtype Linear4bit dequantizes to
+    compute_dtype: FloatDtype | None = None
+    #: dtype of the LoRA A/B weights (PEFT's ``autocast_adapter_dtype=True``: fp32)
+    adapter_dtype: FloatDtype | None = None
+    #: micro-steps per optimizer step; ``batch`` is the micro-batch
+    gradient_accumulation: int = 1
+    #: ``clip_grad_norm_`` before each optimizer step; 0: off
+    max_grad_norm: float | None = None
+    #: ``torch.utils.checkpoint(use_reentrant=...)`` when ``gradient_checkpointing``
+    reentrant: bool | None = None
+    #: transformers ``attn_implementation``; ``attention`` picks sdpa's backend
+    attn_implementation: AttnImplementation | None = None
+    #: how rows are filled: padded to ``seq`` ("max-length"), to the longest row of the batch
+    #: ("longest", with ``lengths``), packed to ``seq`` ("packing"), or one flattened row ("padding-free")
+    padding: Padding = "max-length"
+    #: token counts of the dataset's rows (or p50, p99, max); the peak follows the worst batch
+    lengths: tuple[int, ...] | None = None
+    #: "standard" cross-entropy over B·T·V logits; "chunked" or "liger" (fused linear-CE) never hold them
+    loss: Loss = "standard"
+    #: checkpoint every n-th decoder layer (transformers >= 5 ``every_n_layers``)
+    checkpoint_every_n_layers: int = 1
+    #: hold checkpointed inputs in host memory (transformers >= 5 ``offload``)
+    checkpoint_offload: bool = False
 
     def __post_init__(self) -> None:
+        if isinstance(self.lengths, list):
+            object.__setattr__(self, "lengths", tuple(self.lengths))
         for name, check in _TRAIN_CHECKS:
             check(name, getattr(self, name))
         if self.stack is not None and not isinstance(self.stack, tuple):
@@ -405,8 +491,12 @@ class Calibration:
 
 def run_inputs(model: ModelSpec, lora: LoraSpec, train: TrainSpec) -> dict:
     """Resolved inputs as a flat dict, with the keys of the reference cases and profile records."""
+    from .trainers import resolve_recipe
+
     d = {"model": model.name, "model_type": model.model_type}
-    d.update(asdict(train))
+    d.update(asdict(resolve_recipe(train)))  # the trainer's defaults filled in: what the estimate assumed
+    if d["lengths"] is not None:
+        d["lengths"] = list(d["lengths"])
     if lora.targets is None:
         from .targets import default_targets
 

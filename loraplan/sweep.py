@@ -470,7 +470,7 @@ def evaluate_table(table: CaseTable, on_progress: Callable[[int], None] | None =
     parsed: dict[str, list] = {}
     parse_err: dict[str, list] = {}
     for k in PARSERS:
-        if k in ("model", "gpu"):
+        if k in ("model", "gpu") or k not in L:
             continue
         vals, errs = [], []
         for lv in L[k]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import click
 
 from ..case import DEFAULTS
-from ..spec import OPTIMIZERS, QUANTS
+from ..spec import ATTN_IMPLEMENTATIONS, FLOAT_DTYPES, LOSSES, MIXED_PRECISION, OPTIMIZERS, PADDINGS, QUANTS, TRAINERS
 
 
 def case_options(multi: bool = False, gpu: bool = True):
@@ -44,6 +44,49 @@ def case_options(multi: bool = False, gpu: bool = True):
             click.option("--int8-outlier-fraction", default=None,
                          help="int8 only: share of Linear input columns above the 6.0 outlier threshold "
                               "[default: measured for random-init weights; trained models have fewer]" + m),
+            # the training stack (issue 11): unset values are the trainer's defaults (loraplan/data/trainers.json)
+            click.option("--trainer", default=None,
+                         help=f"Who runs the step: {', '.join(TRAINERS)} -- loop: a plain PyTorch loop (the H100 reference "
+                              "protocol); hf: transformers.Trainer; trl: trl.SFTTrainer. Unset settings below take that "
+                              "trainer's defaults [default: loop]" + c),
+            click.option("--mixed-precision", default=None,
+                         help=f"Autocast dtype: {', '.join(MIXED_PRECISION)} (fp16 adds a GradScaler) "
+                              "[default: the trainer's: loop/hf no, trl bf16]" + c),
+            click.option("--load-dtype", default=None,
+                         help=f"dtype from_pretrained loads the unquantized parts in: {', '.join(FLOAT_DTYPES)} "
+                              "(fp32: loading without a dtype in transformers 4 or trl's model-id path) [default: bf16; "
+                              "a bf16/fp16/fp32 --quant loads as itself]" + c),
+            click.option("--prepare-kbit/--no-prepare-kbit", default=None,
+                         help="peft.prepare_model_for_kbit_training before get_peft_model (casts unquantized "
+                              "params to fp32) [default: loop/hf on for quantized bases, trl off]"),
+            click.option("--compute-dtype", default=None,
+                         help=f"4-bit only: bnb_4bit_compute_dtype, {', '.join(FLOAT_DTYPES)} "
+                              "[default: loop bf16; hf/trl fp32, BitsAndBytesConfig's default]" + c),
+            click.option("--adapter-dtype", default=None,
+                         help=f"LoRA A/B dtype: {', '.join(FLOAT_DTYPES)} [default: fp32 (peft autocast_adapter_dtype); "
+                              "trl with a quantized base: bf16]" + c),
+            click.option("--gradient-accumulation", default=None,
+                         help="Micro-steps per optimizer step (--batch is the micro-batch) [default: 1]" + m),
+            click.option("--max-grad-norm", default=None,
+                         help="Gradient clipping norm; 0 turns it off [default: loop 0, hf/trl 1.0]" + m),
+            click.option("--reentrant/--no-reentrant", default=None,
+                         help="Reentrant gradient checkpointing (use_reentrant=True) [default: loop/trl off; hf: "
+                              "the transformers version's (off since 5.0)]"),
+            click.option("--attn-implementation", default=None,
+                         help=f"transformers attn_implementation: {', '.join(ATTN_IMPLEMENTATIONS)} [default: sdpa]" + c),
+            click.option("--padding", default=None,
+                         help=f"How rows are filled: {', '.join(PADDINGS)} (longest: pass --lengths) "
+                              "[default: max-length]" + c),
+            click.option("--lengths", default=None,
+                         help="Token counts of the dataset's rows: a comma list (e.g. p50,p99,max) or a file of counts; "
+                              "the peak follows the worst batch"),
+            click.option("--loss", default=None,
+                         help=f"Loss path: {', '.join(LOSSES)} (chunked/liger never hold B*T*V logits) "
+                              "[default: standard]" + c),
+            click.option("--checkpoint-every-n-layers", default=None,
+                         help="Checkpoint every n-th decoder layer (transformers >= 5) [default: 1]" + m),
+            click.option("--checkpoint-offload/--no-checkpoint-offload", default=None,
+                         help="Hold checkpointed inputs in host memory (transformers >= 5 offload) [default: off]"),
         ]
         if not multi:
             opts.append(click.option("--stack", default=None,
