@@ -202,6 +202,12 @@ def test_models_filters_by_family_and_size():
     assert {r["name"] for r in mid} >= {"llama-3.1-8b", "olmo-2-1124-7b"}
 
 
+def test_models_unknown_family_is_bad_input_with_a_suggestion(run_cli):
+    """A misspelt --family exits 2 naming the value and the closest family, not 'no model matches'."""
+    code, out, err = run_cli("models", "--family", "lama")
+    assert code == 2 and "'lama'" in err and "did you mean llama" in err and "Traceback" not in err + out
+
+
 def test_catalog_has_70_models_with_sources():
     from loraplan.catalog import model_entries
 

@@ -123,6 +123,15 @@ def models_command(fmt, family, min_params, max_params, size):
     parameters of the base model (a tied lm_head counted once).
     """
     fams = tuple(f for item in family for f in item.split(","))
+    if fams:
+        from ..catalog import model_names, load_model
+        from ..errors import InputError, suggest
+
+        known = sorted({load_model(n).model_type for n in model_names()})
+        for f in fams:
+            if f.strip() and f.strip().lower() not in known:
+                raise InputError(f"--family '{f.strip()}' is no model_type of the catalog{suggest(f.strip(), known)} "
+                                 f"(families: {', '.join(known)})")
     lo = parse_size(min_params) if min_params is not None else None
     hi = parse_size(max_params) if max_params is not None else None
     if size is not None:
