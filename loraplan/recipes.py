@@ -90,11 +90,8 @@ save_first_step auto_resume_from_checkpoints loss_watchdog_threshold loss_watchd
 _UNMODELLED = {
     "deepspeed": "loraplan models one GPU without DeepSpeed; remove 'deepspeed'",
     "fsdp": "loraplan models one GPU without FSDP; remove 'fsdp'",
-    "fsdp_config": "loraplan models one GPU without FSDP; remove 'fsdp_config'",
     "parallelism_config": "loraplan models one GPU; remove 'parallelism_config'",
     "torch_compile": "torch.compile changes which activations are kept and is not modelled; set it false",
-    "torch_compile_backend": "torch.compile is not modelled; remove it",
-    "torch_compile_mode": "torch.compile is not modelled; remove it",
     "use_cpu": "the training step on CPU is what 'loraplan profile --device cpu' measures; remove 'use_cpu'",
     "bf16_full_eval": "evaluation in bf16 is not modelled (loraplan predicts the training step); remove it",
     "fp16_full_eval": "evaluation in fp16 is not modelled (loraplan predicts the training step); remove it",
@@ -127,7 +124,6 @@ _UNMODELLED = {
     "monteclora_config": "MonteCLoRA is not modelled; remove it",
     "velora_config": "VeLoRA is not modelled; remove it",
     "megatron_config": "Megatron layers are not modelled; remove it",
-    "megatron_core": "Megatron layers are not modelled; remove it",
     "llm_int8_skip_modules": "bnb modules kept unquantized are not modelled; remove 'llm_int8_skip_modules'",
     "llm_int8_enable_fp32_cpu_offload": "CPU offload of modules is not modelled; set it false",
     "llm_int8_has_fp16_weight": "int8 with fp16 master weights is not modelled; set it false",
@@ -145,6 +141,15 @@ _UNMODELLED = {
     "context_parallel_size": "loraplan models one GPU; remove it",
     "tensor_parallel_size": "loraplan models one GPU; remove it",
     "sequence_parallel_degree": "loraplan models one GPU; remove it",
+}
+
+#: keys that are only read together with another key (which loraplan checks): key -> reason
+_ONLY_WITH = {
+    "fsdp_config": "read only when fsdp is set (fsdp is checked)",
+    "torch_compile_backend": "read only with torch_compile (torch_compile is checked)",
+    "torch_compile_mode": "read only with torch_compile (torch_compile is checked)",
+    "deepspeed_plugin": "read only with deepspeed (deepspeed is checked)",
+    "megatron_core": "read only with megatron_config (megatron_config is checked)",
 }
 
 #: default values of _UNMODELLED keys that mean "off" beyond False/None/empty/0
@@ -307,6 +312,7 @@ def load_recipe(path: str | Path, model_given: bool = False) -> Recipe:
             r.loraplan(k, v)
     r.resolve_model(model_given)
     r.finish()
+    r.account_for_facts()
     return Recipe(path=str(path), kind=kind, options=dict(r.opts), used=tuple(r.used), ignored=tuple(r.ignored),
                   defaults=tuple(r.defaults))
 
@@ -335,6 +341,7 @@ class _Reader:
         self.defaults: list = []
         self.model_name: str | None = None
         self.facts: dict[str, Any] = {}  # file facts read together at the end (quantization, dtypes, LoRA)
+        self.keys_read: set[str] = set()  # file keys that became facts (each must end in the account)
 
     # -- bookkeeping
     def set(self, option: str, value: Any, key: str, raw: Any, how: str = "") -> None:
@@ -347,6 +354,7 @@ class _Reader:
 
     def fact(self, name: str, value: Any, key: str) -> None:
         self.facts[name] = (value, key)
+        self.keys_read.add(key)
 
     def note(self, key: str, raw: Any, how: str) -> None:
         self.used.append((key, raw, how))
@@ -478,8 +486,8 @@ class _Reader:
         if bf16 or fp16:
             self.set("mixed_precision", "bf16" if bf16 else "fp16", fk["bf16" if bf16 else "fp16"], True)
         elif "bf16" in f or "fp16" in f:
-            if trainer == "trl" and "bf16" not in f:
-                pass  # SFTConfig: bf16 defaults to True unless fp16 is set (here fp16 false): the trainer's default
+            if trainer == "trl" and "bf16" not in f:  # SFTConfig: bf16 defaults to True unless fp16 is set
+                self.note(fk["fp16"], False, "no fp16: SFTConfig's bf16 default applies")
             else:
                 self.set("mixed_precision", "no", fk.get("bf16") or fk["fp16"], False)
         # load dtype and the dtype of an unquantized base
@@ -488,6 +496,7 @@ class _Reader:
         if q4 and q8:
             raise InputError(f"--config {self.path}: load_in_4bit and load_in_8bit are both true; set one of them")
         if q4:
+            self.note(fk["load_in_4bit"], True, "a 4-bit bitsandbytes base")
             qt = f.get("quant_type")
             if qt is None:
                 qt = "nf4" if self.kind in ("trl", "axolotl") else "fp4"
@@ -553,6 +562,15 @@ class _Reader:
         if "seq" not in self.opts:
             self.defaults.append(("seq", 512, "the file gives no row length: loraplan's default; give --seq "
                                   "(or loraplan: {seq: N} in the file)"))
+
+    def account_for_facts(self) -> None:
+        """Every key read as a fact appears in the account (a fact whose key set nothing, e.g.
+        ``load_in_8bit: false`` or ``packing: false``, is listed as used at its value)."""
+        named = {k for k, _, _ in self.used} | {k for k, _ in self.ignored}
+        for name, (value, key) in self.facts.items():
+            if key not in named and key in self.keys_read:
+                self.note(key, value, "read; it sets nothing here (the default)")
+                named.add(key)
 
     def _checkpoint_dtype(self) -> str:
         """dtype 'auto': the checkpoint's ``torch_dtype`` from the catalog's config.json (bf16 when unknown)."""
@@ -704,6 +722,8 @@ def _hf_key(r: _Reader, k: str, v: Any, key: str) -> None:  # noqa: C901 - one b
     """One TrainingArguments / SFTConfig / ModelConfig / LoraConfig / BitsAndBytesConfig / from_pretrained key."""
     if k in IRRELEVANT:
         r.ignore(key)
+    elif k in _ONLY_WITH:
+        r.ignore(key, _ONLY_WITH[k])
     elif k in _UNMODELLED:
         _unmodelled_nested(r, key, k, v)
     elif k in ("bf16", "fp16"):
@@ -809,7 +829,7 @@ def _hf_key(r: _Reader, k: str, v: Any, key: str) -> None:  # noqa: C901 - one b
             raise r.bad(key, v, "trains bias vectors, which loraplan does not model; use bias: none")
         r.ignore(key, "'none': no trainable biases")
     elif k == "peft_type":
-        if str(v).upper() != "LORA":
+        if v is not None and str(v).upper() != "LORA":
             raise r.bad(key, v, "is not LoRA; loraplan models LoRA/QLoRA only")
         r.ignore(key, "LORA")
     # ---- BitsAndBytesConfig (and the same names in ModelConfig)
@@ -873,7 +893,7 @@ def _padding(r: _Reader) -> None:
                           if packing and strategy != "wrapped" else "")))
 
 
-_HF_VOCAB = tuple(sorted(IRRELEVANT | set(_UNMODELLED) | {
+_HF_VOCAB = tuple(sorted(IRRELEVANT | set(_UNMODELLED) | set(_ONLY_WITH) | {
     "bf16", "fp16", "tf32", "per_device_train_batch_size", "auto_find_batch_size", "gradient_accumulation_steps",
     "gradient_checkpointing", "activation_checkpointing", "gradient_checkpointing_kwargs",
     "activation_checkpointing_kwargs", "max_grad_norm", "optim", "max_length", "max_seq_length", "packing",
@@ -1015,6 +1035,8 @@ def _read_axolotl(r: _Reader, flat: dict) -> None:  # noqa: C901
                 _hf_key(r, kk, vv, f"{k}.{kk}")
         elif k in IRRELEVANT:
             r.ignore(k)
+        elif k in _ONLY_WITH:
+            r.ignore(k, _ONLY_WITH[k])
         elif k in _UNMODELLED:
             r.unmodelled(k, v)
         else:
@@ -1037,7 +1059,7 @@ def _read_axolotl(r: _Reader, flat: dict) -> None:  # noqa: C901
     r.default("batch", 1, "axolotl micro_batch_size=1")
 
 
-_AXOLOTL_VOCAB = tuple(sorted(IRRELEVANT | set(_UNMODELLED) | {
+_AXOLOTL_VOCAB = tuple(sorted(IRRELEVANT | set(_UNMODELLED) | set(_ONLY_WITH) | {
     "adapter", "base_model", "load_in_4bit", "load_in_8bit", "bf16", "fp16", "tf32", "lora_r", "lora_alpha",
     "lora_dropout", "lora_target_modules", "lora_target_linear", "sequence_len", "sample_packing",
     "pad_to_sequence_len", "micro_batch_size", "gradient_accumulation_steps", "gradient_checkpointing",
