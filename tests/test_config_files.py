@@ -343,3 +343,19 @@ def test_every_field_of_the_installed_configs_is_known(tmp_path):
     bnb.update(load_in_4bit=True, bnb_4bit_compute_dtype="bfloat16")
     recipe = load_recipe(dump({"model": {"pretrained_model_name_or_path": "llama-2-7b"}, "bnb": bnb}))
     assert recipe.options["quant"] == "fp4" and recipe.options["double_quant"] is False
+
+
+def test_published_stack_benchmark_predicts_every_case():
+    """benchmarks/published_stack.py: every published case resolves to specs and gets a prediction."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "published_stack.py"
+    spec = importlib.util.spec_from_file_location("published_stack", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    cases = json.loads(mod.DATA.read_text())["cases"]
+    assert len(cases) == 15
+    for c in cases:
+        assert c["source"]["url"] and c["differs"] and "value" in c["published"]
+        row = mod.predict(c)
+        assert row["predicted"] and row["predicted"] > 0 and row["ratio"] > 0, row
