@@ -342,6 +342,8 @@ class _Reader:
         self.model_name: str | None = None
         self.facts: dict[str, Any] = {}  # file facts read together at the end (quantization, dtypes, LoRA)
         self.keys_read: set[str] = set()  # file keys that became facts (each must end in the account)
+        self.raws: dict[str, Any] = {}  # key -> the value as the file spells it (bfloat16, torch.float16)
+        self.lora_section = False  # a LoraConfig section: peft's LoraConfig defaults, not trl ModelConfig's
 
     # -- bookkeeping
     def set(self, option: str, value: Any, key: str, raw: Any, how: str = "") -> None:
@@ -350,11 +352,14 @@ class _Reader:
             raise InputError(f"--config {self.path}: '{key}' sets --{option.replace('_', '-')} {_short(value)} but "
                              f"'{prev}' set {_short(self.opts[option])}; keep one of them")
         self.opts[option] = value
+        raw = self.raws.get(key, raw)
         self.used.append((key, raw, f"--{option.replace('_', '-')} {_short(value)}" + (f" ({how})" if how else "")))
 
-    def fact(self, name: str, value: Any, key: str) -> None:
+    def fact(self, name: str, value: Any, key: str, raw: Any = None) -> None:
         self.facts[name] = (value, key)
         self.keys_read.add(key)
+        if raw is not None:
+            self.raws[key] = raw
 
     def note(self, key: str, raw: Any, how: str) -> None:
         self.used.append((key, raw, how))
@@ -544,7 +549,7 @@ class _Reader:
         # trl ModelConfig lora_r=16, lora_alpha=32, lora_dropout=0.05; axolotl lora_dropout 0.0)
         lib = {"trl": (16, 32.0, 0.05, "trl ModelConfig"), "hf": (8, 8.0, 0.0, "peft LoraConfig"),
                "axolotl": (8, 8.0, 0.0, "axolotl passes peft LoraConfig's defaults")}[self.kind]
-        if self.kind == "trl" and f.get("lora_section"):
+        if self.kind == "trl" and self.lora_section:
             lib = (8, 8.0, 0.0, "peft LoraConfig")
         self.default("rank", lib[0], f"{lib[3]} r={lib[0]}")
         self.default("alpha", lib[1], f"{lib[3]} lora_alpha={lib[1]:g}")
@@ -611,8 +616,7 @@ def resolve_model_name(name: str) -> str | None:
 def _read_hf(r: _Reader, flat: dict, sections: dict) -> None:
     """TrainingArguments / SFTConfig / ModelConfig / ScriptArguments / LoraConfig / BitsAndBytesConfig keys,
     flat or in sections."""
-    if "lora" in sections:
-        r.fact("lora_section", True, sections["lora"]["__name__"])
+    r.lora_section = "lora" in sections
     model_keys = set(flat) | set(sections.get("model", {}))
     if r.kind == "trl" and model_keys & {"lora_r", "lora_alpha", "lora_dropout", "lora_target_modules"} \
             and "use_peft" not in model_keys and "lora" not in sections:
@@ -797,7 +801,7 @@ def _hf_key(r: _Reader, k: str, v: Any, key: str) -> None:  # noqa: C901 - one b
             r.fact("dtype_auto", True, key)
             r.note(key, v, "the checkpoint's dtype")
         else:
-            r.fact("dtype", d, key)
+            r.fact("dtype", d, key, raw=v)
     elif k == "attn_implementation":
         if v is None:
             r.ignore(key, "None: transformers' default (sdpa)")
@@ -844,7 +848,7 @@ def _hf_key(r: _Reader, k: str, v: Any, key: str) -> None:  # noqa: C901 - one b
     elif k in ("bnb_4bit_use_double_quant", "use_bnb_nested_quant"):
         r.fact("double_quant", r.boolean(key, v), key)
     elif k == "bnb_4bit_compute_dtype":
-        r.fact("compute_dtype", r.dtype(key, v), key)
+        r.fact("compute_dtype", r.dtype(key, v), key, raw=v)
     elif k == "llm_int8_threshold":
         if r.number(key, v) != 6.0:
             raise r.bad(key, v, "is not modelled (loraplan's int8 outlier model assumes 6.0); use 6.0")
