@@ -229,7 +229,7 @@ class Recipe:
                 "ignored": [{"key": k, "reason": r} for k, r in self.ignored],
                 "defaults": [{"option": o, "value": _jsonable(v), "source": s} for o, v, s in self.defaults]}
 
-    def lines(self, overridden: tuple[str, ...] = ()) -> list[str]:
+    def lines(self, overridden: tuple[str, ...] = (), unused: tuple[str, ...] = ()) -> list[str]:
         """Human-readable account, one line per key (the CLI prints it to stderr)."""
         out = [f"config {self.path}: {self.kind} recipe -> --trainer {self.options.get('trainer')}"]
         out += [f"  used     {k} = {_short(v)} -> {s}" for k, v, s in self.used]
@@ -237,6 +237,9 @@ class Recipe:
         out += [f"  ignored  {k}: {r}" for k, r in self.ignored]
         if overridden:
             out.append("  the command line overrides: " + ", ".join("--" + o.replace("_", "-") for o in overridden))
+        if unused:
+            out.append("  not used by this command: " + ", ".join(f"--{o.replace('_', '-')} {_short(self.options[o])}"
+                                                              for o in unused))
         return out
 
 
@@ -464,9 +467,12 @@ class _Reader:
             if given:
                 self.ignore(key, f"'{self.model_name}' is not in loraplan's catalog; --model on the command line names it")
                 return
+            from .catalog import model_entries
+
+            near = suggest(self.model_name.rsplit("/", 1)[-1].lower(), sorted(model_entries()))
             raise InputError(f"--config {self.path}: {key} '{self.model_name}' is neither a catalog model nor a "
-                             f"config.json path; give --model with a catalog name (see 'loraplan models') or the "
-                             f"path of its config.json")
+                             f"config.json path{near}; give --model with a catalog name (see 'loraplan models') or "
+                             f"the path of its config.json")
         if "model" not in self.opts:
             self.set("model", name, key, self.model_name, "" if name == self.model_name else "catalog name")
 
@@ -1074,18 +1080,22 @@ _AXOLOTL_VOCAB = tuple(sorted(IRRELEVANT | set(_UNMODELLED) | set(_ONLY_WITH) | 
 # ---- applying a recipe to a command's options -------------------------------------------------
 
 
-def apply_recipe(recipe: Recipe, opts: dict, given: set[str], multi: bool = False) -> tuple[dict, tuple[str, ...]]:
+def apply_recipe(recipe: Recipe, opts: dict, given: set[str], multi: bool = False) -> tuple[dict, tuple[str, ...],
+                                                                                          tuple[str, ...]]:
     """``opts`` (a command's case options) with the recipe's values where the command line gave none.
 
     ``given``: the option names the user typed (they override the file). ``multi``: the grid
-    commands' raw form (strings; targets a tuple of comma strings). Returns the new options and
-    the names the command line overrode.
+    commands' raw form (strings; targets a tuple of comma strings). Returns the new options, the
+    names the command line overrode, and the recipe's options this command has no place for
+    (``gpu`` for plan and profile, which take their own GPU lists).
     """
     out = dict(opts)
-    overridden = []
+    overridden, unused = [], []
     for k, v in recipe.options.items():
         if k not in out:
-            continue  # e.g. --gpu on a command without it
+            if v is not None:
+                unused.append(k)
+            continue
         if k in given:
             if v is not None:
                 overridden.append(k)
@@ -1100,4 +1110,4 @@ def apply_recipe(recipe: Recipe, opts: dict, given: set[str], multi: bool = Fals
             elif not isinstance(v, bool):
                 v = str(v)
         out[k] = v
-    return out, tuple(overridden)
+    return out, tuple(overridden), tuple(unused)

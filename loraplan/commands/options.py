@@ -135,11 +135,12 @@ def _with_config(f, multi: bool, gpu: bool, config_in_json: bool):
                      and kw.get(k) not in (None, ())}
             recipe = load_recipe(config_file, model_given="model" in given)
             case = {k: kw[k] for k in keys}
-            case, overridden = apply_recipe(recipe, case, given, multi)
+            case, overridden, unused = apply_recipe(recipe, case, given, multi)
             kw.update(case)
-            ctx.meta["loraplan.config"] = {**recipe.to_dict(), "overridden_by_command_line": list(overridden)}
+            ctx.meta["loraplan.config"] = {**recipe.to_dict(), "overridden_by_command_line": list(overridden),
+                                           "not_used_by_this_command": list(unused)}
             if not (config_in_json and kw.get("fmt") == "json"):
-                for line in recipe.lines(overridden):
+                for line in recipe.lines(overridden, unused):
                     click.echo(line, err=True)
         return f(*args, **kw)
     return run
