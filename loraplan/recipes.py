@@ -310,11 +310,11 @@ def load_recipe(path: str | Path, model_given: bool = False) -> Recipe:
         _read_axolotl(r, flat)
     else:
         _read_hf(r, flat, sections)
-    for k, v in sections.get("loraplan", {}).items():
+    r.resolve_model(model_given or "model" in sections.get("loraplan", {}))
+    r.finish()
+    for k, v in sections.get("loraplan", {}).items():  # last: it says outright what the file only implies
         if k != "__name__":
             r.loraplan(k, v)
-    r.resolve_model(model_given)
-    r.finish()
     r.account_for_facts()
     return Recipe(path=str(path), kind=kind, options=dict(r.opts), used=tuple(r.used), ignored=tuple(r.ignored),
                   defaults=tuple(r.defaults))
@@ -465,7 +465,8 @@ class _Reader:
         name = resolve_model_name(self.model_name)
         if name is None:
             if given:
-                self.ignore(key, f"'{self.model_name}' is not in loraplan's catalog; --model on the command line names it")
+                self.ignore(key, f"'{self.model_name}' is not in loraplan's catalog; --model (or loraplan.model) "
+                                 f"names the model instead")
                 return
             from .catalog import model_entries
 

@@ -108,6 +108,14 @@ def test_trl_yaml_flat(tmp_path):
     assert {k for k, _, _ in recipe.used} >= {"lora_r", "lora_alpha", "per_device_train_batch_size", "load_in_4bit"}
 
 
+def test_loraplan_section_wins_over_the_file(tmp_path):
+    """A ``loraplan:`` section states case options outright; they replace what the file's keys imply."""
+    p = _write(tmp_path, "sft.yaml", TRL_YAML + "loraplan:\n  seq: 4096\n  quant: bf16\n  gpu: l4-24gb\n")
+    recipe, _, _, train = _specs(p)
+    assert (train.seq, train.quant, recipe.options["gpu"]) == (4096, "bf16", "l4-24gb")
+    assert ("loraplan.seq", 4096, "--seq 4096 (instead of 2048 from the file)") in recipe.used
+
+
 def test_trl_defaults_are_the_libraries(tmp_path):
     """Keys left out take trl's defaults, not loraplan's: ModelConfig dtype float32, lora_r 16, max_length 1024."""
     p = _write(tmp_path, "min.yaml", "model_name_or_path: Qwen/Qwen2.5-0.5B\nuse_peft: true\nload_in_4bit: true\n")
