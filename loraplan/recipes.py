@@ -354,9 +354,20 @@ class _Reader:
             prev = next((k for k, _, s in self.used if s.startswith(f"--{option.replace('_', '-')} ")), "another key")
             raise InputError(f"--config {self.path}: '{key}' sets --{option.replace('_', '-')} {_short(value)} but "
                              f"'{prev}' set {_short(self.opts[option])}; keep one of them")
+        self.check(option, value, key)
         self.opts[option] = value
         raw = self.raws.get(key, raw)
         self.used.append((key, raw, f"--{option.replace('_', '-')} {_short(value)}" + (f" ({how})" if how else "")))
+
+    def check(self, option: str, value: Any, key: str) -> None:
+        """The option's own check (spec.CHECKS), its one-line error naming the file's key."""
+        from .spec import CHECKS, check_value
+
+        if option in CHECKS and option != "targets" and not key.startswith("loraplan."):
+            try:
+                check_value(option, value)
+            except InputError as e:
+                raise InputError(f"--config {self.path}: {key} {_short(self.raws.get(key, value))}: {e}") from None
 
     def fact(self, name: str, value: Any, key: str, raw: Any = None) -> None:
         self.facts[name] = (value, key)
