@@ -934,7 +934,8 @@ def _read_axolotl(r: _Reader, flat: dict) -> None:  # noqa: C901
     ``adapter: qlora`` loads nf4 with double quantization and ``bnb_4bit_compute_dtype`` = the run's dtype;
     ``bf16``/``fp16`` are TrainingArguments' (autocast) and also the load dtype (``torch_dtype``);
     ``gradient_checkpointing_kwargs`` defaults to ``{use_reentrant: False}`` (core/trainer_builder.py);
-    axolotl calls ``prepare_model_for_kbit_training`` for 8-bit LoRA and 4-bit QLoRA (loaders/model.py)."""
+    axolotl calls ``prepare_model_for_kbit_training`` for 8-bit LoRA and 4-bit QLoRA
+    (loaders/model.py::ModelLoader._prepare_model_for_quantization)."""
     adapter = flat.get("adapter")
     if adapter not in ("lora", "qlora"):
         raise r.bad("adapter", adapter, "must be lora or qlora (loraplan models LoRA/QLoRA; full fine-tuning is not modelled)")
@@ -1071,8 +1072,8 @@ def _read_axolotl(r: _Reader, flat: dict) -> None:  # noqa: C901
         r.fact("double_quant", True, "adapter")
         r.fact("compute_dtype", f.get("dtype", ("fp32",))[0], "adapter")
     if "load_in_4bit" in f or "load_in_8bit" in f:
-        r.default("prepare_kbit", True, "axolotl loaders/model.py: prepare_model_for_kbit_training for 8-bit lora "
-                                        "and qlora")
+        r.default("prepare_kbit", True, "axolotl loaders/model.py::ModelLoader._prepare_model_for_quantization: "
+                                        "prepare_model_for_kbit_training for load_in_8bit/load_in_4bit adapters")
     if "dtype" not in f:  # axolotl: torch_dtype float32 when neither bf16 nor fp16 is set
         r.fact("dtype", "fp32", "bf16/fp16 (unset: float32)")
     r.default("reentrant", False, "axolotl trainer builder: gradient_checkpointing_kwargs={'use_reentrant': False}")
