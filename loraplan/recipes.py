@@ -941,9 +941,7 @@ def _read_axolotl(r: _Reader, flat: dict) -> None:  # noqa: C901
         raise r.bad("adapter", adapter, "must be lora or qlora (loraplan models LoRA/QLoRA; full fine-tuning is not modelled)")
     for k, v in flat.items():
         if k == "adapter":
-            r.note(k, v, "LoRA" + (" on a 4-bit base" if v == "qlora" else ""))
-            if v == "qlora":
-                r.fact("load_in_4bit", True, k)
+            r.note(k, v, "LoRA" + (" on a 4-bit base (with load_in_4bit)" if v == "qlora" else ""))
         elif k in ("base_model",):
             r.model(k, v)
         elif k == "load_in_4bit":
@@ -1065,10 +1063,13 @@ def _read_axolotl(r: _Reader, flat: dict) -> None:  # noqa: C901
         else:
             raise r.unknown(k, _AXOLOTL_VOCAB)
     f = r.facts
+    if adapter == "qlora" and "load_in_4bit" not in f:
+        raise InputError(f"--config {r.path}: adapter qlora without load_in_4bit: true; axolotl quantizes only with "
+                         f"both (utils/schemas validation): add load_in_4bit: true")
     if "load_in_4bit" in f and adapter == "lora":
         raise InputError(f"--config {r.path}: load_in_4bit with adapter: lora; axolotl wants adapter: qlora for a 4-bit base")
-    if "load_in_4bit" in f:
-        r.fact("quant_type", "nf4", "adapter")
+    if "load_in_4bit" in f:  # axolotl loaders/model.py: qlora's BitsAndBytesConfig (nf4, double quant, torch_dtype)
+        r.fact("quant_type", "nf4", "adapter", raw=adapter)
         r.fact("double_quant", True, "adapter")
         r.fact("compute_dtype", f.get("dtype", ("fp32",))[0], "adapter")
     if "load_in_4bit" in f or "load_in_8bit" in f:

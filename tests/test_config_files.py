@@ -203,6 +203,7 @@ def test_table_output_lists_keys_on_stderr(run_cli, tmp_path):
     (TRL_YAML + "torch_compile: true\n", "torch_compile true"),
     (TRL_YAML.replace("use_peft: true\n", ""), "use_peft"),
     (AXOLOTL_YAML + "sequence_parallel_degree: 2\n", "sequence_parallel_degree 2"),
+    (AXOLOTL_YAML.replace("load_in_4bit: true", "load_in_4bit: false"), "adapter qlora without load_in_4bit"),
     (AXOLOTL_YAML.replace("lora_r: 8", "lora_r: eight"), "lora_r eight must be a positive integer"),
     (AXOLOTL_YAML.replace("lora_dropout: 0.0", "lora_dropout: 1.5"), "lora_dropout 1.5: --dropout 1.5 must be in [0, 1)"),
     ("model_name_or_path: someone/unknown-model\nuse_peft: true\n", "give --model"),
