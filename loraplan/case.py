@@ -79,7 +79,7 @@ def _float(name):
 def _finite(name):
     def parse(v):
         x = _float(name)(v)
-        check_value(name, x)
+        check_value(name.replace("-", "_"), x)  # CHECKS is keyed by the case key (max_grad_norm)
         return x
     return parse
 

@@ -13,7 +13,7 @@ from .options import case_options
 
 
 @click.command("estimate")
-@case_options()
+@case_options(config_in_json=True)
 @click.option("--method", type=click.Choice(["analytic", "trace"]), default="analytic", show_default=True,
               help="analytic: formulas, instant, no torch. trace: run the real transformers+peft step on the "
                    "meta device and count tensors (needs the [profile] extra, no GPU; seconds).")
@@ -58,6 +58,10 @@ def estimate_command(method, calibration_file, fmt, explain_, **opts):
         explanation = explain(model, lora, train, gpu, cal).to_dict()
     if fmt == "json":
         from ..render import to_json
+
+        config = click.get_current_context().meta.get("loraplan.config")
+        if config is not None:
+            data["inputs"]["config"] = config  # which keys of --config were used, ignored, defaulted
 
         if explanation is not None:
             data["explain"] = explanation

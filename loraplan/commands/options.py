@@ -8,14 +8,22 @@ profile) use ``case_options(multi=True)``, where every option takes comma lists 
 
 from __future__ import annotations
 
+import functools
+
 import click
 
 from ..case import DEFAULTS
 from ..spec import ATTN_IMPLEMENTATIONS, FLOAT_DTYPES, LOSSES, MIXED_PRECISION, OPTIMIZERS, PADDINGS, QUANTS, TRAINERS
 
 
-def case_options(multi: bool = False, gpu: bool = True):
-    """Decorator adding the case options. With ``multi`` each takes a comma list / range string."""
+def case_options(multi: bool = False, gpu: bool = True, config_in_json: bool = False):
+    """Decorator adding the case options. With ``multi`` each takes a comma list / range string.
+
+    It also adds ``--config FILE`` (a TRL/Transformers or axolotl recipe, ``loraplan.recipes``):
+    the file's values fill the options the command line leaves unset, before the command runs;
+    the account of its keys goes to stderr, or with ``config_in_json`` and ``--format json``
+    into the command's JSON (``click.get_current_context().meta['loraplan.config']``).
+    """
     m = " (comma list or range a:b:xK / a:b:+K)" if multi else ""
     c = " (comma list)" if multi else ""  # choices: no ranges
 
@@ -96,10 +104,46 @@ def case_options(multi: bool = False, gpu: bool = True):
         if gpu:
             opts.append(click.option("--gpu", default=None if multi else DEFAULTS["gpu"], show_default=not multi,
                                      help="GPU id (see 'loraplan gpus')" + (" (comma list)" if multi else "")))
+        opts.append(click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
+                                 help="Read the recipe from a training config: TRL (trl sft --config YAML, SFTConfig/"
+                                      "ModelConfig keys), Transformers TrainingArguments with LoraConfig/"
+                                      "BitsAndBytesConfig sections (YAML or JSON), or an axolotl YAML. Sets --trainer "
+                                      "from the file's kind (TRL: trl; TrainingArguments and axolotl: hf). Options "
+                                      "given here override the file; used and ignored keys are listed"))
+        wrapped = _with_config(f, multi, gpu, config_in_json)
         for o in reversed(opts):
-            f = o(f)
-        return f
+            wrapped = o(wrapped)
+        return wrapped
     return deco
+
+
+def _with_config(f, multi: bool, gpu: bool, config_in_json: bool):
+    """``f`` with ``--config`` applied to its case options first (loraplan.recipes.apply_recipe)."""
+    from ..case import PARSERS
+
+    @functools.wraps(f)
+    def run(*args, config_file=None, **kw):
+        if config_file is not None:
+            from click.core import ParameterSource
+
+            from ..recipes import apply_recipe, load_recipe
+
+            ctx = click.get_current_context()
+            keys = [k for k in PARSERS if k in kw and (gpu or k != "gpu")]
+            given = {k for k in keys if ctx.get_parameter_source(k) not in (ParameterSource.DEFAULT,
+                                                                             ParameterSource.DEFAULT_MAP)
+                     and kw.get(k) not in (None, ())}
+            recipe = load_recipe(config_file, model_given="model" in given)
+            case = {k: kw[k] for k in keys}
+            case, overridden, unused = apply_recipe(recipe, case, given, multi)
+            kw.update(case)
+            ctx.meta["loraplan.config"] = {**recipe.to_dict(), "overridden_by_command_line": list(overridden),
+                                           "not_used_by_this_command": list(unused)}
+            if not (config_in_json and kw.get("fmt") == "json"):
+                for line in recipe.lines(overridden, unused):
+                    click.echo(line, err=True)
+        return f(*args, **kw)
+    return run
 
 
 def trace_timeout_option(f):
