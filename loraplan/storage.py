@@ -222,6 +222,19 @@ class Dtypes:
         return self.unquantized
 
     @property
+    def block(self) -> str:
+        """The dtype of what a block's Linears output (attention and MLP internals): autocast's
+        under mixed precision (linear is a lower-precision op); else the input's (bitsandbytes
+        Linear4bit/Linear8bitLt return ``out.to(inp_dtype)``) or the weight's, i.e. the stream's."""
+        return self.autocast or self.stream
+
+    @property
+    def attention(self) -> str:
+        """The dtype sdpa runs in: autocast's (scaled_dot_product_attention is a lower-precision
+        op), else its inputs' (the block dtype)."""
+        return self.block
+
+    @property
     def lm_head(self) -> str:
         """The dtype lm_head runs in (so the logits' dtype): autocast's, else its weight's."""
         return self.autocast or self.unquantized

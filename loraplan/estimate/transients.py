@@ -10,7 +10,7 @@ import math
 
 from .. import versions
 from ..spec import Calibration, GpuSpec, ModelSpec
-from ..storage import FOUR_BIT, QUANTIZED, unquantized_param_bytes
+from ..storage import FOUR_BIT, QUANTIZED, dtype_bytes, linear_storage
 from .activations import Shape, _activation, _relative_bias, hidden_dropout, lora_input_saved_bytes, mlp_saved
 from .arrays import ceil as _ceil, maximum as _max
 from .coefficients import coefficient
@@ -18,9 +18,67 @@ from .weights import Structure, _p_silu_product_exceeds, _stack_layers
 
 
 def logits_bytes(st: Structure) -> int:
-    """Bytes per logit as lm_head produces it: its weight dtype (fp32 after prepare for a
-    quantized base, else the load dtype) -> 4 or 2 (``storage.unquantized_param_bytes``)."""
-    return unquantized_param_bytes(st.quant)
+    """Bytes per logit as lm_head produces it (``Dtypes.lm_head``): the autocast dtype under
+    mixed precision (linear is a lower-precision op), else its weight's dtype (fp32 after
+    prepare_model_for_kbit_training, else the load dtype) -> 2 or 4. Bf16/fp16 logits then
+    coexist with ForCausalLMLoss's fp32 copy (``loss_forward_transient``)."""
+    return dtype_bytes(st.dt.lm_head)
+
+
+def _frozen_cast_linears(st: Structure):
+    """(per decoder layer, lm_head) element counts of the frozen, unquantized Linear weights whose
+    dtype is not the autocast dtype: each call casts the weight to it (not cached: only leaves
+    that require grad are, autocast_mode.cpp::cached_cast), and the matmul saves the copy for the
+    input gradient."""
+    d, m = st.dt, st.model
+    if not d.autocast:
+        return 0, 0
+    layer, head = 0, 0
+    for l in m.linears:
+        if l.role == "lm_head":
+            if d.unquantized != d.autocast:
+                head += l.numel
+            continue
+        if linear_storage(m, d, l) in ("bf16", "fp16", "fp32") and linear_storage(m, d, l) != d.autocast:
+            layer += l.numel
+    return layer / max(m.num_layers + m.num_encoder_layers, 1), head
+
+
+def autocast_copies(st: Structure, r, gradient_checkpointing: bool, moment: str):
+    """Low-precision copies autocast makes and something keeps (c = autocast dtype bytes):
+
+    - trainable fp32 adapters: the weight-cast cache (autocast_mode.cpp::cached_cast: fp32 leaves
+      that require grad) keeps a c copy of every lora_A/lora_B until the outermost autocast
+      exits, i.e. over the whole forward (the loss inside it); the Linears also save them for
+      backward. ``r·(in+out)·c`` per adapted Linear.
+    - frozen unquantized Linears (and lm_head) whose dtype differs from c (an fp16 base under bf16
+      autocast, fp32 weights after prepare_model_for_kbit_training or an fp32 load): a c copy per
+      call, saved for the input gradient (torch autograd: ``mm`` saves ``mat2`` when ``self``
+      needs a grad); bitsandbytes' 4-bit/int8 weights are not cast (custom autograd Functions).
+    Without checkpointing every layer's copies live from the forward to that layer's backward;
+    with it only lm_head's (outside the checkpointed layers) and, at a layer's backward, the
+    copies its recompute made. ``moment``: "forward", "loss backward" or "layer backward".
+    """
+    d = st.dt
+    if not d.autocast:
+        return 0
+    c = dtype_bytes(d.autocast)
+    m = st.model
+    L = max(m.num_layers + m.num_encoder_layers, 1)
+    adapters = 0
+    if d.adapter == "fp32":
+        adapters = sum(count * r * size for size, count in st.lora_sizes.items()) * c
+    per_layer, head = _frozen_cast_linears(st)
+    frozen_layers = per_layer * c * L
+    if gradient_checkpointing:
+        if moment == "forward":
+            return adapters + head * c
+        if moment == "loss backward":
+            return head * c
+        return head * c + (adapters + frozen_layers) / L
+    if moment == "layer backward":
+        return adapters + frozen_layers + head * c
+    return adapters + frozen_layers + head * c
 
 
 def logit_softcap_saved(st: Structure, x: Shape):

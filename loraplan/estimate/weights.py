@@ -73,6 +73,27 @@ class Structure:
         return dtype_bytes(self.dt.stream)
 
     @property
+    def block_bytes(self) -> int:
+        """Bytes/element of what a block's frozen Linears output (the MLP's tensors): under
+        autocast an nn.Linear outputs the autocast dtype (``Dtypes.block``), but bitsandbytes'
+        Linear4bit/Linear8bitLt return ``out.to(inp_dtype)`` (nn/modules.py), the stream's dtype;
+        without autocast the stream's."""
+        if self.dt.autocast and self.linear_quant in ("nf4", "fp4", "int8"):
+            return self.stream_bytes
+        return dtype_bytes(self.dt.block)
+
+    @property
+    def attention_bytes(self) -> int:
+        """Bytes/element of sdpa's inputs and outputs: the autocast dtype under mixed precision
+        (scaled_dot_product_attention is a lower-precision op), else the block's."""
+        return dtype_bytes(self.dt.autocast) if self.dt.autocast else self.block_bytes
+
+    @property
+    def autocast_bytes(self) -> int:
+        """Bytes/element of the autocast dtype (0 without mixed precision)."""
+        return dtype_bytes(self.dt.autocast) if self.dt.autocast else 0
+
+    @property
     def adapter_bytes(self) -> int:
         """Bytes per LoRA parameter and gradient (``Dtypes.adapter``)."""
         return dtype_bytes(self.dt.adapter)

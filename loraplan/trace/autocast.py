@@ -270,3 +270,51 @@ def _patch_maybe_autocast(mode: EmulatedAutocast) -> list:
 def _unpatch(patched: list) -> None:
     for mod, orig in patched:
         setattr(mod, _MAYBE_AUTOCAST, orig)
+
+
+def emulated_grad_scaler(torch_mod=torch):
+    """``torch.amp.GradScaler('cuda')`` for a meta step (fp16 mixed precision): the real class, so
+    its tensors are the real ones (the fp32 scale and growth tracker, per step the fp64->fp32
+    inverse scale and found_inf scalars, and the in-place ``_amp_foreach_non_finite_check_and_unscale_``
+    over the gradients: torch/amp/grad_scaler.py::GradScaler.unscale_, _unscale_grads_); only the
+    decision to step, which reads found_inf's value (``_maybe_opt_step``: ``v.item()``), is taken
+    as "no inf" since meta tensors have no values."""
+
+    class MetaGradScaler(torch_mod.amp.GradScaler):
+        def _maybe_opt_step(self, optimizer, optimizer_state, *args, **kwargs):
+            return optimizer.step(*args, **kwargs)
+
+        def update(self, new_scale=None):  # _amp_update_scale_ is in place on the two scalars
+            return None
+
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return MetaGradScaler("cuda", enabled=True)
+
+
+def active() -> EmulatedAutocast | None:
+    """The enabled EmulatedAutocast on the current torch-function mode stack, if any."""
+    from torch.overrides import _get_current_function_mode_stack
+
+    for mode in reversed(_get_current_function_mode_stack()):
+        if isinstance(mode, EmulatedAutocast):
+            return mode if mode.enabled else None
+    return None
+
+
+def cast_args(op: str, *tensors):
+    """``tensors`` as the active emulated autocast would hand them to aten op ``op`` (unchanged
+    when none is active). For Python replacements of listed ops that dispatch never sees under
+    their own name (the trace's CUDA-like sdpa, emulation.cuda_like_sdpa): CUDA autocast casts
+    sdpa's inputs before the kernel is chosen, so the choice sees the autocast dtype."""
+    mode = active()
+    if mode is None:
+        return tensors
+    pol = mode.policy.get(op)
+    if pol == "lower_precision_fp":
+        return tuple(mode._cast(t, mode.dtype) if t is not None else None for t in tensors)
+    if pol == "fp32":
+        return tuple(mode._cast(t, torch.float32) if t is not None else None for t in tensors)
+    return tensors
