@@ -11,7 +11,8 @@ import math
 from .. import versions
 from ..spec import Calibration, GpuSpec, ModelSpec
 from ..storage import FOUR_BIT, QUANTIZED, dtype_bytes, linear_storage
-from .activations import Shape, _activation, _relative_bias, hidden_dropout, lora_input_saved_bytes, mlp_saved
+from .activations import (Shape, _activation, _relative_bias, hidden_dropout, lora_input_saved_bytes, lora_output_bytes,
+                          mlp_saved)
 from .arrays import ceil as _ceil, maximum as _max
 from .coefficients import coefficient
 from .weights import Structure, _p_silu_product_exceeds, _stack_layers
@@ -118,12 +119,12 @@ def loss_backward_transient(st: Structure, x: Shape):
 
 def dequantized_weight_transient(st: Structure) -> int:
     """The largest weight a quantized Linear dequantizes on every call (forward fallback and
-    backward): nf4/fp4 -> out·in·2 B in bf16 (bitsandbytes backends/cuda/ops.py
-    ``_dequant_linear_fallback``; autograd MatMul4Bit.backward). int8 backward:
-    ``CB.to(dtype_A)`` -> out·in·a (MatMul8bitLt.backward)."""
+    backward): nf4/fp4 -> out·in B in ``bnb_4bit_compute_dtype`` (bf16 in the protocol: 2 B;
+    bitsandbytes backends/cuda/ops.py ``_dequant_linear_fallback``; autograd MatMul4Bit.backward).
+    int8 backward: ``CB.to(dtype_A)`` -> out·in·a (MatMul8bitLt.backward)."""
     if st.linear_quant not in QUANTIZED:
         return 0
-    return st.biggest_linear_numel * (2 if st.linear_quant in FOUR_BIT else st.stream_bytes)
+    return st.biggest_linear_numel * (dtype_bytes(st.dt.compute) if st.linear_quant in FOUR_BIT else st.stream_bytes)
 
 
 def layer_backward_transients(st: Structure, x: Shape, kind: str = "flash", gradient_checkpointing: bool = True,
@@ -155,16 +156,20 @@ def layer_backward_transients(st: Structure, x: Shape, kind: str = "flash", grad
     """
     m, a, T = st.model, st.stream_bytes, x.T
     I = m.intermediate_size
+    # the recipe's dtypes (equal to a, 4 and 2 in the protocol): ab the MLP's tensors
+    # (Structure.block_bytes), A the adapters', cb bnb_4bit_compute_dtype's, o lora_B's output
+    ab, A, cb = st.block_bytes, st.adapter_bytes, dtype_bytes(st.dt.compute)
+    o = lora_output_bytes(st)
     k = 3 if m.arch.mlp == "gated" else 2
     deq = dequantized_weight_transient(st) if st.mlp_out_quantized else 0
     four_bit = st.linear_quant in FOUR_BIT and st.mlp_out_quantized
     D_ad = st.mlp_out_adapted_in.get(stack, 0.0)  # Σ adapted MLP-out inputs (≈ I or 0)
     adapted = 1 if D_ad else 0
     l_saved = lora_input_saved_bytes(st, x.dropout) * T * D_ad
-    lora_grad_peak = adapted * (4 + (a if a != 4 else 0)) * T * I
-    lora_grad_held = adapted * (a if a != 4 else 4) * T * I
-    base = (deq + 2 * T * I) if four_bit else (deq + a * T * I if deq else a * T * I)
-    product = k * a * T * I
+    lora_grad_peak = adapted * (A + (ab if ab != A else 0)) * T * I
+    lora_grad_held = adapted * ab * T * I
+    base = (deq + cb * T * I) if four_bit else (deq + ab * T * I if deq else ab * T * I)
+    product = k * ab * T * I
     if m.moe is not None and m.moe.layers and m.num_layers - 1 in m.moe.layers:
         # the top layer is a sparse-MoE block: its product backward runs over the S = T·k routed
         # rows at the expert width (grouped_mm_experts_forward: act_fn(gate) * up on [S, I_e]),
@@ -173,17 +178,17 @@ def layer_backward_transients(st: Structure, x: Shape, kind: str = "flash", grad
     candidates = [
         -l_saved + product,  # MLP product backward
         -l_saved + _max(lora_grad_peak, lora_grad_held + base),  # down backward, base branch
-        -l_saved + adapted * (lora_grad_held + 2 * a * T * I),  # down backward, the sum
+        -l_saved + adapted * (lora_grad_held + 2 * ab * T * I),  # down backward, the sum
     ]
     if hidden_dropout(m) and m.arch.ffn_inner_dropout:
         # T5's FFN dropout comes after the product: the recompute runs to it, making its output
-        candidates.append(-l_saved + a * T * I)
+        candidates.append(-l_saved + ab * T * I)
     if adapted:
-        candidates.append(-l_saved + a * T * I + ((2 * T * I + deq) if four_bit else 0))  # recompute: base
+        candidates.append(-l_saved + ab * T * I + ((cb * T * I + deq) if four_bit else 0))  # recompute: base
         # recompute: LoRA branch of the down projection: its fp32 cast of a half input (held by
         # peft's forward locals), the base output (a·T·h) and lora_B's fp32 output with its
         # scaled copy (2·4·T·h)
-        candidates.append(a * T * I + (4 * T * I if a != 4 else 0) + (8 + a) * T * m.hidden_size)
+        candidates.append(ab * T * I + (A * T * I if ab != A else 0) + (2 * o + ab) * T * m.hidden_size)
     best = candidates[0]
     for c in candidates[1:]:
         best = _max(best, c)
