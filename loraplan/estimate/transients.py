@@ -13,7 +13,7 @@ from ..spec import Calibration, GpuSpec, ModelSpec
 from ..storage import FOUR_BIT, QUANTIZED, dtype_bytes, linear_storage
 from .activations import (Shape, _activation, _relative_bias, hidden_dropout, lora_input_saved_bytes, lora_output_bytes,
                           mlp_saved)
-from .arrays import ceil as _ceil, maximum as _max
+from .arrays import ceil as _ceil, maximum as _max, where as _where
 from .coefficients import coefficient
 from .weights import Structure, _p_silu_product_exceeds, _stack_layers
 
@@ -189,6 +189,11 @@ def layer_backward_transients(st: Structure, x: Shape, kind: str = "flash", grad
         # peft's forward locals), the base output (a·T·h) and lora_B's fp32 output with its
         # scaled copy (2·4·T·h)
         candidates.append(ab * T * I + (A * T * I if ab != A else 0) + (2 * o + ab) * T * m.hidden_size)
+        if st.autocast_bytes and A != st.autocast_bytes:
+            # under autocast, inside the recomputed lora_A: the A-dtype dropout output is alive
+            # beside the c copy lora_A saves (its argument until lora_A returns)
+            candidates.append(ab * T * I + (A * T * I if ab != A else 0) + _where(x.dropout > 0, A * T * I, 0)
+                              + ab * T * m.hidden_size)
     best = candidates[0]
     for c in candidates[1:]:
         best = _max(best, c)
