@@ -102,8 +102,10 @@ PY_NAMES = {
     "__matmul__": "matmul", "__rmatmul__": "matmul", "__pow__": "pow", "__rpow__": "pow", "__ipow__": "pow",
     "_scaled_dot_product_efficient_attention": "scaled_dot_product_attention",
     # cross_entropy_loss (CompositeImplicit) is listed for CPU; on CUDA it decomposes into
-    # log_softmax (fp32_set_opt_dtype) and nll_loss (fp32): its input is used in fp32
-    "cross_entropy": {"cuda": "log_softmax", "cpu": "cross_entropy_loss"},
+    # log_softmax (fp32_set_opt_dtype: log_softmax(x, dtype=float) converts x to fp32 first) and
+    # nll_loss (fp32): its input is used in fp32, as the fp32 policy casts it (F.cross_entropy
+    # itself takes no dtype argument)
+    "cross_entropy": {"cuda": "nll_loss", "cpu": "cross_entropy_loss"},
 }
 
 #: modeling modules' attribute transformers uses for autocast-disabled regions (utils/generic.py)
