@@ -80,3 +80,35 @@ def resolve_recipe(train: TrainSpec) -> TrainSpec:
         raise InputError("--mixed-precision fp16 with --adapter-dtype fp16: GradScaler cannot unscale fp16 "
                          "gradients ('Attempting to unscale FP16 gradients'); use --adapter-dtype fp32")
     return out
+
+
+#: the first compute capability with bf16 tensor cores (Ampere, sm80); torch's
+#: torch/cuda/__init__.py::is_bf16_supported(including_emulation=False) tests ``major >= 8``
+BF16_MIN_COMPUTE_CAPABILITY = 8.0
+
+
+def check_gpu_dtypes(train: TrainSpec, gpu) -> None:
+    """InputError (one line: the value, the GPU, the fix) for a bf16 setting on a GPU without bf16
+    (compute capability < 8.0: T4, V100): torch then only emulates bf16
+    (torch/cuda/__init__.py::is_bf16_supported: ``major >= 8``, else a test allocation), flash
+    attention refuses it, and bitsandbytes' bf16 kernels need sm80. Checked: the resolved
+    ``mixed_precision`` (trl's default is bf16) and the recipe dtypes the user gave explicitly
+    (``--load-dtype``, ``--compute-dtype``, ``--adapter-dtype``); the loop's implicit bf16 load
+    of a quantized base and ``--quant bf16`` (a base dtype loraplan has always estimated on any
+    GPU: it runs, emulated) are left alone.
+    A GPU without a compute capability (not NVIDIA) is not checked."""
+    cc = getattr(gpu, "compute_capability", None) if gpu is not None else None
+    if not cc:
+        return
+    try:
+        if float(cc) >= BF16_MIN_COMPUTE_CAPABILITY:
+            return
+    except ValueError:
+        return
+    r = resolve_recipe(train)
+    given = [("--mixed-precision", r.mixed_precision), ("--load-dtype", train.load_dtype),
+             ("--compute-dtype", train.compute_dtype), ("--adapter-dtype", train.adapter_dtype)]
+    for flag, value in given:
+        if value == "bf16":
+            raise InputError(f"{flag} bf16 on {gpu.id} (compute capability {cc} < 8.0, no bf16 tensor cores): "
+                             f"use {flag} fp16" + (" (adds a GradScaler)" if flag == "--mixed-precision" else ""))

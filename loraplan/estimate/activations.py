@@ -13,7 +13,7 @@ from typing import Any
 
 from .. import versions
 from ..spec import ModelSpec, TrainSpec
-from ..storage import stream_dtype_bytes
+from ..storage import Dtypes, dtype_bytes
 from .arrays import ceil as _ceil, where as _where
 from .weights import Structure
 
@@ -42,7 +42,7 @@ def choose_attention(model: ModelSpec, train: TrainSpec, compute_capability: str
     # grouped-query heads reach sdpa only without a mask and with a torch that has enable_gqa;
     # otherwise transformers repeats k, v to n_h heads (repeat_kv) and any kernel takes them
     gqa = model.num_kv_heads != model.num_heads and not masked and versions.rule("sdpa_flash_gqa", train.stack)
-    half = stream_dtype_bytes(train.quant) == 2  # rule sdpa_flash_dtypes: fp16/bf16 only
+    half = dtype_bytes(Dtypes.of(train).attention) == 2  # rule sdpa_flash_dtypes: fp16/bf16 only
     if not masked and half and model.head_dim <= 256 and cc >= 8.0:
         return "flash"
     if gqa and not versions.rule("sdpa_efficient_gqa", train.stack):
@@ -93,16 +93,32 @@ def _mask_bytes(st: Structure, input_bytes: int) -> int:
 
 def lora_input_saved_bytes(st: Structure, dropout):
     """Bytes per input element an adapted Linear's LoRA branch keeps for backward (lora_A's
-    input, saved for its weight gradient):
+    input, saved for its weight gradient). peft casts x to lora_A's dtype A
+    (``x = self._cast_input_dtype(x, lora_A.weight.dtype)``), then ``lora_A(dropout(x))``;
+    under autocast (dtype c) lora_A's ``linear`` casts its input to c above autograd, so it saves
+    that c copy and the A-dtype dropout output dies (native_dropout keeps only its mask):
 
-    - dropout p > 0: the fp32 dropout output (4 B; the input is cast to the fp32 adapters'
-      dtype first) + what the dropout keeps besides it (``_mask_bytes``: CUDA's bool mask 1 B);
-    - p = 0 (nn.Identity): the fp32 cast copy of a bf16/fp16 stream (4 B, one per module), or
-      nothing for an fp32 stream (lora_A saves the stream tensor itself, already alive).
-    Source: peft/tuners/lora/layer.py::Linear.forward (``x = self._cast_input_dtype(x,
-    lora_A.weight.dtype)``, ``lora_A(dropout(x))``); memory-physics.md §4.
+    - no autocast, dropout p > 0: the dropout output (A B; fp32 4 B in the protocol) + what the
+      dropout keeps besides it (``_mask_bytes``: CUDA's bool mask 1 B);
+    - no autocast, p = 0 (nn.Identity): the A-dtype cast copy of the stream (A B), or nothing when
+      the stream already is A (lora_A saves the stream tensor itself, already alive);
+    - autocast, p > 0: the c copy (c B) + the mask; p = 0: the c copy, or nothing when the
+      stream, A and c are one dtype.
+    Source: peft/tuners/lora/layer.py::Linear.forward; torch aten/src/ATen/autocast_mode.cpp
+    (cached_cast above autograd); memory-physics.md §4.
     """
-    return _where(dropout > 0, 4 + _mask_bytes(st, 4), 0 if st.stream_bytes == 4 else 4)
+    A, s = st.adapter_bytes, st.stream_bytes
+    c = st.autocast_bytes
+    if not c:
+        return _where(dropout > 0, A + _mask_bytes(st, A), 0 if st.dt.stream == st.dt.adapter else A)
+    same = st.dt.stream == st.dt.adapter == st.dt.autocast
+    return _where(dropout > 0, c + _mask_bytes(st, A), 0 if same else c)
+
+
+def lora_output_bytes(st: Structure) -> int:
+    """Bytes per element of lora_A's r-wide output (saved by lora_B): the adapter dtype, or the
+    autocast dtype under mixed precision (linear is a lower-precision op)."""
+    return st.autocast_bytes or st.adapter_bytes
 
 
 def lora_activations_per_layer(st: Structure, x: Shape, stack: str, T):
@@ -122,9 +138,10 @@ def lora_activations_per_layer(st: Structure, x: Shape, stack: str, T):
     per_token = lora_input_saved_bytes(st, x.dropout)
     in_sum = st.lora_in_per_layer.get(stack, 0.0)
     n = st.lora_count_per_layer.get(stack, 0.0)
-    out = per_token * T * in_sum + n * 4 * T * x.r
+    o = lora_output_bytes(st)
+    out = per_token * T * in_sum + n * o * T * x.r
     if stack == "decoder" and "cross" in st.lora_in_per_layer:
-        out = out + (per_token * st.lora_in_per_layer["cross"] + st.lora_count_per_layer["cross"] * 4 * x.r) * x.T_enc
+        out = out + (per_token * st.lora_in_per_layer["cross"] + st.lora_count_per_layer["cross"] * o * x.r) * x.T_enc
     return out
 
 
@@ -142,7 +159,7 @@ def attention_saved_per_layer(st: Structure, kind: str, T, b, seq, kv_seq, cross
     Source: transformers integrations/sdpa_attention.py, models/llama/modeling_llama.py; torch
     aten/src/ATen/native/transformers/attention.cpp (outputs each kernel saves).
     """
-    m, a = st.model, st.stream_bytes
+    m, a = st.model, st.block_bytes
     n_h, n_kv, d = m.num_heads, m.num_kv_heads, m.head_dim
     # phi3 slices q, k, v out of its fused qkv_proj output as views: the saved v view keeps the
     # whole [T, (n_h + 2·n_kv)·d] output alive, q and k parts included. (gpt-neox and falcon
@@ -176,7 +193,9 @@ def _has_fused_qkv(model: ModelSpec) -> bool:
 
 
 def _attention_core_saved(st: Structure, kind: str, T, b, seq, kv_seq, cross: bool = False):
-    m, a = st.model, st.stream_bytes
+    # sdpa's inputs and outputs: autocast's dtype under mixed precision (scaled_dot_product_attention
+    # is a lower-precision op); eager attention's matmuls too
+    m, a = st.model, st.attention_bytes
     n_h, n_kv, d = m.num_heads, m.num_kv_heads, m.head_dim
     if kind == "flash":
         dp = -(-d // 8) * 8
@@ -225,6 +244,8 @@ def norm_saved(st: Structure, T):
     if st.model.arch.norm == "rms":
         t5_input = a if (st.model.arch.norm_keeps_input and a != 4) else 0
         return (4 + t5_input) * T * h + 4 * T
+    if st.autocast_bytes:  # layer_norm is an fp32 autocast op: it saves the fp32 copy of its input
+        a = 4
     return a * T * h + 8 * T
 
 
@@ -281,7 +302,7 @@ def mlp_saved(st: Structure, T):
         k = 6 if unfused else 3
     else:
         k = 4 if unfused else 1
-    return k * st.stream_bytes * T * st.model.intermediate_size
+    return k * st.block_bytes * T * st.model.intermediate_size
 
 
 def moe_block_saved(st: Structure, T):

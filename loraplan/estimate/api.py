@@ -20,6 +20,10 @@ def estimate(model: ModelSpec, lora: LoraSpec, train: TrainSpec, gpu: GpuSpec | 
     ``lora.targets`` None (the default) is PEFT's default for the model family; the Estimate's
     ``inputs`` name the modules it resolved to. Raises TargetError for targets matching nothing.
     """
+    if gpu is not None:
+        from ..trainers import check_gpu_dtypes
+
+        check_gpu_dtypes(train, gpu)  # bf16 on a GPU without it: InputError
     if lora.targets is None:
         lora = replace(lora, targets=resolve_targets(model, None))
     cal = calibration or load_calibration(gpu.id if gpu else None)

@@ -39,7 +39,7 @@ from .activations import (Shape, checkpoint_inputs, choose_attention, encoder_ba
 from .arrays import is_scalar as _is_scalar
 from .coefficients import coefficient
 from .result import MemoryEstimate
-from .transients import (cuda_workspaces, default_int8_outlier_fraction, input_leaf_and_grad, int8_matmul_transient,
+from .transients import (autocast_copies, cuda_workspaces, default_int8_outlier_fraction, input_leaf_and_grad, int8_matmul_transient,
                          int8_retained_per_step, int8_saved_anyway, last_hidden_state, layer_backward_transients,
                          loss_backward_transient, loss_forward_transient)
 from .weights import (Structure, lora_gradients, lora_weights, optimizer_state, optimizer_step_temporaries,
@@ -76,9 +76,13 @@ def moments(st: Structure, train: TrainSpec, kind: str, x: Shape, gpu: GpuSpec |
     out: dict[str, dict[str, Any]] = {}
     # 1. forward, inside the loss. int8: the previous step's graph still holds its ctx tensors.
     leaf = input_leaf_and_grad(st, x, train.gradient_checkpointing)
+    gc = train.gradient_checkpointing
+    amp = {k: autocast_copies(st, x.r, gc, k) for k in ("forward", "loss backward", "layer backward")}
     out["forward"] = dict(base, activations=acts + int8_now + last_hidden_state(st, x),
                           logits_loss=loss_forward_transient(st, x), int8_previous_step=int8_keep,
                           previous_step_input_grad=leaf)
+    if amp["forward"]:
+        out["forward"]["autocast_copies"] = amp["forward"]
     # 1b. int8: inside the last layer's int8 matmul of the forward (before the logits exist).
     if st.linear_quant == "int8":
         out["int8 matmul"] = dict(base, activations=acts + int8_now, int8_previous_step=int8_keep,
@@ -86,6 +90,8 @@ def moments(st: Structure, train: TrainSpec, kind: str, x: Shape, gpu: GpuSpec |
                                   kernel_transients=int8_matmul_transient(st, x, train.int8_outlier_fraction))
     # 2. loss backward, at the head.
     out["loss backward"] = dict(base, activations=acts + int8_keep, logits_loss=loss_backward_transient(st, x))
+    if amp["loss backward"]:
+        out["loss backward"]["autocast_copies"] = amp["loss backward"]
     # 3. the first (top) decoder layer's backward: the other layers' inputs (checkpointing) or
     #    saved tensors, this layer's saved tensors (recomputed), gradient transients.
     S = layer_saved(st, kind, x, "decoder")
@@ -99,6 +105,8 @@ def moments(st: Structure, train: TrainSpec, kind: str, x: Shape, gpu: GpuSpec |
                                  backward_transients=layer_backward_transients(st, x, kind,
                                                                                train.gradient_checkpointing),
                                  lora_gradients=lora_gradients(st, x.r) / max(m.num_layers, 1))
+    if amp["layer backward"]:
+        out["layer backward"]["autocast_copies"] = amp["layer backward"]
     # 3b. encoder-decoder: the top encoder layer's backward, after the decoder's backward has
     #     released the decoder's saved tensors. It sets the peak when the encoder is the longer stack.
     if m.is_encoder_decoder:
@@ -154,7 +162,9 @@ class Setup:
 
 def make_setup(model: ModelSpec, lora, train: TrainSpec, adapted: tuple[LinearSpec | ExpertSpec, ...],
                compute_capability: str | None = "9.0") -> Setup:
-    st = structure(model, adapted, train.quant, train.double_quant, train.device)
+    from ..storage import Dtypes
+
+    st = structure(model, adapted, Dtypes.of(train), train.double_quant, train.device)
     tseq = (train.target_seq if train.target_seq is not None else train.seq) if model.is_encoder_decoder else train.seq
     shape = Shape(b=train.batch, seq=train.seq, tseq=tseq, r=lora.rank, dropout=lora.dropout)
     return Setup(st, train, choose_attention(model, train, compute_capability), shape)

@@ -54,8 +54,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any, Mapping
 
 from ..spec import Calibration, GpuSpec, LoraSpec, ModelSpec, TrainSpec
-from ..storage import (FOUR_BIT, dtype_bytes, linear_storage, lm_head_fp32, lora_adapter_bytes, matmul_dtype,
-                       stream_dtype_bytes)
+from ..storage import FOUR_BIT, Dtypes, dtype_bytes, linear_storage, lm_head_fp32
 from ..targets import select_targets
 from .arrays import is_scalar as _is_scalar, maximum as _max, minimum as _min, where as _where
 from .coefficients import coefficient, default_calibration
@@ -229,7 +228,7 @@ class StepWork:
 _GROUP_CACHE: dict = {}
 
 
-def _linear_groups(model: ModelSpec, targets: tuple[str, ...], quant: str) -> dict[tuple, int]:
+def _linear_groups(model: ModelSpec, targets: tuple[str, ...], quant) -> dict[tuple, int]:
     """Linears grouped by (stack, is lm_head, in, out, adapted, storage) -> count; cached per
     model + targets + quantization. ``storage``: how the frozen Linear is stored
     (``storage.linear_storage``; None for lm_head, billed by ``lm_head_work``).
@@ -281,7 +280,8 @@ def four_bit_weight_bytes(double_quant: bool) -> float:
 
 
 def frozen_linear_work(storage: str, count: int, T, fin: int, fout: int, npass_f: int, a_stream: int,
-                       mm_dtype: str, double_quant: bool) -> list[tuple[str, Any]]:
+                       mm_dtype: str, double_quant: bool, autocast: str | None = None,
+                       compute: str = "bf16") -> list[tuple[str, Any]]:
     """A group of ``count`` frozen [fout, fin] Linears stored as ``storage``, over a step.
 
     FLOPs: 2·T·in·out per pass, passes = forward (+ recompute) + backward's input-gradient GEMM
@@ -298,14 +298,22 @@ def frozen_linear_work(storage: str, count: int, T, fin: int, fout: int, npass_f
       ``_keep_in_fp32_modules``): an fp32 matmul (fp32 rate, 4 B/weight per pass); a half
       input is cast to the weight's dtype first (modeling_t5.py::T5DenseGatedActDense:
       ``hidden_states.to(self.wo.weight.dtype)``): one more op and T·in·(a + 4) B per pass.
+    - under autocast (``autocast``: its dtype c) an unquantized weight of another dtype is cast
+      to c on every call (linear is a lower-precision op; the cast is not cached for frozen
+      weights, autocast_mode.cpp::cached_cast): read s + write c bytes per weight per pass and
+      one cast op, and the matmul runs at c's rate (``mm_dtype`` is c then).
+    - 4-bit with ``bnb_4bit_compute_dtype`` other than bf16: the dequantized weight and the
+      input/output copies scale with its size (``compute``).
     Sources: bitsandbytes nn/modules.py, autograd/_functions.py, backends/cuda/ops.py.
     """
     w = fin * fout
     npass = npass_f + FROZEN_BACKWARD_PASSES
     if storage in FOUR_BIT:
+        cb = dtype_bytes(compute)
         out = [("flops_mm", count * (FLOPS_PER_MAC * T * w * npass)),
-               ("bytes_moved", count * (npass * w * (four_bit_weight_bytes(double_quant) + DEQUANT4_BF16_BYTES))),
-               ("bytes_moved", count * (npass * T * (fin + fout) * (a_stream + BNB_COMPUTE_BYTES))),
+               ("bytes_moved", count * (npass * w * (four_bit_weight_bytes(double_quant)
+                                                     + DEQUANT4_BF16_BYTES * cb / BNB_COMPUTE_BYTES))),
+               ("bytes_moved", count * (npass * T * (fin + fout) * (a_stream + cb))),
                ("bnb4_calls", count * (npass)),
                ("ops", count * (npass_f * OPS["bnb4"][0] + OPS["bnb4"][1]))]
         if double_quant:
@@ -317,6 +325,11 @@ def frozen_linear_work(storage: str, count: int, T, fin: int, fout: int, npass_f
                 ("bytes_moved", count * (npass * T * (fin + fout) * (a_stream + INT8_ACTIVATION_BYTES))),
                 ("int8_calls", count * (npass)),
                 ("ops", count * (npass_f * OPS["int8"][0] + OPS["int8"][1]))]
+    if autocast is not None and storage != autocast:
+        c = dtype_bytes(autocast)
+        return [("flops_mm", count * (FLOPS_PER_MAC * T * w * npass)),
+                ("bytes_moved", count * (npass * w * (dtype_bytes(storage) + 2 * c))),
+                ("ops", count * (npass_f * (OPS["linear"][0] + CAST_OPS) + OPS["linear"][1]))]
     if storage == "fp32" and mm_dtype != "fp32":
         out = [("flops_fp32", count * (FLOPS_PER_MAC * T * w * npass)),
                ("bytes_moved", count * (npass * w * dtype_bytes("fp32"))),
@@ -330,12 +343,21 @@ def frozen_linear_work(storage: str, count: int, T, fin: int, fout: int, npass_f
             ("ops", count * (npass_f * OPS["linear"][0] + OPS["linear"][1]))]
 
 
-def lm_head_work(quant: str, count: int, T, fin: int, fout: int, a_mm: int) -> list[tuple[str, Any]]:
+def lm_head_work(quant, count: int, T, fin: int, fout: int, a_mm: int) -> list[tuple[str, Any]]:
     """lm_head: 4·T·h·V FLOPs (forward + input gradient, once: never checkpointed), its weight
     read twice. fp32 after prepare_model_for_kbit_training for a quantized base and in an fp32
-    run (``storage.lm_head_fp32``): fp32 rate, 4 B/weight; else the matmul dtype."""
+    run (``storage.lm_head_fp32``): fp32 rate, 4 B/weight; else the matmul dtype. Under autocast
+    (``quant`` a ``storage.Dtypes`` with ``autocast``) it runs at the autocast dtype's rate, and
+    a weight of another dtype is cast on each of the two calls (read s, write and read c)."""
     w = fin * fout
-    if lm_head_fp32(quant):
+    dt = quant if isinstance(quant, Dtypes) else Dtypes.protocol(quant)
+    if dt.autocast:
+        c, s_ = dtype_bytes(dt.autocast), dtype_bytes(dt.unquantized)
+        cast = dt.unquantized != dt.autocast
+        return [("flops_mm", count * (2 * FLOPS_PER_MAC * T * w)),
+                ("bytes_moved", count * (2 * c * w + (2 * w * (s_ + c) if cast else 0))),
+                ("ops", count * (sum(OPS["linear"]) + (2 * CAST_OPS if cast else 0)))]
+    if lm_head_fp32(dt):
         out = [("flops_fp32", count * (2 * FLOPS_PER_MAC * T * w)),
                ("bytes_moved", count * (2 * dtype_bytes("fp32") * w))]
     else:
@@ -344,11 +366,14 @@ def lm_head_work(quant: str, count: int, T, fin: int, fout: int, a_mm: int) -> l
     return out + [("ops", count * (sum(OPS["linear"])))]
 
 
-def lora_work(count: int, T, fin: int, fout: int, r, dropout, npass_f: int, a_stream: int) -> list[tuple[str, Any]]:
-    """peft LoRA on a group of ``count`` adapted Linears (fp32 adapters: autocast_adapter_dtype,
-    ``storage.LORA_ADAPTER_DTYPE``; x cast to lora_A's dtype, no autocast in the protocol).
+def lora_work(count: int, T, fin: int, fout: int, r, dropout, npass_f: int, a_stream: int,
+              adapter: str = "fp32", autocast: str | None = None) -> list[tuple[str, Any]]:
+    """peft LoRA on a group of ``count`` adapted Linears (fp32 adapters in the protocol:
+    autocast_adapter_dtype, ``storage.LORA_ADAPTER_DTYPE``; x cast to lora_A's dtype).
 
-    FLOPs (fp32 rate): forward 2·T·r·(in+out) per forward-type pass, backward 4·T·r·(in+out).
+    FLOPs: forward 2·T·r·(in+out) per forward-type pass, backward 4·T·r·(in+out); at the fp32
+    rate for fp32 adapters without autocast, else at the half rate (autocast casts both operands
+    of lora_A/lora_B to its dtype; bf16/fp16 adapters run in theirs).
     Traffic per forward: the input cast to fp32, dropout (read, write, 1 B mask), the r-wide
     intermediates, the fp32 output, its scaled copy and the add; backward about twice that;
     the fp32 adapter weights read once per pass. Host: ``OPS["lora"]`` (no dropout ops when
@@ -362,9 +387,10 @@ def lora_work(count: int, T, fin: int, fout: int, r, dropout, npass_f: int, a_st
     lo_f, lo_b = OPS["lora"]
     return [("trainable", count * (p)),
             ("n_lora_tensors", count * (2)),
-            ("flops_fp32", count * ((FLOPS_PER_MAC * npass_f + LORA_BACKWARD_FLOPS) * T * p)),
+            ("flops_fp32" if adapter == "fp32" and autocast is None else "flops_mm",
+             count * ((FLOPS_PER_MAC * npass_f + LORA_BACKWARD_FLOPS) * T * p)),
             ("bytes_moved", count * (elem_f * (npass_f + BACKWARD_TRAFFIC_OVER_FORWARD))),
-            ("bytes_moved", count * (2 * lora_adapter_bytes() * p * npass)),
+            ("bytes_moved", count * (2 * dtype_bytes(adapter) * p * npass)),
             ("ops", count * (npass_f * lo_f + lo_b - _where(dropout > 0, 0, 2 * npass_f))),
             ("module_calls", count * (npass_f * 4)),
             ("lora_calls", count * (npass))]
@@ -421,10 +447,12 @@ def attention_work(model: ModelSpec, n_layers: int, T, seq, fw: int, eager: bool
     return [("flops_mm", n_layers * fwd * CAUSAL_FRACTION * (fw + FLASH_BACKWARD_OVER_FORWARD))]
 
 
-def loss_work(model: ModelSpec, quant: str, T) -> list[tuple[str, Any]]:
+def loss_work(model: ModelSpec, quant, T) -> list[tuple[str, Any]]:
     """Logits and loss: ``OPS["loss"]`` and T·V × ``LOSS_BYTES_*`` (fp32 logits when lm_head
-    is fp32, ``storage.lm_head_fp32``; HF ForCausalLM: logits.float() then cross_entropy)."""
-    per = LOSS_BYTES_FP32_LOGITS if lm_head_fp32(quant) else LOSS_BYTES_HALF_LOGITS
+    runs in fp32, ``storage.Dtypes.lm_head``: an fp32 weight without autocast; HF ForCausalLM:
+    logits.float() then cross_entropy)."""
+    dt = quant if isinstance(quant, Dtypes) else Dtypes.protocol(quant)
+    per = LOSS_BYTES_FP32_LOGITS if dt.lm_head == "fp32" else LOSS_BYTES_HALF_LOGITS
     return [("ops", OPS["loss"][0] + OPS["loss"][1]), ("bytes_moved", T * model.vocab_size * per)]
 
 
@@ -456,13 +484,14 @@ def step_work(model: ModelSpec, lora: LoraSpec, train: TrainSpec) -> StepWork:
     ``train.batch``, ``train.seq``, ``train.target_seq``, ``lora.rank`` and ``lora.dropout`` may
     be numpy arrays of one shape: the counts are then arrays too, element for element equal to
     the counts of each case on its own."""
-    quant = train.quant
+    dt = Dtypes.of(train)  # the resolved recipe's dtypes (storage.Dtypes)
+    quant = dt
     b, s = train.batch, train.seq
     s_dec = _decoder_seq(model, train)
     T_dec, T_enc = b * s_dec, b * s
-    mm_dtype = matmul_dtype(quant)
+    mm_dtype = dt.frozen_matmul
     a_mm = dtype_bytes(mm_dtype)
-    a_stream = stream_dtype_bytes(quant)
+    a_stream = dtype_bytes(dt.stream)
     gc = bool(train.gradient_checkpointing)
     fw = _passes(gc)  # decoder forward passes
 
@@ -480,9 +509,10 @@ def step_work(model: ModelSpec, lora: LoraSpec, train: TrainSpec) -> StepWork:
         if head:
             add(lm_head_work(quant, count, T, fin, fout, a_mm))
         else:
-            add(frozen_linear_work(storage, count, T, fin, fout, npass_f, a_stream, mm_dtype, train.double_quant))
+            add(frozen_linear_work(storage, count, T, fin, fout, npass_f, a_stream, mm_dtype, train.double_quant,
+                                   dt.autocast, dt.compute))
         if is_adapted:
-            add(lora_work(count, T, fin, fout, lora.rank, lora.dropout, npass_f, a_stream))
+            add(lora_work(count, T, fin, fout, lora.rank, lora.dropout, npass_f, a_stream, dt.adapter, dt.autocast))
 
     # decoder (and encoder) layers: norms, attention, MLP elementwise, residuals
     stacks = [(model.num_layers, T_dec, s_dec)]

@@ -10,17 +10,76 @@ import math
 
 from .. import versions
 from ..spec import Calibration, GpuSpec, ModelSpec
-from ..storage import FOUR_BIT, QUANTIZED, unquantized_param_bytes
-from .activations import Shape, _activation, _relative_bias, hidden_dropout, lora_input_saved_bytes, mlp_saved
-from .arrays import ceil as _ceil, maximum as _max
+from ..storage import FOUR_BIT, QUANTIZED, dtype_bytes, linear_storage
+from .activations import (Shape, _activation, _relative_bias, hidden_dropout, lora_input_saved_bytes, lora_output_bytes,
+                          mlp_saved)
+from .arrays import ceil as _ceil, maximum as _max, where as _where
 from .coefficients import coefficient
 from .weights import Structure, _p_silu_product_exceeds, _stack_layers
 
 
 def logits_bytes(st: Structure) -> int:
-    """Bytes per logit as lm_head produces it: its weight dtype (fp32 after prepare for a
-    quantized base, else the load dtype) -> 4 or 2 (``storage.unquantized_param_bytes``)."""
-    return unquantized_param_bytes(st.quant)
+    """Bytes per logit as lm_head produces it (``Dtypes.lm_head``): the autocast dtype under
+    mixed precision (linear is a lower-precision op), else its weight's dtype (fp32 after
+    prepare_model_for_kbit_training, else the load dtype) -> 2 or 4. Bf16/fp16 logits then
+    coexist with ForCausalLMLoss's fp32 copy (``loss_forward_transient``)."""
+    return dtype_bytes(st.dt.lm_head)
+
+
+def _frozen_cast_linears(st: Structure):
+    """(per decoder layer, lm_head) element counts of the frozen, unquantized Linear weights whose
+    dtype is not the autocast dtype: each call casts the weight to it (not cached: only leaves
+    that require grad are, autocast_mode.cpp::cached_cast), and the matmul saves the copy for the
+    input gradient."""
+    d, m = st.dt, st.model
+    if not d.autocast:
+        return 0, 0
+    layer, head = 0, 0
+    for l in m.linears:
+        if l.role == "lm_head":
+            if d.unquantized != d.autocast:
+                head += l.numel
+            continue
+        if linear_storage(m, d, l) in ("bf16", "fp16", "fp32") and linear_storage(m, d, l) != d.autocast:
+            layer += l.numel
+    return layer / max(m.num_layers + m.num_encoder_layers, 1), head
+
+
+def autocast_copies(st: Structure, r, gradient_checkpointing: bool, moment: str):
+    """Low-precision copies autocast makes and something keeps (c = autocast dtype bytes):
+
+    - trainable fp32 adapters: the weight-cast cache (autocast_mode.cpp::cached_cast: fp32 leaves
+      that require grad) keeps a c copy of every lora_A/lora_B until the outermost autocast
+      exits, i.e. over the whole forward (the loss inside it); the Linears also save them for
+      backward. ``r·(in+out)·c`` per adapted Linear.
+    - frozen unquantized Linears (and lm_head) whose dtype differs from c (an fp16 base under bf16
+      autocast, fp32 weights after prepare_model_for_kbit_training or an fp32 load): a c copy per
+      call, saved for the input gradient (torch autograd: ``mm`` saves ``mat2`` when ``self``
+      needs a grad); bitsandbytes' 4-bit/int8 weights are not cast (custom autograd Functions).
+    Without checkpointing every layer's copies live from the forward to that layer's backward;
+    with it only lm_head's (outside the checkpointed layers) and, at a layer's backward, the
+    copies its recompute made. ``moment``: "forward", "loss backward" or "layer backward".
+    """
+    d = st.dt
+    if not d.autocast:
+        return 0
+    c = dtype_bytes(d.autocast)
+    m = st.model
+    L = max(m.num_layers + m.num_encoder_layers, 1)
+    adapters = 0
+    if d.adapter == "fp32":
+        adapters = sum(count * r * size for size, count in st.lora_sizes.items()) * c
+    per_layer, head = _frozen_cast_linears(st)
+    frozen_layers = per_layer * c * L
+    if gradient_checkpointing:
+        if moment == "forward":
+            return adapters + head * c
+        if moment == "loss backward":
+            return head * c
+        return head * c + (adapters + frozen_layers) / L
+    if moment == "layer backward":
+        return adapters + frozen_layers + head * c
+    return adapters + frozen_layers + head * c
 
 
 def logit_softcap_saved(st: Structure, x: Shape):
@@ -60,12 +119,12 @@ def loss_backward_transient(st: Structure, x: Shape):
 
 def dequantized_weight_transient(st: Structure) -> int:
     """The largest weight a quantized Linear dequantizes on every call (forward fallback and
-    backward): nf4/fp4 -> out·in·2 B in bf16 (bitsandbytes backends/cuda/ops.py
-    ``_dequant_linear_fallback``; autograd MatMul4Bit.backward). int8 backward:
-    ``CB.to(dtype_A)`` -> out·in·a (MatMul8bitLt.backward)."""
+    backward): nf4/fp4 -> out·in B in ``bnb_4bit_compute_dtype`` (bf16 in the protocol: 2 B;
+    bitsandbytes backends/cuda/ops.py ``_dequant_linear_fallback``; autograd MatMul4Bit.backward).
+    int8 backward: ``CB.to(dtype_A)`` -> out·in·a (MatMul8bitLt.backward)."""
     if st.linear_quant not in QUANTIZED:
         return 0
-    return st.biggest_linear_numel * (2 if st.linear_quant in FOUR_BIT else st.stream_bytes)
+    return st.biggest_linear_numel * (dtype_bytes(st.dt.compute) if st.linear_quant in FOUR_BIT else st.stream_bytes)
 
 
 def layer_backward_transients(st: Structure, x: Shape, kind: str = "flash", gradient_checkpointing: bool = True,
@@ -97,16 +156,20 @@ def layer_backward_transients(st: Structure, x: Shape, kind: str = "flash", grad
     """
     m, a, T = st.model, st.stream_bytes, x.T
     I = m.intermediate_size
+    # the recipe's dtypes (equal to a, 4 and 2 in the protocol): ab the MLP's tensors
+    # (Structure.block_bytes), A the adapters', cb bnb_4bit_compute_dtype's, o lora_B's output
+    ab, A, cb = st.block_bytes, st.adapter_bytes, dtype_bytes(st.dt.compute)
+    o = lora_output_bytes(st)
     k = 3 if m.arch.mlp == "gated" else 2
     deq = dequantized_weight_transient(st) if st.mlp_out_quantized else 0
     four_bit = st.linear_quant in FOUR_BIT and st.mlp_out_quantized
     D_ad = st.mlp_out_adapted_in.get(stack, 0.0)  # Σ adapted MLP-out inputs (≈ I or 0)
     adapted = 1 if D_ad else 0
     l_saved = lora_input_saved_bytes(st, x.dropout) * T * D_ad
-    lora_grad_peak = adapted * (4 + (a if a != 4 else 0)) * T * I
-    lora_grad_held = adapted * (a if a != 4 else 4) * T * I
-    base = (deq + 2 * T * I) if four_bit else (deq + a * T * I if deq else a * T * I)
-    product = k * a * T * I
+    lora_grad_peak = adapted * (A + (ab if ab != A else 0)) * T * I
+    lora_grad_held = adapted * ab * T * I
+    base = (deq + cb * T * I) if four_bit else (deq + ab * T * I if deq else ab * T * I)
+    product = k * ab * T * I
     if m.moe is not None and m.moe.layers and m.num_layers - 1 in m.moe.layers:
         # the top layer is a sparse-MoE block: its product backward runs over the S = T·k routed
         # rows at the expert width (grouped_mm_experts_forward: act_fn(gate) * up on [S, I_e]),
@@ -115,17 +178,22 @@ def layer_backward_transients(st: Structure, x: Shape, kind: str = "flash", grad
     candidates = [
         -l_saved + product,  # MLP product backward
         -l_saved + _max(lora_grad_peak, lora_grad_held + base),  # down backward, base branch
-        -l_saved + adapted * (lora_grad_held + 2 * a * T * I),  # down backward, the sum
+        -l_saved + adapted * (lora_grad_held + 2 * ab * T * I),  # down backward, the sum
     ]
     if hidden_dropout(m) and m.arch.ffn_inner_dropout:
         # T5's FFN dropout comes after the product: the recompute runs to it, making its output
-        candidates.append(-l_saved + a * T * I)
+        candidates.append(-l_saved + ab * T * I)
     if adapted:
-        candidates.append(-l_saved + a * T * I + ((2 * T * I + deq) if four_bit else 0))  # recompute: base
+        candidates.append(-l_saved + ab * T * I + ((cb * T * I + deq) if four_bit else 0))  # recompute: base
         # recompute: LoRA branch of the down projection: its fp32 cast of a half input (held by
         # peft's forward locals), the base output (a·T·h) and lora_B's fp32 output with its
         # scaled copy (2·4·T·h)
-        candidates.append(a * T * I + (4 * T * I if a != 4 else 0) + (8 + a) * T * m.hidden_size)
+        candidates.append(ab * T * I + (A * T * I if ab != A else 0) + (2 * o + ab) * T * m.hidden_size)
+        if st.autocast_bytes and A != st.autocast_bytes:
+            # under autocast, inside the recomputed lora_A: the A-dtype dropout output is alive
+            # beside the c copy lora_A saves (its argument until lora_A returns)
+            candidates.append(ab * T * I + (A * T * I if ab != A else 0) + _where(x.dropout > 0, A * T * I, 0)
+                              + ab * T * m.hidden_size)
     best = candidates[0]
     for c in candidates[1:]:
         best = _max(best, c)

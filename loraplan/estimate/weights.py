@@ -13,8 +13,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from ..spec import ExpertSpec, LinearSpec, ModelSpec
-from ..storage import FOUR_BIT, dtype_bytes, effective_linear_quant, expert_storage, linear_storage, \
-    lora_adapter_bytes, stream_dtype_bytes, unquantized_param_bytes
+from ..storage import FOUR_BIT, Dtypes, as_dtypes, dtype_bytes, effective_linear_quant, expert_storage, \
+    linear_storage, unquantized_param_bytes
 from .arrays import blocks as _blocks, ceil as _ceil, where as _where
 
 #: roles whose input is the MLP product (where random-init int8 outliers sit)
@@ -61,30 +61,65 @@ class Structure:
     expert_weights: int = 0
     #: the adapted fused expert parameters (PEFT target_parameters -> lora.ParamWrapper)
     adapted_experts: tuple = ()
+    #: the recipe's dtypes (``storage.Dtypes``; the protocol's for ``quant`` when not given)
+    dtypes: Dtypes | None = None
+
+    @property
+    def dt(self) -> Dtypes:
+        return self.dtypes if self.dtypes is not None else Dtypes.protocol(self.quant)
 
     @property
     def stream_bytes(self) -> int:
-        return stream_dtype_bytes(self.quant)
+        return dtype_bytes(self.dt.stream)
+
+    @property
+    def block_bytes(self) -> int:
+        """Bytes/element of what a block's frozen Linears output (the MLP's tensors): under
+        autocast an nn.Linear outputs the autocast dtype (``Dtypes.block``), but bitsandbytes'
+        Linear4bit/Linear8bitLt return ``out.to(inp_dtype)`` (nn/modules.py), the stream's dtype;
+        without autocast the stream's."""
+        if self.dt.autocast and self.linear_quant in ("nf4", "fp4", "int8"):
+            return self.stream_bytes
+        return dtype_bytes(self.dt.block)
+
+    @property
+    def attention_bytes(self) -> int:
+        """Bytes/element of sdpa's inputs and outputs: the autocast dtype under mixed precision
+        (scaled_dot_product_attention is a lower-precision op), else the block's."""
+        return dtype_bytes(self.dt.autocast) if self.dt.autocast else self.block_bytes
+
+    @property
+    def autocast_bytes(self) -> int:
+        """Bytes/element of the autocast dtype (0 without mixed precision)."""
+        return dtype_bytes(self.dt.autocast) if self.dt.autocast else 0
+
+    @property
+    def adapter_bytes(self) -> int:
+        """Bytes per LoRA parameter and gradient (``Dtypes.adapter``)."""
+        return dtype_bytes(self.dt.adapter)
 
     @property
     def expert_bytes(self) -> int:
         """Bytes/element of the stored fused experts (``storage.expert_storage``)."""
-        return dtype_bytes(expert_storage(self.quant))
+        return dtype_bytes(expert_storage(self.dt))
 
     @property
     def linear_quant(self) -> str:
         """How the frozen Linears are stored: the quantization asked for, unless the bnb quantizer
-        does not convert this family's Linears (then fp32 after prepare_model_for_kbit_training)."""
-        return effective_linear_quant(self.model, self.quant)
+        does not convert this family's Linears (then the unquantized dtype: fp32 after
+        prepare_model_for_kbit_training)."""
+        return effective_linear_quant(self.model, self.dt)
 
 
 _STRUCTURE_CACHE: dict[tuple, tuple[ModelSpec, Structure]] = {}
 
 
-def structure(model: ModelSpec, adapted: tuple[LinearSpec, ...], quant: str, double_quant: bool,
+def structure(model: ModelSpec, adapted: tuple[LinearSpec, ...], quant, double_quant: bool,
               device: str = "cuda") -> Structure:
-    """The cached Structure of a model with these adapted Linears, this quantization and device."""
-    key = (id(model), tuple(l.name for l in adapted), quant, bool(double_quant), device)
+    """The cached Structure of a model with these adapted Linears, this quantization (a name: the
+    protocol's dtypes; or a ``storage.Dtypes`` of the resolved recipe) and device."""
+    quant = as_dtypes(quant)
+    key = (id(model), tuple(l.name for l in adapted), quant.key, bool(double_quant), device)
     hit = _STRUCTURE_CACHE.get(key)
     if hit is not None and hit[0] is model:
         return hit[1]
@@ -95,7 +130,8 @@ def structure(model: ModelSpec, adapted: tuple[LinearSpec, ...], quant: str, dou
     return st
 
 
-def _build_structure(model: ModelSpec, adapted, quant: str, dq: bool, device: str = "cuda") -> Structure:
+def _build_structure(model: ModelSpec, adapted, dt: Dtypes, dq: bool, device: str = "cuda") -> Structure:
+    quant = dt.quant
     experts = tuple(a for a in adapted if isinstance(a, ExpertSpec))
     adapted = tuple(a for a in adapted if not isinstance(a, ExpertSpec))
     sizes: Counter = Counter()
@@ -124,7 +160,7 @@ def _build_structure(model: ModelSpec, adapted, quant: str, dq: bool, device: st
     outl: dict[str, float] = {}
     all_in: dict[str, float] = {}
     for l in model.linears:
-        if l.role == "lm_head" or l.layer is None or linear_storage(model, quant, l) != quant:
+        if l.role == "lm_head" or l.layer is None or linear_storage(model, dt, l) != quant:
             continue  # int8 bookkeeping covers the Linears that really are int8
         layers = max(_stack_layers(model, l.stack), 1)
         groups.setdefault(l.stack, {})[(l.layer, _input_group(l.role))] = l.in_features
@@ -137,24 +173,24 @@ def _build_structure(model: ModelSpec, adapted, quant: str, dq: bool, device: st
                         if l.stack == first_stack and l.layer == 0 and _input_group(l.role) == "attn_in")
     sigma = float(model.config.get("initializer_range", 0.02)) * math.sqrt(model.hidden_size)
     return Structure(
-        expert_weights=expert_weights(model, quant), adapted_experts=experts,
+        expert_weights=expert_weights(model, dt), adapted_experts=experts, dtypes=dt,
         model=model, quant=quant, double_quant=dq, adapted=tuple(adapted),
-        frozen_linear_weights=frozen_linear_weights(model, quant, dq),
-        unquantized_weights=unquantized_weights(model, quant),
+        frozen_linear_weights=frozen_linear_weights(model, dt, dq),
+        unquantized_weights=unquantized_weights(model, dt),
         lora_sizes=sizes, lora_in_per_layer=lin_in, lora_count_per_layer=lin_n,
         head_adapted=any(l.role == "lm_head" for l in adapted),
         biggest_linear_numel=max((l.in_features * l.out_features for l in model.linears
-                                  if l.role != "lm_head" and linear_storage(model, quant, l) == quant), default=0),
-        mlp_out_quantized=any(l.role in INT8_OUTLIER_ROLES and linear_storage(model, quant, l) == quant
+                                  if l.role != "lm_head" and linear_storage(model, dt, l) == quant), default=0),
+        mlp_out_quantized=any(l.role in INT8_OUTLIER_ROLES and linear_storage(model, dt, l) == quant
                               for l in model.linears),
         int8_inputs_per_layer=int8_inputs, int8_outlier_in_per_layer=outl, int8_all_in_per_layer=all_in,
-        outlier_p=_p_silu_product_exceeds(sigma, 6.0) if effective_linear_quant(model, quant) == "int8" else 0.0,
+        outlier_p=_p_silu_product_exceeds(sigma, 6.0) if effective_linear_quant(model, dt) == "int8" else 0.0,
         first_layer_attn_in_adapted=first_attn_in, mlp_out_adapted_in=mlp_out, mlp_adapted_in=mlp_all,
         first_layer_mlp_adapted=any(l.stack == first_stack and l.layer == 0 and _input_group(l.role) in ("mlp_in", "down", "fc_out")
                                     for l in adapted),
         linear_shapes=tuple(sorted({(l.stack, l.role in INT8_OUTLIER_ROLES, l.in_features, l.out_features)
                                     for l in model.linears if l.role != "lm_head" and l.layer is not None
-                                    and linear_storage(model, quant, l) == quant})),
+                                    and linear_storage(model, dt, l) == quant})),
         device=device,
     )
 
@@ -268,12 +304,12 @@ def unquantized_weights(model: ModelSpec, quant: str) -> int:
 
 
 def lora_weights(st: Structure, r):
-    """r·(in+out) fp32 params per adapted Linear: 4 B each (lora_A [r, in], lora_B [out, r]).
-
-    Adapters are created in the base dtype, then get_peft_model(autocast_adapter_dtype=True)
-    upcasts bf16/fp16 adapters to fp32 (peft/tuners/tuners_utils.py::cast_adapter_dtype).
+    """r·(in+out) params per adapted Linear (lora_A [r, in], lora_B [out, r]) in the adapter
+    dtype (``Dtypes.adapter``): fp32, 4 B each, in the protocol: adapters are created in the base
+    dtype, then get_peft_model(autocast_adapter_dtype=True) upcasts bf16/fp16 adapters to fp32
+    (peft/tuners/tuners_utils.py::cast_adapter_dtype); trl casts a quantized model's to bf16.
     """
-    return sum(count * _blocks(r * size * lora_adapter_bytes()) for size, count in st.lora_sizes.items())
+    return sum(count * _blocks(r * size * st.adapter_bytes) for size, count in st.lora_sizes.items())
 
 
 def lora_gradients(st: Structure, r):
@@ -285,7 +321,10 @@ def lora_gradients(st: Structure, r):
 def optimizer_state(st: Structure, r, optimizer: str, paged_threshold: int = 100_000):
     """Optimizer state inside torch's allocator, created at the first ``step()``.
 
-    - adamw (torch.optim.AdamW): exp_avg + exp_avg_sq fp32: 8 B/param (+ a CPU step counter).
+    - adamw (torch.optim.AdamW): exp_avg + exp_avg_sq in the parameter's dtype
+      (torch/optim/adam.py::_init_group ``torch.zeros_like(p)``): 8 B/param for fp32 adapters,
+      4 B for bf16/fp16 ones (+ a CPU step counter). bitsandbytes' states are fp32 or uint8
+      whatever the parameter's dtype (optim/optimizer.py::Optimizer8bit.init_state).
     - sgd (momentum=0): no state.
     - adamw_8bit (bnb AdamW8bit): uint8 state1/state2 + fp32 absmax per 256-block: 2·(1 + 4/256)
       B/param; tensors with numel < 4096 get fp32 states, 8 B/param
@@ -300,7 +339,9 @@ def optimizer_state(st: Structure, r, optimizer: str, paged_threshold: int = 100
     for size, count in st.lora_sizes.items():
         n = r * size
         fp32 = 2 * _blocks(4 * n)
-        if optimizer in ("adamw", "paged_adamw_32bit"):
+        if optimizer == "adamw":
+            per = 2 * _blocks(st.adapter_bytes * n)
+        elif optimizer == "paged_adamw_32bit":
             per = fp32
         else:
             per = _where(n < 4096, fp32, 2 * (_blocks(n) + _blocks(_ceil(n / 256) * 4)))
@@ -327,7 +368,8 @@ def optimizer_step_temporaries(st: Structure, r, optimizer: str):
     """Transient bytes inside ``opt.step()``.
 
     torch AdamW on CUDA takes the foreach path, which makes ``exp_avg_sq_sqrt =
-    torch._foreach_sqrt(exp_avg_sqs)``: one fp32 copy of every trainable tensor, 4 B/param
+    torch._foreach_sqrt(exp_avg_sqs)``: one copy of every trainable tensor in its dtype
+    (4 B/param for fp32 adapters)
     (torch/optim/adam.py::_multi_tensor_adam). SGD (momentum 0) and the bitsandbytes optimizers
     (fused kernels, in place) allocate nothing per parameter.
     """

@@ -245,26 +245,40 @@ def _fault(phase: str) -> None:
     raise RuntimeError(f"simulated error in phase {phase} ({FAULT_ENV})")
 
 
-def _quant_config(quant: str, double_quant: bool):
+def _recipe_dtypes(train: dict):
+    """The resolved recipe's dtypes (``storage.Dtypes.of``) of a record's train fields."""
+    from ..spec import TrainSpec
+    from ..storage import Dtypes
+
+    return Dtypes.of(TrainSpec(**train))
+
+
+def _torch_dtype(name: str):
     import torch
+
+    from ..storage import TORCH_DTYPE_NAMES
+
+    return getattr(torch, TORCH_DTYPE_NAMES[name])
+
+
+def _quant_config(quant: str, double_quant: bool, compute: str = "bf16"):
     import transformers
 
     if quant in ("nf4", "fp4"):
         return transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant,
                                                bnb_4bit_use_double_quant=bool(double_quant),
-                                               bnb_4bit_compute_dtype=torch.bfloat16)
+                                               bnb_4bit_compute_dtype=_torch_dtype(compute))
     if quant == "int8":
         return transformers.BitsAndBytesConfig(load_in_8bit=True)
     return None
 
 
-def _load_dtype(quant: str):
-    """The torch dtype of ``storage.load_dtype`` (bf16 for bf16 and the quantized loads)."""
-    import torch
+def _load_dtype(quant):
+    """The torch dtype of ``storage.load_dtype`` (bf16 for bf16 and, in the protocol, the
+    quantized loads; ``quant`` may be a ``storage.Dtypes``)."""
+    from ..storage import load_dtype
 
-    from ..storage import TORCH_DTYPE_NAMES, load_dtype
-
-    return getattr(torch, TORCH_DTYPE_NAMES[load_dtype(quant)])
+    return _torch_dtype(load_dtype(quant))
 
 
 def _sdpa_backend(device: str, attention: str):
@@ -369,6 +383,7 @@ def run_burst(spec: dict, emit: Emit | None = None) -> dict[str, Any]:
         import transformers
 
         quant = train["quant"]
+        dt = _recipe_dtypes(train)  # the resolved recipe: load/compute/adapter dtypes, prepare, autocast
         gc = bool(train["gradient_checkpointing"])
         attn_impl, backend, attn_label = _sdpa_backend(device, train.get("attention", "auto"))
         if device == "cuda":
@@ -388,8 +403,8 @@ def run_burst(spec: dict, emit: Emit | None = None) -> dict[str, Any]:
         hf_config = transformers.AutoConfig.from_pretrained(path)
         enc_dec = bool(getattr(hf_config, "is_encoder_decoder", False))
         cls = _model_class(enc_dec)
-        kw: dict[str, Any] = dict(dtype=_load_dtype(quant), device_map={"": 0 if device == "cuda" else "cpu"})
-        qc = _quant_config(quant, train.get("double_quant"))
+        kw: dict[str, Any] = dict(dtype=_load_dtype(dt), device_map={"": 0 if device == "cuda" else "cpu"})
+        qc = _quant_config(quant, train.get("double_quant"), dt.compute)
         if qc is not None:
             kw["quantization_config"] = qc
         with warnings.catch_warnings():
@@ -422,9 +437,12 @@ def run_burst(spec: dict, emit: Emit | None = None) -> dict[str, Any]:
         model.config.use_cache = False
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            if qc is not None:
+            if dt.prepare_kbit:
                 model = peft.prepare_model_for_kbit_training(
                     model, use_gradient_checkpointing=gc, gradient_checkpointing_kwargs={"use_reentrant": False})
+                if gc and qc is None:  # prepare enables checkpointing for k-bit models only
+                    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                    model.enable_input_require_grads()
             elif gc:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
                 model.enable_input_require_grads()
@@ -441,6 +459,10 @@ def run_burst(spec: dict, emit: Emit | None = None) -> dict[str, Any]:
                               target_modules=target_modules, bias="none",
                               task_type="SEQ_2_SEQ_LM" if enc_dec else "CAUSAL_LM")
         model = peft.get_peft_model(model, cfg)
+        if dt.adapter != "fp32":  # as trl's SFTTrainer casts a quantized model's adapters
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.data = p.data.to(_torch_dtype(dt.adapter))
         trainable, total = model.get_nb_trainable_parameters()
         res["params"] = {"trainable": int(trainable), "total": int(total)}
         res["protocol"]["target_modules"] = target_modules
@@ -468,21 +490,43 @@ def run_burst(spec: dict, emit: Emit | None = None) -> dict[str, Any]:
         # ---- steps (protocol 6-7) -----------------------------------------------------
         step_s: list[float] = []
         loss = None
+        # mixed precision: the forward (and the loss inside it) under torch.autocast; fp16 adds a
+        # GradScaler (scale the loss, unscale + inf check in step, update)
+        amp_dtype = _torch_dtype(dt.autocast) if dt.autocast else None
+        scaler = torch.amp.GradScaler(device) if dt.autocast == "fp16" else None
+        res["protocol"]["mixed_precision"] = dt.autocast or "no"
+
+        def forward():
+            if amp_dtype is None:
+                return model(input_ids=ids, labels=labels).loss
+            with torch.autocast(device_type=device, dtype=amp_dtype):
+                return model(input_ids=ids, labels=labels).loss
+
+        def backward(loss):
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+
+        def step():
+            if scaler is not None:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
+
         for i in range(1, steps + 1):
             probe.synchronize()
             t0 = time.perf_counter()
             if i == 1:
                 phase("first_forward")
                 probe.begin("first_forward")
-                loss = model(input_ids=ids, labels=labels).loss
+                loss = forward()
                 record_mem("first_forward", probe.end("first_forward"))
                 phase("first_backward")
                 probe.begin("first_backward")
-                loss.backward()
+                backward(loss)
                 record_mem("first_backward", probe.end("first_backward"))
                 phase("first_optimizer_step")
                 probe.begin("first_optimizer_step")
-                opt.step()
+                step()
                 opt.zero_grad(set_to_none=True)
                 m = probe.end("first_optimizer_step")
                 record_mem("first_optimizer_step", m)
@@ -492,9 +536,9 @@ def run_burst(spec: dict, emit: Emit | None = None) -> dict[str, Any]:
                 if i == 2:
                     phase("steps")
                 probe.begin(f"step_{i}")
-                loss = model(input_ids=ids, labels=labels).loss
-                loss.backward()
-                opt.step()
+                loss = forward()
+                backward(loss)
+                step()
                 opt.zero_grad(set_to_none=True)
                 step_peak = probe.end(f"step_{i}")
             probe.synchronize()

@@ -117,6 +117,9 @@ def cuda_like_sdpa(gpu_cc: str | None = "9.0", requested: str = "auto",
 
     def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
              enable_gqa=False):
+        from .autocast import cast_args  # mixed precision: autocast casts the inputs first
+
+        query, key, value, attn_mask = cast_args("scaled_dot_product_attention", query, key, value, attn_mask)
         gqa = bool(enable_gqa) and key.shape[-3] != query.shape[-3]
         backend = choose_sdpa_backend(query.dtype, query.shape[-1], value.shape[-1], attn_mask is not None,
                                       gpu_cc, requested, gqa, stack)

@@ -17,6 +17,7 @@ thread's first matmul) through ``loraplan.allocator`` (``replay_allocations``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import warnings
@@ -25,7 +26,7 @@ from typing import Any
 from ..errors import InputError, LoraplanError, TraceDataDependentError, TraceError, require_extra
 from ..estimate.result import ledger_keys
 from ..spec import LoraSpec, TrainSpec
-from ..storage import TORCH_DTYPE_NAMES, is_quantized, load_dtype as storage_load_dtype
+from ..storage import TORCH_DTYPE_NAMES, Dtypes, is_quantized
 from ..hf import MOE_RULES
 from ..targets import expert_parameter_targets, peft_target_modules, peft_target_parameters
 
@@ -33,38 +34,45 @@ from ..targets import expert_parameter_targets, peft_target_modules, peft_target
 CATEGORIES = ledger_keys("trace")
 
 
-def _quantize_meta(model, train: TrainSpec, torch_mod):
+def _torch_dtype(torch, name: str):
+    return getattr(torch, TORCH_DTYPE_NAMES[name])
+
+
+def _quantize_meta(model, train: TrainSpec, torch_mod, dt: Dtypes | None = None):
     """Replace Linears by bitsandbytes modules and quantize their weights on meta, as
-    ``from_pretrained(quantization_config=BitsAndBytesConfig(...))`` does on a GPU."""
+    ``from_pretrained(dtype=load, quantization_config=BitsAndBytesConfig(...,
+    bnb_4bit_compute_dtype=compute))`` does on a GPU (``dt``: the recipe's dtypes)."""
     torch = torch_mod
     import bitsandbytes as bnb
     from transformers import BitsAndBytesConfig
     from transformers.quantizers.auto import AutoHfQuantizer
 
+    dt = dt or Dtypes.protocol(train.quant)
+    load = _torch_dtype(torch, dt.load)
     if train.quant in ("nf4", "fp4"):
         qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=train.quant,
                                 bnb_4bit_use_double_quant=bool(train.double_quant),
-                                bnb_4bit_compute_dtype=torch.bfloat16)
+                                bnb_4bit_compute_dtype=_torch_dtype(torch, dt.compute))
     else:
         qc = BitsAndBytesConfig(load_in_8bit=True)
     hq = AutoHfQuantizer.from_config(qc, pre_quantized=False)
-    hq.preprocess_model(model, device_map={"": 0}, dtype=torch.bfloat16)
+    hq.preprocess_model(model, device_map={"": 0}, dtype=load)
     for name, mod in list(model.named_modules()):
         if isinstance(mod, bnb.nn.Linear4bit):
-            w = torch.empty(mod.out_features, mod.in_features, dtype=torch.bfloat16, device="meta")
+            w = torch.empty(mod.out_features, mod.in_features, dtype=load, device="meta")
             old = mod.weight
             new = bnb.nn.Params4bit(w, requires_grad=False, **old.__dict__)
             new._quantize(torch.device("meta"))
             mod.weight = new
         elif isinstance(mod, bnb.nn.Linear8bitLt):
-            w = torch.empty(mod.out_features, mod.in_features, dtype=torch.bfloat16, device="meta")
+            w = torch.empty(mod.out_features, mod.in_features, dtype=load, device="meta")
             new = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False)
             new._quantize(torch.device("meta"))
             mod.weight = new
         else:
             continue
-        if mod.bias is not None:  # loaded from the bf16 checkpoint
-            mod.bias = torch.nn.Parameter(torch.empty(mod.out_features, dtype=torch.bfloat16, device="meta"),
+        if mod.bias is not None:  # loaded from the checkpoint in the load dtype
+            mod.bias = torch.nn.Parameter(torch.empty(mod.out_features, dtype=load, device="meta"),
                                           requires_grad=False)
     hq.postprocess_model(model)
     model.hf_quantizer = hq
@@ -183,7 +191,11 @@ def trace_step(model_config: dict, lora: LoraSpec, train: TrainSpec, gpu_compute
         if getattr(config, "decoder_start_token_id", None) is None:
             config.decoder_start_token_id = config.pad_token_id
     auto = transformers.AutoModelForSeq2SeqLM if seq2seq else transformers.AutoModelForCausalLM
-    load_dtype = getattr(torch, TORCH_DTYPE_NAMES[storage_load_dtype(train.quant)])
+    from ..trainers import resolve_recipe
+
+    train = resolve_recipe(train)
+    dt = Dtypes.of(train)
+    load_dtype = _torch_dtype(torch, dt.load)
     attn_impl = "eager" if train.attention == "eager" else "sdpa"
     quantized = is_quantized(train.quant)
 
@@ -242,7 +254,7 @@ def trace_step(model_config: dict, lora: LoraSpec, train: TrainSpec, gpu_compute
             try:
                 result = _run(torch, transformers, auto, config, load_dtype, attn_impl, quantized, seq2seq,
                               lora, train, steps, cfg, tracker, mod_names, stack,
-                              LoraConfig, get_peft_model, prepare_model_for_kbit_training)
+                              LoraConfig, get_peft_model, prepare_model_for_kbit_training, dt)
             except LoraplanError:
                 raise
             except Exception as e:  # noqa: BLE001 - turned into one line naming op and module
@@ -303,8 +315,17 @@ def trace_step(model_config: dict, lora: LoraSpec, train: TrainSpec, gpu_compute
 
 def _run(torch, transformers, auto, config, load_dtype, attn_impl, quantized, seq2seq, lora, train, steps,
          raw_config,
-         tracker, mod_names, stack, LoraConfig, get_peft_model, prepare_model_for_kbit_training):
+         tracker, mod_names, stack, LoraConfig, get_peft_model, prepare_model_for_kbit_training, dt=None):
     gc = train.gradient_checkpointing
+    dt = dt or Dtypes.protocol(train.quant)
+    from .autocast import EmulatedAutocast, emulated_grad_scaler
+
+    # mixed precision: torch.autocast emulated above autograd (trace/autocast.py), CUDA's op lists
+    amp = (EmulatedAutocast(_torch_dtype(torch, dt.autocast), "cpu" if train.device == "cpu" else "cuda")
+           if dt.autocast else None)
+    gc_kwargs = {"use_reentrant": False}
+    if amp is not None:
+        gc_kwargs["context_fn"] = amp.checkpoint_context_fn()
     with tracker.phase("setup"):
         with torch.device("meta"):
             try:
@@ -317,13 +338,16 @@ def _run(torch, transformers, auto, config, load_dtype, attn_impl, quantized, se
 
             untie_like_checkpoint(model, raw_config)
         if quantized:
-            _quantize_meta(model, train, torch)
+            _quantize_meta(model, train, torch, dt)
         model.config.use_cache = False
-        if quantized:
+        if dt.prepare_kbit:
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc,
-                                                    gradient_checkpointing_kwargs={"use_reentrant": False})
+                                                    gradient_checkpointing_kwargs=gc_kwargs)
+            if gc and not quantized:  # prepare enables checkpointing for k-bit models only
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+                model.enable_input_require_grads()
         elif gc:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
             model.enable_input_require_grads()
         from ..hf import spec_from_config
 
@@ -344,6 +368,12 @@ def _run(torch, transformers, auto, config, load_dtype, attn_impl, quantized, se
             from ..errors import TargetError
 
             raise TargetError(f"LoRA targets {list(lora.targets)}: {str(e).splitlines()[0]}") from None
+        if dt.adapter != "fp32":
+            # get_peft_model(autocast_adapter_dtype=True) made the adapters fp32; cast them as trl's
+            # SFTTrainer does for a quantized model (sft_trainer.py: param.data = param.data.to(bf16))
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.data = p.data.to(_torch_dtype(torch, dt.adapter))
         model.train()
         mod_names.update({id(m): n for n, m in model.named_modules()})
         trainable = [p for p in model.parameters() if p.requires_grad]
@@ -351,6 +381,7 @@ def _run(torch, transformers, auto, config, load_dtype, attn_impl, quantized, se
             raise TraceError("no trainable parameters after get_peft_model; check --targets")
         n_train, n_total = model.get_nb_trainable_parameters()
         opt = _make_optimizer(train.optimizer, trainable, tracker, torch)
+        scaler = emulated_grad_scaler(torch) if dt.autocast == "fp16" else None
         b, s = train.batch, train.seq
         vocab = config.get_text_config().vocab_size if hasattr(config, "get_text_config") else config.vocab_size
         ids = torch.randint(0, vocab, (b, s), device="meta")
@@ -382,12 +413,17 @@ def _run(torch, transformers, auto, config, load_dtype, attn_impl, quantized, se
         with tracker.phase(f"step{i + 1}"):
             with tracker.phase("forward"):
                 stack.clear()  # checkpoint recompute stops early, leaving stale hook entries
-                loss = model(input_ids=ids, labels=labels).loss
+                with (amp if amp is not None else contextlib.nullcontext()):
+                    loss = model(input_ids=ids, labels=labels).loss
             with tracker.phase("backward"):
                 stack.clear()
-                loss.backward()
+                (scaler.scale(loss) if scaler is not None else loss).backward()
             with tracker.phase("optimizer"):
-                opt.step()
+                if scaler is not None:
+                    scaler.step(opt)
+                    scaler.update()
+                else:
+                    opt.step()
                 for st in opt.state.values():
                     for v in st.values():
                         if isinstance(v, torch.Tensor):
