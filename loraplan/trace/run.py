@@ -28,6 +28,7 @@ from ..spec import LoraSpec, TrainSpec
 from ..storage import TORCH_DTYPE_NAMES, is_quantized, load_dtype as storage_load_dtype
 from ..hf import MOE_RULES
 from ..targets import expert_parameter_targets, peft_target_modules, peft_target_parameters
+from .steps import apply_checkpoint_layout, checkpoint_kwargs, run_steps
 
 #: the trace's ledger lines (coarser than the analytic ledger's; see estimate.result.LEDGER)
 CATEGORIES = ledger_keys("trace")
@@ -321,10 +322,11 @@ def _run(torch, transformers, auto, config, load_dtype, attn_impl, quantized, se
         model.config.use_cache = False
         if quantized:
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc,
-                                                    gradient_checkpointing_kwargs={"use_reentrant": False})
+                                                    gradient_checkpointing_kwargs=checkpoint_kwargs(train))
         elif gc:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs(train))
             model.enable_input_require_grads()
+        apply_checkpoint_layout(model, train)
         from ..hf import spec_from_config
 
         # fused MoE expert parameters go to target_parameters (lora.ParamWrapper), as loraplan counts them
@@ -376,24 +378,10 @@ def _run(torch, transformers, auto, config, load_dtype, attn_impl, quantized, se
     tracker.setup_end_seq = tracker._seq  # the allocator replay starts here: the built model, no setup churn
     tracker.reset_peak()
 
-    # exactly the protocol's loop: `loss` keeps the previous step's graph (and what autograd
-    # Functions keep as ctx attributes) alive until the next forward returns
-    for i in range(steps):
-        with tracker.phase(f"step{i + 1}"):
-            with tracker.phase("forward"):
-                stack.clear()  # checkpoint recompute stops early, leaving stale hook entries
-                loss = model(input_ids=ids, labels=labels).loss
-            with tracker.phase("backward"):
-                stack.clear()
-                loss.backward()
-            with tracker.phase("optimizer"):
-                opt.step()
-                for st in opt.state.values():
-                    for v in st.values():
-                        if isinstance(v, torch.Tensor):
-                            tracker.label(v, "optimizer_state")
-                opt.zero_grad(set_to_none=True)
-    del loss
+    # the trainer's step structure (trace/steps.py): the protocol's loop, where `loss` keeps the
+    # previous step's graph (and what autograd Functions keep as ctx attributes) alive until the
+    # next forward returns, or transformers Trainer's training_step, whose graph dies on return
+    run_steps(model, opt, trainable, ids, labels, train, tracker, stack, steps, torch)
 
     comp = _categorize(tracker, vocab)
     top = [g.to_dict() for g in tracker.snapshot("peak", top=int(os.environ.get("LORAPLAN_TRACE_TOP", "15")))]

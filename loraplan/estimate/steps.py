@@ -1,0 +1,166 @@
+"""The trainer's step structure in the ledger (issue 11): which checkpointing variant, how many
+micro-steps per optimizer step, gradient clipping, and what outlives a micro-step.
+
+Every function reads the resolved recipe (``loraplan.trainers.resolve_recipe``); with the loop
+trainer's defaults (non-reentrant, accumulation 1, no clipping, every layer checkpointed) each
+returns what ``memory.moments`` assumed before, so the protocol's numbers do not move.
+
+Sources (transformers 5.24, torch 2.13, bitsandbytes 0.50):
+
+- reentrant checkpointing, torch/utils/checkpoint.py::CheckpointFunction: ``forward`` runs the
+  layer under ``torch.no_grad()`` and saves only its tensor inputs; ``backward`` reruns the whole
+  layer with grad enabled on detached inputs, holds its ``outputs`` while it runs
+  ``torch.autograd.backward(outputs, grads)`` through that inner graph, and returns the inputs'
+  ``.grad``. So every tensor a layer keeps (saved tensors and ctx attributes alike, such as
+  bitsandbytes MatMul8bitLt's ``ctx.tensors``) lives only inside that layer's backward. The
+  non-reentrant variant (``_checkpoint_without_reentrant_generator``) runs the forward with grad
+  and drops only what goes through saved-tensor hooks: ctx attributes stay for the whole step.
+  Both need an input that requires grad: transformers' ``_activation_checkpointing_enable``
+  calls ``enable_input_require_grads`` (the embedding output becomes a grad-requiring leaf whose
+  ``.grad`` the graph keeps: ``transients.input_leaf_and_grad``), for either variant.
+- what outlives a micro-step: the protocol's loop keeps ``loss`` (its whole graph) bound until
+  the next forward returns; transformers trainer.py::Trainer.training_step returns
+  ``loss.detach()``, so its graph dies at the end of the micro-step.
+- accumulation, Trainer._inner_training_loop: ``model.zero_grad()`` only after the optimizer
+  step, so micro-steps after the first run with every LoRA ``.grad`` alive; AccumulateGrad adds
+  each new gradient in place (``variable.grad += new_grad``), the new one a transient.
+- clipping: torch/nn/utils/clip_grad.py::clip_grad_norm_ (``_get_total_norm``,
+  ``_clip_grads_with_norm_``), reached through accelerate ``Accelerator.clip_grad_norm_``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ..errors import InputError
+from ..trainers import resolve_recipe
+from .weights import Structure, lora_gradients
+
+
+@dataclass(frozen=True)
+class StepRecipe:
+    """The resolved fields the step structure reads."""
+
+    trainer: str
+    checkpointing: bool
+    reentrant: bool
+    accumulation: int
+    max_grad_norm: float
+    every_n_layers: int
+
+    @property
+    def graph_outlives_step(self) -> bool:
+        """The loop keeps ``loss`` (and its graph) into the next forward; Trainer does not."""
+        return self.trainer == "loop"
+
+    @property
+    def computes_grad_norm(self) -> bool:
+        """Trainer computes the total norm at every optimizer step (clip_grad_norm_ with max_norm
+        inf when max_grad_norm is 0: ``_get_grad_norm``); the loop only when clipping."""
+        return self.max_grad_norm > 0 or self.trainer != "loop"
+
+
+def step_recipe(train) -> StepRecipe:
+    r = resolve_recipe(train)
+    return StepRecipe(trainer=r.trainer, checkpointing=bool(r.gradient_checkpointing), reentrant=bool(r.reentrant),
+                      accumulation=int(r.gradient_accumulation), max_grad_norm=float(r.max_grad_norm or 0.0),
+                      every_n_layers=int(r.checkpoint_every_n_layers))
+
+
+def checkpointed_layers(st: Structure, rc: StepRecipe) -> int:
+    """How many decoder layers ``_set_gradient_checkpointing(every_n_layers=n)`` checkpoints:
+    layer i when i % n == 0 -> ceil(L / n); all with n = 1, none without checkpointing.
+    Raises InputError for an encoder-decoder model with n > 1 (its count runs over encoder then
+    decoder layers; not modelled)."""
+    m = st.model
+    if not rc.checkpointing:
+        return 0
+    if rc.every_n_layers > 1 and m.is_encoder_decoder:
+        raise InputError(f"--checkpoint-every-n-layers {rc.every_n_layers} is not modelled for encoder-decoder "
+                         f"models; use 1")
+    return math.ceil(m.num_layers / rc.every_n_layers)
+
+
+def top_layer_checkpointed(st: Structure, rc: StepRecipe) -> bool:
+    """Whether the last decoder layer (whose backward the 'layer backward' moment describes) is
+    checkpointed: (L − 1) % n == 0."""
+    return rc.checkpointing and (st.model.num_layers - 1) % rc.every_n_layers == 0
+
+
+def uncheckpointed_saved(st: Structure, rc: StepRecipe, S, layer_input):
+    """Bytes the layers left out by ``every_n_layers`` add to a checkpointed forward: each keeps
+    its saved tensors S instead of its input (a·T·h). 0 when every layer is checkpointed."""
+    u = st.model.num_layers - checkpointed_layers(st, rc) if rc.checkpointing else 0
+    return u * (S - layer_input)
+
+
+def int8_kept_through_step(int8_keep, st: Structure, rc: StepRecipe):
+    """This step's MatMul8bitLt ctx tensors alive from the forward until backward ends.
+    Reentrant: checkpointed layers ran their forward under no_grad (the ctx dies with the
+    Function call), so only the layers left out by every_n_layers keep theirs."""
+    if not (rc.checkpointing and rc.reentrant):
+        return int8_keep
+    L = st.model.num_layers + st.model.num_encoder_layers
+    return int8_keep * (L - checkpointed_layers(st, rc)) / max(L, 1)
+
+
+def int8_previous_step(int8_kept, rc: StepRecipe):
+    """What the previous micro-step's graph still holds during this forward: its int8 ctx
+    tensors for the loop (``loss`` not yet rebound), nothing under Trainer."""
+    return int8_kept if rc.graph_outlives_step else 0
+
+
+def int8_inside_layer_backward(int8_keep, st: Structure, rc: StepRecipe):
+    """Reentrant: the top layer's int8 ctx tensors, recreated by its recompute and held by the
+    inner graph during its backward (one decoder layer's share). 0 otherwise (they are already
+    in ``int8_kept_through_step``)."""
+    if not (top_layer_checkpointed(st, rc) and rc.reentrant):
+        return 0
+    return int8_keep / max(st.model.num_layers + st.model.num_encoder_layers, 1)
+
+
+def reentrant_layer_output(st: Structure, x, rc: StepRecipe):
+    """Reentrant recompute runs the whole layer and CheckpointFunction.backward holds its
+    ``outputs`` (the layer output, a·T·h) during the inner backward; the non-reentrant recompute
+    stops once the last saved tensor exists and makes no output."""
+    if not (top_layer_checkpointed(st, rc) and rc.reentrant):
+        return 0
+    return st.stream_bytes * x.T * st.model.hidden_size
+
+
+def previous_step_leaf(leaf, rc: StepRecipe):
+    """The grad-requiring embedding output and its ``.grad`` (``input_leaf_and_grad``), kept by
+    the graph ``loss`` holds: into the next forward for the loop only."""
+    return leaf if rc.graph_outlives_step else 0
+
+
+def accumulated_gradients(st: Structure, r, rc: StepRecipe):
+    """LoRA ``.grad`` alive through the forward and backward of micro-steps 2..k (k > 1)."""
+    return lora_gradients(st, r) if rc.accumulation > 1 else 0
+
+
+def layer_gradients(st: Structure, r, rc: StepRecipe, layers: int):
+    """Gradients alive inside one layer's backward: that layer's new ones (the total over
+    ``layers``) and, when accumulating, every accumulated ``.grad`` as well."""
+    return lora_gradients(st, r) / max(layers, 1) + accumulated_gradients(st, r, rc)
+
+
+def _blocks(n):
+    return -(-n // 512) * 512
+
+
+def lora_tensor_count(st: Structure) -> int:
+    """Number of trainable tensors (lora_A and lora_B per adapted module): Σ of ``lora_sizes``."""
+    return int(sum(st.lora_sizes.values()))
+
+
+def grad_norm_temporaries(st: Structure, rc: StepRecipe) -> int:
+    """clip_grad_norm_ beside the gradients, at its largest (inside ``_get_total_norm``): the
+    fp32 [N] ``_foreach_norm`` output (CUDA: one tensor, the N norms are its views; all LoRA grads
+    are fp32 on one device: one group), ``torch.stack`` of them (fp32 [N]) and the total norm
+    (a scalar): 512 B blocks each (the caching allocator's minimum). 0 when no norm is computed."""
+    if not rc.computes_grad_norm:
+        return 0
+    n = lora_tensor_count(st)
+    return 2 * _blocks(4 * n) + 512
