@@ -110,7 +110,8 @@ def moments(st: Structure, train: TrainSpec, kind: str, x: Shape, gpu: GpuSpec |
         below = (m.num_layers - 1) * S
         if m.is_encoder_decoder:
             below = below + m.num_encoder_layers * layer_saved(st, kind, x, "encoder")
-    out["layer backward"] = dict(base, activations=below + S + int8_keep + int8_inside_layer_backward(int8_all, st, rc)
+    out["layer backward"] = dict(base, activations=below + S + int8_keep + int8_inside_layer_backward(
+                                     int8_all, int8_saved_anyway(st, kind, x, False), st, rc)
                                  + reentrant_layer_output(st, x, rc),
                                  backward_transients=layer_backward_transients(st, x, kind, top_ckpt),
                                  lora_gradients=layer_gradients(st, x.r, rc, m.num_layers))

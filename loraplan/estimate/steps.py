@@ -111,13 +111,17 @@ def int8_previous_step(int8_kept, rc: StepRecipe):
     return int8_kept if rc.graph_outlives_step else 0
 
 
-def int8_inside_layer_backward(int8_keep, st: Structure, rc: StepRecipe):
+def int8_inside_layer_backward(int8_keep, saved_anyway, st: Structure, rc: StepRecipe):
     """Reentrant: the top layer's int8 ctx tensors, recreated by its recompute and held by the
-    inner graph during its backward (one decoder layer's share). 0 otherwise (they are already
-    in ``int8_kept_through_step``)."""
+    inner graph during its backward (one decoder layer's share of ``int8_keep``, the whole step's
+    with checkpointing), less the inputs the recompute's autograd saves anyway (one storage:
+    ``saved_anyway``, the per-model total of ``transients.int8_saved_anyway`` without
+    checkpointing, e.g. the attention output o_proj reads). 0 otherwise (they are already in
+    ``int8_kept_through_step``)."""
     if not (top_layer_checkpointed(st, rc) and rc.reentrant):
         return 0
-    return int8_keep / max(st.model.num_layers + st.model.num_encoder_layers, 1)
+    m = st.model
+    return int8_keep / max(m.num_layers + m.num_encoder_layers, 1) - saved_anyway / max(m.num_layers, 1)
 
 
 def reentrant_layer_output(st: Structure, x, rc: StepRecipe):
