@@ -19,6 +19,9 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable
 
+from ..spec import TrainSpec
+from ..train_step import StepRunner, apply_checkpoint_layout, check_supported, checkpoint_kwargs
+
 Emit = Callable[[dict], None]
 
 #: phases in the order a burst reaches them
@@ -370,6 +373,8 @@ def run_burst(spec: dict, emit: Emit | None = None) -> dict[str, Any]:
 
         quant = train["quant"]
         gc = bool(train["gradient_checkpointing"])
+        tspec = TrainSpec(**train)
+        check_supported(tspec)
         attn_impl, backend, attn_label = _sdpa_backend(device, train.get("attention", "auto"))
         if device == "cuda":
             from .probes import CudaProbe
@@ -424,10 +429,11 @@ def run_burst(spec: dict, emit: Emit | None = None) -> dict[str, Any]:
             warnings.simplefilter("ignore")
             if qc is not None:
                 model = peft.prepare_model_for_kbit_training(
-                    model, use_gradient_checkpointing=gc, gradient_checkpointing_kwargs={"use_reentrant": False})
+                    model, use_gradient_checkpointing=gc, gradient_checkpointing_kwargs=checkpoint_kwargs(tspec))
             elif gc:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs(tspec))
                 model.enable_input_require_grads()
+            apply_checkpoint_layout(model, tspec)
         record_mem("prepare", probe.end("prepare"))
 
         # ---- LoRA ---------------------------------------------------------------------
@@ -465,37 +471,42 @@ def run_burst(spec: dict, emit: Emit | None = None) -> dict[str, Any]:
 
             stack.enter_context(sdpa_kernel([backend]))
 
-        # ---- steps (protocol 6-7) -----------------------------------------------------
+        # ---- steps (protocol 6-7; the recipe's trainer step: loraplan.train_step) ----
         step_s: list[float] = []
-        loss = None
+        first = {"forward": "first_forward", "backward": "first_backward", "optimizer": "first_optimizer_step"}
+        current = {"step": 0}
+
+        @contextlib.contextmanager
+        def step_phase(name):
+            # step 1: each part probed on its own (micro-steps: the largest of their peaks)
+            if current["step"] != 1:
+                yield
+                return
+            phase(first[name])
+            probe.begin(first[name])
+            yield
+            m = probe.end(first[name])
+            old = mem["phases"].get(first[name])
+            if old is not None:
+                m = {k: max(v, old.get(k, v)) if k.startswith("max_") and v is not None else v for k, v in m.items()}
+            record_mem(first[name], m)
+
+        runner = StepRunner(model, opt, [p for p in model.parameters() if p.requires_grad], ids, labels, tspec,
+                            torch, phase=step_phase)
         for i in range(1, steps + 1):
             probe.synchronize()
             t0 = time.perf_counter()
+            current["step"] = i
             if i == 1:
-                phase("first_forward")
-                probe.begin("first_forward")
-                loss = model(input_ids=ids, labels=labels).loss
-                record_mem("first_forward", probe.end("first_forward"))
-                phase("first_backward")
-                probe.begin("first_backward")
-                loss.backward()
-                record_mem("first_backward", probe.end("first_backward"))
-                phase("first_optimizer_step")
-                probe.begin("first_optimizer_step")
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                m = probe.end("first_optimizer_step")
-                record_mem("first_optimizer_step", m)
+                runner.step()
+                m = mem["phases"]["first_optimizer_step"]
                 step_peak = {k: max(mem["phases"][p].get(k, 0) for p in MEMORY_PHASES[3:])
                              for k in m if k.startswith("max_") or k.startswith("nvml_")}
             else:
                 if i == 2:
                     phase("steps")
                 probe.begin(f"step_{i}")
-                loss = model(input_ids=ids, labels=labels).loss
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+                runner.step()
                 step_peak = probe.end(f"step_{i}")
             probe.synchronize()
             step_s.append(time.perf_counter() - t0)
@@ -509,7 +520,7 @@ def run_burst(spec: dict, emit: Emit | None = None) -> dict[str, Any]:
         res["time"] = {"step_s": step_s, "warmup": warmup, "step_s_median": med,
                        "tokens_per_step": tokens, "decoder_tokens_per_step": batch * tseq if tseq else None,
                        "tokens_per_s": tokens / med if med > 0 else None,
-                       "loss_last": float(loss.detach().float().item()) if loss is not None else None}
+                       "loss_last": runner.last_loss()}
         res["status"], res["error"] = "ok", None
         phase("done")
     except Exception as e:  # noqa: BLE001 - every failure of the case is data

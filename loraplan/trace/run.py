@@ -28,7 +28,8 @@ from ..spec import LoraSpec, TrainSpec
 from ..storage import TORCH_DTYPE_NAMES, is_quantized, load_dtype as storage_load_dtype
 from ..hf import MOE_RULES
 from ..targets import expert_parameter_targets, peft_target_modules, peft_target_parameters
-from .steps import apply_checkpoint_layout, checkpoint_kwargs, run_steps
+from ..train_step import apply_checkpoint_layout, check_supported, checkpoint_kwargs
+from .steps import run_steps
 
 #: the trace's ledger lines (coarser than the analytic ledger's; see estimate.result.LEDGER)
 CATEGORIES = ledger_keys("trace")
@@ -150,6 +151,7 @@ def trace_step(model_config: dict, lora: LoraSpec, train: TrainSpec, gpu_compute
     from ..hf import check_config
 
     check_config(model_config, "model config")  # the values the shape rules refuse, before transformers builds
+    check_supported(train)  # the trainer step structures the trace can run (train_step.py)
 
     import torch
     import transformers
