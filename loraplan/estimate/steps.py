@@ -163,8 +163,12 @@ def grad_norm_temporaries(st: Structure, rc: StepRecipe) -> int:
     """clip_grad_norm_ beside the gradients, at its largest (inside ``_get_total_norm``): the
     fp32 [N] ``_foreach_norm`` output (CUDA: one tensor, the N norms are its views; all LoRA grads
     are fp32 on one device: one group), ``torch.stack`` of them (fp32 [N]) and the total norm
-    (a scalar): 512 B blocks each (the caching allocator's minimum). 0 when no norm is computed."""
+    (a scalar): 512 B blocks each (the caching allocator's minimum). On CPU ``_foreach_norm`` is
+    ATen's slow fallback (aten/src/ATen/native/ForeachOpsKernels.cpp ``foreach_tensor_norm_slow``:
+    one ``linalg_vector_norm`` scalar per tensor): N·512 instead of the [N] buffer.
+    0 when no norm is computed."""
     if not rc.computes_grad_norm:
         return 0
     n = lora_tensor_count(st)
-    return 2 * _blocks(4 * n) + 512
+    norms = n * 512 if st.device == "cpu" else _blocks(4 * n)
+    return norms + _blocks(4 * n) + 512
