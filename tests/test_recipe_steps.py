@@ -126,3 +126,46 @@ def test_loop_defaults_equal_explicit_protocol():
                        gradient_accumulation=1, checkpoint_every_n_layers=1)
     assert explicit.peak_allocated_bytes == base.peak_allocated_bytes
     assert explicit.moments == base.moments
+
+
+#: real CPU bursts (loraplan profile --device cpu): reentrant and not, accumulation 1 and 4,
+#: clipping on (hf clips at 1.0 by default), the loop and Trainer's step
+CPU_CASES = [
+    ("int8", "loop", ["--reentrant"]),
+    ("int8", "loop", ["--no-reentrant", "--gradient-accumulation", "4", "--max-grad-norm", "1.0"]),
+    ("bf16", "loop", ["--reentrant", "--gradient-accumulation", "4", "--max-grad-norm", "1.0"]),
+    ("nf4", "hf", ["--no-reentrant", "--gradient-accumulation", "4"]),
+    ("int8", "hf", ["--reentrant"]),
+]
+
+
+@pytest.mark.slow
+def test_cpu_estimate_within_4_percent_of_measured_step(run_cli, tmp_path):
+    import json
+
+    from loraplan.profile.records import read_records
+
+    llama = {"model_type": "llama", "hidden_size": 128, "intermediate_size": 352, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1024,
+             "max_position_embeddings": 1024, "tie_word_embeddings": False}
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(llama))
+    out = tmp_path / "cpu.jsonl"
+    for quant, trainer, extra in CPU_CASES:
+        code, _, err = run_cli(
+            "profile", "--device", "cpu", "--model", str(d), "--quant", quant, "--targets", "q_proj,v_proj",
+            "--gradient-checkpointing", "--trainer", trainer, *extra, "--batch", "2", "--seq", "128", "--rank", "8",
+            "--steps", "3", "--warmup", "1", "--out", str(out), "--cache-dir", str(tmp_path / "cache"))
+        assert code == 0, err
+    recs = read_records(out).records
+    assert len(recs) == len(CPU_CASES) and all(r["status"] == "ok" for r in recs)
+    errors = {}
+    for r in recs:
+        i = r["estimate"]["inputs"]
+        label = f"{i['quant']} {i['trainer']} reentrant={i['reentrant']} ga={i['gradient_accumulation']}"
+        measured = r["memory"]["peak_allocated_bytes"]
+        errors[label] = (r["estimate"]["memory"]["peak_allocated_bytes"] - measured) / measured
+    assert len(errors) == len(CPU_CASES)  # the recipe reached the records (distinct cases)
+    bad = {k: f"{100 * v:+.2f}%" for k, v in errors.items() if abs(v) > 0.04}
+    assert not bad, bad
