@@ -516,9 +516,9 @@ def run_burst(spec: dict, emit: Emit | None = None) -> dict[str, Any]:
         # ---- summary ------------------------------------------------------------------
         after = step_s[warmup:] if len(step_s) > warmup else step_s
         med = statistics.median(after)
-        tokens = batch * seq
+        tokens = batch * seq * runner.ga  # per optimizer step: every micro-batch of it
         res["time"] = {"step_s": step_s, "warmup": warmup, "step_s_median": med,
-                       "tokens_per_step": tokens, "decoder_tokens_per_step": batch * tseq if tseq else None,
+                       "tokens_per_step": tokens, "decoder_tokens_per_step": batch * tseq * runner.ga if tseq else None,
                        "tokens_per_s": tokens / med if med > 0 else None,
                        "loss_last": runner.last_loss()}
         res["status"], res["error"] = "ok", None
