@@ -30,12 +30,19 @@ from .errors import InputError
 from .trainers import resolve_recipe
 
 
-def check_supported(train) -> None:
+def check_supported(train, runner: str = "trace") -> None:
     """Refuse what the step runner cannot run faithfully (one line, with the fix): trl 1.16's
     SFTTrainer.compute_loss runs a fused chunked log-prob LM head (trl/trainer/utils.py::
-    add_fused_lm_head, trl/kernels/chunked_logprob.py) that this runner does not model, and
-    checkpoint offload (save_on_cpu) is not traced."""
+    add_fused_lm_head, trl/kernels/chunked_logprob.py) that this runner does not model;
+    checkpoint offload (save_on_cpu) is not run; ``runner="burst"`` (real steps): Liger's loss
+    needs liger_kernel's Triton kernels, which the burst does not apply."""
     r = resolve_recipe(train)
+    if r.loss == "chunked":
+        raise InputError("--loss chunked is not modelled (transformers has no chunked-output loss); "
+                         "use --loss standard or liger")
+    if r.loss == "liger" and runner == "burst":
+        raise InputError("--loss liger: the profile burst runs the model's own loss (Liger's Triton kernels are "
+                         "not applied); use --trace or --method analytic for Liger")
     if r.trainer == "trl":
         raise InputError("--trainer trl: SFTTrainer 1.16's fused chunked log-prob LM head is not modelled by the "
                          "trace or the profile burst yet; use --trainer hf (or --method analytic)")

@@ -44,8 +44,8 @@ SKIP = {("t5", "int8-reentrant"), ("t5", "every2-reentrant")}
 CASES = [(f, m) for f in FAMILIES for m in MODES if (f, m) not in SKIP]
 
 
-def _case(family, **fields):
-    cfg = small_config(family_config(family), layers=4, vocab=256)
+def _case(family, vocab=256, **fields):
+    cfg = small_config(family_config(family), layers=4, vocab=vocab)
     model = spec_from_config(cfg, f"{family}-small")
     lora = LoraSpec(rank=8, alpha=16, dropout=0.05, targets=default_targets(model))
     train = TrainSpec(batch=2, seq=256, gradient_checkpointing=True, **fields)
@@ -64,6 +64,39 @@ def test_recipe_analytic_within_2_percent_of_trace(family, mode):
     traced = trace_step(cfg, lora, train, gpu.compute_capability)["peak_allocated_bytes"]
     err = (analytic - traced) / traced
     assert abs(err) <= 0.02, f"{family} {mode}: analytic {analytic} vs trace {traced} ({err:+.2%})"
+
+
+#: Liger's fused linear cross-entropy (emulated on meta: trace/loss_paths.py), vocab 32000 so
+#: that the B·T·V logits it avoids would matter; decoder-only families (Liger patches *ForCausalLM)
+LIGER_FAMILIES = tuple(f for f in FAMILIES if f != "t5")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", LIGER_FAMILIES)
+def test_liger_analytic_within_2_percent_of_trace(family):
+    from loraplan.trace.run import trace_step
+
+    gpu = load_gpu("h100-sxm-80gb")
+    cal = load_calibration(gpu.id)
+    cfg, model, lora, train = _case(family, vocab=32000, loss="liger", trainer="hf")
+    analytic = estimate(model, lora, train, gpu, cal, with_time=False).memory.peak_allocated_bytes
+    traced = trace_step(cfg, lora, train, gpu.compute_capability)["peak_allocated_bytes"]
+    err = (analytic - traced) / traced
+    assert abs(err) <= 0.02, f"{family} liger: analytic {analytic} vs trace {traced} ({err:+.2%})"
+
+
+def test_liger_never_makes_the_logits():
+    std = _memory("llama", vocab=32000)
+    lig = _memory("llama", vocab=32000, loss="liger")
+    assert lig.moments["forward"] < std.moments["forward"]
+    assert lig.moments["loss backward"] < std.moments["loss backward"]
+
+
+def test_unmodelled_loss_paths_refused():
+    with pytest.raises(InputError, match="chunked"):
+        _memory("llama", loss="chunked")
+    with pytest.raises(InputError, match="liger"):
+        _memory("t5", loss="liger")
 
 
 def _memory(family, **fields):

@@ -40,9 +40,8 @@ from .arrays import is_scalar as _is_scalar
 from .coefficients import coefficient
 from .result import MemoryEstimate
 from .transients import (cuda_workspaces, default_int8_outlier_fraction, input_leaf_and_grad, int8_matmul_transient,
-                         int8_retained_per_step, int8_saved_anyway, last_hidden_state, layer_backward_transients,
-                         loss_backward_transient, loss_forward_transient)
-from .steps import (accumulated_gradients, grad_norm_temporaries, int8_inside_layer_backward, int8_kept_through_step,
+                         int8_retained_per_step, int8_saved_anyway, last_hidden_state, layer_backward_transients)
+from .steps import (accumulated_gradients, check_loss, loss_backward, loss_forward, grad_norm_temporaries, int8_inside_layer_backward, int8_kept_through_step,
                     int8_previous_step, layer_gradients, previous_step_leaf, reentrant_layer_output, step_recipe,
                     top_layer_checkpointed, uncheckpointed_saved)
 from .weights import (Structure, lora_gradients, lora_weights, optimizer_state, optimizer_step_temporaries,
@@ -75,6 +74,7 @@ def moments(st: Structure, train: TrainSpec, kind: str, x: Shape, gpu: GpuSpec |
     # the trainer's step structure (steps.py): checkpointing variant, accumulation, clipping,
     # what outlives a micro-step; the loop's defaults leave every term as it was
     rc = step_recipe(train)
+    check_loss(st, rc)
     S = layer_saved(st, kind, x, "decoder")
     layer_input = st.stream_bytes * m.hidden_size * x.T
     acts = saved_activations(st, kind, x, train.gradient_checkpointing) + uncheckpointed_saved(st, rc, S, layer_input)
@@ -89,7 +89,7 @@ def moments(st: Structure, train: TrainSpec, kind: str, x: Shape, gpu: GpuSpec |
     # 1. forward, inside the loss. int8: the previous step's graph still holds its ctx tensors.
     leaf = input_leaf_and_grad(st, x, train.gradient_checkpointing)
     out["forward"] = dict(base, activations=acts + int8_now + last_hidden_state(st, x),
-                          logits_loss=loss_forward_transient(st, x), int8_previous_step=int8_prev,
+                          logits_loss=loss_forward(st, x, rc), int8_previous_step=int8_prev,
                           previous_step_input_grad=previous_step_leaf(leaf, rc), lora_gradients=grads)
     # 1b. int8: inside the last layer's int8 matmul of the forward (before the logits exist).
     if st.linear_quant == "int8":
@@ -97,7 +97,7 @@ def moments(st: Structure, train: TrainSpec, kind: str, x: Shape, gpu: GpuSpec |
                                   previous_step_input_grad=previous_step_leaf(leaf, rc), lora_gradients=grads,
                                   kernel_transients=int8_matmul_transient(st, x, train.int8_outlier_fraction))
     # 2. loss backward, at the head.
-    out["loss backward"] = dict(base, activations=acts + int8_keep, logits_loss=loss_backward_transient(st, x),
+    out["loss backward"] = dict(base, activations=acts + int8_keep, logits_loss=loss_backward(st, x, rc),
                                 lora_gradients=grads)
     # 3. the first (top) decoder layer's backward: the other layers' inputs (checkpointing) or
     #    saved tensors, this layer's saved tensors (recomputed), gradient transients.

@@ -48,6 +48,7 @@ class StepRecipe:
     accumulation: int
     max_grad_norm: float
     every_n_layers: int
+    loss: str = "standard"
 
     @property
     def graph_outlives_step(self) -> bool:
@@ -65,7 +66,7 @@ def step_recipe(train) -> StepRecipe:
     r = resolve_recipe(train)
     return StepRecipe(trainer=r.trainer, checkpointing=bool(r.gradient_checkpointing), reentrant=bool(r.reentrant),
                       accumulation=int(r.gradient_accumulation), max_grad_norm=float(r.max_grad_norm or 0.0),
-                      every_n_layers=int(r.checkpoint_every_n_layers))
+                      every_n_layers=int(r.checkpoint_every_n_layers), loss=r.loss)
 
 
 def checkpointed_layers(st: Structure, rc: StepRecipe) -> int:
@@ -172,3 +173,76 @@ def grad_norm_temporaries(st: Structure, rc: StepRecipe) -> int:
     n = lora_tensor_count(st)
     norms = n * 512 if st.device == "cpu" else _blocks(4 * n)
     return norms + _blocks(4 * n) + 512
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss paths
+# ---------------------------------------------------------------------------------------------
+
+#: Liger-Kernel read: linkedin/Liger-Kernel src/liger_kernel/ops/fused_linear_cross_entropy.py
+#: (main, commit 00eba634) and transformers/model/loss_utils.py::LigerForCausalLMLoss
+LIGER_SOURCE = "liger_kernel ops/fused_linear_cross_entropy.py::fused_linear_cross_entropy_forward (main 00eba634)"
+
+
+def check_loss(st: Structure, rc: StepRecipe) -> None:
+    """Refuse loss paths the ledger does not model (one line with the fix): ``chunked`` (no
+    transformers/PEFT code path computes it; torchtune's CEWithChunkedOutputLoss needs its own
+    chunked-output model), and ``liger`` for encoder-decoder models (Liger patches decoder-only
+    *ForCausalLM forwards only)."""
+    if rc.loss == "chunked":
+        raise InputError("--loss chunked is not modelled (transformers has no chunked-output loss; torchtune's "
+                         "CEWithChunkedOutputLoss needs its own model); use --loss standard or liger")
+    if rc.loss == "liger" and st.model.is_encoder_decoder:
+        raise InputError(f"--loss liger: Liger's fused linear cross-entropy patches decoder-only *ForCausalLM "
+                         f"forwards, not {st.model.model_type}; use --loss standard")
+
+
+def liger_chunk_rows(BT, H: int, V: int):
+    """Liger's token chunk: inc = ceil(V / H), chunk = min(next_pow2(ceil(BT / inc)), BT), so the
+    transient logits stay near BT·H elements (``chunk_mem_const`` 1, the default)."""
+    import numpy as np
+
+    inc = -(-V // H)
+    rows = -(-BT // inc)
+    if hasattr(rows, "shape"):
+        p2 = np.power(2, np.ceil(np.log2(np.maximum(rows, 1)))).astype(np.int64)
+        return np.minimum(p2, BT)
+    return min(1 << max(int(rows) - 1, 0).bit_length(), int(BT))
+
+
+def liger_forward_bytes(st: Structure, x):
+    """Inside LigerFusedLinearCrossEntropyFunction.forward, on top of the final hidden state
+    (BT = b·s tokens, a the hidden/lm_head dtype bytes): ``grad_input = zeros_like(_input)``
+    (a·BT·H: the hidden state's gradient, computed chunk by chunk in the forward and saved for
+    backward), ``loss_1d`` fp32 [BT], ``target != ignore_index`` bool [BT], the
+    ``logits_storage`` [chunk, V] buffer (a; ``torch.mm(..., out=)`` on CUDA: the CE kernel turns
+    it into the logits' gradient in place, then ``mm(out=grad_input[chunk])``), and from
+    LigerForCausalLMLoss the padded labels int64 [b, s+1] and their shifted contiguous copy
+    int64 [BT]. The B·T·V logits never exist."""
+    m, a = st.model, st.stream_bytes
+    BT = x.T
+    chunk = liger_chunk_rows(BT, m.hidden_size, m.vocab_size)
+    return a * BT * m.hidden_size + 4 * BT + BT + a * chunk * m.vocab_size + 8 * (BT + x.b) + 8 * BT
+
+
+def liger_backward_bytes(st: Structure, x):
+    """At the head of backward: the saved ``grad_input`` (a·BT·H), scaled in place by the
+    loss's gradient (``element_mul_kernel``; ``torch.equal(grad_output, tensor(1.0))`` makes
+    one scalar) and returned as the hidden state's gradient."""
+    return st.stream_bytes * x.T * st.model.hidden_size + 512
+
+
+def loss_forward(st: Structure, x, rc: StepRecipe):
+    """The 'logits_loss' line at the end of the forward: Liger's buffers, or the standard loss
+    (``transients.loss_forward_transient``)."""
+    from .transients import loss_forward_transient
+
+    return liger_forward_bytes(st, x) if rc.loss == "liger" else loss_forward_transient(st, x)
+
+
+def loss_backward(st: Structure, x, rc: StepRecipe):
+    """The 'logits_loss' line at the head of backward (``transients.loss_backward_transient``
+    for the standard loss)."""
+    from .transients import loss_backward_transient
+
+    return liger_backward_bytes(st, x) if rc.loss == "liger" else loss_backward_transient(st, x)

@@ -29,6 +29,7 @@ from ..storage import TORCH_DTYPE_NAMES, is_quantized, load_dtype as storage_loa
 from ..hf import MOE_RULES
 from ..targets import expert_parameter_targets, peft_target_modules, peft_target_parameters
 from ..train_step import apply_checkpoint_layout, check_supported, checkpoint_kwargs
+from .loss_paths import apply_loss_path
 from .steps import run_steps
 
 #: the trace's ledger lines (coarser than the analytic ledger's; see estimate.result.LEDGER)
@@ -329,6 +330,7 @@ def _run(torch, transformers, auto, config, load_dtype, attn_impl, quantized, se
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs(train))
             model.enable_input_require_grads()
         apply_checkpoint_layout(model, train)
+        apply_loss_path(model, train, torch)
         from ..hf import spec_from_config
 
         # fused MoE expert parameters go to target_parameters (lora.ParamWrapper), as loraplan counts them
