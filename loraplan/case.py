@@ -79,7 +79,7 @@ def _float(name):
 def _finite(name):
     def parse(v):
         x = _float(name)(v)
-        check_value(name.replace("-", "_"), x)  # CHECKS is keyed by the case key (max_grad_norm)
+        check_value(name.replace("-", "_"), x)  # the option --max-grad-norm checks key max_grad_norm
         return x
     return parse
 

@@ -39,14 +39,18 @@ from .activations import (Shape, checkpoint_inputs, choose_attention, encoder_ba
 from .arrays import is_scalar as _is_scalar
 from .coefficients import coefficient
 from .result import MemoryEstimate
-from .transients import (autocast_copies, cuda_workspaces, default_int8_outlier_fraction, input_leaf_and_grad, int8_matmul_transient,
-                         int8_retained_per_step, int8_saved_anyway, last_hidden_state, layer_backward_transients,
-                         loss_backward_transient, loss_forward_transient)
+from .transients import (autocast_copies, cuda_workspaces, default_int8_outlier_fraction, input_leaf_and_grad,
+                         int8_matmul_transient, int8_retained_per_step, int8_saved_anyway, last_hidden_state,
+                         layer_backward_transients)
+from .steps import (accumulated_gradients, check_loss, loss_backward, loss_forward, grad_norm_temporaries, int8_inside_layer_backward, int8_kept_through_step,
+                    int8_previous_step, layer_gradients, previous_step_leaf, reentrant_layer_output, step_recipe,
+                    top_layer_checkpointed, uncheckpointed_saved)
 from .weights import (Structure, lora_gradients, lora_weights, optimizer_state, optimizer_step_temporaries,
                       paged_optimizer_state, structure)
 
 #: The moments of a step at which the peak can sit, in step order.
-MOMENTS = ("forward", "int8 matmul", "loss backward", "layer backward", "encoder layer backward", "optimizer step")
+MOMENTS = ("forward", "int8 matmul", "loss backward", "layer backward", "encoder layer backward", "grad norm",
+           "optimizer step")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -68,43 +72,56 @@ def moments(st: Structure, train: TrainSpec, kind: str, x: Shape, gpu: GpuSpec |
     }
     if st.expert_weights:  # sparse-MoE families only: dense ledgers keep their keys
         base = {"expert_weights": st.expert_weights, **base}
-    acts = saved_activations(st, kind, x, train.gradient_checkpointing)
-    int8_keep = int8_retained_per_step(st, x, train.int8_outlier_fraction, train.gradient_checkpointing)
+    # the trainer's step structure (steps.py): checkpointing variant, accumulation, clipping,
+    # what outlives a micro-step; the loop's defaults leave every term as it was
+    rc = step_recipe(train)
+    check_loss(st, rc)
+    S = layer_saved(st, kind, x, "decoder")
+    layer_input = st.stream_bytes * m.hidden_size * x.T
+    acts = saved_activations(st, kind, x, train.gradient_checkpointing) + uncheckpointed_saved(st, rc, S, layer_input)
+    int8_all = int8_retained_per_step(st, x, train.int8_outlier_fraction, train.gradient_checkpointing)
+    int8_keep = int8_kept_through_step(int8_all, st, rc)
     # this step's int8 inputs that autograd saves anyway (no double count); the previous step's
-    # graph holds its own copies in full
+    # graph holds its own copies in full (the loop only)
     int8_now = int8_keep - int8_saved_anyway(st, kind, x, train.gradient_checkpointing)
+    int8_prev = int8_previous_step(int8_keep, rc)
+    grads = accumulated_gradients(st, x.r, rc)
     out: dict[str, dict[str, Any]] = {}
     # 1. forward, inside the loss. int8: the previous step's graph still holds its ctx tensors.
     leaf = input_leaf_and_grad(st, x, train.gradient_checkpointing)
     gc = train.gradient_checkpointing
     amp = {k: autocast_copies(st, x.r, gc, k) for k in ("forward", "loss backward", "layer backward")}
     out["forward"] = dict(base, activations=acts + int8_now + last_hidden_state(st, x),
-                          logits_loss=loss_forward_transient(st, x), int8_previous_step=int8_keep,
-                          previous_step_input_grad=leaf)
+                          logits_loss=loss_forward(st, x, rc), int8_previous_step=int8_prev,
+                          previous_step_input_grad=previous_step_leaf(leaf, rc), lora_gradients=grads)
     if amp["forward"]:
         out["forward"]["autocast_copies"] = amp["forward"]
     # 1b. int8: inside the last layer's int8 matmul of the forward (before the logits exist).
     if st.linear_quant == "int8":
-        out["int8 matmul"] = dict(base, activations=acts + int8_now, int8_previous_step=int8_keep,
-                                  previous_step_input_grad=leaf,
+        out["int8 matmul"] = dict(base, activations=acts + int8_now, int8_previous_step=int8_prev,
+                                  previous_step_input_grad=previous_step_leaf(leaf, rc), lora_gradients=grads,
                                   kernel_transients=int8_matmul_transient(st, x, train.int8_outlier_fraction))
     # 2. loss backward, at the head.
-    out["loss backward"] = dict(base, activations=acts + int8_keep, logits_loss=loss_backward_transient(st, x))
+    out["loss backward"] = dict(base, activations=acts + int8_keep, logits_loss=loss_backward(st, x, rc),
+                                lora_gradients=grads)
     if amp["loss backward"]:
         out["loss backward"]["autocast_copies"] = amp["loss backward"]
     # 3. the first (top) decoder layer's backward: the other layers' inputs (checkpointing) or
     #    saved tensors, this layer's saved tensors (recomputed), gradient transients.
-    S = layer_saved(st, kind, x, "decoder")
+    top_ckpt = top_layer_checkpointed(st, rc)
     if train.gradient_checkpointing:
-        below = checkpoint_inputs(st, x, kind)
+        below = checkpoint_inputs(st, x, kind) + uncheckpointed_saved(st, rc, S, layer_input)
+        if not top_ckpt:  # every_n_layers left the top layer out: its S is added below, not its input
+            below = below - S
     else:
         below = (m.num_layers - 1) * S
         if m.is_encoder_decoder:
             below = below + m.num_encoder_layers * layer_saved(st, kind, x, "encoder")
-    out["layer backward"] = dict(base, activations=below + S + int8_keep,
-                                 backward_transients=layer_backward_transients(st, x, kind,
-                                                                               train.gradient_checkpointing),
-                                 lora_gradients=lora_gradients(st, x.r) / max(m.num_layers, 1))
+    out["layer backward"] = dict(base, activations=below + S + int8_keep + int8_inside_layer_backward(
+                                     int8_all, int8_saved_anyway(st, kind, x, False), st, rc)
+                                 + reentrant_layer_output(st, x, rc),
+                                 backward_transients=layer_backward_transients(st, x, kind, top_ckpt),
+                                 lora_gradients=layer_gradients(st, x.r, rc, m.num_layers))
     if amp["layer backward"]:
         out["layer backward"]["autocast_copies"] = amp["layer backward"]
     # 3b. encoder-decoder: the top encoder layer's backward, after the decoder's backward has
@@ -114,11 +131,17 @@ def moments(st: Structure, train: TrainSpec, kind: str, x: Shape, gpu: GpuSpec |
             base, activations=encoder_backward_activations(st, kind, x, train.gradient_checkpointing) + int8_keep,
             backward_transients=layer_backward_transients(st, replace(x, tseq=x.seq), kind,
                                                           train.gradient_checkpointing, stack="encoder"),
-            lora_gradients=lora_gradients(st, x.r) * m.num_layers / max(m.num_layers + m.num_encoder_layers, 1))
+            lora_gradients=lora_gradients(st, x.r) * m.num_layers / max(m.num_layers + m.num_encoder_layers, 1)
+            + accumulated_gradients(st, x.r, rc))
+    # 3c. the gradient norm (clipping, and Trainer's logged norm), before the optimizer step
+    clip = grad_norm_temporaries(st, rc)
+    if clip:
+        out["grad norm"] = dict(base, lora_gradients=lora_gradients(st, x.r), optimizer_temporaries=clip,
+                                input_embedding_grad=previous_step_leaf(leaf, rc))
     # 4. the optimizer step.
     out["optimizer step"] = dict(base, lora_gradients=lora_gradients(st, x.r),
                                  optimizer_temporaries=optimizer_step_temporaries(st, x.r, opt),
-                                 input_embedding_grad=leaf)
+                                 input_embedding_grad=previous_step_leaf(leaf, rc))
     return out
 
 

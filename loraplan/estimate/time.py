@@ -57,6 +57,7 @@ from ..spec import Calibration, GpuSpec, LoraSpec, ModelSpec, TrainSpec
 from ..storage import FOUR_BIT, Dtypes, dtype_bytes, linear_storage, lm_head_fp32
 from ..targets import select_targets
 from .arrays import is_scalar as _is_scalar, maximum as _max, minimum as _min, where as _where
+from .steps import step_recipe
 from .coefficients import coefficient, default_calibration
 from .result import TimeEstimate
 
@@ -471,6 +472,24 @@ def optimizer_work(optimizer: str, n_lora_tensors, trainable) -> list[tuple[str,
             ("bytes_moved", trainable * OPTIMIZER_BYTES.get(optimizer, 36))]
 
 
+#: the StepWork counts a micro-step repeats (all but the optimizer's)
+MICRO_STEP_COUNTS = ("flops_mm", "flops_fp32", "bytes_moved", "ops", "module_calls", "bnb4_calls", "int8_calls",
+                     "lora_calls")
+#: clip_grad_norm_ ops per step: _foreach_norm, stack, vector_norm, add eps, div, clamp, _foreach_mul_
+GRAD_NORM_OPS = 7
+#: bytes read + written per fp32 gradient element: the norm reads it (4), _foreach_mul_ reads and writes it (8)
+GRAD_NORM_BYTES = 12
+
+
+def grad_norm_work(rc, trainable) -> list[tuple[str, Any]]:
+    """torch/nn/utils/clip_grad.py::clip_grad_norm_ once per optimizer step when the recipe
+    computes the norm (``steps.StepRecipe.computes_grad_norm``): ``GRAD_NORM_OPS`` kernels and
+    ``GRAD_NORM_BYTES`` per trainable (fp32-gradient) parameter; nothing otherwise."""
+    if not rc.computes_grad_norm:
+        return []
+    return [("ops", GRAD_NORM_OPS), ("bytes_moved", trainable * GRAD_NORM_BYTES)]
+
+
 def kernel_count(ops):
     """GPU kernels launched: every op that is not a pure view launches at least one kernel;
     views are about a sixth of the forward ops of a layer (transposes/reshapes) and some ops
@@ -528,10 +547,15 @@ def step_work(model: ModelSpec, lora: LoraSpec, train: TrainSpec) -> StepWork:
 
     add(loss_work(model, quant, T_dec))
     add(embedding_work(model, T_dec, a_stream))
+    # accumulation (steps.py): k micro-steps of forward + backward per optimizer step
+    rc = step_recipe(train)
+    for name in MICRO_STEP_COUNTS:
+        acc[name] = acc[name] * rc.accumulation
     add(optimizer_work(train.optimizer, acc["n_lora_tensors"], acc["trainable"]))
+    add(grad_norm_work(rc, acc["trainable"]))
 
     return StepWork(
-        tokens=T_dec, flops_mm=acc["flops_mm"], flops_fp32=acc["flops_fp32"], bytes_moved=acc["bytes_moved"],
+        tokens=T_dec * rc.accumulation, flops_mm=acc["flops_mm"], flops_fp32=acc["flops_fp32"], bytes_moved=acc["bytes_moved"],
         kernels=kernel_count(acc["ops"]), ops=acc["ops"], module_calls=acc["module_calls"],
         lora_calls=acc["lora_calls"], bnb4_calls=acc["bnb4_calls"], int8_calls=acc["int8_calls"],
         mm_dtype=mm_dtype, syncs=acc["int8_calls"] > 0,
@@ -586,5 +610,6 @@ def step_time(work: StepWork, gpu: GpuSpec, coef: Mapping[str, float]) -> TimeEs
 
 def estimate_step_time(model: ModelSpec, lora: LoraSpec, train: TrainSpec, gpu: GpuSpec,
                        calibration: Calibration | None = None) -> TimeEstimate:
-    """Predicted wall time of one training step (forward + backward + optimizer step)."""
+    """Predicted wall time of one optimizer step: the recipe's k micro-steps of forward + backward, then
+    the gradient norm (when computed) and the optimizer step; ``tokens_per_s`` counts all k micro-batches."""
     return step_time(step_work(model, lora, train), gpu, coefficients(calibration))

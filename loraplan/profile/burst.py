@@ -19,6 +19,9 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable
 
+from ..spec import TrainSpec
+from ..train_step import StepRunner, apply_checkpoint_layout, check_supported, checkpoint_kwargs
+
 Emit = Callable[[dict], None]
 
 #: phases in the order a burst reaches them
@@ -385,6 +388,8 @@ def run_burst(spec: dict, emit: Emit | None = None) -> dict[str, Any]:
         quant = train["quant"]
         dt = _recipe_dtypes(train)  # the resolved recipe: load/compute/adapter dtypes, prepare, autocast
         gc = bool(train["gradient_checkpointing"])
+        tspec = TrainSpec(**train)
+        check_supported(tspec, runner="burst")
         attn_impl, backend, attn_label = _sdpa_backend(device, train.get("attention", "auto"))
         if device == "cuda":
             from .probes import CudaProbe
@@ -439,13 +444,14 @@ def run_burst(spec: dict, emit: Emit | None = None) -> dict[str, Any]:
             warnings.simplefilter("ignore")
             if dt.prepare_kbit:
                 model = peft.prepare_model_for_kbit_training(
-                    model, use_gradient_checkpointing=gc, gradient_checkpointing_kwargs={"use_reentrant": False})
+                    model, use_gradient_checkpointing=gc, gradient_checkpointing_kwargs=checkpoint_kwargs(tspec))
                 if gc and qc is None:  # prepare enables checkpointing for k-bit models only
-                    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs(tspec))
                     model.enable_input_require_grads()
             elif gc:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs(tspec))
                 model.enable_input_require_grads()
+            apply_checkpoint_layout(model, tspec)
         record_mem("prepare", probe.end("prepare"))
 
         # ---- LoRA ---------------------------------------------------------------------
@@ -487,59 +493,48 @@ def run_burst(spec: dict, emit: Emit | None = None) -> dict[str, Any]:
 
             stack.enter_context(sdpa_kernel([backend]))
 
-        # ---- steps (protocol 6-7) -----------------------------------------------------
+        # ---- steps (protocol 6-7; the recipe's trainer step: loraplan.train_step) ----
         step_s: list[float] = []
-        loss = None
         # mixed precision: the forward (and the loss inside it) under torch.autocast; fp16 adds a
-        # GradScaler (scale the loss, unscale + inf check in step, update)
+        # GradScaler (scale the loss, unscale + inf check, step, update)
         amp_dtype = _torch_dtype(dt.autocast) if dt.autocast else None
         scaler = torch.amp.GradScaler(device) if dt.autocast == "fp16" else None
         res["protocol"]["mixed_precision"] = dt.autocast or "no"
+        first = {"forward": "first_forward", "backward": "first_backward", "optimizer": "first_optimizer_step"}
+        current = {"step": 0}
 
-        def forward():
-            if amp_dtype is None:
-                return model(input_ids=ids, labels=labels).loss
-            with torch.autocast(device_type=device, dtype=amp_dtype):
-                return model(input_ids=ids, labels=labels).loss
+        @contextlib.contextmanager
+        def step_phase(name):
+            # step 1: each part probed on its own (micro-steps: the largest of their peaks)
+            if current["step"] != 1:
+                yield
+                return
+            phase(first[name])
+            probe.begin(first[name])
+            yield
+            m = probe.end(first[name])
+            old = mem["phases"].get(first[name])
+            if old is not None:
+                m = {k: max(v, old.get(k, v)) if k.startswith("max_") and v is not None else v for k, v in m.items()}
+            record_mem(first[name], m)
 
-        def backward(loss):
-            (scaler.scale(loss) if scaler is not None else loss).backward()
-
-        def step():
-            if scaler is not None:
-                scaler.step(opt)
-                scaler.update()
-            else:
-                opt.step()
-
+        runner = StepRunner(model, opt, [p for p in model.parameters() if p.requires_grad], ids, labels, tspec,
+                            torch, phase=step_phase, scaler=scaler,
+                            autocast=torch.autocast(device_type=device, dtype=amp_dtype) if amp_dtype else None)
         for i in range(1, steps + 1):
             probe.synchronize()
             t0 = time.perf_counter()
+            current["step"] = i
             if i == 1:
-                phase("first_forward")
-                probe.begin("first_forward")
-                loss = forward()
-                record_mem("first_forward", probe.end("first_forward"))
-                phase("first_backward")
-                probe.begin("first_backward")
-                backward(loss)
-                record_mem("first_backward", probe.end("first_backward"))
-                phase("first_optimizer_step")
-                probe.begin("first_optimizer_step")
-                step()
-                opt.zero_grad(set_to_none=True)
-                m = probe.end("first_optimizer_step")
-                record_mem("first_optimizer_step", m)
+                runner.step()
+                m = mem["phases"]["first_optimizer_step"]
                 step_peak = {k: max(mem["phases"][p].get(k, 0) for p in MEMORY_PHASES[3:])
                              for k in m if k.startswith("max_") or k.startswith("nvml_")}
             else:
                 if i == 2:
                     phase("steps")
                 probe.begin(f"step_{i}")
-                loss = forward()
-                backward(loss)
-                step()
-                opt.zero_grad(set_to_none=True)
+                runner.step()
                 step_peak = probe.end(f"step_{i}")
             probe.synchronize()
             step_s.append(time.perf_counter() - t0)
@@ -549,11 +544,11 @@ def run_burst(spec: dict, emit: Emit | None = None) -> dict[str, Any]:
         # ---- summary ------------------------------------------------------------------
         after = step_s[warmup:] if len(step_s) > warmup else step_s
         med = statistics.median(after)
-        tokens = batch * seq
+        tokens = batch * seq * runner.ga  # per optimizer step: every micro-batch of it
         res["time"] = {"step_s": step_s, "warmup": warmup, "step_s_median": med,
-                       "tokens_per_step": tokens, "decoder_tokens_per_step": batch * tseq if tseq else None,
+                       "tokens_per_step": tokens, "decoder_tokens_per_step": batch * tseq * runner.ga if tseq else None,
                        "tokens_per_s": tokens / med if med > 0 else None,
-                       "loss_last": float(loss.detach().float().item()) if loss is not None else None}
+                       "loss_last": runner.last_loss()}
         res["status"], res["error"] = "ok", None
         phase("done")
     except Exception as e:  # noqa: BLE001 - every failure of the case is data

@@ -14,10 +14,11 @@ from typing import Any
 
 from ..spec import RECIPE_FIELDS
 
-#: grid keys -> case option keys (see loraplan/case.py PARSERS); the training-stack fields too
-#: (issue 11: --mixed-precision, --prepare-kbit, ... reach the burst and its estimate)
+#: grid keys -> case option keys (see loraplan/case.py PARSERS)
+#: the case options a profile grid takes: the case's shape and the training stack (spec.RECIPE_FIELDS;
+#: without them the profile dropped --reentrant, --gradient-accumulation, ... silently)
 CASE_KEYS = ("model", "quant", "double_quant", "rank", "alpha", "dropout", "targets", "optimizer", "batch",
-             "seq", "target_seq", "gradient_checkpointing", "attention", "int8_outlier_fraction", *RECIPE_FIELDS)
+             "seq", "target_seq", "gradient_checkpointing", "attention", "int8_outlier_fraction") + RECIPE_FIELDS
 
 
 def load_grid_file(path: str | Path) -> list[dict[str, Any]]:

@@ -29,6 +29,9 @@ from ..spec import LoraSpec, TrainSpec
 from ..storage import TORCH_DTYPE_NAMES, Dtypes, is_quantized
 from ..hf import MOE_RULES
 from ..targets import expert_parameter_targets, peft_target_modules, peft_target_parameters
+from ..train_step import apply_checkpoint_layout, check_supported, checkpoint_kwargs
+from .loss_paths import apply_loss_path
+from .steps import run_steps
 
 #: the trace's ledger lines (coarser than the analytic ledger's; see estimate.result.LEDGER)
 CATEGORIES = ledger_keys("trace")
@@ -157,6 +160,7 @@ def trace_step(model_config: dict, lora: LoraSpec, train: TrainSpec, gpu_compute
     from ..hf import check_config
 
     check_config(model_config, "model config")  # the values the shape rules refuse, before transformers builds
+    check_supported(train)  # the trainer step structures the trace can run (train_step.py)
 
     import torch
     import transformers
@@ -323,8 +327,14 @@ def _run(torch, transformers, auto, config, load_dtype, attn_impl, quantized, se
     # mixed precision: torch.autocast emulated above autograd (trace/autocast.py), CUDA's op lists
     amp = (EmulatedAutocast(_torch_dtype(torch, dt.autocast), "cpu" if train.device == "cpu" else "cuda")
            if dt.autocast else None)
-    gc_kwargs = {"use_reentrant": False}
-    if amp is not None:
+    gc_kwargs = checkpoint_kwargs(train)
+    if amp is not None and gc:
+        if gc_kwargs["use_reentrant"]:
+            # torch/utils/checkpoint.py::CheckpointFunction.backward re-enters the *real* autocast
+            # for the recompute (a no-op on meta), and takes no context_fn to re-enter the emulation
+            raise TraceError("reentrant checkpointing under mixed precision cannot be traced on the meta device "
+                             "(the recompute would run without autocast); use --method analytic, or "
+                             "--no-reentrant to trace")
         gc_kwargs["context_fn"] = amp.checkpoint_context_fn()
     with tracker.phase("setup"):
         with torch.device("meta"):
@@ -349,6 +359,8 @@ def _run(torch, transformers, auto, config, load_dtype, attn_impl, quantized, se
         elif gc:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
             model.enable_input_require_grads()
+        apply_checkpoint_layout(model, train, gc_kwargs)
+        apply_loss_path(model, train, torch)
         from ..hf import spec_from_config
 
         # fused MoE expert parameters go to target_parameters (lora.ParamWrapper), as loraplan counts them
@@ -407,29 +419,11 @@ def _run(torch, transformers, auto, config, load_dtype, attn_impl, quantized, se
     tracker.setup_end_seq = tracker._seq  # the allocator replay starts here: the built model, no setup churn
     tracker.reset_peak()
 
-    # exactly the protocol's loop: `loss` keeps the previous step's graph (and what autograd
-    # Functions keep as ctx attributes) alive until the next forward returns
-    for i in range(steps):
-        with tracker.phase(f"step{i + 1}"):
-            with tracker.phase("forward"):
-                stack.clear()  # checkpoint recompute stops early, leaving stale hook entries
-                with (amp if amp is not None else contextlib.nullcontext()):
-                    loss = model(input_ids=ids, labels=labels).loss
-            with tracker.phase("backward"):
-                stack.clear()
-                (scaler.scale(loss) if scaler is not None else loss).backward()
-            with tracker.phase("optimizer"):
-                if scaler is not None:
-                    scaler.step(opt)
-                    scaler.update()
-                else:
-                    opt.step()
-                for st in opt.state.values():
-                    for v in st.values():
-                        if isinstance(v, torch.Tensor):
-                            tracker.label(v, "optimizer_state")
-                opt.zero_grad(set_to_none=True)
-    del loss
+    # the trainer's step structure (trace/steps.py): the protocol's loop, where `loss` keeps the
+    # previous step's graph (and what autograd Functions keep as ctx attributes) alive until the
+    # next forward returns, or transformers Trainer's training_step, whose graph dies on return;
+    # mixed precision: the forward under (emulated) autocast, fp16 with the GradScaler
+    run_steps(model, opt, trainable, ids, labels, train, tracker, stack, steps, torch, autocast=amp, scaler=scaler)
 
     comp = _categorize(tracker, vocab)
     top = [g.to_dict() for g in tracker.snapshot("peak", top=int(os.environ.get("LORAPLAN_TRACE_TOP", "15")))]

@@ -1,0 +1,248 @@
+"""The trainer's step structure in the ledger (issue 11): which checkpointing variant, how many
+micro-steps per optimizer step, gradient clipping, and what outlives a micro-step.
+
+Every function reads the resolved recipe (``loraplan.trainers.resolve_recipe``); with the loop
+trainer's defaults (non-reentrant, accumulation 1, no clipping, every layer checkpointed) each
+returns what ``memory.moments`` assumed before, so the protocol's numbers do not move.
+
+Sources (transformers 5.24, torch 2.13, bitsandbytes 0.50):
+
+- reentrant checkpointing, torch/utils/checkpoint.py::CheckpointFunction: ``forward`` runs the
+  layer under ``torch.no_grad()`` and saves only its tensor inputs; ``backward`` reruns the whole
+  layer with grad enabled on detached inputs, holds its ``outputs`` while it runs
+  ``torch.autograd.backward(outputs, grads)`` through that inner graph, and returns the inputs'
+  ``.grad``. So every tensor a layer keeps (saved tensors and ctx attributes alike, such as
+  bitsandbytes MatMul8bitLt's ``ctx.tensors``) lives only inside that layer's backward. The
+  non-reentrant variant (``_checkpoint_without_reentrant_generator``) runs the forward with grad
+  and drops only what goes through saved-tensor hooks: ctx attributes stay for the whole step.
+  Both need an input that requires grad: transformers' ``_activation_checkpointing_enable``
+  calls ``enable_input_require_grads`` (the embedding output becomes a grad-requiring leaf whose
+  ``.grad`` the graph keeps: ``transients.input_leaf_and_grad``), for either variant.
+- what outlives a micro-step: the protocol's loop keeps ``loss`` (its whole graph) bound until
+  the next forward returns; transformers trainer.py::Trainer.training_step returns
+  ``loss.detach()``, so its graph dies at the end of the micro-step.
+- accumulation, Trainer._inner_training_loop: ``model.zero_grad()`` only after the optimizer
+  step, so micro-steps after the first run with every LoRA ``.grad`` alive; AccumulateGrad adds
+  each new gradient in place (``variable.grad += new_grad``), the new one a transient.
+- clipping: torch/nn/utils/clip_grad.py::clip_grad_norm_ (``_get_total_norm``,
+  ``_clip_grads_with_norm_``), reached through accelerate ``Accelerator.clip_grad_norm_``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ..errors import InputError
+from ..trainers import resolve_recipe
+from .weights import Structure, lora_gradients
+
+
+@dataclass(frozen=True)
+class StepRecipe:
+    """The resolved fields the step structure reads."""
+
+    trainer: str
+    checkpointing: bool
+    reentrant: bool
+    accumulation: int
+    max_grad_norm: float
+    every_n_layers: int
+    loss: str = "standard"
+
+    @property
+    def graph_outlives_step(self) -> bool:
+        """The loop keeps ``loss`` (and its graph) into the next forward; Trainer does not."""
+        return self.trainer == "loop"
+
+    @property
+    def computes_grad_norm(self) -> bool:
+        """Trainer computes the total norm at every optimizer step (clip_grad_norm_ with max_norm
+        inf when max_grad_norm is 0: ``_get_grad_norm``); the loop only when clipping."""
+        return self.max_grad_norm > 0 or self.trainer != "loop"
+
+
+def step_recipe(train) -> StepRecipe:
+    r = resolve_recipe(train)
+    return StepRecipe(trainer=r.trainer, checkpointing=bool(r.gradient_checkpointing), reentrant=bool(r.reentrant),
+                      accumulation=int(r.gradient_accumulation), max_grad_norm=float(r.max_grad_norm or 0.0),
+                      every_n_layers=int(r.checkpoint_every_n_layers), loss=r.loss)
+
+
+def checkpointed_layers(st: Structure, rc: StepRecipe) -> int:
+    """How many decoder layers ``_set_gradient_checkpointing(every_n_layers=n)`` checkpoints:
+    layer i when i % n == 0 -> ceil(L / n); all with n = 1, none without checkpointing.
+    Raises InputError for an encoder-decoder model with n > 1 (its count runs over encoder then
+    decoder layers; not modelled)."""
+    m = st.model
+    if not rc.checkpointing:
+        return 0
+    if rc.every_n_layers > 1 and m.is_encoder_decoder:
+        raise InputError(f"--checkpoint-every-n-layers {rc.every_n_layers} is not modelled for encoder-decoder "
+                         f"models; use 1")
+    return math.ceil(m.num_layers / rc.every_n_layers)
+
+
+def top_layer_checkpointed(st: Structure, rc: StepRecipe) -> bool:
+    """Whether the last decoder layer (whose backward the 'layer backward' moment describes) is
+    checkpointed: (L − 1) % n == 0."""
+    return rc.checkpointing and (st.model.num_layers - 1) % rc.every_n_layers == 0
+
+
+def uncheckpointed_saved(st: Structure, rc: StepRecipe, S, layer_input):
+    """Bytes the layers left out by ``every_n_layers`` add to a checkpointed forward: each keeps
+    its saved tensors S instead of its input (a·T·h). 0 when every layer is checkpointed."""
+    u = st.model.num_layers - checkpointed_layers(st, rc) if rc.checkpointing else 0
+    return u * (S - layer_input)
+
+
+def int8_kept_through_step(int8_keep, st: Structure, rc: StepRecipe):
+    """This step's MatMul8bitLt ctx tensors alive from the forward until backward ends.
+    Reentrant: checkpointed layers ran their forward under no_grad (the ctx dies with the
+    Function call), so only the layers left out by every_n_layers keep theirs."""
+    if not (rc.checkpointing and rc.reentrant):
+        return int8_keep
+    L = st.model.num_layers + st.model.num_encoder_layers
+    return int8_keep * (L - checkpointed_layers(st, rc)) / max(L, 1)
+
+
+def int8_previous_step(int8_kept, rc: StepRecipe):
+    """What the previous micro-step's graph still holds during this forward: its int8 ctx
+    tensors for the loop (``loss`` not yet rebound), nothing under Trainer."""
+    return int8_kept if rc.graph_outlives_step else 0
+
+
+def int8_inside_layer_backward(int8_keep, saved_anyway, st: Structure, rc: StepRecipe):
+    """Reentrant: the top layer's int8 ctx tensors, recreated by its recompute and held by the
+    inner graph during its backward (one decoder layer's share of ``int8_keep``, the whole step's
+    with checkpointing), less the inputs the recompute's autograd saves anyway (one storage:
+    ``saved_anyway``, the per-model total of ``transients.int8_saved_anyway`` without
+    checkpointing, e.g. the attention output o_proj reads). 0 otherwise (they are already in
+    ``int8_kept_through_step``)."""
+    if not (top_layer_checkpointed(st, rc) and rc.reentrant):
+        return 0
+    m = st.model
+    return int8_keep / max(m.num_layers + m.num_encoder_layers, 1) - saved_anyway / max(m.num_layers, 1)
+
+
+def reentrant_layer_output(st: Structure, x, rc: StepRecipe):
+    """Reentrant recompute runs the whole layer and CheckpointFunction.backward holds its
+    ``outputs`` (the layer output, a·T·h) during the inner backward; the non-reentrant recompute
+    stops once the last saved tensor exists and makes no output."""
+    if not (top_layer_checkpointed(st, rc) and rc.reentrant):
+        return 0
+    return st.stream_bytes * x.T * st.model.hidden_size
+
+
+def previous_step_leaf(leaf, rc: StepRecipe):
+    """The grad-requiring embedding output and its ``.grad`` (``input_leaf_and_grad``), kept by
+    the graph ``loss`` holds: into the next forward for the loop only."""
+    return leaf if rc.graph_outlives_step else 0
+
+
+def accumulated_gradients(st: Structure, r, rc: StepRecipe):
+    """LoRA ``.grad`` alive through the forward and backward of micro-steps 2..k (k > 1)."""
+    return lora_gradients(st, r) if rc.accumulation > 1 else 0
+
+
+def layer_gradients(st: Structure, r, rc: StepRecipe, layers: int):
+    """Gradients alive inside one layer's backward: that layer's new ones (the total over
+    ``layers``) and, when accumulating, every accumulated ``.grad`` as well."""
+    return lora_gradients(st, r) / max(layers, 1) + accumulated_gradients(st, r, rc)
+
+
+def _blocks(n):
+    return -(-n // 512) * 512
+
+
+def lora_tensor_count(st: Structure) -> int:
+    """Number of trainable tensors (lora_A and lora_B per adapted module): Σ of ``lora_sizes``."""
+    return int(sum(st.lora_sizes.values()))
+
+
+def grad_norm_temporaries(st: Structure, rc: StepRecipe) -> int:
+    """clip_grad_norm_ beside the gradients, at its largest (inside ``_get_total_norm``): the
+    fp32 [N] ``_foreach_norm`` output (CUDA: one tensor, the N norms are its views; all LoRA grads
+    are fp32 on one device: one group), ``torch.stack`` of them (fp32 [N]) and the total norm
+    (a scalar): 512 B blocks each (the caching allocator's minimum). On CPU ``_foreach_norm`` is
+    ATen's slow fallback (aten/src/ATen/native/ForeachOpsKernels.cpp ``foreach_tensor_norm_slow``:
+    one ``linalg_vector_norm`` scalar per tensor): N·512 instead of the [N] buffer.
+    0 when no norm is computed."""
+    if not rc.computes_grad_norm:
+        return 0
+    n = lora_tensor_count(st)
+    norms = n * 512 if st.device == "cpu" else _blocks(4 * n)
+    return norms + _blocks(4 * n) + 512
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss paths
+# ---------------------------------------------------------------------------------------------
+
+#: Liger-Kernel read: linkedin/Liger-Kernel src/liger_kernel/ops/fused_linear_cross_entropy.py
+#: (main, commit 00eba634) and transformers/model/loss_utils.py::LigerForCausalLMLoss
+LIGER_SOURCE = "liger_kernel ops/fused_linear_cross_entropy.py::fused_linear_cross_entropy_forward (main 00eba634)"
+
+
+def check_loss(st: Structure, rc: StepRecipe) -> None:
+    """Refuse loss paths the ledger does not model (one line with the fix): ``chunked`` (no
+    transformers/PEFT code path computes it; torchtune's CEWithChunkedOutputLoss needs its own
+    chunked-output model), and ``liger`` for encoder-decoder models (Liger patches decoder-only
+    *ForCausalLM forwards only)."""
+    if rc.loss == "chunked":
+        raise InputError("--loss chunked is not modelled (transformers has no chunked-output loss; torchtune's "
+                         "CEWithChunkedOutputLoss needs its own model); use --loss standard or liger")
+    if rc.loss == "liger" and st.model.is_encoder_decoder:
+        raise InputError(f"--loss liger: Liger's fused linear cross-entropy patches decoder-only *ForCausalLM "
+                         f"forwards, not {st.model.model_type}; use --loss standard")
+
+
+def liger_chunk_rows(BT, H: int, V: int):
+    """Liger's token chunk: inc = ceil(V / H), chunk = min(next_pow2(ceil(BT / inc)), BT), so the
+    transient logits stay near BT·H elements (``chunk_mem_const`` 1, the default)."""
+    import numpy as np
+
+    inc = -(-V // H)
+    rows = -(-BT // inc)
+    if hasattr(rows, "shape"):
+        p2 = np.power(2, np.ceil(np.log2(np.maximum(rows, 1)))).astype(np.int64)
+        return np.minimum(p2, BT)
+    return min(1 << max(int(rows) - 1, 0).bit_length(), int(BT))
+
+
+def liger_forward_bytes(st: Structure, x):
+    """Inside LigerFusedLinearCrossEntropyFunction.forward, on top of the final hidden state
+    (BT = b·s tokens, a the hidden/lm_head dtype bytes): ``grad_input = zeros_like(_input)``
+    (a·BT·H: the hidden state's gradient, computed chunk by chunk in the forward and saved for
+    backward), ``loss_1d`` fp32 [BT], ``target != ignore_index`` bool [BT], the
+    ``logits_storage`` [chunk, V] buffer (a; ``torch.mm(..., out=)`` on CUDA: the CE kernel turns
+    it into the logits' gradient in place, then ``mm(out=grad_input[chunk])``), and from
+    LigerForCausalLMLoss the padded labels int64 [b, s+1] and their shifted contiguous copy
+    int64 [BT]. The B·T·V logits never exist."""
+    m, a = st.model, st.stream_bytes
+    BT = x.T
+    chunk = liger_chunk_rows(BT, m.hidden_size, m.vocab_size)
+    return a * BT * m.hidden_size + 4 * BT + BT + a * chunk * m.vocab_size + 8 * (BT + x.b) + 8 * BT
+
+
+def liger_backward_bytes(st: Structure, x):
+    """At the head of backward: the saved ``grad_input`` (a·BT·H), scaled in place by the
+    loss's gradient (``element_mul_kernel``; ``torch.equal(grad_output, tensor(1.0))`` makes
+    one scalar) and returned as the hidden state's gradient."""
+    return st.stream_bytes * x.T * st.model.hidden_size + 512
+
+
+def loss_forward(st: Structure, x, rc: StepRecipe):
+    """The 'logits_loss' line at the end of the forward: Liger's buffers, or the standard loss
+    (``transients.loss_forward_transient``)."""
+    from .transients import loss_forward_transient
+
+    return liger_forward_bytes(st, x) if rc.loss == "liger" else loss_forward_transient(st, x)
+
+
+def loss_backward(st: Structure, x, rc: StepRecipe):
+    """The 'logits_loss' line at the head of backward (``transients.loss_backward_transient``
+    for the standard loss)."""
+    from .transients import loss_backward_transient
+
+    return liger_backward_bytes(st, x) if rc.loss == "liger" else loss_backward_transient(st, x)

@@ -1,0 +1,69 @@
+"""The trainer's step structure on meta (issue 11): ``loraplan.train_step.StepRunner`` (the
+loop's or transformers Trainer's step, with accumulation and clipping) under the tracker's
+phases, with clipping run as CUDA allocates it.
+
+Clipping runs ``clip_grad_norm_cuda`` (this module): torch/nn/utils/clip_grad.py::clip_grad_norm_
+with CUDA's ``_foreach_norm`` allocation (one fp32 [N] result whose per-tensor norms are views,
+aten/src/ATen/native/cuda/ForeachReduceOp.cu), since meta has no foreach kernels and would run
+the per-tensor fallback (N separate scalars).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from ..train_step import StepRunner
+
+
+def clip_grad_norm_cuda(parameters, max_norm: float, torch):
+    """torch.nn.utils.clip_grad_norm_(parameters, max_norm) (norm_type 2, foreach) with the
+    allocations of its CUDA path, for meta tensors; returns the total norm (fp32 scalar).
+
+    _get_total_norm: ``torch._foreach_norm(grads)`` (CUDA: one fp32 [N] output, the N norms are
+    its views), ``torch.stack`` of them (fp32 [N]), ``linalg.vector_norm`` (scalar);
+    _clip_grads_with_norm_: ``max_norm / (total + 1e-6)`` (two scalars), ``clamp(max=1)``
+    (a scalar), ``_foreach_mul_(grads, coef)`` in place. Grads are grouped per (device, dtype):
+    one foreach call per group."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.tensor(0.0, device="meta")
+    groups: dict[tuple, list] = {}
+    for g in grads:
+        groups.setdefault((g.device, g.dtype), []).append(g)
+    norms = []
+    for gs in groups.values():
+        buf = torch.empty(len(gs), dtype=torch.float32, device=gs[0].device)  # _foreach_norm's output
+        norms.extend(buf.unbind(0))
+    total = torch.linalg.vector_norm(torch.stack(norms), 2.0)
+    del norms, buf
+    coef = max_norm / (total + 1e-6)
+    coef = torch.clamp(coef, max=1.0)
+    for gs in groups.values():
+        torch._foreach_mul_(gs, coef)
+    return total
+
+
+def run_steps(model, opt, trainable, ids, labels, train, tracker, stack: list, steps: int, torch,
+              autocast=None, scaler=None) -> None:
+    """Run ``steps`` optimizer steps of the recipe's trainer under ``tracker`` (phases
+    step<i>/forward|backward|optimizer; micro-steps repeat forward and backward)."""
+
+    @contextlib.contextmanager
+    def phase(name):
+        stack.clear()  # checkpoint recompute stops early, leaving stale hook entries
+        with tracker.phase(name):
+            yield
+
+    def label_state():
+        for st in opt.state.values():
+            for v in st.values():
+                if isinstance(v, torch.Tensor):
+                    tracker.label(v, "optimizer_state")
+
+    runner = StepRunner(model, opt, trainable, ids, labels, train, torch, phase=phase,
+                        clip=lambda params, max_norm: clip_grad_norm_cuda(params, max_norm, torch),
+                        after_update=label_state, autocast=autocast, scaler=scaler)
+    for i in range(steps):
+        with tracker.phase(f"step{i + 1}"):
+            runner.step()
+    del runner

@@ -1,0 +1,176 @@
+"""One optimizer step as each trainer runs it (issue 11), shared by the meta trace
+(``loraplan.trace.steps``) and the real bursts (``loraplan.profile.burst``), so the two run
+the same step structure. Imports torch lazily.
+
+- ``loop`` (the H100 protocol): per micro-step ``loss = model(ids, labels=ids).loss`` (divided by
+  the accumulation count k when k > 1) and ``loss.backward()``; then ``clip_grad_norm_`` when
+  ``max_grad_norm > 0``, ``opt.step()``, ``opt.zero_grad(set_to_none=True)``. ``loss`` stays
+  bound to the last micro-step's graph until the next forward returns, as in the protocol.
+- ``hf`` / ``trl``: transformers trainer.py::Trainer._inner_training_loop and ::training_step
+  for one device. ``get_batch_samples`` counts the label tokens of the k micro-batches once per
+  optimizer step (``num_items_in_batch``, a device scalar); each ``training_step`` runs
+  ``compute_loss`` (``model(**inputs, num_items_in_batch=...)`` when the model accepts loss
+  kwargs: its ForCausalLMLoss sums and divides, and Trainer does not divide again; otherwise
+  ``loss / k``), ``accelerator.backward(loss)`` and returns ``loss.detach()``: the graph dies at
+  the end of the micro-step. At the sync step ``accelerator.clip_grad_norm_`` (torch's
+  ``clip_grad_norm_``) with ``max_grad_norm``, or with inf when it is 0 (``_get_grad_norm``
+  logs the norm anyway), ``optimizer.step()``, ``model.zero_grad()`` (set_to_none=True).
+  An emulation of those two functions, not the Trainer object: Trainer.__init__ moves the model
+  to its device (meta tensors cannot be copied) and builds an Accelerator and data loaders the
+  step does not use. trl's SFTTrainer.compute_loss is *not* this path (see ``check_supported``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from typing import Any, Callable
+
+from .errors import InputError
+from .trainers import resolve_recipe
+
+
+def check_supported(train, runner: str = "trace") -> None:
+    """Refuse what the step runner cannot run faithfully (one line, with the fix): trl 1.16's
+    SFTTrainer.compute_loss runs a fused chunked log-prob LM head (trl/trainer/utils.py::
+    add_fused_lm_head, trl/kernels/chunked_logprob.py) that this runner does not model;
+    checkpoint offload (save_on_cpu) is not run; ``runner="burst"`` (real steps): Liger's loss
+    needs liger_kernel's Triton kernels, which the burst does not apply."""
+    r = resolve_recipe(train)
+    if r.loss == "chunked":
+        raise InputError("--loss chunked is not modelled (transformers has no chunked-output loss); "
+                         "use --loss standard or liger")
+    if r.loss == "liger" and runner == "burst":
+        raise InputError("--loss liger: the profile burst runs the model's own loss (Liger's Triton kernels are "
+                         "not applied); use --trace or --method analytic for Liger")
+    if r.trainer == "trl":
+        raise InputError("--trainer trl: SFTTrainer 1.16's fused chunked log-prob LM head is not modelled by the "
+                         "trace or the profile burst yet; use --trainer hf (or --method analytic)")
+    if r.checkpoint_offload:
+        raise InputError("--checkpoint-offload is not modelled by the trace or the profile burst yet; "
+                         "drop it (or use --method analytic)")
+
+
+def checkpoint_kwargs(train) -> dict[str, Any]:
+    """``gradient_checkpointing_kwargs`` of the resolved recipe: {'use_reentrant': bool}."""
+    return {"use_reentrant": bool(resolve_recipe(train).reentrant)}
+
+
+def apply_checkpoint_layout(model, train, kwargs: dict | None = None) -> None:
+    """Checkpoint only every n-th layer (transformers 5.24 modeling_utils.py::
+    _activation_checkpointing_enable(every_n_layers=n): GradientCheckpointingLayer number i is
+    checkpointed when i % n == 0, counted over all such layers in module order). A no-op for
+    n = 1 (what prepare_model_for_kbit_training / gradient_checkpointing_enable already set)."""
+    r = resolve_recipe(train)
+    if not r.gradient_checkpointing or r.checkpoint_every_n_layers == 1:
+        return
+    model._activation_checkpointing_enable(kwargs or checkpoint_kwargs(train), every_n_layers=r.checkpoint_every_n_layers)
+
+
+def accepts_loss_kwargs(model) -> bool:
+    """Trainer.__init__'s ``model_accepts_loss_kwargs``: the unwrapped (PEFT-free) model's
+    ``accepts_loss_kwargs``, else whether its forward takes ``**kwargs``."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if hasattr(inner, "accepts_loss_kwargs"):
+        return bool(inner.accepts_loss_kwargs)
+    return any(p.kind == inspect.Parameter.VAR_KEYWORD for p in inspect.signature(inner.forward).parameters.values())
+
+
+class StepRunner:
+    """Runs optimizer steps of the recipe's trainer: ``runner.step()`` one at a time.
+
+    ``phase(name)``: a context manager around each "forward", "backward" and "optimizer" part
+    (the trace's tracker phases, the burst's probes); ``clip(params, max_norm)``: the
+    clip_grad_norm_ to call (the real one, or the trace's CUDA emulation); ``after_update()``:
+    called after ``opt.step()`` (the trace labels the optimizer state). ``autocast``: the
+    context the forward runs under for mixed precision (``torch.autocast``, or the trace's
+    ``EmulatedAutocast``); ``scaler``: fp16's ``GradScaler`` (loss scaled before backward,
+    gradients unscaled before clipping, ``scaler.step``/``update``: accelerate's order,
+    accelerate/accelerator.py::Accelerator.backward / clip_grad_norm_).
+    """
+
+    def __init__(self, model, opt, trainable, ids, labels, train, torch,
+                 phase: Callable[[str], Any] | None = None, clip: Callable | None = None,
+                 after_update: Callable[[], None] | None = None, autocast=None, scaler=None):
+        r = resolve_recipe(train)
+        self.model, self.opt, self.trainable, self.ids, self.labels, self.torch = (
+            model, opt, trainable, ids, labels, torch)
+        self.trainer, self.ga, self.max_norm = r.trainer, int(r.gradient_accumulation), float(r.max_grad_norm or 0.0)
+        self.phase = phase or (lambda name: contextlib.nullcontext())
+        self.clip = clip or torch.nn.utils.clip_grad_norm_
+        self.after_update = after_update or (lambda: None)
+        self.loss = None  # the loop's `loss`: the last graph, alive until the next forward returns
+        self.loss_kwargs = self.trainer != "loop" and accepts_loss_kwargs(model)
+        self.tr_loss = None  # Trainer._tr_loss
+        self.autocast = autocast
+        self.scaler = scaler
+
+    def _forward_context(self):
+        return self.autocast if self.autocast is not None else contextlib.nullcontext()
+
+    def _backward(self, loss) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def _update(self, clip_params, max_norm: float) -> None:
+        """Clip (after unscaling fp16 grads), step and update the scale."""
+        if self.scaler is not None:
+            self.scaler.unscale_(self.opt)
+        if max_norm is not None:
+            grad_norm = self.clip(clip_params, max_norm)
+            del grad_norm  # Trainer: _get_grad_norm returns grad_norm.item()
+        if self.scaler is not None:
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            self.opt.step()
+
+    def step(self) -> None:
+        if self.trainer == "loop":
+            self._loop_step()
+        else:
+            self._trainer_step()
+
+    def last_loss(self) -> float | None:
+        t = self.loss if self.trainer == "loop" else self.tr_loss
+        return None if t is None or t.is_meta else float(t.detach().float().item())
+
+    def _loop_step(self) -> None:
+        for _ in range(self.ga):
+            with self.phase("forward"):
+                with self._forward_context():
+                    self.loss = self.model(input_ids=self.ids, labels=self.labels).loss
+                if self.ga > 1:
+                    self.loss = self.loss / self.ga
+            with self.phase("backward"):
+                self._backward(self.loss)
+        with self.phase("optimizer"):
+            self._update(self.trainable, self.max_norm if self.max_norm > 0 else None)
+            self.after_update()
+            self.opt.zero_grad(set_to_none=True)
+
+    def _trainer_step(self) -> None:
+        torch = self.torch
+        if self.tr_loss is None:
+            self.tr_loss = torch.zeros((), device=self.ids.device)
+        num_items = self.labels.ne(-100).sum() * self.ga if self.loss_kwargs else None
+        for _ in range(self.ga):
+            self.tr_loss += self._training_step(num_items)
+        with self.phase("optimizer"):
+            self._update(list(self.model.parameters()), self.max_norm if self.max_norm > 0 else float("inf"))
+            self.after_update()
+            self.model.zero_grad()
+        del num_items
+
+    def _training_step(self, num_items):
+        """Trainer.training_step: the graph (``loss``, ``outputs``) dies on return."""
+        with self.phase("forward"):
+            with self._forward_context():  # Trainer.compute_loss under accelerate's autocast
+                if num_items is not None:
+                    loss = self.model(input_ids=self.ids, labels=self.labels, num_items_in_batch=num_items).loss
+                else:
+                    loss = self.model(input_ids=self.ids, labels=self.labels).loss
+            if num_items is None and self.ga > 1:
+                loss = loss / self.ga
+        with self.phase("backward"):
+            self._backward(loss)
+        return loss.detach()
