@@ -33,7 +33,7 @@ RECIPES = [
     dict(quant="nf4", adapter_dtype="bf16"),
     dict(quant="fp32", mixed_precision="bf16"),
     dict(quant="nf4", compute_dtype="fp32"),
-    dict(quant="nf4", trainer="trl"),
+    dict(quant="nf4", trainer="hf", mixed_precision="bf16", adapter_dtype="bf16", prepare_kbit=False),  # trl's dtypes
     dict(quant="bf16", adapter_dtype="bf16"),
     dict(quant="nf4", mixed_precision="fp16", load_dtype="fp16", compute_dtype="fp16"),
 ]
@@ -108,8 +108,10 @@ def test_bf16_on_a_gpu_without_bf16_is_an_input_error(train, flag):
     estimate(m, LoraSpec(), train, load_gpu("a100-sxm-80gb"))  # sm80: fine
 
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+
 def _agreement_cases():
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from analytic_vs_trace import FAMILIES
 
     cases = []

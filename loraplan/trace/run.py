@@ -17,7 +17,6 @@ thread's first matmul) through ``loraplan.allocator`` (``replay_allocations``).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 import warnings
