@@ -34,13 +34,15 @@ from typing import Any, Callable, Iterable, Iterator
 from .case import grid_option as _as_option
 from .case import CHECK_ORDER
 from .errors import ConfigError, InputError
+from .spec import RECIPE_FIELDS
 
 #: more cases than this need ``--yes`` (or ``confirm=True``)
 MAX_CASES = 100_000
 
-#: keys a grid may hold: the case options plus gpu
+#: keys a grid may hold: the case options, the training stack (``spec.RECIPE_FIELDS``; ``lengths`` is
+#: one value, a length distribution, not an axis: ``case.SINGLE_VALUED``) and gpu
 GRID_KEYS = ("model", "quant", "double_quant", "rank", "alpha", "dropout", "targets", "optimizer", "batch",
-             "seq", "target_seq", "gradient_checkpointing", "attention", "int8_outlier_fraction", "gpu")
+             "seq", "target_seq", "gradient_checkpointing", "attention", "int8_outlier_fraction", *RECIPE_FIELDS, "gpu")
 _ALIASES = {"gc": "gradient_checkpointing", "checkpointing": "gradient_checkpointing", "gpus": "gpu"}
 
 #: output formats by file extension
@@ -53,9 +55,12 @@ COLUMNS = list(GRID_KEYS) + ["trainable_params", "total_params", "peak_allocated
 
 
 def _grid_scalar(x: Any, key: str) -> bool:
-    """A grid value: a string, a finite number or a boolean (targets: also a list of strings)."""
+    """A grid value: a string, a finite number or a boolean (targets: also a list of strings;
+    lengths: token counts, the list being one value)."""
     if key in ("model", "gpu"):
         return isinstance(x, str)
+    if key == "lengths":
+        return (isinstance(x, str) or isinstance(x, int)) and not isinstance(x, bool)
     if isinstance(x, (str, bool)):
         return True
     if isinstance(x, (int, float)):
@@ -413,13 +418,17 @@ class Columns:
         return pd.DataFrame(out, columns=COLUMNS, copy=False)
 
 
+#: the recipe's numbers (arrays in a group, as batch and seq); its other fields group the cases
+_RECIPE_NUMBERS = ("gradient_accumulation", "max_grad_norm", "checkpoint_every_n_layers")
 #: options resolved once per group (not numbers), and the numbers, in resolve_case's check order
-_STRUCTURAL = ("model", "quant", "double_quant", "targets", "optimizer", "gradient_checkpointing", "attention")
+_STRUCTURAL = ("model", "quant", "double_quant", "targets", "optimizer", "gradient_checkpointing", "attention",
+               *(k for k in RECIPE_FIELDS if k not in _RECIPE_NUMBERS))
 _NUMERIC = CHECK_ORDER
-_INT_COLUMNS = ("rank", "batch", "seq", "target_seq", "trainable_params", "total_params", "peak_allocated_bytes",
-                "peak_reserved_bytes", "device_total_bytes", "gpu_memory_bytes", "headroom_bytes")
-_FLOAT_COLUMNS = ("alpha", "dropout", "int8_outlier_fraction", "step_s", "tokens_per_s")
-_BOOL_COLUMNS = ("double_quant", "gradient_checkpointing", "fits")
+_INT_COLUMNS = ("rank", "batch", "seq", "target_seq", "gradient_accumulation", "checkpoint_every_n_layers",
+                "trainable_params", "total_params", "peak_allocated_bytes", "peak_reserved_bytes", "device_total_bytes",
+                "gpu_memory_bytes", "headroom_bytes")
+_FLOAT_COLUMNS = ("alpha", "dropout", "int8_outlier_fraction", "max_grad_norm", "step_s", "tokens_per_s")
+_BOOL_COLUMNS = ("double_quant", "gradient_checkpointing", "prepare_kbit", "reentrant", "checkpoint_offload", "fits")
 _PY_TYPE = {"i": int, "f": float, "b": bool}
 
 
@@ -525,6 +534,10 @@ def evaluate_table(table: CaseTable, on_progress: Callable[[int], None] | None =
     ts_v, frac_v = num("target_seq", np.int64), num("int8_outlier_fraction", np.float64)
     alpha_none, ts_none, frac_none = none_flag("alpha"), none_flag("target_seq"), none_flag("int8_outlier_fraction")
     alpha_def = np.asarray(alpha_default, dtype=np.float64)
+    # the recipe's numbers per level; max_grad_norm None (the trainer's default) is filled per group
+    recipe_v = {"gradient_accumulation": num("gradient_accumulation", np.int64, 1),
+                "checkpoint_every_n_layers": num("checkpoint_every_n_layers", np.int64, 1),
+                "max_grad_norm": num("max_grad_norm", np.float64), "max_grad_norm_none": none_flag("max_grad_norm")}
 
     # ---- output columns ----
     data: dict[str, Any] = {}
@@ -580,7 +593,7 @@ def evaluate_table(table: CaseTable, on_progress: Callable[[int], None] | None =
             else:
                 _evaluate_group(probe, idx, C, gpus[int(C["gpu"][i0])], data, none,
                                 rank_v, batch_v, seq_v, dropout_v, alpha_v, alpha_none, alpha_def,
-                                ts_v, ts_none, frac_v)
+                                ts_v, ts_none, frac_v, recipe_v)
             done += len(idx)
             if on_progress is not None:
                 on_progress(done)
@@ -614,7 +627,10 @@ class _Group:
         from .estimate.weights import structure
         from .targets import select_expert_targets, select_targets
 
+        from .trainers import resolve_recipe
+
         self.model, self.lora, self.train = model, lora, train
+        self.resolved = resolve_recipe(train)  # the trainer's defaults filled in, as estimate() reads them
         self.adapted = select_targets(model, lora.targets) + select_expert_targets(model, lora.targets, lora.dropout)
         self.structure = structure(model, self.adapted, train.quant, train.double_quant)
         self.targets = ",".join(lora.targets)
@@ -623,9 +639,28 @@ class _Group:
         self.params = None  # parameter counts per rank level (count_params on an array of ranks)
 
 
+def _recipe_numbers(p: "_Group", idx, C, recipe_v) -> dict[str, Any]:
+    """The group's recipe numbers (gradient_accumulation, max_grad_norm, checkpoint_every_n_layers):
+    a numpy array per field, or one Python number where every case of the group has the same
+    value; max_grad_norm left unset is the group's trainer default (``resolve_recipe``)."""
+    import numpy as np
+
+    out: dict[str, Any] = {}
+    for k in _RECIPE_NUMBERS:
+        codes = C[k][idx]
+        v = recipe_v[k][codes]
+        if k == "max_grad_norm":
+            v = np.where(recipe_v["max_grad_norm_none"][codes], p.resolved.max_grad_norm, v)
+        out[k] = v.item(0) if (v == v[0]).all() else v
+    return out
+
+
 def _evaluate_group(p: _Group, idx, C, gpu_entry, data, none, rank_v, batch_v, seq_v, dropout_v, alpha_v,
-                    alpha_none, alpha_def, ts_v, ts_none, frac_v) -> None:
-    """Evaluate one group (``idx``: its case positions) on arrays and fill the output columns."""
+                    alpha_none, alpha_def, ts_v, ts_none, frac_v, recipe_v) -> None:
+    """Evaluate one group (``idx``: its case positions) on arrays and fill the output columns.
+
+    The estimator's functions get the resolved recipe (``trainers.resolve_recipe``), its numbers
+    as arrays where they vary within the group, as they get batch and seq."""
     from dataclasses import replace
 
     import numpy as np
@@ -650,7 +685,8 @@ def _evaluate_group(p: _Group, idx, C, gpu_entry, data, none, rank_v, batch_v, s
         ts = None
     frac = frac_v[C["int8_outlier_fraction"][idx]] if p.train.int8_outlier_fraction is not None else None
     lora = replace(p.lora, rank=r, alpha=alpha, dropout=d)
-    train = replace(p.train, batch=b, seq=s, target_seq=ts, int8_outlier_fraction=frac)
+    train = replace(p.resolved, batch=b, seq=s, target_seq=ts, int8_outlier_fraction=frac,
+                    **_recipe_numbers(p, idx, C, recipe_v))
 
     # step time and parameter counts: the scalar functions, on arrays
     t = step_time(step_work(p.model, lora, train), gpu, coef)
@@ -687,7 +723,8 @@ def _evaluate_group(p: _Group, idx, C, gpu_entry, data, none, rank_v, batch_v, s
     row = case_row(p.model, lora, train, gpu, trainable, total, peak, reserved, device, moment, t)
     for c, v in row.items():
         if v is None:
-            none[c][idx] = True
+            if c in none:  # a typed column's None is a mask; an object column holds None already
+                none[c][idx] = True
         else:
             data[c][idx] = v
 
@@ -696,13 +733,20 @@ def case_row(model, lora, train, gpu, trainable, total, peak, reserved, device, 
     """The one row schema (COLUMNS but ``error``) of an evaluated case, from the resolved specs,
     parameter counts, memory totals and TimeEstimate ``t``. Values are numbers for one case
     (``evaluate_each``) or numpy arrays for a group (``evaluate_table``); None marks a cell
-    that does not apply (target_seq of a decoder-only model, an int8 fraction not given)."""
+    that does not apply (target_seq of a decoder-only model, an int8 fraction not given). The
+    recipe columns hold the resolved recipe (the trainer's defaults filled in), as the
+    estimate's ``inputs`` do."""
+    from .trainers import resolve_recipe
+
+    rec = resolve_recipe(train)
+    recipe = {k: getattr(rec, k) for k in RECIPE_FIELDS}
+    recipe["lengths"] = None if rec.lengths is None else ",".join(str(n) for n in rec.lengths)
     return dict(
         model=model.name, quant=train.quant, double_quant=train.double_quant, rank=lora.rank,
         alpha=lora.alpha, dropout=lora.dropout, targets=",".join(lora.targets), optimizer=train.optimizer,
         batch=train.batch, seq=train.seq, target_seq=train.target_seq,
         gradient_checkpointing=train.gradient_checkpointing, attention=train.attention,
-        int8_outlier_fraction=train.int8_outlier_fraction, gpu=gpu.id,
+        int8_outlier_fraction=train.int8_outlier_fraction, **recipe, gpu=gpu.id,
         trainable_params=trainable, total_params=total, peak_allocated_bytes=peak, peak_reserved_bytes=reserved,
         device_total_bytes=device, peak_moment=moment, gpu_memory_bytes=gpu.memory_bytes,
         fits=device <= gpu.memory_bytes, headroom_bytes=gpu.memory_bytes - device,

@@ -45,20 +45,52 @@ def source_of(trainer: str, key: str) -> str:
     return trainers_data()["trainers"][trainer]["sources"][key]
 
 
+#: how each trainer is named in messages, and the option that picks it
+_TRAINER_NAMES = {"loop": "a plain loop (--trainer loop)", "hf": "transformers.Trainer (--trainer hf)",
+                  "trl": "trl.SFTTrainer (--trainer trl)"}
+
+
+def options_of(trainer: str, key: str) -> tuple | None:
+    """The values ``key`` can take with ``trainer`` (trainers.json 'options'); None: every value."""
+    v = trainers_data()["trainers"][trainer].get("options", {}).get(key)
+    return None if v is None else tuple(v)
+
+
+def check_options(train: TrainSpec) -> None:
+    """InputError (one line: the value, why the trainer lacks it, the fix) when a resolved recipe
+    setting is one its trainer does not have (trainers.json 'options', sources in 'option_sources')."""
+    t = train.trainer
+    for key, allowed in trainers_data()["trainers"][t].get("options", {}).items():
+        v = getattr(train, key)
+        if v is None or v in allowed:
+            continue
+        others = [o for o in trainers_data()["trainers"] if o != t and (options_of(o, key) is None or v in options_of(o, key))]
+        opt = "--" + key.replace("_", "-")
+        why = source_of_option(t, key).split(";")[0]
+        raise InputError(f"{opt} {v} is not available with {_TRAINER_NAMES[t]} ({why}); use {opt} "
+                         f"{' or '.join(allowed)}" + (f", or --trainer {' or '.join(others)}" if others else ""))
+
+
+def source_of_option(trainer: str, key: str) -> str:
+    """Why ``trainer`` has only the values trainers.json lists for ``key`` (the library source)."""
+    return trainers_data()["trainers"][trainer].get("option_sources", {}).get(key, "loraplan/data/trainers.json")
+
+
 def resolve_recipe(train: TrainSpec) -> TrainSpec:
     """``train`` with every None training-stack field replaced by its trainer's default.
 
     A bf16/fp16/fp32 base loads in that dtype, so ``load_dtype`` is ``quant`` there (a different
     explicit ``load_dtype`` raises InputError). ``compute_dtype`` is only read for 4-bit bases.
-    Raises InputError (one line: the value and the fix) for settings the libraries refuse:
-    fp16 mixed precision with fp16 trainable adapters (GradScaler cannot unscale fp16 grads;
+    Raises InputError (one line: the value and the fix) for settings the libraries refuse: a
+    setting its trainer does not have (``check_options``: e.g. ``--loss chunked`` with
+    transformers.Trainer), fp16 mixed precision with fp16 trainable adapters (GradScaler cannot unscale fp16 grads;
     torch/amp/grad_scaler.py::GradScaler._unscale_grads_).
     """
     q = is_quantized(train.quant)
     t = train.trainer
     changes: dict[str, Any] = {}
     for key in ("mixed_precision", "load_dtype", "prepare_kbit", "compute_dtype", "adapter_dtype",
-                "max_grad_norm", "reentrant", "attn_implementation"):
+                "max_grad_norm", "reentrant", "attn_implementation", "loss"):
         if getattr(train, key) is None:
             changes[key] = default_of(t, key, q, train.stack)
     if not q:
@@ -76,6 +108,7 @@ def resolve_recipe(train: TrainSpec) -> TrainSpec:
         raise InputError(f"--attention {train.attention} picks an sdpa kernel, but --attn-implementation is "
                          f"{train.attn_implementation}; drop --attention or use --attn-implementation sdpa")
     out = replace(train, **changes)
+    check_options(out)
     if out.mixed_precision == "fp16" and out.adapter_dtype == "fp16":
         raise InputError("--mixed-precision fp16 with --adapter-dtype fp16: GradScaler cannot unscale fp16 "
                          "gradients ('Attempting to unscale FP16 gradients'); use --adapter-dtype fp32")
