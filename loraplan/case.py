@@ -80,7 +80,7 @@ def _float(name):
 def _finite(name):
     def parse(v):
         x = _float(name)(v)
-        check_value(name, x)
+        check_value(name.replace("-", "_"), x)  # CHECKS is keyed by the field name
         return x
     return parse
 
