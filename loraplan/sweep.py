@@ -420,6 +420,8 @@ class Columns:
 
 #: the recipe's numbers (arrays in a group, as batch and seq); its other fields group the cases
 _RECIPE_NUMBERS = ("gradient_accumulation", "max_grad_norm", "checkpoint_every_n_layers")
+#: the recipe's other fields: one value per group, written per column after the groups
+_RECIPE_CELLS = tuple(k for k in RECIPE_FIELDS if k not in _RECIPE_NUMBERS)
 #: options resolved once per group (not numbers), and the numbers, in resolve_case's check order
 _STRUCTURAL = ("model", "quant", "double_quant", "targets", "optimizer", "gradient_checkpointing", "attention",
                *(k for k in RECIPE_FIELDS if k not in _RECIPE_NUMBERS))
@@ -558,7 +560,7 @@ def evaluate_table(table: CaseTable, on_progress: Callable[[int], None] | None =
     if len(valid):
         key = np.zeros(len(valid), dtype=np.int64)
         span = 1
-        parts = [(C[k][valid], len(L[k])) for k in _STRUCTURAL + ("gpu",)]
+        parts = [(C[k][valid], len(L[k])) for k in _STRUCTURAL + ("gpu",) if len(L[k]) > 1]  # one level: code 0
         parts.append((frac_none[C["int8_outlier_fraction"][valid]].astype(np.int64), 2))
         for codes, size in parts:
             if span * size > 1 << 40:
@@ -572,6 +574,8 @@ def evaluate_table(table: CaseTable, on_progress: Callable[[int], None] | None =
         starts = np.concatenate(([0], bounds))
         ends = np.concatenate((bounds, [len(order)]))
         probes: dict[tuple, Any] = {}
+        probe_list: list[_Group] = []
+        probe_of = np.full(n, -1, dtype=np.int64)  # per case: its group's probe (the recipe cells come from it)
         for a, b_ in zip(starts.tolist(), ends.tolist()):
             idx = valid[order[a:b_]]
             i0 = int(idx[0])
@@ -585,18 +589,28 @@ def evaluate_table(table: CaseTable, on_progress: Callable[[int], None] | None =
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore")
                         probe = _Group(*_resolve(case, models[skey[0]]))
+                    probe.index = len(probe_list)
+                    probe_list.append(probe)
                 except LoraplanError as e:
                     probe = msg(e)
                 probes[skey] = probe
             if isinstance(probe, int):
                 err[idx] = probe
             else:
+                probe_of[idx] = probe.index
                 _evaluate_group(probe, idx, C, gpus[int(C["gpu"][i0])], data, none,
                                 rank_v, batch_v, seq_v, dropout_v, alpha_v, alpha_none, alpha_def,
                                 ts_v, ts_none, frac_v, recipe_v)
             done += len(idx)
             if on_progress is not None:
                 on_progress(done)
+        # the recipe's settings other than its numbers: one take per column over all groups
+        rows_ok = np.flatnonzero(probe_of >= 0)
+        if len(rows_ok):
+            for k in _RECIPE_CELLS:
+                cells = [p.recipe[k] for p in probe_list]
+                vals = _obj_array(cells) if data[k].dtype == object else np.asarray(cells, dtype=data[k].dtype)
+                data[k][rows_ok] = vals[probe_of[rows_ok]]
 
     # ---- error rows: the case's own values, nothing else ----
     masks: dict[str, Any] = dict(none)
@@ -631,6 +645,7 @@ class _Group:
 
         self.model, self.lora, self.train = model, lora, train
         self.resolved = resolve_recipe(train)  # the trainer's defaults filled in, as estimate() reads them
+        self.recipe = recipe_columns(self.resolved)  # the group's recipe cells (its numbers come per case)
         self.adapted = select_targets(model, lora.targets) + select_expert_targets(model, lora.targets, lora.dropout)
         self.structure = structure(model, self.adapted, train.quant, train.double_quant)
         self.targets = ",".join(lora.targets)
@@ -647,6 +662,10 @@ def _recipe_numbers(p: "_Group", idx, C, recipe_v) -> dict[str, Any]:
 
     out: dict[str, Any] = {}
     for k in _RECIPE_NUMBERS:
+        if len(recipe_v[k]) == 1:  # one value in the whole sweep (the usual case): no per-case arrays
+            none = k == "max_grad_norm" and recipe_v["max_grad_norm_none"][0]
+            out[k] = p.resolved.max_grad_norm if none else recipe_v[k].item(0)
+            continue
         codes = C[k][idx]
         v = recipe_v[k][codes]
         if k == "max_grad_norm":
@@ -720,7 +739,8 @@ def _evaluate_group(p: _Group, idx, C, gpu_entry, data, none, rank_v, batch_v, s
         ms = moments(p.structure, tr, kind, x, gpu, cal)
         peak[sel], moment[sel], reserved[sel], device[sel] = _memory_totals(p.structure, tr, x, ms, cal)
 
-    row = case_row(p.model, lora, train, gpu, trainable, total, peak, reserved, device, moment, t)
+    nums = {k: getattr(train, k) for k in _RECIPE_NUMBERS}  # the other recipe cells: evaluate_table, per column
+    row = case_row(p.model, lora, train, gpu, trainable, total, peak, reserved, device, moment, t, recipe=nums)
     for c, v in row.items():
         if v is None:
             if c in none:  # a typed column's None is a mask; an object column holds None already
@@ -729,18 +749,26 @@ def _evaluate_group(p: _Group, idx, C, gpu_entry, data, none, rank_v, batch_v, s
             data[c][idx] = v
 
 
-def case_row(model, lora, train, gpu, trainable, total, peak, reserved, device, moment, t) -> dict[str, Any]:
+def recipe_columns(resolved) -> dict[str, Any]:
+    """The recipe cells of a row from a resolved TrainSpec (``lengths`` as a comma string)."""
+    recipe = {k: getattr(resolved, k) for k in RECIPE_FIELDS}
+    recipe["lengths"] = None if resolved.lengths is None else ",".join(str(n) for n in resolved.lengths)
+    return recipe
+
+
+def case_row(model, lora, train, gpu, trainable, total, peak, reserved, device, moment, t,
+             recipe: dict[str, Any] | None = None) -> dict[str, Any]:
     """The one row schema (COLUMNS but ``error``) of an evaluated case, from the resolved specs,
     parameter counts, memory totals and TimeEstimate ``t``. Values are numbers for one case
     (``evaluate_each``) or numpy arrays for a group (``evaluate_table``); None marks a cell
     that does not apply (target_seq of a decoder-only model, an int8 fraction not given). The
     recipe columns hold the resolved recipe (the trainer's defaults filled in), as the
-    estimate's ``inputs`` do."""
-    from .trainers import resolve_recipe
+    estimate's ``inputs`` do: ``recipe`` (``recipe_columns``) when the caller has them, else
+    from ``resolve_recipe(train)``."""
+    if recipe is None:
+        from .trainers import resolve_recipe
 
-    rec = resolve_recipe(train)
-    recipe = {k: getattr(rec, k) for k in RECIPE_FIELDS}
-    recipe["lengths"] = None if rec.lengths is None else ",".join(str(n) for n in rec.lengths)
+        recipe = recipe_columns(resolve_recipe(train))
     return dict(
         model=model.name, quant=train.quant, double_quant=train.double_quant, rank=lora.rank,
         alpha=lora.alpha, dropout=lora.dropout, targets=",".join(lora.targets), optimizer=train.optimizer,
@@ -955,9 +983,14 @@ def _text_lines(cols: Columns, fmt: str, rows: slice):
     js = fmt == "jsonl"
     parts = []
     for j, name in enumerate(COLUMNS):
-        tok = _tokens(cols.data[name][rows], fmt)
         m = cols.masks.get(name)
-        if m is not None and m[rows].any():
+        masked = m is not None and m[rows].any()
+        const = None if masked else _constant_cell(cols.data[name][rows], js)
+        if const is not None:  # one value in every row (e.g. a recipe setting): a scalar, no per-row tokens
+            tok = S(const)
+        else:
+            tok = _tokens(cols.data[name][rows], fmt)
+        if masked:
             tok = pc.if_else(pa.array(m[rows]), S("null" if js else ""), tok)
         # the line's start and end go on its first and last cell (small arrays, not whole lines)
         head = ("{" if js and j == 0 else "") + (json.dumps(name) + ": " if js else "")
@@ -966,11 +999,34 @@ def _text_lines(cols: Columns, fmt: str, rows: slice):
             tok = pc.binary_join_element_wise(S(head), tok, S(tail), S(""))
         parts.append(tok)
     lines = pc.binary_join_element_wise(*parts, S(", " if js else ","))
+    if isinstance(lines, pa.Scalar):  # every column constant: one line, repeated
+        n = len(cols.data[COLUMNS[0]][rows])
+        lines = pa.array([lines.as_py()] * n, pa.large_string())
     if not len(lines):
         return b""
     _, off, data = lines.buffers()
     off = np.frombuffer(off, dtype=np.int64)[lines.offset:lines.offset + len(lines) + 1]
     return memoryview(data)[int(off[0]):int(off[-1])]
+
+
+def _constant_cell(a, js: bool) -> str | None:
+    """The cell text when every value of column ``a`` is the same (as ``_tokens`` writes it), else None."""
+    import numpy as np
+
+    if not len(a):
+        return None
+    v = a[0]
+    if a.dtype == object:
+        if not (v is None or type(v) is str) or not (a == v).all():  # a str equals only equal strs
+            return None
+        return _cell(v, js)
+    if not (a == v).all() or (a.dtype.kind == "f" and not np.isfinite(v)):
+        return None
+    if a.dtype == bool:
+        return ("true" if v else "false") if js else ("True" if v else "False")
+    if a.dtype.kind == "f":
+        return str(np.asarray([v]).astype(str)[0])  # the float text _tokens writes (Python's repr)
+    return str(int(v))
 
 
 def _tokens(a, fmt: str):

@@ -333,3 +333,18 @@ def test_raw_recipe_cases_and_error_precedence():
     assert "--rank" in new[0]["error"] and "--loss chunked" in new[1]["error"]
     assert "--gradient-accumulation 0" in new[3]["error"] and "--gradient-accumulation 'x'" in new[4]["error"]
     assert (new[9]["max_grad_norm"], new[9]["gradient_accumulation"]) == (1.0, 3)
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_writers_match_for_constant_columns(tmp_path, fmt):
+    """Columns with one value in every row (the recipe's, or every column of a one-case sweep)
+    are written as scalars: still byte for byte what the row writers write."""
+    pytest.importorskip("pyarrow")
+    from loraplan.sweep import evaluate_table, expand_cases, write_columns, write_rows
+
+    for grid in ({"model": "qwen2.5-0.5b", "gpu": "l4-24gb"},
+                 {"model": "qwen2.5-0.5b", "trainer": "hf", "max_grad_norm": "0.3", "seq": "256,512", "gpu": "l4-24gb"}):
+        cols = evaluate_table(expand_cases(grid))
+        write_columns(cols, tmp_path / f"new.{fmt}", fmt)
+        write_rows(list(cols.rows()), tmp_path / f"old.{fmt}", fmt)
+        assert (tmp_path / f"new.{fmt}").read_bytes() == (tmp_path / f"old.{fmt}").read_bytes()
