@@ -12,10 +12,14 @@ formulas and no copy of them here:
   case; a case whose value is invalid (or whose targets the model lacks) becomes a row with
   ``error`` set, as before;
 - cases are grouped by what is not a number (model, targets, quantization, optimizer,
-  checkpointing, attention, GPU, int8 outlier fraction given or not), and each group is one
-  call of the estimator's functions on numpy arrays of its numbers (batch, sequence, target
-  sequence, rank, dropout, outlier fraction): ``memory.moments`` (the ledger),
-  ``params.count_params``, ``time.step_work`` and ``time.step_time``;
+  checkpointing, attention, the recipe's settings (trainer, mixed precision, dtypes, padding,
+  loss, ...), GPU, int8 outlier fraction given or not), and each group is one call of the
+  estimator's functions on numpy arrays of its numbers (batch, sequence, target sequence, rank,
+  dropout, outlier fraction, and the recipe's gradient_accumulation, max_grad_norm and
+  checkpoint_every_n_layers: arrays where they vary within the group, else Python numbers):
+  ``memory.moments`` (the ledger), ``params.count_params``, ``time.step_work`` and
+  ``time.step_time``, with the recipe resolved (``trainers.resolve_recipe``) as ``estimate()``
+  reads it;
 - outputs are written from the columns (pandas for CSV and Parquet).
 
 ``evaluate_each`` (one ``estimate()`` per case) is the reference the vectorized path is tested

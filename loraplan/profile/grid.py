@@ -12,11 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..spec import RECIPE_FIELDS
-
 #: grid keys -> case option keys (see loraplan/case.py PARSERS)
 CASE_KEYS = ("model", "quant", "double_quant", "rank", "alpha", "dropout", "targets", "optimizer", "batch",
-             "seq", "target_seq", "gradient_checkpointing", "attention", "int8_outlier_fraction", *RECIPE_FIELDS)
+             "seq", "target_seq", "gradient_checkpointing", "attention", "int8_outlier_fraction")
 
 
 def load_grid_file(path: str | Path) -> list[dict[str, Any]]:
