@@ -58,9 +58,16 @@ def options_of(trainer: str, key: str) -> tuple | None:
 
 def check_options(train: TrainSpec) -> None:
     """InputError (one line: the value, why the trainer lacks it, the fix) when a resolved recipe
-    setting is one its trainer does not have (trainers.json 'options', sources in 'option_sources')."""
+    setting is one its trainer does not have (trainers.json 'options', sources in 'option_sources'),
+    or the trainer does not train encoder-decoder models ('encoder_decoder': false; an
+    encoder-decoder case is one with ``target_seq``, which ``case.resolve_case`` sets only for them)."""
     t = train.trainer
-    for key, allowed in trainers_data()["trainers"][t].get("options", {}).items():
+    entry = trainers_data()["trainers"][t]
+    if train.target_seq is not None and not entry.get("encoder_decoder", True):  # resolve_case: enc-dec only
+        why = entry["encoder_decoder_source"].split(":")[0]
+        raise InputError(f"--trainer {t}: {_TRAINER_NAMES[t].split(' (')[0]} does not train encoder-decoder models "
+                         f"({why}); use --trainer hf (Seq2SeqTrainer) or --trainer loop")
+    for key, allowed in entry.get("options", {}).items():
         v = getattr(train, key)
         if v is None or v in allowed:
             continue
