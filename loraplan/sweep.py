@@ -428,7 +428,7 @@ _RECIPE_NUMBERS = ("gradient_accumulation", "max_grad_norm", "checkpoint_every_n
 _RECIPE_CELLS = tuple(k for k in RECIPE_FIELDS if k not in _RECIPE_NUMBERS)
 #: options resolved once per group (not numbers), and the numbers, in resolve_case's check order
 _STRUCTURAL = ("model", "quant", "double_quant", "targets", "optimizer", "gradient_checkpointing", "attention",
-               *(k for k in RECIPE_FIELDS if k not in _RECIPE_NUMBERS))
+               *_RECIPE_CELLS)
 _NUMERIC = CHECK_ORDER
 _INT_COLUMNS = ("rank", "batch", "seq", "target_seq", "gradient_accumulation", "checkpoint_every_n_layers",
                 "trainable_params", "total_params", "peak_allocated_bytes", "peak_reserved_bytes", "device_total_bytes",
@@ -644,7 +644,6 @@ class _Group:
     def __init__(self, model, lora, train):
         from .estimate.weights import structure
         from .targets import select_expert_targets, select_targets
-
         from .trainers import resolve_recipe
 
         self.model, self.lora, self.train = model, lora, train
@@ -725,7 +724,7 @@ def _evaluate_group(p: _Group, idx, C, gpu_entry, data, none, rank_v, batch_v, s
     for v in seqs.tolist():
         kk = (v, cc)
         if kk not in p.kinds:
-            p.kinds[kk] = choose_attention(p.model, replace(p.train, seq=v), cc)
+            p.kinds[kk] = choose_attention(p.model, replace(p.resolved, seq=v), cc)
         kinds.append(p.kinds[kk])
     peak = np.empty(len(idx), dtype=np.int64)
     reserved = np.empty(len(idx), dtype=np.int64)
