@@ -144,15 +144,20 @@ def test_sweep_passes_the_recipe_to_the_estimator(monkeypatch):
     seen = []
     real_moments, real_work = memory.moments, time_model.step_work
 
-    def moments(st, train, kind, x, gpu, cal):
+    def moments(*args, **kw):
+        train, x = kw.get("train", args[1]), kw.get("x", args[3] if len(args) > 3 else None)
         n = int(np.size(x.b))
         seen.append({k: np.broadcast_to(np.asarray(getattr(train, k), dtype=object), (n,)).tolist()
                      if k in ("gradient_accumulation", "max_grad_norm", "checkpoint_every_n_layers")
                      else [getattr(train, k)] * n for k in RECIPE_FIELDS})
-        return real_moments(st, train, kind, x, gpu, cal)
+        return real_moments(*args, **kw)
 
     monkeypatch.setattr(memory, "moments", moments)
-    monkeypatch.setattr(time_model, "step_work", lambda m, l, t: (seen.append({"work": t.trainer}), real_work(m, l, t))[1])
+    def step_work(model, lora, train, *args, **kw):
+        seen.append({"work": train.trainer})
+        return real_work(model, lora, train, *args, **kw)
+
+    monkeypatch.setattr(time_model, "step_work", step_work)
     grid = {"model": "qwen2.5-0.5b", "batch": "1,2", "trainer": "loop,hf,trl", "gradient_accumulation": "1,8",
             "max_grad_norm": "0,0.5", "checkpoint_every_n_layers": "1,3", "mixed_precision": "no,fp16",
             "reentrant": ("true", "false"), "gpu": "l4-24gb"}
