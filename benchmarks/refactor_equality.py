@@ -90,6 +90,11 @@ ADDED = (
      r"^\.estimate\.inputs\.(trainer|mixed_precision|load_dtype|prepare_kbit|compute_dtype|adapter_dtype|"
      r"gradient_accumulation|max_grad_norm|reentrant|attn_implementation|padding|lengths|loss|"
      r"checkpoint_every_n_layers|checkpoint_offload)$"),
+    ("issue 11, the recipe fields are sweep axes: every sweep row names the resolved recipe it was estimated "
+     "with (the same values as the estimate's inputs)",
+     r"^\.sweep_row\.(trainer|mixed_precision|load_dtype|prepare_kbit|compute_dtype|adapter_dtype|"
+     r"gradient_accumulation|max_grad_norm|reentrant|attn_implementation|padding|lengths|loss|"
+     r"checkpoint_every_n_layers|checkpoint_offload)$"),
 )
 
 

@@ -55,7 +55,8 @@ DEFAULTS: dict[str, Any] = {
 
 #: resolve_case checks the numbers in this order, so that a case with several bad values names
 #: the same one in every command (the sweep's vectorized path follows it too)
-CHECK_ORDER = ("rank", "batch", "seq", "target_seq", "dropout", "int8_outlier_fraction")
+CHECK_ORDER = ("rank", "batch", "seq", "target_seq", "dropout", "int8_outlier_fraction", "gradient_accumulation",
+               "max_grad_norm", "checkpoint_every_n_layers")
 
 
 def _int(name):
@@ -278,7 +279,11 @@ def merge_grid(cli_opts: dict, grid: dict, keys: tuple[str, ...]) -> dict:
 
 
 def resolve_case(case: dict, model: ModelSpec | None = None) -> tuple[ModelSpec, LoraSpec, TrainSpec]:
-    """One single-valued case dict (CLI option names, values raw or parsed) -> validated specs."""
+    """One single-valued case dict (CLI option names, values raw or parsed) -> validated specs.
+
+    The TrainSpec keeps the recipe fields as given (None: the trainer's default); the recipe is
+    resolved once here only to raise InputError for settings its trainer does not have
+    (``loraplan.trainers.resolve_recipe``), so every command refuses them the same way."""
     from .catalog import load_model
     from .targets import default_targets, parse_targets, select_targets
     from .versions import parse_stack
@@ -304,4 +309,7 @@ def resolve_case(case: dict, model: ModelSpec | None = None) -> tuple[ModelSpec,
         stack=parse_stack(case.get("stack")),
         **{k: v[k] for k in RECIPE_FIELDS},
     )
+    from .trainers import resolve_recipe
+
+    resolve_recipe(train)  # a setting the trainer lacks (or the libraries refuse) stops every command here
     return model, lora, train

@@ -9,7 +9,8 @@ For one setup:
   (``loraplan.estimate.activations`` / ``transients`` / ``weights``) on the same setup.
 - **levers**: single changes (gradient checkpointing, half the batch or sequence, another
   optimizer, quantization, attention kernel where valid, fewer targets, a smaller rank,
-  dropout 0), each *re-estimated* with ``estimate()``; their saving is the difference of the
+  dropout 0, and the recipe changes the trainer has: ``trainers.recipe_levers``, e.g. a chunked
+  loss or bf16 autocast), each *re-estimated* with ``estimate()``; their saving is the difference of the
   two device totals, never a guess. Ranked by saving; each carries its fit verdict on the GPU.
 
 Pure Python (no torch), like the estimator it reads.
@@ -284,8 +285,10 @@ def _candidates(model: ModelSpec, lora: LoraSpec, train: TrainSpec, cc) -> tuple
         c.append(("gradient checkpointing on", "--gradient-checkpointing", lora,
                   replace(train, gradient_checkpointing=True)))
     if train.batch > 1:
-        c.append((f"half the micro-batch ({train.batch // 2}; accumulate gradients)", f"--batch {train.batch // 2}",
-                  lora, replace(train, batch=train.batch // 2)))
+        ga = train.gradient_accumulation * 2  # the same sequences per optimizer step (an odd batch: one fewer)
+        c.append((f"half the micro-batch ({train.batch // 2}; accumulate gradients x{ga})",
+                  f"--batch {train.batch // 2} --gradient-accumulation {ga}",
+                  lora, replace(train, batch=train.batch // 2, gradient_accumulation=ga)))
     if train.seq > 1:
         c.append((f"half the sequence ({train.seq // 2} tokens)", f"--seq {train.seq // 2}", lora,
                   replace(train, seq=train.seq // 2)))
@@ -327,6 +330,11 @@ def _candidates(model: ModelSpec, lora: LoraSpec, train: TrainSpec, cc) -> tuple
                   replace(lora, rank=lora.rank // 2, alpha=lora.alpha), train))
     if lora.dropout > 0:
         c.append(("LoRA dropout 0", "--dropout 0", replace(lora, dropout=0.0), train))
+    from .trainers import recipe_levers
+
+    # the recipe changes the trainer has (loss path, autocast, prepare_kbit, offload, FA2); each is
+    # re-estimated below and offered only where the estimator says it saves memory
+    c += [(what, opt, lora, t) for what, opt, t in recipe_levers(train)]
     return c, rejected
 
 
@@ -342,7 +350,10 @@ def explain(model: ModelSpec, lora: LoraSpec, train: TrainSpec, gpu: GpuSpec | N
     e = estimate(model, lora, train, gpu, cal)
     setup = make_setup(model, lora, train, select_targets(model, lora.targets), cc)
     # the estimate's warnings about this setup come first (e.g. MoE experts bitsandbytes leaves unquantized)
-    facts = [n for n in e.memory.notes if n.startswith("WARNING")] + [stream_fact(train)]
+    from .trainers import recipe_summary
+
+    facts = [n for n in e.memory.notes if n.startswith("WARNING")] + ["recipe: " + recipe_summary(e.inputs),
+                                                                     stream_fact(train)]
     lq = effective_linear_quant(model, train.quant)
     if train.quant in FOUR_BIT and lq == "fp32":
         facts.append(f"{model.model_type}: bitsandbytes does not convert this family's Linears; they stay "

@@ -10,12 +10,15 @@ Library code: returns plain data (dataclasses with ``to_dict``), never prints. F
 - step time, tokens/s and, for a job with a size, total hours and dollars;
 - the fit verdict against the model's uncertainty (``Estimate.verdict``);
 - when nothing fits: the single changes that would help (gradient checkpointing, 4-bit base,
-  8-bit / paged optimizer, micro-batch 1 + gradient accumulation, shorter sequence), each with
-  its estimated memory saving and whether it alone makes the run fit.
+  8-bit / paged optimizer, micro-batch 1 + gradient accumulation, shorter sequence, and the
+  recipe changes the trainer has: ``trainers.recipe_levers``), each re-estimated, with its
+  memory saving and whether it alone makes the run fit; a change that saves nothing is not listed.
 
 Job size (optional; without it no hours or dollars): ``tokens`` (packed: every row holds ``seq``
 tokens) or ``examples`` (one example per row, padded to ``seq``), times ``epochs``. With an effective batch E, the micro-batch is the
-largest that fits (at most E) and gradient accumulation makes up the rest: ceil(E / micro).
+largest that fits (at most E) and gradient accumulation makes up the rest: ceil(E / micro);
+without one, the accumulation is ``train.gradient_accumulation``. Either way every estimate is
+of the recipe with that accumulation (the training-stack fields of ``train`` pass through).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Iterable
 
-from .errors import InputError, UnknownNameError, suggest
+from .errors import InputError, LoraplanError, UnknownNameError, suggest
 from .spec import Calibration, GpuSpec, LoraSpec, ModelSpec, TrainSpec
 
 #: upper bounds of the binary searches (a search stops at the first size that does not fit)
@@ -227,6 +230,11 @@ def _largest(fits: Callable[[int], bool], lo: int, hi: int) -> int:
     return good
 
 
+#: the recipe fields a suggestion may change (``trainers.recipe_levers``)
+_LEVER_FIELDS = ("gradient_accumulation", "loss", "mixed_precision", "prepare_kbit", "checkpoint_offload",
+                 "attn_implementation", "attention")
+
+
 def _suggestions(ev: _Evaluator, train: TrainSpec, max_seq: int) -> list[Suggestion]:
     base = ev.total(train)
     cands: list[tuple[str, str, TrainSpec]] = []
@@ -238,24 +246,35 @@ def _suggestions(ev: _Evaluator, train: TrainSpec, max_seq: int) -> list[Suggest
     if train.optimizer in ("adamw", "paged_adamw_32bit"):
         cands.append(("paged 8-bit AdamW", "--optimizer paged_adamw_8bit", replace(train, optimizer="paged_adamw_8bit")))
     if train.batch > 1:
-        cands.append((f"micro-batch 1 + gradient accumulation x{train.batch}",
-                      f"--batch 1 (or --effective-batch {train.batch})", replace(train, batch=1)))
+        ga = train.gradient_accumulation * train.batch  # the same sequences per optimizer step
+        cands.append((f"micro-batch 1 + gradient accumulation x{ga}",
+                      f"--batch 1 --gradient-accumulation {ga} (or --effective-batch {ga})",
+                      replace(train, batch=1, gradient_accumulation=ga)))
     if 0 < max_seq < train.seq:
         cands.append((f"shorter sequences ({max_seq} tokens)", f"--seq {max_seq}", replace(train, seq=max_seq)))
     elif max_seq == 0 and train.seq > 128:
         cands.append(("shorter sequences (128 tokens)", "--seq 128", replace(train, seq=128)))
+    from .trainers import recipe_levers
+
+    cands += recipe_levers(train)  # kept only where the estimator says they save memory (total < base)
     out = []
     combined, combined_total, options = train, base, []
     for change, option, t in cands:
-        total = ev.total(t)
+        try:
+            total = ev.total(t)
+        except LoraplanError:  # a change this setup cannot take (e.g. a kernel the GPU lacks): not offered
+            continue
         if total < base:  # a 4-bit base alone can cost more (fp32 stream) without checkpointing
             out.append(Suggestion(change, option, total, base - total, total <= ev.gpu.memory_bytes))
         if not change.startswith("shorter"):
             # greedy combination: apply this change on top of the ones kept so far
             trial = replace(combined, **{f: getattr(t, f) for f in
                                          ("gradient_checkpointing", "quant", "double_quant", "optimizer", "batch",
-                                          "int8_outlier_fraction") if getattr(t, f) != getattr(train, f)})
-            trial_total = ev.total(trial)
+                                          "int8_outlier_fraction", *_LEVER_FIELDS) if getattr(t, f) != getattr(train, f)})
+            try:
+                trial_total = ev.total(trial)
+            except LoraplanError:  # the combination is refused (e.g. fp16 autocast with fp16 adapters)
+                continue
             if trial_total < combined_total:
                 combined, combined_total = trial, trial_total
                 options.append(option.split(" (")[0])
@@ -307,6 +326,10 @@ def plan_job(model: ModelSpec, lora: LoraSpec, train: TrainSpec, gpus: list[GpuS
     if job.effective_batch is not None and fixed_batch and job.effective_batch % train.batch:
         raise InputError(f"--effective-batch {job.effective_batch} is not a multiple of --batch {train.batch}; "
                          f"give one or the other, or make them divisible")
+    if job.effective_batch is not None and train.gradient_accumulation != 1:
+        raise InputError(f"--gradient-accumulation {train.gradient_accumulation} with --effective-batch "
+                         f"{job.effective_batch}: the plan derives the accumulation from the effective batch; "
+                         f"give one of them")
     rows: list[GpuPlan] = []
     notes: list[tuple[str, ...]] = []
     for gpu in gpus:
@@ -317,7 +340,9 @@ def plan_job(model: ModelSpec, lora: LoraSpec, train: TrainSpec, gpus: list[GpuS
         micro = train.batch
         if not fixed_batch and job.effective_batch is not None:
             micro = max(1, min(max_b, job.effective_batch)) if max_b else train.batch
-        t = replace(train, batch=micro)
+        # the accumulation the job runs with (--effective-batch / micro, else --gradient-accumulation)
+        accum = math.ceil(job.effective_batch / micro) if job.effective_batch else train.gradient_accumulation
+        t = replace(train, batch=micro, gradient_accumulation=accum)
         # without a position limit (T5's relative positions) memory alone decides, up to MAX_SEARCH_SEQ
         seq_hi = MAX_SEARCH_SEQ if not model.max_positions else min(
             MAX_SEARCH_SEQ, max(seq, model.max_positions * MAX_SEQ_OVER_POSITIONS))
@@ -329,7 +354,6 @@ def plan_job(model: ModelSpec, lora: LoraSpec, train: TrainSpec, gpus: list[GpuS
         notes.append(tuple(getattr(est.memory, "notes", ())))
         total = int(est.memory.device_total_bytes)
         fits = total <= gpu.memory_bytes
-        accum = math.ceil(job.effective_batch / micro) if job.effective_batch else 1
         te = getattr(est, "time", None) or estimate_step_time(model, lora, t, gpu, cal)
         steps = job.micro_steps(micro, seq)
         hours = steps * te.step_s / 3600.0 if steps is not None else None

@@ -321,7 +321,7 @@ CHECKS: dict[str, Callable[[str, Any], None]] = {
     "attn_implementation": _optional(_choice(ATTN_IMPLEMENTATIONS)),
     "padding": _choice(PADDINGS),
     "lengths": _check_lengths,
-    "loss": _choice(LOSSES),
+    "loss": _optional(_choice(LOSSES)),
     "checkpoint_every_n_layers": _positive_int(" (1: every decoder layer)"),
     "checkpoint_offload": _check_bool,
 }
@@ -437,7 +437,7 @@ class TrainSpec:
     #: token counts of the dataset's rows (or p50, p99, max); the peak follows the worst batch
     lengths: tuple[int, ...] | None = None
     #: "standard" cross-entropy over B·T·V logits; "chunked" or "liger" (fused linear-CE) never hold them
-    loss: Loss = "standard"
+    loss: Loss | None = None
     #: checkpoint every n-th decoder layer (transformers >= 5 ``every_n_layers``)
     checkpoint_every_n_layers: int = 1
     #: hold checkpointed inputs in host memory (transformers >= 5 ``offload``)

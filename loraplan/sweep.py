@@ -12,10 +12,14 @@ formulas and no copy of them here:
   case; a case whose value is invalid (or whose targets the model lacks) becomes a row with
   ``error`` set, as before;
 - cases are grouped by what is not a number (model, targets, quantization, optimizer,
-  checkpointing, attention, GPU, int8 outlier fraction given or not), and each group is one
-  call of the estimator's functions on numpy arrays of its numbers (batch, sequence, target
-  sequence, rank, dropout, outlier fraction): ``memory.moments`` (the ledger),
-  ``params.count_params``, ``time.step_work`` and ``time.step_time``;
+  checkpointing, attention, the recipe's settings (trainer, mixed precision, dtypes, padding,
+  loss, ...), GPU, int8 outlier fraction given or not), and each group is one call of the
+  estimator's functions on numpy arrays of its numbers (batch, sequence, target sequence, rank,
+  dropout, outlier fraction, and the recipe's gradient_accumulation, max_grad_norm and
+  checkpoint_every_n_layers: arrays where they vary within the group, else Python numbers):
+  ``memory.moments`` (the ledger), ``params.count_params``, ``time.step_work`` and
+  ``time.step_time``, with the recipe resolved (``trainers.resolve_recipe``) as ``estimate()``
+  reads it;
 - outputs are written from the columns (pandas for CSV and Parquet).
 
 ``evaluate_each`` (one ``estimate()`` per case) is the reference the vectorized path is tested
@@ -34,13 +38,15 @@ from typing import Any, Callable, Iterable, Iterator
 from .case import grid_option as _as_option
 from .case import CHECK_ORDER
 from .errors import ConfigError, InputError
+from .spec import RECIPE_FIELDS
 
 #: more cases than this need ``--yes`` (or ``confirm=True``)
 MAX_CASES = 100_000
 
-#: keys a grid may hold: the case options plus gpu
+#: keys a grid may hold: the case options, the training stack (``spec.RECIPE_FIELDS``; ``lengths`` is
+#: one value, a length distribution, not an axis: ``case.SINGLE_VALUED``) and gpu
 GRID_KEYS = ("model", "quant", "double_quant", "rank", "alpha", "dropout", "targets", "optimizer", "batch",
-             "seq", "target_seq", "gradient_checkpointing", "attention", "int8_outlier_fraction", "gpu")
+             "seq", "target_seq", "gradient_checkpointing", "attention", "int8_outlier_fraction", *RECIPE_FIELDS, "gpu")
 _ALIASES = {"gc": "gradient_checkpointing", "checkpointing": "gradient_checkpointing", "gpus": "gpu"}
 
 #: output formats by file extension
@@ -53,9 +59,12 @@ COLUMNS = list(GRID_KEYS) + ["trainable_params", "total_params", "peak_allocated
 
 
 def _grid_scalar(x: Any, key: str) -> bool:
-    """A grid value: a string, a finite number or a boolean (targets: also a list of strings)."""
+    """A grid value: a string, a finite number or a boolean (targets: also a list of strings;
+    lengths: token counts, the list being one value)."""
     if key in ("model", "gpu"):
         return isinstance(x, str)
+    if key == "lengths":
+        return (isinstance(x, str) or isinstance(x, int)) and not isinstance(x, bool)
     if isinstance(x, (str, bool)):
         return True
     if isinstance(x, (int, float)):
@@ -413,13 +422,19 @@ class Columns:
         return pd.DataFrame(out, columns=COLUMNS, copy=False)
 
 
+#: the recipe's numbers (arrays in a group, as batch and seq); its other fields group the cases
+_RECIPE_NUMBERS = ("gradient_accumulation", "max_grad_norm", "checkpoint_every_n_layers")
+#: the recipe's other fields: one value per group, written per column after the groups
+_RECIPE_CELLS = tuple(k for k in RECIPE_FIELDS if k not in _RECIPE_NUMBERS)
 #: options resolved once per group (not numbers), and the numbers, in resolve_case's check order
-_STRUCTURAL = ("model", "quant", "double_quant", "targets", "optimizer", "gradient_checkpointing", "attention")
+_STRUCTURAL = ("model", "quant", "double_quant", "targets", "optimizer", "gradient_checkpointing", "attention",
+               *_RECIPE_CELLS)
 _NUMERIC = CHECK_ORDER
-_INT_COLUMNS = ("rank", "batch", "seq", "target_seq", "trainable_params", "total_params", "peak_allocated_bytes",
-                "peak_reserved_bytes", "device_total_bytes", "gpu_memory_bytes", "headroom_bytes")
-_FLOAT_COLUMNS = ("alpha", "dropout", "int8_outlier_fraction", "step_s", "tokens_per_s")
-_BOOL_COLUMNS = ("double_quant", "gradient_checkpointing", "fits")
+_INT_COLUMNS = ("rank", "batch", "seq", "target_seq", "gradient_accumulation", "checkpoint_every_n_layers",
+                "trainable_params", "total_params", "peak_allocated_bytes", "peak_reserved_bytes", "device_total_bytes",
+                "gpu_memory_bytes", "headroom_bytes")
+_FLOAT_COLUMNS = ("alpha", "dropout", "int8_outlier_fraction", "max_grad_norm", "step_s", "tokens_per_s")
+_BOOL_COLUMNS = ("double_quant", "gradient_checkpointing", "prepare_kbit", "reentrant", "checkpoint_offload", "fits")
 _PY_TYPE = {"i": int, "f": float, "b": bool}
 
 
@@ -525,6 +540,10 @@ def evaluate_table(table: CaseTable, on_progress: Callable[[int], None] | None =
     ts_v, frac_v = num("target_seq", np.int64), num("int8_outlier_fraction", np.float64)
     alpha_none, ts_none, frac_none = none_flag("alpha"), none_flag("target_seq"), none_flag("int8_outlier_fraction")
     alpha_def = np.asarray(alpha_default, dtype=np.float64)
+    # the recipe's numbers per level; max_grad_norm None (the trainer's default) is filled per group
+    recipe_v = {"gradient_accumulation": num("gradient_accumulation", np.int64, 1),
+                "checkpoint_every_n_layers": num("checkpoint_every_n_layers", np.int64, 1),
+                "max_grad_norm": num("max_grad_norm", np.float64), "max_grad_norm_none": none_flag("max_grad_norm")}
 
     # ---- output columns ----
     data: dict[str, Any] = {}
@@ -545,7 +564,7 @@ def evaluate_table(table: CaseTable, on_progress: Callable[[int], None] | None =
     if len(valid):
         key = np.zeros(len(valid), dtype=np.int64)
         span = 1
-        parts = [(C[k][valid], len(L[k])) for k in _STRUCTURAL + ("gpu",)]
+        parts = [(C[k][valid], len(L[k])) for k in _STRUCTURAL + ("gpu",) if len(L[k]) > 1]  # one level: code 0
         parts.append((frac_none[C["int8_outlier_fraction"][valid]].astype(np.int64), 2))
         for codes, size in parts:
             if span * size > 1 << 40:
@@ -559,6 +578,8 @@ def evaluate_table(table: CaseTable, on_progress: Callable[[int], None] | None =
         starts = np.concatenate(([0], bounds))
         ends = np.concatenate((bounds, [len(order)]))
         probes: dict[tuple, Any] = {}
+        probe_list: list[_Group] = []
+        probe_of = np.full(n, -1, dtype=np.int64)  # per case: its group's probe (the recipe cells come from it)
         for a, b_ in zip(starts.tolist(), ends.tolist()):
             idx = valid[order[a:b_]]
             i0 = int(idx[0])
@@ -572,18 +593,28 @@ def evaluate_table(table: CaseTable, on_progress: Callable[[int], None] | None =
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore")
                         probe = _Group(*_resolve(case, models[skey[0]]))
+                    probe.index = len(probe_list)
+                    probe_list.append(probe)
                 except LoraplanError as e:
                     probe = msg(e)
                 probes[skey] = probe
             if isinstance(probe, int):
                 err[idx] = probe
             else:
+                probe_of[idx] = probe.index
                 _evaluate_group(probe, idx, C, gpus[int(C["gpu"][i0])], data, none,
                                 rank_v, batch_v, seq_v, dropout_v, alpha_v, alpha_none, alpha_def,
-                                ts_v, ts_none, frac_v)
+                                ts_v, ts_none, frac_v, recipe_v)
             done += len(idx)
             if on_progress is not None:
                 on_progress(done)
+        # the recipe's settings other than its numbers: one take per column over all groups
+        rows_ok = np.flatnonzero(probe_of >= 0)
+        if len(rows_ok):
+            for k in _RECIPE_CELLS:
+                cells = [p.recipe[k] for p in probe_list]
+                vals = _obj_array(cells) if data[k].dtype == object else np.asarray(cells, dtype=data[k].dtype)
+                data[k][rows_ok] = vals[probe_of[rows_ok]]
 
     # ---- error rows: the case's own values, nothing else ----
     masks: dict[str, Any] = dict(none)
@@ -613,8 +644,11 @@ class _Group:
     def __init__(self, model, lora, train):
         from .estimate.weights import structure
         from .targets import select_expert_targets, select_targets
+        from .trainers import resolve_recipe
 
         self.model, self.lora, self.train = model, lora, train
+        self.resolved = resolve_recipe(train)  # the trainer's defaults filled in, as estimate() reads them
+        self.recipe = recipe_columns(self.resolved)  # the group's recipe cells (its numbers come per case)
         self.adapted = select_targets(model, lora.targets) + select_expert_targets(model, lora.targets, lora.dropout)
         self.structure = structure(model, self.adapted, train.quant, train.double_quant)
         self.targets = ",".join(lora.targets)
@@ -623,9 +657,32 @@ class _Group:
         self.params = None  # parameter counts per rank level (count_params on an array of ranks)
 
 
+def _recipe_numbers(p: "_Group", idx, C, recipe_v) -> dict[str, Any]:
+    """The group's recipe numbers (gradient_accumulation, max_grad_norm, checkpoint_every_n_layers):
+    a numpy array per field, or one Python number where every case of the group has the same
+    value; max_grad_norm left unset is the group's trainer default (``resolve_recipe``)."""
+    import numpy as np
+
+    out: dict[str, Any] = {}
+    for k in _RECIPE_NUMBERS:
+        if len(recipe_v[k]) == 1:  # one value in the whole sweep (the usual case): no per-case arrays
+            none = k == "max_grad_norm" and recipe_v["max_grad_norm_none"][0]
+            out[k] = p.resolved.max_grad_norm if none else recipe_v[k].item(0)
+            continue
+        codes = C[k][idx]
+        v = recipe_v[k][codes]
+        if k == "max_grad_norm":
+            v = np.where(recipe_v["max_grad_norm_none"][codes], p.resolved.max_grad_norm, v)
+        out[k] = v.item(0) if (v == v[0]).all() else v
+    return out
+
+
 def _evaluate_group(p: _Group, idx, C, gpu_entry, data, none, rank_v, batch_v, seq_v, dropout_v, alpha_v,
-                    alpha_none, alpha_def, ts_v, ts_none, frac_v) -> None:
-    """Evaluate one group (``idx``: its case positions) on arrays and fill the output columns."""
+                    alpha_none, alpha_def, ts_v, ts_none, frac_v, recipe_v) -> None:
+    """Evaluate one group (``idx``: its case positions) on arrays and fill the output columns.
+
+    The estimator's functions get the resolved recipe (``trainers.resolve_recipe``), its numbers
+    as arrays where they vary within the group, as they get batch and seq."""
     from dataclasses import replace
 
     import numpy as np
@@ -650,7 +707,8 @@ def _evaluate_group(p: _Group, idx, C, gpu_entry, data, none, rank_v, batch_v, s
         ts = None
     frac = frac_v[C["int8_outlier_fraction"][idx]] if p.train.int8_outlier_fraction is not None else None
     lora = replace(p.lora, rank=r, alpha=alpha, dropout=d)
-    train = replace(p.train, batch=b, seq=s, target_seq=ts, int8_outlier_fraction=frac)
+    train = replace(p.resolved, batch=b, seq=s, target_seq=ts, int8_outlier_fraction=frac,
+                    **_recipe_numbers(p, idx, C, recipe_v))
 
     # step time and parameter counts: the scalar functions, on arrays
     t = step_time(step_work(p.model, lora, train), gpu, coef)
@@ -666,7 +724,7 @@ def _evaluate_group(p: _Group, idx, C, gpu_entry, data, none, rank_v, batch_v, s
     for v in seqs.tolist():
         kk = (v, cc)
         if kk not in p.kinds:
-            p.kinds[kk] = choose_attention(p.model, replace(p.train, seq=v), cc)
+            p.kinds[kk] = choose_attention(p.model, replace(p.resolved, seq=v), cc)
         kinds.append(p.kinds[kk])
     peak = np.empty(len(idx), dtype=np.int64)
     reserved = np.empty(len(idx), dtype=np.int64)
@@ -684,25 +742,42 @@ def _evaluate_group(p: _Group, idx, C, gpu_entry, data, none, rank_v, batch_v, s
         ms = moments(p.structure, tr, kind, x, gpu, cal)
         peak[sel], moment[sel], reserved[sel], device[sel] = _memory_totals(p.structure, tr, x, ms, cal)
 
-    row = case_row(p.model, lora, train, gpu, trainable, total, peak, reserved, device, moment, t)
+    nums = {k: getattr(train, k) for k in _RECIPE_NUMBERS}  # the other recipe cells: evaluate_table, per column
+    row = case_row(p.model, lora, train, gpu, trainable, total, peak, reserved, device, moment, t, recipe=nums)
     for c, v in row.items():
         if v is None:
-            none[c][idx] = True
+            if c in none:  # a typed column's None is a mask; an object column holds None already
+                none[c][idx] = True
         else:
             data[c][idx] = v
 
 
-def case_row(model, lora, train, gpu, trainable, total, peak, reserved, device, moment, t) -> dict[str, Any]:
+def recipe_columns(resolved) -> dict[str, Any]:
+    """The recipe cells of a row from a resolved TrainSpec (``lengths`` as a comma string)."""
+    recipe = {k: getattr(resolved, k) for k in RECIPE_FIELDS}
+    recipe["lengths"] = None if resolved.lengths is None else ",".join(str(n) for n in resolved.lengths)
+    return recipe
+
+
+def case_row(model, lora, train, gpu, trainable, total, peak, reserved, device, moment, t,
+             recipe: dict[str, Any] | None = None) -> dict[str, Any]:
     """The one row schema (COLUMNS but ``error``) of an evaluated case, from the resolved specs,
     parameter counts, memory totals and TimeEstimate ``t``. Values are numbers for one case
     (``evaluate_each``) or numpy arrays for a group (``evaluate_table``); None marks a cell
-    that does not apply (target_seq of a decoder-only model, an int8 fraction not given)."""
+    that does not apply (target_seq of a decoder-only model, an int8 fraction not given). The
+    recipe columns hold the resolved recipe (the trainer's defaults filled in), as the
+    estimate's ``inputs`` do: ``recipe`` (``recipe_columns``) when the caller has them, else
+    from ``resolve_recipe(train)``."""
+    if recipe is None:
+        from .trainers import resolve_recipe
+
+        recipe = recipe_columns(resolve_recipe(train))
     return dict(
         model=model.name, quant=train.quant, double_quant=train.double_quant, rank=lora.rank,
         alpha=lora.alpha, dropout=lora.dropout, targets=",".join(lora.targets), optimizer=train.optimizer,
         batch=train.batch, seq=train.seq, target_seq=train.target_seq,
         gradient_checkpointing=train.gradient_checkpointing, attention=train.attention,
-        int8_outlier_fraction=train.int8_outlier_fraction, gpu=gpu.id,
+        int8_outlier_fraction=train.int8_outlier_fraction, **recipe, gpu=gpu.id,
         trainable_params=trainable, total_params=total, peak_allocated_bytes=peak, peak_reserved_bytes=reserved,
         device_total_bytes=device, peak_moment=moment, gpu_memory_bytes=gpu.memory_bytes,
         fits=device <= gpu.memory_bytes, headroom_bytes=gpu.memory_bytes - device,
@@ -911,9 +986,14 @@ def _text_lines(cols: Columns, fmt: str, rows: slice):
     js = fmt == "jsonl"
     parts = []
     for j, name in enumerate(COLUMNS):
-        tok = _tokens(cols.data[name][rows], fmt)
         m = cols.masks.get(name)
-        if m is not None and m[rows].any():
+        masked = m is not None and m[rows].any()
+        const = None if masked else _constant_cell(cols.data[name][rows], js)
+        if const is not None:  # one value in every row (e.g. a recipe setting): a scalar, no per-row tokens
+            tok = S(const)
+        else:
+            tok = _tokens(cols.data[name][rows], fmt)
+        if masked:
             tok = pc.if_else(pa.array(m[rows]), S("null" if js else ""), tok)
         # the line's start and end go on its first and last cell (small arrays, not whole lines)
         head = ("{" if js and j == 0 else "") + (json.dumps(name) + ": " if js else "")
@@ -922,11 +1002,34 @@ def _text_lines(cols: Columns, fmt: str, rows: slice):
             tok = pc.binary_join_element_wise(S(head), tok, S(tail), S(""))
         parts.append(tok)
     lines = pc.binary_join_element_wise(*parts, S(", " if js else ","))
+    if isinstance(lines, pa.Scalar):  # every column constant: one line, repeated
+        n = len(cols.data[COLUMNS[0]][rows])
+        lines = pa.array([lines.as_py()] * n, pa.large_string())
     if not len(lines):
         return b""
     _, off, data = lines.buffers()
     off = np.frombuffer(off, dtype=np.int64)[lines.offset:lines.offset + len(lines) + 1]
     return memoryview(data)[int(off[0]):int(off[-1])]
+
+
+def _constant_cell(a, js: bool) -> str | None:
+    """The cell text when every value of column ``a`` is the same (as ``_tokens`` writes it), else None."""
+    import numpy as np
+
+    if not len(a):
+        return None
+    v = a[0]
+    if a.dtype == object:
+        if not (v is None or type(v) is str) or not (a == v).all():  # a str equals only equal strs
+            return None
+        return _cell(v, js)
+    if not (a == v).all() or (a.dtype.kind == "f" and not np.isfinite(v)):
+        return None
+    if a.dtype == bool:
+        return ("true" if v else "false") if js else ("True" if v else "False")
+    if a.dtype.kind == "f":
+        return str(np.asarray([v]).astype(str)[0])  # the float text _tokens writes (Python's repr)
+    return str(int(v))
 
 
 def _tokens(a, fmt: str):

@@ -45,20 +45,59 @@ def source_of(trainer: str, key: str) -> str:
     return trainers_data()["trainers"][trainer]["sources"][key]
 
 
+#: how each trainer is named in messages, and the option that picks it
+_TRAINER_NAMES = {"loop": "a plain loop (--trainer loop)", "hf": "transformers.Trainer (--trainer hf)",
+                  "trl": "trl.SFTTrainer (--trainer trl)"}
+
+
+def options_of(trainer: str, key: str) -> tuple | None:
+    """The values ``key`` can take with ``trainer`` (trainers.json 'options'); None: every value."""
+    v = trainers_data()["trainers"][trainer].get("options", {}).get(key)
+    return None if v is None else tuple(v)
+
+
+def check_options(train: TrainSpec) -> None:
+    """InputError (one line: the value, why the trainer lacks it, the fix) when a resolved recipe
+    setting is one its trainer does not have (trainers.json 'options', sources in 'option_sources'),
+    or the trainer does not train encoder-decoder models ('encoder_decoder': false; an
+    encoder-decoder case is one with ``target_seq``, which ``case.resolve_case`` sets only for them)."""
+    t = train.trainer
+    entry = trainers_data()["trainers"][t]
+    if train.target_seq is not None and not entry.get("encoder_decoder", True):  # resolve_case: enc-dec only
+        why = entry["encoder_decoder_source"].split(":")[0]
+        raise InputError(f"--trainer {t}: {_TRAINER_NAMES[t].split(' (')[0]} does not train encoder-decoder models "
+                         f"({why}); use --trainer hf (Seq2SeqTrainer) or --trainer loop")
+    for key, allowed in entry.get("options", {}).items():
+        v = getattr(train, key)
+        if v is None or v in allowed:
+            continue
+        others = [o for o in trainers_data()["trainers"] if o != t and (options_of(o, key) is None or v in options_of(o, key))]
+        opt = "--" + key.replace("_", "-")
+        why = source_of_option(t, key).split(";")[0]
+        raise InputError(f"{opt} {v} is not available with {_TRAINER_NAMES[t]}: {why}; use {opt} "
+                         f"{' or '.join(allowed)}" + (f", or --trainer {' or '.join(others)}" if others else ""))
+
+
+def source_of_option(trainer: str, key: str) -> str:
+    """Why ``trainer`` has only the values trainers.json lists for ``key`` (the library source)."""
+    return trainers_data()["trainers"][trainer].get("option_sources", {}).get(key, "loraplan/data/trainers.json")
+
+
 def resolve_recipe(train: TrainSpec) -> TrainSpec:
     """``train`` with every None training-stack field replaced by its trainer's default.
 
     A bf16/fp16/fp32 base loads in that dtype, so ``load_dtype`` is ``quant`` there (a different
     explicit ``load_dtype`` raises InputError). ``compute_dtype`` is only read for 4-bit bases.
-    Raises InputError (one line: the value and the fix) for settings the libraries refuse:
-    fp16 mixed precision with fp16 trainable adapters (GradScaler cannot unscale fp16 grads;
+    Raises InputError (one line: the value and the fix) for settings the libraries refuse: a
+    setting its trainer does not have (``check_options``: e.g. ``--loss chunked`` with
+    transformers.Trainer), fp16 mixed precision with fp16 trainable adapters (GradScaler cannot unscale fp16 grads;
     torch/amp/grad_scaler.py::GradScaler._unscale_grads_).
     """
     q = is_quantized(train.quant)
     t = train.trainer
     changes: dict[str, Any] = {}
     for key in ("mixed_precision", "load_dtype", "prepare_kbit", "compute_dtype", "adapter_dtype",
-                "max_grad_norm", "reentrant", "attn_implementation"):
+                "max_grad_norm", "reentrant", "attn_implementation", "loss"):
         if getattr(train, key) is None:
             changes[key] = default_of(t, key, q, train.stack)
     if not q:
@@ -76,6 +115,7 @@ def resolve_recipe(train: TrainSpec) -> TrainSpec:
         raise InputError(f"--attention {train.attention} picks an sdpa kernel, but --attn-implementation is "
                          f"{train.attn_implementation}; drop --attention or use --attn-implementation sdpa")
     out = replace(train, **changes)
+    check_options(out)
     if out.mixed_precision == "fp16" and out.adapter_dtype == "fp16":
         raise InputError("--mixed-precision fp16 with --adapter-dtype fp16: GradScaler cannot unscale fp16 "
                          "gradients ('Attempting to unscale FP16 gradients'); use --adapter-dtype fp32")
@@ -112,3 +152,69 @@ def check_gpu_dtypes(train: TrainSpec, gpu) -> None:
         if value == "bf16":
             raise InputError(f"{flag} bf16 on {gpu.id} (compute capability {cc} < 8.0, no bf16 tensor cores): "
                              f"use {flag} fp16" + (" (adds a GradScaler)" if flag == "--mixed-precision" else ""))
+
+
+def _lengths_text(lengths) -> str:
+    if len(lengths) <= 4:
+        return ",".join(str(n) for n in lengths)
+    return f"{len(lengths)} rows, longest {max(lengths)}"
+
+
+def recipe_summary(inputs: dict) -> str:
+    """The resolved recipe as one line, from an estimate's ``inputs`` (``spec.run_inputs``):
+    trainer, mixed precision, dtypes, accumulation, clipping, checkpointing variant, attention,
+    padding and loss, so a reader sees what the numbers assumed. The dtype of 4-bit compute
+    and prepare_kbit are named only for quantized bases (the only ones they apply to)."""
+    d = inputs
+    mp = d["mixed_precision"]
+    parts = [f"trainer {d['trainer']}", "autocast " + ("off" if mp == "no" else mp) + (" + GradScaler" if mp == "fp16" else ""),
+             f"load {d['load_dtype']}"]
+    if d["quant"] in ("nf4", "fp4"):
+        parts.append(f"compute {d['compute_dtype']}")
+    if is_quantized(d["quant"]):
+        parts.append("prepare_kbit " + ("on" if d["prepare_kbit"] else "off"))
+    parts.append(f"adapters {d['adapter_dtype']}")
+    parts.append(f"accumulation x{d['gradient_accumulation']}")
+    parts.append("clipping " + (f"at {d['max_grad_norm']:g}" if d["max_grad_norm"] else "off"))
+    if d.get("gradient_checkpointing"):
+        ck = "reentrant" if d["reentrant"] else "non-reentrant"
+        n = d["checkpoint_every_n_layers"]
+        ck += f" every {n} layers" if n > 1 else ""
+        ck += ", offloaded" if d["checkpoint_offload"] else ""
+        parts.append(f"checkpointing {ck}")
+    parts.append(f"attention {d['attn_implementation']}")
+    pad = d["padding"] + (f" (lengths {_lengths_text(d['lengths'])})" if d.get("lengths") else "")
+    parts.append(f"padding {pad}")
+    parts.append(f"loss {d['loss']}")
+    return ", ".join(parts)
+
+
+def recipe_levers(train: TrainSpec) -> list[tuple[str, str, TrainSpec]]:
+    """(change, option, train') for each recipe change that may lower memory and that the trainer
+    has (a chunked or fused loss, bf16 autocast, no prepare_model_for_kbit_training, offloaded
+    checkpoints, FlashAttention-2). Only candidates: callers re-estimate each and keep those the
+    estimator says save memory (``loraplan.explain``, ``loraplan.plan``); nothing here is a number."""
+    r = resolve_recipe(train)
+    cands: list[tuple[str, str, TrainSpec]] = []
+    if r.loss == "standard":
+        cands += [("chunked cross-entropy (no B·T·V logits)", "--loss chunked", replace(train, loss="chunked")),
+                  ("Liger fused linear cross-entropy", "--loss liger", replace(train, loss="liger"))]
+    if r.mixed_precision == "no":
+        cands.append(("bf16 autocast", "--mixed-precision bf16", replace(train, mixed_precision="bf16")))
+    if is_quantized(train.quant) and r.prepare_kbit:
+        cands.append(("without prepare_model_for_kbit_training (no fp32 upcast)", "--no-prepare-kbit",
+                      replace(train, prepare_kbit=False)))
+    if train.gradient_checkpointing and not r.checkpoint_offload:
+        cands.append(("checkpointed inputs in host memory", "--checkpoint-offload",
+                      replace(train, checkpoint_offload=True)))
+    if r.attn_implementation != "flash_attention_2":
+        cands.append(("FlashAttention-2", "--attn-implementation flash_attention_2",
+                      replace(train, attn_implementation="flash_attention_2", attention="auto")))
+    out = []
+    for change, option, t in cands:
+        try:
+            resolve_recipe(t)
+        except InputError:  # the trainer lacks it (trainers.json 'options') or the libraries refuse it
+            continue
+        out.append((change, option, t))
+    return out

@@ -280,3 +280,72 @@ def test_sweep_speed_floor():
     cols = evaluate_table(table)
     dt = time.perf_counter() - t0
     assert len(cols) == 36_864 and dt < 1.0, dt
+
+
+#: the training stack as axes (issue 11): categorical recipe values split the groups, the recipe's
+#: numbers vary inside them (arrays), unset ones resolve per trainer; trainer/loss pairs the
+#: trainer lacks are error rows
+RECIPE = [
+    {"model": ["qwen2.5-0.5b", "flan-t5-base"], "quant": ["nf4", "bf16"], "seq": [256, 1024], "batch": [1, 2],
+     "trainer": ["loop", "hf", "trl"], "mixed_precision": ["no", "bf16"], "max_grad_norm": [0, 1.0],
+     "gradient_accumulation": [1, 4], "loss": ["standard", "chunked"], "gpu": ["t4-16gb", "h100-sxm-80gb"]},
+    {"model": "qwen2.5-0.5b", "trainer": ["hf", "trl"], "checkpoint_every_n_layers": [1, 2], "reentrant": [True, False],
+     "checkpoint_offload": [True, False], "padding": ["longest", "packing"], "lengths": [100, 300, 900],
+     "attn_implementation": ["sdpa", "eager"], "adapter_dtype": ["bf16", "fp32"], "compute_dtype": "fp16",
+     "load_dtype": ["bf16", "fp32"], "prepare_kbit": [True, False], "gpu": "a100-sxm-80gb"},
+]
+
+
+def test_vectorized_rows_equal_per_case_estimate_with_recipe():
+    from loraplan.sweep import evaluate_each, evaluate_table, expand_cases
+
+    table = expand_cases({}, RECIPE)
+    new = list(evaluate_table(table).rows())
+    _same_rows(new, list(evaluate_each(table)))
+    errors = {r["error"] for r in new if r["error"]}
+    assert len(errors) == 3 and sum("--loss" in e for e in errors) == 2  # and trl with flan-t5 (encoder-decoder)
+    assert any("encoder-decoder" in e for e in errors)
+    ok = [r for r in new if not r["error"]]
+    assert {r["max_grad_norm"] for r in ok} == {0.0, 1.0} and {r["loss"] for r in ok} == {"standard", "chunked"}
+    assert {r["lengths"] for r in ok} == {None, "100,300,900"}
+
+
+RAW_RECIPE = [
+    {"model": "qwen2.5-0.5b", "trainer": "hf", "loss": "chunked", "rank": -1, "gpu": "l4-24gb"},
+    {"model": "qwen2.5-0.5b", "trainer": "hf", "loss": "chunked", "gpu": "l4-24gb"},
+    {"model": "qwen2.5-0.5b", "trainer": "hf", "loss": "chunked", "targets": "nonexistent_proj", "gpu": "l4-24gb"},
+    {"model": "qwen2.5-0.5b", "gradient_accumulation": 0, "targets": "nonexistent_proj", "gpu": "l4-24gb"},
+    {"model": "qwen2.5-0.5b", "gradient_accumulation": "x", "max_grad_norm": -1, "gpu": "l4-24gb"},
+    {"model": "qwen2.5-0.5b", "max_grad_norm": "nan", "gpu": "l4-24gb"},
+    {"model": "qwen2.5-0.5b", "trainer": "trl", "lengths": "5,0", "gpu": "l4-24gb"},
+    {"model": "qwen2.5-0.5b", "quant": "bf16", "load_dtype": "fp32", "gpu": "l4-24gb"},
+    {"model": "qwen2.5-0.5b", "mixed_precision": "fp16", "adapter_dtype": "fp16", "gpu": "l4-24gb"},
+    {"model": "qwen2.5-0.5b", "trainer": "trl", "max_grad_norm": None, "gradient_accumulation": "3", "gpu": "l4-24gb"},
+]
+
+
+def test_raw_recipe_cases_and_error_precedence():
+    """Recipe values in raw case dicts: the same rows and the same first error as case by case."""
+    from loraplan.sweep import evaluate_each
+
+    new = list(evaluate(RAW_RECIPE))
+    _same_rows(new, list(evaluate_each(RAW_RECIPE)))
+    assert [r["error"] is None for r in new] == [False] * 9 + [True]
+    assert "--rank" in new[0]["error"] and "--loss chunked" in new[1]["error"]
+    assert "--gradient-accumulation 0" in new[3]["error"] and "--gradient-accumulation 'x'" in new[4]["error"]
+    assert (new[9]["max_grad_norm"], new[9]["gradient_accumulation"]) == (1.0, 3)
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_writers_match_for_constant_columns(tmp_path, fmt):
+    """Columns with one value in every row (the recipe's, or every column of a one-case sweep)
+    are written as scalars: still byte for byte what the row writers write."""
+    pytest.importorskip("pyarrow")
+    from loraplan.sweep import evaluate_table, expand_cases, write_columns, write_rows
+
+    for grid in ({"model": "qwen2.5-0.5b", "gpu": "l4-24gb"},
+                 {"model": "qwen2.5-0.5b", "trainer": "hf", "max_grad_norm": "0.3", "seq": "256,512", "gpu": "l4-24gb"}):
+        cols = evaluate_table(expand_cases(grid))
+        write_columns(cols, tmp_path / f"new.{fmt}", fmt)
+        write_rows(list(cols.rows()), tmp_path / f"old.{fmt}", fmt)
+        assert (tmp_path / f"new.{fmt}").read_bytes() == (tmp_path / f"old.{fmt}").read_bytes()

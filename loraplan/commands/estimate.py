@@ -28,12 +28,21 @@ def estimate_command(method, calibration_file, fmt, explain_, **opts):
 
     \b
     What is predicted: torch.cuda.max_memory_allocated() over a short training burst of
-    the plain transformers + peft + bitsandbytes loop of loraplan/data/h100-protocol.md
-    (from_pretrained in bf16 + BitsAndBytesConfig, sdpa attention, use_cache=False,
-    prepare_model_for_kbit_training for quantized bases, non-reentrant gradient
-    checkpointing, get_peft_model, the chosen optimizer, loss = model(ids, labels=ids).loss).
+    the step --trainer runs:
+      loop (default): the plain transformers + peft + bitsandbytes loop of
+        loraplan/data/h100-protocol.md (from_pretrained in bf16 + BitsAndBytesConfig, sdpa,
+        use_cache=False, prepare_model_for_kbit_training for quantized bases, non-reentrant
+        gradient checkpointing, get_peft_model, loss = model(ids, labels=ids).loss, no
+        autocast, no clipping);
+      hf: transformers.Trainer with TrainingArguments' defaults (max_grad_norm 1.0,
+        bnb_4bit_compute_dtype fp32, the version's use_reentrant);
+      trl: trl.SFTTrainer with SFTConfig's defaults (bf16 autocast, bf16 adapters on a
+        quantized base, the fused chunked LM-head loss).
+    A recipe option left unset (--mixed-precision, --adapter-dtype, --max-grad-norm, --loss,
+    ...) takes the trainer's default (loraplan/data/trainers.json, with sources); the table's
+    'recipe' line shows every resolved value. A setting the trainer does not have (e.g.
+    --loss chunked with --trainer hf) is refused.
     Peak reserved and device total (NVML 'used', with the CUDA context) are derived from it.
-    HF Trainer / TRL, other attention kernels or library versions change the figure.
     """
     from ..catalog import load_calibration, load_gpu
     from ..estimate.api import estimate
@@ -104,6 +113,10 @@ def _print_table(d: dict, labels: dict[str, str] | None = None) -> None:
     con = console()
     inp, mem, p = d["inputs"], d["memory"], d["params"]
     print_header(con, inp, d["method"])
+    if "trainer" in inp:
+        from ..trainers import recipe_summary
+
+        con.print("recipe " + escape(recipe_summary(inp)))
     con.print(f"trainable params {p['trainable']:,} of {p['total']:,} ({p['trainable_percent']:.4f}%)")
     if inp.get("stack"):
         con.print("stack " + ", ".join(f"{k} {v}" for k, v in inp["stack"].items()))

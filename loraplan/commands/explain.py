@@ -20,7 +20,8 @@ def explain_command(calibration_file, fmt, **opts):
 
     \b
     Each lever (gradient checkpointing, half the batch or sequence, another optimizer or
-    quantization, a valid attention kernel, fewer targets, a smaller rank, dropout 0) is
+    quantization, a valid attention kernel, fewer targets, a smaller rank, dropout 0, and the
+    recipe changes the --trainer has, e.g. --loss chunked or --mixed-precision bf16) is
     re-estimated; its saving is the difference of the two device totals, ranked, with its
     fit verdict on --gpu.
     Example: loraplan explain --model llama-3-8b --seq 4096 --no-gradient-checkpointing --gpu rtx4090-24gb

@@ -117,6 +117,10 @@ def _print_table(d: dict) -> None:
     con.print(f"[bold]{escape(inp['model'])}[/]  {q}  LoRA r={inp['rank']} targets={escape(','.join(inp['targets']))}")
     con.print(f"optimizer {inp['optimizer']}  batch {inp['batch']} x seq {inp['seq']}  checkpointing "
               f"{'on' if inp['gradient_checkpointing'] else 'off'}")
+    if "trainer" in inp:
+        from ..trainers import recipe_summary
+
+        con.print("recipe " + escape(recipe_summary(inp)))
     if sized:
         size_txt = (f"{job['tokens']:,} tokens" if job["tokens"] is not None else f"{job['examples']:,} examples")
         con.print(f"job: {size_txt} x {job['epochs']:g} epochs"

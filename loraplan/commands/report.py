@@ -45,9 +45,9 @@ def compare_command(grid_file, tokens, calibration_file, out, name, **opts):
     ensure_writable(out, name)
     gpu_opt = opts.pop("gpu", None)
     if grid_file:
-        from ..profile.grid import load_grid_file
+        from ..sweep import GRID_KEYS, load_grid
 
-        grids = load_grid_file(grid_file)
+        grids = load_grid(grid_file, tuple(k for k in GRID_KEYS if k != "gpu"))  # the case options and the recipe
         given = {k: v for k, v in opts.items() if v not in (None, ())}
         cases = []
         for g in grids:

@@ -29,8 +29,11 @@ def sweep_command(grid_file, out, fmt, yes, quiet, **opts):
     \b
     Example: loraplan sweep --model llama-2-7b,llama-3-8b --quant nf4,bf16 --rank 8:64:x2 \\
              --seq 512:4096:x2 --batch 1,2,4 --gpu l4-24gb,a100-sxm-80gb --out grid.parquet
-    Rows hold the inputs, parameter counts, peak allocated / reserved / device-total bytes, fit
-    verdict and headroom, and step time; a case that cannot be estimated gets its error in 'error'.
+    Every case option is an axis, the training-stack ones too (--trainer loop,hf,trl
+    --mixed-precision no,bf16 --gradient-accumulation 1,4 ...; --lengths is one distribution).
+    Rows hold the inputs (the recipe as resolved: unset settings are the trainer's defaults),
+    parameter counts, peak allocated / reserved / device-total bytes, fit verdict and headroom,
+    and step time; a case that cannot be estimated gets its error in 'error'.
     """
     from ..errors import InputError
     from ..sweep import (MAX_CASES, check_out_path, count_cases, evaluate_table, expand_cases, failed_cases, load_grid,

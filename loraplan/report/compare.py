@@ -51,7 +51,9 @@ def configs_from_cases(cases: list[dict]) -> tuple[list[Config], list[str]]:
 
 
 def _short(k: str) -> str:
-    return {"gradient_checkpointing": "gc", "double_quant": "dq", "optimizer": "opt"}.get(k, k)
+    return {"gradient_checkpointing": "gc", "double_quant": "dq", "optimizer": "opt", "mixed_precision": "mp",
+            "gradient_accumulation": "ga", "max_grad_norm": "clip", "attn_implementation": "attn",
+            "checkpoint_every_n_layers": "ckpt_every", "checkpoint_offload": "offload"}.get(k, k)
 
 
 def compare_document(configs: list[Config], gpus: list[GpuSpec], calibration_for, tokens: float,
@@ -61,6 +63,7 @@ def compare_document(configs: list[Config], gpus: list[GpuSpec], calibration_for
     import pandas as pd
 
     from ..estimate.api import estimate
+    from ..trainers import recipe_summary
 
     if not configs:
         raise InputError("the grid is empty: no configuration to compare")
@@ -88,6 +91,7 @@ def compare_document(configs: list[Config], gpus: list[GpuSpec], calibration_for
             "LoRA rank / alpha": f"{lo.rank} / {lo.alpha:g}", "targets": ",".join(lo.targets),
             "optimizer": t.optimizer, "batch x seq": f"{t.batch} x {t.seq}",
             "gradient checkpointing": "on" if t.gradient_checkpointing else "off",
+            "recipe": recipe_summary(e.inputs),
             "trainable params": f"{e.params.trainable:,}",
             "peak moment": e.memory.peak_moment,
             "peak allocated (GiB)": f"{e.memory.peak_allocated_bytes / GiB:.2f}",
