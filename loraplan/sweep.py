@@ -682,7 +682,7 @@ def _evaluate_group(p: _Group, idx, C, gpu_entry, data, none, rank_v, batch_v, s
     """Evaluate one group (``idx``: its case positions) on arrays and fill the output columns.
 
     The estimator's functions get the resolved recipe (``trainers.resolve_recipe``), its numbers
-    as arrays where they vary within the group, as they get batch and seq."""
+    as Python numbers (a group whose cases differ in them is split: the step structure branches on them)."""
     from dataclasses import replace
 
     import numpy as np
@@ -706,9 +706,20 @@ def _evaluate_group(p: _Group, idx, C, gpu_entry, data, none, rank_v, batch_v, s
     else:
         ts = None
     frac = frac_v[C["int8_outlier_fraction"][idx]] if p.train.int8_outlier_fraction is not None else None
+    nums = _recipe_numbers(p, idx, C, recipe_v)
+    varying = [k for k, v in nums.items() if isinstance(v, np.ndarray)]
+    if varying:
+        # the step structure (estimate/steps.py) branches on these numbers: one sub-group per
+        # combination of them, each evaluated with Python numbers
+        combos = np.stack([nums[k] for k in varying], axis=1)
+        _, which = np.unique(combos, axis=0, return_inverse=True)
+        which = which.reshape(-1)
+        for j in range(int(which.max()) + 1):
+            _evaluate_group(p, idx[which == j], C, gpu_entry, data, none, rank_v, batch_v, seq_v, dropout_v, alpha_v,
+                            alpha_none, alpha_def, ts_v, ts_none, frac_v, recipe_v)
+        return
     lora = replace(p.lora, rank=r, alpha=alpha, dropout=d)
-    train = replace(p.resolved, batch=b, seq=s, target_seq=ts, int8_outlier_fraction=frac,
-                    **_recipe_numbers(p, idx, C, recipe_v))
+    train = replace(p.resolved, batch=b, seq=s, target_seq=ts, int8_outlier_fraction=frac, **nums)
 
     # step time and parameter counts: the scalar functions, on arrays
     t = step_time(step_work(p.model, lora, train), gpu, coef)
