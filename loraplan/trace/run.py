@@ -184,7 +184,7 @@ def trace_step(model_config: dict, lora: LoraSpec, train: TrainSpec, gpu_compute
             config.decoder_start_token_id = config.pad_token_id
     auto = transformers.AutoModelForSeq2SeqLM if seq2seq else transformers.AutoModelForCausalLM
     load_dtype = getattr(torch, TORCH_DTYPE_NAMES[storage_load_dtype(train.quant)])
-    attn_impl = "eager" if train.attention == "eager" else "sdpa"
+    train, layout, attn_impl = _sequence_recipe(train, gpu_compute_capability)
     quantized = is_quantized(train.quant)
 
     # ---- module context: which module is running (forward hooks), for breakdowns and errors
@@ -238,10 +238,11 @@ def trace_step(model_config: dict, lora: LoraSpec, train: TrainSpec, gpu_compute
     h_pre = torch.nn.modules.module.register_module_forward_pre_hook(pre_hook)
     h_post = torch.nn.modules.module.register_module_forward_hook(post_hook)
     try:
-        with em.cuda_emulation(gpu_compute_capability, train.attention, log_sdpa, train.stack), tracker:
+        with em.cuda_emulation(gpu_compute_capability, train.attention, log_sdpa, train.stack), \
+                em.sequence_emulation(layout.padded, layout.packed, train.batch), tracker:
             try:
                 result = _run(torch, transformers, auto, config, load_dtype, attn_impl, quantized, seq2seq,
-                              lora, train, steps, cfg, tracker, mod_names, stack,
+                              lora, train, steps, cfg, tracker, mod_names, stack, layout,
                               LoraConfig, get_peft_model, prepare_model_for_kbit_training)
             except LoraplanError:
                 raise
@@ -301,14 +302,47 @@ def trace_step(model_config: dict, lora: LoraSpec, train: TrainSpec, gpu_compute
     return result
 
 
+def _sequence_recipe(train: TrainSpec, gpu_cc: str | None):
+    """The resolved recipe (``trainers.resolve_recipe``), its worst batch
+    (``estimate.sequences.batch_layout``) and the ``attn_implementation`` the model is loaded with:
+    eager, sdpa, or the FA2 emulation's name (``emulation.FA2_EMULATION_NAME``). Raises InputError
+    for FA2 where flash-attn refuses (``sequences.check_attention``)."""
+    from ..estimate.sequences import batch_layout, check_attention
+    from ..storage import stream_dtype_bytes
+    from ..trainers import resolve_recipe
+    from . import emulation as em
+
+    train = resolve_recipe(train)
+    check_attention(train, gpu_cc, stream_dtype_bytes(train.quant))
+    layout = batch_layout(train)
+    impl = {"eager": "eager", "flash_attention_2": em.FA2_EMULATION_NAME}.get(train.attn_implementation, "sdpa")
+    return train, layout, impl
+
+
+def _model_inputs(torch, layout, vocab: int) -> dict:
+    """Token ids [rows, row_len] of the worst batch (``sequences.batch_layout``), with a 2-D
+    ``attention_mask`` for a padded batch and ``position_ids`` for packed rows (the values do
+    not matter on meta: ``emulation.sequence_emulation`` supplies what transformers reads)."""
+    shape = (layout.rows, layout.row_len)
+    out = {"input_ids": torch.randint(0, vocab, shape, device="meta")}
+    if layout.padded:
+        out["attention_mask"] = torch.ones(shape, dtype=torch.int64, device="meta")
+    if layout.packed:
+        out["position_ids"] = torch.zeros(shape, dtype=torch.int64, device="meta")
+    return out
+
+
 def _run(torch, transformers, auto, config, load_dtype, attn_impl, quantized, seq2seq, lora, train, steps,
          raw_config,
-         tracker, mod_names, stack, LoraConfig, get_peft_model, prepare_model_for_kbit_training):
+         tracker, mod_names, stack, layout, LoraConfig, get_peft_model, prepare_model_for_kbit_training):
     gc = train.gradient_checkpointing
     with tracker.phase("setup"):
         with torch.device("meta"):
             try:
                 model = auto.from_config(config, dtype=load_dtype, attn_implementation=attn_impl)
+                if attn_impl == "loraplan_fa2" and not getattr(model, "_supports_flash_attn", False):
+                    raise InputError(f"{config.model_type} does not support flash_attention_2 in transformers "
+                                     f"{transformers.__version__}; use --attn-implementation sdpa")
             except ValueError as e:  # a family without sdpa (gemma2): the protocol's load falls back
                 if attn_impl != "sdpa" or not ("sdpa" in str(e).lower() or "scaled_dot_product_attention" in str(e)):
                     raise
@@ -351,9 +385,12 @@ def _run(torch, transformers, auto, config, load_dtype, attn_impl, quantized, se
             raise TraceError("no trainable parameters after get_peft_model; check --targets")
         n_train, n_total = model.get_nb_trainable_parameters()
         opt = _make_optimizer(train.optimizer, trainable, tracker, torch)
-        b, s = train.batch, train.seq
         vocab = config.get_text_config().vocab_size if hasattr(config, "get_text_config") else config.vocab_size
-        ids = torch.randint(0, vocab, (b, s), device="meta")
+        if seq2seq and train.padding != "max-length":
+            raise InputError(f"--padding {train.padding} is modelled for decoder-only models; "
+                             f"{config.model_type} is encoder-decoder: use --padding max-length")
+        inputs = _model_inputs(torch, layout, vocab)
+        ids = inputs["input_ids"]
         labels = ids
         if seq2seq and train.target_seq and train.target_seq != s:
             labels = torch.randint(0, vocab, (b, train.target_seq), device="meta")
@@ -362,8 +399,8 @@ def _run(torch, transformers, auto, config, load_dtype, attn_impl, quantized, se
             tracker.label(p, "lora_weights" if p.requires_grad else "weights")
         for buf in model.buffers():
             tracker.label(buf, "weights")
-        tracker.label(ids, "inputs")
-        tracker.label(labels, "inputs")
+        for t in (*inputs.values(), labels):
+            tracker.label(t, "inputs")
         for rec_i in list(tracker._live.values()):  # quant states, int8 CB/SCB, rope tables ...
             rec = tracker._records[rec_i]
             if rec[5] is None:
@@ -382,7 +419,7 @@ def _run(torch, transformers, auto, config, load_dtype, attn_impl, quantized, se
         with tracker.phase(f"step{i + 1}"):
             with tracker.phase("forward"):
                 stack.clear()  # checkpoint recompute stops early, leaving stale hook entries
-                loss = model(input_ids=ids, labels=labels).loss
+                loss = model(**inputs, labels=labels).loss
             with tracker.phase("backward"):
                 stack.clear()
                 loss.backward()
