@@ -229,10 +229,16 @@ def _attention_core_saved(st: Structure, kind: str, T, b, seq, kv_seq, cross: bo
             # a reached sliding window or the mask of a padded / packed batch: transformers' bool
             # mask, made additive per call by torch (convert_boolean_attn_mask, [b, 1, s, kv] in
             # the query dtype, padded to 16) and saved; k, v repeated to n_h heads by repeat_kv
-            # (no enable_gqa with a mask)
+            # (no enable_gqa with a mask). torch's preprocess_mask expands the mask to
+            # [b, n_h, s, kv] (a view) and pads kv to a multiple of 16: when kv is not one already,
+            # the pad materialises all n_h heads (aten/.../transformers/attention.cpp pad_bias;
+            # emulation._mem_eff_mask)
             reached = True if masked else sliding_window_reached(m, kv_seq)
-            bias = bias + _where(reached, a * b * seq * (_ceil(kv_seq / 16) * 16), 0)
-            kv_heads = _where(reached, n_h, n_kv)
+            heads = _where(kv_seq % 16 == 0, 1, n_h)
+            bias = bias + _where(reached, a * b * heads * seq * (_ceil(kv_seq / 16) * 16), 0)
+            # repeat_kv of a single kv head (MQA) is a view (the expanded head dim merges with
+            # stride 0): nothing new is saved
+            kv_heads = _where(reached, n_h, n_kv) if n_kv > 1 else n_kv
         return a * T * n_h * d * 2 + 2 * a * b * kv_seq * kv_heads * d + 4 * b * n_h * (_ceil(seq / 32) * 32) + bias
     scores = b * n_h * seq * kv_seq
     qkv = a * T * n_h * d + 2 * a * b * kv_seq * n_h * d  # k, v repeated to n_h heads

@@ -136,3 +136,66 @@ def check_attention(train, compute_capability: str | None, stream_bytes: int) ->
     if stream_bytes == 4 and train.quant == "fp32" and (train.mixed_precision or "no") == "no":
         raise InputError("--attn-implementation flash_attention_2 takes fp16/bf16 only, and --quant fp32 without "
                          "autocast gives it fp32; use --mixed-precision bf16, --quant bf16 or --attn-implementation sdpa")
+
+
+def _expected_max_square(lengths: tuple[int, ...], b: int, cap: int) -> float:
+    """E[(max of b draws)²], as ``expected_longest`` with squared values."""
+    vals = sorted(min(v, cap) for v in lengths)
+    n = len(vals)
+    out, prev = 0.0, 0.0
+    for i, v in enumerate(vals):
+        if i + 1 < n and vals[i + 1] == v:
+            continue
+        F = ((i + 1) / n) ** b
+        out += v * v * (F - prev)
+        prev = F
+    return out
+
+
+@dataclass(frozen=True)
+class AttentionSpan:
+    """What attention computes per layer forward for the expected batch (the time model):
+    ``pairs`` = Σ over attended units (rows or documents) of len_q · len_kv, and ``causal``:
+    whether the kernel skips the masked upper triangle (is_causal; not with an explicit mask)."""
+
+    pairs: float
+    causal: bool
+
+
+def attention_span(train, kind: str) -> AttentionSpan:
+    """Query-key pairs per layer for ``train``'s expected batch under attention ``kind``
+    (``activations.choose_attention``: flash, efficient, math, eager, fa2); not called for
+    max-length (``time.attention_work`` keeps its own formula there).
+
+    - longest: sdpa/eager take the padded rows with a mask: b·E[L_max²], no causal skipping
+      (an explicit mask; mem-efficient computes every block); fa2 unpads
+      (``_upad_input``) and runs varlen over each row's real tokens: b·E[ℓ²], causal.
+    - packing: sdpa/eager: the block-causal mask over b rows of s: b·s², no skipping; fa2 with
+      b = 1 row: varlen per document (b·s/E[ℓ])·E[ℓ²], causal. With b > 1 rows and position
+      ids only, transformers 5.24 does not take the varlen path (``_is_packed_sequence``
+      needs batch 1) and runs causal flash over whole rows: b·s², causal.
+    - padding-free: one row of T = b·E[ℓ] tokens: sdpa/eager T² with the packed mask, no
+      skipping; fa2 varlen per document b·E[ℓ²], causal.
+    Lengths are capped at s; E over ``lengths`` with equal weights (no lengths: one document of s).
+    """
+    b, s = train.batch, train.seq
+    lengths = train.lengths or (s,)
+    capped = [min(v, s) for v in lengths]
+    mean = sum(capped) / len(capped)
+    mean_sq = sum(v * v for v in capped) / len(capped)
+    fa2 = kind == "fa2"
+    if train.padding == "longest":
+        if fa2:
+            return AttentionSpan(b * mean_sq, True)
+        return AttentionSpan(b * _expected_max_square(lengths, b, s), False)
+    if train.padding == "packing":
+        if fa2:
+            if b == 1:
+                return AttentionSpan(s / mean * mean_sq, True)
+            return AttentionSpan(b * s * s, True)
+        return AttentionSpan(b * s * s, False)
+    if train.padding == "padding-free":
+        if fa2:
+            return AttentionSpan(b * mean_sq, True)
+        return AttentionSpan((b * mean) ** 2, False)
+    return AttentionSpan(b * s * s, True)

@@ -421,6 +421,34 @@ def attention_work(model: ModelSpec, n_layers: int, T, seq, fw: int, eager: bool
     return [("flops_mm", n_layers * fwd * CAUSAL_FRACTION * (fw + FLASH_BACKWARD_OVER_FORWARD))]
 
 
+def sequence_tokens(model: ModelSpec, train: TrainSpec):
+    """(tokens processed, real tokens, ``sequences.AttentionSpan``) per step for a padding mode
+    other than max-length: the expected batch (``sequences.expected_tokens``; longest processes
+    b·E[max length], padding-free b·E[length]), and the attention kind the ledger picks for it
+    (``activations.choose_attention`` on the GPU path). tokens/s counts real (non-pad) tokens."""
+    from ..trainers import resolve_recipe
+    from .activations import choose_attention
+    from .sequences import attention_span, expected_tokens
+
+    recipe = resolve_recipe(train)
+    processed, real = expected_tokens(recipe)
+    return processed, real, attention_span(recipe, choose_attention(model, recipe, "9.0"))
+
+
+def sequence_attention_work(model: ModelSpec, n_layers: int, span, fw: int, eager: bool) -> list[tuple[str, Any]]:
+    """``attention_work`` over an ``AttentionSpan``: forward 4·pairs·n_h·d FLOPs, × ``CAUSAL_FRACTION``
+    when the kernel skips the masked triangle (is_causal; FA2 per row or document), backward
+    ``FLASH_BACKWARD_OVER_FORWARD`` ×; eager / math (or an explicit mask: no skipping) as in
+    ``attention_work`` with pairs in place of b·s·s_kv."""
+    n_h, d = model.num_heads, model.head_dim
+    fwd = ATTENTION_FLOPS * span.pairs * n_h * d
+    if eager:
+        return [("flops_mm", n_layers * fwd * (fw + EAGER_BACKWARD_OVER_FORWARD)),
+                ("bytes_moved", n_layers * n_h * span.pairs * EAGER_SCORE_BYTES * (fw + BACKWARD_TRAFFIC_OVER_FORWARD))]
+    frac = CAUSAL_FRACTION if span.causal else 1.0
+    return [("flops_mm", n_layers * fwd * frac * (fw + FLASH_BACKWARD_OVER_FORWARD))]
+
+
 def loss_work(model: ModelSpec, quant: str, T) -> list[tuple[str, Any]]:
     """Logits and loss: ``OPS["loss"]`` and T·V × ``LOSS_BYTES_*`` (fp32 logits when lm_head
     is fp32, ``storage.lm_head_fp32``; HF ForCausalLM: logits.float() then cross_entropy)."""
@@ -460,6 +488,9 @@ def step_work(model: ModelSpec, lora: LoraSpec, train: TrainSpec) -> StepWork:
     b, s = train.batch, train.seq
     s_dec = _decoder_seq(model, train)
     T_dec, T_enc = b * s_dec, b * s
+    tokens, span = T_dec, None
+    if train.padding != "max-length":  # decoder-only (sequences: the expected batch)
+        T_dec, tokens, span = sequence_tokens(model, train)
     mm_dtype = matmul_dtype(quant)
     a_mm = dtype_bytes(mm_dtype)
     a_stream = stream_dtype_bytes(quant)
@@ -488,20 +519,24 @@ def step_work(model: ModelSpec, lora: LoraSpec, train: TrainSpec) -> StepWork:
     stacks = [(model.num_layers, T_dec, s_dec)]
     if model.is_encoder_decoder and model.num_encoder_layers:
         stacks.append((model.num_encoder_layers, T_enc, s))
-    eager = model.arch.attention == "eager" or train.attention in ("eager", "math")
+    eager = (model.arch.attention == "eager" or train.attention in ("eager", "math")
+             or train.attn_implementation == "eager")
     for n_layers, T, seq in stacks:
         if n_layers == 0:
             continue
         add(layer_host_work(model.arch, n_layers, fw, gc, eager))
         add(layer_elementwise_work(model, n_layers, T, fw, a_stream))
-        add(attention_work(model, n_layers, T, seq, fw, eager))
+        if span is None:
+            add(attention_work(model, n_layers, T, seq, fw, eager))
+        else:
+            add(sequence_attention_work(model, n_layers, span, fw, eager))
 
     add(loss_work(model, quant, T_dec))
     add(embedding_work(model, T_dec, a_stream))
     add(optimizer_work(train.optimizer, acc["n_lora_tensors"], acc["trainable"]))
 
     return StepWork(
-        tokens=T_dec, flops_mm=acc["flops_mm"], flops_fp32=acc["flops_fp32"], bytes_moved=acc["bytes_moved"],
+        tokens=tokens, flops_mm=acc["flops_mm"], flops_fp32=acc["flops_fp32"], bytes_moved=acc["bytes_moved"],
         kernels=kernel_count(acc["ops"]), ops=acc["ops"], module_calls=acc["module_calls"],
         lora_calls=acc["lora_calls"], bnb4_calls=acc["bnb4_calls"], int8_calls=acc["int8_calls"],
         mm_dtype=mm_dtype, syncs=acc["int8_calls"] > 0,
