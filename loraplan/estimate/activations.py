@@ -15,7 +15,7 @@ from .. import versions
 from ..spec import ModelSpec, TrainSpec
 from ..storage import stream_dtype_bytes
 from .arrays import ceil as _ceil, where as _where
-from .sequences import batch_layout
+from .sequences import batch_layout, explicit_mask
 from .weights import Structure
 
 def choose_attention(model: ModelSpec, train: TrainSpec, compute_capability: str | None) -> str:
@@ -47,7 +47,7 @@ def choose_attention(model: ModelSpec, train: TrainSpec, compute_capability: str
         return "math"
     layout = batch_layout(train)
     masked = (model.arch.position == "relative_bias" or model.arch.sdpa_mask
-              or sliding_window_reached(model, layout.row_len) or layout.masked)
+              or sliding_window_reached(model, layout.row_len) or explicit_mask(layout, model.model_type))
     cc = float(compute_capability) if compute_capability else 8.0
     # grouped-query heads reach sdpa only without a mask and with a torch that has enable_gqa;
     # otherwise transformers repeats k, v to n_h heads (repeat_kv) and any kernel takes them
@@ -163,7 +163,9 @@ def attention_saved_per_layer(st: Structure, kind: str, T, b, seq, kv_seq, cross
     # phi3 slices q, k, v out of its fused qkv_proj output as views: the saved v view keeps the
     # whole [T, (n_h + 2·n_kv)·d] output alive, q and k parts included. (gpt-neox and falcon
     # reshape and split per head; their traces show no such retention.)
-    fused = a * T * (n_h + n_kv) * d if _has_fused_qkv(m) and kind in ("flash", "efficient", "fa2") else 0
+    # FA2 on an fp32 stream casts q, k, v to bf16 copies first (``_fa2_saved``): no view kept
+    fused_kept = kind in ("flash", "efficient") or (kind == "fa2" and a != 4)
+    fused = a * T * (n_h + n_kv) * d if _has_fused_qkv(m) and fused_kept else 0
     return (fused + _attention_core_saved(st, kind, T, b, seq, kv_seq, cross, masked)
             + attention_dropout_saved(st, kind, b, seq, kv_seq))
 

@@ -40,7 +40,7 @@ from .activations import (Shape, checkpoint_inputs, choose_attention, encoder_ba
                           saved_activations)
 from .arrays import is_scalar as _is_scalar
 from .coefficients import coefficient
-from .sequences import batch_layout, check_attention
+from .sequences import batch_layout, check_attention, explicit_mask
 from .result import MemoryEstimate
 from .transients import (cuda_workspaces, default_int8_outlier_fraction, input_leaf_and_grad, int8_matmul_transient,
                          int8_retained_per_step, int8_saved_anyway, last_hidden_state, layer_backward_transients,
@@ -178,7 +178,7 @@ def sequence_shape(model: ModelSpec, train: TrainSpec, lora, compute_capability:
         raise InputError(f"--padding {train.padding} is modelled for decoder-only models; {model.model_type} is "
                          f"encoder-decoder: use --padding max-length")
     layout = batch_layout(train)
-    masked = layout.masked and recipe.attn_implementation != "flash_attention_2"
+    masked = explicit_mask(layout, model.model_type) and recipe.attn_implementation != "flash_attention_2"
     return Shape(b=layout.rows, seq=layout.row_len, tseq=layout.row_len, r=lora.rank, dropout=lora.dropout,
                  masked=masked, rope_rows=layout.rows if layout.packed else 1)
 

@@ -53,6 +53,20 @@ class BatchLayout:
         return self.padded or self.packed
 
 
+#: decoder-only families whose forward builds the mask without position ids, so packed rows get
+#: no block-causal mask (sdpa keeps is_causal and flash; documents attend across their
+#: boundaries): modeling_opt.py::OPTDecoder.forward calls create_causal_mask(config,
+#: inputs_embeds, attention_mask, cache) (transformers 5.24; every other catalog family passes
+#: position_ids)
+NO_PACKED_MASK = frozenset({"opt"})
+
+
+def explicit_mask(layout: BatchLayout, model_type: str) -> bool:
+    """Whether sdpa/eager get an explicit mask for this batch: padding, or packed rows of a family
+    that reads position ids for its mask (``NO_PACKED_MASK``)."""
+    return layout.padded or (layout.packed and model_type not in NO_PACKED_MASK)
+
+
 def _longest(train) -> int:
     if not train.lengths:
         raise InputError(f"--padding {train.padding} needs --lengths (the dataset's token counts, e.g. "
@@ -162,7 +176,7 @@ class AttentionSpan:
     causal: bool
 
 
-def attention_span(train, kind: str) -> AttentionSpan:
+def attention_span(train, kind: str, packed_mask: bool = True) -> AttentionSpan:
     """Query-key pairs per layer for ``train``'s expected batch under attention ``kind``
     (``activations.choose_attention``: flash, efficient, math, eager, fa2); not called for
     max-length (``time.attention_work`` keeps its own formula there).
@@ -176,6 +190,7 @@ def attention_span(train, kind: str) -> AttentionSpan:
       needs batch 1) and runs causal flash over whole rows: b·s², causal.
     - padding-free: one row of T = b·E[ℓ] tokens: sdpa/eager T² with the packed mask, no
       skipping; fa2 varlen per document b·E[ℓ²], causal.
+    ``packed_mask`` False (``NO_PACKED_MASK`` families): packed rows keep causal sdpa over whole rows.
     Lengths are capped at s; E over ``lengths`` with equal weights (no lengths: one document of s).
     """
     b, s = train.batch, train.seq
@@ -193,9 +208,9 @@ def attention_span(train, kind: str) -> AttentionSpan:
             if b == 1:
                 return AttentionSpan(s / mean * mean_sq, True)
             return AttentionSpan(b * s * s, True)
-        return AttentionSpan(b * s * s, False)
+        return AttentionSpan(b * s * s, not packed_mask)
     if train.padding == "padding-free":
         if fa2:
             return AttentionSpan(b * mean_sq, True)
-        return AttentionSpan((b * mean) ** 2, False)
+        return AttentionSpan((b * mean) ** 2, not packed_mask)
     return AttentionSpan(b * s * s, True)

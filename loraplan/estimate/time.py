@@ -428,11 +428,12 @@ def sequence_tokens(model: ModelSpec, train: TrainSpec):
     (``activations.choose_attention`` on the GPU path). tokens/s counts real (non-pad) tokens."""
     from ..trainers import resolve_recipe
     from .activations import choose_attention
-    from .sequences import attention_span, expected_tokens
+    from .sequences import NO_PACKED_MASK, attention_span, expected_tokens
 
     recipe = resolve_recipe(train)
     processed, real = expected_tokens(recipe)
-    return processed, real, attention_span(recipe, choose_attention(model, recipe, "9.0"))
+    span = attention_span(recipe, choose_attention(model, recipe, "9.0"), model.model_type not in NO_PACKED_MASK)
+    return processed, real, span
 
 
 def sequence_attention_work(model: ModelSpec, n_layers: int, span, fw: int, eager: bool) -> list[tuple[str, Any]]:
