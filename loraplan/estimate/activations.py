@@ -225,7 +225,8 @@ def _attention_core_saved(st: Structure, kind: str, T, b, seq, kv_seq, cross: bo
         # backward; cross-attention reuses one zeros bias (see t5_shared_biases).
         bias = a * n_h * seq * (_ceil(kv_seq / 16) * 16) if _relative_bias(m) and not cross else 0
         if m.arch.sdpa_mask:  # falcon: the causal mask, made additive per call [b, 1, s, kv]
-            bias = a * b * seq * (_ceil(kv_seq / 16) * 16)
+            # (all n_h heads when the pad to 16 materialises the expanded mask, see below)
+            bias = a * b * _where(kv_seq % 16 == 0, 1, n_h) * seq * (_ceil(kv_seq / 16) * 16)
         kv_heads = n_kv
         if m.arch.sliding_window is not None or masked:
             # a reached sliding window or the mask of a padded / packed batch: transformers' bool

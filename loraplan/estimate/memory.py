@@ -178,7 +178,10 @@ def sequence_shape(model: ModelSpec, train: TrainSpec, lora, compute_capability:
         raise InputError(f"--padding {train.padding} is modelled for decoder-only models; {model.model_type} is "
                          f"encoder-decoder: use --padding max-length")
     layout = batch_layout(train)
-    masked = explicit_mask(layout, model.model_type) and recipe.attn_implementation != "flash_attention_2"
+    # falcon (arch.sdpa_mask) builds and passes its additive mask every call already: the packed
+    # or padded mask replaces it, nothing is added
+    masked = (explicit_mask(layout, model.model_type) and recipe.attn_implementation != "flash_attention_2"
+              and not model.arch.sdpa_mask)
     return Shape(b=layout.rows, seq=layout.row_len, tseq=layout.row_len, r=lora.rank, dropout=lora.dropout,
                  masked=masked, rope_rows=layout.rows if layout.packed else 1)
 

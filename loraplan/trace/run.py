@@ -185,6 +185,9 @@ def trace_step(model_config: dict, lora: LoraSpec, train: TrainSpec, gpu_compute
     auto = transformers.AutoModelForSeq2SeqLM if seq2seq else transformers.AutoModelForCausalLM
     load_dtype = getattr(torch, TORCH_DTYPE_NAMES[storage_load_dtype(train.quant)])
     train, layout, attn_impl = _sequence_recipe(train, gpu_compute_capability)
+    if model_type == "falcon" and attn_impl == em.FA2_EMULATION_NAME:
+        raise TraceError("falcon's FalconFlashAttention2 calls flash-attn's functions itself (modeling_falcon.py), "
+                         "which the meta trace does not emulate; use --method analytic")
     quantized = is_quantized(train.quant)
 
     # ---- module context: which module is running (forward hooks), for breakdowns and errors
