@@ -9,12 +9,14 @@ replace the same key in every grid.
 
 from __future__ import annotations
 
+from ..spec import RECIPE_FIELDS
+
 from pathlib import Path
 from typing import Any
 
 #: grid keys -> case option keys (see loraplan/case.py PARSERS)
 CASE_KEYS = ("model", "quant", "double_quant", "rank", "alpha", "dropout", "targets", "optimizer", "batch",
-             "seq", "target_seq", "gradient_checkpointing", "attention", "int8_outlier_fraction")
+             "seq", "target_seq", "gradient_checkpointing", "attention", "int8_outlier_fraction", *RECIPE_FIELDS)
 
 
 def load_grid_file(path: str | Path) -> list[dict[str, Any]]:
