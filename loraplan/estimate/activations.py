@@ -86,6 +86,9 @@ class Shape:
     masked: bool = False
     #: rows of the RoPE cos/sin tables: 1, or the batch's rows when position ids are passed (packed)
     rope_rows: Any = 1
+    #: flash_attention_2 gathers or flattens q, k, v into new tensors (a padded batch's
+    #: ``_upad_input``, one packed row's ``_prepare_from_posids``)
+    fa2_copies: bool = False
 
     @property
     def T(self):
@@ -142,7 +145,8 @@ def lora_activations_per_layer(st: Structure, x: Shape, stack: str, T):
     return out
 
 
-def attention_saved_per_layer(st: Structure, kind: str, T, b, seq, kv_seq, cross: bool = False, masked: bool = False):
+def attention_saved_per_layer(st: Structure, kind: str, T, b, seq, kv_seq, cross: bool = False, masked: bool = False,
+                              fa2_copies: bool = False):
     """Bytes the attention block saves per layer (after its projections).
 
     - sdpa flash: q, k, v as given to the kernel (after RoPE: new tensors) and its output, with
@@ -163,8 +167,9 @@ def attention_saved_per_layer(st: Structure, kind: str, T, b, seq, kv_seq, cross
     # phi3 slices q, k, v out of its fused qkv_proj output as views: the saved v view keeps the
     # whole [T, (n_h + 2·n_kv)·d] output alive, q and k parts included. (gpt-neox and falcon
     # reshape and split per head; their traces show no such retention.)
-    # FA2 on an fp32 stream casts q, k, v to bf16 copies first (``_fa2_saved``): no view kept
-    fused_kept = kind in ("flash", "efficient") or (kind == "fa2" and a != 4)
+    # FA2 on an fp32 stream casts q, k, v to bf16 copies first (``_fa2_saved``), and its varlen
+    # paths gather / flatten them into new tensors (``fa2_copies``): no view kept
+    fused_kept = kind in ("flash", "efficient") or (kind == "fa2" and a != 4 and not fa2_copies)
     fused = a * T * (n_h + n_kv) * d if _has_fused_qkv(m) and fused_kept else 0
     return (fused + _attention_core_saved(st, kind, T, b, seq, kv_seq, cross, masked)
             + attention_dropout_saved(st, kind, b, seq, kv_seq))
@@ -400,7 +405,7 @@ def layer_saved(st: Structure, kind: str, x: Shape, stack: str = "decoder"):
         norms = m.arch.norms_per_layer - 1
     else:
         T = x.T
-        att = attention_saved_per_layer(st, kind, T, x.b, x.tseq, x.tseq, masked=x.masked)
+        att = attention_saved_per_layer(st, kind, T, x.b, x.tseq, x.tseq, masked=x.masked, fa2_copies=x.fa2_copies)
         norms = m.arch.norms_per_layer
         if m.is_encoder_decoder:
             att = att + attention_saved_per_layer(st, kind, T, x.b, x.tseq, x.seq, cross=True)
@@ -547,7 +552,8 @@ def first_layer_not_saved(st: Structure, kind: str, x: Shape):
     not_saved = norm_saved(st, T) + _where(x.dropout > 0, _mask_bytes(st, 4), 0) * T * st.first_layer_attn_in_adapted
     if not st.first_layer_attn_in_adapted:
         seq = x.seq if first == "encoder" else x.tseq
-        not_saved = not_saved + attention_saved_per_layer(st, kind, T, x.b, seq, seq, masked=x.masked)
+        not_saved = not_saved + attention_saved_per_layer(st, kind, T, x.b, seq, seq, masked=x.masked,
+                                                          fa2_copies=x.fa2_copies)
     if m.arch.parallel_attn and not st.first_layer_mlp_adapted:
         # parallel attention (falcon, gpt-neox): the MLP reads the layer input directly
         not_saved = not_saved + mlp_saved(st, T)

@@ -182,8 +182,10 @@ def sequence_shape(model: ModelSpec, train: TrainSpec, lora, compute_capability:
     # or padded mask replaces it, nothing is added
     masked = (explicit_mask(layout, model.model_type) and recipe.attn_implementation != "flash_attention_2"
               and not model.arch.sdpa_mask)
+    fa2 = recipe.attn_implementation == "flash_attention_2"
     return Shape(b=layout.rows, seq=layout.row_len, tseq=layout.row_len, r=lora.rank, dropout=lora.dropout,
-                 masked=masked, rope_rows=layout.rows if layout.packed else 1)
+                 masked=masked, rope_rows=layout.rows if layout.packed else 1,
+                 fa2_copies=fa2 and (layout.padded or (layout.packed and layout.rows == 1)))
 
 
 def device_totals(peak_allocated, paged, cal: Calibration):
