@@ -5,7 +5,10 @@ Pure Python (no torch); the analytic ledger, the meta-device trace and the time 
 ``batch_layout`` so the three views agree on the batch.
 
 Padding modes (b = ``train.batch``, s = ``train.seq``, ``lengths`` the dataset's token counts,
-every row's count or (p50, p99, max); a count above s is truncated to s):
+every row's count or (p50, p99, max); a count above s is truncated to s). The worst batch reads
+only max(lengths) and min(lengths); the expected batch (time) treats the given counts as equally
+likely draws, so a (p50, p99, max) triple is a coarse stand-in for the distribution (it weighs the
+tail at 2/3): pass every row's count for a faithful expectation.
 
 - ``max-length``: b rows of s tokens, no mask (today's protocol).
 - ``longest`` (``DataCollatorWithPadding(padding="longest")``): b rows padded to the longest row

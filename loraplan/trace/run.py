@@ -557,7 +557,13 @@ def _default_outliers(model_config: dict, train: TrainSpec) -> tuple[float, set[
     from ..hf import spec_from_config
 
     spec = spec_from_config(model_config, "trace")
-    T = train.batch * ((train.target_seq or train.seq) if spec.is_encoder_decoder else train.seq)
+    if spec.is_encoder_decoder or train.padding == "max-length":
+        T = train.batch * ((train.target_seq or train.seq) if spec.is_encoder_decoder else train.seq)
+    else:  # the worst batch's tokens, as the ledger's Shape (estimate.sequences.batch_layout)
+        from ..estimate.sequences import batch_layout
+
+        layout = batch_layout(train)
+        T = layout.rows * layout.row_len
     leaves = {l.leaf for l in spec.linears if l.role in INT8_OUTLIER_ROLES}
     return random_init_outlier_fraction(spec, T), leaves
 
