@@ -40,6 +40,11 @@ recompute of each decoder layer's forward):
   skipped), backward 2.5 × forward (FlashAttention-2 paper §3.1: backward recomputes the
   scores, 5 GEMMs vs 2). math / eager: full s² scores (no causal skipping) plus the s² score
   tensors' memory traffic.
+- Sequence handling (``padding`` other than max-length; ``estimate.sequences``): every per-token
+  term counts the expected batch's processed tokens (longest: b·E[max of b lengths];
+  padding-free: b·E[length]); attention counts query-key pairs per row or, for varlen
+  flash_attention_2, per document (``sequences.attention_span``), with no causal skipping under
+  an explicit mask; tokens/s counts real (non-pad) tokens.
 - Dequantization is traffic, not FLOPs: nf4/fp4 read 0.5 B + absmax and write 2 B per weight
   each time a weight is used (forward, recompute, backward), then the matmul reads the 2 B.
   Double quantization adds one blockwise dequantization of the absmax (extra kernels).
