@@ -32,8 +32,8 @@ def choose_attention(model: ModelSpec, train: TrainSpec, compute_capability: str
     transformers passes no mask and ``is_causal=True`` for an unpadded batch, and
     ``enable_gqa=True`` when there is no mask (integrations/sdpa_attention.py::use_gqa_in_sdpa).
     A padded batch (``padding`` longest with padding in it) or packed rows (packing, padding-free)
-    get an explicit bool mask from transformers (``sequences.batch_layout(train).masked``), which
-    rules out flash as a sliding window does. ``attn_implementation`` eager -> "eager",
+    get an explicit bool mask from transformers (``sequences.explicit_mask``: not OPT's packed
+    rows), which rules out flash as a sliding window does. ``attn_implementation`` eager -> "eager",
     flash_attention_2 -> "fa2" (flash-attn's own kernel, never sdpa).
     """
     if train.attention != "auto":
