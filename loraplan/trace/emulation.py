@@ -361,6 +361,13 @@ def _round(x: int, m: int) -> int:
     return (x + m - 1) // m * m
 
 
+def _kernel_buffers(buffers, device) -> int:
+    """Allocate, together, the buffers a CUDA kernel takes from the caching allocator for its
+    duration (the tracker sees them live at once), and free them; returns their bytes."""
+    live = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in buffers]
+    return sum(t.numel() * t.element_size() for t in live)
+
+
 class _FlashAttnEmulation(torch.autograd.Function):
     """flash-attn 2's ``FlashAttnFunc`` / ``FlashAttnVarlenFunc`` with the kernel's allocations and
     no arithmetic (flash_attn/flash_attn_interface.py; csrc/flash_attn/flash_api.cpp mha_fwd/mha_bwd,
@@ -399,22 +406,18 @@ class _FlashAttnEmulation(torch.autograd.Function):
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         dp = q.shape[-1]
         d_round = _round(dp, 32) if dp <= 192 else 256
-        f32 = dict(dtype=torch.float32, device=q.device)
+        f32 = torch.float32
         if q.dim() == 3:  # varlen
             total, n_h = q.shape[0], q.shape[1]
-            softmax_d = torch.empty((n_h, total + 128 * ctx.n_seq), **f32)
-            dq_accum = torch.empty((total + 128 * ctx.n_seq, n_h, d_round), **f32)
+            buffers = [((n_h, total + 128 * ctx.n_seq), f32), ((total + 128 * ctx.n_seq, n_h, d_round), f32)]
             expanded = (k.shape[0], n_h, dp)
         else:
             b, s, n_h = q.shape[0], q.shape[1], q.shape[2]
-            softmax_d = torch.empty((b, n_h, _round(s, 128)), **f32)
-            dq_accum = torch.empty((b, _round(s, 128), n_h, d_round), **f32)
+            buffers = [((b, n_h, _round(s, 128)), f32), ((b, _round(s, 128), n_h, d_round), f32)]
             expanded = (b, k.shape[1], n_h, dp)
         if k.shape[-2] != n_h:  # GQA: dk, dv at n_h heads, then summed over the groups
-            dk_e = torch.empty(expanded, dtype=q.dtype, device=q.device)
-            dv_e = torch.empty(expanded, dtype=q.dtype, device=q.device)
-            del dk_e, dv_e
-        del softmax_d, dq_accum
+            buffers += [(expanded, q.dtype), (expanded, q.dtype)]
+        _kernel_buffers(buffers, q.device)
         if d % 8:
             dq, dk, dv = dq[..., :d], dk[..., :d], dv[..., :d]
         return dq, dk, dv, None
@@ -492,7 +495,7 @@ def sequence_emulation(padded: bool, packed: bool, n_seq: int = 1):
     - ``masking_utils._ignore_causal_mask_sdpa``: a padded batch's mask holds a pad token, so the
       causal-skip test (``fast_all(padding_mask)``) is False: the bool mask is materialised;
     - ``masking_utils.find_packed_sequence_indices``: packed rows give a [rows, len] int64 document
-      index (its ``cumsum``), unpacked ones None;
+      index (its ``cumsum``); unpacked batches keep ``no_packed_sequences``;
     - the FA2 emulation (``flash_attention_2_emulation``) registered under ``FA2_EMULATION_NAME``.
     Restores everything on exit. Nest inside ``cuda_emulation`` (it overrides its
     ``no_packed_sequences``)."""
@@ -508,8 +511,6 @@ def sequence_emulation(padded: bool, packed: bool, n_seq: int = 1):
         return original_ignore(padding_mask, *args, **kwargs)
 
     def packed_indices(position_ids):
-        if not packed:
-            return None
         return torch.empty(position_ids.shape, dtype=torch.int64, device=position_ids.device)
 
     saved = [(mu, "_ignore_causal_mask_sdpa", original_ignore),
@@ -517,7 +518,8 @@ def sequence_emulation(padded: bool, packed: bool, n_seq: int = 1):
     attention, mask = flash_attention_2_emulation(padded, packed, n_seq)
     try:
         mu._ignore_causal_mask_sdpa = ignore
-        mu.find_packed_sequence_indices = packed_indices
+        if packed:  # unpacked batches keep cuda_emulation's no_packed_sequences
+            mu.find_packed_sequence_indices = packed_indices
         ALL_ATTENTION_FUNCTIONS.register(FA2_EMULATION_NAME, attention)
         ALL_MASK_ATTENTION_FUNCTIONS.register(FA2_EMULATION_NAME, mask)
         yield

@@ -395,8 +395,8 @@ def _run(torch, transformers, auto, config, load_dtype, attn_impl, quantized, se
         inputs = _model_inputs(torch, layout, vocab)
         ids = inputs["input_ids"]
         labels = ids
-        if seq2seq and train.target_seq and train.target_seq != s:
-            labels = torch.randint(0, vocab, (b, train.target_seq), device="meta")
+        if seq2seq and train.target_seq and train.target_seq != train.seq:
+            labels = torch.randint(0, vocab, (train.batch, train.target_seq), device="meta")
         # label what exists before the burst
         for p in model.parameters():
             tracker.label(p, "lora_weights" if p.requires_grad else "weights")
