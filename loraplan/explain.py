@@ -118,12 +118,24 @@ def attention_reason(model: ModelSpec, train: TrainSpec, compute_capability: str
     """Why ``choose_attention`` picks its kernel, from the same facts (activations.choose_attention)."""
     if train.attention != "auto":
         return f"attention runs on the {train.attention} kernel because --attention {train.attention} asks for it"
-    if model.arch.attention == "eager":
-        return "attention is eager: this family's logit softcapping never reaches sdpa"
+    from .trainers import resolve_recipe
+
+    impl = resolve_recipe(train).attn_implementation
+    if impl == "flash_attention_2":
+        return "attention runs on flash-attn 2 (--attn-implementation flash_attention_2: its own kernel, GQA native)"
+    if model.arch.attention == "eager" or impl == "eager":
+        return ("attention is eager: " + ("--attn-implementation eager" if impl == "eager" else
+                                          "this family's logit softcapping never reaches sdpa"))
     if train.device == "cpu":
         return "attention runs on sdpa's math kernel (the CPU path)"
     reasons = []
     masked = _masked(model, train)
+    if train.padding != "max-length":
+        from .estimate.sequences import batch_layout, explicit_mask
+
+        if explicit_mask(batch_layout(train), model.model_type):
+            reasons.append(f"--padding {train.padding} makes transformers pass an explicit "
+                           f"{'padding' if train.padding == 'longest' else 'packed-sequence'} mask, which rules out flash")
     if masked:
         reasons.append("a mask is passed (sliding window shorter than the sequence, a position bias, or an "
                        "additive causal mask), which rules out flash")
@@ -194,7 +206,7 @@ def _activation_why(setup, e: Estimate, cc) -> list[str]:
         S = layer_saved(st, kind, x)
         out.append(f"without gradient checkpointing every layer saves its tensors: {_gib(S)} per layer x "
                    f"{m.num_layers} layers")
-    att = attention_saved_per_layer(st, kind, T, x.b, x.tseq, x.tseq)
+    att = attention_saved_per_layer(st, kind, T, x.b, x.tseq, x.tseq, masked=x.masked, fa2_copies=x.fa2_copies)
     mlp = mlp_saved(st, T)
     lora = lora_activations_per_layer(st, x, "decoder", T)
     per = f"per layer: attention {_gib(att)}, MLP {_gib(mlp)}, LoRA inputs {_gib(lora)}"

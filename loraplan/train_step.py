@@ -86,12 +86,15 @@ class StepRunner:
     context the forward runs under for mixed precision (``torch.autocast``, or the trace's
     ``EmulatedAutocast``); ``scaler``: fp16's ``GradScaler`` (loss scaled before backward,
     gradients unscaled before clipping, ``scaler.step``/``update``: accelerate's order,
-    accelerate/accelerator.py::Accelerator.backward / clip_grad_norm_).
+    accelerate/accelerator.py::Accelerator.backward / clip_grad_norm_). ``model_inputs``: what
+    goes into every forward beside ``input_ids`` and ``labels`` (a padded batch's
+    ``attention_mask``, packed rows' ``position_ids``).
     """
 
     def __init__(self, model, opt, trainable, ids, labels, train, torch,
                  phase: Callable[[str], Any] | None = None, clip: Callable | None = None,
-                 after_update: Callable[[], None] | None = None, autocast=None, scaler=None):
+                 after_update: Callable[[], None] | None = None, autocast=None, scaler=None,
+                 model_inputs: dict | None = None):
         r = resolve_recipe(train)
         self.model, self.opt, self.trainable, self.ids, self.labels, self.torch = (
             model, opt, trainable, ids, labels, torch)
@@ -104,6 +107,7 @@ class StepRunner:
         self.tr_loss = None  # Trainer._tr_loss
         self.autocast = autocast
         self.scaler = scaler
+        self.inputs = dict(model_inputs or {})
 
     def _forward_context(self):
         return self.autocast if self.autocast is not None else contextlib.nullcontext()
@@ -138,7 +142,7 @@ class StepRunner:
         for _ in range(self.ga):
             with self.phase("forward"):
                 with self._forward_context():
-                    self.loss = self.model(input_ids=self.ids, labels=self.labels).loss
+                    self.loss = self.model(input_ids=self.ids, labels=self.labels, **self.inputs).loss
                 if self.ga > 1:
                     self.loss = self.loss / self.ga
             with self.phase("backward"):
@@ -166,9 +170,10 @@ class StepRunner:
         with self.phase("forward"):
             with self._forward_context():  # Trainer.compute_loss under accelerate's autocast
                 if num_items is not None:
-                    loss = self.model(input_ids=self.ids, labels=self.labels, num_items_in_batch=num_items).loss
+                    loss = self.model(input_ids=self.ids, labels=self.labels, num_items_in_batch=num_items,
+                                      **self.inputs).loss
                 else:
-                    loss = self.model(input_ids=self.ids, labels=self.labels).loss
+                    loss = self.model(input_ids=self.ids, labels=self.labels, **self.inputs).loss
             if num_items is None and self.ga > 1:
                 loss = loss / self.ga
         with self.phase("backward"):

@@ -15,6 +15,7 @@ from .. import versions
 from ..spec import ModelSpec, TrainSpec
 from ..storage import Dtypes, dtype_bytes
 from .arrays import ceil as _ceil, where as _where
+from .sequences import batch_layout, explicit_mask
 from .weights import Structure
 
 def choose_attention(model: ModelSpec, train: TrainSpec, compute_capability: str | None) -> str:
@@ -30,14 +31,23 @@ def choose_attention(model: ModelSpec, train: TrainSpec, compute_capability: str
     ``sdpa_efficient_gqa`` of loraplan/data/version-rules.json, for ``train.stack``.
     transformers passes no mask and ``is_causal=True`` for an unpadded batch, and
     ``enable_gqa=True`` when there is no mask (integrations/sdpa_attention.py::use_gqa_in_sdpa).
+    A padded batch (``padding`` longest with padding in it) or packed rows (packing, padding-free)
+    get an explicit bool mask from transformers (``sequences.explicit_mask``: not OPT's packed
+    rows), which rules out flash as a sliding window does. ``attn_implementation`` eager -> "eager",
+    flash_attention_2 -> "fa2" (flash-attn's own kernel, never sdpa).
     """
     if train.attention != "auto":
         return train.attention
-    if model.arch.attention == "eager":
+    impl = train.attn_implementation
+    if impl == "flash_attention_2":
+        return "fa2"
+    if model.arch.attention == "eager" or impl == "eager":
         return "eager"
     if train.device == "cpu":  # loraplan profile --device cpu runs sdpa on the math backend
         return "math"
-    masked = model.arch.position == "relative_bias" or model.arch.sdpa_mask or sliding_window_reached(model, train.seq)
+    layout = batch_layout(train)
+    masked = (model.arch.position == "relative_bias" or model.arch.sdpa_mask
+              or sliding_window_reached(model, layout.row_len) or explicit_mask(layout, model.model_type))
     cc = float(compute_capability) if compute_capability else 8.0
     # grouped-query heads reach sdpa only without a mask and with a torch that has enable_gqa;
     # otherwise transformers repeats k, v to n_h heads (repeat_kv) and any kernel takes them
@@ -72,6 +82,13 @@ class Shape:
     tseq: Any  # decoder length (= seq for decoder-only)
     r: Any
     dropout: Any
+    #: the batch has an explicit attention mask (padded or packed rows, ``sequences.BatchLayout``)
+    masked: bool = False
+    #: rows of the RoPE cos/sin tables: 1, or the batch's rows when position ids are passed (packed)
+    rope_rows: Any = 1
+    #: flash_attention_2 gathers or flattens q, k, v into new tensors (a padded batch's
+    #: ``_upad_input``, one packed row's ``_prepare_from_posids``)
+    fa2_copies: bool = False
 
     @property
     def T(self):
@@ -107,7 +124,7 @@ def lora_input_saved_bytes(st: Structure, dropout):
     Source: peft/tuners/lora/layer.py::Linear.forward; torch aten/src/ATen/autocast_mode.cpp
     (cached_cast above autograd); memory-physics.md §4.
     """
-    A, s = st.adapter_bytes, st.stream_bytes
+    A = st.adapter_bytes
     c = st.autocast_bytes
     if not c:
         return _where(dropout > 0, A + _mask_bytes(st, A), 0 if st.dt.stream == st.dt.adapter else A)
@@ -145,7 +162,8 @@ def lora_activations_per_layer(st: Structure, x: Shape, stack: str, T):
     return out
 
 
-def attention_saved_per_layer(st: Structure, kind: str, T, b, seq, kv_seq, cross: bool = False):
+def attention_saved_per_layer(st: Structure, kind: str, T, b, seq, kv_seq, cross: bool = False, masked: bool = False,
+                              fa2_copies: bool = False):
     """Bytes the attention block saves per layer (after its projections).
 
     - sdpa flash: q, k, v as given to the kernel (after RoPE: new tensors) and its output, with
@@ -156,6 +174,8 @@ def attention_saved_per_layer(st: Structure, kind: str, T, b, seq, kv_seq, cross
       only): scaled q, k and v repeated to n_h heads and the softmax output a·b·n_h·s².
     - eager (transformers eager_attention_forward): q, k and v repeated, the fp32 softmax (4 B)
       and its cast back to the stream dtype (a B); logit softcapping (gemma2) keeps tanh's output.
+    - fa2 (flash-attn 2, ``_fa2_saved``).
+    ``masked``: the batch's explicit mask (``Shape.masked``), handled as a reached sliding window.
     Source: transformers integrations/sdpa_attention.py, models/llama/modeling_llama.py; torch
     aten/src/ATen/native/transformers/attention.cpp (outputs each kernel saves).
     """
@@ -164,9 +184,12 @@ def attention_saved_per_layer(st: Structure, kind: str, T, b, seq, kv_seq, cross
     # phi3 slices q, k, v out of its fused qkv_proj output as views: the saved v view keeps the
     # whole [T, (n_h + 2·n_kv)·d] output alive, q and k parts included. (gpt-neox and falcon
     # reshape and split per head; their traces show no such retention.)
-    fused = a * T * (n_h + n_kv) * d if _has_fused_qkv(m) and kind in ("flash", "efficient") else 0
-    return fused + _attention_core_saved(st, kind, T, b, seq, kv_seq, cross) + attention_dropout_saved(st, kind, b, seq,
-                                                                                                         kv_seq)
+    # FA2 on an fp32 stream casts q, k, v to bf16 copies first (``_fa2_saved``), and its varlen
+    # paths gather / flatten them into new tensors (``fa2_copies``): no view kept
+    fused_kept = kind in ("flash", "efficient") or (kind == "fa2" and a != 4 and not fa2_copies)
+    fused = a * T * (n_h + n_kv) * d if _has_fused_qkv(m) and fused_kept else 0
+    return (fused + _attention_core_saved(st, kind, T, b, seq, kv_seq, cross, masked)
+            + attention_dropout_saved(st, kind, b, seq, kv_seq))
 
 
 def attention_dropout_saved(st: Structure, kind: str, b, seq, kv_seq):
@@ -192,11 +215,31 @@ def _has_fused_qkv(model: ModelSpec) -> bool:
     return model.arch.fused_qkv_views and any(l.role == "qkv" for l in model.linears)
 
 
-def _attention_core_saved(st: Structure, kind: str, T, b, seq, kv_seq, cross: bool = False):
+def _fa2_saved(st: Structure, T, b, seq, kv_seq):
+    """What flash-attn 2's ``FlashAttnFunc`` / ``FlashAttnVarlenFunc`` saves per layer
+    (flash_attn/flash_attn_interface.py: ``ctx.save_for_backward(q, k, v, out_padded, softmax_lse,
+    rng_state)``): q, k, v and the output with the head dim padded to a multiple of 8, k and v at
+    n_kv heads (GQA is native), in the fp16/bf16 the kernel takes: an fp32 stream (a quantized
+    base after prepare_model_for_kbit_training) is cast to the model's dtype first
+    (modeling_flash_attention_utils.py::fa_peft_integration_check with get_target_dtype: 2 B
+    copies, the fp32 originals are not kept); + the fp32 logsumexp, [b, n_h, s] or, varlen,
+    [n_h, total tokens]: 4·n_h·T either way; rng_state 16 B (below the 512 B block, not counted).
+    Padded batches (``_upad_input``), packed rows (``_prepare_from_posids``) and plain rows save
+    the same counts for the worst batch (every row real)."""
+    m, a = st.model, st.attention_bytes  # autocast's dtype under mixed precision
+    n_h, n_kv, d = m.num_heads, m.num_kv_heads, m.head_dim
+    dp = -(-d // 8) * 8
+    q = 2 if a == 4 else a
+    return q * T * n_h * dp * 2 + 2 * q * b * kv_seq * n_kv * dp + 4 * b * n_h * seq
+
+
+def _attention_core_saved(st: Structure, kind: str, T, b, seq, kv_seq, cross: bool = False, masked: bool = False):
     # sdpa's inputs and outputs: autocast's dtype under mixed precision (scaled_dot_product_attention
     # is a lower-precision op); eager attention's matmuls too
     m, a = st.model, st.attention_bytes
     n_h, n_kv, d = m.num_heads, m.num_kv_heads, m.head_dim
+    if kind == "fa2":
+        return _fa2_saved(st, T, b, seq, kv_seq)
     if kind == "flash":
         dp = -(-d // 8) * 8
         return a * T * n_h * dp * 2 + 2 * a * b * kv_seq * n_kv * dp + 4 * b * n_h * seq
@@ -206,15 +249,23 @@ def _attention_core_saved(st: Structure, kind: str, T, b, seq, kv_seq, cross: bo
         # backward; cross-attention reuses one zeros bias (see t5_shared_biases).
         bias = a * n_h * seq * (_ceil(kv_seq / 16) * 16) if _relative_bias(m) and not cross else 0
         if m.arch.sdpa_mask:  # falcon: the causal mask, made additive per call [b, 1, s, kv]
-            bias = a * b * seq * (_ceil(kv_seq / 16) * 16)
+            # (all n_h heads when the pad to 16 materialises the expanded mask, see below)
+            bias = a * b * _where(kv_seq % 16 == 0, 1, n_h) * seq * (_ceil(kv_seq / 16) * 16)
         kv_heads = n_kv
-        if m.arch.sliding_window is not None:
-            # a reached sliding window: transformers' bool mask, made additive per call by torch
-            # (convert_boolean_attn_mask, [b, 1, s, kv] in the query dtype, padded to 16) and saved;
-            # k, v repeated to n_h heads by repeat_kv (no enable_gqa with a mask)
-            reached = sliding_window_reached(m, kv_seq)
-            bias = bias + _where(reached, a * b * seq * (_ceil(kv_seq / 16) * 16), 0)
-            kv_heads = _where(reached, n_h, n_kv)
+        if m.arch.sliding_window is not None or masked:
+            # a reached sliding window or the mask of a padded / packed batch: transformers' bool
+            # mask, made additive per call by torch (convert_boolean_attn_mask, [b, 1, s, kv] in
+            # the query dtype, padded to 16) and saved; k, v repeated to n_h heads by repeat_kv
+            # (no enable_gqa with a mask). torch's preprocess_mask expands the mask to
+            # [b, n_h, s, kv] (a view) and pads kv to a multiple of 16: when kv is not one already,
+            # the pad materialises all n_h heads (aten/.../transformers/attention.cpp pad_bias;
+            # emulation._mem_eff_mask)
+            reached = True if masked else sliding_window_reached(m, kv_seq)
+            heads = _where(kv_seq % 16 == 0, 1, n_h)
+            bias = bias + _where(reached, a * b * heads * seq * (_ceil(kv_seq / 16) * 16), 0)
+            # repeat_kv of a single kv head (MQA) is a view (the expanded head dim merges with
+            # stride 0): nothing new is saved
+            kv_heads = _where(reached, n_h, n_kv) if n_kv > 1 else n_kv
         return a * T * n_h * d * 2 + 2 * a * b * kv_seq * kv_heads * d + 4 * b * n_h * (_ceil(seq / 32) * 32) + bias
     scores = b * n_h * seq * kv_seq
     qkv = a * T * n_h * d + 2 * a * b * kv_seq * n_h * d  # k, v repeated to n_h heads
@@ -375,7 +426,7 @@ def layer_saved(st: Structure, kind: str, x: Shape, stack: str = "decoder"):
         norms = m.arch.norms_per_layer - 1
     else:
         T = x.T
-        att = attention_saved_per_layer(st, kind, T, x.b, x.tseq, x.tseq)
+        att = attention_saved_per_layer(st, kind, T, x.b, x.tseq, x.tseq, masked=x.masked, fa2_copies=x.fa2_copies)
         norms = m.arch.norms_per_layer
         if m.is_encoder_decoder:
             att = att + attention_saved_per_layer(st, kind, T, x.b, x.tseq, x.seq, cross=True)
@@ -430,7 +481,11 @@ def sliding_window_mask(st: Structure, kind: str, x: Shape):
     bytes, kept as a checkpoint input with checkpointing (without, only the additive copies each
     layer's sdpa saves outlive the forward). Eager attention's additive
     mask is counted in ``checkpoint_inputs``."""
-    if kind == "eager" or st.model.arch.sliding_window is None:
+    if kind in ("eager", "fa2"):
+        return 0
+    if x.masked:  # a padded or packed batch: the same bool mask (masking_utils.py sdpa_mask)
+        return x.b * x.tseq * x.tseq
+    if st.model.arch.sliding_window is None:
         return 0
     return _where(sliding_window_reached(st.model, x.tseq), x.b * x.tseq * x.tseq, 0)
 
@@ -498,7 +553,7 @@ def saved_activations(st: Structure, kind: str, x: Shape, gradient_checkpointing
     final = norm_saved(st, x.T)
     if m.is_encoder_decoder:
         final = final + norm_saved(st, x.T_enc) + st.stream_bytes * x.T_enc * m.hidden_size
-    rope = 2 * st.stream_bytes * x.tseq * m.head_dim if m.arch.position == "rope" else 0
+    rope = 2 * st.stream_bytes * x.rope_rows * x.tseq * m.head_dim if m.arch.position == "rope" else 0
     return layers + final + rope + head_lora_activations(st, x)
 
 
@@ -518,7 +573,8 @@ def first_layer_not_saved(st: Structure, kind: str, x: Shape):
     not_saved = norm_saved(st, T) + _where(x.dropout > 0, _mask_bytes(st, 4), 0) * T * st.first_layer_attn_in_adapted
     if not st.first_layer_attn_in_adapted:
         seq = x.seq if first == "encoder" else x.tseq
-        not_saved = not_saved + attention_saved_per_layer(st, kind, T, x.b, seq, seq)
+        not_saved = not_saved + attention_saved_per_layer(st, kind, T, x.b, seq, seq, masked=x.masked,
+                                                          fa2_copies=x.fa2_copies)
     if m.arch.parallel_attn and not st.first_layer_mlp_adapted:
         # parallel attention (falcon, gpt-neox): the MLP reads the layer input directly
         not_saved = not_saved + mlp_saved(st, T)

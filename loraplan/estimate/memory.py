@@ -33,11 +33,14 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..spec import Calibration, ExpertSpec, GpuSpec, LinearSpec, ModelSpec, TrainSpec
+from ..errors import InputError
 from ..storage import EXPERT_QUANTIZATION_PATHS, QUANTIZED, experts_unquantized
+from ..trainers import resolve_recipe
 from .activations import (Shape, checkpoint_inputs, choose_attention, encoder_backward_activations, layer_saved,
                           saved_activations)
 from .arrays import is_scalar as _is_scalar
 from .coefficients import coefficient
+from .sequences import batch_layout, check_attention, explicit_mask
 from .result import MemoryEstimate
 from .transients import (autocast_copies, cuda_workspaces, default_int8_outlier_fraction, input_leaf_and_grad,
                          int8_matmul_transient, int8_retained_per_step, int8_saved_anyway, last_hidden_state,
@@ -188,9 +191,36 @@ def make_setup(model: ModelSpec, lora, train: TrainSpec, adapted: tuple[LinearSp
     from ..storage import Dtypes
 
     st = structure(model, adapted, Dtypes.of(train), train.double_quant, train.device)
-    tseq = (train.target_seq if train.target_seq is not None else train.seq) if model.is_encoder_decoder else train.seq
-    shape = Shape(b=train.batch, seq=train.seq, tseq=tseq, r=lora.rank, dropout=lora.dropout)
-    return Setup(st, train, choose_attention(model, train, compute_capability), shape)
+    x = sequence_shape(model, train, lora, compute_capability)
+    return Setup(st, train, choose_attention(model, resolve_recipe(train), compute_capability), x)
+
+
+def sequence_shape(model: ModelSpec, train: TrainSpec, lora, compute_capability: str | None) -> Shape:
+    """The ledger's Shape for ``train``'s worst batch (``sequences.batch_layout``): b rows of s
+    tokens as the model sees them (padding-free: 1 row of b·L), ``masked`` for a padded or packed
+    batch (an explicit mask for sdpa/eager; none for flash_attention_2, which unpads or runs
+    varlen), ``rope_rows`` = rows when position ids are passed (the RoPE tables are built from
+    them: [rows, s, d]). Raises InputError for flash_attention_2 where flash-attn refuses
+    (``sequences.check_attention``) and for a padding mode on an encoder-decoder model."""
+    recipe = resolve_recipe(train)
+    from ..storage import Dtypes, dtype_bytes
+
+    check_attention(recipe, compute_capability, dtype_bytes(Dtypes.of(recipe).stream))
+    if train.padding == "max-length":  # today's shape (arrays from a sweep pass through)
+        tseq = (train.target_seq if train.target_seq is not None else train.seq) if model.is_encoder_decoder else train.seq
+        return Shape(b=train.batch, seq=train.seq, tseq=tseq, r=lora.rank, dropout=lora.dropout)
+    if model.is_encoder_decoder:
+        raise InputError(f"--padding {train.padding} is modelled for decoder-only models; {model.model_type} is "
+                         f"encoder-decoder: use --padding max-length")
+    layout = batch_layout(train)
+    # falcon (arch.sdpa_mask) builds and passes its additive mask every call already: the packed
+    # or padded mask replaces it, nothing is added
+    masked = (explicit_mask(layout, model.model_type) and recipe.attn_implementation != "flash_attention_2"
+              and not model.arch.sdpa_mask)
+    fa2 = recipe.attn_implementation == "flash_attention_2"
+    return Shape(b=layout.rows, seq=layout.row_len, tseq=layout.row_len, r=lora.rank, dropout=lora.dropout,
+                 masked=masked, rope_rows=layout.rows if layout.packed else 1,
+                 fa2_copies=fa2 and (layout.padded or (layout.packed and layout.rows == 1)))
 
 
 def device_totals(peak_allocated, paged, cal: Calibration):

@@ -40,6 +40,11 @@ recompute of each decoder layer's forward):
   skipped), backward 2.5 × forward (FlashAttention-2 paper §3.1: backward recomputes the
   scores, 5 GEMMs vs 2). math / eager: full s² scores (no causal skipping) plus the s² score
   tensors' memory traffic.
+- Sequence handling (``padding`` other than max-length; ``estimate.sequences``): every per-token
+  term counts the expected batch's processed tokens (longest: b·E[max of b lengths];
+  padding-free: b·E[length]); attention counts query-key pairs per row or, for varlen
+  flash_attention_2, per document (``sequences.attention_span``), with no causal skipping under
+  an explicit mask; tokens/s counts real (non-pad) tokens.
 - Dequantization is traffic, not FLOPs: nf4/fp4 read 0.5 B + absmax and write 2 B per weight
   each time a weight is used (forward, recompute, backward), then the matmul reads the 2 B.
   Double quantization adds one blockwise dequantization of the absmax (extra kernels).
@@ -448,6 +453,35 @@ def attention_work(model: ModelSpec, n_layers: int, T, seq, fw: int, eager: bool
     return [("flops_mm", n_layers * fwd * CAUSAL_FRACTION * (fw + FLASH_BACKWARD_OVER_FORWARD))]
 
 
+def sequence_tokens(model: ModelSpec, train: TrainSpec):
+    """(tokens processed, real tokens, ``sequences.AttentionSpan``) per step for a padding mode
+    other than max-length: the expected batch (``sequences.expected_tokens``; longest processes
+    b·E[max length], padding-free b·E[length]), and the attention kind the ledger picks for it
+    (``activations.choose_attention`` on the GPU path). tokens/s counts real (non-pad) tokens."""
+    from ..trainers import resolve_recipe
+    from .activations import choose_attention
+    from .sequences import NO_PACKED_MASK, attention_span, expected_tokens
+
+    recipe = resolve_recipe(train)
+    processed, real = expected_tokens(recipe)
+    span = attention_span(recipe, choose_attention(model, recipe, "9.0"), model.model_type not in NO_PACKED_MASK)
+    return processed, real, span
+
+
+def sequence_attention_work(model: ModelSpec, n_layers: int, span, fw: int, eager: bool) -> list[tuple[str, Any]]:
+    """``attention_work`` over an ``AttentionSpan``: forward 4·pairs·n_h·d FLOPs, × ``CAUSAL_FRACTION``
+    when the kernel skips the masked triangle (is_causal; FA2 per row or document), backward
+    ``FLASH_BACKWARD_OVER_FORWARD`` ×; eager / math (or an explicit mask: no skipping) as in
+    ``attention_work`` with pairs in place of b·s·s_kv."""
+    n_h, d = model.num_heads, model.head_dim
+    fwd = ATTENTION_FLOPS * span.pairs * n_h * d
+    if eager:
+        return [("flops_mm", n_layers * fwd * (fw + EAGER_BACKWARD_OVER_FORWARD)),
+                ("bytes_moved", n_layers * n_h * span.pairs * EAGER_SCORE_BYTES * (fw + BACKWARD_TRAFFIC_OVER_FORWARD))]
+    frac = CAUSAL_FRACTION if span.causal else 1.0
+    return [("flops_mm", n_layers * fwd * frac * (fw + FLASH_BACKWARD_OVER_FORWARD))]
+
+
 def loss_work(model: ModelSpec, quant, T) -> list[tuple[str, Any]]:
     """Logits and loss: ``OPS["loss"]`` and T·V × ``LOSS_BYTES_*`` (fp32 logits when lm_head
     runs in fp32, ``storage.Dtypes.lm_head``: an fp32 weight without autocast; HF ForCausalLM:
@@ -508,6 +542,9 @@ def step_work(model: ModelSpec, lora: LoraSpec, train: TrainSpec) -> StepWork:
     b, s = train.batch, train.seq
     s_dec = _decoder_seq(model, train)
     T_dec, T_enc = b * s_dec, b * s
+    tokens, span = T_dec, None
+    if train.padding != "max-length":  # decoder-only (sequences: the expected batch)
+        T_dec, tokens, span = sequence_tokens(model, train)
     mm_dtype = dt.frozen_matmul
     a_mm = dtype_bytes(mm_dtype)
     a_stream = dtype_bytes(dt.stream)
@@ -537,13 +574,17 @@ def step_work(model: ModelSpec, lora: LoraSpec, train: TrainSpec) -> StepWork:
     stacks = [(model.num_layers, T_dec, s_dec)]
     if model.is_encoder_decoder and model.num_encoder_layers:
         stacks.append((model.num_encoder_layers, T_enc, s))
-    eager = model.arch.attention == "eager" or train.attention in ("eager", "math")
+    eager = (model.arch.attention == "eager" or train.attention in ("eager", "math")
+             or train.attn_implementation == "eager")
     for n_layers, T, seq in stacks:
         if n_layers == 0:
             continue
         add(layer_host_work(model.arch, n_layers, fw, gc, eager))
         add(layer_elementwise_work(model, n_layers, T, fw, a_stream))
-        add(attention_work(model, n_layers, T, seq, fw, eager))
+        if span is None:
+            add(attention_work(model, n_layers, T, seq, fw, eager))
+        else:
+            add(sequence_attention_work(model, n_layers, span, fw, eager))
 
     add(loss_work(model, quant, T_dec))
     add(embedding_work(model, T_dec, a_stream))
@@ -555,7 +596,7 @@ def step_work(model: ModelSpec, lora: LoraSpec, train: TrainSpec) -> StepWork:
     add(grad_norm_work(rc, acc["trainable"]))
 
     return StepWork(
-        tokens=T_dec * rc.accumulation, flops_mm=acc["flops_mm"], flops_fp32=acc["flops_fp32"], bytes_moved=acc["bytes_moved"],
+        tokens=tokens * rc.accumulation, flops_mm=acc["flops_mm"], flops_fp32=acc["flops_fp32"], bytes_moved=acc["bytes_moved"],
         kernels=kernel_count(acc["ops"]), ops=acc["ops"], module_calls=acc["module_calls"],
         lora_calls=acc["lora_calls"], bnb4_calls=acc["bnb4_calls"], int8_calls=acc["int8_calls"],
         mm_dtype=mm_dtype, syncs=acc["int8_calls"] > 0,

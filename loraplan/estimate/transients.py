@@ -310,7 +310,7 @@ def int8_saved_anyway(st: Structure, kind: str, x: Shape, gradient_checkpointing
         return 0
     m, a = st.model, st.stream_bytes
     per_layer = 0
-    if kind in ("flash", "efficient"):
+    if kind in ("flash", "efficient", "fa2"):
         per_layer = a * x.T * m.num_heads * m.head_dim
     if m.arch.mlp == "plain" and _activation(m) == "relu":
         per_layer = per_layer + a * x.T * m.intermediate_size

@@ -318,6 +318,45 @@ def _error_text(e: BaseException) -> str:
     return text if len(text) <= 4000 else text[:4000] + " ..."
 
 
+def sequence_inputs(torch, train: dict, vocab: int, gen, dev):
+    """The worst batch of ``train``'s padding mode as real tensors (``estimate.sequences.batch_layout``
+    gives its shape), and its labels:
+
+    - longest: row 0 of L = min(max(lengths), seq) tokens, the others of min(lengths) (capped at
+      L), right-padded (``DataCollatorWithPadding``'s default side) with ``attention_mask`` 0 and
+      labels -100 on the pads;
+    - packing: every row of ``seq`` tokens filled with documents of the given lengths in turn
+      (the last one cut), ``position_ids`` restarting at 0 per document, no attention mask
+      (TRL's packed rows);
+    - padding-free: one row of b documents of L tokens with restarting ``position_ids``
+      (``DataCollatorWithFlattening``).
+    """
+    from ..estimate.sequences import batch_layout
+    from ..spec import TrainSpec
+
+    t = TrainSpec(**{k: v for k, v in train.items() if k in TrainSpec.__dataclass_fields__})
+    layout = batch_layout(t)
+    rows, n = layout.rows, layout.row_len
+    ids = torch.randint(0, vocab, (rows, n), generator=gen)
+    lengths = [min(v, t.seq) for v in t.lengths] if t.lengths else [t.seq]
+    if t.padding == "longest":
+        mask = torch.zeros((rows, n), dtype=torch.int64)
+        for r in range(rows):
+            mask[r, : n if r == 0 else min(min(lengths), n)] = 1
+        labels = ids.masked_fill(mask == 0, -100)
+        return {"input_ids": ids.to(dev), "attention_mask": mask.to(dev)}, labels.to(dev)
+    docs = [n // t.batch] if t.padding == "padding-free" else lengths
+    pos = torch.zeros((rows, n), dtype=torch.int64)
+    k = 0
+    for r in range(rows):
+        i = 0
+        while i < n:
+            d = min(docs[k % len(docs)], n - i)
+            pos[r, i:i + d] = torch.arange(d)
+            i, k = i + d, k + 1
+    return {"input_ids": ids.to(dev), "position_ids": pos.to(dev)}, ids.to(dev)
+
+
 def run_burst(spec: dict, emit: Emit | None = None) -> dict[str, Any]:
     """Run one case; returns the measured part of its record (status, phase, memory, time, ...).
 
@@ -482,12 +521,15 @@ def run_burst(spec: dict, emit: Emit | None = None) -> dict[str, Any]:
         dev = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
         gen = torch.Generator(device="cpu").manual_seed(0)
         ids = torch.randint(0, vocab, (batch, seq), generator=gen).to(dev)
+        inputs = {"input_ids": ids}
         if enc_dec:
             tseq = int(train.get("target_seq") or seq)
             labels = torch.randint(0, vocab, (batch, tseq), generator=gen).to(dev)
         else:
             tseq = None
             labels = ids
+            if train.get("padding", "max-length") != "max-length":
+                inputs, labels = sequence_inputs(torch, train, vocab, gen, dev)
         if backend is not None:
             from torch.nn.attention import sdpa_kernel
 
@@ -518,8 +560,9 @@ def run_burst(spec: dict, emit: Emit | None = None) -> dict[str, Any]:
                 m = {k: max(v, old.get(k, v)) if k.startswith("max_") and v is not None else v for k, v in m.items()}
             record_mem(first[name], m)
 
-        runner = StepRunner(model, opt, [p for p in model.parameters() if p.requires_grad], ids, labels, tspec,
-                            torch, phase=step_phase, scaler=scaler,
+        runner = StepRunner(model, opt, [p for p in model.parameters() if p.requires_grad], inputs["input_ids"],
+                            labels, tspec, torch, phase=step_phase, scaler=scaler,
+                            model_inputs={k: v for k, v in inputs.items() if k != "input_ids"},
                             autocast=torch.autocast(device_type=device, dtype=amp_dtype) if amp_dtype else None)
         for i in range(1, steps + 1):
             probe.synchronize()

@@ -9,6 +9,8 @@ replace the same key in every grid.
 
 from __future__ import annotations
 
+from ..spec import RECIPE_FIELDS
+
 from pathlib import Path
 from typing import Any
 

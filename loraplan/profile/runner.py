@@ -55,7 +55,19 @@ class Case:
         tg = "+".join(l.targets)
         s = f"s{t.seq}" + (f"/{t.target_seq}" if t.target_seq and t.target_seq != t.seq else "")
         return (f"{self.model.name} {q} r{l.rank} {tg} {t.optimizer} b{t.batch} {s} "
-                f"{'gc' if t.gradient_checkpointing else 'nogc'}" + (f" {t.attention}" if t.attention != "auto" else ""))
+                f"{'gc' if t.gradient_checkpointing else 'nogc'}" + (f" {t.attention}" if t.attention != "auto" else "")
+                + _sequence_label(t))
+
+
+def _sequence_label(t: TrainSpec) -> str:
+    """The label's part for sequence handling: '' for max-length sdpa (labels as before), else the
+    padding mode with the lengths and a non-sdpa attn_implementation."""
+    out = ""
+    if t.padding != "max-length":
+        out += f" {t.padding}" + (f"[{','.join(map(str, t.lengths))}]" if t.lengths else "")
+    if t.attn_implementation not in (None, "sdpa"):
+        out += f" {t.attn_implementation}"
+    return out
 
 
 @dataclass

@@ -352,3 +352,182 @@ def cuda_emulation(gpu_cc: str | None = "9.0", attention: str = "auto",
     finally:
         for obj, name, val in saved:
             setattr(obj, name, val)
+
+
+# ----------------------------------------------------------------------------- sequences
+#: the attention name the trace loads a model with for ``attn_implementation flash_attention_2``
+#: (no "flash" in it: transformers would take such a name for a Hub kernel to download)
+FA2_EMULATION_NAME = "loraplan_fa2"
+
+
+def _round(x: int, m: int) -> int:
+    return (x + m - 1) // m * m
+
+
+def _kernel_buffers(buffers, device) -> int:
+    """Allocate, together, the buffers a CUDA kernel takes from the caching allocator for its
+    duration (the tracker sees them live at once), and free them; returns their bytes."""
+    live = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in buffers]
+    return sum(t.numel() * t.element_size() for t in live)
+
+
+class _FlashAttnEmulation(torch.autograd.Function):
+    """flash-attn 2's ``FlashAttnFunc`` / ``FlashAttnVarlenFunc`` with the kernel's allocations and
+    no arithmetic (flash_attn/flash_attn_interface.py; csrc/flash_attn/flash_api.cpp mha_fwd/mha_bwd,
+    mha_varlen_fwd/mha_varlen_bwd).
+
+    Forward: the head dim padded to a multiple of 8 (``F.pad``), ``out_padded`` like q, the fp32
+    ``softmax_lse`` [b, n_h, s] (varlen: [n_h, total]) and ``rng_state`` (2 int64); saves
+    q, k, v (padded), out_padded, softmax_lse, rng_state. Backward: ``dq, dk, dv = empty_like``
+    of the padded q, k, v; inside ``mha_bwd`` the fp32 ``softmax_d`` [b, n_h, round128(s)]
+    (varlen [n_h, total + 128·n_seq]), the fp32 ``dq_accum`` [b, round128(s), n_h, round32(d)]
+    (varlen [total + 128·n_seq, n_h, round32(d)]) and, for grouped-query attention,
+    ``dk_expanded``/``dv_expanded`` at n_h heads, summed into dk/dv."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, n_seq):
+        d = q.shape[-1]
+        varlen = q.dim() == 3
+        if d % 8:
+            q, k, v = (torch.nn.functional.pad(t, (0, 8 - d % 8)) for t in (q, k, v))
+        out = torch.empty_like(q)
+        if varlen:
+            lse = torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device)
+        else:
+            lse = torch.empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32, device=q.device)
+        rng = torch.empty((2,), dtype=torch.int64, device=q.device)
+        ctx.save_for_backward(q, k, v, out, lse, rng)
+        ctx.d, ctx.n_seq = d, n_seq
+        return out[..., :d] if d % 8 else out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, rng = ctx.saved_tensors
+        d = ctx.d
+        if d % 8:
+            dout = torch.nn.functional.pad(dout, (0, 8 - d % 8))
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        dp = q.shape[-1]
+        d_round = _round(dp, 32) if dp <= 192 else 256
+        f32 = torch.float32
+        if q.dim() == 3:  # varlen
+            total, n_h = q.shape[0], q.shape[1]
+            buffers = [((n_h, total + 128 * ctx.n_seq), f32), ((total + 128 * ctx.n_seq, n_h, d_round), f32)]
+            expanded = (k.shape[0], n_h, dp)
+        else:
+            b, s, n_h = q.shape[0], q.shape[1], q.shape[2]
+            buffers = [((b, n_h, _round(s, 128)), f32), ((b, _round(s, 128), n_h, d_round), f32)]
+            expanded = (b, k.shape[1], n_h, dp)
+        if k.shape[-2] != n_h:  # GQA: dk, dv at n_h heads, then summed over the groups
+            buffers += [(expanded, q.dtype), (expanded, q.dtype)]
+        _kernel_buffers(buffers, q.device)
+        if d % 8:
+            dq, dk, dv = dq[..., :d], dk[..., :d], dv[..., :d]
+        return dq, dk, dv, None
+
+
+def flash_attention_2_emulation(padded: bool, packed: bool, n_seq: int):
+    """``(attention_function, mask_function)`` registered under ``FA2_EMULATION_NAME`` through
+    transformers' ``AttentionInterface`` / ``AttentionMaskInterface``: the smallest faithful path
+    (making transformers think flash-attn is installed would run its ``_upad_input`` and
+    ``_is_packed_sequence``, which read tensor values, impossible on meta).
+
+    The function follows transformers 5.24 integrations/flash_attention.py::flash_attention_forward
+    and modeling_flash_attention_utils.py::_flash_attention_forward with the layout known from the
+    recipe instead of read from tensors:
+
+    - q, k, v transposed to [b, s, h, d] (views), cast by ``fa_peft_integration_check`` to
+      ``get_target_dtype`` when fp32 (a quantized base's fp32 stream: copies in bf16);
+    - padded batch (a 2-D mask): ``_upad_input``: ``_index_first_axis`` gathers the real tokens of
+      k, v and q (new tensors, the int64 indices kept by the gathers), varlen kernel, then
+      ``_pad_input`` scatters the output into a zeros [b·s, h, d] tensor. The worst batch is
+      taken to have every row real (indices of b·s tokens): an upper bound for a padded batch;
+    - packed rows (one flattened row): ``_prepare_from_posids``: ``contiguous().view(-1, h, d)``
+      (copies of the transposed q, k; v's transpose is already contiguous), varlen kernel;
+    - otherwise ``flash_attn_func`` on [b, s, h, d] directly.
+    """
+    from transformers.modeling_flash_attention_utils import fa_peft_integration_check
+
+    def get_target_dtype(query, module):
+        """integrations/flash_attention.py::get_target_dtype, asking autocast about "cuda" (the
+        device the step emulates; autocast knows no "meta")."""
+        if query.dtype != torch.float32:
+            return None
+        if torch.is_autocast_enabled("cuda"):
+            return torch.get_autocast_dtype("cuda")
+        if hasattr(module.config, "_is_quantized"):
+            return module.config.dtype
+        return next(m for m in module.modules() if isinstance(m, torch.nn.Linear)).weight.dtype
+
+    def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None,
+                  softcap=None, is_causal=None, **kwargs):
+        b, s = query.shape[0], query.shape[2]
+        q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+        q, k, v = fa_peft_integration_check(q, k, v, get_target_dtype(q, module))
+        if attention_mask is not None:
+            idx = torch.empty((b * s,), dtype=torch.int64, device=q.device)
+            k = k.reshape(-1, *k.shape[2:])[idx]
+            v = v.reshape(-1, *v.shape[2:])[idx]
+            q = q.reshape(-1, *q.shape[2:])[idx]
+            out = _FlashAttnEmulation.apply(q, k, v, b)
+            full = torch.zeros((b * s, *out.shape[1:]), dtype=out.dtype, device=out.device)
+            full[idx] = out
+            return full.view(b, s, *out.shape[1:]), None
+        if packed and b == 1:
+            q, k, v = (t.contiguous().view(-1, t.size(-2), t.size(-1)) for t in (q, k, v))
+            out = _FlashAttnEmulation.apply(q, k, v, n_seq)
+            return out.view(b, -1, *out.shape[-2:]), None
+        return _FlashAttnEmulation.apply(q, k, v, b), None
+
+    def mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None, attention_mask=None,
+             **kwargs):
+        """masking_utils.py::flash_attention_mask, with ``attention_mask.all()`` known: the 2-D mask
+        when the batch is padded, else None."""
+        if attention_mask is not None and padded:
+            return attention_mask[:, -kv_length:]
+        return None
+
+    return attention, mask
+
+
+@contextlib.contextmanager
+def sequence_emulation(padded: bool, packed: bool, n_seq: int = 1):
+    """Patch what transformers reads from tensor values when building masks, with what the recipe
+    says (meta tensors have no values):
+
+    - ``masking_utils._ignore_causal_mask_sdpa``: a padded batch's mask holds a pad token, so the
+      causal-skip test (``fast_all(padding_mask)``) is False: the bool mask is materialised;
+    - ``masking_utils.find_packed_sequence_indices``: packed rows give a [rows, len] int64 document
+      index (its ``cumsum``); unpacked batches keep ``no_packed_sequences``;
+    - the FA2 emulation (``flash_attention_2_emulation``) registered under ``FA2_EMULATION_NAME``.
+    Restores everything on exit. Nest inside ``cuda_emulation`` (it overrides its
+    ``no_packed_sequences``)."""
+    import transformers.masking_utils as mu
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    original_ignore = mu._ignore_causal_mask_sdpa
+
+    def ignore(padding_mask, *args, **kwargs):
+        if padding_mask is not None:
+            return False if padded else original_ignore(None, *args, **kwargs)
+        return original_ignore(padding_mask, *args, **kwargs)
+
+    def packed_indices(position_ids):
+        return torch.empty(position_ids.shape, dtype=torch.int64, device=position_ids.device)
+
+    saved = [(mu, "_ignore_causal_mask_sdpa", original_ignore),
+             (mu, "find_packed_sequence_indices", mu.find_packed_sequence_indices)]
+    attention, mask = flash_attention_2_emulation(padded, packed, n_seq)
+    try:
+        mu._ignore_causal_mask_sdpa = ignore
+        if packed:  # unpacked batches keep cuda_emulation's no_packed_sequences
+            mu.find_packed_sequence_indices = packed_indices
+        ALL_ATTENTION_FUNCTIONS.register(FA2_EMULATION_NAME, attention)
+        ALL_MASK_ATTENTION_FUNCTIONS.register(FA2_EMULATION_NAME, mask)
+        yield
+    finally:
+        for obj, name, val in saved:
+            setattr(obj, name, val)
+        for registry in (ALL_ATTENTION_FUNCTIONS, ALL_MASK_ATTENTION_FUNCTIONS):
+            registry._global_mapping.pop(FA2_EMULATION_NAME, None)

@@ -194,12 +194,12 @@ def trace_step(model_config: dict, lora: LoraSpec, train: TrainSpec, gpu_compute
         if getattr(config, "decoder_start_token_id", None) is None:
             config.decoder_start_token_id = config.pad_token_id
     auto = transformers.AutoModelForSeq2SeqLM if seq2seq else transformers.AutoModelForCausalLM
-    from ..trainers import resolve_recipe
-
-    train = resolve_recipe(train)
+    train, layout, attn_impl = _sequence_recipe(train, gpu_compute_capability)  # the resolved recipe
+    if model_type == "falcon" and attn_impl == em.FA2_EMULATION_NAME:
+        raise TraceError("falcon's FalconFlashAttention2 calls flash-attn's functions itself (modeling_falcon.py), "
+                         "which the meta trace does not emulate; use --method analytic")
     dt = Dtypes.of(train)
     load_dtype = _torch_dtype(torch, dt.load)
-    attn_impl = "eager" if train.attention == "eager" else "sdpa"
     quantized = is_quantized(train.quant)
 
     # ---- module context: which module is running (forward hooks), for breakdowns and errors
@@ -253,10 +253,11 @@ def trace_step(model_config: dict, lora: LoraSpec, train: TrainSpec, gpu_compute
     h_pre = torch.nn.modules.module.register_module_forward_pre_hook(pre_hook)
     h_post = torch.nn.modules.module.register_module_forward_hook(post_hook)
     try:
-        with em.cuda_emulation(gpu_compute_capability, train.attention, log_sdpa, train.stack), tracker:
+        with em.cuda_emulation(gpu_compute_capability, train.attention, log_sdpa, train.stack), \
+                em.sequence_emulation(layout.padded, layout.packed, train.batch), tracker:
             try:
                 result = _run(torch, transformers, auto, config, load_dtype, attn_impl, quantized, seq2seq,
-                              lora, train, steps, cfg, tracker, mod_names, stack,
+                              lora, train, steps, cfg, tracker, mod_names, stack, layout,
                               LoraConfig, get_peft_model, prepare_model_for_kbit_training, dt)
             except LoraplanError:
                 raise
@@ -316,9 +317,39 @@ def trace_step(model_config: dict, lora: LoraSpec, train: TrainSpec, gpu_compute
     return result
 
 
+def _sequence_recipe(train: TrainSpec, gpu_cc: str | None):
+    """The resolved recipe (``trainers.resolve_recipe``), its worst batch
+    (``estimate.sequences.batch_layout``) and the ``attn_implementation`` the model is loaded with:
+    eager, sdpa, or the FA2 emulation's name (``emulation.FA2_EMULATION_NAME``). Raises InputError
+    for FA2 where flash-attn refuses (``sequences.check_attention``)."""
+    from ..estimate.sequences import batch_layout, check_attention
+    from ..storage import stream_dtype_bytes
+    from ..trainers import resolve_recipe
+    from . import emulation as em
+
+    train = resolve_recipe(train)
+    check_attention(train, gpu_cc, stream_dtype_bytes(train.quant))
+    layout = batch_layout(train)
+    impl = {"eager": "eager", "flash_attention_2": em.FA2_EMULATION_NAME}.get(train.attn_implementation, "sdpa")
+    return train, layout, impl
+
+
+def _model_inputs(torch, layout, vocab: int) -> dict:
+    """Token ids [rows, row_len] of the worst batch (``sequences.batch_layout``), with a 2-D
+    ``attention_mask`` for a padded batch and ``position_ids`` for packed rows (the values do
+    not matter on meta: ``emulation.sequence_emulation`` supplies what transformers reads)."""
+    shape = (layout.rows, layout.row_len)
+    out = {"input_ids": torch.randint(0, vocab, shape, device="meta")}
+    if layout.padded:
+        out["attention_mask"] = torch.ones(shape, dtype=torch.int64, device="meta")
+    if layout.packed:
+        out["position_ids"] = torch.zeros(shape, dtype=torch.int64, device="meta")
+    return out
+
+
 def _run(torch, transformers, auto, config, load_dtype, attn_impl, quantized, seq2seq, lora, train, steps,
          raw_config,
-         tracker, mod_names, stack, LoraConfig, get_peft_model, prepare_model_for_kbit_training, dt=None):
+         tracker, mod_names, stack, layout, LoraConfig, get_peft_model, prepare_model_for_kbit_training, dt=None):
     gc = train.gradient_checkpointing
     dt = dt or Dtypes.protocol(train.quant)
     from .autocast import EmulatedAutocast, emulated_grad_scaler
@@ -339,6 +370,9 @@ def _run(torch, transformers, auto, config, load_dtype, attn_impl, quantized, se
         with torch.device("meta"):
             try:
                 model = auto.from_config(config, dtype=load_dtype, attn_implementation=attn_impl)
+                if attn_impl == "loraplan_fa2" and not getattr(model, "_supports_flash_attn", False):
+                    raise InputError(f"{config.model_type} does not support flash_attention_2 in transformers "
+                                     f"{transformers.__version__}; use --attn-implementation sdpa")
             except ValueError as e:  # a family without sdpa (gemma2): the protocol's load falls back
                 if attn_impl != "sdpa" or not ("sdpa" in str(e).lower() or "scaled_dot_product_attention" in str(e)):
                     raise
@@ -393,19 +427,22 @@ def _run(torch, transformers, auto, config, load_dtype, attn_impl, quantized, se
         n_train, n_total = model.get_nb_trainable_parameters()
         opt = _make_optimizer(train.optimizer, trainable, tracker, torch)
         scaler = emulated_grad_scaler(torch) if dt.autocast == "fp16" else None
-        b, s = train.batch, train.seq
         vocab = config.get_text_config().vocab_size if hasattr(config, "get_text_config") else config.vocab_size
-        ids = torch.randint(0, vocab, (b, s), device="meta")
+        if seq2seq and train.padding != "max-length":
+            raise InputError(f"--padding {train.padding} is modelled for decoder-only models; "
+                             f"{config.model_type} is encoder-decoder: use --padding max-length")
+        inputs = _model_inputs(torch, layout, vocab)
+        ids = inputs["input_ids"]
         labels = ids
-        if seq2seq and train.target_seq and train.target_seq != s:
-            labels = torch.randint(0, vocab, (b, train.target_seq), device="meta")
+        if seq2seq and train.target_seq and train.target_seq != train.seq:
+            labels = torch.randint(0, vocab, (train.batch, train.target_seq), device="meta")
         # label what exists before the burst
         for p in model.parameters():
             tracker.label(p, "lora_weights" if p.requires_grad else "weights")
         for buf in model.buffers():
             tracker.label(buf, "weights")
-        tracker.label(ids, "inputs")
-        tracker.label(labels, "inputs")
+        for t in (*inputs.values(), labels):
+            tracker.label(t, "inputs")
         for rec_i in list(tracker._live.values()):  # quant states, int8 CB/SCB, rope tables ...
             rec = tracker._records[rec_i]
             if rec[5] is None:
@@ -421,8 +458,11 @@ def _run(torch, transformers, auto, config, load_dtype, attn_impl, quantized, se
     # the trainer's step structure (trace/steps.py): the protocol's loop, where `loss` keeps the
     # previous step's graph (and what autograd Functions keep as ctx attributes) alive until the
     # next forward returns, or transformers Trainer's training_step, whose graph dies on return;
-    # mixed precision: the forward under (emulated) autocast, fp16 with the GradScaler
-    run_steps(model, opt, trainable, ids, labels, train, tracker, stack, steps, torch, autocast=amp, scaler=scaler)
+    # mixed precision: the forward under (emulated) autocast, fp16 with the GradScaler; the worst
+    # batch's mask / position ids go in with the ids (sequences.batch_layout)
+    extra = {k: v for k, v in inputs.items() if k != "input_ids"}
+    run_steps(model, opt, trainable, ids, labels, train, tracker, stack, steps, torch, autocast=amp, scaler=scaler,
+              model_inputs=extra)
 
     comp = _categorize(tracker, vocab)
     top = [g.to_dict() for g in tracker.snapshot("peak", top=int(os.environ.get("LORAPLAN_TRACE_TOP", "15")))]
@@ -546,7 +586,13 @@ def _default_outliers(model_config: dict, train: TrainSpec) -> tuple[float, set[
     from ..hf import spec_from_config
 
     spec = spec_from_config(model_config, "trace")
-    T = train.batch * ((train.target_seq or train.seq) if spec.is_encoder_decoder else train.seq)
+    if spec.is_encoder_decoder or train.padding == "max-length":
+        T = train.batch * ((train.target_seq or train.seq) if spec.is_encoder_decoder else train.seq)
+    else:  # the worst batch's tokens, as the ledger's Shape (estimate.sequences.batch_layout)
+        from ..estimate.sequences import batch_layout
+
+        layout = batch_layout(train)
+        T = layout.rows * layout.row_len
     leaves = {l.leaf for l in spec.linears if l.role in INT8_OUTLIER_ROLES}
     return random_init_outlier_fraction(spec, T), leaves
 

@@ -44,7 +44,7 @@ def clip_grad_norm_cuda(parameters, max_norm: float, torch):
 
 
 def run_steps(model, opt, trainable, ids, labels, train, tracker, stack: list, steps: int, torch,
-              autocast=None, scaler=None) -> None:
+              autocast=None, scaler=None, model_inputs=None) -> None:
     """Run ``steps`` optimizer steps of the recipe's trainer under ``tracker`` (phases
     step<i>/forward|backward|optimizer; micro-steps repeat forward and backward)."""
 
@@ -62,7 +62,8 @@ def run_steps(model, opt, trainable, ids, labels, train, tracker, stack: list, s
 
     runner = StepRunner(model, opt, trainable, ids, labels, train, torch, phase=phase,
                         clip=lambda params, max_norm: clip_grad_norm_cuda(params, max_norm, torch),
-                        after_update=label_state, autocast=autocast, scaler=scaler)
+                        after_update=label_state, autocast=autocast, scaler=scaler,
+                        model_inputs=model_inputs)
     for i in range(steps):
         with tracker.phase(f"step{i + 1}"):
             runner.step()
