@@ -311,5 +311,8 @@ def resolve_case(case: dict, model: ModelSpec | None = None) -> tuple[ModelSpec,
     )
     from .trainers import resolve_recipe
 
-    resolve_recipe(train)  # a setting the trainer lacks (or the libraries refuse) stops every command here
+    recipe = resolve_recipe(train)  # a setting the trainer lacks (or the libraries refuse) stops every command here
+    if model.is_encoder_decoder and recipe.padding != "max-length":
+        raise InputError(f"--padding {recipe.padding} is modelled for decoder-only models; {model.model_type} is "
+                         f"encoder-decoder: use --padding max-length")
     return model, lora, train

@@ -718,6 +718,17 @@ def _evaluate_group(p: _Group, idx, C, gpu_entry, data, none, rank_v, batch_v, s
             _evaluate_group(p, idx[which == j], C, gpu_entry, data, none, rank_v, batch_v, seq_v, dropout_v, alpha_v,
                             alpha_none, alpha_def, ts_v, ts_none, frac_v, recipe_v)
         return
+    if p.resolved.padding != "max-length":
+        # the worst batch of a length distribution (estimate.memory.sequence_shape) is laid out
+        # per case: these groups are evaluated one case at a time, with Python numbers
+        if len(idx) > 1:
+            for i in idx:
+                _evaluate_group(p, np.asarray([i]), C, gpu_entry, data, none, rank_v, batch_v, seq_v, dropout_v,
+                                alpha_v, alpha_none, alpha_def, ts_v, ts_none, frac_v, recipe_v)
+            return
+        _evaluate_sequence_case(p, idx, gpu_entry, data, none, r.item(0), alpha.item(0), d.item(0), b.item(0),
+                                s.item(0), None if frac is None else frac.item(0), nums)
+        return
     lora = replace(p.lora, rank=r, alpha=alpha, dropout=d)
     train = replace(p.resolved, batch=b, seq=s, target_seq=ts, int8_outlier_fraction=frac, **nums)
 
@@ -758,6 +769,37 @@ def _evaluate_group(p: _Group, idx, C, gpu_entry, data, none, rank_v, batch_v, s
     for c, v in row.items():
         if v is None:
             if c in none:  # a typed column's None is a mask; an object column holds None already
+                none[c][idx] = True
+        else:
+            data[c][idx] = v
+
+
+def _evaluate_sequence_case(p: _Group, idx, gpu_entry, data, none, rank, alpha, dropout, batch, seq, frac,
+                            nums) -> None:
+    """One decoder-only case whose rows are padded to the batch's longest, packed or flattened:
+    the ledger's shape is the worst batch (``estimate.memory.sequence_shape``), as ``estimate()``
+    lays it out; scalar inputs, written to row ``idx`` (one element)."""
+    from dataclasses import replace
+
+    from .estimate.activations import choose_attention
+    from .estimate.memory import moments, sequence_shape
+    from .estimate.params import count_params
+    from .estimate.time import step_time, step_work
+
+    gpu, cal, coef = gpu_entry
+    lora = replace(p.lora, rank=rank, alpha=alpha, dropout=dropout)
+    train = replace(p.resolved, batch=batch, seq=seq, int8_outlier_fraction=frac, **nums)
+    t = step_time(step_work(p.model, lora, train), gpu, coef)
+    pc = count_params(p.model, lora, p.adapted)
+    cc = gpu.compute_capability
+    x = sequence_shape(p.model, train, lora, cc)
+    ms = moments(p.structure, train, choose_attention(p.model, train, cc), x, gpu, cal)
+    peak, moment, reserved, device = _memory_totals(p.structure, train, x, ms, cal)
+    row = case_row(p.model, lora, train, gpu, pc.trainable, pc.total, peak, reserved, device, moment, t,
+                   recipe={k: getattr(train, k) for k in _RECIPE_NUMBERS})
+    for c, v in row.items():
+        if v is None:
+            if c in none:
                 none[c][idx] = True
         else:
             data[c][idx] = v

@@ -39,10 +39,6 @@ def sweep_command(grid_file, out, fmt, yes, quiet, **opts):
     from ..sweep import (MAX_CASES, check_out_path, count_cases, evaluate_table, expand_cases, failed_cases, load_grid,
                          output_format, write_columns)
 
-    for key in ("attn_implementation", "padding", "lengths"):  # not columns of the vectorised grid yet
-        if opts.get(key) not in (None, "", ()):
-            raise InputError(f"--{key.replace('_', '-')} is not a sweep axis yet (the sweep would ignore it); "
-                             f"use 'loraplan estimate' or 'loraplan plan' for it")
     fmt = output_format(out, fmt)
     check_out_path(out)
     grids = load_grid(grid_file) if grid_file else None
