@@ -179,7 +179,7 @@ def _versions() -> dict[str, str | None]:
     from importlib import metadata
 
     out = {}
-    for pkg in ("torch", "transformers", "peft", "bitsandbytes", "loraplan", "nvidia-ml-py"):
+    for pkg in ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "trl", "loraplan", "nvidia-ml-py"):
         try:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
@@ -245,34 +245,39 @@ def _fault(phase: str) -> None:
     raise RuntimeError(f"simulated error in phase {phase} ({FAULT_ENV})")
 
 
-def _quant_config(quant: str, double_quant: bool):
-    import torch
+def _quant_config(quant: str, double_quant: bool, compute_dtype: str = "bf16"):
     import transformers
+
+    from .stack import torch_dtype
 
     if quant in ("nf4", "fp4"):
         return transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant,
                                                bnb_4bit_use_double_quant=bool(double_quant),
-                                               bnb_4bit_compute_dtype=torch.bfloat16)
+                                               bnb_4bit_compute_dtype=torch_dtype(compute_dtype))
     if quant == "int8":
         return transformers.BitsAndBytesConfig(load_in_8bit=True)
     return None
 
 
-def _load_dtype(quant: str):
-    """The torch dtype of ``storage.load_dtype`` (bf16 for bf16 and the quantized loads)."""
-    import torch
+def _load_dtype(quant: str, recipe_load_dtype: str | None = None):
+    """The torch dtype ``from_pretrained`` gets: the recipe's ``load_dtype`` for a quantized base
+    (its non-quantized parameters), else ``storage.load_dtype`` (the base's own dtype)."""
+    from ..storage import is_quantized, load_dtype
+    from .stack import torch_dtype
 
-    from ..storage import TORCH_DTYPE_NAMES, load_dtype
+    if recipe_load_dtype and is_quantized(quant):
+        return torch_dtype(recipe_load_dtype)
+    return torch_dtype(load_dtype(quant))
 
-    return getattr(torch, TORCH_DTYPE_NAMES[load_dtype(quant)])
 
-
-def _sdpa_backend(device: str, attention: str):
+def _sdpa_backend(device: str, attention: str, attn_implementation: str = "sdpa"):
     """(attn_implementation, sdpa backend or None, label for the record)."""
     from torch.nn.attention import SDPBackend
 
-    if attention == "eager":
+    if attention == "eager" or attn_implementation == "eager":
         return "eager", None, "eager"
+    if attn_implementation == "flash_attention_2":
+        return "flash_attention_2", None, "flash_attention_2"
     if device == "cpu":
         return "sdpa", SDPBackend.MATH, "sdpa:math"
     table = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
@@ -368,9 +373,20 @@ def run_burst(spec: dict, emit: Emit | None = None) -> dict[str, Any]:
         import peft
         import transformers
 
+        from ..spec import RECIPE_FIELDS
+        from . import stack as st
+
+        r = st.burst_recipe(train)  # the trainer's defaults filled in (loraplan.trainers.resolve_recipe)
+        kind = r.trainer
+        res["protocol"]["trainer"] = kind
+        res["protocol"]["recipe"] = {k: (list(v) if isinstance(v, tuple) else v)
+                                     for k, v in ((k, getattr(r, k)) for k in RECIPE_FIELDS)}
+        if r.loss == "liger" and not st.liger_available():
+            raise RuntimeError("--loss liger needs liger-kernel, which is not installed; pip install liger-kernel "
+                               "or use --loss chunked")
         quant = train["quant"]
         gc = bool(train["gradient_checkpointing"])
-        attn_impl, backend, attn_label = _sdpa_backend(device, train.get("attention", "auto"))
+        attn_impl, backend, attn_label = _sdpa_backend(device, train.get("attention", "auto"), r.attn_implementation)
         if device == "cuda":
             from .probes import CudaProbe
 
@@ -388,8 +404,8 @@ def run_burst(spec: dict, emit: Emit | None = None) -> dict[str, Any]:
         hf_config = transformers.AutoConfig.from_pretrained(path)
         enc_dec = bool(getattr(hf_config, "is_encoder_decoder", False))
         cls = _model_class(enc_dec)
-        kw: dict[str, Any] = dict(dtype=_load_dtype(quant), device_map={"": 0 if device == "cuda" else "cpu"})
-        qc = _quant_config(quant, train.get("double_quant"))
+        kw: dict[str, Any] = dict(dtype=_load_dtype(quant, r.load_dtype), device_map={"": 0 if device == "cuda" else "cpu"})
+        qc = _quant_config(quant, train.get("double_quant"), r.compute_dtype)
         if qc is not None:
             kw["quantization_config"] = qc
         with warnings.catch_warnings():
@@ -422,12 +438,16 @@ def run_burst(spec: dict, emit: Emit | None = None) -> dict[str, Any]:
         model.config.use_cache = False
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            if qc is not None:
+            if qc is not None and r.prepare_kbit:
+                ckw = st.checkpoint_kwargs(r)
+                for k in ("every_n_layers", "offload"):  # not torch.utils.checkpoint kwargs: the Trainer or the loop
+                    ckw.pop(k, None)                      # (below) enables them
                 model = peft.prepare_model_for_kbit_training(
-                    model, use_gradient_checkpointing=gc, gradient_checkpointing_kwargs={"use_reentrant": False})
-            elif gc:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-                model.enable_input_require_grads()
+                    model, use_gradient_checkpointing=gc, gradient_checkpointing_kwargs=ckw)
+                if gc and kind == "loop" and (r.checkpoint_every_n_layers != 1 or r.checkpoint_offload):
+                    st.enable_checkpointing(model, r)
+            elif gc and kind == "loop":  # a Trainer enables it itself (TrainingArguments.gradient_checkpointing)
+                st.enable_checkpointing(model, r)
         record_mem("prepare", probe.end("prepare"))
 
         # ---- LoRA ---------------------------------------------------------------------
@@ -440,74 +460,95 @@ def run_burst(spec: dict, emit: Emit | None = None) -> dict[str, Any]:
         cfg = peft.LoraConfig(r=int(lora["rank"]), lora_alpha=lora["alpha"], lora_dropout=float(lora["dropout"]),
                               target_modules=target_modules, bias="none",
                               task_type="SEQ_2_SEQ_LM" if enc_dec else "CAUSAL_LM")
-        model = peft.get_peft_model(model, cfg)
-        trainable, total = model.get_nb_trainable_parameters()
-        res["params"] = {"trainable": int(trainable), "total": int(total)}
         res["protocol"]["target_modules"] = target_modules
-        record_mem("lora", probe.end("lora"))
 
-        phase("optimizer")
-        opt = _optimizer(train["optimizer"], [p for p in model.parameters() if p.requires_grad])
-        model.train()
+        def lora_done(m) -> None:
+            trainable, total = m.get_nb_trainable_parameters()
+            res["params"] = {"trainable": int(trainable), "total": int(total)}
+            record_mem("lora", probe.end("lora"))
+
+        if kind != "trl":  # SFTTrainer wraps the model itself (peft_config), in its __init__
+            model = peft.get_peft_model(model, cfg)
+            if r.adapter_dtype != "fp32":  # get_peft_model upcasts adapters to fp32 (autocast_adapter_dtype)
+                st.cast_adapters(model, r.adapter_dtype)
+            lora_done(model)
+
         batch, seq = int(train["batch"]), int(train["seq"])
+        ga = int(r.gradient_accumulation)
         vocab = int(getattr(model.config, "vocab_size", None) or hf_config.vocab_size)
-        dev = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
-        gen = torch.Generator(device="cpu").manual_seed(0)
-        ids = torch.randint(0, vocab, (batch, seq), generator=gen).to(dev)
-        if enc_dec:
-            tseq = int(train.get("target_seq") or seq)
-            labels = torch.randint(0, vocab, (batch, tseq), generator=gen).to(dev)
-        else:
-            tseq = None
-            labels = ids
+        if enc_dec and r.padding != "max-length":
+            raise RuntimeError(f"--padding {r.padding}: the burst builds encoder-decoder batches at max length only; "
+                               f"use --padding max-length")
+        if enc_dec and r.loss != "standard":
+            raise RuntimeError(f"--loss {r.loss}: the burst's {r.loss} loss is for decoder-only models; "
+                               f"use --loss standard")
         if backend is not None:
             from torch.nn.attention import sdpa_kernel
 
             stack.enter_context(sdpa_kernel([backend]))
+        marks = st.StepMarks(phase, probe, record_mem, mem, emit)
 
         # ---- steps (protocol 6-7) -----------------------------------------------------
-        step_s: list[float] = []
-        loss = None
-        for i in range(1, steps + 1):
-            probe.synchronize()
-            t0 = time.perf_counter()
-            if i == 1:
-                phase("first_forward")
-                probe.begin("first_forward")
-                loss = model(input_ids=ids, labels=labels).loss
-                record_mem("first_forward", probe.end("first_forward"))
-                phase("first_backward")
-                probe.begin("first_backward")
-                loss.backward()
-                record_mem("first_backward", probe.end("first_backward"))
-                phase("first_optimizer_step")
-                probe.begin("first_optimizer_step")
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                m = probe.end("first_optimizer_step")
-                record_mem("first_optimizer_step", m)
-                step_peak = {k: max(mem["phases"][p].get(k, 0) for p in MEMORY_PHASES[3:])
-                             for k in m if k.startswith("max_") or k.startswith("nvml_")}
+        if kind == "loop":
+            phase("optimizer")
+            opt = _optimizer(train["optimizer"], [p for p in model.parameters() if p.requires_grad])
+            model.train()
+            dev = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
+            if enc_dec:
+                gen = torch.Generator(device="cpu").manual_seed(0)
+                ids = torch.randint(0, vocab, (batch, seq), generator=gen).to(dev)
+                tseq = int(train.get("target_seq") or seq)
+                labels = torch.randint(0, vocab, (batch, tseq), generator=gen).to(dev)
+                batch_t = {"input_ids": ids, "labels": labels}
             else:
-                if i == 2:
-                    phase("steps")
-                probe.begin(f"step_{i}")
-                loss = model(input_ids=ids, labels=labels).loss
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                step_peak = probe.end(f"step_{i}")
-            probe.synchronize()
-            step_s.append(time.perf_counter() - t0)
-            mem["step_peaks"].append(step_peak)
-            emit({"ev": "step", "step": i, "s": step_s[-1], "max_allocated_bytes": step_peak.get("max_allocated_bytes")})
+                from .batches import collate, token_rows
+
+                tseq = None
+                cpu_batch = collate(token_rows(r.padding, r.lengths, batch, seq, vocab), r.padding)
+                batch_t = {k: v.to(dev) for k, v in cpu_batch.items() if k != "labels"}
+                # labels=ids is one tensor (the protocol's model(input_ids=ids, labels=ids)), not a second copy
+                batch_t["labels"] = (batch_t["input_ids"] if cpu_batch["labels"] is cpu_batch["input_ids"]
+                                     else cpu_batch["labels"].to(dev))
+            st.loop_steps(model, opt, r, batch_t, steps, marks, device, vocab)
+            positions = int(batch_t["input_ids"].numel())
+        else:
+            from .batches import collate, token_rows
+
+            tseq = int(train.get("target_seq") or seq) if enc_dec else None
+            rows = st.dataset_rows(kind, r.padding, r.lengths, batch, seq, vocab, steps, ga, enc_dec, tseq)
+            positions = batch * seq if (enc_dec or (kind == "trl" and r.padding == "packing")) else \
+                int(collate(token_rows(r.padding, r.lengths, batch, seq, vocab), r.padding)["input_ids"].numel())
+            if kind == "hf":
+                phase("optimizer")  # Trainer.train builds the optimizer (create_optimizer) before step 1
+
+            def built(trainer) -> None:
+                if kind == "trl":
+                    m = trainer.model
+                    want = st.torch_dtype(r.adapter_dtype)
+                    have = {str(p.dtype) for p in m.parameters() if p.requires_grad}
+                    if st.cast_adapters(m, r.adapter_dtype):
+                        res["protocol"]["adapters_recast"] = f"{sorted(have)} -> {want} after SFTTrainer.__init__"
+                    lora_done(m)
+                    phase("optimizer")
+
+            with tempfile.TemporaryDirectory(prefix="loraplan-trainer-") as out_dir, warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                res["protocol"].update(st.trainer_steps(
+                    kind, model, r, rows=rows, collate_fn=st.row_collator(r.padding, enc_dec), steps=steps,
+                    batch=batch, seq=seq, optimizer=train["optimizer"], gc=gc, device=device, enc_dec=enc_dec,
+                    marks=marks, out_dir=out_dir, peft_config=cfg if kind == "trl" else None, on_built=built))
+        step_s = marks.step_s
+        loss = marks.loss
+        if len(step_s) != steps:
+            raise RuntimeError(f"the {kind} trainer ran {len(step_s)} optimizer steps, not {steps}")
 
         # ---- summary ------------------------------------------------------------------
         after = step_s[warmup:] if len(step_s) > warmup else step_s
         med = statistics.median(after)
-        tokens = batch * seq
+        tokens = positions * ga
         res["time"] = {"step_s": step_s, "warmup": warmup, "step_s_median": med,
-                       "tokens_per_step": tokens, "decoder_tokens_per_step": batch * tseq if tseq else None,
+                       "tokens_per_step": tokens, "decoder_tokens_per_step": batch * tseq * ga if tseq else None,
+                       "micro_steps": marks.micro_steps, "optimizer_steps": marks.optimizer_steps,
                        "tokens_per_s": tokens / med if med > 0 else None,
                        "loss_last": float(loss.detach().float().item()) if loss is not None else None}
         res["status"], res["error"] = "ok", None

@@ -85,12 +85,17 @@ def check_extras(cases: list[Case], device: str) -> None:
         need.append("bitsandbytes")
     if device == "cuda":
         need.append("pynvml")
+    if any(c.train.trainer == "trl" for c in cases):
+        need += ["trl", "datasets"]
     missing = [m for m in need if importlib.util.find_spec(m) is None]
     if missing:
         pretty = ["nvidia-ml-py" if m == "pynvml" else m for m in missing]
         raise MissingExtraError(
             f"'loraplan profile' needs {', '.join(pretty)}, which {'is' if len(pretty) == 1 else 'are'} not installed; "
             f"install them with: pip install 'loraplan[profile]'")
+    if any(c.train.loss == "liger" for c in cases) and importlib.util.find_spec("liger_kernel") is None:
+        raise MissingExtraError("--loss liger needs liger-kernel, which is not installed; install it with: "
+                                "pip install liger-kernel (or use --loss chunked)")
 
 
 def detect_device(device: str, python: str | None = None, timeout: float = 120.0) -> DeviceInfo:
