@@ -465,6 +465,7 @@ def run_burst(spec: dict, emit: Emit | None = None) -> dict[str, Any]:
         def lora_done(m) -> None:
             trainable, total = m.get_nb_trainable_parameters()
             res["params"] = {"trainable": int(trainable), "total": int(total)}
+            res["protocol"]["param_dtypes"] = st.param_dtypes(m)
             record_mem("lora", probe.end("lora"))
 
         if kind != "trl":  # SFTTrainer wraps the model itself (peft_config), in its __init__
@@ -539,6 +540,7 @@ def run_burst(spec: dict, emit: Emit | None = None) -> dict[str, Any]:
                     marks=marks, out_dir=out_dir, peft_config=cfg if kind == "trl" else None, on_built=built))
         step_s = marks.step_s
         loss = marks.loss
+        res["protocol"]["input_shape"] = marks.input_shape
         if len(step_s) != steps:
             raise RuntimeError(f"the {kind} trainer ran {len(step_s)} optimizer steps, not {steps}")
 

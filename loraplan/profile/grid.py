@@ -12,9 +12,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-#: grid keys -> case option keys (see loraplan/case.py PARSERS)
+from ..spec import RECIPE_FIELDS
+
+#: grid keys -> case option keys (see loraplan/case.py PARSERS); the training stack's too (--trainer, ...)
 CASE_KEYS = ("model", "quant", "double_quant", "rank", "alpha", "dropout", "targets", "optimizer", "batch",
-             "seq", "target_seq", "gradient_checkpointing", "attention", "int8_outlier_fraction")
+             "seq", "target_seq", "gradient_checkpointing", "attention", "int8_outlier_fraction", *RECIPE_FIELDS)
 
 
 def load_grid_file(path: str | Path) -> list[dict[str, Any]]:

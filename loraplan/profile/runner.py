@@ -55,7 +55,19 @@ class Case:
         tg = "+".join(l.targets)
         s = f"s{t.seq}" + (f"/{t.target_seq}" if t.target_seq and t.target_seq != t.seq else "")
         return (f"{self.model.name} {q} r{l.rank} {tg} {t.optimizer} b{t.batch} {s} "
-                f"{'gc' if t.gradient_checkpointing else 'nogc'}" + (f" {t.attention}" if t.attention != "auto" else ""))
+                f"{'gc' if t.gradient_checkpointing else 'nogc'}" + (f" {t.attention}" if t.attention != "auto" else "")
+                + "".join(f" {v}" if k == "trainer" else f" {k}={v}" for k, v in _recipe_given(t)))
+
+
+def _recipe_given(t: TrainSpec) -> list[tuple[str, Any]]:
+    """The training-stack fields (spec.RECIPE_FIELDS) set away from TrainSpec's defaults, for a label."""
+    from dataclasses import fields
+
+    from ..spec import RECIPE_FIELDS
+
+    default = {f.name: f.default for f in fields(TrainSpec)}
+    given = [(k, getattr(t, k)) for k in RECIPE_FIELDS if getattr(t, k) is not None and getattr(t, k) != default[k]]
+    return [(k, ",".join(map(str, v)) if isinstance(v, tuple) else v) for k, v in given]
 
 
 @dataclass

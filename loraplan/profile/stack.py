@@ -117,6 +117,17 @@ def chunked_cross_entropy(hidden, head, labels, vocab: int):
     return total / n
 
 
+def param_dtypes(model) -> dict[str, dict[str, int]]:
+    """{"trainable"|"frozen": {dtype: elements}} of ``model``'s parameters (what the recipe's
+    load/adapter dtypes and prepare_kbit made of them)."""
+    out: dict[str, dict[str, int]] = {"trainable": {}, "frozen": {}}
+    for p in model.parameters():
+        d = out["trainable" if p.requires_grad else "frozen"]
+        k = str(p.dtype).replace("torch.", "")
+        d[k] = d.get(k, 0) + int(p.numel())
+    return out
+
+
 def liger_available() -> bool:
     import importlib.util
 
@@ -137,6 +148,8 @@ class StepMarks:
         self.optimizer_steps = 0
         self.micro_steps = 0
         self.loss = None
+        #: input_ids shape of the first micro-batch (what padding made of the rows)
+        self.input_shape: list[int] | None = None
 
     def step_begin(self) -> None:
         self.i += 1
@@ -160,8 +173,10 @@ class StepMarks:
         self.record_mem(name, m)
         return m
 
-    def forward_end(self, loss=None) -> None:
+    def forward_end(self, loss=None, input_ids=None) -> None:
         self.micro_steps += 1
+        if self.input_shape is None and input_ids is not None:
+            self.input_shape = list(input_ids.shape)
         if loss is not None:
             self.loss = loss.detach()
         if self.open == "first_forward":
@@ -211,7 +226,7 @@ def loop_steps(model, opt, r, batch: dict, steps: int, marks: StepMarks, device:
             ctx = torch.autocast(dev_type, dtype=torch_dtype(r.mixed_precision)) if amp else contextlib.nullcontext()
             with ctx:
                 loss = forward_loss(model, batch, r, vocab)
-            marks.forward_end(loss)
+            marks.forward_end(loss, batch["input_ids"])
             if ga > 1:
                 loss = loss / ga
             (scaler.scale(loss) if scaler is not None else loss).backward()
@@ -273,7 +288,7 @@ def _forward_hook(marks: StepMarks):
         loss = getattr(output, "loss", None)
         if loss is None and isinstance(output, dict):
             loss = output.get("loss")
-        marks.forward_end(loss)
+        marks.forward_end(loss, kwargs.get("input_ids", args[0] if args else None))
 
     return hook
 
