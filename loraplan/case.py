@@ -79,7 +79,7 @@ def _float(name):
 def _finite(name):
     def parse(v):
         x = _float(name)(v)
-        check_value(name, x)
+        check_value(name.replace("-", "_"), x)  # CHECKS keys are the option keys (max_grad_norm), not the flags
         return x
     return parse
 

@@ -82,6 +82,11 @@ def test_profile_cli_trainer_records(run_cli, tmp_path, tiny_llama_config, train
     assert set(MEMORY_PHASES) <= set(r["memory"]["phases"]) and len(r["memory"]["step_peaks"]) == 2
     assert r["memory"]["peak_allocated_bytes"] > r["memory"]["phases"]["load"]["max_allocated_bytes"] > 0
     assert r["estimate"]["inputs"]["trainer"] == trainer
+    # the CPU tracker sees what the Trainer allocates: AdamW's two fp32 states per trainable element
+    # appear in the first optimizer step (Trainer.create_optimizer runs inside trainer.train)
+    phases = r["memory"]["phases"]
+    grown = phases["first_optimizer_step"]["max_allocated_bytes"] - phases["lora"]["max_allocated_bytes"]
+    assert grown >= 2 * 4 * r["params"]["trainable"]
     code, _, err = run_cli(*args)  # resume: the case is recorded, nothing runs again
     assert code == 0 and len(read_records(out).records) == 1
 

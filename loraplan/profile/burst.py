@@ -480,6 +480,10 @@ def run_burst(spec: dict, emit: Emit | None = None) -> dict[str, Any]:
         if enc_dec and r.padding != "max-length":
             raise RuntimeError(f"--padding {r.padding}: the burst builds encoder-decoder batches at max length only; "
                                f"use --padding max-length")
+        if kind != "loop" and r.loss == "chunked":
+            raise RuntimeError(f"--loss chunked is the plain loop's chunked cross-entropy; transformers.Trainer has none "
+                               f"(trl's SFTTrainer already scores through its own chunked LM head with --loss standard); "
+                               f"use --trainer loop or --loss standard")
         if enc_dec and r.loss != "standard":
             raise RuntimeError(f"--loss {r.loss}: the burst's {r.loss} loss is for decoder-only models; "
                                f"use --loss standard")

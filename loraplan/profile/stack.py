@@ -309,7 +309,7 @@ def trainer_args(kind: str, r, *, out_dir: str, steps: int, batch: int, seq: int
     """TrainingArguments (Seq2SeqTrainingArguments for encoder-decoder models) or trl SFTConfig
     built from the recipe: bf16/fp16, gradient_accumulation_steps, max_grad_norm,
     gradient_checkpointing + kwargs, per_device_train_batch_size, optim, max_steps, packing /
-    padding_free / max_length (trl), a constant learning rate, sequential sampling (every
+    padding_free / max_length (trl), use_liger_kernel (--loss liger), a constant learning rate, sequential sampling (every
     micro-batch is the worst batch), no logging, reporting or saving."""
     common = dict(output_dir=out_dir, max_steps=int(steps), per_device_train_batch_size=int(batch),
                   gradient_accumulation_steps=int(r.gradient_accumulation), max_grad_norm=float(r.max_grad_norm),
@@ -319,7 +319,8 @@ def trainer_args(kind: str, r, *, out_dir: str, steps: int, batch: int, seq: int
                   warmup_steps=0, weight_decay=0.0, report_to="none", save_strategy="no", logging_strategy="no",
                   eval_strategy="no", use_cpu=device == "cpu", dataloader_num_workers=0,
                   dataloader_pin_memory=False, disable_tqdm=True, remove_unused_columns=False,
-                  train_sampling_strategy="sequential", seed=0)
+                  train_sampling_strategy="sequential", seed=0,
+                  use_liger_kernel=r.loss == "liger")  # the Trainer's liger path (liger-kernel patches the model)
     if kind == "trl":
         from trl import SFTConfig
 
