@@ -214,3 +214,8 @@ def test_chunked_cross_entropy_is_the_loss():
 def test_chunked_loss_burst(spec):
     r = ok(run_burst(spec(loss="chunked", steps=1)))
     assert r["protocol"]["recipe"]["loss"] == "chunked" and r["time"]["loss_last"] > 0
+
+
+def test_trainers_refuse_the_loops_chunked_loss(spec):
+    r = run_burst(spec(trainer="hf", loss="chunked", steps=1))
+    assert r["status"] == "error" and "--trainer loop" in r["error"] and r["phase"] == "lora"
