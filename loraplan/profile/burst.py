@@ -1,6 +1,12 @@
 """One training burst, exactly as loraplan/data/h100-protocol.md describes it (needs the
 ``[profile]`` extra). :func:`run_burst` is what the worker subprocess calls; it never raises for
 a failure of the case: OOM and errors come back as data with the phase they happened in.
+
+The training-stack recipe (``loraplan.trainers.resolve_recipe``) shapes the load (dtype,
+compute dtype, attn_implementation), the preparation (prepare_kbit, checkpointing variant) and
+the steps, which the plain loop or the real transformers.Trainer / trl.SFTTrainer runs
+(``loraplan.profile.stack``; batches: ``loraplan.profile.batches``). ``--trainer loop`` with
+the default recipe is the protocol's step, unchanged.
 """
 
 from __future__ import annotations
