@@ -219,3 +219,15 @@ def test_chunked_loss_burst(spec):
 def test_trainers_refuse_the_loops_chunked_loss(spec):
     r = run_burst(spec(trainer="hf", loss="chunked", steps=1))
     assert r["status"] == "error" and "--trainer loop" in r["error"] and r["phase"] == "lora"
+
+
+def test_encoder_decoder_runs_seq2seq_trainer(cache, tiny_configs):
+    s = {"model": {"name": "tiny-t5", "config": tiny_configs["t5"]},
+         "lora": {"rank": 4, "alpha": 8.0, "dropout": 0.0, "targets": ["q", "v"]},
+         "train": {"quant": "bf16", "double_quant": True, "optimizer": "adamw", "batch": 2, "seq": 16, "target_seq": 8,
+                   "gradient_checkpointing": True, "attention": "auto", "int8_outlier_fraction": None, "trainer": "hf"},
+         "device": "cpu", "steps": 2, "warmup": 1, "cache_dir": str(cache)}
+    r = ok(run_burst(s))
+    assert r["protocol"]["trainer"] == "Seq2SeqTrainer" and r["time"]["decoder_tokens_per_step"] == 16
+    t = run_burst(dict(s, train=dict(s["train"], trainer="trl")))
+    assert t["status"] == "error" and "--trainer hf" in t["error"]

@@ -490,6 +490,9 @@ def run_burst(spec: dict, emit: Emit | None = None) -> dict[str, Any]:
             raise RuntimeError(f"--loss chunked is the plain loop's chunked cross-entropy; transformers.Trainer has none "
                                f"(trl's SFTTrainer already scores through its own chunked LM head with --loss standard); "
                                f"use --trainer loop or --loss standard")
+        if enc_dec and kind == "trl":
+            raise RuntimeError(f"--trainer trl: trl's SFTTrainer trains causal LMs, not encoder-decoder "
+                               f"{hf_config.model_type}; use --trainer hf (Seq2SeqTrainer) or --trainer loop")
         if enc_dec and r.loss != "standard":
             raise RuntimeError(f"--loss {r.loss}: the burst's {r.loss} loss is for decoder-only models; "
                                f"use --loss standard")
