@@ -231,3 +231,14 @@ def test_encoder_decoder_runs_seq2seq_trainer(cache, tiny_configs):
     assert r["protocol"]["trainer"] == "Seq2SeqTrainer" and r["time"]["decoder_tokens_per_step"] == 16
     t = run_burst(dict(s, train=dict(s["train"], trainer="trl")))
     assert t["status"] == "error" and "--trainer hf" in t["error"]
+
+
+def test_recipes_a_burst_cannot_run_are_refused_before_any_burst(run_cli, tmp_path, tiny_llama_config, write_tiny_config):
+    t5 = write_tiny_config(tmp_path, "t5").parent
+    common = ["--device", "cpu", "--seq", "16", "--out", str(tmp_path / "x.jsonl"), "--cache-dir", str(tmp_path / "c")]
+    for args, says in [(["--model", str(t5), "--trainer", "trl"], "--trainer hf"),
+                       (["--model", str(tiny_llama_config), "--trainer", "hf", "--loss", "chunked"], "--trainer loop"),
+                       (["--model", str(t5), "--padding", "longest", "--lengths", "8,16"], "--padding max-length")]:
+        code, _, err = run_cli("profile", *common, *args)
+        assert code == 2 and says in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "x.jsonl").exists()

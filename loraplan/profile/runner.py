@@ -110,6 +110,27 @@ def check_extras(cases: list[Case], device: str) -> None:
                                 "pip install liger-kernel (or use --loss chunked)")
 
 
+def check_recipes(cases: list[Case]) -> None:
+    """InputError (one line: the value and the fix) for a recipe the burst cannot run, before any
+    burst (a refused case recorded as an error would be skipped by the next run): trl's
+    SFTTrainer with an encoder-decoder model, the loop's chunked loss under a Trainer, and
+    padding/loss variants the burst builds for decoder-only models only."""
+    from ..errors import InputError
+
+    for c in cases:
+        t, enc_dec = c.train, c.model.is_encoder_decoder
+        if enc_dec and t.trainer == "trl":
+            raise InputError(f"--trainer trl: trl's SFTTrainer trains causal LMs, not encoder-decoder "
+                             f"{c.model.model_type}; use --trainer hf (Seq2SeqTrainer) or --trainer loop")
+        if t.trainer != "loop" and t.loss == "chunked":
+            raise InputError(f"--loss chunked is the plain loop's chunked cross-entropy; --trainer {t.trainer} has none; "
+                             f"use --trainer loop or --loss standard")
+        if enc_dec and (t.padding != "max-length" or t.loss != "standard"):
+            bad = f"--padding {t.padding}" if t.padding != "max-length" else f"--loss {t.loss}"
+            raise InputError(f"{bad}: a burst builds encoder-decoder ({c.model.model_type}) batches at max length with "
+                             f"the standard loss; use --padding max-length --loss standard")
+
+
 def detect_device(device: str, python: str | None = None, timeout: float = 120.0) -> DeviceInfo:
     """``cpu`` -> DeviceInfo("cpu", "cpu"); ``cuda`` asks a worker process (the parent never
     creates a CUDA context) for device 0's name and maps it to a catalog GPU id."""
