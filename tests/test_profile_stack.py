@@ -238,7 +238,9 @@ def test_recipes_a_burst_cannot_run_are_refused_before_any_burst(run_cli, tmp_pa
     common = ["--device", "cpu", "--seq", "16", "--out", str(tmp_path / "x.jsonl"), "--cache-dir", str(tmp_path / "c")]
     for args, says in [(["--model", str(t5), "--trainer", "trl"], "--trainer hf"),
                        (["--model", str(tiny_llama_config), "--trainer", "hf", "--loss", "chunked"], "--trainer loop"),
-                       (["--model", str(t5), "--padding", "longest", "--lengths", "8,16"], "--padding max-length")]:
+                       (["--model", str(t5), "--padding", "longest", "--lengths", "8,16"], "--padding max-length"),
+                       (["--model", str(tiny_llama_config), "--checkpoint-offload"], "--device cuda"),
+                       (["--model", str(tiny_llama_config), "--attn-implementation", "flash_attention_2"], "sdpa")]:
         code, _, err = run_cli("profile", *common, *args)
         assert code == 2 and says in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "x.jsonl").exists()

@@ -97,7 +97,7 @@ def profile_command(gpu, device, steps, warmup, timeout, force, out, cache_dir, 
     for w in {str(w.message) for w in caught if issubclass(w.category, UserWarning)}:
         click.echo(f"warning: {w}", err=True)
     check_extras(cases, device)
-    check_recipes(cases)
+    check_recipes(cases, device)
     dev = detect_device(device)
 
     from rich.console import Console

@@ -110,15 +110,25 @@ def check_extras(cases: list[Case], device: str) -> None:
                                 "pip install liger-kernel (or use --loss chunked)")
 
 
-def check_recipes(cases: list[Case]) -> None:
+def check_recipes(cases: list[Case], device: str = "cuda") -> None:
     """InputError (one line: the value and the fix) for a recipe the burst cannot run, before any
     burst (a refused case recorded as an error would be skipped by the next run): trl's
-    SFTTrainer with an encoder-decoder model, the loop's chunked loss under a Trainer, and
-    padding/loss variants the burst builds for decoder-only models only."""
+    SFTTrainer with an encoder-decoder model, the loop's chunked loss under a Trainer,
+    padding/loss variants the burst builds for decoder-only models only, and on ``--device cpu``
+    checkpoint offload (transformers modeling_utils.py::_activation_checkpointing_enable wraps
+    ``save_on_cpu(pin_memory=True)``, and torch has no pinned allocator without an accelerator)
+    and flash_attention_2 (CUDA only)."""
     from ..errors import InputError
 
     for c in cases:
         t, enc_dec = c.train, c.model.is_encoder_decoder
+        if device == "cpu" and t.checkpoint_offload:
+            raise InputError("--checkpoint-offload on --device cpu: transformers offloads through pinned host memory, "
+                             "which needs a GPU (and CPU activations live in host memory anyway); drop "
+                             "--checkpoint-offload or use --device cuda")
+        if device == "cpu" and t.attn_implementation == "flash_attention_2":
+            raise InputError("--attn-implementation flash_attention_2 runs on CUDA only; use --attn-implementation sdpa "
+                             "or eager on --device cpu, or --device cuda")
         if enc_dec and t.trainer == "trl":
             raise InputError(f"--trainer trl: trl's SFTTrainer trains causal LMs, not encoder-decoder "
                              f"{c.model.model_type}; use --trainer hf (Seq2SeqTrainer) or --trainer loop")
