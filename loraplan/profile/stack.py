@@ -326,8 +326,7 @@ def trainer_args(kind: str, r, *, out_dir: str, steps: int, batch: int, seq: int
 
         packing = r.padding == "packing"
         return SFTConfig(**common, packing=packing, padding_free=r.padding == "padding-free",
-                         max_length=None if r.padding == "padding-free" else int(seq),
-                         dataset_num_proc=None)
+                         max_length=None if r.padding == "padding-free" else int(seq))
     import transformers
 
     cls = transformers.Seq2SeqTrainingArguments if enc_dec else transformers.TrainingArguments
@@ -383,7 +382,7 @@ def dataset_rows(kind: str, padding: str, lengths, batch: int, seq: int, vocab: 
     from .batches import token_rows
 
     if kind == "trl" and padding == "packing":
-        docs = token_rows("longest", lengths, max(1, len(lengths or [seq])), seq, vocab) if lengths else \
+        docs = token_rows("longest", lengths, len(lengths), seq, vocab) if lengths else \
             token_rows("max-length", None, 1, seq, vocab)
         need = steps * ga * batch * max(1, math.ceil(seq / min(len(d) for d in docs))) + batch
         return [{"input_ids": docs[i % len(docs)]} for i in range(need)]
