@@ -74,7 +74,7 @@ def profile_command(gpu, device, steps, warmup, timeout, force, out, cache_dir, 
     """
     from ..errors import InputError
     from ..profile.grid import load_grid_file, merge_grids
-    from ..profile.runner import build_cases, check_extras, detect_device, profile
+    from ..profile.runner import build_cases, check_extras, check_recipes, detect_device, profile
 
     if warmup >= steps:
         raise InputError(f"--warmup {warmup} must be smaller than --steps {steps}; the median uses the steps after warmup")
@@ -97,6 +97,7 @@ def profile_command(gpu, device, steps, warmup, timeout, force, out, cache_dir, 
     for w in {str(w.message) for w in caught if issubclass(w.category, UserWarning)}:
         click.echo(f"warning: {w}", err=True)
     check_extras(cases, device)
+    check_recipes(cases, device)
     dev = detect_device(device)
 
     from rich.console import Console

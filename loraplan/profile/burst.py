@@ -1,6 +1,12 @@
 """One training burst, exactly as loraplan/data/h100-protocol.md describes it (needs the
 ``[profile]`` extra). :func:`run_burst` is what the worker subprocess calls; it never raises for
 a failure of the case: OOM and errors come back as data with the phase they happened in.
+
+The training-stack recipe (``loraplan.trainers.resolve_recipe``) shapes the load (dtype,
+compute dtype, attn_implementation), the preparation (prepare_kbit, checkpointing variant) and
+the steps, which the plain loop or the real transformers.Trainer / trl.SFTTrainer runs
+(``loraplan.profile.stack``; batches: ``loraplan.profile.batches``). ``--trainer loop`` with
+the default recipe is the protocol's step, unchanged.
 """
 
 from __future__ import annotations
@@ -18,9 +24,6 @@ import traceback
 import warnings
 from pathlib import Path
 from typing import Any, Callable
-
-from ..spec import TrainSpec
-from ..train_step import StepRunner, apply_checkpoint_layout, check_supported, checkpoint_kwargs
 
 Emit = Callable[[dict], None]
 
@@ -182,7 +185,7 @@ def _versions() -> dict[str, str | None]:
     from importlib import metadata
 
     out = {}
-    for pkg in ("torch", "transformers", "peft", "bitsandbytes", "loraplan", "nvidia-ml-py"):
+    for pkg in ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "trl", "loraplan", "nvidia-ml-py"):
         try:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
@@ -248,48 +251,39 @@ def _fault(phase: str) -> None:
     raise RuntimeError(f"simulated error in phase {phase} ({FAULT_ENV})")
 
 
-def _recipe_dtypes(train: dict):
-    """The resolved recipe's dtypes (``storage.Dtypes.of``) of a record's train fields."""
-    from ..spec import TrainSpec
-    from ..storage import Dtypes
-
-    return Dtypes.of(TrainSpec(**train))
-
-
-def _torch_dtype(name: str):
-    import torch
-
-    from ..storage import TORCH_DTYPE_NAMES
-
-    return getattr(torch, TORCH_DTYPE_NAMES[name])
-
-
-def _quant_config(quant: str, double_quant: bool, compute: str = "bf16"):
+def _quant_config(quant: str, double_quant: bool, compute_dtype: str = "bf16"):
     import transformers
+
+    from .stack import torch_dtype
 
     if quant in ("nf4", "fp4"):
         return transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant,
                                                bnb_4bit_use_double_quant=bool(double_quant),
-                                               bnb_4bit_compute_dtype=_torch_dtype(compute))
+                                               bnb_4bit_compute_dtype=torch_dtype(compute_dtype))
     if quant == "int8":
         return transformers.BitsAndBytesConfig(load_in_8bit=True)
     return None
 
 
-def _load_dtype(quant):
-    """The torch dtype of ``storage.load_dtype`` (bf16 for bf16 and, in the protocol, the
-    quantized loads; ``quant`` may be a ``storage.Dtypes``)."""
-    from ..storage import load_dtype
+def _load_dtype(quant: str, recipe_load_dtype: str | None = None):
+    """The torch dtype ``from_pretrained`` gets: the recipe's ``load_dtype`` for a quantized base
+    (its non-quantized parameters), else ``storage.load_dtype`` (the base's own dtype)."""
+    from ..storage import is_quantized, load_dtype
+    from .stack import torch_dtype
 
-    return _torch_dtype(load_dtype(quant))
+    if recipe_load_dtype and is_quantized(quant):
+        return torch_dtype(recipe_load_dtype)
+    return torch_dtype(load_dtype(quant))
 
 
-def _sdpa_backend(device: str, attention: str):
+def _sdpa_backend(device: str, attention: str, attn_implementation: str = "sdpa"):
     """(attn_implementation, sdpa backend or None, label for the record)."""
     from torch.nn.attention import SDPBackend
 
-    if attention == "eager":
+    if attention == "eager" or attn_implementation == "eager":
         return "eager", None, "eager"
+    if attn_implementation == "flash_attention_2":
+        return "flash_attention_2", None, "flash_attention_2"
     if device == "cpu":
         return "sdpa", SDPBackend.MATH, "sdpa:math"
     table = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
@@ -316,45 +310,6 @@ def _optimizer(name: str, params):
 def _error_text(e: BaseException) -> str:
     text = f"{type(e).__name__}: {e}".strip()
     return text if len(text) <= 4000 else text[:4000] + " ..."
-
-
-def sequence_inputs(torch, train: dict, vocab: int, gen, dev):
-    """The worst batch of ``train``'s padding mode as real tensors (``estimate.sequences.batch_layout``
-    gives its shape), and its labels:
-
-    - longest: row 0 of L = min(max(lengths), seq) tokens, the others of min(lengths) (capped at
-      L), right-padded (``DataCollatorWithPadding``'s default side) with ``attention_mask`` 0 and
-      labels -100 on the pads;
-    - packing: every row of ``seq`` tokens filled with documents of the given lengths in turn
-      (the last one cut), ``position_ids`` restarting at 0 per document, no attention mask
-      (TRL's packed rows);
-    - padding-free: one row of b documents of L tokens with restarting ``position_ids``
-      (``DataCollatorWithFlattening``).
-    """
-    from ..estimate.sequences import batch_layout
-    from ..spec import TrainSpec
-
-    t = TrainSpec(**{k: v for k, v in train.items() if k in TrainSpec.__dataclass_fields__})
-    layout = batch_layout(t)
-    rows, n = layout.rows, layout.row_len
-    ids = torch.randint(0, vocab, (rows, n), generator=gen)
-    lengths = [min(v, t.seq) for v in t.lengths] if t.lengths else [t.seq]
-    if t.padding == "longest":
-        mask = torch.zeros((rows, n), dtype=torch.int64)
-        for r in range(rows):
-            mask[r, : n if r == 0 else min(min(lengths), n)] = 1
-        labels = ids.masked_fill(mask == 0, -100)
-        return {"input_ids": ids.to(dev), "attention_mask": mask.to(dev)}, labels.to(dev)
-    docs = [n // t.batch] if t.padding == "padding-free" else lengths
-    pos = torch.zeros((rows, n), dtype=torch.int64)
-    k = 0
-    for r in range(rows):
-        i = 0
-        while i < n:
-            d = min(docs[k % len(docs)], n - i)
-            pos[r, i:i + d] = torch.arange(d)
-            i, k = i + d, k + 1
-    return {"input_ids": ids.to(dev), "position_ids": pos.to(dev)}, ids.to(dev)
 
 
 def run_burst(spec: dict, emit: Emit | None = None) -> dict[str, Any]:
@@ -424,12 +379,20 @@ def run_burst(spec: dict, emit: Emit | None = None) -> dict[str, Any]:
         import peft
         import transformers
 
+        from ..spec import RECIPE_FIELDS
+        from . import stack as st
+
+        r = st.burst_recipe(train)  # the trainer's defaults filled in (loraplan.trainers.resolve_recipe)
+        kind = r.trainer
+        res["protocol"]["trainer"] = kind
+        res["protocol"]["recipe"] = {k: (list(v) if isinstance(v, tuple) else v)
+                                     for k, v in ((k, getattr(r, k)) for k in RECIPE_FIELDS)}
+        if r.loss == "liger" and not st.liger_available():
+            raise RuntimeError("--loss liger needs liger-kernel, which is not installed; pip install liger-kernel "
+                               "or use --loss chunked")
         quant = train["quant"]
-        dt = _recipe_dtypes(train)  # the resolved recipe: load/compute/adapter dtypes, prepare, autocast
         gc = bool(train["gradient_checkpointing"])
-        tspec = TrainSpec(**train)
-        check_supported(tspec, runner="burst")
-        attn_impl, backend, attn_label = _sdpa_backend(device, train.get("attention", "auto"))
+        attn_impl, backend, attn_label = _sdpa_backend(device, train.get("attention", "auto"), r.attn_implementation)
         if device == "cuda":
             from .probes import CudaProbe
 
@@ -447,8 +410,8 @@ def run_burst(spec: dict, emit: Emit | None = None) -> dict[str, Any]:
         hf_config = transformers.AutoConfig.from_pretrained(path)
         enc_dec = bool(getattr(hf_config, "is_encoder_decoder", False))
         cls = _model_class(enc_dec)
-        kw: dict[str, Any] = dict(dtype=_load_dtype(dt), device_map={"": 0 if device == "cuda" else "cpu"})
-        qc = _quant_config(quant, train.get("double_quant"), dt.compute)
+        kw: dict[str, Any] = dict(dtype=_load_dtype(quant, r.load_dtype), device_map={"": 0 if device == "cuda" else "cpu"})
+        qc = _quant_config(quant, train.get("double_quant"), r.compute_dtype)
         if qc is not None:
             kw["quantization_config"] = qc
         with warnings.catch_warnings():
@@ -481,16 +444,16 @@ def run_burst(spec: dict, emit: Emit | None = None) -> dict[str, Any]:
         model.config.use_cache = False
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            if dt.prepare_kbit:
+            if qc is not None and r.prepare_kbit:
+                ckw = st.checkpoint_kwargs(r)
+                for k in ("every_n_layers", "offload"):  # not torch.utils.checkpoint kwargs: the Trainer or the loop
+                    ckw.pop(k, None)                      # (below) enables them
                 model = peft.prepare_model_for_kbit_training(
-                    model, use_gradient_checkpointing=gc, gradient_checkpointing_kwargs=checkpoint_kwargs(tspec))
-                if gc and qc is None:  # prepare enables checkpointing for k-bit models only
-                    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs(tspec))
-                    model.enable_input_require_grads()
-            elif gc:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs(tspec))
-                model.enable_input_require_grads()
-            apply_checkpoint_layout(model, tspec)
+                    model, use_gradient_checkpointing=gc, gradient_checkpointing_kwargs=ckw)
+                if gc and kind == "loop" and (r.checkpoint_every_n_layers != 1 or r.checkpoint_offload):
+                    st.enable_checkpointing(model, r)
+            elif gc and kind == "loop":  # a Trainer enables it itself (TrainingArguments.gradient_checkpointing)
+                st.enable_checkpointing(model, r)
         record_mem("prepare", probe.end("prepare"))
 
         # ---- LoRA ---------------------------------------------------------------------
@@ -503,95 +466,105 @@ def run_burst(spec: dict, emit: Emit | None = None) -> dict[str, Any]:
         cfg = peft.LoraConfig(r=int(lora["rank"]), lora_alpha=lora["alpha"], lora_dropout=float(lora["dropout"]),
                               target_modules=target_modules, bias="none",
                               task_type="SEQ_2_SEQ_LM" if enc_dec else "CAUSAL_LM")
-        model = peft.get_peft_model(model, cfg)
-        if dt.adapter != "fp32":  # as trl's SFTTrainer casts a quantized model's adapters
-            for p in model.parameters():
-                if p.requires_grad:
-                    p.data = p.data.to(_torch_dtype(dt.adapter))
-        trainable, total = model.get_nb_trainable_parameters()
-        res["params"] = {"trainable": int(trainable), "total": int(total)}
         res["protocol"]["target_modules"] = target_modules
-        record_mem("lora", probe.end("lora"))
 
-        phase("optimizer")
-        opt = _optimizer(train["optimizer"], [p for p in model.parameters() if p.requires_grad])
-        model.train()
+        def lora_done(m) -> None:
+            trainable, total = m.get_nb_trainable_parameters()
+            res["params"] = {"trainable": int(trainable), "total": int(total)}
+            res["protocol"]["param_dtypes"] = st.param_dtypes(m)
+            record_mem("lora", probe.end("lora"))
+
+        if kind != "trl":  # SFTTrainer wraps the model itself (peft_config), in its __init__
+            model = peft.get_peft_model(model, cfg)
+            if r.adapter_dtype != "fp32":  # get_peft_model upcasts adapters to fp32 (autocast_adapter_dtype)
+                st.cast_adapters(model, r.adapter_dtype)
+            lora_done(model)
+
         batch, seq = int(train["batch"]), int(train["seq"])
+        ga = int(r.gradient_accumulation)
         vocab = int(getattr(model.config, "vocab_size", None) or hf_config.vocab_size)
-        dev = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
-        gen = torch.Generator(device="cpu").manual_seed(0)
-        ids = torch.randint(0, vocab, (batch, seq), generator=gen).to(dev)
-        inputs = {"input_ids": ids}
-        if enc_dec:
-            tseq = int(train.get("target_seq") or seq)
-            labels = torch.randint(0, vocab, (batch, tseq), generator=gen).to(dev)
-        else:
-            tseq = None
-            labels = ids
-            if train.get("padding", "max-length") != "max-length":
-                inputs, labels = sequence_inputs(torch, train, vocab, gen, dev)
+        if enc_dec and r.padding != "max-length":
+            raise RuntimeError(f"--padding {r.padding}: the burst builds encoder-decoder batches at max length only; "
+                               f"use --padding max-length")
+        if kind == "loop" and r.loss == "chunked":
+            raise RuntimeError("--loss chunked (trl's fused chunked LM head) is run by --trainer trl's SFTTrainer; "
+                               "the loop burst does not apply it: use --trainer trl or --loss standard")
+        if enc_dec and kind == "trl":
+            raise RuntimeError(f"--trainer trl: trl's SFTTrainer trains causal LMs, not encoder-decoder "
+                               f"{hf_config.model_type}; use --trainer hf (Seq2SeqTrainer) or --trainer loop")
+        if enc_dec and r.loss != "standard":
+            raise RuntimeError(f"--loss {r.loss}: the burst's {r.loss} loss is for decoder-only models; "
+                               f"use --loss standard")
         if backend is not None:
             from torch.nn.attention import sdpa_kernel
 
             stack.enter_context(sdpa_kernel([backend]))
+        marks = st.StepMarks(phase, probe, record_mem, mem, emit)
 
-        # ---- steps (protocol 6-7; the recipe's trainer step: loraplan.train_step) ----
-        step_s: list[float] = []
-        # mixed precision: the forward (and the loss inside it) under torch.autocast; fp16 adds a
-        # GradScaler (scale the loss, unscale + inf check, step, update)
-        amp_dtype = _torch_dtype(dt.autocast) if dt.autocast else None
-        scaler = torch.amp.GradScaler(device) if dt.autocast == "fp16" else None
-        res["protocol"]["mixed_precision"] = dt.autocast or "no"
-        first = {"forward": "first_forward", "backward": "first_backward", "optimizer": "first_optimizer_step"}
-        current = {"step": 0}
-
-        @contextlib.contextmanager
-        def step_phase(name):
-            # step 1: each part probed on its own (micro-steps: the largest of their peaks)
-            if current["step"] != 1:
-                yield
-                return
-            phase(first[name])
-            probe.begin(first[name])
-            yield
-            m = probe.end(first[name])
-            old = mem["phases"].get(first[name])
-            if old is not None:
-                m = {k: max(v, old.get(k, v)) if k.startswith("max_") and v is not None else v for k, v in m.items()}
-            record_mem(first[name], m)
-
-        runner = StepRunner(model, opt, [p for p in model.parameters() if p.requires_grad], inputs["input_ids"],
-                            labels, tspec, torch, phase=step_phase, scaler=scaler,
-                            model_inputs={k: v for k, v in inputs.items() if k != "input_ids"},
-                            autocast=torch.autocast(device_type=device, dtype=amp_dtype) if amp_dtype else None)
-        for i in range(1, steps + 1):
-            probe.synchronize()
-            t0 = time.perf_counter()
-            current["step"] = i
-            if i == 1:
-                runner.step()
-                m = mem["phases"]["first_optimizer_step"]
-                step_peak = {k: max(mem["phases"][p].get(k, 0) for p in MEMORY_PHASES[3:])
-                             for k in m if k.startswith("max_") or k.startswith("nvml_")}
+        # ---- steps (protocol 6-7) -----------------------------------------------------
+        if kind == "loop":
+            phase("optimizer")
+            opt = _optimizer(train["optimizer"], [p for p in model.parameters() if p.requires_grad])
+            model.train()
+            dev = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
+            if enc_dec:
+                gen = torch.Generator(device="cpu").manual_seed(0)
+                ids = torch.randint(0, vocab, (batch, seq), generator=gen).to(dev)
+                tseq = int(train.get("target_seq") or seq)
+                labels = torch.randint(0, vocab, (batch, tseq), generator=gen).to(dev)
+                batch_t = {"input_ids": ids, "labels": labels}
             else:
-                if i == 2:
-                    phase("steps")
-                probe.begin(f"step_{i}")
-                runner.step()
-                step_peak = probe.end(f"step_{i}")
-            probe.synchronize()
-            step_s.append(time.perf_counter() - t0)
-            mem["step_peaks"].append(step_peak)
-            emit({"ev": "step", "step": i, "s": step_s[-1], "max_allocated_bytes": step_peak.get("max_allocated_bytes")})
+                from .batches import collate, token_rows
+
+                tseq = None
+                cpu_batch = collate(token_rows(r.padding, r.lengths, batch, seq, vocab), r.padding)
+                batch_t = {k: v.to(dev) for k, v in cpu_batch.items() if k != "labels"}
+                # labels=ids is one tensor (the protocol's model(input_ids=ids, labels=ids)), not a second copy
+                batch_t["labels"] = (batch_t["input_ids"] if cpu_batch["labels"] is cpu_batch["input_ids"]
+                                     else cpu_batch["labels"].to(dev))
+            st.loop_steps(model, opt, r, batch_t, steps, marks, device, vocab)
+            positions = int(batch_t["input_ids"].numel())
+        else:
+            from .batches import collate, token_rows
+
+            tseq = int(train.get("target_seq") or seq) if enc_dec else None
+            rows = st.dataset_rows(kind, r.padding, r.lengths, batch, seq, vocab, steps, ga, enc_dec, tseq)
+            positions = batch * seq if (enc_dec or (kind == "trl" and r.padding == "packing")) else \
+                int(collate(token_rows(r.padding, r.lengths, batch, seq, vocab), r.padding)["input_ids"].numel())
+            if kind == "hf":
+                phase("optimizer")  # Trainer.train builds the optimizer (create_optimizer) before step 1
+
+            def built(trainer) -> None:
+                if kind == "trl":
+                    m = trainer.model
+                    want = st.torch_dtype(r.adapter_dtype)
+                    have = {str(p.dtype) for p in m.parameters() if p.requires_grad}
+                    if st.cast_adapters(m, r.adapter_dtype):
+                        res["protocol"]["adapters_recast"] = f"{sorted(have)} -> {want} after SFTTrainer.__init__"
+                    lora_done(m)
+                    phase("optimizer")
+
+            with tempfile.TemporaryDirectory(prefix="loraplan-trainer-") as out_dir, warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                res["protocol"].update(st.trainer_steps(
+                    kind, model, r, rows=rows, collate_fn=st.row_collator(r.padding, enc_dec), steps=steps,
+                    batch=batch, seq=seq, optimizer=train["optimizer"], gc=gc, device=device, enc_dec=enc_dec,
+                    marks=marks, out_dir=out_dir, peft_config=cfg if kind == "trl" else None, on_built=built))
+        step_s = marks.step_s
+        loss = marks.loss
+        res["protocol"]["input_shape"] = marks.input_shape
+        if len(step_s) != steps:
+            raise RuntimeError(f"the {kind} trainer ran {len(step_s)} optimizer steps, not {steps}")
 
         # ---- summary ------------------------------------------------------------------
         after = step_s[warmup:] if len(step_s) > warmup else step_s
         med = statistics.median(after)
-        tokens = batch * seq * runner.ga  # per optimizer step: every micro-batch of it
+        tokens = positions * ga
         res["time"] = {"step_s": step_s, "warmup": warmup, "step_s_median": med,
-                       "tokens_per_step": tokens, "decoder_tokens_per_step": batch * tseq * runner.ga if tseq else None,
+                       "tokens_per_step": tokens, "decoder_tokens_per_step": batch * tseq * ga if tseq else None,
+                       "micro_steps": marks.micro_steps, "optimizer_steps": marks.optimizer_steps,
                        "tokens_per_s": tokens / med if med > 0 else None,
-                       "loss_last": runner.last_loss()}
+                       "loss_last": float(loss.detach().float().item()) if loss is not None else None}
         res["status"], res["error"] = "ok", None
         phase("done")
     except Exception as e:  # noqa: BLE001 - every failure of the case is data

@@ -56,18 +56,18 @@ class Case:
         s = f"s{t.seq}" + (f"/{t.target_seq}" if t.target_seq and t.target_seq != t.seq else "")
         return (f"{self.model.name} {q} r{l.rank} {tg} {t.optimizer} b{t.batch} {s} "
                 f"{'gc' if t.gradient_checkpointing else 'nogc'}" + (f" {t.attention}" if t.attention != "auto" else "")
-                + _sequence_label(t))
+                + "".join(f" {v}" if k == "trainer" else f" {k}={v}" for k, v in _recipe_given(t)))
 
 
-def _sequence_label(t: TrainSpec) -> str:
-    """The label's part for sequence handling: '' for max-length sdpa (labels as before), else the
-    padding mode with the lengths and a non-sdpa attn_implementation."""
-    out = ""
-    if t.padding != "max-length":
-        out += f" {t.padding}" + (f"[{','.join(map(str, t.lengths))}]" if t.lengths else "")
-    if t.attn_implementation not in (None, "sdpa"):
-        out += f" {t.attn_implementation}"
-    return out
+def _recipe_given(t: TrainSpec) -> list[tuple[str, Any]]:
+    """The training-stack fields (spec.RECIPE_FIELDS) set away from TrainSpec's defaults, for a label."""
+    from dataclasses import fields
+
+    from ..spec import RECIPE_FIELDS
+
+    default = {f.name: f.default for f in fields(TrainSpec)}
+    given = [(k, getattr(t, k)) for k in RECIPE_FIELDS if getattr(t, k) is not None and getattr(t, k) != default[k]]
+    return [(k, ",".join(map(str, v)) if isinstance(v, tuple) else v) for k, v in given]
 
 
 @dataclass
@@ -97,12 +97,48 @@ def check_extras(cases: list[Case], device: str) -> None:
         need.append("bitsandbytes")
     if device == "cuda":
         need.append("pynvml")
+    if any(c.train.trainer == "trl" for c in cases):
+        need += ["trl", "datasets"]
     missing = [m for m in need if importlib.util.find_spec(m) is None]
     if missing:
         pretty = ["nvidia-ml-py" if m == "pynvml" else m for m in missing]
         raise MissingExtraError(
             f"'loraplan profile' needs {', '.join(pretty)}, which {'is' if len(pretty) == 1 else 'are'} not installed; "
             f"install them with: pip install 'loraplan[profile]'")
+    if any(c.train.loss == "liger" for c in cases) and importlib.util.find_spec("liger_kernel") is None:
+        raise MissingExtraError("--loss liger needs liger-kernel, which is not installed; install it with: "
+                                "pip install liger-kernel (or use --loss chunked)")
+
+
+def check_recipes(cases: list[Case], device: str = "cuda") -> None:
+    """InputError (one line: the value and the fix) for a recipe the burst cannot run, before any
+    burst (a refused case recorded as an error would be skipped by the next run): trl's
+    SFTTrainer with an encoder-decoder model, the loop's chunked loss under a Trainer,
+    padding/loss variants the burst builds for decoder-only models only, and on ``--device cpu``
+    checkpoint offload (transformers modeling_utils.py::_activation_checkpointing_enable wraps
+    ``save_on_cpu(pin_memory=True)``, and torch has no pinned allocator without an accelerator)
+    and flash_attention_2 (CUDA only)."""
+    from ..errors import InputError
+
+    for c in cases:
+        t, enc_dec = c.train, c.model.is_encoder_decoder
+        if device == "cpu" and t.checkpoint_offload:
+            raise InputError("--checkpoint-offload on --device cpu: transformers offloads through pinned host memory, "
+                             "which needs a GPU (and CPU activations live in host memory anyway); drop "
+                             "--checkpoint-offload or use --device cuda")
+        if device == "cpu" and t.attn_implementation == "flash_attention_2":
+            raise InputError("--attn-implementation flash_attention_2 runs on CUDA only; use --attn-implementation sdpa "
+                             "or eager on --device cpu, or --device cuda")
+        if enc_dec and t.trainer == "trl":
+            raise InputError(f"--trainer trl: trl's SFTTrainer trains causal LMs, not encoder-decoder "
+                             f"{c.model.model_type}; use --trainer hf (Seq2SeqTrainer) or --trainer loop")
+        if t.trainer != "loop" and t.loss == "chunked":
+            raise InputError(f"--loss chunked is the plain loop's chunked cross-entropy; --trainer {t.trainer} has none; "
+                             f"use --trainer loop or --loss standard")
+        if enc_dec and (t.padding != "max-length" or t.loss != "standard"):
+            bad = f"--padding {t.padding}" if t.padding != "max-length" else f"--loss {t.loss}"
+            raise InputError(f"{bad}: a burst builds encoder-decoder ({c.model.model_type}) batches at max length with "
+                             f"the standard loss; use --padding max-length --loss standard")
 
 
 def detect_device(device: str, python: str | None = None, timeout: float = 120.0) -> DeviceInfo:
