@@ -34,8 +34,8 @@ def check_supported(train, runner: str = "trace") -> None:
     """Refuse what the step runner cannot run faithfully (one line, with the fix): trl 1.16's
     SFTTrainer.compute_loss runs a fused chunked log-prob LM head (trl/trainer/utils.py::
     add_fused_lm_head, trl/kernels/chunked_logprob.py) that this runner does not model;
-    checkpoint offload (save_on_cpu) is not run; ``runner="burst"`` (real steps): Liger's loss
-    needs liger_kernel's Triton kernels, which the burst does not apply."""
+    ``runner="burst"`` (real steps): Liger's loss needs liger_kernel's Triton kernels, which the
+    burst does not apply, and checkpoint offload on a CPU burst has nothing to offload."""
     r = resolve_recipe(train)
     if r.loss == "chunked":
         raise InputError("--loss chunked is not modelled (transformers has no chunked-output loss); "
@@ -46,9 +46,9 @@ def check_supported(train, runner: str = "trace") -> None:
     if r.trainer == "trl":
         raise InputError("--trainer trl: SFTTrainer 1.16's fused chunked log-prob LM head is not modelled by the "
                          "trace or the profile burst yet; use --trainer hf (or --method analytic)")
-    if r.checkpoint_offload:
-        raise InputError("--checkpoint-offload is not modelled by the trace or the profile burst yet; "
-                         "drop it (or use --method analytic)")
+    if r.checkpoint_offload and runner == "burst" and getattr(train, "device", "cuda") == "cpu":
+        raise InputError("--checkpoint-offload on --device cpu: there is no device memory to offload from "
+                         "(save_on_cpu would copy host to host); drop it or run on a GPU")
 
 
 def checkpoint_kwargs(train) -> dict[str, Any]:
@@ -56,15 +56,33 @@ def checkpoint_kwargs(train) -> dict[str, Any]:
     return {"use_reentrant": bool(resolve_recipe(train).reentrant)}
 
 
-def apply_checkpoint_layout(model, train) -> None:
-    """Checkpoint only every n-th layer (transformers 5.24 modeling_utils.py::
-    _activation_checkpointing_enable(every_n_layers=n): GradientCheckpointingLayer number i is
-    checkpointed when i % n == 0, counted over all such layers in module order). A no-op for
-    n = 1 (what prepare_model_for_kbit_training / gradient_checkpointing_enable already set)."""
+def apply_checkpoint_layout(model, train, offload_hooks=None) -> None:
+    """Checkpoint only every n-th layer and/or offload the checkpoints' inputs (transformers 5.24
+    modeling_utils.py::_activation_checkpointing_enable(every_n_layers=n, offload=...):
+    GradientCheckpointingLayer number i is checkpointed when i % n == 0, counted over all such
+    layers in module order; offload runs each checkpoint under
+    ``torch.autograd.graph.save_on_cpu(pin_memory=True)``). A no-op for n = 1 without offload
+    (what prepare_model_for_kbit_training / gradient_checkpointing_enable already set).
+    ``offload_hooks``: a factory of the saved-tensors-hooks context to use instead of
+    save_on_cpu (the meta trace's emulation, which cannot copy meta tensors to the host)."""
     r = resolve_recipe(train)
-    if not r.gradient_checkpointing or r.checkpoint_every_n_layers == 1:
+    n, offload = r.checkpoint_every_n_layers, bool(r.checkpoint_offload)
+    if not r.gradient_checkpointing or (n == 1 and not offload):
         return
-    model._activation_checkpointing_enable(checkpoint_kwargs(train), every_n_layers=r.checkpoint_every_n_layers)
+    if offload and offload_hooks is not None:
+        import functools
+
+        from torch.utils.checkpoint import checkpoint
+
+        def checkpoint_func(function, *args, **kwargs):
+            with offload_hooks():
+                return checkpoint(function, *args, **kwargs)
+
+        model._set_gradient_checkpointing(enable=True, every_n_layers=n,
+                                          gradient_checkpointing_func=functools.partial(checkpoint_func,
+                                                                                        **checkpoint_kwargs(train)))
+        return
+    model._activation_checkpointing_enable(checkpoint_kwargs(train), every_n_layers=n, offload=offload)
 
 
 def accepts_loss_kwargs(model) -> bool:

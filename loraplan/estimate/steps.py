@@ -49,6 +49,7 @@ class StepRecipe:
     max_grad_norm: float
     every_n_layers: int
     loss: str = "standard"
+    offload: bool = False
 
     @property
     def graph_outlives_step(self) -> bool:
@@ -66,7 +67,8 @@ def step_recipe(train) -> StepRecipe:
     r = resolve_recipe(train)
     return StepRecipe(trainer=r.trainer, checkpointing=bool(r.gradient_checkpointing), reentrant=bool(r.reentrant),
                       accumulation=int(r.gradient_accumulation), max_grad_norm=float(r.max_grad_norm or 0.0),
-                      every_n_layers=int(r.checkpoint_every_n_layers), loss=r.loss)
+                      every_n_layers=int(r.checkpoint_every_n_layers), loss=r.loss,
+                      offload=bool(r.checkpoint_offload) and bool(r.gradient_checkpointing))
 
 
 def checkpointed_layers(st: Structure, rc: StepRecipe) -> int:
@@ -77,6 +79,8 @@ def checkpointed_layers(st: Structure, rc: StepRecipe) -> int:
     m = st.model
     if not rc.checkpointing:
         return 0
+    if rc.offload and m.is_encoder_decoder:
+        raise InputError("--checkpoint-offload is not modelled for encoder-decoder models; drop it")
     if rc.every_n_layers > 1 and m.is_encoder_decoder:
         raise InputError(f"--checkpoint-every-n-layers {rc.every_n_layers} is not modelled for encoder-decoder "
                          f"models; use 1")
@@ -246,3 +250,37 @@ def loss_backward(st: Structure, x, rc: StepRecipe):
     from .transients import loss_backward_transient
 
     return liger_backward_bytes(st, x) if rc.loss == "liger" else loss_backward_transient(st, x)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint offload
+# ---------------------------------------------------------------------------------------------
+
+
+def offloaded_inputs(st: Structure, x, rc: StepRecipe, moment: str):
+    """Device bytes that checkpoint offload moves to pinned host memory at ``moment``
+    (subtracted from the activations line).
+
+    transformers 5.24 modeling_utils.py::_activation_checkpointing_enable(offload=True) runs each
+    checkpoint under torch.autograd.graph.save_on_cpu: what the checkpoint saves for itself (its
+    tensor inputs: _NoopSaveInputs non-reentrant, ctx.save_for_backward reentrant) is packed to
+    host and the device copy dies with its last reference; the layer's inner saved tensors go
+    through checkpoint's own hooks (recomputed), so nothing else moves. Layer 0's input stays:
+    it is the grad-requiring embedding leaf the graph holds (``input_leaf_and_grad``). In a
+    layer's backward its input is unpacked back to the device (``tensor.to(device)``): the
+    'layer backward' moment has the top layer's input on the device again.
+    Per checkpointed layer a·T·h; (n − 1) of them at the forward moments, (n − 2) in the top
+    layer's backward when that layer is checkpointed."""
+    if not rc.offload:
+        return 0
+    n = checkpointed_layers(st, rc)
+    back = 1 if moment == "layer backward" and top_layer_checkpointed(st, rc) and st.model.num_layers > 1 else 0
+    return max(n - 1 - back, 0) * st.stream_bytes * st.model.hidden_size * x.T
+
+
+def offload_host_bytes(st: Structure, x, rc: StepRecipe):
+    """Pinned host memory the offloaded checkpoint inputs take at the end of the forward: one
+    a·T·h copy per checkpointed layer (save_on_cpu packs every one, layer 0's too)."""
+    if not rc.offload:
+        return 0
+    return checkpointed_layers(st, rc) * st.stream_bytes * st.model.hidden_size * x.T

@@ -374,7 +374,7 @@ def run_burst(spec: dict, emit: Emit | None = None) -> dict[str, Any]:
         quant = train["quant"]
         gc = bool(train["gradient_checkpointing"])
         tspec = TrainSpec(**train)
-        check_supported(tspec, runner="burst")
+        check_supported(TrainSpec(**{**train, "device": device}), runner="burst")
         attn_impl, backend, attn_label = _sdpa_backend(device, train.get("attention", "auto"))
         if device == "cuda":
             from .probes import CudaProbe
