@@ -31,21 +31,24 @@ from .trainers import resolve_recipe
 
 
 def check_supported(train, runner: str = "trace") -> None:
-    """Refuse what the step runner cannot run faithfully (one line, with the fix): trl 1.16's
-    SFTTrainer.compute_loss runs a fused chunked log-prob LM head (trl/trainer/utils.py::
-    add_fused_lm_head, trl/kernels/chunked_logprob.py) that this runner does not model;
-    ``runner="burst"`` (real steps): Liger's loss needs liger_kernel's Triton kernels, which the
-    burst does not apply, and checkpoint offload on a CPU burst has nothing to offload."""
+    """Refuse what the step runner cannot run faithfully (one line, with the fix): trl with Liger
+    (SFTTrainer 1.16 refuses it: it patches the LM head itself), ``--loss chunked`` (no
+    transformers code path); ``runner="burst"`` (real steps): Liger's loss needs liger_kernel's
+    Triton kernels and trl's fused head its Triton folds (the CPU fallback allocates per tile),
+    neither applied by the burst; checkpoint offload on a CPU burst has nothing to offload."""
     r = resolve_recipe(train)
     if r.loss == "chunked":
         raise InputError("--loss chunked is not modelled (transformers has no chunked-output loss); "
                          "use --loss standard or liger")
+    if r.trainer == "trl" and r.loss == "liger":
+        raise InputError("--trainer trl with --loss liger: SFTTrainer 1.16 refuses Liger's fused linear "
+                         "cross-entropy (it patches the LM head itself); use --loss standard")
     if r.loss == "liger" and runner == "burst":
         raise InputError("--loss liger: the profile burst runs the model's own loss (Liger's Triton kernels are "
                          "not applied); use --trace or --method analytic for Liger")
-    if r.trainer == "trl":
-        raise InputError("--trainer trl: SFTTrainer 1.16's fused chunked log-prob LM head is not modelled by the "
-                         "trace or the profile burst yet; use --trainer hf (or --method analytic)")
+    if r.trainer == "trl" and runner == "burst":
+        raise InputError("--trainer trl: the profile burst does not run SFTTrainer's fused LM head yet; use --trace "
+                         "or --method analytic")
     if r.checkpoint_offload and runner == "burst" and getattr(train, "device", "cuda") == "cpu":
         raise InputError("--checkpoint-offload on --device cpu: there is no device memory to offload from "
                          "(save_on_cpu would copy host to host); drop it or run on a GPU")
@@ -160,7 +163,9 @@ class StepRunner:
     def _training_step(self, num_items):
         """Trainer.training_step: the graph (``loss``, ``outputs``) dies on return."""
         with self.phase("forward"):
-            if num_items is not None:
+            if self.trainer == "trl":
+                loss = self._trl_compute_loss(num_items)
+            elif num_items is not None:
                 loss = self.model(input_ids=self.ids, labels=self.labels, num_items_in_batch=num_items).loss
             else:
                 loss = self.model(input_ids=self.ids, labels=self.labels).loss
@@ -169,3 +174,19 @@ class StepRunner:
         with self.phase("backward"):
             loss.backward()
         return loss.detach()
+
+    def _trl_compute_loss(self, num_items):
+        """trl trainer/sft_trainer.py::SFTTrainer.compute_loss (loss_type "nll", no label smoothing):
+        ``outputs = model(**inputs, fused_lm_head=True)`` (the fused head patched in by
+        ``trace.loss_paths.apply_trl_fused_head``), ``loss = (-outputs.log_probs).sum() /
+        num_tokens.clamp(min=1)``, then the metrics: sums of label_mask, entropy.detach() and
+        is_top1 (scalars; their ``.item()`` is skipped on meta)."""
+        torch = self.torch
+        outputs = self.model(input_ids=self.ids, labels=self.labels, fused_lm_head=True,
+                             num_items_in_batch=num_items)
+        per_token_loss = -outputs.log_probs
+        num_tokens = outputs.label_mask.sum() if num_items is None else num_items
+        loss = per_token_loss.sum() / torch.as_tensor(num_tokens).clamp(min=1)
+        metrics = (outputs.label_mask.sum(), outputs.entropy.detach().sum(), outputs.is_top1.sum())
+        del metrics, outputs, per_token_loss
+        return loss

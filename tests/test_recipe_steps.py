@@ -87,6 +87,30 @@ def test_liger_analytic_within_2_percent_of_trace(family):
     assert abs(err) <= 0.02, f"{family} liger: analytic {analytic} vs trace {traced} ({err:+.2%})"
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("family", LIGER_FAMILIES)
+def test_trl_fused_head_analytic_within_2_percent_of_trace(family):
+    """trl 1.16 SFTTrainer: the fused chunked log-prob LM head (trl's own ChunkedLogProbFunction
+    on meta, Triton folds as no-ops, the compact mask path emulated: trace/loss_paths.py)."""
+    from loraplan.trace.run import trace_step
+
+    gpu = load_gpu("h100-sxm-80gb")
+    cal = load_calibration(gpu.id)
+    cfg, model, lora, train = _case(family, vocab=32000, trainer="trl")
+    analytic = estimate(model, lora, train, gpu, cal, with_time=False).memory.peak_allocated_bytes
+    traced = trace_step(cfg, lora, train, gpu.compute_capability)["peak_allocated_bytes"]
+    err = (analytic - traced) / traced
+    assert abs(err) <= 0.02, f"{family} trl: analytic {analytic} vs trace {traced} ({err:+.2%})"
+
+
+def test_trl_fused_head_tile_replaces_the_logits():
+    """SFTTrainer never makes B·T·V logits: its logits_loss line is the [min(N, 4096), 32768]
+    tile buffer plus per-token vectors, far below the standard loss's at vocab 32000."""
+    hf = _memory("llama", vocab=32000, trainer="hf", quant="bf16")
+    trl = _memory("llama", vocab=32000, trainer="trl", quant="bf16")
+    assert trl.moments["forward"] < hf.moments["forward"]
+
+
 def test_liger_never_makes_the_logits():
     std = _memory("llama", vocab=32000)
     lig = _memory("llama", vocab=32000, loss="liger")
@@ -99,6 +123,10 @@ def test_unmodelled_loss_paths_refused():
         _memory("llama", loss="chunked")
     with pytest.raises(InputError, match="liger"):
         _memory("t5", loss="liger")
+    with pytest.raises(InputError, match="trl"):
+        _memory("t5", trainer="trl")
+    with pytest.raises(InputError, match="refuses Liger"):
+        _memory("llama", trainer="trl", loss="liger")
 
 
 def _memory(family, **fields):

@@ -196,6 +196,12 @@ def check_loss(st: Structure, rc: StepRecipe) -> None:
     if rc.loss == "chunked":
         raise InputError("--loss chunked is not modelled (transformers has no chunked-output loss; torchtune's "
                          "CEWithChunkedOutputLoss needs its own model); use --loss standard or liger")
+    if rc.trainer == "trl" and st.model.is_encoder_decoder:
+        raise InputError(f"--trainer trl: SFTTrainer's fused LM head patches decoder-only *ForCausalLM forwards, "
+                         f"not {st.model.model_type}; use --trainer hf")
+    if rc.trainer == "trl" and rc.loss == "liger":
+        raise InputError("--trainer trl with --loss liger: SFTTrainer 1.16 refuses Liger's fused linear "
+                         "cross-entropy (it patches the LM head itself); use --loss standard")
     if rc.loss == "liger" and st.model.is_encoder_decoder:
         raise InputError(f"--loss liger: Liger's fused linear cross-entropy patches decoder-only *ForCausalLM "
                          f"forwards, not {st.model.model_type}; use --loss standard")
@@ -237,10 +243,12 @@ def liger_backward_bytes(st: Structure, x):
 
 
 def loss_forward(st: Structure, x, rc: StepRecipe):
-    """The 'logits_loss' line at the end of the forward: Liger's buffers, or the standard loss
-    (``transients.loss_forward_transient``)."""
+    """The 'logits_loss' line at the end of the forward: trl's fused head, Liger's buffers, or
+    the standard loss (``transients.loss_forward_transient``)."""
     from .transients import loss_forward_transient
 
+    if rc.trainer == "trl":
+        return trl_forward_bytes(st, x)
     return liger_forward_bytes(st, x) if rc.loss == "liger" else loss_forward_transient(st, x)
 
 
@@ -249,7 +257,53 @@ def loss_backward(st: Structure, x, rc: StepRecipe):
     for the standard loss)."""
     from .transients import loss_backward_transient
 
+    if rc.trainer == "trl":
+        return trl_backward_bytes(st, x)
     return liger_backward_bytes(st, x) if rc.loss == "liger" else loss_backward_transient(st, x)
+
+
+#: trl 1.16 trl/kernels/chunked_logprob.py: TOKEN_CHUNK_SIZE rows per tile, and the vocabulary
+#: chunk SFTTrainer passes (trl/trainer/utils.py::_CHUNKED_LOGPROB_CHUNK_SIZE)
+TRL_TOKEN_CHUNK = 4096
+TRL_VOCAB_CHUNK = 32768
+
+
+def _trl_sizes(st: Structure, x):
+    """(N scored positions b·(s−1), a hidden bytes, the [min(N, 4096), 32768] tile buffer bytes).
+    The tile's dtype is the autocast dtype when autocast is on, else the hidden dtype: this
+    ledger does not model autocast (mixed precision), so the hidden dtype."""
+    import numpy as np
+
+    N = x.b * (x.tseq - 1)
+    a = st.stream_bytes
+    rows = np.minimum(N, TRL_TOKEN_CHUNK) if hasattr(N, "shape") else min(N, TRL_TOKEN_CHUNK)
+    return N, a, a * rows * TRL_VOCAB_CHUNK
+
+
+def trl_forward_bytes(st: Structure, x):
+    """SFTTrainer's fused LM head (trl/trainer/utils.py::add_fused_lm_head, outputs log_probs,
+    entropy, is_top1; CUDA's compact path) at its largest in the forward, inside
+    ChunkedLogProbFunction.forward (trl/kernels/chunked_logprob.py), on top of the final hidden
+    state (N = b·(s−1) scored positions, all labels valid; h hidden; a its dtype bytes):
+    the label mask (bool [b, s−1]), ``hidden_states[mask]`` (a·N·h, saved), ``labels[mask]``
+    (int64 [N], saved), seven fp32 [N] running statistics, the tile buffer ``mm_buf``
+    [min(N, 4096), 32768] (whatever V is; the Triton fold works in place), then log_z, the
+    log-probs and the entropy (fp32 [N] each) while ``is_top1`` is built (three bool [N]).
+    The B·T·V logits never exist."""
+    N, a, tile = _trl_sizes(st, x)
+    h = st.model.hidden_size
+    return N + a * N * h + 8 * N + 7 * 4 * N + tile + 3 * 4 * N + 3 * N
+
+
+def trl_backward_bytes(st: Structure, x):
+    """Inside ChunkedLogProbFunction.backward as it returns: what the forward saved (the gathered
+    hidden a·N·h, the targets 8·N, log_z and entropy 4·N each, the mask N), the log-probs'
+    gradient (masked_select: fp32 [N]), the fp32 ``grad_hidden`` accumulator (4·N·h; CUDA's
+    ``addmm(out_dtype=float32, out=)`` adds each tile in place), the tile buffer, and
+    ``grad_hidden.to(hidden.dtype)`` (a·N·h when a ≠ 4)."""
+    N, a, tile = _trl_sizes(st, x)
+    h = st.model.hidden_size
+    return a * N * h + 8 * N + 2 * 4 * N + N + 4 * N + 4 * N * h + tile + (a * N * h if a != 4 else 0)
 
 
 # ---------------------------------------------------------------------------------------------
