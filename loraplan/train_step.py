@@ -17,7 +17,9 @@ the same step structure. Imports torch lazily.
   logs the norm anyway), ``optimizer.step()``, ``model.zero_grad()`` (set_to_none=True).
   An emulation of those two functions, not the Trainer object: Trainer.__init__ moves the model
   to its device (meta tensors cannot be copied) and builds an Accelerator and data loaders the
-  step does not use. trl's SFTTrainer.compute_loss is *not* this path (see ``check_supported``).
+  step does not use. ``trl``: SFTTrainer.compute_loss through its fused chunked LM head
+  (``_trl_compute_loss``); ``--loss chunked`` in the loop passes ``fused_lm_head=True`` to the
+  head the caller applied (trl/trainer/utils.py::add_fused_lm_head).
 """
 
 from __future__ import annotations
@@ -31,24 +33,21 @@ from .trainers import resolve_recipe
 
 
 def check_supported(train, runner: str = "trace") -> None:
-    """Refuse what the step runner cannot run faithfully (one line, with the fix): trl 1.16's
-    SFTTrainer.compute_loss runs a fused chunked log-prob LM head (trl/trainer/utils.py::
-    add_fused_lm_head, trl/kernels/chunked_logprob.py) that this runner does not model;
-    checkpoint offload (save_on_cpu) is not run; ``runner="burst"`` (real steps): Liger's loss
-    needs liger_kernel's Triton kernels, which the burst does not apply."""
+    """Refuse what the step runner cannot run faithfully (one line, with the fix): trl with Liger
+    (SFTTrainer 1.16 refuses it: it patches the LM head itself), ``--loss chunked`` (no
+    transformers code path); ``runner="burst"`` (real steps): Liger's loss needs liger_kernel's
+    Triton kernels and trl's fused head its Triton folds (the CPU fallback allocates per tile),
+    neither applied by the burst; checkpoint offload on a CPU burst has nothing to offload."""
     r = resolve_recipe(train)
-    if r.loss == "chunked":
-        raise InputError("--loss chunked is not modelled (transformers has no chunked-output loss); "
-                         "use --loss standard or liger")
+    if r.trainer == "trl" and r.loss == "liger":
+        raise InputError("--trainer trl with --loss liger: SFTTrainer 1.16 refuses Liger's fused linear "
+                         "cross-entropy (it patches the LM head itself); use --loss standard")
     if r.loss == "liger" and runner == "burst":
         raise InputError("--loss liger: the profile burst runs the model's own loss (Liger's Triton kernels are "
                          "not applied); use --trace or --method analytic for Liger")
-    if r.trainer == "trl":
-        raise InputError("--trainer trl: SFTTrainer 1.16's fused chunked log-prob LM head is not modelled by the "
-                         "trace or the profile burst yet; use --trainer hf (or --method analytic)")
-    if r.checkpoint_offload:
-        raise InputError("--checkpoint-offload is not modelled by the trace or the profile burst yet; "
-                         "drop it (or use --method analytic)")
+    if r.checkpoint_offload and runner == "burst" and getattr(train, "device", "cuda") == "cpu":
+        raise InputError("--checkpoint-offload on --device cpu: there is no device memory to offload from "
+                         "(save_on_cpu would copy host to host); drop it or run on a GPU")
 
 
 def checkpoint_kwargs(train) -> dict[str, Any]:
@@ -56,15 +55,36 @@ def checkpoint_kwargs(train) -> dict[str, Any]:
     return {"use_reentrant": bool(resolve_recipe(train).reentrant)}
 
 
-def apply_checkpoint_layout(model, train, kwargs: dict | None = None) -> None:
-    """Checkpoint only every n-th layer (transformers 5.24 modeling_utils.py::
-    _activation_checkpointing_enable(every_n_layers=n): GradientCheckpointingLayer number i is
-    checkpointed when i % n == 0, counted over all such layers in module order). A no-op for
-    n = 1 (what prepare_model_for_kbit_training / gradient_checkpointing_enable already set)."""
+def apply_checkpoint_layout(model, train, kwargs: dict | None = None, offload_hooks=None) -> None:
+    """Checkpoint only every n-th layer and/or offload the checkpoints' inputs (transformers 5.24
+    modeling_utils.py::_activation_checkpointing_enable(every_n_layers=n, offload=...):
+    GradientCheckpointingLayer number i is checkpointed when i % n == 0, counted over all such
+    layers in module order; offload runs each checkpoint under
+    ``torch.autograd.graph.save_on_cpu(pin_memory=True)``). A no-op for n = 1 without offload
+    (what prepare_model_for_kbit_training / gradient_checkpointing_enable already set).
+    ``offload_hooks``: a factory of the saved-tensors-hooks context to use instead of
+    save_on_cpu (the meta trace's emulation, which cannot copy meta tensors to the host);
+    ``kwargs``: the checkpoint kwargs (default ``checkpoint_kwargs(train)``; the trace adds its
+    autocast emulation's ``context_fn``)."""
     r = resolve_recipe(train)
-    if not r.gradient_checkpointing or r.checkpoint_every_n_layers == 1:
+    n, offload = r.checkpoint_every_n_layers, bool(r.checkpoint_offload)
+    if not r.gradient_checkpointing or (n == 1 and not offload):
         return
-    model._activation_checkpointing_enable(kwargs or checkpoint_kwargs(train), every_n_layers=r.checkpoint_every_n_layers)
+    ckw = kwargs or checkpoint_kwargs(train)
+    if offload and offload_hooks is not None:
+        import functools
+
+        from torch.utils.checkpoint import checkpoint
+
+        def checkpoint_func(function, *args, **kwargs):
+            with offload_hooks():
+                return checkpoint(function, *args, **kwargs)
+
+        model._set_gradient_checkpointing(enable=True, every_n_layers=n,
+                                          gradient_checkpointing_func=functools.partial(checkpoint_func,
+                                                                                        **ckw))
+        return
+    model._activation_checkpointing_enable(ckw, every_n_layers=n, offload=offload)
 
 
 def accepts_loss_kwargs(model) -> bool:
@@ -105,6 +125,8 @@ class StepRunner:
         self.loss = None  # the loop's `loss`: the last graph, alive until the next forward returns
         self.loss_kwargs = self.trainer != "loop" and accepts_loss_kwargs(model)
         self.tr_loss = None  # Trainer._tr_loss
+        #: trl's fused chunked LM head in the loop (``--loss chunked``: add_fused_lm_head applied)
+        self.fused = {"fused_lm_head": True} if r.loss == "chunked" else {}
         self.autocast = autocast
         self.scaler = scaler
         self.inputs = dict(model_inputs or {})
@@ -142,7 +164,7 @@ class StepRunner:
         for _ in range(self.ga):
             with self.phase("forward"):
                 with self._forward_context():
-                    self.loss = self.model(input_ids=self.ids, labels=self.labels, **self.inputs).loss
+                    self.loss = self.model(input_ids=self.ids, labels=self.labels, **self.inputs, **self.fused).loss
                 if self.ga > 1:
                     self.loss = self.loss / self.ga
             with self.phase("backward"):
@@ -169,13 +191,31 @@ class StepRunner:
         """Trainer.training_step: the graph (``loss``, ``outputs``) dies on return."""
         with self.phase("forward"):
             with self._forward_context():  # Trainer.compute_loss under accelerate's autocast
-                if num_items is not None:
+                if self.trainer == "trl":
+                    loss = self._trl_compute_loss(num_items)
+                elif num_items is not None:
                     loss = self.model(input_ids=self.ids, labels=self.labels, num_items_in_batch=num_items,
                                       **self.inputs).loss
                 else:
                     loss = self.model(input_ids=self.ids, labels=self.labels, **self.inputs).loss
-            if num_items is None and self.ga > 1:
+            if self.trainer != "trl" and num_items is None and self.ga > 1:
                 loss = loss / self.ga
         with self.phase("backward"):
             self._backward(loss)
         return loss.detach()
+
+    def _trl_compute_loss(self, num_items):
+        """trl trainer/sft_trainer.py::SFTTrainer.compute_loss (loss_type "nll", no label smoothing):
+        ``outputs = model(**inputs, fused_lm_head=True)`` (the fused head patched in by
+        ``trace.loss_paths.apply_trl_fused_head``), ``loss = (-outputs.log_probs).sum() /
+        num_tokens.clamp(min=1)``, then the metrics: sums of label_mask, entropy.detach() and
+        is_top1 (scalars; their ``.item()`` is skipped on meta)."""
+        torch = self.torch
+        outputs = self.model(input_ids=self.ids, labels=self.labels, fused_lm_head=True,
+                             num_items_in_batch=num_items, **self.inputs)
+        per_token_loss = -outputs.log_probs
+        num_tokens = outputs.label_mask.sum() if num_items is None else num_items
+        loss = per_token_loss.sum() / torch.as_tensor(num_tokens).clamp(min=1)
+        metrics = (outputs.label_mask.sum(), outputs.entropy.detach().sum(), outputs.is_top1.sum())
+        del metrics, outputs, per_token_loss
+        return loss

@@ -45,7 +45,7 @@ from .result import MemoryEstimate
 from .transients import (autocast_copies, cuda_workspaces, default_int8_outlier_fraction, input_leaf_and_grad,
                          int8_matmul_transient, int8_retained_per_step, int8_saved_anyway, last_hidden_state,
                          layer_backward_transients)
-from .steps import (accumulated_gradients, check_loss, loss_backward, loss_forward, grad_norm_temporaries, int8_inside_layer_backward, int8_kept_through_step,
+from .steps import (accumulated_gradients, check_loss, offload_host_bytes, offloaded_inputs, loss_backward, loss_forward, grad_norm_temporaries, int8_inside_layer_backward, int8_kept_through_step,
                     int8_previous_step, layer_gradients, previous_step_leaf, reentrant_layer_output, step_recipe,
                     top_layer_checkpointed, uncheckpointed_saved)
 from .weights import (Structure, lora_gradients, lora_weights, optimizer_state, optimizer_step_temporaries,
@@ -81,7 +81,8 @@ def moments(st: Structure, train: TrainSpec, kind: str, x: Shape, gpu: GpuSpec |
     check_loss(st, rc)
     S = layer_saved(st, kind, x, "decoder")
     layer_input = st.stream_bytes * m.hidden_size * x.T
-    acts = saved_activations(st, kind, x, train.gradient_checkpointing) + uncheckpointed_saved(st, rc, S, layer_input)
+    acts = (saved_activations(st, kind, x, train.gradient_checkpointing) + uncheckpointed_saved(st, rc, S, layer_input)
+            - offloaded_inputs(st, x, rc, "forward"))
     int8_all = int8_retained_per_step(st, x, train.int8_outlier_fraction, train.gradient_checkpointing)
     int8_keep = int8_kept_through_step(int8_all, st, rc)
     # this step's int8 inputs that autograd saves anyway (no double count); the previous step's
@@ -113,7 +114,8 @@ def moments(st: Structure, train: TrainSpec, kind: str, x: Shape, gpu: GpuSpec |
     #    saved tensors, this layer's saved tensors (recomputed), gradient transients.
     top_ckpt = top_layer_checkpointed(st, rc)
     if train.gradient_checkpointing:
-        below = checkpoint_inputs(st, x, kind) + uncheckpointed_saved(st, rc, S, layer_input)
+        below = (checkpoint_inputs(st, x, kind) + uncheckpointed_saved(st, rc, S, layer_input)
+                 - offloaded_inputs(st, x, rc, "layer backward"))
         if not top_ckpt:  # every_n_layers left the top layer out: its S is added below, not its input
             below = below - S
     else:
@@ -260,6 +262,10 @@ def estimate_memory(s: Setup, gpu: GpuSpec | None, cal: Calibration) -> MemoryEs
                      f"trained models have far fewer: set --int8-outlier-fraction")
     if st.model.arch.from_meta_build:
         notes.append(generic_terms_note(st.model))
+    host = offload_host_bytes(st, x, step_recipe(s.train))
+    if host:
+        notes.append(f"checkpoint offload: {int(host) / 2**20:.1f} MiB of layer inputs sit in pinned host memory "
+                     f"(torch.autograd.graph.save_on_cpu), not on the GPU")
     if not _calibrated(cal, "reserved_over_allocated_ratio"):
         notes.append("reserved and device total use uncalibrated priors (allocator ratio, CUDA context); "
                      "peak allocated is the checked figure")

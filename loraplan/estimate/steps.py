@@ -49,6 +49,7 @@ class StepRecipe:
     max_grad_norm: float
     every_n_layers: int
     loss: str = "standard"
+    offload: bool = False
 
     @property
     def graph_outlives_step(self) -> bool:
@@ -66,7 +67,8 @@ def step_recipe(train) -> StepRecipe:
     r = resolve_recipe(train)
     return StepRecipe(trainer=r.trainer, checkpointing=bool(r.gradient_checkpointing), reentrant=bool(r.reentrant),
                       accumulation=int(r.gradient_accumulation), max_grad_norm=float(r.max_grad_norm or 0.0),
-                      every_n_layers=int(r.checkpoint_every_n_layers), loss=r.loss)
+                      every_n_layers=int(r.checkpoint_every_n_layers), loss=r.loss,
+                      offload=bool(r.checkpoint_offload) and bool(r.gradient_checkpointing))
 
 
 def checkpointed_layers(st: Structure, rc: StepRecipe) -> int:
@@ -77,6 +79,8 @@ def checkpointed_layers(st: Structure, rc: StepRecipe) -> int:
     m = st.model
     if not rc.checkpointing:
         return 0
+    if rc.offload and m.is_encoder_decoder:
+        raise InputError("--checkpoint-offload is not modelled for encoder-decoder models; drop it")
     if rc.every_n_layers > 1 and m.is_encoder_decoder:
         raise InputError(f"--checkpoint-every-n-layers {rc.every_n_layers} is not modelled for encoder-decoder "
                          f"models; use 1")
@@ -185,13 +189,20 @@ LIGER_SOURCE = "liger_kernel ops/fused_linear_cross_entropy.py::fused_linear_cro
 
 
 def check_loss(st: Structure, rc: StepRecipe) -> None:
-    """Refuse loss paths the ledger does not model (one line with the fix): ``chunked`` (no
-    transformers/PEFT code path computes it; torchtune's CEWithChunkedOutputLoss needs its own
-    chunked-output model), and ``liger`` for encoder-decoder models (Liger patches decoder-only
-    *ForCausalLM forwards only)."""
-    if rc.loss == "chunked":
-        raise InputError("--loss chunked is not modelled (transformers has no chunked-output loss; torchtune's "
-                         "CEWithChunkedOutputLoss needs its own model); use --loss standard or liger")
+    """Refuse loss paths the ledger does not model (one line with the fix): the fused heads
+    (``chunked``: trl's; ``liger``) for encoder-decoder models (both patch decoder-only
+    *ForCausalLM forwards only). ``chunked`` is trl 1.16's fused chunked log-prob LM head
+    (trl/trainer/utils.py::add_fused_lm_head): SFTTrainer's only loss path, and what a loop gets
+    by calling add_fused_lm_head and ``model(..., fused_lm_head=True)``."""
+    if rc.loss == "chunked" and st.model.is_encoder_decoder:
+        raise InputError(f"--loss chunked: trl's fused LM head patches decoder-only *ForCausalLM forwards, "
+                         f"not {st.model.model_type}; use --loss standard")
+    if rc.trainer == "trl" and st.model.is_encoder_decoder:
+        raise InputError(f"--trainer trl: SFTTrainer's fused LM head patches decoder-only *ForCausalLM forwards, "
+                         f"not {st.model.model_type}; use --trainer hf")
+    if rc.trainer == "trl" and rc.loss == "liger":
+        raise InputError("--trainer trl with --loss liger: SFTTrainer 1.16 refuses Liger's fused linear "
+                         "cross-entropy (it patches the LM head itself); use --loss standard")
     if rc.loss == "liger" and st.model.is_encoder_decoder:
         raise InputError(f"--loss liger: Liger's fused linear cross-entropy patches decoder-only *ForCausalLM "
                          f"forwards, not {st.model.model_type}; use --loss standard")
@@ -233,10 +244,12 @@ def liger_backward_bytes(st: Structure, x):
 
 
 def loss_forward(st: Structure, x, rc: StepRecipe):
-    """The 'logits_loss' line at the end of the forward: Liger's buffers, or the standard loss
-    (``transients.loss_forward_transient``)."""
+    """The 'logits_loss' line at the end of the forward: trl's fused head, Liger's buffers, or
+    the standard loss (``transients.loss_forward_transient``)."""
     from .transients import loss_forward_transient
 
+    if rc.loss == "chunked":  # trl's fused chunked LM head
+        return trl_forward_bytes(st, x)
     return liger_forward_bytes(st, x) if rc.loss == "liger" else loss_forward_transient(st, x)
 
 
@@ -245,4 +258,84 @@ def loss_backward(st: Structure, x, rc: StepRecipe):
     for the standard loss)."""
     from .transients import loss_backward_transient
 
+    if rc.loss == "chunked":
+        return trl_backward_bytes(st, x)
     return liger_backward_bytes(st, x) if rc.loss == "liger" else loss_backward_transient(st, x)
+
+
+#: trl 1.16 trl/kernels/chunked_logprob.py: TOKEN_CHUNK_SIZE rows per tile, and the vocabulary
+#: chunk SFTTrainer passes (trl/trainer/utils.py::_CHUNKED_LOGPROB_CHUNK_SIZE)
+TRL_TOKEN_CHUNK = 4096
+TRL_VOCAB_CHUNK = 32768
+
+
+def _trl_sizes(st: Structure, x):
+    """(N scored positions b·(s−1), a hidden bytes, the [min(N, 4096), 32768] tile buffer bytes).
+    The tile's dtype is the autocast dtype when autocast is on, else the hidden dtype: this
+    ledger does not model autocast (mixed precision), so the hidden dtype."""
+    import numpy as np
+
+    N = x.b * (x.tseq - 1)
+    a = st.stream_bytes
+    rows = np.minimum(N, TRL_TOKEN_CHUNK) if hasattr(N, "shape") else min(N, TRL_TOKEN_CHUNK)
+    return N, a, a * rows * TRL_VOCAB_CHUNK
+
+
+def trl_forward_bytes(st: Structure, x):
+    """SFTTrainer's fused LM head (trl/trainer/utils.py::add_fused_lm_head, outputs log_probs,
+    entropy, is_top1; CUDA's compact path) at its largest in the forward, inside
+    ChunkedLogProbFunction.forward (trl/kernels/chunked_logprob.py), on top of the final hidden
+    state (N = b·(s−1) scored positions, all labels valid; h hidden; a its dtype bytes):
+    the label mask (bool [b, s−1]), ``hidden_states[mask]`` (a·N·h, saved), ``labels[mask]``
+    (int64 [N], saved), seven fp32 [N] running statistics, the tile buffer ``mm_buf``
+    [min(N, 4096), 32768] (whatever V is; the Triton fold works in place), then log_z, the
+    log-probs and the entropy (fp32 [N] each) while ``is_top1`` is built (three bool [N]).
+    The B·T·V logits never exist."""
+    N, a, tile = _trl_sizes(st, x)
+    h = st.model.hidden_size
+    return N + a * N * h + 8 * N + 7 * 4 * N + tile + 3 * 4 * N + 3 * N
+
+
+def trl_backward_bytes(st: Structure, x):
+    """Inside ChunkedLogProbFunction.backward as it returns: what the forward saved (the gathered
+    hidden a·N·h, the targets 8·N, log_z and entropy 4·N each, the mask N), the log-probs'
+    gradient (masked_select: fp32 [N]), the fp32 ``grad_hidden`` accumulator (4·N·h; CUDA's
+    ``addmm(out_dtype=float32, out=)`` adds each tile in place), the tile buffer, and
+    ``grad_hidden.to(hidden.dtype)`` (a·N·h when a ≠ 4)."""
+    N, a, tile = _trl_sizes(st, x)
+    h = st.model.hidden_size
+    return a * N * h + 8 * N + 2 * 4 * N + N + 4 * N + 4 * N * h + tile + (a * N * h if a != 4 else 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint offload
+# ---------------------------------------------------------------------------------------------
+
+
+def offloaded_inputs(st: Structure, x, rc: StepRecipe, moment: str):
+    """Device bytes that checkpoint offload moves to pinned host memory at ``moment``
+    (subtracted from the activations line).
+
+    transformers 5.24 modeling_utils.py::_activation_checkpointing_enable(offload=True) runs each
+    checkpoint under torch.autograd.graph.save_on_cpu: what the checkpoint saves for itself (its
+    tensor inputs: _NoopSaveInputs non-reentrant, ctx.save_for_backward reentrant) is packed to
+    host and the device copy dies with its last reference; the layer's inner saved tensors go
+    through checkpoint's own hooks (recomputed), so nothing else moves. Layer 0's input stays:
+    it is the grad-requiring embedding leaf the graph holds (``input_leaf_and_grad``). In a
+    layer's backward its input is unpacked back to the device (``tensor.to(device)``): the
+    'layer backward' moment has the top layer's input on the device again.
+    Per checkpointed layer a·T·h; (n − 1) of them at the forward moments, (n − 2) in the top
+    layer's backward when that layer is checkpointed."""
+    if not rc.offload:
+        return 0
+    n = checkpointed_layers(st, rc)
+    back = 1 if moment == "layer backward" and top_layer_checkpointed(st, rc) and st.model.num_layers > 1 else 0
+    return max(n - 1 - back, 0) * st.stream_bytes * st.model.hidden_size * x.T
+
+
+def offload_host_bytes(st: Structure, x, rc: StepRecipe):
+    """Pinned host memory the offloaded checkpoint inputs take at the end of the forward: one
+    a·T·h copy per checkpointed layer (save_on_cpu packs every one, layer 0's too)."""
+    if not rc.offload:
+        return 0
+    return checkpointed_layers(st, rc) * st.stream_bytes * st.model.hidden_size * x.T

@@ -474,6 +474,11 @@ def run_burst(spec: dict, emit: Emit | None = None) -> dict[str, Any]:
             res["protocol"]["param_dtypes"] = st.param_dtypes(m)
             record_mem("lora", probe.end("lora"))
 
+        if kind == "loop" and r.loss == "chunked" and not enc_dec:
+            # trl's fused chunked LM head, applied before PEFT as SFTTrainer.__init__ applies it
+            from trl.trainer.utils import add_fused_lm_head
+
+            add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
         if kind != "trl":  # SFTTrainer wraps the model itself (peft_config), in its __init__
             model = peft.get_peft_model(model, cfg)
             if r.adapter_dtype != "fp32":  # get_peft_model upcasts adapters to fp32 (autocast_adapter_dtype)
@@ -486,9 +491,6 @@ def run_burst(spec: dict, emit: Emit | None = None) -> dict[str, Any]:
         if enc_dec and r.padding != "max-length":
             raise RuntimeError(f"--padding {r.padding}: the burst builds encoder-decoder batches at max length only; "
                                f"use --padding max-length")
-        if kind == "loop" and r.loss == "chunked":
-            raise RuntimeError("--loss chunked (trl's fused chunked LM head) is run by --trainer trl's SFTTrainer; "
-                               "the loop burst does not apply it: use --trainer trl or --loss standard")
         if enc_dec and kind == "trl":
             raise RuntimeError(f"--trainer trl: trl's SFTTrainer trains causal LMs, not encoder-decoder "
                                f"{hf_config.model_type}; use --trainer hf (Seq2SeqTrainer) or --trainer loop")

@@ -30,7 +30,7 @@ from ..hf import MOE_RULES
 from ..targets import expert_parameter_targets, peft_target_modules, peft_target_parameters
 from ..train_step import apply_checkpoint_layout, check_supported, checkpoint_kwargs
 from .loss_paths import apply_loss_path
-from .steps import run_steps
+from .steps import meta_offload_hooks, run_steps
 
 #: the trace's ledger lines (coarser than the analytic ledger's; see estimate.result.LEDGER)
 CATEGORIES = ledger_keys("trace")
@@ -310,6 +310,7 @@ def trace_step(model_config: dict, lora: LoraSpec, train: TrainSpec, gpu_compute
         versions=_versions(),
         stack=_stack(train),
         uncertain=list(em.UNCERTAIN),
+        offload_host_peak_bytes=int(getattr(tracker, "offload_host_peak_bytes", 0)),
         int8_outlier_fraction=(frac if frac is not None else {leaf: default_frac for leaf in sorted(outlier_leaves)})
         if train.quant == "int8" else None,
         elapsed_s=round(time.perf_counter() - t0, 3),
@@ -392,7 +393,7 @@ def _run(torch, transformers, auto, config, load_dtype, attn_impl, quantized, se
         elif gc:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
             model.enable_input_require_grads()
-        apply_checkpoint_layout(model, train, gc_kwargs)
+        apply_checkpoint_layout(model, train, gc_kwargs, offload_hooks=meta_offload_hooks(tracker, torch))
         apply_loss_path(model, train, torch)
         from ..hf import spec_from_config
 

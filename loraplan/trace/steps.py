@@ -43,6 +43,36 @@ def clip_grad_norm_cuda(parameters, max_norm: float, torch):
     return total
 
 
+def meta_offload_hooks(tracker, torch):
+    """A factory of the saved-tensors hooks that stand in for save_on_cpu(pin_memory=True) on
+    meta (whose pack ``packed.copy_(tensor)`` cannot read a meta tensor): pack makes an
+    untracked same-size tensor (the pinned host copy; its bytes are counted in
+    ``tracker.offload_host_bytes`` / ``offload_host_peak_bytes``) and drops the device reference;
+    unpack makes a tracked device tensor (``tensor.to(device, non_blocking=True)``)."""
+    tracker.offload_host_bytes = 0
+    tracker.offload_host_peak_bytes = 0
+
+    class _Packed:
+        def __init__(self, t):
+            with tracker.pause():
+                self.t = torch.empty(t.size(), dtype=t.dtype, layout=t.layout, device=t.device)
+            tracker.ignore(self.t)
+            self.nbytes = t.numel() * t.element_size()
+            tracker.offload_host_bytes += self.nbytes
+            tracker.offload_host_peak_bytes = max(tracker.offload_host_peak_bytes, tracker.offload_host_bytes)
+
+        def __del__(self):
+            tracker.offload_host_bytes -= self.nbytes
+
+    def pack(t):
+        return _Packed(t)
+
+    def unpack(p):
+        return torch.empty_like(p.t)
+
+    return lambda: torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+
+
 def run_steps(model, opt, trainable, ids, labels, train, tracker, stack: list, steps: int, torch,
               autocast=None, scaler=None, model_inputs=None) -> None:
     """Run ``steps`` optimizer steps of the recipe's trainer under ``tracker`` (phases
