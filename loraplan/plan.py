@@ -147,10 +147,12 @@ class Plan:
     #: what the estimate says about the setup on every GPU (e.g. experts that bitsandbytes leaves
     #: unquantized): the notes common to all GPUs' estimates
     notes: tuple[str, ...] = ()
+    #: (GPU id, why): GPUs that cannot run the recipe at all (bf16 below sm80, FA2 below sm80)
+    skipped: tuple[tuple[str, str], ...] = ()
 
     def to_dict(self) -> dict:
         return {"inputs": self.inputs, "job": asdict(self.job), "gpus": [g.to_dict() for g in self.gpus],
-                "notes": list(self.notes)}
+                "notes": list(self.notes), "skipped": [{"gpu": g, "reason": r} for g, r in self.skipped]}
 
 
 def parse_prices(items: Iterable[str], known_ids: Iterable[str]) -> dict[str, float]:
@@ -332,7 +334,14 @@ def plan_job(model: ModelSpec, lora: LoraSpec, train: TrainSpec, gpus: list[GpuS
                          f"give one of them")
     rows: list[GpuPlan] = []
     notes: list[tuple[str, ...]] = []
+    skipped: list[tuple[str, str]] = []
     for gpu in gpus:
+        why = recipe_refusal(train, gpu)
+        if why is not None:  # one GPU asked for: the one-line error; among several: listed as skipped
+            if len(gpus) == 1:
+                raise InputError(why)
+            skipped.append((gpu.id, why))
+            continue
         cal = calibrations.get(gpu.id) or load_calibration(gpu.id)
         ev = _Evaluator(estimate_fn, model, lora, gpu, cal)
         seq = train.seq
@@ -377,4 +386,21 @@ def plan_job(model: ModelSpec, lora: LoraSpec, train: TrainSpec, gpus: list[GpuS
             min(priced, key=lambda r: r.total_usd).cheapest = True
     inputs = run_inputs(model, lora, train)
     common = tuple(n for n in (notes[0] if notes else ()) if all(n in ns for ns in notes))
-    return Plan(inputs=inputs, job=job, gpus=rows, notes=common)
+    return Plan(inputs=inputs, job=job, gpus=rows, notes=common, skipped=tuple(skipped))
+
+
+def recipe_refusal(train: TrainSpec, gpu: GpuSpec) -> str | None:
+    """Why ``gpu`` cannot run ``train``'s recipe (bf16 without bf16 tensor cores:
+    ``trainers.check_gpu_dtypes``; flash_attention_2 below sm80: ``sequences.check_attention``),
+    or None."""
+    from .estimate.sequences import check_attention
+    from .storage import Dtypes, dtype_bytes
+    from .trainers import check_gpu_dtypes, resolve_recipe
+
+    try:
+        check_gpu_dtypes(train, gpu)
+        r = resolve_recipe(train)
+        check_attention(r, gpu.compute_capability, dtype_bytes(Dtypes.of(r).stream))
+    except InputError as e:
+        return str(e)
+    return None

@@ -902,6 +902,10 @@ def _padding(r: _Reader) -> None:
     r.opts.pop("padding", None)
     if packing and strategy in ("bfd", "bfd_split"):
         r.opts["padding"] = "padding-free"
+        if "lengths" not in r.opts:
+            # bfd bins documents into rows of up to max_length tokens: the worst batch is every row full
+            # (trl data_utils.py::pack_dataset); a loraplan: section's lengths replace it
+            r.opts["lengths"] = (int(r.opts.get("seq") or 1024),)
     elif packing:
         r.opts["padding"] = "packing"
     elif free:
@@ -911,7 +915,8 @@ def _padding(r: _Reader) -> None:
         keys = [r.facts[x][1] for x in ("packing", "packing_strategy", "padding_free") if x in r.facts]
         r.used.append((" + ".join(keys), {x: f[x] for x in ("packing", "packing_strategy", "padding_free") if x in f},
                        f"--padding {r.opts['padding']}"
-                       + (" (bfd packing turns on padding_free: one flattened row per batch)"
+                       + (" (bfd packing turns on padding_free: one flattened row per batch of bins filled to "
+                          "max_length, --lengths max_length)"
                           if packing and strategy != "wrapped" else "")))
 
 

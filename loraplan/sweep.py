@@ -598,6 +598,11 @@ def evaluate_table(table: CaseTable, on_progress: Callable[[int], None] | None =
                 except LoraplanError as e:
                     probe = msg(e)
                 probes[skey] = probe
+            if not isinstance(probe, int):
+                gpu_msg = _gpu_refusal(probe, gpus[int(C["gpu"][i0])], msg)
+                if gpu_msg is not None:  # the recipe on this GPU: bf16 without bf16, FA2 below sm80
+                    err[idx] = gpu_msg
+                    continue
             if isinstance(probe, int):
                 err[idx] = probe
             else:
@@ -631,6 +636,25 @@ def evaluate_table(table: CaseTable, on_progress: Callable[[int], None] | None =
     return Columns(data, masks)
 
 
+def _gpu_refusal(p: "_Group", gpu_entry, msg) -> int | None:
+    """The message index of what estimate() refuses for this group's recipe on this GPU
+    (``trainers.check_gpu_dtypes``, ``sequences.check_attention``), or None; cached per GPU."""
+    from .errors import LoraplanError
+    from .estimate.sequences import check_attention
+    from .storage import Dtypes, dtype_bytes
+    from .trainers import check_gpu_dtypes
+
+    gpu = gpu_entry[0]
+    if gpu.id not in p.gpu_checks:
+        try:
+            check_gpu_dtypes(p.train, gpu)
+            check_attention(p.resolved, gpu.compute_capability, dtype_bytes(Dtypes.of(p.resolved).stream))
+            p.gpu_checks[gpu.id] = None
+        except LoraplanError as e:
+            p.gpu_checks[gpu.id] = msg(e)
+    return p.gpu_checks[gpu.id]
+
+
 def _resolve(case: dict, model):
     from .case import resolve_case
 
@@ -650,11 +674,15 @@ class _Group:
         self.resolved = resolve_recipe(train)  # the trainer's defaults filled in, as estimate() reads them
         self.recipe = recipe_columns(self.resolved)  # the group's recipe cells (its numbers come per case)
         self.adapted = select_targets(model, lora.targets) + select_expert_targets(model, lora.targets, lora.dropout)
-        self.structure = structure(model, self.adapted, train.quant, train.double_quant)
+        from .storage import Dtypes
+
+        # the recipe's dtypes (load/compute/adapter, prepare_kbit, autocast), as make_setup reads them
+        self.structure = structure(model, self.adapted, Dtypes.of(self.resolved), train.double_quant)
         self.targets = ",".join(lora.targets)
         self.encoder_decoder = train.target_seq is not None  # resolve_case sets it for enc-dec only
         self.kinds: dict[tuple, str] = {}
         self.params = None  # parameter counts per rank level (count_params on an array of ranks)
+        self.gpu_checks: dict[str, int | None] = {}  # GPU id -> message index of its refusal (or None)
 
 
 def _recipe_numbers(p: "_Group", idx, C, recipe_v) -> dict[str, Any]:

@@ -183,6 +183,8 @@ def _print_table(d: dict) -> None:
         con.print(f"[red]{g['gpu']}[/] needs {size(g['device_total_bytes'])} of {size(g['memory_bytes'])}; changes:")
         bullets(con, [f"{s['option']}: {s['change']}, saves {size(s['saving_bytes'])}" + (" -> fits" if s["fits"] else "")
                       for s in g["suggestions"]], indent=2)
+    for sk in d.get("skipped", []):  # GPUs that cannot run the recipe at all
+        con.print(f"[yellow]{sk['gpu']}[/] not planned: {sk['reason']}")
     for n in d.get("notes", []):  # what the estimate says about this setup on every GPU
         con.print(f"{'[bold red]' if n.startswith('WARNING') else '[dim]'}note: {escape(n)}[/]")
     con.print("[dim]times: analytic step-time model fitted on H100 measurements; other GPUs scaled by their "
