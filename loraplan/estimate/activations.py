@@ -164,7 +164,10 @@ def attention_saved_per_layer(st: Structure, kind: str, T, b, seq, kv_seq, cross
     # phi3 slices q, k, v out of its fused qkv_proj output as views: the saved v view keeps the
     # whole [T, (n_h + 2·n_kv)·d] output alive, q and k parts included. (gpt-neox and falcon
     # reshape and split per head; their traces show no such retention.)
-    fused = a * T * (n_h + n_kv) * d if _has_fused_qkv(m) and kind in ("flash", "efficient") else 0
+    # Under autocast with a qkv output of another dtype (a 4-bit base returns the fp32 stream's
+    # dtype) sdpa saves its cast copies instead of the views: no retention.
+    fused = a * T * (n_h + n_kv) * d if (_has_fused_qkv(m) and kind in ("flash", "efficient")
+                                         and a == st.attention_bytes) else 0
     return fused + _attention_core_saved(st, kind, T, b, seq, kv_seq, cross) + attention_dropout_saved(st, kind, b, seq,
                                                                                                          kv_seq)
 

@@ -58,7 +58,8 @@ def autocast_copies(st: Structure, r, gradient_checkpointing: bool, moment: str)
       needs a grad); bitsandbytes' 4-bit/int8 weights are not cast (custom autograd Functions).
     Without checkpointing every layer's copies live from the forward to that layer's backward;
     with it only lm_head's (outside the checkpointed layers) and, at a layer's backward, the
-    copies its recompute made. ``moment``: "forward", "loss backward" or "layer backward".
+    copies its recompute made; lm_head's is released once its backward ran (before any layer's).
+    ``moment``: "forward", "loss backward" or "layer backward".
     """
     d = st.dt
     if not d.autocast:
@@ -71,14 +72,15 @@ def autocast_copies(st: Structure, r, gradient_checkpointing: bool, moment: str)
         adapters = sum(count * r * size for size, count in st.lora_sizes.items()) * c
     per_layer, head = _frozen_cast_linears(st)
     frozen_layers = per_layer * c * L
+    # lm_head's copy is released when its backward has run: gone by any layer's backward
     if gradient_checkpointing:
         if moment == "forward":
             return adapters + head * c
         if moment == "loss backward":
             return head * c
-        return head * c + (adapters + frozen_layers) / L
+        return (adapters + frozen_layers) / L
     if moment == "layer backward":
-        return adapters + frozen_layers + head * c
+        return adapters + frozen_layers
     return adapters + frozen_layers + head * c
 
 
