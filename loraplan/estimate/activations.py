@@ -301,11 +301,18 @@ def mlp_saved(st: Structure, T):
     Frozen Linears save nothing for their own weights (autograd saves only what a needed
     gradient uses; the input gradient needs only the weight)."""
     unfused = _activation(st.model) in _UNFUSED_GELU
+    ab = st.block_bytes
+    if unfused and st.autocast_bytes:
+        # under autocast NewGELU's ``torch.pow(x, 3.0)`` is an fp32 op: x is cast to fp32 (the copy
+        # pow saves) and everything it feeds promotes to fp32: tanh's output, 1 + tanh and the GELU
+        # output are fp32 (4 B); 0.5·x stays in x's dtype (transformers activations.py::NewGELUActivation)
+        per = (3 * 4 + ab) + ((4 + ab) if st.model.arch.mlp == "gated" else 0)  # gated: the product's inputs
+        return per * T * st.model.intermediate_size
     if st.model.arch.mlp == "gated":
         k = 6 if unfused else 3
     else:
         k = 4 if unfused else 1
-    return k * st.block_bytes * T * st.model.intermediate_size
+    return k * ab * T * st.model.intermediate_size
 
 
 def moe_block_saved(st: Structure, T):

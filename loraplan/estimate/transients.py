@@ -99,7 +99,9 @@ def loss_forward_transient(st: Structure, x: Shape):
     logits_to_keep=0 keeps every position)."""
     TV = x.T * st.model.vocab_size
     c = logits_bytes(st)
-    if not st.model.arch.loss_upcasts_logits:  # T5ForConditionalGeneration: CrossEntropyLoss on the raw logits
+    if not st.model.arch.loss_upcasts_logits and not st.dt.autocast:
+        # T5ForConditionalGeneration: CrossEntropyLoss on the raw logits (under autocast cross_entropy
+        # runs in fp32 -- log_softmax/nll_loss are fp32 ops -- so the logits get an fp32 copy as below)
         loss = 2 * c * TV
     else:
         loss = c * TV + (4 * TV if c == 2 else 0) + 4 * TV + logit_softcap_saved(st, x)
@@ -114,7 +116,7 @@ def loss_backward_transient(st: Structure, x: Shape):
     """At the head of backward: log_softmax's saved fp32 output, the nll_loss gradient and
     log_softmax's input gradient, all fp32 [T, V]: 12·T·V (memory-physics.md §6). T5 computes
     CrossEntropyLoss on the logits as they are (modeling_t5.py): 3·c·T·V."""
-    if not st.model.arch.loss_upcasts_logits:  # log_softmax, its grad in and out in the logits dtype
+    if not st.model.arch.loss_upcasts_logits and not st.dt.autocast:  # log_softmax, its grads in the logits dtype
         return 3 * logits_bytes(st) * x.T * st.model.vocab_size
     return 12 * x.T * st.model.vocab_size + logit_softcap_saved(st, x)
 
