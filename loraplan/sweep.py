@@ -616,7 +616,10 @@ class _Group:
 
         self.model, self.lora, self.train = model, lora, train
         self.adapted = select_targets(model, lora.targets) + select_expert_targets(model, lora.targets, lora.dropout)
-        self.structure = structure(model, self.adapted, train.quant, train.double_quant)
+        from .storage import Dtypes
+
+        # the recipe's dtypes (mixed precision, load/compute/adapter dtype, prepare_kbit)
+        self.structure = structure(model, self.adapted, Dtypes.of(train), train.double_quant)
         self.targets = ",".join(lora.targets)
         self.encoder_decoder = train.target_seq is not None  # resolve_case sets it for enc-dec only
         self.kinds: dict[tuple, str] = {}
