@@ -266,7 +266,7 @@ def _drivers(setup, e: Estimate, model, lora, cc) -> tuple[Driver, ...]:
     for i, (k, v) in enumerate(comps):
         if i and v / total < DRIVER_MIN_SHARE:
             break
-        out.append(Driver(k, ledger_label(k, setup.train.quant, model), int(v), v / total,
+        out.append(Driver(k, ledger_label(k, Dtypes.of(setup.train), model), int(v), v / total,
                           tuple(_why(k, setup, e, model, lora, cc))))
     return tuple(out)
 
