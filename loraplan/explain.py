@@ -29,7 +29,7 @@ from .estimate.memory import make_setup
 from .estimate.result import Estimate, ledger_label
 from .estimate.transients import default_int8_outlier_fraction, loss_backward_transient
 from .spec import Calibration, GpuSpec, LoraSpec, ModelSpec, TrainSpec
-from .storage import FOUR_BIT, QUANTIZED, effective_linear_quant, stream_dtype_bytes
+from .storage import FOUR_BIT, QUANTIZED, Dtypes, effective_linear_quant, stream_dtype_bytes
 from .targets import default_targets, resolve_targets, select_targets
 
 #: a ledger line is explained when it holds at least this share of the peak (the largest always is)
@@ -139,7 +139,7 @@ def attention_reason(model: ModelSpec, train: TrainSpec, compute_capability: str
     if masked:
         reasons.append("a mask is passed (sliding window shorter than the sequence, a position bias, or an "
                        "additive causal mask), which rules out flash")
-    if stream_dtype_bytes(train.quant) != 2:
+    if stream_dtype_bytes(Dtypes.of(train)) != 2:
         reasons.append("the stream is fp32" + (" after prepare_model_for_kbit_training" if train.quant in QUANTIZED
                                                else "") + " and flash needs fp16/bf16")
     if model.head_dim > 256:
@@ -171,7 +171,7 @@ def valid_kernels(model: ModelSpec, train: TrainSpec, compute_capability: str | 
     cc = float(compute_capability) if compute_capability else 8.0
     out = {"math": "", "eager": ""}
     why_flash = []
-    if stream_dtype_bytes(train.quant) != 2:
+    if stream_dtype_bytes(Dtypes.of(train)) != 2:
         why_flash.append("needs an fp16/bf16 stream")
     if model.head_dim > 256:
         why_flash.append("needs head dim <= 256")
@@ -199,7 +199,7 @@ def _activation_why(setup, e: Estimate, cc) -> list[str]:
     if train.gradient_checkpointing:
         ck = checkpoint_inputs(st, x, kind)
         out.append(f"gradient checkpointing keeps each layer's input: {m.num_layers} layers x "
-                   f"{stream_dtype_bytes(train.quant)} B x T={T:,} tokens x h={m.hidden_size} = {_gib(ck)}")
+                   f"{stream_dtype_bytes(Dtypes.of(train))} B x T={T:,} tokens x h={m.hidden_size} = {_gib(ck)}")
         if moment == "layer backward":
             out.append(f"at layer backward one layer is recomputed and saves {_gib(layer_saved(st, kind, x))}")
     else:
@@ -227,7 +227,7 @@ def _why(key: str, setup, e: Estimate, model: ModelSpec, lora: LoraSpec, cc) -> 
     st, x, train = setup.structure, setup.shape, setup.train
     comp = e.memory.components.get(key, 0)
     if key == "frozen_linear_weights":
-        lq = effective_linear_quant(model, train.quant)
+        lq = effective_linear_quant(model, Dtypes.of(train))
         n = sum(li.numel for li in model.linears if li.stack != "head")
         base = f"{n / 1e9:.2f} B frozen Linear parameters stored as {lq}: {comp / max(n, 1):.2f} B per parameter"
         if lq == "fp32" and train.quant in QUANTIZED:
@@ -279,7 +279,7 @@ def _drivers(setup, e: Estimate, model, lora, cc) -> tuple[Driver, ...]:
     for i, (k, v) in enumerate(comps):
         if i and v / total < DRIVER_MIN_SHARE:
             break
-        out.append(Driver(k, ledger_label(k, setup.train.quant, model), int(v), v / total,
+        out.append(Driver(k, ledger_label(k, Dtypes.of(setup.train), model), int(v), v / total,
                           tuple(_why(k, setup, e, model, lora, cc))))
     return tuple(out)
 
@@ -366,7 +366,7 @@ def explain(model: ModelSpec, lora: LoraSpec, train: TrainSpec, gpu: GpuSpec | N
 
     facts = [n for n in e.memory.notes if n.startswith("WARNING")] + ["recipe: " + recipe_summary(e.inputs),
                                                                      stream_fact(train)]
-    lq = effective_linear_quant(model, train.quant)
+    lq = effective_linear_quant(model, Dtypes.of(train))
     if train.quant in FOUR_BIT and lq == "fp32":
         facts.append(f"{model.model_type}: bitsandbytes does not convert this family's Linears; they stay "
                      f"unquantized and prepare_model_for_kbit_training upcasts them to fp32")

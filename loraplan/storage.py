@@ -6,6 +6,14 @@ the profile runner all depend on: which Linear is quantized, what
 stream and of the LoRA adapters, and bytes per dtype. Pure Python (no torch): the trace and the
 profile map the dtype names given here to torch dtypes themselves.
 
+The rules read the training recipe's dtypes (issue 11) through ``Dtypes``: ``Dtypes.of(train)``
+resolves the recipe (``trainers.resolve_recipe``: mixed precision, load / compute / adapter
+dtype, prepare_model_for_kbit_training) and gives the dtype of every tensor family (unquantized
+parameters, residual stream, block outputs, sdpa, lm_head and logits, adapters, matmuls). Every
+function below takes a ``Dtypes`` or a quantization name, which means the loop protocol's
+(``Dtypes.protocol``: bf16 load, prepare on for a quantized base, compute bf16, fp32 adapters,
+no autocast).
+
 Versions read: transformers 5.x, peft 0.21, bitsandbytes 0.50 (shared/design/memory-physics.md
 §1-§4). Quantizations are named as in ``loraplan.spec.QUANTS``; dtypes as "bf16", "fp16",
 "fp32", "int8", "nf4", "fp4".

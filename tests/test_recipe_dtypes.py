@@ -23,20 +23,8 @@ from loraplan.errors import InputError
 from loraplan.spec import LoraSpec, TrainSpec
 from loraplan.storage import Dtypes
 
-#: recipes that together set every dtype field of the recipe (and trl's defaults)
-RECIPES = [
-    dict(quant="bf16", mixed_precision="bf16"),
-    dict(quant="nf4", mixed_precision="bf16"),
-    dict(quant="fp16", mixed_precision="bf16"),
-    dict(quant="nf4", prepare_kbit=False),
-    dict(quant="bf16", mixed_precision="fp16"),
-    dict(quant="nf4", adapter_dtype="bf16"),
-    dict(quant="fp32", mixed_precision="bf16"),
-    dict(quant="nf4", compute_dtype="fp32"),
-    dict(quant="nf4", trainer="hf", mixed_precision="bf16", adapter_dtype="bf16", prepare_kbit=False),  # trl's dtypes
-    dict(quant="bf16", adapter_dtype="bf16"),
-    dict(quant="nf4", mixed_precision="fp16", load_dtype="fp16", compute_dtype="fp16"),
-]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from analytic_vs_trace import FAMILIES, RECIPES  # noqa: E402  (recipes that set every dtype field)
 
 
 def test_protocol_dtypes_are_the_old_storage_rules():
@@ -112,8 +100,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 
 def _agreement_cases():
-    from analytic_vs_trace import FAMILIES
-
     cases = []
     rec = itertools.cycle(RECIPES)
     flip = itertools.cycle([(True, "default"), (False, "all-linear"), (False, "default"), (True, "all-linear")])

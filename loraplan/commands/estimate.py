@@ -80,7 +80,9 @@ def estimate_command(method, calibration_file, fmt, explain_, **opts):
 
         click.echo(to_csv([data]), nl=False)
     else:
-        labels = {k: ledger_label(k, train.quant, model) for k in data["memory"]["components"]}
+        from ..storage import Dtypes
+
+        labels = {k: ledger_label(k, Dtypes.of(train), model) for k in data["memory"]["components"]}
         _print_table(data, labels)
         if explanation is not None:
             from ..render import console

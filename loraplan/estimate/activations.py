@@ -185,8 +185,11 @@ def attention_saved_per_layer(st: Structure, kind: str, T, b, seq, kv_seq, cross
     # whole [T, (n_h + 2·n_kv)·d] output alive, q and k parts included. (gpt-neox and falcon
     # reshape and split per head; their traces show no such retention.)
     # FA2 on an fp32 stream casts q, k, v to bf16 copies first (``_fa2_saved``), and its varlen
-    # paths gather / flatten them into new tensors (``fa2_copies``): no view kept
-    fused_kept = kind in ("flash", "efficient") or (kind == "fa2" and a != 4 and not fa2_copies)
+    # paths gather / flatten them into new tensors (``fa2_copies``): no view kept. Under autocast
+    # with a qkv output of another dtype (a 4-bit base returns the fp32 stream's dtype) sdpa saves
+    # its cast copies instead of the views: no retention.
+    fused_kept = ((kind in ("flash", "efficient") and a == st.attention_bytes)
+                  or (kind == "fa2" and a != 4 and not fa2_copies))
     fused = a * T * (n_h + n_kv) * d if _has_fused_qkv(m) and fused_kept else 0
     return (fused + _attention_core_saved(st, kind, T, b, seq, kv_seq, cross, masked)
             + attention_dropout_saved(st, kind, b, seq, kv_seq))
@@ -349,11 +352,18 @@ def mlp_saved(st: Structure, T):
     Frozen Linears save nothing for their own weights (autograd saves only what a needed
     gradient uses; the input gradient needs only the weight)."""
     unfused = _activation(st.model) in _UNFUSED_GELU
+    ab = st.block_bytes
+    if unfused and st.autocast_bytes:
+        # under autocast NewGELU's ``torch.pow(x, 3.0)`` is an fp32 op: x is cast to fp32 (the copy
+        # pow saves) and everything it feeds promotes to fp32: tanh's output, 1 + tanh and the GELU
+        # output are fp32 (4 B); 0.5·x stays in x's dtype (transformers activations.py::NewGELUActivation)
+        per = (3 * 4 + ab) + ((4 + ab) if st.model.arch.mlp == "gated" else 0)  # gated: the product's inputs
+        return per * T * st.model.intermediate_size
     if st.model.arch.mlp == "gated":
         k = 6 if unfused else 3
     else:
         k = 4 if unfused else 1
-    return k * st.block_bytes * T * st.model.intermediate_size
+    return k * ab * T * st.model.intermediate_size
 
 
 def moe_block_saved(st: Structure, T):

@@ -187,8 +187,8 @@ LEDGER: tuple[LedgerLine, ...] = (
     LedgerLine("frozen_linear_weights", "frozen Linear weights", "#4c72b0"),  # the CLI names the storage per setup
     LedgerLine("unquantized_weights", "embeddings, norms, lm_head, biases", "#8172b2"),
     LedgerLine("expert_weights", "MoE expert weights (fused; never bnb-quantized)", "#2a9d8f"),
-    LedgerLine("lora_weights", "LoRA weights (fp32)", "#64b5cd", _BOTH),
-    LedgerLine("lora_gradients", "LoRA gradients (fp32)", "#55a868", _BOTH),
+    LedgerLine("lora_weights", "LoRA weights", "#64b5cd", _BOTH),  # + the adapter dtype per setup
+    LedgerLine("lora_gradients", "LoRA gradients", "#55a868", _BOTH),
     LedgerLine("optimizer_state", "optimizer state", "#c44e52", _BOTH),
     LedgerLine("optimizer_temporaries", "optimizer step temporaries", "#e08a8c"),
     LedgerLine("activations", "activations saved for backward", "#dd8452", _BOTH),
@@ -211,25 +211,32 @@ def ledger_keys(view: str | None = None) -> tuple[str, ...]:
     return tuple(line.key for line in LEDGER if view is None or view in line.views)
 
 
-def ledger_label(key: str, quant: str | None = None, model=None) -> str:
+def ledger_label(key: str, quant=None, model=None) -> str:
     """The display label of a ledger key (the key with spaces when it is not in the vocabulary).
 
     With the setup's ``quant`` (and ``model``, for families whose Linears bitsandbytes does not
     convert), the weight lines say what is true for it (loraplan.storage): "frozen Linear weights
     (nf4)", "(bf16)" for an unquantized base, "(fp32, not quantized)" for a Falcon "4-bit" base;
-    "embeddings, norms, lm_head, biases (fp32)" after prepare_model_for_kbit_training."""
+    "embeddings, norms, lm_head, biases (fp32)" after prepare_model_for_kbit_training; the LoRA
+    lines name the adapter dtype. ``quant`` may be the recipe's ``storage.Dtypes``."""
     line = LEDGER_BY_KEY.get(key)
     label = line.label if line else key.replace("_", " ")
+    if key in ("lora_weights", "lora_gradients"):
+        from ..storage import as_dtypes
+
+        return f"{label} ({as_dtypes(quant).adapter if quant is not None else 'fp32'})"
     if quant is None or key not in ("frozen_linear_weights", "unquantized_weights"):
         return label
-    from ..storage import effective_linear_quant, is_quantized, unquantized_param_bytes
+    from ..storage import as_dtypes, effective_linear_quant, is_quantized
 
+    dt = as_dtypes(quant)  # a quantization name, or the recipe's storage.Dtypes
+    quant = dt.quant
     if key == "frozen_linear_weights":
-        stored = effective_linear_quant(model, quant) if model is not None else quant
+        stored = effective_linear_quant(model, dt) if model is not None else quant
         if is_quantized(quant) and not is_quantized(stored):
             return f"frozen Linear weights ({stored}, not quantized)"
         return f"frozen Linear weights ({stored}{' base' if is_quantized(stored) else ''})"
-    dtype = "fp32" if unquantized_param_bytes(quant) == 4 else quant
+    dtype = dt.unquantized
     return f"embeddings, norms, lm_head, biases ({dtype})"
 
 

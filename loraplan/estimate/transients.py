@@ -58,7 +58,8 @@ def autocast_copies(st: Structure, r, gradient_checkpointing: bool, moment: str)
       needs a grad); bitsandbytes' 4-bit/int8 weights are not cast (custom autograd Functions).
     Without checkpointing every layer's copies live from the forward to that layer's backward;
     with it only lm_head's (outside the checkpointed layers) and, at a layer's backward, the
-    copies its recompute made. ``moment``: "forward", "loss backward" or "layer backward".
+    copies its recompute made; lm_head's is released once its backward ran (before any layer's).
+    ``moment``: "forward", "loss backward" or "layer backward".
     """
     d = st.dt
     if not d.autocast:
@@ -71,14 +72,15 @@ def autocast_copies(st: Structure, r, gradient_checkpointing: bool, moment: str)
         adapters = sum(count * r * size for size, count in st.lora_sizes.items()) * c
     per_layer, head = _frozen_cast_linears(st)
     frozen_layers = per_layer * c * L
+    # lm_head's copy is released when its backward has run: gone by any layer's backward
     if gradient_checkpointing:
         if moment == "forward":
             return adapters + head * c
         if moment == "loss backward":
             return head * c
-        return head * c + (adapters + frozen_layers) / L
+        return (adapters + frozen_layers) / L
     if moment == "layer backward":
-        return adapters + frozen_layers + head * c
+        return adapters + frozen_layers
     return adapters + frozen_layers + head * c
 
 
@@ -97,7 +99,9 @@ def loss_forward_transient(st: Structure, x: Shape):
     logits_to_keep=0 keeps every position)."""
     TV = x.T * st.model.vocab_size
     c = logits_bytes(st)
-    if not st.model.arch.loss_upcasts_logits:  # T5ForConditionalGeneration: CrossEntropyLoss on the raw logits
+    if not st.model.arch.loss_upcasts_logits and not st.dt.autocast:
+        # T5ForConditionalGeneration: CrossEntropyLoss on the raw logits (under autocast cross_entropy
+        # runs in fp32 -- log_softmax/nll_loss are fp32 ops -- so the logits get an fp32 copy as below)
         loss = 2 * c * TV
     else:
         loss = c * TV + (4 * TV if c == 2 else 0) + 4 * TV + logit_softcap_saved(st, x)
@@ -112,7 +116,7 @@ def loss_backward_transient(st: Structure, x: Shape):
     """At the head of backward: log_softmax's saved fp32 output, the nll_loss gradient and
     log_softmax's input gradient, all fp32 [T, V]: 12·T·V (memory-physics.md §6). T5 computes
     CrossEntropyLoss on the logits as they are (modeling_t5.py): 3·c·T·V."""
-    if not st.model.arch.loss_upcasts_logits:  # log_softmax, its grad in and out in the logits dtype
+    if not st.model.arch.loss_upcasts_logits and not st.dt.autocast:  # log_softmax, its grads in the logits dtype
         return 3 * logits_bytes(st) * x.T * st.model.vocab_size
     return 12 * x.T * st.model.vocab_size + logit_softcap_saved(st, x)
 

@@ -69,7 +69,17 @@ class Structure:
         return self.dtypes if self.dtypes is not None else Dtypes.protocol(self.quant)
 
     @property
+    def _layer_norm_fp32_blocks(self) -> bool:
+        """Under autocast layer_norm is an fp32 op, so a LayerNorm family's norm outputs are
+        fp32; bitsandbytes Linears return their input's dtype, so with a quantized base the block
+        tensors and (through ``residual + out``) the stream become fp32 too."""
+        return bool(self.dt.autocast) and self.model.arch.norm == "layer" and self.linear_quant in ("nf4", "fp4",
+                                                                                                      "int8")
+
+    @property
     def stream_bytes(self) -> int:
+        if self._layer_norm_fp32_blocks:
+            return 4
         return dtype_bytes(self.dt.stream)
 
     @property

@@ -8,6 +8,13 @@ the real optimizer) and runs ``steps`` training steps of
 under a ``LiveTensorTracker`` with 512 B block rounding, inside ``emulation.cuda_emulation``.
 Nothing is allocated; a 7B step takes seconds.
 
+The training recipe (``trainers.resolve_recipe``; ``storage.Dtypes``) decides the load dtype,
+``bnb_4bit_compute_dtype``, whether ``prepare_model_for_kbit_training`` runs, the adapters' dtype
+(cast after ``get_peft_model`` as trl does) and mixed precision: the forward (and the loss inside
+it) runs under ``trace.autocast.EmulatedAutocast`` -- CUDA autocast's cast policies applied above
+autograd, since autocast does not run on meta -- re-entered by checkpoint recomputes, with a real
+``GradScaler`` for fp16 (``trace.autocast.emulated_grad_scaler``).
+
 The result predicts ``torch.cuda.max_memory_allocated()``: the tracker's peak (which includes
 kernel-internal transients, see ``emulation.kernel_transients``) plus constant terms that never
 pass through dispatch (cuBLAS workspaces); and ``torch.cuda.max_memory_reserved()`` by replaying
