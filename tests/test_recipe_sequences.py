@@ -159,6 +159,7 @@ SEQ_CASES = {
     "padding-free": dict(seq=512, padding="padding-free", lengths=(100, 300), gradient_checkpointing=False),
     "padding-free-gc": dict(seq=256, padding="padding-free", lengths=(60, 200), quant="nf4"),
     "eager-packing": dict(seq=256, padding="packing", attn_implementation="eager", gradient_checkpointing=False),
+    "eager-padding-free-gc": dict(seq=512, padding="padding-free", lengths=(100, 300, 700), attn_implementation="eager"),
     "fa2-nf4": dict(seq=512, attn_implementation="flash_attention_2", quant="nf4"),
     "fa2-padding-free": dict(seq=512, attn_implementation="flash_attention_2", padding="padding-free",
                              lengths=(100, 300), gradient_checkpointing=False),
@@ -172,6 +173,7 @@ FAMILY_CASES = (
     + [(f, c) for f in ("qwen3", "phi3", "gpt_neox", "gemma2")
        for c in ("packing", "longest-nf4", "fa2-longest-nf4", "fa2-padding-free")]
     + [("mistral", "padding-free"), ("opt", "packing"), ("opt", "longest-nf4"), ("falcon", "padding-free"),
+       ("opt", "eager-padding-free-gc"), ("gemma2", "eager-padding-free-gc"),
        ("olmo2", "fa2-nf4"), ("gemma3_text", "padding-free-gc")]
 )
 
