@@ -95,6 +95,18 @@ def test_padding_refused_on_encoder_decoder(run_cli):
     assert code == 2 and "encoder-decoder" in err
 
 
+def test_sequence_notes():
+    from loraplan.estimate.sequences import sequence_notes
+
+    assert sequence_notes("llama", _train()) == []
+    assert sequence_notes("llama", _train(padding="longest", lengths=(1, 2))) == []
+    assert "attend to each other" in sequence_notes("llama", _train(padding="packing",
+                                                                     attn_implementation="flash_attention_2"))[0]
+    assert sequence_notes("llama", _train(batch=1, padding="packing", attn_implementation="flash_attention_2")) == []
+    assert "without position ids" in sequence_notes("opt", _train(padding="packing"))[0]
+    assert "[1, 1, 1200, 1200]" in sequence_notes("llama", _train(padding="padding-free", lengths=(100, 300)))[0]
+
+
 # ---------------------------------------------------------------------------- the ledger's kernel choice
 def test_mask_takes_sdpa_off_flash():
     from loraplan.catalog import load_model
