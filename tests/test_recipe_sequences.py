@@ -95,6 +95,18 @@ def test_padding_refused_on_encoder_decoder(run_cli):
     assert code == 2 and "encoder-decoder" in err
 
 
+def test_sequence_notes():
+    from loraplan.estimate.sequences import sequence_notes
+
+    assert sequence_notes("llama", _train()) == []
+    assert sequence_notes("llama", _train(padding="longest", lengths=(1, 2))) == []
+    assert "attend to each other" in sequence_notes("llama", _train(padding="packing",
+                                                                     attn_implementation="flash_attention_2"))[0]
+    assert sequence_notes("llama", _train(batch=1, padding="packing", attn_implementation="flash_attention_2")) == []
+    assert "without position ids" in sequence_notes("opt", _train(padding="packing"))[0]
+    assert "[1, 1, 1200, 1200]" in sequence_notes("llama", _train(padding="padding-free", lengths=(100, 300)))[0]
+
+
 # ---------------------------------------------------------------------------- the ledger's kernel choice
 def test_mask_takes_sdpa_off_flash():
     from loraplan.catalog import load_model
@@ -159,6 +171,7 @@ SEQ_CASES = {
     "padding-free": dict(seq=512, padding="padding-free", lengths=(100, 300), gradient_checkpointing=False),
     "padding-free-gc": dict(seq=256, padding="padding-free", lengths=(60, 200), quant="nf4"),
     "eager-packing": dict(seq=256, padding="packing", attn_implementation="eager", gradient_checkpointing=False),
+    "eager-padding-free-gc": dict(seq=512, padding="padding-free", lengths=(100, 300, 700), attn_implementation="eager"),
     "fa2-nf4": dict(seq=512, attn_implementation="flash_attention_2", quant="nf4"),
     "fa2-padding-free": dict(seq=512, attn_implementation="flash_attention_2", padding="padding-free",
                              lengths=(100, 300), gradient_checkpointing=False),
@@ -172,6 +185,7 @@ FAMILY_CASES = (
     + [(f, c) for f in ("qwen3", "phi3", "gpt_neox", "gemma2")
        for c in ("packing", "longest-nf4", "fa2-longest-nf4", "fa2-padding-free")]
     + [("mistral", "padding-free"), ("opt", "packing"), ("opt", "longest-nf4"), ("falcon", "padding-free"),
+       ("opt", "eager-padding-free-gc"), ("gemma2", "eager-padding-free-gc"),
        ("olmo2", "fa2-nf4"), ("gemma3_text", "padding-free-gc")]
 )
 

@@ -40,7 +40,7 @@ from .activations import (Shape, checkpoint_inputs, choose_attention, encoder_ba
                           saved_activations)
 from .arrays import is_scalar as _is_scalar
 from .coefficients import coefficient
-from .sequences import batch_layout, check_attention, explicit_mask
+from .sequences import batch_layout, check_attention, explicit_mask, sequence_notes
 from .result import MemoryEstimate
 from .transients import (autocast_copies, cuda_workspaces, default_int8_outlier_fraction, input_leaf_and_grad,
                          int8_matmul_transient, int8_retained_per_step, int8_saved_anyway, last_hidden_state,
@@ -271,6 +271,7 @@ def estimate_memory(s: Setup, gpu: GpuSpec | None, cal: Calibration) -> MemoryEs
     if host:
         notes.append(f"checkpoint offload: {int(host) / 2**20:.1f} MiB of layer inputs sit in pinned host memory "
                      f"(torch.autograd.graph.save_on_cpu), not on the GPU")
+    notes.extend(sequence_notes(st.model.model_type, s.train))
     if not _calibrated(cal, "reserved_over_allocated_ratio"):
         notes.append("reserved and device total use uncalibrated priors (allocator ratio, CUDA context); "
                      "peak allocated is the checked figure")

@@ -217,3 +217,33 @@ def attention_span(train, kind: str, packed_mask: bool = True) -> AttentionSpan:
             return AttentionSpan(b * mean_sq, True)
         return AttentionSpan((b * mean) ** 2, not packed_mask)
     return AttentionSpan(b * s * s, True)
+
+
+def sequence_notes(model_type: str, train) -> list[str]:
+    """Lines an estimate prints about what the padding mode does in transformers 5.24 beyond memory:
+
+    - packing with flash_attention_2 and more than one row: the varlen path is taken for one row
+      only (modeling_flash_attention_utils.py::_is_packed_sequence) or with cu_seq_lens kwargs
+      (DataCollatorWithFlattening(return_flash_attn_kwargs=True)); with position ids alone the
+      documents of a row attend to each other (same memory);
+    - packed rows of a ``NO_PACKED_MASK`` family: no block-causal mask, documents attend across;
+    - padding-free with sdpa/eager: the packed mask spans the whole flattened batch."""
+    from ..trainers import resolve_recipe
+
+    if train.padding in ("max-length", "longest"):
+        return []
+    impl = resolve_recipe(train).attn_implementation
+    out = []
+    if train.padding == "packing" and impl == "flash_attention_2" and train.batch > 1:
+        out.append("packing with flash_attention_2 and batch > 1: transformers runs varlen per document only for "
+                   "one row or with cu_seq_lens kwargs (DataCollatorWithFlattening(return_flash_attn_kwargs=True)); "
+                   "with position ids alone the documents of a row attend to each other (memory is the same)")
+    if model_type in NO_PACKED_MASK and impl != "flash_attention_2":
+        out.append(f"{model_type} builds its mask without position ids: packed documents attend to each other "
+                   f"(no block-causal mask)")
+    elif train.padding == "padding-free" and impl != "flash_attention_2":
+        L = batch_layout(train).row_len
+        out.append(f"padding-free with {impl}: transformers keeps the documents apart with a [1, 1, {L}, {L}] mask over "
+                   f"the flattened batch (mem-efficient/eager attention over every pair); flash_attention_2 runs "
+                   f"varlen per document without it")
+    return out

@@ -218,7 +218,11 @@ def layer_backward_transients(st: Structure, x: Shape, kind: str = "flash", grad
         # tensors: the softmax output's gradient and the scores' gradient, fp32 [b, n_h, s, s]
         # each, beside the saved softmax
         mlp_lora = lora_input_saved_bytes(st, x.dropout) * T * st.mlp_adapted_in.get(stack, 0.0)
-        extra = _max(extra, 2 * 4 * x.b * m.num_heads * x.tseq * x.tseq - mlp_saved(st, T) - mlp_lora - best)
+        # eager keeps the probabilities twice (fp32 softmax, stream-dtype cast): the cast copy,
+        # saved by the product with v, is released once that product's backward has run, before
+        # the softmax backward (autograd release_variables; checked against the trace)
+        cast = st.stream_bytes if (kind == "eager" and st.stream_bytes != 4) else 0
+        extra = _max(extra, (2 * 4 - cast) * x.b * m.num_heads * x.tseq * x.tseq - mlp_saved(st, T) - mlp_lora - best)
     return best + a * T * m.hidden_size + extra
 
 
