@@ -10,6 +10,7 @@ from loraplan.profile.batches import collate, row_lengths, token_rows  # noqa: E
 def test_row_lengths_take_the_worst_batch():
     assert row_lengths("longest", (40, 90, 300), 2, 128) == [128, 90]  # capped at seq, largest first
     assert row_lengths("padding-free", (40,), 3, 128) == [40, 40, 40]
+    assert row_lengths("padding-free", (40, 90), 2, 128) == [90, 90]  # every row may be the longest draw
     assert row_lengths("max-length", (40, 90), 2, 128) == [128, 128]
     assert row_lengths("packing", (40, 90), 2, 128) == [128, 128]
     assert row_lengths("longest", None, 2, 64) == [64, 64]

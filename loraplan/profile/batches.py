@@ -8,8 +8,9 @@ The peak of a run follows its worst batch, so a burst trains on that batch every
   the longest of them, with an attention mask and ``-100`` labels on the pads, as
   ``transformers.DataCollatorWithPadding`` / trl's ``DataCollatorForLanguageModeling`` build them;
 - ``packing``: ``batch`` rows of exactly ``seq`` tokens (documents concatenated and cut), no mask;
-- ``padding-free``: the batch's rows (lengths as for ``longest``) flattened into one row
-  [1, sum of lengths] with ``position_ids`` restarting at every row and ``-100`` labels at
+- ``padding-free``: ``batch`` rows of the longest length (the worst batch the estimate takes,
+  ``estimate.sequences.batch_layout``: lengths are draws, so every row may be the longest)
+  flattened into one row [1, batch x longest] with ``position_ids`` restarting at every row and ``-100`` labels at
   every row start (trl ``trainer/sft_trainer.py::DataCollatorForLanguageModeling.torch_call``
   with ``padding_free=True``; transformers ``DataCollatorWithFlattening``).
 
@@ -22,11 +23,15 @@ from typing import Any
 
 
 def row_lengths(padding: str, lengths, batch: int, seq: int) -> list[int]:
-    """Token counts of the rows of the worst micro-batch (each <= seq): the ``batch`` largest
-    ``lengths`` (cycled when there are fewer), or ``seq`` each for max-length/packing or no lengths."""
+    """Token counts of the rows of the worst micro-batch (each <= seq): longest: the ``batch``
+    largest ``lengths`` (cycled when there are fewer; padded to the first); padding-free: every
+    row the longest (as ``estimate.sequences.batch_layout``); ``seq`` each for max-length/packing
+    or no lengths."""
     if padding in ("max-length", "packing") or not lengths:
         return [int(seq)] * int(batch)
     ordered = sorted((min(int(x), int(seq)) for x in lengths), reverse=True)
+    if padding == "padding-free":
+        return [ordered[0]] * int(batch)
     return [ordered[i % len(ordered)] for i in range(int(batch))]
 
 
