@@ -17,7 +17,21 @@ the same step structure. Imports torch lazily.
   logs the norm anyway), ``optimizer.step()``, ``model.zero_grad()`` (set_to_none=True).
   An emulation of those two functions, not the Trainer object: Trainer.__init__ moves the model
   to its device (meta tensors cannot be copied) and builds an Accelerator and data loaders the
-  step does not use. trl's SFTTrainer.compute_loss is *not* this path (see ``check_supported``).
+  step does not use.
+- ``trl``: the same Trainer step with trl 1.16's SFTTrainer.compute_loss (sft_trainer.py, loss_type
+  nll, no compute_loss_func / label smoothing): ``outputs = model(**inputs, use_cache=False,
+  fused_lm_head=True)`` (the fused chunked LM head add_fused_lm_head installed, trl/trainer/
+  utils.py), ``loss = (-outputs.log_probs).sum() / as_tensor(num_items_in_batch).clamp(min=1)``,
+  then its metrics: ``label_mask.sum()``, ``entropy.detach().sum()``, ``is_top1.sum()`` through
+  ``accelerator.gather_for_metrics`` (one process: the tensor itself) and ``.sum()``, the two
+  quotients and their ``.item()`` (a value, not memory: left out on meta), and the token count
+  ``attention_mask.sum()`` (the batch has no padding: the count of ``input_ids``' elements).
+  Emulated, not run: SFTTrainer cannot be built on meta (Trainer.__init__ moves the model to
+  its device). SFTTrainer.training_step only adds ``maybe_activation_offload_context`` (a null
+  context unless activation_offloading).
+- ``loss == "chunked"`` under the loop: the loop calls add_fused_lm_head itself and takes
+  ``model(input_ids=ids, labels=ids, fused_lm_head=True).loss`` (the fused head's own
+  ``-log_probs.sum() / mask.sum().clamp(min=1)``).
 """
 
 from __future__ import annotations
@@ -31,21 +45,17 @@ from .trainers import resolve_recipe
 
 
 def check_supported(train, runner: str = "trace") -> None:
-    """Refuse what the step runner cannot run faithfully (one line, with the fix): trl 1.16's
-    SFTTrainer.compute_loss runs a fused chunked log-prob LM head (trl/trainer/utils.py::
-    add_fused_lm_head, trl/kernels/chunked_logprob.py) that this runner does not model;
-    checkpoint offload (save_on_cpu) is not run; ``runner="burst"`` (real steps): Liger's loss
-    needs liger_kernel's Triton kernels, which the burst does not apply."""
+    """Refuse what the step runner cannot run faithfully (one line, with the fix): checkpoint
+    offload (save_on_cpu) is not run; ``runner="burst"`` (real steps): Liger's loss needs
+    liger_kernel's Triton kernels, which the burst does not apply, and trl's fused chunked LM head
+    (``--loss chunked``, trl's only loss) is not applied by the burst."""
     r = resolve_recipe(train)
-    if r.loss == "chunked":
-        raise InputError("--loss chunked is not modelled (transformers has no chunked-output loss); "
-                         "use --loss standard or liger")
     if r.loss == "liger" and runner == "burst":
         raise InputError("--loss liger: the profile burst runs the model's own loss (Liger's Triton kernels are "
                          "not applied); use --trace or --method analytic for Liger")
-    if r.trainer == "trl":
-        raise InputError("--trainer trl: SFTTrainer 1.16's fused chunked log-prob LM head is not modelled by the "
-                         "trace or the profile burst yet; use --trainer hf (or --method analytic)")
+    if r.loss == "chunked" and runner == "burst":
+        raise InputError(f"--loss chunked (--trainer {r.trainer}): the profile burst does not apply trl's fused "
+                         f"chunked LM head; use --trace or --method analytic")
     if r.checkpoint_offload:
         raise InputError("--checkpoint-offload is not modelled by the trace or the profile burst yet; "
                          "drop it (or use --method analytic)")
@@ -104,6 +114,7 @@ class StepRunner:
         self.tr_loss = None  # Trainer._tr_loss
         self.autocast = autocast
         self.scaler = scaler
+        self.fused_head = r.loss == "chunked"  # trl's add_fused_lm_head is on the model
 
     def _forward_context(self):
         return self.autocast if self.autocast is not None else contextlib.nullcontext()
@@ -138,7 +149,10 @@ class StepRunner:
         for _ in range(self.ga):
             with self.phase("forward"):
                 with self._forward_context():
-                    self.loss = self.model(input_ids=self.ids, labels=self.labels).loss
+                    if self.fused_head:
+                        self.loss = self.model(input_ids=self.ids, labels=self.labels, fused_lm_head=True).loss
+                    else:
+                        self.loss = self.model(input_ids=self.ids, labels=self.labels).loss
                 if self.ga > 1:
                     self.loss = self.loss / self.ga
             with self.phase("backward"):
@@ -165,7 +179,9 @@ class StepRunner:
         """Trainer.training_step: the graph (``loss``, ``outputs``) dies on return."""
         with self.phase("forward"):
             with self._forward_context():  # Trainer.compute_loss under accelerate's autocast
-                if num_items is not None:
+                if self.trainer == "trl":
+                    loss = self._sft_compute_loss(num_items)
+                elif num_items is not None:
                     loss = self.model(input_ids=self.ids, labels=self.labels, num_items_in_batch=num_items).loss
                 else:
                     loss = self.model(input_ids=self.ids, labels=self.labels).loss
@@ -174,3 +190,22 @@ class StepRunner:
         with self.phase("backward"):
             self._backward(loss)
         return loss.detach()
+
+    def _sft_compute_loss(self, num_items):
+        """trl 1.16 SFTTrainer.compute_loss (see the module docstring); returns the loss."""
+        torch = self.torch
+        kwargs = {"num_items_in_batch": num_items} if num_items is not None else {}
+        outputs = self.model(input_ids=self.ids, labels=self.labels, use_cache=False, fused_lm_head=True, **kwargs)
+        per_token_loss = -outputs.log_probs  # zero on ignored positions
+        num_tokens = outputs.label_mask.sum() if num_items is None else num_items
+        loss = per_token_loss.sum() / torch.as_tensor(num_tokens).clamp(min=1)
+        del per_token_loss, num_tokens
+        # metrics: gather_for_metrics(x) is x on one process; .item() of the quotients
+        num_valid = outputs.label_mask.sum().sum()
+        entropy_sum = outputs.entropy.detach().sum().sum()
+        num_correct = outputs.is_top1.sum().sum()
+        metrics = (entropy_sum / num_valid, num_correct / num_valid)
+        del metrics, num_valid, entropy_sum, num_correct
+        tokens = torch.tensor(self.ids.numel(), device=self.ids.device).sum()  # attention_mask.sum(): no padding
+        del tokens, outputs
+        return loss

@@ -27,6 +27,19 @@ def trainers_data() -> dict:
     return json.loads(resources.files("loraplan").joinpath("data/trainers.json").read_text())
 
 
+def fused_lm_head() -> dict:
+    """trl's fused chunked LM head as trainers.json records it: ``token_chunk`` and
+    ``vocab_chunk`` (the tile), ``outputs`` per trainer ("trl": SFTTrainer's, "loop": the
+    default of add_fused_lm_head) and their ``sources``."""
+    return trainers_data()["fused_lm_head"]
+
+
+def fused_lm_head_outputs(trainer: str) -> tuple[str, ...]:
+    """The per-token fields add_fused_lm_head computes under ``trainer`` (trl: SFTTrainer's
+    ('log_probs', 'entropy', 'is_top1'); a loop: the default ('log_probs',))."""
+    return tuple(fused_lm_head()["outputs"]["trl" if trainer == "trl" else "loop"])
+
+
 def default_of(trainer: str, key: str, quantized: bool, stack=None) -> Any:
     """The value ``trainer`` uses for ``key`` when it is unset (trainers.json; a version rule
     where the default moved between releases)."""

@@ -34,7 +34,8 @@ import math
 from dataclasses import dataclass
 
 from ..errors import InputError
-from ..trainers import resolve_recipe
+from ..storage import dtype_bytes
+from ..trainers import fused_lm_head, fused_lm_head_outputs, resolve_recipe
 from .weights import Structure, lora_gradients
 
 
@@ -185,16 +186,19 @@ LIGER_SOURCE = "liger_kernel ops/fused_linear_cross_entropy.py::fused_linear_cro
 
 
 def check_loss(st: Structure, rc: StepRecipe) -> None:
-    """Refuse loss paths the ledger does not model (one line with the fix): ``chunked`` (no
-    transformers/PEFT code path computes it; torchtune's CEWithChunkedOutputLoss needs its own
-    chunked-output model), and ``liger`` for encoder-decoder models (Liger patches decoder-only
-    *ForCausalLM forwards only)."""
-    if rc.loss == "chunked":
-        raise InputError("--loss chunked is not modelled (transformers has no chunked-output loss; torchtune's "
-                         "CEWithChunkedOutputLoss needs its own model); use --loss standard or liger")
-    if rc.loss == "liger" and st.model.is_encoder_decoder:
-        raise InputError(f"--loss liger: Liger's fused linear cross-entropy patches decoder-only *ForCausalLM "
-                         f"forwards, not {st.model.model_type}; use --loss standard")
+    """Refuse loss paths the ledger does not model (one line with the fix): ``liger`` and
+    ``chunked`` for encoder-decoder models (Liger patches decoder-only *ForCausalLM forwards;
+    trl's add_fused_lm_head reads a causal LM's ``base_model`` output), and ``chunked`` with
+    LoRA on lm_head (the fused head multiplies by ``lm_head.weight`` directly, trl/trainer/
+    utils.py::add_fused_lm_head: the adapter would be bypassed, never trained)."""
+    if rc.loss in ("liger", "chunked") and st.model.is_encoder_decoder:
+        what = ("Liger's fused linear cross-entropy patches" if rc.loss == "liger"
+                else "trl's fused chunked LM head patches")
+        raise InputError(f"--loss {rc.loss}: {what} decoder-only *ForCausalLM forwards, not "
+                         f"{st.model.model_type}; use --loss standard")
+    if rc.loss == "chunked" and st.head_adapted:
+        raise InputError("--loss chunked: trl's fused LM head reads lm_head.weight directly, bypassing LoRA on "
+                         "lm_head; drop lm_head from --targets")
 
 
 def liger_chunk_rows(BT, H: int, V: int):
@@ -232,11 +236,91 @@ def liger_backward_bytes(st: Structure, x):
     return st.stream_bytes * x.T * st.model.hidden_size + 512
 
 
+# trl 1.16's fused chunked LM head (``--loss chunked``): trl/trainer/utils.py::add_fused_lm_head
+# (its ``_fused_forward``) and trl/kernels/chunked_logprob.py::ChunkedLogProbFunction, CUDA path
+# (``_use_triton``: Triton kernels, compact scoring of the valid positions only).
+
+#: read: trl 1.16 kernels/chunked_logprob.py::ChunkedLogProbFunction.forward/backward and
+#: trainer/utils.py::add_fused_lm_head
+FUSED_HEAD_SOURCE = "trl 1.16 kernels/chunked_logprob.py::ChunkedLogProbFunction, trainer/utils.py::add_fused_lm_head"
+
+
+def _blk(n):
+    """A small tensor's bytes as the caching allocator hands them out (512 B blocks)."""
+    return -(-n // 512) * 512
+
+
+def fused_head_dims(st: Structure, x):
+    """(N, n0, C, a, c, w): N = b·(s − 1) scored positions (``last_hidden_state[:, :-1]``; every
+    label valid in the protocol's batch, so compact scoring keeps all of them), n0 = min(N,
+    token_chunk) tile rows, C = vocab_chunk tile columns (32768 whatever V: ``mm_buf`` is
+    [min(N, TOKEN_CHUNK_SIZE), chunk_size]), a the hidden state's bytes (the stream), c the
+    compute dtype's (``get_autocast_dtype`` under autocast, else the hidden dtype), w lm_head's
+    weight's (``Dtypes.unquantized``)."""
+    fh = fused_lm_head()
+    N = x.T - x.b
+    if hasattr(N, "shape"):  # a sweep group's arrays
+        import numpy as np
+
+        n0 = np.minimum(N, fh["token_chunk"])
+    else:
+        n0 = min(N, fh["token_chunk"])
+    a = st.stream_bytes
+    c = st.autocast_bytes or a
+    w = dtype_bytes(st.dt.unquantized)
+    return N, n0, int(fh["vocab_chunk"]), a, c, w
+
+
+def _tile_copies(st: Structure, n0, C: int, a: int, c: int, w: int):
+    """The tile loop's dtype copies: ``hidden[chunk].to(compute_dtype)`` (c·n0·H when the
+    hidden dtype is not c) and ``weight[start:end].to(compute_dtype)`` (c·min(C, V)·H when the
+    weight's is not)."""
+    H, V = st.model.hidden_size, st.model.vocab_size
+    return (c * n0 * H if a != c else 0) + (c * min(C, V) * H if w != c else 0)
+
+
+def fused_head_forward_bytes(st: Structure, x, rc: StepRecipe):
+    """Inside ChunkedLogProbFunction.forward's tile loop, on top of the final hidden state
+    (``transients.last_hidden_state``): from ``_fused_forward`` the label mask (bool [N]), the
+    compact ``hidden_states[mask]`` (a·N·H, saved for backward) and ``labels[mask]`` (int64 [N],
+    saved); from forward the seven fp32 [N] online-logsumexp accumulators (``running_max``,
+    ``sum_exp``, ``x_sum_exp``, ``sq_sum_exp``, ``z_sum``, ``max_before_target``,
+    ``target_logit``: allocated whatever ``outputs`` asks), ``mm_buf`` [n0, C] in c (the tile
+    ``torch.mm(..., out=tile)`` writes; the Triton ``_forward_kernel`` folds it in place and
+    allocates nothing) and the tile loop's dtype copies (``_tile_copies``). The B·T·V logits
+    never exist; softcapping and logit scaling are kernel arguments (no memory)."""
+    N, n0, C, a, c, w = fused_head_dims(st, x)
+    H = st.model.hidden_size
+    return (_blk(N) + a * N * H + _blk(8 * N) + 7 * _blk(4 * N) + c * n0 * C
+            + _tile_copies(st, n0, C, a, c, w))
+
+
+def fused_head_backward_bytes(st: Structure, x, rc: StepRecipe):
+    """At the end of ChunkedLogProbFunction.backward (``return grad_hidden.to(hidden.dtype)``,
+    its locals still alive): the saved compact hidden state (a·N·H), targets (int64 [N]),
+    ``log_z`` and ``entropy`` (fp32 [N] each; without entropy in ``outputs`` the second slot is
+    ``log_z`` again), the label mask (bool [N], kept by the index and masked_scatter backward),
+    ``grad_logprobs`` (fp32 [N], masked_scatter backward's ``masked_select``), ``grad_hidden``
+    (fp32 [N, H] zeros: 'Always accumulate in fp32'; ``_addmm_fp32`` adds each tile's product
+    with ``addmm(out_dtype=float32, out=acc)`` on CUDA, no fp32 copies), ``mm_buf`` [n0, C] in c
+    (the tile; ``_backward_kernel`` overwrites it with the logits' gradient in place), the tile
+    loop's dtype copies, and ``grad_hidden.to(hidden.dtype)`` (a·N·H when a ≠ 4). lm_head's
+    weight is frozen: no ``grad_weight``."""
+    N, n0, C, a, c, w = fused_head_dims(st, x)
+    H = st.model.hidden_size
+    entropy = _blk(4 * N) if "entropy" in fused_lm_head_outputs(rc.trainer) else 0
+    saved = a * N * H + _blk(8 * N) + _blk(4 * N) + entropy + _blk(N)
+    return (saved + _blk(4 * N) + 4 * N * H + c * n0 * C + _tile_copies(st, n0, C, a, c, w)
+            + (a * N * H if a != 4 else 0))
+
+
 def loss_forward(st: Structure, x, rc: StepRecipe):
-    """The 'logits_loss' line at the end of the forward: Liger's buffers, or the standard loss
-    (``transients.loss_forward_transient``)."""
+    """The 'logits_loss' line at the end of the forward: Liger's buffers, trl's fused chunked
+    LM head's, or the standard loss (``transients.loss_forward_transient``)."""
     from .transients import loss_forward_transient
 
+    if rc.loss == "chunked":
+        return fused_head_forward_bytes(st, x, rc)
     return liger_forward_bytes(st, x) if rc.loss == "liger" else loss_forward_transient(st, x)
 
 
@@ -245,4 +329,6 @@ def loss_backward(st: Structure, x, rc: StepRecipe):
     for the standard loss)."""
     from .transients import loss_backward_transient
 
+    if rc.loss == "chunked":
+        return fused_head_backward_bytes(st, x, rc)
     return liger_backward_bytes(st, x) if rc.loss == "liger" else loss_backward_transient(st, x)

@@ -9,19 +9,46 @@ Liger's forward and backward make (shapes, dtypes, lifetimes), runs the same chu
 the same ``torch.mm(out=)`` calls, and leaves out only what the Triton kernels do in place
 (the cross-entropy kernel that turns a logits chunk into its gradient, the in-place scaling of
 ``grad_input``) and the ``.item()`` value (every label is valid in the protocol's batch).
+
+``chunked``: trl 1.16's fused chunked LM head, the *real* code: ``apply_loss_path`` calls
+trl/trainer/utils.py::add_fused_lm_head on the model before PEFT (SFTTrainer.__init__ patches the
+PEFT model's base model the same way), and the step calls ``model(..., fused_lm_head=True)``
+(``loraplan.train_step``). On CUDA the head runs trl/kernels/chunked_logprob.py's Triton path;
+meta would take its torch fallback (``_forward_tile``/``_backward_tile``: fp32 copies of every
+[4096, 32768] tile) and the non-compact scoring of every position, so ``fused_head_cuda`` makes
+meta take the CUDA path: ``_use_triton`` is true for meta (compact scoring: ``hidden[mask]``,
+``labels[mask]``, ``masked_scatter`` back; the boolean index runs through torch's meta nonzero
+with every label valid, ``meta_nonzero_assume_all_nonzero``), the Triton kernels
+``_forward_kernel``/``_backward_kernel`` are no-ops (they only read the tile and write in place
+into the buffers the Python code allocated), ``_addmm_fp32`` is CUDA's ``torch.addmm(...,
+out_dtype=float32, out=acc)`` (no fp32 copies of the tile), and ``torch.is_autocast_enabled`` /
+``get_autocast_dtype`` for meta report the emulated autocast (``trace/autocast.py``), which
+``ChunkedLogProbFunction.forward`` reads for its compute dtype.
 """
 
 from __future__ import annotations
 
+import contextlib
 import types
 
 
 def apply_loss_path(model, train, torch) -> None:
     """Patch ``model`` (the transformers *ForCausalLM, before PEFT wraps it) for the recipe's
     loss: a no-op for the standard loss."""
-    from ..trainers import resolve_recipe
+    from ..errors import InputError
+    from ..trainers import fused_lm_head_outputs, resolve_recipe
 
-    if resolve_recipe(train).loss != "liger":
+    r = resolve_recipe(train)
+    if r.loss == "chunked":
+        from trl.trainer.utils import add_fused_lm_head
+
+        if getattr(model.config, "is_encoder_decoder", False):
+            raise InputError(f"--loss chunked: trl's fused LM head patches decoder-only causal LMs, not "
+                             f"{model.config.model_type}; use --loss standard (--trainer loop or hf)")
+        # SFTTrainer.__init__: add_fused_lm_head(outputs=('log_probs', 'entropy', 'is_top1'))
+        add_fused_lm_head(model, outputs=fused_lm_head_outputs(r.trainer))
+        return
+    if r.loss != "liger":
         return
     model.forward = types.MethodType(_liger_forward(torch), model)
 
@@ -86,3 +113,68 @@ def _liger_function(torch):
             return grad_input, None, None
 
     return LigerFLCEEmulation
+
+
+class _NoopKernel:
+    """A Triton kernel object: ``kernel[grid](*args)`` runs nothing (the real kernel writes only
+    into tensors its caller allocated)."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+@contextlib.contextmanager
+def fused_head_cuda(train, torch):
+    """While the step runs: trl's fused chunked LM head on meta takes its CUDA (Triton) path,
+    allocating what CUDA allocates (see the module docstring). A no-op for other losses."""
+    from ..trainers import resolve_recipe
+
+    if resolve_recipe(train).loss != "chunked":
+        yield
+        return
+    import torch.fx.experimental._config as fx_config
+    import trl.kernels.chunked_logprob as ck
+    import trl.trainer.utils as tu
+
+    from .autocast import active
+
+    def use_triton(device):
+        return device.type in ("cuda", "xpu", "meta")
+
+    def addmm_fp32(acc, a, b):  # chunked_logprob.py::_addmm_fp32 as it runs on CUDA, torch >= 2.8
+        if a.dtype in (torch.float16, torch.bfloat16):
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        else:
+            acc.addmm_(a.float(), b.float())
+
+    real_enabled, real_dtype = torch.is_autocast_enabled, torch.get_autocast_dtype
+
+    def is_autocast_enabled(*args):
+        if args and args[0] == "meta":
+            return active() is not None
+        return real_enabled(*args)
+
+    def get_autocast_dtype(device_type):
+        if device_type == "meta":
+            mode = active()
+            return mode.dtype if mode is not None else torch.float32
+        return real_dtype(device_type)
+
+    saved = [(ck, "_use_triton", use_triton), (tu, "_use_triton", use_triton),
+             (ck, "_forward_kernel", _NoopKernel()), (ck, "_backward_kernel", _NoopKernel()),
+             (ck, "triton", types.SimpleNamespace(cdiv=lambda a, b: -(-a // b))),
+             (ck, "_addmm_fp32", addmm_fp32), (torch, "is_autocast_enabled", is_autocast_enabled),
+             (torch, "get_autocast_dtype", get_autocast_dtype),
+             (fx_config, "meta_nonzero_assume_all_nonzero", True)]
+    missing = object()
+    prev = [(mod, name, getattr(mod, name, missing)) for mod, name, _ in saved]
+    for mod, name, value in saved:
+        setattr(mod, name, value)
+    try:
+        yield
+    finally:
+        for mod, name, value in prev:
+            if value is missing:
+                delattr(mod, name)
+            else:
+                setattr(mod, name, value)
