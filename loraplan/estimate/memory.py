@@ -90,7 +90,8 @@ def moments(st: Structure, train: TrainSpec, kind: str, x: Shape, gpu: GpuSpec |
     # 1. forward, inside the loss. int8: the previous step's graph still holds its ctx tensors.
     leaf = input_leaf_and_grad(st, x, train.gradient_checkpointing)
     gc = train.gradient_checkpointing
-    amp = {k: autocast_copies(st, x.r, gc, k) for k in ("forward", "loss backward", "layer backward")}
+    amp = {k: autocast_copies(st, x.r, gc, k, lm_head_called=rc.loss != "chunked")
+           for k in ("forward", "loss backward", "layer backward")}
     out["forward"] = dict(base, activations=acts + int8_now + last_hidden_state(st, x),
                           logits_loss=loss_forward(st, x, rc), int8_previous_step=int8_prev,
                           previous_step_input_grad=previous_step_leaf(leaf, rc), lora_gradients=grads)

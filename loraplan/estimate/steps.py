@@ -34,8 +34,8 @@ import math
 from dataclasses import dataclass
 
 from ..errors import InputError
-from ..storage import dtype_bytes
 from ..trainers import fused_lm_head, fused_lm_head_outputs, resolve_recipe
+from .arrays import maximum as _max, minimum as _min, where as _where
 from .weights import Structure, lora_gradients
 
 
@@ -251,32 +251,33 @@ def _blk(n):
 
 
 def fused_head_dims(st: Structure, x):
-    """(N, n0, C, a, c, w): N = b·(s − 1) scored positions (``last_hidden_state[:, :-1]``; every
+    """(N, n0, C, a, c): N = b·(s − 1) scored positions (``last_hidden_state[:, :-1]``; every
     label valid in the protocol's batch, so compact scoring keeps all of them), n0 = min(N,
     token_chunk) tile rows, C = vocab_chunk tile columns (32768 whatever V: ``mm_buf`` is
     [min(N, TOKEN_CHUNK_SIZE), chunk_size]), a the hidden state's bytes (the stream), c the
-    compute dtype's (``get_autocast_dtype`` under autocast, else the hidden dtype), w lm_head's
-    weight's (``Dtypes.unquantized``)."""
+    compute dtype's (``get_autocast_dtype`` under autocast, else the hidden dtype)."""
     fh = fused_lm_head()
     N = x.T - x.b
-    if hasattr(N, "shape"):  # a sweep group's arrays
-        import numpy as np
-
-        n0 = np.minimum(N, fh["token_chunk"])
-    else:
-        n0 = min(N, fh["token_chunk"])
-    a = st.stream_bytes
-    c = st.autocast_bytes or a
-    w = dtype_bytes(st.dt.unquantized)
-    return N, n0, int(fh["vocab_chunk"]), a, c, w
+    return N, _min(N, fh["token_chunk"]), int(fh["vocab_chunk"]), st.stream_bytes, st.autocast_bytes or st.stream_bytes
 
 
-def _tile_copies(st: Structure, n0, C: int, a: int, c: int, w: int):
-    """The tile loop's dtype copies: ``hidden[chunk].to(compute_dtype)`` (c·n0·H when the
-    hidden dtype is not c) and ``weight[start:end].to(compute_dtype)`` (c·min(C, V)·H when the
-    weight's is not)."""
+def _tiles(st: Structure, x):
+    """The tile loop's shapes: (n0, n1, n_last) token-chunk rows (first, second, last; n1 = 0 with
+    one chunk) and (wf, w2, wl) vocabulary-tile widths (first, second, last; w2 = 0 with one
+    tile), and the bytes per copied row/column: ``hidden[chunk].to(compute_dtype)`` (c·H per row
+    when the stream's dtype is not the compute dtype) and ``weight[start:end].to(compute_dtype)``
+    (c·H per column when lm_head's, ``Dtypes.unquantized``, is not)."""
+    N, n0, C, a, c = fused_head_dims(st, x)
     H, V = st.model.hidden_size, st.model.vocab_size
-    return (c * n0 * H if a != c else 0) + (c * min(C, V) * H if w != c else 0)
+    n1 = _min(n0, _max(N - n0, 0))
+    n_last = N - n0 * (-(-N // n0) - 1)
+    k = -(-V // C)
+    wf, wl = min(C, V), V - C * (k - 1)
+    w2 = 0 if k < 2 else (C if k > 2 else wl)
+    d = st.dt
+    compute = d.autocast or d.stream  # dtypes, not sizes: bf16 -> fp16 is a copy too
+    return (n0, n1, n_last), (wf, w2, wl), (c * H if d.stream != compute else 0), \
+        (c * H if d.unquantized != compute else 0)
 
 
 def fused_head_forward_bytes(st: Structure, x, rc: StepRecipe):
@@ -287,31 +288,40 @@ def fused_head_forward_bytes(st: Structure, x, rc: StepRecipe):
     ``sum_exp``, ``x_sum_exp``, ``sq_sum_exp``, ``z_sum``, ``max_before_target``,
     ``target_logit``: allocated whatever ``outputs`` asks), ``mm_buf`` [n0, C] in c (the tile
     ``torch.mm(..., out=tile)`` writes; the Triton ``_forward_kernel`` folds it in place and
-    allocates nothing) and the tile loop's dtype copies (``_tile_copies``). The B·T·V logits
-    never exist; softcapping and logit scaling are kernel arguments (no memory)."""
-    N, n0, C, a, c, w = fused_head_dims(st, x)
-    H = st.model.hidden_size
-    return (_blk(N) + a * N * H + _blk(8 * N) + 7 * _blk(4 * N) + c * n0 * C
-            + _tile_copies(st, n0, C, a, c, w))
+    allocates nothing) and the dtype copies (``_tiles``) at their largest: the token chunk's
+    hidden copy beside the inline weight-tile copy of a ``torch.mm``, or, where the next token
+    chunk's copy is made while the previous one is still bound, both hidden copies. The B·T·V
+    logits never exist; softcapping and logit scaling are kernel arguments (no memory)."""
+    N, n0, C, a, c = fused_head_dims(st, x)
+    (n0, n1, _), (wf, _, _), hb, wb = _tiles(st, x)
+    copies = _max(hb * n0 + wb * wf, hb * (n0 + n1))
+    return _blk(N) + a * N * st.model.hidden_size + _blk(8 * N) + 7 * _blk(4 * N) + c * n0 * C + copies
 
 
 def fused_head_backward_bytes(st: Structure, x, rc: StepRecipe):
-    """At the end of ChunkedLogProbFunction.backward (``return grad_hidden.to(hidden.dtype)``,
-    its locals still alive): the saved compact hidden state (a·N·H), targets (int64 [N]),
-    ``log_z`` and ``entropy`` (fp32 [N] each; without entropy in ``outputs`` the second slot is
-    ``log_z`` again), the label mask (bool [N], kept by the index and masked_scatter backward),
-    ``grad_logprobs`` (fp32 [N], masked_scatter backward's ``masked_select``), ``grad_hidden``
-    (fp32 [N, H] zeros: 'Always accumulate in fp32'; ``_addmm_fp32`` adds each tile's product
-    with ``addmm(out_dtype=float32, out=acc)`` on CUDA, no fp32 copies), ``mm_buf`` [n0, C] in c
-    (the tile; ``_backward_kernel`` overwrites it with the logits' gradient in place), the tile
-    loop's dtype copies, and ``grad_hidden.to(hidden.dtype)`` (a·N·H when a ≠ 4). lm_head's
-    weight is frozen: no ``grad_weight``."""
-    N, n0, C, a, c, w = fused_head_dims(st, x)
+    """Inside ChunkedLogProbFunction.backward, on top of what stays alive through it: the saved
+    compact hidden state (a·N·H), targets (int64 [N]), ``log_z`` and ``entropy`` (fp32 [N] each;
+    without entropy in ``outputs`` the second slot is ``log_z`` again), the label mask (bool
+    [N], kept by the index and masked_scatter backward), ``grad_logprobs`` (fp32 [N],
+    masked_scatter backward's ``masked_select``), ``grad_hidden`` (fp32 [N, H] zeros: 'Always
+    accumulate in fp32'; ``_addmm_fp32`` adds each tile's product with ``addmm(out_dtype=
+    float32, out=acc)`` on CUDA, no fp32 copies) and ``mm_buf`` [n0, C] in c (the tile;
+    ``_backward_kernel`` overwrites it with the logits' gradient in place). Then the largest of:
+    the dtype copies (``_tiles``) where a named copy is rebound (the new one is made while the
+    old is bound: two weight tiles, or two token chunks' hidden copies beside the last weight
+    tile, or the last weight tile beside the next chunk's first) and the return,
+    ``grad_hidden.to(hidden.dtype)`` (a·N·H when a ≠ 4) beside the last chunk's copies.
+    lm_head's weight is frozen: no ``grad_weight``."""
+    N, n0, C, a, c = fused_head_dims(st, x)
     H = st.model.hidden_size
+    (n0, n1, n_last), (wf, w2, wl), hb, wb = _tiles(st, x)
     entropy = _blk(4 * N) if "entropy" in fused_lm_head_outputs(rc.trainer) else 0
     saved = a * N * H + _blk(8 * N) + _blk(4 * N) + entropy + _blk(N)
-    return (saved + _blk(4 * N) + 4 * N * H + c * n0 * C + _tile_copies(st, n0, C, a, c, w)
-            + (a * N * H if a != 4 else 0))
+    more_chunks = _where(n1 > 0, 1, 0)
+    copies = _max(hb * n0 + wb * (wf + w2), more_chunks * (hb * (n0 + n1) + wb * wl))
+    copies = _max(copies, more_chunks * (hb * n1 + wb * (wl + wf)))
+    end = hb * n_last + wb * wl + (a * N * H if a != 4 else 0)
+    return saved + _blk(4 * N) + 4 * N * H + c * n0 * C + _max(copies, end)
 
 
 def loss_forward(st: Structure, x, rc: StepRecipe):

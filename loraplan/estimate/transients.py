@@ -45,7 +45,7 @@ def _frozen_cast_linears(st: Structure):
     return layer / max(m.num_layers + m.num_encoder_layers, 1), head
 
 
-def autocast_copies(st: Structure, r, gradient_checkpointing: bool, moment: str):
+def autocast_copies(st: Structure, r, gradient_checkpointing: bool, moment: str, lm_head_called: bool = True):
     """Low-precision copies autocast makes and something keeps (c = autocast dtype bytes):
 
     - trainable fp32 adapters: the weight-cast cache (autocast_mode.cpp::cached_cast: fp32 leaves
@@ -59,6 +59,8 @@ def autocast_copies(st: Structure, r, gradient_checkpointing: bool, moment: str)
     Without checkpointing every layer's copies live from the forward to that layer's backward;
     with it only lm_head's (outside the checkpointed layers) and, at a layer's backward, the
     copies its recompute made. ``moment``: "forward", "loss backward" or "layer backward".
+    ``lm_head_called=False``: the loss never calls lm_head (trl's fused chunked LM head casts its
+    weight tile by tile itself: ``steps.fused_head_forward_bytes``), so lm_head has no copy.
     """
     d = st.dt
     if not d.autocast:
@@ -70,6 +72,8 @@ def autocast_copies(st: Structure, r, gradient_checkpointing: bool, moment: str)
     if d.adapter == "fp32":
         adapters = sum(count * r * size for size, count in st.lora_sizes.items()) * c
     per_layer, head = _frozen_cast_linears(st)
+    if not lm_head_called:
+        head = 0
     frozen_layers = per_layer * c * L
     if gradient_checkpointing:
         if moment == "forward":
