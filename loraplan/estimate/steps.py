@@ -34,6 +34,7 @@ import math
 from dataclasses import dataclass
 
 from ..errors import InputError
+from ..storage import dtype_bytes
 from ..trainers import fused_lm_head, fused_lm_head_outputs, resolve_recipe
 from .arrays import maximum as _max, minimum as _min, where as _where
 from .weights import Structure, lora_gradients
@@ -254,18 +255,22 @@ def fused_head_dims(st: Structure, x):
     """(N, n0, C, a, c): N = b·(s − 1) scored positions (``last_hidden_state[:, :-1]``; every
     label valid in the protocol's batch, so compact scoring keeps all of them), n0 = min(N,
     token_chunk) tile rows, C = vocab_chunk tile columns (32768 whatever V: ``mm_buf`` is
-    [min(N, TOKEN_CHUNK_SIZE), chunk_size]), a the hidden state's bytes (the stream), c the
-    compute dtype's (``get_autocast_dtype`` under autocast, else the hidden dtype)."""
+    [min(N, TOKEN_CHUNK_SIZE), chunk_size]), a the hidden state's bytes (the final norm's output:
+    ``transients.final_hidden_dtype``), c the compute dtype's (``get_autocast_dtype`` under
+    autocast, else the hidden dtype)."""
+    from .transients import final_hidden_dtype
+
     fh = fused_lm_head()
     N = x.T - x.b
-    return N, _min(N, fh["token_chunk"]), int(fh["vocab_chunk"]), st.stream_bytes, st.autocast_bytes or st.stream_bytes
+    a = dtype_bytes(final_hidden_dtype(st))
+    return N, _min(N, fh["token_chunk"]), int(fh["vocab_chunk"]), a, st.autocast_bytes or a
 
 
 def _tiles(st: Structure, x):
     """The tile loop's shapes: (n0, n1, n_last) token-chunk rows (first, second, last; n1 = 0 with
     one chunk) and (wf, w2, wl) vocabulary-tile widths (first, second, last; w2 = 0 with one
     tile), and the bytes per copied row/column: ``hidden[chunk].to(compute_dtype)`` (c·H per row
-    when the stream's dtype is not the compute dtype) and ``weight[start:end].to(compute_dtype)``
+    when the hidden state's dtype is not the compute dtype) and ``weight[start:end].to(compute_dtype)``
     (c·H per column when lm_head's, ``Dtypes.unquantized``, is not)."""
     N, n0, C, a, c = fused_head_dims(st, x)
     H, V = st.model.hidden_size, st.model.vocab_size
@@ -274,10 +279,12 @@ def _tiles(st: Structure, x):
     k = -(-V // C)
     wf, wl = min(C, V), V - C * (k - 1)
     w2 = 0 if k < 2 else (C if k > 2 else wl)
-    d = st.dt
-    compute = d.autocast or d.stream  # dtypes, not sizes: bf16 -> fp16 is a copy too
-    return (n0, n1, n_last), (wf, w2, wl), (c * H if d.stream != compute else 0), \
-        (c * H if d.unquantized != compute else 0)
+    from .transients import final_hidden_dtype
+
+    hidden = final_hidden_dtype(st)
+    compute = st.dt.autocast or hidden  # dtypes, not sizes: bf16 -> fp16 is a copy too
+    return (n0, n1, n_last), (wf, w2, wl), (c * H if hidden != compute else 0), \
+        (c * H if st.dt.unquantized != compute else 0)
 
 
 def fused_head_forward_bytes(st: Structure, x, rc: StepRecipe):

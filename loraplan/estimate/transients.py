@@ -299,10 +299,19 @@ def input_leaf_and_grad(st: Structure, x: Shape, gradient_checkpointing: bool):
     return 2 * st.stream_bytes * m.hidden_size * (x.T_enc if m.is_encoder_decoder else x.T)
 
 
+def final_hidden_dtype(st: Structure) -> str:
+    """The dtype of the final norm's output (the LM head's input): fp32 for a LayerNorm under
+    autocast (layer_norm is on autocast's fp32 list: it runs on an fp32 copy and returns fp32;
+    aten/src/ATen/autocast_mode.h ``AT_FORALL_FP32``), else the stream's (RMSNorm returns
+    ``weight * hidden.to(input_dtype)``)."""
+    return "fp32" if st.dt.autocast and st.model.arch.norm != "rms" else st.dt.stream
+
+
 def last_hidden_state(st: Structure, x: Shape):
-    """The final norm's output (a·T·h): the forward's ``hidden_states`` local is still alive while
-    the loss is computed inside ``*ForCausalLM.forward`` (it is not saved for backward)."""
-    return st.stream_bytes * x.T * st.model.hidden_size
+    """The final norm's output (``final_hidden_dtype``, T·h elements): the forward's
+    ``hidden_states`` local is still alive while the loss is computed inside
+    ``*ForCausalLM.forward`` (it is not saved for backward)."""
+    return dtype_bytes(final_hidden_dtype(st)) * x.T * st.model.hidden_size
 
 
 def int8_saved_anyway(st: Structure, kind: str, x: Shape, gradient_checkpointing: bool):
