@@ -301,10 +301,12 @@ def input_leaf_and_grad(st: Structure, x: Shape, gradient_checkpointing: bool):
 
 def final_hidden_dtype(st: Structure) -> str:
     """The dtype of the final norm's output (the LM head's input): fp32 for a LayerNorm under
-    autocast (layer_norm is on autocast's fp32 list: it runs on an fp32 copy and returns fp32;
-    aten/src/ATen/autocast_mode.h ``AT_FORALL_FP32``), else the stream's (RMSNorm returns
-    ``weight * hidden.to(input_dtype)``)."""
-    return "fp32" if st.dt.autocast and st.model.arch.norm != "rms" else st.dt.stream
+    CUDA autocast (layer_norm is on its fp32 list: it runs on an fp32 copy and returns fp32;
+    aten/src/ATen/autocast_mode.h ``AT_FORALL_FP32``; CPU autocast does not list it), else the
+    stream's (RMSNorm returns ``weight * hidden.to(input_dtype)``)."""
+    if st.dt.autocast and st.model.arch.norm != "rms" and st.device != "cpu":
+        return "fp32"
+    return st.dt.stream
 
 
 def last_hidden_state(st: Structure, x: Shape):
