@@ -275,7 +275,7 @@ def _tiles(st: Structure, x):
     N, n0, C, a, c = fused_head_dims(st, x)
     H, V = st.model.hidden_size, st.model.vocab_size
     n1 = _min(n0, _max(N - n0, 0))
-    n_last = N - n0 * (-(-N // n0) - 1)
+    n_last = N - n0 * _max(-(-N // _max(n0, 1)) - 1, 0)  # N = 0 (one-token rows): no chunk
     k = -(-V // C)
     wf, wl = min(C, V), V - C * (k - 1)
     w2 = 0 if k < 2 else (C if k > 2 else wl)
