@@ -210,7 +210,7 @@ def recipe_levers(train: TrainSpec) -> list[tuple[str, str, TrainSpec]]:
     r = resolve_recipe(train)
     cands: list[tuple[str, str, TrainSpec]] = []
     if r.loss == "standard":
-        cands += [("chunked cross-entropy (no B·T·V logits)", "--loss chunked", replace(train, loss="chunked")),
+        cands += [("trl's fused chunked LM head (no B·T·V logits)", "--loss chunked", replace(train, loss="chunked")),
                   ("Liger fused linear cross-entropy", "--loss liger", replace(train, loss="liger"))]
     if r.mixed_precision == "no":
         cands.append(("bf16 autocast", "--mixed-precision bf16", replace(train, mixed_precision="bf16")))
