@@ -123,6 +123,15 @@ class _NoopKernel:
         return lambda *args, **kwargs: None
 
 
+#: what the fused head's emulation cannot know (added to the trace's ``uncertain`` for --loss chunked)
+FUSED_HEAD_UNCERTAIN = (
+    "trl fused LM head (--loss chunked): run on its CUDA path with the Triton kernels as no-ops (they "
+    "only write into buffers the Python code allocated); compact scoring assumes every label is valid "
+    "(a batch with -100 labels scores fewer tokens: less memory); CUDA kernel-internal temporaries of "
+    "boolean indexing and masked_scatter (a few bytes per token) are meta's",
+)
+
+
 @contextlib.contextmanager
 def fused_head_cuda(train, torch):
     """While the step runs: trl's fused chunked LM head on meta takes its CUDA (Triton) path,

@@ -29,7 +29,7 @@ from ..storage import TORCH_DTYPE_NAMES, Dtypes, is_quantized
 from ..hf import MOE_RULES
 from ..targets import expert_parameter_targets, peft_target_modules, peft_target_parameters
 from ..train_step import apply_checkpoint_layout, check_supported, checkpoint_kwargs
-from .loss_paths import apply_loss_path, fused_head_cuda
+from .loss_paths import FUSED_HEAD_UNCERTAIN, apply_loss_path, fused_head_cuda
 from .steps import run_steps
 
 #: the trace's ledger lines (coarser than the analytic ledger's; see estimate.result.LEDGER)
@@ -312,7 +312,7 @@ def trace_step(model_config: dict, lora: LoraSpec, train: TrainSpec, gpu_compute
         steps=steps,
         versions=_versions(),
         stack=_stack(train),
-        uncertain=list(em.UNCERTAIN),
+        uncertain=list(em.UNCERTAIN) + (list(FUSED_HEAD_UNCERTAIN) if train.loss == "chunked" else []),
         int8_outlier_fraction=(frac if frac is not None else {leaf: default_frac for leaf in sorted(outlier_leaves)})
         if train.quant == "int8" else None,
         elapsed_s=round(time.perf_counter() - t0, 3),
