@@ -239,7 +239,11 @@ def liger_backward_bytes(st: Structure, x):
 
 # trl 1.16's fused chunked LM head (``--loss chunked``): trl/trainer/utils.py::add_fused_lm_head
 # (its ``_fused_forward``) and trl/kernels/chunked_logprob.py::ChunkedLogProbFunction, CUDA path
-# (``_use_triton``: Triton kernels, compact scoring of the valid positions only).
+# (``_use_triton``: Triton kernels, compact scoring of the valid positions only). SFTTrainer calls
+# add_fused_lm_head with cast_lm_head_to_fp32 left False (no fp32 copy of the hidden state, the
+# tiles in the autocast dtype) and compute_loss with loss_type "nll" (no label smoothing or
+# compute_loss_func, which would build the full logits besides). Its metrics (entropy, token
+# accuracy: ``is_top1``) are per-token [N] tensors: 512 B blocks, not in the ledger lines.
 
 #: read: trl 1.16 kernels/chunked_logprob.py::ChunkedLogProbFunction.forward/backward and
 #: trainer/utils.py::add_fused_lm_head
