@@ -330,9 +330,19 @@ def plan_job(model: ModelSpec, lora: LoraSpec, train: TrainSpec, gpus: list[GpuS
         raise InputError(f"--gradient-accumulation {train.gradient_accumulation} with --effective-batch "
                          f"{job.effective_batch}: the plan derives the accumulation from the effective batch; "
                          f"give one of them")
+    from .trainers import check_gpu_dtypes
+
     rows: list[GpuPlan] = []
     notes: list[tuple[str, ...]] = []
+    left_out: list[str] = []
     for gpu in gpus:
+        try:  # a recipe dtype the GPU lacks (trl's bf16 autocast on a T4): left out of the ranking
+            check_gpu_dtypes(train, gpu)
+        except InputError as e:
+            if len(gpus) == 1:
+                raise
+            left_out.append(f"{gpu.id} left out: {e}")
+            continue
         cal = calibrations.get(gpu.id) or load_calibration(gpu.id)
         ev = _Evaluator(estimate_fn, model, lora, gpu, cal)
         seq = train.seq
@@ -377,4 +387,4 @@ def plan_job(model: ModelSpec, lora: LoraSpec, train: TrainSpec, gpus: list[GpuS
             min(priced, key=lambda r: r.total_usd).cheapest = True
     inputs = run_inputs(model, lora, train)
     common = tuple(n for n in (notes[0] if notes else ()) if all(n in ns for ns in notes))
-    return Plan(inputs=inputs, job=job, gpus=rows, notes=common)
+    return Plan(inputs=inputs, job=job, gpus=rows, notes=common + tuple(left_out))

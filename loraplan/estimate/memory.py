@@ -42,7 +42,7 @@ from .result import MemoryEstimate
 from .transients import (autocast_copies, cuda_workspaces, default_int8_outlier_fraction, input_leaf_and_grad,
                          int8_matmul_transient, int8_retained_per_step, int8_saved_anyway, last_hidden_state,
                          layer_backward_transients)
-from .steps import (accumulated_gradients, check_loss, loss_backward, loss_forward, grad_norm_temporaries, int8_inside_layer_backward, int8_kept_through_step,
+from .steps import (FUSED_HEAD_BYPASS_WARNING, accumulated_gradients, check_loss, loss_backward, loss_forward, grad_norm_temporaries, int8_inside_layer_backward, int8_kept_through_step,
                     int8_previous_step, layer_gradients, previous_step_leaf, reentrant_layer_output, step_recipe,
                     top_layer_checkpointed, uncheckpointed_saved)
 from .weights import (Structure, lora_gradients, lora_weights, optimizer_state, optimizer_step_temporaries,
@@ -231,6 +231,8 @@ def estimate_memory(s: Setup, gpu: GpuSpec | None, cal: Calibration) -> MemoryEs
                      f"trained models have far fewer: set --int8-outlier-fraction")
     if st.model.arch.from_meta_build:
         notes.append(generic_terms_note(st.model))
+    if st.head_adapted and step_recipe(s.train).loss == "chunked":
+        notes.append(FUSED_HEAD_BYPASS_WARNING)
     if not _calibrated(cal, "reserved_over_allocated_ratio"):
         notes.append("reserved and device total use uncalibrated priors (allocator ratio, CUDA context); "
                      "peak allocated is the checked figure")

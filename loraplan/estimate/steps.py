@@ -189,17 +189,13 @@ LIGER_SOURCE = "liger_kernel ops/fused_linear_cross_entropy.py::fused_linear_cro
 def check_loss(st: Structure, rc: StepRecipe) -> None:
     """Refuse loss paths the ledger does not model (one line with the fix): ``liger`` and
     ``chunked`` for encoder-decoder models (Liger patches decoder-only *ForCausalLM forwards;
-    trl's add_fused_lm_head reads a causal LM's ``base_model`` output), and ``chunked`` with
-    LoRA on lm_head (the fused head multiplies by ``lm_head.weight`` directly, trl/trainer/
-    utils.py::add_fused_lm_head: the adapter would be bypassed, never trained)."""
+    trl's add_fused_lm_head reads a causal LM's ``base_model`` output). LoRA on lm_head under
+    ``chunked`` is not refused (trl runs it) but warned about: ``FUSED_HEAD_BYPASS_WARNING``."""
     if rc.loss in ("liger", "chunked") and st.model.is_encoder_decoder:
         what = ("Liger's fused linear cross-entropy patches" if rc.loss == "liger"
                 else "trl's fused chunked LM head patches")
         raise InputError(f"--loss {rc.loss}: {what} decoder-only *ForCausalLM forwards, not "
                          f"{st.model.model_type}; use --loss standard")
-    if rc.loss == "chunked" and st.head_adapted:
-        raise InputError("--loss chunked: trl's fused LM head reads lm_head.weight directly, bypassing LoRA on "
-                         "lm_head; drop lm_head from --targets")
 
 
 def liger_chunk_rows(BT, H: int, V: int):
@@ -248,6 +244,15 @@ def liger_backward_bytes(st: Structure, x):
 #: read: trl 1.16 kernels/chunked_logprob.py::ChunkedLogProbFunction.forward/backward and
 #: trainer/utils.py::add_fused_lm_head
 FUSED_HEAD_SOURCE = "trl 1.16 kernels/chunked_logprob.py::ChunkedLogProbFunction, trainer/utils.py::add_fused_lm_head"
+
+
+#: LoRA on lm_head with the fused head: trl/trainer/utils.py::add_fused_lm_head multiplies by
+#: ``lm_head.weight`` (peft's lora.Linear.weight is its base layer's), never calling the module
+FUSED_HEAD_BYPASS_WARNING = (
+    "WARNING: LoRA on lm_head is bypassed by trl's fused chunked LM head (--loss chunked): it multiplies "
+    "by lm_head.weight directly, so the lm_head adapter is never used or trained; its weights are counted, "
+    "and its gradient and optimizer state (never made) are counted too (an over-estimate of "
+    "r x (h + V) x the adapter's gradient and state bytes); drop lm_head from --targets")
 
 
 def _blk(n):
