@@ -141,3 +141,16 @@ def test_burst_refuses_the_fused_head_but_the_trace_runs_it():
         check_supported(train)  # the trace
         with pytest.raises(InputError, match="--loss chunked"):
             check_supported(train, runner="burst")
+
+
+def test_fused_head_step_time_recomputes_the_projection_but_moves_no_logits():
+    """estimate/time.py::fused_head_work replaces lm_head (2 GEMMs over T tokens) and the loss:
+    3 GEMMs over the N = T − b scored tokens, and tile traffic instead of the logits' loss traffic."""
+    from loraplan.estimate.time import step_work
+
+    _, model, lora, train = _case("llama", quant="bf16")
+    std = step_work(model, lora, train)
+    fused = step_work(model, lora, replace(train, loss="chunked"))
+    T, N, hV = 2 * 256, 2 * 255, model.hidden_size * model.vocab_size
+    assert fused.flops_mm - std.flops_mm == pytest.approx(3 * 2 * N * hV - 2 * 2 * T * hV)  # 2·N·h·V per GEMM
+    assert fused.bytes_moved < std.bytes_moved
