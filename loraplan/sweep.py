@@ -558,6 +558,9 @@ def evaluate_table(table: CaseTable, on_progress: Callable[[int], None] | None =
             data[c] = np.full(n, None, dtype=object)
     none = {c: np.zeros(n, dtype=bool) for c in ("target_seq", "int8_outlier_fraction")}
 
+    from .estimate.steps import check_loss, step_recipe
+    from .trainers import check_gpu_dtypes
+
     # ---- groups: equal non-numeric options and GPU; one array evaluation each ----
     valid = np.flatnonzero(err < 0)
     done = 0
@@ -598,8 +601,16 @@ def evaluate_table(table: CaseTable, on_progress: Callable[[int], None] | None =
                 except LoraplanError as e:
                     probe = msg(e)
                 probes[skey] = probe
-            if isinstance(probe, int):
-                err[idx] = probe
+            gpu_error = None
+            if not isinstance(probe, int):
+                try:  # estimate()'s refusals, in its order: a recipe dtype the GPU lacks (bf16 on a
+                    # T4), then a loss path the model cannot take (estimate/steps.py::check_loss)
+                    check_gpu_dtypes(probe.train, gpus[int(C["gpu"][i0])][0])
+                    check_loss(probe.structure, step_recipe(probe.resolved))
+                except LoraplanError as e:
+                    gpu_error = msg(e)
+            if isinstance(probe, int) or gpu_error is not None:
+                err[idx] = probe if isinstance(probe, int) else gpu_error
             else:
                 probe_of[idx] = probe.index
                 _evaluate_group(probe, idx, C, gpus[int(C["gpu"][i0])], data, none,
@@ -650,7 +661,10 @@ class _Group:
         self.resolved = resolve_recipe(train)  # the trainer's defaults filled in, as estimate() reads them
         self.recipe = recipe_columns(self.resolved)  # the group's recipe cells (its numbers come per case)
         self.adapted = select_targets(model, lora.targets) + select_expert_targets(model, lora.targets, lora.dropout)
-        self.structure = structure(model, self.adapted, train.quant, train.double_quant)
+        from .storage import Dtypes
+
+        # the recipe's dtypes and the device, as estimate()'s make_setup builds it
+        self.structure = structure(model, self.adapted, Dtypes.of(self.resolved), train.double_quant, train.device)
         self.targets = ",".join(lora.targets)
         self.encoder_decoder = train.target_seq is not None  # resolve_case sets it for enc-dec only
         self.kinds: dict[tuple, str] = {}

@@ -191,7 +191,9 @@ def test_sweep_recipe_rows_equal_estimate():
                                "padding": "packing", "attn_implementation": ["sdpa", "eager"],
                                "gpu": ["t4-16gb", "h100-sxm-80gb"]}])
     rows = list(evaluate_table(table).rows())
-    assert {r["error"] is None for r in rows if (r["model"], r["trainer"]) != ("flan-t5-base", "trl")} == {True}
+    # errors: trl with an encoder-decoder model, and bf16 autocast on a T4 (trainers.check_gpu_dtypes)
+    assert {r["error"] is None or (r["gpu"] == "t4-16gb" and "bf16" in r["error"]) for r in rows
+            if (r["model"], r["trainer"]) != ("flan-t5-base", "trl")} == {True}
     assert {"encoder-decoder" in r["error"] for r in rows if (r["model"], r["trainer"]) == ("flan-t5-base", "trl")} == {True}
     for i in range(0, len(rows), 7):
         r = rows[i]

@@ -95,7 +95,7 @@ def moments(st: Structure, train: TrainSpec, kind: str, x: Shape, gpu: GpuSpec |
     out["forward"] = dict(base, activations=acts + int8_now + last_hidden_state(st, x),
                           logits_loss=loss_forward(st, x, rc), int8_previous_step=int8_prev,
                           previous_step_input_grad=previous_step_leaf(leaf, rc), lora_gradients=grads)
-    if amp["forward"]:
+    if _any(amp["forward"]):
         out["forward"]["autocast_copies"] = amp["forward"]
     # 1b. int8: inside the last layer's int8 matmul of the forward (before the logits exist).
     if st.linear_quant == "int8":
@@ -105,7 +105,7 @@ def moments(st: Structure, train: TrainSpec, kind: str, x: Shape, gpu: GpuSpec |
     # 2. loss backward, at the head.
     out["loss backward"] = dict(base, activations=acts + int8_keep, logits_loss=loss_backward(st, x, rc),
                                 lora_gradients=grads)
-    if amp["loss backward"]:
+    if _any(amp["loss backward"]):
         out["loss backward"]["autocast_copies"] = amp["loss backward"]
     # 3. the first (top) decoder layer's backward: the other layers' inputs (checkpointing) or
     #    saved tensors, this layer's saved tensors (recomputed), gradient transients.
@@ -123,7 +123,7 @@ def moments(st: Structure, train: TrainSpec, kind: str, x: Shape, gpu: GpuSpec |
                                  + reentrant_layer_output(st, x, rc),
                                  backward_transients=layer_backward_transients(st, x, kind, top_ckpt),
                                  lora_gradients=layer_gradients(st, x.r, rc, m.num_layers))
-    if amp["layer backward"]:
+    if _any(amp["layer backward"]):
         out["layer backward"]["autocast_copies"] = amp["layer backward"]
     # 3b. encoder-decoder: the top encoder layer's backward, after the decoder's backward has
     #     released the decoder's saved tensors. It sets the peak when the encoder is the longer stack.
@@ -144,6 +144,15 @@ def moments(st: Structure, train: TrainSpec, kind: str, x: Shape, gpu: GpuSpec |
                                  optimizer_temporaries=optimizer_step_temporaries(st, x.r, opt),
                                  input_embedding_grad=previous_step_leaf(leaf, rc))
     return out
+
+
+def _any(v) -> bool:
+    """Whether a component is nonzero anywhere (a number, or a sweep group's array)."""
+    if _is_scalar(v):
+        return bool(v)
+    import numpy as np
+
+    return bool(np.any(v))
 
 
 def peak_of(ms: dict[str, dict[str, Any]]):

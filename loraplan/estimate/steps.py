@@ -201,11 +201,11 @@ def check_loss(st: Structure, rc: StepRecipe) -> None:
 def liger_chunk_rows(BT, H: int, V: int):
     """Liger's token chunk: inc = ceil(V / H), chunk = min(next_pow2(ceil(BT / inc)), BT), so the
     transient logits stay near BT·H elements (``chunk_mem_const`` 1, the default)."""
-    import numpy as np
-
     inc = -(-V // H)
     rows = -(-BT // inc)
-    if hasattr(rows, "shape"):
+    if hasattr(rows, "shape"):  # a sweep group's arrays (numpy only then: explain never imports it)
+        import numpy as np
+
         p2 = np.power(2, np.ceil(np.log2(np.maximum(rows, 1)))).astype(np.int64)
         return np.minimum(p2, BT)
     return min(1 << max(int(rows) - 1, 0).bit_length(), int(BT))
