@@ -406,7 +406,7 @@ class _Reader:
             return None
         if s in _DTYPES:
             return _DTYPES[s]
-        raise self.bad(key, v, f"is not a dtype loraplan knows; use bfloat16, float16 or float32"
+        raise self.bad(key, v, "is not a dtype loraplan knows; use bfloat16, float16 or float32"
                                + (" (or auto)" if allow_auto else ""))
 
     def boolean(self, key: str, v: Any) -> bool:

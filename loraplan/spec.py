@@ -436,7 +436,9 @@ class TrainSpec:
     padding: Padding = "max-length"
     #: token counts of the dataset's rows (or p50, p99, max); the peak follows the worst batch
     lengths: tuple[int, ...] | None = None
-    #: "standard" cross-entropy over B·T·V logits; "chunked" or "liger" (fused linear-CE) never hold them
+    #: "standard" cross-entropy over B·T·V logits; "chunked" (trl 1.16's fused chunked LM head,
+    #: trl/trainer/utils.py::add_fused_lm_head: SFTTrainer's only loss, and a loop may call it) or
+    #: "liger" (fused linear-CE) never hold them
     loss: Loss | None = None
     #: checkpoint every n-th decoder layer (transformers >= 5 ``every_n_layers``)
     checkpoint_every_n_layers: int = 1

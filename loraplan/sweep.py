@@ -676,8 +676,8 @@ class _Group:
         self.adapted = select_targets(model, lora.targets) + select_expert_targets(model, lora.targets, lora.dropout)
         from .storage import Dtypes
 
-        # the recipe's dtypes (load/compute/adapter, prepare_kbit, autocast), as make_setup reads them
-        self.structure = structure(model, self.adapted, Dtypes.of(self.resolved), train.double_quant)
+        # the recipe's dtypes and the device, as estimate()'s make_setup builds it
+        self.structure = structure(model, self.adapted, Dtypes.of(self.resolved), train.double_quant, train.device)
         self.targets = ",".join(lora.targets)
         self.encoder_decoder = train.target_seq is not None  # resolve_case sets it for enc-dec only
         self.kinds: dict[tuple, str] = {}

@@ -17,9 +17,21 @@ the same step structure. Imports torch lazily.
   logs the norm anyway), ``optimizer.step()``, ``model.zero_grad()`` (set_to_none=True).
   An emulation of those two functions, not the Trainer object: Trainer.__init__ moves the model
   to its device (meta tensors cannot be copied) and builds an Accelerator and data loaders the
-  step does not use. ``trl``: SFTTrainer.compute_loss through its fused chunked LM head
-  (``_trl_compute_loss``); ``--loss chunked`` in the loop passes ``fused_lm_head=True`` to the
-  head the caller applied (trl/trainer/utils.py::add_fused_lm_head).
+  step does not use.
+- ``trl``: the same Trainer step with trl 1.16's SFTTrainer.compute_loss (sft_trainer.py, loss_type
+  nll, no compute_loss_func / label smoothing): ``outputs = model(**inputs, use_cache=False,
+  fused_lm_head=True)`` (the fused chunked LM head add_fused_lm_head installed, trl/trainer/
+  utils.py), ``loss = (-outputs.log_probs).sum() / as_tensor(num_items_in_batch).clamp(min=1)``,
+  then its metrics: ``label_mask.sum()``, ``entropy.detach().sum()``, ``is_top1.sum()`` through
+  ``accelerator.gather_for_metrics`` (one process: the tensor itself) and ``.sum()``, the two
+  quotients and their ``.item()`` (a value, not memory: left out on meta), and the token count
+  ``attention_mask.sum()`` (the batch has no padding: the count of ``input_ids``' elements).
+  Emulated, not run: SFTTrainer cannot be built on meta (Trainer.__init__ moves the model to
+  its device). SFTTrainer.training_step only adds ``maybe_activation_offload_context`` (a null
+  context unless activation_offloading).
+- ``loss == "chunked"`` under the loop: the loop calls add_fused_lm_head itself and takes
+  ``model(input_ids=ids, labels=ids, fused_lm_head=True).loss`` (the fused head's own
+  ``-log_probs.sum() / mask.sum().clamp(min=1)``).
 """
 
 from __future__ import annotations
@@ -34,10 +46,9 @@ from .trainers import resolve_recipe
 
 def check_supported(train, runner: str = "trace") -> None:
     """Refuse what the step runner cannot run faithfully (one line, with the fix): trl with Liger
-    (SFTTrainer 1.16 refuses it: it patches the LM head itself), ``--loss chunked`` (no
-    transformers code path); ``runner="burst"`` (real steps): Liger's loss needs liger_kernel's
-    Triton kernels and trl's fused head its Triton folds (the CPU fallback allocates per tile),
-    neither applied by the burst; checkpoint offload on a CPU burst has nothing to offload."""
+    (SFTTrainer 1.16 refuses it: it patches the LM head itself); ``runner="burst"`` (real steps):
+    Liger's loss needs liger_kernel's Triton kernels, which the burst does not apply; checkpoint
+    offload on a CPU burst has nothing to offload."""
     r = resolve_recipe(train)
     if r.trainer == "trl" and r.loss == "liger":
         raise InputError("--trainer trl with --loss liger: SFTTrainer 1.16 refuses Liger's fused linear "
@@ -192,7 +203,7 @@ class StepRunner:
         with self.phase("forward"):
             with self._forward_context():  # Trainer.compute_loss under accelerate's autocast
                 if self.trainer == "trl":
-                    loss = self._trl_compute_loss(num_items)
+                    loss = self._sft_compute_loss(num_items)
                 elif num_items is not None:
                     loss = self.model(input_ids=self.ids, labels=self.labels, num_items_in_batch=num_items,
                                       **self.inputs).loss
@@ -204,18 +215,22 @@ class StepRunner:
             self._backward(loss)
         return loss.detach()
 
-    def _trl_compute_loss(self, num_items):
-        """trl trainer/sft_trainer.py::SFTTrainer.compute_loss (loss_type "nll", no label smoothing):
-        ``outputs = model(**inputs, fused_lm_head=True)`` (the fused head patched in by
-        ``trace.loss_paths.apply_trl_fused_head``), ``loss = (-outputs.log_probs).sum() /
-        num_tokens.clamp(min=1)``, then the metrics: sums of label_mask, entropy.detach() and
-        is_top1 (scalars; their ``.item()`` is skipped on meta)."""
+    def _sft_compute_loss(self, num_items):
+        """trl 1.16 SFTTrainer.compute_loss (see the module docstring); returns the loss."""
         torch = self.torch
-        outputs = self.model(input_ids=self.ids, labels=self.labels, fused_lm_head=True,
-                             num_items_in_batch=num_items, **self.inputs)
-        per_token_loss = -outputs.log_probs
+        kwargs = {"num_items_in_batch": num_items} if num_items is not None else {}
+        outputs = self.model(input_ids=self.ids, labels=self.labels, use_cache=False, fused_lm_head=True,
+                             **kwargs, **self.inputs)
+        per_token_loss = -outputs.log_probs  # zero on ignored positions
         num_tokens = outputs.label_mask.sum() if num_items is None else num_items
         loss = per_token_loss.sum() / torch.as_tensor(num_tokens).clamp(min=1)
-        metrics = (outputs.label_mask.sum(), outputs.entropy.detach().sum(), outputs.is_top1.sum())
-        del metrics, outputs, per_token_loss
+        del per_token_loss, num_tokens
+        # metrics: gather_for_metrics(x) is x on one process; .item() of the quotients
+        num_valid = outputs.label_mask.sum().sum()
+        entropy_sum = outputs.entropy.detach().sum().sum()
+        num_correct = outputs.is_top1.sum().sum()
+        metrics = (entropy_sum / num_valid, num_correct / num_valid)
+        del metrics, num_valid, entropy_sum, num_correct
+        tokens = torch.tensor(self.ids.numel(), device=self.ids.device).sum()  # attention_mask.sum(): no padding
+        del tokens, outputs
         return loss

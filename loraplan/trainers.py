@@ -27,6 +27,19 @@ def trainers_data() -> dict:
     return json.loads(resources.files("loraplan").joinpath("data/trainers.json").read_text())
 
 
+def fused_lm_head() -> dict:
+    """trl's fused chunked LM head as trainers.json records it: ``token_chunk`` and
+    ``vocab_chunk`` (the tile), ``outputs`` per trainer ("trl": SFTTrainer's, "loop": the
+    default of add_fused_lm_head) and their ``sources``."""
+    return trainers_data()["fused_lm_head"]
+
+
+def fused_lm_head_outputs(trainer: str) -> tuple[str, ...]:
+    """The per-token fields add_fused_lm_head computes under ``trainer`` (trl: SFTTrainer's
+    ('log_probs', 'entropy', 'is_top1'); a loop: the default ('log_probs',))."""
+    return tuple(fused_lm_head()["outputs"]["trl" if trainer == "trl" else "loop"])
+
+
 def default_of(trainer: str, key: str, quantized: bool, stack=None) -> Any:
     """The value ``trainer`` uses for ``key`` when it is unset (trainers.json; a version rule
     where the default moved between releases)."""
@@ -197,7 +210,7 @@ def recipe_levers(train: TrainSpec) -> list[tuple[str, str, TrainSpec]]:
     r = resolve_recipe(train)
     cands: list[tuple[str, str, TrainSpec]] = []
     if r.loss == "standard":
-        cands += [("chunked cross-entropy (no B·T·V logits)", "--loss chunked", replace(train, loss="chunked")),
+        cands += [("trl's fused chunked LM head (no B·T·V logits)", "--loss chunked", replace(train, loss="chunked")),
                   ("Liger fused linear cross-entropy", "--loss liger", replace(train, loss="liger"))]
     if r.mixed_precision == "no":
         cands.append(("bf16 autocast", "--mixed-precision bf16", replace(train, mixed_precision="bf16")))

@@ -119,8 +119,9 @@ def test_liger_never_makes_the_logits():
 
 
 def test_unmodelled_loss_paths_refused():
+    """Both fused losses patch decoder-only causal LMs (trl's fused chunked head: tests/test_recipe_loss.py)."""
     with pytest.raises(InputError, match="chunked"):
-        _memory("llama", loss="chunked")
+        _memory("t5", loss="chunked")
     with pytest.raises(InputError, match="liger"):
         _memory("t5", loss="liger")
     with pytest.raises(InputError, match="trl"):

@@ -89,8 +89,10 @@ def case_options(multi: bool = False, gpu: bool = True, config_in_json: bool = F
                          help="Token counts of the dataset's rows: a comma list (e.g. p50,p99,max) or a file of counts; "
                               "the peak follows the worst batch"),
             click.option("--loss", default=None,
-                         help=f"Loss path: {', '.join(LOSSES)} (chunked/liger never hold B*T*V logits; hf has "
-                              "standard/liger, trl only its fused chunked LM head) [default: loop/hf standard, "
+                         help=f"Loss path: {', '.join(LOSSES)}. chunked: trl's fused chunked LM head "
+                              "(trl.trainer.utils.add_fused_lm_head + model(..., fused_lm_head=True); a loop can "
+                              "call it too), liger: Liger's fused linear cross-entropy; neither holds the B*T*V "
+                              "logits. hf has standard/liger, trl only chunked [default: loop/hf standard, "
                               "trl chunked]" + c),
             click.option("--checkpoint-every-n-layers", default=None,
                          help="Checkpoint every n-th decoder layer (transformers >= 5) [default: 1]" + m),

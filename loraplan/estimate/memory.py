@@ -45,7 +45,7 @@ from .result import MemoryEstimate
 from .transients import (autocast_copies, cuda_workspaces, default_int8_outlier_fraction, input_leaf_and_grad,
                          int8_matmul_transient, int8_retained_per_step, int8_saved_anyway, last_hidden_state,
                          layer_backward_transients)
-from .steps import (accumulated_gradients, check_loss, offload_host_bytes, offloaded_inputs, loss_backward, loss_forward, grad_norm_temporaries, int8_inside_layer_backward, int8_kept_through_step,
+from .steps import (FUSED_HEAD_BYPASS_WARNING, accumulated_gradients, check_loss, offload_host_bytes, offloaded_inputs, loss_backward, loss_forward, grad_norm_temporaries, int8_inside_layer_backward, int8_kept_through_step,
                     int8_previous_step, layer_gradients, previous_step_leaf, reentrant_layer_output, step_recipe,
                     top_layer_checkpointed, uncheckpointed_saved)
 from .weights import (Structure, lora_gradients, lora_weights, optimizer_state, optimizer_step_temporaries,
@@ -99,7 +99,8 @@ def moments(st: Structure, train: TrainSpec, kind: str, x: Shape, gpu: GpuSpec |
     # 1. forward, inside the loss. int8: the previous step's graph still holds its ctx tensors.
     leaf = input_leaf_and_grad(st, x, train.gradient_checkpointing)
     gc = train.gradient_checkpointing
-    amp = {k: autocast_copies(st, x.r, gc, k) for k in ("forward", "loss backward", "layer backward")}
+    amp = {k: autocast_copies(st, x.r, gc, k, lm_head_called=rc.loss != "chunked")
+           for k in ("forward", "loss backward", "layer backward")}
     out["forward"] = dict(base, activations=acts + int8_now + last_hidden_state(st, x),
                           logits_loss=loss_forward(st, x, rc), int8_previous_step=int8_prev,
                           previous_step_input_grad=previous_step_leaf(leaf, rc), lora_gradients=grads)
@@ -272,6 +273,8 @@ def estimate_memory(s: Setup, gpu: GpuSpec | None, cal: Calibration) -> MemoryEs
         notes.append(f"checkpoint offload: {int(host) / 2**20:.1f} MiB of layer inputs sit in pinned host memory "
                      f"(torch.autograd.graph.save_on_cpu), not on the GPU")
     notes.extend(sequence_notes(st.model.model_type, s.train))
+    if st.head_adapted and step_recipe(s.train).loss == "chunked":
+        notes.append(FUSED_HEAD_BYPASS_WARNING)
     if not _calibrated(cal, "reserved_over_allocated_ratio"):
         notes.append("reserved and device total use uncalibrated priors (allocator ratio, CUDA context); "
                      "peak allocated is the checked figure")

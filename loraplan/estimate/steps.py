@@ -34,7 +34,9 @@ import math
 from dataclasses import dataclass
 
 from ..errors import InputError
-from ..trainers import resolve_recipe
+from ..storage import dtype_bytes
+from ..trainers import fused_lm_head, fused_lm_head_outputs, resolve_recipe
+from .arrays import maximum as _max, minimum as _min, where as _where
 from .weights import Structure, lora_gradients
 
 
@@ -189,33 +191,31 @@ LIGER_SOURCE = "liger_kernel ops/fused_linear_cross_entropy.py::fused_linear_cro
 
 
 def check_loss(st: Structure, rc: StepRecipe) -> None:
-    """Refuse loss paths the ledger does not model (one line with the fix): the fused heads
-    (``chunked``: trl's; ``liger``) for encoder-decoder models (both patch decoder-only
-    *ForCausalLM forwards only). ``chunked`` is trl 1.16's fused chunked log-prob LM head
-    (trl/trainer/utils.py::add_fused_lm_head): SFTTrainer's only loss path, and what a loop gets
-    by calling add_fused_lm_head and ``model(..., fused_lm_head=True)``."""
-    if rc.loss == "chunked" and st.model.is_encoder_decoder:
-        raise InputError(f"--loss chunked: trl's fused LM head patches decoder-only *ForCausalLM forwards, "
-                         f"not {st.model.model_type}; use --loss standard")
+    """Refuse loss paths the ledger does not model (one line with the fix): ``liger`` and
+    ``chunked`` for encoder-decoder models (Liger patches decoder-only *ForCausalLM forwards;
+    trl's add_fused_lm_head reads a causal LM's ``base_model`` output). LoRA on lm_head under
+    ``chunked`` is not refused (trl runs it) but warned about: ``FUSED_HEAD_BYPASS_WARNING``."""
+    if rc.loss in ("liger", "chunked") and st.model.is_encoder_decoder:
+        what = ("Liger's fused linear cross-entropy patches" if rc.loss == "liger"
+                else "trl's fused chunked LM head patches")
+        raise InputError(f"--loss {rc.loss}: {what} decoder-only *ForCausalLM forwards, not "
+                         f"{st.model.model_type}; use --loss standard")
     if rc.trainer == "trl" and st.model.is_encoder_decoder:
         raise InputError(f"--trainer trl: SFTTrainer's fused LM head patches decoder-only *ForCausalLM forwards, "
                          f"not {st.model.model_type}; use --trainer hf")
     if rc.trainer == "trl" and rc.loss == "liger":
         raise InputError("--trainer trl with --loss liger: SFTTrainer 1.16 refuses Liger's fused linear "
                          "cross-entropy (it patches the LM head itself); use --loss standard")
-    if rc.loss == "liger" and st.model.is_encoder_decoder:
-        raise InputError(f"--loss liger: Liger's fused linear cross-entropy patches decoder-only *ForCausalLM "
-                         f"forwards, not {st.model.model_type}; use --loss standard")
 
 
 def liger_chunk_rows(BT, H: int, V: int):
     """Liger's token chunk: inc = ceil(V / H), chunk = min(next_pow2(ceil(BT / inc)), BT), so the
     transient logits stay near BT·H elements (``chunk_mem_const`` 1, the default)."""
-    import numpy as np
-
     inc = -(-V // H)
     rows = -(-BT // inc)
-    if hasattr(rows, "shape"):
+    if hasattr(rows, "shape"):  # a sweep group's arrays (numpy only then: explain never imports it)
+        import numpy as np
+
         p2 = np.power(2, np.ceil(np.log2(np.maximum(rows, 1)))).astype(np.int64)
         return np.minimum(p2, BT)
     return min(1 << max(int(rows) - 1, 0).bit_length(), int(BT))
@@ -243,13 +243,120 @@ def liger_backward_bytes(st: Structure, x):
     return st.stream_bytes * x.T * st.model.hidden_size + 512
 
 
+# trl 1.16's fused chunked LM head (``--loss chunked``): trl/trainer/utils.py::add_fused_lm_head
+# (its ``_fused_forward``) and trl/kernels/chunked_logprob.py::ChunkedLogProbFunction, CUDA path
+# (``_use_triton``: Triton kernels, compact scoring of the valid positions only). SFTTrainer calls
+# add_fused_lm_head with cast_lm_head_to_fp32 left False (no fp32 copy of the hidden state, the
+# tiles in the autocast dtype) and compute_loss with loss_type "nll" (no label smoothing or
+# compute_loss_func, which would build the full logits besides). Its metrics (entropy, token
+# accuracy: ``is_top1``) are per-token [N] tensors: 512 B blocks, not in the ledger lines.
+
+#: read: trl 1.16 kernels/chunked_logprob.py::ChunkedLogProbFunction.forward/backward and
+#: trainer/utils.py::add_fused_lm_head
+FUSED_HEAD_SOURCE = "trl 1.16 kernels/chunked_logprob.py::ChunkedLogProbFunction, trainer/utils.py::add_fused_lm_head"
+
+
+#: LoRA on lm_head with the fused head: trl/trainer/utils.py::add_fused_lm_head multiplies by
+#: ``lm_head.weight`` (peft's lora.Linear.weight is its base layer's), never calling the module
+FUSED_HEAD_BYPASS_WARNING = (
+    "WARNING: LoRA on lm_head is bypassed by trl's fused chunked LM head (--loss chunked): it multiplies "
+    "by lm_head.weight directly, so the lm_head adapter is never used or trained; its weights are counted, "
+    "and its gradient and optimizer state (never made) are counted too (an over-estimate of "
+    "r x (h + V) x the adapter's gradient and state bytes); drop lm_head from --targets")
+
+
+def _blk(n):
+    """A small tensor's bytes as the caching allocator hands them out (512 B blocks)."""
+    return -(-n // 512) * 512
+
+
+def fused_head_dims(st: Structure, x):
+    """(N, n0, C, a, c): N = b·(s − 1) scored positions (``last_hidden_state[:, :-1]``; every
+    label valid in the protocol's batch, so compact scoring keeps all of them), n0 = min(N,
+    token_chunk) tile rows, C = vocab_chunk tile columns (32768 whatever V: ``mm_buf`` is
+    [min(N, TOKEN_CHUNK_SIZE), chunk_size]), a the hidden state's bytes (the final norm's output:
+    ``transients.final_hidden_dtype``), c the compute dtype's (``get_autocast_dtype`` under
+    autocast, else the hidden dtype)."""
+    from .transients import final_hidden_dtype
+
+    fh = fused_lm_head()
+    N = x.T - x.b
+    a = dtype_bytes(final_hidden_dtype(st))
+    return N, _min(N, fh["token_chunk"]), int(fh["vocab_chunk"]), a, st.autocast_bytes or a
+
+
+def _tiles(st: Structure, x):
+    """The tile loop's shapes: (n0, n1, n_last) token-chunk rows (first, second, last; n1 = 0 with
+    one chunk) and (wf, w2, wl) vocabulary-tile widths (first, second, last; w2 = 0 with one
+    tile), and the bytes per copied row/column: ``hidden[chunk].to(compute_dtype)`` (c·H per row
+    when the hidden state's dtype is not the compute dtype) and ``weight[start:end].to(compute_dtype)``
+    (c·H per column when lm_head's, ``Dtypes.unquantized``, is not)."""
+    N, n0, C, a, c = fused_head_dims(st, x)
+    H, V = st.model.hidden_size, st.model.vocab_size
+    n1 = _min(n0, _max(N - n0, 0))
+    n_last = N - n0 * _max(-(-N // _max(n0, 1)) - 1, 0)  # N = 0 (one-token rows): no chunk
+    k = -(-V // C)
+    wf, wl = min(C, V), V - C * (k - 1)
+    w2 = 0 if k < 2 else (C if k > 2 else wl)
+    from .transients import final_hidden_dtype
+
+    hidden = final_hidden_dtype(st)
+    compute = st.dt.autocast or hidden  # dtypes, not sizes: bf16 -> fp16 is a copy too
+    return (n0, n1, n_last), (wf, w2, wl), (c * H if hidden != compute else 0), \
+        (c * H if st.dt.unquantized != compute else 0)
+
+
+def fused_head_forward_bytes(st: Structure, x, rc: StepRecipe):
+    """Inside ChunkedLogProbFunction.forward's tile loop, on top of the final hidden state
+    (``transients.last_hidden_state``): from ``_fused_forward`` the label mask (bool [N]), the
+    compact ``hidden_states[mask]`` (a·N·H, saved for backward) and ``labels[mask]`` (int64 [N],
+    saved); from forward the seven fp32 [N] online-logsumexp accumulators (``running_max``,
+    ``sum_exp``, ``x_sum_exp``, ``sq_sum_exp``, ``z_sum``, ``max_before_target``,
+    ``target_logit``: allocated whatever ``outputs`` asks), ``mm_buf`` [n0, C] in c (the tile
+    ``torch.mm(..., out=tile)`` writes; the Triton ``_forward_kernel`` folds it in place and
+    allocates nothing) and the dtype copies (``_tiles``) at their largest: the token chunk's
+    hidden copy beside the inline weight-tile copy of a ``torch.mm``, or, where the next token
+    chunk's copy is made while the previous one is still bound, both hidden copies. The B·T·V
+    logits never exist; softcapping and logit scaling are kernel arguments (no memory)."""
+    N, n0, C, a, c = fused_head_dims(st, x)
+    (n0, n1, _), (wf, _, _), hb, wb = _tiles(st, x)
+    copies = _max(hb * n0 + wb * wf, hb * (n0 + n1))
+    return _blk(N) + a * N * st.model.hidden_size + _blk(8 * N) + 7 * _blk(4 * N) + c * n0 * C + copies
+
+
+def fused_head_backward_bytes(st: Structure, x, rc: StepRecipe):
+    """Inside ChunkedLogProbFunction.backward, on top of what stays alive through it: the saved
+    compact hidden state (a·N·H), targets (int64 [N]), ``log_z`` and ``entropy`` (fp32 [N] each;
+    without entropy in ``outputs`` the second slot is ``log_z`` again), the label mask (bool
+    [N], kept by the index and masked_scatter backward), ``grad_logprobs`` (fp32 [N],
+    masked_scatter backward's ``masked_select``), ``grad_hidden`` (fp32 [N, H] zeros: 'Always
+    accumulate in fp32'; ``_addmm_fp32`` adds each tile's product with ``addmm(out_dtype=
+    float32, out=acc)`` on CUDA, no fp32 copies) and ``mm_buf`` [n0, C] in c (the tile;
+    ``_backward_kernel`` overwrites it with the logits' gradient in place). Then the largest of:
+    the dtype copies (``_tiles``) where a named copy is rebound (the new one is made while the
+    old is bound: two weight tiles, or two token chunks' hidden copies beside the last weight
+    tile, or the last weight tile beside the next chunk's first) and the return,
+    ``grad_hidden.to(hidden.dtype)`` (a·N·H when a ≠ 4) beside the last chunk's copies.
+    lm_head's weight is frozen: no ``grad_weight``."""
+    N, n0, C, a, c = fused_head_dims(st, x)
+    H = st.model.hidden_size
+    (n0, n1, n_last), (wf, w2, wl), hb, wb = _tiles(st, x)
+    entropy = _blk(4 * N) if "entropy" in fused_lm_head_outputs(rc.trainer) else 0
+    saved = a * N * H + _blk(8 * N) + _blk(4 * N) + entropy + _blk(N)
+    more_chunks = _where(n1 > 0, 1, 0)
+    copies = _max(hb * n0 + wb * (wf + w2), more_chunks * (hb * (n0 + n1) + wb * wl))
+    copies = _max(copies, more_chunks * (hb * n1 + wb * (wl + wf)))
+    end = hb * n_last + wb * wl + (a * N * H if a != 4 else 0)
+    return saved + _blk(4 * N) + 4 * N * H + c * n0 * C + _max(copies, end)
+
+
 def loss_forward(st: Structure, x, rc: StepRecipe):
-    """The 'logits_loss' line at the end of the forward: trl's fused head, Liger's buffers, or
-    the standard loss (``transients.loss_forward_transient``)."""
+    """The 'logits_loss' line at the end of the forward: Liger's buffers, trl's fused chunked
+    LM head's, or the standard loss (``transients.loss_forward_transient``)."""
     from .transients import loss_forward_transient
 
-    if rc.loss == "chunked":  # trl's fused chunked LM head
-        return trl_forward_bytes(st, x)
+    if rc.loss == "chunked":
+        return fused_head_forward_bytes(st, x, rc)
     return liger_forward_bytes(st, x) if rc.loss == "liger" else loss_forward_transient(st, x)
 
 
@@ -259,57 +366,8 @@ def loss_backward(st: Structure, x, rc: StepRecipe):
     from .transients import loss_backward_transient
 
     if rc.loss == "chunked":
-        return trl_backward_bytes(st, x)
+        return fused_head_backward_bytes(st, x, rc)
     return liger_backward_bytes(st, x) if rc.loss == "liger" else loss_backward_transient(st, x)
-
-
-#: trl 1.16 trl/kernels/chunked_logprob.py: TOKEN_CHUNK_SIZE rows per tile, and the vocabulary
-#: chunk SFTTrainer passes (trl/trainer/utils.py::_CHUNKED_LOGPROB_CHUNK_SIZE)
-TRL_TOKEN_CHUNK = 4096
-TRL_VOCAB_CHUNK = 32768
-
-
-def _trl_sizes(st: Structure, x):
-    """(N scored positions b·(s−1), a hidden bytes, the [min(N, 4096), 32768] tile buffer bytes).
-    The tile's dtype is the autocast dtype when autocast is on, else the hidden dtype: this
-    ledger does not model autocast (mixed precision), so the hidden dtype."""
-    import numpy as np
-
-    N = x.b * (x.tseq - 1)
-    a = st.stream_bytes
-    rows = np.minimum(N, TRL_TOKEN_CHUNK) if hasattr(N, "shape") else min(N, TRL_TOKEN_CHUNK)
-    return N, a, a * rows * TRL_VOCAB_CHUNK
-
-
-def trl_forward_bytes(st: Structure, x):
-    """SFTTrainer's fused LM head (trl/trainer/utils.py::add_fused_lm_head, outputs log_probs,
-    entropy, is_top1; CUDA's compact path) at its largest in the forward, inside
-    ChunkedLogProbFunction.forward (trl/kernels/chunked_logprob.py), on top of the final hidden
-    state (N = b·(s−1) scored positions, all labels valid; h hidden; a its dtype bytes):
-    the label mask (bool [b, s−1]), ``hidden_states[mask]`` (a·N·h, saved), ``labels[mask]``
-    (int64 [N], saved), seven fp32 [N] running statistics, the tile buffer ``mm_buf``
-    [min(N, 4096), 32768] (whatever V is; the Triton fold works in place), then log_z, the
-    log-probs and the entropy (fp32 [N] each) while ``is_top1`` is built (three bool [N]).
-    The B·T·V logits never exist."""
-    N, a, tile = _trl_sizes(st, x)
-    h = st.model.hidden_size
-    return N + a * N * h + 8 * N + 7 * 4 * N + tile + 3 * 4 * N + 3 * N
-
-
-def trl_backward_bytes(st: Structure, x):
-    """Inside ChunkedLogProbFunction.backward as it returns: what the forward saved (the gathered
-    hidden a·N·h, the targets 8·N, log_z and entropy 4·N each, the mask N), the log-probs'
-    gradient (masked_select: fp32 [N]), the fp32 ``grad_hidden`` accumulator (4·N·h; CUDA's
-    ``addmm(out_dtype=float32, out=)`` adds each tile in place), the tile buffer, and
-    ``grad_hidden.to(hidden.dtype)`` (a·N·h when a ≠ 4)."""
-    N, a, tile = _trl_sizes(st, x)
-    h = st.model.hidden_size
-    return a * N * h + 8 * N + 2 * 4 * N + N + 4 * N + 4 * N * h + tile + (a * N * h if a != 4 else 0)
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoint offload
-# ---------------------------------------------------------------------------------------------
 
 
 def offloaded_inputs(st: Structure, x, rc: StepRecipe, moment: str):

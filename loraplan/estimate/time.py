@@ -36,6 +36,8 @@ recompute of each decoder layer's forward):
 - LoRA (fp32 adapters, peft autocast_adapter_dtype=True): forward 2·T·r·(in+out), backward
   4·T·r·(in+out), at the fp32 rate (x is cast to lora_A's dtype; no autocast in the protocol).
 - lm_head: 4·T·h·V; fp32 with a quantized base (prepare_model_for_kbit_training upcasts it).
+  trl's fused chunked LM head (``--loss chunked``) replaces lm_head and the loss: 6·N·h·V
+  (``fused_head_work``: the projection is recomputed in backward).
 - Attention (sdpa flash / mem-efficient, causal): forward 4·b·s²·n_h·d · ½ (causal blocks
   skipped), backward 2.5 × forward (FlashAttention-2 paper §3.1: backward recomputes the
   scores, 5 GEMMs vs 2). math / eager: full s² scores (no causal skipping) plus the s² score
@@ -491,6 +493,51 @@ def loss_work(model: ModelSpec, quant, T) -> list[tuple[str, Any]]:
     return [("ops", OPS["loss"][0] + OPS["loss"][1]), ("bytes_moved", T * model.vocab_size * per)]
 
 
+#: trl's fused chunked LM head (--loss chunked), ops per step outside its tile loops, (forward,
+#: backward), read from trl 1.16 trainer/utils.py::add_fused_lm_head and kernels/chunked_logprob.py
+#: (CUDA path, SFTTrainer's outputs): forward ``labels != -100``, ``hidden[mask]`` and
+#: ``labels[mask]`` (nonzero + index each), 7 accumulator fills, log_z (log, add), logprobs (sub),
+#: entropy (div, sub), is_top1 (ge, gt, and), per output new_zeros + masked_scatter (clone,
+#: scatter) x3, the loss (sum, neg, div): 32; backward: the loss's div/neg nodes, masked_select,
+#: the grad_hidden zeros and its cast, index backward (zeros, nonzero, index_put), slice backward
+#: (zeros, copy): 11
+FUSED_HEAD_OPS = (32, 11)
+#: per [4096, 32768] tile: forward torch.mm + _forward_kernel; backward torch.mm + _backward_kernel
+#: + _addmm_fp32 (grad_hidden)
+FUSED_HEAD_TILE_OPS = (2, 3)
+
+
+def fused_head_work(model: ModelSpec, quant, T, b) -> list[tuple[str, Any]]:
+    """trl's fused chunked LM head instead of lm_head + the loss (N = T − b scored tokens, k =
+    ceil(V / 32768) vocabulary tiles, n = ceil(N / 4096) token chunks; trl/kernels/
+    chunked_logprob.py::ChunkedLogProbFunction): three GEMMs of 2·N·h·V FLOPs (the forward
+    projection, its recompute in backward, the hidden-state gradient; lm_head is frozen: no
+    weight gradient) at the compute dtype's rate (the autocast dtype, else the stream's: fp32
+    runs at the fp32 rate); traffic: each GEMM reads the weight once per token chunk (3·n·c·h·V)
+    and the hidden chunk once per tile (3·k·c·N·h), a weight of another dtype is cast per tile
+    and chunk in forward and backward (2·n·h·V·(s + c)), the logits tile is written and read in
+    forward (2c per logit) and written, rewritten in place and read in backward (4c), and the fp32
+    grad_hidden is read and written per tile (8·k·N·h). Ops: ``FUSED_HEAD_OPS`` and
+    ``FUSED_HEAD_TILE_OPS`` per tile and chunk (+1 per weight cast)."""
+    from ..trainers import fused_lm_head
+
+    dt = quant if isinstance(quant, Dtypes) else Dtypes.protocol(quant)
+    fh = fused_lm_head()
+    h, V = model.hidden_size, model.vocab_size
+    N = T - b
+    k = -(-V // fh["vocab_chunk"])
+    n = -(-N // fh["token_chunk"])
+    compute = dt.autocast or dt.stream
+    c, s_ = dtype_bytes(compute), dtype_bytes(dt.unquantized)
+    cast = dt.unquantized != compute
+    flops = 3 * FLOPS_PER_MAC * N * h * V
+    moved = (3 * n * c * h * V + 3 * k * c * N * h + (2 * n * h * V * (s_ + c) if cast else 0)
+             + 6 * c * N * V + 8 * k * N * h)
+    tiles = n * k
+    ops = sum(FUSED_HEAD_OPS) + tiles * (sum(FUSED_HEAD_TILE_OPS) + (2 * CAST_OPS if cast else 0))
+    return [("flops_fp32" if compute == "fp32" else "flops_mm", flops), ("bytes_moved", moved), ("ops", ops)]
+
+
 def embedding_work(model: ModelSpec, T, a_stream: int) -> list[tuple[str, Any]]:
     """Embedding, rotary tables, mask helpers and final-norm glue: ``OPS["model"]``,
     ``MODEL_MODULE_CALLS``, and the embedding gather's traffic T·h·(4 + a)."""
@@ -551,6 +598,7 @@ def step_work(model: ModelSpec, lora: LoraSpec, train: TrainSpec) -> StepWork:
     gc = bool(train.gradient_checkpointing)
     fw = _passes(gc)  # decoder forward passes
 
+    fused_head = step_recipe(train).loss == "chunked"  # trl's fused chunked LM head
     acc = {"flops_mm": 0.0, "flops_fp32": 0.0, "bytes_moved": 0.0, "ops": 0.0, "module_calls": 0.0,
            "bnb4_calls": 0.0, "int8_calls": 0.0, "lora_calls": 0.0, "n_lora_tensors": 0, "trainable": 0}
 
@@ -563,7 +611,8 @@ def step_work(model: ModelSpec, lora: LoraSpec, train: TrainSpec) -> StepWork:
         npass_f = 1 if head else fw          # forward-type passes (forward + recompute)
         add([("module_calls", count * (npass_f))])
         if head:
-            add(lm_head_work(quant, count, T, fin, fout, a_mm))
+            if not fused_head:  # the fused head never calls lm_head: fused_head_work below
+                add(lm_head_work(quant, count, T, fin, fout, a_mm))
         else:
             add(frozen_linear_work(storage, count, T, fin, fout, npass_f, a_stream, mm_dtype, train.double_quant,
                                    dt.autocast, dt.compute))
@@ -586,7 +635,7 @@ def step_work(model: ModelSpec, lora: LoraSpec, train: TrainSpec) -> StepWork:
         else:
             add(sequence_attention_work(model, n_layers, span, fw, eager))
 
-    add(loss_work(model, quant, T_dec))
+    add(fused_head_work(model, quant, T_dec, b) if fused_head else loss_work(model, quant, T_dec))
     add(embedding_work(model, T_dec, a_stream))
     # accumulation (steps.py): k micro-steps of forward + backward per optimizer step
     rc = step_recipe(train)

@@ -45,7 +45,7 @@ def _frozen_cast_linears(st: Structure):
     return layer / max(m.num_layers + m.num_encoder_layers, 1), head
 
 
-def autocast_copies(st: Structure, r, gradient_checkpointing: bool, moment: str):
+def autocast_copies(st: Structure, r, gradient_checkpointing: bool, moment: str, lm_head_called: bool = True):
     """Low-precision copies autocast makes and something keeps (c = autocast dtype bytes):
 
     - trainable fp32 adapters: the weight-cast cache (autocast_mode.cpp::cached_cast: fp32 leaves
@@ -58,8 +58,9 @@ def autocast_copies(st: Structure, r, gradient_checkpointing: bool, moment: str)
       needs a grad); bitsandbytes' 4-bit/int8 weights are not cast (custom autograd Functions).
     Without checkpointing every layer's copies live from the forward to that layer's backward;
     with it only lm_head's (outside the checkpointed layers) and, at a layer's backward, the
-    copies its recompute made; lm_head's is released once its backward ran (before any layer's).
-    ``moment``: "forward", "loss backward" or "layer backward".
+    copies its recompute made. ``moment``: "forward", "loss backward" or "layer backward".
+    ``lm_head_called=False``: the loss never calls lm_head (trl's fused chunked LM head casts its
+    weight tile by tile itself: ``steps.fused_head_forward_bytes``), so lm_head has no copy.
     """
     d = st.dt
     if not d.autocast:
@@ -71,6 +72,8 @@ def autocast_copies(st: Structure, r, gradient_checkpointing: bool, moment: str)
     if d.adapter == "fp32":
         adapters = sum(count * r * size for size, count in st.lora_sizes.items()) * c
     per_layer, head = _frozen_cast_linears(st)
+    if not lm_head_called:
+        head = 0
     frozen_layers = per_layer * c * L
     # lm_head's copy is released when its backward has run: gone by any layer's backward
     if gradient_checkpointing:
@@ -303,10 +306,21 @@ def input_leaf_and_grad(st: Structure, x: Shape, gradient_checkpointing: bool):
     return 2 * st.stream_bytes * m.hidden_size * (x.T_enc if m.is_encoder_decoder else x.T)
 
 
+def final_hidden_dtype(st: Structure) -> str:
+    """The dtype of the final norm's output (the LM head's input): fp32 for a LayerNorm under
+    CUDA autocast (layer_norm is on its fp32 list: it runs on an fp32 copy and returns fp32;
+    aten/src/ATen/autocast_mode.h ``AT_FORALL_FP32``; CPU autocast does not list it), else the
+    stream's (RMSNorm returns ``weight * hidden.to(input_dtype)``)."""
+    if st.dt.autocast and st.model.arch.norm != "rms" and st.device != "cpu":
+        return "fp32"
+    return st.dt.stream
+
+
 def last_hidden_state(st: Structure, x: Shape):
-    """The final norm's output (a·T·h): the forward's ``hidden_states`` local is still alive while
-    the loss is computed inside ``*ForCausalLM.forward`` (it is not saved for backward)."""
-    return st.stream_bytes * x.T * st.model.hidden_size
+    """The final norm's output (``final_hidden_dtype``, T·h elements): the forward's
+    ``hidden_states`` local is still alive while the loss is computed inside
+    ``*ForCausalLM.forward`` (it is not saved for backward)."""
+    return dtype_bytes(final_hidden_dtype(st)) * x.T * st.model.hidden_size
 
 
 def int8_saved_anyway(st: Structure, kind: str, x: Shape, gradient_checkpointing: bool):

@@ -9,15 +9,12 @@ replace the same key in every grid.
 
 from __future__ import annotations
 
-from ..spec import RECIPE_FIELDS
-
 from pathlib import Path
 from typing import Any
 
 from ..spec import RECIPE_FIELDS
 
-#: grid keys -> case option keys (see loraplan/case.py PARSERS)
-#: the case options a profile grid takes: the case's shape and the training stack (spec.RECIPE_FIELDS;
+#: grid keys -> case option keys (see loraplan/case.py PARSERS): a profile grid takes: the case's shape and the training stack (spec.RECIPE_FIELDS;
 #: without them the profile dropped --reentrant, --gradient-accumulation, ... silently)
 CASE_KEYS = ("model", "quant", "double_quant", "rank", "alpha", "dropout", "targets", "optimizer", "batch",
              "seq", "target_seq", "gradient_checkpointing", "attention", "int8_outlier_fraction") + RECIPE_FIELDS

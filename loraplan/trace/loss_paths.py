@@ -9,24 +9,48 @@ Liger's forward and backward make (shapes, dtypes, lifetimes), runs the same chu
 the same ``torch.mm(out=)`` calls, and leaves out only what the Triton kernels do in place
 (the cross-entropy kernel that turns a logits chunk into its gradient, the in-place scaling of
 ``grad_input``) and the ``.item()`` value (every label is valid in the protocol's batch).
+
+``chunked``: trl 1.16's fused chunked LM head, the *real* code: ``apply_loss_path`` calls
+trl/trainer/utils.py::add_fused_lm_head on the model before PEFT (SFTTrainer.__init__ patches the
+PEFT model's base model the same way), and the step calls ``model(..., fused_lm_head=True)``
+(``loraplan.train_step``). On CUDA the head runs trl/kernels/chunked_logprob.py's Triton path;
+meta would take its torch fallback (``_forward_tile``/``_backward_tile``: fp32 copies of every
+[4096, 32768] tile) and the non-compact scoring of every position, so ``fused_head_cuda`` makes
+meta take the CUDA path: ``_use_triton`` is true for meta (compact scoring: ``hidden[mask]``,
+``labels[mask]``, ``masked_scatter`` back; the boolean index runs through torch's meta nonzero
+with every label valid, ``meta_nonzero_assume_all_nonzero``), the Triton kernels
+``_forward_kernel``/``_backward_kernel`` are no-ops (they only read the tile and write in place
+into the buffers the Python code allocated), ``_addmm_fp32`` is CUDA's ``torch.addmm(...,
+out_dtype=float32, out=acc)`` (no fp32 copies of the tile), and ``torch.is_autocast_enabled`` /
+``get_autocast_dtype`` for meta report the emulated autocast (``trace/autocast.py``), which
+``ChunkedLogProbFunction.forward`` reads for its compute dtype.
 """
 
 from __future__ import annotations
 
+import contextlib
 import types
 
 
 def apply_loss_path(model, train, torch) -> None:
     """Patch ``model`` (the transformers *ForCausalLM, before PEFT wraps it) for the recipe's
-    loss: trl's fused head for ``loss == "chunked"`` (trl's only loss; a loop may apply it too),
-    Liger's for ``loss == "liger"``; a no-op for the standard loss."""
-    from ..trainers import resolve_recipe
+    loss: a no-op for the standard loss."""
+    from ..errors import InputError
+    from ..trainers import fused_lm_head_outputs, resolve_recipe
 
     r = resolve_recipe(train)
     if r.loss == "chunked":
-        apply_trl_fused_head(model, torch)
-    elif r.loss == "liger":
-        model.forward = types.MethodType(_liger_forward(torch), model)
+        from trl.trainer.utils import add_fused_lm_head
+
+        if getattr(model.config, "is_encoder_decoder", False):
+            raise InputError(f"--loss chunked: trl's fused LM head patches decoder-only causal LMs, not "
+                             f"{model.config.model_type}; use --loss standard (--trainer loop or hf)")
+        # SFTTrainer.__init__: add_fused_lm_head(outputs=('log_probs', 'entropy', 'is_top1'))
+        add_fused_lm_head(model, outputs=fused_lm_head_outputs(r.trainer))
+        return
+    if r.loss != "liger":
+        return
+    model.forward = types.MethodType(_liger_forward(torch), model)
 
 
 def _liger_forward(torch):
@@ -91,128 +115,75 @@ def _liger_function(torch):
     return LigerFLCEEmulation
 
 
-# ---------------------------------------------------------------------------------------------
-# trl 1.16 SFTTrainer: the fused chunked log-prob LM head
-# ---------------------------------------------------------------------------------------------
+class _NoopKernel:
+    """A Triton kernel object: ``kernel[grid](*args)`` runs nothing (the real kernel writes only
+    into tensors its caller allocated)."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
 
 
-def apply_trl_fused_head(model, torch) -> None:
-    """Patch ``model`` (the *ForCausalLM, before PEFT) as SFTTrainer.__init__ does
-    (trl/trainer/utils.py::add_fused_lm_head(outputs=("log_probs", "entropy", "is_top1"))) so
-    that ``model(..., fused_lm_head=True)`` runs the fused head.
-
-    The head's own autograd.Function is trl's real ``ChunkedLogProbFunction``
-    (trl/kernels/chunked_logprob.py) with its Triton tile kernels replaced by no-ops (the CUDA
-    kernels fold each [4096, 32768] logits tile in place and allocate nothing; the torch
-    fallback that meta would run allocates temporaries per tile). Around it, the CUDA ("compact")
-    path of ``_fused_forward`` is emulated, because it indexes by a boolean mask, which meta
-    cannot (data-dependent shape): ``hidden_states[mask]`` / ``labels[mask]`` and
-    ``new_zeros(mask.shape).masked_scatter(mask, x)`` become autograd Functions that make the
-    same tensors, with every label valid (N = b·(s−1) rows), as in the protocol's batch."""
-    from trl.kernels import chunked_logprob as ck
-    from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE, FusedCausalLMOutput
-
-    class FusedHeadOnMeta(ck.ChunkedLogProbFunction):
-        """trl's ChunkedLogProbFunction, forward and backward run as they are, inside
-        ``_no_tile_kernels`` (backward runs later, during loss.backward())."""
-
-        @staticmethod
-        def forward(ctx, *args):
-            with _no_tile_kernels(ck):
-                return ck.ChunkedLogProbFunction.forward(ctx, *args)
-
-        @staticmethod
-        def backward(ctx, *grads):
-            with _no_tile_kernels(ck):
-                return ck.ChunkedLogProbFunction.backward(ctx, *grads)
-
-    flce = FusedHeadOnMeta
-    gather, scatter = _all_valid_index(torch), _all_valid_scatter(torch)
-    original_forward = model.forward
-
-    def forward(self, *args, fused_lm_head=False, labels=None, num_items_in_batch=None, **kwargs):
-        if not fused_lm_head:
-            if labels is not None:
-                kwargs["labels"] = labels
-            return original_forward(*args, **kwargs)
-        kwargs["use_cache"] = False
-        kwargs = {k: v for k, v in kwargs.items() if v is not None and k != "return_dict"}
-        out = getattr(self, "base_model")(*args, **kwargs)
-        hidden_states = out.last_hidden_state[:, :-1]
-        labels = labels[:, 1:]
-        lm_head = self.get_output_embeddings()
-        mask = labels != -100
-        per_token = flce.apply(gather.apply(hidden_states, mask), lm_head.weight, None, gather.apply(labels, mask),
-                               1.0, _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0, ("log_probs", "entropy", "is_top1"))
-        per_token = (None if x is None else scatter.apply(x, mask) for x in per_token)
-        log_probs, entropy, _, _, is_top1 = per_token
-        loss = -log_probs.sum() / (mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
-        return FusedCausalLMOutput(loss=loss, log_probs=log_probs, entropy=entropy, is_top1=is_top1, label_mask=mask)
-
-    model.forward = types.MethodType(forward, model)
+#: what the fused head's emulation cannot know (added to the trace's ``uncertain`` for --loss chunked)
+FUSED_HEAD_UNCERTAIN = (
+    "trl fused LM head (--loss chunked): run on its CUDA path with the Triton kernels as no-ops (they "
+    "only write into buffers the Python code allocated); compact scoring assumes every label is valid "
+    "(a batch with -100 labels scores fewer tokens: less memory); CUDA kernel-internal temporaries of "
+    "boolean indexing and masked_scatter (a few bytes per token) are meta's",
+)
 
 
-class _no_tile_kernels:
-    """For the duration: trl's torch tile folds become no-ops (the Triton kernels they stand in
-    for work in place), and the autocast queries trl makes for the tensors' device ask about
-    "cuda" when the device is meta (autocast has no meta state; the CUDA one is the GPU's)."""
+@contextlib.contextmanager
+def fused_head_cuda(train, torch):
+    """While the step runs: trl's fused chunked LM head on meta takes its CUDA (Triton) path,
+    allocating what CUDA allocates (see the module docstring). A no-op for other losses."""
+    from ..trainers import resolve_recipe
 
-    def __init__(self, ck):
-        self.ck = ck
+    if resolve_recipe(train).loss != "chunked":
+        yield
+        return
+    import torch.fx.experimental._config as fx_config
+    import trl.kernels.chunked_logprob as ck
+    import trl.trainer.utils as tu
 
-    def __enter__(self):
-        torch = self.ck.torch
-        self.saved = (self.ck._forward_tile, self.ck._backward_tile, self.ck._addmm_fp32, torch.is_autocast_enabled,
-                      torch.get_autocast_dtype)
-        self.ck._forward_tile = self.ck._backward_tile = lambda *a, **k: None
-        # CUDA (torch >= 2.8, half inputs): addmm(out_dtype=float32, out=acc) in place; meta would
-        # run the fallback acc.addmm_(a.float(), b.float()) with two fp32 tile copies
-        self.ck._addmm_fp32 = lambda acc, a, b: None
-        enabled, dtype = torch.is_autocast_enabled, torch.get_autocast_dtype
-        torch.is_autocast_enabled = lambda *a: enabled(*["cuda" if x == "meta" else x for x in a])
-        torch.get_autocast_dtype = lambda d: dtype("cuda" if d == "meta" else d)
+    from .autocast import active
 
-    def __exit__(self, *exc):
-        torch = self.ck.torch
-        (self.ck._forward_tile, self.ck._backward_tile, self.ck._addmm_fp32, torch.is_autocast_enabled,
-         torch.get_autocast_dtype) = self.saved
-        return False
+    def use_triton(device):
+        return device.type in ("cuda", "xpu", "meta")
 
+    def addmm_fp32(acc, a, b):  # chunked_logprob.py::_addmm_fp32 as it runs on CUDA, torch >= 2.8
+        if a.dtype in (torch.float16, torch.bfloat16):
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        else:
+            acc.addmm_(a.float(), b.float())
 
-def _all_valid_index(torch):
-    class AllValidIndex(torch.autograd.Function):
-        """``x[mask]`` with every mask element True: a new [N, ...] tensor; backward
-        (IndexBackward: index_put into zeros of x's shape) a new tensor of x's shape."""
+    real_enabled, real_dtype = torch.is_autocast_enabled, torch.get_autocast_dtype
 
-        @staticmethod
-        def forward(ctx, x, mask):
-            ctx.shape = x.shape
-            ctx.save_for_backward(mask)  # IndexBackward keeps the indices
-            return x.reshape((-1,) + tuple(x.shape[mask.dim():])).clone()
+    def is_autocast_enabled(*args):
+        if args and args[0] == "meta":
+            return active() is not None
+        return real_enabled(*args)
 
-        @staticmethod
-        def backward(ctx, g):
-            return g.new_zeros(ctx.shape), None
+    def get_autocast_dtype(device_type):
+        if device_type == "meta":
+            mode = active()
+            return mode.dtype if mode is not None else torch.float32
+        return real_dtype(device_type)
 
-    return AllValidIndex
-
-
-def _all_valid_scatter(torch):
-    class AllValidScatter(torch.autograd.Function):
-        """``x.new_zeros(mask.shape).masked_scatter(mask, x)``: the zeros, then a new tensor of
-        mask's shape; backward (masked_scatter's source gradient) ``grad.masked_select(mask)``:
-        a new [N] tensor."""
-
-        @staticmethod
-        def forward(ctx, x, mask):
-            ctx.save_for_backward(mask)  # masked_scatter's backward keeps the mask
-            zeros = x.new_zeros(mask.shape)
-            out = torch.empty_like(zeros)
-            del zeros
-            return out
-
-        @staticmethod
-        def backward(ctx, g):
-            return g.new_empty(g.numel()), None
-
-    return AllValidScatter
+    saved = [(ck, "_use_triton", use_triton), (tu, "_use_triton", use_triton),
+             (ck, "_forward_kernel", _NoopKernel()), (ck, "_backward_kernel", _NoopKernel()),
+             (ck, "triton", types.SimpleNamespace(cdiv=lambda a, b: -(-a // b))),
+             (ck, "_addmm_fp32", addmm_fp32), (torch, "is_autocast_enabled", is_autocast_enabled),
+             (torch, "get_autocast_dtype", get_autocast_dtype),
+             (fx_config, "meta_nonzero_assume_all_nonzero", True)]
+    missing = object()
+    prev = [(mod, name, getattr(mod, name, missing)) for mod, name, _ in saved]
+    for mod, name, value in saved:
+        setattr(mod, name, value)
+    try:
+        yield
+    finally:
+        for mod, name, value in prev:
+            if value is missing:
+                delattr(mod, name)
+            else:
+                setattr(mod, name, value)

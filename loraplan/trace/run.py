@@ -36,7 +36,7 @@ from ..storage import TORCH_DTYPE_NAMES, Dtypes, is_quantized
 from ..hf import MOE_RULES
 from ..targets import expert_parameter_targets, peft_target_modules, peft_target_parameters
 from ..train_step import apply_checkpoint_layout, check_supported, checkpoint_kwargs
-from .loss_paths import apply_loss_path
+from .loss_paths import FUSED_HEAD_UNCERTAIN, apply_loss_path, fused_head_cuda
 from .steps import meta_offload_hooks, run_steps
 
 #: the trace's ledger lines (coarser than the analytic ledger's; see estimate.result.LEDGER)
@@ -159,6 +159,10 @@ def trace_step(model_config: dict, lora: LoraSpec, train: TrainSpec, gpu_compute
         require_extra(mod)
     if is_quantized(train.quant) or train.optimizer not in ("adamw", "sgd"):
         require_extra("bitsandbytes")
+    from ..trainers import resolve_recipe as _resolve
+
+    if _resolve(train).loss == "chunked":  # trl's add_fused_lm_head (trace/loss_paths.py)
+        require_extra("trl")
     if train.quant not in ("bf16", "fp16", "fp32", "nf4", "fp4", "int8"):
         raise InputError(f"quant '{train.quant}' is not supported by the trace")
     if steps < 1:
@@ -316,7 +320,7 @@ def trace_step(model_config: dict, lora: LoraSpec, train: TrainSpec, gpu_compute
         steps=steps,
         versions=_versions(),
         stack=_stack(train),
-        uncertain=list(em.UNCERTAIN),
+        uncertain=list(em.UNCERTAIN) + (list(FUSED_HEAD_UNCERTAIN) if train.loss == "chunked" else []),
         offload_host_peak_bytes=int(getattr(tracker, "offload_host_peak_bytes", 0)),
         int8_outlier_fraction=(frac if frac is not None else {leaf: default_frac for leaf in sorted(outlier_leaves)})
         if train.quant == "int8" else None,
@@ -467,10 +471,12 @@ def _run(torch, transformers, auto, config, load_dtype, attn_impl, quantized, se
     # previous step's graph (and what autograd Functions keep as ctx attributes) alive until the
     # next forward returns, or transformers Trainer's training_step, whose graph dies on return;
     # mixed precision: the forward under (emulated) autocast, fp16 with the GradScaler; the worst
-    # batch's mask / position ids go in with the ids (sequences.batch_layout)
+    # batch's mask / position ids go in with the ids (sequences.batch_layout); trl's fused chunked
+    # LM head (--loss chunked) on its CUDA path (trace/loss_paths.py)
     extra = {k: v for k, v in inputs.items() if k != "input_ids"}
-    run_steps(model, opt, trainable, ids, labels, train, tracker, stack, steps, torch, autocast=amp, scaler=scaler,
-              model_inputs=extra)
+    with fused_head_cuda(train, torch):
+        run_steps(model, opt, trainable, ids, labels, train, tracker, stack, steps, torch, autocast=amp,
+                  scaler=scaler, model_inputs=extra)
 
     comp = _categorize(tracker, vocab)
     top = [g.to_dict() for g in tracker.snapshot("peak", top=int(os.environ.get("LORAPLAN_TRACE_TOP", "15")))]
