@@ -169,12 +169,15 @@ def fused_head_cuda(train, torch):
             return mode.dtype if mode is not None else torch.float32
         return real_dtype(device_type)
 
-    saved = [(ck, "_use_triton", use_triton), (tu, "_use_triton", use_triton),
-             (ck, "_forward_kernel", _NoopKernel()), (ck, "_backward_kernel", _NoopKernel()),
-             (ck, "triton", types.SimpleNamespace(cdiv=lambda a, b: -(-a // b))),
-             (ck, "_addmm_fp32", addmm_fp32), (torch, "is_autocast_enabled", is_autocast_enabled),
-             (torch, "get_autocast_dtype", get_autocast_dtype),
+    saved = [(torch, "is_autocast_enabled", is_autocast_enabled), (torch, "get_autocast_dtype", get_autocast_dtype),
              (fx_config, "meta_nonzero_assume_all_nonzero", True)]
+    if getattr(train, "device", "cuda") != "cpu":
+        # CUDA: the Triton path; on CPU (``profile --device cpu``) trl runs its torch tile fallback
+        # (_forward_tile / _backward_tile, _addmm_fp32's fp32 copies), which runs on meta as it is
+        saved += [(ck, "_use_triton", use_triton), (tu, "_use_triton", use_triton),
+                  (ck, "_forward_kernel", _NoopKernel()), (ck, "_backward_kernel", _NoopKernel()),
+                  (ck, "triton", types.SimpleNamespace(cdiv=lambda a, b: -(-a // b))),
+                  (ck, "_addmm_fp32", addmm_fp32)]
     missing = object()
     prev = [(mod, name, getattr(mod, name, missing)) for mod, name, _ in saved]
     for mod, name, value in saved:
