@@ -1053,7 +1053,11 @@ def _read_axolotl(r: _Reader, flat: dict) -> None:  # noqa: C901
                         "(they change activation bytes slightly)")
         elif k == "chunked_cross_entropy":
             if r.boolean(k, v):
-                r.set("loss", "chunked", k, v)
+                # axolotl's chunked CE keeps every logits chunk alive for backward (only the fp32
+                # upcast is per chunk): not trl's fused head (--loss chunked); the standard loss's
+                # full fp32 copy is the conservative stand-in
+                r.note(k, v, "read as --loss standard: the logits chunks all stay alive; only the fp32 upcast "
+                             "is per chunk, so the standard loss (full fp32 copy) over-counts, never under-counts")
             else:
                 r.ignore(k, "false")
         elif k == "bnb_config_kwargs":
