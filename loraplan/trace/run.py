@@ -370,13 +370,8 @@ def _run(torch, transformers, auto, config, load_dtype, attn_impl, quantized, se
     amp = (EmulatedAutocast(_torch_dtype(torch, dt.autocast), "cpu" if train.device == "cpu" else "cuda")
            if dt.autocast else None)
     gc_kwargs = checkpoint_kwargs(train)
-    if amp is not None and gc:
-        if gc_kwargs["use_reentrant"]:
-            # torch/utils/checkpoint.py::CheckpointFunction.backward re-enters the *real* autocast
-            # for the recompute (a no-op on meta), and takes no context_fn to re-enter the emulation
-            raise TraceError("reentrant checkpointing under mixed precision cannot be traced on the meta device "
-                             "(the recompute would run without autocast); use --method analytic, or "
-                             "--no-reentrant to trace")
+    reentrant_amp = amp is not None and gc and gc_kwargs["use_reentrant"]
+    if amp is not None and gc and not reentrant_amp:
         gc_kwargs["context_fn"] = amp.checkpoint_context_fn()
     with tracker.phase("setup"):
         with torch.device("meta"):
@@ -405,6 +400,8 @@ def _run(torch, transformers, auto, config, load_dtype, attn_impl, quantized, se
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
             model.enable_input_require_grads()
         apply_checkpoint_layout(model, train, gc_kwargs, offload_hooks=meta_offload_hooks(tracker, torch))
+        if reentrant_amp:
+            _reenter_autocast_in_recompute(model, amp, train, torch)
         apply_loss_path(model, train, torch)
         from ..hf import spec_from_config
 
@@ -491,6 +488,41 @@ def _run(torch, transformers, auto, config, load_dtype, attn_impl, quantized, se
 
 #: the allocator configurations every trace is replayed under (PYTORCH_CUDA_ALLOC_CONF strings)
 REPLAY_CONFIGS = {"default": "", "expandable_segments": "expandable_segments:True"}
+
+
+def _reenter_autocast_in_recompute(model, amp, train, torch) -> None:
+    """Reentrant checkpointing under emulated autocast: torch/utils/checkpoint.py::
+    CheckpointFunction.backward re-enters the *real* autocast for the recompute (a no-op on meta)
+    and takes no ``context_fn``, so each checkpointed layer's function is wrapped to re-enter the
+    emulation, in the state of its forward, when it runs outside it (the recompute); in the
+    forward it runs as it is. Installed with transformers' ``_set_gradient_checkpointing``
+    (modeling_utils.py), every_n_layers kept."""
+    import functools
+
+    from torch.utils.checkpoint import checkpoint
+
+    from .autocast import active
+
+    def checkpoint_func(function, *args, **kwargs):
+        on = active() is amp
+
+        def run(*a, **k):
+            if on and active() is None:
+                with amp._reentered(True):
+                    return function(*a, **k)
+            return function(*a, **k)
+
+        return checkpoint(run, *args, **kwargs)
+
+    n = resolve_recipe_of(train).checkpoint_every_n_layers
+    model._set_gradient_checkpointing(enable=True, every_n_layers=n,
+                                      gradient_checkpointing_func=functools.partial(checkpoint_func, use_reentrant=True))
+
+
+def resolve_recipe_of(train):
+    from ..trainers import resolve_recipe
+
+    return resolve_recipe(train)
 
 
 def replay_allocations(events: list, capacity_bytes: int | None = None, n_weight_events: int = 0) -> dict:
