@@ -130,6 +130,9 @@ def test_analytic_within_2_percent_of_trace_for_recipes():
         cfg = small_config(family_config(fam))
         model = spec_from_config(cfg, f"{fam}-small")
         lora = LoraSpec(rank=8, alpha=16, dropout=0.05, targets=default_targets(model) if tg == "default" else (tg,))
+        if model.is_encoder_decoder and rec.get("trainer") == "trl":
+            rec = dict(rec, trainer="hf", mixed_precision="bf16", adapter_dtype="bf16", prepare_kbit=False)
+            # trl trains causal LMs only (refused: test_recipe_cli); trl's dtypes under the Trainer instead
         train = TrainSpec(batch=2, seq=256, gradient_checkpointing=gc,
                           target_seq=256 if model.is_encoder_decoder else None, **rec)
         analytic = estimate(model, lora, train, gpu, cal, with_time=False).memory.peak_allocated_bytes
