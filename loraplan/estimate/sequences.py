@@ -94,9 +94,10 @@ def batch_layout(train) -> BatchLayout:
     raise InputError(f"--padding {mode!r} is not one of max-length, longest, packing, padding-free")
 
 
-def expected_longest(lengths: tuple[int, ...], b: int, cap: int) -> float:
-    """E[max of b draws] from ``lengths`` (with replacement, each equally likely), counts capped
-    at ``cap``: Σ_k v_k·(F(v_k)^b − F(v_{k−1})^b) over the sorted distinct values."""
+def expected_longest(lengths: tuple[int, ...], b: int, cap: int, power: int = 1) -> float:
+    """E[(max of b draws)^power] from ``lengths`` (with replacement, each equally likely), counts
+    capped at ``cap``: Σ_k v_k^power·(F(v_k)^b − F(v_{k−1})^b) over the sorted distinct values
+    (power 2: the attention pairs of a padded row)."""
     vals = sorted(min(v, cap) for v in lengths)
     n = len(vals)
     out, prev = 0.0, 0.0
@@ -104,7 +105,7 @@ def expected_longest(lengths: tuple[int, ...], b: int, cap: int) -> float:
         if i + 1 < n and vals[i + 1] == v:
             continue
         F = ((i + 1) / n) ** b
-        out += v * (F - prev)
+        out += v ** power * (F - prev)
         prev = F
     return out
 
@@ -155,20 +156,6 @@ def check_attention(train, compute_capability: str | None, stream_bytes: int) ->
                          "autocast gives it fp32; use --mixed-precision bf16, --quant bf16 or --attn-implementation sdpa")
 
 
-def _expected_max_square(lengths: tuple[int, ...], b: int, cap: int) -> float:
-    """E[(max of b draws)²], as ``expected_longest`` with squared values."""
-    vals = sorted(min(v, cap) for v in lengths)
-    n = len(vals)
-    out, prev = 0.0, 0.0
-    for i, v in enumerate(vals):
-        if i + 1 < n and vals[i + 1] == v:
-            continue
-        F = ((i + 1) / n) ** b
-        out += v * v * (F - prev)
-        prev = F
-    return out
-
-
 @dataclass(frozen=True)
 class AttentionSpan:
     """What attention computes per layer forward for the expected batch (the time model):
@@ -205,7 +192,7 @@ def attention_span(train, kind: str, packed_mask: bool = True) -> AttentionSpan:
     if train.padding == "longest":
         if fa2:
             return AttentionSpan(b * mean_sq, True)
-        return AttentionSpan(b * _expected_max_square(lengths, b, s), False)
+        return AttentionSpan(b * expected_longest(lengths, b, s, power=2), False)
     if train.padding == "packing":
         if fa2:
             if b == 1:
