@@ -105,13 +105,18 @@ def _gib(n: float) -> str:
 
 
 def stream_fact(train: TrainSpec) -> str:
-    """Why the residual stream has the dtype it has (loraplan.storage.stream_dtype_bytes)."""
-    if train.quant in QUANTIZED:
-        return (f"the residual stream is fp32: prepare_model_for_kbit_training upcasts embeddings and norms of "
-                f"a {train.quant} base to fp32, and bitsandbytes Linears return their input's dtype")
-    if train.quant == "fp32":
-        return "the residual stream is fp32 (fp32 base)"
-    return f"the residual stream is {train.quant} (2 bytes per element)"
+    """Why the residual stream has the dtype it has (``storage.Dtypes.stream``: the embeddings'
+    dtype, promoted by autocast's block outputs)."""
+    dt = Dtypes.of(train)
+    s, size = dt.stream, {"fp32": 4, "bf16": 2, "fp16": 2}[dt.stream]
+    if dt.prepare_kbit and dt.load != "fp32":
+        why = (f"prepare_model_for_kbit_training upcasts the {dt.load} embeddings and norms to fp32"
+               + (", and bitsandbytes Linears return their input's dtype" if train.quant in QUANTIZED else ""))
+    elif dt.autocast and s != dt.unquantized:
+        why = f"{dt.autocast} autocast blocks add into {dt.unquantized} embeddings (type promotion)"
+    else:
+        why = f"the embeddings are loaded in {dt.unquantized}"
+    return f"the residual stream is {s} ({size} bytes per element): {why}"
 
 
 def attention_reason(model: ModelSpec, train: TrainSpec, compute_capability: str | None) -> str:

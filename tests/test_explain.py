@@ -164,3 +164,15 @@ def test_explain_never_imports_torch():
     r = run_module("import sys; from loraplan.cli import main; main(['explain']); "
                    "assert not {'torch', 'numpy', 'pandas'} & set(sys.modules), sorted(sys.modules)")
     assert r.returncode == 0, r.stderr
+
+
+def test_stream_fact_follows_the_recipe():
+    """The residual-stream fact says what the recipe does: prepare_kbit's upcast only when it runs,
+    trl's bf16 stream without it, autocast's promotion of an fp16 stream."""
+    from loraplan.explain import stream_fact
+
+    assert "prepare_model_for_kbit_training" in stream_fact(TrainSpec(quant="nf4")) and "fp32" in stream_fact(
+        TrainSpec(quant="nf4"))
+    trl = stream_fact(TrainSpec(quant="nf4", trainer="trl"))
+    assert trl.startswith("the residual stream is bf16") and "prepare_model_for_kbit_training" not in trl
+    assert "promotion" in stream_fact(TrainSpec(quant="fp16", mixed_precision="bf16"))
