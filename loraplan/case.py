@@ -296,6 +296,9 @@ def resolve_case(case: dict, model: ModelSpec | None = None) -> tuple[ModelSpec,
     targets = parse_targets(v["targets"]) if v["targets"] is not None else default_targets(model)  # '' is refused
     lora = LoraSpec(rank=v["rank"], alpha=v["alpha"], dropout=v["dropout"], targets=targets)  # alpha None: 2 x rank
     select_targets(model, targets)  # raises TargetError listing the module names that exist
+    if v["target_seq"] is not None and not model.is_encoder_decoder:
+        warnings.warn(f"--target-seq {v['target_seq']} is the decoder length of encoder-decoder models; "
+                      f"{model.name} is decoder-only, so it is ignored (--seq sets its length)", stacklevel=2)
     if model.max_positions and v["seq"] > model.max_positions:
         warnings.warn(f"--seq {v['seq']} is longer than {model.name}'s {model.max_positions} positions; "
                       f"the estimate assumes the model can run it (e.g. with RoPE scaling)", stacklevel=2)

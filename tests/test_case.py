@@ -223,3 +223,16 @@ def test_library_never_imports_the_cli():
         if hits:
             bad.append(f"{rel}: {', '.join(hits)}")
     assert not bad, bad
+
+
+def test_target_seq_on_a_decoder_only_model_is_named_not_dropped():
+    """--target-seq only exists for encoder-decoder models: a decoder-only case warns that it is ignored."""
+    import warnings
+
+    from loraplan.case import resolve_case
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, _, train = resolve_case({"model": "llama-2-7b", "target_seq": 128})
+    assert train.target_seq is None
+    assert any("--target-seq 128" in str(w.message) and "decoder-only" in str(w.message) for w in caught)
