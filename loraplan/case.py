@@ -315,10 +315,9 @@ def resolve_case(case: dict, model: ModelSpec | None = None) -> tuple[ModelSpec,
     from .trainers import resolve_recipe
 
     recipe = resolve_recipe(train)  # a setting the trainer lacks (or the libraries refuse) stops every command here
-    if model.is_encoder_decoder and recipe.loss in ("chunked", "liger"):
-        what = "trl's fused LM head" if recipe.loss == "chunked" else "Liger's fused linear cross-entropy"
-        raise InputError(f"--loss {recipe.loss}: {what} patches decoder-only *ForCausalLM forwards, not "
-                         f"{model.model_type} (encoder-decoder); use --loss standard")
+    from .estimate.steps import check_model_loss, step_recipe
+
+    check_model_loss(model, step_recipe(recipe))  # the fused heads patch causal LMs only
     if model.is_encoder_decoder and recipe.padding != "max-length":
         raise InputError(f"--padding {recipe.padding} is modelled for decoder-only models; {model.model_type} is "
                          f"encoder-decoder: use --padding max-length")

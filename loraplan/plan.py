@@ -320,6 +320,7 @@ def plan_job(model: ModelSpec, lora: LoraSpec, train: TrainSpec, gpus: list[GpuS
     from .catalog import load_calibration
     from .estimate.time import estimate_step_time
     from .spec import run_inputs
+    from .trainers import gpu_refusal
 
     job.validate()
     estimate_fn = estimate_fn or _default_estimate()
@@ -336,7 +337,7 @@ def plan_job(model: ModelSpec, lora: LoraSpec, train: TrainSpec, gpus: list[GpuS
     notes: list[tuple[str, ...]] = []
     skipped: list[tuple[str, str]] = []
     for gpu in gpus:
-        why = recipe_refusal(train, gpu)
+        why = gpu_refusal(train, gpu)
         if why is not None:  # one GPU asked for: the one-line error; among several: listed as skipped
             if len(gpus) == 1:
                 raise InputError(why)
@@ -387,20 +388,3 @@ def plan_job(model: ModelSpec, lora: LoraSpec, train: TrainSpec, gpus: list[GpuS
     inputs = run_inputs(model, lora, train)
     common = tuple(n for n in (notes[0] if notes else ()) if all(n in ns for ns in notes))
     return Plan(inputs=inputs, job=job, gpus=rows, notes=common, skipped=tuple(skipped))
-
-
-def recipe_refusal(train: TrainSpec, gpu: GpuSpec) -> str | None:
-    """Why ``gpu`` cannot run ``train``'s recipe (bf16 without bf16 tensor cores:
-    ``trainers.check_gpu_dtypes``; flash_attention_2 below sm80: ``sequences.check_attention``),
-    or None."""
-    from .estimate.sequences import check_attention
-    from .storage import Dtypes, dtype_bytes
-    from .trainers import check_gpu_dtypes, resolve_recipe
-
-    try:
-        check_gpu_dtypes(train, gpu)
-        r = resolve_recipe(train)
-        check_attention(r, gpu.compute_capability, dtype_bytes(Dtypes.of(r).stream))
-    except InputError as e:
-        return str(e)
-    return None

@@ -638,20 +638,14 @@ def evaluate_table(table: CaseTable, on_progress: Callable[[int], None] | None =
 
 def _gpu_refusal(p: "_Group", gpu_entry, msg) -> int | None:
     """The message index of what estimate() refuses for this group's recipe on this GPU
-    (``trainers.check_gpu_dtypes``, ``sequences.check_attention``), or None; cached per GPU."""
-    from .errors import LoraplanError
-    from .estimate.sequences import check_attention
-    from .storage import Dtypes, dtype_bytes
-    from .trainers import check_gpu_dtypes
+    (``trainers.gpu_refusal``), or None; cached per GPU."""
+    from .errors import InputError
+    from .trainers import gpu_refusal
 
     gpu = gpu_entry[0]
     if gpu.id not in p.gpu_checks:
-        try:
-            check_gpu_dtypes(p.train, gpu)
-            check_attention(p.resolved, gpu.compute_capability, dtype_bytes(Dtypes.of(p.resolved).stream))
-            p.gpu_checks[gpu.id] = None
-        except LoraplanError as e:
-            p.gpu_checks[gpu.id] = msg(e)
+        why = gpu_refusal(p.train, gpu)
+        p.gpu_checks[gpu.id] = None if why is None else msg(InputError(why))
     return p.gpu_checks[gpu.id]
 
 

@@ -231,3 +231,20 @@ def recipe_levers(train: TrainSpec) -> list[tuple[str, str, TrainSpec]]:
             continue
         out.append((change, option, t))
     return out
+
+
+def gpu_refusal(train: TrainSpec, gpu) -> str | None:
+    """Why ``gpu`` cannot run ``train``'s recipe at all, as estimate() would refuse it (bf16
+    without bf16 tensor cores: ``check_gpu_dtypes``; flash_attention_2 below sm80 or on an fp32
+    model: ``estimate.sequences.check_attention``), or None. Used by plan (which lists such GPUs)
+    and sweep (which reports them per row)."""
+    from .estimate.sequences import check_attention
+    from .storage import Dtypes, dtype_bytes
+
+    try:
+        check_gpu_dtypes(train, gpu)
+        r = resolve_recipe(train)
+        check_attention(r, gpu.compute_capability, dtype_bytes(Dtypes.of(r).stream))
+    except InputError as e:
+        return str(e)
+    return None

@@ -191,18 +191,25 @@ LIGER_SOURCE = "liger_kernel ops/fused_linear_cross_entropy.py::fused_linear_cro
 
 
 def check_loss(st: Structure, rc: StepRecipe) -> None:
+    """``check_model_loss`` for the Structure's model."""
+    check_model_loss(st.model, rc)
+
+
+def check_model_loss(model, rc: StepRecipe) -> None:
     """Refuse loss paths the ledger does not model (one line with the fix): ``liger`` and
     ``chunked`` for encoder-decoder models (Liger patches decoder-only *ForCausalLM forwards;
-    trl's add_fused_lm_head reads a causal LM's ``base_model`` output). LoRA on lm_head under
-    ``chunked`` is not refused (trl runs it) but warned about: ``FUSED_HEAD_BYPASS_WARNING``."""
-    if rc.loss in ("liger", "chunked") and st.model.is_encoder_decoder:
+    trl's add_fused_lm_head reads a causal LM's ``base_model`` output), trl on them, and trl
+    with Liger. LoRA on lm_head under ``chunked`` is not refused (trl runs it) but warned about:
+    ``FUSED_HEAD_BYPASS_WARNING``. Called when a case resolves (``case.resolve_case``) and by the
+    ledger (``memory.moments``), for callers of the estimator that bypass resolve_case."""
+    if rc.loss in ("liger", "chunked") and model.is_encoder_decoder:
         what = ("Liger's fused linear cross-entropy patches" if rc.loss == "liger"
                 else "trl's fused chunked LM head patches")
         raise InputError(f"--loss {rc.loss}: {what} decoder-only *ForCausalLM forwards, not "
-                         f"{st.model.model_type}; use --loss standard")
-    if rc.trainer == "trl" and st.model.is_encoder_decoder:
+                         f"{model.model_type} (encoder-decoder); use --loss standard")
+    if rc.trainer == "trl" and model.is_encoder_decoder:
         raise InputError(f"--trainer trl: SFTTrainer's fused LM head patches decoder-only *ForCausalLM forwards, "
-                         f"not {st.model.model_type}; use --trainer hf")
+                         f"not {model.model_type} (encoder-decoder); use --trainer hf")
     if rc.trainer == "trl" and rc.loss == "liger":
         raise InputError("--trainer trl with --loss liger: SFTTrainer 1.16 refuses Liger's fused linear "
                          "cross-entropy (it patches the LM head itself); use --loss standard")
