@@ -61,6 +61,16 @@ def check_supported(train, runner: str = "trace") -> None:
                          "(save_on_cpu would copy host to host); drop it or run on a GPU")
 
 
+def torch_dtype(name: str):
+    """bf16 | fp16 | fp32 | int8 -> the torch dtype (``storage.TORCH_DTYPE_NAMES``); shared by the
+    trace and the bursts."""
+    import torch
+
+    from .storage import TORCH_DTYPE_NAMES
+
+    return getattr(torch, TORCH_DTYPE_NAMES[name])
+
+
 def checkpoint_kwargs(train) -> dict[str, Any]:
     """``gradient_checkpointing_kwargs`` of the resolved recipe: {'use_reentrant': bool}."""
     return {"use_reentrant": bool(resolve_recipe(train).reentrant)}

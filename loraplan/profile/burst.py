@@ -254,7 +254,7 @@ def _fault(phase: str) -> None:
 def _quant_config(quant: str, double_quant: bool, compute_dtype: str = "bf16"):
     import transformers
 
-    from .stack import torch_dtype
+    from ..train_step import torch_dtype
 
     if quant in ("nf4", "fp4"):
         return transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant,
@@ -269,7 +269,7 @@ def _load_dtype(quant: str, recipe_load_dtype: str | None = None):
     """The torch dtype ``from_pretrained`` gets: the recipe's ``load_dtype`` for a quantized base
     (its non-quantized parameters), else ``storage.load_dtype`` (the base's own dtype)."""
     from ..storage import is_quantized, load_dtype
-    from .stack import torch_dtype
+    from ..train_step import torch_dtype
 
     if recipe_load_dtype and is_quantized(quant):
         return torch_dtype(recipe_load_dtype)
@@ -381,6 +381,7 @@ def run_burst(spec: dict, emit: Emit | None = None) -> dict[str, Any]:
 
         from ..spec import RECIPE_FIELDS
         from . import stack as st
+        from ..train_step import torch_dtype
 
         r = st.burst_recipe(train)  # the trainer's defaults filled in (loraplan.trainers.resolve_recipe)
         kind = r.trainer
@@ -539,7 +540,7 @@ def run_burst(spec: dict, emit: Emit | None = None) -> dict[str, Any]:
             def built(trainer) -> None:
                 if kind == "trl":
                     m = trainer.model
-                    want = st.torch_dtype(r.adapter_dtype)
+                    want = torch_dtype(r.adapter_dtype)
                     have = {str(p.dtype) for p in m.parameters() if p.requires_grad}
                     if st.cast_adapters(m, r.adapter_dtype):
                         res["protocol"]["adapters_recast"] = f"{sorted(have)} -> {want} after SFTTrainer.__init__"

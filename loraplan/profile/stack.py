@@ -18,6 +18,9 @@ import math
 import time
 from typing import Any, Callable
 
+from .. import train_step
+from ..train_step import torch_dtype
+
 #: loraplan optimizer names -> ``TrainingArguments.optim`` (transformers training_args.py::OptimizerNames)
 TRAINER_OPTIM = {"adamw": "adamw_torch", "sgd": "sgd", "adamw_8bit": "adamw_bnb_8bit",
                  "paged_adamw_8bit": "paged_adamw_8bit", "paged_adamw_32bit": "paged_adamw_32bit"}
@@ -40,20 +43,11 @@ def burst_recipe(train: dict):
     return resolve_recipe(TrainSpec(**kw))
 
 
-def torch_dtype(name: str):
-    """bf16 | fp16 | fp32 -> the torch dtype (``storage.TORCH_DTYPE_NAMES``)."""
-    import torch
-
-    from ..storage import TORCH_DTYPE_NAMES
-
-    return getattr(torch, TORCH_DTYPE_NAMES[name])
-
-
 def checkpoint_kwargs(r) -> dict[str, Any]:
     """``gradient_checkpointing_kwargs`` of the recipe: ``use_reentrant`` always (given, so no library
     default decides it); ``every_n_layers`` / ``offload`` only when not the default, as
     ``activation_checkpointing_enable`` takes them (transformers 5 modeling_utils.py)."""
-    kw: dict[str, Any] = {"use_reentrant": bool(r.reentrant)}
+    kw = train_step.checkpoint_kwargs(r)
     if int(r.checkpoint_every_n_layers) != 1:
         kw["every_n_layers"] = int(r.checkpoint_every_n_layers)
     if r.checkpoint_offload:

@@ -32,19 +32,15 @@ from typing import Any
 from ..errors import InputError, LoraplanError, TraceDataDependentError, TraceError, require_extra
 from ..estimate.result import ledger_keys
 from ..spec import LoraSpec, TrainSpec
-from ..storage import TORCH_DTYPE_NAMES, Dtypes, is_quantized
+from ..storage import Dtypes, is_quantized
 from ..hf import MOE_RULES
 from ..targets import expert_parameter_targets, peft_target_modules, peft_target_parameters
-from ..train_step import apply_checkpoint_layout, check_supported, checkpoint_kwargs
+from ..train_step import apply_checkpoint_layout, check_supported, checkpoint_kwargs, torch_dtype
 from .loss_paths import FUSED_HEAD_UNCERTAIN, apply_loss_path, fused_head_cuda
 from .steps import meta_offload_hooks, run_steps
 
 #: the trace's ledger lines (coarser than the analytic ledger's; see estimate.result.LEDGER)
 CATEGORIES = ledger_keys("trace")
-
-
-def _torch_dtype(torch, name: str):
-    return getattr(torch, TORCH_DTYPE_NAMES[name])
 
 
 def _quantize_meta(model, train: TrainSpec, torch_mod, dt: Dtypes | None = None):
@@ -57,11 +53,11 @@ def _quantize_meta(model, train: TrainSpec, torch_mod, dt: Dtypes | None = None)
     from transformers.quantizers.auto import AutoHfQuantizer
 
     dt = dt or Dtypes.protocol(train.quant)
-    load = _torch_dtype(torch, dt.load)
+    load = torch_dtype(dt.load)
     if train.quant in ("nf4", "fp4"):
         qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=train.quant,
                                 bnb_4bit_use_double_quant=bool(train.double_quant),
-                                bnb_4bit_compute_dtype=_torch_dtype(torch, dt.compute))
+                                bnb_4bit_compute_dtype=torch_dtype(dt.compute))
     else:
         qc = BitsAndBytesConfig(load_in_8bit=True)
     hq = AutoHfQuantizer.from_config(qc, pre_quantized=False)
@@ -210,7 +206,7 @@ def trace_step(model_config: dict, lora: LoraSpec, train: TrainSpec, gpu_compute
         raise TraceError("falcon's FalconFlashAttention2 calls flash-attn's functions itself (modeling_falcon.py), "
                          "which the meta trace does not emulate; use --method analytic")
     dt = Dtypes.of(train)
-    load_dtype = _torch_dtype(torch, dt.load)
+    load_dtype = torch_dtype(dt.load)
     quantized = is_quantized(train.quant)
 
     # ---- module context: which module is running (forward hooks), for breakdowns and errors
@@ -367,7 +363,7 @@ def _run(torch, transformers, auto, config, load_dtype, attn_impl, quantized, se
     from .autocast import EmulatedAutocast, emulated_grad_scaler
 
     # mixed precision: torch.autocast emulated above autograd (trace/autocast.py), CUDA's op lists
-    amp = (EmulatedAutocast(_torch_dtype(torch, dt.autocast), "cpu" if train.device == "cpu" else "cuda")
+    amp = (EmulatedAutocast(torch_dtype(dt.autocast), "cpu" if train.device == "cpu" else "cuda")
            if dt.autocast else None)
     gc_kwargs = checkpoint_kwargs(train)
     reentrant_amp = amp is not None and gc and gc_kwargs["use_reentrant"]
@@ -427,7 +423,7 @@ def _run(torch, transformers, auto, config, load_dtype, attn_impl, quantized, se
             # SFTTrainer does for a quantized model (sft_trainer.py: param.data = param.data.to(bf16))
             for p in model.parameters():
                 if p.requires_grad:
-                    p.data = p.data.to(_torch_dtype(torch, dt.adapter))
+                    p.data = p.data.to(torch_dtype(dt.adapter))
         model.train()
         mod_names.update({id(m): n for n, m in model.named_modules()})
         trainable = [p for p in model.parameters() if p.requires_grad]
@@ -514,15 +510,11 @@ def _reenter_autocast_in_recompute(model, amp, train, torch) -> None:
 
         return checkpoint(run, *args, **kwargs)
 
-    n = resolve_recipe_of(train).checkpoint_every_n_layers
-    model._set_gradient_checkpointing(enable=True, every_n_layers=n,
-                                      gradient_checkpointing_func=functools.partial(checkpoint_func, use_reentrant=True))
-
-
-def resolve_recipe_of(train):
     from ..trainers import resolve_recipe
 
-    return resolve_recipe(train)
+    n = resolve_recipe(train).checkpoint_every_n_layers
+    model._set_gradient_checkpointing(enable=True, every_n_layers=n,
+                                      gradient_checkpointing_func=functools.partial(checkpoint_func, use_reentrant=True))
 
 
 def replay_allocations(events: list, capacity_bytes: int | None = None, n_weight_events: int = 0) -> dict:
