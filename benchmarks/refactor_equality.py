@@ -95,6 +95,10 @@ ADDED = (
      r"^\.sweep_row\.(trainer|mixed_precision|load_dtype|prepare_kbit|compute_dtype|adapter_dtype|"
      r"gradient_accumulation|max_grad_norm|reentrant|attn_implementation|padding|lengths|loss|"
      r"checkpoint_every_n_layers|checkpoint_offload)$"),
+    ("issue 13, the multi-GPU layout is an input: every estimate names its strategy and GPU count "
+     "(single on one GPU: the one-GPU step, no number moves)",
+     r"^\.estimate\.inputs\.(strategy|num_gpus|nodes|fsdp_sharding|fsdp_version|use_orig_params|quant_storage|"
+     r"ram_efficient_loading)$"),
 )
 
 

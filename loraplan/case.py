@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from .errors import InputError
 from .spec import (ATTENTION, ATTN_IMPLEMENTATIONS, FLOAT_DTYPES, LOSSES, MIXED_PRECISION, OPTIMIZERS, PADDINGS,
-                   QUANTS, RECIPE_FIELDS, TRAINERS, LoraSpec, ModelSpec, TrainSpec, check_choice, check_value)
+                   QUANTS, RECIPE_FIELDS, TRAINERS, PARALLEL_FIELDS, STRATEGIES, FSDP_SHARDINGS, QUANT_STORAGES, LoraSpec, ModelSpec, TrainSpec, check_choice, check_value)
 
 #: default model and GPU: a common QLoRA setup (seed 001/002: Llama-2-7B, nf4 + double quant, r8 q,v)
 DEFAULT_MODEL = "llama-2-7b"
@@ -51,6 +51,8 @@ DEFAULTS: dict[str, Any] = {
     "gpu": DEFAULT_GPU,
     # the training stack (issue 11); None: the trainer's default (loraplan.trainers)
     **{k: _TRAIN[k] for k in RECIPE_FIELDS},
+    # several GPUs (issue 13)
+    **{k: _TRAIN[k] for k in PARALLEL_FIELDS},
 }
 
 #: resolve_case checks the numbers in this order, so that a case with several bad values names
@@ -138,6 +140,14 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
     "loss": _choice("loss", LOSSES),
     "checkpoint_every_n_layers": _int("checkpoint-every-n-layers"),
     "checkpoint_offload": _bool("checkpoint-offload"),
+    "strategy": _choice("strategy", STRATEGIES),
+    "num_gpus": _int("num-gpus"),
+    "nodes": _int("nodes"),
+    "fsdp_sharding": _choice("fsdp-sharding", FSDP_SHARDINGS),
+    "fsdp_version": _int("fsdp-version"),
+    "use_orig_params": _bool("use-orig-params"),
+    "quant_storage": _choice("quant-storage", QUANT_STORAGES),
+    "ram_efficient_loading": _bool("ram-efficient-loading"),
 }
 
 #: options that are one value each even in grid commands (their own commas are not grid axes)
@@ -311,6 +321,7 @@ def resolve_case(case: dict, model: ModelSpec | None = None) -> tuple[ModelSpec,
         # --stack torch=2.11,transformers=5.17 (single-valued commands only; not a grid axis)
         stack=parse_stack(case.get("stack")),
         **{k: v[k] for k in RECIPE_FIELDS},
+        **{k: v[k] for k in PARALLEL_FIELDS},
     )
     from .trainers import resolve_recipe
 

@@ -26,6 +26,13 @@ FloatDtype = Literal["bf16", "fp16", "fp32"]
 AttnImplementation = Literal["sdpa", "eager", "flash_attention_2"]
 Padding = Literal["max-length", "longest", "packing", "padding-free"]
 Loss = Literal["standard", "chunked", "liger"]
+# Several GPUs (issue 13): the engine that spreads the step over them, as the engines name it.
+Strategy = Literal["single", "ddp", "fsdp", "fsdp-offload", "zero1", "zero2", "zero3", "zero3-offload", "device-map"]
+#: FSDP ShardingStrategy (torch.distributed.fsdp.ShardingStrategy FULL_SHARD / SHARD_GRAD_OP /
+#: HYBRID_SHARD; FSDP2 fully_shard: reshard_after_forward True / False, and a 2-D mesh for hybrid)
+FsdpSharding = Literal["full", "shard-grad-op", "hybrid"]
+#: bitsandbytes ``bnb_4bit_quant_storage``: the dtype the packed 4-bit data is stored in
+QuantStorage = Literal["uint8", "bf16", "fp16", "fp32"]
 
 QUANTS: tuple[str, ...] = get_args(Quant)
 OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
@@ -37,6 +44,9 @@ FLOAT_DTYPES: tuple[str, ...] = get_args(FloatDtype)
 ATTN_IMPLEMENTATIONS: tuple[str, ...] = get_args(AttnImplementation)
 PADDINGS: tuple[str, ...] = get_args(Padding)
 LOSSES: tuple[str, ...] = get_args(Loss)
+STRATEGIES: tuple[str, ...] = get_args(Strategy)
+FSDP_SHARDINGS: tuple[str, ...] = get_args(FsdpSharding)
+QUANT_STORAGES: tuple[str, ...] = get_args(QuantStorage)
 
 #: bytes per element of the load dtype of a non-quantized tensor
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -292,6 +302,12 @@ def _check_targets(key: str, v: Any) -> None:
                      f"or None (PEFT's default for the model family)")
 
 
+def _check_fsdp_version(key: str, v: Any) -> None:
+    if v is None or (is_int(v) and v in (1, 2)):
+        return
+    raise InputError(f"{_opt(key)} {v!r} is not 1 (FullyShardedDataParallel) or 2 (fully_shard)")
+
+
 #: case key -> check(key, value): raises InputError with one line naming the value and the fix
 CHECKS: dict[str, Callable[[str, Any], None]] = {
     "quant": _choice(QUANTS),
@@ -324,6 +340,14 @@ CHECKS: dict[str, Callable[[str, Any], None]] = {
     "loss": _optional(_choice(LOSSES)),
     "checkpoint_every_n_layers": _positive_int(" (1: every decoder layer)"),
     "checkpoint_offload": _check_bool,
+    "strategy": _choice(STRATEGIES),
+    "num_gpus": _positive_int(" (GPUs in the job; 1: one GPU)"),
+    "nodes": _positive_int(" (machines in the job; 1: one node)"),
+    "fsdp_sharding": _choice(FSDP_SHARDINGS),
+    "fsdp_version": _check_fsdp_version,
+    "use_orig_params": _optional(_check_bool),
+    "quant_storage": _optional(_choice(QUANT_STORAGES)),
+    "ram_efficient_loading": _optional(_check_bool),
 }
 
 
@@ -347,9 +371,13 @@ def _checks(names: tuple[str, ...]) -> tuple[tuple[str, Callable[[str, Any], Non
 RECIPE_FIELDS = ("trainer", "mixed_precision", "load_dtype", "prepare_kbit", "compute_dtype", "adapter_dtype", "gradient_accumulation",
                  "max_grad_norm", "reentrant", "attn_implementation", "padding", "lengths", "loss",
                  "checkpoint_every_n_layers", "checkpoint_offload")
+#: the multi-GPU fields of TrainSpec (issue 13); "single" on one GPU is the one-GPU step
+PARALLEL_FIELDS = ("strategy", "num_gpus", "nodes", "fsdp_sharding", "fsdp_version", "use_orig_params", "quant_storage",
+                   "ram_efficient_loading")
 _LORA_CHECKS = _checks(("rank", "alpha", "dropout", "targets"))
 _TRAIN_CHECKS = _checks(("quant", "double_quant", "optimizer", "batch", "seq", "target_seq", "gradient_checkpointing",
-                         "attention", "int8_outlier_fraction", "device", "stack", *RECIPE_FIELDS))
+                         "attention", "int8_outlier_fraction", "device", "stack", *RECIPE_FIELDS,
+                         *PARALLEL_FIELDS))
 
 
 @dataclass(frozen=True)
@@ -444,6 +472,26 @@ class TrainSpec:
     checkpoint_every_n_layers: int = 1
     #: hold checkpointed inputs in host memory (transformers >= 5 ``offload``)
     checkpoint_offload: bool = False
+    # --- several GPUs (issue 13; ``PARALLEL_FIELDS``). "single" with one GPU is the one-GPU step.
+    #: the engine: DDP, FSDP (incl. CPU offload), DeepSpeed ZeRO 1-3 (3 with offload), or
+    #: accelerate's device_map layer split
+    strategy: Strategy = "single"
+    #: GPUs in the job (world size), over ``nodes`` machines
+    num_gpus: int = 1
+    nodes: int = 1
+    #: FSDP's sharding strategy (FSDP strategies only)
+    fsdp_sharding: FsdpSharding = "full"
+    #: 1: FullyShardedDataParallel (flat parameters; accelerate's default), 2: fully_shard (per-parameter
+    #: DTensor shards); None: the trainer's default
+    fsdp_version: int | None = None
+    #: FSDP1 ``use_orig_params``; None: the trainer's default
+    use_orig_params: bool | None = None
+    #: ``bnb_4bit_quant_storage`` (4-bit only); FSDP-QLoRA needs a float storage equal to the
+    #: param dtype it flattens with. None: uint8, bitsandbytes' default
+    quant_storage: QuantStorage | None = None
+    #: only rank 0 loads the weights and broadcasts them (accelerate ``fsdp_cpu_ram_efficient_loading``
+    #: + ``sync_module_states``); False: every rank loads a full copy into host RAM. None: the default
+    ram_efficient_loading: bool | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.lengths, list):

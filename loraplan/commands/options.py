@@ -13,7 +13,8 @@ import functools
 import click
 
 from ..case import DEFAULTS
-from ..spec import ATTN_IMPLEMENTATIONS, FLOAT_DTYPES, LOSSES, MIXED_PRECISION, OPTIMIZERS, PADDINGS, QUANTS, TRAINERS
+from ..spec import (ATTN_IMPLEMENTATIONS, FLOAT_DTYPES, FSDP_SHARDINGS, LOSSES, MIXED_PRECISION, OPTIMIZERS, PADDINGS, QUANT_STORAGES,
+                    QUANTS, STRATEGIES, TRAINERS)
 
 
 def case_options(multi: bool = False, gpu: bool = True, config_in_json: bool = False):
@@ -98,6 +99,27 @@ def case_options(multi: bool = False, gpu: bool = True, config_in_json: bool = F
                          help="Checkpoint every n-th decoder layer (transformers >= 5) [default: 1]" + m),
             click.option("--checkpoint-offload/--no-checkpoint-offload", default=None,
                          help="Hold checkpointed inputs in host memory (transformers >= 5 offload) [default: off]"),
+            # several GPUs (issue 13)
+            click.option("--strategy", default=None,
+                         help=f"How the job spreads over GPUs: {', '.join(STRATEGIES)} -- ddp: DistributedDataParallel; "
+                              "fsdp: FullyShardedDataParallel / fully_shard (fsdp-offload: with CPU offload); zero1-3: "
+                              "DeepSpeed ZeRO stages (zero3-offload: params and optimizer on CPU); device-map: "
+                              "accelerate's layer split [default: single]" + c),
+            click.option("--num-gpus", default=None, help="GPUs in the job (world size) [default: 1]" + m),
+            click.option("--nodes", default=None, help="Machines the GPUs sit in [default: 1]" + m),
+            click.option("--fsdp-sharding", default=None,
+                         help=f"FSDP sharding: {', '.join(FSDP_SHARDINGS)} (FULL_SHARD / SHARD_GRAD_OP / HYBRID_SHARD) "
+                              "[default: full]" + c),
+            click.option("--fsdp-version", default=None,
+                         help="1: FullyShardedDataParallel (flat parameters), 2: fully_shard [default: the trainer's]" + c),
+            click.option("--use-orig-params/--no-use-orig-params", default=None,
+                         help="FSDP1 use_orig_params [default: the trainer's]"),
+            click.option("--quant-storage", default=None,
+                         help=f"4-bit only: bnb_4bit_quant_storage, {', '.join(QUANT_STORAGES)} (FSDP-QLoRA needs a float "
+                              "dtype) [default: uint8]" + c),
+            click.option("--ram-efficient-loading/--no-ram-efficient-loading", default=None,
+                         help="Only rank 0 loads the weights into host RAM and broadcasts them (accelerate "
+                              "fsdp_cpu_ram_efficient_loading) [default: the trainer's]"),
         ]
         if not multi:
             opts.append(click.option("--stack", default=None,
