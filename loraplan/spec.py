@@ -522,6 +522,9 @@ class GpuSpec:
     source: str
     #: the GPU's link to host memory, a key of loraplan/data/host-links.json (paging cost)
     host_link: str | None = None
+    #: the platform the GPU is sold in (GPU-to-GPU link, GPUs per node, network between nodes), a key
+    #: of ``platforms`` in loraplan/data/interconnects.json (communication time of multi-GPU steps)
+    interconnect: str | None = None
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ from dataclasses import replace
 from ..catalog import load_calibration
 from ..spec import Calibration, GpuSpec, LoraSpec, ModelSpec, TrainSpec, run_inputs
 from ..targets import resolve_targets, select_expert_targets, select_targets
+from .comm import check_layout, is_parallel, with_communication
 from .memory import estimate_memory, make_setup
 from .params import count_params
 from .result import Estimate
@@ -31,9 +32,13 @@ def estimate(model: ModelSpec, lora: LoraSpec, train: TrainSpec, gpu: GpuSpec | 
     adapted = select_targets(model, lora.targets) + select_expert_targets(model, lora.targets, lora.dropout)
     setup = make_setup(model, lora, train, adapted, gpu.compute_capability if gpu else "9.0")
     memory = estimate_memory(setup, gpu, cal)
-    time = None
+    time, comm = None, {}
+    if is_parallel(train):
+        check_layout(train, gpu)  # a layout the engines cannot run: InputError
     if with_time and gpu is not None:
         time = estimate_step_time(model, lora, train, gpu, cal)
+        # several GPUs: + the exposed communication of the engine (estimate/comm.py)
+        time, comm = with_communication(model, lora, train, gpu, time, adapted)
     inputs = run_inputs(model, lora, train)
     inputs["attention_kernel"] = setup.attention
     if gpu is not None:
@@ -46,6 +51,7 @@ def estimate(model: ModelSpec, lora: LoraSpec, train: TrainSpec, gpu: GpuSpec | 
         gpu_memory_bytes=gpu.memory_bytes if gpu else None,
         time=time,
         calibration={"gpu": cal.gpu, "coefficients": dict(cal.coefficients)},
+        detail={"communication": comm} if comm else {},
     )
     return _with_paging_cost(result, gpu)
 
