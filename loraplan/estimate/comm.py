@@ -204,14 +204,14 @@ class ParamBytes:
     root_bytes: int         # frozen weights outside them: embeddings, final norms, lm_head
     frozen_elements: int    # elements of the frozen base (ZeRO-3's reuse distance)
     layer_units: int        # FSDP layer units (decoder + encoder layers)
-    frozen_modules: int     # modules with a frozen weight (ZeRO-3 fetches one module at a time)
+    frozen_modules: int     # modules with a frozen weight ZeRO-3 partitions (it fetches one module at a time)
     trainable: Any          # trainable parameters (elements; an array with an array rank)
     lora_tensors: int       # LoRA A/B tensors (FSDP units under peft's wrap policy)
     trainable_bytes: Any    # trainable parameters in the communication dtype
     grad_bytes: Any         # their gradients in the reduction dtype
     zero3_trainable_bytes: Any  # the trainable tensors ZeRO-3 partitions (>= 1e5 elements)
     zero3_trainable_modules: Any
-    zero3_persistent_bytes: int  # frozen parameters below 1e5 elements (never partitioned)
+    zero3_persistent_bytes: int  # frozen parameters below 1e5 elements (ZeRO-3 never partitions them)
 
 
 def comm_dtype(train: TrainSpec) -> str | None:
@@ -231,12 +231,16 @@ def param_bytes(model: ModelSpec, lora: LoraSpec, train: TrainSpec, adapted) -> 
     for l in model.linears:
         if l.role == "lm_head" and model.tie_word_embeddings:
             continue  # the embedding's weight
-        st = linear_storage(model, dt, l)
+        # bitsandbytes converts every nn.Linear but lm_head (weights.frozen_linear_weights)
+        st = dt.unquantized if l.role == "lm_head" else linear_storage(model, dt, l)
         n = l.in_features * l.out_features
         b = -(-n // 2) if st in FOUR_BIT else (n if st == "int8" else n * dtype_bytes(cd or st))
         b += l.out_features * dtype_bytes(cd or dt.unquantized) if l.bias else 0
         elements += n
-        modules += 1
+        if n < ZERO3_PERSISTENCE_ELEMENTS:
+            small_b += b
+        else:
+            modules += 1
         if l.layer is None:
             root_b += b
         else:
@@ -250,7 +254,7 @@ def param_bytes(model: ModelSpec, lora: LoraSpec, train: TrainSpec, adapted) -> 
             layer_b += b
         else:
             root_b += b
-            modules += p.kind == "embedding"
+            modules += p.kind == "embedding" and p.numel >= ZERO3_PERSISTENCE_ELEMENTS
     for e in model.experts:
         layer_b += e.numel * dtype_bytes(cd or expert_storage(dt))
         elements += e.numel
