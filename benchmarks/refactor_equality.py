@@ -99,6 +99,10 @@ ADDED = (
      "(single on one GPU: the one-GPU step, no number moves)",
      r"^\.estimate\.inputs\.(strategy|num_gpus|nodes|fsdp_sharding|fsdp_version|use_orig_params|quant_storage|"
      r"ram_efficient_loading)$"),
+    ("issue 13, the multi-GPU layout fields are sweep axes: every sweep row names its strategy and GPU count "
+     "(single on one GPU: the one-GPU step, no number moves)",
+     r"^\.sweep_row\.(strategy|num_gpus|nodes|fsdp_sharding|fsdp_version|use_orig_params|quant_storage|"
+     r"ram_efficient_loading)$"),
 )
 
 

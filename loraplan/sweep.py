@@ -38,15 +38,17 @@ from typing import Any, Callable, Iterable, Iterator
 from .case import grid_option as _as_option
 from .case import CHECK_ORDER
 from .errors import ConfigError, InputError
-from .spec import RECIPE_FIELDS
+from .spec import PARALLEL_FIELDS, RECIPE_FIELDS
 
 #: more cases than this need ``--yes`` (or ``confirm=True``)
 MAX_CASES = 100_000
 
 #: keys a grid may hold: the case options, the training stack (``spec.RECIPE_FIELDS``; ``lengths`` is
-#: one value, a length distribution, not an axis: ``case.SINGLE_VALUED``) and gpu
+#: one value, a length distribution, not an axis: ``case.SINGLE_VALUED``), the multi-GPU layout
+#: (``spec.PARALLEL_FIELDS``: ``--strategy ddp,fsdp --num-gpus 1,2,4``) and gpu
 GRID_KEYS = ("model", "quant", "double_quant", "rank", "alpha", "dropout", "targets", "optimizer", "batch",
-             "seq", "target_seq", "gradient_checkpointing", "attention", "int8_outlier_fraction", *RECIPE_FIELDS, "gpu")
+             "seq", "target_seq", "gradient_checkpointing", "attention", "int8_outlier_fraction", *RECIPE_FIELDS,
+             *PARALLEL_FIELDS, "gpu")
 _ALIASES = {"gc": "gradient_checkpointing", "checkpointing": "gradient_checkpointing", "gpus": "gpu"}
 
 #: output formats by file extension
@@ -287,7 +289,7 @@ def _check_levels(values: dict[str, list]) -> None:
     from .spec import check_value
     from .targets import parse_targets
 
-    for k in CHECK_ORDER + ("alpha",):
+    for k in CHECK_ORDER + ("alpha",) + PARALLEL_FIELDS:
         for v in values.get(k, ()):
             if v is not None:
                 check_value(k, v)
@@ -428,9 +430,10 @@ _RECIPE_NUMBERS = ("gradient_accumulation", "max_grad_norm", "checkpoint_every_n
 _RECIPE_CELLS = tuple(k for k in RECIPE_FIELDS if k not in _RECIPE_NUMBERS)
 #: options resolved once per group (not numbers), and the numbers, in resolve_case's check order
 _STRUCTURAL = ("model", "quant", "double_quant", "targets", "optimizer", "gradient_checkpointing", "attention",
-               *_RECIPE_CELLS)
+               *_RECIPE_CELLS, *PARALLEL_FIELDS)
 _NUMERIC = CHECK_ORDER
 _INT_COLUMNS = ("rank", "batch", "seq", "target_seq", "gradient_accumulation", "checkpoint_every_n_layers",
+                "num_gpus", "nodes",
                 "trainable_params", "total_params", "peak_allocated_bytes", "peak_reserved_bytes", "device_total_bytes",
                 "gpu_memory_bytes", "headroom_bytes")
 _FLOAT_COLUMNS = ("alpha", "dropout", "int8_outlier_fraction", "max_grad_norm", "step_s", "tokens_per_s")
@@ -616,7 +619,7 @@ def evaluate_table(table: CaseTable, on_progress: Callable[[int], None] | None =
         # the recipe's settings other than its numbers: one take per column over all groups
         rows_ok = np.flatnonzero(probe_of >= 0)
         if len(rows_ok):
-            for k in _RECIPE_CELLS:
+            for k in _RECIPE_CELLS + PARALLEL_FIELDS:
                 cells = [p.recipe[k] for p in probe_list]
                 vals = _obj_array(cells) if data[k].dtype == object else np.asarray(cells, dtype=data[k].dtype)
                 data[k][rows_ok] = vals[probe_of[rows_ok]]
@@ -645,6 +648,13 @@ def _gpu_refusal(p: "_Group", gpu_entry, msg) -> int | None:
     gpu = gpu_entry[0]
     if gpu.id not in p.gpu_checks:
         why = gpu_refusal(p.train, gpu)
+        if why is None:  # a multi-GPU layout the engines cannot run (on this GPU's platform)
+            from .estimate.comm import check_layout
+
+            try:
+                check_layout(p.resolved, gpu)
+            except InputError as e:
+                why = str(e)
         p.gpu_checks[gpu.id] = None if why is None else msg(InputError(why))
     return p.gpu_checks[gpu.id]
 
@@ -677,6 +687,9 @@ class _Group:
         self.kinds: dict[tuple, str] = {}
         self.params = None  # parameter counts per rank level (count_params on an array of ranks)
         self.gpu_checks: dict[str, int | None] = {}  # GPU id -> message index of its refusal (or None)
+        from .estimate.comm import is_parallel
+
+        self.parallel = is_parallel(self.resolved)  # several GPUs: the step time gains communication
 
 
 def _recipe_numbers(p: "_Group", idx, C, recipe_v) -> dict[str, Any]:
@@ -756,6 +769,10 @@ def _evaluate_group(p: _Group, idx, C, gpu_entry, data, none, rank_v, batch_v, s
 
     # step time and parameter counts: the scalar functions, on arrays
     t = step_time(step_work(p.model, lora, train), gpu, coef)
+    if p.parallel:  # + the engine's exposed communication (estimate/comm.py), as estimate() adds it
+        from .estimate.comm import with_communication
+
+        t, _ = with_communication(p.model, lora, train, gpu, t, p.adapted)
     if p.params is None:
         pc = count_params(p.model, replace(p.lora, rank=rank_v), p.adapted)
         p.params = (np.broadcast_to(pc.trainable, rank_v.shape), np.broadcast_to(pc.total, rank_v.shape))
@@ -812,6 +829,10 @@ def _evaluate_sequence_case(p: _Group, idx, gpu_entry, data, none, rank, alpha, 
     lora = replace(p.lora, rank=rank, alpha=alpha, dropout=dropout)
     train = replace(p.resolved, batch=batch, seq=seq, int8_outlier_fraction=frac, **nums)
     t = step_time(step_work(p.model, lora, train), gpu, coef)
+    if p.parallel:
+        from .estimate.comm import with_communication
+
+        t, _ = with_communication(p.model, lora, train, gpu, t, p.adapted)
     pc = count_params(p.model, lora, p.adapted)
     cc = gpu.compute_capability
     x = sequence_shape(p.model, train, lora, cc)
@@ -828,8 +849,9 @@ def _evaluate_sequence_case(p: _Group, idx, gpu_entry, data, none, rank, alpha, 
 
 
 def recipe_columns(resolved) -> dict[str, Any]:
-    """The recipe cells of a row from a resolved TrainSpec (``lengths`` as a comma string)."""
-    recipe = {k: getattr(resolved, k) for k in RECIPE_FIELDS}
+    """The recipe and multi-GPU layout cells of a row from a resolved TrainSpec (``lengths`` as a
+    comma string)."""
+    recipe = {k: getattr(resolved, k) for k in RECIPE_FIELDS + PARALLEL_FIELDS}
     recipe["lengths"] = None if resolved.lengths is None else ",".join(str(n) for n in resolved.lengths)
     return recipe
 
@@ -969,6 +991,10 @@ def evaluate_each(cases: Iterable[dict], *, estimate_fn: Callable | None = None,
                 gpu = gpus[gid]
                 est = estimate_fn(model, lora, train, gpu, cals[gid], with_time=False)
                 t = step_time(works[wkey], gpu, coefs[gid])
+                if train.strategy != "single":  # several GPUs: + the exposed communication, as estimate()
+                    from .estimate.comm import with_communication
+
+                    t, _ = with_communication(model, lora, train, gpu, t)
                 m = est.memory
                 row.update(case_row(model, lora, train, gpu, est.params.trainable, est.params.total,
                                     m.peak_allocated_bytes, m.peak_reserved_bytes, m.device_total_bytes,

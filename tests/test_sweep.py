@@ -351,3 +351,83 @@ def test_writers_match_for_constant_columns(tmp_path, fmt):
         write_columns(cols, tmp_path / f"new.{fmt}", fmt)
         write_rows(list(cols.rows()), tmp_path / f"old.{fmt}", fmt)
         assert (tmp_path / f"new.{fmt}").read_bytes() == (tmp_path / f"old.{fmt}").read_bytes()
+
+
+#: the multi-GPU layout as axes (issue 13): strategies and GPU counts split the groups; layouts the
+#: engines cannot run (too many GPUs for a node, single on several GPUs, FSDP-QLoRA without a float
+#: quant storage, int8 sharded) are error rows, the same as estimate() refuses them
+PARALLEL = [
+    {"model": ["qwen2.5-0.5b", "tiny-llama"], "quant": ["nf4", "bf16", "int8"], "seq": [256, 1024], "batch": [1, 2],
+     "rank": [8, 64], "strategy": ["single", "ddp", "fsdp", "zero2", "zero3", "device-map"], "num_gpus": [1, 2, 16],
+     "trainer": ["loop", "hf"], "gradient_accumulation": [1, 4], "gpu": ["h100-sxm-80gb", "rtx4090-24gb"]},
+    {"model": "qwen2.5-0.5b", "quant": "nf4", "strategy": ["fsdp", "fsdp-offload", "zero3-offload"], "num_gpus": [4, 16],
+     "nodes": [1, 2], "fsdp_sharding": ["full", "shard-grad-op", "hybrid"], "quant_storage": ["bf16", "uint8"],
+     "mixed_precision": "bf16", "trainer": "hf", "gpu": "a100-sxm-80gb"},
+]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_parallel_axes_equal_per_case_estimate():
+    from loraplan.catalog import load_calibration, load_gpu
+    from loraplan.case import resolve_case
+    from loraplan.estimate.api import estimate
+    from loraplan.sweep import evaluate_each, evaluate_table, expand_cases
+
+    table = expand_cases({}, PARALLEL)
+    new = list(evaluate_table(table).rows())
+    _same_rows(new, list(evaluate_each(table)))
+    ok = [r for r in new if not r["error"]]
+    errors = {r["error"] for r in new if r["error"]}
+    assert any("more than a node holds" in e for e in errors) and any("--strategy single" in e for e in errors)
+    assert any("--quant-storage bf16" in e for e in errors) and any("--quant int8" in e for e in errors)
+    assert {r["strategy"] for r in ok} == {"single", "ddp", "fsdp", "zero2", "zero3", "device-map", "fsdp-offload",
+                                            "zero3-offload"}
+    assert {r["num_gpus"] for r in ok} == {1, 2, 4, 16} and {r["nodes"] for r in ok} == {1, 2}
+    # data-parallel ranks multiply the throughput; device_map does not
+    key = ("model", "quant", "seq", "batch", "rank", "trainer", "gradient_accumulation", "gpu")
+    one = {tuple(r[k] for k in key): r for r in ok if r["strategy"] == "single"}
+    for r in ok:
+        base = one.get(tuple(r[k] for k in key))
+        if base is None or r["num_gpus"] != 2 or r["nodes"] != 1:
+            continue
+        assert r["step_s"] >= base["step_s"]
+        if r["strategy"] == "device-map":
+            assert r["tokens_per_s"] <= base["tokens_per_s"]
+        else:
+            assert r["tokens_per_s"] > 1.5 * base["tokens_per_s"]
+    for i in range(0, len(new), 23):  # spot checks against the public estimate()
+        r = new[i]
+        if r["error"]:
+            continue
+        m, l, t = resolve_case(table.case(i))
+        g = load_gpu(r["gpu"])
+        e = estimate(m, l, t, g, load_calibration(g.id))
+        assert r["step_s"] == pytest.approx(e.time.step_s, rel=1e-9)
+        assert r["tokens_per_s"] == pytest.approx(e.time.tokens_per_s, rel=1e-9)
+        assert r["bound"] == e.time.bound
+
+
+def test_parallel_values_stop_the_sweep_in_one_line():
+    from loraplan.errors import InputError
+    from loraplan.sweep import expand_cases
+
+    for opts, word in (({"num_gpus": "0"}, "--num-gpus 0"), ({"strategy": "zero4"}, "--strategy 'zero4'"),
+                       ({"nodes": "x"}, "--nodes 'x'")):
+        with pytest.raises(InputError, match=word):
+            expand_cases(opts)
+
+
+def test_parallel_keys_in_grid_files(tmp_path):
+    from loraplan.profile.grid import CASE_KEYS
+    from loraplan.spec import PARALLEL_FIELDS
+    from loraplan.sweep import evaluate_table, expand_cases, load_grid
+
+    g = tmp_path / "grid.toml"
+    g.write_text('model = "tiny-llama"\nquant = "bf16"\nstrategy = ["ddp", "fsdp"]\nnum-gpus = [2, 4]\n'
+                 'gpu = "h100-sxm-80gb"\n')
+    rows = list(evaluate_table(expand_cases({}, load_grid(g))).rows())
+    assert [(r["strategy"], r["num_gpus"]) for r in rows] == [("ddp", 2), ("ddp", 4), ("fsdp", 2), ("fsdp", 4)]
+    assert not any(r["error"] for r in rows)
+    rows = list(evaluate_table(expand_cases({"num_gpus": "8"}, load_grid(g))).rows())  # the command line wins
+    assert {r["num_gpus"] for r in rows} == {8}
+    assert set(PARALLEL_FIELDS) <= set(CASE_KEYS)  # profile grids take them too

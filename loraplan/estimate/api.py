@@ -7,7 +7,7 @@ from dataclasses import replace
 from ..catalog import load_calibration
 from ..spec import Calibration, GpuSpec, LoraSpec, ModelSpec, TrainSpec, run_inputs
 from ..targets import resolve_targets, select_expert_targets, select_targets
-from .comm import check_layout, is_parallel, with_communication
+from .comm import check_layout, with_communication
 from .memory import estimate_memory, make_setup
 from .params import count_params
 from .result import Estimate
@@ -25,6 +25,7 @@ def estimate(model: ModelSpec, lora: LoraSpec, train: TrainSpec, gpu: GpuSpec | 
         from ..trainers import check_gpu_dtypes
 
         check_gpu_dtypes(train, gpu)  # bf16 on a GPU without it: InputError
+    check_layout(train, gpu)  # a multi-GPU layout the engines cannot run: InputError
     if lora.targets is None:
         lora = replace(lora, targets=resolve_targets(model, None))
     cal = calibration or load_calibration(gpu.id if gpu else None)
@@ -33,8 +34,6 @@ def estimate(model: ModelSpec, lora: LoraSpec, train: TrainSpec, gpu: GpuSpec | 
     setup = make_setup(model, lora, train, adapted, gpu.compute_capability if gpu else "9.0")
     memory = estimate_memory(setup, gpu, cal)
     time, comm = None, {}
-    if is_parallel(train):
-        check_layout(train, gpu)  # a layout the engines cannot run: InputError
     if with_time and gpu is not None:
         time = estimate_step_time(model, lora, train, gpu, cal)
         # several GPUs: + the exposed communication of the engine (estimate/comm.py)

@@ -152,6 +152,7 @@ def fabric(gpu: GpuSpec) -> Fabric:
 def check_layout(train: TrainSpec, gpu: GpuSpec | None) -> None:
     """One-line InputErrors for a layout the engines cannot run (the value and the fix):
 
+    - ``strategy`` single with several GPUs or nodes (it is the one-GPU step);
     - ``num_gpus`` not a multiple of ``nodes`` (every node runs the same number of ranks);
     - more GPUs per node than the platform holds (interconnects.json ``gpus_per_node``) — give
       ``--nodes``;
@@ -164,6 +165,10 @@ def check_layout(train: TrainSpec, gpu: GpuSpec | None) -> None:
       precision the storage must equal the param dtype (PEFT's FSDP-QLoRA guide).
     """
     s, n, nodes = train.strategy, train.num_gpus, train.nodes
+    if s == "single" and (n > 1 or nodes > 1):
+        raise InputError(f"--strategy single runs on one GPU; --num-gpus {n}"
+                         f"{f' --nodes {nodes}' if nodes > 1 else ''} needs --strategy ddp, fsdp, zero2, zero3 or "
+                         f"device-map (or --num-gpus 1)")
     if n % nodes:
         raise InputError(f"--num-gpus {n} is not a multiple of --nodes {nodes}; every node runs the same "
                          f"number of GPUs (e.g. --num-gpus {nodes * max(1, n // nodes)})")
@@ -521,10 +526,10 @@ def is_parallel(train: TrainSpec) -> bool:
 
 def with_communication(model: ModelSpec, lora: LoraSpec, train: TrainSpec, gpu: GpuSpec, compute: TimeEstimate,
                        adapted=None) -> tuple[TimeEstimate, dict[str, Any]]:
-    """``parallel_time`` for a multi-GPU ``train`` after ``check_layout``; the one-GPU step as is."""
+    """``parallel_time`` for a multi-GPU ``train`` (checked by ``check_layout`` first: ``estimate()``
+    and the sweep do); the one-GPU step as is."""
     if not is_parallel(train):
         return compute, {}
-    check_layout(train, gpu)
     return parallel_time(model, lora, train, gpu, compute, adapted)
 
 
