@@ -14,11 +14,22 @@ Library code: returns plain data (dataclasses with ``to_dict``), never prints. F
   recipe changes the trainer has: ``trainers.recipe_levers``), each re-estimated, with its
   memory saving and whether it alone makes the run fit; a change that saves nothing is not listed.
 
+Several GPUs (issue 13): every row is a configuration, N GPUs of one type with a strategy
+(``Layout``). ``plan_job(layouts=...)`` takes them; ``search_layouts`` lists 1, 2, 4 and 8 GPUs of
+each type with the strategies that apply (``SEARCH_STRATEGIES``), or only the ``--strategy`` /
+``--num-gpus`` the user fixed. Each configuration is estimated as a whole (per-rank memory, the
+step with its communication: ``estimate.comm``); the rows are ranked by fit, then dollars (price
+× N GPUs), then time. A layout the engines cannot run on the GPU's platform (``comm.check_layout``)
+is not offered; FSDP with a 4-bit base gets ``--quant-storage`` (the mixed-precision dtype, else
+bf16), which FSDP-QLoRA needs.
+
 Job size (optional; without it no hours or dollars): ``tokens`` (packed: every row holds ``seq``
 tokens) or ``examples`` (one example per row, padded to ``seq``), times ``epochs``. With an effective batch E, the micro-batch is the
 largest that fits (at most E) and gradient accumulation makes up the rest: ceil(E / micro);
 without one, the accumulation is ``train.gradient_accumulation``. Either way every estimate is
-of the recipe with that accumulation (the training-stack fields of ``train`` pass through).
+of the recipe with that accumulation (the training-stack fields of ``train`` pass through). With N
+data-parallel ranks an optimizer step takes micro × accumulation × N sequences; the job's hours
+are its optimizer steps × the step time (which covers the accumulation's micro-steps).
 """
 
 from __future__ import annotations
@@ -38,6 +49,38 @@ MAX_SEARCH_SEQ = 1 << 20
 MAX_SEQ_OVER_POSITIONS = 4
 
 EstimateFn = Callable[..., object]  # estimate(model, lora, train, gpu, calibration) -> Estimate
+
+#: GPU counts a plan searches when --num-gpus is not given
+SEARCH_GPU_COUNTS = (1, 2, 4, 8)
+#: strategies a plan searches on several GPUs when --strategy is not given: DDP (replicas: the
+#: fastest when one GPU holds the run), FSDP and ZeRO-3 (sharded: fit larger runs), device_map
+#: (layers split, one GPU at a time). ZeRO-1/2 shard only gradients and optimizer state, which are
+#: LoRA-sized: for memory and time they are DDP; offloading variants trade time for memory and are
+#: planned when asked for (--strategy fsdp-offload / zero3-offload)
+SEARCH_STRATEGIES = ("ddp", "fsdp", "zero3", "device-map")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """N GPUs of one type running ``strategy`` (``TrainSpec.strategy``/``num_gpus``)."""
+
+    strategy: str = "single"
+    num_gpus: int = 1
+
+
+def search_layouts(train: TrainSpec, strategy_given: bool, num_gpus_given: bool) -> list[Layout]:
+    """The configurations a plan compares: ``train``'s own strategy / GPU count where the user gave
+    them, else every GPU count of SEARCH_GPU_COUNTS and strategy of SEARCH_STRATEGIES (one GPU:
+    single; an offloading strategy also runs on one GPU)."""
+    counts = (train.num_gpus,) if num_gpus_given else SEARCH_GPU_COUNTS
+    strategies = (train.strategy,) if strategy_given else ("single",) + SEARCH_STRATEGIES
+    out = []
+    for n in counts:
+        for s in strategies:
+            one = s == "single" or s.endswith("-offload")
+            if (n == 1) == (s == "single") or (n == 1 and one):
+                out.append(Layout(s, n))
+    return out or [Layout(train.strategy, train.num_gpus)]
 
 
 @dataclass(frozen=True)
@@ -132,6 +175,14 @@ class GpuPlan:
     #: "fits"); max_micro_batch / max_seq may sit inside the band
     max_micro_batch_clear: int = 0
     max_seq_clear: int = 0
+    #: the configuration: N GPUs of this type, the strategy, the nodes they sit in, and the options
+    #: that select it (with what the layout needs, e.g. --quant-storage bf16 for FSDP-QLoRA)
+    num_gpus: int = 1
+    strategy: str = "single"
+    nodes: int = 1
+    layout_options: str = ""
+    #: dollars per million trained tokens (price x N GPUs / tokens per second); None without a price
+    usd_per_mtok: float | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -309,10 +360,33 @@ def _position_cap(model: ModelSpec, max_mem: int) -> tuple[int, str]:
     return pos, f"memory allows more, but {model.model_type} has {model.arch.position} positions up to {pos:,}"
 
 
+def layout_train(train: TrainSpec, layout: Layout, gpu: GpuSpec) -> tuple[TrainSpec, str]:
+    """``train`` on ``layout`` (on ``train.nodes`` machines; a 4-bit base under FSDP gets a float
+    ``quant_storage``, the mixed-precision dtype or bf16) and the options that select it. Raises
+    InputError (``comm.check_layout``) where the engines cannot run it (e.g. more GPUs than a node
+    holds without --nodes)."""
+    from .estimate.comm import check_layout
+    from .storage import Dtypes
+
+    t = replace(train, strategy=layout.strategy, num_gpus=layout.num_gpus)
+    opts = [f"--strategy {layout.strategy}", f"--num-gpus {layout.num_gpus}"] if layout.num_gpus > 1 or \
+        layout.strategy != "single" else []
+    if train.nodes > 1:
+        opts.append(f"--nodes {train.nodes}")
+    if layout.strategy.startswith("fsdp") and train.quant in ("nf4", "fp4") and train.quant_storage is None:
+        t = replace(t, quant_storage=Dtypes.of(t).autocast or "bf16")
+        opts.append(f"--quant-storage {t.quant_storage}")
+    check_layout(t, gpu)
+    return t, " ".join(opts)
+
+
 def plan_job(model: ModelSpec, lora: LoraSpec, train: TrainSpec, gpus: list[GpuSpec], job: Job, *,
              prices: dict[str, float] | None = None, calibrations: dict[str, Calibration] | None = None,
-             fixed_batch: bool = True, estimate_fn: EstimateFn | None = None) -> Plan:
-    """Plan ``job`` on every GPU in ``gpus``.
+             fixed_batch: bool = True, estimate_fn: EstimateFn | None = None,
+             layouts: Iterable[Layout] | None = None) -> Plan:
+    """Plan ``job`` on every GPU in ``gpus``, for each of ``layouts`` (N GPUs with a strategy;
+    default: ``train``'s own, one row per GPU in the order given). Several layouts: the rows are
+    ranked by fit, then dollars (total, else per million tokens), then hours.
 
     ``fixed_batch``: keep ``train.batch`` as the micro-batch; otherwise (with
     ``job.effective_batch``) use the largest micro-batch that fits, up to the effective batch.
@@ -336,12 +410,23 @@ def plan_job(model: ModelSpec, lora: LoraSpec, train: TrainSpec, gpus: list[GpuS
     rows: list[GpuPlan] = []
     notes: list[tuple[str, ...]] = []
     skipped: list[tuple[str, str]] = []
-    for gpu in gpus:
-        why = gpu_refusal(train, gpu)
+    layouts = list(layouts) if layouts is not None else [Layout(train.strategy, train.num_gpus)]
+    searching = len(layouts) > 1
+    base_train = train
+    for gpu, layout in ((g, lay) for g in gpus for lay in layouts):
+        why = gpu_refusal(base_train, gpu)  # the GPU cannot run the recipe at all
+        if why is None:
+            try:
+                train, layout_opts = layout_train(base_train, layout, gpu)
+            except InputError as e:
+                if searching:  # a strategy that does not apply here (int8 sharded, too many GPUs): not offered
+                    continue
+                why = str(e)
         if why is not None:  # one GPU asked for: the one-line error; among several: listed as skipped
             if len(gpus) == 1:
                 raise InputError(why)
-            skipped.append((gpu.id, why))
+            if gpu.id not in {g for g, _ in skipped}:
+                skipped.append((gpu.id, why))
             continue
         cal = calibrations.get(gpu.id) or load_calibration(gpu.id)
         ev = _Evaluator(estimate_fn, model, lora, gpu, cal)
@@ -350,8 +435,13 @@ def plan_job(model: ModelSpec, lora: LoraSpec, train: TrainSpec, gpus: list[GpuS
         micro = train.batch
         if not fixed_batch and job.effective_batch is not None:
             micro = max(1, min(max_b, job.effective_batch)) if max_b else train.batch
-        # the accumulation the job runs with (--effective-batch / micro, else --gradient-accumulation)
-        accum = math.ceil(job.effective_batch / micro) if job.effective_batch else train.gradient_accumulation
+        # the accumulation the job runs with (--effective-batch / (micro x data-parallel ranks), else
+        # --gradient-accumulation)
+        from .estimate.comm import DATA_PARALLEL
+
+        dp = train.num_gpus if train.strategy in DATA_PARALLEL else 1
+        accum = (max(1, math.ceil(job.effective_batch / (micro * dp))) if job.effective_batch
+                 else train.gradient_accumulation)
         t = replace(train, batch=micro, gradient_accumulation=accum)
         # without a position limit (T5's relative positions) memory alone decides, up to MAX_SEARCH_SEQ
         seq_hi = MAX_SEARCH_SEQ if not model.max_positions else min(
@@ -365,26 +455,44 @@ def plan_job(model: ModelSpec, lora: LoraSpec, train: TrainSpec, gpus: list[GpuS
         total = int(est.memory.device_total_bytes)
         fits = total <= gpu.memory_bytes
         te = getattr(est, "time", None) or estimate_step_time(model, lora, t, gpu, cal)
-        steps = job.micro_steps(micro, seq)
-        hours = steps * te.step_s / 3600.0 if steps is not None else None
+        steps = job.micro_steps(micro * dp, seq)  # micro-steps of each rank
+        # te.step_s is one optimizer step: ``accum`` micro-steps (estimate/time.py step_work)
+        hours = math.ceil(steps / accum) * te.step_s / 3600.0 if steps is not None else None
         price = prices.get(gpu.id, gpu.price_usd_per_hour)
+        n_gpus = train.num_gpus
         rows.append(GpuPlan(
             gpu=gpu.id, name=gpu.name, memory_bytes=gpu.memory_bytes, fits=fits, device_total_bytes=total,
             headroom_bytes=gpu.memory_bytes - total, micro_batch=micro, grad_accum=accum, seq=seq,
             max_micro_batch=max_b, max_seq=max_s, step_s=te.step_s, tokens_per_s=te.tokens_per_s,
             bound=te.bound, micro_steps=steps, total_hours=hours, price_usd_per_hour=price,
-            total_usd=hours * price if price is not None and hours is not None else None,
+            total_usd=hours * price * n_gpus if price is not None and hours is not None else None,
             suggestions=[] if fits else _suggestions(ev, t, max_s),
             verdict=getattr(est, "verdict", None), margin_bytes=getattr(est, "margin_bytes", None),
             max_positions=model.max_positions, max_seq_memory=max_mem, seq_limit=seq_limit,
             max_micro_batch_clear=clear_b, max_seq_clear=clear_s,
+            num_gpus=n_gpus, strategy=train.strategy, nodes=train.nodes, layout_options=layout_opts,
+            usd_per_mtok=(price * n_gpus / (te.tokens_per_s * 3600) * 1e6
+                          if price is not None and te.tokens_per_s else None),
         ))
+    if searching:
+        rows.sort(key=_rank_key)
     fit_rows = [r for r in rows if r.fits and r.total_hours is not None]
     if fit_rows:
         min(fit_rows, key=lambda r: r.total_hours).fastest = True
         priced = [r for r in fit_rows if r.total_usd is not None]
         if priced:
             min(priced, key=lambda r: r.total_usd).cheapest = True
-    inputs = run_inputs(model, lora, train)
+    inputs = run_inputs(model, lora, base_train)
     common = tuple(n for n in (notes[0] if notes else ()) if all(n in ns for ns in notes))
     return Plan(inputs=inputs, job=job, gpus=rows, notes=common, skipped=tuple(skipped))
+
+
+def _rank_key(r: GpuPlan) -> tuple:
+    """Fits first (best verdict first), then dollars (the job's, else per million tokens), hours,
+    fewer GPUs."""
+    from .estimate.result import VERDICTS
+
+    inf = math.inf
+    verdict = VERDICTS.index(r.verdict) if r.verdict in VERDICTS else (0 if r.fits else len(VERDICTS))
+    usd = r.total_usd if r.total_usd is not None else (r.usd_per_mtok if r.usd_per_mtok is not None else inf)
+    return (not r.fits, verdict, usd, r.total_hours if r.total_hours is not None else inf, r.num_gpus)

@@ -88,7 +88,7 @@ def run(capsys, *args):
 
 def test_cli_plan_json(capsys):
     code, out, err = run(capsys, "plan", "--model", "qwen2.5-0.5b", "--examples", "1000", "--tokens-per-example", "256",
-                         "--gpu", "l4-24gb,h100-sxm-80gb", "--format", "json")
+                         "--gpu", "l4-24gb,h100-sxm-80gb", "--format", "json", "--num-gpus", "1")  # one row per GPU
     assert code == 0, err
     d = json.loads(out)
     assert [g["gpu"] for g in d["gpus"]] == ["l4-24gb", "h100-sxm-80gb"]

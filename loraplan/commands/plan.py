@@ -33,10 +33,12 @@ def plan_command(gpu_list, tokens, examples, tokens_per_example, epochs, effecti
     Example: loraplan plan --model llama-2-7b --examples 50000 --tokens-per-example 512 \\
              --epochs 2 --effective-batch 16 --gpu l4-24gb,a100-sxm-80gb,h100-sxm-80gb
     Marks the cheapest and the fastest GPU that fit; for a GPU where the setup does not fit it
-    lists the changes that would make it fit, with their estimated memory saving.
+    lists the changes that would make it fit, with their estimated memory saving. Without
+    --num-gpus / --strategy it also compares 2, 4 and 8 GPUs of each type (DDP, FSDP, ZeRO-3,
+    device_map), ranked by fit, dollars (price x GPUs) and time.
     """
     from ..catalog import gpu_ids, load_gpu
-    from ..plan import Job, parse_prices, plan_job
+    from ..plan import Job, parse_prices, plan_job, search_layouts
 
     tokens = _count("tokens", tokens)
     examples = _count("examples", examples)
@@ -60,8 +62,10 @@ def plan_command(gpu_list, tokens, examples, tokens_per_example, epochs, effecti
     price_map = parse_prices(prices, gpu_ids())
     job = Job(tokens=tokens, examples=examples, tokens_per_example=tokens_per_example, epochs=epochs,
               effective_batch=effective_batch)
+    # --strategy / --num-gpus given fix the configuration; otherwise 1, 2, 4, 8 GPUs of each type
+    layouts = search_layouts(train, opts.get("strategy") is not None, opts.get("num_gpus") is not None)
     result = plan_job(model, lora, train, gpus, job, prices=price_map,
-                      fixed_batch=effective_batch is None or opts.get("batch") is not None)
+                      fixed_batch=effective_batch is None or opts.get("batch") is not None, layouts=layouts)
     data = result.to_dict()
     if fmt == "json":
         from ..render import to_json
@@ -112,6 +116,7 @@ def _print_table(d: dict) -> None:
 
     con = console()
     inp, job = d["inputs"], d["job"]
+    shown, hidden = _shown_rows(d["gpus"])
     sized = job["tokens"] is not None or job["examples"] is not None
     q = inp["quant"] + (" + double quant" if inp.get("double_quant") else "")
     con.print(f"[bold]{escape(inp['model'])}[/]  {q}  LoRA r={inp['rank']} targets={escape(','.join(inp['targets']))}")
@@ -134,10 +139,13 @@ def _print_table(d: dict) -> None:
             ("step", "right", 3 if sized else 2), ("tokens/s", "right", 6)]
     if sized:
         cols += [("time", "right", 1), ("$/h", "right", 7), ("total $", "right", 1)]
+    if hidden or len(shown) != len(d["gpus"]) or any(_config(g) != g["gpu"] for g in shown):
+        # configurations of several GPUs are ranked by fit, $ and time: those stay, the searches go first
+        cols = [(h, j, 4 if h in ("max batch", "max seq") else p) for h, j, p in cols]
     rows = []
-    for g in d["gpus"]:
+    for g in shown:
         row = [
-            g["gpu"], verdict_text(g.get("verdict") or ("fits" if g["fits"] else "does not fit"), short=True),
+            _config(g), verdict_text(g.get("verdict") or ("fits" if g["fits"] else "does not fit"), short=True),
             size(g["device_total_bytes"]), size(g["memory_bytes"]), f"{g['micro_batch']} x {g['grad_accum']}",
             str(g["max_micro_batch"]) if g["max_micro_batch"] else "-",
             (f"{g['max_seq']:,}" + ("*" if g.get("seq_limit") else "")) if g["max_seq"] else "-",
@@ -155,10 +163,13 @@ def _print_table(d: dict) -> None:
                              collapse_padding=True, padding=(0, 1))
     con.print(t)
     con.print(f"[dim]{VERDICT_LEGEND}[/]")
-    marks = [f"{m}: [bold]{g['gpu']}[/]" for m in ("cheapest", "fastest") for g in d["gpus"] if g[m]]
+    if hidden:
+        con.print(f"[dim]{hidden} more configurations (--format json or csv lists them all)[/]")
+    marks = [f"{m}: [bold]{_config(g)}[/]" + (f" ({g['layout_options']})" if g.get("layout_options") else "")
+             for m in ("cheapest", "fastest") for g in d["gpus"] if g[m]]
     if marks:
         con.print("; ".join(marks))
-    limits = [g for g in d["gpus"] if g.get("seq_limit")]
+    limits = [g for g in shown if g.get("seq_limit")]
     if limits:
         lo = min(g["max_seq_memory"] for g in limits)
         hi = max(g["max_seq_memory"] for g in limits)
@@ -168,19 +179,20 @@ def _print_table(d: dict) -> None:
         con.print(f"* capped at max_position_embeddings {limits[0]['max_positions']:,}; memory alone allows "
                   f"{span} tokens" + ("; longer sequences need RoPE scaling (rope_scaling in config.json)"
                                       if rope else f"; {limits[0]['seq_limit'].split(', but ')[-1]}"))
-    edge = [g for g in d["gpus"] if g["max_micro_batch"] and (g["max_micro_batch_clear"] < g["max_micro_batch"]
+    edge = [g for g in shown if g["max_micro_batch"] and (g["max_micro_batch_clear"] < g["max_micro_batch"]
                                                               or g["max_seq_clear"] < g["max_seq"])]
     if edge:
+        more = f"; {len(edge) - 3} more" if len(edge) > 3 else ""
         con.print("max batch / max seq fit, but inside the model's uncertainty band; with the band to spare: "
-                  + "; ".join(f"{g['gpu']} batch {g['max_micro_batch_clear']}, seq {g['max_seq_clear']:,}"
-                              for g in edge))
+                  + "; ".join(f"{_config(g)} batch {g['max_micro_batch_clear']}, seq {g['max_seq_clear']:,}"
+                              for g in edge[:3]) + more)
     if dropped:
         con.print(f"[dim]not shown at this width: {', '.join(dropped)} "
                   f"(--format json or csv has every field)[/]")
-    for g in d["gpus"]:
+    for g in shown:
         if g["fits"] or not g["suggestions"]:
             continue
-        con.print(f"[red]{g['gpu']}[/] needs {size(g['device_total_bytes'])} of {size(g['memory_bytes'])}; changes:")
+        con.print(f"[red]{_config(g)}[/] needs {size(g['device_total_bytes'])} of {size(g['memory_bytes'])}; changes:")
         bullets(con, [f"{s['option']}: {s['change']}, saves {size(s['saving_bytes'])}" + (" -> fits" if s["fits"] else "")
                       for s in g["suggestions"]], indent=2)
     for sk in d.get("skipped", []):  # GPUs that cannot run the recipe at all
@@ -190,3 +202,35 @@ def _print_table(d: dict) -> None:
     con.print("[dim]times: analytic step-time model fitted on H100 measurements; other GPUs scaled by their "
               "specs (catalog/calibrations)." + (" Prices: catalog list prices unless --price." if sized else "")
               + "[/]")
+
+
+def _config(g: dict) -> str:
+    """A row's configuration: the GPU id, with N x and the strategy on several GPUs."""
+    n, strategy = g.get("num_gpus", 1), g.get("strategy", "single")
+    if n == 1 and strategy == "single":
+        return g["gpu"]
+    return f"{n}x {g['gpu']} {strategy}"
+
+
+#: fitting configurations a table shows when a plan compares several per GPU type (JSON/CSV: all)
+MAX_TABLE_ROWS = 15
+
+
+def _shown_rows(gpus: list[dict]) -> tuple[list[dict], int]:
+    """(rows the table shows, how many it leaves out). One configuration per GPU type (no search):
+    every row. Several: the MAX_TABLE_ROWS best that fit (the plan's ranking), then, for each GPU
+    type where none fits, the one that comes closest (least memory needed)."""
+    if all(g.get("num_gpus", 1) == 1 and g.get("strategy", "single") == "single" for g in gpus):
+        return gpus, 0
+    fit = [g for g in gpus if g["fits"]]
+    shown = fit[:MAX_TABLE_ROWS]
+    types_fit = {g["gpu"] for g in fit}
+    closest: dict[str, dict] = {}
+    for g in gpus:
+        if g["gpu"] in types_fit:
+            continue
+        c = closest.get(g["gpu"])
+        if c is None or g["device_total_bytes"] - g["memory_bytes"] < c["device_total_bytes"] - c["memory_bytes"]:
+            closest[g["gpu"]] = g
+    shown += list(closest.values())
+    return shown, len(gpus) - len(shown)
