@@ -242,3 +242,15 @@ def test_every_catalog_gpu_names_a_platform():
 def test_tiny_model_is_the_one_described():
     m = load_model(TINY)
     assert (m.hidden_size, m.num_layers, m.vocab_size, m.total_params) == (64, 2, 256, 106816)
+
+
+def test_cli_estimate_names_the_communication(capsys):
+    from loraplan.cli import main
+
+    code = main(["estimate", "--model", TINY, "--quant", "bf16", "--strategy", "fsdp", "--num-gpus", "2"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "communication (fsdp, 2 GPUs over nvlink4)" in " ".join(out.split())
+    code = main(["estimate", "--model", TINY, "--quant", "int8", "--strategy", "fsdp", "--num-gpus", "2"])
+    out, err = capsys.readouterr()
+    assert code == 2 and "--quant int8" in err and len(err.strip().splitlines()) == 1

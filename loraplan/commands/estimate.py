@@ -141,8 +141,24 @@ def _print_table(d: dict, labels: dict[str, str] | None = None) -> None:
         tm = d["time"]
         con.print(f"step time {tm['step_s']:.3f} s, {tm['tokens_per_s']:,.0f} tokens/s"
                   + (f" ({tm['bound']}-bound)" if tm.get("bound") else ""))
+        comm = (d.get("detail") or {}).get("communication")
+        if comm:
+            con.print(escape(communication_line(comm, tm)))
     if mem.get("notes"):
         bullets(con, mem["notes"], mark="note:")
+
+
+def communication_line(comm: dict, tm: dict) -> str:
+    """One line: the engine, its links, the bytes each collective kind moves per optimizer step, and
+    how much of their time hides behind compute (estimate/comm.py)."""
+    names = {"all_reduce": "all-reduce", "all_gather": "all-gather", "reduce_scatter": "reduce-scatter",
+             "p2p": "GPU to GPU", "h2d": "host to GPU", "d2h": "GPU to host"}
+    moved = ", ".join(f"{names.get(k, k)} {v / 1e9:,.2f} GB" for k, v in comm["bytes_per_step"].items())
+    where = comm["link"] + (f" + {comm['network']} between {comm['nodes']} nodes" if comm.get("network") else "")
+    c = tm["components"]
+    return (f"communication ({comm['strategy']}, {comm['num_gpus']} GPUs over {where}): {moved} per step; "
+            f"{c['comm_s']:.3f} s on the links, {c['comm_exposed_s']:.3f} s not hidden by the "
+            f"{c['compute_s']:.3f} s of compute per GPU")
 
 
 command = estimate_command
