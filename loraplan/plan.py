@@ -373,9 +373,13 @@ def layout_train(train: TrainSpec, layout: Layout, gpu: GpuSpec) -> tuple[TrainS
         layout.strategy != "single" else []
     if train.nodes > 1:
         opts.append(f"--nodes {train.nodes}")
-    if layout.strategy.startswith("fsdp") and train.quant in ("nf4", "fp4") and train.quant_storage is None:
-        t = replace(t, quant_storage=Dtypes.of(t).autocast or "bf16")
-        opts.append(f"--quant-storage {t.quant_storage}")
+    if layout.strategy.startswith("fsdp") and train.quant in ("nf4", "fp4"):
+        if train.quant_storage is None:  # FSDP cannot shard the packed uint8 weights
+            t = replace(t, quant_storage=Dtypes.of(t).autocast or Dtypes.of(t).load)
+            opts.append(f"--quant-storage {t.quant_storage}")
+        if Dtypes.of(t).prepare_kbit and train.prepare_kbit is None and (t.fsdp_version or 1) == 1:
+            t = replace(t, prepare_kbit=False)  # FSDP1 flattens norms and packed weights into one dtype
+            opts.append("--no-prepare-kbit")
     check_layout(t, gpu)
     return t, " ".join(opts)
 

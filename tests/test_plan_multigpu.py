@@ -110,8 +110,9 @@ def test_layout_options_and_what_does_not_apply():
     p = plan_job(m, l, t, [load_gpu("a100-sxm-80gb")], Job(), estimate_fn=fake_estimate(calls),
                  layouts=[Layout("fsdp", 2), Layout("ddp", 16)])
     (row,) = [r for r in p.gpus if r.strategy == "fsdp"]
-    assert row.layout_options == "--strategy fsdp --num-gpus 2 --quant-storage bf16"  # FSDP-QLoRA needs it
-    assert {c.quant_storage for c in calls if c.strategy == "fsdp"} == {"bf16"}
+    # FSDP-QLoRA needs a float storage, and FSDP1 one dtype per layer (no fp32 upcast of the norms)
+    assert row.layout_options == "--strategy fsdp --num-gpus 2 --quant-storage bf16 --no-prepare-kbit"
+    assert {(c.quant_storage, c.prepare_kbit) for c in calls if c.strategy == "fsdp"} == {("bf16", False)}
     assert not [r for r in p.gpus if r.num_gpus == 16]  # 8 GPUs per HGX node: 16 need --nodes 2
     m, l, t2 = resolve_case({"model": "qwen2.5-0.5b", "quant": "nf4", "nodes": 2})
     (row16,) = plan_job(m, l, t2, [load_gpu("a100-sxm-80gb")], Job(), estimate_fn=fake_estimate(),

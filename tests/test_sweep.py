@@ -362,7 +362,7 @@ PARALLEL = [
      "trainer": ["loop", "hf"], "gradient_accumulation": [1, 4], "gpu": ["h100-sxm-80gb", "rtx4090-24gb"]},
     {"model": "qwen2.5-0.5b", "quant": "nf4", "strategy": ["fsdp", "fsdp-offload", "zero3-offload"], "num_gpus": [4, 16],
      "nodes": [1, 2], "fsdp_sharding": ["full", "shard-grad-op", "hybrid"], "quant_storage": ["bf16", "uint8"],
-     "mixed_precision": "bf16", "trainer": "hf", "gpu": "a100-sxm-80gb"},
+     "mixed_precision": "bf16", "trainer": "hf", "prepare_kbit": [True, False], "gpu": "a100-sxm-80gb"},
 ]
 
 
@@ -380,6 +380,7 @@ def test_parallel_axes_equal_per_case_estimate():
     errors = {r["error"] for r in new if r["error"]}
     assert any("more than a node holds" in e for e in errors) and any("--strategy single" in e for e in errors)
     assert any("--quant-storage bf16" in e for e in errors) and any("--quant int8" in e for e in errors)
+    assert any("--no-prepare-kbit" in e for e in errors)  # FSDP1: norms upcast to fp32 beside bf16 storage
     assert {r["strategy"] for r in ok} == {"single", "ddp", "fsdp", "zero2", "zero3", "device-map", "fsdp-offload",
                                             "zero3-offload"}
     assert {r["num_gpus"] for r in ok} == {1, 2, 4, 16} and {r["nodes"] for r in ok} == {1, 2}

@@ -159,10 +159,12 @@ def check_layout(train: TrainSpec, gpu: GpuSpec | None) -> None:
     - device-map over several nodes (it is one process: transformers/accelerate ``device_map``);
     - int8 (LLM.int8 ``Int8Params``) under FSDP or ZeRO-3 sharding: their flat/partitioned
       parameters need one floating dtype, Int8Params keep int8 CB and an fp32 SCB state;
-    - a 4-bit base under FSDP without a float ``quant_storage``: FSDP1 flattens a unit's parameters
-      into one tensor of one dtype (_flat_param.py ``_validate_tensors_to_flatten``: "Must flatten
-      tensors with uniform dtype"), and the packed uint8 weights sit beside bf16 norms; with mixed
-      precision the storage must equal the param dtype (PEFT's FSDP-QLoRA guide).
+    - a 4-bit base under FSDP without a float ``quant_storage`` (_flat_param.py
+      ``_validate_tensors_to_flatten``: "Cannot flatten integer dtype tensors"); with mixed
+      precision the storage must equal the param dtype (PEFT's FSDP-QLoRA guide); FSDP1 (accelerate's
+      default version) flattens a layer's parameters into one tensor ("Must flatten tensors with
+      uniform dtype"), so the norms' dtype (fp32 after prepare_model_for_kbit_training) must be the
+      storage's too.
     """
     s, n, nodes = train.strategy, train.num_gpus, train.nodes
     if s == "single" and (n > 1 or nodes > 1):
@@ -189,11 +191,18 @@ def check_layout(train: TrainSpec, gpu: GpuSpec | None) -> None:
         qs = train.quant_storage or "uint8"
         if qs == "uint8":
             raise InputError(f"--strategy {s} with --quant {train.quant} needs a float --quant-storage (FSDP "
-                             f"flattens a layer's weights into one dtype); add --quant-storage bf16")
-        mp = Dtypes.of(train).autocast
-        if mp is not None and mp != qs:
-            raise InputError(f"--quant-storage {qs} differs from --mixed-precision {mp}: FSDP casts the flat "
-                             f"parameters to the mixed-precision dtype; use --quant-storage {mp}")
+                             f"cannot shard the packed uint8 weights); add --quant-storage bf16")
+        dt = Dtypes.of(train)
+        if dt.autocast is not None and dt.autocast != qs:
+            raise InputError(f"--quant-storage {qs} differs from --mixed-precision {dt.autocast}: FSDP casts the "
+                             f"flat parameters to the mixed-precision dtype; use --quant-storage {dt.autocast}")
+        if (train.fsdp_version or 1) == 1 and dt.unquantized != qs:
+            fix = "--no-prepare-kbit (trl's SFTTrainer does not call it)" if dt.prepare_kbit else \
+                f"--quant-storage {dt.unquantized}"
+            raise InputError(f"--strategy {s} (FSDP1) flattens each layer's weights into one dtype, but the packed "
+                             f"weights are stored as {qs} and the norms as {dt.unquantized}"
+                             f"{' (prepare_model_for_kbit_training upcasts them)' if dt.prepare_kbit else ''}; "
+                             f"add {fix}")
 
 
 # ---------------------------------------------------------------------------------------------
