@@ -13,7 +13,9 @@ formulas and no copy of them here:
   ``error`` set, as before;
 - cases are grouped by what is not a number (model, targets, quantization, optimizer,
   checkpointing, attention, the recipe's settings (trainer, mixed precision, dtypes, padding,
-  loss, ...), GPU, int8 outlier fraction given or not), and each group is one call of the
+  loss, ...), the multi-GPU layout (strategy, GPU and node counts, FSDP options: a group's step
+  time gains its engine's communication, ``estimate.comm.with_communication``), GPU, int8 outlier
+  fraction given or not), and each group is one call of the
   estimator's functions on numpy arrays of its numbers (batch, sequence, target sequence, rank,
   dropout, outlier fraction, and the recipe's gradient_accumulation, max_grad_norm and
   checkpoint_every_n_layers: arrays where they vary within the group, else Python numbers):
