@@ -307,6 +307,8 @@ class Collective:
     phase: str     # forward | backward | step (what compute can hide it; step: nothing)
     #: the bytes of the one call that cannot hide (the first all-gather, the last reduction); 0: none
     exposed_bytes: Any = 0
+    #: how often per optimizer step that call recurs (each micro-step's first all-gather; each sync's last reduction)
+    exposed_times: int = 1
 
     @property
     def bytes_per_step(self):
@@ -339,7 +341,7 @@ def collectives(model: ModelSpec, lora: LoraSpec, train: TrainSpec, adapted=None
         calls = _where(g > DDP_FIRST_BUCKET_BYTES, 1 + _ceil((g - DDP_FIRST_BUCKET_BYTES) / DDP_BUCKET_BYTES), 1)
         last = _where(calls > 1, g - DDP_FIRST_BUCKET_BYTES - (calls - 2) * DDP_BUCKET_BYTES, g)
         out.append(Collective("gradient all-reduce (DDP buckets)", "all_reduce", _split(g, calls), calls * syncs,
-                              "world", "backward", last))
+                              "world", "backward", last, syncs))
     elif s in FSDP:
         hybrid = r.fsdp_sharding == "hybrid" and nodes > 1
         group = "node" if hybrid else "world"
@@ -347,22 +349,24 @@ def collectives(model: ModelSpec, lora: LoraSpec, train: TrainSpec, adapted=None
         total = pb.layer_bytes + pb.root_bytes + pb.trainable_bytes
         first = pb.root_bytes  # the root unit (embeddings) is gathered first
         out.append(Collective("forward all-gather of every unit", "all_gather", total / units, units * k, group,
-                              "forward", first))
+                              "forward", first, k))
         if r.fsdp_sharding != "shard-grad-op":  # FULL_SHARD / HYBRID_SHARD reshard after forward (not the root)
             back = total - pb.root_bytes
             out.append(Collective("backward all-gather (resharded after forward)", "all_gather", back / (units - 1),
                                   (units - 1) * k, group, "backward", 0))
         per = pb.grad_bytes / pb.lora_tensors
         out.append(Collective("gradient reduce-scatter (LoRA units)", "reduce_scatter", per,
-                              pb.lora_tensors * syncs, group, "backward", per))
+                              pb.lora_tensors * syncs, group, "backward", per, syncs))
         shard = n // nodes if hybrid else n
         if hybrid:
             out.append(Collective("gradient shard all-reduce across nodes (HYBRID_SHARD)", "all_reduce",
-                                  per / shard, pb.lora_tensors * syncs, "nodes", "backward", per / shard))
-        if s == "fsdp-offload":
-            passes = 1 if r.fsdp_sharding == "shard-grad-op" else 2
-            out.append(Collective("parameter shards host to device (CPU offload)", "h2d", total / shard,
-                                  passes * k, "host", "forward", 0))
+                                  per / shard, pb.lora_tensors * syncs, "nodes", "backward", per / shard, syncs))
+        if s == "fsdp-offload":  # each all-gather's shard is copied to the GPU first
+            out.append(Collective("parameter shards host to device (CPU offload, forward)", "h2d", total / shard,
+                                  k, "host", "forward", 0))
+            if r.fsdp_sharding != "shard-grad-op":
+                out.append(Collective("parameter shards host to device (CPU offload, backward)", "h2d",
+                                      (total - pb.root_bytes) / shard, k, "host", "backward", 0))
             out.append(Collective("gradient shards device to host (CPU offload)", "d2h", pb.grad_bytes / shard,
                                   syncs, "host", "backward", 0))
     elif s in ("zero1", "zero2"):
@@ -380,17 +384,19 @@ def collectives(model: ModelSpec, lora: LoraSpec, train: TrainSpec, adapted=None
         per = part / _max(mods, 1)
         reuse = _min(part, ZERO3_REUSE_ELEMENTS * (frozen / max(pb.frozen_elements, 1)))
         out.append(Collective("forward parameter fetch (all-gather per module)", "all_gather", per, mods * k,
-                              "world", "forward", per))
+                              "world", "forward", per, k))
         back_calls = _max(mods - _ceil(reuse / _max(per, 1)), 0)
         out.append(Collective("backward parameter fetch (beyond the reuse distance)", "all_gather", per,
                               back_calls * k, "world", "backward", 0))
         rs_calls = _ceil(pb.trainable / ZERO_BUCKET_ELEMENTS)
         rs = _split(pb.grad_bytes, rs_calls)
         out.append(Collective("gradient reduce-scatter (overlap_comm)", "reduce_scatter", rs, rs_calls * k,
-                              "world", "backward", rs))
-        if s == "zero3-offload":
-            out.append(Collective("parameter partitions host to device (offload_param)", "h2d", part / n,
-                                  (1 + back_calls / _max(mods, 1)) * k, "host", "forward", 0))
+                              "world", "backward", rs, k))
+        if s == "zero3-offload":  # each fetched partition is copied to the GPU first
+            out.append(Collective("parameter partitions host to device (offload_param, forward)", "h2d", part / n,
+                                  k, "host", "forward", 0))
+            out.append(Collective("parameter partitions host to device (offload_param, backward)", "h2d",
+                                  per * back_calls / n, k, "host", "backward", 0))
             out.append(Collective("gradient partitions device to host", "d2h", pb.grad_bytes / n, k, "host",
                                   "backward", 0))
     elif s == "device-map":
@@ -473,8 +479,8 @@ def parallel_time(model: ModelSpec, lora: LoraSpec, train: TrainSpec, gpu: GpuSp
         secs = one * c.calls
         per_phase[c.phase] = per_phase[c.phase] + secs
         if not (_is_scalar(c.exposed_bytes) and c.exposed_bytes == 0):
-            fixed[c.phase] = _max(fixed[c.phase], _where(c.calls > 0, collective_seconds(c.op, c.exposed_bytes, ranks,
-                                                                                         nn, fab), 0.0))
+            once = _where(c.calls > 0, collective_seconds(c.op, c.exposed_bytes, ranks, nn, fab), 0.0)
+            fixed[c.phase] = _max(fixed[c.phase], once * c.exposed_times)
         by_op[c.op] = by_op.get(c.op, 0.0) + secs
         rows.append((c, ranks, nn, secs))
     exposed = per_phase["step"]
