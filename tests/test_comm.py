@@ -108,7 +108,8 @@ def test_fsdp_full_shard_gathers_everything_twice_but_the_root():
 
 
 def test_fsdp_qlora_gathers_the_packed_weights():
-    m, lora, t = _case(strategy="fsdp", num_gpus=2, quant="nf4", quant_storage="bf16", mixed_precision="bf16",
+    """In the storage dtype: transformers sets FSDP's param dtype to bnb_4bit_quant_storage (no autocast here)."""
+    m, lora, t = _case(strategy="fsdp", num_gpus=2, quant="nf4", quant_storage="bf16", mixed_precision="no",
                        trainer="hf", prepare_kbit=False)
     fwd = _by_what(comm.collectives(m, lora, t), "forward all-gather")[0]
     lin = sum(l.numel for l in m.linears if l.role != "lm_head")
@@ -215,7 +216,7 @@ def test_multi_gpu_estimate_carries_the_detail():
     ({"strategy": "zero3", "quant": "int8"}, "--quant int8"),
     ({"strategy": "fsdp", "quant": "nf4"}, "--quant-storage bf16"),
     ({"strategy": "fsdp", "quant": "nf4", "quant_storage": "fp16", "mixed_precision": "bf16", "trainer": "hf"},
-     "--quant-storage bf16"),
+     "--no-prepare-kbit"),
     ({"strategy": "fsdp", "quant": "nf4", "quant_storage": "bf16"}, "--no-prepare-kbit"),
     ({"strategy": "fsdp", "quant": "nf4", "quant_storage": "fp16", "prepare_kbit": False}, "--quant-storage bf16"),
     ({"strategy": "ddp", "num_gpus": 16}, "--nodes 2"),

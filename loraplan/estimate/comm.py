@@ -160,8 +160,8 @@ def check_layout(train: TrainSpec, gpu: GpuSpec | None) -> None:
     - int8 (LLM.int8 ``Int8Params``) under FSDP or ZeRO-3 sharding: their flat/partitioned
       parameters need one floating dtype, Int8Params keep int8 CB and an fp32 SCB state;
     - a 4-bit base under FSDP without a float ``quant_storage`` (_flat_param.py
-      ``_validate_tensors_to_flatten``: "Cannot flatten integer dtype tensors"); with mixed
-      precision the storage must equal the param dtype (PEFT's FSDP-QLoRA guide); FSDP1 (accelerate's
+      ``_validate_tensors_to_flatten``: "Cannot flatten integer dtype tensors"; transformers then
+      sets FSDP's mixed-precision param dtype to the storage: ``comm_dtype``); FSDP1 (accelerate's
       default version) flattens a layer's parameters into one tensor ("Must flatten tensors with
       uniform dtype"), so the norms' dtype (fp32 after prepare_model_for_kbit_training) must be the
       storage's too.
@@ -193,9 +193,6 @@ def check_layout(train: TrainSpec, gpu: GpuSpec | None) -> None:
             raise InputError(f"--strategy {s} with --quant {train.quant} needs a float --quant-storage (FSDP "
                              f"cannot shard the packed uint8 weights); add --quant-storage bf16")
         dt = Dtypes.of(train)
-        if dt.autocast is not None and dt.autocast != qs:
-            raise InputError(f"--quant-storage {qs} differs from --mixed-precision {dt.autocast}: FSDP casts the "
-                             f"flat parameters to the mixed-precision dtype; use --quant-storage {dt.autocast}")
         if (train.fsdp_version or 1) == 1 and dt.unquantized != qs:
             fix = "--no-prepare-kbit (trl's SFTTrainer does not call it)" if dt.prepare_kbit else \
                 f"--quant-storage {dt.unquantized}"
@@ -216,6 +213,7 @@ class ParamBytes:
 
     layer_bytes: int        # frozen weights inside the decoder/encoder layers (gathered per layer unit)
     root_bytes: int         # frozen weights outside them: embeddings, final norms, lm_head
+    embed_bytes: int        # of which the input embeddings (FSDP2's own unit under accelerate)
     frozen_elements: int    # elements of the frozen base (ZeRO-3's reuse distance)
     layer_units: int        # FSDP layer units (decoder + encoder layers)
     frozen_modules: int     # modules with a frozen weight ZeRO-3 partitions (it fetches one module at a time)
@@ -232,7 +230,11 @@ def comm_dtype(train: TrainSpec) -> str | None:
     """The dtype FSDP and DeepSpeed communicate floating parameters and gradients in: the
     mixed-precision dtype (accelerate FullyShardedDataParallelPlugin.set_mixed_precision
     ``param_dtype``/``reduce_dtype``; DeepSpeed bf16/fp16 ``enabled`` casts the module), or None
-    without mixed precision (each tensor in its own dtype)."""
+    without mixed precision (each tensor in its own dtype). FSDP with a 4-bit base stored as a
+    float: that storage dtype (transformers distributed/fsdp.py ``update_fsdp_plugin_peft``:
+    ``fsdp_plugin.set_mixed_precision(bnb_4bit_quant_storage, override=True)``)."""
+    if train.strategy in FSDP and train.quant in FOUR_BIT and train.quant_storage not in (None, "uint8"):
+        return train.quant_storage
     return Dtypes.of(train).autocast
 
 
@@ -240,7 +242,7 @@ def param_bytes(model: ModelSpec, lora: LoraSpec, train: TrainSpec, adapted) -> 
     """The frozen base and the adapters as the engines move them (see the module docstring)."""
     dt = Dtypes.of(train)
     cd = comm_dtype(train)
-    layer_b = root_b = small_b = 0
+    layer_b = root_b = small_b = embed_b = 0
     elements = modules = 0
     for l in model.linears:
         if l.role == "lm_head" and model.tie_word_embeddings:
@@ -268,6 +270,7 @@ def param_bytes(model: ModelSpec, lora: LoraSpec, train: TrainSpec, adapted) -> 
             layer_b += b
         else:
             root_b += b
+            embed_b += b if p.kind == "embedding" else 0
             modules += p.kind == "embedding" and p.numel >= ZERO3_PERSISTENCE_ELEMENTS
     for e in model.experts:
         layer_b += e.numel * dtype_bytes(cd or expert_storage(dt))
@@ -287,7 +290,8 @@ def param_bytes(model: ModelSpec, lora: LoraSpec, train: TrainSpec, adapted) -> 
             z3_elems = z3_elems + _where(big, numel, 0)
             z3_mods = z3_mods + _where(big, 1, 0)
     layers = model.num_layers + (model.num_encoder_layers or 0 if model.is_encoder_decoder else 0)
-    return ParamBytes(layer_bytes=int(layer_b), root_bytes=int(root_b), frozen_elements=int(elements),
+    return ParamBytes(layer_bytes=int(layer_b), root_bytes=int(root_b), embed_bytes=int(embed_b),
+                      frozen_elements=int(elements),
                       layer_units=int(layers), frozen_modules=int(modules), trainable=trainable,
                       lora_tensors=n_tensors, trainable_bytes=trainable * ab, grad_bytes=trainable * gb,
                       zero3_trainable_bytes=z3_elems * ab, zero3_trainable_modules=z3_mods,
@@ -345,15 +349,20 @@ def collectives(model: ModelSpec, lora: LoraSpec, train: TrainSpec, adapted=None
     elif s in FSDP:
         hybrid = r.fsdp_sharding == "hybrid" and nodes > 1
         group = "node" if hybrid else "world"
-        units = pb.layer_units + pb.lora_tensors + 1
         total = pb.layer_bytes + pb.root_bytes + pb.trainable_bytes
-        first = pb.root_bytes  # the root unit (embeddings) is gathered first
+        if (r.fsdp_version or 1) == 2 and pb.embed_bytes and not model.tie_word_embeddings:
+            # accelerate fsdp2_prepare_model: the input embedding is a unit (resharded after forward, and
+            # gathered again by FSDP2's backward prefetch), the final norm + lm_head a unit kept after forward
+            units, first, kept = pb.layer_units + pb.lora_tensors + 2, pb.embed_bytes, pb.root_bytes - pb.embed_bytes
+            kept_units = 1
+        else:  # FSDP1: the root unit (embeddings, final norm, lm_head) is not resharded after forward
+            units, first, kept, kept_units = pb.layer_units + pb.lora_tensors + 1, pb.root_bytes, pb.root_bytes, 1
         out.append(Collective("forward all-gather of every unit", "all_gather", total / units, units * k, group,
                               "forward", first, k))
         if r.fsdp_sharding != "shard-grad-op":  # FULL_SHARD / HYBRID_SHARD reshard after forward (not the root)
-            back = total - pb.root_bytes
-            out.append(Collective("backward all-gather (resharded after forward)", "all_gather", back / (units - 1),
-                                  (units - 1) * k, group, "backward", 0))
+            back = total - kept
+            out.append(Collective("backward all-gather (resharded after forward)", "all_gather",
+                                  back / (units - kept_units), (units - kept_units) * k, group, "backward", 0))
         per = pb.grad_bytes / pb.lora_tensors
         out.append(Collective("gradient reduce-scatter (LoRA units)", "reduce_scatter", per,
                               pb.lora_tensors * syncs, group, "backward", per, syncs))
@@ -366,7 +375,7 @@ def collectives(model: ModelSpec, lora: LoraSpec, train: TrainSpec, adapted=None
                                   k, "host", "forward", 0))
             if r.fsdp_sharding != "shard-grad-op":
                 out.append(Collective("parameter shards host to device (CPU offload, backward)", "h2d",
-                                      (total - pb.root_bytes) / shard, k, "host", "backward", 0))
+                                      (total - kept) / shard, k, "host", "backward", 0))
             out.append(Collective("gradient shards device to host (CPU offload)", "d2h", pb.grad_bytes / shard,
                                   syncs, "host", "backward", 0))
     elif s in ("zero1", "zero2"):
