@@ -84,10 +84,14 @@ def filter_rows(rows: list[dict], family: tuple[str, ...] = (), min_params: floa
 def gpu_rows() -> list[dict]:
     """One dict per catalog GPU, in id order; missing fields are None."""
     from ..catalog import gpu_entries
+    from ..estimate.comm import interconnects
 
+    platforms = interconnects()
     rows = []
     for gid, e in sorted(gpu_entries().items()):
         mem = e.get("memory_bytes")
+        plat = platforms["platforms"].get(e.get("interconnect") or "")
+        link = platforms["links"][plat["intra"]] if plat else None
         rows.append({
             "id": e.get("id", gid),
             "name": e.get("name"),
@@ -100,6 +104,11 @@ def gpu_rows() -> list[dict]:
             "price_usd_per_hour": e.get("price_usd_per_hour"),
             "price_date": e.get("price_date"),
             "source": e.get("source"),
+            # several GPUs (issue 13): the platform, its GPU-to-GPU link and NCCL ring bus bandwidth
+            "interconnect": e.get("interconnect"),
+            "gpu_link": plat["intra"] if plat else None,
+            "gpu_link_busbw_gb_s": link["busbw_bytes_per_s"] / 1e9 if link else None,
+            "gpus_per_node": plat["gpus_per_node"] if plat else None,
         })
     return rows
 
@@ -183,10 +192,12 @@ def gpus_command(fmt):
     from rich.console import Console
 
     cells = [[r["id"], r["name"] or "-", _num(r["memory_gib"], "{:.1f}"), _num(r["bf16_tflops"]),
-              _num(r["bandwidth_gb_s"]), _num(r["price_usd_per_hour"], "{:.2f}"), r["price_date"] or "-"]
+              _num(r["bandwidth_gb_s"]), _num(r["price_usd_per_hour"], "{:.2f}"), r["price_date"] or "-",
+              f"{r['gpu_link']} {r['gpu_link_busbw_gb_s']:g}" if r.get("gpu_link") else "-"]
              for r in rows]
     cols = (("id", "left", 0), ("name", "left", 4), ("memory\nGiB", "right", 0), ("bf16\nTFLOPs", "right", 1),
-            ("bandwidth\nGB/s", "right", 2), ("$/h", "right", 1), ("price\ndate", "left", 3))
+            ("bandwidth\nGB/s", "right", 2), ("$/h", "right", 1), ("price\ndate", "left", 3),
+            ("GPU link\nGB/s", "left", 5))
     _print_table(Console(), f"{len(rows)} GPUs", cols, cells, "'loraplan gpus --format json' gives every field "
                  "and its source.")
 
