@@ -15,11 +15,14 @@ trainable parameters P_t, the ``TrainSpec.strategy`` engine over ``num_gpus`` = 
   PEFT model): every decoder layer is a unit holding its frozen weights, every LoRA leaf Linear
   (``lora_A``/``lora_B``, the only modules with a trainable ``weight``) is its own unit, the rest
   (embeddings, final norm, lm_head) is the root unit. FULL_SHARD all-gathers every unit in forward
-  and, resharded after forward, again in backward — except the root, which is not resharded
+  and, resharded after forward, again in backward — except the root, which FSDP1 does not reshard
   after forward ("Do not free the root's parameters in the post-forward": _runtime_utils.py::
-  _post_forward_reshard; FSDP2 ``_lazy_init`` sets the root's ``post_forward_mesh_info = None``);
-  with gradient checkpointing the recompute runs inside the unit's backward, its parameters are
-  already gathered. Gradients are reduce-scattered only for units whose parameters require grad
+  _post_forward_reshard). FSDP2 as accelerate applies it (utils/fsdp_utils.py::
+  fsdp2_prepare_model): the input embedding is its own unit, resharded after forward and gathered
+  again in backward (FSDP2's backward prefetch), the final norm + lm_head a unit kept from forward
+  to backward, the root left with no parameters. With gradient checkpointing the recompute runs
+  inside the unit's backward, its parameters are already gathered. (DDP and FSDP2 are checked
+  against the real engines under a fake process group: tests/test_comm_engines.py.) Gradients are reduce-scattered only for units whose parameters require grad
   (the LoRA units; frozen flat parameters have no gradient), once per optimizer step under
   ``no_sync`` (as DDP). SHARD_GRAD_OP keeps the parameters gathered from forward to backward (one
   all-gather per micro-step). HYBRID_SHARD shards within a node and all-reduces the gradient shards
