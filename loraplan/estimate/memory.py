@@ -247,10 +247,23 @@ def device_totals(peak_allocated, paged, cal: Calibration):
 def estimate_memory(s: Setup, gpu: GpuSpec | None, cal: Calibration) -> MemoryEstimate:
     """Peak allocated = the largest moment; reserved and device totals from named coefficients."""
     st, x = s.structure, s.shape
-    ms = moments(st, s.train, s.attention, x, gpu, cal)
-    peak, peak_name = peak_of(ms)
+    from .parallel import host_ledger, host_total, rank_moments
+
+    one_gpu = moments(st, s.train, s.attention, x, gpu, cal)
+    # per rank (estimate.parallel; --strategy single: {0: the one-GPU moments}); the worst rank
+    # (the first largest) gives the top-level numbers
+    ranks = rank_moments(one_gpu, st, s.train, x.r)
+    peaks = {k: peak_of(v) for k, v in ranks.items()}
+    worst = max(peaks, key=lambda k: peaks[k][0])
+    ms = ranks[worst]
+    peak, peak_name = peaks[worst]
     components = {k: int(v) for k, v in ms[peak_name].items() if v}
+    per_gpu = {k: {c: int(v) for c, v in ranks[k][peaks[k][1]].items() if int(v)} for k in ranks}
     paged = int(paged_optimizer_state(st, x.r, s.train.optimizer))
+    if s.train.strategy in ("fsdp", "zero1", "zero2", "zero3"):  # the optimizer holds a 1/N partition
+        paged = paged // s.train.num_gpus
+    elif s.train.strategy in ("fsdp-offload", "zero3-offload"):  # the optimizer runs on the host
+        paged = 0
     reserved, device, context = device_totals(peak, paged, cal)
     outside = {"cuda_context_and_libraries": context}
     if paged:
@@ -269,6 +282,9 @@ def estimate_memory(s: Setup, gpu: GpuSpec | None, cal: Calibration) -> MemoryEs
     if st.model.arch.from_meta_build:
         notes.append(generic_terms_note(st.model))
     host = offload_host_bytes(st, x, step_recipe(s.train))
+    host_components = host_ledger(st, s.train, x.r, int(host))
+    if s.train.strategy != "single":
+        notes.append(parallel_note(s.train, worst, peaks))
     if host:
         notes.append(f"checkpoint offload: {int(host) / 2**20:.1f} MiB of layer inputs sit in pinned host memory "
                      f"(torch.autograd.graph.save_on_cpu), not on the GPU")
@@ -287,7 +303,28 @@ def estimate_memory(s: Setup, gpu: GpuSpec | None, cal: Calibration) -> MemoryEs
         moments={k: int(sum(v.values())) for k, v in ms.items()},
         outside_allocator_bytes=outside,
         notes=tuple(notes),
+        per_gpu=per_gpu,
+        host_bytes=host_total(host_components),
+        host_components=host_components,
     )
+
+
+def parallel_note(train: TrainSpec, worst: int, peaks: dict) -> str:
+    """One line naming the layout the per-GPU numbers assume and the rank that peaks."""
+    t = train
+    what = {"ddp": "DDP (replicated)", "device-map": "device_map layer split (one process)",
+            "zero1": "ZeRO-1", "zero2": "ZeRO-2", "zero3": "ZeRO-3", "zero3-offload": "ZeRO-3 + CPU offload"}
+    if t.strategy in ("fsdp", "fsdp-offload"):
+        from ..trainers import resolve_recipe
+
+        r = resolve_recipe(t)
+        name = f"FSDP{r.fsdp_version} {r.fsdp_sharding}" + (" + CPU offload" if t.strategy == "fsdp-offload" else "")
+    else:
+        name = what[t.strategy]
+    same = len({int(p) for p, _ in peaks.values()}) == 1
+    who = "every rank alike" if same else f"rank {worst} peaks"
+    return (f"{t.num_gpus} GPUs ({t.nodes} node{'s' if t.nodes > 1 else ''}), {name}: numbers are per GPU ({who}); "
+            f"activations are per rank (--batch {t.batch} rows each), never divided by the GPU count")
 
 
 def expert_quantization_warning(st: Structure, quant: str) -> str:
