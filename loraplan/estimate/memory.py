@@ -323,8 +323,10 @@ def parallel_note(train: TrainSpec, worst: int, peaks: dict) -> str:
         name = what[t.strategy]
     same = len({int(p) for p, _ in peaks.values()}) == 1
     who = "every rank alike" if same else f"rank {worst} peaks"
-    return (f"{t.num_gpus} GPUs ({t.nodes} node{'s' if t.nodes > 1 else ''}), {name}: numbers are per GPU ({who}); "
-            f"activations are per rank (--batch {t.batch} rows each), never divided by the GPU count")
+    head = f"{t.num_gpus} GPUs ({t.nodes} node{'s' if t.nodes > 1 else ''}), {name}: numbers are per GPU ({who}); "
+    if t.strategy == "device-map":
+        return head + "one batch passes through the GPUs in turn; each holds its layers' saved activations"
+    return head + f"activations are per rank (--batch {t.batch} rows each), never divided by the GPU count"
 
 
 def expert_quantization_warning(st: Structure, quant: str) -> str:
