@@ -192,15 +192,21 @@ class Setup:
     train: TrainSpec
     attention: str
     shape: Shape = field(repr=False)
+    #: the user's recipe when the engine computes in another dtype (``parallel.compute_train``)
+    loaded: TrainSpec | None = None
 
 
 def make_setup(model: ModelSpec, lora, train: TrainSpec, adapted: tuple[LinearSpec | ExpertSpec, ...],
                compute_capability: str | None = "9.0") -> Setup:
     from ..storage import Dtypes
 
+    from .parallel import compute_train
+
+    loaded, train = train, compute_train(train)  # several GPUs: an fp32 base may run as a 16-bit model
     st = structure(model, adapted, Dtypes.of(train), train.double_quant, train.device)
     x = sequence_shape(model, train, lora, compute_capability)
-    return Setup(st, train, choose_attention(model, resolve_recipe(train), compute_capability), x)
+    return Setup(st, train, choose_attention(model, resolve_recipe(train), compute_capability), x,
+                 loaded=loaded if loaded is not train else None)
 
 
 def sequence_shape(model: ModelSpec, train: TrainSpec, lora, compute_capability: str | None) -> Shape:
@@ -252,7 +258,11 @@ def estimate_memory(s: Setup, gpu: GpuSpec | None, cal: Calibration) -> MemoryEs
     one_gpu = moments(st, s.train, s.attention, x, gpu, cal)
     # per rank (estimate.parallel; --strategy single: {0: the one-GPU moments}); the worst rank
     # (the first largest) gives the top-level numbers
-    ranks = rank_moments(one_gpu, st, s.train, x.r)
+    from .parallel import param_factor
+    from ..storage import dtype_bytes
+
+    loaded = s.loaded or s.train
+    ranks = rank_moments(one_gpu, st, s.train, x.r, param_factor(loaded, s.train))
     peaks = {k: peak_of(v) for k, v in ranks.items()}
     worst = max(peaks, key=lambda k: peaks[k][0])
     ms = ranks[worst]
@@ -282,7 +292,8 @@ def estimate_memory(s: Setup, gpu: GpuSpec | None, cal: Calibration) -> MemoryEs
     if st.model.arch.from_meta_build:
         notes.append(generic_terms_note(st.model))
     host = offload_host_bytes(st, x, step_recipe(s.train))
-    host_components = host_ledger(st, s.train, x.r, int(host))
+    host_components = host_ledger(st, s.train, x.r, int(host),
+                                  dtype_bytes(loaded.quant) / dtype_bytes(s.train.quant) if s.loaded else 1)
     if s.train.strategy != "single":
         notes.append(parallel_note(s.train, worst, peaks))
     if host:

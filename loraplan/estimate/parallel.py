@@ -87,6 +87,34 @@ TRAINABLE_LINES = ("lora_weights", "lora_gradients", "optimizer_state", "optimiz
 BACKWARD_MOMENTS = ("layer backward", "encoder layer backward")
 
 
+def compute_train(train: TrainSpec) -> TrainSpec:
+    """The recipe the GPUs compute with. FSDP's MixedPrecision(param_dtype=bf16/fp16) (accelerate
+    builds it from mixed_precision: utils/dataclasses.py::FullyShardedDataParallelPlugin.set_mixed_precision;
+    FSDP2 MixedPrecisionPolicy) gathers an fp32 base's parameters in 16 bit, and DeepSpeed casts
+    the module to 16 bit (runtime/engine.py::_configure_distributed_model: ``module.bfloat16()``),
+    so an fp32-loaded base under bf16/fp16 mixed precision runs as a 16-bit model (its
+    activations, gathered units); FSDP keeps the shards in fp32 (``param_factor``). Otherwise
+    ``train`` unchanged."""
+    if train.strategy not in FSDP_STRATEGIES + ZERO or train.quant != "fp32":
+        return train
+    from dataclasses import replace
+
+    from ..trainers import resolve_recipe
+
+    mp = resolve_recipe(train).mixed_precision
+    if mp not in ("bf16", "fp16"):
+        return train
+    return replace(train, quant=mp, load_dtype=None)
+
+
+def param_factor(loaded: TrainSpec, computed: TrainSpec) -> float:
+    """Bytes of a stored (sharded) base parameter over its computed size: 2 for FSDP's fp32
+    shards of a base gathered in 16 bit (``compute_train``), else 1 (DeepSpeed's cast is in place)."""
+    if loaded.quant == computed.quant or loaded.strategy not in FSDP_STRATEGIES:
+        return 1
+    return dtype_bytes(loaded.quant) / dtype_bytes(computed.quant)
+
+
 def shard_group(train: TrainSpec) -> int:
     """N_s: ranks a parameter is sharded over (HYBRID_SHARD: the GPUs of one node)."""
     if train.strategy in FSDP_STRATEGIES and train.fsdp_sharding == "hybrid":
@@ -115,12 +143,14 @@ def trainable_params(st: Structure, r) -> Any:
     return sum(count * r * size for size, count in st.lora_sizes.items())
 
 
-def rank_moments(ms: dict[str, dict[str, Any]], st: Structure, train: TrainSpec, r) -> dict[int, dict[str, dict]]:
+def rank_moments(ms: dict[str, dict[str, Any]], st: Structure, train: TrainSpec, r,
+                 stored: float = 1) -> dict[int, dict[str, dict]]:
     """Rank -> (moment -> ledger) for ``train.strategy`` over ``train.num_gpus`` ranks.
 
     ``single``: {0: ms}, unchanged. Data-parallel engines (DDP, FSDP, ZeRO) run the same step on
     every rank, so all ranks have one ledger (rank 0's is returned for every rank);
-    device-map ranks differ. ``r`` is the LoRA rank (an int or a sweep array)."""
+    device-map ranks differ. ``r`` is the LoRA rank (an int or a sweep array); ``stored``: bytes of
+    a stored base parameter over its computed size (``param_factor``: FSDP's fp32 shards)."""
     s = train.strategy
     if s == "single":
         return {0: ms}
@@ -136,6 +166,9 @@ def rank_moments(ms: dict[str, dict[str, Any]], st: Structure, train: TrainSpec,
     else:
         rule = _zero
     one = {name: rule(name, dict(c), st, train, r) for name, c in ms.items()}
+    if stored != 1:
+        for c in one.values():
+            _scale(c, PARAM_LINES, stored)
     return {k: one for k in range(train.num_gpus)}
 
 
@@ -300,7 +333,7 @@ def _device_map(ms: dict[str, dict[str, Any]], st: Structure, train: TrainSpec) 
     return out
 
 
-def host_ledger(st: Structure, train: TrainSpec, r, checkpoint_offload_bytes=0) -> dict[str, int]:
+def host_ledger(st: Structure, train: TrainSpec, r, checkpoint_offload_bytes=0, loaded: float = 1) -> dict[str, int]:
     """CPU RAM of one machine (bytes), by component:
 
     - ``model_load_copies``: at load, every rank on the node materialises the model in host RAM
@@ -311,24 +344,32 @@ def host_ledger(st: Structure, train: TrainSpec, r, checkpoint_offload_bytes=0) 
     - ``offloaded_params`` / ``offloaded_gradients`` / ``offloaded_optimizer``: the state the
       offload strategies keep on the host, summed over the node's ranks (a rank's shards: 1/N);
     - ``checkpoint_offload``: inputs saved on CPU by --checkpoint-offload, per rank.
+    ``loaded``: bytes of a loaded base parameter over its computed size (2: an fp32 checkpoint load
+    of a base the engine computes in 16 bit, ``compute_train``).
+    ZeRO-3 builds the model inside zero.Init (transformers modeling_utils: deepspeed.zero.Init when
+    is_deepspeed_zero3_enabled): each parameter is partitioned onto the GPUs as it is created and
+    the checkpoint is read shard by shard (memory-mapped page cache, not counted), so no copy of
+    the model is held in host RAM (zero3-offload: the partitions themselves are).
     The host need is the larger of load time and the step (the load copies are freed once the
     engine has its shards): ``host_bytes = max(model_load_copies, Σ the others)``.
     """
     n, nodes, s = train.num_gpus, train.nodes, train.strategy
     per_node = n // nodes
-    stored = st.frozen_linear_weights + st.unquantized_weights + st.expert_weights
+    stored = (st.frozen_linear_weights + st.unquantized_weights + st.expert_weights) * loaded
     from .weights import lora_weights, optimizer_state
 
     lw = lora_weights(st, r)
     loaders = 1 if (s in ("single", "device-map") or train.ram_efficient_loading) else per_node
+    if s in ("zero3", "zero3-offload"):
+        loaders = 0
     out = {"model_load_copies": loaders * stored}
     if s == "fsdp-offload":
-        out["offloaded_params"] = (stored + lw) * per_node / n
+        out["offloaded_params"] = (stored + lw) * per_node / n  # the fp32 shards of a 16-bit-computed base
         out["offloaded_gradients"] = lw * per_node / n
         out["offloaded_optimizer"] = optimizer_state(st, r, train.optimizer) * per_node / n
     elif s == "zero3-offload":
         p = trainable_params(st, r)
-        out["offloaded_params"] = (stored + lw) * per_node / n
+        out["offloaded_params"] = (stored / loaded + lw) * per_node / n  # cast to 16 bit before partitioning
         out["offloaded_gradients"] = 4 * p * per_node / n
         fp32_opt = 4 / st.adapter_bytes if train.optimizer == "adamw" else 1
         out["offloaded_optimizer"] = (optimizer_state(st, r, train.optimizer) * fp32_opt + 4 * p) * per_node / n
