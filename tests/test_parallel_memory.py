@@ -144,3 +144,13 @@ def test_cli_json_and_exit_2(run_cli):
     assert code == 2 and len(err.strip().splitlines()) == 1
     code, out, err = run_cli("estimate", "--strategy", "fsdp", "--num-gpus", "2")
     assert code == 2 and "--quant-storage bf16" in err
+
+
+def test_4bit_quant_state_is_not_sharded():
+    """absmax/code tables are Params4bit attributes, not parameters: every rank keeps them whole."""
+    a = ledger(QLORA, "layer backward", strategy="fsdp", num_gpus=2)
+    b = ledger(QLORA, "layer backward", strategy="fsdp", num_gpus=4)
+    assert a["quant_state"] == b["quant_state"] > 0
+    one = ledger(QLORA, "layer backward", quant_storage=None)
+    assert b["frozen_linear_weights"] * 4 + b["quant_state"] == pytest.approx(one["frozen_linear_weights"], rel=1e-6)
+    assert "quant_state" not in ledger(BF16, "layer backward", strategy="fsdp", num_gpus=2)

@@ -29,7 +29,10 @@ Ledger lines (stable names; the fake-process-group trace compares with them):
   1/N_s output (FSDP), or DeepSpeed's gradient bucket (``reduce_bucket_size``);
 - ``ddp_buckets``: DDP's flat gradient buckets;
 - ``master_weights``: ZeRO's fp32 partition of the (16-bit) trainables;
-- ``persistent_params``: ZeRO-3 parameters below ``stage3_param_persistence_threshold``, kept whole.
+- ``persistent_params``: ZeRO-3 parameters below ``stage3_param_persistence_threshold``, kept whole;
+- ``quant_state``: a 4-bit base's bitsandbytes quant state (absmax, codes), not a parameter, so
+  kept whole on every rank when FSDP / ZeRO-3 shard the packed data (also under CPU offload,
+  where the dequantizing kernel reads it on the GPU).
 NCCL's own buffers are allocated by NCCL outside torch's allocator (not in peak allocated); they
 sit inside the CUDA-context prior's uncertainty and are not a ledger line.
 
@@ -128,8 +131,38 @@ def layers_total(st: Structure) -> int:
 
 
 def layer_unit(st: Structure, lora_weights) -> Any:
-    """Bytes of one decoder-layer unit as gathered: (frozen Linear + expert weights)/L + its LoRA."""
-    return (st.frozen_linear_weights + st.expert_weights + lora_weights) / layers_total(st)
+    """Bytes of one decoder-layer unit as gathered: (frozen Linear + expert weights - the
+    replicated 4-bit quant state)/L + its LoRA."""
+    return (st.frozen_linear_weights - quant_state_bytes(st) + st.expert_weights + lora_weights) / layers_total(st)
+
+
+def _replicate_quant_state(c: dict, st: Structure) -> None:
+    """Move the 4-bit quant state out of ``frozen_linear_weights`` into its own, unsharded line
+    (``quant_state``) before the shards are scaled."""
+    qs = quant_state_bytes(st)
+    if qs and "frozen_linear_weights" in c:
+        c["frozen_linear_weights"] = c["frozen_linear_weights"] - qs
+        c["quant_state"] = qs
+
+
+def quant_state_bytes(st: Structure) -> int:
+    """bitsandbytes 4-bit quantization state of the frozen Linears (absmax, nested absmax, code
+    tables: ``weights.quantized_linear_bytes`` minus the packed data n/2): attributes of each
+    Params4bit (``weight.quant_state``), not parameters, so neither FSDP's flat parameters nor
+    ZeRO-3's partitions hold them: every rank keeps all of them on its GPU, where the 4-bit
+    matmul dequantizes (bitsandbytes nn/modules.py::Linear4bit.forward, functional.py::dequantize_4bit).
+    0 for a base that is not 4-bit."""
+    from ..storage import linear_storage
+    from .weights import _blocks, quantized_linear_bytes
+
+    m, total = st.model, 0
+    for l in m.linears:
+        if l.role == "lm_head":
+            continue
+        q = linear_storage(m, st.dt, l)
+        if q in ("nf4", "fp4"):
+            total += quantized_linear_bytes(l, q, st.double_quant) - _blocks(l.in_features * l.out_features / 2)
+    return int(total)
 
 
 def lm_head_bytes(st: Structure) -> int:
@@ -189,6 +222,7 @@ def _fsdp(moment: str, c: dict, st: Structure, train: TrainSpec, r) -> dict:
     """FSDP1/FSDP2 per rank (module docstring): shards /N_s, gathered units per moment."""
     ns = shard_group(train)
     lw = c["lora_weights"]  # the full adapters: the gathered units carry theirs
+    _replicate_quant_state(c, st)
     _scale(c, PARAM_LINES + TRAINABLE_LINES, 1 / ns)
     L = layers_total(st)
     unit = layer_unit(st, lw)
@@ -271,6 +305,7 @@ def _zero(moment: str, c: dict, st: Structure, train: TrainSpec, r) -> dict:
         if stage >= 2 and moment in BACKWARD_MOMENTS:
             c["reduce_scatter_buffers"] = bucket  # the ipg bucket (contiguous_gradients)
     if stage == 3:
+        _replicate_quant_state(c, st)
         _scale(c, PARAM_LINES, 1 / n)
         persist = persistent_lora(st, train, r)
         c["lora_weights"] = (lw16 - persist) / n

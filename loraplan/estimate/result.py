@@ -211,6 +211,7 @@ LEDGER: tuple[LedgerLine, ...] = (
     LedgerLine("kernel_transients", "int8 matmul transients (int32 result, outlier columns)", "#b5556e"),
     # several GPUs (estimate.parallel): what the engines add per rank
     LedgerLine("master_weights", "ZeRO fp32 master partition of the adapters", "#a33b3f"),
+    LedgerLine("quant_state", "4-bit quant state (absmax, codes), on every rank", "#4c9ab0"),
     LedgerLine("persistent_params", "ZeRO-3 persistent (unpartitioned) small params", "#5e8c9a"),
     LedgerLine("gathered_params", "all-gathered units in flight (incl. prefetch)", "#6a7fb5"),
     LedgerLine("all_gather_buffers", "FSDP2 all-gather output buffer", "#9aa8d0"),
