@@ -154,3 +154,31 @@ def test_4bit_quant_state_is_not_sharded():
     one = ledger(QLORA, "layer backward", quant_storage=None)
     assert b["frozen_linear_weights"] * 4 + b["quant_state"] == pytest.approx(one["frozen_linear_weights"], rel=1e-6)
     assert "quant_state" not in ledger(BF16, "layer backward", strategy="fsdp", num_gpus=2)
+
+
+def test_worst_rank_over_a_sweeps_arrays():
+    import numpy as np
+
+    from loraplan.estimate.parallel import worst_rank_peak
+
+    ranks = {0: {"forward": {"a": np.array([1, 5])}}, 1: {"forward": {"a": np.array([3, 2])}}}
+    peak, moment = worst_rank_peak(ranks)
+    assert peak.tolist() == [3, 5] and list(moment) == ["forward", "forward"]
+
+
+@pytest.mark.parametrize("kw", [dict(strategy="fsdp", num_gpus=4), dict(strategy="device-map", num_gpus=3, batch=4),
+                                dict(strategy="zero3", num_gpus=8, quant="fp32", mixed_precision="bf16")])
+def test_sweep_totals_match_estimate(kw):
+    """sweep's per-group totals (_memory_totals) read the same per-GPU rules as estimate()."""
+    from loraplan.catalog import load_calibration
+    from loraplan.estimate.activations import choose_attention
+    from loraplan.estimate.memory import moments, sequence_shape
+    from loraplan.sweep import _Group, _memory_totals
+
+    train = replace(BF16, **kw)
+    want = mem(train).peak_allocated_bytes
+    g = _Group(MODEL, LORA, train)
+    cal = load_calibration(None)
+    x = sequence_shape(MODEL, g.resolved, LORA, "9.0")
+    ms = moments(g.structure, g.resolved, choose_attention(MODEL, g.resolved, "9.0"), x, None, cal)
+    assert int(_memory_totals(g.structure, g.resolved, x, ms, cal, g.stored)[0]) == want

@@ -253,7 +253,7 @@ def device_totals(peak_allocated, paged, cal: Calibration):
 def estimate_memory(s: Setup, gpu: GpuSpec | None, cal: Calibration) -> MemoryEstimate:
     """Peak allocated = the largest moment; reserved and device totals from named coefficients."""
     st, x = s.structure, s.shape
-    from .parallel import host_ledger, host_total, rank_moments
+    from .parallel import host_ledger, host_total, paged_per_rank, rank_moments
 
     one_gpu = moments(st, s.train, s.attention, x, gpu, cal)
     # per rank (estimate.parallel; --strategy single: {0: the one-GPU moments}); the worst rank
@@ -269,11 +269,7 @@ def estimate_memory(s: Setup, gpu: GpuSpec | None, cal: Calibration) -> MemoryEs
     peak, peak_name = peaks[worst]
     components = {k: int(v) for k, v in ms[peak_name].items() if v}
     per_gpu = {k: {c: int(v) for c, v in ranks[k][peaks[k][1]].items() if int(v)} for k in ranks}
-    paged = int(paged_optimizer_state(st, x.r, s.train.optimizer))
-    if s.train.strategy in ("fsdp", "zero1", "zero2", "zero3"):  # the optimizer holds a 1/N partition
-        paged = paged // s.train.num_gpus
-    elif s.train.strategy in ("fsdp-offload", "zero3-offload"):  # the optimizer runs on the host
-        paged = 0
+    paged = paged_per_rank(int(paged_optimizer_state(st, x.r, s.train.optimizer)), s.train)
     reserved, device, context = device_totals(peak, paged, cal)
     outside = {"cuda_context_and_libraries": context}
     if paged:

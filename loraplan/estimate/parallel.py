@@ -417,3 +417,33 @@ def host_total(components: dict[str, int]) -> int:
     """max(load-time copies, everything else): the host need (``host_ledger``)."""
     load = components.get("model_load_copies", 0)
     return max(load, sum(v for k, v in components.items() if k != "model_load_copies"))
+
+
+def worst_rank_peak(ranks: dict[int, dict[str, dict]]):
+    """(peak allocated, moment) of the worst rank by ``memory.peak_of`` per rank: ints, or arrays
+    over a sweep's cases (element-wise worst rank; ties: the lowest rank)."""
+    from .memory import peak_of
+
+    peaks = [peak_of(v) for v in ranks.values()]
+    if len(peaks) == 1 or all(p is peaks[0] for p in peaks):
+        return peaks[0]
+    from .arrays import is_scalar
+
+    if all(is_scalar(p) for p, _ in peaks):
+        return max(peaks, key=lambda pm: int(pm[0]))
+    import numpy as np
+
+    allp = np.stack([np.asarray(p) for p, _ in peaks])
+    idx = allp.argmax(axis=0)
+    moments_ = np.stack([np.broadcast_to(np.asarray(m, dtype=object), allp.shape[1:]) for _, m in peaks])
+    return np.take_along_axis(allp, idx[None], 0)[0], np.take_along_axis(moments_, idx[None], 0)[0]
+
+
+def paged_per_rank(paged, train: TrainSpec):
+    """Paged optimizer bytes on one GPU: the optimizer holds a 1/N partition under FSDP and ZeRO,
+    runs on the host under the offload strategies, and is whole under DDP, device_map, single."""
+    if train.strategy in ("fsdp", "zero1", "zero2", "zero3"):
+        return paged // train.num_gpus
+    if train.strategy in ("fsdp-offload", "zero3-offload"):
+        return paged * 0
+    return paged
