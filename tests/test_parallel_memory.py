@@ -182,3 +182,19 @@ def test_sweep_totals_match_estimate(kw):
     x = sequence_shape(MODEL, g.resolved, LORA, "9.0")
     ms = moments(g.structure, g.resolved, choose_attention(MODEL, g.resolved, "9.0"), x, None, cal)
     assert int(_memory_totals(g.structure, g.resolved, x, ms, cal, g.stored)[0]) == want
+
+
+def test_fsdp1_gathered_units_are_full_size_and_follow_the_prefetch_default():
+    """The unsharded flat parameter is a full allocation beside the shard: root + current layer,
+    + the prefetched layer under torch's BACKWARD_PRE (a loop) but not accelerate's default (hf)."""
+    from loraplan.estimate.memory import make_setup
+    from loraplan.estimate.parallel import layer_unit
+    from loraplan.targets import select_targets
+
+    kw = dict(quant="bf16", strategy="fsdp", num_gpus=4, fsdp_version=1, mixed_precision="no")
+    for trainer, units in (("loop", 2), ("hf", 1)):
+        t = replace(BF16, trainer=trainer, **kw)
+        st = make_setup(MODEL, LORA, t, select_targets(MODEL, LORA.targets)).structure
+        c = ledger(t, "layer backward")
+        lw = c["lora_weights"] * 4  # the rank holds 1/4
+        assert c["gathered_params"] == pytest.approx(st.unquantized_weights + units * layer_unit(st, lw), rel=1e-9)

@@ -49,8 +49,9 @@ CUDA here: its rules are read from deepspeedai/DeepSpeed's source and modelled a
   (_runtime_utils.py::_post_forward_reshard: ``not state._is_root``; FSDP2
   _fsdp_state.py::_lazy_init: the root's post_forward_mesh_info = None), so the root stays
   gathered from forward to the end of backward; in backward the current layer is gathered,
-  plus the next with prefetch (FSDP2 always; FSDP1 only with BACKWARD_PRE, off by default in
-  accelerate/transformers: trainers.json 'parallel'). SHARD_GRAD_OP keeps every unit gathered
+  plus the next with prefetch (FSDP2 always; FSDP1 with BACKWARD_PRE: torch's default, off by
+  default in accelerate/transformers: trainers.json 'parallel'). A gathered unit is a full-size
+  allocation beside the rank's shard, which stays allocated. SHARD_GRAD_OP keeps every unit gathered
   from its forward until its backward. Sharded gradients and optimizer state are 1/N_s.
   ``fsdp-offload`` (CPUOffload(offload_params=True)) keeps the shards, their gradients and the
   optimizer (the step runs on CPU) in host RAM (pinned for the gradients:
@@ -237,7 +238,10 @@ def _fsdp(moment: str, c: dict, st: Structure, train: TrainSpec, r) -> dict:
         gathered = root + in_backward * unit
     else:  # forward / loss backward: the root only (never resharded after forward)
         gathered = root
-    c["gathered_params"] = gathered * (1 - 1 / ns)  # the rank's own shard is already counted
+    # the unsharded flat parameter / all-gather output is a full-size allocation beside the rank's
+    # own shard, which stays allocated (_flat_param.py::FlatParamHandle._alloc_padded_unsharded_flat_param;
+    # FSDP2 _fsdp_param.py::FSDPParam.init_unsharded_param)
+    c["gathered_params"] = gathered
     if train.fsdp_version == 2 and moment in BACKWARD_MOMENTS:
         # _fsdp_collectives.py::foreach_all_gather: one flat output buffer of the unit, copied out
         # to the per-parameter tensors (foreach_all_gather_copy_out) before it is freed
@@ -250,7 +254,6 @@ def _fsdp(moment: str, c: dict, st: Structure, train: TrainSpec, r) -> dict:
         for k in PARAM_LINES + TRAINABLE_LINES:
             if k in c:
                 c[k] = c[k] * 0
-        c["gathered_params"] = gathered  # gathered from host copies: the whole unit on the GPU
     return c
 
 
@@ -318,7 +321,7 @@ def _zero(moment: str, c: dict, st: Structure, train: TrainSpec, r) -> dict:
             gathered = lm_head_bytes(st)  # the head, gathered for the loss
         else:
             gathered = 0
-        c["gathered_params"] = gathered * (1 - 1 / n)
+        c["gathered_params"] = gathered  # param.data gathered in full; ds_tensor (the partition) stays
     if offload:  # partitions, master weights, fp32 grads and optimizer state in host RAM
         for k in PARAM_LINES + ("lora_weights", "optimizer_state", "optimizer_temporaries", "master_weights"):
             if k in c:
