@@ -53,6 +53,9 @@ CUDA here: its rules are read from deepspeedai/DeepSpeed's source and modelled a
   default in accelerate/transformers: trainers.json 'parallel'). A gathered unit is a full-size
   allocation beside the rank's shard, which stays allocated. SHARD_GRAD_OP keeps every unit gathered
   from its forward until its backward. Sharded gradients and optimizer state are 1/N_s.
+  ``use_orig_params`` changes no line: with PEFT's wrap policy (which transformers' Trainer applies,
+  distributed/fsdp.py::update_fsdp_plugin_peft) no unit mixes frozen and trainable parameters,
+  so no frozen flat parameter gets a gradient either way.
   ``fsdp-offload`` (CPUOffload(offload_params=True)) keeps the shards, their gradients and the
   optimizer (the step runs on CPU) in host RAM (pinned for the gradients:
   _flat_param.py ``_cpu_grad``); only gathered units and activations are on the GPU.
