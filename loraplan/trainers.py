@@ -284,6 +284,14 @@ def recipe_summary(inputs: dict) -> str:
     pad = d["padding"] + (f" (lengths {_lengths_text(d['lengths'])})" if d.get("lengths") else "")
     parts.append(f"padding {pad}")
     parts.append(f"loss {d['loss']}")
+    if d.get("strategy", "single") != "single":  # several GPUs (issue 13): the layout the per-GPU numbers assume
+        lay = f"{d['strategy']} on {d['num_gpus']} GPUs" + (f" ({d['nodes']} nodes)" if d.get("nodes", 1) > 1 else "")
+        if d["strategy"].startswith("fsdp"):
+            lay += f" (FSDP{d['fsdp_version']} {d['fsdp_sharding']}" + (
+                ", RAM-efficient loading)" if d.get("ram_efficient_loading") else ")")
+        if d.get("quant_storage"):
+            lay += f", quant storage {d['quant_storage']}"
+        parts.append(lay)
     return ", ".join(parts)
 
 
