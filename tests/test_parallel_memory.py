@@ -198,3 +198,13 @@ def test_fsdp1_gathered_units_are_full_size_and_follow_the_prefetch_default():
         c = ledger(t, "layer backward")
         lw = c["lora_weights"] * 4  # the rank holds 1/4
         assert c["gathered_params"] == pytest.approx(st.unquantized_weights + units * layer_unit(st, lw), rel=1e-9)
+
+
+def test_hybrid_shards_within_a_node_and_host_ram_is_per_machine():
+    full = ledger(BF16, "optimizer step", strategy="fsdp", num_gpus=2)
+    hyb = ledger(BF16, "optimizer step", strategy="fsdp", num_gpus=4, nodes=2, fsdp_sharding="hybrid")
+    assert hyb["frozen_linear_weights"] == pytest.approx(full["frozen_linear_weights"])  # sharded over 2 per node
+    m4 = mem(BF16, strategy="ddp", num_gpus=4, nodes=2)
+    m2 = mem(BF16, strategy="ddp", num_gpus=2)
+    assert m4.host_components["model_load_copies"] == m2.host_components["model_load_copies"]  # 2 ranks per machine
+    assert mem(BF16, strategy="zero3", num_gpus=2).host_bytes == 0  # zero.Init: no host copy of the model
