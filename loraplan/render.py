@@ -170,5 +170,6 @@ def per_gpu_summary(mem: dict) -> tuple[list[str], Any]:
     host = mem.get("host_components") or {}
     if len(per) > 1 or any(k != "model_load_copies" for k in host):
         parts = ", ".join(f"{k.replace('_', ' ')} {size(v)}" for k, v in host.items())
-        lines.append(f"host RAM per machine {size(mem.get('host_bytes'))} (the larger of load time and the step: {parts})")
+        lines.append(f"host RAM per machine {size(mem.get('host_bytes'))} "
+                     f"(the larger of load time and the step: {parts})")
     return lines, table

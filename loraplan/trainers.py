@@ -186,7 +186,8 @@ def check_parallel(train: TrainSpec) -> None:
         raise InputError(f"--strategy device-map runs one process on one machine: drop --nodes {nodes}")
     fsdp = s in FSDP_STRATEGIES
     if not fsdp:
-        for key, v, default in (("fsdp_sharding", train.fsdp_sharding, "full"), ("fsdp_version", train.fsdp_version, None),
+        for key, v, default in (("fsdp_sharding", train.fsdp_sharding, "full"),
+                                ("fsdp_version", train.fsdp_version, None),
                                 ("use_orig_params", train.use_orig_params, None)):
             if v != default:
                 raise InputError(f"--{key.replace('_', '-')} {v} is an FSDP setting, but --strategy is {s}: drop it or "
@@ -204,7 +205,8 @@ def check_parallel(train: TrainSpec) -> None:
         qs = train.quant_storage or "uint8"
         if qs == "uint8":
             raise InputError(f"--strategy {s} with --quant {train.quant} needs a float bnb_4bit_quant_storage "
-                             f"(FSDP/ZeRO-3 shard float parameters only): use --quant-storage {train.load_dtype or 'bf16'}")
+                             f"(FSDP/ZeRO-3 shard float parameters only): use --quant-storage "
+                             f"{train.load_dtype or 'bf16'}")
         if s in FSDP_STRATEGIES and train.fsdp_version == 1 and train.prepare_kbit:
             raise InputError(f"--strategy {s} (FSDP1 flat parameters) with prepare_model_for_kbit_training: it upcasts "
                              f"norms and embeddings to fp32 beside the {qs} 4-bit storage, and a flat parameter holds "

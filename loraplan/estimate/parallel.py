@@ -83,8 +83,8 @@ from ..spec import TrainSpec
 from ..storage import dtype_bytes
 from .weights import Structure
 
-#: FSDP strategies; the strategies that shard the frozen base (from trainers.py, the refusals' owner)
-from ..trainers import BASE_SHARDING, FSDP_STRATEGIES, parallel_setting  # noqa: E402
+#: the FSDP strategies (trainers.py owns the layout refusals)
+from ..trainers import FSDP_STRATEGIES, parallel_setting
 
 ZERO = ("zero1", "zero2", "zero3", "zero3-offload")
 #: lines a sharding engine divides by N_s (the rank's shard of parameters, gradients, optimizer)
