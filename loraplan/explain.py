@@ -228,18 +228,60 @@ def _activation_why(setup, e: Estimate, cc) -> list[str]:
     return out
 
 
+#: what each per-GPU line of estimate.parallel holds (one line each; the module's docstring cites the sources)
+_PARALLEL_WHY = {
+    "gathered_params": "units all-gathered in full on top of this GPU's shard: FSDP's root (embeddings, lm_head) "
+                       "from forward to the end of backward, the running decoder layer and its prefetched "
+                       "neighbour; ZeRO-3's running layer plus its prefetch bucket",
+    "all_gather_buffers": "FSDP2 all-gathers a unit into one flat buffer, then copies it out to the parameters",
+    "reduce_scatter_buffers": "a layer's unsharded LoRA gradients on their way to reduce-scatter (FSDP), or "
+                              "DeepSpeed's gradient bucket (reduce_bucket_size elements)",
+    "ddp_buckets": "DDP's flat gradient buckets: a second copy of the trainable gradients "
+                   "(gradient_as_bucket_view=False, the default)",
+    "master_weights": "ZeRO keeps an fp32 copy of this rank's partition of the 16-bit adapters for the optimizer",
+    "persistent_params": "ZeRO-3 keeps parameters below stage3_param_persistence_threshold whole on every rank "
+                         "(LoRA matrices are small)",
+    "quant_state": "4-bit absmax and code tables are attributes of each Params4bit, not parameters: FSDP and "
+                   "ZeRO-3 cannot shard them, every GPU keeps them all",
+}
+_SHARDED = {"fsdp": ("frozen_linear_weights", "unquantized_weights", "expert_weights", "lora_weights", "lora_gradients",
+                     "optimizer_state", "optimizer_temporaries"),
+            "zero1": ("optimizer_state", "optimizer_temporaries"),
+            "zero2": ("optimizer_state", "optimizer_temporaries", "lora_gradients"),
+            "zero3": ("frozen_linear_weights", "unquantized_weights", "expert_weights", "lora_weights",
+                      "lora_gradients", "optimizer_state", "optimizer_temporaries")}
+
+
+def _parallel_why(key: str, train: TrainSpec) -> list[str]:
+    """Several GPUs: what the engine does to ``key`` on one GPU (estimate.parallel)."""
+    if train.strategy == "single":
+        return []
+    if key in _PARALLEL_WHY:
+        return [_PARALLEL_WHY[key]]
+    if key in _SHARDED.get(train.strategy.replace("-offload", ""), ()):
+        return [f"sharded over {train.num_gpus} GPUs by {train.strategy}: this GPU holds 1/{train.num_gpus}"]
+    if key == "activations" and train.strategy != "device-map":
+        return [f"per GPU: each rank runs its own batch of {train.batch}; activations are never divided by the GPU count"]
+    return []
+
+
 def _why(key: str, setup, e: Estimate, model: ModelSpec, lora: LoraSpec, cc) -> list[str]:
+    return _parallel_why(key, setup.loaded or setup.train) + _why_one_gpu(key, setup, e, model, lora, cc)
+
+
+def _why_one_gpu(key: str, setup, e: Estimate, model: ModelSpec, lora: LoraSpec, cc) -> list[str]:
     st, x, train = setup.structure, setup.shape, setup.train
     comp = e.memory.components.get(key, 0)
     if key == "frozen_linear_weights":
         lq = effective_linear_quant(model, Dtypes.of(train))
         n = sum(li.numel for li in model.linears if li.stack != "head")
-        base = f"{n / 1e9:.2f} B frozen Linear parameters stored as {lq}: {comp / max(n, 1):.2f} B per parameter"
+        per_gpu = " on this GPU" if train.strategy != "single" else ""
+        base = f"{n / 1e9:.2f} B frozen Linear parameters stored as {lq}: {comp / max(n, 1):.2f} B per parameter{per_gpu}"
         if lq == "fp32" and train.quant in QUANTIZED:
             base += " (this family's Linears are not converted by bitsandbytes; they are upcast to fp32)"
         return [base]
     if key == "unquantized_weights":
-        if train.quant in QUANTIZED or train.quant == "fp32":
+        if Dtypes.of(train).unquantized == "fp32":
             return ["embeddings, norms and lm_head are fp32: prepare_model_for_kbit_training upcasts every "
                     "parameter a quantized base keeps unquantized" if train.quant in QUANTIZED else
                     "embeddings, norms and lm_head are fp32 (fp32 base)",

@@ -144,3 +144,32 @@ def console(width: int | None = None):
     if width is None and not con.is_terminal:
         con = Console(width=80)
     return con
+
+
+def per_gpu_summary(mem: dict) -> tuple[list[str], Any]:
+    """Lines and (when the ranks differ) a rich Table for an estimate's ``memory`` dict on several
+    GPUs (``memory.per_gpu``, ``memory.host_bytes``): the rank that peaks, each rank's peak
+    allocated and its three largest lines, and the host RAM with its parts. One GPU: ([], None)."""
+    per = mem.get("per_gpu") or {}
+    lines: list[str] = []
+    table = None
+    if len(per) > 1:
+        peaks = {k: sum(v.values()) for k, v in per.items()}
+        if len(set(peaks.values())) == 1:
+            lines.append(f"per GPU: all {len(per)} ranks alike, {size(next(iter(peaks.values())))} peak allocated each")
+        else:
+            from rich.table import Table
+
+            worst = max(peaks, key=lambda k: peaks[k])
+            table = Table(title=f"Per GPU (rank {worst} peaks)", title_justify="left")
+            for head, just in (("rank", "right"), ("peak allocated", "right"), ("largest lines", "left")):
+                table.add_column(head, justify=just)
+            for k, v in per.items():
+                top = sorted(v.items(), key=lambda kv: -kv[1])[:3]
+                table.add_row(str(k), size(peaks[k]), ", ".join(f"{n.replace('_', ' ')} {size(b)}" for n, b in top))
+    host = mem.get("host_components") or {}
+    if len(per) > 1 or any(k != "model_load_copies" for k in host):
+        parts = ", ".join(f"{k.replace('_', ' ')} {size(v)}" for k, v in host.items())
+        lines.append(f"host RAM per machine {size(mem.get('host_bytes'))} "
+                     f"(the larger of load time and the step: {parts})")
+    return lines, table

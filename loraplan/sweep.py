@@ -683,7 +683,11 @@ class _Group:
         from .storage import Dtypes
 
         # the recipe's dtypes and the device, as estimate()'s make_setup builds it
-        self.structure = structure(model, self.adapted, Dtypes.of(self.resolved), train.double_quant, train.device)
+        from .estimate.parallel import compute_train, param_factor
+
+        computed = compute_train(self.resolved)  # several GPUs: an fp32 base may run as a 16-bit model
+        self.stored = param_factor(self.resolved, computed)
+        self.structure = structure(model, self.adapted, Dtypes.of(computed), train.double_quant, train.device)
         self.targets = ",".join(lora.targets)
         self.encoder_decoder = train.target_seq is not None  # resolve_case sets it for enc-dec only
         self.kinds: dict[tuple, str] = {}
@@ -803,7 +807,7 @@ def _evaluate_group(p: _Group, idx, C, gpu_entry, data, none, rank_v, batch_v, s
         tr = replace(train, batch=x.b, seq=x.seq, target_seq=None if ts is None else ts[sel],
                      int8_outlier_fraction=None if frac is None else frac[sel])
         ms = moments(p.structure, tr, kind, x, gpu, cal)
-        peak[sel], moment[sel], reserved[sel], device[sel] = _memory_totals(p.structure, tr, x, ms, cal)
+        peak[sel], moment[sel], reserved[sel], device[sel] = _memory_totals(p.structure, tr, x, ms, cal, p.stored)
 
     nums = {k: getattr(train, k) for k in _RECIPE_NUMBERS}  # the other recipe cells: evaluate_table, per column
     row = case_row(p.model, lora, train, gpu, trainable, total, peak, reserved, device, moment, t, recipe=nums)
@@ -839,7 +843,7 @@ def _evaluate_sequence_case(p: _Group, idx, gpu_entry, data, none, rank, alpha, 
     cc = gpu.compute_capability
     x = sequence_shape(p.model, train, lora, cc)
     ms = moments(p.structure, train, choose_attention(p.model, train, cc), x, gpu, cal)
-    peak, moment, reserved, device = _memory_totals(p.structure, train, x, ms, cal)
+    peak, moment, reserved, device = _memory_totals(p.structure, train, x, ms, cal, p.stored)
     row = case_row(p.model, lora, train, gpu, pc.trainable, pc.total, peak, reserved, device, moment, t,
                    recipe={k: getattr(train, k) for k in _RECIPE_NUMBERS})
     for c, v in row.items():
@@ -884,7 +888,7 @@ def case_row(model, lora, train, gpu, trainable, total, peak, reserved, device, 
     )
 
 
-def _memory_totals(st, train, x, ms, cal):
+def _memory_totals(st, train, x, ms, cal, stored: float = 1):
     """``estimate_memory``'s totals for arrays of cases from the ledger's moments ``ms``: (peak
     allocated, peak moment names, peak reserved, device total), by the same functions
     (``memory.peak_of``, ``memory.device_totals``)."""
@@ -893,10 +897,14 @@ def _memory_totals(st, train, x, ms, cal):
     from .estimate.memory import device_totals, peak_of
     from .estimate.weights import paged_optimizer_state
 
-    peak, moment = peak_of(ms)
+    from .estimate.parallel import paged_per_rank, rank_moments, worst_rank_peak
+
+    # several GPUs: the worst rank's ledger (estimate.parallel; single: the one-GPU moments)
+    peak, moment = worst_rank_peak(rank_moments(ms, st, train, x.r, stored)) if train.strategy != "single" else peak_of(ms)
     peak = np.broadcast_to(peak, np.shape(x.b))
     paged = paged_optimizer_state(st, x.r, train.optimizer)
     paged = int(paged) if isinstance(paged, (int, float)) else np.asarray(paged).astype(np.int64)
+    paged = paged_per_rank(paged, train)
     reserved, device, _ = device_totals(peak, paged, cal)
     return peak, np.broadcast_to(moment, np.shape(x.b)), reserved, device
 

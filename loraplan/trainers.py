@@ -127,12 +127,99 @@ def resolve_recipe(train: TrainSpec) -> TrainSpec:
     elif train.attention != "auto" and train.attn_implementation not in (None, "sdpa"):
         raise InputError(f"--attention {train.attention} picks an sdpa kernel, but --attn-implementation is "
                          f"{train.attn_implementation}; drop --attention or use --attn-implementation sdpa")
+    if train.strategy in FSDP_STRATEGIES:  # the engine defaults apply only where FSDP runs (single: inputs as before)
+        for key in ("fsdp_version", "use_orig_params", "ram_efficient_loading"):
+            if getattr(train, key) is None:
+                changes[key] = default_of(t, key, q, train.stack)
     out = replace(train, **changes)
     check_options(out)
+    check_parallel(out)
     if out.mixed_precision == "fp16" and out.adapter_dtype == "fp16":
         raise InputError("--mixed-precision fp16 with --adapter-dtype fp16: GradScaler cannot unscale fp16 "
                          "gradients ('Attempting to unscale FP16 gradients'); use --adapter-dtype fp32")
     return out
+
+
+#: the strategies that run FSDP (FullyShardedDataParallel / fully_shard)
+FSDP_STRATEGIES = ("fsdp", "fsdp-offload")
+#: the strategies that shard the frozen base across ranks (FSDP FULL_SHARD/SHARD_GRAD_OP, ZeRO-3)
+BASE_SHARDING = ("fsdp", "fsdp-offload", "zero3", "zero3-offload")
+#: GPUs in one machine of the catalog's servers (DGX/HGX: 8); more need --nodes
+GPUS_PER_NODE_MAX = 8
+
+
+def check_parallel(train: TrainSpec) -> None:
+    """InputError (one line: the value and the fix) for a multi-GPU layout the engines refuse.
+
+    ``--batch`` is the per-rank micro-batch (transformers' per_device_train_batch_size; DeepSpeed's
+    train_micro_batch_size_per_gpu, with train_batch_size = micro x accumulation x world size,
+    runtime/config.py::_batch_assertion), so no engine needs the world size to divide it: DDP, FSDP
+    and ZeRO give every rank its own batch, and device_map runs one process. Refused:
+    - ``--strategy single`` with ``--num-gpus`` > 1 (which engine?), or a multi-GPU strategy with 1 GPU;
+    - more than GPUS_PER_NODE_MAX GPUs per node, or a GPU count the nodes do not share evenly;
+    - int8 (LLM.int8) with a strategy that shards the base: Int8Params carry their row scales (SCB)
+      outside the tensor, which FSDP's flat parameters (torch _flat_param.py) and ZeRO-3's partitions
+      do not carry;
+    - 4-bit with a sharded base and ``bnb_4bit_quant_storage`` uint8: FSDP flattens/shards only
+      floating-point parameters of one dtype (_flat_param.py::FlatParamHandle._validate_tensors_to_flatten:
+      "Must flatten tensors with uniform dtype"); the storage must be the float dtype the model loads in;
+    - FSDP1 with prepare_model_for_kbit_training on a 4-bit base (fp32 norms beside the float storage:
+      two dtypes in one flat parameter);
+    - ``--quant-storage`` with a base that is not 4-bit;
+    - FSDP options (--fsdp-sharding other than full, --fsdp-version, --use-orig-params) with a strategy
+      that is not FSDP; hybrid sharding on one node.
+    """
+    s, n, nodes = train.strategy, train.num_gpus, train.nodes
+    if s == "single" and n > 1:
+        raise InputError(f"--num-gpus {n} with --strategy single: choose --strategy ddp, fsdp, fsdp-offload, zero1, "
+                         f"zero2, zero3, zero3-offload or device-map")
+    if s != "single" and n == 1:
+        raise InputError(f"--strategy {s} with --num-gpus 1: give --num-gpus 2 or more, or --strategy single")
+    if n % nodes:
+        raise InputError(f"--num-gpus {n} is not a multiple of --nodes {nodes}: every node runs the same number of "
+                         f"ranks; use --num-gpus {nodes * max(1, round(n / nodes))}")
+    if n // nodes > GPUS_PER_NODE_MAX:
+        need = -(-n // GPUS_PER_NODE_MAX)
+        raise InputError(f"--num-gpus {n} on {nodes} node{'s' if nodes > 1 else ''} is more than {GPUS_PER_NODE_MAX} "
+                         f"GPUs per node: add --nodes {need}")
+    if s == "device-map" and nodes > 1:
+        raise InputError(f"--strategy device-map runs one process on one machine: drop --nodes {nodes}")
+    fsdp = s in FSDP_STRATEGIES
+    if not fsdp:
+        for key, v, default in (("fsdp_sharding", train.fsdp_sharding, "full"),
+                                ("fsdp_version", train.fsdp_version, None),
+                                ("use_orig_params", train.use_orig_params, None)):
+            if v != default:
+                raise InputError(f"--{key.replace('_', '-')} {v} is an FSDP setting, but --strategy is {s}: drop it or "
+                                 f"use --strategy fsdp")
+    if fsdp and train.fsdp_sharding == "hybrid" and nodes == 1:
+        raise InputError("--fsdp-sharding hybrid shards within a node and replicates across nodes: with --nodes 1 "
+                         "it is full sharding; use --fsdp-sharding full or give --nodes")
+    if train.quant_storage is not None and train.quant not in ("nf4", "fp4"):
+        raise InputError(f"--quant-storage {train.quant_storage} applies to 4-bit bases only (--quant nf4 or fp4); "
+                         f"drop it")
+    if s in BASE_SHARDING and train.quant == "int8":
+        raise InputError(f"--quant int8 with --strategy {s}: LLM.int8 weights keep their scales outside the tensor, "
+                         f"which sharding cannot split; use --quant nf4 --quant-storage bf16, or --strategy ddp")
+    if s in BASE_SHARDING and train.quant in ("nf4", "fp4"):
+        qs = train.quant_storage or "uint8"
+        if qs == "uint8":
+            raise InputError(f"--strategy {s} with --quant {train.quant} needs a float bnb_4bit_quant_storage "
+                             f"(FSDP/ZeRO-3 shard float parameters only): use --quant-storage "
+                             f"{train.load_dtype or 'bf16'}")
+        if s in FSDP_STRATEGIES and train.fsdp_version == 1 and train.prepare_kbit:
+            raise InputError(f"--strategy {s} (FSDP1 flat parameters) with prepare_model_for_kbit_training: it upcasts "
+                             f"norms and embeddings to fp32 beside the {qs} 4-bit storage, and a flat parameter holds "
+                             f"one dtype; use --no-prepare-kbit, or --fsdp-version 2")
+        if train.load_dtype is not None and qs != train.load_dtype:
+            raise InputError(f"--quant-storage {qs} differs from --load-dtype {train.load_dtype}: a sharded unit "
+                             f"holds one dtype; use --quant-storage {train.load_dtype}")
+
+
+def parallel_setting(trainer: str, engine: str) -> dict:
+    """trainers.json 'parallel': ``engine`` ("deepspeed") settings for ``trainer``, or for
+    "fsdp1_backward_prefetch" the bool; sources in 'parallel.sources'."""
+    return trainers_data()["parallel"][engine][trainer]
 
 
 #: the first compute capability with bf16 tensor cores (Ampere, sm80); torch's
@@ -199,6 +286,14 @@ def recipe_summary(inputs: dict) -> str:
     pad = d["padding"] + (f" (lengths {_lengths_text(d['lengths'])})" if d.get("lengths") else "")
     parts.append(f"padding {pad}")
     parts.append(f"loss {d['loss']}")
+    if d.get("strategy", "single") != "single":  # several GPUs (issue 13): the layout the per-GPU numbers assume
+        lay = f"{d['strategy']} on {d['num_gpus']} GPUs" + (f" ({d['nodes']} nodes)" if d.get("nodes", 1) > 1 else "")
+        if d["strategy"].startswith("fsdp"):
+            lay += f" (FSDP{d['fsdp_version']} {d['fsdp_sharding']}" + (
+                ", RAM-efficient loading)" if d.get("ram_efficient_loading") else ")")
+        if d.get("quant_storage"):
+            lay += f", quant storage {d['quant_storage']}"
+        parts.append(lay)
     return ", ".join(parts)
 
 

@@ -135,6 +135,13 @@ def _print_table(d: dict, labels: dict[str, str] | None = None) -> None:
         t.add_row(f"+ {k.replace('_', ' ')} (outside torch)", size(v), "")
     t.add_row("[bold]device total[/] (NVML used)", f"[bold]{size(mem['device_total_bytes'])}[/]", "")
     con.print(t)
+    from ..render import per_gpu_summary
+
+    lines, per_table = per_gpu_summary(mem)
+    if per_table is not None:
+        con.print(per_table)
+    for line in lines:
+        con.print(escape(line))
     if d.get("gpu"):
         con.print(verdict_line(d))
     if d.get("time"):

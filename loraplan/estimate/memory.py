@@ -192,15 +192,21 @@ class Setup:
     train: TrainSpec
     attention: str
     shape: Shape = field(repr=False)
+    #: the user's recipe when the engine computes in another dtype (``parallel.compute_train``)
+    loaded: TrainSpec | None = None
 
 
 def make_setup(model: ModelSpec, lora, train: TrainSpec, adapted: tuple[LinearSpec | ExpertSpec, ...],
                compute_capability: str | None = "9.0") -> Setup:
     from ..storage import Dtypes
 
+    from .parallel import compute_train
+
+    loaded, train = train, compute_train(train)  # several GPUs: an fp32 base may run as a 16-bit model
     st = structure(model, adapted, Dtypes.of(train), train.double_quant, train.device)
     x = sequence_shape(model, train, lora, compute_capability)
-    return Setup(st, train, choose_attention(model, resolve_recipe(train), compute_capability), x)
+    return Setup(st, train, choose_attention(model, resolve_recipe(train), compute_capability), x,
+                 loaded=loaded if loaded is not train else None)
 
 
 def sequence_shape(model: ModelSpec, train: TrainSpec, lora, compute_capability: str | None) -> Shape:
@@ -247,10 +253,23 @@ def device_totals(peak_allocated, paged, cal: Calibration):
 def estimate_memory(s: Setup, gpu: GpuSpec | None, cal: Calibration) -> MemoryEstimate:
     """Peak allocated = the largest moment; reserved and device totals from named coefficients."""
     st, x = s.structure, s.shape
-    ms = moments(st, s.train, s.attention, x, gpu, cal)
-    peak, peak_name = peak_of(ms)
+    from .parallel import host_ledger, host_total, paged_per_rank, rank_moments
+
+    one_gpu = moments(st, s.train, s.attention, x, gpu, cal)
+    # per rank (estimate.parallel; --strategy single: {0: the one-GPU moments}); the worst rank
+    # (the first largest) gives the top-level numbers
+    from .parallel import param_factor
+    from ..storage import dtype_bytes
+
+    loaded = s.loaded or s.train
+    ranks = rank_moments(one_gpu, st, s.train, x.r, param_factor(loaded, s.train))
+    peaks = {k: peak_of(v) for k, v in ranks.items()}
+    worst = max(peaks, key=lambda k: peaks[k][0])
+    ms = ranks[worst]
+    peak, peak_name = peaks[worst]
     components = {k: int(v) for k, v in ms[peak_name].items() if v}
-    paged = int(paged_optimizer_state(st, x.r, s.train.optimizer))
+    per_gpu = {k: {c: int(v) for c, v in ranks[k][peaks[k][1]].items() if int(v)} for k in ranks}
+    paged = paged_per_rank(int(paged_optimizer_state(st, x.r, s.train.optimizer)), s.train)
     reserved, device, context = device_totals(peak, paged, cal)
     outside = {"cuda_context_and_libraries": context}
     if paged:
@@ -269,6 +288,10 @@ def estimate_memory(s: Setup, gpu: GpuSpec | None, cal: Calibration) -> MemoryEs
     if st.model.arch.from_meta_build:
         notes.append(generic_terms_note(st.model))
     host = offload_host_bytes(st, x, step_recipe(s.train))
+    host_components = host_ledger(st, s.train, x.r, int(host),
+                                  dtype_bytes(loaded.quant) / dtype_bytes(s.train.quant) if s.loaded else 1)
+    if s.train.strategy != "single":
+        notes.append(parallel_note(s.train, worst, peaks))
     if host:
         notes.append(f"checkpoint offload: {int(host) / 2**20:.1f} MiB of layer inputs sit in pinned host memory "
                      f"(torch.autograd.graph.save_on_cpu), not on the GPU")
@@ -287,7 +310,30 @@ def estimate_memory(s: Setup, gpu: GpuSpec | None, cal: Calibration) -> MemoryEs
         moments={k: int(sum(v.values())) for k, v in ms.items()},
         outside_allocator_bytes=outside,
         notes=tuple(notes),
+        per_gpu=per_gpu,
+        host_bytes=host_total(host_components),
+        host_components=host_components,
     )
+
+
+def parallel_note(train: TrainSpec, worst: int, peaks: dict) -> str:
+    """One line naming the layout the per-GPU numbers assume and the rank that peaks."""
+    t = train
+    what = {"ddp": "DDP (replicated)", "device-map": "device_map layer split (one process)",
+            "zero1": "ZeRO-1", "zero2": "ZeRO-2", "zero3": "ZeRO-3", "zero3-offload": "ZeRO-3 + CPU offload"}
+    if t.strategy in ("fsdp", "fsdp-offload"):
+        from ..trainers import resolve_recipe
+
+        r = resolve_recipe(t)
+        name = f"FSDP{r.fsdp_version} {r.fsdp_sharding}" + (" + CPU offload" if t.strategy == "fsdp-offload" else "")
+    else:
+        name = what[t.strategy]
+    same = len({int(p) for p, _ in peaks.values()}) == 1
+    who = "every rank alike" if same else f"rank {worst} peaks"
+    head = f"{t.num_gpus} GPUs ({t.nodes} node{'s' if t.nodes > 1 else ''}), {name}: numbers are per GPU ({who}); "
+    if t.strategy == "device-map":
+        return head + "one batch passes through the GPUs in turn; each holds its layers' saved activations"
+    return head + f"activations are per rank (--batch {t.batch} rows each), never divided by the GPU count"
 
 
 def expert_quantization_warning(st: Structure, quant: str) -> str:

@@ -16,6 +16,8 @@ class MemoryEstimate:
     its values sum exactly to it. ``peak_moment`` names the moment of the step at which the peak
     happens (e.g. "loss backward", "optimizer step"). Reserved adds allocator caching; device
     total adds the CUDA context and memory outside torch's allocator (paged optimizer buffers).
+    On several GPUs (``--strategy``) every top-level number is the worst rank's; ``per_gpu`` has
+    each rank's ledger and ``host_bytes`` the CPU RAM of one machine (estimate.parallel).
     """
 
     components: dict[str, int]
@@ -26,6 +28,11 @@ class MemoryEstimate:
     moments: dict[str, int] = field(default_factory=dict)  # candidate moment -> allocated bytes
     outside_allocator_bytes: dict[str, int] = field(default_factory=dict)  # e.g. paged buffers, CUDA context
     notes: tuple[str, ...] = ()
+    #: rank -> the itemised ledger at that rank's peak (sums to its peak allocated); one GPU: {0: components}
+    per_gpu: dict[int, dict[str, int]] = field(default_factory=dict)
+    #: CPU RAM of one machine the run needs (estimate.parallel.host_ledger), and its components
+    host_bytes: int = 0
+    host_components: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -100,6 +107,9 @@ class Estimate:
                 "moments": dict(m.moments),
                 "outside_allocator_bytes": dict(m.outside_allocator_bytes),
                 "notes": list(m.notes),
+                "per_gpu": {str(k): dict(v) for k, v in m.per_gpu.items()},
+                "host_bytes": m.host_bytes,
+                "host_components": dict(m.host_components),
             },
             "gpu": self.gpu,
             "gpu_memory_bytes": self.gpu_memory_bytes,
@@ -199,6 +209,14 @@ LEDGER: tuple[LedgerLine, ...] = (
     LedgerLine("logits_loss", "logits and loss", "#937860", _BOTH),
     LedgerLine("backward_transients", "backward transients (grads, dequantized weight)", "#da8bc3"),
     LedgerLine("kernel_transients", "int8 matmul transients (int32 result, outlier columns)", "#b5556e"),
+    # several GPUs (estimate.parallel): what the engines add per rank
+    LedgerLine("master_weights", "ZeRO fp32 master partition of the adapters", "#a33b3f"),
+    LedgerLine("quant_state", "4-bit quant state (absmax, codes), on every rank", "#4c9ab0"),
+    LedgerLine("persistent_params", "ZeRO-3 persistent (unpartitioned) small params", "#5e8c9a"),
+    LedgerLine("gathered_params", "all-gathered units in flight (incl. prefetch)", "#6a7fb5"),
+    LedgerLine("all_gather_buffers", "FSDP2 all-gather output buffer", "#9aa8d0"),
+    LedgerLine("reduce_scatter_buffers", "gradient reduce-scatter / bucket buffers", "#7fbf8e"),
+    LedgerLine("ddp_buckets", "DDP gradient buckets", "#3f8f5a"),
     LedgerLine("cuda_workspaces", "cuBLAS workspaces", "#8c8c8c"),
     LedgerLine("allocator_overhead", "allocator overhead (calibrated)", "#cccccc"),
     LedgerLine("other", "inputs, cuBLAS workspaces, in-kernel transients", "#b0b0b0", ("trace",)),

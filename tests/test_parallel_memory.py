@@ -1,0 +1,210 @@
+"""Issue 13: the analytic per-GPU ledger (loraplan/estimate/parallel.py). Pure Python, no torch.
+
+Per strategy: the sharded lines scale 1/N, activations do not; single is the one-GPU estimate
+exactly; device_map's worst rank is the last when the logits dominate; the JSON carries
+memory.per_gpu / memory.host_bytes; bad layouts are one-line InputErrors (exit 2 in the CLI).
+"""
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from loraplan.catalog import load_model
+from loraplan.errors import InputError
+from loraplan.estimate.api import estimate
+from loraplan.estimate.parallel import device_map_layers
+from loraplan.spec import LoraSpec, TrainSpec
+
+MODEL = load_model("llama-2-7b")
+LORA = LoraSpec(rank=8, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
+QLORA = TrainSpec(quant="nf4", batch=2, seq=1024, trainer="trl", quant_storage="bf16")
+BF16 = TrainSpec(quant="bf16", batch=2, seq=1024, trainer="trl")
+
+
+def mem(train, **kw):
+    return estimate(MODEL, LORA, replace(train, **kw), with_time=False).memory
+
+
+def ledger(train, moment, **kw):
+    """The rank-0 ledger at ``moment`` (all moments: estimate.parallel.rank_moments)."""
+    from loraplan.estimate.memory import make_setup, moments
+    from loraplan.estimate.parallel import rank_moments
+    from loraplan.catalog import load_calibration
+    from loraplan.targets import select_targets
+
+    t = replace(train, **kw)
+    s = make_setup(MODEL, LORA, t, select_targets(MODEL, LORA.targets))
+    ms = moments(s.structure, t, s.attention, s.shape, None, load_calibration(None))
+    return rank_moments(ms, s.structure, t, LORA.rank)[0][moment]
+
+
+def test_single_is_the_one_gpu_estimate_exactly():
+    m = mem(QLORA, quant_storage=None)
+    assert m.per_gpu == {0: m.components}
+    assert sum(m.components.values()) == m.peak_allocated_bytes
+    assert m.host_components == {"model_load_copies": m.host_bytes}
+
+
+@pytest.mark.parametrize("strategy,train", [("fsdp", QLORA), ("zero3", QLORA), ("fsdp", BF16), ("zero3", BF16)])
+def test_base_sharding_scales_the_base_not_the_activations(strategy, train):
+    one = ledger(train, "layer backward", quant_storage=None) if train is BF16 else None
+    two = ledger(train, "layer backward", strategy=strategy, num_gpus=2)
+    four = ledger(train, "layer backward", strategy=strategy, num_gpus=4)
+    for k in ("frozen_linear_weights", "unquantized_weights"):
+        assert four[k] == pytest.approx(two[k] / 2, rel=1e-9)
+    assert four["activations"] == two["activations"]  # per rank, never divided
+    if one is not None:
+        assert two["activations"] == one["activations"]
+    # each rank's peak allocated is its ledger's sum, and the worst rank is the top level
+    m = mem(train, strategy=strategy, num_gpus=4)
+    assert all(sum(v.values()) == m.peak_allocated_bytes for v in m.per_gpu.values())
+    assert len(m.per_gpu) == 4
+
+
+def test_fsdp_gathered_units_are_root_plus_layers_in_backward():
+    c2 = ledger(QLORA, "layer backward", strategy="fsdp", num_gpus=2, fsdp_version=1)
+    c_fwd = ledger(QLORA, "forward", strategy="fsdp", num_gpus=2, fsdp_version=1)
+    c_opt = ledger(QLORA, "optimizer step", strategy="fsdp", num_gpus=2, fsdp_version=1)
+    assert c2["gathered_params"] > c_fwd["gathered_params"] > 0  # the root stays gathered after forward
+    assert c_opt["gathered_params"] == 0
+    # FSDP2 prefetches one more layer in backward and stages the all-gather output
+    v2 = ledger(QLORA, "layer backward", strategy="fsdp", num_gpus=2, fsdp_version=2)
+    assert v2["gathered_params"] > c2["gathered_params"] and v2["all_gather_buffers"] > 0
+    # SHARD_GRAD_OP keeps every layer gathered through forward: about the whole base
+    sgo = ledger(QLORA, "forward", strategy="fsdp", num_gpus=2, fsdp_sharding="shard-grad-op")
+    assert sgo["gathered_params"] > 0.9 * sgo["frozen_linear_weights"]
+
+
+def test_trainable_state_is_sharded_1_over_n():
+    for strategy in ("fsdp", "zero2", "zero3"):
+        a = ledger(BF16, "optimizer step", strategy=strategy, num_gpus=2)
+        b = ledger(BF16, "optimizer step", strategy=strategy, num_gpus=4)
+        assert b["optimizer_state"] == pytest.approx(a["optimizer_state"] / 2)
+    z = ledger(BF16, "optimizer step", strategy="zero1", num_gpus=4)
+    assert z["master_weights"] > 0  # fp32 partition of the bf16 trainables
+
+
+def test_ddp_replicates_and_adds_buckets():
+    one = mem(BF16)
+    ddp = mem(BF16, strategy="ddp", num_gpus=4)
+    assert ddp.components["ddp_buckets"] == one.components["lora_weights"]
+    assert ddp.peak_allocated_bytes == one.peak_allocated_bytes + ddp.components["ddp_buckets"]
+    assert ddp.host_components["model_load_copies"] == 4 * one.host_components["model_load_copies"]
+
+
+def test_offload_moves_state_to_host():
+    on = mem(QLORA, strategy="fsdp-offload", num_gpus=2)
+    off = mem(QLORA, strategy="fsdp", num_gpus=2)
+    assert "frozen_linear_weights" not in on.components and on.peak_allocated_bytes < off.peak_allocated_bytes
+    assert on.host_components["offloaded_params"] > 0 and on.host_bytes >= on.host_components["offloaded_params"]
+    ram = mem(QLORA, strategy="fsdp", num_gpus=2, ram_efficient_loading=True)
+    assert ram.host_components["model_load_copies"] * 2 == off.host_components["model_load_copies"]
+    z = mem(QLORA, strategy="zero3-offload", num_gpus=2)
+    assert z.host_components["offloaded_optimizer"] > 0 and "optimizer_state" not in z.components
+
+
+def test_device_map_worst_rank_is_the_last_when_logits_dominate():
+    assert device_map_layers(32, 3) == [11, 11, 10]
+    m = mem(BF16, strategy="device-map", num_gpus=4, batch=8, seq=2048, trainer="hf")
+    peaks = {k: sum(v.values()) for k, v in m.per_gpu.items()}
+    assert max(peaks, key=peaks.get) == 3 and "logits_loss" in m.per_gpu[3]
+    assert "logits_loss" not in m.per_gpu[0]
+    assert m.peak_allocated_bytes == peaks[3]
+
+
+@pytest.mark.parametrize("kw,needle", [
+    (dict(num_gpus=2), "choose --strategy"),
+    (dict(strategy="ddp", num_gpus=16), "add --nodes 2"),
+    (dict(strategy="ddp", num_gpus=6, nodes=4), "not a multiple of --nodes 4"),
+    (dict(strategy="fsdp", num_gpus=2, quant="int8"), "--quant int8 with --strategy fsdp"),
+    (dict(strategy="fsdp", num_gpus=2, quant="nf4"), "use --quant-storage bf16"),
+    (dict(strategy="zero3", num_gpus=2, quant="nf4", quant_storage="uint8"), "use --quant-storage bf16"),
+    (dict(strategy="ddp", num_gpus=2, fsdp_sharding="hybrid"), "is an FSDP setting"),
+    (dict(strategy="fsdp", num_gpus=2, fsdp_sharding="hybrid"), "use --fsdp-sharding full"),
+    (dict(strategy="fsdp", num_gpus=2, quant="nf4", quant_storage="bf16", trainer="hf", fsdp_version=1),
+     "--no-prepare-kbit"),
+    (dict(quant="bf16", quant_storage="bf16"), "4-bit bases only"),
+    (dict(strategy="zero2", num_gpus=1), "--num-gpus 2 or more"),
+])
+def test_bad_layouts_are_one_line(kw, needle):
+    with pytest.raises(InputError) as e:
+        estimate(MODEL, LORA, replace(TrainSpec(), **kw), with_time=False)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_cli_json_and_exit_2(run_cli):
+    code, out, err = run_cli("estimate", "--format", "json", "--strategy", "fsdp", "--num-gpus", "2",
+                             "--quant-storage", "bf16", "--trainer", "trl")
+    assert code == 0, err
+    d = json.loads(out)["memory"]
+    assert set(d["per_gpu"]) == {"0", "1"} and d["host_bytes"] > 0
+    assert d["peak_allocated_bytes"] == max(sum(v.values()) for v in d["per_gpu"].values())
+    code, out, err = run_cli("estimate", "--num-gpus", "0")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    code, out, err = run_cli("estimate", "--strategy", "fsdp", "--num-gpus", "2")
+    assert code == 2 and "--quant-storage bf16" in err
+
+
+def test_4bit_quant_state_is_not_sharded():
+    """absmax/code tables are Params4bit attributes, not parameters: every rank keeps them whole."""
+    a = ledger(QLORA, "layer backward", strategy="fsdp", num_gpus=2)
+    b = ledger(QLORA, "layer backward", strategy="fsdp", num_gpus=4)
+    assert a["quant_state"] == b["quant_state"] > 0
+    one = ledger(QLORA, "layer backward", quant_storage=None)
+    assert b["frozen_linear_weights"] * 4 + b["quant_state"] == pytest.approx(one["frozen_linear_weights"], rel=1e-6)
+    assert "quant_state" not in ledger(BF16, "layer backward", strategy="fsdp", num_gpus=2)
+
+
+def test_worst_rank_over_a_sweeps_arrays():
+    import numpy as np
+
+    from loraplan.estimate.parallel import worst_rank_peak
+
+    ranks = {0: {"forward": {"a": np.array([1, 5])}}, 1: {"forward": {"a": np.array([3, 2])}}}
+    peak, moment = worst_rank_peak(ranks)
+    assert peak.tolist() == [3, 5] and list(moment) == ["forward", "forward"]
+
+
+@pytest.mark.parametrize("kw", [dict(strategy="fsdp", num_gpus=4), dict(strategy="device-map", num_gpus=3, batch=4),
+                                dict(strategy="zero3", num_gpus=8, quant="fp32", mixed_precision="bf16")])
+def test_sweep_totals_match_estimate(kw):
+    """sweep's per-group totals (_memory_totals) read the same per-GPU rules as estimate()."""
+    from loraplan.catalog import load_calibration
+    from loraplan.estimate.activations import choose_attention
+    from loraplan.estimate.memory import moments, sequence_shape
+    from loraplan.sweep import _Group, _memory_totals
+
+    train = replace(BF16, **kw)
+    want = mem(train).peak_allocated_bytes
+    g = _Group(MODEL, LORA, train)
+    cal = load_calibration(None)
+    x = sequence_shape(MODEL, g.resolved, LORA, "9.0")
+    ms = moments(g.structure, g.resolved, choose_attention(MODEL, g.resolved, "9.0"), x, None, cal)
+    assert int(_memory_totals(g.structure, g.resolved, x, ms, cal, g.stored)[0]) == want
+
+
+def test_fsdp1_gathered_units_are_full_size_and_follow_the_prefetch_default():
+    """The unsharded flat parameter is a full allocation beside the shard: root + current layer,
+    + the prefetched layer under torch's BACKWARD_PRE (a loop) but not accelerate's default (hf)."""
+    from loraplan.estimate.memory import make_setup
+    from loraplan.estimate.parallel import layer_unit
+    from loraplan.targets import select_targets
+
+    kw = dict(quant="bf16", strategy="fsdp", num_gpus=4, fsdp_version=1, mixed_precision="no")
+    for trainer, units in (("loop", 2), ("hf", 1)):
+        t = replace(BF16, trainer=trainer, **kw)
+        st = make_setup(MODEL, LORA, t, select_targets(MODEL, LORA.targets)).structure
+        c = ledger(t, "layer backward")
+        lw = c["lora_weights"] * 4  # the rank holds 1/4
+        assert c["gathered_params"] == pytest.approx(st.unquantized_weights + units * layer_unit(st, lw), rel=1e-9)
+
+
+def test_hybrid_shards_within_a_node_and_host_ram_is_per_machine():
+    full = ledger(BF16, "optimizer step", strategy="fsdp", num_gpus=2)
+    hyb = ledger(BF16, "optimizer step", strategy="fsdp", num_gpus=4, nodes=2, fsdp_sharding="hybrid")
+    assert hyb["frozen_linear_weights"] == pytest.approx(full["frozen_linear_weights"])  # sharded over 2 per node
+    m4 = mem(BF16, strategy="ddp", num_gpus=4, nodes=2)
+    m2 = mem(BF16, strategy="ddp", num_gpus=2)
+    assert m4.host_components["model_load_copies"] == m2.host_components["model_load_copies"]  # 2 ranks per machine
+    assert mem(BF16, strategy="zero3", num_gpus=2).host_bytes == 0  # zero.Init: no host copy of the model
