@@ -35,11 +35,11 @@ are its optimizer steps × the step time (which covers the accumulation's micro-
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Callable, Iterable
 
 from .errors import InputError, LoraplanError, UnknownNameError, suggest
-from .spec import Calibration, GpuSpec, LoraSpec, ModelSpec, TrainSpec
+from .spec import PARALLEL_FIELDS, Calibration, GpuSpec, LoraSpec, ModelSpec, TrainSpec
 
 #: upper bounds of the binary searches (a search stops at the first size that does not fit)
 MAX_SEARCH_BATCH = 4096
@@ -71,14 +71,13 @@ class Layout:
 def search_layouts(train: TrainSpec, strategy_given: bool, num_gpus_given: bool) -> list[Layout]:
     """The configurations a plan compares: ``train``'s own strategy / GPU count where the user gave
     them, else every GPU count of SEARCH_GPU_COUNTS and strategy of SEARCH_STRATEGIES (one GPU:
-    single; an offloading strategy also runs on one GPU)."""
+    single)."""
     counts = (train.num_gpus,) if num_gpus_given else SEARCH_GPU_COUNTS
     strategies = (train.strategy,) if strategy_given else ("single",) + SEARCH_STRATEGIES
     out = []
     for n in counts:
         for s in strategies:
-            one = s == "single" or s.endswith("-offload")
-            if (n == 1) == (s == "single") or (n == 1 and one):
+            if (n == 1) == (s == "single"):  # a multi-GPU engine on one GPU is refused (check_parallel)
                 out.append(Layout(s, n))
     return out or [Layout(train.strategy, train.num_gpus)]
 
@@ -360,6 +359,10 @@ def _position_cap(model: ModelSpec, max_mem: int) -> tuple[int, str]:
     return pos, f"memory allows more, but {model.model_type} has {model.arch.position} positions up to {pos:,}"
 
 
+#: TrainSpec's multi-GPU fields at their one-GPU defaults
+ONE_GPU = {f.name: f.default for f in fields(TrainSpec) if f.name in PARALLEL_FIELDS}
+
+
 def layout_train(train: TrainSpec, layout: Layout, gpu: GpuSpec) -> tuple[TrainSpec, str]:
     """``train`` on ``layout`` (on ``train.nodes`` machines; a 4-bit base under FSDP gets a float
     ``quant_storage``, the mixed-precision dtype or bf16) and the options that select it. Raises
@@ -367,20 +370,24 @@ def layout_train(train: TrainSpec, layout: Layout, gpu: GpuSpec) -> tuple[TrainS
     holds without --nodes)."""
     from .estimate.comm import check_layout
     from .storage import Dtypes
+    from .trainers import BASE_SHARDING, FSDP_STRATEGIES, default_of, resolve_recipe
 
     t = replace(train, strategy=layout.strategy, num_gpus=layout.num_gpus)
     opts = [f"--strategy {layout.strategy}", f"--num-gpus {layout.num_gpus}"] if layout.num_gpus > 1 or \
         layout.strategy != "single" else []
     if train.nodes > 1:
         opts.append(f"--nodes {train.nodes}")
-    if layout.strategy.startswith("fsdp") and train.quant in ("nf4", "fp4"):
-        if train.quant_storage is None:  # FSDP cannot shard the packed uint8 weights
-            t = replace(t, quant_storage=Dtypes.of(t).autocast or Dtypes.of(t).load)
+    if layout.strategy in BASE_SHARDING and train.quant in ("nf4", "fp4"):
+        if train.quant_storage is None:  # FSDP / ZeRO-3 cannot shard the packed uint8 weights
+            t = replace(t, quant_storage=train.load_dtype or "bf16")  # the dtype the shards hold (check_parallel)
             opts.append(f"--quant-storage {t.quant_storage}")
-        if Dtypes.of(t).prepare_kbit and train.prepare_kbit is None and (t.fsdp_version or 1) == 1:
+        version = t.fsdp_version or default_of(t.trainer, "fsdp_version", True, t.stack)
+        if layout.strategy in FSDP_STRATEGIES and version == 1 and train.prepare_kbit is None and \
+                Dtypes.of(replace(train, **ONE_GPU)).prepare_kbit:  # the one-GPU recipe's (t's would refuse it)
             t = replace(t, prepare_kbit=False)  # FSDP1 flattens norms and packed weights into one dtype
             opts.append("--no-prepare-kbit")
     check_layout(t, gpu)
+    resolve_recipe(t)  # the engines' own refusals (trainers.check_parallel), one line each
     return t, " ".join(opts)
 
 
@@ -418,14 +425,15 @@ def plan_job(model: ModelSpec, lora: LoraSpec, train: TrainSpec, gpus: list[GpuS
     searching = len(layouts) > 1
     base_train = train
     for gpu, layout in ((g, lay) for g in gpus for lay in layouts):
-        why = gpu_refusal(base_train, gpu)  # the GPU cannot run the recipe at all
+        why = None
+        try:
+            train, layout_opts = layout_train(base_train, layout, gpu)
+        except InputError as e:
+            if searching:  # a strategy that does not apply here (int8 sharded, too many GPUs): not offered
+                continue
+            why = str(e)
         if why is None:
-            try:
-                train, layout_opts = layout_train(base_train, layout, gpu)
-            except InputError as e:
-                if searching:  # a strategy that does not apply here (int8 sharded, too many GPUs): not offered
-                    continue
-                why = str(e)
+            why = gpu_refusal(train, gpu)  # the GPU cannot run the recipe at all
         if why is not None:  # one GPU asked for: the one-line error; among several: listed as skipped
             if len(gpus) == 1:
                 raise InputError(why)
@@ -486,7 +494,8 @@ def plan_job(model: ModelSpec, lora: LoraSpec, train: TrainSpec, gpus: list[GpuS
         priced = [r for r in fit_rows if r.total_usd is not None]
         if priced:
             min(priced, key=lambda r: r.total_usd).cheapest = True
-    inputs = run_inputs(model, lora, base_train)
+    # the inputs: one layout -> that layout's case; a search -> the one-GPU case the layouts vary
+    inputs = run_inputs(model, lora, train if rows and not searching else replace(base_train, **ONE_GPU))
     common = tuple(n for n in (notes[0] if notes else ()) if all(n in ns for ns in notes))
     return Plan(inputs=inputs, job=job, gpus=rows, notes=common, skipped=tuple(skipped))
 

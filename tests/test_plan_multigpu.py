@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -48,12 +49,11 @@ def test_search_layouts():
     every = search_layouts(t, False, False)
     assert every[0] == Layout("single", 1) and len(every) == 1 + len(SEARCH_STRATEGIES) * 3
     assert {lay.num_gpus for lay in every} == {1, 2, 4, 8}
-    _, _, t = resolve_case({"model": "qwen2.5-0.5b", "strategy": "fsdp"})
-    assert [lay.num_gpus for lay in search_layouts(t, True, False)] == [2, 4, 8]
-    _, _, t = resolve_case({"model": "qwen2.5-0.5b", "strategy": "fsdp-offload"})
-    assert [lay.num_gpus for lay in search_layouts(t, True, False)] == [1, 2, 4, 8]  # offload runs on one GPU too
-    _, _, t = resolve_case({"model": "qwen2.5-0.5b", "num_gpus": 4})
-    assert {lay.strategy for lay in search_layouts(t, False, True)} == set(SEARCH_STRATEGIES)
+    # the plan command resolves the one-GPU case and puts the given layout fields on it
+    assert [lay.num_gpus for lay in search_layouts(replace(t, strategy="fsdp"), True, False)] == [2, 4, 8]
+    # a multi-GPU engine on one GPU is refused (trainers.check_parallel), offload included
+    assert [lay.num_gpus for lay in search_layouts(replace(t, strategy="fsdp-offload"), True, False)] == [2, 4, 8]
+    assert {lay.strategy for lay in search_layouts(replace(t, num_gpus=4), False, True)} == set(SEARCH_STRATEGIES)
     _, _, t = resolve_case({"model": "qwen2.5-0.5b", "num_gpus": 4, "strategy": "zero2"})
     assert search_layouts(t, True, True) == [Layout("zero2", 4)]
 
@@ -114,7 +114,7 @@ def test_layout_options_and_what_does_not_apply():
     assert row.layout_options == "--strategy fsdp --num-gpus 2 --quant-storage bf16 --no-prepare-kbit"
     assert {(c.quant_storage, c.prepare_kbit) for c in calls if c.strategy == "fsdp"} == {("bf16", False)}
     assert not [r for r in p.gpus if r.num_gpus == 16]  # 8 GPUs per HGX node: 16 need --nodes 2
-    m, l, t2 = resolve_case({"model": "qwen2.5-0.5b", "quant": "nf4", "nodes": 2})
+    t2 = replace(t, nodes=2)
     (row16,) = plan_job(m, l, t2, [load_gpu("a100-sxm-80gb")], Job(), estimate_fn=fake_estimate(),
                         layouts=[Layout("ddp", 16)]).gpus
     assert row16.nodes == 2 and row16.layout_options == "--strategy ddp --num-gpus 16 --nodes 2"

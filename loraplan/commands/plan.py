@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 
 import click
 
-from ..case import resolve_case
+from ..case import PARSERS, resolve_case
 from ..errors import InputError
+from ..spec import PARALLEL_FIELDS, check_value
 from .options import case_options
 
 
@@ -52,7 +54,19 @@ def plan_command(gpu_list, tokens, examples, tokens_per_example, epochs, effecti
         raise InputError("--tokens-per-example needs --examples N (the number of examples)")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        # the case on one GPU; the layouts (plan.search_layouts / layout_train) put the engine on it,
+        # so that --strategy fsdp alone (or --num-gpus 4 alone) is a search, not a refusal
+        layout = {k: opts.pop(k, None) for k in PARALLEL_FIELDS}
         model, lora, train = resolve_case(opts)
+        train = replace(train, **{k: PARSERS[k](v) for k, v in layout.items()
+                                  if v is not None and k not in ("strategy", "num_gpus")})
+        if layout["strategy"] is not None:
+            train = replace(train, strategy=PARSERS["strategy"](layout["strategy"]))
+        if layout["num_gpus"] is not None:
+            n = PARSERS["num_gpus"](layout["num_gpus"])
+            check_value("num_gpus", n)
+            train = replace(train, num_gpus=n)
+        opts.update(layout)
     for w in caught:
         click.echo(f"warning: {w.message}", err=True)
     ids = [g.strip() for g in gpu_list.split(",") if g.strip()] if gpu_list is not None else gpu_ids()  # '' is refused

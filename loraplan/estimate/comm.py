@@ -153,56 +153,17 @@ def fabric(gpu: GpuSpec) -> Fabric:
 
 
 def check_layout(train: TrainSpec, gpu: GpuSpec | None) -> None:
-    """One-line InputErrors for a layout the engines cannot run (the value and the fix):
-
-    - ``strategy`` single with several GPUs or nodes (it is the one-GPU step);
-    - ``num_gpus`` not a multiple of ``nodes`` (every node runs the same number of ranks);
-    - more GPUs per node than the platform holds (interconnects.json ``gpus_per_node``) — give
-      ``--nodes``;
-    - device-map over several nodes (it is one process: transformers/accelerate ``device_map``);
-    - int8 (LLM.int8 ``Int8Params``) under FSDP or ZeRO-3 sharding: their flat/partitioned
-      parameters need one floating dtype, Int8Params keep int8 CB and an fp32 SCB state;
-    - a 4-bit base under FSDP without a float ``quant_storage`` (_flat_param.py
-      ``_validate_tensors_to_flatten``: "Cannot flatten integer dtype tensors"; transformers then
-      sets FSDP's mixed-precision param dtype to the storage: ``comm_dtype``); FSDP1 (accelerate's
-      default version) flattens a layer's parameters into one tensor ("Must flatten tensors with
-      uniform dtype"), so the norms' dtype (fp32 after prepare_model_for_kbit_training) must be the
-      storage's too.
-    """
-    s, n, nodes = train.strategy, train.num_gpus, train.nodes
-    if s == "single" and (n > 1 or nodes > 1):
-        raise InputError(f"--strategy single runs on one GPU; --num-gpus {n}"
-                         f"{f' --nodes {nodes}' if nodes > 1 else ''} needs --strategy ddp, fsdp, zero2, zero3 or "
-                         f"device-map (or --num-gpus 1)")
-    if n % nodes:
-        raise InputError(f"--num-gpus {n} is not a multiple of --nodes {nodes}; every node runs the same "
-                         f"number of GPUs (e.g. --num-gpus {nodes * max(1, n // nodes)})")
-    if s == "device-map" and nodes > 1:
-        raise InputError(f"--strategy device-map runs in one process on one machine; --nodes {nodes} needs ddp, "
-                         f"fsdp or zero3 (or --nodes 1)")
-    if gpu is not None and n > 1:
+    """One-line InputError when the layout needs more GPUs per node than the GPU's platform holds
+    (interconnects.json ``gpus_per_node``): the fix names ``--nodes``. The rules that do not depend
+    on the GPU (strategy and GPU count, nodes, quantization and storage) are
+    ``trainers.check_parallel``'s, which every command runs when it resolves the recipe."""
+    n, nodes = train.num_gpus, train.nodes
+    if gpu is not None and n > 1 and not n % nodes:
         per_node, cap = n // nodes, fabric(gpu).gpus_per_node
         if per_node > cap:
             need = -(-n // cap)
             raise InputError(f"--num-gpus {n} on {nodes} node{'s' if nodes > 1 else ''} is {per_node} {gpu.id} per "
                              f"node, more than a node holds ({cap}); add --nodes {need}")
-    sharded = s in FSDP or s in ("zero3", "zero3-offload")
-    if sharded and train.quant == "int8":
-        raise InputError(f"--quant int8 cannot be sharded by --strategy {s} (LLM.int8 keeps int8 weights with an "
-                         f"fp32 scale state); use --quant nf4 with --quant-storage bf16, or --strategy ddp")
-    if s in FSDP and train.quant in FOUR_BIT:
-        qs = train.quant_storage or "uint8"
-        if qs == "uint8":
-            raise InputError(f"--strategy {s} with --quant {train.quant} needs a float --quant-storage (FSDP "
-                             f"cannot shard the packed uint8 weights); add --quant-storage bf16")
-        dt = Dtypes.of(train)
-        if (train.fsdp_version or 1) == 1 and dt.unquantized != qs:
-            fix = "--no-prepare-kbit (trl's SFTTrainer does not call it)" if dt.prepare_kbit else \
-                f"--quant-storage {dt.unquantized}"
-            raise InputError(f"--strategy {s} (FSDP1) flattens each layer's weights into one dtype, but the packed "
-                             f"weights are stored as {qs} and the norms as {dt.unquantized}"
-                             f"{' (prepare_model_for_kbit_training upcasts them)' if dt.prepare_kbit else ''}; "
-                             f"add {fix}")
 
 
 # ---------------------------------------------------------------------------------------------
