@@ -8,13 +8,15 @@
   backward). The registry counts sdpa as full s_q·s_k scores ("We aren't accounting for causal
   attention"); a causal kernel (``is_causal`` set) is billed ``CAUSAL_FRACTION`` of that, the
   pairs at or below the diagonal that flash / mem-efficient compute (whole masked blocks are
-  skipped; ``estimate.time.attention_work`` uses the same ½);
+  skipped; ``estimate.time.attention_work`` uses the same ½); bitsandbytes' matmul ops
+  (``BNB_MATMUL_OPS``, not in the registry): 2 · numel(A) · N;
 - bytes read and written: the sum of the ``numel · itemsize`` of the op's tensor inputs and
   outputs. This is the *unfused upper bound* of its memory traffic: a kernel that keeps data in
   registers or caches (flash attention's tiles, a GEMM's re-reads) moves less, an expanded
   (stride-0) input is counted at its logical size;
 - the dtype (of the first tensor input; a matmul's FLOPs go to that dtype);
-- kernel launches: one per op, except the views and metadata / allocation-only ops
+- kernel launches: one per op, except ops on host (CPU) tensors only (the optimizer's step
+  counters: host arithmetic, no kernel, no sync), the views and metadata / allocation-only ops
   (``NO_LAUNCH_OPS`` and any ``OpOverload.is_view``), which launch nothing, and the foreach ops,
   which launch ``foreach_launches`` kernels (CUDA's multi_tensor_apply chunking).
 
@@ -77,7 +79,18 @@ CAUSAL_FRACTION = 0.5
 _ATTENTION_OPS = frozenset({"bmm", "baddbmm", "_softmax", "_softmax_backward_data", "softmax", "matmul",
                             "_scaled_dot_product_attention_math"})
 #: matmul ops whose FLOPs are tensor-core / GEMM work (the rest of flop_registry is convolution)
-MATMUL_OPS = frozenset({"mm", "addmm", "bmm", "baddbmm", "_scaled_mm", "_grouped_mm", "_scaled_grouped_mm"})
+#: flash-attn 2 backward kernels per call (csrc/flash_attn/src/flash_bwd_launch_template.h:
+#: flash_bwd_dot_do_o_kernel, flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel, flash_bwd_convert_dq_kernel)
+FA2_BACKWARD_LAUNCHES = 3
+#: bitsandbytes custom matmul ops (bitsandbytes/_ops.py; not in torch's flop_registry): 2 FLOPs per
+#: multiply-add of A [..., K] with the [N, K] weight, i.e. 2 · numel(A) · N (N: the output's last dim)
+BNB_MATMUL_OPS = frozenset({"gemm_4bit", "int8_linear_matmul", "int8_scaled_mm", "int8_mixed_scaled_mm"})
+#: kernels of one ``bitsandbytes::gemm_4bit`` call: the CUDA backend's dequantize_4bit + linear
+#: fallback (backends/cuda/ops.py::_dequant_linear_fallback), as the trace assumes for training
+#: shapes (``emulation.UNCERTAIN``)
+GEMM_4BIT_LAUNCHES = 2
+MATMUL_OPS = frozenset({"mm", "addmm", "bmm", "baddbmm", "_scaled_mm", "_grouped_mm", "_scaled_grouped_mm"}
+                       | BNB_MATMUL_OPS)
 
 #: CUDA multi_tensor_apply (aten/src/ATen/native/cuda/MultiTensorApply.cuh): tensors per launch
 #: by list depth (depth_to_max_tensors = {110, 64, 48, 36, 30}), blocks per launch (320) and
@@ -422,6 +435,8 @@ class WorkCounter(TorchDispatchMode):
         self.table: dict[tuple[str, str, str, str], list] = {}
         self.python_calls: dict[str, int] = {}
         self.syncs = 0
+        self._fa2: dict[int, tuple] = {}
+        self.errors: dict[str, int] = {}  # ops whose counting raised (filled by callers that guard record)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -436,7 +451,8 @@ class WorkCounter(TorchDispatchMode):
         phase = self.phase_fn()
         ins = _tensors((args, kwargs))
         outs = _tensors(out)
-        if op in NO_LAUNCH_OPS or getattr(func, "is_view", False):
+        on_host = all(t.device.type == "cpu" for t in ins + outs) and bool(ins or outs)
+        if on_host or op in NO_LAUNCH_OPS or getattr(func, "is_view", False):
             launches, read, written = 0, 0, 0
         else:
             launches = foreach_launches(args) if op.startswith("_foreach_") else 1
@@ -445,6 +461,10 @@ class WorkCounter(TorchDispatchMode):
             if op == "_local_scalar_dense":
                 self.syncs += 1
         flops = 0
+        if op in BNB_MATMUL_OPS and ins and outs:
+            flops = 2 * ins[0].numel() * outs[0].shape[-1]
+            if op == "gemm_4bit" and launches:
+                launches = GEMM_4BIT_LAUNCHES
         packet = getattr(func, "overloadpacket", None)
         if packet in self.flop_registry:
             try:
@@ -473,7 +493,35 @@ class WorkCounter(TorchDispatchMode):
         rec[_REC_LAUNCH] += launches
         rec[_REC_FLOPS] += flops
 
-    def summary(self, top: int = 40) -> dict[str, Any]:
+    def add_fa2_call(self, name: str, args: tuple) -> None:
+        """FLOPs of the flash-attn 2 emulation (``emulation._FlashAttnEmulation``), which only
+        allocates: forward from q/k/v ([b, s, h, d], or varlen [total, h, d] taken as ``n_seq``
+        equal documents) by torch's ``sdpa_flop_count`` × ``CAUSAL_FRACTION`` (transformers calls
+        flash-attn causal for decoders), one launch; backward ``sdpa_backward_flop_count`` ×
+        ``CAUSAL_FRACTION`` of the same shapes, ``FA2_BACKWARD_LAUNCHES`` launches."""
+        from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
+
+        if not name.startswith("flash_attn_2"):
+            return
+        if name.endswith(".forward"):
+            ctx, q, k, v, n_seq = args[:5]
+            if q.dim() == 3:  # varlen: n_seq documents of total / n_seq tokens
+                L = q.shape[0] // max(int(n_seq), 1)
+                shapes = [(int(n_seq), t.shape[1], L, t.shape[2]) for t in (q, k, v)]
+            else:
+                shapes = [(t.shape[0], t.shape[2], t.shape[1], t.shape[3]) for t in (q, k, v)]
+            self._fa2[id(ctx)] = (shapes, str(q.dtype).replace("torch.", ""))
+            self.add_flops("attention", "flash_attn_2_forward", self._fa2[id(ctx)][1], self.phase_fn(),
+                           int(sdpa_flop_count(*shapes) * CAUSAL_FRACTION), 1)
+        else:
+            hit = self._fa2.pop(id(args[0]), None)
+            if hit is None:
+                return
+            (qs, ks, vs), dtype = hit
+            self.add_flops("attention", "flash_attn_2_backward", dtype, self.phase_fn(),
+                           int(sdpa_backward_flop_count(qs, qs, ks, vs) * CAUSAL_FRACTION), FA2_BACKWARD_LAUNCHES)
+
+    def summary(self, top: int = 400) -> dict[str, Any]:
         """Plain dict: ``classes`` (per work class: ops, launches, flops, matmul_flops,
         flops_by_dtype, bytes_read, bytes_written), ``total`` (the same summed), ``phases``
         (launches and flops per phase), ``python_calls``, ``module_calls``,
@@ -507,6 +555,7 @@ class WorkCounter(TorchDispatchMode):
             "module_calls": self.owners.module_calls if self.owners is not None else None,
             "lora_forward_calls": self.owners.lora_forward_calls if self.owners is not None else None,
             "syncs": self.syncs,
+            "errors": dict(self.errors),
             "ops": [{"class": c, "op": o, "dtype": d, "phase": p, "count": r[0], "launches": r[1], "flops": r[2],
                      "bytes": r[3] + r[4]} for (c, o, d, p), r in rows],
             "bytes_rule": "sum of input and output tensor sizes per launching op: the unfused upper bound",
