@@ -107,3 +107,36 @@ def test_cpu_burst_records_a_kernel_summary(tmp_path, tiny_configs):
     assert len(r["time"]["step_s"]) == 2  # the profiled step is not a timed one
     off = run_burst({**spec, "kernel_summary": None})
     assert "kernels" not in off
+
+
+def test_calibrate_takes_the_matmul_efficiency_from_kernel_summaries(profile_record):
+    from loraplan.calibrate import calibrate
+    from loraplan.catalog import load_gpu
+    from loraplan.measurements import measurement_from_record
+
+    peak = load_gpu("h100-sxm-80gb").bf16_tflops * 1e12
+    recs = []
+    for seq, eff in ((512, 0.6), (1024, 0.8)):
+        r = profile_record(2 * 2**30, int(2.4 * 2**30), seq=seq)
+        r["kernels"] = _summary(eff * peak * 0.02, 0.02)
+        recs.append(r)
+    ms = [measurement_from_record(r) for r in recs]
+    assert ms[0].kernels["classes"]["matmul"]["count"] == 1
+    res = calibrate(ms, "h100-sxm-80gb", parts=["time"])
+    f = res.fits["time_eff_mm"]
+    assert f.fitted and f.after == pytest.approx(0.7) and f.records == 2
+    assert "kernel summaries" in f.method and ms[0].id in f.method
+    assert res.calibration.provenance["fitted"]["time_eff_mm"]["method"] == f.method
+    # without summaries the kernel fit adds nothing
+    plain = calibrate([measurement_from_record(profile_record(2 * 2**30, seq=s)) for s in (512, 1024)],
+                      "h100-sxm-80gb", parts=["time"])
+    assert "kernel summaries" not in plain.fits["time_eff_mm"].method
+
+
+def test_a_record_with_a_bad_kernel_summary_is_refused(profile_record):
+    from loraplan.measurements import measurement_from_record
+
+    r = profile_record(2 * 2**30)
+    r["kernels"] = {"schema": 1, "activity": "cuda", "step_wall_s": 1, "device_time_s": -2, "classes": {}}
+    with pytest.raises(ConfigError, match="device_time_s"):
+        measurement_from_record(r)

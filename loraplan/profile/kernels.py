@@ -143,6 +143,36 @@ def wanted(option: bool | None, device: str) -> bool:
 
 
 # ----------------------------------------------------------------------------- calibration
+#: the time model's coefficient a matmul efficiency of each dtype sets (estimate/time.py COEFFICIENTS)
+MATMUL_COEFFICIENT = {"bf16": "time_eff_mm", "fp16": "time_eff_mm", "fp32": "time_eff_fp32"}
+
+
+def kernel_fits(measurements, gpu) -> dict[str, dict[str, Any]]:
+    """What the records' kernel summaries pin: {coefficient: {"value", "records", "method",
+    "per_record"}} from ``class_efficiencies`` (the matmul class -> ``MATMUL_COEFFICIENT`` of its
+    dtype). ``measurements``: ``loraplan.measurements.Measurement`` (``kernels``, ``train``, ``id``)
+    of one GPU, ``gpu`` its GpuSpec. Empty when no record has a CUDA summary with matmul work."""
+    from ..storage import Dtypes
+
+    rows = []
+    for m in measurements:
+        if not m.kernels:
+            continue
+        try:
+            dt = Dtypes.of(m.train).frozen_matmul
+        except Exception:  # noqa: BLE001 - a record whose recipe does not resolve pins nothing
+            continue
+        rows.append((m.id, m.kernels, dt))
+    out = {}
+    for cls, fit in class_efficiencies(rows, gpu).items():
+        name = MATMUL_COEFFICIENT.get(fit["dtype"]) if cls == "matmul" else None
+        if name:
+            out[name] = {"value": fit["efficiency"], "records": fit["records"], "per_record": fit["per_record"],
+                         "method": f"measured: {fit['source']} (records {', '.join(fit['records'][:5])}"
+                                   f"{' ...' if len(fit['records']) > 5 else ''})"}
+    return out
+
+
 def _peak_flops(gpu, dtype: str) -> float | None:
     tf = {"bf16": gpu.bf16_tflops, "fp16": gpu.fp16_tflops, "fp32": gpu.fp32_tflops}.get(dtype)
     return tf * 1e12 if tf else None
