@@ -181,3 +181,15 @@ def test_nf4_counts_bitsandbytes_matmuls_and_calls():
     assert a == pytest.approx(t, rel=FLOPS_REL)
     a, t = _flops(r, "lm_head")
     assert a == pytest.approx(t, rel=FLOPS_REL)
+
+
+def test_estimate_method_trace_puts_the_counted_work_in_detail(run_cli, tiny_llama_config):
+    import json
+
+    code, out, err = run_cli("estimate", "--model", str(tiny_llama_config), "--method", "trace", "--batch", "1",
+                             "--seq", "32", "--format", "json")
+    assert code == 0, err
+    work = json.loads(out)["detail"]["work"]
+    assert work["total"]["launches"] > 0 and work["classes"]["frozen_linear"]["matmul_flops"] > 0
+    assert set(work["classes"]) <= {"frozen_linear", "lora", "lm_head", "attention", "elementwise", "loss",
+                                     "embedding", "optimizer", "other"}
