@@ -126,8 +126,11 @@ def row(family: str, quant: str, gc: bool, r: dict) -> str:
     launches = r["traced"]["total"]["launches"]
     calls = r["traced"]["python_calls"]
     bnb = calls.get("bnb.MatMul4Bit.forward", 0) + calls.get("bnb.MatMul4Bit.backward", 0)
+    tot = r["traced"]["total"]
+    moved = tot["bytes_read"] + tot["bytes_written"]
     return (f"{family:12s} {quant:5s} gc={int(gc)} " + " ".join(cells)
             + f"  kernels {sw.kernels:7.0f}/{launches:5d} = {sw.kernels / launches:5.2f}"
+            + f"  bytes {sw.bytes_moved / moved:5.2f}"
             + (f"  bnb4 {sw.bnb4_calls:4.0f}/{bnb:3d}" if sw.bnb4_calls or bnb else ""))
 
 
@@ -136,8 +139,10 @@ def main() -> None:
     ap.add_argument("--families", default=",".join([*FAMILIES, *MOE_FAMILIES]))
     ap.add_argument("--quants", default="bf16,nf4")
     ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--launches", action="store_true", help="also print analytic ops / traced launches per class")
     args = ap.parse_args()
-    print("analytic / traced matmul FLOPs per class; kernels: analytic StepWork.kernels / traced launches")
+    print("analytic / traced matmul FLOPs per class; kernels: analytic StepWork.kernels / traced launches; "
+          "bytes: analytic bytes_moved / traced unfused bytes (sum of op inputs and outputs: an upper bound)")
     print(f"{'family':12s} {'quant':5s} {'':4s} " + " ".join(f"{c[:6]:>6s}" for c in FLOP_CLASSES))
     for fam in args.families.split(","):
         for quant in args.quants.split(","):
@@ -150,6 +155,12 @@ def main() -> None:
                     print(f"{fam:12s} {quant:5s} gc={int(gc)} failed: {type(e).__name__}: {str(e)[:120]}")
                     continue
                 print(row(fam, quant, gc, r), flush=True)
+                if args.launches:
+                    tr = r["traced"]["classes"]
+                    print("    launches per class (analytic ops / traced): " + ", ".join(
+                        f"{c} {r['analytic'].get(c, {}).get('ops', 0):.0f}/{tr.get(c, {}).get('launches', 0)}"
+                        for c in ("frozen_linear", "lora", "lm_head", "attention", "elementwise", "loss", "embedding",
+                                  "optimizer", "other")))
 
 
 if __name__ == "__main__":
