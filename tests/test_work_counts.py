@@ -193,3 +193,19 @@ def test_estimate_method_trace_puts_the_counted_work_in_detail(run_cli, tiny_lla
     assert work["total"]["launches"] > 0 and work["classes"]["frozen_linear"]["matmul_flops"] > 0
     assert set(work["classes"]) <= {"frozen_linear", "lora", "lm_head", "attention", "elementwise", "loss",
                                      "embedding", "optimizer", "other"}
+
+
+def test_flash_attention_2_emulation_flops_counted_from_its_calls():
+    """The FA2 emulation only allocates; its FLOPs come from its q/k/v shapes (counts.add_fa2_call)."""
+    import dataclasses
+
+    from work_counts import analytic_classes, case
+
+    from loraplan.trace.run import trace_step
+
+    model, lora, train, cfg = case("llama", "bf16", True)
+    train = dataclasses.replace(train, attn_implementation="flash_attention_2")
+    w = trace_step(cfg, lora, train, "9.0", count_work=True)["work"]
+    assert w["python_calls"]["flash_attn_2.forward"] == 4 and w["python_calls"]["flash_attn_2.backward"] == 2
+    a = analytic_classes(model, lora, train)["attention"]["flops"]
+    assert w["classes"]["attention"]["matmul_flops"] == pytest.approx(a, rel=FLOPS_REL)

@@ -535,7 +535,7 @@ class WorkCounter(TorchDispatchMode):
             c["ops"] += n
             c["launches"] += launches
             c["flops"] += flops
-            if flops and (op in MATMUL_OPS or "attention" in op):
+            if flops and (op in MATMUL_OPS or "attention" in op or op.startswith("flash_attn")):
                 c["matmul_flops"] += flops
             if flops:
                 c["flops_by_dtype"][dtype] = c["flops_by_dtype"].get(dtype, 0) + flops
