@@ -9,7 +9,8 @@
   attention"); a causal kernel (``is_causal`` set) is billed ``CAUSAL_FRACTION`` of that, the
   pairs at or below the diagonal that flash / mem-efficient compute (whole masked blocks are
   skipped; ``estimate.time.attention_work`` uses the same ½); bitsandbytes' matmul ops
-  (``BNB_MATMUL_OPS``, not in the registry): 2 · numel(A) · N;
+  (``BNB_MATMUL_OPS``, not in the registry): 2 · numel(A) · N; torch's ``_grouped_mm`` (MoE
+  experts, not in the registry either): ``GROUPED_MM_OPS``;
 - bytes read and written: the sum of the ``numel · itemsize`` of the op's tensor inputs and
   outputs. This is the *unfused upper bound* of its memory traffic: a kernel that keeps data in
   registers or caches (flash attention's tiles, a GEMM's re-reads) moves less, an expanded
@@ -85,6 +86,11 @@ FA2_BACKWARD_LAUNCHES = 3
 #: bitsandbytes custom matmul ops (bitsandbytes/_ops.py; not in torch's flop_registry): 2 FLOPs per
 #: multiply-add of A [..., K] with the [N, K] weight, i.e. 2 · numel(A) · N (N: the output's last dim)
 BNB_MATMUL_OPS = frozenset({"gemm_4bit", "int8_linear_matmul", "int8_scaled_mm", "int8_mixed_scaled_mm"})
+#: torch's grouped GEMM (transformers' default MoE experts kernel; not in flop_registry):
+#: ``_grouped_mm(a, b, offs)`` multiplies each row group of ``a`` by its group's matrix of ``b``:
+#: 2 · numel(a) · b.shape[-1] FLOPs for a [tokens, K] × b [G, K, N], a [G, M, K] × b [G, K, N] and the
+#: weight-gradient form a [K, tokens] × b [tokens, N] -> [G, K, N] alike
+GROUPED_MM_OPS = frozenset({"_grouped_mm", "_scaled_grouped_mm"})
 #: kernels of one ``bitsandbytes::gemm_4bit`` call: the CUDA backend's dequantize_4bit + linear
 #: fallback (backends/cuda/ops.py::_dequant_linear_fallback), as the trace assumes for training
 #: shapes (``emulation.UNCERTAIN``)
@@ -463,6 +469,8 @@ class WorkCounter(TorchDispatchMode):
         flops = 0
         if op in BNB_MATMUL_OPS and ins and outs:
             flops = 2 * ins[0].numel() * outs[0].shape[-1]
+        elif op in GROUPED_MM_OPS and len(ins) >= 2:
+            flops = 2 * ins[0].numel() * ins[1].shape[-1]
             if op == "gemm_4bit" and launches:
                 launches = GEMM_4BIT_LAUNCHES
         packet = getattr(func, "overloadpacket", None)
