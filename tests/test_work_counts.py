@@ -183,6 +183,11 @@ def test_nf4_counts_bitsandbytes_matmuls_and_calls():
     ops = {(o["op"], o["phase"]): o for o in tr["ops"] if o["class"] == "frozen_linear"}
     assert ("gemm_4bit", "forward") in ops and ops[("gemm_4bit", "forward")]["flops"] > 0
     assert tr["python_calls"].get("bnb.MatMul4Bit.backward", 0) > 0
+    # peft LoRA forward calls: 2 layers x (q_proj, v_proj) x (forward + checkpoint recompute)
+    assert tr["lora_forward_calls"] == 2 * 2 * 2
+    # every launching op has an owner: what is left in "other" is the backward seed
+    assert tr["classes"].get("other", {}).get("launches", 0) <= 0.01 * tr["total"]["launches"]
+    assert not tr["errors"]
     a, t = _flops(r, "lora")
     assert a == pytest.approx(t, rel=FLOPS_REL)
     a, t = _flops(r, "lm_head")

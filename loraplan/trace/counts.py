@@ -275,6 +275,7 @@ class ModuleOwners:
         self._handles: list = []
         self.module_calls = 0
         self.lora_forward_calls = 0
+        self.errors: dict[str, int] = {}
         from contextlib import suppress
 
         self._lora_types: tuple = ()
@@ -301,7 +302,8 @@ class ModuleOwners:
                 self.lora_forward_calls += 1
         hook = self._recompute_hook() if torch._C._current_graph_task_id() != -1 else None
         self.stack.append((name, hook))
-        ins = {id(t.grad_fn) for t in _tensors(args) if t.grad_fn is not None}
+        # node wrappers are kept (not only their ids): a freed wrapper's id may be reused
+        ins = {id(n): n for n in (t.grad_fn for t in _tensors(args)) if n is not None}
         self._inputs.setdefault(id(module), []).append(ins)
 
     def _post(self, module, args, output):
@@ -311,20 +313,23 @@ class ModuleOwners:
         if self.stack and self.stack[-1][0] == name:
             self.stack.pop()
         ins_list = self._inputs.get(id(module))
-        stop = ins_list.pop() if ins_list else set()
+        stop = ins_list.pop() if ins_list else {}
         if not torch.is_grad_enabled():
             return
-        todo = [t.grad_fn for t in _tensors(output) if t.grad_fn is not None]
-        seen: set[int] = set()
-        while todo:
-            node = todo.pop()
-            if node is None or id(node) in seen or id(node) in stop:
-                continue
-            seen.add(id(node))
-            md = node.metadata
-            if _OWNER_KEY not in md:
-                md[_OWNER_KEY] = name
-            todo.extend(n for n, _ in node.next_functions if n is not None)
+        try:
+            todo = [t.grad_fn for t in _tensors(output) if t.grad_fn is not None]
+            seen: dict[int, Any] = {}  # id -> node, held so ids stay unique during the walk
+            while todo:
+                node = todo.pop()
+                if node is None or id(node) in seen or id(node) in stop:
+                    continue
+                seen[id(node)] = node
+                md = node.metadata
+                if _OWNER_KEY not in md:
+                    md[_OWNER_KEY] = name
+                todo.extend(n for n, _ in node.next_functions if n is not None)
+        except Exception as e:  # noqa: BLE001 - ownership is bookkeeping: never fail the step
+            self.errors[f"tagging {name}: {type(e).__name__}"] = self.errors.get(f"tagging {name}: {type(e).__name__}", 0) + 1
 
     def owner(self) -> str | None:
         """Path of the module the current op runs in, or None (outside every module)."""
@@ -401,7 +406,10 @@ def python_calls(counts: dict[str, int], active: Callable[[], bool] = lambda: Tr
             if active():
                 counts[_key] = counts.get(_key, 0) + 1
                 if on_call is not None:
-                    on_call(_key, args)
+                    try:
+                        on_call(_key, args)
+                    except Exception as e:  # noqa: BLE001 - counting never fails the call it counts
+                        counts[f"error in {_key}: {type(e).__name__}"] = counts.get(f"error in {_key}: {type(e).__name__}", 0) + 1
             return _fn(*args, **kwargs)
 
         setattr(owner, leaf, staticmethod(wrapper) if isinstance(raw, staticmethod) else wrapper)
@@ -563,7 +571,7 @@ class WorkCounter(TorchDispatchMode):
             "module_calls": self.owners.module_calls if self.owners is not None else None,
             "lora_forward_calls": self.owners.lora_forward_calls if self.owners is not None else None,
             "syncs": self.syncs,
-            "errors": dict(self.errors),
+            "errors": {**self.errors, **(self.owners.errors if self.owners is not None else {})},
             "ops": [{"class": c, "op": o, "dtype": d, "phase": p, "count": r[0], "launches": r[1], "flops": r[2],
                      "bytes": r[3] + r[4]} for (c, o, d, p), r in rows],
             "bytes_rule": "sum of input and output tensor sizes per launching op: the unfused upper bound",
