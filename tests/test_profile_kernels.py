@@ -140,3 +140,35 @@ def test_a_record_with_a_bad_kernel_summary_is_refused(profile_record):
     r["kernels"] = {"schema": 1, "activity": "cuda", "step_wall_s": 1, "device_time_s": -2, "classes": {}}
     with pytest.raises(ConfigError, match="device_time_s"):
         measurement_from_record(r)
+
+
+@pytest.mark.slow
+@pytest.mark.gpu
+def test_cuda_burst_kernel_summary_is_on_by_default_and_names_its_kernels(tmp_path, tiny_configs):
+    """The device check (run where a GPU is lent): a CUDA burst records the summary without being
+    asked; matmul kernels are found by name, carry the profiler's FLOPs, and little device time
+    falls outside the classes; the matmul efficiency against the catalog peak is a fraction."""
+    from loraplan.catalog import gpu_entries, load_gpu
+    from loraplan.profile.burst import run_burst
+    from loraplan.profile.records import gpu_id_for_name
+
+    cfg = dict(tiny_configs["llama"], hidden_size=1024, intermediate_size=4096, num_attention_heads=8,
+               num_key_value_heads=8)
+    spec = {"model": {"name": "tiny-llama-1024", "config": cfg},
+            "lora": {"rank": 8, "alpha": 16.0, "dropout": 0.0, "targets": ["q_proj", "v_proj"]},
+            "train": {"quant": "bf16", "double_quant": True, "optimizer": "adamw", "batch": 4, "seq": 512,
+                      "target_seq": None, "gradient_checkpointing": True, "attention": "auto",
+                      "int8_outlier_fraction": None},
+            "device": "cuda", "steps": 3, "warmup": 1, "cache_dir": str(tmp_path)}
+    r = run_burst(spec)
+    assert r["status"] == "ok", r.get("traceback")
+    k = r["kernels"]
+    check_kernels(k)
+    assert k["activity"] == "cuda" and k["device_time_s"] > 0
+    mm = k["classes"]["matmul"]
+    assert mm["count"] > 0 and mm["time_s"] > 0 and mm["flops"] > 0
+    assert k["classes"].get("other", {}).get("time_s", 0) < 0.2 * k["device_time_s"], k["top"]
+    gid = gpu_id_for_name(r["env"]["gpu_name"])
+    if gid in gpu_entries():
+        fit = class_efficiencies([("r", k, "bf16")], load_gpu(gid))
+        assert 0 < fit["matmul"]["efficiency"] < 1, fit
