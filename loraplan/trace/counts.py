@@ -15,7 +15,8 @@
   outputs. This is the *unfused upper bound* of its memory traffic: a kernel that keeps data in
   registers or caches (flash attention's tiles, a GEMM's re-reads) moves less, an expanded
   (stride-0) input is counted at its logical size;
-- the dtype (of the first tensor input; a matmul's FLOPs go to that dtype);
+- the dtype (of the first tensor input, int8 for bitsandbytes' int8 GEMMs; a matmul's FLOPs go
+  to that dtype);
 - kernel launches: one per op, except ops on host (CPU) tensors only (the optimizer's step
   counters: host arithmetic, no kernel, no sync), the views and metadata / allocation-only ops
   (``NO_LAUNCH_OPS`` and any ``OpOverload.is_view``), which launch nothing, and the foreach ops,
@@ -367,6 +368,8 @@ class ModuleOwners:
 #: (module, attribute path, counter name): bitsandbytes' Python-level matmul / dequantize entry
 #: points (bitsandbytes 0.50 autograd/_functions.py, functional.py)
 PYTHON_CALLS = (
+    ("bitsandbytes", "matmul_4bit", "bnb.matmul_4bit"),  # nn/modules.py Linear4bit.forward: bnb.matmul_4bit(...)
+    ("bitsandbytes", "matmul", "bnb.matmul"),  # Linear8bitLt.forward: bnb.matmul(...)
     ("bitsandbytes.autograd._functions", "MatMul4Bit.forward", "bnb.MatMul4Bit.forward"),
     ("bitsandbytes.autograd._functions", "MatMul4Bit.backward", "bnb.MatMul4Bit.backward"),
     ("bitsandbytes.autograd._functions", "MatMul8bitLt.forward", "bnb.MatMul8bitLt.forward"),
@@ -490,6 +493,8 @@ class WorkCounter(TorchDispatchMode):
             if flops and op in _CAUSAL_ATTENTION and _causal(func, args, kwargs):
                 flops = int(flops * CAUSAL_FRACTION)
         dtype = str(ins[0].dtype).replace("torch.", "") if ins else (str(outs[0].dtype).replace("torch.", "") if outs else "")
+        if op.startswith("int8_") and op in BNB_MATMUL_OPS:
+            dtype = "int8"  # the GEMM multiplies the int8 copies (CA x CB), whatever A's dtype
         kind = self.owners.kind() if self.owners is not None else None
         cls = classify_op(kind, op, phase)
         key = (cls, op, dtype, phase)
@@ -537,7 +542,7 @@ class WorkCounter(TorchDispatchMode):
             self.add_flops("attention", "flash_attn_2_backward", dtype, self.phase_fn(),
                            int(sdpa_backward_flop_count(qs, qs, ks, vs) * CAUSAL_FRACTION), FA2_BACKWARD_LAUNCHES)
 
-    def summary(self, top: int = 400) -> dict[str, Any]:
+    def summary(self, top: int = 40) -> dict[str, Any]:
         """Plain dict: ``classes`` (per work class: ops, launches, flops, matmul_flops,
         flops_by_dtype, bytes_read, bytes_written), ``total`` (the same summed), ``phases``
         (launches and flops per phase), ``python_calls``, ``module_calls``,
