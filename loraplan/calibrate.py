@@ -16,7 +16,9 @@ cuda_context_bytes              NVML used (peak − baseline) − measured peak 
 time_* (loraplan/estimate/      host costs: non-negative least squares on relative error of  step times
 time.py COEFFICIENTS)           the cases the model calls host-bound; GPU efficiencies:
                                 coarse grid in 0.3-0.9 of peak, kept at their prior value
-                                when they do not change the fit (host-bound records)
+                                when they do not change the fit (host-bound records); a
+                                record's kernel summary (profile --kernel-summary) measures
+                                the matmul efficiency directly and replaces the grid
 ==============================  ==========================================================  =====================
 
 A coefficient the records cannot determine (no reserved / NVML / step-time data, a per-call
@@ -415,6 +417,7 @@ def calibrate(measurements: Iterable[Measurement], gpu: str, base: Calibration |
         fits.update(fit_memory(ms, base))
     if "time" in parts:
         fits.update(fit_time(ms, base))
+        fits.update(fit_kernels(ms, base, gpu))  # a kernel summary measures what the grid guessed
     fits = {k: plausible(f) for k, f in fits.items()}
     coef = dict(base.coefficients)
     for k, f in fits.items():
@@ -443,6 +446,17 @@ def calibrate(measurements: Iterable[Measurement], gpu: str, base: Calibration |
     cal = Calibration(gpu=gpu, coefficients=coef, provenance=prov)
     return CalibrationResult(gpu=gpu, calibration=cal, fits=fits, residuals_before=before, residuals_after=after,
                              records=[m.id for m in ms], sources=sorted(set(sources)))
+
+
+def fit_kernels(ms: list[Measurement], base: Calibration, gpu: str) -> dict[str, CoefficientFit]:
+    """GPU efficiencies the records' torch.profiler kernel summaries measure directly
+    (``profile.kernels.kernel_fits``: matmul-class FLOPs over matmul-kernel time ÷ the GPU's
+    peak), each naming the records that pinned it; none when no record carries a CUDA summary."""
+    from .catalog import load_gpu
+    from .profile.kernels import kernel_fits
+
+    return {k: CoefficientFit(k, _prior(base, k), f["value"], True, len(f["records"]), f["method"])
+            for k, f in kernel_fits(ms, load_gpu(gpu)).items()}
 
 
 def plausible(f: CoefficientFit) -> CoefficientFit:

@@ -57,6 +57,8 @@ class Measurement:
     trace_peak_allocated_bytes: int | None = None
     trace_peak_phase: str | None = None
     trace_error: str | None = None  # why the record's trace failed
+    #: the record's torch.profiler kernel summary (profile/kernels.py), or None
+    kernels: dict | None = None
 
     @property
     def ok(self) -> bool:
@@ -325,6 +327,7 @@ def measurement_from_record(rec: dict[str, Any], source: str = "") -> Measuremen
         step_s=_float(step if step is not None else rec.get("step_s_median", rec.get("step_s"))),
         versions=dict(env.get("versions") or rec.get("versions") or {}),
         phases=phases, error=rec.get("error"), **trace_fields(rec),
+        kernels=rec.get("kernels") if isinstance(rec.get("kernels"), dict) else None,
     )
 
 
@@ -435,6 +438,10 @@ def check_measured(rec: dict[str, Any]) -> None:
     step = tm.get("step_s_median", rec.get("step_s_median", rec.get("step_s")))
     if step is not None and not (is_finite(step) and 0 < step <= MAX_STEP_S):
         raise ConfigError(f"step time {_shown(step)} s is not a possible measurement (finite, > 0, at most a day)")
+    if rec.get("kernels") is not None:
+        from .profile.records import check_kernels
+
+        check_kernels(rec["kernels"])
     for key in ("versions", "phases"):
         v = (rec.get("env") or {}).get(key) if key == "versions" else mem.get(key)
         if v is not None and not isinstance(v, dict):

@@ -291,3 +291,15 @@ def test_kill_9_during_model_build_leaves_no_entry_a_later_run_trusts(work, tmp_
     (rec,) = lines(out)
     assert rec["status"] == "ok" and rec["protocol"]["model_dir"] == str(entry)
     assert [d.name for d in cache.iterdir()] == [entry.name]
+
+
+def test_profile_kernel_summary_flag_stores_it_in_the_record(work):
+    out = work["root"] / "kernels.jsonl"
+    p = run_cli(*base_args(work, out, "--quant", "bf16", "--optimizer", "sgd", "--kernel-summary"))
+    assert p.returncode == 0, p.stderr
+    (rec,) = lines(out)
+    assert rec["status"] == "ok" and rec["kernels"]["activity"] == "cpu"
+    assert rec["kernels"]["classes"]["matmul"]["flops"] > 0
+    from loraplan.measurements import measurement_from_record
+
+    assert measurement_from_record(rec).kernels == rec["kernels"]  # schema-checked on read

@@ -55,9 +55,13 @@ def _fmt_s(x) -> str:
 @click.option("--trace/--no-trace", "trace", default=False, show_default=True,
               help="Also run the meta-device trace of each case (its CUDA step on the estimate's GPU, ~2-8 s) "
                    "and store it in the record beside the analytic estimate")
+@click.option("--kernel-summary/--no-kernel-summary", "kernel_summary", default=None,
+              help="Run one more step under torch.profiler and store time per kernel class (matmul, attention, "
+                   "elementwise, ...) in the record's 'kernels', which 'calibrate' fits efficiencies from "
+                   "[default: on with --device cuda, off on cpu]")
 @trace_timeout_option
 def profile_command(gpu, device, steps, warmup, timeout, force, out, cache_dir, grid_file, trace, trace_timeout,
-                    **opts):
+                    kernel_summary=None, **opts):
     """Run short real training bursts and record memory and time, one JSON line per case.
 
     Cases already in the records file are skipped (use --force to redo them). Each case runs in
@@ -147,7 +151,7 @@ def profile_command(gpu, device, steps, warmup, timeout, force, out, cache_dir, 
     try:
         results = profile(cases, dev, out=path, force=force, steps=steps, warmup=warmup, timeout=timeout,
                           cache_dir=cache_dir, on_event=on_event, on_warning=lambda m: err.print(f"warning: {m}"),
-                          trace=trace, trace_timeout=trace_timeout)
+                          trace=trace, trace_timeout=trace_timeout, kernel_summary=kernel_summary)
     finally:
         progress.stop()
     _summary(results, dev)

@@ -316,10 +316,16 @@ def run_burst(spec: dict, emit: Emit | None = None) -> dict[str, Any]:
     """Run one case; returns the measured part of its record (status, phase, memory, time, ...).
 
     ``spec``: {"model": {"name", "config", "path"?}, "lora": {rank, alpha, dropout, targets},
-    "train": TrainSpec fields, "device": "cuda"|"cpu", "steps", "warmup", "cache_dir"?, "nvml"?}.
+    "train": TrainSpec fields, "device": "cuda"|"cpu", "steps", "warmup", "cache_dir"?, "nvml"?,
+    "kernel_summary"? (None: on CUDA only; ``profile.kernels.wanted``)}. With the kernel summary
+    on, the plain loop runs one more step under torch.profiler after the timed ones and the
+    result holds ``kernels`` (``profile.kernels.profile_step``); the Trainer kinds record why not.
     """
     emit = emit or (lambda ev: None)
     device = spec.get("device", "cuda")
+    from .kernels import wanted as _kernels_wanted
+
+    kernels_on = _kernels_wanted(spec.get("kernel_summary"), device)
     steps, warmup = int(spec.get("steps", 6)), int(spec.get("warmup", 2))
     train, lora, mspec = spec["train"], spec["lora"], spec["model"]
     res: dict[str, Any] = {"status": "error", "phase": "start", "error": None,
@@ -527,6 +533,8 @@ def run_burst(spec: dict, emit: Emit | None = None) -> dict[str, Any]:
                                      else cpu_batch["labels"].to(dev))
             st.loop_steps(model, opt, r, batch_t, steps, marks, device, vocab)
             positions = int(batch_t["input_ids"].numel())
+            if kernels_on:  # one more step, after the timed ones, under torch.profiler (profile/kernels.py)
+                res["kernels"] = _kernel_summary(model, opt, r, batch_t, device, vocab, probe)
         else:
             from .batches import collate, token_rows
 
@@ -553,6 +561,9 @@ def run_burst(spec: dict, emit: Emit | None = None) -> dict[str, Any]:
                     kind, model, r, rows=rows, collate_fn=st.row_collator(r.padding, enc_dec), steps=steps,
                     batch=batch, seq=seq, optimizer=train["optimizer"], gc=gc, device=device, enc_dec=enc_dec,
                     marks=marks, out_dir=out_dir, peft_config=cfg if kind == "trl" else None, on_built=built))
+        if kernels_on and kind != "loop":
+            res["kernels"] = {"skipped": f"the kernel summary runs the plain loop's step; the {kind} trainer's "
+                                         f"step is not re-run under the profiler"}
         step_s = marks.step_s
         loss = marks.loss
         res["protocol"]["input_shape"] = marks.input_shape
@@ -588,6 +599,25 @@ def run_burst(spec: dict, emit: Emit | None = None) -> dict[str, Any]:
                                          "live-tensor tracker (storage bytes of live tensors)"),
                       tracker=tracker)
     return res
+
+
+def _kernel_summary(model, opt, r, batch_t: dict, device: str, vocab: int, probe) -> dict:
+    """One more optimizer step of the loop (``stack.loop_steps``, its phase and memory marks
+    discarded) under ``profile.kernels.profile_step``; matmul kernels whose names carry no dtype
+    take the recipe's frozen-matmul dtype (``storage.Dtypes.frozen_matmul``)."""
+    from ..spec import TrainSpec
+    from ..storage import Dtypes
+    from . import stack as st
+    from .kernels import profile_step
+
+    scratch: dict = {"phases": {}, "step_peaks": []}  # the marks' bookkeeping, not the record's
+    quiet = st.StepMarks(lambda name: None, probe, lambda name, m: scratch["phases"].__setitem__(name, m), scratch,
+                         lambda ev: None)
+    try:
+        default = Dtypes.of(r).frozen_matmul if isinstance(r, TrainSpec) else None
+    except Exception:  # noqa: BLE001 - only a label for unnamed kernels
+        default = None
+    return profile_step(lambda: st.loop_steps(model, opt, r, batch_t, 1, quiet, device, vocab), device, default)
 
 
 def _summarise_memory(res: dict, probe_source: str, tracker=None) -> None:

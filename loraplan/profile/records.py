@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import math
 import os
 import re
 import tempfile
@@ -247,6 +248,49 @@ def read_records(path: str | Path) -> RecordFile:
                 continue
             out.records.append(rec)
     return out
+
+
+#: what a record's ``kernels`` (profile/kernels.py) may hold
+KERNEL_ACTIVITIES = ("cuda", "cpu")
+
+
+def check_kernels(k: Any) -> None:
+    """A record's ``kernels`` summary (``profile.kernels.summarise``), by type and range; a
+    ConfigError of one line naming the bad value. ``{"skipped": why}`` is accepted. Otherwise:
+    ``schema`` 1, ``activity`` cuda|cpu, ``step_wall_s`` and ``device_time_s`` finite >= 0,
+    ``classes`` an object of class -> {time_s >= 0, count >= 0 whole, flops >= 0 whole}."""
+    from ..errors import ConfigError
+
+    def bad(where: str, v: Any, want: str) -> ConfigError:
+        return ConfigError(f"kernels {where} = {json.dumps(v, default=str)[:80]} must be {want}; "
+                           f"re-run 'loraplan profile --kernel-summary'")
+
+    def nonneg(where: str, v: Any, whole: bool = False) -> None:
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+        if not ok or (whole and float(v) != int(v)):
+            raise bad(where, v, "a whole number >= 0" if whole else "a finite number >= 0")
+
+    if not isinstance(k, dict):
+        raise bad("", k, "an object")
+    if "skipped" in k:
+        if not isinstance(k["skipped"], str):
+            raise bad("skipped", k["skipped"], "a reason (text)")
+        return
+    if k.get("schema") != 1:
+        raise bad("schema", k.get("schema"), "1")
+    if k.get("activity") not in KERNEL_ACTIVITIES:
+        raise bad("activity", k.get("activity"), "cuda or cpu")
+    for key in ("step_wall_s", "device_time_s"):
+        nonneg(key, k.get(key))
+    classes = k.get("classes")
+    if not isinstance(classes, dict):
+        raise bad("classes", classes, "an object of class: {time_s, count, flops}")
+    for name, c in classes.items():
+        if not isinstance(c, dict):
+            raise bad(f"classes.{name}", c, "an object {time_s, count, flops}")
+        nonneg(f"classes.{name}.time_s", c.get("time_s"))
+        nonneg(f"classes.{name}.count", c.get("count"), whole=True)
+        nonneg(f"classes.{name}.flops", c.get("flops", 0), whole=True)
 
 
 def default_out_path(gpu_id: str, root: str | Path = "profiles") -> Path:

@@ -284,7 +284,8 @@ def trace_for(case: Case, dev: DeviceInfo, timeout: float = 300.0) -> dict:
     return out
 
 
-def worker_spec(case: Case, dev: DeviceInfo, steps: int, warmup: int, cache_dir: str | None) -> dict:
+def worker_spec(case: Case, dev: DeviceInfo, steps: int, warmup: int, cache_dir: str | None,
+                kernel_summary: bool | None = None) -> dict:
     from .burst import has_weights
 
     src = case.model.source
@@ -295,6 +296,7 @@ def worker_spec(case: Case, dev: DeviceInfo, steps: int, warmup: int, cache_dir:
                  "targets": list(case.lora.targets)},
         "train": asdict(case.train), "device": dev.device, "steps": steps, "warmup": warmup,
         "cache_dir": cache_dir, "nvml": dev.device == "cuda",
+        "kernel_summary": kernel_summary,  # None: on CUDA only (profile.kernels.wanted)
     }
 
 
@@ -418,6 +420,8 @@ def make_record(case: Case, dev: DeviceInfo, result: dict, *, steps: int, warmup
         "recorded_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "wall_s": result.get("wall_s"),
     }
+    if result.get("kernels") is not None:
+        rec["kernels"] = result["kernels"]
     if dev.device == "cpu":
         rec["comparable"] = ("--device cpu: the measurement counts live tensor bytes on the CPU; 'estimate' is the "
                              "CPU-target estimate" + ("; 'trace' is a CUDA figure and not comparable with it"
@@ -494,11 +498,14 @@ def _write_or_keep(path: Path, rec: dict, label: str) -> None:
 def profile(cases: list[Case], dev: DeviceInfo, *, out: str | Path | None = None, force: bool = False,
             steps: int = 6, warmup: int = 2, timeout: float = 600.0, cache_dir: str | None = None,
             on_event: OnEvent | None = None, on_warning: Callable[[str], None] | None = None,
-            python: str | None = None, trace: bool = False, trace_timeout: float = 300.0) -> list[CaseResult]:
+            python: str | None = None, trace: bool = False, trace_timeout: float = 300.0,
+            kernel_summary: bool | None = None) -> list[CaseResult]:
     """Run every case not yet recorded in ``out`` (default profiles/<gpu-id>.jsonl); append records.
 
     ``trace``: after each burst also run the meta-device trace of the case (its CUDA step on the
-    estimate's GPU) and keep it in the record under ``trace``.
+    estimate's GPU) and keep it in the record under ``trace``. ``kernel_summary``: one more step
+    under torch.profiler, summarised per kernel class in the record's ``kernels``
+    (``profile.kernels``); None: on CUDA only.
 
     Before any burst: RecordsError when ``out`` cannot be written, ProfileBusyError when another
     run holds ``out`` (or, on CUDA, the GPU), HostMemoryError when a --device cpu case's weights
@@ -526,12 +533,13 @@ def profile(cases: list[Case], dev: DeviceInfo, *, out: str | Path | None = None
                                f"then run again") from None
         return _sweep(cases, dev, path, sig, force=force, steps=steps, warmup=warmup, timeout=timeout,
                       cache_dir=cache_dir, on_event=on_event, warn=warn, python=python, trace=trace,
-                      trace_timeout=trace_timeout)
+                      trace_timeout=trace_timeout, kernel_summary=kernel_summary)
 
 
 def _sweep(cases: list[Case], dev: DeviceInfo, path: Path, sig: _Signals, *, force: bool, steps: int, warmup: int,
            timeout: float, cache_dir: str | None, on_event: OnEvent, warn: Callable[[str], None],
-           python: str | None, trace: bool, trace_timeout: float) -> list[CaseResult]:
+           python: str | None, trace: bool, trace_timeout: float,
+           kernel_summary: bool | None = None) -> list[CaseResult]:
     """profile()'s loop, run with the records file locked."""
     existing = read_records(path)
     for msg in existing.messages():
@@ -549,7 +557,7 @@ def _sweep(cases: list[Case], dev: DeviceInfo, path: Path, sig: _Signals, *, for
             on_event({"ev": "skip", "i": i, "n": n, "label": case.label, "key": key})
             continue
         on_event({"ev": "case_start", "i": i, "n": n, "label": case.label, "key": key})
-        spec = worker_spec(case, dev, steps, warmup, cache_dir)
+        spec = worker_spec(case, dev, steps, warmup, cache_dir, kernel_summary)
         result = run_worker(spec, timeout, on_event, python=python)
         tr, stop = None, None
         if trace:

@@ -32,11 +32,13 @@ _ERRORS = {c.__name__: c for c in (TraceError, TraceDataDependentError, TraceTim
 
 
 def run_trace_subprocess(model_config: dict, lora: LoraSpec, train: TrainSpec, gpu_cc: str | None = "9.0",
-                         timeout_s: float = 300, steps: int = 2, gpu_memory_bytes: int | None = None) -> dict[str, Any]:
+                         timeout_s: float = 300, steps: int = 2, gpu_memory_bytes: int | None = None,
+                         count_work: bool = False) -> dict[str, Any]:
     """Trace one setup in a worker process; see ``loraplan.trace.run.trace_step`` for the result.
 
     ``gpu_memory_bytes``: what the caching allocator can obtain on the card; when given, the
-    allocator replay says whether and where the step would raise OOM (``result["oom"]``)."""
+    allocator replay says whether and where the step would raise OOM (``result["oom"]``).
+    ``count_work``: also count the last step's work (``result["work"]``, ``trace.counts``)."""
     for mod in ("torch", "transformers", "peft"):
         require_extra(mod)
     if lora.targets is None:  # PEFT's default for the family, the modules the analytic view adapts
@@ -47,7 +49,8 @@ def run_trace_subprocess(model_config: dict, lora: LoraSpec, train: TrainSpec, g
 
         lora = replace(lora, targets=default_targets(spec_from_config(dict(model_config))))
     payload = json.dumps({"model_config": dict(model_config), "lora": asdict(lora), "train": asdict(train),
-                          "gpu_cc": gpu_cc, "steps": steps, "gpu_memory_bytes": gpu_memory_bytes})
+                          "gpu_cc": gpu_cc, "steps": steps, "gpu_memory_bytes": gpu_memory_bytes,
+                          "count_work": count_work})
     try:
         proc = subprocess.run([sys.executable, "-m", "loraplan.trace.worker"], input=payload, capture_output=True,
                               text=True, timeout=timeout_s)
@@ -98,7 +101,9 @@ def trace_estimate(analytic, model, lora: LoraSpec, train: TrainSpec, gpu=None, 
     the allocator; ``detail`` keeps the trace's own output (phase peaks, what was live at the
     peak, sdpa kernels used, versions, caveats), the analytic peak beside it, and under
     ``allocator`` the replays (default and expandable segments, fragmentation, OOM verdict
-    against the GPU's memory less the memory outside the allocator).
+    against the GPU's memory less the memory outside the allocator), and under ``work`` the
+    last step's counted work per class (``trace.counts``: FLOPs, bytes, kernel launches,
+    bitsandbytes / peft Python calls).
     """
     from dataclasses import replace
 
@@ -111,7 +116,8 @@ def trace_estimate(analytic, model, lora: LoraSpec, train: TrainSpec, gpu=None, 
     if gpu is not None and getattr(gpu, "memory_bytes", None):
         # paged optimizer state is managed memory the driver evicts under pressure: not subtracted
         capacity = int(gpu.memory_bytes) - sum(v for k, v in outside.items() if k != "paged_optimizer_state")
-    tr = run_trace_subprocess(dict(model.config), lora, train, cc, timeout_s=timeout_s, gpu_memory_bytes=capacity)
+    tr = run_trace_subprocess(dict(model.config), lora, train, cc, timeout_s=timeout_s, gpu_memory_bytes=capacity,
+                              count_work=True)
     peak = int(tr["peak_allocated_bytes"])
     if tr.get("peak_reserved_bytes") is not None:
         reserved = int(tr["peak_reserved_bytes"])
@@ -145,5 +151,6 @@ def trace_estimate(analytic, model, lora: LoraSpec, train: TrainSpec, gpu=None, 
         "elapsed_s": tr.get("elapsed_s"),
         "allocator": tr.get("allocator"),
         "analytic_peak_reserved_bytes": am.peak_reserved_bytes,
+        "work": tr.get("work"),
     }
     return replace(analytic, memory=memory, method="trace", detail=detail)

@@ -24,6 +24,7 @@ thread's first matmul) through ``loraplan.allocator`` (``replay_allocations``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import warnings
@@ -135,7 +136,8 @@ def _stack(train: TrainSpec) -> dict[str, str]:
 
 
 def trace_step(model_config: dict, lora: LoraSpec, train: TrainSpec, gpu_compute_capability: str | None = "9.0",
-               steps: int = 2, gpu_memory_bytes: int | None = None, return_events: bool = False) -> dict[str, Any]:
+               steps: int = 2, gpu_memory_bytes: int | None = None, return_events: bool = False,
+               count_work: bool = False) -> dict[str, Any]:
     """Run ``steps`` training steps on meta and predict ``torch.cuda.max_memory_allocated``.
 
     ``model_config``: config.json values (needs ``model_type``). Returns a plain dict:
@@ -150,6 +152,9 @@ def trace_step(model_config: dict, lora: LoraSpec, train: TrainSpec, gpu_compute
     replays in detail). ``gpu_memory_bytes``: what the allocator can get on the card (its memory
     minus the CUDA context and other memory outside the allocator); None = no OOM check.
     ``return_events``: also return the stream itself under ``_events`` (in-process use only).
+    ``count_work``: also count the last step's work per op (``trace.counts``: FLOPs, bytes,
+    launches, bitsandbytes / peft Python calls, by work class) into ``work``; off, the trace
+    runs no counting code.
     """
     for mod in ("torch", "transformers", "peft"):
         require_extra(mod)
@@ -265,7 +270,7 @@ def trace_step(model_config: dict, lora: LoraSpec, train: TrainSpec, gpu_compute
             try:
                 result = _run(torch, transformers, auto, config, load_dtype, attn_impl, quantized, seq2seq,
                               lora, train, steps, cfg, tracker, mod_names, stack, layout,
-                              LoraConfig, get_peft_model, prepare_model_for_kbit_training, dt)
+                              LoraConfig, get_peft_model, prepare_model_for_kbit_training, dt, count_work)
             except LoraplanError:
                 raise
             except Exception as e:  # noqa: BLE001 - turned into one line naming op and module
@@ -357,7 +362,8 @@ def _model_inputs(torch, layout, vocab: int) -> dict:
 
 def _run(torch, transformers, auto, config, load_dtype, attn_impl, quantized, seq2seq, lora, train, steps,
          raw_config,
-         tracker, mod_names, stack, layout, LoraConfig, get_peft_model, prepare_model_for_kbit_training, dt=None):
+         tracker, mod_names, stack, layout, LoraConfig, get_peft_model, prepare_model_for_kbit_training, dt=None,
+         count_work=False):
     gc = train.gradient_checkpointing
     dt = dt or Dtypes.protocol(train.quant)
     from .autocast import EmulatedAutocast, emulated_grad_scaler
@@ -467,7 +473,7 @@ def _run(torch, transformers, auto, config, load_dtype, attn_impl, quantized, se
     # batch's mask / position ids go in with the ids (sequences.batch_layout); trl's fused chunked
     # LM head (--loss chunked) on its CUDA path (trace/loss_paths.py)
     extra = {k: v for k, v in inputs.items() if k != "input_ids"}
-    with fused_head_cuda(train, torch):
+    with fused_head_cuda(train, torch), _work_counting(model, tracker, steps, count_work) as work:
         run_steps(model, opt, trainable, ids, labels, train, tracker, stack, steps, torch, autocast=amp,
                   scaler=scaler, model_inputs=extra)
 
@@ -479,7 +485,49 @@ def _run(torch, transformers, auto, config, load_dtype, attn_impl, quantized, se
         "params": {"trainable": int(n_train), "total": int(n_total)},
         "paged_optimizer_bytes": int(getattr(opt, "_paged_bytes", 0)),
         "model_type": config.model_type,
+        **({"work": work.summary()} if work is not None else {}),
     }
+
+
+@contextlib.contextmanager
+def _work_counting(model, tracker, steps: int, on: bool):
+    """``trace.counts`` over the last of ``steps`` steps, fed by the tracker's op hook (the
+    tracker is the dispatch mode already running), with module owners and the bitsandbytes /
+    flash-attn Python-level calls; yields the ``WorkCounter`` (None when ``on`` is False)."""
+    if not on:
+        yield None
+        return
+    from .counts import ModuleOwners, WorkCounter, python_calls
+
+    last = f"step{steps}"
+
+    def active():
+        stack = tracker._phase_stack
+        return bool(stack) and stack[0] == last
+
+    def phase():
+        path = tracker._phase_stack
+        return path[-1] if path and path[-1] in ("forward", "backward", "optimizer") else ""
+
+    owners = ModuleOwners(model, active)
+    counter = WorkCounter(owners, phase, active)
+    hook = tracker.op_hook
+
+    def op_hook(tr, func, args, kwargs, out):
+        if hook is not None:
+            hook(tr, func, args, kwargs, out)
+        try:
+            counter.record(func, args, kwargs, out)
+        except Exception as e:  # noqa: BLE001 - counting never fails the memory trace; reported
+            counter.errors[f"{_op_base(func)}: {type(e).__name__}"] = counter.errors.get(
+                f"{_op_base(func)}: {type(e).__name__}", 0) + 1
+
+    tracker.op_hook = op_hook
+    try:
+        with owners, python_calls(counter.python_calls, active, counter.add_fa2_call):
+            yield counter
+    finally:
+        tracker.op_hook = hook
 
 
 #: the allocator configurations every trace is replayed under (PYTORCH_CUDA_ALLOC_CONF strings)

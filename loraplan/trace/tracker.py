@@ -153,6 +153,11 @@ class LiveTensorTracker(TorchDispatchMode):
     def phase_name(self) -> str:
         return self._phase_stack[-1] if self._phase_stack else ""
 
+    @property
+    def phases(self) -> tuple[str, ...]:
+        """The enclosing phases, outermost first (e.g. ("step2", "backward"))."""
+        return tuple(self._phase_stack)
+
     @contextlib.contextmanager
     def phase(self, name: str):
         """Name the allocations made inside; record this phase's own peak in ``phase_peaks``."""
