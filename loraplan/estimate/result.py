@@ -26,6 +26,12 @@ class MemoryEstimate:
     moments: dict[str, int] = field(default_factory=dict)  # candidate moment -> allocated bytes
     outside_allocator_bytes: dict[str, int] = field(default_factory=dict)  # e.g. paged buffers, CUDA context
     notes: tuple[str, ...] = ()
+    #: several GPUs (issue 13): rank -> itemised ledger summing to that rank's peak allocated (the
+    #: top-level components / peak are the worst rank's); empty for one GPU
+    per_gpu: dict[int, dict[str, int]] = field(default_factory=dict)
+    #: CPU RAM the run needs (offloaded state, ...), and its parts
+    host_bytes: int = 0
+    host_components: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -100,6 +106,8 @@ class Estimate:
                 "moments": dict(m.moments),
                 "outside_allocator_bytes": dict(m.outside_allocator_bytes),
                 "notes": list(m.notes),
+                **({"per_gpu": {str(k): dict(v) for k, v in m.per_gpu.items()}, "host_bytes": m.host_bytes,
+                    "host_components": dict(m.host_components)} if m.per_gpu else {}),
             },
             "gpu": self.gpu,
             "gpu_memory_bytes": self.gpu_memory_bytes,

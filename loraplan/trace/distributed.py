@@ -431,3 +431,48 @@ def _base_model(model):
 def engine_for(train, rank: int, tracker, torch) -> Engine | None:
     """The Engine of ``train.strategy`` for ``rank``, or None for ``single``."""
     return Engine(train, rank, tracker, torch) if is_parallel(train) else None
+
+
+# ---------------------------------------------------------------------------- several ranks
+def traced_ranks(train) -> list[int]:
+    """The ranks traced for ``train``: 0 and N-1 (see the module docstring: these engines give
+    every rank the same storage sizes, and the two traces check it)."""
+    n = int(train.num_gpus)
+    return [0] if n < 2 else [0, n - 1]
+
+
+def assemble_ranks(runs: dict[int, dict], train) -> tuple[dict, dict]:
+    """(the worst traced rank's trace result, the multi-GPU summary) from ``{rank: trace_step
+    result}``. The summary: ``per_gpu`` (rank -> components summing to its peak: the traced
+    ranks, and every other rank with rank 0's ledger when all traced ranks agree to the byte,
+    else only the traced ones), ``ranks`` ({rank: peak_allocated_bytes, components,
+    peak_moment} of the traced ranks), ``traced_ranks``, ``worst_rank``, ``host_components`` /
+    ``host_bytes`` (per node: a traced rank's offloaded state x ranks per node, the largest
+    rank's), the engine's ``units``, and ``notes``."""
+    n, nodes = int(train.num_gpus), max(1, int(getattr(train, "nodes", 1) or 1))
+    ranks = {r: {"peak_allocated_bytes": int(t["peak_allocated_bytes"]),
+                 "components": {k: int(v) for k, v in t["components"].items()},
+                 "peak_moment": str(t.get("peak_phase", ""))} for r, t in runs.items()}
+    worst = max(ranks, key=lambda r: (ranks[r]["peak_allocated_bytes"], -r))
+    agree = len({tuple(sorted(v["components"].items())) for v in ranks.values()}) == 1
+    notes = []
+    if agree:
+        per_gpu = {r: dict(ranks[min(ranks)]["components"]) for r in range(n)}
+        if n > len(ranks):
+            notes.append(f"trace: ranks {', '.join(map(str, sorted(ranks)))} traced and equal to the byte; "
+                         f"the other ranks of {train.strategy} allocate the same (equal padded shards / replicas)")
+    else:
+        per_gpu = {r: dict(v["components"]) for r, v in sorted(ranks.items())}
+        notes.append(f"trace: the traced ranks differ; memory.per_gpu holds ranks "
+                     f"{', '.join(map(str, sorted(ranks)))} only")
+    host_rank = {}
+    for t in runs.values():
+        for k, v in (t.get("parallel") or {}).get("host_components", {}).items():
+            host_rank[k] = max(host_rank.get(k, 0), int(v))
+    per_node = -(-n // nodes)
+    host = {k: v * per_node for k, v in host_rank.items()}
+    summary = {"strategy": train.strategy, "world_size": n, "nodes": nodes, "traced_ranks": sorted(ranks),
+               "worst_rank": worst, "ranks": ranks, "per_gpu": per_gpu, "host_components": host,
+               "host_bytes": sum(host.values()), "ranks_per_node": per_node,
+               "units": (runs[worst].get("parallel") or {}).get("units", []), "notes": notes}
+    return runs[worst], summary

@@ -56,9 +56,12 @@ def _quantize_meta(model, train: TrainSpec, torch_mod, dt: Dtypes | None = None)
     dt = dt or Dtypes.protocol(train.quant)
     load = torch_dtype(dt.load)
     if train.quant in ("nf4", "fp4"):
+        storage = getattr(train, "quant_storage", None)  # FSDP-QLoRA: a float storage (issue 13)
         qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=train.quant,
                                 bnb_4bit_use_double_quant=bool(train.double_quant),
-                                bnb_4bit_compute_dtype=torch_dtype(dt.compute))
+                                bnb_4bit_compute_dtype=torch_dtype(dt.compute),
+                                **({"bnb_4bit_quant_storage": torch_dtype(storage)}
+                                   if storage not in (None, "uint8") else {}))
     else:
         qc = BitsAndBytesConfig(load_in_8bit=True)
     hq = AutoHfQuantizer.from_config(qc, pre_quantized=False)
