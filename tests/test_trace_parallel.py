@@ -126,3 +126,11 @@ def test_assemble_ranks_fills_equal_ranks_and_keeps_unequal_ones_apart():
     lead, s = assemble_ranks(diff, train)
     assert sorted(s["per_gpu"]) == [0, 3] and s["worst_rank"] == 3 and lead["peak_allocated_bytes"] == 12
     assert s["notes"]
+
+
+def test_parallel_lines_are_vocabulary_keys():
+    from loraplan.estimate.result import LEDGER_BY_KEY, ledger_keys
+    from loraplan.trace.run import CATEGORIES
+
+    assert set(PARALLEL_CATEGORIES) <= set(LEDGER_BY_KEY)
+    assert set(PARALLEL_CATEGORIES) == set(CATEGORIES) | set(ledger_keys("trace-parallel"))

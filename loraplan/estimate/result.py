@@ -176,7 +176,8 @@ def _verdict(memory: MemoryEstimate, capacity: int | None, band: int | None) -> 
 class LedgerLine:
     """One line of the memory ledger: its key (as in ``MemoryEstimate.components``), the label
     shown in tables and legends, the colour of its segment in stacked bars, and the views that
-    emit it (``analytic``: ``estimate.memory.moments``; ``trace``: ``trace.run.trace_step``)."""
+    emit it (``analytic``: ``estimate.memory.moments``; ``trace``: ``trace.run.trace_step``;
+    ``trace-parallel``: lines only the trace of a multi-GPU engine adds, ``trace.distributed``)."""
 
     key: str
     label: str
@@ -210,6 +211,11 @@ LEDGER: tuple[LedgerLine, ...] = (
     LedgerLine("cuda_workspaces", "cuBLAS workspaces", "#8c8c8c"),
     LedgerLine("allocator_overhead", "allocator overhead (calibrated)", "#cccccc"),
     LedgerLine("other", "inputs, cuBLAS workspaces, in-kernel transients", "#b0b0b0", ("trace",)),
+    # several GPUs, the trace of the real engines (trace/distributed.py: PARALLEL_CATEGORIES)
+    LedgerLine("gathered_weights", "all-gathered weights in flight (FSDP units, prefetch)", "#6a8caf",
+               ("trace-parallel",)),
+    LedgerLine("communication_buffers", "communication buffers (DDP buckets, reduce-scatter)", "#9b7bb8",
+               ("trace-parallel",)),
 )
 LEDGER_BY_KEY: dict[str, LedgerLine] = {line.key: line for line in LEDGER}
 
