@@ -134,3 +134,40 @@ def test_parallel_lines_are_vocabulary_keys():
 
     assert set(PARALLEL_CATEGORIES) <= set(LEDGER_BY_KEY)
     assert set(PARALLEL_CATEGORIES) == set(CATEGORIES) | set(ledger_keys("trace-parallel"))
+
+
+def test_estimate_method_trace_reports_every_rank(monkeypatch):
+    """``estimate --method trace --strategy fsdp --num-gpus 4``: memory.per_gpu (the contract of
+    issue 13) from the traced ranks 0 and 3; the workers run in-process here (same trace_step)."""
+    import json
+
+    import loraplan.trace as trace_pkg
+    from loraplan.catalog import load_gpu, load_model
+    from loraplan.estimate.api import estimate
+
+    import threading
+
+    lock, hosts = threading.Lock(), {}
+
+    def in_process(model_config, lora, train, gpu_cc="9.0", timeout_s=300, steps=2, gpu_memory_bytes=None, rank=0):
+        with lock:  # one fake process group per process: the real workers are processes
+            t = trace_step(model_config, lora, train, gpu_cc, steps, gpu_memory_bytes=gpu_memory_bytes, rank=rank)
+        hosts[rank] = t["parallel"]["host_components"]
+        return t
+
+    monkeypatch.setattr(trace_pkg, "run_trace_subprocess", in_process)
+    model, gpu = load_model("tiny-llama"), load_gpu("h100-sxm-80gb")
+    train = TrainSpec(quant="bf16", batch=2, seq=64, strategy="fsdp-offload", num_gpus=4, nodes=2)
+    e = trace_pkg.trace_estimate(estimate(model, LORA, train, gpu), model, LORA, train, gpu)
+    m = e.memory
+    assert sorted(m.per_gpu) == [0, 1, 2, 3]
+    assert all(sum(c.values()) == m.peak_allocated_bytes for c in m.per_gpu.values())
+    assert m.components == {k: v for k, v in m.per_gpu[0].items() if v}
+    # two ranks per node, each with its offloaded shard, gradients and optimizer state
+    assert m.host_bytes == sum(m.host_components.values()) > 0
+    assert hosts[0] == hosts[3] and m.host_components == {k: 2 * v for k, v in hosts[0].items()}
+    d = json.loads(json.dumps(e.to_dict()))
+    assert set(d["memory"]["per_gpu"]) == {"0", "1", "2", "3"} and d["memory"]["host_bytes"] == m.host_bytes
+    assert d["detail"]["parallel"]["traced_ranks"] == [0, 3]
+    one = estimate(model, LORA, TrainSpec(quant="bf16", batch=2, seq=64), gpu).to_dict()
+    assert "per_gpu" not in one["memory"]  # one GPU: the JSON is unchanged
