@@ -103,11 +103,40 @@ def test_last_rank_equals_rank_zero():
 
 
 @pytest.mark.parametrize("strategy,extra,word", [("zero3", {}, "DeepSpeed"), ("device-map", {}, "device-map"),
-                                                 ("fsdp", {"fsdp_version": 1}, "fsdp-version 1")])
+                                                 ("fsdp-offload", {"fsdp_version": 1}, "fsdp-version 1")])
 def test_what_is_not_traced_is_refused_in_one_line(strategy, extra, word):
     with pytest.raises(TraceError, match=word) as e:
         trace_step(CFG, LORA, TrainSpec(quant="bf16", batch=2, seq=64, strategy=strategy, num_gpus=2, **extra))
     assert "\n" not in str(e.value) and "--method analytic" in str(e.value)
+
+
+@pytest.mark.parametrize("quant,extra,word", [("int8", {}, "int8"), ("nf4", {"fsdp_version": 1}, "quant-storage bf16")])
+def test_what_fsdp_cannot_shard_is_bad_input(quant, extra, word):
+    from loraplan.errors import InputError
+
+    with pytest.raises(InputError, match=word) as e:
+        trace_step(CFG, LORA, TrainSpec(quant=quant, batch=2, seq=64, strategy="fsdp", num_gpus=2, **extra))
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_fsdp1_flat_parameters_keep_a_shard_and_unchanged_activations(n):
+    one, f1, f2 = trace(), trace("fsdp", n, fsdp_version=1), trace("fsdp", n)
+    c1, c = one["components"], f1["components"]
+    assert sum(c.values()) == f1["peak_allocated_bytes"]
+    assert abs(c["weights"] - c1["weights"] / n) <= 0.01 * c1["weights"]
+    assert c["activations"] == c1["activations"]
+    assert 0 < c["gathered_weights"] <= ROOT_BYTES + 2 * LAYER_BYTES + LORA_BYTES
+    # FSDP1 all-gathers into the flat parameter itself; FSDP2 copies out of an all-gather buffer
+    assert c["gathered_weights"] <= f2["components"]["gathered_weights"]
+    assert "(root)" in f1["parallel"]["units"] and f1["parallel"]["fsdp_version"] == 1
+
+
+def test_fsdp1_qlora_needs_a_float_storage_and_runs_with_it():
+    one = trace(quant="nf4", prepare_kbit=False)
+    f1 = trace("fsdp", 2, quant="nf4", fsdp_version=1, quant_storage="bf16", prepare_kbit=False)
+    w1, w = one["components"]["weights"], f1["components"]["weights"]
+    assert w1 / 2 < w <= w1 / 2 + w1 / 8  # quant states stay whole on every rank
 
 
 def _run(peak, comp, host=None):

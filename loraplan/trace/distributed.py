@@ -16,6 +16,14 @@ engine's own allocations:
   the dispatcher, so the tracker sees them; the buckets are rebuilt in the order the gradients
   became ready at the second forward, ``_rebuild_buckets``). Only the parameters that require
   grad (the adapters) are bucketed.
+- ``fsdp`` with ``fsdp_version`` 1: ``FullyShardedDataParallel`` with peft's
+  ``fsdp_auto_wrap_policy`` (``Engine._wrap_fsdp1``): flat parameters, one per unit, sharded
+  with padding to N; ``device_id`` meta (its device handle answers ``torch.cpu``'s no-op
+  streams) and a no-op ``param_init_fn``, so nothing is materialized. FSDP1 flattens each unit
+  into one dtype: a 4-bit base needs a float ``quant_storage`` (uint8 cannot be flattened), and
+  the fp32 norms / embeddings of ``prepare_model_for_kbit_training`` cannot share a unit with a
+  bf16 storage (the trace then fails with FSDP's own message; ``--no-prepare-kbit`` is what
+  FSDP-QLoRA recipes run).
 - ``fsdp`` / ``fsdp-offload`` with ``fsdp_version`` 2: ``fully_shard`` per decoder layer (the
   model's ``_no_split_modules`` classes, as accelerate's transformer auto-wrap does) and on the
   root, ``reshard_after_forward`` True for ``full`` (FULL_SHARD) and False for
@@ -48,9 +56,8 @@ collectives are told apart by tracker phases (``all_gather``, ``reduce_scatter``
 Not traced here, with the reason: DeepSpeed ZeRO (``zero1``-``zero3-offload``) needs CUDA and
 its compiled ops and is not installed (use ``--method analytic``, which models it from its
 source); ``device-map`` (accelerate's layer split) is one process with several devices, not a
-process group; FSDP1 (``FullyShardedDataParallel``, ``fsdp_version`` 1) builds flat parameters
-with ``torch.cat`` of the real weights and is not run on meta here (the trace says so);
-``fsdp-offload`` is emulated as said above.
+process group; FSDP1 with CPU offload (``fsdp-offload`` with ``fsdp_version`` 1); HYBRID_SHARD (one
+flat mesh is traced).
 
 Ranks: FSDP2 pads every parameter's dim 0 to a multiple of N and gives each rank the same
 padded shard storage (``_fsdp_param.py::_init_sharded_param``), DDP replicates: every rank of
@@ -94,9 +101,17 @@ def check_traceable(train) -> None:
                          "not traced; use --method analytic")
     if s not in TRACED:
         raise InputError(f"--strategy {s} is not known to the trace; use one of {', '.join(TRACED)}")
-    if s.startswith("fsdp") and fsdp_version(train) != 2:
-        raise TraceError("--fsdp-version 1: FullyShardedDataParallel flattens the real weights (torch.cat), "
-                         "which the meta trace does not run; use --fsdp-version 2 or --method analytic")
+    if s == "fsdp-offload" and fsdp_version(train) == 1:
+        raise TraceError("--strategy fsdp-offload --fsdp-version 1: FSDP1's CPUOffload is not traced; "
+                         "use --fsdp-version 2 or --method analytic")
+    if s.startswith("fsdp") and train.quant == "int8":
+        raise InputError(f"--quant int8 with --strategy {s}: FSDP cannot shard bitsandbytes' int8 weights "
+                         "(Int8Params with their SCB state); use --quant nf4 --quant-storage bf16 or --strategy ddp")
+    if (s.startswith("fsdp") and fsdp_version(train) == 1 and train.quant in ("nf4", "fp4")
+            and getattr(train, "quant_storage", None) in (None, "uint8")):
+        raise InputError(f"--quant {train.quant} with --fsdp-version 1 and a uint8 quant storage: FSDP1 cannot flatten "
+                         "integer tensors (_flat_param.py: 'Cannot flatten integer dtype tensors'); "
+                         "use --quant-storage bf16")
     if s.startswith("fsdp") and train.fsdp_sharding == "hybrid":
         raise TraceError("--fsdp-sharding hybrid: the trace runs one flat mesh; use full or shard-grad-op, "
                          "or --method analytic")
@@ -105,8 +120,8 @@ def check_traceable(train) -> None:
 
 
 def fsdp_version(train) -> int:
-    """The FSDP version the trace runs: the spec's, else the resolved recipe's, else 2 (the trace
-    runs only fully_shard; None reaches here only before the recipe names a default)."""
+    """The FSDP version the trace runs: the spec's (``resolve_recipe`` fills the trainer's default
+    where it names one), else 2, torch's ``fully_shard``."""
     v = getattr(train, "fsdp_version", None)
     return 2 if v is None else int(v)
 
@@ -148,7 +163,7 @@ class Engine:
     def context(self):
         with fake_process_group(self.rank, self.world), contextlib.ExitStack() as stack:
             if self.strategy.startswith("fsdp"):
-                stack.enter_context(self._fsdp_patches())
+                stack.enter_context(self._fsdp_patches() if fsdp_version(self.train) == 2 else self._fsdp1_patches())
             yield self
 
     def wrap(self, model, mod_names: dict[int, str]):
@@ -156,6 +171,8 @@ class Engine:
         so allocations in its forward are attributed."""
         if self.strategy == "ddp":
             return self._wrap_ddp(model, mod_names)
+        if fsdp_version(self.train) == 1:
+            return self._wrap_fsdp1(model)
         return self._wrap_fsdp2(model)
 
     def _wrap_ddp(self, model, mod_names):
@@ -212,6 +229,114 @@ class Engine:
         if self.strategy == "fsdp-offload":
             self._offload_to_host(model)
         return model
+
+    def _wrap_fsdp1(self, model):
+        """FullyShardedDataParallel as accelerate builds it for a PEFT model: peft's
+        ``fsdp_auto_wrap_policy`` (LoRA layers and the ``_no_split_modules`` layers in their own
+        units), FULL_SHARD or SHARD_GRAD_OP, ``use_orig_params`` (default False), flat parameters,
+        ``limit_all_gathers=True``; ``device_id`` meta with ``param_init_fn`` a no-op, so nothing is
+        materialized (``_init_utils.py::_materialize_with_param_init_fn``)."""
+        import gc
+
+        from peft.utils.other import fsdp_auto_wrap_policy
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        from torch.distributed.fsdp import ShardingStrategy
+
+        strategy = ShardingStrategy.SHARD_GRAD_OP if self.train.fsdp_sharding == "shard-grad-op" \
+            else ShardingStrategy.FULL_SHARD
+        wrapped = FSDP(model, auto_wrap_policy=fsdp_auto_wrap_policy(model), sharding_strategy=strategy,
+                       use_orig_params=bool(self.train.use_orig_params), device_id=self.torch.device("meta"),
+                       param_init_fn=lambda module: None, sync_module_states=False, limit_all_gathers=True)
+        self.units = [n or "(root)" for n, m in wrapped.named_modules() if isinstance(m, FSDP)]
+        gc.collect()  # the flattened originals sit in reference cycles of the built model
+        return wrapped
+
+    @contextlib.contextmanager
+    def _fsdp1_patches(self):
+        """FSDP1 on meta: its device handle for meta answers ``torch.cpu``'s no-op streams with
+        ``current_device() == "meta"`` (``_common_utils.py::_FSDPDeviceHandle``); the flat
+        parameter's storage resizes (``torch.distributed.utils._alloc_storage`` / ``_free_storage``,
+        ``_typed_storage()._resize_``) are told to the tracker; the unsharded flat parameters
+        (``FlatParamHandle.init_flat_param_attributes`` / ``_all_gather_flat_param``) and the
+        reduce-scatter (``_runtime_utils.py::_reduce_grad``) run inside tracker phases, and the
+        sharded gradient it leaves is labelled."""
+        import torch.distributed.fsdp._flat_param as fparam
+        import torch.distributed.fsdp._runtime_utils as rt
+        from torch.distributed.fsdp._common_utils import _FSDPDeviceHandle
+
+        torch, tracker = self.torch, self.tracker
+        saved: list[tuple[Any, str, Any]] = []
+
+        def patch(obj, name, new):
+            saved.append((obj, name, obj.__dict__[name] if isinstance(obj, type) else getattr(obj, name)))
+            setattr(obj, name, new)
+
+        class _MetaBackend:
+            def __getattr__(self, name):
+                return getattr(torch.cpu, name)
+
+            def current_device(self):
+                return "meta"
+
+        orig_from_device = _FSDPDeviceHandle.from_device.__func__
+
+        def from_device(cls, device):
+            return cls(device, backend=_MetaBackend()) if device.type == "meta" else orig_from_device(cls, device)
+
+        patch(_FSDPDeviceHandle, "from_device", classmethod(from_device))
+
+        def resized(fn: Callable) -> Callable:
+            @functools.wraps(fn)
+            def run(tensor, *args):
+                out = fn(tensor, *args)
+                tracker._resync(tensor)
+                return out
+            return run
+
+        for name in ("_alloc_storage", "_free_storage"):
+            patch(fparam, name, resized(getattr(fparam, name)))
+
+        def in_phase(fn: Callable, name: str) -> Callable:
+            @functools.wraps(fn)
+            def run(*args, **kwargs):
+                with tracker.phase(name):
+                    return fn(*args, **kwargs)
+            return run
+
+        cls = fparam.FlatParamHandle
+        orig_shard = cls.shard
+
+        @functools.wraps(orig_shard)
+        def shard(handle):
+            # FlatParamHandle.shard frees the unsharded flat parameter with
+            # ``_typed_storage()._resize_(0)`` before ``set_`` to the shard: tell the tracker
+            storage = handle.flat_param.untyped_storage()
+            out = orig_shard(handle)
+            if storage._cdata in tracker._live:
+                tracker._resync_storage(storage)
+            return out
+
+        patch(cls, "shard", shard)
+        patch(cls, "init_flat_param_attributes", in_phase(cls.init_flat_param_attributes, "all_gather"))
+        patch(cls, "_all_gather_flat_param", in_phase(cls._all_gather_flat_param, "all_gather"))
+        orig_reduce = rt._reduce_grad
+
+        @functools.wraps(orig_reduce)
+        def reduce_grad(state, handle):
+            with tracker.phase("reduce_scatter"):
+                out = orig_reduce(state, handle)
+            fp = handle.flat_param
+            for g in (getattr(fp, "_saved_grad_shard", None), fp.grad):
+                if g is not None:
+                    tracker.label(g, "lora_gradients")
+            return out
+
+        patch(rt, "_reduce_grad", reduce_grad)
+        try:
+            yield
+        finally:
+            for obj, name, old in reversed(saved):
+                setattr(obj, name, old)
 
     def _to_meta(self, model) -> None:
         """Switch every FSDP state, param group and param from the "cpu" mesh's device to meta."""

@@ -442,7 +442,7 @@ def _run(torch, transformers, auto, config, load_dtype, attn_impl, quantized, se
         mod_names.update({id(m): n for n, m in model.named_modules()})
         # DDP / FSDP2 on a fake process group (trace/distributed.py); the step runs the wrapper
         step_model = engine.wrap(model, mod_names) if engine is not None else model
-        trainable = [p for p in model.parameters() if p.requires_grad]
+        trainable = [p for p in step_model.parameters() if p.requires_grad]
         if not trainable:
             raise TraceError("no trainable parameters after get_peft_model; check --targets")
         n_train, n_total = model.get_nb_trainable_parameters()
@@ -460,9 +460,9 @@ def _run(torch, transformers, auto, config, load_dtype, attn_impl, quantized, se
         if seq2seq and train.target_seq and train.target_seq != train.seq:
             labels = torch.randint(0, vocab, (train.batch, train.target_seq), device="meta")
         # label what exists before the burst
-        for p in model.parameters():
+        for p in step_model.parameters():
             tracker.label(p, "lora_weights" if p.requires_grad else "weights")
-        for buf in model.buffers():
+        for buf in step_model.buffers():
             tracker.label(buf, "weights")
         for t in (*inputs.values(), labels):
             tracker.label(t, "inputs")
