@@ -21,7 +21,8 @@ from loraplan.trace.distributed import PARALLEL_CATEGORIES, traced_ranks  # noqa
 from loraplan.trace.run import trace_step  # noqa: E402
 
 CASES = (("single", 1, {}), ("ddp", 2, {}), ("fsdp", 2, {}), ("fsdp", 4, {}),
-         ("fsdp", 2, {"fsdp_sharding": "shard-grad-op"}), ("fsdp-offload", 2, {}))
+         ("fsdp", 2, {"fsdp_sharding": "shard-grad-op"}), ("fsdp-offload", 2, {}),
+         ("fsdp", 2, {"fsdp_version": 1}), ("fsdp", 4, {"fsdp_version": 1}))
 
 
 def main(argv=None) -> int:
@@ -30,6 +31,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quant", default="bf16,nf4")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--ranks", default="first-last", choices=("first-last", "first"),
+                    help="trace ranks 0 and N-1, or rank 0 only")
     a = ap.parse_args(argv)
     cfg = dict(load_model(a.model).config)
     lora = LoraSpec(rank=8, targets=("q_proj", "v_proj"))
@@ -38,9 +41,11 @@ def main(argv=None) -> int:
         for strategy, n, extra in CASES:
             if quant in ("nf4", "fp4") and strategy.startswith("fsdp"):
                 extra = {**extra, "quant_storage": "bf16"}  # FSDP-QLoRA's float storage
+                if extra.get("fsdp_version") == 1:  # one dtype per flat parameter: no fp32 upcast
+                    extra["prepare_kbit"] = False
             train = TrainSpec(quant=quant, batch=a.batch, seq=a.seq, strategy=strategy, num_gpus=n, **extra)
             name = f"{quant} {strategy} N={n}" + "".join(f" {k}={v}" for k, v in extra.items())
-            for r in traced_ranks(train):
+            for r in (traced_ranks(train) if a.ranks == "first-last" else [0]):
                 t = trace_step(cfg, lora, train, rank=r)
                 for line in PARALLEL_CATEGORIES:
                     v = t["components"].get(line)

@@ -1,4 +1,4 @@
-"""The real DDP / FSDP2 engines in the meta trace, one rank of N in one process (issue 13).
+"""The real DDP / FSDP1 / FSDP2 engines in the meta trace, one rank of N in one process (issue 13).
 
 ``engine_for(train, rank, tracker)`` returns an ``Engine`` whose ``context()`` starts a fake
 process group (``torch.testing._internal.distributed.fake_pg``: ``dist.init_process_group("fake",
@@ -13,12 +13,15 @@ engine's own allocations:
   defaults (torch/nn/parallel/distributed.py: ``bucket_cap_mb`` 25, the first bucket 1 MiB
   (``dist._DEFAULT_FIRST_BUCKET_BYTES``), ``gradient_as_bucket_view=False``,
   ``find_unused_parameters=False``; the Reducer's bucket buffers are allocated by C++ through
-  the dispatcher, so the tracker sees them; the buckets are rebuilt in the order the gradients
-  became ready at the second forward, ``_rebuild_buckets``). Only the parameters that require
-  grad (the adapters) are bucketed.
+  the dispatcher, so the tracker sees them). Only the parameters that require grad (the
+  adapters) are bucketed. Two changes, both memory-neutral: the reduction is DDP's default
+  all-reduce written as a Python comm hook (``_allreduce_in_place``: the fake group's future has
+  no value for the C++ hook), and the bucket rebuild before the second forward is skipped
+  (``_KeepBuckets``: it needs the bucket order's values on the host); the shape check of
+  ``DDP.__init__`` (which reads values) is skipped too.
 - ``fsdp`` with ``fsdp_version`` 1: ``FullyShardedDataParallel`` with peft's
   ``fsdp_auto_wrap_policy`` (``Engine._wrap_fsdp1``): flat parameters, one per unit, sharded
-  with padding to N; ``device_id`` meta (its device handle answers ``torch.cpu``'s no-op
+  with padding to N, ``use_orig_params`` as given (default False); ``device_id`` meta (its device handle answers ``torch.cpu``'s no-op
   streams) and a no-op ``param_init_fn``, so nothing is materialized. FSDP1 flattens each unit
   into one dtype: a 4-bit base needs a float ``quant_storage`` (uint8 cannot be flattened), and
   the fp32 norms / embeddings of ``prepare_model_for_kbit_training`` cannot share a unit with a
@@ -60,8 +63,9 @@ process group; FSDP1 with CPU offload (``fsdp-offload`` with ``fsdp_version`` 1)
 flat mesh is traced).
 
 Ranks: FSDP2 pads every parameter's dim 0 to a multiple of N and gives each rank the same
-padded shard storage (``_fsdp_param.py::_init_sharded_param``), DDP replicates: every rank of
-these engines allocates the same, so ``trace_estimate`` traces rank 0 and rank N-1 and reports
+padded shard storage (``_fsdp_param.py::_init_sharded_param``), FSDP1 pads each flat parameter
+to a multiple of N (``_flat_param.py::FlatParamHandle._get_shard``), DDP replicates: every rank
+of these engines allocates the same, so ``trace_estimate`` traces rank 0 and rank N-1 and reports
 both (and the others as rank 0 only when the two agree).
 """
 

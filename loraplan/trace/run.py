@@ -440,12 +440,12 @@ def _run(torch, transformers, auto, config, load_dtype, attn_impl, quantized, se
                     p.data = p.data.to(torch_dtype(dt.adapter))
         model.train()
         mod_names.update({id(m): n for n, m in model.named_modules()})
-        # DDP / FSDP2 on a fake process group (trace/distributed.py); the step runs the wrapper
+        n_train, n_total = model.get_nb_trainable_parameters()  # before an engine flattens or shards them
+        # DDP / FSDP on a fake process group (trace/distributed.py); the step runs the wrapper
         step_model = engine.wrap(model, mod_names) if engine is not None else model
         trainable = [p for p in step_model.parameters() if p.requires_grad]
         if not trainable:
             raise TraceError("no trainable parameters after get_peft_model; check --targets")
-        n_train, n_total = model.get_nb_trainable_parameters()
         opt = _make_optimizer(train.optimizer, trainable, tracker, torch)
         if engine is not None:
             engine.attach_optimizer(opt)
