@@ -110,7 +110,13 @@ def apply_checkpoint_layout(model, train, kwargs: dict | None = None, offload_ho
 
 def accepts_loss_kwargs(model) -> bool:
     """Trainer.__init__'s ``model_accepts_loss_kwargs``: the unwrapped (PEFT-free) model's
-    ``accepts_loss_kwargs``, else whether its forward takes ``**kwargs``."""
+    ``accepts_loss_kwargs``, else whether its forward takes ``**kwargs``; a DDP / FSDP1 wrapper is looked
+    through (``.module``): Trainer asks before accelerate wraps the model."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, (DistributedDataParallel, FullyShardedDataParallel)):
+        model = model.module
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     if hasattr(inner, "accepts_loss_kwargs"):
         return bool(inner.accepts_loss_kwargs)

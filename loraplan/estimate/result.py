@@ -178,7 +178,8 @@ def _verdict(memory: MemoryEstimate, capacity: int | None, band: int | None) -> 
 class LedgerLine:
     """One line of the memory ledger: its key (as in ``MemoryEstimate.components``), the label
     shown in tables and legends, the colour of its segment in stacked bars, and the views that
-    emit it (``analytic``: ``estimate.memory.moments``; ``trace``: ``trace.run.trace_step``)."""
+    emit it (``analytic``: ``estimate.memory.moments``; ``trace``: ``trace.run.trace_step``;
+    ``trace-parallel``: lines only the trace of a multi-GPU engine adds, ``trace.distributed``)."""
 
     key: str
     label: str
@@ -187,6 +188,8 @@ class LedgerLine:
 
 
 _BOTH = ("analytic", "trace")
+#: lines of the multi-GPU engines that both the analytic ledger and the engines' trace name
+_PARALLEL = ("analytic", "trace-parallel")
 
 #: every ledger line, in the order tables and stacked bars show them. The trace's categories are
 #: coarser: ``weights`` is the analytic frozen_linear_weights + unquantized_weights (+ expert_weights), ``other``
@@ -213,10 +216,10 @@ LEDGER: tuple[LedgerLine, ...] = (
     LedgerLine("master_weights", "ZeRO fp32 master partition of the adapters", "#a33b3f"),
     LedgerLine("quant_state", "4-bit quant state (absmax, codes), on every rank", "#4c9ab0"),
     LedgerLine("persistent_params", "ZeRO-3 persistent (unpartitioned) small params", "#5e8c9a"),
-    LedgerLine("gathered_params", "all-gathered units in flight (incl. prefetch)", "#6a7fb5"),
+    LedgerLine("gathered_params", "all-gathered units in flight (incl. prefetch)", "#6a7fb5", _PARALLEL),
     LedgerLine("all_gather_buffers", "FSDP2 all-gather output buffer", "#9aa8d0"),
-    LedgerLine("reduce_scatter_buffers", "gradient reduce-scatter / bucket buffers", "#7fbf8e"),
-    LedgerLine("ddp_buckets", "DDP gradient buckets", "#3f8f5a"),
+    LedgerLine("reduce_scatter_buffers", "gradient reduce-scatter / bucket buffers", "#7fbf8e", _PARALLEL),
+    LedgerLine("ddp_buckets", "DDP gradient buckets", "#3f8f5a", _PARALLEL),
     LedgerLine("cuda_workspaces", "cuBLAS workspaces", "#8c8c8c"),
     LedgerLine("allocator_overhead", "allocator overhead (calibrated)", "#cccccc"),
     LedgerLine("other", "inputs, cuBLAS workspaces, in-kernel transients", "#b0b0b0", ("trace",)),

@@ -33,12 +33,13 @@ _ERRORS = {c.__name__: c for c in (TraceError, TraceDataDependentError, TraceTim
 
 def run_trace_subprocess(model_config: dict, lora: LoraSpec, train: TrainSpec, gpu_cc: str | None = "9.0",
                          timeout_s: float = 300, steps: int = 2, gpu_memory_bytes: int | None = None,
-                         count_work: bool = False) -> dict[str, Any]:
+                         count_work: bool = False, rank: int = 0) -> dict[str, Any]:
     """Trace one setup in a worker process; see ``loraplan.trace.run.trace_step`` for the result.
 
     ``gpu_memory_bytes``: what the caching allocator can obtain on the card; when given, the
     allocator replay says whether and where the step would raise OOM (``result["oom"]``).
-    ``count_work``: also count the last step's work (``result["work"]``, ``trace.counts``)."""
+    ``count_work``: also count the last step's work (``result["work"]``, ``trace.counts``).
+    ``rank``: under a multi-GPU ``train.strategy``, the rank to trace (``trace.distributed``)."""
     for mod in ("torch", "transformers", "peft"):
         require_extra(mod)
     if lora.targets is None:  # PEFT's default for the family, the modules the analytic view adapts
@@ -50,7 +51,7 @@ def run_trace_subprocess(model_config: dict, lora: LoraSpec, train: TrainSpec, g
         lora = replace(lora, targets=default_targets(spec_from_config(dict(model_config))))
     payload = json.dumps({"model_config": dict(model_config), "lora": asdict(lora), "train": asdict(train),
                           "gpu_cc": gpu_cc, "steps": steps, "gpu_memory_bytes": gpu_memory_bytes,
-                          "count_work": count_work})
+                          "count_work": count_work, "rank": rank})
     try:
         proc = subprocess.run([sys.executable, "-m", "loraplan.trace.worker"], input=payload, capture_output=True,
                               text=True, timeout=timeout_s)
@@ -116,8 +117,22 @@ def trace_estimate(analytic, model, lora: LoraSpec, train: TrainSpec, gpu=None, 
     if gpu is not None and getattr(gpu, "memory_bytes", None):
         # paged optimizer state is managed memory the driver evicts under pressure: not subtracted
         capacity = int(gpu.memory_bytes) - sum(v for k, v in outside.items() if k != "paged_optimizer_state")
-    tr = run_trace_subprocess(dict(model.config), lora, train, cc, timeout_s=timeout_s, gpu_memory_bytes=capacity,
-                              count_work=True)
+    from .distributed import assemble_ranks, is_parallel, traced_ranks
+
+    parallel = None
+    if is_parallel(train):  # one worker per rank that can peak (trace/distributed.py); the worst one leads
+        from concurrent.futures import ThreadPoolExecutor
+
+        ranks = traced_ranks(train)
+        with ThreadPoolExecutor(len(ranks)) as pool:  # one worker process per rank, side by side
+            futures = {r: pool.submit(run_trace_subprocess, dict(model.config), lora, train, cc, timeout_s=timeout_s,
+                                      gpu_memory_bytes=capacity, rank=r,
+                                      count_work=True) for r in ranks}
+            runs = {r: f.result() for r, f in futures.items()}
+        tr, parallel = assemble_ranks(runs, train)
+    else:
+        tr = run_trace_subprocess(dict(model.config), lora, train, cc, timeout_s=timeout_s, gpu_memory_bytes=capacity,
+                                  count_work=True)
     peak = int(tr["peak_allocated_bytes"])
     if tr.get("peak_reserved_bytes") is not None:
         reserved = int(tr["peak_reserved_bytes"])
@@ -135,7 +150,10 @@ def trace_estimate(analytic, model, lora: LoraSpec, train: TrainSpec, gpu=None, 
         moments={k: int(v) for k, v in tr.get("phase_peaks", {}).items()},
         outside_allocator_bytes=outside,
         notes=(tuple(tr.get("uncertain", ())) if train.quant == "int8" else am.notes)
-        + _disagreement_notes(am, peak, analytic.inputs.get("attention_kernel"), tr.get("sdpa_backends")),
+        + _disagreement_notes(am, peak, analytic.inputs.get("attention_kernel"), tr.get("sdpa_backends"))
+        + (tuple(parallel["notes"]) if parallel else ()),
+        **({"per_gpu": parallel["per_gpu"], "host_bytes": parallel["host_bytes"],
+            "host_components": parallel["host_components"]} if parallel else {}),
     )
     detail = {
         "analytic_peak_allocated_bytes": am.peak_allocated_bytes,
@@ -152,5 +170,6 @@ def trace_estimate(analytic, model, lora: LoraSpec, train: TrainSpec, gpu=None, 
         "allocator": tr.get("allocator"),
         "analytic_peak_reserved_bytes": am.peak_reserved_bytes,
         "work": tr.get("work"),
+        **({"parallel": parallel} if parallel else {}),
     }
     return replace(analytic, memory=memory, method="trace", detail=detail)

@@ -56,9 +56,12 @@ def _quantize_meta(model, train: TrainSpec, torch_mod, dt: Dtypes | None = None)
     dt = dt or Dtypes.protocol(train.quant)
     load = torch_dtype(dt.load)
     if train.quant in ("nf4", "fp4"):
+        storage = getattr(train, "quant_storage", None)  # FSDP-QLoRA: a float storage (issue 13)
         qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=train.quant,
                                 bnb_4bit_use_double_quant=bool(train.double_quant),
-                                bnb_4bit_compute_dtype=torch_dtype(dt.compute))
+                                bnb_4bit_compute_dtype=torch_dtype(dt.compute),
+                                **({"bnb_4bit_quant_storage": torch_dtype(storage)}
+                                   if storage not in (None, "uint8") else {}))
     else:
         qc = BitsAndBytesConfig(load_in_8bit=True)
     hq = AutoHfQuantizer.from_config(qc, pre_quantized=False)
@@ -137,7 +140,7 @@ def _stack(train: TrainSpec) -> dict[str, str]:
 
 def trace_step(model_config: dict, lora: LoraSpec, train: TrainSpec, gpu_compute_capability: str | None = "9.0",
                steps: int = 2, gpu_memory_bytes: int | None = None, return_events: bool = False,
-               count_work: bool = False) -> dict[str, Any]:
+               count_work: bool = False, rank: int = 0) -> dict[str, Any]:
     """Run ``steps`` training steps on meta and predict ``torch.cuda.max_memory_allocated``.
 
     ``model_config``: config.json values (needs ``model_type``). Returns a plain dict:
@@ -155,6 +158,10 @@ def trace_step(model_config: dict, lora: LoraSpec, train: TrainSpec, gpu_compute
     ``count_work``: also count the last step's work per op (``trace.counts``: FLOPs, bytes,
     launches, bitsandbytes / peft Python calls, by work class) into ``work``; off, the trace
     runs no counting code.
+    ``rank``: with a multi-GPU ``train.strategy``, the rank of ``train.num_gpus`` to trace: the real
+    engine runs on a fake process group (``trace.distributed``); the result then has a
+    ``parallel`` dict (strategy, world size, rank, wrapped units, host bytes) and the components
+    are ``distributed.PARALLEL_CATEGORIES``.
     """
     for mod in ("torch", "transformers", "peft"):
         require_extra(mod)
@@ -253,6 +260,9 @@ def trace_step(model_config: dict, lora: LoraSpec, train: TrainSpec, gpu_compute
                 tr.persistent(ws_bytes, f"cublas_workspace_{thread}")
 
     tracker = LiveTensorTracker(round_to=512, device="meta", context_fn=context, op_hook=op_hook)
+    from .distributed import engine_for
+
+    engine = engine_for(train, rank, tracker, torch)  # None for one GPU
     sdpa_used: dict[str, int] = {}
 
     def log_sdpa(b):
@@ -265,12 +275,13 @@ def trace_step(model_config: dict, lora: LoraSpec, train: TrainSpec, gpu_compute
     h_pre = torch.nn.modules.module.register_module_forward_pre_hook(pre_hook)
     h_post = torch.nn.modules.module.register_module_forward_hook(post_hook)
     try:
-        with em.cuda_emulation(gpu_compute_capability, train.attention, log_sdpa, train.stack), \
+        with engine.context() if engine is not None else contextlib.nullcontext(), \
+                em.cuda_emulation(gpu_compute_capability, train.attention, log_sdpa, train.stack), \
                 em.sequence_emulation(layout.padded, layout.packed, train.batch), tracker:
             try:
                 result = _run(torch, transformers, auto, config, load_dtype, attn_impl, quantized, seq2seq,
                               lora, train, steps, cfg, tracker, mod_names, stack, layout,
-                              LoraConfig, get_peft_model, prepare_model_for_kbit_training, dt, count_work)
+                              LoraConfig, get_peft_model, prepare_model_for_kbit_training, dt, count_work, engine=engine)
             except LoraplanError:
                 raise
             except Exception as e:  # noqa: BLE001 - turned into one line naming op and module
@@ -363,7 +374,7 @@ def _model_inputs(torch, layout, vocab: int) -> dict:
 def _run(torch, transformers, auto, config, load_dtype, attn_impl, quantized, seq2seq, lora, train, steps,
          raw_config,
          tracker, mod_names, stack, layout, LoraConfig, get_peft_model, prepare_model_for_kbit_training, dt=None,
-         count_work=False):
+         count_work=False, engine=None):
     gc = train.gradient_checkpointing
     dt = dt or Dtypes.protocol(train.quant)
     from .autocast import EmulatedAutocast, emulated_grad_scaler
@@ -432,11 +443,15 @@ def _run(torch, transformers, auto, config, load_dtype, attn_impl, quantized, se
                     p.data = p.data.to(torch_dtype(dt.adapter))
         model.train()
         mod_names.update({id(m): n for n, m in model.named_modules()})
-        trainable = [p for p in model.parameters() if p.requires_grad]
+        n_train, n_total = model.get_nb_trainable_parameters()  # before an engine flattens or shards them
+        # DDP / FSDP on a fake process group (trace/distributed.py); the step runs the wrapper
+        step_model = engine.wrap(model, mod_names) if engine is not None else model
+        trainable = [p for p in step_model.parameters() if p.requires_grad]
         if not trainable:
             raise TraceError("no trainable parameters after get_peft_model; check --targets")
-        n_train, n_total = model.get_nb_trainable_parameters()
         opt = _make_optimizer(train.optimizer, trainable, tracker, torch)
+        if engine is not None:
+            engine.attach_optimizer(opt)
         scaler = emulated_grad_scaler(torch) if dt.autocast == "fp16" else None
         vocab = config.get_text_config().vocab_size if hasattr(config, "get_text_config") else config.vocab_size
         if seq2seq and train.padding != "max-length":
@@ -448,9 +463,9 @@ def _run(torch, transformers, auto, config, load_dtype, attn_impl, quantized, se
         if seq2seq and train.target_seq and train.target_seq != train.seq:
             labels = torch.randint(0, vocab, (train.batch, train.target_seq), device="meta")
         # label what exists before the burst
-        for p in model.parameters():
+        for p in step_model.parameters():
             tracker.label(p, "lora_weights" if p.requires_grad else "weights")
-        for buf in model.buffers():
+        for buf in step_model.buffers():
             tracker.label(buf, "weights")
         for t in (*inputs.values(), labels):
             tracker.label(t, "inputs")
@@ -474,10 +489,10 @@ def _run(torch, transformers, auto, config, load_dtype, attn_impl, quantized, se
     # LM head (--loss chunked) on its CUDA path (trace/loss_paths.py)
     extra = {k: v for k, v in inputs.items() if k != "input_ids"}
     with fused_head_cuda(train, torch), _work_counting(model, tracker, steps, count_work) as work:
-        run_steps(model, opt, trainable, ids, labels, train, tracker, stack, steps, torch, autocast=amp,
+        run_steps(step_model, opt, trainable, ids, labels, train, tracker, stack, steps, torch, autocast=amp,
                   scaler=scaler, model_inputs=extra)
 
-    comp = _categorize(tracker, vocab)
+    comp = engine.categorize(tracker, vocab, _categorize) if engine is not None else _categorize(tracker, vocab)
     top = [g.to_dict() for g in tracker.snapshot("peak", top=int(os.environ.get("LORAPLAN_TRACE_TOP", "15")))]
     return {
         "components": comp,
@@ -486,6 +501,7 @@ def _run(torch, transformers, auto, config, load_dtype, attn_impl, quantized, se
         "paged_optimizer_bytes": int(getattr(opt, "_paged_bytes", 0)),
         "model_type": config.model_type,
         **({"work": work.summary()} if work is not None else {}),
+        **({"parallel": engine.summary()} if engine is not None else {}),
     }
 
 

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_leaves
 
 __all__ = ["LiveTensorTracker", "LiveGroup", "round_up"]
@@ -465,6 +465,13 @@ def _unignore(ref, key):
 
 
 def _storage(t: torch.Tensor):
+    """The storage that holds ``t``'s memory; for a tensor subclass that wraps one inner tensor
+    (a DTensor of FSDP2 / DDP, torch/distributed/tensor/_api.py: ``_local_tensor``), the inner
+    tensor's: the wrapper itself owns no memory."""
+    if type(t) is not torch.Tensor and is_traceable_wrapper_subclass(t):
+        inner = [x for x in (getattr(t, n) for n in t.__tensor_flatten__()[0]) if isinstance(x, torch.Tensor)]
+        if len(inner) == 1:
+            return _storage(inner[0])
     try:
         return t.untyped_storage()
     except (RuntimeError, NotImplementedError, TypeError, AttributeError):

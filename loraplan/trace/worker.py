@@ -1,6 +1,7 @@
 """``python -m loraplan.trace.worker``: one trace, JSON in on stdin, JSON out on stdout.
 
-In:  {"model_config": {...}, "lora": LoraSpec fields, "train": TrainSpec fields, "gpu_cc": "9.0", "steps": 2, "gpu_memory_bytes": null, "count_work": false}
+In:  {"model_config": {...}, "lora": LoraSpec fields, "train": TrainSpec fields, "gpu_cc": "9.0", "steps": 2, "gpu_memory_bytes": null,
+      "count_work": false, "rank": 0 (the rank of train.num_gpus to trace under a multi-GPU strategy)}
 Out: {"result": trace_step's dict} or {"error": {"type": class name, "message": one line}} (exit 1).
 """
 
@@ -22,7 +23,8 @@ def main() -> int:
         lora["targets"] = tuple(lora["targets"]) if lora.get("targets") else None  # None: the family's default
         result = trace_step(req["model_config"], LoraSpec(**lora), TrainSpec(**req["train"]),
                             req.get("gpu_cc", "9.0"), int(req.get("steps", 2)),
-                            gpu_memory_bytes=req.get("gpu_memory_bytes"), count_work=bool(req.get("count_work")))
+                            gpu_memory_bytes=req.get("gpu_memory_bytes"), count_work=bool(req.get("count_work")),
+                            rank=int(req.get("rank", 0)))
         reply, rc = {"result": result}, 0
     except Exception as e:  # noqa: BLE001 - every failure becomes one JSON line
         from ..errors import LoraplanError

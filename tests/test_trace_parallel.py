@@ -1,0 +1,202 @@
+"""The meta trace of the real DDP / FSDP2 engines for one rank of N (loraplan/trace/distributed.py),
+on a tiny llama: what each engine adds to or takes from the one-GPU trace, rank by rank."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+from loraplan.errors import TraceError  # noqa: E402
+from loraplan.spec import LoraSpec, TrainSpec  # noqa: E402
+from loraplan.trace.distributed import PARALLEL_CATEGORIES, assemble_ranks, traced_ranks  # noqa: E402
+from loraplan.trace.run import trace_step  # noqa: E402
+
+H, I, LAYERS, V = 128, 256, 4, 512
+CFG = dict(model_type="llama", hidden_size=H, intermediate_size=I, num_hidden_layers=LAYERS, num_attention_heads=4,
+           num_key_value_heads=4, vocab_size=V, max_position_embeddings=256)
+LORA = LoraSpec(rank=8, targets=("q_proj", "v_proj"))
+#: bf16 bytes of one decoder layer's Linear weights and of the root's (embeddings + lm_head)
+LAYER_BYTES = 2 * (4 * H * H + 3 * H * I)
+ROOT_BYTES = 2 * (2 * V * H)
+#: fp32 LoRA A and B of q and v in every layer
+LORA_BYTES = 4 * LAYERS * 2 * (8 * H + H * 8)
+
+_CACHE: dict = {}
+
+
+def trace(strategy="single", n=1, quant="bf16", rank=0, **kw):
+    key = (strategy, n, quant, rank, tuple(sorted(kw.items())))
+    if key not in _CACHE:
+        train = TrainSpec(quant=quant, batch=2, seq=64, strategy=strategy, num_gpus=n, **kw)
+        _CACHE[key] = trace_step(CFG, LORA, train, rank=rank)
+    return _CACHE[key]
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_ddp_is_the_one_gpu_trace_plus_its_bucket(n):
+    one, ddp = trace(), trace("ddp", n)
+    c1, c = one["components"], ddp["components"]
+    assert set(c) == set(PARALLEL_CATEGORIES) and sum(c.values()) == ddp["peak_allocated_bytes"]
+    # all LoRA gradients fit the first bucket (1 MiB): one flat fp32 buffer, beside the grads
+    # (gradient_as_bucket_view=False)
+    assert c["ddp_buckets"] == -(-LORA_BYTES // 512) * 512
+    assert ddp["peak_allocated_bytes"] == one["peak_allocated_bytes"] + c["ddp_buckets"]
+    for k in ("weights", "lora_weights", "optimizer_state", "activations", "logits_loss", "other"):
+        assert c[k] == c1[k], k
+    assert ddp["parallel"]["world_size"] == n
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_fsdp_full_shard_keeps_a_shard_and_at_most_the_root_and_two_layers_in_flight(n):
+    one, fsdp = trace(), trace("fsdp", n)
+    c1, c = one["components"], fsdp["components"]
+    assert sum(c.values()) == fsdp["peak_allocated_bytes"]
+    # frozen weights per rank: total / N (dim 0 padded to N: exact here), buffers unsharded
+    assert abs(c["weights"] - c1["weights"] / n) <= 0.01 * c1["weights"]
+    assert c["lora_weights"] == pytest.approx(c1["lora_weights"] / n, rel=0.05)
+    # in flight at the peak: the root unit (not resharded) and at most the current and the
+    # prefetched layer (their all-gather outputs may overlap the copy-out)
+    assert 0 < c["gathered_params"] <= ROOT_BYTES + 2 * 2 * LAYER_BYTES + LORA_BYTES
+    assert c["gathered_params"] < c1["weights"]
+    # activations are never divided by N
+    assert c["activations"] == c1["activations"]
+    assert fsdp["parallel"]["units"][-1] == "(root)" and len(fsdp["parallel"]["units"]) == LAYERS + 1
+
+
+def test_more_ranks_less_memory_per_rank():
+    assert trace("fsdp", 4)["components"]["weights"] < trace("fsdp", 2)["components"]["weights"]
+
+
+def test_shard_grad_op_keeps_more_than_full_shard():
+    full, sgo = trace("fsdp", 2), trace("fsdp", 2, fsdp_sharding="shard-grad-op")
+    assert sgo["peak_allocated_bytes"] > full["peak_allocated_bytes"]
+    assert sgo["components"]["gathered_params"] > full["components"]["gathered_params"]
+
+
+def test_offload_moves_the_shards_gradients_and_optimizer_to_the_host():
+    full, off = trace("fsdp", 2), trace("fsdp-offload", 2)
+    c, host = off["components"], off["parallel"]["host_components"]
+    assert c["weights"] < 0.01 * full["components"]["weights"]  # only unsharded buffers (rope) stay
+    assert c["lora_weights"] == 0 and c["optimizer_state"] == 0 and c["lora_gradients"] == 0
+    # the same shards, counted exactly on the host (the device count rounds each to 512 B)
+    assert host["sharded_parameters"] == pytest.approx(full["components"]["weights"] + full["components"]["lora_weights"],
+                                                       rel=0.05)
+    assert host["optimizer_state"] > 0 and host["sharded_gradients"] > 0
+    assert off["peak_allocated_bytes"] < full["peak_allocated_bytes"]
+
+
+def test_fsdp_qlora_with_a_float_quant_storage():
+    one, fsdp = trace(quant="nf4"), trace("fsdp", 2, quant="nf4", quant_storage="bf16")
+    w1, w = one["components"]["weights"], fsdp["components"]["weights"]
+    # the packed 4-bit weights are sharded; their quant states (absmax, code: module attributes,
+    # not parameters) stay whole on every rank: at most an eighth of the packed bytes on top of half
+    assert w1 / 2 < w <= w1 / 2 + w1 / 8
+    assert fsdp["components"]["activations"] == one["components"]["activations"]
+
+
+def test_last_rank_equals_rank_zero():
+    a, b = trace("fsdp", 2), trace("fsdp", 2, rank=1)
+    assert a["components"] == b["components"]
+
+
+@pytest.mark.parametrize("strategy,extra,word", [("zero3", {}, "DeepSpeed"), ("device-map", {}, "device-map"),
+                                                 ("fsdp-offload", {"fsdp_version": 1}, "fsdp-version 1")])
+def test_what_is_not_traced_is_refused_in_one_line(strategy, extra, word):
+    with pytest.raises(TraceError, match=word) as e:
+        trace_step(CFG, LORA, TrainSpec(quant="bf16", batch=2, seq=64, strategy=strategy, num_gpus=2, **extra))
+    assert "\n" not in str(e.value) and "--method analytic" in str(e.value)
+
+
+@pytest.mark.parametrize("quant,extra,word", [("int8", {}, "int8"), ("nf4", {"fsdp_version": 1}, "quant-storage bf16")])
+def test_what_fsdp_cannot_shard_is_bad_input(quant, extra, word):
+    from loraplan.errors import InputError
+
+    with pytest.raises(InputError, match=word) as e:
+        trace_step(CFG, LORA, TrainSpec(quant=quant, batch=2, seq=64, strategy="fsdp", num_gpus=2, **extra))
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_fsdp1_flat_parameters_keep_a_shard_and_unchanged_activations(n):
+    one, f1, f2 = trace(), trace("fsdp", n, fsdp_version=1), trace("fsdp", n)
+    c1, c = one["components"], f1["components"]
+    assert sum(c.values()) == f1["peak_allocated_bytes"]
+    assert abs(c["weights"] - c1["weights"] / n) <= 0.01 * c1["weights"]
+    assert c["activations"] == c1["activations"]
+    assert 0 < c["gathered_params"] <= ROOT_BYTES + 2 * LAYER_BYTES + LORA_BYTES
+    # FSDP1 all-gathers into the flat parameter itself; FSDP2 copies out of an all-gather buffer
+    assert c["gathered_params"] <= f2["components"]["gathered_params"]
+    assert "(root)" in f1["parallel"]["units"] and f1["parallel"]["fsdp_version"] == 1
+
+
+def test_fsdp1_qlora_needs_a_float_storage_and_runs_with_it():
+    one = trace(quant="nf4", prepare_kbit=False)
+    f1 = trace("fsdp", 2, quant="nf4", fsdp_version=1, quant_storage="bf16", prepare_kbit=False)
+    w1, w = one["components"]["weights"], f1["components"]["weights"]
+    assert w1 / 2 < w <= w1 / 2 + w1 / 8  # quant states stay whole on every rank
+
+
+def _run(peak, comp, host=None):
+    return {"peak_allocated_bytes": peak, "components": comp, "peak_phase": "backward",
+            "parallel": {"units": ["x"], "host_components": host or {}}}
+
+
+def test_assemble_ranks_fills_equal_ranks_and_keeps_unequal_ones_apart():
+    train = TrainSpec(strategy="fsdp-offload", num_gpus=4, nodes=2)
+    assert traced_ranks(train) == [0, 3]
+    same = {0: _run(10, {"weights": 10}, {"sharded_parameters": 5}), 3: _run(10, {"weights": 10})}
+    lead, s = assemble_ranks(same, train)
+    assert sorted(s["per_gpu"]) == [0, 1, 2, 3] and s["worst_rank"] == 0
+    assert s["host_components"] == {"sharded_parameters": 10} and s["host_bytes"] == 10  # 2 ranks per node
+    diff = {0: _run(10, {"weights": 10}), 3: _run(12, {"weights": 12})}
+    lead, s = assemble_ranks(diff, train)
+    assert sorted(s["per_gpu"]) == [0, 3] and s["worst_rank"] == 3 and lead["peak_allocated_bytes"] == 12
+    assert s["notes"]
+
+
+def test_parallel_lines_are_vocabulary_keys():
+    from loraplan.estimate.result import LEDGER_BY_KEY, ledger_keys
+    from loraplan.trace.run import CATEGORIES
+
+    assert set(PARALLEL_CATEGORIES) <= set(LEDGER_BY_KEY)
+    assert set(PARALLEL_CATEGORIES) == set(CATEGORIES) | set(ledger_keys("trace-parallel"))
+
+
+def test_estimate_method_trace_reports_every_rank(monkeypatch):
+    """``estimate --method trace --strategy fsdp --num-gpus 4``: memory.per_gpu (the contract of
+    issue 13) from the traced ranks 0 and 3; the workers run in-process here (same trace_step)."""
+    import json
+
+    import loraplan.trace as trace_pkg
+    from loraplan.catalog import load_gpu, load_model
+    from loraplan.estimate.api import estimate
+
+    import threading
+
+    lock, hosts = threading.Lock(), {}
+
+    def in_process(model_config, lora, train, gpu_cc="9.0", timeout_s=300, steps=2, gpu_memory_bytes=None, rank=0):
+        with lock:  # one fake process group per process: the real workers are processes
+            t = trace_step(model_config, lora, train, gpu_cc, steps, gpu_memory_bytes=gpu_memory_bytes, rank=rank)
+        hosts[rank] = t["parallel"]["host_components"]
+        return t
+
+    monkeypatch.setattr(trace_pkg, "run_trace_subprocess", in_process)
+    model, gpu = load_model("tiny-llama"), load_gpu("h100-sxm-80gb")
+    train = TrainSpec(quant="bf16", batch=2, seq=64, strategy="fsdp-offload", num_gpus=4, nodes=2)
+    e = trace_pkg.trace_estimate(estimate(model, LORA, train, gpu), model, LORA, train, gpu)
+    m = e.memory
+    assert sorted(m.per_gpu) == [0, 1, 2, 3]
+    assert all(sum(c.values()) == m.peak_allocated_bytes for c in m.per_gpu.values())
+    assert m.components == {k: v for k, v in m.per_gpu[0].items() if v}
+    # two ranks per node, each with its offloaded shard, gradients and optimizer state
+    assert m.host_bytes == sum(m.host_components.values()) > 0
+    assert hosts[0] == hosts[3] and m.host_components == {k: 2 * v for k, v in hosts[0].items()}
+    d = json.loads(json.dumps(e.to_dict()))
+    assert set(d["memory"]["per_gpu"]) == {"0", "1", "2", "3"} and d["memory"]["host_bytes"] == m.host_bytes
+    assert d["detail"]["parallel"]["traced_ranks"] == [0, 3]
+    one = estimate(model, LORA, TrainSpec(quant="bf16", batch=2, seq=64), gpu).to_dict()
+    assert "per_gpu" not in one["memory"]  # one GPU: the JSON is unchanged
