@@ -28,6 +28,8 @@ _CACHE: dict = {}
 
 
 def trace(strategy="single", n=1, quant="bf16", rank=0, **kw):
+    if strategy.startswith("fsdp"):
+        kw.setdefault("fsdp_version", 2)  # fully_shard unless a test asks for FSDP1 (the loop's default is 1)
     key = (strategy, n, quant, rank, tuple(sorted(kw.items())))
     if key not in _CACHE:
         train = TrainSpec(quant=quant, batch=2, seq=64, strategy=strategy, num_gpus=n, **kw)
@@ -178,15 +180,17 @@ def test_estimate_method_trace_reports_every_rank(monkeypatch):
 
     lock, hosts = threading.Lock(), {}
 
-    def in_process(model_config, lora, train, gpu_cc="9.0", timeout_s=300, steps=2, gpu_memory_bytes=None, rank=0):
+    def in_process(model_config, lora, train, gpu_cc="9.0", timeout_s=300, steps=2, gpu_memory_bytes=None, rank=0,
+                   count_work=False):
         with lock:  # one fake process group per process: the real workers are processes
-            t = trace_step(model_config, lora, train, gpu_cc, steps, gpu_memory_bytes=gpu_memory_bytes, rank=rank)
+            t = trace_step(model_config, lora, train, gpu_cc, steps, gpu_memory_bytes=gpu_memory_bytes, rank=rank,
+                           count_work=count_work)
         hosts[rank] = t["parallel"]["host_components"]
         return t
 
     monkeypatch.setattr(trace_pkg, "run_trace_subprocess", in_process)
     model, gpu = load_model("tiny-llama"), load_gpu("h100-sxm-80gb")
-    train = TrainSpec(quant="bf16", batch=2, seq=64, strategy="fsdp-offload", num_gpus=4, nodes=2)
+    train = TrainSpec(quant="bf16", batch=2, seq=64, strategy="fsdp-offload", num_gpus=4, nodes=2, fsdp_version=2)
     e = trace_pkg.trace_estimate(estimate(model, LORA, train, gpu), model, LORA, train, gpu)
     m = e.memory
     assert sorted(m.per_gpu) == [0, 1, 2, 3]
@@ -199,4 +203,4 @@ def test_estimate_method_trace_reports_every_rank(monkeypatch):
     assert set(d["memory"]["per_gpu"]) == {"0", "1", "2", "3"} and d["memory"]["host_bytes"] == m.host_bytes
     assert d["detail"]["parallel"]["traced_ranks"] == [0, 3]
     one = estimate(model, LORA, TrainSpec(quant="bf16", batch=2, seq=64), gpu).to_dict()
-    assert "per_gpu" not in one["memory"]  # one GPU: the JSON is unchanged
+    assert list(one["memory"]["per_gpu"]) == ["0"]  # one GPU: rank 0's ledger is the components

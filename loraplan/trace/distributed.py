@@ -125,10 +125,14 @@ def check_traceable(train) -> None:
 
 
 def fsdp_version(train) -> int:
-    """The FSDP version the trace runs: the spec's (``resolve_recipe`` fills the trainer's default
-    where it names one), else 2, torch's ``fully_shard``."""
+    """The FSDP version the trace runs: the spec's, else the trainer's default (``resolve_recipe``:
+    trainers.json)."""
     v = getattr(train, "fsdp_version", None)
-    return 2 if v is None else int(v)
+    if v is None:
+        from ..trainers import resolve_recipe
+
+        v = resolve_recipe(train).fsdp_version
+    return int(v)
 
 
 @contextlib.contextmanager
