@@ -32,6 +32,7 @@ fit's spread (``phi_spread * B``), which the fit verdict's band adds.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -129,10 +130,23 @@ def weights_state(st, r: int, workspaces: tuple = (), config: str = "default") -
     """The model's tensors (``reserved.weight_tensor_bytes``: quantized data and its constants,
     unquantized parameters, LoRA A/B at rank ``r``) and the cuBLAS workspaces, replayed in build
     order through the allocator model (one replay per distinct input, cached)."""
-    from .reserved import weight_tensor_bytes
+    key = (int(r), tuple(workspaces), CONFIGS[_config_name(config)])
+    held = _BY_STRUCTURE.get(id(st))
+    if held is None or held[0] is not st:  # Structure is unhashable (dict fields): keyed by identity
+        if len(_BY_STRUCTURE) > 256:
+            _BY_STRUCTURE.clear()
+        held = _BY_STRUCTURE[id(st)] = (st, {})
+    if key not in held[1]:
+        from .reserved import weight_tensor_bytes
 
-    sizes = tuple(weight_tensor_bytes(st.model, st.adapted, st.quant, st.double_quant, int(r))) + tuple(workspaces)
-    return _replayed(sizes, CONFIGS[_config_name(config)])
+        sizes = tuple(weight_tensor_bytes(st.model, st.adapted, st.quant, st.double_quant, key[0])) + key[1]
+        held[1][key] = _replayed(sizes, key[2])
+    return held[1][key]
+
+
+#: id(Structure) -> (the Structure, {(rank, workspaces, config): WeightsState}); the Structure is
+#: kept so its id cannot be reused while the entry exists
+_BY_STRUCTURE: dict[int, tuple] = {}
 
 
 def weights_slack(st, r, workspaces: tuple = (), config: str = "default"):
@@ -169,9 +183,20 @@ def step_segments_bytes(w: WeightsState, D, B, phi: float, config: str = "defaul
       (``kRoundLarge``); with ``expandable_segments:True`` in pages of 2 MiB (small) / 20 MiB
       (large), the free blocks counted whole (pages map where free + unmapped space fits).
     """
+    expandable = bool(CONFIGS[_config_name(config)])
+    if is_scalar(D) and is_scalar(B):  # pure Python (explain and estimate never import numpy)
+        Bs = max(_ceil_div(max(int(B), 1), 512) * 512, 512)
+        need = max(int(D), 0) + math.ceil(phi * Bs)
+        small = Bs <= K_SMALL_SIZE
+        pool = w.small_free if small else w.large_free
+        if expandable:
+            free, gran = sum(pool), (K_SMALL_BUFFER if small else K_LARGE_BUFFER)
+        else:
+            free = sum(f // Bs * Bs for f in pool)
+            gran = K_SMALL_BUFFER if small else (K_LARGE_BUFFER if Bs < K_MIN_LARGE_ALLOC else K_ROUND_LARGE)
+        return _ceil_div(max(need - free, 0), gran) * gran
     import numpy as np
 
-    scalar = is_scalar(D) and is_scalar(B)
     D = np.maximum(np.asarray(D, dtype=np.int64), 0)
     B = np.maximum(np.asarray(B, dtype=np.int64), 1)
     Bs = np.maximum(_ceil_div(B, 512) * 512, 512)
@@ -179,7 +204,7 @@ def step_segments_bytes(w: WeightsState, D, B, phi: float, config: str = "defaul
     small = Bs <= K_SMALL_SIZE
     sf = np.asarray(w.small_free, dtype=np.int64)
     lf = np.asarray(w.large_free, dtype=np.int64)
-    if CONFIGS[_config_name(config)]:  # expandable segments
+    if expandable:
         free = np.where(small, sf.sum(), lf.sum())
         gran = np.where(small, K_SMALL_BUFFER, K_LARGE_BUFFER)
     else:
@@ -188,8 +213,7 @@ def step_segments_bytes(w: WeightsState, D, B, phi: float, config: str = "defaul
         fl = ((lf[:, None] // flat) * flat).sum(0).reshape(Bs.shape) if lf.size else 0
         free = np.where(small, fs, fl)
         gran = np.where(small, K_SMALL_BUFFER, np.where(Bs < K_MIN_LARGE_ALLOC, K_LARGE_BUFFER, K_ROUND_LARGE))
-    out = _ceil_div(np.maximum(need - free, 0), gran) * gran
-    return int(out) if scalar else out.astype(np.int64)
+    return (_ceil_div(np.maximum(need - free, 0), gran) * gran).astype(np.int64)
 
 
 def step_bytes(st, x, peak_allocated, workspaces: tuple = ()):
@@ -208,14 +232,14 @@ def peak_reserved(st, x, kind: str, peak_allocated, workspaces: tuple = (), conf
     (``weights_state``) + the step's new segments (``step_segments_bytes`` of D = peak allocated -
     the model's bytes and B = ``largest_step_block``), never below peak allocated + the model's
     own slack."""
-    import numpy as np
-
     phi = (data or load_slack_data())["configs"][_config_name(config)]["phi"]
     B = largest_step_block(st, x, kind)
-    if is_scalar(x.r):
+    if is_scalar(x.r) and is_scalar(peak_allocated) and is_scalar(B):
         w = weights_state(st, x.r, workspaces, config)
         res = w.reserved + step_segments_bytes(w, peak_allocated - w.allocated, B, phi, config)
         return int(max(res, peak_allocated + w.reserved - w.allocated))
+    import numpy as np
+
     ranks = np.asarray(x.r)
     shape = np.broadcast(ranks, np.asarray(peak_allocated), np.asarray(B)).shape
     A, Bb, rr = (np.broadcast_to(np.asarray(v), shape) for v in (peak_allocated, B, ranks))

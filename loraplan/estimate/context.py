@@ -50,11 +50,22 @@ def cuda_context(compute_capability: str | None = None, stack=None, data: dict |
     """The CUDA context and the kernel modules a training step loads, for the stack's torch
     (lazy or eager module loading) and the GPU generation (``compute_capability`` "9.0"; the
     mode's default figure where none was measured for it)."""
-    d = (data or load_context_data())["lazy" if versions.rule("cuda_module_loading_lazy", stack) else "eager"]
+    if data is None:
+        return _cuda_context_cached(compute_capability, stack)
+    return _cuda_context(compute_capability, stack, data)
+
+
+@lru_cache(maxsize=64)
+def _cuda_context_cached(compute_capability, stack) -> ContextEstimate:
+    return _cuda_context(compute_capability, stack, load_context_data())
+
+
+def _cuda_context(compute_capability, stack, data: dict) -> ContextEstimate:
+    d = data["lazy" if versions.rule("cuda_module_loading_lazy", stack) else "eager"]
     ctx = d["context_bytes"]
     c = int(ctx["by_compute_capability"].get(str(compute_capability), ctx["default"]))
     m = int(d["modules_bytes"]["value"])
-    mode = "lazy" if d is (data or load_context_data())["lazy"] else "eager"
+    mode = "lazy" if d is data["lazy"] else "eager"
     return ContextEstimate(c + m, c, m, int(d["uncertainty_bytes"]["value"]), mode,
                            (ctx["source"], d["modules_bytes"]["source"], d["uncertainty_bytes"]["source"]))
 
