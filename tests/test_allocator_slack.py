@@ -135,3 +135,21 @@ def test_estimate_uses_closed_form_and_published_context():
     assert m.peak_reserved_bytes > m.peak_allocated_bytes
     assert m.device_total_bytes == m.peak_reserved_bytes + cuda_context(gpu.compute_capability).bytes
     assert m.reserved_uncertainty_bytes > 0 and m.context_uncertainty_bytes == cuda_context("8.0").uncertainty_bytes
+
+
+def test_cli_alloc_conf(run_cli):
+    import json
+
+    code, out, err = run_cli("estimate", "--model", "tiny-llama", "--format", "json")
+    assert code == 0, err
+    default = json.loads(out)
+    code, out, err = run_cli("estimate", "--model", "tiny-llama", "--format", "json",
+                             "--alloc-conf", "expandable_segments:True")
+    assert code == 0, err
+    exp = json.loads(out)
+    assert exp["inputs"]["alloc_conf"] == "expandable_segments:True" and "alloc_conf" not in default["inputs"]
+    assert exp["memory"]["peak_allocated_bytes"] == default["memory"]["peak_allocated_bytes"]
+    assert exp["memory"]["peak_reserved_bytes"] != default["memory"]["peak_reserved_bytes"]
+    code, out, err = run_cli("estimate", "--model", "tiny-llama", "--alloc-conf", "max_split_size_mb:128")
+    assert code == 2 and "max_split_size_mb:128" in err and "expandable_segments:True" in err
+    assert err.strip().count("\n") == 0

@@ -23,7 +23,10 @@ from .options import case_options
 @click.option("--explain", "explain_", is_flag=True, default=False,
               help="Also say what dominates the peak and why, and re-estimate the levers that lower it "
                    "(as 'loraplan explain'; table or json)")
-def estimate_command(method, calibration_file, fmt, explain_, **opts):
+@click.option("--alloc-conf", "alloc_conf", default="", show_default=False,
+              help="PYTORCH_CUDA_ALLOC_CONF of the run, for peak reserved: unset (default) or "
+                   "'expandable_segments:True'")
+def estimate_command(method, calibration_file, fmt, explain_, alloc_conf, **opts):
     """Predict peak GPU memory (itemised ledger) and step time for one LoRA/QLoRA setup.
 
     \b
@@ -56,9 +59,9 @@ def estimate_command(method, calibration_file, fmt, explain_, **opts):
         raise InputError("--explain has no CSV form; use --format table or --format json")
     gpu = load_gpu(opts["gpu"]) if opts.get("gpu") is not None else None  # '' is refused, not "no GPU"
     cal = load_calibration(gpu.id if gpu else None, calibration_file)
-    result = estimate(model, lora, train, gpu, cal)
+    result = estimate(model, lora, train, gpu, cal, alloc_conf=alloc_conf)
     if method == "trace":
-        result = _with_trace(result, model, lora, train, gpu)
+        result = _with_trace(result, model, lora, train, gpu, alloc_conf)
     data = result.to_dict()
     explanation = None
     if explain_:
@@ -94,13 +97,13 @@ def estimate_command(method, calibration_file, fmt, explain_, **opts):
             print_explanation(con, explanation)
 
 
-def _with_trace(result, model, lora, train, gpu):
+def _with_trace(result, model, lora, train, gpu, alloc_conf: str = ""):
     """Replace the memory figures with a meta-device trace of the real step (subprocess)."""
     try:
         from ..trace import trace_estimate
     except ImportError:
         raise InputError("--method trace is not available in this build; use --method analytic") from None
-    return trace_estimate(result, model, lora, train, gpu)
+    return trace_estimate(result, model, lora, train, gpu, alloc_conf=alloc_conf)
 
 
 def _print_table(d: dict, labels: dict[str, str] | None = None) -> None:

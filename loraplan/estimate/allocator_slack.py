@@ -40,7 +40,7 @@ from pathlib import Path
 from ..allocator import K_LARGE_BUFFER, K_MIN_LARGE_ALLOC, K_ROUND_LARGE, K_SMALL_BUFFER, K_SMALL_SIZE
 from .arrays import is_scalar
 
-__all__ = ["CONFIGS", "WeightsState", "load_slack_data", "largest_step_block", "weights_state", "weights_slack",
+__all__ = ["CONFIGS", "check_config", "WeightsState", "load_slack_data", "largest_step_block", "weights_state", "weights_slack",
            "step_bytes", "step_segments_bytes", "peak_reserved", "slack_uncertainty"]
 
 _DATA = Path(__file__).resolve().parents[1] / "data" / "reserved-slack.json"
@@ -65,8 +65,13 @@ def _config_name(config: str) -> str:
             return name
     from ..errors import InputError
 
-    raise InputError(f"allocator config {config!r} has no closed form; use one of "
-                     f"{', '.join(repr(v) for v in CONFIGS.values())} (or --method trace, which replays any)")
+    raise InputError(f"--alloc-conf {config!r} has no closed form; give '' (PYTORCH_CUDA_ALLOC_CONF unset) or "
+                     f"'expandable_segments:True'")
+
+
+def check_config(config: str) -> None:
+    """InputError (one line) for an allocator config without a closed form; "" is torch's default."""
+    _config_name(config or "default")
 
 
 def _max(a, b):

@@ -240,26 +240,28 @@ def workspace_blocks(gpu: GpuSpec | None, cal: Calibration, device: str = "cuda"
 
 
 def reserved_and_band(st: Structure, x: Shape, kind: str, peak_allocated, gpu: GpuSpec | None, cal: Calibration,
-                      stack=None):
+                      stack=None, alloc_conf: str = ""):
     """(peak reserved, its uncertainty in bytes) from peak allocated: ints, or int64 arrays.
 
     A GPU calibration that fitted ``reserved_over_allocated_ratio`` from profile records (measured
     max_memory_reserved) wins: reserved = allocated × (1 + ratio), band ``reserved_over_allocated_
     uncertainty`` × allocated. Otherwise the allocator's closed form
     (``allocator_slack.peak_reserved``: the built model's segments replayed through the
-    caching-allocator rules + the step's segments; PYTORCH_CUDA_ALLOC_CONF unset), band
+    caching-allocator rules + the step's segments; PYTORCH_CUDA_ALLOC_CONF ``alloc_conf``: "" unset,
+    or "expandable_segments:True"), band
     ``allocator_slack.slack_uncertainty`` (the fit's spread against the trace replays)."""
+    from . import allocator_slack
+
+    allocator_slack.check_config(alloc_conf)
     if _calibrated(cal, "reserved_over_allocated_ratio"):
         r = peak_allocated * (1 + coefficient(cal, "reserved_over_allocated_ratio"))
         u = peak_allocated * coefficient(cal, "reserved_over_allocated_uncertainty")
         if _is_scalar(r):
             return int(r), int(u)
         return r.astype("int64"), u.astype("int64")
-    from . import allocator_slack
-
     ws = workspace_blocks(gpu, cal, st.device, stack)
-    return (allocator_slack.peak_reserved(st, x, kind, peak_allocated, ws),
-            allocator_slack.slack_uncertainty(peak_allocated))
+    return (allocator_slack.peak_reserved(st, x, kind, peak_allocated, ws, alloc_conf or "default"),
+            allocator_slack.slack_uncertainty(peak_allocated, alloc_conf or "default"))
 
 
 def context_and_band(gpu: GpuSpec | None, cal: Calibration, stack=None) -> tuple[int, int]:
@@ -289,14 +291,14 @@ def device_totals(peak_allocated, paged, cal: Calibration, reserved=None, contex
     return reserved, reserved + context + paged, context
 
 
-def estimate_memory(s: Setup, gpu: GpuSpec | None, cal: Calibration) -> MemoryEstimate:
+def estimate_memory(s: Setup, gpu: GpuSpec | None, cal: Calibration, alloc_conf: str = "") -> MemoryEstimate:
     """Peak allocated = the largest moment; reserved and device totals from named coefficients."""
     st, x = s.structure, s.shape
     ms = moments(st, s.train, s.attention, x, gpu, cal)
     peak, peak_name = peak_of(ms)
     components = {k: int(v) for k, v in ms[peak_name].items() if v}
     paged = int(paged_optimizer_state(st, x.r, s.train.optimizer))
-    reserved, reserved_band = reserved_and_band(st, x, s.attention, peak, gpu, cal, s.train.stack)
+    reserved, reserved_band = reserved_and_band(st, x, s.attention, peak, gpu, cal, s.train.stack, alloc_conf)
     context, context_band = context_and_band(gpu, cal, s.train.stack)
     reserved, device, context = device_totals(peak, paged, cal, reserved, context)
     outside = {"cuda_context_and_libraries": context}

@@ -88,7 +88,8 @@ def _disagreement_notes(am, trace_peak: int, analytic_kernel, trace_kernels) -> 
             f"compare the top_live breakdown in detail",)
 
 
-def trace_estimate(analytic, model, lora: LoraSpec, train: TrainSpec, gpu=None, timeout_s: float = 300):
+def trace_estimate(analytic, model, lora: LoraSpec, train: TrainSpec, gpu=None, timeout_s: float = 300,
+                   alloc_conf: str = ""):
     """An Estimate whose memory comes from a meta-device trace of the real step.
 
     Same schema as the analytic estimate (``loraplan estimate --method trace``): the trace's
@@ -98,7 +99,8 @@ def trace_estimate(analytic, model, lora: LoraSpec, train: TrainSpec, gpu=None, 
     the allocator; ``detail`` keeps the trace's own output (phase peaks, what was live at the
     peak, sdpa kernels used, versions, caveats), the analytic peak beside it, and under
     ``allocator`` the replays (default and expandable segments, fragmentation, OOM verdict
-    against the GPU's memory less the memory outside the allocator).
+    against the GPU's memory less the memory outside the allocator). ``alloc_conf``
+    "expandable_segments:True" reads the expandable-segments replay instead.
     """
     from dataclasses import replace
 
@@ -113,8 +115,12 @@ def trace_estimate(analytic, model, lora: LoraSpec, train: TrainSpec, gpu=None, 
         capacity = int(gpu.memory_bytes) - sum(v for k, v in outside.items() if k != "paged_optimizer_state")
     tr = run_trace_subprocess(dict(model.config), lora, train, cc, timeout_s=timeout_s, gpu_memory_bytes=capacity)
     peak = int(tr["peak_allocated_bytes"])
-    if tr.get("peak_reserved_bytes") is not None:
-        reserved = int(tr["peak_reserved_bytes"])
+    from ..estimate.allocator_slack import _config_name
+
+    expandable = _config_name(alloc_conf or "default") == "expandable_segments"
+    key = "peak_reserved_expandable_bytes" if expandable else "peak_reserved_bytes"
+    if tr.get(key) is not None:
+        reserved = int(tr[key])
     else:  # a worker without the allocator replay: the analytic ratio
         ratio = am.peak_reserved_bytes / am.peak_allocated_bytes if am.peak_allocated_bytes else 1.0
         reserved = int(peak * ratio)
