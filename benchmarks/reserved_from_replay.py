@@ -173,12 +173,15 @@ def summarize(rows, title):
     print(f"  analytic reserved vs replay: mean |err| {statistics.mean(errs):.2f}%  max {max(errs):.2f}%  "
           f"within 5%: {sum(e <= 5 for e in errs)}/{len(errs)}  within 10%: {sum(e <= 10 for e in errs)}/{len(errs)}"
           f"  mean {statistics.mean(r['analytic_ms'] for r in rows):.2f} ms per estimate")
+    e = [100.0 * (1.10 * r["alloc_an"] - r["reserved"]) / r["reserved"] for r in rows]
+    print(f"  before issue 16, allocated x 1.10 vs replay: mean |err| {statistics.mean(abs(v) for v in e):.2f}%  "
+          f"min {min(e):+.2f}%  max {max(e):+.2f}%  under-predicted {sum(v < 0 for v in e)}/{len(e)}")
     for c, res_key in (("default", "reserved"), ("expandable_segments", "expandable")):
         e = [100.0 * (r["closed"][c] - r[res_key]) / r[res_key] for r in rows]
         ae = [abs(v) for v in e]
         print(f"  closed form ({c}) vs replay: mean |err| {statistics.mean(ae):.2f}%  min {min(e):+.2f}%  "
               f"max {max(e):+.2f}%  within 2%: {sum(v <= 2 for v in ae)}/{len(e)}  within 5%: "
-              f"{sum(v <= 5 for v in ae)}/{len(e)}")
+              f"{sum(v <= 5 for v in ae)}/{len(e)}  under-predicted {sum(v < 0 for v in e)}/{len(e)}")
         p = sorted(r["phi"][c] for r in rows)
         print(f"    phi = (replay - allocated - W) / B: median {statistics.median(p):.3f}  "
               f"p10 {p[len(p) // 10]:.3f}  p90 {p[(9 * len(p)) // 10]:.3f}  min {p[0]:.3f}  max {p[-1]:.3f}")
