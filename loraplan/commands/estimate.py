@@ -45,7 +45,9 @@ def estimate_command(method, calibration_file, fmt, explain_, alloc_conf, **opts
     ...) takes the trainer's default (loraplan/data/trainers.json, with sources); the table's
     'recipe' line shows every resolved value. A setting the trainer does not have (e.g.
     --loss chunked with --trainer hf) is refused.
-    Peak reserved and device total (NVML 'used', with the CUDA context) are derived from it.
+    Peak reserved: the caching allocator's closed form (the model's segments by the allocator
+    rules + the step's; --alloc-conf for expandable segments); device total (NVML 'used') adds
+    the CUDA context from published figures (data/cuda-context.json) and paged optimizer state.
     """
     from ..catalog import load_calibration, load_gpu
     from ..estimate.api import estimate
