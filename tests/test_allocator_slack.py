@@ -71,7 +71,6 @@ def test_arrays_equal_scalars():
 def test_peak_reserved_on_a_setup_arrays_and_bounds():
     import numpy as np
 
-    from loraplan.catalog import load_calibration, load_gpu
     from loraplan.estimate.activations import Shape
     from loraplan.estimate.memory import make_setup
     from loraplan.spec import LoraSpec, TrainSpec
