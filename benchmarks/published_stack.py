@@ -13,6 +13,13 @@ figure, the prediction and their ratio (predicted / published):
   way ``loraplan plan`` finds it (``loraplan.plan.plan_job``, ``GpuPlan.max_seq_memory``).
 
 A case whose setting loraplan cannot express yet says so in its row instead of a number.
+
+Then the published *pairs* (issue 16): for the cases whose source also published NVML used or
+reserved with the allocated peak (``MEMORY_PAIRS``: case id -> benchmarks/data/published-memory.json
+record), it prints published allocated / NVML next to the predicted peak allocated, peak reserved
+(the caching allocator's closed form) and device total, and the device total the pre-issue-16
+priors gave (allocated x 1.10 + 0.75 GiB); the ratio NVML / allocated is compared too, which
+removes the allocated peak's own error.
 """
 
 from __future__ import annotations
@@ -27,6 +34,14 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 DATA = HERE / "data" / "published-stack.json"
 GiB = float(1 << 30)
+MEMORY = HERE / "data" / "published-memory.json"
+#: published-stack case -> published-memory record with the same run's NVML (and allocated) figures
+MEMORY_PAIRS = {
+    "fms-acceleration-mistral-7b-bf16-lora-r16-bs4": "fms-accel-a100-none-Mistral-7B-v0.1-bs4-1gpu",
+    "fms-acceleration-mistral-7b-bf16-lora-r16-bs8": "fms-accel-a100-none-Mistral-7B-v0.1-bs8-1gpu",
+}
+#: the device total before issue 16: reserved = allocated x (1 + 0.10), + a 0.75 GiB context prior
+OLD_PRIORS = (0.10, 805306368)
 
 
 def case_options(case: dict) -> dict:
@@ -94,6 +109,47 @@ def predict(case: dict) -> dict:
     return row
 
 
+def memory_pairs(cases: list[dict]) -> list[dict]:
+    """Rows of published (allocated, NVML) next to predicted (allocated, reserved, device total)."""
+    from loraplan.case import resolve_case
+    from loraplan.catalog import load_calibration
+    from loraplan.estimate.api import estimate
+
+    records = {r["id"]: r for r in json.loads(MEMORY.read_text())}
+    rows = []
+    for case in cases:
+        rid = MEMORY_PAIRS.get(case["id"])
+        if rid is None:
+            continue
+        v = records[rid]["values"]
+        opts = case_options(case)
+        opts.pop("gpu", None)
+        model, lora, train = resolve_case(opts)
+        gpu = gpu_for(case)
+        m = estimate(model, lora, train, gpu, load_calibration(gpu.id), with_time=False).memory
+        old = int(m.peak_allocated_bytes * (1 + OLD_PRIORS[0])) + OLD_PRIORS[1] + sum(
+            b for k, b in m.outside_allocator_bytes.items() if k != "cuda_context_and_libraries")
+        rows.append({"id": case["id"], "record": rid, "published_allocated": v.get("max_allocated_bytes"),
+                     "published_nvml": v.get("nvml_used_bytes"), "published_reserved": v.get("reserved_bytes"),
+                     "allocated": m.peak_allocated_bytes, "reserved": m.peak_reserved_bytes,
+                     "device_total": m.device_total_bytes, "device_total_old_priors": old})
+    return rows
+
+
+def print_memory_pairs(rows: list[dict]) -> None:
+    if not rows:
+        return
+    print(f"\npublished allocated/NVML pairs ({MEMORY.name}); GiB, ratio = predicted / published")
+    print(f"{'case':46s} {'alloc pub':>9s} {'pred':>7s} {'NVML pub':>9s} {'reserved':>8s} {'device':>7s} "
+          f"{'ratio':>6s} {'old':>7s} {'ratio':>6s} {'NVML/alloc pub':>14s} {'pred':>6s} {'old':>6s}")
+    for r in rows:
+        pa, pn = r["published_allocated"], r["published_nvml"]
+        print(f"{r['id']:46s} {pa / GiB:9.2f} {r['allocated'] / GiB:7.2f} {pn / GiB:9.2f} {r['reserved'] / GiB:8.2f} "
+              f"{r['device_total'] / GiB:7.2f} {r['device_total'] / pn:6.3f} {r['device_total_old_priors'] / GiB:7.2f} "
+              f"{r['device_total_old_priors'] / pn:6.3f} {pn / pa:14.3f} {r['device_total'] / r['allocated']:6.3f} "
+              f"{r['device_total_old_priors'] / r['allocated']:6.3f}")
+
+
 def _fmt(metric: str, v) -> str:
     if v is None:
         return "-"
@@ -107,8 +163,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     cases = json.loads(Path(args.data).read_text())["cases"]
     rows = [predict(c) for c in cases]
+    pairs = memory_pairs(cases)
     if args.json:
-        print(json.dumps(rows, indent=1))
+        print(json.dumps({"cases": rows, "memory_pairs": pairs}, indent=1))
         return 0
     print(f"{'case':50s} {'published':>13s} {'loraplan':>13s} {'ratio':>6s}")
     for r in rows:
@@ -119,6 +176,7 @@ def main(argv=None) -> int:
     if ratios:
         print(f"\n{len(ratios)} of {len(rows)} cases predicted; ratio predicted/published from {min(ratios):.2f} "
               f"to {max(ratios):.2f}. Settings each source leaves unstated are listed under 'assumed' in {DATA.name}.")
+    print_memory_pairs(pairs)
     return 0
 
 

@@ -70,6 +70,16 @@ INTENDED = (
     ("a 'fits with paging' verdict carries the per-step paging time over the GPU's host link: a note and "
      "detail['paging'] (estimate.api._with_paging_cost)",
      None, None, r"^\.estimate\.(detail|memory\.notes)$", "fits with paging"),
+    ("issue 16, the allocator-aware device total: peak reserved is the caching allocator's closed form "
+     "(estimate/allocator_slack.py: the built model's segments replayed through the allocator rules + the "
+     "step's segments, phi fitted on trace replays, data/reserved-slack.json) instead of allocated x 1.10; "
+     "the CUDA context comes from published figures per module-loading mode (data/cuda-context.json) instead "
+     "of a 0.75 GiB prior; the fit verdict's band uses their spreads; the plan fits 'fits with paging'. Peak "
+     "allocated, every ledger line and every moment are unchanged",
+     None, None, r"^\.(estimate\.(headroom_bytes|fits|verdict|margin_bytes|uncertainty_bytes|detail(\.[\w.]+)?|"
+                 r"memory\.(peak_reserved_bytes|device_total_bytes|notes(\[\d+\])?|"
+                 r"outside_allocator_bytes\.cuda_context_and_libraries))|"
+                 r"sweep_row\.(peak_reserved_bytes|device_total_bytes|headroom_bytes|fits))$"),
 )
 
 

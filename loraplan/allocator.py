@@ -542,6 +542,11 @@ class CachingAllocator:
         """``resetPeakStats``: peaks become the current values."""
         self.peak_allocated, self.peak_reserved = self.allocated, self.reserved
 
+    def free_block_sizes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Sizes of the cached free (mapped) blocks: (small pool, large pool), each ascending --
+        what ``get_free_block`` can hand out without new device memory."""
+        return tuple(k[0] for k in self._small.keys), tuple(k[0] for k in self._large.keys)
+
     def block_size(self, handle: int) -> int:
         """Bytes the live allocation ``handle`` holds (its block, 0 for a zero-byte request)."""
         b = self._active[handle]

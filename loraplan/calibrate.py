@@ -221,17 +221,22 @@ def fit_memory(ms: list[Measurement], base: Calibration) -> dict[str, Coefficien
             f"the shipped reference does not)")
     # CUDA context and other memory outside the allocator
     prior = _prior(base, "cuda_context_bytes")
-    nv = [m for m in both if m.device_used_bytes is not None]
+    nv = [m for m in both if m.device_used_bytes is not None or m.outside_allocator_bytes is not None]
     if len(nv) >= MIN_RECORDS:
-        rest = []
+        rest, direct = [], 0
         for m in nv:
             outside = predict(m, base, with_time=False).memory.outside_allocator_bytes
             paged = sum(v for k, v in outside.items() if k != "cuda_context_and_libraries")
-            rest.append(m.device_used_bytes - m.peak_reserved_bytes - paged)
+            if m.outside_allocator_bytes is not None:  # NVML used - reserved read together (probes.py)
+                rest.append(m.outside_allocator_bytes - paged)
+                direct += 1
+            else:
+                rest.append(m.device_used_bytes - m.peak_reserved_bytes - paged)
         c = statistics.median(rest)
         fits["cuda_context_bytes"] = CoefficientFit(
             "cuda_context_bytes", prior, float(max(0, round(c))), True, len(nv),
-            "median of NVML used (peak - baseline) - measured peak reserved - predicted paged optimizer buffers")
+            f"median of NVML used - reserved - predicted paged optimizer buffers ({direct} records read both after "
+            f"the last step, {len(nv) - direct} from NVML peak - baseline - measured peak reserved)")
     else:
         fits["cuda_context_bytes"] = CoefficientFit(
             "cuda_context_bytes", prior, prior, False, len(nv),

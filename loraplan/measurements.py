@@ -48,6 +48,9 @@ class Measurement:
     peak_reserved_bytes: int | None = None  # torch.cuda.max_memory_reserved over the steps
     nvml_peak_used_bytes: int | None = None  # NVML "used", largest sample
     nvml_baseline_used_bytes: int | None = None  # NVML "used" before CUDA was initialised
+    #: NVML used - baseline - torch.cuda.memory_reserved, read together after the last step
+    #: (profile.probes.CudaProbe.outside_allocator): the CUDA context, modules, managed pages
+    outside_allocator_bytes: int | None = None
     step_s: float | None = None  # median step time after warm-up
     versions: dict[str, str | None] = field(default_factory=dict)
     phases: dict[str, dict[str, int]] = field(default_factory=dict)  # memory phase peaks / currents
@@ -324,6 +327,7 @@ def measurement_from_record(rec: dict[str, Any], source: str = "") -> Measuremen
         peak_reserved_bytes=_int(mem.get("peak_reserved_bytes", rec.get("peak_reserved_bytes"))),
         nvml_peak_used_bytes=_int(nvml.get("peak_used_bytes")) if nv_ok else _int(rec.get("nvml_peak_used_bytes")),
         nvml_baseline_used_bytes=_int(nvml.get("baseline_used_bytes")) if nv_ok else _int(rec.get("nvml_baseline_used_bytes")),
+        outside_allocator_bytes=_int(nvml.get("outside_allocator_peak_bytes")) if nv_ok else None,
         step_s=_float(step if step is not None else rec.get("step_s_median", rec.get("step_s"))),
         versions=dict(env.get("versions") or rec.get("versions") or {}),
         phases=phases, error=rec.get("error"), **trace_fields(rec),
@@ -430,6 +434,13 @@ def check_measured(rec: dict[str, Any]) -> None:
     nv_base = peak("nvml baseline_used_bytes", nvml.get("baseline_used_bytes", rec.get("nvml_baseline_used_bytes")),
                    zero_ok=True)
     peak("trace peak_allocated_bytes", tr.get("peak_allocated_bytes", rec.get("trace_peak_allocated_bytes")))
+    for key in ("outside_allocator_idle_bytes", "outside_allocator_peak_bytes"):
+        v = nvml.get(key)
+        # NVML used - baseline - reserved: may dip below 0 when another process frees memory
+        # meanwhile, so only its type and magnitude are checked
+        if v is not None and (not is_int(v) or abs(v) > MAX_MEASURED_BYTES):
+            raise ConfigError(f"nvml {key} = {_shown(v)} must be a whole number of bytes (NVML used - reserved); "
+                              f"re-run 'loraplan profile'")
     if alloc is not None and reserved is not None and reserved < alloc:
         raise ConfigError(f"peak_reserved_bytes {reserved:,} is below peak_allocated_bytes {alloc:,}; the allocator "
                           f"reserves at least what it allocates: a corrupt record")

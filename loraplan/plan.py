@@ -250,6 +250,13 @@ class _Evaluator:
         return int(self(train).memory.device_total_bytes)
 
     def fits(self, train: TrainSpec) -> bool:
+        """The fit predicate of every search: the estimate's verdict (``Estimate.verdict``: device
+        total with the caching allocator's peak reserved, the CUDA context, paged optimizer state
+        that the driver may evict) is not "does not fit"; an estimate without a verdict: device
+        total <= the card."""
+        verdict = getattr(self(train), "verdict", None)
+        if verdict is not None:
+            return verdict != "does not fit"
         return self.total(train) <= self.gpu.memory_bytes
 
     def clear(self, train: TrainSpec) -> bool:
@@ -317,7 +324,7 @@ def _suggestions(ev: _Evaluator, train: TrainSpec, max_seq: int) -> list[Suggest
         except LoraplanError:  # a change this setup cannot take (e.g. a kernel the GPU lacks): not offered
             continue
         if total < base:  # a 4-bit base alone can cost more (fp32 stream) without checkpointing
-            out.append(Suggestion(change, option, total, base - total, total <= ev.gpu.memory_bytes))
+            out.append(Suggestion(change, option, total, base - total, ev.fits(t)))
         if not change.startswith("shorter"):
             # greedy combination: apply this change on top of the ones kept so far
             trial = replace(combined, **{f: getattr(t, f) for f in
@@ -333,7 +340,7 @@ def _suggestions(ev: _Evaluator, train: TrainSpec, max_seq: int) -> list[Suggest
     out.sort(key=lambda s: -s.saving_bytes)
     if len(options) > 1 and not any(s.fits for s in out):
         total = ev.total(combined)
-        fits = total <= ev.gpu.memory_bytes
+        fits = ev.fits(combined)
         change = "these changes together"
         if not fits:
             ms = _largest(lambda n: ev.fits(replace(combined, seq=n)), 1, train.seq)
@@ -465,7 +472,7 @@ def plan_job(model: ModelSpec, lora: LoraSpec, train: TrainSpec, gpus: list[GpuS
         est = ev(t, with_time=True)
         notes.append(tuple(getattr(est.memory, "notes", ())))
         total = int(est.memory.device_total_bytes)
-        fits = total <= gpu.memory_bytes
+        fits = ev.fits(t)
         te = getattr(est, "time", None) or estimate_step_time(model, lora, t, gpu, cal)
         steps = job.micro_steps(micro * dp, seq)  # micro-steps of each rank
         # te.step_s is one optimizer step: ``accum`` micro-steps (estimate/time.py step_work)

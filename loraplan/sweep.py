@@ -807,7 +807,8 @@ def _evaluate_group(p: _Group, idx, C, gpu_entry, data, none, rank_v, batch_v, s
         tr = replace(train, batch=x.b, seq=x.seq, target_seq=None if ts is None else ts[sel],
                      int8_outlier_fraction=None if frac is None else frac[sel])
         ms = moments(p.structure, tr, kind, x, gpu, cal)
-        peak[sel], moment[sel], reserved[sel], device[sel] = _memory_totals(p.structure, tr, x, ms, cal, p.stored)
+        peak[sel], moment[sel], reserved[sel], device[sel] = _memory_totals(p.structure, tr, x, ms, cal, kind, gpu,
+                                                                             p.stored)
 
     nums = {k: getattr(train, k) for k in _RECIPE_NUMBERS}  # the other recipe cells: evaluate_table, per column
     row = case_row(p.model, lora, train, gpu, trainable, total, peak, reserved, device, moment, t, recipe=nums)
@@ -842,8 +843,9 @@ def _evaluate_sequence_case(p: _Group, idx, gpu_entry, data, none, rank, alpha, 
     pc = count_params(p.model, lora, p.adapted)
     cc = gpu.compute_capability
     x = sequence_shape(p.model, train, lora, cc)
-    ms = moments(p.structure, train, choose_attention(p.model, train, cc), x, gpu, cal)
-    peak, moment, reserved, device = _memory_totals(p.structure, train, x, ms, cal, p.stored)
+    kind = choose_attention(p.model, train, cc)
+    ms = moments(p.structure, train, kind, x, gpu, cal)
+    peak, moment, reserved, device = _memory_totals(p.structure, train, x, ms, cal, kind, gpu, p.stored)
     row = case_row(p.model, lora, train, gpu, pc.trainable, pc.total, peak, reserved, device, moment, t,
                    recipe={k: getattr(train, k) for k in _RECIPE_NUMBERS})
     for c, v in row.items():
@@ -888,13 +890,13 @@ def case_row(model, lora, train, gpu, trainable, total, peak, reserved, device, 
     )
 
 
-def _memory_totals(st, train, x, ms, cal, stored: float = 1):
+def _memory_totals(st, train, x, ms, cal, kind, gpu, stored: float = 1):
     """``estimate_memory``'s totals for arrays of cases from the ledger's moments ``ms``: (peak
     allocated, peak moment names, peak reserved, device total), by the same functions
-    (``memory.peak_of``, ``memory.device_totals``)."""
+    (``memory.peak_of``, ``memory.reserved_and_band``, ``memory.device_totals``)."""
     import numpy as np
 
-    from .estimate.memory import device_totals, peak_of
+    from .estimate.memory import context_and_band, device_totals, peak_of, reserved_and_band
     from .estimate.weights import paged_optimizer_state
 
     from .estimate.parallel import paged_per_rank, rank_moments, worst_rank_peak
@@ -905,7 +907,9 @@ def _memory_totals(st, train, x, ms, cal, stored: float = 1):
     paged = paged_optimizer_state(st, x.r, train.optimizer)
     paged = int(paged) if isinstance(paged, (int, float)) else np.asarray(paged).astype(np.int64)
     paged = paged_per_rank(paged, train)
-    reserved, device, _ = device_totals(peak, paged, cal)
+    reserved, _ = reserved_and_band(st, x, kind, peak, gpu, cal, train.stack)
+    context, _ = context_and_band(gpu, cal, train.stack)
+    reserved, device, _ = device_totals(peak, paged, cal, reserved, context)
     return peak, np.broadcast_to(moment, np.shape(x.b)), reserved, device
 
 

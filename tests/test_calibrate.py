@@ -41,6 +41,44 @@ def test_reserved_and_context_fitted_from_profile_records(profile_record):
     assert res.fits["cuda_context_bytes"].after == pytest.approx(600 * 2**20, rel=1e-6)
 
 
+def test_context_prefers_nvml_used_minus_reserved_read_together(profile_record):
+    """Records whose probe read NVML used - reserved after the last step (probes.CudaProbe.outside_allocator)
+    calibrate the context from it, not from NVML peak - peak reserved (which need not coincide)."""
+    recs = []
+    for a, s in ((2 * 2**30, 512), (3 * 2**30, 1024), (4 * 2**30, 2048)):
+        r = profile_record(a, int(a * 1.2), int(a * 1.2) + 10 * 2**20 + 900 * 2**20, seq=s)
+        r["nvml"]["outside_allocator_peak_bytes"] = 500 * 2**20
+        r["nvml"]["outside_allocator_idle_bytes"] = 420 * 2**20
+        recs.append(r)
+    ms = [measurement_from_record(r) for r in recs]
+    assert ms[0].outside_allocator_bytes == 500 * 2**20
+    res = calibrate(ms, GPU, parts=["memory"])
+    f = res.fits["cuda_context_bytes"]
+    assert f.after == pytest.approx(500 * 2**20, rel=1e-6) and "3 records read both" in f.method
+
+
+def test_fitted_context_replaces_the_published_one_in_estimate(profile_record):
+    from dataclasses import replace
+
+    from loraplan.catalog import load_gpu, load_model
+    from loraplan.estimate.api import estimate
+    from loraplan.estimate.context import cuda_context
+    from loraplan.spec import LoraSpec, TrainSpec
+
+    recs = [profile_record(a, int(a * 1.2), int(a * 1.2) + 10 * 2**20 + 600 * 2**20, seq=s)
+            for a, s in ((2 * 2**30, 512), (3 * 2**30, 1024), (4 * 2**30, 2048))]
+    res = calibrate([measurement_from_record(r) for r in recs], GPU, parts=["memory"])
+    gpu = load_gpu(GPU)
+    model, lora, train = load_model("qwen2.5-0.5b"), LoraSpec(), TrainSpec(quant="bf16")
+    before = estimate(model, lora, train, gpu, load_calibration(GPU), with_time=False).memory
+    after = estimate(model, lora, train, gpu, res.calibration, with_time=False).memory
+    assert before.outside_allocator_bytes["cuda_context_and_libraries"] == cuda_context(gpu.compute_capability).bytes
+    assert after.outside_allocator_bytes["cuda_context_and_libraries"] == 600 * 2**20
+    # the calibrated reserved ratio (measured max_memory_reserved) replaces the allocator's closed form
+    assert after.peak_reserved_bytes == int(after.peak_allocated_bytes * 1.2)
+    assert replace(after, notes=()) != replace(before, notes=())
+
+
 def test_calibrate_cli_writes_file_used_by_estimate(run_cli, tmp_path):
     out = tmp_path / "cal.json"
     code, stdout, err = run_cli("calibrate", "reference", "--out", str(out))

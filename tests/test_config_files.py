@@ -371,3 +371,19 @@ def test_published_stack_benchmark_predicts_every_case():
         assert c["source"]["url"] and c["differs"] and "value" in c["published"]
         row = mod.predict(c)
         assert row["predicted"] and row["predicted"] > 0 and row["ratio"] > 0, row
+
+
+def test_published_memory_pairs_are_predicted():
+    """benchmarks/published_stack.py: the cases whose source also published NVML (published-memory.json)
+    get predicted allocated <= reserved <= device total, next to the published pair."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "published_stack.py"
+    spec = importlib.util.spec_from_file_location("published_stack", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rows = mod.memory_pairs(json.loads(mod.DATA.read_text())["cases"])
+    assert len(rows) == len(mod.MEMORY_PAIRS)
+    for r in rows:
+        assert r["published_nvml"] > r["published_allocated"] > 0
+        assert 0 < r["allocated"] < r["reserved"] < r["device_total"]

@@ -57,6 +57,8 @@ MALFORMED = [
     ("negative step time", ("time", "step_s_median"), -0.1),
     ("NaN step time", ("time", "step_s_median"), math.nan),
     ("unknown status", ("status",), "great"),
+    ("NVML used - reserved a fraction", ("nvml", "outside_allocator_peak_bytes"), 1.5),
+    ("NVML used - reserved a string", ("nvml", "outside_allocator_idle_bytes"), "400MB"),
     ("gradient_checkpointing a string", ("inputs", "gradient_checkpointing"), "yes"),
 ]
 

@@ -180,3 +180,27 @@ def test_plan_says_where_the_largest_batch_and_seq_leave_the_uncertainty_band():
     assert estimate(model, lora, replace(train, batch=g.max_micro_batch_clear), gpu).verdict == "fits"
     assert estimate(model, lora, replace(train, batch=g.max_micro_batch_clear + 1), gpu).verdict != "fits"
     assert estimate(model, lora, replace(train, seq=g.max_seq_clear), gpu).verdict == "fits"
+
+
+def test_plan_fits_with_paging_and_reads_the_allocator_aware_total():
+    """The plan's fit predicate is the estimate's verdict: a card that holds everything but the paged
+    optimizer state (managed memory the driver evicts) fits ("fits with paging"), one byte less than
+    the rest does not; the device total is the allocator's closed-form reserved + the CUDA context."""
+    from loraplan.catalog import load_calibration
+    from loraplan.estimate.api import estimate
+
+    m, l, t = resolve_case({"model": "llama-2-7b", "rank": 256, "targets": "all-linear",
+                            "optimizer": "paged_adamw_32bit", "gpu": "a100-sxm-80gb"})
+    a100 = load_gpu("a100-sxm-80gb")
+    mem = estimate(m, l, t, a100, load_calibration(a100.id), with_time=False).memory
+    paged = mem.outside_allocator_bytes["paged_optimizer_state"]
+    assert paged > 2**30
+    ctx = mem.outside_allocator_bytes["cuda_context_and_libraries"]
+    assert mem.device_total_bytes == mem.peak_reserved_bytes + ctx + paged
+    resident = mem.device_total_bytes - paged
+    card = replace(a100, id="a100-sxm-80gb", memory_bytes=resident + paged // 2)
+    g = plan_job(m, l, t, [card], Job()).gpus[0]
+    assert g.fits and g.verdict == "fits with paging" and g.max_micro_batch >= 1 and not g.suggestions
+    small = replace(a100, id="a100-sxm-80gb", memory_bytes=resident - 1)
+    g = plan_job(m, l, t, [small], Job()).gpus[0]
+    assert not g.fits and g.verdict == "does not fit" and g.max_micro_batch == 0 and g.suggestions

@@ -111,3 +111,23 @@ def test_cpu_probe_with_the_shared_tracker():
         m1 = probe.end("fwd")
     assert m0["max_allocated_bytes"] == 400
     assert m1 == {"max_allocated_bytes": 4400, "allocated_bytes": 400}
+
+
+def test_cuda_probe_outside_allocator_is_nvml_used_minus_baseline_minus_reserved(monkeypatch):
+    """NVML used - baseline (other processes, before CUDA) - memory_reserved, read together."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda d=None: calls.append(("sync", d)))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d=None: 3000)
+    fake = FakeNvml([1000, 1000 + 450 + 3000])  # baseline, then context 450 + reserved 3000
+    nv = NvmlSampler(pynvml=fake, interval=0.5)
+    nv.sample()  # the baseline, as NvmlSampler.start takes it
+    p = CudaProbe(0, nv)
+    assert p.outside_allocator() == 450
+    assert calls == [("sync", 0)]
+
+
+def test_cuda_probe_outside_allocator_without_nvml_is_none(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d=None: 3000)
+    assert CudaProbe(0, None).outside_allocator() is None
+    nv = NvmlSampler(pynvml=FakeNvml([5]), interval=0.5)  # no baseline sampled yet
+    assert CudaProbe(0, nv).outside_allocator() is None

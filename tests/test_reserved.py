@@ -160,3 +160,12 @@ def test_reserved_model_tracks_the_trace_replay(cfg, quant, gc):
 
     want = tr["peak_reserved_bytes"]
     assert abs(an.peak_reserved - want) <= max(TOLERANCE[quant] * want, K_LARGE_BUFFER)
+    # the closed form the estimate uses (allocator_slack): within its fitted spread of peak
+    # allocated plus one kLargeBuffer (the segment granularity that dominates tiny models)
+    from loraplan.estimate import allocator_slack as sl
+    from loraplan.estimate.memory import make_setup
+
+    setup = make_setup(model, lora, train, adapted, "9.0")
+    a = an.peak_allocated
+    closed = sl.peak_reserved(setup.structure, setup.shape, setup.attention, a, (ws, ws))
+    assert abs(closed - want) <= sl.slack_uncertainty(a) + K_LARGE_BUFFER

@@ -23,7 +23,10 @@ from .options import case_options
 @click.option("--explain", "explain_", is_flag=True, default=False,
               help="Also say what dominates the peak and why, and re-estimate the levers that lower it "
                    "(as 'loraplan explain'; table or json)")
-def estimate_command(method, calibration_file, fmt, explain_, **opts):
+@click.option("--alloc-conf", "alloc_conf", default="", show_default=False,
+              help="PYTORCH_CUDA_ALLOC_CONF of the run, for peak reserved: unset (default) or "
+                   "'expandable_segments:True'")
+def estimate_command(method, calibration_file, fmt, explain_, alloc_conf, **opts):
     """Predict peak GPU memory (itemised ledger) and step time for one LoRA/QLoRA setup.
 
     \b
@@ -42,7 +45,9 @@ def estimate_command(method, calibration_file, fmt, explain_, **opts):
     ...) takes the trainer's default (loraplan/data/trainers.json, with sources); the table's
     'recipe' line shows every resolved value. A setting the trainer does not have (e.g.
     --loss chunked with --trainer hf) is refused.
-    Peak reserved and device total (NVML 'used', with the CUDA context) are derived from it.
+    Peak reserved: the caching allocator's closed form (the model's segments by the allocator
+    rules + the step's; --alloc-conf for expandable segments); device total (NVML 'used') adds
+    the CUDA context from published figures (data/cuda-context.json) and paged optimizer state.
     """
     from ..catalog import load_calibration, load_gpu
     from ..estimate.api import estimate
@@ -56,9 +61,9 @@ def estimate_command(method, calibration_file, fmt, explain_, **opts):
         raise InputError("--explain has no CSV form; use --format table or --format json")
     gpu = load_gpu(opts["gpu"]) if opts.get("gpu") is not None else None  # '' is refused, not "no GPU"
     cal = load_calibration(gpu.id if gpu else None, calibration_file)
-    result = estimate(model, lora, train, gpu, cal)
+    result = estimate(model, lora, train, gpu, cal, alloc_conf=alloc_conf)
     if method == "trace":
-        result = _with_trace(result, model, lora, train, gpu)
+        result = _with_trace(result, model, lora, train, gpu, alloc_conf)
     data = result.to_dict()
     explanation = None
     if explain_:
@@ -94,13 +99,13 @@ def estimate_command(method, calibration_file, fmt, explain_, **opts):
             print_explanation(con, explanation)
 
 
-def _with_trace(result, model, lora, train, gpu):
+def _with_trace(result, model, lora, train, gpu, alloc_conf: str = ""):
     """Replace the memory figures with a meta-device trace of the real step (subprocess)."""
     try:
         from ..trace import trace_estimate
     except ImportError:
         raise InputError("--method trace is not available in this build; use --method analytic") from None
-    return trace_estimate(result, model, lora, train, gpu)
+    return trace_estimate(result, model, lora, train, gpu, alloc_conf=alloc_conf)
 
 
 def _print_table(d: dict, labels: dict[str, str] | None = None) -> None:

@@ -15,11 +15,13 @@ from .time import estimate_step_time
 
 
 def estimate(model: ModelSpec, lora: LoraSpec, train: TrainSpec, gpu: GpuSpec | None = None,
-             calibration: Calibration | None = None, with_time: bool = True) -> Estimate:
+             calibration: Calibration | None = None, with_time: bool = True, alloc_conf: str = "") -> Estimate:
     """Peak memory ledger, parameter counts, fit verdict and (when a GPU is given) step time.
 
     ``lora.targets`` None (the default) is PEFT's default for the model family; the Estimate's
     ``inputs`` name the modules it resolved to. Raises TargetError for targets matching nothing.
+    ``alloc_conf``: the run's PYTORCH_CUDA_ALLOC_CONF for peak reserved, "" (unset) or
+    "expandable_segments:True" (``allocator_slack.CONFIGS``; InputError otherwise).
     """
     if gpu is not None:
         from ..trainers import check_gpu_dtypes
@@ -32,7 +34,7 @@ def estimate(model: ModelSpec, lora: LoraSpec, train: TrainSpec, gpu: GpuSpec | 
     # Linears (target_modules) + fused MoE expert parameters (target_parameters)
     adapted = select_targets(model, lora.targets) + select_expert_targets(model, lora.targets, lora.dropout)
     setup = make_setup(model, lora, train, adapted, gpu.compute_capability if gpu else "9.0")
-    memory = estimate_memory(setup, gpu, cal)
+    memory = estimate_memory(setup, gpu, cal, alloc_conf)
     time, comm = None, {}
     if with_time and gpu is not None:
         time = estimate_step_time(model, lora, train, gpu, cal)
@@ -40,6 +42,8 @@ def estimate(model: ModelSpec, lora: LoraSpec, train: TrainSpec, gpu: GpuSpec | 
         time, comm = with_communication(model, lora, train, gpu, time, adapted)
     inputs = run_inputs(model, lora, train)
     inputs["attention_kernel"] = setup.attention
+    if alloc_conf:
+        inputs["alloc_conf"] = alloc_conf
     if gpu is not None:
         inputs["gpu"] = gpu.id
     result = Estimate(

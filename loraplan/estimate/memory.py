@@ -237,20 +237,67 @@ def sequence_shape(model: ModelSpec, train: TrainSpec, lora, compute_capability:
                  fa2_copies=fa2 and (layout.padded or (layout.packed and layout.rows == 1)))
 
 
-def device_totals(peak_allocated, paged, cal: Calibration):
-    """(peak reserved, device total, CUDA context) from peak allocated: ints, or int64 arrays.
+def workspace_blocks(gpu: GpuSpec | None, cal: Calibration, device: str = "cuda", stack=None) -> tuple[int, ...]:
+    """The cuBLAS workspaces as the allocator sees them: one block per handle
+    (``transients.cuda_workspaces`` = handles x bytes per handle)."""
+    total = int(cuda_workspaces(gpu, cal, device, stack))
+    n = max(int(coefficient(cal, "cublas_handles")), 1)
+    return (total // n,) * n if total else ()
 
-    reserved = allocated × (1 + reserved_over_allocated_ratio) (caching-allocator slack);
-    device total (NVML used) = reserved + cuda_context_bytes + paged optimizer buffers, which
-    live in managed memory outside torch's allocator. Both coefficients come from the
-    calibration (priors until 'loraplan calibrate' fits them from profile records)."""
-    context = int(coefficient(cal, "cuda_context_bytes"))
-    reserved = peak_allocated * (1 + coefficient(cal, "reserved_over_allocated_ratio"))
-    reserved = int(reserved) if _is_scalar(reserved) else reserved.astype("int64")
+
+def reserved_and_band(st: Structure, x: Shape, kind: str, peak_allocated, gpu: GpuSpec | None, cal: Calibration,
+                      stack=None, alloc_conf: str = ""):
+    """(peak reserved, its uncertainty in bytes) from peak allocated: ints, or int64 arrays.
+
+    A GPU calibration that fitted ``reserved_over_allocated_ratio`` from profile records (measured
+    max_memory_reserved) wins: reserved = allocated × (1 + ratio), band ``reserved_over_allocated_
+    uncertainty`` × allocated. Otherwise the allocator's closed form
+    (``allocator_slack.peak_reserved``: the built model's segments replayed through the
+    caching-allocator rules + the step's segments; PYTORCH_CUDA_ALLOC_CONF ``alloc_conf``: "" unset,
+    or "expandable_segments:True"), band
+    ``allocator_slack.slack_uncertainty`` (the fit's spread against the trace replays)."""
+    from . import allocator_slack
+
+    allocator_slack.check_config(alloc_conf)
+    if _calibrated(cal, "reserved_over_allocated_ratio"):
+        r = peak_allocated * (1 + coefficient(cal, "reserved_over_allocated_ratio"))
+        u = peak_allocated * coefficient(cal, "reserved_over_allocated_uncertainty")
+        if _is_scalar(r):
+            return int(r), int(u)
+        return r.astype("int64"), u.astype("int64")
+    ws = workspace_blocks(gpu, cal, st.device, stack)
+    return (allocator_slack.peak_reserved(st, x, kind, peak_allocated, ws, alloc_conf or "default"),
+            allocator_slack.slack_uncertainty(peak_allocated, alloc_conf or "default"))
+
+
+def context_and_band(gpu: GpuSpec | None, cal: Calibration, stack=None) -> tuple[int, int]:
+    """(CUDA context + kernel modules, its uncertainty), bytes: a GPU calibration's fitted
+    ``cuda_context_bytes`` (NVML used - reserved from profile records) with its
+    ``cuda_context_uncertainty_bytes``, else the published figures of data/cuda-context.json for
+    the stack's module loading and the GPU generation (``context.cuda_context``)."""
+    if _calibrated(cal, "cuda_context_bytes"):
+        return int(coefficient(cal, "cuda_context_bytes")), int(coefficient(cal, "cuda_context_uncertainty_bytes"))
+    from .context import cuda_context
+
+    c = cuda_context(gpu.compute_capability if gpu else None, stack)
+    return c.bytes, c.uncertainty_bytes
+
+
+def device_totals(peak_allocated, paged, cal: Calibration, reserved=None, context=None):
+    """(peak reserved, device total, CUDA context): ints, or int64 arrays.
+
+    ``reserved``: peak reserved from ``reserved_and_band``; None -> the calibration's ratio,
+    allocated × (1 + reserved_over_allocated_ratio). ``context``: from ``context_and_band``; None
+    -> the calibration's ``cuda_context_bytes``. Device total (NVML used) = reserved + context +
+    paged optimizer buffers, which live in managed memory outside torch's allocator."""
+    context = int(coefficient(cal, "cuda_context_bytes")) if context is None else int(context)
+    if reserved is None:
+        reserved = peak_allocated * (1 + coefficient(cal, "reserved_over_allocated_ratio"))
+        reserved = int(reserved) if _is_scalar(reserved) else reserved.astype("int64")
     return reserved, reserved + context + paged, context
 
 
-def estimate_memory(s: Setup, gpu: GpuSpec | None, cal: Calibration) -> MemoryEstimate:
+def estimate_memory(s: Setup, gpu: GpuSpec | None, cal: Calibration, alloc_conf: str = "") -> MemoryEstimate:
     """Peak allocated = the largest moment; reserved and device totals from named coefficients."""
     st, x = s.structure, s.shape
     from .parallel import host_ledger, host_total, paged_per_rank, rank_moments
@@ -270,7 +317,11 @@ def estimate_memory(s: Setup, gpu: GpuSpec | None, cal: Calibration) -> MemoryEs
     components = {k: int(v) for k, v in ms[peak_name].items() if v}
     per_gpu = {k: {c: int(v) for c, v in ranks[k][peaks[k][1]].items() if int(v)} for k in ranks}
     paged = paged_per_rank(int(paged_optimizer_state(st, x.r, s.train.optimizer)), s.train)
-    reserved, device, context = device_totals(peak, paged, cal)
+    # the allocator's closed form (allocator_slack) replays the one-GPU model's weights: under a
+    # multi-GPU engine it is applied to the worst rank's peak as it stands
+    reserved, reserved_band = reserved_and_band(st, x, s.attention, peak, gpu, cal, s.train.stack, alloc_conf)
+    context, context_band = context_and_band(gpu, cal, s.train.stack)
+    reserved, device, context = device_totals(peak, paged, cal, reserved, context)
     outside = {"cuda_context_and_libraries": context}
     if paged:
         outside["paged_optimizer_state"] = paged
@@ -298,9 +349,10 @@ def estimate_memory(s: Setup, gpu: GpuSpec | None, cal: Calibration) -> MemoryEs
     notes.extend(sequence_notes(st.model.model_type, s.train))
     if st.head_adapted and step_recipe(s.train).loss == "chunked":
         notes.append(FUSED_HEAD_BYPASS_WARNING)
-    if not _calibrated(cal, "reserved_over_allocated_ratio"):
-        notes.append("reserved and device total use uncalibrated priors (allocator ratio, CUDA context); "
-                     "peak allocated is the checked figure")
+    if not _calibrated(cal, "cuda_context_bytes"):
+        notes.append("device total adds the CUDA context from published figures (data/cuda-context.json), not "
+                     "yet calibrated from NVML on this GPU; peak reserved is the caching allocator's closed form "
+                     "(checked against allocator replays of the trace); peak allocated is the checked figure")
     return MemoryEstimate(
         components=components,
         peak_allocated_bytes=peak,
@@ -313,6 +365,8 @@ def estimate_memory(s: Setup, gpu: GpuSpec | None, cal: Calibration) -> MemoryEs
         per_gpu=per_gpu,
         host_bytes=host_total(host_components),
         host_components=host_components,
+        reserved_uncertainty_bytes=reserved_band,
+        context_uncertainty_bytes=context_band,
     )
 
 

@@ -33,6 +33,11 @@ class MemoryEstimate:
     #: CPU RAM of one machine the run needs (estimate.parallel.host_ledger), and its components
     host_bytes: int = 0
     host_components: dict[str, int] = field(default_factory=dict)
+    #: how far peak reserved may be off beyond peak allocated's own error (bytes; None: the
+    #: calibration's ratio spread applies, ``uncertainty_band``)
+    reserved_uncertainty_bytes: int | None = None
+    #: how far the CUDA context may be off (bytes; None: ``cuda_context_uncertainty_bytes``)
+    context_uncertainty_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -141,11 +146,13 @@ UNCERTAINTY_COEFFICIENTS = ("peak_allocated_uncertainty_ratio", "reserved_over_a
 def uncertainty_band(memory: MemoryEstimate, coefficients) -> int | None:
     """Bytes by which the device total may be off, from what is checked and what is a prior.
 
-    device total = A·(1 + ρ) + C + P (memory.device_totals: peak allocated A, reserved ratio ρ,
+    device total = R + C + P (memory.device_totals: peak reserved R from peak allocated A,
     CUDA context C, paged buffers P). Each uncertain factor moves it by:
-    u_A·A·(1 + ρ) = u_A·(peak reserved) (peak allocated, checked to
-    ``peak_allocated_uncertainty_ratio`` u_A on the reference) + u_ρ·A
-    (``reserved_over_allocated_uncertainty``, a prior's spread) + u_C
+    u_A·R (peak allocated, checked to ``peak_allocated_uncertainty_ratio`` u_A on the reference)
+    + the reserved model's own spread: ``memory.reserved_uncertainty_bytes`` (the allocator closed
+    form's spread against replays, ``allocator_slack.slack_uncertainty``) or, when a calibrated
+    ratio R = A·(1 + ρ) is used, u_ρ·A (``reserved_over_allocated_uncertainty``) + the context's
+    spread: ``memory.context_uncertainty_bytes`` (data/cuda-context.json) or u_C
     (``cuda_context_uncertainty_bytes``, a prior's spread), added linearly (the worst case; the
     errors' correlation is unknown). None when a coefficient is missing (an Estimate built
     without ``load_calibration``).
@@ -155,7 +162,9 @@ def uncertainty_band(memory: MemoryEstimate, coefficients) -> int | None:
     except KeyError:
         return None
     a = memory.peak_allocated_bytes
-    return int(u_a * memory.peak_reserved_bytes + u_rho * a + u_c)
+    u_res, u_ctx = memory.reserved_uncertainty_bytes, memory.context_uncertainty_bytes
+    return int(u_a * memory.peak_reserved_bytes + (u_rho * a if u_res is None else u_res)
+               + (u_c if u_ctx is None else u_ctx))
 
 
 def _verdict(memory: MemoryEstimate, capacity: int | None, band: int | None) -> tuple[str | None, int | None]:

@@ -345,6 +345,7 @@ def run_burst(spec: dict, emit: Emit | None = None) -> dict[str, Any]:
 
     nvml = None
     tracker = None
+    outside: dict = {}  # NVML used - reserved (CudaProbe.outside_allocator): at idle, after the steps
     stack = contextlib.ExitStack()
     t_start = time.perf_counter()
     try:
@@ -404,6 +405,9 @@ def run_burst(spec: dict, emit: Emit | None = None) -> dict[str, Any]:
             from .probes import CudaProbe
 
             probe = CudaProbe(0, nvml)
+            torch.cuda.mem_get_info(0)  # creates the context (torch.cuda.init does not)
+            # at idle: the context and what torch loaded at init, nothing allocated yet
+            outside["outside_allocator_idle_bytes"] = probe.outside_allocator()
         else:
             from .probes import CpuProbe
 
@@ -571,6 +575,10 @@ def run_burst(spec: dict, emit: Emit | None = None) -> dict[str, Any]:
             raise RuntimeError(f"the {kind} trainer ran {len(step_s)} optimizer steps, not {steps}")
 
         # ---- summary ------------------------------------------------------------------
+        if device == "cuda":
+            # after the last step: reserved is at its high-water mark (no empty_cache) and every
+            # kernel module the step uses is loaded
+            outside["outside_allocator_peak_bytes"] = probe.outside_allocator()
         after = step_s[warmup:] if len(step_s) > warmup else step_s
         med = statistics.median(after)
         tokens = positions * ga
@@ -594,6 +602,7 @@ def run_burst(spec: dict, emit: Emit | None = None) -> dict[str, Any]:
         stack.close()
         if nvml is not None:
             res["nvml"] = nvml.stop()
+            res["nvml"].update({k: v for k, v in outside.items() if v is not None})
         res["wall_s"] = time.perf_counter() - t_start
     _summarise_memory(res, probe_source=("torch.cuda.memory_stats" if device == "cuda" else
                                          "live-tensor tracker (storage bytes of live tensors)"),

@@ -55,6 +55,21 @@ class CudaProbe:
     def synchronize(self) -> None:
         self.torch.cuda.synchronize(self.device)
 
+    def outside_allocator(self) -> int | None:
+        """Device memory this process holds outside torch's caching allocator, now: NVML used -
+        NVML baseline (before CUDA was initialised: other processes) - ``torch.cuda.memory_reserved``,
+        read together after a synchronize. It is the CUDA context, the kernel modules loaded so far,
+        NCCL buffers and resident managed (paged optimizer) pages. None without NVML."""
+        if self.nvml is None or self.nvml.baseline_used_bytes is None:
+            return None
+        self.synchronize()
+        reserved = int(self.torch.cuda.memory_reserved(self.device))
+        try:
+            used = self.nvml.sample()
+        except Exception:  # noqa: BLE001 - NVML failing mid-run: no figure, not a failed burst
+            return None
+        return used - self.nvml.baseline_used_bytes - reserved
+
 
 class CpuProbe:
     """Phase peaks of live tensor bytes from ``loraplan.trace.tracker.LiveTensorTracker``

@@ -92,7 +92,8 @@ def _disagreement_notes(am, trace_peak: int, analytic_kernel, trace_kernels) -> 
             f"compare the top_live breakdown in detail",)
 
 
-def trace_estimate(analytic, model, lora: LoraSpec, train: TrainSpec, gpu=None, timeout_s: float = 300):
+def trace_estimate(analytic, model, lora: LoraSpec, train: TrainSpec, gpu=None, timeout_s: float = 300,
+                   alloc_conf: str = ""):
     """An Estimate whose memory comes from a meta-device trace of the real step.
 
     Same schema as the analytic estimate (``loraplan estimate --method trace``): the trace's
@@ -104,7 +105,8 @@ def trace_estimate(analytic, model, lora: LoraSpec, train: TrainSpec, gpu=None, 
     ``allocator`` the replays (default and expandable segments, fragmentation, OOM verdict
     against the GPU's memory less the memory outside the allocator), and under ``work`` the
     last step's counted work per class (``trace.counts``: FLOPs, bytes, kernel launches,
-    bitsandbytes / peft Python calls).
+    bitsandbytes / peft Python calls). ``alloc_conf``
+    "expandable_segments:True" reads the expandable-segments replay instead.
     """
     from dataclasses import replace
 
@@ -134,8 +136,12 @@ def trace_estimate(analytic, model, lora: LoraSpec, train: TrainSpec, gpu=None, 
         tr = run_trace_subprocess(dict(model.config), lora, train, cc, timeout_s=timeout_s, gpu_memory_bytes=capacity,
                                   count_work=True)
     peak = int(tr["peak_allocated_bytes"])
-    if tr.get("peak_reserved_bytes") is not None:
-        reserved = int(tr["peak_reserved_bytes"])
+    from ..estimate.allocator_slack import _config_name
+
+    expandable = _config_name(alloc_conf or "default") == "expandable_segments"
+    key = "peak_reserved_expandable_bytes" if expandable else "peak_reserved_bytes"
+    if tr.get(key) is not None:
+        reserved = int(tr[key])
     else:  # a worker without the allocator replay: the analytic ratio
         ratio = am.peak_reserved_bytes / am.peak_allocated_bytes if am.peak_allocated_bytes else 1.0
         reserved = int(peak * ratio)
