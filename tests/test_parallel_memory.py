@@ -180,8 +180,9 @@ def test_sweep_totals_match_estimate(kw):
     g = _Group(MODEL, LORA, train)
     cal = load_calibration(None)
     x = sequence_shape(MODEL, g.resolved, LORA, "9.0")
-    ms = moments(g.structure, g.resolved, choose_attention(MODEL, g.resolved, "9.0"), x, None, cal)
-    assert int(_memory_totals(g.structure, g.resolved, x, ms, cal, g.stored)[0]) == want
+    kind = choose_attention(MODEL, g.resolved, "9.0")
+    ms = moments(g.structure, g.resolved, kind, x, None, cal)
+    assert int(_memory_totals(g.structure, g.resolved, x, ms, cal, kind, None, g.stored)[0]) == want
 
 
 def test_fsdp1_gathered_units_are_full_size_and_follow_the_prefetch_default():

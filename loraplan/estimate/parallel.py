@@ -81,6 +81,7 @@ from typing import Any
 
 from ..spec import TrainSpec
 from ..storage import dtype_bytes
+from .arrays import minimum
 from .weights import Structure
 
 #: the FSDP strategies (trainers.py owns the layout refusals)
@@ -303,7 +304,7 @@ def _zero(moment: str, c: dict, st: Structure, train: TrainSpec, r) -> dict:
     if "optimizer_temporaries" in c:
         c["optimizer_temporaries"] = c["optimizer_temporaries"] * fp32_opt / n
     c["master_weights"] = 4 * p / n if b16 != 4 else 0  # fp32 partition of the 16-bit trainables
-    bucket = min(deepspeed_setting(st, train, "reduce_bucket_size"), p) * b16
+    bucket = minimum(deepspeed_setting(st, train, "reduce_bucket_size"), p) * b16
     if moment in ("grad norm", "optimizer step"):
         c["lora_gradients"] = 4 * p / n  # the fp32 gradient of the partition
     elif "lora_gradients" in c:
