@@ -42,7 +42,9 @@ MIN_RECORDS = 2
 METRICS = ("allocated", "reserved", "device", "step")
 METRIC_LABELS = {"allocated": "peak allocated", "reserved": "peak reserved",
                  "device": "device total (NVML)", "step": "step time"}
-#: GPU efficiency grid (fractions of the catalog peak), as benchmarks/fit_time_h100.py
+#: GPU efficiency grid (fractions of the catalog peak). time_eff_mm / time_eff_fp32 start from the
+#: sourced priors of the GPU's generation (data/kernel-efficiency.json) and move only when the
+#: records improve the fit by EFF_MIN_GAIN (GPU-bound records); time_eff_bw as benchmarks/fit_time_h100.py
 EFF_GRID = {"time_eff_mm": [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9],
             "time_eff_fp32": [0.3, 0.45, 0.6, 0.75, 0.9],
             "time_eff_bw": [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]}
@@ -280,9 +282,13 @@ def fit_time(ms: list[Measurement], base: Calibration) -> dict[str, CoefficientF
     """Host costs by NNLS and GPU efficiencies on a grid (the method of benchmarks/fit_time_h100.py)."""
     from .estimate import time as tmod
 
+    from .estimate.efficiency import efficiencies
+
     names = list(tmod.COEFFICIENTS)
-    coef0 = tmod.coefficients(base)
     timed = [m for m in ms if m.step_s and gpu_for(m) is not None]
+    # the kernel efficiencies start from the GPU generation's sourced priors unless the base sets them
+    coef0 = {**(efficiencies(gpu_for(timed[0])) if timed else {}), **tmod.coefficients(base)}
+    names = [k for k in names if k in coef0]
 
     def keep(why: str, n: int = len(timed)) -> dict[str, CoefficientFit]:
         return {k: CoefficientFit(k, coef0[k], coef0[k], False, n, f"not fitted: {why}") for k in names}
@@ -375,6 +381,9 @@ def _fit_time_scale(tmod, names, coef0, works, gpus, meas, n_free) -> dict[str, 
            f"{len(meas)} < {RECORDS_PER_COEFFICIENT}x{n_free} records to fit each coefficient)")
     out = {}
     for k in names:
+        if k == "time_host_speed":
+            out[k] = CoefficientFit(k, coef0[k], coef0[k], False, len(meas), "not fitted: a setting of the host, not a cost")
+            continue
         if k.startswith(_DURATION_PREFIX):
             new = coef0[k] * s
         elif k.startswith("time_eff_"):
