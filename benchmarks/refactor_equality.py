@@ -49,6 +49,10 @@ GPUS = ("h100-sxm-80gb", "a100-sxm-80gb", "t4-16gb")
 _MEMORY_FIELDS = (r"\.(estimate\.(headroom_bytes|memory\.[\w .]+)|sweep_row\.(peak_allocated_bytes|peak_reserved_bytes|"
                   r"device_total_bytes|headroom_bytes|peak_moment))$")
 
+#: the time figures of an estimate and its sweep row, and the time coefficients it echoes
+TIME_FIELDS = (r"\.(estimate\.time\.(step_s|tokens_per_s|bound|components\.\w+)|sweep_row\.(step_s|tokens_per_s|bound)|"
+               r"estimate\.calibration\.coefficients\.time_\w+)$")
+
 #: deliberate changes since equality-before.json.gz: (why, models, quants, field-path regex[,
 #: verdict]); models / quants None: any; a verdict: only setups that now get that fit verdict
 INTENDED = (
@@ -70,6 +74,12 @@ INTENDED = (
     ("a 'fits with paging' verdict carries the per-step paging time over the GPU's host link: a note and "
      "detail['paging'] (estimate.api._with_paging_cost)",
      None, None, r"^\.estimate\.(detail|memory\.notes)$", "fits with paging"),
+    ("issue 12, the step-time model: GEMM / attention efficiencies are sourced priors per GPU generation "
+     "(data/kernel-efficiency.json) priced by a roofline per kernel class, host and GPU combined by the "
+     "CUDA-queue model over forward / backward / optimizer phases (estimate/time.py queue_time), host costs "
+     "refitted on the H100 reference (benchmarks/fit_time_h100.py); time_eff_mm / time_eff_fp32 left "
+     "calibrations/default.json (priors by generation now). Memory figures do not move",
+     None, None, TIME_FIELDS),
 )
 
 
