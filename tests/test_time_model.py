@@ -129,3 +129,23 @@ def test_forward_part_is_one_pass_and_trainer_syncs():
     assert not w.sync_after_forward and not w.sync_before_optimizer
     hf = _work(model="llama-2-7b", quant="bf16", seq=512, trainer="hf", mixed_precision="bf16")
     assert hf.sync_before_optimizer
+
+
+def test_published_speed_benchmark_runs_on_a_subset():
+    """benchmarks/published_speed.py: every record has its provenance; two rows predicted."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import published_speed as ps
+
+    data = ps.load()
+    for c in data["cases"]:
+        src = data["sources"][c["source"]]
+        assert src["url"].startswith("https://") and src["quote"] and src["stack"] and src["differs"], c["id"]
+        assert c["published_s"] > 0 and c["gpu"] in gpu_entries()
+    rows = ps.rows(data, {"qwen7b-lora-a100-s2048", "litgpt-l2-7b-bf16-a100-40gb"})
+    assert len(rows) == 2
+    for r in rows:
+        assert r["predicted_s"] > 0 and 0.1 < r["ratio"] < 10
+        assert r["predicted_s"] >= max(r["host_s"], r["gpu_s"]) - 1e-12
