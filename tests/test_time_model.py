@@ -149,3 +149,19 @@ def test_published_speed_benchmark_runs_on_a_subset():
     for r in rows:
         assert r["predicted_s"] > 0 and 0.1 < r["ratio"] < 10
         assert r["predicted_s"] >= max(r["host_s"], r["gpu_s"]) - 1e-12
+
+
+def test_host_speed_option_reaches_the_step_time():
+    from click.testing import CliRunner
+
+    from loraplan.cli import cli as main
+
+    args = ["estimate", "--model", "llama-2-7b", "--quant", "nf4", "--gpu", "h100-sxm-80gb", "--format", "json"]
+    r1 = CliRunner().invoke(main, args)
+    r3 = CliRunner().invoke(main, args + ["--host-speed", "3"])
+    assert r1.exit_code == 0 and r3.exit_code == 0, r1.output + r3.output
+    t1, t3 = json.loads(r1.output)["time"], json.loads(r3.output)["time"]
+    assert t3["step_s"] < t1["step_s"]
+    from loraplan.cli import main as entry
+
+    assert entry(args + ["--host-speed", "-1"]) == 2  # InputError: one line naming the value, exit 2

@@ -19,11 +19,14 @@ from .options import case_options
                    "meta device and count tensors (needs the [profile] extra, no GPU; seconds).")
 @click.option("--calibration", "calibration_file", type=click.Path(dir_okay=False), default=None,
               help="Calibration file from 'loraplan calibrate' [default: built-in for the GPU]")
+@click.option("--host-speed", type=float, default=None,
+              help="Host CPU speed relative to the H100 reference host (host costs per call are divided by it) "
+                   "[default: 1.0, or the calibration's]")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
 @click.option("--explain", "explain_", is_flag=True, default=False,
               help="Also say what dominates the peak and why, and re-estimate the levers that lower it "
                    "(as 'loraplan explain'; table or json)")
-def estimate_command(method, calibration_file, fmt, explain_, **opts):
+def estimate_command(method, calibration_file, host_speed, fmt, explain_, **opts):
     """Predict peak GPU memory (itemised ledger) and step time for one LoRA/QLoRA setup.
 
     \b
@@ -44,7 +47,7 @@ def estimate_command(method, calibration_file, fmt, explain_, **opts):
     --loss chunked with --trainer hf) is refused.
     Peak reserved and device total (NVML 'used', with the CUDA context) are derived from it.
     """
-    from ..catalog import load_calibration, load_gpu
+    from ..catalog import load_calibration, load_gpu, with_host_speed
     from ..estimate.api import estimate
 
     with warnings.catch_warnings(record=True) as caught:
@@ -55,7 +58,7 @@ def estimate_command(method, calibration_file, fmt, explain_, **opts):
     if explain_ and fmt == "csv":
         raise InputError("--explain has no CSV form; use --format table or --format json")
     gpu = load_gpu(opts["gpu"]) if opts.get("gpu") is not None else None  # '' is refused, not "no GPU"
-    cal = load_calibration(gpu.id if gpu else None, calibration_file)
+    cal = with_host_speed(load_calibration(gpu.id if gpu else None, calibration_file), host_speed)
     result = estimate(model, lora, train, gpu, cal)
     if method == "trace":
         result = _with_trace(result, model, lora, train, gpu)

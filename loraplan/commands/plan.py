@@ -25,8 +25,12 @@ from .options import case_options
                    "gradient accumulation makes up the rest. Without it --batch is the micro-batch.")
 @click.option("--price", "prices", multiple=True, metavar="GPU_ID=USD",
               help="Override a GPU's on-demand price in US dollars per hour (repeatable)")
+@click.option("--host-speed", type=float, default=None,
+              help="Host CPU speed relative to the H100 reference host (host costs per call are divided by it) "
+                   "[default: 1.0, or the calibration's]")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
-def plan_command(gpu_list, tokens, examples, tokens_per_example, epochs, effective_batch, prices, fmt, **opts):
+def plan_command(gpu_list, tokens, examples, tokens_per_example, epochs, effective_batch, prices, host_speed, fmt,
+                 **opts):
     """Compare GPUs for a whole fine-tuning job: fit, largest micro-batch and sequence, hours, dollars.
 
     \b
@@ -60,7 +64,10 @@ def plan_command(gpu_list, tokens, examples, tokens_per_example, epochs, effecti
     price_map = parse_prices(prices, gpu_ids())
     job = Job(tokens=tokens, examples=examples, tokens_per_example=tokens_per_example, epochs=epochs,
               effective_batch=effective_batch)
-    result = plan_job(model, lora, train, gpus, job, prices=price_map,
+    from ..catalog import load_calibration, with_host_speed
+
+    cals = {g.id: with_host_speed(load_calibration(g.id), host_speed) for g in gpus}
+    result = plan_job(model, lora, train, gpus, job, prices=price_map, calibrations=cals,
                       fixed_batch=effective_batch is None or opts.get("batch") is not None)
     data = result.to_dict()
     if fmt == "json":
