@@ -827,7 +827,9 @@ def step_time(work: StepWork, gpu: GpuSpec, coef: Mapping[str, float]) -> TimeEs
             phases.append((h_f / k, g_f / k, work.sync_after_forward))
             phases.append((h_b / k, g_b / k, work.sync_before_optimizer and i == k - 1))
         phases.append((h_o + coef["time_host_step_s"], g_o, False))
-        step = queue_time(phases)
+        # >= max(host, gpu) in exact arithmetic; the max removes the rounding of the backward
+        # phase's subtraction (total - forward - optimizer)
+        step = _max(queue_time(phases), _max(host_s, gpu_s))
         compute_s = g_all["gpu_gemm_s"] + g_all["gpu_attention_s"] + g_all["gpu_fp32_s"]
         bound = _where(host_s >= gpu_s, "host", _where(compute_s >= g_all["gpu_memory_s"] + g_all["gpu_kernel_s"],
                                                        "compute", "memory"))
