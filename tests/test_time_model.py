@@ -165,3 +165,20 @@ def test_host_speed_option_reaches_the_step_time():
     from loraplan.cli import main as entry
 
     assert entry(args + ["--host-speed", "-1"]) == 2  # InputError: one line naming the value, exit 2
+
+
+def test_moe_expert_flops_are_tokens_times_top_k():
+    """Sparse-MoE: each token runs top_k experts' two grouped GEMMs (forward + input gradient)."""
+    from loraplan.estimate.time import expert_work
+
+    m, l, t = resolve_case(dict(model="qwen3-30b-a3b", quant="bf16", seq=512, batch=1, gradient_checkpointing=False))
+    per_token = sum(2 * e.in_features * e.out_features for e in m.experts)
+    inc = dict()
+    for name, v in expert_work(m, "bf16", 512, 1, 2):
+        inc[name] = inc.get(name, 0) + v
+    assert inc["flops_mm"] == pytest.approx(512 * m.moe.top_k * per_token * 2)
+    w = step_work(m, l, t)
+    assert w.flops_mm > inc["flops_mm"]
+    # under a bitsandbytes base the experts stay unquantized and are upcast to fp32: the fp32 rate
+    m4, l4, t4 = resolve_case(dict(model="qwen3-30b-a3b", quant="nf4", seq=512, batch=1, gradient_checkpointing=False))
+    assert step_work(m4, l4, t4).flops_fp32 >= inc["flops_mm"]

@@ -482,6 +482,61 @@ def attention_work(model: ModelSpec, n_layers: int, T, seq, fw: int, eager: bool
     return [("flops_mm", flops), ("flops_attn", flops)]
 
 
+#: a sparse-MoE block's dispatched ops per layer (forward, backward), read from transformers 5.24
+#: integrations/moe.py::grouped_mm_experts_forward and the routers (MixtralTopKRouter,
+#: Qwen*TopKRouter): router linear, softmax, topk, the top-k renormalisation (sum, div) and cast;
+#: reshape x2, sort, floor-divide, two index gathers, histc, cumsum, two grouped_mm, chunk, act,
+#: mul, the routing-weight mul, inverse-permutation index, view and sum: 24 forward; backward:
+#: the two grouped_mm input gradients, the act/mul gradients, two index backward (zeros +
+#: index_put), the gather scatter, the router's softmax/linear input gradient: 14
+MOE_OPS = (24, 14)
+#: module calls per MoE layer forward: the block, its router (gate) and its experts module
+MOE_MODULE_CALLS = 3
+#: router traffic per token per expert: the fp32 logits written and read by softmax, its output
+#: written and read by topk (4 B each way)
+MOE_ROUTER_BYTES = 4 * 4
+#: dispatch traffic per token-expert pair: the int64 permutation, the gathered row's index and
+#: the inverse permutation (8 B each), plus the gathered input and the weighted output rows
+#: (h elements each, written and read: 4 stream-dtype passes)
+MOE_INDEX_BYTES = 3 * 8
+MOE_ROW_PASSES = 4
+
+
+def expert_work(model: ModelSpec, quant, T, fw: int, a_stream: int) -> list[tuple[str, Any]]:
+    """The fused experts of sparse-MoE layers (``model.experts``, ``model.moe``): S = T·k token-
+    expert pairs per layer run two grouped GEMMs (transformers 5.24 integrations/moe.py::
+    grouped_mm_experts_forward): 2·S·in·out FLOPs per expert parameter per pass, passes = forward
+    (+ recompute) + the input gradient (frozen experts, no weight gradient), at the rate of the
+    experts' storage dtype (``storage.expert_storage``: bf16, or fp32 under a bitsandbytes base
+    upcast by prepare_model_for_kbit_training; the autocast dtype under autocast); the kernel reads
+    the weights of the experts it serves (all E once T·k >= E): min(1, S/E)·numel bytes per pass.
+    Elementwise: the gated activation over S·I_e (``MLP_GATED_BYTES``), the dispatch indices and
+    rows (``MOE_INDEX_BYTES``, ``MOE_ROW_PASSES``), the router's T·E softmax (``MOE_ROUTER_BYTES``),
+    × (forward passes + ``BACKWARD_TRAFFIC_OVER_FORWARD``). Ops ``MOE_OPS``, ``MOE_MODULE_CALLS``."""
+    from ..storage import expert_storage
+
+    moe = model.moe
+    if moe is None or not model.experts:
+        return []
+    dt = quant if isinstance(quant, Dtypes) else Dtypes.protocol(quant)
+    store = expert_storage(dt)
+    compute = dt.autocast or store
+    w = dtype_bytes(store)
+    S = T * moe.top_k
+    npass = fw + FROZEN_BACKWARD_PASSES
+    flops = sum(FLOPS_PER_MAC * S * e.in_features * e.out_features for e in model.experts) * npass
+    active = _min(1.0, S / moe.num_experts)
+    weights = sum(e.numel for e in model.experts) * w * active * npass
+    n = len(moe.layers)
+    elem = (S * moe.expert_intermediate_size * MLP_GATED_BYTES + S * MOE_INDEX_BYTES
+            + S * model.hidden_size * a_stream * MOE_ROW_PASSES + T * moe.num_experts * MOE_ROUTER_BYTES)
+    return [("flops_fp32" if compute == "fp32" else "flops_mm", flops),
+            ("bytes_moved", weights), ("bytes_gemm", weights),
+            ("bytes_moved", n * elem * (fw + BACKWARD_TRAFFIC_OVER_FORWARD)),
+            ("ops", n * (fw * MOE_OPS[0] + MOE_OPS[1])),
+            ("module_calls", n * fw * MOE_MODULE_CALLS)]
+
+
 def sequence_tokens(model: ModelSpec, train: TrainSpec):
     """(tokens processed, real tokens, ``sequences.AttentionSpan``) per step for a padding mode
     other than max-length: the expected batch (``sequences.expected_tokens``; longest processes
@@ -668,6 +723,8 @@ def step_work(model: ModelSpec, lora: LoraSpec, train: TrainSpec) -> StepWork:
             continue
         add(*_with_one_pass(lambda p: layer_host_work(model.arch, n_layers, p, gc, eager), fw))
         add(*_with_one_pass(lambda p: layer_elementwise_work(model, n_layers, T, p, a_stream), fw))
+        if model.moe is not None and n_layers == model.num_layers:
+            add(*_with_one_pass(lambda p: expert_work(model, quant, T, p, a_stream), fw))
         if span is None:
             add(*_with_one_pass(lambda p: attention_work(model, n_layers, T, seq, p, eager), fw))
         else:
