@@ -15,8 +15,11 @@ cuda_context_bytes              NVML used (peak − baseline) − measured peak 
                                 predicted paged optimizer buffers (median; >= 0)
 time_* (loraplan/estimate/      host costs: non-negative least squares on relative error of  step times
 time.py COEFFICIENTS)           the cases the model calls host-bound; GPU efficiencies:
-                                coarse grid in 0.3-0.9 of peak, kept at their prior value
-                                when they do not change the fit (host-bound records)
+                                coarse grid in 0.3-0.9 of peak starting from the sourced
+                                priors of the GPU's generation (data/kernel-efficiency.json),
+                                kept at the prior when they do not change the fit (host-
+                                bound records); below 3 records per coefficient one common
+                                scale (durations × s, efficiencies ÷ s)
 ==============================  ==========================================================  =====================
 
 A coefficient the records cannot determine (no reserved / NVML / step-time data, a per-call
@@ -366,7 +369,7 @@ def fit_time(ms: list[Measurement], base: Calibration) -> dict[str, CoefficientF
 def _fit_time_scale(tmod, names, coef0, works, gpus, meas, n_free) -> dict[str, CoefficientFit]:
     """One factor s for the whole step time: durations × s, efficiencies ÷ s.
 
-    step = max(host, gpu) (or host + gpu) is homogeneous of degree one in the durations and in
+    The step (queue_time over phases, or host + gpu) is homogeneous of degree one in the durations and in
     the inverse efficiencies, so this scales every prediction by s without changing a formula;
     s is the median measured/predicted ratio (robust to one odd record)."""
     import statistics

@@ -194,6 +194,6 @@ def _print_table(d: dict) -> None:
         con.print(f"[yellow]{sk['gpu']}[/] not planned: {sk['reason']}")
     for n in d.get("notes", []):  # what the estimate says about this setup on every GPU
         con.print(f"{'[bold red]' if n.startswith('WARNING') else '[dim]'}note: {escape(n)}[/]")
-    con.print("[dim]times: analytic step-time model fitted on H100 measurements; other GPUs scaled by their "
-              "specs (catalog/calibrations)." + (" Prices: catalog list prices unless --price." if sized else "")
+    con.print("[dim]times: analytic step-time model: GEMM/attention efficiencies sourced per GPU generation, "
+              "host costs fitted on the H100 reference host (--host-speed scales them)." + (" Prices: catalog list prices unless --price." if sized else "")
               + "[/]")

@@ -1,23 +1,44 @@
-"""Step time of one LoRA/QLoRA training step: host (dispatch) time vs GPU time.
+"""Step time of one LoRA/QLoRA training step: GPU time by kernel class, host time by call, and
+the CUDA queue that overlaps them (issue 12; shared/design/memory-physics.md "Step time").
 
-Model (shared/design/memory-physics.md §9 and "Step time"):
+Kernel classes (the vocabulary the trace-side counts of ``trace/counts.py`` compare with):
 
-    gpu_s  = flops_mm / (peak_tflops · eff_mm) + flops_fp32 / (fp32_tflops · eff_fp32)
-             + bytes / (bandwidth · eff_bw) + kernels · gpu_kernel_s
-    host_s = (ops + module_calls) · host_op_s + lora_calls · host_lora_call_s
-             + bnb4_calls · host_bnb4_call_s + int8_calls · host_int8_call_s + host_step_s
-    step_s = max(host_s, gpu_s)            (the host runs ahead of the GPU and they overlap)
-    step_s = host_s + gpu_s                (int8: MatMul8bitLt syncs on every call via argwhere)
+==================  =======================================  ===================================================
+class               StepWork counts                          GPU seconds (``gpu_seconds``)
+==================  =======================================  ===================================================
+gemm (half)         flops_mm − flops_attn, bytes_gemm        max(FLOPs / (peak(mm_dtype) · eff_mm),
+                    (frozen Linears, lm_head, LoRA under               bytes_gemm / (bandwidth · eff_bw))
+                    autocast, MoE experts; in an fp32 run
+                    the fp32 peak and eff_fp32)
+attention           flops_attn (sdpa flash / mem-efficient,  flops_attn / (peak(mm_dtype) · eff_attn)
+                    FA2; eager attention is gemm + memory)
+gemm (fp32)         flops_fp32 (fp32 LoRA without autocast,  flops_fp32 / (fp32 peak · eff_fp32)
+                    fp32 lm_head, T5's wo, Falcon's Linears,
+                    fp32 experts)
+memory              bytes_moved − bytes_gemm (elementwise,   bytes / (bandwidth · eff_bw)
+                    dequantization, casts, loss, optimizer)
+kernel              kernels (≈ ops)                          kernels · time_gpu_kernel_s
+host                ops + module_calls, lora_calls,          Σ count · per-call cost / time_host_speed
+                    bnb4_calls, int8_calls
+==================  =======================================  ===================================================
+
+eff_mm / eff_fp32 / eff_attn are sourced priors per GPU generation (data/kernel-efficiency.json,
+``estimate.efficiency``: MAMF matmul measurements, the FlashAttention-2 paper), overridden only by
+a calibration that sets them; eff_bw is a sourced streaming-bandwidth prior and the host costs are
+fitted on the H100 reference (catalog/calibrations/default.json, benchmarks/fit_time_h100.py, with
+what pinned each). The code holds no hardware numbers; peaks come from the GpuSpec.
+
+Host and GPU overlap (``queue_time``): the step is a sequence of phases, per micro-step its
+first forward pass (``StepWork.forward``) and the rest (backward with any recompute), then the
+optimizer (``StepWork.optimizer``); the host enqueues kernels that the GPU runs in order, so a
+phase where the host leads leaves the GPU idle and a phase where the GPU leads hides the host.
+Syncs make the host wait for the GPU: the Trainer's ``grad_norm.item()`` before the optimizer,
+SFTTrainer's metrics after each forward. The result lies between max(host, gpu) and host + gpu.
+int8 (MatMul8bitLt's argwhere syncs on every call): host + gpu.
 
 Everything that depends only on the model, LoRA and training setup is counted once into a
-:class:`StepWork` (FLOPs, bytes, ops, module calls, bitsandbytes calls); the GPU and the
-calibration enter only in :func:`step_time`, a dot product. So one StepWork serves every GPU.
-
-The coefficients (``time_*``) are read from the Calibration: fitted on the shared H100 step
-times (the only GPU measured) by ``benchmarks/fit_time_h100.py`` and written to
-``catalog/calibrations/default.json``; other GPUs use the same efficiencies as fractions of
-their catalog peaks and the same host costs. The code holds no hardware numbers; peak TFLOPs
-and bandwidth come from the GpuSpec.
+:class:`StepWork`; the GPU and the calibration enter only in :func:`step_time`. So one StepWork
+serves every GPU.
 
 Each term is one function (``frozen_linear_work``, ``lm_head_work``, ``lora_work``,
 ``layer_host_work``, ``layer_elementwise_work``, ``attention_work``, ``loss_work``,
