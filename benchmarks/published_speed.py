@@ -106,12 +106,12 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     data = load(Path(a.data))
     rs = rows(data, set(a.only.split(",")) if a.only else None, a.host_speed)
-    print(f"{'case':30s} {'gpu':14s} {'HF':3s} {'published':>9s} {'predicted':>9s} {'ratio':>6s}  "
+    print(f"{'case':32s} {'gpu':14s} {'HF':3s} {'published':>9s} {'predicted':>9s} {'ratio':>6s}  "
           f"{'host s':>6s} {'gpu s':>6s} {'bound':8s} {'pinned':>7s}")
     for r in rs:
         pinned = ("(pins)" if r.get("pins_host_speed") else
                   f"{r['ratio_pinned']:.2f}" if r["ratio_pinned"] is not None else "-")
-        print(f"{r['id']:30s} {r['gpu']:14s} {'yes' if r['hf_stack'] else 'no':3s} {r['published_s']:9.4f} "
+        print(f"{r['id']:32s} {r['gpu']:14s} {'yes' if r['hf_stack'] else 'no':3s} {r['published_s']:9.4f} "
               f"{r['predicted_s']:9.4f} {r['ratio']:6.2f}  {r['host_s']:6.3f} {r['gpu_s']:6.3f} {r['bound']:8s} {pinned:>7s}")
     print()
     speeds = {r["source"]: r["host_speed"] for r in rs if r["host_speed"] is not None}
