@@ -52,7 +52,7 @@ GRID = {"time_eff_bw": [BANDWIDTH_PRIOR]}
 SCAN = {"time_eff_bw": [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.88]}
 #: fit time_host_step_s (a constant per step) with the others. Leave-one-out with this full host fit
 #: is unstable on ten cases (18.7% with the intercept, 17.3% without: holding out l2-7b-bf16 or
-#: q05-sgd moves the per-op cost); calibrate therefore fits a common scale below 21 records
+#: q05-sgd moves the per-op cost); calibrate therefore fits only the host speed below 21 records
 #: (loraplan/calibrate.py RECORDS_PER_COEFFICIENT) and benchmarks/calibration_holdout.py measures that
 INTERCEPT = True
 #: fixed-point iterations of the host fit (the exposed GPU time depends on the host costs)
