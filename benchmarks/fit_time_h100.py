@@ -145,7 +145,7 @@ def main(argv=None) -> int:
                   "time_gpu_kernel_s fixed; GEMM and attention efficiencies are sourced priors "
                   "(data/kernel-efficiency.json), not fitted",
         "pinned_by": {"time_host_op_s": "every host-bound case (ops and module calls)",
-                      "time_host_lora_call_s": "l2-7b-nf4-r8-qv vs l2-7b-nf4-r8-all (224 vs 64 adapted modules, nearly the same GPU work)",
+                      "time_host_lora_call_s": "l2-7b-nf4-r8-qv vs l2-7b-nf4-r8-all (224 vs 64 adapted modules, nearly the same GPU work); counted per forward-type pass (forward, recompute): the backward of a peft LoRA Linear runs no Python",
                       "time_host_bnb4_call_s": "the nf4 cases (one per-call cost for 4-bit and int8)",
                       "time_host_int8_call_s": "= time_host_bnb4_call_s (l2-7b-int8 alone cannot separate it)",
                       "time_host_step_s": "the intercept over all cases (a constant host time per step; 0 when NNLS drops it)",

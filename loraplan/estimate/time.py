@@ -244,7 +244,7 @@ class StepWork:
     kernels: Any           # float: GPU kernels launched
     ops: Any               # float: dispatched ops (host)
     module_calls: float    # nn.Module __call__ (host)
-    lora_calls: float      # peft LoRA module calls (forward, recompute, backward)
+    lora_calls: float      # peft LoRA Python forward calls (forward, recompute; backward is autograd's C++)
     bnb4_calls: float      # bitsandbytes 4-bit matmul calls (forward, recompute, backward)
     int8_calls: float      # bitsandbytes int8 matmul calls
     mm_dtype: str          # dtype of the frozen matmuls: bf16 | fp16 | fp32
@@ -433,7 +433,11 @@ def lora_work(count: int, T, fin: int, fout: int, r, dropout, npass_f: int, a_st
     intermediates, the fp32 output, its scaled copy and the add; backward about twice that;
     the fp32 adapter weights read once per pass. Host: ``OPS["lora"]`` (no dropout ops when
     p = 0: nn.Identity), 4 module calls per forward (base_layer, lora_A, lora_B, dropout), one
-    peft call per pass. Source: peft/tuners/lora/layer.py::Linear.forward, bnb.py.
+    peft call per forward-type pass (forward, recompute): peft's Python (adapter loop, casts,
+    dropout lookup) runs only in ``Linear.forward``; its backward is the autograd nodes of those
+    ops (C++, counted in ``OPS["lora"][1]``), unlike bitsandbytes' MatMul4Bit, a Python
+    ``autograd.Function`` whose backward runs Python (``bnb4_calls`` count backward).
+    Source: peft/tuners/lora/layer.py::Linear.forward, bnb.py.
     """
     npass = npass_f + FROZEN_BACKWARD_PASSES
     p = r * (fin + fout)
@@ -448,7 +452,7 @@ def lora_work(count: int, T, fin: int, fout: int, r, dropout, npass_f: int, a_st
             ("bytes_moved", count * (2 * dtype_bytes(adapter) * p * npass)),
             ("ops", count * (npass_f * lo_f + lo_b - _where(dropout > 0, 0, 2 * npass_f))),
             ("module_calls", count * (npass_f * 4)),
-            ("lora_calls", count * (npass))]
+            ("lora_calls", count * (npass_f))]
 
 
 def layer_host_work(arch, n_layers: int, fw: int, gc: bool, eager: bool) -> list[tuple[str, Any]]:
