@@ -224,8 +224,15 @@ MODEL_MODULE_CALLS = 4
 #: logits and loss traffic per logit (T·V): fp32 logits: the loss's log_softmax written and
 #: read, nll and their gradients (32 B); bf16 logits add the ``logits.float()`` copy (40 B)
 #: (transformers loss/loss_utils.py::ForCausalLMLoss)
-LOSS_BYTES_FP32_LOGITS = 32
-LOSS_BYTES_HALF_LOGITS = 40
+#: A vocabulary row (>= 32k fp32 logits, 128 KiB+) does not fit a block's shared memory, so torch
+#: runs the global-memory kernels (aten/src/ATen/native/cuda/SoftMax.cu ``cunn_SoftMaxForward``:
+#: a max pass, a sum-of-exp pass and the epilogue pass each read the row, ``cunn_SoftMaxForwardSmem``
+#: being the one that caches it; ``cunn_SoftMaxBackward`` reads the gradient for its sum, then the
+#: gradient and the output): log_softmax forward reads the row 2 more times and its backward the
+#: gradient once more than the counts above, 4 B each: + 12 B per logit
+SOFTMAX_EXTRA_READ_BYTES = 3 * 4
+LOSS_BYTES_FP32_LOGITS = 32 + SOFTMAX_EXTRA_READ_BYTES
+LOSS_BYTES_HALF_LOGITS = 40 + SOFTMAX_EXTRA_READ_BYTES
 #: embedding gather per hidden element: the fp32 index/gradient scatter (4 B) + the output
 EMBEDDING_BYTES = 4
 
