@@ -49,6 +49,10 @@ GPUS = ("h100-sxm-80gb", "a100-sxm-80gb", "t4-16gb")
 _MEMORY_FIELDS = (r"\.(estimate\.(headroom_bytes|memory\.[\w .]+)|sweep_row\.(peak_allocated_bytes|peak_reserved_bytes|"
                   r"device_total_bytes|headroom_bytes|peak_moment))$")
 
+#: the time figures of an estimate and its sweep row, and the time coefficients it echoes
+TIME_FIELDS = (r"\.(estimate\.time\.(step_s|tokens_per_s|bound|components\.\w+)|sweep_row\.(step_s|tokens_per_s|bound)|"
+               r"estimate\.calibration\.coefficients\.time_\w+)$")
+
 #: deliberate changes since equality-before.json.gz: (why, models, quants, field-path regex[,
 #: verdict]); models / quants None: any; a verdict: only setups that now get that fit verdict
 INTENDED = (
@@ -80,6 +84,12 @@ INTENDED = (
                  r"memory\.(peak_reserved_bytes|device_total_bytes|notes(\[\d+\])?|"
                  r"outside_allocator_bytes\.cuda_context_and_libraries))|"
                  r"sweep_row\.(peak_reserved_bytes|device_total_bytes|headroom_bytes|fits))$"),
+    ("issue 12, the step-time model: GEMM / attention efficiencies are sourced priors per GPU generation "
+     "(data/kernel-efficiency.json) priced by a roofline per kernel class, host and GPU combined by the "
+     "CUDA-queue model over forward / backward / optimizer phases (estimate/time.py queue_time), host costs "
+     "refitted on the H100 reference (benchmarks/fit_time_h100.py); time_eff_mm / time_eff_fp32 left "
+     "calibrations/default.json (priors by generation now). Memory figures do not move",
+     None, None, TIME_FIELDS),
 )
 
 

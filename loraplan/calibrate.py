@@ -15,10 +15,13 @@ cuda_context_bytes              NVML used (peak − baseline) − measured peak 
                                 predicted paged optimizer buffers (median; >= 0)
 time_* (loraplan/estimate/      host costs: non-negative least squares on relative error of  step times
 time.py COEFFICIENTS)           the cases the model calls host-bound; GPU efficiencies:
-                                coarse grid in 0.3-0.9 of peak, kept at their prior value
-                                when they do not change the fit (host-bound records); a
-                                record's kernel summary (profile --kernel-summary) measures
-                                the matmul efficiency directly and replaces the grid
+                                coarse grid in 0.3-0.9 of peak starting from the sourced
+                                priors of the GPU's generation (data/kernel-efficiency.json),
+                                kept at the prior when they do not change the fit (host-
+                                bound records); below 3 records per coefficient only
+                                time_host_speed (every host cost ÷ it); a record's kernel
+                                summary (profile --kernel-summary) measures the matmul
+                                efficiency directly and replaces the grid
 ==============================  ==========================================================  =====================
 
 A coefficient the records cannot determine (no reserved / NVML / step-time data, a per-call
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
+import math
 import json
 import statistics
 from dataclasses import dataclass, field
@@ -44,7 +48,9 @@ MIN_RECORDS = 2
 METRICS = ("allocated", "reserved", "device", "step")
 METRIC_LABELS = {"allocated": "peak allocated", "reserved": "peak reserved",
                  "device": "device total (NVML)", "step": "step time"}
-#: GPU efficiency grid (fractions of the catalog peak), as benchmarks/fit_time_h100.py
+#: GPU efficiency grid (fractions of the catalog peak). time_eff_mm / time_eff_fp32 start from the
+#: sourced priors of the GPU's generation (data/kernel-efficiency.json) and move only when the
+#: records improve the fit by EFF_MIN_GAIN (GPU-bound records); time_eff_bw as benchmarks/fit_time_h100.py
 EFF_GRID = {"time_eff_mm": [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9],
             "time_eff_fp32": [0.3, 0.45, 0.6, 0.75, 0.9],
             "time_eff_bw": [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]}
@@ -56,7 +62,7 @@ HOST_TERMS = (
     (("time_host_step_s",), ()),  # constant per step
 )
 #: fit every time coefficient only with at least this many step-time records per coefficient;
-#: with fewer, fit one common scale (the holdout benchmark shows the full fit overfitting 9 records)
+#: with fewer, fit only the host speed (the holdout benchmark shows the full fit overfitting 9 records)
 RECORDS_PER_COEFFICIENT = 3
 #: time coefficients that are durations (scale with s) and efficiencies (scale with 1/s)
 _DURATION_PREFIX = ("time_host_", "time_gpu_kernel_s")
@@ -287,9 +293,13 @@ def fit_time(ms: list[Measurement], base: Calibration) -> dict[str, CoefficientF
     """Host costs by NNLS and GPU efficiencies on a grid (the method of benchmarks/fit_time_h100.py)."""
     from .estimate import time as tmod
 
+    from .estimate.efficiency import efficiencies
+
     names = list(tmod.COEFFICIENTS)
-    coef0 = tmod.coefficients(base)
     timed = [m for m in ms if m.step_s and gpu_for(m) is not None]
+    # the kernel efficiencies start from the GPU generation's sourced priors unless the base sets them
+    coef0 = {**(efficiencies(gpu_for(timed[0])) if timed else {}), **tmod.coefficients(base)}
+    names = [k for k in names if k in coef0]
 
     def keep(why: str, n: int = len(timed)) -> dict[str, CoefficientFit]:
         return {k: CoefficientFit(k, coef0[k], coef0[k], False, n, f"not fitted: {why}") for k in names}
@@ -300,7 +310,7 @@ def fit_time(ms: list[Measurement], base: Calibration) -> dict[str, CoefficientF
     gpus = [gpu_for(m) for m in timed]
     n_free = len(HOST_TERMS) + len(EFF_GRID)
     if len(timed) < RECORDS_PER_COEFFICIENT * n_free:
-        return _fit_time_scale(tmod, names, coef0, works, gpus, [m.step_s for m in timed], n_free)
+        return _fit_host_speed(tmod, names, coef0, works, gpus, [m.step_s for m in timed], n_free)
     host_terms = [(ns, fs) for ns, fs in HOST_TERMS if all(n in coef0 for n in ns)]
     if not all(hasattr(works[0], f) for _, fs in host_terms for f in fs):
         return keep("the time model's StepWork lacks the counts this fit multiplies")
@@ -364,32 +374,35 @@ def fit_time(ms: list[Measurement], base: Calibration) -> dict[str, CoefficientF
     return out
 
 
-def _fit_time_scale(tmod, names, coef0, works, gpus, meas, n_free) -> dict[str, CoefficientFit]:
-    """One factor s for the whole step time: durations × s, efficiencies ÷ s.
+#: host-speed search: factors of the base host speed, exp(k · HOST_SPEED_STEP) for |k| <= HOST_SPEED_STEPS
+#: (0.22x to 4.5x in 2.5% steps)
+HOST_SPEED_STEP = 0.025
+HOST_SPEED_STEPS = 60
 
-    step = max(host, gpu) (or host + gpu) is homogeneous of degree one in the durations and in
-    the inverse efficiencies, so this scales every prediction by s without changing a formula;
-    s is the median measured/predicted ratio (robust to one odd record)."""
-    import statistics
 
-    pred = [tmod.step_time(w, g, coef0).step_s for w, g in zip(works, gpus)]
-    ratios = [y / p for y, p in zip(meas, pred) if p > 0]
-    if not ratios:
-        return {k: CoefficientFit(k, coef0[k], coef0[k], False, len(meas), "not fitted: no prediction")
-                for k in names}
-    s = statistics.median(ratios)
-    why = (f"common scale s={s:.4g} (median measured/predicted over {len(meas)} records; "
-           f"{len(meas)} < {RECORDS_PER_COEFFICIENT}x{n_free} records to fit each coefficient)")
+def _fit_host_speed(tmod, names, coef0, works, gpus, meas, n_free) -> dict[str, CoefficientFit]:
+    """Too few records to fit each coefficient: fit only ``time_host_speed``, the host's speed
+    relative to the base calibration's host (every host cost ÷ it), by the lowest step-time MAPE
+    over a log grid. The GPU efficiencies keep their sourced priors and the per-call cost ratios
+    their base values: a handful of mostly host-bound records pin one number, the host."""
+    base = coef0.get("time_host_speed", 1.0)
+    best = None
+    for k in range(-HOST_SPEED_STEPS, HOST_SPEED_STEPS + 1):
+        hs = base * math.exp(k * HOST_SPEED_STEP)
+        c = dict(coef0, time_host_speed=hs)
+        pred = [tmod.step_time(w, g, c).step_s for w, g in zip(works, gpus)]
+        score = sum(abs(p - y) / y for p, y in zip(pred, meas)) / len(meas)
+        if best is None or score < best[0] - 1e-12:
+            best = (score, hs)
+    why = (f"host speed only: lowest step-time MAPE ({100 * best[0]:.1f}%) over {len(meas)} records; "
+           f"{len(meas)} < {RECORDS_PER_COEFFICIENT}x{n_free} records to fit each coefficient")
     out = {}
     for k in names:
-        if k.startswith(_DURATION_PREFIX):
-            new = coef0[k] * s
-        elif k.startswith("time_eff_"):
-            new = coef0[k] / s
+        if k == "time_host_speed":
+            out[k] = CoefficientFit(k, base, float(f"{best[1]:.4g}"), True, len(meas), why)
         else:
-            out[k] = CoefficientFit(k, coef0[k], coef0[k], False, len(meas), "not fitted: not a duration or efficiency")
-            continue
-        out[k] = CoefficientFit(k, coef0[k], float(f"{new:.4g}"), True, len(meas), why)
+            out[k] = CoefficientFit(k, coef0[k], coef0[k], False, len(meas),
+                                    "not fitted: too few records; the host speed carries the fit")
     return out
 
 

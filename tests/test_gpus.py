@@ -59,9 +59,11 @@ def test_gpu_calibration_only_where_measured(path: Path):
 
 
 def test_default_calibration_holds_every_estimator_coefficient():
-    from loraplan.estimate.time import COEFFICIENTS
+    from loraplan.estimate.time import COEFFICIENTS, EFFICIENCY_COEFFICIENTS
 
     coef = json.loads((HERE / "calibrations" / "default.json").read_text())["coefficients"]
-    names = set(COEFFICIENTS) | {"cublas_handles", "cublas_workspace_bytes_sm90", "cublas_workspace_bytes_pre_sm90",
+    # the kernel efficiencies are sourced priors per GPU generation (data/kernel-efficiency.json)
+    assert not set(EFFICIENCY_COEFFICIENTS) & set(coef)
+    names = set(COEFFICIENTS) - set(EFFICIENCY_COEFFICIENTS) | {"cublas_handles", "cublas_workspace_bytes_sm90", "cublas_workspace_bytes_pre_sm90",
                                  "allocator_overhead_bytes", "reserved_over_allocated_ratio", "cuda_context_bytes"}
     assert names <= set(coef), names - set(coef)

@@ -25,15 +25,18 @@ def test_reference_mape_within_15_percent():
 
 
 def test_default_calibration_has_time_provenance_and_all_coefficients():
-    """The time priors live in calibrations/default.json, fitted on the H100 reference."""
+    """The fitted time coefficients live in calibrations/default.json (fitted on the H100
+    reference); the GEMM / attention efficiencies are sourced priors per generation, not in it."""
+    from loraplan.estimate.time import EFFICIENCY_COEFFICIENTS
+
     cal = load_calibration("h100-sxm-80gb")
     for name in COEFFICIENTS:
-        assert name in cal.coefficients, name
+        assert (name in cal.coefficients) != (name in EFFICIENCY_COEFFICIENTS), name
     prov = cal.provenance["default"]["time"]
     assert len(prov["records"]) == 10 and "residuals" in prov and prov["date"]
-    assert set(prov["coefficients"]) == set(COEFFICIENTS)
-    for k in ("time_eff_mm", "time_eff_fp32", "time_eff_bw"):
-        assert 0.1 <= cal.coefficients[k] <= 1.0
+    assert set(prov["coefficients"]) == set(COEFFICIENTS) - set(EFFICIENCY_COEFFICIENTS)
+    assert set(prov["pinned_by"]) <= set(COEFFICIENTS)
+    assert 0.1 <= cal.coefficients["time_eff_bw"] <= 1.0
 
 
 def _t(gpu="h100-sxm-80gb", **case):
@@ -52,7 +55,7 @@ def test_physics_directions():
     assert _t("t4-16gb", **big).step_s > _t("a100-sxm-80gb", **big).step_s > _t("h100-sxm-80gb", **big).step_s
     assert base.tokens_per_s == pytest.approx(512 / base.step_s)
     c = base.components
-    assert base.step_s == pytest.approx(max(c["host_s"], c["gpu_s"]))
+    assert max(c["host_s"], c["gpu_s"]) <= base.step_s <= c["host_s"] + c["gpu_s"]
 
 
 def test_int8_adds_host_and_gpu():

@@ -157,3 +157,21 @@ def _checked(coefficients: dict, name: str) -> dict:
     if name in calibration_entries():
         _check_builtin(name)
     return dict(coefficients)
+
+
+def with_host_speed(cal: Calibration, host_speed: float | None) -> Calibration:
+    """``cal`` with ``time_host_speed`` set (the host CPU's speed relative to the H100 reference
+    host: host costs are divided by it); ``None`` leaves ``cal`` as it is. A value outside
+    inputs.COEFFICIENT_RANGES is an InputError naming it."""
+    from dataclasses import replace
+
+    from ..errors import InputError
+    from ..inputs import COEFFICIENT_RANGES, is_finite
+
+    if host_speed is None:
+        return cal
+    lo, hi, _ = COEFFICIENT_RANGES["time_host_speed"]
+    if not is_finite(host_speed) or not lo <= host_speed <= hi:
+        raise InputError(f"--host-speed {host_speed!r} is not a speed relative to the reference host; "
+                         f"give a number from {lo:g} to {hi:g} (1.0: the H100 reference host, 2.0: twice as fast)")
+    return replace(cal, coefficients={**cal.coefficients, "time_host_speed": float(host_speed)})

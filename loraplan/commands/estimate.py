@@ -19,6 +19,9 @@ from .options import case_options
                    "meta device and count tensors (needs the [profile] extra, no GPU; seconds).")
 @click.option("--calibration", "calibration_file", type=click.Path(dir_okay=False), default=None,
               help="Calibration file from 'loraplan calibrate' [default: built-in for the GPU]")
+@click.option("--host-speed", type=float, default=None,
+              help="Host CPU speed relative to the H100 reference host (host costs per call are divided by it) "
+                   "[default: 1.0, or the calibration's]")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
 @click.option("--explain", "explain_", is_flag=True, default=False,
               help="Also say what dominates the peak and why, and re-estimate the levers that lower it "
@@ -26,7 +29,7 @@ from .options import case_options
 @click.option("--alloc-conf", "alloc_conf", default="", show_default=False,
               help="PYTORCH_CUDA_ALLOC_CONF of the run, for peak reserved: unset (default) or "
                    "'expandable_segments:True'")
-def estimate_command(method, calibration_file, fmt, explain_, alloc_conf, **opts):
+def estimate_command(method, calibration_file, host_speed, fmt, explain_, alloc_conf, **opts):
     """Predict peak GPU memory (itemised ledger) and step time for one LoRA/QLoRA setup.
 
     \b
@@ -49,7 +52,7 @@ def estimate_command(method, calibration_file, fmt, explain_, alloc_conf, **opts
     rules + the step's; --alloc-conf for expandable segments); device total (NVML 'used') adds
     the CUDA context from published figures (data/cuda-context.json) and paged optimizer state.
     """
-    from ..catalog import load_calibration, load_gpu
+    from ..catalog import load_calibration, load_gpu, with_host_speed
     from ..estimate.api import estimate
 
     with warnings.catch_warnings(record=True) as caught:
@@ -60,7 +63,7 @@ def estimate_command(method, calibration_file, fmt, explain_, alloc_conf, **opts
     if explain_ and fmt == "csv":
         raise InputError("--explain has no CSV form; use --format table or --format json")
     gpu = load_gpu(opts["gpu"]) if opts.get("gpu") is not None else None  # '' is refused, not "no GPU"
-    cal = load_calibration(gpu.id if gpu else None, calibration_file)
+    cal = with_host_speed(load_calibration(gpu.id if gpu else None, calibration_file), host_speed)
     result = estimate(model, lora, train, gpu, cal, alloc_conf=alloc_conf)
     if method == "trace":
         result = _with_trace(result, model, lora, train, gpu, alloc_conf)

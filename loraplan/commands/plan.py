@@ -27,8 +27,12 @@ from .options import case_options
                    "gradient accumulation makes up the rest. Without it --batch is the micro-batch.")
 @click.option("--price", "prices", multiple=True, metavar="GPU_ID=USD",
               help="Override a GPU's on-demand price in US dollars per hour (repeatable)")
+@click.option("--host-speed", type=float, default=None,
+              help="Host CPU speed relative to the H100 reference host (host costs per call are divided by it) "
+                   "[default: 1.0, or the calibration's]")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
-def plan_command(gpu_list, tokens, examples, tokens_per_example, epochs, effective_batch, prices, fmt, **opts):
+def plan_command(gpu_list, tokens, examples, tokens_per_example, epochs, effective_batch, prices, host_speed, fmt,
+                 **opts):
     """Compare GPUs for a whole fine-tuning job: fit, largest micro-batch and sequence, hours, dollars.
 
     \b
@@ -76,9 +80,12 @@ def plan_command(gpu_list, tokens, examples, tokens_per_example, epochs, effecti
     price_map = parse_prices(prices, gpu_ids())
     job = Job(tokens=tokens, examples=examples, tokens_per_example=tokens_per_example, epochs=epochs,
               effective_batch=effective_batch)
+    from ..catalog import load_calibration, with_host_speed
+
+    cals = {g.id: with_host_speed(load_calibration(g.id), host_speed) for g in gpus}
     # --strategy / --num-gpus given fix the configuration; otherwise 1, 2, 4, 8 GPUs of each type
     layouts = search_layouts(train, opts.get("strategy") is not None, opts.get("num_gpus") is not None)
-    result = plan_job(model, lora, train, gpus, job, prices=price_map,
+    result = plan_job(model, lora, train, gpus, job, prices=price_map, calibrations=cals,
                       fixed_batch=effective_batch is None or opts.get("batch") is not None, layouts=layouts)
     data = result.to_dict()
     if fmt == "json":
@@ -213,8 +220,9 @@ def _print_table(d: dict) -> None:
         con.print(f"[yellow]{sk['gpu']}[/] not planned: {sk['reason']}")
     for n in d.get("notes", []):  # what the estimate says about this setup on every GPU
         con.print(f"{'[bold red]' if n.startswith('WARNING') else '[dim]'}note: {escape(n)}[/]")
-    con.print("[dim]times: analytic step-time model fitted on H100 measurements; other GPUs scaled by their "
-              "specs (catalog/calibrations)." + (" Prices: catalog list prices unless --price." if sized else "")
+    con.print("[dim]times: analytic step-time model: GEMM/attention efficiencies sourced per GPU generation, "
+              "host costs fitted on the H100 reference host (--host-speed scales them)."
+              + (" Prices: catalog list prices unless --price." if sized else "")
               + "[/]")
 
 

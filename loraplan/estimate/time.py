@@ -1,23 +1,44 @@
-"""Step time of one LoRA/QLoRA training step: host (dispatch) time vs GPU time.
+"""Step time of one LoRA/QLoRA training step: GPU time by kernel class, host time by call, and
+the CUDA queue that overlaps them (issue 12; shared/design/memory-physics.md "Step time").
 
-Model (shared/design/memory-physics.md §9 and "Step time"):
+Kernel classes (the vocabulary the trace-side counts of ``trace/counts.py`` compare with):
 
-    gpu_s  = flops_mm / (peak_tflops · eff_mm) + flops_fp32 / (fp32_tflops · eff_fp32)
-             + bytes / (bandwidth · eff_bw) + kernels · gpu_kernel_s
-    host_s = (ops + module_calls) · host_op_s + lora_calls · host_lora_call_s
-             + bnb4_calls · host_bnb4_call_s + int8_calls · host_int8_call_s + host_step_s
-    step_s = max(host_s, gpu_s)            (the host runs ahead of the GPU and they overlap)
-    step_s = host_s + gpu_s                (int8: MatMul8bitLt syncs on every call via argwhere)
+==================  =======================================  ===================================================
+class               StepWork counts                          GPU seconds (``gpu_seconds``)
+==================  =======================================  ===================================================
+gemm (half)         flops_mm − flops_attn, bytes_gemm        max(FLOPs / (peak(mm_dtype) · eff_mm),
+                    (frozen Linears, lm_head, LoRA under               bytes_gemm / (bandwidth · eff_bw))
+                    autocast, MoE experts; in an fp32 run
+                    the fp32 peak and eff_fp32)
+attention           flops_attn (sdpa flash / mem-efficient,  flops_attn / (peak(mm_dtype) · eff_attn)
+                    FA2; eager attention is gemm + memory)
+gemm (fp32)         flops_fp32 (fp32 LoRA without autocast,  flops_fp32 / (fp32 peak · eff_fp32)
+                    fp32 lm_head, T5's wo, Falcon's Linears,
+                    fp32 experts)
+memory              bytes_moved − bytes_gemm (elementwise,   bytes / (bandwidth · eff_bw)
+                    dequantization, casts, loss, optimizer)
+kernel              kernels (≈ ops)                          kernels · time_gpu_kernel_s
+host                ops + module_calls, lora_calls,          Σ count · per-call cost / time_host_speed
+                    bnb4_calls, int8_calls
+==================  =======================================  ===================================================
+
+eff_mm / eff_fp32 / eff_attn are sourced priors per GPU generation (data/kernel-efficiency.json,
+``estimate.efficiency``: MAMF matmul measurements, the FlashAttention-2 paper), overridden only by
+a calibration that sets them; eff_bw is a sourced streaming-bandwidth prior and the host costs are
+fitted on the H100 reference (catalog/calibrations/default.json, benchmarks/fit_time_h100.py, with
+what pinned each). The code holds no hardware numbers; peaks come from the GpuSpec.
+
+Host and GPU overlap (``queue_time``): the step is a sequence of phases, per micro-step its
+first forward pass (``StepWork.forward``) and the rest (backward with any recompute), then the
+optimizer (``StepWork.optimizer``); the host enqueues kernels that the GPU runs in order, so a
+phase where the host leads leaves the GPU idle and a phase where the GPU leads hides the host.
+Syncs make the host wait for the GPU: the Trainer's ``grad_norm.item()`` before the optimizer,
+SFTTrainer's metrics after each forward. The result lies between max(host, gpu) and host + gpu.
+int8 (MatMul8bitLt's argwhere syncs on every call): host + gpu.
 
 Everything that depends only on the model, LoRA and training setup is counted once into a
-:class:`StepWork` (FLOPs, bytes, ops, module calls, bitsandbytes calls); the GPU and the
-calibration enter only in :func:`step_time`, a dot product. So one StepWork serves every GPU.
-
-The coefficients (``time_*``) are read from the Calibration: fitted on the shared H100 step
-times (the only GPU measured) by ``benchmarks/fit_time_h100.py`` and written to
-``catalog/calibrations/default.json``; other GPUs use the same efficiencies as fractions of
-their catalog peaks and the same host costs. The code holds no hardware numbers; peak TFLOPs
-and bandwidth come from the GpuSpec.
+:class:`StepWork`; the GPU and the calibration enter only in :func:`step_time`. So one StepWork
+serves every GPU.
 
 Each term is one function (``frozen_linear_work``, ``lm_head_work``, ``lora_work``,
 ``layer_host_work``, ``layer_elementwise_work``, ``attention_work``, ``loss_work``,
@@ -83,7 +104,12 @@ COEFFICIENTS: dict[str, str] = {
     "time_host_bnb4_call_s": "extra host time per bitsandbytes 4-bit matmul call (Python, checks)",
     "time_host_int8_call_s": "extra host time per bitsandbytes int8 matmul call",
     "time_host_step_s": "fixed host time per step (loop, synchronize, optimizer bookkeeping)",
+    "time_host_speed": "host speed relative to the reference host (the H100 reference's CPU): host costs are divided by it",
+    "time_eff_attn": "achieved / dense peak for fused attention (FlashAttention-2 class) forward + backward",
 }
+#: efficiencies with sourced per-generation priors (data/kernel-efficiency.json, estimate.efficiency):
+#: a calibration may set them (fitted on GPU-bound records of its GPU); default.json does not
+EFFICIENCY_COEFFICIENTS = ("time_eff_mm", "time_eff_fp32", "time_eff_attn")
 
 #: ops (dispatched aten ops) per call of each piece, (forward, backward). Read from the
 #: transformers/peft/bitsandbytes Python forward code; backward counts are autograd nodes
@@ -198,8 +224,15 @@ MODEL_MODULE_CALLS = 4
 #: logits and loss traffic per logit (T·V): fp32 logits: the loss's log_softmax written and
 #: read, nll and their gradients (32 B); bf16 logits add the ``logits.float()`` copy (40 B)
 #: (transformers loss/loss_utils.py::ForCausalLMLoss)
-LOSS_BYTES_FP32_LOGITS = 32
-LOSS_BYTES_HALF_LOGITS = 40
+#: A vocabulary row (>= 32k fp32 logits, 128 KiB+) does not fit a block's shared memory, so torch
+#: runs the global-memory kernels (aten/src/ATen/native/cuda/SoftMax.cu ``cunn_SoftMaxForward``:
+#: a max pass, a sum-of-exp pass and the epilogue pass each read the row, ``cunn_SoftMaxForwardSmem``
+#: being the one that caches it; ``cunn_SoftMaxBackward`` reads the gradient for its sum, then the
+#: gradient and the output): log_softmax forward reads the row 2 more times and its backward the
+#: gradient once more than the counts above, 4 B each: + 12 B per logit
+SOFTMAX_EXTRA_READ_BYTES = 3 * 4
+LOSS_BYTES_FP32_LOGITS = 32 + SOFTMAX_EXTRA_READ_BYTES
+LOSS_BYTES_HALF_LOGITS = 40 + SOFTMAX_EXTRA_READ_BYTES
 #: embedding gather per hidden element: the fp32 index/gradient scatter (4 B) + the output
 EMBEDDING_BYTES = 4
 
@@ -218,19 +251,35 @@ class StepWork:
     kernels: Any           # float: GPU kernels launched
     ops: Any               # float: dispatched ops (host)
     module_calls: float    # nn.Module __call__ (host)
-    lora_calls: float      # peft LoRA module calls (forward, recompute, backward)
+    lora_calls: float      # peft LoRA Python forward calls (forward, recompute; backward is autograd's C++)
     bnb4_calls: float      # bitsandbytes 4-bit matmul calls (forward, recompute, backward)
     int8_calls: float      # bitsandbytes int8 matmul calls
     mm_dtype: str          # dtype of the frozen matmuls: bf16 | fp16 | fp32
     syncs: bool            # host waits for the GPU inside the step (int8 argwhere)
+    flops_attn: Any = 0.0  # float: of flops_mm, fused attention kernels (sdpa flash / mem-efficient, FA2)
+    bytes_gemm: Any = 0.0  # float: of bytes_moved, weight bytes the half-precision GEMMs read (roofline)
+    micro_steps: int = 1   # forward + backward passes per optimizer step (gradient accumulation)
+    sync_after_forward: bool = False    # the trainer reads a value after each forward (trl's metrics .item())
+    sync_before_optimizer: bool = False  # the trainer reads the gradient norm (Trainer's grad_norm.item())
+    forward: "StepWork | None" = None    # the counts of the first forward pass of the micro-steps
+    optimizer: "StepWork | None" = None  # the counts of the optimizer step (and the gradient norm)
 
     def features(self) -> dict[str, float]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("mm_dtype", "syncs")}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _NOT_FEATURES}
 
     def take(self, index) -> "StepWork":
         """The work of a subset of an array-valued StepWork (``index``: numpy index or mask)."""
-        return replace(self, **{f.name: getattr(self, f.name)[index] for f in fields(self)
-                                if getattr(getattr(self, f.name), "ndim", 0) > 0})
+        out = {f.name: getattr(self, f.name)[index] for f in fields(self)
+               if getattr(getattr(self, f.name), "ndim", 0) > 0}
+        for part in ("forward", "optimizer"):
+            if getattr(self, part) is not None:
+                out[part] = getattr(self, part).take(index)
+        return replace(self, **out)
+
+
+#: StepWork fields that are not counts
+_NOT_FEATURES = ("mm_dtype", "syncs", "micro_steps", "sync_after_forward", "sync_before_optimizer",
+                 "forward", "optimizer")
 
 
 _GROUP_CACHE: dict = {}
@@ -322,6 +371,7 @@ def frozen_linear_work(storage: str, count: int, T, fin: int, fout: int, npass_f
                ("bytes_moved", count * (npass * w * (four_bit_weight_bytes(double_quant)
                                                      + DEQUANT4_BF16_BYTES * cb / BNB_COMPUTE_BYTES))),
                ("bytes_moved", count * (npass * T * (fin + fout) * (a_stream + cb))),
+               ("bytes_gemm", count * (npass * w * cb)),
                ("bnb4_calls", count * (npass)),
                ("ops", count * (npass_f * OPS["bnb4"][0] + OPS["bnb4"][1]))]
         if double_quant:
@@ -337,6 +387,7 @@ def frozen_linear_work(storage: str, count: int, T, fin: int, fout: int, npass_f
         c = dtype_bytes(autocast)
         return [("flops_mm", count * (FLOPS_PER_MAC * T * w * npass)),
                 ("bytes_moved", count * (npass * w * (dtype_bytes(storage) + 2 * c))),
+                ("bytes_gemm", count * (npass * w * c)),
                 ("ops", count * (npass_f * (OPS["linear"][0] + CAST_OPS) + OPS["linear"][1]))]
     if storage == "fp32" and mm_dtype != "fp32":
         out = [("flops_fp32", count * (FLOPS_PER_MAC * T * w * npass)),
@@ -348,6 +399,7 @@ def frozen_linear_work(storage: str, count: int, T, fin: int, fout: int, npass_f
         return out
     return [("flops_mm", count * (FLOPS_PER_MAC * T * w * npass)),
             ("bytes_moved", count * (npass * w * dtype_bytes(mm_dtype))),
+            ("bytes_gemm", count * (npass * w * dtype_bytes(mm_dtype))),
             ("ops", count * (npass_f * OPS["linear"][0] + OPS["linear"][1]))]
 
 
@@ -364,13 +416,15 @@ def lm_head_work(quant, count: int, T, fin: int, fout: int, a_mm: int) -> list[t
         cast = dt.unquantized != dt.autocast
         return [("flops_mm", count * (2 * FLOPS_PER_MAC * T * w)),
                 ("bytes_moved", count * (2 * c * w + (2 * w * (s_ + c) if cast else 0))),
+                ("bytes_gemm", count * (2 * c * w)),
                 ("ops", count * (sum(OPS["linear"]) + (2 * CAST_OPS if cast else 0)))]
     if lm_head_fp32(dt):
         out = [("flops_fp32", count * (2 * FLOPS_PER_MAC * T * w)),
                ("bytes_moved", count * (2 * dtype_bytes("fp32") * w))]
     else:
         out = [("flops_mm", count * (2 * FLOPS_PER_MAC * T * w)),
-               ("bytes_moved", count * (2 * a_mm * w))]
+               ("bytes_moved", count * (2 * a_mm * w)),
+               ("bytes_gemm", count * (2 * a_mm * w))]
     return out + [("ops", count * (sum(OPS["linear"])))]
 
 
@@ -386,7 +440,11 @@ def lora_work(count: int, T, fin: int, fout: int, r, dropout, npass_f: int, a_st
     intermediates, the fp32 output, its scaled copy and the add; backward about twice that;
     the fp32 adapter weights read once per pass. Host: ``OPS["lora"]`` (no dropout ops when
     p = 0: nn.Identity), 4 module calls per forward (base_layer, lora_A, lora_B, dropout), one
-    peft call per pass. Source: peft/tuners/lora/layer.py::Linear.forward, bnb.py.
+    peft call per forward-type pass (forward, recompute): peft's Python (adapter loop, casts,
+    dropout lookup) runs only in ``Linear.forward``; its backward is the autograd nodes of those
+    ops (C++, counted in ``OPS["lora"][1]``), unlike bitsandbytes' MatMul4Bit, a Python
+    ``autograd.Function`` whose backward runs Python (``bnb4_calls`` count backward).
+    Source: peft/tuners/lora/layer.py::Linear.forward, bnb.py.
     """
     npass = npass_f + FROZEN_BACKWARD_PASSES
     p = r * (fin + fout)
@@ -401,7 +459,7 @@ def lora_work(count: int, T, fin: int, fout: int, r, dropout, npass_f: int, a_st
             ("bytes_moved", count * (2 * dtype_bytes(adapter) * p * npass)),
             ("ops", count * (npass_f * lo_f + lo_b - _where(dropout > 0, 0, 2 * npass_f))),
             ("module_calls", count * (npass_f * 4)),
-            ("lora_calls", count * (npass))]
+            ("lora_calls", count * (npass_f))]
 
 
 def layer_host_work(arch, n_layers: int, fw: int, gc: bool, eager: bool) -> list[tuple[str, Any]]:
@@ -452,7 +510,63 @@ def attention_work(model: ModelSpec, n_layers: int, T, seq, fw: int, eager: bool
         return [("flops_mm", n_layers * fwd * (fw + EAGER_BACKWARD_OVER_FORWARD)),
                 ("bytes_moved", n_layers * (T // seq) * n_h * seq * s_eff * EAGER_SCORE_BYTES
                  * (fw + BACKWARD_TRAFFIC_OVER_FORWARD))]
-    return [("flops_mm", n_layers * fwd * CAUSAL_FRACTION * (fw + FLASH_BACKWARD_OVER_FORWARD))]
+    flops = n_layers * fwd * CAUSAL_FRACTION * (fw + FLASH_BACKWARD_OVER_FORWARD)
+    return [("flops_mm", flops), ("flops_attn", flops)]
+
+
+#: a sparse-MoE block's dispatched ops per layer (forward, backward), read from transformers 5.24
+#: integrations/moe.py::grouped_mm_experts_forward and the routers (MixtralTopKRouter,
+#: Qwen*TopKRouter): router linear, softmax, topk, the top-k renormalisation (sum, div) and cast;
+#: reshape x2, sort, floor-divide, two index gathers, histc, cumsum, two grouped_mm, chunk, act,
+#: mul, the routing-weight mul, inverse-permutation index, view and sum: 24 forward; backward:
+#: the two grouped_mm input gradients, the act/mul gradients, two index backward (zeros +
+#: index_put), the gather scatter, the router's softmax/linear input gradient: 14
+MOE_OPS = (24, 14)
+#: module calls per MoE layer forward: the block, its router (gate) and its experts module
+MOE_MODULE_CALLS = 3
+#: router traffic per token per expert: the fp32 logits written and read by softmax, its output
+#: written and read by topk (4 B each way)
+MOE_ROUTER_BYTES = 4 * 4
+#: dispatch traffic per token-expert pair: the int64 permutation, the gathered row's index and
+#: the inverse permutation (8 B each), plus the gathered input and the weighted output rows
+#: (h elements each, written and read: 4 stream-dtype passes)
+MOE_INDEX_BYTES = 3 * 8
+MOE_ROW_PASSES = 4
+
+
+def expert_work(model: ModelSpec, quant, T, fw: int, a_stream: int) -> list[tuple[str, Any]]:
+    """The fused experts of sparse-MoE layers (``model.experts``, ``model.moe``): S = T·k token-
+    expert pairs per layer run two grouped GEMMs (transformers 5.24 integrations/moe.py::
+    grouped_mm_experts_forward): 2·S·in·out FLOPs per expert parameter per pass, passes = forward
+    (+ recompute) + the input gradient (frozen experts, no weight gradient), at the rate of the
+    experts' storage dtype (``storage.expert_storage``: bf16, or fp32 under a bitsandbytes base
+    upcast by prepare_model_for_kbit_training; the autocast dtype under autocast); the kernel reads
+    the weights of the experts it serves (all E once T·k >= E): min(1, S/E)·numel bytes per pass.
+    Elementwise: the gated activation over S·I_e (``MLP_GATED_BYTES``), the dispatch indices and
+    rows (``MOE_INDEX_BYTES``, ``MOE_ROW_PASSES``), the router's T·E softmax (``MOE_ROUTER_BYTES``),
+    × (forward passes + ``BACKWARD_TRAFFIC_OVER_FORWARD``). Ops ``MOE_OPS``, ``MOE_MODULE_CALLS``."""
+    from ..storage import expert_storage
+
+    moe = model.moe
+    if moe is None or not model.experts:
+        return []
+    dt = quant if isinstance(quant, Dtypes) else Dtypes.protocol(quant)
+    store = expert_storage(dt)
+    compute = dt.autocast or store
+    w = dtype_bytes(store)
+    S = T * moe.top_k
+    npass = fw + FROZEN_BACKWARD_PASSES
+    flops = sum(FLOPS_PER_MAC * S * e.in_features * e.out_features for e in model.experts) * npass
+    active = _min(1.0, S / moe.num_experts)
+    weights = sum(e.numel for e in model.experts) * w * active * npass
+    n = len(moe.layers)
+    elem = (S * moe.expert_intermediate_size * MLP_GATED_BYTES + S * MOE_INDEX_BYTES
+            + S * model.hidden_size * a_stream * MOE_ROW_PASSES + T * moe.num_experts * MOE_ROUTER_BYTES)
+    return [("flops_fp32" if compute == "fp32" else "flops_mm", flops),
+            ("bytes_moved", weights), ("bytes_gemm", weights),
+            ("bytes_moved", n * elem * (fw + BACKWARD_TRAFFIC_OVER_FORWARD)),
+            ("ops", n * (fw * MOE_OPS[0] + MOE_OPS[1])),
+            ("module_calls", n * fw * MOE_MODULE_CALLS)]
 
 
 def sequence_tokens(model: ModelSpec, train: TrainSpec):
@@ -481,7 +595,8 @@ def sequence_attention_work(model: ModelSpec, n_layers: int, span, fw: int, eage
         return [("flops_mm", n_layers * fwd * (fw + EAGER_BACKWARD_OVER_FORWARD)),
                 ("bytes_moved", n_layers * n_h * span.pairs * EAGER_SCORE_BYTES * (fw + BACKWARD_TRAFFIC_OVER_FORWARD))]
     frac = CAUSAL_FRACTION if span.causal else 1.0
-    return [("flops_mm", n_layers * fwd * frac * (fw + FLASH_BACKWARD_OVER_FORWARD))]
+    flops = n_layers * fwd * frac * (fw + FLASH_BACKWARD_OVER_FORWARD)
+    return [("flops_mm", flops), ("flops_attn", flops)]
 
 
 def loss_work(model: ModelSpec, quant, T) -> list[tuple[str, Any]]:
@@ -555,7 +670,7 @@ def optimizer_work(optimizer: str, n_lora_tensors, trainable) -> list[tuple[str,
 
 #: the StepWork counts a micro-step repeats (all but the optimizer's)
 MICRO_STEP_COUNTS = ("flops_mm", "flops_fp32", "bytes_moved", "ops", "module_calls", "bnb4_calls", "int8_calls",
-                     "lora_calls")
+                     "lora_calls", "flops_attn", "bytes_gemm")
 #: clip_grad_norm_ ops per step: _foreach_norm, stack, vector_norm, add eps, div, clamp, _foreach_mul_
 GRAD_NORM_OPS = 7
 #: bytes read + written per fp32 gradient element: the norm reads it (4), _foreach_mul_ reads and writes it (8)
@@ -599,25 +714,35 @@ def step_work(model: ModelSpec, lora: LoraSpec, train: TrainSpec) -> StepWork:
     fw = _passes(gc)  # decoder forward passes
 
     fused_head = step_recipe(train).loss == "chunked"  # trl's fused chunked LM head
-    acc = {"flops_mm": 0.0, "flops_fp32": 0.0, "bytes_moved": 0.0, "ops": 0.0, "module_calls": 0.0,
-           "bnb4_calls": 0.0, "int8_calls": 0.0, "lora_calls": 0.0, "n_lora_tensors": 0, "trainable": 0}
+    acc = dict.fromkeys(_COUNTS, 0.0)
+    acc.update(n_lora_tensors=0, trainable=0)
+    fwd = dict.fromkeys(_COUNTS, 0.0)  # the first forward pass (forward phase of a micro-step)
+    opt = dict.fromkeys(_COUNTS, 0.0)  # the optimizer phase
 
-    def add(increments):
+    def add(increments, forward=None, into=acc):
+        """Add a term's increments; ``forward``: the part of them the forward phase does (a list
+        of increments, or a fraction of these)."""
         for name, amount in increments:
-            acc[name] += amount
+            into[name] += amount
+        if forward is None:
+            return
+        for name, amount in (forward if isinstance(forward, list) else increments):
+            if name in fwd:
+                fwd[name] += amount if isinstance(forward, list) else amount * forward
 
     for (stack, head, fin, fout, is_adapted, storage), count in _linear_groups(model, lora.targets, quant).items():
         T = T_enc if stack == "encoder" else T_dec
         npass_f = 1 if head else fw          # forward-type passes (forward + recompute)
-        add([("module_calls", count * (npass_f))])
+        add([("module_calls", count * (npass_f))], [("module_calls", count)])
         if head:
             if not fused_head:  # the fused head never calls lm_head: fused_head_work below
-                add(lm_head_work(quant, count, T, fin, fout, a_mm))
+                add(lm_head_work(quant, count, T, fin, fout, a_mm), HEAD_FORWARD_SHARE)
         else:
-            add(frozen_linear_work(storage, count, T, fin, fout, npass_f, a_stream, mm_dtype, train.double_quant,
-                                   dt.autocast, dt.compute))
+            add(*_with_one_pass(lambda p: frozen_linear_work(storage, count, T, fin, fout, p, a_stream, mm_dtype,
+                                                             train.double_quant, dt.autocast, dt.compute), npass_f))
         if is_adapted:
-            add(lora_work(count, T, fin, fout, lora.rank, lora.dropout, npass_f, a_stream, dt.adapter, dt.autocast))
+            add(*_with_one_pass(lambda p: lora_work(count, T, fin, fout, lora.rank, lora.dropout, p, a_stream,
+                                                    dt.adapter, dt.autocast), npass_f))
 
     # decoder (and encoder) layers: norms, attention, MLP elementwise, residuals
     stacks = [(model.num_layers, T_dec, s_dec)]
@@ -628,65 +753,177 @@ def step_work(model: ModelSpec, lora: LoraSpec, train: TrainSpec) -> StepWork:
     for n_layers, T, seq in stacks:
         if n_layers == 0:
             continue
-        add(layer_host_work(model.arch, n_layers, fw, gc, eager))
-        add(layer_elementwise_work(model, n_layers, T, fw, a_stream))
+        add(*_with_one_pass(lambda p: layer_host_work(model.arch, n_layers, p, gc, eager), fw))
+        add(*_with_one_pass(lambda p: layer_elementwise_work(model, n_layers, T, p, a_stream), fw))
+        if model.moe is not None and n_layers == model.num_layers:
+            add(*_with_one_pass(lambda p: expert_work(model, quant, T, p, a_stream), fw))
         if span is None:
-            add(attention_work(model, n_layers, T, seq, fw, eager))
+            add(*_with_one_pass(lambda p: attention_work(model, n_layers, T, seq, p, eager), fw))
         else:
-            add(sequence_attention_work(model, n_layers, span, fw, eager))
+            add(*_with_one_pass(lambda p: sequence_attention_work(model, n_layers, span, p, eager), fw))
 
-    add(fused_head_work(model, quant, T_dec, b) if fused_head else loss_work(model, quant, T_dec))
-    add(embedding_work(model, T_dec, a_stream))
+    add(fused_head_work(model, quant, T_dec, b) if fused_head else loss_work(model, quant, T_dec), HEAD_FORWARD_SHARE)
+    add(embedding_work(model, T_dec, a_stream), HEAD_FORWARD_SHARE)
     # accumulation (steps.py): k micro-steps of forward + backward per optimizer step
     rc = step_recipe(train)
     for name in MICRO_STEP_COUNTS:
         acc[name] = acc[name] * rc.accumulation
-    add(optimizer_work(train.optimizer, acc["n_lora_tensors"], acc["trainable"]))
-    add(grad_norm_work(rc, acc["trainable"]))
+        fwd[name] = fwd[name] * rc.accumulation
+    for part in (optimizer_work(train.optimizer, acc["n_lora_tensors"], acc["trainable"]),
+                 grad_norm_work(rc, acc["trainable"])):
+        add(part)
+        add(part, into=opt)
 
-    return StepWork(
-        tokens=tokens * rc.accumulation, flops_mm=acc["flops_mm"], flops_fp32=acc["flops_fp32"], bytes_moved=acc["bytes_moved"],
-        kernels=kernel_count(acc["ops"]), ops=acc["ops"], module_calls=acc["module_calls"],
-        lora_calls=acc["lora_calls"], bnb4_calls=acc["bnb4_calls"], int8_calls=acc["int8_calls"],
-        mm_dtype=mm_dtype, syncs=acc["int8_calls"] > 0,
-    )
+    trainer = getattr(train, "trainer", None) or "loop"
+
+    def work(c: dict, **extra) -> StepWork:
+        return StepWork(
+            tokens=tokens * rc.accumulation, flops_mm=c["flops_mm"], flops_fp32=c["flops_fp32"],
+            bytes_moved=c["bytes_moved"], kernels=kernel_count(c["ops"]), ops=c["ops"],
+            module_calls=c["module_calls"], lora_calls=c["lora_calls"], bnb4_calls=c["bnb4_calls"],
+            int8_calls=c["int8_calls"], mm_dtype=mm_dtype, syncs=acc["int8_calls"] > 0,
+            flops_attn=c["flops_attn"], bytes_gemm=c["bytes_gemm"], micro_steps=rc.accumulation, **extra)
+
+    return work(acc, forward=work(fwd), optimizer=work(opt),
+                sync_after_forward=trainer == "trl",
+                sync_before_optimizer=trainer in SYNCING_TRAINERS and bool(rc.computes_grad_norm))
+
+
+#: the counts a StepWork carries (and its forward / optimizer parts)
+_COUNTS = ("flops_mm", "flops_fp32", "flops_attn", "bytes_moved", "bytes_gemm", "ops", "module_calls",
+           "bnb4_calls", "int8_calls", "lora_calls")
+#: lm_head, the loss and the embedding: the forward phase's share of their work. lm_head runs one
+#: GEMM forward and one (the input gradient) backward; the loss and the gather are about as heavy
+#: forward (log_softmax, gather) as backward (their gradients); trl's fused head computes one of
+#: its three GEMMs in forward (counted with the same 1/2: a bound, see fused_head_work)
+HEAD_FORWARD_SHARE = 0.5
+#: trainers that read the gradient norm on the host each optimizer step (transformers
+#: trainer.py::_inner_training_loop: ``grad_norm = _grad_norm.item()`` after clip_grad_norm_); trl's
+#: SFTTrainer inherits it and also reads its metrics after each forward (``.item()`` of the
+#: entropy / accuracy quotients in compute_loss)
+SYNCING_TRAINERS = ("hf", "trl")
+
+
+def _with_one_pass(term, npass_f):
+    """(increments of ``term`` at ``npass_f`` forward-type passes, increments of one forward pass).
+
+    Every per-pass term is linear in its pass count (forward + recompute passes, plus a backward
+    part that does not depend on it), so one forward pass is term(1) - term(0)."""
+    one, zero = {}, {}
+    for name, amount in term(1):
+        one[name] = one.get(name, 0) + amount
+    for name, amount in term(0):
+        zero[name] = zero.get(name, 0) + amount
+    return term(npass_f), [(name, amount - zero.get(name, 0)) for name, amount in one.items()]
 
 
 def _peak_mm_tflops(gpu: GpuSpec, dtype: str) -> float:
+    """Dense peak of a matmul in ``dtype``. A GPU without bf16 tensor cores (sm70 V100, sm75 T4:
+    the catalog gives ``bf16_tflops`` = its fp32 rate) runs bf16 matmuls at that rate: torch
+    emulates them; a run on it should use fp16 (``trainers.gpu_refusal`` says so)."""
     return {"bf16": gpu.bf16_tflops, "fp16": gpu.fp16_tflops, "fp32": gpu.fp32_tflops}[dtype]
 
 
 def coefficients(calibration: Calibration | None) -> dict[str, float]:
     """The time coefficients in effect: the calibration's, or the built-in priors
-    (calibrations/default.json) when none is given."""
+    (calibrations/default.json) when none is given. The kernel efficiencies
+    (``EFFICIENCY_COEFFICIENTS``) are included only where the calibration sets them; otherwise
+    ``step_time`` takes the GPU generation's sourced priors (``estimate.efficiency``)."""
     cal = calibration if calibration is not None else default_calibration()
-    return {k: coefficient(cal, k) for k in COEFFICIENTS}
+    out = {k: coefficient(cal, k) for k in COEFFICIENTS if k not in EFFICIENCY_COEFFICIENTS}
+    out.update({k: float(cal.coefficients[k]) for k in EFFICIENCY_COEFFICIENTS if k in cal.coefficients})
+    return out
+
+
+def gpu_seconds(work: StepWork, gpu: GpuSpec, coef: Mapping[str, float]) -> dict[str, Any]:
+    """GPU time of ``work`` by kernel class (a roofline per class):
+
+    - half-precision GEMMs: max(FLOPs / (peak · time_eff_mm), weight bytes / (bandwidth ·
+      time_eff_bw)) (``flops_mm`` less attention; the matmul dtype's peak; in an fp32 run the
+      fp32 peak and time_eff_fp32);
+    - fused attention: ``flops_attn`` / (peak · time_eff_attn);
+    - fp32 GEMMs: ``flops_fp32`` / (fp32 peak · time_eff_fp32);
+    - the rest of the traffic (elementwise, dequantization, casts, loss, optimizer):
+      (bytes_moved − bytes_gemm) / (bandwidth · time_eff_bw);
+    - kernels × time_gpu_kernel_s (launch gap and tail of each kernel).
+    Efficiencies: the calibration's when it sets them, else the generation's priors."""
+    from .efficiency import efficiencies
+
+    eff = efficiencies(gpu)
+    eff.update({k: coef[k] for k in EFFICIENCY_COEFFICIENTS if k in coef})
+    bw = gpu.bandwidth_gb_s * 1e9 * coef["time_eff_bw"]
+    fp32 = work.mm_dtype == "fp32"
+    mm_rate = _peak_mm_tflops(gpu, work.mm_dtype) * 1e12 * eff["time_eff_fp32" if fp32 else "time_eff_mm"]
+    gemm_s = _max((work.flops_mm - work.flops_attn) / mm_rate, work.bytes_gemm / bw)
+    attn_s = work.flops_attn / (_peak_mm_tflops(gpu, work.mm_dtype) * 1e12 * eff["time_eff_attn"])
+    fp32_s = work.flops_fp32 / (gpu.fp32_tflops * 1e12 * eff["time_eff_fp32"])
+    memory_s = (work.bytes_moved - work.bytes_gemm) / bw
+    kernel_s = work.kernels * coef["time_gpu_kernel_s"]
+    return {"gpu_gemm_s": gemm_s, "gpu_attention_s": attn_s, "gpu_fp32_s": fp32_s, "gpu_memory_s": memory_s,
+            "gpu_kernel_s": kernel_s, "gpu_s": gemm_s + attn_s + fp32_s + memory_s + kernel_s}
+
+
+def host_seconds(work: StepWork, coef: Mapping[str, float]) -> dict[str, Any]:
+    """Host time of ``work``: dispatched ops and module calls × time_host_op_s, peft LoRA calls,
+    bitsandbytes calls × their per-call costs, all ÷ time_host_speed (1.0: the reference host)."""
+    speed = coef.get("time_host_speed", 1.0)
+    ops_s = (work.ops + work.module_calls) * coef["time_host_op_s"] / speed
+    lora_s = work.lora_calls * coef["time_host_lora_call_s"] / speed
+    bnb_s = (work.bnb4_calls * coef["time_host_bnb4_call_s"] + work.int8_calls * coef["time_host_int8_call_s"]) / speed
+    return {"host_ops_s": ops_s, "host_lora_s": lora_s, "host_bnb_s": bnb_s, "host_s": ops_s + lora_s + bnb_s}
+
+
+def queue_time(phases) -> Any:
+    """Wall time of phases run through one CUDA stream: ``phases`` is a list of (host_s, gpu_s,
+    sync_after). The host enqueues kernels asynchronously and the GPU runs them in order
+    (torch docs, "CUDA semantics: asynchronous execution"); within a phase both sides progress
+    evenly. The GPU finishes phase j at F_j = max(max(F_{j-1}, H_{j-1}) + g_j, H_j), with H the
+    host's cumulative time; a sync (``.item()``) makes the host wait: H_j = max(H_j, F_j). The step
+    ends when both are done: max(F_n, H_n). So the step is at least max(Σh, Σg) and at most
+    Σh + Σg, and a phase where the host leads cannot hide a later phase's GPU work."""
+    F = H = 0.0
+    for h, g, sync in phases:
+        F = _max(_max(F, H) + g, H + h)
+        H = H + h
+        if sync:
+            H = _max(H, F)
+    return _max(F, H)
 
 
 def step_time(work: StepWork, gpu: GpuSpec, coef: Mapping[str, float]) -> TimeEstimate:
     """Seconds per step on ``gpu`` for counted ``work``; components itemise the terms.
 
+    Phases: per micro-step its first forward pass (``work.forward``) and the rest (backward with
+    any recompute), then the optimizer step (``work.optimizer``, plus ``time_host_step_s``),
+    combined by ``queue_time`` with the trainer's syncs (``sync_after_forward``,
+    ``sync_before_optimizer``). int8 (MatMul8bitLt's argwhere syncs on every call): host + GPU.
     An array-valued ``work`` gives array-valued seconds, tokens/s and ``bound`` (strings)."""
-    compute_s = (work.flops_mm / (_peak_mm_tflops(gpu, work.mm_dtype) * 1e12 * coef["time_eff_mm"])
-                 + work.flops_fp32 / (gpu.fp32_tflops * 1e12 * coef["time_eff_fp32"]))
-    memory_s = work.bytes_moved / (gpu.bandwidth_gb_s * 1e9 * coef["time_eff_bw"])
-    kernel_s = work.kernels * coef["time_gpu_kernel_s"]
-    gpu_s = compute_s + memory_s + kernel_s
-    host_ops_s = (work.ops + work.module_calls) * coef["time_host_op_s"]
-    host_lora_s = work.lora_calls * coef["time_host_lora_call_s"]
-    host_bnb_s = work.bnb4_calls * coef["time_host_bnb4_call_s"] + work.int8_calls * coef["time_host_int8_call_s"]
-    host_s = host_ops_s + host_lora_s + host_bnb_s + coef["time_host_step_s"]
+    g_all, h_all = gpu_seconds(work, gpu, coef), host_seconds(work, coef)
+    gpu_s, host_s = g_all["gpu_s"], h_all["host_s"] + coef["time_host_step_s"]
     if work.syncs:
         step = host_s + gpu_s
         bound = "host+gpu (int8 syncs)"
-    else:
+    elif work.forward is None or work.optimizer is None:
         step = _max(host_s, gpu_s)
-        bound = _where(host_s >= gpu_s, "host", _where(compute_s >= memory_s + kernel_s, "compute", "memory"))
-    comps = {
-        "gpu_compute_s": compute_s, "gpu_memory_s": memory_s, "gpu_kernel_s": kernel_s, "gpu_s": gpu_s,
-        "host_ops_s": host_ops_s, "host_lora_s": host_lora_s, "host_bnb_s": host_bnb_s, "host_step_s": coef["time_host_step_s"],
-        "host_s": host_s,
-    }
+        bound = _where(host_s >= gpu_s, "host", "gpu")
+    else:
+        k = work.micro_steps
+        g_f, h_f = gpu_seconds(work.forward, gpu, coef)["gpu_s"], host_seconds(work.forward, coef)["host_s"]
+        g_o, h_o = gpu_seconds(work.optimizer, gpu, coef)["gpu_s"], host_seconds(work.optimizer, coef)["host_s"]
+        g_b, h_b = gpu_s - g_f - g_o, h_all["host_s"] - h_f - h_o
+        phases = []
+        for i in range(k):
+            phases.append((h_f / k, g_f / k, work.sync_after_forward))
+            phases.append((h_b / k, g_b / k, work.sync_before_optimizer and i == k - 1))
+        phases.append((h_o + coef["time_host_step_s"], g_o, False))
+        # >= max(host, gpu) in exact arithmetic; the max removes the rounding of the backward
+        # phase's subtraction (total - forward - optimizer)
+        step = _max(queue_time(phases), _max(host_s, gpu_s))
+        compute_s = g_all["gpu_gemm_s"] + g_all["gpu_attention_s"] + g_all["gpu_fp32_s"]
+        bound = _where(host_s >= gpu_s, "host", _where(compute_s >= g_all["gpu_memory_s"] + g_all["gpu_kernel_s"],
+                                                       "compute", "memory"))
+    comps = {**g_all, **h_all, "host_step_s": coef["time_host_step_s"], "host_s": host_s,
+             "overlap_lost_s": step - _max(host_s, gpu_s)}
     if _is_scalar(step):
         tokens_per_s = work.tokens / step if step > 0 else 0.0
     else:
