@@ -28,12 +28,13 @@ from typing import Any, Callable
 Emit = Callable[[dict], None]
 
 #: phases in the order a burst reaches them
-PHASES = ("start", "build", "load", "prepare", "lora", "optimizer", "first_forward", "first_backward",
+PHASES = ("start", "build", "load", "prepare", "lora", "wrap", "optimizer", "first_forward", "first_backward",
           "first_optimizer_step", "steps", "done")
-#: phases with their own memory peaks in a record
-MEMORY_PHASES = ("load", "prepare", "lora", "first_forward", "first_backward", "first_optimizer_step")
+#: phases with their own memory peaks in a record ("wrap": a rank of a multi-GPU burst only, where
+#: ``loraplan.profile.distributed.wrap_model`` hands the model to DDP / FSDP)
+MEMORY_PHASES = ("load", "prepare", "lora", "wrap", "first_forward", "first_backward", "first_optimizer_step")
 WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "model*.bin")
-#: test hook: "<oom|error|memory|sleep>@<phase>" makes the burst fail (or hang) when it enters <phase>
+#: test hook: "<oom|error|memory|sleep|exit>@<phase>" makes the burst fail (or hang, or die) when it enters <phase>
 FAULT_ENV = "LORAPLAN_PROFILE_FAULT"
 
 
@@ -193,8 +194,9 @@ def _versions() -> dict[str, str | None]:
     return out
 
 
-def environment(device: str) -> dict[str, Any]:
-    """GPU name, driver, CUDA and library versions (or the CPU's description)."""
+def environment(device: str, index: int = 0) -> dict[str, Any]:
+    """GPU name, driver, CUDA and library versions (or the CPU's description); ``index``: the
+    CUDA device this process uses (a rank's local rank)."""
     import platform
 
     import torch
@@ -202,7 +204,7 @@ def environment(device: str) -> dict[str, Any]:
     env: dict[str, Any] = {"device": device, "python": platform.python_version(), "platform": platform.platform(),
                            "versions": _versions(), "cuda": torch.version.cuda}
     if device == "cuda":
-        props = torch.cuda.get_device_properties(0)
+        props = torch.cuda.get_device_properties(index)
         env.update(gpu_name=props.name, gpu_total_bytes=int(props.total_memory),
                    compute_capability=f"{props.major}.{props.minor}",
                    gpu_uuid=str(getattr(props, "uuid", "") or "") or None,
@@ -246,6 +248,8 @@ def _fault(phase: str) -> None:
         raise torch.OutOfMemoryError(f"simulated out of memory in phase {phase} ({FAULT_ENV})")
     if kind == "memory":
         raise MemoryError(f"simulated MemoryError in phase {phase} ({FAULT_ENV})")
+    if kind == "exit":  # a hard crash: no result, no traceback
+        os._exit(9)
     if kind == "sleep":
         time.sleep(3600)
     raise RuntimeError(f"simulated error in phase {phase} ({FAULT_ENV})")
@@ -316,7 +320,10 @@ def run_burst(spec: dict, emit: Emit | None = None) -> dict[str, Any]:
     """Run one case; returns the measured part of its record (status, phase, memory, time, ...).
 
     ``spec``: {"model": {"name", "config", "path"?}, "lora": {rank, alpha, dropout, targets},
-    "train": TrainSpec fields, "device": "cuda"|"cpu", "steps", "warmup", "cache_dir"?, "nvml"?}.
+    "train": TrainSpec fields, "device": "cuda"|"cpu", "steps", "warmup", "cache_dir"?, "nvml"?,
+    "distributed"?}. ``distributed`` (a rank of a multi-GPU burst, ``loraplan.profile.distributed``):
+    {"rank", "local_rank", "world_size", "strategy", ...}; the process group is already up, the
+    rank uses CUDA device ``local_rank``, and the model is wrapped by the engine after LoRA.
     """
     emit = emit or (lambda ev: None)
     device = spec.get("device", "cuda")
@@ -327,6 +334,8 @@ def run_burst(spec: dict, emit: Emit | None = None) -> dict[str, Any]:
                            "time": {}, "params": None, "env": None, "protocol": {}}
     mem = res["memory"]
     state = {"phase": "start"}
+    dist = spec.get("distributed")
+    cuda_index = int(dist["local_rank"]) if dist else 0  # the rank's own GPU (every GPU stays visible)
 
     def phase(name: str) -> None:
         state["phase"] = res["phase"] = name
@@ -349,8 +358,9 @@ def run_burst(spec: dict, emit: Emit | None = None) -> dict[str, Any]:
             try:
                 from .probes import NvmlSampler
 
-                first = (os.environ.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0].strip()
-                nvml = NvmlSampler(index=int(first) if first.isdigit() else 0,  # torch's device 0
+                visible = [v.strip() for v in (os.environ.get("CUDA_VISIBLE_DEVICES") or "").split(",") if v.strip()]
+                first = visible[cuda_index] if cuda_index < len(visible) else str(cuda_index)
+                nvml = NvmlSampler(index=int(first) if first.isdigit() else cuda_index,  # torch's device cuda_index
                                    uuid=first if first.startswith(("GPU-", "MIG-")) else None,
                                    ).start()  # baseline: before CUDA and the model
             except Exception as e:  # noqa: BLE001
@@ -364,7 +374,10 @@ def run_burst(spec: dict, emit: Emit | None = None) -> dict[str, Any]:
             if not torch.cuda.is_available():
                 raise RuntimeError("CUDA is not available to torch in the worker; use --device cpu")
             torch.cuda.init()
-        res["env"] = environment(device)
+            torch.cuda.set_device(cuda_index)
+        res["env"] = environment(device, cuda_index)
+        if dist:
+            res["env"]["rank"], res["env"]["world_size"] = int(dist["rank"]), int(dist["world_size"])
 
         # ---- model files --------------------------------------------------------------
         if has_weights(mspec.get("path")):
@@ -397,7 +410,7 @@ def run_burst(spec: dict, emit: Emit | None = None) -> dict[str, Any]:
         if device == "cuda":
             from .probes import CudaProbe
 
-            probe = CudaProbe(0, nvml)
+            probe = CudaProbe(cuda_index, nvml)
         else:
             from .probes import CpuProbe
 
@@ -411,7 +424,7 @@ def run_burst(spec: dict, emit: Emit | None = None) -> dict[str, Any]:
         hf_config = transformers.AutoConfig.from_pretrained(path)
         enc_dec = bool(getattr(hf_config, "is_encoder_decoder", False))
         cls = _model_class(enc_dec)
-        kw: dict[str, Any] = dict(dtype=_load_dtype(quant, r.load_dtype), device_map={"": 0 if device == "cuda" else "cpu"})
+        kw: dict[str, Any] = dict(dtype=_load_dtype(quant, r.load_dtype), device_map={"": cuda_index if device == "cuda" else "cpu"})
         qc = _quant_config(quant, train.get("double_quant"), r.compute_dtype)
         if qc is not None:
             kw["quantization_config"] = qc
@@ -504,12 +517,23 @@ def run_burst(spec: dict, emit: Emit | None = None) -> dict[str, Any]:
             stack.enter_context(sdpa_kernel([backend]))
         marks = st.StepMarks(phase, probe, record_mem, mem, emit)
 
+        if dist:  # a rank of a multi-GPU burst: the engine takes the model (DDP / FSDP), then the optimizer
+            from .distributed import wrap_model
+
+            if kind != "loop":
+                raise RuntimeError(f"--trainer {kind} with --strategy {dist['strategy']}: a burst wraps the plain "
+                                   f"loop's model only; use --trainer loop")
+            phase("wrap")
+            probe.begin("wrap")
+            model, res["protocol"]["engine"] = wrap_model(model, dist, r, device, cuda_index)
+            record_mem("wrap", probe.end("wrap"))
+
         # ---- steps (protocol 6-7) -----------------------------------------------------
         if kind == "loop":
             phase("optimizer")
             opt = _optimizer(train["optimizer"], [p for p in model.parameters() if p.requires_grad])
             model.train()
-            dev = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
+            dev = torch.device("cuda", cuda_index) if device == "cuda" else torch.device("cpu")
             if enc_dec:
                 gen = torch.Generator(device="cpu").manual_seed(0)
                 ids = torch.randint(0, vocab, (batch, seq), generator=gen).to(dev)
