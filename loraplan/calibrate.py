@@ -396,7 +396,7 @@ def calibrate(measurements: Iterable[Measurement], gpu: str, base: Calibration |
     """Fit the coefficients the successful ``measurements`` (one GPU) can determine."""
     from .catalog import gpu_entries, load_calibration
 
-    ms = [m for m in measurements if m.ok and m.peak_allocated_bytes is not None]
+    ms = [m for m in calibration_measurements(measurements) if m.ok and m.peak_allocated_bytes is not None]
     if gpu == "cpu":
         raise InputError("these records were measured with --device cpu (no allocator, no NVML, no GPU time); "
                          "calibrate needs GPU records from 'loraplan profile' on a GPU")
@@ -443,6 +443,13 @@ def calibrate(measurements: Iterable[Measurement], gpu: str, base: Calibration |
     cal = Calibration(gpu=gpu, coefficients=coef, provenance=prov)
     return CalibrationResult(gpu=gpu, calibration=cal, fits=fits, residuals_before=before, residuals_after=after,
                              records=[m.id for m in ms], sources=sorted(set(sources)))
+
+
+def calibration_measurements(measurements: Iterable[Measurement]) -> list[Measurement]:
+    """The one-GPU measurements: the coefficients are one GPU's (allocator, kernels); a multi-GPU
+    record (summary or rank, issue 13) adds engine buffers and communication, so it is validated
+    (``loraplan validate``), never fitted on."""
+    return [m for m in measurements if m.record is None and m.world_size == 1]
 
 
 def plausible(f: CoefficientFit) -> CoefficientFit:

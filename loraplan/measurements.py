@@ -57,6 +57,11 @@ class Measurement:
     trace_peak_allocated_bytes: int | None = None
     trace_peak_phase: str | None = None
     trace_error: str | None = None  # why the record's trace failed
+    #: a multi-GPU case (issue 13): "summary" (the case: worst rank's peak, mean step time) or
+    #: "rank" (one rank's record, ``rank``); None for a one-GPU record. ``world_size``: its GPUs.
+    record: str | None = None
+    rank: int | None = None
+    world_size: int = 1
 
     @property
     def ok(self) -> bool:
@@ -299,6 +304,7 @@ def measurement_from_record(rec: dict[str, Any], source: str = "") -> Measuremen
     inputs.setdefault("gradient_checkpointing", True)
     model = _model_for(inputs, rec)
     lora, train = case_specs(inputs, model)
+    train = _with_parallel(train, inputs)
     if model.is_encoder_decoder and train.target_seq is None:
         from dataclasses import replace
 
@@ -324,8 +330,36 @@ def measurement_from_record(rec: dict[str, Any], source: str = "") -> Measuremen
         nvml_baseline_used_bytes=_int(nvml.get("baseline_used_bytes")) if nv_ok else _int(rec.get("nvml_baseline_used_bytes")),
         step_s=_float(step if step is not None else rec.get("step_s_median", rec.get("step_s"))),
         versions=dict(env.get("versions") or rec.get("versions") or {}),
-        phases=phases, error=rec.get("error"), **trace_fields(rec),
+        phases=phases, error=rec.get("error"), **trace_fields(rec), **_multi_gpu_fields(rec, train),
     )
+
+
+def _with_parallel(train: TrainSpec, inputs: dict[str, Any]) -> TrainSpec:
+    """``train`` with the record's multi-GPU inputs (``spec.PARALLEL_FIELDS``: strategy, num_gpus,
+    ...), so an estimate of the record is the estimate of its layout. ConfigError when one is bad."""
+    from dataclasses import replace
+
+    from .spec import PARALLEL_FIELDS
+
+    given = {k: inputs[k] for k in PARALLEL_FIELDS if k in inputs}
+    if not given:
+        return train
+    try:
+        return replace(train, **given)
+    except (InputError, TypeError, ValueError) as e:
+        raise ConfigError(f"record's multi-GPU inputs {given}: {e}") from None
+
+
+def _multi_gpu_fields(rec: dict[str, Any], train: TrainSpec) -> dict[str, Any]:
+    """Measurement's record / rank / world_size of a profile record (records.py's multi-GPU layout)."""
+    kind = rec.get("record") if rec.get("record") in ("rank", "summary") else None
+    rank = rec.get("rank") if kind == "rank" else None
+    if kind == "rank" and not (is_int(rank) and rank >= 0):
+        raise ConfigError(f"rank record's rank = {_shown(rank)} must be a whole number >= 0")
+    world = rec.get("world_size", getattr(train, "num_gpus", 1))
+    if not (is_int(world) and world >= 1):
+        raise ConfigError(f"world_size = {_shown(world)} must be a whole number >= 1")
+    return {"record": kind, "rank": rank, "world_size": int(world)}
 
 
 #: the record statuses ``loraplan profile`` writes
