@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import threading
 import time
@@ -148,18 +149,38 @@ def missing_rank_result(rank: int, phase: str | None, mem_phases: dict, why: str
 
 STATUS_ORDER = ("oom", "error", "timeout", "ok")
 
+#: one failure of torchrun's failure table (torch/distributed/elastic/multiprocessing/errors/
+#: __init__.py::_FAILURE_FORMAT_TEMPLATE): "rank      : 1 (local_rank: 1)" then "exitcode  : -9 (pid: ...)"
+_FAILURE = re.compile(r"rank\s*:\s*(\d+)\s*\(local_rank:\s*\d+\)\s*\n\s*exitcode\s*:\s*(-?\d+)")
+_ROOT = "Root Cause (first observed failure):"
+
+
+def torchrun_failures(stderr: str) -> tuple[int | None, dict[int, int]]:
+    """(the rank torchrun saw fail first, {rank: exit code} of every failed rank) from the last
+    failure table in torchrun's stderr (ChildFailedError.format_msg); (None, {}) when none."""
+    at = stderr.rfind(_ROOT)
+    if at < 0:
+        return None, {}
+    start = stderr.rfind("Failures:", 0, at)
+    codes = {int(r): int(c) for r, c in _FAILURE.findall(stderr[start if start >= 0 else at:])}
+    m = _FAILURE.search(stderr[at:])
+    return (int(m.group(1)) if m else None), codes
+
 
 def summarise(results: dict[int, dict], world_size: int) -> dict:
-    """What the summary record measured over the ranks: status (ok when every rank is ok; else
-    the first of oom, error, timeout that a rank has), the worst rank's peaks, the mean of the
+    """What the summary record measured over the ranks: status, error and phase of the rank that
+    failed first (torchrun's root cause, marked ``root_cause``; else the worst status of oom,
+    error, timeout; ok when every rank is ok), the worst rank's peaks, the mean of the
     ranks' median step times, tokens per step and per second over all ranks (each rank trains
     its own micro-batches)."""
     ranks = sorted(results)
     statuses = {r: results[r].get("status", "error") for r in ranks}
-    status = next((s for s in STATUS_ORDER if s in statuses.values()), "error")
     bad = [r for r in ranks if statuses[r] != "ok"]
-    first = min(bad, key=lambda r: (STATUS_ORDER.index(statuses[r]) if statuses[r] in STATUS_ORDER else 0, r)) \
+    # the rank that failed first (torchrun's root cause) explains the others; else the worst status
+    first = min(bad, key=lambda r: (not results[r].get("root_cause"),
+                                    STATUS_ORDER.index(statuses[r]) if statuses[r] in STATUS_ORDER else 0, r)) \
         if bad else None
+    status = statuses[first] if first is not None else "ok"
     peaks = {r: (results[r].get("memory") or {}).get("peak_allocated_bytes") for r in ranks}
     known = {r: p for r, p in peaks.items() if p is not None}
     worst = max(known, key=lambda r: (known[r], -r)) if known else None

@@ -394,7 +394,7 @@ def _follow(argv: list[str], timeout: float, on_event: OnEvent, env: dict | None
             if proc.poll() is None and not timed_out:
                 _kill_group(proc)
         rc = proc.wait()
-    tail = Path(err_path).read_text(errors="replace")[-3000:]
+    tail = Path(err_path).read_text(errors="replace")[-20000:]  # torchrun's failure table is near the end
     return Followed(rc, timed_out, time.monotonic() - t0, tail, phases, mems)
 
 
@@ -403,6 +403,8 @@ def _died(f: Followed, rank=None) -> str:
     if f.rc == -signal.SIGKILL:
         how += " (possibly the system's out-of-memory killer)"
     last = f.stderr_tail.strip().splitlines()[-1] if f.stderr_tail.strip() else ""
+    if rank is not None:  # torchrun's last stderr line is its own traceback, not the rank's
+        last = ""
     return f"worker died without a result ({how}) in phase '{f.phase(rank)}'" + (f": {last}" if last else "")
 
 
@@ -427,7 +429,7 @@ def run_worker(spec: dict, timeout: float, on_event: OnEvent | None = None, pyth
         if os.path.exists(result_path):
             with open(result_path) as f:
                 return json.load(f)
-        return {"status": "error", "phase": fo.phase(), "error": _died(fo), "stderr_tail": fo.stderr_tail,
+        return {"status": "error", "phase": fo.phase(), "error": _died(fo), "stderr_tail": fo.stderr_tail[-3000:],
                 "memory": {"phases": fo.mem.get(None, {})}, "wall_s": fo.wall_s}
 
 
@@ -437,7 +439,7 @@ def run_distributed(spec: dict, nprocs: int, timeout: float, on_event: OnEvent |
     returns ({rank: burst result}, launcher facts). Every rank gets a result: a rank that wrote
     none (it crashed, torchrun stopped it after another rank failed, or the time ran out) gets
     status error or timeout, with the phase it reached."""
-    from .distributed import launch_command, missing_rank_result, read_rank_results
+    from .distributed import launch_command, missing_rank_result, read_rank_results, torchrun_failures
 
     on_event = on_event or (lambda ev: None)
     with tempfile.TemporaryDirectory(prefix=temp_prefix()) as tmp:
@@ -447,26 +449,42 @@ def run_distributed(spec: dict, nprocs: int, timeout: float, on_event: OnEvent |
         argv = launch_command(nprocs, spec_path, tmp, python)
         fo = _follow(argv, timeout, on_event, env, err_path)
         got = read_rank_results(tmp, nprocs)
+    root, codes = torchrun_failures(fo.stderr_tail)
     failed = sorted(r for r, res in got.items() if res.get("status") != "ok")
+    if root is None and failed:
+        root = failed[0]
+    first = (f"rank {root} failed first" + (f" ({got[root].get('status')} in {got[root].get('phase')})"
+                                            if root in got else "")) if root is not None else None
     out: dict[int, dict] = {}
     for rank in range(nprocs):
         if rank in got:
-            out[rank] = got[rank]
+            res = got[rank]
+            if res.get("status") != "ok" and root is not None and rank != root:
+                res["error"] = f"after {first}: {res.get('error')}"  # e.g. gloo's "connection closed" when a peer died
+                res["after_rank"] = root
+            out[rank] = res
             continue
         ph, mem = fo.phase(rank), fo.mem.get(rank, {})
         if fo.timed_out:
             res = missing_rank_result(rank, ph, mem, f"no result within --timeout {timeout:g}s (reached phase "
                                                      f"'{ph}'); the job was killed")
             res["status"] = "timeout"
-        elif failed:
-            f0 = got[failed[0]]
-            res = missing_rank_result(rank, ph, mem, f"stopped by torchrun in phase '{ph}' after rank {failed[0]} "
-                                                     f"failed ({f0.get('status')} in {f0.get('phase')})")
+        elif rank in codes:  # torchrun saw this rank exit without writing a result: a crash
+            code = codes[rank]
+            how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+            res = missing_rank_result(rank, ph, mem, f"rank {rank} died without a result ({how}) in phase '{ph}'"
+                                      + ("" if rank == root or first is None else f", after {first}"))
+            res["stderr_tail"] = fo.stderr_tail[-3000:]
+        elif first is not None:
+            res = missing_rank_result(rank, ph, mem, f"stopped by torchrun in phase '{ph}' after {first}")
+            res["after_rank"] = root
         else:
             res = missing_rank_result(rank, ph, mem, _died(fo, rank))
-            res["stderr_tail"] = fo.stderr_tail
+            res["stderr_tail"] = fo.stderr_tail[-3000:]
         res["wall_s"] = fo.wall_s
         out[rank] = res
+    if root is not None and root in out:
+        out[root]["root_cause"] = True
     launcher = {"command": "python -m torch.distributed.run --standalone --nproc-per-node "
                            f"{nprocs} --max-restarts=0 -m loraplan.profile.distributed",
                 "exit_status": fo.rc, "timed_out": fo.timed_out, "wall_s": fo.wall_s}
