@@ -30,9 +30,9 @@ Emit = Callable[[dict], None]
 #: phases in the order a burst reaches them
 PHASES = ("start", "build", "load", "prepare", "lora", "wrap", "optimizer", "first_forward", "first_backward",
           "first_optimizer_step", "steps", "done")
-#: phases with their own memory peaks in a record ("wrap": a rank of a multi-GPU burst only, where
-#: ``loraplan.profile.distributed.wrap_model`` hands the model to DDP / FSDP)
-MEMORY_PHASES = ("load", "prepare", "lora", "wrap", "first_forward", "first_backward", "first_optimizer_step")
+#: phases with their own memory peaks in a record (a rank of a multi-GPU burst adds "wrap", where
+#: ``loraplan.profile.distributed.wrap_model`` hands the model to DDP / FSDP, after "lora")
+MEMORY_PHASES = ("load", "prepare", "lora", "first_forward", "first_backward", "first_optimizer_step")
 WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "model*.bin")
 #: test hook: "<oom|error|memory|sleep|exit>@<phase>" makes the burst fail (or hang, or die) when it enters <phase>
 FAULT_ENV = "LORAPLAN_PROFILE_FAULT"
