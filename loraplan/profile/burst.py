@@ -255,15 +255,21 @@ def _fault(phase: str) -> None:
     raise RuntimeError(f"simulated error in phase {phase} ({FAULT_ENV})")
 
 
-def _quant_config(quant: str, double_quant: bool, compute_dtype: str = "bf16"):
+def _quant_config(quant: str, double_quant: bool, compute_dtype: str = "bf16", quant_storage: str | None = None):
+    """The BitsAndBytesConfig of ``quant``; ``quant_storage`` (``--quant-storage``, 4-bit only):
+    ``bnb_4bit_quant_storage``, the dtype the packed 4-bit data is stored in (None: bitsandbytes'
+    uint8), which FSDP-QLoRA sets to the float dtype it flattens with."""
     import transformers
 
     from ..train_step import torch_dtype
 
     if quant in ("nf4", "fp4"):
+        kw = {"bnb_4bit_quant_storage": torch_dtype(quant_storage) if quant_storage and quant_storage != "uint8"
+              else None}
         return transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant,
                                                bnb_4bit_use_double_quant=bool(double_quant),
-                                               bnb_4bit_compute_dtype=torch_dtype(compute_dtype))
+                                               bnb_4bit_compute_dtype=torch_dtype(compute_dtype),
+                                               **{k: v for k, v in kw.items() if v is not None})
     if quant == "int8":
         return transformers.BitsAndBytesConfig(load_in_8bit=True)
     return None
@@ -425,7 +431,7 @@ def run_burst(spec: dict, emit: Emit | None = None) -> dict[str, Any]:
         enc_dec = bool(getattr(hf_config, "is_encoder_decoder", False))
         cls = _model_class(enc_dec)
         kw: dict[str, Any] = dict(dtype=_load_dtype(quant, r.load_dtype), device_map={"": cuda_index if device == "cuda" else "cpu"})
-        qc = _quant_config(quant, train.get("double_quant"), r.compute_dtype)
+        qc = _quant_config(quant, train.get("double_quant"), r.compute_dtype, train.get("quant_storage"))
         if qc is not None:
             kw["quantization_config"] = qc
         with warnings.catch_warnings():
@@ -449,7 +455,12 @@ def run_burst(spec: dict, emit: Emit | None = None) -> dict[str, Any]:
                 tracker.register(*weights)
             else:
                 tracker.register(weights, label="weights")
+            del weights  # a held list would keep the full weights alive after FSDP shards them (a rank's wrap)
             stack.enter_context(tracker)
+            if dist:  # FSDP frees and re-allocates unsharded tensors by resizing their storage
+                from .distributed import follow_storage_resizes
+
+                stack.enter_context(follow_storage_resizes(tracker))
         record_mem("load", probe.end("load"))
 
         # ---- prepare ------------------------------------------------------------------

@@ -46,6 +46,7 @@ float ``--quant-storage``, int8 under FSDP, more ranks than CUDA devices, and
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -306,6 +307,37 @@ def wrap_model(model, dist: dict, r, device: str, cuda_index: int = 0):
                 use_orig_params=kw["use_orig_params"], cpu_offload=offload,
                 units=sum(1 for m in wrapped.modules() if isinstance(m, FullyShardedDataParallel)))
     return wrapped, info
+
+
+@contextlib.contextmanager
+def follow_storage_resizes(tracker):
+    """While open, a resize of a tracked storage (``UntypedStorage.resize_``) is followed by
+    ``tracker`` (its ``_resync_storage``: the new size replaces the old). FSDP frees an unsharded
+    parameter or gradient by resizing its storage to 0 bytes and re-allocates it the same way
+    (FSDP2 _fully_shard/_fsdp_param.py::free_storage / alloc_storage; FSDP1
+    torch/distributed/utils.py::_free_storage / _alloc_storage through TypedStorage._resize_), a
+    call that reaches no TorchDispatchMode: without this, a CPU rank's live-tensor count would
+    keep every unsharded parameter alive. (On CUDA the caching allocator sees the frees.)"""
+    import torch
+
+    cls = torch.UntypedStorage
+    orig = cls.resize_
+
+    def resize_(self, *args, **kwargs):
+        out = orig(self, *args, **kwargs)
+        try:
+            if tracker.is_tracked_storage(self) if hasattr(tracker, "is_tracked_storage") else \
+                    self._cdata in tracker._live:
+                tracker._resync_storage(self)
+        except Exception:  # noqa: BLE001 - accounting must never break the step
+            pass
+        return out
+
+    cls.resize_ = resize_
+    try:
+        yield tracker
+    finally:
+        cls.resize_ = orig
 
 
 def _emit_for(rank: int):
