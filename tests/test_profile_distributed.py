@@ -200,6 +200,9 @@ def test_fsdp2_two_ranks_shard_and_record(work):
     # accelerate's FSDP2 units for a 2-layer llama: 2 decoder layers, the embedding, the tail, the root
     assert eng["engine"] == "fully_shard" and eng["units"] == 5 and eng["reshard_after_forward"] is True
     assert eng["mesh"] == [2]
+    for r in ranks:  # each rank keeps half of the base weights once fully_shard has sharded them
+        ph = r["memory"]["phases"]
+        assert ph["wrap"]["allocated_bytes"] < 0.75 * ph["lora"]["allocated_bytes"], ph
     print("measured per-rank peaks (bytes):", [r["memory"]["peak_allocated_bytes"] for r in ranks],
           "estimate:", (summ.get("estimate") or {}).get("memory", {}).get("per_gpu"))
 
@@ -259,3 +262,20 @@ def test_validate_shows_rank_records_and_checks_the_summary(run_cli, profile_rec
     code, out, err = run_cli("validate", str(path))
     assert code in (0, 1) and "Traceback" not in err, err
     assert "rank 1" in out
+
+
+@pytest.mark.slow
+def test_fsdp1_two_ranks_flat_params_with_peft_wrap_policy(work):
+    pytest.importorskip("torch")
+    out = work["root"] / "fsdp1.jsonl"
+    p = run_cli(*base_args(work, out, "--strategy", "fsdp", "--fsdp-version", 1))
+    assert p.returncode == 0, p.stderr
+    recs = lines(out)
+    assert [r["status"] for r in recs] == ["ok"] * 3, [r.get("error") for r in recs]
+    ranks, summ = check_case_records(recs, "fsdp")
+    eng = ranks[0]["protocol"]["engine"]
+    assert eng["engine"] == "FullyShardedDataParallel" and eng["sharding_strategy"] == "FULL_SHARD"
+    assert eng["use_orig_params"] is False and eng["units"] > 3
+    for r in ranks:  # FSDP frees the unsharded flat parameters by resizing their storage to 0
+        ph = r["memory"]["phases"]
+        assert ph["wrap"]["allocated_bytes"] < 0.75 * ph["lora"]["allocated_bytes"], ph
