@@ -279,3 +279,16 @@ def test_fsdp1_two_ranks_flat_params_with_peft_wrap_policy(work):
     for r in ranks:  # FSDP frees the unsharded flat parameters by resizing their storage to 0
         ph = r["memory"]["phases"]
         assert ph["wrap"]["allocated_bytes"] < 0.75 * ph["lora"]["allocated_bytes"], ph
+
+
+@pytest.mark.slow
+def test_a_rank_that_hangs_times_the_case_out(work):
+    pytest.importorskip("torch")
+    out = work["root"] / "hang.jsonl"
+    p = run_cli(*base_args(work, out, "--strategy", "ddp", "--timeout", 25),
+                env={"LORAPLAN_PROFILE_FAULT": "sleep@first_forward", "LORAPLAN_PROFILE_FAULT_RANK": "1"})
+    assert p.returncode == 0, p.stderr
+    r0, r1, summ = lines(out)
+    assert r1["status"] == "timeout" and r1["phase"] == "first_forward" and "--timeout 25s" in r1["error"]
+    assert r0["status"] == "timeout" and summ["status"] == "timeout"
+    assert summ["protocol"]["launcher"]["timed_out"] is True
