@@ -396,6 +396,7 @@ def calibrate(measurements: Iterable[Measurement], gpu: str, base: Calibration |
     """Fit the coefficients the successful ``measurements`` (one GPU) can determine."""
     from .catalog import gpu_entries, load_calibration
 
+    measurements = list(measurements)
     ms = [m for m in calibration_measurements(measurements) if m.ok and m.peak_allocated_bytes is not None]
     if gpu == "cpu":
         raise InputError("these records were measured with --device cpu (no allocator, no NVML, no GPU time); "
@@ -403,6 +404,10 @@ def calibrate(measurements: Iterable[Measurement], gpu: str, base: Calibration |
     if gpu not in gpu_entries():
         raise InputError(f"GPU '{gpu}' of the records is not in the catalog; add catalog/gpus/{gpu}.json "
                          f"or pick a catalog GPU with --gpu (see 'loraplan gpus')")
+    if not ms and any(m.world_size > 1 or m.record for m in measurements):
+        raise InputError("these are multi-GPU records (--strategy/--num-gpus), which calibrate does not fit on "
+                         "(engine buffers and communication are not one GPU's coefficients); check them with "
+                         "'loraplan validate', and calibrate on one-GPU records")
     if not ms:
         raise InputError("no successful case to calibrate on; re-run 'loraplan profile' with cases that fit")
     bad = [m.id for m in ms if m.gpu != gpu]

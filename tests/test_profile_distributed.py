@@ -292,3 +292,11 @@ def test_a_rank_that_hangs_times_the_case_out(work):
     assert r1["status"] == "timeout" and r1["phase"] == "first_forward" and "--timeout 25s" in r1["error"]
     assert r0["status"] == "timeout" and summ["status"] == "timeout"
     assert summ["protocol"]["launcher"]["timed_out"] is True
+
+
+def test_calibrate_on_multi_gpu_records_only_is_a_one_line_error(run_cli, profile_record, write_jsonl, tmp_path):
+    summ = dict(profile_record(3_000_000_000, seq=1024), record="summary", world_size=2)
+    summ["inputs"] = dict(summ["inputs"], strategy="ddp", num_gpus=2)
+    path = write_jsonl(tmp_path / "h100-sxm-80gb.jsonl", [summ])
+    code, _, err = run_cli("calibrate", str(path), "--gpu", "h100-sxm-80gb")
+    assert code == 2 and "multi-GPU records" in err and len(err.strip().splitlines()) == 1, err
