@@ -431,7 +431,8 @@ def run_burst(spec: dict, emit: Emit | None = None) -> dict[str, Any]:
         enc_dec = bool(getattr(hf_config, "is_encoder_decoder", False))
         cls = _model_class(enc_dec)
         kw: dict[str, Any] = dict(dtype=_load_dtype(quant, r.load_dtype), device_map={"": cuda_index if device == "cuda" else "cpu"})
-        qc = _quant_config(quant, train.get("double_quant"), r.compute_dtype, train.get("quant_storage"))
+        qc = _quant_config(quant, train.get("double_quant"), r.compute_dtype,
+                           getattr(r, "quant_storage", None) or train.get("quant_storage"))
         if qc is not None:
             kw["quantization_config"] = qc
         with warnings.catch_warnings():

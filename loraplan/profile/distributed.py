@@ -34,7 +34,9 @@ Engines (``wrap_model``), as the libraries build them:
   weight) and accelerate's ``FullyShardedDataParallelPlugin`` defaults: use_orig_params False
   unless given, limit_all_gathers True, no backward/forward prefetch, sync_module_states False;
   ``ShardingStrategy`` FULL_SHARD / SHARD_GRAD_OP / HYBRID_SHARD; ``CPUOffload(offload_params=True)``
-  for fsdp-offload. ``fsdp_version`` None: 2 (the current torch API) under the plain loop.
+  for fsdp-offload. ``fsdp_version`` and ``use_orig_params`` come from the resolved recipe
+  (``loraplan.trainers.resolve_recipe``: the trainer's defaults); left None there: version 2 (the
+  current torch API) and use_orig_params False (accelerate's default).
 
 Refused before any burst (:func:`check_cases`, one line with the fix): DeepSpeed ZeRO (not
 installed, and it needs CUDA), ``device-map`` (one process over several GPUs, not a torchrun
@@ -261,7 +263,10 @@ def wrap_model(model, dist: dict, r, device: str, cuda_index: int = 0):
         return wrapped, info
     if strategy not in ("fsdp", "fsdp-offload"):
         raise RuntimeError(f"--strategy {strategy}: a burst wraps ddp, fsdp and fsdp-offload only")
-    version = int(dist.get("fsdp_version") or 2)
+    # the resolved recipe's values (loraplan.trainers.resolve_recipe fills the trainer's defaults), else the spec's
+    version = int(getattr(r, "fsdp_version", None) or dist.get("fsdp_version") or 2)
+    orig_params = getattr(r, "use_orig_params", None)
+    orig_params = bool(dist.get("use_orig_params") if orig_params is None else orig_params)
     sharding = dist.get("fsdp_sharding") or "full"
     offload = strategy == "fsdp-offload"
     layers = _decoder_layer_classes(model)
@@ -297,7 +302,7 @@ def wrap_model(model, dist: dict, r, device: str, cuda_index: int = 0):
     strat = {"full": ShardingStrategy.FULL_SHARD, "shard-grad-op": ShardingStrategy.SHARD_GRAD_OP,
              "hybrid": ShardingStrategy.HYBRID_SHARD}[sharding]
     kw = dict(auto_wrap_policy=fsdp_auto_wrap_policy(model), sharding_strategy=strat,
-              cpu_offload=CPUOffload(offload_params=offload), use_orig_params=bool(dist.get("use_orig_params")),
+              cpu_offload=CPUOffload(offload_params=offload), use_orig_params=orig_params,
               limit_all_gathers=True, backward_prefetch=None, forward_prefetch=False, sync_module_states=False,
               device_id=torch.device("cuda", cuda_index) if device == "cuda" else torch.device("cpu"))
     if sharding == "hybrid":
