@@ -63,8 +63,6 @@ class Case:
 
 def _parallel_label(t: TrainSpec) -> str:
     """" fsdp x2" (and the FSDP options given) for a multi-GPU case; "" for one GPU."""
-    from .distributed import is_distributed
-
     if not is_distributed(t):
         return ""
     out = f" {t.strategy} x{t.num_gpus}"
@@ -201,8 +199,6 @@ def host_weight_bytes(case: Case) -> int:
     larger of bf16 (the cached random-weight checkpoint is built in bf16, burst.ensure_model) and
     the load dtype (``storage.load_dtype``), once per rank of a multi-GPU case (each rank loads
     the whole model before the engine shards it). Activations, gradients and optimizer come on top."""
-    from .distributed import is_distributed
-
     ranks = int(case.train.num_gpus) if is_distributed(case.train) else 1
     return ranks * case.model.total_params * max(dtype_bytes("bf16"), dtype_bytes(load_dtype(case.train.quant)))
 
@@ -332,7 +328,8 @@ class Followed:
     mem: dict = field(default_factory=dict)
 
     def phase(self, rank=None) -> str:
-        return self.phases.get(rank) or self.phases.get(None) or self.phases.get(0) or "start"
+        """The last phase ``rank`` (None: the one-GPU worker) reported."""
+        return self.phases.get(rank) or "start"
 
 
 def _follow(argv: list[str], timeout: float, on_event: OnEvent, env: dict | None, err_path: str) -> Followed:
