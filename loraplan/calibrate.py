@@ -416,13 +416,18 @@ def calibrate(measurements: Iterable[Measurement], gpu: str, base: Calibration |
     """Fit the coefficients the successful ``measurements`` (one GPU) can determine."""
     from .catalog import gpu_entries, load_calibration
 
-    ms = [m for m in measurements if m.ok and m.peak_allocated_bytes is not None]
+    measurements = list(measurements)
+    ms = [m for m in calibration_measurements(measurements) if m.ok and m.peak_allocated_bytes is not None]
     if gpu == "cpu":
         raise InputError("these records were measured with --device cpu (no allocator, no NVML, no GPU time); "
                          "calibrate needs GPU records from 'loraplan profile' on a GPU")
     if gpu not in gpu_entries():
         raise InputError(f"GPU '{gpu}' of the records is not in the catalog; add catalog/gpus/{gpu}.json "
                          f"or pick a catalog GPU with --gpu (see 'loraplan gpus')")
+    if not ms and any(m.world_size > 1 or m.record for m in measurements):
+        raise InputError("these are multi-GPU records (--strategy/--num-gpus), which calibrate does not fit on "
+                         "(engine buffers and communication are not one GPU's coefficients); check them with "
+                         "'loraplan validate', and calibrate on one-GPU records")
     if not ms:
         raise InputError("no successful case to calibrate on; re-run 'loraplan profile' with cases that fit")
     bad = [m.id for m in ms if m.gpu != gpu]
@@ -475,6 +480,13 @@ def fit_kernels(ms: list[Measurement], base: Calibration, gpu: str) -> dict[str,
 
     return {k: CoefficientFit(k, _prior(base, k), f["value"], True, len(f["records"]), f["method"])
             for k, f in kernel_fits(ms, load_gpu(gpu)).items()}
+
+
+def calibration_measurements(measurements: Iterable[Measurement]) -> list[Measurement]:
+    """The one-GPU measurements: the coefficients are one GPU's (allocator, kernels); a multi-GPU
+    record (summary or rank, issue 13) adds engine buffers and communication, so it is validated
+    (``loraplan validate``), never fitted on."""
+    return [m for m in measurements if m.record is None and m.world_size == 1]
 
 
 def plausible(f: CoefficientFit) -> CoefficientFit:

@@ -62,6 +62,11 @@ class Measurement:
     trace_error: str | None = None  # why the record's trace failed
     #: the record's torch.profiler kernel summary (profile/kernels.py), or None
     kernels: dict | None = None
+    #: a multi-GPU case (issue 13): "summary" (the case: worst rank's peak, mean step time) or
+    #: "rank" (one rank's record, ``rank``); None for a one-GPU record. ``world_size``: its GPUs.
+    record: str | None = None
+    rank: int | None = None
+    world_size: int = 1
 
     @property
     def ok(self) -> bool:
@@ -304,6 +309,7 @@ def measurement_from_record(rec: dict[str, Any], source: str = "") -> Measuremen
     inputs.setdefault("gradient_checkpointing", True)
     model = _model_for(inputs, rec)
     lora, train = case_specs(inputs, model)
+    train = _with_parallel(train, inputs)
     if model.is_encoder_decoder and train.target_seq is None:
         from dataclasses import replace
 
@@ -330,9 +336,37 @@ def measurement_from_record(rec: dict[str, Any], source: str = "") -> Measuremen
         outside_allocator_bytes=_int(nvml.get("outside_allocator_peak_bytes")) if nv_ok else None,
         step_s=_float(step if step is not None else rec.get("step_s_median", rec.get("step_s"))),
         versions=dict(env.get("versions") or rec.get("versions") or {}),
-        phases=phases, error=rec.get("error"), **trace_fields(rec),
+        phases=phases, error=rec.get("error"), **trace_fields(rec), **_multi_gpu_fields(rec, train),
         kernels=rec.get("kernels") if isinstance(rec.get("kernels"), dict) else None,
     )
+
+
+def _with_parallel(train: TrainSpec, inputs: dict[str, Any]) -> TrainSpec:
+    """``train`` with the record's multi-GPU inputs (``spec.PARALLEL_FIELDS``: strategy, num_gpus,
+    ...), so an estimate of the record is the estimate of its layout. ConfigError when one is bad."""
+    from dataclasses import replace
+
+    from .spec import PARALLEL_FIELDS
+
+    given = {k: inputs[k] for k in PARALLEL_FIELDS if k in inputs}
+    if not given:
+        return train
+    try:
+        return replace(train, **given)
+    except (InputError, TypeError, ValueError) as e:
+        raise ConfigError(f"record's multi-GPU inputs {given}: {e}") from None
+
+
+def _multi_gpu_fields(rec: dict[str, Any], train: TrainSpec) -> dict[str, Any]:
+    """Measurement's record / rank / world_size of a profile record (records.py's multi-GPU layout)."""
+    kind = rec.get("record") if rec.get("record") in ("rank", "summary") else None
+    rank = rec.get("rank") if kind == "rank" else None
+    if kind == "rank" and not (is_int(rank) and rank >= 0):
+        raise ConfigError(f"rank record's rank = {_shown(rank)} must be a whole number >= 0")
+    world = rec.get("world_size", getattr(train, "num_gpus", 1))
+    if not (is_int(world) and world >= 1):
+        raise ConfigError(f"world_size = {_shown(world)} must be a whole number >= 1")
+    return {"record": kind, "rank": rank, "world_size": int(world)}
 
 
 #: the record statuses ``loraplan profile`` writes

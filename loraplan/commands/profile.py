@@ -75,6 +75,11 @@ def profile_command(gpu, device, steps, warmup, timeout, force, out, cache_dir, 
     Examples:
       loraplan profile --model qwen2.5-0.5b --quant nf4,bf16 --seq 512:2048:x2
       loraplan profile --device cpu --model tiny-llama --quant bf16,nf4   # CPU smoke run
+      loraplan profile --model qwen2.5-0.5b --strategy ddp,fsdp --num-gpus 2  # torchrun, a record per rank
+
+    With --strategy ddp|fsdp|fsdp-offload (and --num-gpus N) a case runs as a torchrun job of N
+    ranks (nccl on CUDA, gloo with --device cpu) and writes one record per rank plus a summary
+    record (worst rank's peak, mean step time, tokens/s over all ranks).
     """
     from ..errors import InputError
     from ..profile.grid import load_grid_file, merge_grids
@@ -102,7 +107,11 @@ def profile_command(gpu, device, steps, warmup, timeout, force, out, cache_dir, 
         click.echo(f"warning: {w}", err=True)
     check_extras(cases, device)
     check_recipes(cases, device)
+    from ..profile.distributed import check_cases
+
+    check_cases(cases, device)
     dev = detect_device(device)
+    check_cases(cases, device, cuda_count=dev.probe.get("count") if device == "cuda" else None)
 
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -196,6 +205,14 @@ def _summary(results, dev) -> None:
                 row += [_fmt_bytes(tp), "n/c" if dev.device == "cpu" else f"{(tp - m) / m * 100:+.1f}%" if m else "-"]
         row += [_fmt_s(tm), _fmt_s(te), f"{tps:,.0f}" if tps else "-"]
         rows.append(row)
+        for rk in rec.get("ranks") or []:  # a multi-GPU case: its ranks under its summary
+            pm = rk.get("peak_allocated_bytes")
+            per = ((rec.get("estimate") or {}).get("memory") or {}).get("per_gpu") or {}
+            comp = per.get(str(rk.get("rank")), per.get(rk.get("rank"))) if isinstance(per, dict) else None
+            pe = sum(comp.values()) if isinstance(comp, dict) else None
+            rows.append([f"  rank {rk.get('rank')}", rk.get("status", "?"), _fmt_bytes(pm), _fmt_bytes(pe),
+                         f"{(pe - pm) / pm * 100:+.1f}%" if pm and pe else "-"]
+                        + (["", ""] if with_trace else []) + ["", "", ""])
     t, dropped = fit_columns(con, cols, rows, title=title)
     con.print(t)
     if dropped:

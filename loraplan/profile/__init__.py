@@ -16,6 +16,10 @@ worker process):
 - ``locks``: ``records_lock`` / ``device_lock`` (one run per records file and per GPU, flock),
   ``remove_stale_temp_dirs`` (temp folders of killed runs).
 - ``burst.run_burst(spec, emit) -> dict``: one case in this process (status ok|oom|error).
+- ``distributed``: a multi-GPU case (``--strategy ddp|fsdp|fsdp-offload --num-gpus N``) as a
+  torchrun job (``runner.run_distributed``): each rank runs ``run_burst`` with the model wrapped
+  by DDP / FSDP2 / FSDP1 (``distributed.wrap_model``); ``runner.make_distributed_records`` makes
+  one record per rank plus a summary (``records.RANK`` / ``records.SUMMARY``), appended together.
 - ``probes``: ``CudaProbe`` (torch.cuda.memory_stats peaks), ``NvmlSampler`` (2 ms thread),
   ``CpuProbe`` (live-tensor tracker); ``grid.load_grid_file`` for ``--grid``.
 """

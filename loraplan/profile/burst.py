@@ -28,12 +28,13 @@ from typing import Any, Callable
 Emit = Callable[[dict], None]
 
 #: phases in the order a burst reaches them
-PHASES = ("start", "build", "load", "prepare", "lora", "optimizer", "first_forward", "first_backward",
+PHASES = ("start", "build", "load", "prepare", "lora", "wrap", "optimizer", "first_forward", "first_backward",
           "first_optimizer_step", "steps", "done")
-#: phases with their own memory peaks in a record
+#: phases with their own memory peaks in a record (a rank of a multi-GPU burst adds "wrap", where
+#: ``loraplan.profile.distributed.wrap_model`` hands the model to DDP / FSDP, after "lora")
 MEMORY_PHASES = ("load", "prepare", "lora", "first_forward", "first_backward", "first_optimizer_step")
 WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "model*.bin")
-#: test hook: "<oom|error|memory|sleep>@<phase>" makes the burst fail (or hang) when it enters <phase>
+#: test hook: "<oom|error|memory|sleep|exit>@<phase>" makes the burst fail (or hang, or die) when it enters <phase>
 FAULT_ENV = "LORAPLAN_PROFILE_FAULT"
 
 
@@ -193,8 +194,9 @@ def _versions() -> dict[str, str | None]:
     return out
 
 
-def environment(device: str) -> dict[str, Any]:
-    """GPU name, driver, CUDA and library versions (or the CPU's description)."""
+def environment(device: str, index: int = 0) -> dict[str, Any]:
+    """GPU name, driver, CUDA and library versions (or the CPU's description); ``index``: the
+    CUDA device this process uses (a rank's local rank)."""
     import platform
 
     import torch
@@ -202,7 +204,7 @@ def environment(device: str) -> dict[str, Any]:
     env: dict[str, Any] = {"device": device, "python": platform.python_version(), "platform": platform.platform(),
                            "versions": _versions(), "cuda": torch.version.cuda}
     if device == "cuda":
-        props = torch.cuda.get_device_properties(0)
+        props = torch.cuda.get_device_properties(index)
         env.update(gpu_name=props.name, gpu_total_bytes=int(props.total_memory),
                    compute_capability=f"{props.major}.{props.minor}",
                    gpu_uuid=str(getattr(props, "uuid", "") or "") or None,
@@ -246,20 +248,28 @@ def _fault(phase: str) -> None:
         raise torch.OutOfMemoryError(f"simulated out of memory in phase {phase} ({FAULT_ENV})")
     if kind == "memory":
         raise MemoryError(f"simulated MemoryError in phase {phase} ({FAULT_ENV})")
+    if kind == "exit":  # a hard crash: no result, no traceback
+        os._exit(9)
     if kind == "sleep":
         time.sleep(3600)
     raise RuntimeError(f"simulated error in phase {phase} ({FAULT_ENV})")
 
 
-def _quant_config(quant: str, double_quant: bool, compute_dtype: str = "bf16"):
+def _quant_config(quant: str, double_quant: bool, compute_dtype: str = "bf16", quant_storage: str | None = None):
+    """The BitsAndBytesConfig of ``quant``; ``quant_storage`` (``--quant-storage``, 4-bit only):
+    ``bnb_4bit_quant_storage``, the dtype the packed 4-bit data is stored in (None: bitsandbytes'
+    uint8), which FSDP-QLoRA sets to the float dtype it flattens with."""
     import transformers
 
     from ..train_step import torch_dtype
 
     if quant in ("nf4", "fp4"):
+        kw = {"bnb_4bit_quant_storage": torch_dtype(quant_storage) if quant_storage and quant_storage != "uint8"
+              else None}
         return transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant,
                                                bnb_4bit_use_double_quant=bool(double_quant),
-                                               bnb_4bit_compute_dtype=torch_dtype(compute_dtype))
+                                               bnb_4bit_compute_dtype=torch_dtype(compute_dtype),
+                                               **{k: v for k, v in kw.items() if v is not None})
     if quant == "int8":
         return transformers.BitsAndBytesConfig(load_in_8bit=True)
     return None
@@ -317,9 +327,12 @@ def run_burst(spec: dict, emit: Emit | None = None) -> dict[str, Any]:
 
     ``spec``: {"model": {"name", "config", "path"?}, "lora": {rank, alpha, dropout, targets},
     "train": TrainSpec fields, "device": "cuda"|"cpu", "steps", "warmup", "cache_dir"?, "nvml"?,
-    "kernel_summary"? (None: on CUDA only; ``profile.kernels.wanted``)}. With the kernel summary
-    on, the plain loop runs one more step under torch.profiler after the timed ones and the
-    result holds ``kernels`` (``profile.kernels.profile_step``); the Trainer kinds record why not.
+    "kernel_summary"? (None: on CUDA only; ``profile.kernels.wanted``), "distributed"?}. With the
+    kernel summary on, the plain loop runs one more step under torch.profiler after the timed ones
+    and the result holds ``kernels`` (``profile.kernels.profile_step``); the Trainer kinds record
+    why not. ``distributed`` (a rank of a multi-GPU burst, ``loraplan.profile.distributed``):
+    {"rank", "local_rank", "world_size", "strategy", ...}; the process group is already up, the
+    rank uses CUDA device ``local_rank``, and the model is wrapped by the engine after LoRA.
     """
     emit = emit or (lambda ev: None)
     device = spec.get("device", "cuda")
@@ -333,6 +346,8 @@ def run_burst(spec: dict, emit: Emit | None = None) -> dict[str, Any]:
                            "time": {}, "params": None, "env": None, "protocol": {}}
     mem = res["memory"]
     state = {"phase": "start"}
+    dist = spec.get("distributed")
+    cuda_index = int(dist["local_rank"]) if dist else 0  # the rank's own GPU (every GPU stays visible)
 
     def phase(name: str) -> None:
         state["phase"] = res["phase"] = name
@@ -356,8 +371,9 @@ def run_burst(spec: dict, emit: Emit | None = None) -> dict[str, Any]:
             try:
                 from .probes import NvmlSampler
 
-                first = (os.environ.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0].strip()
-                nvml = NvmlSampler(index=int(first) if first.isdigit() else 0,  # torch's device 0
+                visible = [v.strip() for v in (os.environ.get("CUDA_VISIBLE_DEVICES") or "").split(",") if v.strip()]
+                first = visible[cuda_index] if cuda_index < len(visible) else str(cuda_index)
+                nvml = NvmlSampler(index=int(first) if first.isdigit() else cuda_index,  # torch's device cuda_index
                                    uuid=first if first.startswith(("GPU-", "MIG-")) else None,
                                    ).start()  # baseline: before CUDA and the model
             except Exception as e:  # noqa: BLE001
@@ -371,7 +387,10 @@ def run_burst(spec: dict, emit: Emit | None = None) -> dict[str, Any]:
             if not torch.cuda.is_available():
                 raise RuntimeError("CUDA is not available to torch in the worker; use --device cpu")
             torch.cuda.init()
-        res["env"] = environment(device)
+            torch.cuda.set_device(cuda_index)
+        res["env"] = environment(device, cuda_index)
+        if dist:
+            res["env"]["rank"], res["env"]["world_size"] = int(dist["rank"]), int(dist["world_size"])
 
         # ---- model files --------------------------------------------------------------
         if has_weights(mspec.get("path")):
@@ -404,8 +423,8 @@ def run_burst(spec: dict, emit: Emit | None = None) -> dict[str, Any]:
         if device == "cuda":
             from .probes import CudaProbe
 
-            probe = CudaProbe(0, nvml)
-            torch.cuda.mem_get_info(0)  # creates the context (torch.cuda.init does not)
+            probe = CudaProbe(cuda_index, nvml)
+            torch.cuda.mem_get_info(cuda_index)  # creates the context (torch.cuda.init does not)
             # at idle: the context and what torch loaded at init, nothing allocated yet
             outside["outside_allocator_idle_bytes"] = probe.outside_allocator()
         else:
@@ -421,8 +440,9 @@ def run_burst(spec: dict, emit: Emit | None = None) -> dict[str, Any]:
         hf_config = transformers.AutoConfig.from_pretrained(path)
         enc_dec = bool(getattr(hf_config, "is_encoder_decoder", False))
         cls = _model_class(enc_dec)
-        kw: dict[str, Any] = dict(dtype=_load_dtype(quant, r.load_dtype), device_map={"": 0 if device == "cuda" else "cpu"})
-        qc = _quant_config(quant, train.get("double_quant"), r.compute_dtype)
+        kw: dict[str, Any] = dict(dtype=_load_dtype(quant, r.load_dtype), device_map={"": cuda_index if device == "cuda" else "cpu"})
+        qc = _quant_config(quant, train.get("double_quant"), r.compute_dtype,
+                           getattr(r, "quant_storage", None) or train.get("quant_storage"))
         if qc is not None:
             kw["quantization_config"] = qc
         with warnings.catch_warnings():
@@ -446,7 +466,12 @@ def run_burst(spec: dict, emit: Emit | None = None) -> dict[str, Any]:
                 tracker.register(*weights)
             else:
                 tracker.register(weights, label="weights")
+            del weights  # a held list would keep the full weights alive after FSDP shards them (a rank's wrap)
             stack.enter_context(tracker)
+            if dist:  # FSDP frees and re-allocates unsharded tensors by resizing their storage
+                from .distributed import follow_storage_resizes
+
+                stack.enter_context(follow_storage_resizes(tracker))
         record_mem("load", probe.end("load"))
 
         # ---- prepare ------------------------------------------------------------------
@@ -514,12 +539,23 @@ def run_burst(spec: dict, emit: Emit | None = None) -> dict[str, Any]:
             stack.enter_context(sdpa_kernel([backend]))
         marks = st.StepMarks(phase, probe, record_mem, mem, emit)
 
+        if dist:  # a rank of a multi-GPU burst: the engine takes the model (DDP / FSDP), then the optimizer
+            from .distributed import wrap_model
+
+            if kind != "loop":
+                raise RuntimeError(f"--trainer {kind} with --strategy {dist['strategy']}: a burst wraps the plain "
+                                   f"loop's model only; use --trainer loop")
+            phase("wrap")
+            probe.begin("wrap")
+            model, res["protocol"]["engine"] = wrap_model(model, dist, r, device, cuda_index)
+            record_mem("wrap", probe.end("wrap"))
+
         # ---- steps (protocol 6-7) -----------------------------------------------------
         if kind == "loop":
             phase("optimizer")
             opt = _optimizer(train["optimizer"], [p for p in model.parameters() if p.requires_grad])
             model.train()
-            dev = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
+            dev = torch.device("cuda", cuda_index) if device == "cuda" else torch.device("cpu")
             if enc_dec:
                 gen = torch.Generator(device="cpu").manual_seed(0)
                 ids = torch.randint(0, vocab, (batch, seq), generator=gen).to(dev)

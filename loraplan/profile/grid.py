@@ -15,11 +15,11 @@ from typing import Any
 from ..spec import PARALLEL_FIELDS, RECIPE_FIELDS
 
 #: grid keys -> case option keys (see loraplan/case.py PARSERS): a profile grid takes: the case's shape, the training stack (spec.RECIPE_FIELDS;
-#: without them the profile dropped --reentrant, --gradient-accumulation, ... silently) and the multi-GPU
-#: layout (spec.PARALLEL_FIELDS: strategy, num_gpus, ...), as sweep's GRID_KEYS
+#: without them the profile dropped --reentrant, --gradient-accumulation, ... silently) and the
+#: multi-GPU layout (spec.PARALLEL_FIELDS: --strategy, --num-gpus, ...)
 CASE_KEYS = ("model", "quant", "double_quant", "rank", "alpha", "dropout", "targets", "optimizer", "batch",
-             "seq", "target_seq", "gradient_checkpointing", "attention", "int8_outlier_fraction") + RECIPE_FIELDS + \
-    PARALLEL_FIELDS
+             "seq", "target_seq", "gradient_checkpointing", "attention", "int8_outlier_fraction") + RECIPE_FIELDS \
+    + PARALLEL_FIELDS
 
 
 def load_grid_file(path: str | Path) -> list[dict[str, Any]]:

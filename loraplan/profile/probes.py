@@ -9,7 +9,6 @@ consecutive phases is the peak over their union.
 from __future__ import annotations
 
 import threading
-import time
 from typing import Any
 
 #: torch.cuda.memory_stats keys -> record names

@@ -71,13 +71,18 @@ def gpu_id_for_name(device_name: str, entries: dict[str, dict] | None = None) ->
 
 
 def case_key(inputs: dict[str, Any]) -> str:
-    """Stable key of a case: sha256 of its inputs as canonical JSON (first 16 hex digits)."""
-    text = json.dumps(inputs, sort_keys=True, separators=(",", ":"), default=str)
+    """Stable key of a case: sha256 of its inputs as canonical JSON (first 16 hex digits).
+
+    A one-GPU case (strategy single, one GPU, one node) hashes without the multi-GPU fields
+    (:func:`one_gpu_inputs`), so its key is the one records written before those fields existed carry."""
+    text = json.dumps(one_gpu_inputs(inputs), sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def append_record(path: str | Path, record: dict[str, Any]) -> None:
-    """Append one record as one line: a single write to an O_APPEND fd, then fsync.
+def append_record(path: str | Path, record: dict[str, Any] | list[dict[str, Any]]) -> None:
+    """Append one record as one line (or a list of records, one line each, all in the same
+    write: the records of one multi-GPU case land together or not at all): a single write to an
+    O_APPEND fd, then fsync.
 
     A write that fails part way (ENOSPC, EIO) is undone: the file is truncated back to its size
     before this call, so no partial line is left to corrupt later appends; the OSError is raised
@@ -85,7 +90,9 @@ def append_record(path: str | Path, record: dict[str, Any]) -> None:
     """
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    data = (json.dumps(record, sort_keys=False, separators=(",", ":"), default=_json_default) + "\n").encode()
+    recs = record if isinstance(record, list) else [record]
+    data = "".join(json.dumps(r, sort_keys=False, separators=(",", ":"), default=_json_default) + "\n"
+                   for r in recs).encode()
     fd = os.open(p, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         # a file whose last line lacks its newline (written by something else) keeps that line
@@ -300,3 +307,38 @@ def default_out_path(gpu_id: str, root: str | Path = "profiles") -> Path:
 def done_keys(records: Iterable[dict[str, Any]]) -> set[str]:
     """Keys of cases already recorded (any status: an OOM or a timeout is a result too)."""
     return {r["key"] for r in records if isinstance(r.get("key"), str)}
+
+
+# ---- several GPUs (issue 13): per-rank records and the summary record ------------------------
+#
+# A multi-GPU case (``--strategy ddp|fsdp... --num-gpus N``) writes N + 1 records in one append:
+# one per rank (``"record": "rank"``, ``rank``, ``case_key``: the summary's key, ``run``: the run
+# id both share; its own ``key`` is the case key with the rank) and then the summary
+# (``"record": "summary"``, ``key``: the case key, so a rerun skips the case; ``memory`` the worst
+# rank's peaks, ``time`` the ranks' mean step and total tokens/s, ``ranks``: [{rank, key, status,
+# peak}]). One-GPU records carry no ``record`` field.
+
+#: record kinds of a multi-GPU case
+RANK, SUMMARY = "rank", "summary"
+
+
+def one_gpu_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
+    """``inputs`` without the multi-GPU fields (``spec.PARALLEL_FIELDS``) when they describe one
+    GPU (strategy single or absent, num_gpus and nodes 1 or absent); else ``inputs`` unchanged."""
+    from ..spec import PARALLEL_FIELDS
+
+    if inputs.get("strategy", "single") != "single" or int(inputs.get("num_gpus") or 1) != 1 \
+            or int(inputs.get("nodes") or 1) != 1:
+        return inputs
+    return {k: v for k, v in inputs.items() if k not in PARALLEL_FIELDS}
+
+
+def rank_key(inputs: dict[str, Any], rank: int) -> str:
+    """Key of one rank's record of a multi-GPU case."""
+    return case_key({**inputs, "rank": int(rank)})
+
+
+def record_kind(rec: dict[str, Any]) -> str | None:
+    """"rank", "summary", or None (a one-GPU record)."""
+    k = rec.get("record")
+    return k if k in (RANK, SUMMARY) else None

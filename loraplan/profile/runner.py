@@ -32,6 +32,7 @@ from typing import Any, Callable
 from ..errors import DeviceError, HostMemoryError, MissingExtraError, RecordsError
 from ..spec import LoraSpec, ModelSpec, TrainSpec, run_inputs
 from ..storage import dtype_bytes, is_quantized, load_dtype
+from .distributed import is_distributed
 from .locks import device_key, device_lock, records_lock, remove_stale_temp_dirs, temp_prefix
 from .records import (SCHEMA, append_record, case_key, check_writable, default_out_path, gpu_id_for_name,
                       keep_record, merge_recovered, read_records)
@@ -56,7 +57,21 @@ class Case:
         s = f"s{t.seq}" + (f"/{t.target_seq}" if t.target_seq and t.target_seq != t.seq else "")
         return (f"{self.model.name} {q} r{l.rank} {tg} {t.optimizer} b{t.batch} {s} "
                 f"{'gc' if t.gradient_checkpointing else 'nogc'}" + (f" {t.attention}" if t.attention != "auto" else "")
-                + "".join(f" {v}" if k == "trainer" else f" {k}={v}" for k, v in _recipe_given(t)))
+                + "".join(f" {v}" if k == "trainer" else f" {k}={v}" for k, v in _recipe_given(t))
+                + _parallel_label(t))
+
+
+def _parallel_label(t: TrainSpec) -> str:
+    """" fsdp x2" (and the FSDP options given) for a multi-GPU case; "" for one GPU."""
+    if not is_distributed(t):
+        return ""
+    out = f" {t.strategy} x{t.num_gpus}"
+    if t.strategy.startswith("fsdp"):
+        out += "".join(f" {k}={v}" for k, v in (("fsdp_sharding", t.fsdp_sharding), ("fsdp_version", t.fsdp_version),
+                                                 ("use_orig_params", t.use_orig_params),
+                                                 ("quant_storage", t.quant_storage))
+                       if v is not None and not (k == "fsdp_sharding" and v == "full"))
+    return out
 
 
 def _recipe_given(t: TrainSpec) -> list[tuple[str, Any]]:
@@ -182,8 +197,10 @@ def host_memory_available_bytes() -> int | None:
 def host_weight_bytes(case: Case) -> int:
     """Host RAM the model's weights alone take in a --device cpu burst: every parameter in the
     larger of bf16 (the cached random-weight checkpoint is built in bf16, burst.ensure_model) and
-    the load dtype (``storage.load_dtype``). Activations, gradients and optimizer come on top."""
-    return case.model.total_params * max(dtype_bytes("bf16"), dtype_bytes(load_dtype(case.train.quant)))
+    the load dtype (``storage.load_dtype``), once per rank of a multi-GPU case (each rank loads
+    the whole model before the engine shards it). Activations, gradients and optimizer come on top."""
+    ranks = int(case.train.num_gpus) if is_distributed(case.train) else 1
+    return ranks * case.model.total_params * max(dtype_bytes("bf16"), dtype_bytes(load_dtype(case.train.quant)))
 
 
 def check_host_memory(cases: list[Case], dev: DeviceInfo, available: int | None = None) -> None:
@@ -300,6 +317,96 @@ def worker_spec(case: Case, dev: DeviceInfo, steps: int, warmup: int, cache_dir:
     }
 
 
+@dataclass
+class Followed:
+    """What :func:`_follow` saw of a worker (or of torchrun and its ranks)."""
+
+    rc: int
+    timed_out: bool
+    wall_s: float
+    stderr_tail: str
+    #: last phase and per-phase memory, by rank (None: a one-GPU worker)
+    phases: dict = field(default_factory=dict)
+    mem: dict = field(default_factory=dict)
+
+    def phase(self, rank=None) -> str:
+        """The last phase ``rank`` (None: the one-GPU worker) reported."""
+        return self.phases.get(rank) or "start"
+
+
+def _follow(argv: list[str], timeout: float, on_event: OnEvent, env: dict | None, err_path: str) -> Followed:
+    """Run ``argv`` in its own process group, forward its ``@@loraplan`` progress lines (those of
+    rank 0 only, when they carry a rank), and kill the group after ``timeout`` seconds; the clock
+    stops while the cached model is built (the lead rank's ``build`` phase) and restarts after."""
+    wenv = dict(os.environ if env is None else env)
+    wenv.update(PYTHONUNBUFFERED="1", HF_HUB_DISABLE_PROGRESS_BARS="1", TQDM_DISABLE="1",
+                TRANSFORMERS_VERBOSITY="error", HF_HUB_OFFLINE="1",
+                LORAPLAN_PARENT_PID=str(os.getpid()))
+    phases: dict = {}
+    mems: dict = {}
+    with open(err_path, "wb") as err:
+        t0 = time.monotonic()
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
+                                start_new_session=True, env=wenv)
+        q: queue.Queue = queue.Queue()
+
+        def reader():
+            for raw in proc.stdout:
+                line = raw.decode("utf-8", "replace").rstrip("\n")
+                if line.startswith(MARK):
+                    try:
+                        q.put(json.loads(line[len(MARK):]))
+                    except json.JSONDecodeError:
+                        pass
+            q.put(None)
+
+        threading.Thread(target=reader, daemon=True).start()
+        deadline, timed_out, eof = t0 + timeout, False, False
+        try:
+            while True:
+                try:
+                    ev = q.get(timeout=0.1)
+                except queue.Empty:
+                    ev = False
+                if ev is None:
+                    eof = True
+                elif ev:
+                    rank = ev.get("rank")
+                    lead = rank in (None, 0)
+                    if ev.get("ev") == "phase":
+                        if lead and ev["phase"] == "build":
+                            deadline = math.inf
+                        elif lead and phases.get(rank) == "build":
+                            deadline = time.monotonic() + timeout
+                        phases[rank] = ev["phase"]
+                    elif ev.get("ev") == "mem":
+                        mems.setdefault(rank, {})[ev["phase"]] = ev.get("mem")
+                    if lead:
+                        on_event(ev)
+                if eof and proc.poll() is not None:
+                    break
+                if time.monotonic() > deadline:
+                    timed_out = True
+                    _kill_group(proc)
+                    break
+        finally:
+            if proc.poll() is None and not timed_out:
+                _kill_group(proc)
+        rc = proc.wait()
+    tail = Path(err_path).read_text(errors="replace")[-20000:]  # torchrun's failure table is near the end
+    return Followed(rc, timed_out, time.monotonic() - t0, tail, phases, mems)
+
+
+def _died(f: Followed, rank=None) -> str:
+    how = f"killed by signal {-f.rc}" if f.rc < 0 else f"exit status {f.rc}"
+    if f.rc == -signal.SIGKILL:
+        how += " (possibly the system's out-of-memory killer)"
+    last = f.stderr_tail.strip().splitlines()[-1] if f.stderr_tail.strip() else ""
+    if rank is not None:  # torchrun's last stderr line is its own traceback, not the rank's
+        last = ""
+    return f"worker died without a result ({how}) in phase '{f.phase(rank)}'" + (f": {last}" if last else "")
+
+
 def run_worker(spec: dict, timeout: float, on_event: OnEvent | None = None, python: str | None = None,
                env: dict | None = None) -> dict:
     """Run one burst in a subprocess; returns the burst result (status ok|oom|timeout|error).
@@ -312,72 +419,75 @@ def run_worker(spec: dict, timeout: float, on_event: OnEvent | None = None, pyth
         spec_path, result_path, err_path = (os.path.join(tmp, n) for n in ("spec.json", "result.json", "stderr.txt"))
         with open(spec_path, "w") as f:
             json.dump(spec, f)
-        wenv = dict(os.environ if env is None else env)
-        wenv.update(PYTHONUNBUFFERED="1", HF_HUB_DISABLE_PROGRESS_BARS="1", TQDM_DISABLE="1",
-                    TRANSFORMERS_VERBOSITY="error", HF_HUB_OFFLINE="1",
-                    LORAPLAN_PARENT_PID=str(os.getpid()))
-        with open(err_path, "wb") as err:
-            t0 = time.monotonic()
-            proc = subprocess.Popen([python or sys.executable, "-m", "loraplan.profile.worker",
-                                     "--spec", spec_path, "--result", result_path],
-                                    stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
-                                    start_new_session=True)
-            q: queue.Queue = queue.Queue()
-
-            def reader():
-                for raw in proc.stdout:
-                    line = raw.decode("utf-8", "replace").rstrip("\n")
-                    if line.startswith(MARK):
-                        try:
-                            q.put(json.loads(line[len(MARK):]))
-                        except json.JSONDecodeError:
-                            pass
-                q.put(None)
-
-            threading.Thread(target=reader, daemon=True).start()
-            phase, mem_phases, deadline, timed_out, eof = "start", {}, t0 + timeout, False, False
-            try:
-                while True:
-                    try:
-                        ev = q.get(timeout=0.1)
-                    except queue.Empty:
-                        ev = False
-                    if ev is None:
-                        eof = True
-                    elif ev:
-                        if ev.get("ev") == "phase":
-                            if ev["phase"] == "build":
-                                deadline = math.inf
-                            elif phase == "build":
-                                deadline = time.monotonic() + timeout
-                            phase = ev["phase"]
-                        elif ev.get("ev") == "mem":
-                            mem_phases[ev["phase"]] = ev.get("mem")
-                        on_event(ev)
-                    if eof and proc.poll() is not None:
-                        break
-                    if time.monotonic() > deadline:
-                        timed_out = True
-                        _kill_group(proc)
-                        break
-            finally:
-                if proc.poll() is None and not timed_out:
-                    _kill_group(proc)
-            rc = proc.wait()
-        if timed_out:
-            return {"status": "timeout", "phase": phase,
-                    "error": f"no result within --timeout {timeout:g}s (reached phase '{phase}'); the worker was killed",
-                    "memory": {"phases": mem_phases}, "wall_s": time.monotonic() - t0}
+        fo = _follow([python or sys.executable, "-m", "loraplan.profile.worker", "--spec", spec_path,
+                      "--result", result_path], timeout, on_event, env, err_path)
+        if fo.timed_out:
+            return {"status": "timeout", "phase": fo.phase(),
+                    "error": f"no result within --timeout {timeout:g}s (reached phase '{fo.phase()}'); the worker was killed",
+                    "memory": {"phases": fo.mem.get(None, {})}, "wall_s": fo.wall_s}
         if os.path.exists(result_path):
             with open(result_path) as f:
                 return json.load(f)
-        tail = Path(err_path).read_text(errors="replace")[-3000:]
-        how = f"killed by signal {-rc}" if rc < 0 else f"exit status {rc}"
-        if rc == -signal.SIGKILL:
-            how += " (possibly the system's out-of-memory killer)"
-        return {"status": "error", "phase": phase,
-                "error": f"worker died without a result ({how}) in phase '{phase}'" + (f": {tail.strip().splitlines()[-1]}" if tail.strip() else ""),
-                "stderr_tail": tail, "memory": {"phases": mem_phases}, "wall_s": time.monotonic() - t0}
+        return {"status": "error", "phase": fo.phase(), "error": _died(fo), "stderr_tail": fo.stderr_tail[-3000:],
+                "memory": {"phases": fo.mem.get(None, {})}, "wall_s": fo.wall_s}
+
+
+def run_distributed(spec: dict, nprocs: int, timeout: float, on_event: OnEvent | None = None,
+                    python: str | None = None, env: dict | None = None) -> tuple[dict[int, dict], dict]:
+    """Run one burst as a torchrun job of ``nprocs`` ranks (``loraplan.profile.distributed``);
+    returns ({rank: burst result}, launcher facts). Every rank gets a result: a rank that wrote
+    none (it crashed, torchrun stopped it after another rank failed, or the time ran out) gets
+    status error or timeout, with the phase it reached."""
+    from .distributed import launch_command, missing_rank_result, read_rank_results, torchrun_failures
+
+    on_event = on_event or (lambda ev: None)
+    with tempfile.TemporaryDirectory(prefix=temp_prefix()) as tmp:
+        spec_path, err_path = os.path.join(tmp, "spec.json"), os.path.join(tmp, "stderr.txt")
+        with open(spec_path, "w") as f:
+            json.dump(dict(spec, timeout=timeout), f)
+        argv = launch_command(nprocs, spec_path, tmp, python)
+        fo = _follow(argv, timeout, on_event, env, err_path)
+        got = read_rank_results(tmp, nprocs)
+    root, codes = torchrun_failures(fo.stderr_tail)
+    failed = sorted(r for r, res in got.items() if res.get("status") != "ok")
+    if root is None and failed:
+        root = failed[0]
+    first = (f"rank {root} failed first" + (f" ({got[root].get('status')} in {got[root].get('phase')})"
+                                            if root in got else "")) if root is not None else None
+    out: dict[int, dict] = {}
+    for rank in range(nprocs):
+        if rank in got:
+            res = got[rank]
+            if res.get("status") != "ok" and root is not None and rank != root:
+                res["error"] = f"after {first}: {res.get('error')}"  # e.g. gloo's "connection closed" when a peer died
+                res["after_rank"] = root
+            out[rank] = res
+            continue
+        ph, mem = fo.phase(rank), fo.mem.get(rank, {})
+        if fo.timed_out:
+            res = missing_rank_result(rank, ph, mem, f"no result within --timeout {timeout:g}s (reached phase "
+                                                     f"'{ph}'); the job was killed")
+            res["status"] = "timeout"
+        elif rank in codes:  # torchrun saw this rank exit without writing a result: a crash
+            code = codes[rank]
+            how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+            res = missing_rank_result(rank, ph, mem, f"rank {rank} died without a result ({how}) in phase '{ph}'"
+                                      + ("" if rank == root or first is None else f", after {first}"))
+            res["stderr_tail"] = fo.stderr_tail[-3000:]
+        elif first is not None:
+            res = missing_rank_result(rank, ph, mem, f"stopped by torchrun in phase '{ph}' after {first}")
+            res["after_rank"] = root
+        else:
+            res = missing_rank_result(rank, ph, mem, _died(fo, rank))
+            res["stderr_tail"] = fo.stderr_tail[-3000:]
+        res["wall_s"] = fo.wall_s
+        out[rank] = res
+    if root is not None and root in out:
+        out[root]["root_cause"] = True
+    launcher = {"command": "python -m torch.distributed.run --standalone --nproc-per-node "
+                           f"{nprocs} --max-restarts=0 -m loraplan.profile.distributed",
+                "exit_status": fo.rc, "timed_out": fo.timed_out, "wall_s": fo.wall_s}
+    return out, launcher
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -392,11 +502,12 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 
 def make_record(case: Case, dev: DeviceInfo, result: dict, *, steps: int, warmup: int, timeout: float,
-                trace: dict | None = None) -> dict:
-    """One JSON record: inputs, what the worker measured, the analytic estimate beside it and,
-    with ``trace`` (from :func:`trace_for`), the meta-device trace's prediction."""
+                trace: dict | None = None, estimated: tuple | None = None) -> dict:
+    """One JSON record: inputs, what the worker measured, the analytic estimate beside it
+    (``estimated``: :func:`estimate_for`'s answer when already computed) and, with ``trace``
+    (from :func:`trace_for`), the meta-device trace's prediction."""
     inputs = case_inputs(case, dev)
-    est, est_gpu, est_why = estimate_for(case, dev)
+    est, est_gpu, est_why = estimated if estimated is not None else estimate_for(case, dev)
     protocol = dict(result.get("protocol") or {})
     protocol.update(steps=steps, warmup=warmup, timeout_s=timeout, reference="loraplan/data/h100-protocol.md")
     rec = {
@@ -432,6 +543,58 @@ def make_record(case: Case, dev: DeviceInfo, result: dict, *, steps: int, warmup
         if result.get(k):
             rec[k] = result[k]
     return rec
+
+
+def rank_estimate(est: dict | None, rank: int) -> tuple[dict | None, str | None]:
+    """(the estimate of one rank, why absent): the rank's ledger ``memory.per_gpu[rank]`` (its
+    components sum to that rank's peak) and the estimate's time; None when the estimate has no
+    per-GPU ledger."""
+    if est is None:
+        return None, "no estimate"
+    per = (est.get("memory") or {}).get("per_gpu") or {}
+    comp = per.get(str(rank), per.get(rank)) if isinstance(per, dict) else None
+    if not isinstance(comp, dict):
+        return None, "the estimate has no per-GPU ledger (memory.per_gpu) for this rank"
+    return {"memory": {"peak_allocated_bytes": int(sum(v for v in comp.values() if isinstance(v, (int, float)))),
+                       "components": comp, "rank": rank},
+            "time": est.get("time")}, None
+
+
+def make_distributed_records(case: Case, dev: DeviceInfo, results: dict[int, dict], launcher: dict, *, steps: int,
+                             warmup: int, timeout: float, trace: dict | None = None) -> list[dict]:
+    """The records of a multi-GPU case: one per rank, then the summary (records.py's layout
+    note); ``results`` from :func:`run_distributed`. The summary carries the whole estimate
+    (its top-level peak is the worst rank's) and the trace; each rank record its rank's ledger."""
+    import uuid
+
+    from .distributed import summarise
+    from .records import RANK, SUMMARY, rank_key
+
+    n = int(case.train.num_gpus)
+    estimated = estimate_for(case, dev)
+    run = uuid.uuid4().hex[:12]
+    recs = []
+    for rank in sorted(results):
+        rec = make_record(case, dev, results[rank], steps=steps, warmup=warmup, timeout=timeout, estimated=estimated)
+        rec["estimate"], rank_why = rank_estimate(estimated[0], rank)
+        rec["estimate_error"] = estimated[2] or rank_why
+        case_k = rec["key"]
+        rec.update(key=rank_key(rec["inputs"], rank), label=f"{case.label} rank {rank}", record=RANK, rank=rank,
+                   world_size=n, case_key=case_k, run=run)
+        recs.append(rec)
+    sm = summarise(results, n)
+    lead = results.get(0) or next(iter(results.values()), {})
+    worst = sm["memory"].get("worst_rank")
+    nv = (results.get(worst) or {}).get("nvml") if worst is not None else None
+    summary_result = {**sm, "params": lead.get("params"), "env": lead.get("env"),
+                      "protocol": dict(lead.get("protocol") or {}, launcher=launcher),
+                      "nvml": nv, "wall_s": launcher.get("wall_s")}
+    summ = make_record(case, dev, summary_result, steps=steps, warmup=warmup, timeout=timeout, trace=trace,
+                       estimated=estimated)
+    summ.update(record=SUMMARY, world_size=n, run=run,
+                ranks=[{"rank": r["rank"], "key": r["key"], "status": r["status"], "phase": r["phase"],
+                        "peak_allocated_bytes": (r.get("memory") or {}).get("peak_allocated_bytes")} for r in recs])
+    return recs + [summ]
 
 
 # ---- the sweep --------------------------------------------------------------------------
@@ -558,7 +721,11 @@ def _sweep(cases: list[Case], dev: DeviceInfo, path: Path, sig: _Signals, *, for
             continue
         on_event({"ev": "case_start", "i": i, "n": n, "label": case.label, "key": key})
         spec = worker_spec(case, dev, steps, warmup, cache_dir, kernel_summary)
-        result = run_worker(spec, timeout, on_event, python=python)
+        multi = is_distributed(case.train)
+        if multi:
+            by_rank, launcher = run_distributed(spec, int(case.train.num_gpus), timeout, on_event, python=python)
+        else:
+            result = run_worker(spec, timeout, on_event, python=python)
         tr, stop = None, None
         if trace:
             on_event({"ev": "phase", "phase": "trace"})
@@ -569,8 +736,14 @@ def _sweep(cases: list[Case], dev: DeviceInfo, path: Path, sig: _Signals, *, for
                 tr = {"error": f"the run was stopped ({type(e).__name__}) before the trace finished",
                       "gpu": estimate_gpu_id(case, dev)}
         with sig.held():
-            rec = make_record(case, dev, result, steps=steps, warmup=warmup, timeout=timeout, trace=tr)
-            _write_or_keep(path, rec, case.label)
+            if multi:
+                recs = make_distributed_records(case, dev, by_rank, launcher, steps=steps, warmup=warmup,
+                                                timeout=timeout, trace=tr)
+                rec = recs[-1]
+                _write_or_keep(path, recs, case.label)
+            else:
+                rec = make_record(case, dev, result, steps=steps, warmup=warmup, timeout=timeout, trace=tr)
+                _write_or_keep(path, rec, case.label)
         if stop is not None:
             raise stop
         done.add(key)

@@ -105,6 +105,24 @@ class Validation:
                 "cases": [c.to_dict() for c in self.cases]}
 
 
+def rank_components(est, rank: int | None) -> dict[str, int] | None:
+    """The estimate's ledger of one rank (``MemoryEstimate.per_gpu[rank]``, issue 13), or None."""
+    per = getattr(est.memory, "per_gpu", None) or {}
+    comp = per.get(rank, per.get(str(rank))) if isinstance(per, dict) else None
+    return comp if isinstance(comp, dict) else None
+
+
+def rank_metric_pairs(m: Measurement, est) -> tuple[dict[str, tuple[float, float]], str | None]:
+    """(metric -> (predicted, measured), why none) for a rank record: its peak allocated against
+    the sum of its rank's ledger; reserved, device and step time are the summary's to check."""
+    comp = rank_components(est, m.rank)
+    if comp is None:
+        return {}, "the estimate has no per-GPU ledger for this rank (memory.per_gpu); not compared"
+    if m.peak_allocated_bytes is None:
+        return {}, None
+    return {"allocated": (float(sum(comp.values())), m.peak_allocated_bytes)}, None
+
+
 def component_checks(m: Measurement, est) -> dict[str, tuple[float, float]]:
     """Ledger lines the record's phase peaks can check (CUDA records only):
 
@@ -113,7 +131,7 @@ def component_checks(m: Measurement, est) -> dict[str, tuple[float, float]]:
     - ``optimizer_state``: predicted optimizer state + cuBLAS workspaces vs the allocated bytes
       after the first optimizer step (gradients freed) minus those after "lora".
     """
-    if m.gpu == "cpu":
+    if m.gpu == "cpu" or m.world_size > 1:  # the one-GPU ledger lines do not describe a rank
         return {}
     ph = m.phases
     comps = est.memory.components  # frozen weights, LoRA weights, optimizer state, workspaces: in every moment
@@ -141,6 +159,16 @@ def validate(measurements: list[Measurement], cal_for, expected: dict | None = N
         if m.gpu == "cpu":
             flags.append("cpu record: live tensor bytes, no allocator")
         trace = None
+        if m.record == "rank":  # one rank of a multi-GPU case: shown, checked against its own ledger, not summarised
+            metrics, why = rank_metric_pairs(m, est) if m.ok else ({}, None)
+            flags.append(f"rank {m.rank} of {m.world_size}: " + (why or "compared with the estimate's ledger of this "
+                                                                       "rank; its summary record is the case"))
+            cases.append(CaseValidation(m.id, m.status, m.gpu, metrics, {}, flags, est.memory.peak_moment,
+                                        dict(rank_components(est, m.rank) or {}), est.fits, None, None,
+                                        m.gpu != "cpu"))
+            continue
+        if m.record == "summary":
+            flags.append(f"{m.world_size} GPUs ({m.train.strategy}): the worst rank's peak vs the estimate's worst rank")
         if m.ok:
             metrics = metric_pairs(m, est)
             comps = component_checks(m, est)

@@ -367,6 +367,8 @@ class LiveTensorTracker(TorchDispatchMode):
     def _track(self, t: torch.Tensor, op: str, label: str | None) -> None:
         if self.paused:
             return
+        if _is_wrapper_subclass(t):  # a DTensor (FSDP2's sharded parameters): its inner tensors are the memory
+            return
         st = _storage(t)
         if st is None:
             return
@@ -462,6 +464,14 @@ def _unignore(ref, key):
     tr = ref()
     if tr is not None:
         tr._ignored.discard(key)
+
+
+def _is_wrapper_subclass(t: torch.Tensor) -> bool:
+    """A traceable wrapper subclass (DTensor, ...: torch/utils/_python_dispatch.py::
+    is_traceable_wrapper_subclass) holds no memory of its own: ``_make_wrapper_subclass`` gives it
+    a data-less storage of the *global* size, while the local shard it wraps is an ordinary
+    tensor, tracked when made."""
+    return type(t) is not torch.Tensor and is_traceable_wrapper_subclass(t)
 
 
 def _storage(t: torch.Tensor):
