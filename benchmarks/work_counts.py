@@ -77,6 +77,8 @@ def analytic_classes(model, lora: LoraSpec, train: TrainSpec) -> dict[str, dict[
         if n_layers:
             add("elementwise", tm.layer_host_work(model.arch, n_layers, fw, gc, eager))
             add("attention", tm.attention_work(model, n_layers, T, seq, fw, eager))
+            if model.moe is not None and n_layers == model.num_layers:  # the experts' grouped GEMMs + router
+                add("frozen_linear", tm.expert_work(model, dt, T, fw, a_stream))
     add("loss", tm.loss_work(model, dt, T_dec))
     add("embedding", tm.embedding_work(model, T_dec, a_stream))
     add("optimizer", tm.optimizer_work(train.optimizer, n_tensors, trainable))
