@@ -907,7 +907,7 @@ def _memory_totals(st, train, x, ms, cal, kind, gpu, stored: float = 1):
     paged = paged_optimizer_state(st, x.r, train.optimizer)
     paged = int(paged) if isinstance(paged, (int, float)) else np.asarray(paged).astype(np.int64)
     paged = paged_per_rank(paged, train)
-    reserved, _ = reserved_and_band(st, x, kind, peak, gpu, cal, train.stack)
+    reserved, _ = reserved_and_band(st, x, kind, peak, gpu, cal, train.stack, one_gpu=train.strategy == "single")
     context, _ = context_and_band(gpu, cal, train.stack)
     reserved, device, _ = device_totals(peak, paged, cal, reserved, context)
     return peak, np.broadcast_to(moment, np.shape(x.b)), reserved, device

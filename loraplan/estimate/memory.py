@@ -246,7 +246,7 @@ def workspace_blocks(gpu: GpuSpec | None, cal: Calibration, device: str = "cuda"
 
 
 def reserved_and_band(st: Structure, x: Shape, kind: str, peak_allocated, gpu: GpuSpec | None, cal: Calibration,
-                      stack=None, alloc_conf: str = ""):
+                      stack=None, alloc_conf: str = "", one_gpu: bool = True):
     """(peak reserved, its uncertainty in bytes) from peak allocated: ints, or int64 arrays.
 
     A GPU calibration that fitted ``reserved_over_allocated_ratio`` from profile records (measured
@@ -255,11 +255,13 @@ def reserved_and_band(st: Structure, x: Shape, kind: str, peak_allocated, gpu: G
     (``allocator_slack.peak_reserved``: the built model's segments replayed through the
     caching-allocator rules + the step's segments; PYTORCH_CUDA_ALLOC_CONF ``alloc_conf``: "" unset,
     or "expandable_segments:True"), band
-    ``allocator_slack.slack_uncertainty`` (the fit's spread against the trace replays)."""
+    ``allocator_slack.slack_uncertainty`` (the fit's spread against the trace replays).
+    ``one_gpu`` False (a multi-GPU engine: each rank holds shards, gathered units and buckets the
+    closed form's one-GPU replay of the built model does not have): the calibration's ratio."""
     from . import allocator_slack
 
     allocator_slack.check_config(alloc_conf)
-    if _calibrated(cal, "reserved_over_allocated_ratio"):
+    if _calibrated(cal, "reserved_over_allocated_ratio") or not one_gpu:
         r = peak_allocated * (1 + coefficient(cal, "reserved_over_allocated_ratio"))
         u = peak_allocated * coefficient(cal, "reserved_over_allocated_uncertainty")
         if _is_scalar(r):
@@ -319,7 +321,8 @@ def estimate_memory(s: Setup, gpu: GpuSpec | None, cal: Calibration, alloc_conf:
     paged = paged_per_rank(int(paged_optimizer_state(st, x.r, s.train.optimizer)), s.train)
     # the allocator's closed form (allocator_slack) replays the one-GPU model's weights: under a
     # multi-GPU engine it is applied to the worst rank's peak as it stands
-    reserved, reserved_band = reserved_and_band(st, x, s.attention, peak, gpu, cal, s.train.stack, alloc_conf)
+    reserved, reserved_band = reserved_and_band(st, x, s.attention, peak, gpu, cal, s.train.stack, alloc_conf,
+                                                one_gpu=s.train.strategy == "single")
     context, context_band = context_and_band(gpu, cal, s.train.stack)
     reserved, device, context = device_totals(peak, paged, cal, reserved, context)
     outside = {"cuda_context_and_libraries": context}
