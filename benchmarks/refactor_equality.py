@@ -67,6 +67,10 @@ INTENDED = (
      "_ignore_causal_mask_sdpa), not only above it; with it each layer's sdpa saves an additive mask and "
      "k, v repeated to n_h heads (phi-3-mini's window is 2047: the seq-2048 points)",
      ("phi-3-mini-4k", "mistral-7b"), QUANTS, _MEMORY_FIELDS),
+    ("issue 14, residual dropout (OPT, T5): the MLP branch's gradient made by the residual dropout's backward "
+     "is consumed by the down projection's input-gradient matmul, so it is not alive at the MLP product's "
+     "backward (transients.layer_backward_transients); OPT's 'layer backward' moment only, never its peak",
+     ("opt-6.7b",), QUANTS, r"^\.estimate\.memory\.moments\.layer backward$"),
     ("a 'fits with paging' verdict carries the per-step paging time over the GPU's host link: a note and "
      "detail['paging'] (estimate.api._with_paging_cost)",
      None, None, r"^\.estimate\.(detail|memory\.notes)$", "fits with paging"),

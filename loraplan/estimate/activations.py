@@ -522,9 +522,13 @@ def encoder_backward_activations(st: Structure, kind: str, x: Shape, gradient_ch
       position bias [1, n_h, s_e, s_e]; the embedding outputs that enable_input_require_grads
       made leaves (a·(T_enc + T)·h) and the cross-attention's zeros bias, a leaf that requires
       grad under checkpointing (modeling_t5.py T5Attention.forward), with its ``.grad``:
-      2·a·n_h·s_t·s_e. Without checkpointing the other encoder layers' saved tensors
-      (the first layer's as in ``first_layer_not_saved``);
-    - the encoder output's gradient, summed over the decoder's cross-attentions: a·T_enc·h.
+      2·a·n_h·s_t·s_e; the decoder input leaf's ``.grad`` (a·T·h) and the encoder's entry
+      dropout mask (T_enc·h). Without checkpointing the other encoder layers' saved tensors
+      (the first layer's as in ``first_layer_not_saved``).
+    The encoder output's gradient (summed over the decoder's cross-attentions) is gone by then:
+    the encoder's final dropout and T5LayerNorm backward each make a new tensor and release
+    their input gradient, so only the residual gradient into the top layer is alive (a·T_enc·h,
+    counted in ``transients.layer_backward_transients``) (modeling_t5.py T5Stack.forward).
     """
     m, a, h = st.model, st.stream_bytes, st.model.hidden_size
     S = layer_saved(st, kind, x, "encoder")
@@ -532,11 +536,40 @@ def encoder_backward_activations(st: Structure, kind: str, x: Shape, gradient_ch
         below = (a * h * (m.num_encoder_layers * x.T_enc + x.T_enc + x.T)
                  + (a * m.num_heads * x.seq * x.seq if _relative_bias(m) else 0)
                  + (2 * a * m.num_heads * x.tseq * x.seq if _relative_bias(m) else 0))
-        if m.arch.norm_keeps_input and a != 4:
-            below = below - a * x.T_enc * h  # T5LayerNorm keeps the layer input: the checkpointed input itself
+        if m.arch.norm_keeps_input:
+            # T5LayerNorm keeps the layer input: the checkpointed input itself (a half input is
+            # kept beside the fp32 copy; an fp32 input's ``.to(float32)`` returns it, so the norm's
+            # 4·T·h of ``norm_saved`` is that input too)
+            below = below - a * x.T_enc * h
+        # the decoder's input leaf has its ``.grad`` by now (a·T·h), and the encoder's entry
+        # dropout (T5Stack ``self.dropout(inputs_embeds)``, on a leaf that requires grad) keeps its mask
+        below = below + a * x.T * h
+        if hidden_dropout(m):
+            below = below + _mask_bytes(st, a) * x.T_enc * h
     else:
         below = (m.num_encoder_layers - 1) * S - first_layer_not_saved(st, kind, x)
-    return below + S + a * x.T_enc * h
+    return below + S
+
+
+def encoder_kept_in_decoder_backward(st: Structure, x: Shape, gradient_checkpointing: bool):
+    """Encoder-decoder models: what the encoder keeps while the decoder's layers run backward,
+    beyond its layers' (checkpointed inputs or saved tensors): its final norm's saved tensors,
+    its output (read by every cross-attention k/v), the final dropout's mask and, with
+    checkpointing, the two embedding outputs that enable_input_require_grads made leaves (T5
+    drops them out before the first layer, so they are not the first layer's input: a·(T_enc + T)·h)
+    with the entry dropouts' masks (they act on leaves that require grad).
+    Source: modeling_t5.py T5Stack.forward (``self.dropout(inputs_embeds)``, ``final_layer_norm``,
+    ``self.dropout``). 0 for decoder-only models."""
+    m = st.model
+    if not m.is_encoder_decoder:
+        return 0
+    a, h = st.stream_bytes, m.hidden_size
+    kept = norm_saved(st, x.T_enc) + a * x.T_enc * h
+    mask = _mask_bytes(st, a) if hidden_dropout(m) else 0
+    kept = kept + mask * x.T_enc * h
+    if gradient_checkpointing:
+        kept = kept + (a + mask) * (x.T_enc + x.T) * h
+    return kept
 
 
 def head_lora_activations(st: Structure, x: Shape):

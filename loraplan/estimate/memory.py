@@ -36,7 +36,8 @@ from ..spec import Calibration, ExpertSpec, GpuSpec, LinearSpec, ModelSpec, Trai
 from ..errors import InputError
 from ..storage import EXPERT_QUANTIZATION_PATHS, QUANTIZED, experts_unquantized
 from ..trainers import resolve_recipe
-from .activations import (Shape, checkpoint_inputs, choose_attention, encoder_backward_activations, layer_saved,
+from .activations import (Shape, checkpoint_inputs, choose_attention, encoder_backward_activations,
+                          encoder_kept_in_decoder_backward, layer_saved,
                           saved_activations)
 from .arrays import is_scalar as _is_scalar
 from .coefficients import coefficient
@@ -128,6 +129,7 @@ def moments(st: Structure, train: TrainSpec, kind: str, x: Shape, gpu: GpuSpec |
         below = (m.num_layers - 1) * S
         if m.is_encoder_decoder:
             below = below + m.num_encoder_layers * layer_saved(st, kind, x, "encoder")
+    below = below + encoder_kept_in_decoder_backward(st, x, train.gradient_checkpointing)
     out["layer backward"] = dict(base, activations=below + S + int8_keep + int8_inside_layer_backward(
                                      int8_all, int8_saved_anyway(st, kind, x, False), st, rc)
                                  + reentrant_layer_output(st, x, rc),
