@@ -60,6 +60,14 @@ INTENDED = (
      "output (T_enc tokens, not T; modeling_t5.py T5Attention.forward), and a new moment, the top encoder "
      "layer's backward, sets the peak when the encoder is the longer stack (checked against the trace)",
      ("flan-t5-base", "mt0-large"), QUANTS, _MEMORY_FIELDS),
+    ("issue 14, the T5 checkpointing residual: the top encoder layer's backward holds the residual gradient, "
+     "not the encoder output's (final dropout and norm backward release it); T5LayerNorm's fp32 input is the "
+     "checkpointed input; the self-attention bias needs no gradient (frozen relative_attention_bias), only the "
+     "cross zeros bias under checkpointing; the encoder's final norm/output and T5's embedding leaves stay "
+     "alive through the decoder backward; the top decoder layer's own LoRA gradients; and a new moment, "
+     "'position bias': the int64 bucketing temporaries of compute_bias (49·s_e²) in the first encoder block "
+     "(its recompute at the end of backward under checkpointing). Checked against the trace",
+     ("flan-t5-base", "mt0-large"), QUANTS, _MEMORY_FIELDS),
     ("issue 14, gpt-neox: v is a view of the fused query_key_value output, so sdpa's saved v keeps all of it "
      "(modeling_gpt_neox.py chunk of a view); the two parallel LayerNorms save one input, counted once",
      ("pythia-1b",), QUANTS, _MEMORY_FIELDS),

@@ -572,6 +572,49 @@ def encoder_kept_in_decoder_backward(st: Structure, x: Shape, gradient_checkpoin
     return kept
 
 
+def position_bucket_temporaries(q, k, bidirectional: bool):
+    """Bytes alive at the peak of T5's relative-position bucketing for a [q, k] bias
+    (modeling_t5.py T5Attention.compute_bias, ``_relative_position_bucket``): int64 [q, k]
+    tensors, at ``torch.min(relative_position_if_large, full_like(...))``: compute_bias's
+    ``relative_position`` (a local while the bucketing runs), the absolute (encoder,
+    bidirectional) or ``-min(·, 0)`` (decoder) position, ``relative_position_if_large`` before and
+    after the min and the ``full_like`` operand (8 B each), the bool ``is_small`` (1 B), and in
+    the bidirectional case ``relative_buckets`` made from ``(relative_position > 0)`` (8 B):
+    49·q·k bytes bidirectional, 41·q·k causal. Released before the embedding lookup."""
+    return (49 if bidirectional else 41) * q * k
+
+
+def position_bias_activations(st: Structure, x: Shape, gradient_checkpointing: bool):
+    """T5/mT5: activations alive while the encoder's first block computes its position bias
+    (``position_bucket_temporaries`` on top), the largest of:
+
+    - in the forward: the embedding output (a leaf with checkpointing), the entry dropout's
+      output (and its mask when the input requires grad), and what the block made before the
+      bias: its first norm (``norm_saved``; T5LayerNorm keeps its input, the block input, and
+      holds its output a·T·h while the attention runs), q, k, v (3·a·T·n_h·d) and their LoRA
+      branches (T5Attention.forward computes q, k, v before ``compute_bias``);
+    - with checkpointing, the same block's recompute at the very end of backward: besides the
+      above, the decoder's input leaf and its ``.grad`` (a·T·h each), the cross-attention's zeros
+      bias and its ``.grad`` (2·a·n_h·s_t·s_e) and the residual gradient into the block (a·T_enc·h);
+      the other encoder layers' inputs and the forward's bias were released with their backward.
+    0 for models without a relative position bias."""
+    m = st.model
+    if not _relative_bias(m) or not m.is_encoder_decoder:
+        return 0
+    a, h, T = st.stream_bytes, m.hidden_size, x.T_enc
+    mask = _mask_bytes(st, a) if hidden_dropout(m) else 0
+    qkv = 3 * a * T * m.num_heads * m.head_dim
+    lora = lora_input_saved_bytes(st, x.dropout) * T * st.first_layer_attn_in_adapted
+    norm = norm_saved(st, T) - (a * T * h if m.arch.norm_keeps_input or a == 4 else 0) + a * T * h
+    block = a * T * h + norm + qkv + lora  # the block input (entry dropout output) and its first part
+    temps = position_bucket_temporaries(x.seq, x.seq, bidirectional=True)
+    if not gradient_checkpointing:
+        return block + temps
+    recompute = (block + (a + mask) * T * h  # the leaf and the entry dropout mask
+                 + 2 * a * x.T * h + 2 * a * m.num_heads * x.tseq * x.seq + a * T * h)
+    return recompute + temps
+
+
 def head_lora_activations(st: Structure, x: Shape):
     """LoRA on lm_head saves its dropout output and mask (5·T·h; 4·T·h without dropout) and 4·T·r."""
     if not st.head_adapted:

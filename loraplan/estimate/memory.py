@@ -15,6 +15,8 @@ largest wins:
 - ``layer backward``: inside the first decoder layer's backward (its saved tensors, recomputed
   when checkpointing, plus the gradient transients and the dequantized weight);
 - ``encoder layer backward`` (encoder-decoder): inside the top encoder layer's backward;
+- ``position bias`` (T5/mT5): the encoder's first block bucketing relative positions (int64
+  [s_e, s_e] temporaries), in the forward or in its recompute at the end of backward;
 - ``optimizer step``: LoRA weights + gradients + optimizer state + the step's temporaries.
 
 Two halves: ``Structure`` holds what depends only on the model, the targets and the
@@ -37,7 +39,7 @@ from ..errors import InputError
 from ..storage import EXPERT_QUANTIZATION_PATHS, QUANTIZED, experts_unquantized
 from ..trainers import resolve_recipe
 from .activations import (Shape, checkpoint_inputs, choose_attention, encoder_backward_activations,
-                          encoder_kept_in_decoder_backward, layer_saved,
+                          encoder_kept_in_decoder_backward, layer_saved, position_bias_activations,
                           saved_activations)
 from .arrays import is_scalar as _is_scalar
 from .coefficients import coefficient
@@ -53,7 +55,8 @@ from .weights import (Structure, lora_gradients, lora_weights, optimizer_state, 
                       paged_optimizer_state, structure)
 
 #: The moments of a step at which the peak can sit, in step order.
-MOMENTS = ("forward", "int8 matmul", "loss backward", "layer backward", "encoder layer backward", "grad norm",
+MOMENTS = ("forward", "int8 matmul", "loss backward", "layer backward", "encoder layer backward", "position bias",
+           "grad norm",
            "optimizer step")
 
 
@@ -146,7 +149,14 @@ def moments(st: Structure, train: TrainSpec, kind: str, x: Shape, gpu: GpuSpec |
                                                           train.gradient_checkpointing, stack="encoder"),
             lora_gradients=lora_gradients(st, x.r) * m.num_layers / max(m.num_layers + m.num_encoder_layers, 1)
             + accumulated_gradients(st, x.r, rc))
-    # 3c. the gradient norm (clipping, and Trainer's logged norm), before the optimizer step
+    # 3c. T5/mT5: the encoder's first block computing its relative position bias (int64 bucketing
+    #     temporaries over s_e²), in the forward or, with checkpointing, in its recompute at the
+    #     end of backward, when little else is alive but the bucketing is large at long inputs
+    pb = position_bias_activations(st, x, train.gradient_checkpointing)
+    if _present(pb):
+        out["position bias"] = dict(base, activations=pb + int8_keep,
+                                    lora_gradients=lora_gradients(st, x.r) if train.gradient_checkpointing else grads)
+    # 3d. the gradient norm (clipping, and Trainer's logged norm), before the optimizer step
     clip = grad_norm_temporaries(st, rc)
     if clip:
         out["grad norm"] = dict(base, lora_gradients=lora_gradients(st, x.r), optimizer_temporaries=clip,
