@@ -18,7 +18,7 @@ from .arrays import ceil as _ceil, where as _where
 from .sequences import batch_layout, explicit_mask
 from .weights import Structure
 
-def choose_attention(model: ModelSpec, train: TrainSpec, compute_capability: str | None) -> str:
+def choose_attention(model: ModelSpec, train: TrainSpec, compute_capability: str | None, sliding: bool = True) -> str:
     """The sdpa kernel CUDA picks (torch aten/.../transformers/cuda/sdp_utils.cpp: flash, then
     mem-efficient, then math).
 
@@ -35,6 +35,8 @@ def choose_attention(model: ModelSpec, train: TrainSpec, compute_capability: str
     get an explicit bool mask from transformers (``sequences.explicit_mask``: not OPT's packed
     rows), which rules out flash as a sliding window does. ``attn_implementation`` eager -> "eager",
     flash_attention_2 -> "fa2" (flash-attn's own kernel, never sdpa).
+    ``sliding=False``: the kernel of a global (full-attention) layer of a model whose sliding
+    window covers only some layers (gemma3 ``layer_types``): its window never builds a mask.
     """
     if train.attention != "auto":
         return train.attention
@@ -47,7 +49,7 @@ def choose_attention(model: ModelSpec, train: TrainSpec, compute_capability: str
         return "math"
     layout = batch_layout(train)
     masked = (model.arch.position == "relative_bias" or model.arch.sdpa_mask
-              or sliding_window_reached(model, layout.row_len) or explicit_mask(layout, model.model_type))
+              or (sliding and sliding_window_reached(model, layout.row_len)) or explicit_mask(layout, model.model_type))
     cc = float(compute_capability) if compute_capability else 8.0
     # grouped-query heads reach sdpa only without a mask and with a torch that has enable_gqa;
     # otherwise transformers repeats k, v to n_h heads (repeat_kv) and any kernel takes them
@@ -89,6 +91,9 @@ class Shape:
     #: flash_attention_2 gathers or flattens q, k, v into new tensors (a padded batch's
     #: ``_upad_input``, one packed row's ``_prepare_from_posids``)
     fa2_copies: bool = False
+    #: the kernel of the global (full-attention) layers when the sliding window covers only some
+    #: layers (``ArchSpec.sliding_layers``, gemma3): None = every layer runs the case's kernel
+    global_attention: str | None = None
 
     @property
     def T(self):
@@ -163,7 +168,7 @@ def lora_activations_per_layer(st: Structure, x: Shape, stack: str, T):
 
 
 def attention_saved_per_layer(st: Structure, kind: str, T, b, seq, kv_seq, cross: bool = False, masked: bool = False,
-                              fa2_copies: bool = False):
+                              fa2_copies: bool = False, window: bool = True):
     """Bytes the attention block saves per layer (after its projections).
 
     - sdpa flash: q, k, v as given to the kernel (after RoPE: new tensors) and its output, with
@@ -176,6 +181,7 @@ def attention_saved_per_layer(st: Structure, kind: str, T, b, seq, kv_seq, cross
       and its cast back to the stream dtype (a B); logit softcapping (gemma2) keeps tanh's output.
     - fa2 (flash-attn 2, ``_fa2_saved``).
     ``masked``: the batch's explicit mask (``Shape.masked``), handled as a reached sliding window.
+    ``window=False``: a global layer of a partly sliding model (no window mask, see ``layer_saved``).
     Source: transformers integrations/sdpa_attention.py, models/llama/modeling_llama.py; torch
     aten/src/ATen/native/transformers/attention.cpp (outputs each kernel saves).
     """
@@ -191,7 +197,7 @@ def attention_saved_per_layer(st: Structure, kind: str, T, b, seq, kv_seq, cross
     fused_kept = ((kind in ("flash", "efficient") and a == st.attention_bytes)
                   or (kind == "fa2" and a != 4 and not fa2_copies))
     fused = a * T * (n_h + n_kv) * d if _has_fused_qkv(m) and fused_kept else 0
-    return (fused + _attention_core_saved(st, kind, T, b, seq, kv_seq, cross, masked)
+    return (fused + _attention_core_saved(st, kind, T, b, seq, kv_seq, cross, masked, window)
             + attention_dropout_saved(st, kind, b, seq, kv_seq))
 
 
@@ -236,7 +242,8 @@ def _fa2_saved(st: Structure, T, b, seq, kv_seq):
     return q * T * n_h * dp * 2 + 2 * q * b * kv_seq * n_kv * dp + 4 * b * n_h * seq
 
 
-def _attention_core_saved(st: Structure, kind: str, T, b, seq, kv_seq, cross: bool = False, masked: bool = False):
+def _attention_core_saved(st: Structure, kind: str, T, b, seq, kv_seq, cross: bool = False, masked: bool = False,
+                          window: bool = True):
     # sdpa's inputs and outputs: autocast's dtype under mixed precision (scaled_dot_product_attention
     # is a lower-precision op); eager attention's matmuls too
     m, a = st.model, st.attention_bytes
@@ -255,7 +262,7 @@ def _attention_core_saved(st: Structure, kind: str, T, b, seq, kv_seq, cross: bo
             # (all n_h heads when the pad to 16 materialises the expanded mask, see below)
             bias = a * b * _where(kv_seq % 16 == 0, 1, n_h) * seq * (_ceil(kv_seq / 16) * 16)
         kv_heads = n_kv
-        if m.arch.sliding_window is not None or masked:
+        if (m.arch.sliding_window is not None and window) or masked:
             # a reached sliding window or the mask of a padded / packed batch: transformers' bool
             # mask, made additive per call by torch (convert_boolean_attn_mask, [b, 1, s, kv] in
             # the query dtype, padded to 16) and saved; k, v repeated to n_h heads by repeat_kv
@@ -437,6 +444,15 @@ def layer_saved(st: Structure, kind: str, x: Shape, stack: str = "decoder"):
     else:
         T = x.T
         att = attention_saved_per_layer(st, kind, T, x.b, x.tseq, x.tseq, masked=x.masked, fa2_copies=x.fa2_copies)
+        n_sl = m.arch.sliding_layers
+        if x.global_attention is not None and n_sl is not None and n_sl < m.num_layers:
+            # gemma3 ``layer_types``: the sliding layers get the window's mask (and the kernel it
+            # leaves), the global ones transformers' causal mask, None for an unpadded batch
+            # (masking_utils.py create_causal_mask vs create_sliding_window_causal_mask), so the
+            # kernel of a layer without a mask: the average over the layers
+            glob = attention_saved_per_layer(st, x.global_attention, T, x.b, x.tseq, x.tseq, masked=x.masked,
+                                             fa2_copies=x.fa2_copies, window=False)
+            att = (n_sl * att + (m.num_layers - n_sl) * glob) / m.num_layers
         norms = m.arch.norms_per_layer
         if m.is_encoder_decoder:
             att = att + attention_saved_per_layer(st, kind, T, x.b, x.tseq, x.seq, cross=True)

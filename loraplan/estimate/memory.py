@@ -211,8 +211,24 @@ def make_setup(model: ModelSpec, lora, train: TrainSpec, adapted: tuple[LinearSp
     from ..storage import Dtypes
 
     st = structure(model, adapted, Dtypes.of(train), train.double_quant, train.device)
-    x = sequence_shape(model, train, lora, compute_capability)
+    x = with_global_attention(model, train, compute_capability, sequence_shape(model, train, lora, compute_capability))
     return Setup(st, train, choose_attention(model, resolve_recipe(train), compute_capability), x)
+
+
+def global_attention(model: ModelSpec, train: TrainSpec, compute_capability: str | None) -> str | None:
+    """The kernel of the global layers of a model whose sliding window covers only some layers
+    (gemma3 ``layer_types``, ``ArchSpec.sliding_layers``): the window never masks them
+    (``choose_attention(sliding=False)``); None for every other model."""
+    n_sl = model.arch.sliding_layers
+    if n_sl is None or n_sl >= model.num_layers:
+        return None
+    return choose_attention(model, resolve_recipe(train), compute_capability, sliding=False)
+
+
+def with_global_attention(model: ModelSpec, train: TrainSpec, compute_capability: str | None, x: Shape) -> Shape:
+    """``x`` with ``Shape.global_attention`` set (``global_attention``)."""
+    g = global_attention(model, train, compute_capability)
+    return x if g is None else replace(x, global_attention=g)
 
 
 def sequence_shape(model: ModelSpec, train: TrainSpec, lora, compute_capability: str | None) -> Shape:
