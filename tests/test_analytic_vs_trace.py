@@ -99,3 +99,22 @@ def test_moe_analytic_within_2_percent_of_trace_bf16(family):
             err = (analytic - traced) / traced
             worst.append((abs(err), tgt, gc, err))
     assert max(worst)[0] < 0.02, max(worst)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["llama", "phi3", "falcon", "qwen3"])
+def test_sgd_rank_256_all_linear_4bit(family):
+    """Issue 14: SGD at rank 256 on every Linear under nf4 (the LoRA terms dominate: no
+    optimizer state, r-wide lora_A outputs as wide as the hidden size), checkpointing on and off."""
+    from loraplan.trace.run import trace_step
+
+    gpu = load_gpu("h100-sxm-80gb")
+    cal = load_calibration(gpu.id)
+    cfg = small_config(family_config(family))
+    model = spec_from_config(cfg, f"{family}-small")
+    lora = LoraSpec(rank=256, alpha=512, dropout=0.05, targets=("all-linear",))
+    for gc in (True, False):
+        train = TrainSpec(quant="nf4", optimizer="sgd", batch=4, seq=128, gradient_checkpointing=gc)
+        analytic = estimate(model, lora, train, gpu, cal, with_time=False).memory.peak_allocated_bytes
+        traced = trace_step(cfg, lora, train, gpu.compute_capability)["peak_allocated_bytes"]
+        assert abs(analytic - traced) / traced < 0.02, (family, gc, analytic, traced)
