@@ -11,6 +11,8 @@ function here, with where the CUDA behaviour comes from:
 - ``fused_dropout``: on CUDA ``F.dropout`` is ``native_dropout`` (saves a 1-byte mask); on CPU
   and meta it saves a full-size noise tensor. ``math_sdpa_fused_dropout``: the same for the
   attention-probability dropout inside torch's math sdpa kernel (C++ ``at::dropout``).
+- ``lora_factors_fold``: peft's LoRA on fused experts (``_LoraFactorsProxy``) disables autocast
+  with ``torch.autocast(device_type="meta")``, which torch rejects; on CUDA it is a no-op region.
 - ``no_packed_sequences``: ``transformers.masking_utils.find_packed_sequence_indices`` reads
   tensor values (``.all()``); an unpacked batch gives None.
 - ``register_int8_fakes``: bitsandbytes' int8 fake kernels ask for data-dependent outlier
@@ -364,6 +366,29 @@ def constant_terms(gpu_cc: str | None, handles: int | None = None, stack=None) -
 
 
 # ----------------------------------------------------------------------------- all together
+def _peft_lora_factors_proxy():
+    """peft's ``_LoraFactorsProxy`` (LoRA on fused expert parameters, ``target_parameters``), or
+    None for a peft without it."""
+    try:
+        from peft.tuners.lora import layer
+    except ImportError:  # pragma: no cover - peft is required by the trace
+        return None
+    return getattr(layer, "_LoraFactorsProxy", None)
+
+
+def lora_factors_fold(self, W):
+    """peft ``_LoraFactorsProxy.forward`` (peft/tuners/lora/layer.py) as it runs on CUDA: the
+    parametrized expert weight ``baddbmm(W, lhs, rhs, alpha=scaling)`` in W's dtype, inside
+    ``torch.autocast(device_type=W.device.type, enabled=False)``, which on CUDA only turns
+    autocast off for the fold but raises "unsupported scalarType" for the meta device type. Here
+    the fold runs in the emulated autocast's disabled region (``trace.autocast``)."""
+    from .autocast import active
+
+    mode = active()
+    with mode.disabled() if mode is not None else contextlib.nullcontext():
+        return torch.baddbmm(W, self.lhs, self.rhs, alpha=self.scaling)
+
+
 @contextlib.contextmanager
 def cuda_emulation(gpu_cc: str | None = "9.0", attention: str = "auto",
                    sdpa_log: Callable[[str], None] | None = None, stack=None):
@@ -375,11 +400,16 @@ def cuda_emulation(gpu_cc: str | None = "9.0", attention: str = "auto",
     saved = [(F, "scaled_dot_product_attention", F.scaled_dot_product_attention),
              (F, "dropout", F.dropout),
              (mu, "find_packed_sequence_indices", mu.find_packed_sequence_indices)]
+    proxy = _peft_lora_factors_proxy()
+    if proxy is not None:
+        saved.append((proxy, "forward", proxy.forward))
     try:
         F.scaled_dot_product_attention = cuda_like_sdpa(gpu_cc, attention, sdpa_log,
                                                         original=saved[0][2], stack=stack)
         F.dropout = fused_dropout
         mu.find_packed_sequence_indices = no_packed_sequences
+        if proxy is not None:
+            proxy.forward = lora_factors_fold
         yield
     finally:
         for obj, name, val in saved:
