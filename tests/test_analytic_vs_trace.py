@@ -118,3 +118,27 @@ def test_sgd_rank_256_all_linear_4bit(family):
         analytic = estimate(model, lora, train, gpu, cal, with_time=False).memory.peak_allocated_bytes
         traced = trace_step(cfg, lora, train, gpu.compute_capability)["peak_allocated_bytes"]
         assert abs(analytic - traced) / traced < 0.02, (family, gc, analytic, traced)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", list(MOE_FAMILIES))
+def test_moe_expert_lora_within_2_percent_of_trace(family):
+    """LoRA on the fused experts (PEFT target_parameters -> ParamWrapper; the trace folds
+    W + s·lhs@rhs as on CUDA, emulation.lora_factors_fold): PEFT's trainable count equals
+    loraplan's, and the analytic peak (with the parametrized weight's gradient in the top MoE
+    layer's backward) is within 2% of the trace, checkpointing on and off (ParamWrapper needs
+    lora_dropout 0)."""
+    from loraplan.trace.run import trace_step
+
+    gpu = load_gpu("h100-sxm-80gb")
+    cal = load_calibration(gpu.id)
+    cfg = small_config(family_config(family))
+    model = spec_from_config(cfg, f"{family}-small")
+    lora = LoraSpec(rank=8, alpha=16, dropout=0.0, targets=("q_proj", "v_proj", "experts"))
+    for gc in (True, False):
+        train = TrainSpec(quant="bf16", batch=2, seq=256, gradient_checkpointing=gc)
+        e = estimate(model, lora, train, gpu, cal, with_time=False)
+        tr = trace_step(cfg, lora, train, gpu.compute_capability)
+        assert e.params.trainable == tr["params"]["trainable"]
+        err = (e.memory.peak_allocated_bytes - tr["peak_allocated_bytes"]) / tr["peak_allocated_bytes"]
+        assert abs(err) < 0.02, (family, gc, err)

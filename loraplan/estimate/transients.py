@@ -189,8 +189,21 @@ def layer_backward_transients(st: Structure, x: Shape, kind: str = "flash", grad
     # T5's FFN dropout sits between the product and the down projection: its backward has run
     # (and released its saved mask, counted in S) when the product's backward runs
     inner_mask = (_mask_bytes(st, ab) * T * I) if (hidden_dropout(m) and m.arch.ffn_inner_dropout) else 0
+    expert_grad = 0
+    if m.moe is not None and m.moe.layers and st.adapted_experts:
+        # LoRA on the fused experts (peft ParamWrapper): W + s·lhs@rhs requires grad, so
+        # grouped_mm's backward makes the full gradient of the parametrized weight [E, out, in]
+        # (w B), alive until the fold's baddbmm backward reduces it to the factors' gradients:
+        # down's beside both saved weights, then gate_up's once down's is released (with the
+        # input gradient of down, w·S·I_e, made in the same backward)
+        moe, w = m.moe, st.expert_bytes
+        numel = {e.role: e.num_experts * e.in_features * e.out_features
+                 for e in st.adapted_experts if e.layer == max(moe.layers)}
+        expert_grad = (w * max(numel.get("down", 0), numel.get("gate_up", 0) - numel.get("down", 0))
+                       + w * T * moe.top_k * moe.expert_intermediate_size)
     candidates = [
         -l_saved + product - inner_mask,  # MLP product backward
+        -l_saved + expert_grad,  # LoRA'd experts: the parametrized weight's gradient
         -l_saved + _max(lora_grad_peak, lora_grad_held + base) + branch,  # down backward, base branch
         -l_saved + adapted * (lora_grad_held + 2 * ab * T * I) + branch,  # down backward, the sum
     ]
