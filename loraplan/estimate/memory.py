@@ -133,10 +133,19 @@ def moments(st: Structure, train: TrainSpec, kind: str, x: Shape, gpu: GpuSpec |
         if m.is_encoder_decoder:
             below = below + m.num_encoder_layers * layer_saved(st, kind, x, "encoder")
     below = below + encoder_kept_in_decoder_backward(st, x, train.gradient_checkpointing)
-    out["layer backward"] = dict(base, activations=below + S + int8_keep + int8_inside_layer_backward(
+    # gemma3: a global top layer saves and recomputes with the global layers' kernel; the
+    # sliding layer below it (sliding kernel, its mask) may be the larger: the larger of the two
+    top_kind, S_top = kind, S
+    if x.global_attention is not None and m.arch.global_top_layer and train.gradient_checkpointing:
+        S_glob = layer_saved(st, x.global_attention, replace(x, global_attention=None), "decoder")
+        S_sl = layer_saved(st, kind, replace(x, global_attention=None), "decoder")
+        if (S_glob + layer_backward_transients(st, x, x.global_attention, top_ckpt)
+                > S_sl + layer_backward_transients(st, x, kind, top_ckpt)):
+            top_kind, S_top = x.global_attention, S_glob
+    out["layer backward"] = dict(base, activations=below + S_top + int8_keep + int8_inside_layer_backward(
                                      int8_all, int8_saved_anyway(st, kind, x, False), st, rc)
                                  + reentrant_layer_output(st, x, rc),
-                                 backward_transients=layer_backward_transients(st, x, kind, top_ckpt),
+                                 backward_transients=layer_backward_transients(st, x, top_kind, top_ckpt),
                                  lora_gradients=layer_gradients(st, x.r, rc, m.num_layers))
     if _present(amp["layer backward"]):
         out["layer backward"]["autocast_copies"] = amp["layer backward"]
