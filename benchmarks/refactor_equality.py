@@ -64,6 +64,14 @@ INTENDED = (
      "output (T_enc tokens, not T; modeling_t5.py T5Attention.forward), and a new moment, the top encoder "
      "layer's backward, sets the peak when the encoder is the longer stack (checked against the trace)",
      ("flan-t5-base", "mt0-large"), QUANTS, _MEMORY_FIELDS),
+    ("issue 14, the T5 checkpointing residual: the top encoder layer's backward holds the residual gradient, "
+     "not the encoder output's (final dropout and norm backward release it); T5LayerNorm's fp32 input is the "
+     "checkpointed input; the self-attention bias needs no gradient (frozen relative_attention_bias), only the "
+     "cross zeros bias under checkpointing; the encoder's final norm/output and T5's embedding leaves stay "
+     "alive through the decoder backward; the top decoder layer's own LoRA gradients; and a new moment, "
+     "'position bias': the int64 bucketing temporaries of compute_bias (49·s_e²) in the first encoder block "
+     "(its recompute at the end of backward under checkpointing). Checked against the trace",
+     ("flan-t5-base", "mt0-large"), QUANTS, _MEMORY_FIELDS),
     ("issue 14, gpt-neox: v is a view of the fused query_key_value output, so sdpa's saved v keeps all of it "
      "(modeling_gpt_neox.py chunk of a view); the two parallel LayerNorms save one input, counted once",
      ("pythia-1b",), QUANTS, _MEMORY_FIELDS),
@@ -71,6 +79,10 @@ INTENDED = (
      "_ignore_causal_mask_sdpa), not only above it; with it each layer's sdpa saves an additive mask and "
      "k, v repeated to n_h heads (phi-3-mini's window is 2047: the seq-2048 points)",
      ("phi-3-mini-4k", "mistral-7b"), QUANTS, _MEMORY_FIELDS),
+    ("issue 14, residual dropout (OPT, T5): the MLP branch's gradient made by the residual dropout's backward "
+     "is consumed by the down projection's input-gradient matmul, so it is not alive at the MLP product's "
+     "backward (transients.layer_backward_transients); OPT's 'layer backward' moment only, never its peak",
+     ("opt-6.7b",), QUANTS, r"^\.estimate\.memory\.moments\.layer backward$"),
     ("a 'fits with paging' verdict carries the per-step paging time over the GPU's host link: a note and "
      "detail['paging'] (estimate.api._with_paging_cost)",
      None, None, r"^\.estimate\.(detail|memory\.notes)$", "fits with paging"),

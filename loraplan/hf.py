@@ -187,6 +187,7 @@ def _gemma3_text(cfg, name):
     sw = cfg.get("sliding_window", 4096)
     n_sliding = sum(t == "sliding_attention" for t in types[:L]) if sw else 0
     arch = ArchSpec(sliding_window=sw, sliding_layers=n_sliding, norms_per_layer=4,
+                    global_top_layer=bool(sw) and types[L - 1] == "full_attention",
                     extra_norms=("q_norm", "k_norm"),
                     attention="eager" if cfg.get("attn_logit_softcapping") else "sdpa",
                     final_logit_softcapping=cfg.get("final_logit_softcapping"), **MODEL_TYPE_FACTS["gemma3_text"])

@@ -138,6 +138,10 @@ class ArchSpec:
     qk_norm_scope: str = "head"
     #: how many decoder layers use ``sliding_window`` (gemma3 ``layer_types``); None: all of them
     sliding_layers: int | None = None
+    #: the last decoder layer is a global (full-attention) one of a partly sliding model (gemma3
+    #: ``layer_types[-1] == "full_attention"``): its backward, the "layer backward" moment, runs
+    #: the global layers' kernel (``Shape.global_attention``)
+    global_top_layer: bool = False
     #: the spec was read from a meta-device build (``loraplan._meta``), not a shape rule: shapes and
     #: parameter counts are exact, the activation terms are the generic (llama-like) ones
     from_meta_build: bool = False

@@ -729,7 +729,7 @@ def _evaluate_group(p: _Group, idx, C, gpu_entry, data, none, rank_v, batch_v, s
     import numpy as np
 
     from .estimate.activations import Shape, choose_attention
-    from .estimate.memory import moments
+    from .estimate.memory import global_attention, moments
     from .estimate.params import count_params
     from .estimate.time import step_time, step_work
 
@@ -798,12 +798,13 @@ def _evaluate_group(p: _Group, idx, C, gpu_entry, data, none, rank_v, batch_v, s
     device = np.empty(len(idx), dtype=np.int64)
     moment = np.empty(len(idx), dtype=object)
     tseq = ts if p.encoder_decoder else s
+    glob = global_attention(p.model, p.resolved, cc)  # gemma3: the global layers' kernel (memory.make_setup)
     for kind in dict.fromkeys(kinds):
         if len(set(kinds)) == 1:
             sel = slice(None)
         else:
             sel = np.asarray([k == kind for k in kinds])[inv]
-        x = Shape(b=b[sel], seq=s[sel], tseq=tseq[sel], r=r[sel], dropout=d[sel])
+        x = Shape(b=b[sel], seq=s[sel], tseq=tseq[sel], r=r[sel], dropout=d[sel], global_attention=glob)
         tr = replace(train, batch=x.b, seq=x.seq, target_seq=None if ts is None else ts[sel],
                      int8_outlier_fraction=None if frac is None else frac[sel])
         ms = moments(p.structure, tr, kind, x, gpu, cal)
@@ -828,7 +829,7 @@ def _evaluate_sequence_case(p: _Group, idx, gpu_entry, data, none, rank, alpha, 
     from dataclasses import replace
 
     from .estimate.activations import choose_attention
-    from .estimate.memory import moments, sequence_shape
+    from .estimate.memory import moments, sequence_shape, with_global_attention
     from .estimate.params import count_params
     from .estimate.time import step_time, step_work
 
@@ -842,7 +843,7 @@ def _evaluate_sequence_case(p: _Group, idx, gpu_entry, data, none, rank, alpha, 
         t, _ = with_communication(p.model, lora, train, gpu, t, p.adapted)
     pc = count_params(p.model, lora, p.adapted)
     cc = gpu.compute_capability
-    x = sequence_shape(p.model, train, lora, cc)
+    x = with_global_attention(p.model, train, cc, sequence_shape(p.model, train, lora, cc))
     kind = choose_attention(p.model, train, cc)
     ms = moments(p.structure, train, kind, x, gpu, cal)
     peak, moment, reserved, device = _memory_totals(p.structure, train, x, ms, cal, kind, gpu, p.stored)

@@ -152,3 +152,24 @@ def test_array_path_equals_scalar_path():
                                                                 float(d[i])), gpu, cal))
             assert arr[i] == one
             assert names[i] == name
+
+
+def test_gemma3_global_layers_take_their_own_kernel():
+    """gemma3 ``layer_types``: once the sequence reaches the window, the sliding layers get a mask
+    (mem-efficient, k/v repeated) while the global layers get none; under nf4's fp32 stream with
+    grouped-query heads those take the math kernel (torch 2.13: mem-efficient refuses GQA), whose
+    saved fp32 scores make the global layers the heavier ones. The layer's saved bytes are the
+    average over the layer kinds, between the all-sliding and all-global figures."""
+    from loraplan.estimate.activations import layer_saved
+
+    model = load_model("gemma-3-270m")
+    assert 0 < model.arch.sliding_layers < model.num_layers
+    lora = LoraSpec(rank=8, alpha=16, dropout=0.05, targets=("q_proj", "v_proj"))
+    train = TrainSpec(quant="nf4", batch=2, seq=model.arch.sliding_window, gradient_checkpointing=True,
+                      stack="torch=2.13")
+    s = make_setup(model, lora, train, select_targets(model, lora.targets), "9.0")
+    assert (s.attention, s.shape.global_attention) == ("efficient", "math")
+    mixed = layer_saved(s.structure, s.attention, s.shape)
+    sliding = layer_saved(s.structure, s.attention, replace(s.shape, global_attention=None))
+    glob = layer_saved(s.structure, "math", replace(s.shape, global_attention=None))
+    assert sliding < mixed < glob

@@ -126,6 +126,8 @@ MIXED = [
      "quant": ["bf16", "int8"], "int8_outlier_fraction": [0.0, 0.3], "attention": ["auto", "eager", "math"],
      "gpu": "a100-sxm-80gb"},
     {"model": "flan-t5-base", "quant": "nf4", "seq": [100, 300], "gpu": "rtx4090-24gb"},
+    # gemma3: sliding and global layers take different kernels (Shape.global_attention)
+    {"model": "gemma-3-270m", "quant": ["nf4", "bf16"], "seq": [256, 1024], "gpu": ["t4-16gb", "h100-sxm-80gb"]},
     {"model": "llama-3.2-1b", "targets": "all-linear,lm_head", "gradient_checkpointing": False,
      "attention": ["flash", "efficient"], "batch": 2, "rank": 16, "quant": ["bf16", "fp16"], "gpu": "h200-sxm-141gb"},
 ]

@@ -18,7 +18,7 @@ from .arrays import ceil as _ceil, where as _where
 from .sequences import batch_layout, explicit_mask
 from .weights import Structure
 
-def choose_attention(model: ModelSpec, train: TrainSpec, compute_capability: str | None) -> str:
+def choose_attention(model: ModelSpec, train: TrainSpec, compute_capability: str | None, sliding: bool = True) -> str:
     """The sdpa kernel CUDA picks (torch aten/.../transformers/cuda/sdp_utils.cpp: flash, then
     mem-efficient, then math).
 
@@ -35,6 +35,8 @@ def choose_attention(model: ModelSpec, train: TrainSpec, compute_capability: str
     get an explicit bool mask from transformers (``sequences.explicit_mask``: not OPT's packed
     rows), which rules out flash as a sliding window does. ``attn_implementation`` eager -> "eager",
     flash_attention_2 -> "fa2" (flash-attn's own kernel, never sdpa).
+    ``sliding=False``: the kernel of a global (full-attention) layer of a model whose sliding
+    window covers only some layers (gemma3 ``layer_types``): its window never builds a mask.
     """
     if train.attention != "auto":
         return train.attention
@@ -47,7 +49,7 @@ def choose_attention(model: ModelSpec, train: TrainSpec, compute_capability: str
         return "math"
     layout = batch_layout(train)
     masked = (model.arch.position == "relative_bias" or model.arch.sdpa_mask
-              or sliding_window_reached(model, layout.row_len) or explicit_mask(layout, model.model_type))
+              or (sliding and sliding_window_reached(model, layout.row_len)) or explicit_mask(layout, model.model_type))
     cc = float(compute_capability) if compute_capability else 8.0
     # grouped-query heads reach sdpa only without a mask and with a torch that has enable_gqa;
     # otherwise transformers repeats k, v to n_h heads (repeat_kv) and any kernel takes them
@@ -89,6 +91,9 @@ class Shape:
     #: flash_attention_2 gathers or flattens q, k, v into new tensors (a padded batch's
     #: ``_upad_input``, one packed row's ``_prepare_from_posids``)
     fa2_copies: bool = False
+    #: the kernel of the global (full-attention) layers when the sliding window covers only some
+    #: layers (``ArchSpec.sliding_layers``, gemma3): None = every layer runs the case's kernel
+    global_attention: str | None = None
 
     @property
     def T(self):
@@ -163,7 +168,7 @@ def lora_activations_per_layer(st: Structure, x: Shape, stack: str, T):
 
 
 def attention_saved_per_layer(st: Structure, kind: str, T, b, seq, kv_seq, cross: bool = False, masked: bool = False,
-                              fa2_copies: bool = False):
+                              fa2_copies: bool = False, window: bool = True):
     """Bytes the attention block saves per layer (after its projections).
 
     - sdpa flash: q, k, v as given to the kernel (after RoPE: new tensors) and its output, with
@@ -176,6 +181,7 @@ def attention_saved_per_layer(st: Structure, kind: str, T, b, seq, kv_seq, cross
       and its cast back to the stream dtype (a B); logit softcapping (gemma2) keeps tanh's output.
     - fa2 (flash-attn 2, ``_fa2_saved``).
     ``masked``: the batch's explicit mask (``Shape.masked``), handled as a reached sliding window.
+    ``window=False``: a global layer of a partly sliding model (no window mask, see ``layer_saved``).
     Source: transformers integrations/sdpa_attention.py, models/llama/modeling_llama.py; torch
     aten/src/ATen/native/transformers/attention.cpp (outputs each kernel saves).
     """
@@ -191,7 +197,7 @@ def attention_saved_per_layer(st: Structure, kind: str, T, b, seq, kv_seq, cross
     fused_kept = ((kind in ("flash", "efficient") and a == st.attention_bytes)
                   or (kind == "fa2" and a != 4 and not fa2_copies))
     fused = a * T * (n_h + n_kv) * d if _has_fused_qkv(m) and fused_kept else 0
-    return (fused + _attention_core_saved(st, kind, T, b, seq, kv_seq, cross, masked)
+    return (fused + _attention_core_saved(st, kind, T, b, seq, kv_seq, cross, masked, window)
             + attention_dropout_saved(st, kind, b, seq, kv_seq))
 
 
@@ -236,7 +242,8 @@ def _fa2_saved(st: Structure, T, b, seq, kv_seq):
     return q * T * n_h * dp * 2 + 2 * q * b * kv_seq * n_kv * dp + 4 * b * n_h * seq
 
 
-def _attention_core_saved(st: Structure, kind: str, T, b, seq, kv_seq, cross: bool = False, masked: bool = False):
+def _attention_core_saved(st: Structure, kind: str, T, b, seq, kv_seq, cross: bool = False, masked: bool = False,
+                          window: bool = True):
     # sdpa's inputs and outputs: autocast's dtype under mixed precision (scaled_dot_product_attention
     # is a lower-precision op); eager attention's matmuls too
     m, a = st.model, st.attention_bytes
@@ -255,7 +262,7 @@ def _attention_core_saved(st: Structure, kind: str, T, b, seq, kv_seq, cross: bo
             # (all n_h heads when the pad to 16 materialises the expanded mask, see below)
             bias = a * b * _where(kv_seq % 16 == 0, 1, n_h) * seq * (_ceil(kv_seq / 16) * 16)
         kv_heads = n_kv
-        if m.arch.sliding_window is not None or masked:
+        if (m.arch.sliding_window is not None and window) or masked:
             # a reached sliding window or the mask of a padded / packed batch: transformers' bool
             # mask, made additive per call by torch (convert_boolean_attn_mask, [b, 1, s, kv] in
             # the query dtype, padded to 16) and saved; k, v repeated to n_h heads by repeat_kv
@@ -437,6 +444,15 @@ def layer_saved(st: Structure, kind: str, x: Shape, stack: str = "decoder"):
     else:
         T = x.T
         att = attention_saved_per_layer(st, kind, T, x.b, x.tseq, x.tseq, masked=x.masked, fa2_copies=x.fa2_copies)
+        n_sl = m.arch.sliding_layers
+        if x.global_attention is not None and n_sl is not None and n_sl < m.num_layers:
+            # gemma3 ``layer_types``: the sliding layers get the window's mask (and the kernel it
+            # leaves), the global ones transformers' causal mask, None for an unpadded batch
+            # (masking_utils.py create_causal_mask vs create_sliding_window_causal_mask), so the
+            # kernel of a layer without a mask: the average over the layers
+            glob = attention_saved_per_layer(st, x.global_attention, T, x.b, x.tseq, x.tseq, masked=x.masked,
+                                             fa2_copies=x.fa2_copies, window=False)
+            att = (n_sl * att + (m.num_layers - n_sl) * glob) / m.num_layers
         norms = m.arch.norms_per_layer
         if m.is_encoder_decoder:
             att = att + attention_saved_per_layer(st, kind, T, x.b, x.tseq, x.seq, cross=True)
@@ -522,9 +538,13 @@ def encoder_backward_activations(st: Structure, kind: str, x: Shape, gradient_ch
       position bias [1, n_h, s_e, s_e]; the embedding outputs that enable_input_require_grads
       made leaves (a·(T_enc + T)·h) and the cross-attention's zeros bias, a leaf that requires
       grad under checkpointing (modeling_t5.py T5Attention.forward), with its ``.grad``:
-      2·a·n_h·s_t·s_e. Without checkpointing the other encoder layers' saved tensors
-      (the first layer's as in ``first_layer_not_saved``);
-    - the encoder output's gradient, summed over the decoder's cross-attentions: a·T_enc·h.
+      2·a·n_h·s_t·s_e; the decoder input leaf's ``.grad`` (a·T·h) and the encoder's entry
+      dropout mask (T_enc·h). Without checkpointing the other encoder layers' saved tensors
+      (the first layer's as in ``first_layer_not_saved``).
+    The encoder output's gradient (summed over the decoder's cross-attentions) is gone by then:
+    the encoder's final dropout and T5LayerNorm backward each make a new tensor and release
+    their input gradient, so only the residual gradient into the top layer is alive (a·T_enc·h,
+    counted in ``transients.layer_backward_transients``) (modeling_t5.py T5Stack.forward).
     """
     m, a, h = st.model, st.stream_bytes, st.model.hidden_size
     S = layer_saved(st, kind, x, "encoder")
@@ -532,11 +552,83 @@ def encoder_backward_activations(st: Structure, kind: str, x: Shape, gradient_ch
         below = (a * h * (m.num_encoder_layers * x.T_enc + x.T_enc + x.T)
                  + (a * m.num_heads * x.seq * x.seq if _relative_bias(m) else 0)
                  + (2 * a * m.num_heads * x.tseq * x.seq if _relative_bias(m) else 0))
-        if m.arch.norm_keeps_input and a != 4:
-            below = below - a * x.T_enc * h  # T5LayerNorm keeps the layer input: the checkpointed input itself
+        if m.arch.norm_keeps_input:
+            # T5LayerNorm keeps the layer input: the checkpointed input itself (a half input is
+            # kept beside the fp32 copy; an fp32 input's ``.to(float32)`` returns it, so the norm's
+            # 4·T·h of ``norm_saved`` is that input too)
+            below = below - a * x.T_enc * h
+        # the decoder's input leaf has its ``.grad`` by now (a·T·h), and the encoder's entry
+        # dropout (T5Stack ``self.dropout(inputs_embeds)``, on a leaf that requires grad) keeps its mask
+        below = below + a * x.T * h
+        if hidden_dropout(m):
+            below = below + _mask_bytes(st, a) * x.T_enc * h
     else:
         below = (m.num_encoder_layers - 1) * S - first_layer_not_saved(st, kind, x)
-    return below + S + a * x.T_enc * h
+    return below + S
+
+
+def encoder_kept_in_decoder_backward(st: Structure, x: Shape, gradient_checkpointing: bool):
+    """Encoder-decoder models: what the encoder keeps while the decoder's layers run backward,
+    beyond its layers' (checkpointed inputs or saved tensors): its final norm's saved tensors,
+    its output (read by every cross-attention k/v), the final dropout's mask and, with
+    checkpointing, the two embedding outputs that enable_input_require_grads made leaves (T5
+    drops them out before the first layer, so they are not the first layer's input: a·(T_enc + T)·h)
+    with the entry dropouts' masks (they act on leaves that require grad).
+    Source: modeling_t5.py T5Stack.forward (``self.dropout(inputs_embeds)``, ``final_layer_norm``,
+    ``self.dropout``). 0 for decoder-only models."""
+    m = st.model
+    if not m.is_encoder_decoder:
+        return 0
+    a, h = st.stream_bytes, m.hidden_size
+    kept = norm_saved(st, x.T_enc) + a * x.T_enc * h
+    mask = _mask_bytes(st, a) if hidden_dropout(m) else 0
+    kept = kept + mask * x.T_enc * h
+    if gradient_checkpointing:
+        kept = kept + (a + mask) * (x.T_enc + x.T) * h
+    return kept
+
+
+def position_bucket_temporaries(q, k, bidirectional: bool):
+    """Bytes alive at the peak of T5's relative-position bucketing for a [q, k] bias
+    (modeling_t5.py T5Attention.compute_bias, ``_relative_position_bucket``): int64 [q, k]
+    tensors, at ``torch.min(relative_position_if_large, full_like(...))``: compute_bias's
+    ``relative_position`` (a local while the bucketing runs), the absolute (encoder,
+    bidirectional) or ``-min(·, 0)`` (decoder) position, ``relative_position_if_large`` before and
+    after the min and the ``full_like`` operand (8 B each), the bool ``is_small`` (1 B), and in
+    the bidirectional case ``relative_buckets`` made from ``(relative_position > 0)`` (8 B):
+    49·q·k bytes bidirectional, 41·q·k causal. Released before the embedding lookup."""
+    return (49 if bidirectional else 41) * q * k
+
+
+def position_bias_activations(st: Structure, x: Shape, gradient_checkpointing: bool):
+    """T5/mT5: activations alive while the encoder's first block computes its position bias
+    (``position_bucket_temporaries`` on top), the largest of:
+
+    - in the forward: the embedding output (a leaf with checkpointing), the entry dropout's
+      output (and its mask when the input requires grad), and what the block made before the
+      bias: its first norm (``norm_saved``; T5LayerNorm keeps its input, the block input, and
+      holds its output a·T·h while the attention runs), q, k, v (3·a·T·n_h·d) and their LoRA
+      branches (T5Attention.forward computes q, k, v before ``compute_bias``);
+    - with checkpointing, the same block's recompute at the very end of backward: besides the
+      above, the decoder's input leaf and its ``.grad`` (a·T·h each), the cross-attention's zeros
+      bias and its ``.grad`` (2·a·n_h·s_t·s_e) and the residual gradient into the block (a·T_enc·h);
+      the other encoder layers' inputs and the forward's bias were released with their backward.
+    0 for models without a relative position bias."""
+    m = st.model
+    if not _relative_bias(m) or not m.is_encoder_decoder:
+        return 0
+    a, h, T = st.stream_bytes, m.hidden_size, x.T_enc
+    mask = _mask_bytes(st, a) if hidden_dropout(m) else 0
+    qkv = 3 * a * T * m.num_heads * m.head_dim
+    lora = lora_input_saved_bytes(st, x.dropout) * T * st.first_layer_attn_in_adapted
+    norm = norm_saved(st, T) - (a * T * h if m.arch.norm_keeps_input or a == 4 else 0) + a * T * h
+    block = a * T * h + norm + qkv + lora  # the block input (entry dropout output) and its first part
+    temps = position_bucket_temporaries(x.seq, x.seq, bidirectional=True)
+    if not gradient_checkpointing:
+        return block + temps
+    recompute = (block + (a + mask) * T * h  # the leaf and the entry dropout mask
+                 + 2 * a * x.T * h + 2 * a * m.num_heads * x.tseq * x.seq + a * T * h)
+    return recompute + temps
 
 
 def head_lora_activations(st: Structure, x: Shape):

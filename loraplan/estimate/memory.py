@@ -15,6 +15,8 @@ largest wins:
 - ``layer backward``: inside the first decoder layer's backward (its saved tensors, recomputed
   when checkpointing, plus the gradient transients and the dequantized weight);
 - ``encoder layer backward`` (encoder-decoder): inside the top encoder layer's backward;
+- ``position bias`` (T5/mT5): the encoder's first block bucketing relative positions (int64
+  [s_e, s_e] temporaries), in the forward or in its recompute at the end of backward;
 - ``optimizer step``: LoRA weights + gradients + optimizer state + the step's temporaries.
 
 Two halves: ``Structure`` holds what depends only on the model, the targets and the
@@ -36,7 +38,8 @@ from ..spec import Calibration, ExpertSpec, GpuSpec, LinearSpec, ModelSpec, Trai
 from ..errors import InputError
 from ..storage import EXPERT_QUANTIZATION_PATHS, QUANTIZED, experts_unquantized
 from ..trainers import resolve_recipe
-from .activations import (Shape, checkpoint_inputs, choose_attention, encoder_backward_activations, layer_saved,
+from .activations import (Shape, checkpoint_inputs, choose_attention, encoder_backward_activations,
+                          encoder_kept_in_decoder_backward, layer_saved, position_bias_activations,
                           saved_activations)
 from .arrays import is_scalar as _is_scalar
 from .coefficients import coefficient
@@ -52,7 +55,8 @@ from .weights import (Structure, lora_gradients, lora_weights, optimizer_state, 
                       paged_optimizer_state, structure)
 
 #: The moments of a step at which the peak can sit, in step order.
-MOMENTS = ("forward", "int8 matmul", "loss backward", "layer backward", "encoder layer backward", "grad norm",
+MOMENTS = ("forward", "int8 matmul", "loss backward", "layer backward", "encoder layer backward", "position bias",
+           "grad norm",
            "optimizer step")
 
 
@@ -128,10 +132,20 @@ def moments(st: Structure, train: TrainSpec, kind: str, x: Shape, gpu: GpuSpec |
         below = (m.num_layers - 1) * S
         if m.is_encoder_decoder:
             below = below + m.num_encoder_layers * layer_saved(st, kind, x, "encoder")
-    out["layer backward"] = dict(base, activations=below + S + int8_keep + int8_inside_layer_backward(
+    below = below + encoder_kept_in_decoder_backward(st, x, train.gradient_checkpointing)
+    # gemma3: a global top layer saves and recomputes with the global layers' kernel; the
+    # sliding layer below it (sliding kernel, its mask) may be the larger: the larger of the two
+    top_kind, S_top = kind, S
+    if x.global_attention is not None and m.arch.global_top_layer and train.gradient_checkpointing:
+        S_glob = layer_saved(st, x.global_attention, replace(x, global_attention=None), "decoder")
+        S_sl = layer_saved(st, kind, replace(x, global_attention=None), "decoder")
+        if (S_glob + layer_backward_transients(st, x, x.global_attention, top_ckpt)
+                > S_sl + layer_backward_transients(st, x, kind, top_ckpt)):
+            top_kind, S_top = x.global_attention, S_glob
+    out["layer backward"] = dict(base, activations=below + S_top + int8_keep + int8_inside_layer_backward(
                                      int8_all, int8_saved_anyway(st, kind, x, False), st, rc)
                                  + reentrant_layer_output(st, x, rc),
-                                 backward_transients=layer_backward_transients(st, x, kind, top_ckpt),
+                                 backward_transients=layer_backward_transients(st, x, top_kind, top_ckpt),
                                  lora_gradients=layer_gradients(st, x.r, rc, m.num_layers))
     if _present(amp["layer backward"]):
         out["layer backward"]["autocast_copies"] = amp["layer backward"]
@@ -144,7 +158,14 @@ def moments(st: Structure, train: TrainSpec, kind: str, x: Shape, gpu: GpuSpec |
                                                           train.gradient_checkpointing, stack="encoder"),
             lora_gradients=lora_gradients(st, x.r) * m.num_layers / max(m.num_layers + m.num_encoder_layers, 1)
             + accumulated_gradients(st, x.r, rc))
-    # 3c. the gradient norm (clipping, and Trainer's logged norm), before the optimizer step
+    # 3c. T5/mT5: the encoder's first block computing its relative position bias (int64 bucketing
+    #     temporaries over s_e²), in the forward or, with checkpointing, in its recompute at the
+    #     end of backward, when little else is alive but the bucketing is large at long inputs
+    pb = position_bias_activations(st, x, train.gradient_checkpointing)
+    if _present(pb):
+        out["position bias"] = dict(base, activations=pb + int8_keep,
+                                    lora_gradients=lora_gradients(st, x.r) if train.gradient_checkpointing else grads)
+    # 3d. the gradient norm (clipping, and Trainer's logged norm), before the optimizer step
     clip = grad_norm_temporaries(st, rc)
     if clip:
         out["grad norm"] = dict(base, lora_gradients=lora_gradients(st, x.r), optimizer_temporaries=clip,
@@ -204,9 +225,25 @@ def make_setup(model: ModelSpec, lora, train: TrainSpec, adapted: tuple[LinearSp
 
     loaded, train = train, compute_train(train)  # several GPUs: an fp32 base may run as a 16-bit model
     st = structure(model, adapted, Dtypes.of(train), train.double_quant, train.device)
-    x = sequence_shape(model, train, lora, compute_capability)
+    x = with_global_attention(model, train, compute_capability, sequence_shape(model, train, lora, compute_capability))
     return Setup(st, train, choose_attention(model, resolve_recipe(train), compute_capability), x,
                  loaded=loaded if loaded is not train else None)
+
+
+def global_attention(model: ModelSpec, train: TrainSpec, compute_capability: str | None) -> str | None:
+    """The kernel of the global layers of a model whose sliding window covers only some layers
+    (gemma3 ``layer_types``, ``ArchSpec.sliding_layers``): the window never masks them
+    (``choose_attention(sliding=False)``); None for every other model."""
+    n_sl = model.arch.sliding_layers
+    if n_sl is None or n_sl >= model.num_layers:
+        return None
+    return choose_attention(model, resolve_recipe(train), compute_capability, sliding=False)
+
+
+def with_global_attention(model: ModelSpec, train: TrainSpec, compute_capability: str | None, x: Shape) -> Shape:
+    """``x`` with ``Shape.global_attention`` set (``global_attention``)."""
+    g = global_attention(model, train, compute_capability)
+    return x if g is None else replace(x, global_attention=g)
 
 
 def sequence_shape(model: ModelSpec, train: TrainSpec, lora, compute_capability: str | None) -> Shape:

@@ -153,7 +153,15 @@ def accumulated_gradients(st: Structure, r, rc: StepRecipe):
 
 def layer_gradients(st: Structure, r, rc: StepRecipe, layers: int):
     """Gradients alive inside one layer's backward: that layer's new ones (the total over
-    ``layers``) and, when accumulating, every accumulated ``.grad`` as well."""
+    ``layers``) and, when accumulating, every accumulated ``.grad`` as well. Encoder-decoder
+    models: the top decoder layer's own (its self- and cross-attention and FFN adapters, one
+    ``.grad`` per lora_A / lora_B in the adapter dtype), not a share of the encoder's too."""
+    m = st.model
+    if m.is_encoder_decoder:
+        top = [l for l in st.adapted if l.stack == "decoder" and l.layer == m.num_layers - 1]
+        own = sum(_blocks(r * l.in_features * st.adapter_bytes) + _blocks(r * l.out_features * st.adapter_bytes)
+                  for l in top)
+        return own + accumulated_gradients(st, r, rc)
     return lora_gradients(st, r) / max(layers, 1) + accumulated_gradients(st, r, rc)
 
 

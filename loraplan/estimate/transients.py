@@ -11,7 +11,7 @@ import math
 from .. import versions
 from ..spec import Calibration, GpuSpec, ModelSpec
 from ..storage import FOUR_BIT, QUANTIZED, dtype_bytes, linear_storage
-from .activations import (Shape, _activation, _relative_bias, hidden_dropout, lora_input_saved_bytes, lora_output_bytes,
+from .activations import (Shape, _activation, _mask_bytes, _relative_bias, hidden_dropout, lora_input_saved_bytes, lora_output_bytes,
                           mlp_saved)
 from .arrays import ceil as _ceil, maximum as _max, where as _where
 from .coefficients import coefficient
@@ -182,14 +182,36 @@ def layer_backward_transients(st: Structure, x: Shape, kind: str = "flash", grad
         # rows at the expert width (grouped_mm_experts_forward: act_fn(gate) * up on [S, I_e]),
         # in the experts' dtype (storage.expert_storage)
         product = 3 * st.expert_bytes * T * m.moe.top_k * m.moe.expert_intermediate_size
+    # a residual dropout's backward (T5, OPT) makes the MLP branch's gradient a tensor of its own
+    # (a·T·h) beside the residual path's; the down projection's input-gradient matmul consumes it,
+    # so it is alive during the down backward only, not at the product backward nor in the recompute
+    branch = a * T * m.hidden_size if hidden_dropout(m) else 0
+    # T5's FFN dropout sits between the product and the down projection: its backward has run
+    # (and released its saved mask, counted in S) when the product's backward runs
+    inner_mask = (_mask_bytes(st, ab) * T * I) if (hidden_dropout(m) and m.arch.ffn_inner_dropout) else 0
+    expert_grad = 0
+    if m.moe is not None and m.moe.layers and st.adapted_experts:
+        # LoRA on the fused experts (peft ParamWrapper): W + s·lhs@rhs requires grad, so
+        # grouped_mm's backward makes the full gradient of the parametrized weight [E, out, in]
+        # (w B), alive until the fold's baddbmm backward reduces it to the factors' gradients:
+        # down's beside both saved weights, then gate_up's once down's is released (with the
+        # input gradient of down, w·S·I_e, made in the same backward)
+        moe, w = m.moe, st.expert_bytes
+        numel = {e.role: e.num_experts * e.in_features * e.out_features
+                 for e in st.adapted_experts if e.layer == max(moe.layers)}
+        expert_grad = (w * max(numel.get("down", 0), numel.get("gate_up", 0) - numel.get("down", 0))
+                       + w * T * moe.top_k * moe.expert_intermediate_size)
     candidates = [
-        -l_saved + product,  # MLP product backward
-        -l_saved + _max(lora_grad_peak, lora_grad_held + base),  # down backward, base branch
-        -l_saved + adapted * (lora_grad_held + 2 * ab * T * I),  # down backward, the sum
+        -l_saved + product - inner_mask,  # MLP product backward
+        -l_saved + expert_grad,  # LoRA'd experts: the parametrized weight's gradient
+        -l_saved + _max(lora_grad_peak, lora_grad_held + base) + branch,  # down backward, base branch
+        -l_saved + adapted * (lora_grad_held + 2 * ab * T * I) + branch,  # down backward, the sum
     ]
-    if hidden_dropout(m) and m.arch.ffn_inner_dropout:
+    if hidden_dropout(m) and m.arch.ffn_inner_dropout and gradient_checkpointing:
         # T5's FFN dropout comes after the product: the recompute runs to it, making its output
-        candidates.append(-l_saved + ab * T * I)
+        # beside its input (the product, T5DenseGatedActDense.forward's local until dropout
+        # returns), while T5LayerFF.forward holds the norm output it passed in (a·T·h)
+        candidates.append(-l_saved + 2 * ab * T * I + a * T * m.hidden_size)
     if adapted:
         candidates.append(-l_saved + ab * T * I + ((cb * T * I + deq) if four_bit else 0))  # recompute: base
         # recompute: LoRA branch of the down projection: its fp32 cast of a half input (held by
@@ -205,17 +227,20 @@ def layer_backward_transients(st: Structure, x: Shape, kind: str = "flash", grad
     for c in candidates[1:]:
         best = _max(best, c)
     extra = 0
-    if hidden_dropout(m):
-        # a residual dropout's backward makes the branch's gradient a tensor of its own, beside
-        # the residual path's (T5, OPT): one more a·T·h
-        extra = a * T * m.hidden_size
-    if _relative_bias(m) and stack == "decoder":
-        # T5 in backward: the gradient of the shared position bias [1, n_h, s, s]; with
-        # checkpointing also the bias recomputed in the first block and the cross-attention's
-        # recomputed zeros bias. (The top encoder layer takes its bias as an input: none of these.)
-        extra = extra + a * m.num_heads * x.tseq * x.tseq
-        if gradient_checkpointing:
-            extra = extra + a * m.num_heads * (x.tseq * x.tseq + x.tseq * x.seq)
+    if _relative_bias(m) and stack == "decoder" and gradient_checkpointing:
+        # T5 with checkpointing (modeling_t5.py T5Attention.forward): the cross-attention's zeros
+        # bias [1, n_h, s_t, s_e] is made ``requires_grad`` and shared by every layer, so backward
+        # accumulates its ``.grad`` (a leaf's, kept); and the first block, which computes the biases,
+        # recomputes them: its self-attention bias replaces the forward's (an input of the blocks
+        # above, released with them), its zeros bias is new while the L − 1 layer inputs above it
+        # are released. The self-attention bias needs no gradient (relative_attention_bias is
+        # frozen), nor does the zeros bias without checkpointing.
+        # (The top encoder layer takes its bias as an input: none of these.)
+        # By then the layers above have added their cross-attention k/v input gradients into the
+        # encoder output's gradient (a·T_enc·h).
+        cross = a * m.num_heads * x.tseq * x.seq
+        first_block = cross + a * x.T_enc * m.hidden_size
+        extra = extra + cross + _max(0, first_block - (m.num_layers - 1) * a * T * m.hidden_size)
     if kind in ("math", "eager"):
         # score-matrix attention backward, after the MLP's backward has released the MLP's saved
         # tensors: the softmax output's gradient and the scores' gradient, fp32 [b, n_h, s, s]

@@ -9,7 +9,10 @@ function here, with where the CUDA behaviour comes from:
   directly (both have meta kernels and autograd formulas). Flash pads head dims to a multiple
   of 8 like ``attention.cpp`` does; GQA goes to flash natively, otherwise k/v are repeated.
 - ``fused_dropout``: on CUDA ``F.dropout`` is ``native_dropout`` (saves a 1-byte mask); on CPU
-  and meta it saves a full-size noise tensor.
+  and meta it saves a full-size noise tensor. ``math_sdpa_fused_dropout``: the same for the
+  attention-probability dropout inside torch's math sdpa kernel (C++ ``at::dropout``).
+- ``lora_factors_fold``: peft's LoRA on fused experts (``_LoraFactorsProxy``) disables autocast
+  with ``torch.autocast(device_type="meta")``, which torch rejects; on CUDA it is a no-op region.
 - ``no_packed_sequences``: ``transformers.masking_utils.find_packed_sequence_indices`` reads
   tensor values (``.all()``); an unpacked batch gives None.
 - ``register_int8_fakes``: bitsandbytes' int8 fake kernels ask for data-dependent outlier
@@ -146,10 +149,41 @@ def cuda_like_sdpa(gpu_cc: str | None = "9.0", requested: str = "auto",
                 mask = _mem_eff_mask(mask, query, key)
             return torch.ops.aten._scaled_dot_product_efficient_attention(
                 query, key, value, mask, need_lse, dropout_p, is_causal, scale=scale)[0]
+        if dropout_p > 0 and parse_cc(gpu_cc) is not None:
+            return math_sdpa_fused_dropout(query, key, value, attn_mask, dropout_p, is_causal, scale)
         return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                         scale=scale)
 
     return sdpa
+
+
+def math_sdpa_fused_dropout(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None):
+    """torch's math sdpa kernel as it runs on CUDA, for attention-probability dropout.
+
+    ``_scaled_dot_product_attention_math`` (aten/src/ATen/native/transformers/attention.cpp) is a
+    composite of autograd ops: half inputs upcast to fp32, q and k each scaled by √scale, the
+    scores plus the (additive) mask, ``_safe_softmax``, then ``at::dropout`` on the fp32
+    probabilities and the product with v, cast back. Its ``at::dropout`` is ``native_dropout`` on
+    CUDA (a bool mask) but the unfused CPU path on meta (an fp32 noise tensor kept for backward,
+    ATen Dropout.cpp ``is_fused_kernel_acceptable``), so the composite is replayed here op by op
+    with ``native_dropout``: the same saved tensors as CUDA's. k, v arrive repeated to n_h heads
+    (the caller's enable_gqa handling)."""
+    origin = query.dtype
+    half = origin in (torch.float16, torch.bfloat16)
+    q, k, v = (t.to(torch.float32) if half else t for t in (query, key, value))
+    sf = math.sqrt(scale if scale is not None else 1.0 / math.sqrt(q.shape[-1]))
+    q = q * sf
+    L, S = q.shape[-2], k.shape[-2]
+    if is_causal:
+        attn_mask = torch.ones(L, S, dtype=torch.bool, device=q.device).tril()
+    if attn_mask is not None and attn_mask.dtype == torch.bool:  # convert_boolean_attn_mask
+        attn_mask = torch.zeros_like(attn_mask, dtype=q.dtype).masked_fill_(~attn_mask, float("-inf"))
+    attn = torch.matmul(q, k.transpose(-2, -1) * sf)
+    if attn_mask is not None:
+        attn.add_(attn_mask)
+    attn = torch._safe_softmax(attn, -1)
+    attn = torch.native_dropout(attn, dropout_p, True)[0]
+    return torch.matmul(attn, v).to(origin)
 
 
 def _mem_eff_mask(mask: torch.Tensor, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
@@ -332,6 +366,29 @@ def constant_terms(gpu_cc: str | None, handles: int | None = None, stack=None) -
 
 
 # ----------------------------------------------------------------------------- all together
+def _peft_lora_factors_proxy():
+    """peft's ``_LoraFactorsProxy`` (LoRA on fused expert parameters, ``target_parameters``), or
+    None for a peft without it."""
+    try:
+        from peft.tuners.lora import layer
+    except ImportError:  # pragma: no cover - peft is required by the trace
+        return None
+    return getattr(layer, "_LoraFactorsProxy", None)
+
+
+def lora_factors_fold(self, W):
+    """peft ``_LoraFactorsProxy.forward`` (peft/tuners/lora/layer.py) as it runs on CUDA: the
+    parametrized expert weight ``baddbmm(W, lhs, rhs, alpha=scaling)`` in W's dtype, inside
+    ``torch.autocast(device_type=W.device.type, enabled=False)``, which on CUDA only turns
+    autocast off for the fold but raises "unsupported scalarType" for the meta device type. Here
+    the fold runs in the emulated autocast's disabled region (``trace.autocast``)."""
+    from .autocast import active
+
+    mode = active()
+    with mode.disabled() if mode is not None else contextlib.nullcontext():
+        return torch.baddbmm(W, self.lhs, self.rhs, alpha=self.scaling)
+
+
 @contextlib.contextmanager
 def cuda_emulation(gpu_cc: str | None = "9.0", attention: str = "auto",
                    sdpa_log: Callable[[str], None] | None = None, stack=None):
@@ -343,11 +400,16 @@ def cuda_emulation(gpu_cc: str | None = "9.0", attention: str = "auto",
     saved = [(F, "scaled_dot_product_attention", F.scaled_dot_product_attention),
              (F, "dropout", F.dropout),
              (mu, "find_packed_sequence_indices", mu.find_packed_sequence_indices)]
+    proxy = _peft_lora_factors_proxy()
+    if proxy is not None:
+        saved.append((proxy, "forward", proxy.forward))
     try:
         F.scaled_dot_product_attention = cuda_like_sdpa(gpu_cc, attention, sdpa_log,
                                                         original=saved[0][2], stack=stack)
         F.dropout = fused_dropout
         mu.find_packed_sequence_indices = no_packed_sequences
+        if proxy is not None:
+            proxy.forward = lora_factors_fold
         yield
     finally:
         for obj, name, val in saved:
