@@ -20,9 +20,9 @@ pytest.importorskip("peft")
 SCRIPT = Path(__file__).with_name("_engine_collectives.py")
 CASES = {
     "ddp": {"strategy": "ddp"},
-    "fsdp2": {"strategy": "fsdp"},
-    "fsdp2_sgo": {"strategy": "fsdp", "fsdp_sharding": "shard-grad-op"},
-    "fsdp2_mp": {"strategy": "fsdp", "mixed_precision": "bf16", "trainer": "hf"},
+    "fsdp2": {"strategy": "fsdp", "fsdp_version": 2},
+    "fsdp2_sgo": {"strategy": "fsdp", "fsdp_sharding": "shard-grad-op", "fsdp_version": 2},
+    "fsdp2_mp": {"strategy": "fsdp", "mixed_precision": "bf16", "trainer": "hf", "fsdp_version": 2},
 }
 
 
@@ -36,7 +36,7 @@ def measured():
 @pytest.mark.parametrize("name", list(CASES))
 def test_collective_bytes_and_calls_equal_the_engines(measured, name):
     m, lora, t = resolve_case({"model": "tiny-llama", "quant": "bf16", "rank": 8, "targets": "q_proj,v_proj",
-                               "batch": 2, "seq": 128, "num_gpus": 2, "fsdp_version": 2,
+                               "batch": 2, "seq": 128, "num_gpus": 2,
                                "gradient_checkpointing": False, **CASES[name]})
     got: dict[str, list] = {}
     for c in comm.collectives(m, lora, t):
