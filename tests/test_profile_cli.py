@@ -5,7 +5,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -16,18 +15,7 @@ pytest.importorskip("peft")
 
 pytestmark = pytest.mark.slow
 
-CLI = [sys.executable, "-m", "loraplan.cli", "profile"]
-
-
-def run_cli(*args, env=None, timeout=240):
-    e = dict(os.environ, **(env or {}))
-    return subprocess.run(CLI + [str(a) for a in args], capture_output=True, text=True, timeout=timeout, env=e)
-
-
-def lines(path):
-    data = path.read_bytes()
-    assert data == b"" or data.endswith(b"\n"), "a torn last line"
-    return [json.loads(l) for l in data.splitlines() if l.strip()]
+from profile_cli_helpers import CLI, lines, run_cli  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -2,25 +2,9 @@
 ranks of a tiny llama, one record per rank plus a summary record, resume, a failing rank, and
 the one-line refusals (issue 13)."""
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
-CLI = [sys.executable, "-m", "loraplan.cli", "profile"]
-
-
-def run_cli(*args, env=None, timeout=240):
-    e = dict(os.environ, **(env or {}))
-    return subprocess.run(CLI + [str(a) for a in args], capture_output=True, text=True, timeout=timeout, env=e)
-
-
-def lines(path):
-    data = path.read_bytes()
-    assert data == b"" or data.endswith(b"\n"), "a torn last line"
-    return [json.loads(l) for l in data.splitlines() if l.strip()]
+from profile_cli_helpers import lines, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +54,8 @@ def check_case_records(recs, strategy):
     (("--strategy", "device-map"), "--strategy device-map splits the model"),
     (("--strategy", "ddp", "--nodes", 2), "--nodes 2: 'loraplan profile' starts the ranks of this machine only"),
     (("--strategy", "ddp", "--trainer", "hf"), "--trainer hf with --strategy ddp"),
-    (("--strategy", "fsdp", "--quant", "nf4"), "--quant nf4 with FSDP needs a float --quant-storage"),
-    (("--strategy", "fsdp", "--quant", "int8"), "--quant int8 with FSDP"),
+    (("--strategy", "fsdp", "--quant", "nf4"), "use --quant-storage bf16"),
+    (("--strategy", "fsdp", "--quant", "int8"), "--quant int8 with --strategy fsdp"),
     (("--strategy", "fsdp-offload",), "--strategy fsdp-offload on --device cpu"),
 ])
 def test_refusals_are_one_line_exit_2(run_cli, work, tmp_path, extra, want):

@@ -79,20 +79,18 @@ def backend(device: str) -> str:
 
 
 def check_cases(cases: list, device: str, cuda_count: int | None = None) -> None:
-    """InputError (one line: the value and the fix) for a multi-GPU case a burst cannot run."""
+    """InputError (one line: the value and the fix) for a multi-GPU case a burst cannot run. What
+    no engine can run (single on several GPUs, int8 sharded, 4-bit with uint8 storage, ...) is
+    refused earlier, when the case resolves (``trainers.check_parallel``)."""
     import importlib.util
 
     from ..errors import InputError
-    from ..storage import is_quantized
 
     for c in cases:
         t = c.train
         if not is_distributed(t):
             continue
         n = int(t.num_gpus)
-        if t.strategy == "single":
-            raise InputError(f"--num-gpus {n} with --strategy single: one GPU runs the step; choose the engine that "
-                             f"spreads it, e.g. --strategy ddp or --strategy fsdp")
         if t.strategy in ZERO:
             why = ("deepspeed is not installed" if importlib.util.find_spec("deepspeed") is None
                    else "the profile runs DDP and FSDP bursts only")
@@ -108,13 +106,6 @@ def check_cases(cases: list, device: str, cuda_count: int | None = None) -> None
         if t.trainer != "loop":
             raise InputError(f"--trainer {t.trainer} with --strategy {t.strategy}: the Trainer builds its own engine "
                              f"through accelerate, which a burst does not configure; use --trainer loop")
-        if t.strategy.startswith("fsdp"):
-            if t.quant == "int8":
-                raise InputError("--quant int8 with FSDP: bitsandbytes' Int8Params cannot be sharded; use --quant nf4 "
-                                 "--quant-storage bf16 (FSDP-QLoRA), --quant bf16, or --strategy ddp")
-            if is_quantized(t.quant) and (t.quant_storage in (None, "uint8")):
-                raise InputError(f"--quant {t.quant} with FSDP needs a float --quant-storage (the packed 4-bit weights "
-                                 f"are flattened with the float parameters); add --quant-storage bf16")
         if device == "cuda" and cuda_count is not None and n > cuda_count:
             raise InputError(f"--num-gpus {n}: this machine has {cuda_count} CUDA device(s); use --num-gpus "
                              f"{cuda_count} or fewer")

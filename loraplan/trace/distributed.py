@@ -213,7 +213,6 @@ class Engine:
         return ddp
 
     def _wrap_fsdp2(self, model):
-        torch = self.torch
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
@@ -305,13 +304,6 @@ class Engine:
         for name in ("_alloc_storage", "_free_storage"):
             patch(fparam, name, resized(getattr(fparam, name)))
 
-        def in_phase(fn: Callable, name: str) -> Callable:
-            @functools.wraps(fn)
-            def run(*args, **kwargs):
-                with tracker.phase(name):
-                    return fn(*args, **kwargs)
-            return run
-
         cls = fparam.FlatParamHandle
         orig_shard = cls.shard
 
@@ -326,8 +318,8 @@ class Engine:
             return out
 
         patch(cls, "shard", shard)
-        patch(cls, "init_flat_param_attributes", in_phase(cls.init_flat_param_attributes, "all_gather"))
-        patch(cls, "_all_gather_flat_param", in_phase(cls._all_gather_flat_param, "all_gather"))
+        patch(cls, "init_flat_param_attributes", _in_phase(tracker, cls.init_flat_param_attributes, "all_gather"))
+        patch(cls, "_all_gather_flat_param", _in_phase(tracker, cls._all_gather_flat_param, "all_gather"))
         orig_reduce = rt._reduce_grad
 
         @functools.wraps(orig_reduce)
@@ -415,16 +407,9 @@ class Engine:
             patch(mod, "alloc_storage", resized(fparam.alloc_storage))
         patch(fparam, "free_storage", resized(fparam.free_storage))
 
-        def in_phase(fn: Callable, name: str) -> Callable:
-            @functools.wraps(fn)
-            def run(*args, **kwargs):
-                with tracker.phase(name):
-                    return fn(*args, **kwargs)
-            return run
-
-        patch(group, "foreach_all_gather", in_phase(coll.foreach_all_gather, "all_gather"))
-        patch(group, "foreach_all_gather_copy_out", in_phase(coll.foreach_all_gather_copy_out, "all_gather"))
-        patch(group, "foreach_reduce", in_phase(coll.foreach_reduce, "reduce_scatter"))
+        patch(group, "foreach_all_gather", _in_phase(tracker, coll.foreach_all_gather, "all_gather"))
+        patch(group, "foreach_all_gather_copy_out", _in_phase(tracker, coll.foreach_all_gather_copy_out, "all_gather"))
+        patch(group, "foreach_reduce", _in_phase(tracker, coll.foreach_reduce, "reduce_scatter"))
         orig_post_backward = group.FSDPParamGroup.post_backward
         engine = self
 
@@ -550,6 +535,15 @@ def _base_line(r: dict) -> str:
     backward / optimizer): its label when it has one (what was live when the model was built is
     labelled "weights", DDP's first buckets too), else "other"."""
     return r["label"] if r["label"] == "weights" else "other"
+
+
+def _in_phase(tracker, fn: Callable, name: str) -> Callable:
+    """``fn`` run inside the tracker phase ``name`` (marks the allocations an engine's collective makes)."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with tracker.phase(name):
+            return fn(*args, **kwargs)
+    return run
 
 
 def _local(t):
