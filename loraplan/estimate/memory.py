@@ -390,9 +390,13 @@ def estimate_memory(s: Setup, gpu: GpuSpec | None, cal: Calibration, alloc_conf:
     if st.head_adapted and step_recipe(s.train).loss == "chunked":
         notes.append(FUSED_HEAD_BYPASS_WARNING)
     if not _calibrated(cal, "cuda_context_bytes"):
+        how = ("the caching allocator's closed form (checked against allocator replays of the trace)"
+               if s.train.strategy == "single" else
+               "peak allocated x the prior ratio (the closed form replays one GPU's tensors; multi-GPU engines "
+               "hold more in reserve than it knows: published FSDP runs show 10-25% above this)")
         notes.append("device total adds the CUDA context from published figures (data/cuda-context.json), not "
-                     "yet calibrated from NVML on this GPU; peak reserved is the caching allocator's closed form "
-                     "(checked against allocator replays of the trace); peak allocated is the checked figure")
+                     f"yet calibrated from NVML on this GPU; peak reserved is {how}; peak allocated is the checked "
+                     "figure")
     return MemoryEstimate(
         components=components,
         peak_allocated_bytes=peak,
