@@ -404,7 +404,8 @@ def plan_job(model: ModelSpec, lora: LoraSpec, train: TrainSpec, gpus: list[GpuS
              layouts: Iterable[Layout] | None = None) -> Plan:
     """Plan ``job`` on every GPU in ``gpus``, for each of ``layouts`` (N GPUs with a strategy;
     default: ``train``'s own, one row per GPU in the order given). Several layouts: the rows are
-    ranked by fit, then dollars (total, else per million tokens), then hours.
+    ranked by fit, then dollars (total, else per million tokens), then hours; a GPU type that fits
+    on one GPU is not searched at more (every layout is evaluated when none is one GPU).
 
     ``fixed_batch``: keep ``train.batch`` as the micro-batch; otherwise (with
     ``job.effective_batch``) use the largest micro-batch that fits, up to the effective batch.
@@ -431,7 +432,10 @@ def plan_job(model: ModelSpec, lora: LoraSpec, train: TrainSpec, gpus: list[GpuS
     layouts = list(layouts) if layouts is not None else [Layout(train.strategy, train.num_gpus)]
     searching = len(layouts) > 1
     base_train = train
+    one_fits: set[str] = set()  # GPU types a search found to fit on one GPU
     for gpu, layout in ((g, lay) for g in gpus for lay in layouts):
+        if searching and layout.num_gpus > 1 and gpu.id in one_fits:
+            continue  # one GPU already fits: more of them are not searched (give --num-gpus to compare)
         why = None
         try:
             train, layout_opts = layout_train(base_train, layout, gpu)
@@ -493,6 +497,8 @@ def plan_job(model: ModelSpec, lora: LoraSpec, train: TrainSpec, gpus: list[GpuS
             usd_per_mtok=(price * n_gpus / (te.tokens_per_s * 3600) * 1e6
                           if price is not None and te.tokens_per_s else None),
         ))
+        if fits and n_gpus == 1:
+            one_fits.add(gpu.id)
     if searching:
         rows.sort(key=_rank_key)
     fit_rows = [r for r in rows if r.fits and r.total_hours is not None]

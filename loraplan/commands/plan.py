@@ -40,8 +40,9 @@ def plan_command(gpu_list, tokens, examples, tokens_per_example, epochs, effecti
              --epochs 2 --effective-batch 16 --gpu l4-24gb,a100-sxm-80gb,h100-sxm-80gb
     Marks the cheapest and the fastest GPU that fit; for a GPU where the setup does not fit it
     lists the changes that would make it fit, with their estimated memory saving. Without
-    --num-gpus / --strategy it also compares 2, 4 and 8 GPUs of each type (DDP, FSDP, ZeRO-3,
-    device_map), ranked by fit, dollars (price x GPUs) and time.
+    --num-gpus / --strategy it also compares 2, 4 and 8 GPUs (DDP, FSDP, ZeRO-3, device_map) of
+    each type one GPU of which does not fit, ranked by fit, dollars (price x GPUs) and time; give
+    --num-gpus or --strategy to compare several GPUs of every type.
     """
     from ..catalog import gpu_ids, load_gpu
     from ..plan import Job, parse_prices, plan_job, search_layouts
