@@ -476,10 +476,13 @@ def fit_kernels(ms: list[Measurement], base: Calibration, gpu: str) -> dict[str,
     (``profile.kernels.kernel_fits``: matmul-class FLOPs over matmul-kernel time ÷ the GPU's
     peak), each naming the records that pinned it; none when no record carries a CUDA summary."""
     from .catalog import load_gpu
+    from .estimate.efficiency import efficiencies
     from .profile.kernels import kernel_fits
 
-    return {k: CoefficientFit(k, _prior(base, k), f["value"], True, len(f["records"]), f["method"])
-            for k, f in kernel_fits(ms, load_gpu(gpu)).items()}
+    g = load_gpu(gpu)
+    prior = {**efficiencies(g), **base.coefficients}  # the generation's sourced prior unless the base sets one
+    return {k: CoefficientFit(k, float(prior[k]), f["value"], True, len(f["records"]), f["method"])
+            for k, f in kernel_fits(ms, g).items()}
 
 
 def calibration_measurements(measurements: Iterable[Measurement]) -> list[Measurement]:
