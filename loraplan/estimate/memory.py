@@ -42,6 +42,7 @@ from .activations import (Shape, checkpoint_inputs, choose_attention, encoder_ba
                           encoder_kept_in_decoder_backward, layer_saved, position_bias_activations,
                           saved_activations)
 from .arrays import is_scalar as _is_scalar
+from .arrays import where
 from .coefficients import coefficient
 from .sequences import batch_layout, check_attention, explicit_mask, sequence_notes
 from .result import MemoryEstimate
@@ -135,17 +136,17 @@ def moments(st: Structure, train: TrainSpec, kind: str, x: Shape, gpu: GpuSpec |
     below = below + encoder_kept_in_decoder_backward(st, x, train.gradient_checkpointing)
     # gemma3: a global top layer saves and recomputes with the global layers' kernel; the
     # sliding layer below it (sliding kernel, its mask) may be the larger: the larger of the two
-    top_kind, S_top = kind, S
+    S_top, top_transients = S, layer_backward_transients(st, x, kind, top_ckpt)
     if x.global_attention is not None and m.arch.global_top_layer and train.gradient_checkpointing:
         S_glob = layer_saved(st, x.global_attention, replace(x, global_attention=None), "decoder")
         S_sl = layer_saved(st, kind, replace(x, global_attention=None), "decoder")
-        if (S_glob + layer_backward_transients(st, x, x.global_attention, top_ckpt)
-                > S_sl + layer_backward_transients(st, x, kind, top_ckpt)):
-            top_kind, S_top = x.global_attention, S_glob
+        T_glob = layer_backward_transients(st, x, x.global_attention, top_ckpt)
+        glob = S_glob + T_glob > S_sl + top_transients  # element-wise for the sweep's arrays
+        S_top, top_transients = where(glob, S_glob, S_top), where(glob, T_glob, top_transients)
     out["layer backward"] = dict(base, activations=below + S_top + int8_keep + int8_inside_layer_backward(
                                      int8_all, int8_saved_anyway(st, kind, x, False), st, rc)
                                  + reentrant_layer_output(st, x, rc),
-                                 backward_transients=layer_backward_transients(st, x, top_kind, top_ckpt),
+                                 backward_transients=top_transients,
                                  lora_gradients=layer_gradients(st, x.r, rc, m.num_layers))
     if _present(amp["layer backward"]):
         out["layer backward"]["autocast_copies"] = amp["layer backward"]
