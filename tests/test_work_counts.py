@@ -46,13 +46,12 @@ from loraplan.trace.counts import ModuleOwners, WorkCounter, foreach_launches  #
 
 FAMS = [*FAMILIES, *MOE_FAMILIES]
 #: families whose layer ends in a frozen Linear whose output no saved tensor needs (see docstring)
-EARLY_STOP = {"llama", "mistral", "qwen2", "qwen3", "phi3", "gpt_neox", "falcon", "gemma", "granite", "smollm3",
+EARLY_STOP = {"llama", "mistral", "qwen2", "qwen3", "phi3", "gpt_neox", "falcon", "gemma", "granite", "granite_attn_dropout", "smollm3",
               "mistral_hd", "qwen3_moe"}
 #: families whose attention the trace counts above attention_work (explicit mask / eager / cross-attention)
 ATTENTION_DIFFERS = {"falcon", "t5", "mt5"}
-#: MoE families: step_work bills no expert and no router FLOPs (time.py's _linear_groups iterates
-#: ModelSpec.linears, which holds neither the fused 3-D experts nor the router); the trace counts
-#: the experts' torch._grouped_mm over the T·top_k token-expert rows (counts.GROUPED_MM_OPS)
+#: MoE families: time.expert_work bills the experts and the router, within a percent of the trace's
+#: torch._grouped_mm over the T·top_k token-expert rows (counts.GROUPED_MM_OPS), not exactly
 MOE_FROZEN = {"mixtral", "qwen3_moe"}
 FLOPS_REL = 1e-6
 KERNELS_BAND = (0.65, 1.35)

@@ -114,6 +114,7 @@ def profile_command(gpu, device, steps, warmup, timeout, force, out, cache_dir, 
     check_cases(cases, device, cuda_count=dev.probe.get("count") if device == "cuda" else None)
 
     from rich.console import Console
+    from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     err = Console(stderr=True)
@@ -129,15 +130,17 @@ def profile_command(gpu, device, steps, warmup, timeout, force, out, cache_dir, 
         kind = ev.get("ev")
         overall = state["overall"]
         if kind == "start":  # the records file is writable and locked: only now does the run show
-            err.print(f"profiling {len(cases)} case(s) on {dev.name or dev.device} ({dev.gpu_id}) -> {path}")
+            err.print(f"profiling {len(cases)} case(s) on {escape(str(dev.name or dev.device))} ({dev.gpu_id}) -> "
+                      f"{escape(str(path))}")
             progress.start()
             state["overall"] = progress.add_task("cases", total=len(cases), phase="", peak="")
         elif kind == "skip":
-            progress.console.print(f"  [dim]skip {ev['i']}/{ev['n']} {ev['label']} (already recorded; --force redoes)[/]")
+            progress.console.print(f"  [dim]skip {ev['i']}/{ev['n']} {escape(ev['label'])} (already recorded; --force "
+                                   f"redoes)[/]")
             progress.advance(overall)
         elif kind == "case_start":
             state["t0"] = time.monotonic()
-            state["task"] = progress.add_task(f"case {ev['i']}/{ev['n']} {ev['label']}", total=None,
+            state["task"] = progress.add_task(f"case {ev['i']}/{ev['n']} {escape(ev['label'])}", total=None,
                                               phase="start", peak="")
         elif kind == "phase" and state["task"] is not None:
             progress.update(state["task"], phase=ev["phase"])
@@ -152,14 +155,16 @@ def profile_command(gpu, device, steps, warmup, timeout, force, out, cache_dir, 
                 state["task"] = None
             colour = {"ok": "green", "oom": "yellow", "timeout": "yellow"}.get(rec["status"], "red")
             extra = "" if rec["status"] == "ok" else f" in {rec.get('phase')}: {(rec.get('error') or '')[:160]}"
-            progress.console.print(f"  [{colour}]{rec['status']}[/] {ev['i']}/{ev['n']} {ev['label']} "
+            # labels and errors are text, not markup (a gloo error names '[.../pair.cc:553]')
+            progress.console.print(f"  [{colour}]{rec['status']}[/] {ev['i']}/{ev['n']} {escape(ev['label'])} "
                                    f"peak {_fmt_bytes((rec.get('memory') or {}).get('peak_allocated_bytes'))} "
-                                   f"({time.monotonic() - state['t0']:.1f} s){extra}")
+                                   f"({time.monotonic() - state['t0']:.1f} s){escape(extra)}")
             progress.advance(overall)
 
     try:
         results = profile(cases, dev, out=path, force=force, steps=steps, warmup=warmup, timeout=timeout,
-                          cache_dir=cache_dir, on_event=on_event, on_warning=lambda m: err.print(f"warning: {m}"),
+                          cache_dir=cache_dir, on_event=on_event,
+                          on_warning=lambda m: err.print(f"warning: {escape(str(m))}"),
                           trace=trace, trace_timeout=trace_timeout, kernel_summary=kernel_summary)
     finally:
         progress.stop()
@@ -168,6 +173,7 @@ def profile_command(gpu, device, steps, warmup, timeout, force, out, cache_dir, 
 
 def _summary(results, dev) -> None:
     from rich.console import Console
+    from rich.markup import escape
 
     from ..profile.runner import estimated_peak, measured_peak, traced_peak
     from ..render import fit_columns
@@ -219,10 +225,10 @@ def _summary(results, dev) -> None:
         con.print(f"[dim]not shown at this width: {', '.join(dropped)} (the records in profiles/ have them)[/]")
     why = {rec.get("estimate_error") for rec in (r.record or {} for r in results) if rec.get("estimate_error")}
     for w in sorted(why)[:3]:
-        con.print(f"[dim]no estimate: {w}[/]")
+        con.print(f"[dim]no estimate: {escape(str(w))}[/]")
     tr_why = {(rec.get("trace") or {}).get("error") for rec in (r.record or {} for r in results)} - {None}
     for w in sorted(tr_why)[:3]:
-        con.print(f"[dim]no trace: {w}[/]")
+        con.print(f"[dim]no trace: {escape(str(w))}[/]")
 
 
 command = profile_command

@@ -450,7 +450,10 @@ def run_distributed(spec: dict, nprocs: int, timeout: float, on_event: OnEvent |
         got = read_rank_results(tmp, nprocs)
     root, codes = torchrun_failures(fo.stderr_tail)
     failed = sorted(r for r, res in got.items() if res.get("status") != "ok")
-    if root is None and failed:
+    oom = [r for r in failed if got[r].get("status") == "oom"]
+    if oom:  # a rank out of memory explains its peers' lost connections (torchrun may see a peer exit first)
+        root = oom[0]
+    elif root is None and failed:
         root = failed[0]
     first = (f"rank {root} failed first" + (f" ({got[root].get('status')} in {got[root].get('phase')})"
                                             if root in got else "")) if root is not None else None
