@@ -411,6 +411,7 @@ def plan_job(model: ModelSpec, lora: LoraSpec, train: TrainSpec, gpus: list[GpuS
     ``job.effective_batch``) use the largest micro-batch that fits, up to the effective batch.
     """
     from .catalog import load_calibration
+    from .estimate.comm import DATA_PARALLEL
     from .estimate.time import estimate_step_time
     from .spec import run_inputs
     from .trainers import gpu_refusal
@@ -460,8 +461,6 @@ def plan_job(model: ModelSpec, lora: LoraSpec, train: TrainSpec, gpus: list[GpuS
             micro = max(1, min(max_b, job.effective_batch)) if max_b else train.batch
         # the accumulation the job runs with (--effective-batch / (micro x data-parallel ranks), else
         # --gradient-accumulation)
-        from .estimate.comm import DATA_PARALLEL
-
         dp = train.num_gpus if train.strategy in DATA_PARALLEL else 1
         accum = (max(1, math.ceil(job.effective_batch / (micro * dp))) if job.effective_batch
                  else train.gradient_accumulation)

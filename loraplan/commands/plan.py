@@ -9,7 +9,7 @@ import click
 
 from ..case import PARSERS, resolve_case
 from ..errors import InputError
-from ..spec import PARALLEL_FIELDS, check_value
+from ..spec import PARALLEL_FIELDS
 from .options import case_options
 
 
@@ -63,14 +63,8 @@ def plan_command(gpu_list, tokens, examples, tokens_per_example, epochs, effecti
         # so that --strategy fsdp alone (or --num-gpus 4 alone) is a search, not a refusal
         layout = {k: opts.pop(k, None) for k in PARALLEL_FIELDS}
         model, lora, train = resolve_case(opts)
-        train = replace(train, **{k: PARSERS[k](v) for k, v in layout.items()
-                                  if v is not None and k not in ("strategy", "num_gpus")})
-        if layout["strategy"] is not None:
-            train = replace(train, strategy=PARSERS["strategy"](layout["strategy"]))
-        if layout["num_gpus"] is not None:
-            n = PARSERS["num_gpus"](layout["num_gpus"])
-            check_value("num_gpus", n)
-            train = replace(train, num_gpus=n)
+        # each value parsed, then checked by TrainSpec on construction (spec.CHECKS)
+        train = replace(train, **{k: PARSERS[k](v) for k, v in layout.items() if v is not None})
         opts.update(layout)
     for w in caught:
         click.echo(f"warning: {w.message}", err=True)

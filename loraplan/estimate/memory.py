@@ -339,15 +339,13 @@ def device_totals(peak_allocated, paged, cal: Calibration, reserved=None, contex
 
 def estimate_memory(s: Setup, gpu: GpuSpec | None, cal: Calibration, alloc_conf: str = "") -> MemoryEstimate:
     """Peak allocated = the largest moment; reserved and device totals from named coefficients."""
-    st, x = s.structure, s.shape
-    from .parallel import host_ledger, host_total, paged_per_rank, rank_moments
+    from ..storage import dtype_bytes
+    from .parallel import host_ledger, host_total, paged_per_rank, param_factor, rank_moments
 
+    st, x = s.structure, s.shape
     one_gpu = moments(st, s.train, s.attention, x, gpu, cal)
     # per rank (estimate.parallel; --strategy single: {0: the one-GPU moments}); the worst rank
     # (the first largest) gives the top-level numbers
-    from .parallel import param_factor
-    from ..storage import dtype_bytes
-
     loaded = s.loaded or s.train
     ranks = rank_moments(one_gpu, st, s.train, x.r, param_factor(loaded, s.train))
     peaks = {k: peak_of(v) for k, v in ranks.items()}
@@ -357,8 +355,8 @@ def estimate_memory(s: Setup, gpu: GpuSpec | None, cal: Calibration, alloc_conf:
     components = {k: int(v) for k, v in ms[peak_name].items() if v}
     per_gpu = {k: {c: int(v) for c, v in ranks[k][peaks[k][1]].items() if int(v)} for k in ranks}
     paged = paged_per_rank(int(paged_optimizer_state(st, x.r, s.train.optimizer)), s.train)
-    # the allocator's closed form (allocator_slack) replays the one-GPU model's weights: under a
-    # multi-GPU engine it is applied to the worst rank's peak as it stands
+    # the allocator's closed form (allocator_slack) replays the one-GPU model's weights, which a
+    # sharded rank does not hold: under a multi-GPU engine reserved_and_band takes the prior ratio
     reserved, reserved_band = reserved_and_band(st, x, s.attention, peak, gpu, cal, s.train.stack, alloc_conf,
                                                 one_gpu=s.train.strategy == "single")
     context, context_band = context_and_band(gpu, cal, s.train.stack)

@@ -35,8 +35,7 @@ Engines (``wrap_model``), as the libraries build them:
   unless given, limit_all_gathers True, no backward/forward prefetch, sync_module_states False;
   ``ShardingStrategy`` FULL_SHARD / SHARD_GRAD_OP / HYBRID_SHARD; ``CPUOffload(offload_params=True)``
   for fsdp-offload. ``fsdp_version`` and ``use_orig_params`` come from the resolved recipe
-  (``loraplan.trainers.resolve_recipe``: the trainer's defaults); left None there: version 2 (the
-  current torch API) and use_orig_params False (accelerate's default).
+  (``loraplan.trainers.resolve_recipe``: the trainer's defaults, data/trainers.json).
 
 Refused before any burst (:func:`check_cases`, one line with the fix): DeepSpeed ZeRO (not
 installed, and it needs CUDA), ``device-map`` (one process over several GPUs, not a torchrun
@@ -254,10 +253,9 @@ def wrap_model(model, dist: dict, r, device: str, cuda_index: int = 0):
         return wrapped, info
     if strategy not in ("fsdp", "fsdp-offload"):
         raise RuntimeError(f"--strategy {strategy}: a burst wraps ddp, fsdp and fsdp-offload only")
-    # the resolved recipe's values (loraplan.trainers.resolve_recipe fills the trainer's defaults), else the spec's
-    version = int(getattr(r, "fsdp_version", None) or dist.get("fsdp_version") or 2)
-    orig_params = getattr(r, "use_orig_params", None)
-    orig_params = bool(dist.get("use_orig_params") if orig_params is None else orig_params)
+    # the resolved recipe's values (loraplan.trainers.resolve_recipe fills the trainer's defaults
+    # under an FSDP strategy)
+    version, orig_params = int(r.fsdp_version), bool(r.use_orig_params)
     sharding = dist.get("fsdp_sharding") or "full"
     offload = strategy == "fsdp-offload"
     layers = _decoder_layer_classes(model)
@@ -408,8 +406,7 @@ def main(argv=None) -> int:
     train = spec["train"]
     spec["distributed"] = {"rank": rank, "local_rank": local_rank, "world_size": world, "backend": be,
                            "strategy": train.get("strategy"), "nodes": train.get("nodes"),
-                           "fsdp_sharding": train.get("fsdp_sharding"), "fsdp_version": train.get("fsdp_version"),
-                           "use_orig_params": train.get("use_orig_params")}
+                           "fsdp_sharding": train.get("fsdp_sharding")}
     mspec = spec["model"]
     if rank == 0 and not has_weights(mspec.get("path")):
         try:
