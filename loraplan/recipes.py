@@ -35,9 +35,9 @@ arguments or ``ModelConfig``), ``tokenizer`` (``max_length``, ``padding``), ``sc
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .errors import ConfigError, InputError, suggest
 

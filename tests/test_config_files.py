@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from loraplan.case import resolve_case
-from loraplan.errors import InputError
 from loraplan.recipes import NO_EFFECT, load_recipe
 from loraplan.targets import default_targets
 from loraplan.trainers import resolve_recipe

@@ -1,6 +1,5 @@
 """The analytical ledger: accuracy against the H100 reference, structure, physics sanity."""
 
-import math
 from dataclasses import replace
 
 import pytest

@@ -13,7 +13,7 @@ from loraplan.estimate.activations import choose_attention
 from loraplan.estimate.api import estimate
 from loraplan.estimate.result import VERDICTS, Estimate, MemoryEstimate, ledger_label, uncertainty_band
 from loraplan.explain import attention_reason, explain, valid_kernels
-from loraplan.spec import LoraSpec, TrainSpec
+from loraplan.spec import TrainSpec
 
 from conftest import run_module
 

@@ -7,7 +7,6 @@ allocated within 2% of the trace (loraplan/trace/steps.py runs the loop or Train
 """
 
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import pytest

@@ -6,7 +6,7 @@ import pytest
 pytest.importorskip("matplotlib")
 pytest.importorskip("pandas")
 
-from loraplan.catalog import load_calibration, load_gpu, load_model  # noqa: E402
+from loraplan.catalog import load_calibration, load_gpu  # noqa: E402
 from loraplan.case import resolve_case  # noqa: E402
 from loraplan.estimate.api import estimate  # noqa: E402
 from loraplan.render import GiB  # noqa: E402

@@ -4,7 +4,6 @@ and the paged-optimizer fit verdict."""
 
 from __future__ import annotations
 
-import json
 
 import pytest
 
@@ -15,7 +14,7 @@ from loraplan.estimate.weights import quantized_linear_bytes
 from loraplan.estimate.reserved import (PAGED_MIN_NUMEL, StepScript, load_host_links, paging_cost,
                                         peak_reserved_bytes, replay_step, weight_tensor_bytes)
 from loraplan.hf import spec_from_config
-from loraplan.spec import LinearSpec, LoraSpec, TrainSpec
+from loraplan.spec import LoraSpec, TrainSpec
 from loraplan.targets import default_targets, select_targets
 
 MiB = 2**20

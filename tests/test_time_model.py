@@ -2,7 +2,6 @@
 the CUDA-queue overlap of host and GPU, compute dtypes per GPU, host speed. No torch."""
 
 import json
-from dataclasses import replace
 
 import pytest
 
