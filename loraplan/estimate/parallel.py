@@ -49,8 +49,8 @@ CUDA here: its rules are read from deepspeedai/DeepSpeed's source and modelled a
   (_runtime_utils.py::_post_forward_reshard: ``not state._is_root``; FSDP2
   _fsdp_state.py::_lazy_init: the root's post_forward_mesh_info = None), so the root stays
   gathered from forward to the end of backward; in backward the current layer is gathered,
-  plus the next with prefetch (FSDP2 always; FSDP1 with BACKWARD_PRE: torch's default, off by
-  default in accelerate/transformers: trainers.json 'parallel'). A gathered unit is a full-size
+  plus the next: FSDP2 prefetches it when the layer's backward starts; FSDP1 all-gathers it
+  before it frees the current frozen unit, whatever ``--fsdp-backward-prefetch`` (``_fsdp``). A gathered unit is a full-size
   allocation beside the rank's shard, which stays allocated. SHARD_GRAD_OP keeps every unit gathered
   from its forward until its backward. Sharded gradients and optimizer state are 1/N_s.
   ``use_orig_params`` changes no line: with PEFT's wrap policy (which transformers' Trainer applies,
@@ -81,7 +81,7 @@ from typing import Any
 
 from ..spec import TrainSpec
 from ..storage import dtype_bytes
-from .arrays import minimum
+from .arrays import maximum, minimum
 from .weights import Structure
 
 #: the FSDP strategies (trainers.py owns the layout refusals)
@@ -232,14 +232,23 @@ def _fsdp(moment: str, c: dict, st: Structure, train: TrainSpec, r) -> dict:
     L = layers_total(st)
     unit = layer_unit(st, lw)
     root = st.unquantized_weights
-    prefetch = train.fsdp_version == 2 or parallel_setting(train.trainer, "fsdp1_backward_prefetch")
-    in_backward = 2 if prefetch else 1
     if moment in ("grad norm", "optimizer step"):
         gathered = 0  # every unit resharded after its backward
     elif train.fsdp_sharding == "shard-grad-op":
         gathered = root + L * unit  # kept gathered from each unit's forward until its backward
+    elif moment in BACKWARD_MOMENTS and train.fsdp_version == 2:
+        gathered = root + 2 * unit  # fully_shard prefetches the next layer when this one's backward starts
     elif moment in BACKWARD_MOMENTS:
-        gathered = root + in_backward * unit
+        # FSDP1, any backward_prefetch: under PEFT's wrap policy a layer unit holds only frozen
+        # parameters, so it is resharded by a hook on its input (_runtime_utils.py::
+        # _register_post_backward_reshard_only_hook); that tensor is the previous unit's output,
+        # whose hook (_register_pre_backward_hooks, registered first) all-gathers the previous unit
+        # before this one is freed. At that boundary this layer's backward transients are gone:
+        # the layer's peak holds one unit, the boundary two (the trace shows both regimes).
+        # BACKWARD_PRE's prefetch targets the previous handle in post-forward order, this layer's
+        # last LoRA unit (_exec_order_utils.py::get_handle_to_backward_prefetch), and reaches the
+        # previous layer only from the layer's first LoRA unit, at the same boundary.
+        gathered = root + unit + maximum(unit - c.get("backward_transients", 0), 0)
     else:  # forward / loss backward: the root only (never resharded after forward)
         gathered = root
     # the unsharded flat parameter / all-gather output is a full-size allocation beside the rank's
