@@ -229,3 +229,24 @@ def test_hybrid_shards_within_a_node_and_host_ram_is_per_machine():
     m2 = mem(BF16, strategy="ddp", num_gpus=2)
     assert m4.host_components["model_load_copies"] == m2.host_components["model_load_copies"]  # 2 ranks per machine
     assert mem(BF16, strategy="zero3", num_gpus=2).host_bytes == 0  # zero.Init: no host copy of the model
+
+
+def test_fsdp1_offload_pins_each_shard_and_a_gradient_of_its_size_in_power_of_two_blocks():
+    """FSDP1 CPU offload (_flat_param.py::init_flat_param_attributes): pinned _local_shard and
+    _cpu_grad for every flat parameter, frozen ones too, each rounded up to a power of two by the
+    pinned allocator; at lazy init the unpinned shards are still alive beside them."""
+    from loraplan.estimate.memory import make_setup
+    from loraplan.estimate.parallel import fsdp1_units, pinned_blocks
+    from loraplan.targets import select_targets
+
+    assert [pinned_blocks(b) for b in (1, 2, 3, 1000, 1024, 1025)] == [1, 2, 4, 1024, 1024, 2048]
+    t = replace(QLORA, trainer="hf", strategy="fsdp-offload", num_gpus=2, fsdp_version=1, prepare_kbit=False)
+    m = mem(t)
+    h = m.host_components
+    st = make_setup(MODEL, LORA, t, select_targets(MODEL, LORA.targets)).structure
+    frozen = sum(count * pinned_blocks(b / 2) for b, count in fsdp1_units(st))
+    assert h["offloaded_params"] == h["offloaded_gradients"] >= 2 * frozen  # two ranks on the node
+    assert h["offloaded_params"] > h["offload_init_copies"]  # the rounding
+    assert m.host_bytes == h["offload_init_copies"] + h["offloaded_params"] + h["offloaded_gradients"]
+    v2 = mem(replace(t, fsdp_version=None, prepare_kbit=None)).host_components  # FSDP2: no frozen gradients
+    assert v2["offloaded_gradients"] < 0.1 * h["offloaded_gradients"] and "offload_init_copies" not in v2

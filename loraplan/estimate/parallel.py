@@ -394,6 +394,9 @@ def host_ledger(st: Structure, train: TrainSpec, r, checkpoint_offload_bytes=0, 
       sync_module_states); device-map is one process (one copy);
     - ``offloaded_params`` / ``offloaded_gradients`` / ``offloaded_optimizer``: the state the
       offload strategies keep on the host, summed over the node's ranks (a rank's shards: 1/N);
+      FSDP1 pins each flat parameter's shard and a gradient of its size, frozen or not, in
+      power-of-two blocks (``pinned_blocks``), and ``offload_init_copies`` are its unpinned shards,
+      alive at lazy init only;
     - ``checkpoint_offload``: inputs saved on CPU by --checkpoint-offload, per rank.
     ``loaded``: bytes of a loaded base parameter over its computed size (2: an fp32 checkpoint load
     of a base the engine computes in 16 bit, ``compute_train``).
@@ -401,9 +404,11 @@ def host_ledger(st: Structure, train: TrainSpec, r, checkpoint_offload_bytes=0, 
     is_deepspeed_zero3_enabled): each parameter is partitioned onto the GPUs as it is created and
     the checkpoint is read shard by shard (memory-mapped page cache, not counted), so no copy of
     the model is held in host RAM (zero3-offload: the partitions themselves are).
-    The host need is the larger of load time and the step (the load copies are freed once the
-    engine has its shards): ``host_bytes = max(model_load_copies, Σ the others)``.
+    The host need is the largest of load time, FSDP1's lazy init and the step (the load copies are
+    freed once the engine has its shards): ``host_total``.
     """
+    from ..trainers import resolve_recipe
+
     n, nodes, s = train.num_gpus, train.nodes, train.strategy
     per_node = n // nodes
     stored = (st.frozen_linear_weights + st.unquantized_weights + st.expert_weights) * loaded
@@ -414,7 +419,21 @@ def host_ledger(st: Structure, train: TrainSpec, r, checkpoint_offload_bytes=0, 
     if s in ("zero3", "zero3-offload"):
         loaders = 0
     out = {"model_load_copies": loaders * stored}
-    if s == "fsdp-offload":
+    if s == "fsdp-offload" and resolve_recipe(train).fsdp_version == 1:
+        # FSDP1 (_flat_param.py::FlatParamHandle.init_flat_param_attributes, at lazy init): each flat
+        # parameter's shard is copied to pinned memory (_local_shard.pin_memory()) and gets a pinned
+        # sharded gradient of the same size (_cpu_grad = zeros_like(...).pin_memory()), frozen units
+        # included; pinned blocks are rounded up to a power of two (pinned_blocks). The unpinned shard
+        # FSDP's constructor made (_init_utils.py::_init_param_handle_from_params: flat_param_to(cpu))
+        # stays the flat parameter's data until that unit's first unshard (pre_unshard: flat_param_to
+        # the GPU), so at lazy init all three are alive (offload_init_copies)
+        units = fsdp1_units(st, loaded)
+        pinned = sum(count * pinned_blocks(b / n) for b, count in units) + lw / n  # LoRA units: not rounded
+        out["offload_init_copies"] = (stored + lw) * per_node / n
+        out["offloaded_params"] = pinned * per_node
+        out["offloaded_gradients"] = pinned * per_node
+        out["offloaded_optimizer"] = optimizer_state(st, r, train.optimizer) * per_node / n
+    elif s == "fsdp-offload":
         out["offloaded_params"] = (stored + lw) * per_node / n  # the fp32 shards of a 16-bit-computed base
         out["offloaded_gradients"] = lw * per_node / n
         out["offloaded_optimizer"] = optimizer_state(st, r, train.optimizer) * per_node / n
@@ -429,10 +448,33 @@ def host_ledger(st: Structure, train: TrainSpec, r, checkpoint_offload_bytes=0, 
     return {k: int(v) for k, v in out.items() if v}
 
 
+def fsdp1_units(st: Structure, loaded: float = 1) -> list[tuple[float, int]]:
+    """(bytes, count) of FSDP1's frozen flat parameters under PEFT's wrap policy, as stored: one per
+    decoder layer (its frozen Linear and expert weights, without the 4-bit quant state) and the
+    root (``unquantized_weights``). The LoRA units (one per lora_A / lora_B) are not listed."""
+    L = layers_total(st)
+    layer = (st.frozen_linear_weights - quant_state_bytes(st) + st.expert_weights) * loaded / L
+    return [(layer, L), (st.unquantized_weights * loaded, 1)]
+
+
+def pinned_blocks(nbytes) -> int:
+    """Bytes the pinned-memory allocator reserves for a request: the next power of two
+    (ATen/core/CachingHostAllocator.h::CachingHostAllocatorImpl::allocate: ``PowerOf2Ceil(size)``
+    while below pinned_max_round_threshold, unlimited by default)."""
+    nbytes = int(-(-nbytes // 1))
+    return 0 if nbytes <= 0 else 1 << (nbytes - 1).bit_length()
+
+
 def host_total(components: dict[str, int]) -> int:
-    """max(load-time copies, everything else): the host need (``host_ledger``)."""
+    """The host need (``host_ledger``): the largest of load time (the model copies), FSDP1's lazy
+    init (the unpinned shards beside their pinned copies and gradients) and the step (everything
+    but those two)."""
     load = components.get("model_load_copies", 0)
-    return max(load, sum(v for k, v in components.items() if k != "model_load_copies"))
+    init = components.get("offload_init_copies", 0)
+    step = sum(v for k, v in components.items() if k not in ("model_load_copies", "offload_init_copies"))
+    if init:
+        init += components.get("offloaded_params", 0) + components.get("offloaded_gradients", 0)
+    return max(load, init, step)
 
 
 def worst_rank_peak(ranks: dict[int, dict[str, dict]]):
