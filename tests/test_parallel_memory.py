@@ -250,3 +250,24 @@ def test_fsdp1_offload_pins_each_shard_and_a_gradient_of_its_size_in_power_of_tw
     assert m.host_bytes == h["offload_init_copies"] + h["offloaded_params"] + h["offloaded_gradients"]
     v2 = mem(replace(t, fsdp_version=None, prepare_kbit=None)).host_components  # FSDP2: no frozen gradients
     assert v2["offloaded_gradients"] < 0.1 * h["offloaded_gradients"] and "offload_init_copies" not in v2
+
+
+@pytest.mark.parametrize("buckets,elements", [("deepspeed", 500_000_000), ("auto", MODEL.hidden_size ** 2)])
+def test_zero_ipg_bucket_is_the_whole_reduce_bucket_at_every_moment(buckets, elements):
+    """stage3.py allocates the ipg bucket at init as reduce_bucket_size 16-bit elements, whatever the
+    adapters' count, and keeps it (stage_1_and_2.py: from the first backward on); stage 3 also holds
+    its gradient partition (grad_partitions_flat_buffer, in the model dtype) from init, plus an fp32
+    copy at the step. --deepspeed-buckets picks DeepSpeed's defaults or transformers' 'auto' fill."""
+    from loraplan.estimate.memory import make_setup
+    from loraplan.estimate.parallel import trainable_params
+    from loraplan.targets import select_targets
+
+    t = replace(BF16, mixed_precision="bf16", strategy="zero3", num_gpus=2, deepspeed_buckets=buckets)
+    p = trainable_params(make_setup(MODEL, LORA, t, select_targets(MODEL, LORA.targets)).structure, LORA.rank)
+    for moment in ("forward", "layer backward", "optimizer step"):
+        c = ledger(t, moment)
+        assert c["reduce_scatter_buffers"] == 2 * elements
+        assert c["lora_gradients"] == pytest.approx(2 * p / 2 + (4 * p / 2 if moment == "optimizer step" else 0))
+    assert ledger(replace(t, strategy="zero2"), "forward")["reduce_scatter_buffers"] == 2 * elements
+    with pytest.raises(InputError, match="DeepSpeed setting"):
+        mem(BF16, strategy="fsdp", num_gpus=2, deepspeed_buckets="auto")

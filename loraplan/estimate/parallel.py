@@ -81,7 +81,7 @@ from typing import Any
 
 from ..spec import TrainSpec
 from ..storage import dtype_bytes
-from .arrays import maximum, minimum
+from .arrays import maximum
 from .weights import Structure
 
 #: the FSDP strategies (trainers.py owns the layout refusals)
@@ -271,9 +271,9 @@ def _fsdp(moment: str, c: dict, st: Structure, train: TrainSpec, r) -> dict:
 
 
 def deepspeed_setting(st: Structure, train: TrainSpec, key: str) -> int:
-    """A DeepSpeed size in elements (trainers.json 'parallel.deepspeed': a number, or
-    {hidden_power k, factor f} = int(f·h^k), transformers' 'auto' fill)."""
-    v = parallel_setting(train.trainer, "deepspeed")[key]
+    """A DeepSpeed size in elements (trainers.json 'parallel.deepspeed' of ``--deepspeed-buckets``:
+    a number, or {hidden_power k, factor f} = int(f·h^k), transformers' 'auto' fill)."""
+    v = parallel_setting("deepspeed", train.deepspeed_buckets)[key]
     if isinstance(v, dict):
         return int(v["factor"] * st.model.hidden_size ** v["hidden_power"])
     return int(v)
@@ -313,13 +313,24 @@ def _zero(moment: str, c: dict, st: Structure, train: TrainSpec, r) -> dict:
     if "optimizer_temporaries" in c:
         c["optimizer_temporaries"] = c["optimizer_temporaries"] * fp32_opt / n
     c["master_weights"] = 4 * p / n if b16 != 4 else 0  # fp32 partition of the 16-bit trainables
-    bucket = minimum(deepspeed_setting(st, train, "reduce_bucket_size"), p) * b16
-    if moment in ("grad norm", "optimizer step"):
+    step = moment in ("grad norm", "optimizer step")
+    if stage == 3:
+        # stage3.py::DeepSpeedZeroOptimizer_Stage3.__init__: grad_partitions_flat_buffer, zeros of the
+        # rank's partition in gradient_accumulation_dtype (engine.py::get_data_types: the model dtype
+        # unless data_types.grad_accum_dtype), allocated at init; every reduced gradient lands there.
+        # At the step the partition's gradient is copied to fp32 (_prepare_fp32_grad_for_sub_group)
+        c["lora_gradients"] = b16 * p / n + (4 * p / n if step else 0)
+    elif step:
         c["lora_gradients"] = 4 * p / n  # the fp32 gradient of the partition
     elif "lora_gradients" in c:
         c["lora_gradients"] = full_grads if stage == 1 else full_grads / n
-        if stage >= 2 and moment in BACKWARD_MOMENTS:
-            c["reduce_scatter_buffers"] = bucket  # the ipg bucket (contiguous_gradients)
+    if stage >= 2:
+        # the ipg bucket: reduce_bucket_size elements in the 16-bit dtype whatever the trainables'
+        # count (contiguous_gradients, DeepSpeedZeroConfig's default True): stage3.py allocates it at
+        # init (``bucket.buffer = torch.empty(self.reduce_bucket_size, ...)``), stage_1_and_2.py::
+        # setup_buckets before the first backward, and neither frees it between steps
+        # (overlap_comm, off by default below stage 3, would add a second one there)
+        c["reduce_scatter_buffers"] = deepspeed_setting(st, train, "reduce_bucket_size") * b16
     if stage == 3:
         _replicate_quant_state(c, st)
         _scale(c, PARAM_LINES, 1 / n)
