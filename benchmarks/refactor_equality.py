@@ -130,11 +130,11 @@ ADDED = (
     ("issue 13, the multi-GPU layout is an input: every estimate names its strategy and GPU count "
      "(single on one GPU: the one-GPU step, no number moves)",
      r"^\.estimate\.inputs\.(strategy|num_gpus|nodes|fsdp_sharding|fsdp_version|use_orig_params|quant_storage|"
-     r"ram_efficient_loading)$"),
+     r"ram_efficient_loading|fsdp_backward_prefetch|deepspeed_buckets)$"),
     ("issue 13, the multi-GPU layout fields are sweep axes: every sweep row names its strategy and GPU count "
      "(single on one GPU: the one-GPU step, no number moves)",
      r"^\.sweep_row\.(strategy|num_gpus|nodes|fsdp_sharding|fsdp_version|use_orig_params|quant_storage|"
-     r"ram_efficient_loading)$"),
+     r"ram_efficient_loading|fsdp_backward_prefetch|deepspeed_buckets)$"),
     ("issue 13, the per-GPU ledger and host RAM: memory.per_gpu (rank -> ledger; one GPU: {0: the components}) "
      "and memory.host_bytes / host_components (the load-time copy of the model, checkpoint offload); the "
      "top-level numbers are the worst rank's, on one GPU unchanged",

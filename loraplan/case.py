@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from .errors import InputError
 from .spec import (ATTENTION, ATTN_IMPLEMENTATIONS, FLOAT_DTYPES, LOSSES, MIXED_PRECISION, OPTIMIZERS, PADDINGS,
-                   QUANTS, RECIPE_FIELDS, TRAINERS, PARALLEL_FIELDS, STRATEGIES, FSDP_SHARDINGS, QUANT_STORAGES, LoraSpec, ModelSpec, TrainSpec, check_choice, check_value)
+                   QUANTS, RECIPE_FIELDS, TRAINERS, PARALLEL_FIELDS, STRATEGIES, FSDP_SHARDINGS, FSDP_BACKWARD_PREFETCHES, DEEPSPEED_BUCKETS, QUANT_STORAGES, LoraSpec, ModelSpec, TrainSpec, check_choice, check_value)
 
 #: default model and GPU: a common QLoRA setup (seed 001/002: Llama-2-7B, nf4 + double quant, r8 q,v)
 DEFAULT_MODEL = "llama-2-7b"
@@ -146,6 +146,8 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
     "fsdp_sharding": _choice("fsdp-sharding", FSDP_SHARDINGS),
     "fsdp_version": _int("fsdp-version"),
     "use_orig_params": _bool("use-orig-params"),
+    "fsdp_backward_prefetch": _choice("fsdp-backward-prefetch", FSDP_BACKWARD_PREFETCHES),
+    "deepspeed_buckets": _choice("deepspeed-buckets", DEEPSPEED_BUCKETS),
     "quant_storage": _choice("quant-storage", QUANT_STORAGES),
     "ram_efficient_loading": _bool("ram-efficient-loading"),
 }

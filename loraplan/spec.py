@@ -31,6 +31,12 @@ Strategy = Literal["single", "ddp", "fsdp", "fsdp-offload", "zero1", "zero2", "z
 #: FSDP ShardingStrategy (torch.distributed.fsdp.ShardingStrategy FULL_SHARD / SHARD_GRAD_OP /
 #: HYBRID_SHARD; FSDP2 fully_shard: reshard_after_forward True / False, and a 2-D mesh for hybrid)
 FsdpSharding = Literal["full", "shard-grad-op", "hybrid"]
+#: FSDP1 ``backward_prefetch`` (torch.distributed.fsdp.BackwardPrefetch): none (None), BACKWARD_PRE,
+#: BACKWARD_POST
+FsdpBackwardPrefetch = Literal["none", "backward-pre", "backward-post"]
+#: where DeepSpeed's bucket sizes come from: "auto" (a config with 'auto' sizes, filled from
+#: hidden_size by transformers / accelerate) or "deepspeed" (none given: DeepSpeed's defaults)
+DeepspeedBuckets = Literal["auto", "deepspeed"]
 #: bitsandbytes ``bnb_4bit_quant_storage``: the dtype the packed 4-bit data is stored in
 QuantStorage = Literal["uint8", "bf16", "fp16", "fp32"]
 
@@ -47,6 +53,8 @@ LOSSES: tuple[str, ...] = get_args(Loss)
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
 FSDP_SHARDINGS: tuple[str, ...] = get_args(FsdpSharding)
 QUANT_STORAGES: tuple[str, ...] = get_args(QuantStorage)
+FSDP_BACKWARD_PREFETCHES: tuple[str, ...] = get_args(FsdpBackwardPrefetch)
+DEEPSPEED_BUCKETS: tuple[str, ...] = get_args(DeepspeedBuckets)
 
 #: bytes per element of the load dtype of a non-quantized tensor
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -350,6 +358,8 @@ CHECKS: dict[str, Callable[[str, Any], None]] = {
     "fsdp_sharding": _choice(FSDP_SHARDINGS),
     "fsdp_version": _check_fsdp_version,
     "use_orig_params": _optional(_check_bool),
+    "fsdp_backward_prefetch": _optional(_choice(FSDP_BACKWARD_PREFETCHES)),
+    "deepspeed_buckets": _optional(_choice(DEEPSPEED_BUCKETS)),
     "quant_storage": _optional(_choice(QUANT_STORAGES)),
     "ram_efficient_loading": _optional(_check_bool),
 }
@@ -377,7 +387,7 @@ RECIPE_FIELDS = ("trainer", "mixed_precision", "load_dtype", "prepare_kbit", "co
                  "checkpoint_every_n_layers", "checkpoint_offload")
 #: the multi-GPU fields of TrainSpec (issue 13); "single" on one GPU is the one-GPU step
 PARALLEL_FIELDS = ("strategy", "num_gpus", "nodes", "fsdp_sharding", "fsdp_version", "use_orig_params", "quant_storage",
-                   "ram_efficient_loading")
+                   "ram_efficient_loading", "fsdp_backward_prefetch", "deepspeed_buckets")
 _LORA_CHECKS = _checks(("rank", "alpha", "dropout", "targets"))
 _TRAIN_CHECKS = _checks(("quant", "double_quant", "optimizer", "batch", "seq", "target_seq", "gradient_checkpointing",
                          "attention", "int8_outlier_fraction", "device", "stack", *RECIPE_FIELDS,
@@ -496,6 +506,13 @@ class TrainSpec:
     #: only rank 0 loads the weights and broadcasts them (accelerate ``fsdp_cpu_ram_efficient_loading``
     #: + ``sync_module_states``); False: every rank loads a full copy into host RAM. None: the default
     ram_efficient_loading: bool | None = None
+    #: FSDP1 ``backward_prefetch``: "backward-pre" all-gathers the next unit when a unit's backward
+    #: starts (one more unit in flight), "backward-post" after the unit is resharded, "none" not
+    #: at all. FSDP2 has no such option (it always prefetches one unit). None: the trainer's default
+    fsdp_backward_prefetch: FsdpBackwardPrefetch | None = None
+    #: DeepSpeed's reduce_bucket_size, stage3_prefetch_bucket_size, stage3_param_persistence_threshold:
+    #: "auto" (filled from hidden_size) or "deepspeed" (its defaults); None: the trainer's default
+    deepspeed_buckets: DeepspeedBuckets | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.lengths, list):

@@ -131,6 +131,10 @@ def resolve_recipe(train: TrainSpec) -> TrainSpec:
         for key in ("fsdp_version", "use_orig_params", "ram_efficient_loading"):
             if getattr(train, key) is None:
                 changes[key] = default_of(t, key, q, train.stack)
+        if train.fsdp_backward_prefetch is None and changes.get("fsdp_version", train.fsdp_version) == 1:
+            changes["fsdp_backward_prefetch"] = default_of(t, "fsdp_backward_prefetch", q, train.stack)
+    if train.strategy in ZERO_STRATEGIES and train.deepspeed_buckets is None:
+        changes["deepspeed_buckets"] = default_of(t, "deepspeed_buckets", q, train.stack)
     out = replace(train, **changes)
     check_options(out)
     check_parallel(out)
@@ -142,6 +146,8 @@ def resolve_recipe(train: TrainSpec) -> TrainSpec:
 
 #: the strategies that run FSDP (FullyShardedDataParallel / fully_shard)
 FSDP_STRATEGIES = ("fsdp", "fsdp-offload")
+#: the DeepSpeed ZeRO strategies
+ZERO_STRATEGIES = ("zero1", "zero2", "zero3", "zero3-offload")
 #: the strategies that shard the frozen base across ranks (FSDP FULL_SHARD/SHARD_GRAD_OP, ZeRO-3)
 BASE_SHARDING = ("fsdp", "fsdp-offload", "zero3", "zero3-offload")
 #: GPUs in one machine of the catalog's servers (DGX/HGX: 8); more need --nodes
@@ -166,8 +172,13 @@ def check_parallel(train: TrainSpec) -> None:
     - FSDP1 with prepare_model_for_kbit_training on a 4-bit base (fp32 norms beside the float storage:
       two dtypes in one flat parameter);
     - ``--quant-storage`` with a base that is not 4-bit;
-    - FSDP options (--fsdp-sharding other than full, --fsdp-version, --use-orig-params) with a strategy
-      that is not FSDP; hybrid sharding on one node.
+    - FSDP options (--fsdp-sharding other than full, --fsdp-version, --use-orig-params,
+      --fsdp-backward-prefetch) with a strategy that is not FSDP, ``--deepspeed-buckets`` with one that
+      is not ZeRO; hybrid sharding on one node;
+    - ``--fsdp-backward-prefetch`` with FSDP2: fully_shard has no such option, it always prefetches the
+      next unit in backward (_fully_shard/_fsdp_state.py::FSDPState._pre_backward ->
+      _fsdp_param_group.py::FSDPParamGroup.pre_backward -> _backward_prefetch; accelerate drops the
+      setting with a warning, utils/dataclasses.py::FullyShardedDataParallelPlugin.__post_init__).
     """
     s, n, nodes = train.strategy, train.num_gpus, train.nodes
     if s == "single" and n > 1:
@@ -188,10 +199,17 @@ def check_parallel(train: TrainSpec) -> None:
     if not fsdp:
         for key, v, default in (("fsdp_sharding", train.fsdp_sharding, "full"),
                                 ("fsdp_version", train.fsdp_version, None),
-                                ("use_orig_params", train.use_orig_params, None)):
+                                ("use_orig_params", train.use_orig_params, None),
+                                ("fsdp_backward_prefetch", train.fsdp_backward_prefetch, None)):
             if v != default:
                 raise InputError(f"--{key.replace('_', '-')} {v} is an FSDP setting, but --strategy is {s}: drop it or "
                                  f"use --strategy fsdp")
+    if s not in ZERO_STRATEGIES and train.deepspeed_buckets is not None:
+        raise InputError(f"--deepspeed-buckets {train.deepspeed_buckets} is a DeepSpeed setting, but --strategy is "
+                         f"{s}: drop it or use --strategy zero1, zero2, zero3 or zero3-offload")
+    if fsdp and train.fsdp_version == 2 and train.fsdp_backward_prefetch is not None:
+        raise InputError(f"--fsdp-backward-prefetch {train.fsdp_backward_prefetch} is an FSDP1 setting: FSDP2 "
+                         f"(fully_shard) always prefetches the next unit in backward; drop it or use --fsdp-version 1")
     if fsdp and train.fsdp_sharding == "hybrid" and nodes == 1:
         raise InputError("--fsdp-sharding hybrid shards within a node and replicates across nodes: with --nodes 1 "
                          "it is full sharding; use --fsdp-sharding full or give --nodes")
@@ -216,10 +234,10 @@ def check_parallel(train: TrainSpec) -> None:
                              f"holds one dtype; use --quant-storage {train.load_dtype}")
 
 
-def parallel_setting(trainer: str, engine: str) -> dict:
-    """trainers.json 'parallel': ``engine`` ("deepspeed") settings for ``trainer``, or for
-    "fsdp1_backward_prefetch" the bool; sources in 'parallel.sources'."""
-    return trainers_data()["parallel"][engine][trainer]
+def parallel_setting(engine: str, variant: str) -> dict:
+    """trainers.json 'parallel': ``engine`` ("deepspeed") settings of ``variant`` (--deepspeed-buckets
+    auto / deepspeed); sources in 'parallel.sources'."""
+    return trainers_data()["parallel"][engine][variant]
 
 
 #: the first compute capability with bf16 tensor cores (Ampere, sm80); torch's

@@ -70,7 +70,7 @@ def test_fsdp_gathered_units_are_root_plus_layers_in_backward():
     assert c_opt["gathered_params"] == 0
     # FSDP2 prefetches one more layer in backward and stages the all-gather output
     v2 = ledger(QLORA, "layer backward", strategy="fsdp", num_gpus=2, fsdp_version=2)
-    assert v2["gathered_params"] > c2["gathered_params"] and v2["all_gather_buffers"] > 0
+    assert v2["gathered_params"] >= c2["gathered_params"] and v2["all_gather_buffers"] > 0
     # SHARD_GRAD_OP keeps every layer gathered through forward: about the whole base
     sgo = ledger(QLORA, "forward", strategy="fsdp", num_gpus=2, fsdp_sharding="shard-grad-op")
     assert sgo["gathered_params"] > 0.9 * sgo["frozen_linear_weights"]
@@ -185,20 +185,40 @@ def test_sweep_totals_match_estimate(kw):
     assert int(_memory_totals(g.structure, g.resolved, x, ms, cal, kind, None, g.stored)[0]) == want
 
 
-def test_fsdp1_gathered_units_are_full_size_and_follow_the_prefetch_default():
+@pytest.mark.parametrize("trainer,prefetch", [("loop", None), ("hf", None), ("hf", "backward-pre"),
+                                              ("loop", "backward-post")])
+@pytest.mark.parametrize("batch,seq", [(1, 64), (8, 2048)])
+def test_fsdp1_gathered_units_are_full_size_and_two_at_the_layer_boundary(trainer, prefetch, batch, seq):
     """The unsharded flat parameter is a full allocation beside the shard: root + current layer,
-    + the prefetched layer under torch's BACKWARD_PRE (a loop) but not accelerate's default (hf)."""
+    + the previous layer, all-gathered before the current frozen unit is freed (any backward_prefetch)
+    once the layer's backward transients are gone: weight-bound, two units; activation-bound, one."""
     from loraplan.estimate.memory import make_setup
     from loraplan.estimate.parallel import layer_unit
     from loraplan.targets import select_targets
 
-    kw = dict(quant="bf16", strategy="fsdp", num_gpus=4, fsdp_version=1, mixed_precision="no")
-    for trainer, units in (("loop", 2), ("hf", 1)):
-        t = replace(BF16, trainer=trainer, **kw)
-        st = make_setup(MODEL, LORA, t, select_targets(MODEL, LORA.targets)).structure
-        c = ledger(t, "layer backward")
-        lw = c["lora_weights"] * 4  # the rank holds 1/4
-        assert c["gathered_params"] == pytest.approx(st.unquantized_weights + units * layer_unit(st, lw), rel=1e-9)
+    kw = dict(quant="bf16", strategy="fsdp", num_gpus=4, fsdp_version=1, mixed_precision="no", batch=batch, seq=seq)
+    t = replace(BF16, trainer=trainer, fsdp_backward_prefetch=prefetch, **kw)
+    st = make_setup(MODEL, LORA, t, select_targets(MODEL, LORA.targets)).structure
+    c = ledger(t, "layer backward")
+    unit = layer_unit(st, c["lora_weights"] * 4)  # the rank holds 1/4
+    extra = max(unit - c["backward_transients"], 0)
+    assert c["gathered_params"] == pytest.approx(st.unquantized_weights + unit + extra, rel=1e-9)
+    assert (extra > 0.9 * unit) if batch == 1 else (extra == 0)
+
+
+def test_fsdp_backward_prefetch_is_an_fsdp1_setting():
+    with pytest.raises(InputError, match="FSDP1 setting") as e:
+        mem(BF16, strategy="fsdp", num_gpus=2, fsdp_version=2, fsdp_backward_prefetch="backward-pre")
+    assert "\n" not in str(e.value)
+    with pytest.raises(InputError, match="is an FSDP setting"):
+        mem(BF16, strategy="ddp", num_gpus=2, fsdp_backward_prefetch="none")
+    from loraplan.trainers import resolve_recipe
+
+    assert resolve_recipe(replace(BF16, trainer="loop", strategy="fsdp", num_gpus=2, fsdp_version=1)
+                          ).fsdp_backward_prefetch == "backward-pre"  # torch's default
+    assert resolve_recipe(replace(BF16, strategy="fsdp", num_gpus=2, fsdp_version=1)
+                          ).fsdp_backward_prefetch == "none"  # accelerate's (trl)
+    assert resolve_recipe(replace(BF16, strategy="fsdp", num_gpus=2)).fsdp_backward_prefetch is None  # FSDP2
 
 
 def test_hybrid_shards_within_a_node_and_host_ram_is_per_machine():
@@ -209,3 +229,45 @@ def test_hybrid_shards_within_a_node_and_host_ram_is_per_machine():
     m2 = mem(BF16, strategy="ddp", num_gpus=2)
     assert m4.host_components["model_load_copies"] == m2.host_components["model_load_copies"]  # 2 ranks per machine
     assert mem(BF16, strategy="zero3", num_gpus=2).host_bytes == 0  # zero.Init: no host copy of the model
+
+
+def test_fsdp1_offload_pins_each_shard_and_a_gradient_of_its_size_in_power_of_two_blocks():
+    """FSDP1 CPU offload (_flat_param.py::init_flat_param_attributes): pinned _local_shard and
+    _cpu_grad for every flat parameter, frozen ones too, each rounded up to a power of two by the
+    pinned allocator; at lazy init the unpinned shards are still alive beside them."""
+    from loraplan.estimate.memory import make_setup
+    from loraplan.estimate.parallel import fsdp1_units, pinned_blocks
+    from loraplan.targets import select_targets
+
+    assert [pinned_blocks(b) for b in (1, 2, 3, 1000, 1024, 1025)] == [1, 2, 4, 1024, 1024, 2048]
+    t = replace(QLORA, trainer="hf", strategy="fsdp-offload", num_gpus=2, fsdp_version=1, prepare_kbit=False)
+    m = mem(t)
+    h = m.host_components
+    st = make_setup(MODEL, LORA, t, select_targets(MODEL, LORA.targets)).structure
+    frozen = sum(count * pinned_blocks(b / 2) for b, count in fsdp1_units(st))
+    assert h["offloaded_params"] == h["offloaded_gradients"] >= 2 * frozen  # two ranks on the node
+    assert h["offloaded_params"] > h["offload_init_copies"]  # the rounding
+    assert m.host_bytes == h["offload_init_copies"] + h["offloaded_params"] + h["offloaded_gradients"]
+    v2 = mem(replace(t, fsdp_version=None, prepare_kbit=None)).host_components  # FSDP2: no frozen gradients
+    assert v2["offloaded_gradients"] < 0.1 * h["offloaded_gradients"] and "offload_init_copies" not in v2
+
+
+@pytest.mark.parametrize("buckets,elements", [("deepspeed", 500_000_000), ("auto", MODEL.hidden_size ** 2)])
+def test_zero_ipg_bucket_is_the_whole_reduce_bucket_at_every_moment(buckets, elements):
+    """stage3.py allocates the ipg bucket at init as reduce_bucket_size 16-bit elements, whatever the
+    adapters' count, and keeps it (stage_1_and_2.py: from the first backward on); stage 3 also holds
+    its gradient partition (grad_partitions_flat_buffer, in the model dtype) from init, plus an fp32
+    copy at the step. --deepspeed-buckets picks DeepSpeed's defaults or transformers' 'auto' fill."""
+    from loraplan.estimate.memory import make_setup
+    from loraplan.estimate.parallel import trainable_params
+    from loraplan.targets import select_targets
+
+    t = replace(BF16, mixed_precision="bf16", strategy="zero3", num_gpus=2, deepspeed_buckets=buckets)
+    p = trainable_params(make_setup(MODEL, LORA, t, select_targets(MODEL, LORA.targets)).structure, LORA.rank)
+    for moment in ("forward", "layer backward", "optimizer step"):
+        c = ledger(t, moment)
+        assert c["reduce_scatter_buffers"] == 2 * elements
+        assert c["lora_gradients"] == pytest.approx(2 * p / 2 + (4 * p / 2 if moment == "optimizer step" else 0))
+    assert ledger(replace(t, strategy="zero2"), "forward")["reduce_scatter_buffers"] == 2 * elements
+    with pytest.raises(InputError, match="DeepSpeed setting"):
+        mem(BF16, strategy="fsdp", num_gpus=2, deepspeed_buckets="auto")

@@ -204,3 +204,18 @@ def test_estimate_method_trace_reports_every_rank(monkeypatch):
     assert d["detail"]["parallel"]["traced_ranks"] == [0, 3]
     one = estimate(model, LORA, TrainSpec(quant="bf16", batch=2, seq=64), gpu).to_dict()
     assert list(one["memory"]["per_gpu"]) == ["0"]  # one GPU: rank 0's ledger is the components
+
+
+@pytest.mark.parametrize("prefetch", ["none", "backward-pre", "backward-post"])
+def test_fsdp1_gathers_the_next_layer_before_it_frees_this_one_whatever_the_prefetch(prefetch):
+    """Under PEFT's wrap policy a layer unit is frozen, so FSDP1 reshards it from a hook on its input
+    (_register_post_backward_reshard_only_hook), the same tensor whose hook, registered earlier as
+    the previous unit's output, all-gathers that unit (_register_pre_backward_hooks): two layer
+    units are allocated at the boundary with any --fsdp-backward-prefetch. Weights dominate here
+    (one row of 8 tokens), so the boundary is the peak (estimate/parallel.py::_fsdp models both)."""
+    train = TrainSpec(quant="bf16", batch=1, seq=8, strategy="fsdp", num_gpus=2, fsdp_version=1,
+                      fsdp_backward_prefetch=prefetch)
+    t = trace_step(CFG, LORA, train)
+    g = t["components"]["gathered_params"]
+    assert ROOT_BYTES + 2 * LAYER_BYTES <= g <= ROOT_BYTES + 2 * LAYER_BYTES + LORA_BYTES
+    assert t["parallel"]["fsdp_version"] == 1

@@ -13,7 +13,7 @@ import functools
 import click
 
 from ..case import DEFAULTS
-from ..spec import (ATTN_IMPLEMENTATIONS, FLOAT_DTYPES, FSDP_SHARDINGS, LOSSES, MIXED_PRECISION, OPTIMIZERS, PADDINGS, QUANT_STORAGES,
+from ..spec import (ATTN_IMPLEMENTATIONS, DEEPSPEED_BUCKETS, FLOAT_DTYPES, FSDP_BACKWARD_PREFETCHES, FSDP_SHARDINGS, LOSSES, MIXED_PRECISION, OPTIMIZERS, PADDINGS, QUANT_STORAGES,
                     QUANTS, STRATEGIES, TRAINERS)
 
 
@@ -114,6 +114,15 @@ def case_options(multi: bool = False, gpu: bool = True, config_in_json: bool = F
                          help="1: FullyShardedDataParallel (flat parameters), 2: fully_shard [default: the trainer's]" + c),
             click.option("--use-orig-params/--no-use-orig-params", default=None,
                          help="FSDP1 use_orig_params [default: the trainer's]"),
+            click.option("--fsdp-backward-prefetch", default=None,
+                         help=f"FSDP1 backward_prefetch: {', '.join(FSDP_BACKWARD_PREFETCHES)} (backward-pre keeps one "
+                              "more unit gathered in backward; FSDP2 always prefetches one) [default: the trainer's: "
+                              "loop backward-pre (torch), hf/trl none (accelerate)]" + c),
+            click.option("--deepspeed-buckets", default=None,
+                         help=f"ZeRO bucket sizes: {', '.join(DEEPSPEED_BUCKETS)} (auto: a config with 'auto' sizes, "
+                              "filled from hidden_size by transformers/accelerate; deepspeed: none given, e.g. an "
+                              "accelerate config without a DeepSpeed JSON: DeepSpeed's defaults) [default: loop "
+                              "deepspeed, hf/trl auto]" + c),
             click.option("--quant-storage", default=None,
                          help=f"4-bit only: bnb_4bit_quant_storage, {', '.join(QUANT_STORAGES)} (FSDP-QLoRA needs a float "
                               "dtype) [default: uint8]" + c),

@@ -49,8 +49,8 @@ CUDA here: its rules are read from deepspeedai/DeepSpeed's source and modelled a
   (_runtime_utils.py::_post_forward_reshard: ``not state._is_root``; FSDP2
   _fsdp_state.py::_lazy_init: the root's post_forward_mesh_info = None), so the root stays
   gathered from forward to the end of backward; in backward the current layer is gathered,
-  plus the next with prefetch (FSDP2 always; FSDP1 with BACKWARD_PRE: torch's default, off by
-  default in accelerate/transformers: trainers.json 'parallel'). A gathered unit is a full-size
+  plus the next: FSDP2 prefetches it when the layer's backward starts; FSDP1 all-gathers it
+  before it frees the current frozen unit, whatever ``--fsdp-backward-prefetch`` (``_fsdp``). A gathered unit is a full-size
   allocation beside the rank's shard, which stays allocated. SHARD_GRAD_OP keeps every unit gathered
   from its forward until its backward. Sharded gradients and optimizer state are 1/N_s.
   ``use_orig_params`` changes no line: with PEFT's wrap policy (which transformers' Trainer applies,
@@ -81,7 +81,7 @@ from typing import Any
 
 from ..spec import TrainSpec
 from ..storage import dtype_bytes
-from .arrays import minimum
+from .arrays import maximum
 from .weights import Structure
 
 #: the FSDP strategies (trainers.py owns the layout refusals)
@@ -232,14 +232,23 @@ def _fsdp(moment: str, c: dict, st: Structure, train: TrainSpec, r) -> dict:
     L = layers_total(st)
     unit = layer_unit(st, lw)
     root = st.unquantized_weights
-    prefetch = train.fsdp_version == 2 or parallel_setting(train.trainer, "fsdp1_backward_prefetch")
-    in_backward = 2 if prefetch else 1
     if moment in ("grad norm", "optimizer step"):
         gathered = 0  # every unit resharded after its backward
     elif train.fsdp_sharding == "shard-grad-op":
         gathered = root + L * unit  # kept gathered from each unit's forward until its backward
+    elif moment in BACKWARD_MOMENTS and train.fsdp_version == 2:
+        gathered = root + 2 * unit  # fully_shard prefetches the next layer when this one's backward starts
     elif moment in BACKWARD_MOMENTS:
-        gathered = root + in_backward * unit
+        # FSDP1, any backward_prefetch: under PEFT's wrap policy a layer unit holds only frozen
+        # parameters, so it is resharded by a hook on its input (_runtime_utils.py::
+        # _register_post_backward_reshard_only_hook); that tensor is the previous unit's output,
+        # whose hook (_register_pre_backward_hooks, registered first) all-gathers the previous unit
+        # before this one is freed. At that boundary this layer's backward transients are gone:
+        # the layer's peak holds one unit, the boundary two (the trace shows both regimes).
+        # BACKWARD_PRE's prefetch targets the previous handle in post-forward order, this layer's
+        # last LoRA unit (_exec_order_utils.py::get_handle_to_backward_prefetch), and reaches the
+        # previous layer only from the layer's first LoRA unit, at the same boundary.
+        gathered = root + unit + maximum(unit - c.get("backward_transients", 0), 0)
     else:  # forward / loss backward: the root only (never resharded after forward)
         gathered = root
     # the unsharded flat parameter / all-gather output is a full-size allocation beside the rank's
@@ -262,9 +271,9 @@ def _fsdp(moment: str, c: dict, st: Structure, train: TrainSpec, r) -> dict:
 
 
 def deepspeed_setting(st: Structure, train: TrainSpec, key: str) -> int:
-    """A DeepSpeed size in elements (trainers.json 'parallel.deepspeed': a number, or
-    {hidden_power k, factor f} = int(f·h^k), transformers' 'auto' fill)."""
-    v = parallel_setting(train.trainer, "deepspeed")[key]
+    """A DeepSpeed size in elements (trainers.json 'parallel.deepspeed' of ``--deepspeed-buckets``:
+    a number, or {hidden_power k, factor f} = int(f·h^k), transformers' 'auto' fill)."""
+    v = parallel_setting("deepspeed", train.deepspeed_buckets)[key]
     if isinstance(v, dict):
         return int(v["factor"] * st.model.hidden_size ** v["hidden_power"])
     return int(v)
@@ -304,13 +313,24 @@ def _zero(moment: str, c: dict, st: Structure, train: TrainSpec, r) -> dict:
     if "optimizer_temporaries" in c:
         c["optimizer_temporaries"] = c["optimizer_temporaries"] * fp32_opt / n
     c["master_weights"] = 4 * p / n if b16 != 4 else 0  # fp32 partition of the 16-bit trainables
-    bucket = minimum(deepspeed_setting(st, train, "reduce_bucket_size"), p) * b16
-    if moment in ("grad norm", "optimizer step"):
+    step = moment in ("grad norm", "optimizer step")
+    if stage == 3:
+        # stage3.py::DeepSpeedZeroOptimizer_Stage3.__init__: grad_partitions_flat_buffer, zeros of the
+        # rank's partition in gradient_accumulation_dtype (engine.py::get_data_types: the model dtype
+        # unless data_types.grad_accum_dtype), allocated at init; every reduced gradient lands there.
+        # At the step the partition's gradient is copied to fp32 (_prepare_fp32_grad_for_sub_group)
+        c["lora_gradients"] = b16 * p / n + (4 * p / n if step else 0)
+    elif step:
         c["lora_gradients"] = 4 * p / n  # the fp32 gradient of the partition
     elif "lora_gradients" in c:
         c["lora_gradients"] = full_grads if stage == 1 else full_grads / n
-        if stage >= 2 and moment in BACKWARD_MOMENTS:
-            c["reduce_scatter_buffers"] = bucket  # the ipg bucket (contiguous_gradients)
+    if stage >= 2:
+        # the ipg bucket: reduce_bucket_size elements in the 16-bit dtype whatever the trainables'
+        # count (contiguous_gradients, DeepSpeedZeroConfig's default True): stage3.py allocates it at
+        # init (``bucket.buffer = torch.empty(self.reduce_bucket_size, ...)``), stage_1_and_2.py::
+        # setup_buckets before the first backward, and neither frees it between steps
+        # (overlap_comm, off by default below stage 3, would add a second one there)
+        c["reduce_scatter_buffers"] = deepspeed_setting(st, train, "reduce_bucket_size") * b16
     if stage == 3:
         _replicate_quant_state(c, st)
         _scale(c, PARAM_LINES, 1 / n)
@@ -385,6 +405,9 @@ def host_ledger(st: Structure, train: TrainSpec, r, checkpoint_offload_bytes=0, 
       sync_module_states); device-map is one process (one copy);
     - ``offloaded_params`` / ``offloaded_gradients`` / ``offloaded_optimizer``: the state the
       offload strategies keep on the host, summed over the node's ranks (a rank's shards: 1/N);
+      FSDP1 pins each flat parameter's shard and a gradient of its size, frozen or not, in
+      power-of-two blocks (``pinned_blocks``), and ``offload_init_copies`` are its unpinned shards,
+      alive at lazy init only;
     - ``checkpoint_offload``: inputs saved on CPU by --checkpoint-offload, per rank.
     ``loaded``: bytes of a loaded base parameter over its computed size (2: an fp32 checkpoint load
     of a base the engine computes in 16 bit, ``compute_train``).
@@ -392,9 +415,11 @@ def host_ledger(st: Structure, train: TrainSpec, r, checkpoint_offload_bytes=0, 
     is_deepspeed_zero3_enabled): each parameter is partitioned onto the GPUs as it is created and
     the checkpoint is read shard by shard (memory-mapped page cache, not counted), so no copy of
     the model is held in host RAM (zero3-offload: the partitions themselves are).
-    The host need is the larger of load time and the step (the load copies are freed once the
-    engine has its shards): ``host_bytes = max(model_load_copies, Σ the others)``.
+    The host need is the largest of load time, FSDP1's lazy init and the step (the load copies are
+    freed once the engine has its shards): ``host_total``.
     """
+    from ..trainers import resolve_recipe
+
     n, nodes, s = train.num_gpus, train.nodes, train.strategy
     per_node = n // nodes
     stored = (st.frozen_linear_weights + st.unquantized_weights + st.expert_weights) * loaded
@@ -405,7 +430,21 @@ def host_ledger(st: Structure, train: TrainSpec, r, checkpoint_offload_bytes=0, 
     if s in ("zero3", "zero3-offload"):
         loaders = 0
     out = {"model_load_copies": loaders * stored}
-    if s == "fsdp-offload":
+    if s == "fsdp-offload" and resolve_recipe(train).fsdp_version == 1:
+        # FSDP1 (_flat_param.py::FlatParamHandle.init_flat_param_attributes, at lazy init): each flat
+        # parameter's shard is copied to pinned memory (_local_shard.pin_memory()) and gets a pinned
+        # sharded gradient of the same size (_cpu_grad = zeros_like(...).pin_memory()), frozen units
+        # included; pinned blocks are rounded up to a power of two (pinned_blocks). The unpinned shard
+        # FSDP's constructor made (_init_utils.py::_init_param_handle_from_params: flat_param_to(cpu))
+        # stays the flat parameter's data until that unit's first unshard (pre_unshard: flat_param_to
+        # the GPU), so at lazy init all three are alive (offload_init_copies)
+        units = fsdp1_units(st, loaded)
+        pinned = sum(count * pinned_blocks(b / n) for b, count in units) + lw / n  # LoRA units: not rounded
+        out["offload_init_copies"] = (stored + lw) * per_node / n
+        out["offloaded_params"] = pinned * per_node
+        out["offloaded_gradients"] = pinned * per_node
+        out["offloaded_optimizer"] = optimizer_state(st, r, train.optimizer) * per_node / n
+    elif s == "fsdp-offload":
         out["offloaded_params"] = (stored + lw) * per_node / n  # the fp32 shards of a 16-bit-computed base
         out["offloaded_gradients"] = lw * per_node / n
         out["offloaded_optimizer"] = optimizer_state(st, r, train.optimizer) * per_node / n
@@ -420,10 +459,33 @@ def host_ledger(st: Structure, train: TrainSpec, r, checkpoint_offload_bytes=0, 
     return {k: int(v) for k, v in out.items() if v}
 
 
+def fsdp1_units(st: Structure, loaded: float = 1) -> list[tuple[float, int]]:
+    """(bytes, count) of FSDP1's frozen flat parameters under PEFT's wrap policy, as stored: one per
+    decoder layer (its frozen Linear and expert weights, without the 4-bit quant state) and the
+    root (``unquantized_weights``). The LoRA units (one per lora_A / lora_B) are not listed."""
+    L = layers_total(st)
+    layer = (st.frozen_linear_weights - quant_state_bytes(st) + st.expert_weights) * loaded / L
+    return [(layer, L), (st.unquantized_weights * loaded, 1)]
+
+
+def pinned_blocks(nbytes) -> int:
+    """Bytes the pinned-memory allocator reserves for a request: the next power of two
+    (ATen/core/CachingHostAllocator.h::CachingHostAllocatorImpl::allocate: ``PowerOf2Ceil(size)``
+    while below pinned_max_round_threshold, unlimited by default)."""
+    nbytes = int(-(-nbytes // 1))
+    return 0 if nbytes <= 0 else 1 << (nbytes - 1).bit_length()
+
+
 def host_total(components: dict[str, int]) -> int:
-    """max(load-time copies, everything else): the host need (``host_ledger``)."""
+    """The host need (``host_ledger``): the largest of load time (the model copies), FSDP1's lazy
+    init (the unpinned shards beside their pinned copies and gradients) and the step (everything
+    but those two)."""
     load = components.get("model_load_copies", 0)
-    return max(load, sum(v for k, v in components.items() if k != "model_load_copies"))
+    init = components.get("offload_init_copies", 0)
+    step = sum(v for k, v in components.items() if k not in ("model_load_copies", "offload_init_copies"))
+    if init:
+        init += components.get("offloaded_params", 0) + components.get("offloaded_gradients", 0)
+    return max(load, init, step)
 
 
 def worst_rank_peak(ranks: dict[int, dict[str, dict]]):

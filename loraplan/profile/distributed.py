@@ -32,9 +32,10 @@ Engines (``wrap_model``), as the libraries build them:
 - ``fsdp`` with ``fsdp_version`` 1 (``FullyShardedDataParallel``, flat parameters): PEFT's
   ``utils/other.py::fsdp_auto_wrap_policy`` (decoder layers and every leaf with a trainable
   weight) and accelerate's ``FullyShardedDataParallelPlugin`` defaults: use_orig_params False
-  unless given, limit_all_gathers True, no backward/forward prefetch, sync_module_states False;
+  unless given, limit_all_gathers True, no forward prefetch, sync_module_states False;
   ``ShardingStrategy`` FULL_SHARD / SHARD_GRAD_OP / HYBRID_SHARD; ``CPUOffload(offload_params=True)``
-  for fsdp-offload. ``fsdp_version`` and ``use_orig_params`` come from the resolved recipe
+  for fsdp-offload. ``fsdp_version``, ``use_orig_params`` and ``backward_prefetch``
+  (``--fsdp-backward-prefetch``) come from the resolved recipe
   (``loraplan.trainers.resolve_recipe``: the trainer's defaults, data/trainers.json).
 
 Refused before any burst (:func:`check_cases`, one line with the fix): DeepSpeed ZeRO (not
@@ -286,19 +287,21 @@ def wrap_model(model, dist: dict, r, device: str, cuda_index: int = 0):
                     offload_policy=type(kw["offload_policy"]).__name__, mesh=list(kw["mesh"].shape))
         return model, info
     from peft.utils.other import fsdp_auto_wrap_policy
-    from torch.distributed.fsdp import CPUOffload, FullyShardedDataParallel, ShardingStrategy
+    from torch.distributed.fsdp import BackwardPrefetch, CPUOffload, FullyShardedDataParallel, ShardingStrategy
 
     strat = {"full": ShardingStrategy.FULL_SHARD, "shard-grad-op": ShardingStrategy.SHARD_GRAD_OP,
              "hybrid": ShardingStrategy.HYBRID_SHARD}[sharding]
     kw = dict(auto_wrap_policy=fsdp_auto_wrap_policy(model), sharding_strategy=strat,
               cpu_offload=CPUOffload(offload_params=offload), use_orig_params=orig_params,
-              limit_all_gathers=True, backward_prefetch=None, forward_prefetch=False, sync_module_states=False,
+              limit_all_gathers=True, forward_prefetch=False, sync_module_states=False,
+              backward_prefetch={"none": None, "backward-pre": BackwardPrefetch.BACKWARD_PRE,
+                                 "backward-post": BackwardPrefetch.BACKWARD_POST}[r.fsdp_backward_prefetch],
               device_id=torch.device("cuda", cuda_index) if device == "cuda" else torch.device("cpu"))
     if sharding == "hybrid":
         kw["device_mesh"] = _mesh(dist, device)
     wrapped = FullyShardedDataParallel(model, **kw)
     info.update(engine="FullyShardedDataParallel", fsdp_version=1, sharding_strategy=strat.name,
-                use_orig_params=kw["use_orig_params"], cpu_offload=offload,
+                use_orig_params=kw["use_orig_params"], cpu_offload=offload, backward_prefetch=r.fsdp_backward_prefetch,
                 units=sum(1 for m in wrapped.modules() if isinstance(m, FullyShardedDataParallel)))
     return wrapped, info
 

@@ -69,6 +69,7 @@ def _parallel_label(t: TrainSpec) -> str:
     if t.strategy.startswith("fsdp"):
         out += "".join(f" {k}={v}" for k, v in (("fsdp_sharding", t.fsdp_sharding), ("fsdp_version", t.fsdp_version),
                                                  ("use_orig_params", t.use_orig_params),
+                                                 ("fsdp_backward_prefetch", t.fsdp_backward_prefetch),
                                                  ("quant_storage", t.quant_storage))
                        if v is not None and not (k == "fsdp_sharding" and v == "full"))
     return out

@@ -242,19 +242,26 @@ class Engine:
         """FullyShardedDataParallel as accelerate builds it for a PEFT model: peft's
         ``fsdp_auto_wrap_policy`` (LoRA layers and the ``_no_split_modules`` layers in their own
         units), FULL_SHARD or SHARD_GRAD_OP, ``use_orig_params`` (default False), flat parameters,
-        ``limit_all_gathers=True``; ``device_id`` meta with ``param_init_fn`` a no-op, so nothing is
+        ``limit_all_gathers=True``, ``backward_prefetch`` of the resolved recipe (the trainer's
+        default: trainers.json); ``device_id`` meta with ``param_init_fn`` a no-op, so nothing is
         materialized (``_init_utils.py::_materialize_with_param_init_fn``)."""
         import gc
 
         from peft.utils.other import fsdp_auto_wrap_policy
+        from torch.distributed.fsdp import BackwardPrefetch
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
         from torch.distributed.fsdp import ShardingStrategy
 
+        from ..trainers import resolve_recipe
+
         strategy = ShardingStrategy.SHARD_GRAD_OP if self.train.fsdp_sharding == "shard-grad-op" \
             else ShardingStrategy.FULL_SHARD
+        prefetch = {"none": None, "backward-pre": BackwardPrefetch.BACKWARD_PRE,
+                    "backward-post": BackwardPrefetch.BACKWARD_POST}[resolve_recipe(self.train).fsdp_backward_prefetch]
         wrapped = FSDP(model, auto_wrap_policy=fsdp_auto_wrap_policy(model), sharding_strategy=strategy,
                        use_orig_params=bool(self.train.use_orig_params), device_id=self.torch.device("meta"),
-                       param_init_fn=lambda module: None, sync_module_states=False, limit_all_gathers=True)
+                       param_init_fn=lambda module: None, sync_module_states=False, limit_all_gathers=True,
+                       backward_prefetch=prefetch)
         self.units = [n or "(root)" for n, m in wrapped.named_modules() if isinstance(m, FSDP)]
         gc.collect()  # the flattened originals sit in reference cycles of the built model
         return wrapped
