@@ -1,11 +1,11 @@
 """Does calibration help on cases it has not seen? Leave-one-out on the measured records.
 
-    python benchmarks/calibration_holdout.py [RECORDS...] [--gpu ID] [--start priors|neutral]
+    python benchmarks/calibration_holdout.py [RECORDS...] [--gpu ID] [--start neutral|priors]
 
 For each record: calibrate on all the others (loraplan.calibrate.calibrate), starting from the
 *uncalibrated* coefficients (catalog/calibrations/default.json with its time coefficients
-replaced by the start: ``priors``, the sourced/measured host-cost priors of data/host-costs.json
-at host speed 1.0, or ``neutral``, the round placeholders ``NEUTRAL_TIME``; the shipped time
+replaced by the start: ``neutral`` (default), the round placeholders ``NEUTRAL_TIME``, or ``priors``,
+the measured / sourced host-cost priors of data/host-costs.json at host speed 1.0; the shipped time
 coefficients were scaled on these very records, so starting from them would leak the held-out
 case), then compare the held-out record's error before
 (uncalibrated) and after (calibrated on the rest). Default records: the 10 shipped H100 cases
@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("records", nargs="*", default=["reference"])
     ap.add_argument("--gpu", default=None)
-    ap.add_argument("--start", choices=("priors", "neutral"), default="priors")
+    ap.add_argument("--start", choices=("priors", "neutral"), default="neutral")
     a = ap.parse_args(argv)
     ms = select(load_measurements(a.records), a.gpu)
     gpu = ms[0].gpu

@@ -1,6 +1,6 @@
 """Measure the host (CPU) cost of a LoRA training step's dispatched ops and Python-level calls.
 
-    nice python benchmarks/host_costs.py [--steps 8] [--json OUT] [--only ID]
+    nice python benchmarks/host_costs.py [--steps 8] [--json OUT] [--only ID] [--device cpu|cuda]
 
 The H100 reference cases are host-bound (they reach at most ~18% of the GPU's peak), so their
 step time is the CPU time of the Python and dispatcher work of one step. This benchmark runs
@@ -17,6 +17,11 @@ per-LoRA-call and per-bitsandbytes-call costs are the least-squares solution ove
 optimizer), so each cost is pinned by the variants that move its count. What a CPU run leaves
 out, the CUDA launch itself (cudaLaunchKernel, the CUDA caching allocator and stream lookups), is
 a separate sourced prior (loraplan/data/host-costs.json).
+
+``--device cuda`` runs the same tiny steps on a GPU: the kernels still take about a microsecond,
+so the step (wall time between ``torch.cuda.synchronize`` calls) is the host time of the CUDA
+path, launches included; its solved costs replace ``cpu`` + ``cuda_launch_extra`` of
+data/host-costs.json for that host (the one number the priors borrow from a publication).
 
 Prints the CPU, the library versions, one row per variant (median step seconds and counts) and
 the solved costs. Single-threaded (torch.set_num_threads(1)): a CUDA step's host work is one
@@ -77,7 +82,7 @@ def tiny_config(cfg: dict) -> dict:
     return out
 
 
-def build(cfg: dict, quant: str, targets: list[str], gc: bool, folder: Path):
+def build(cfg: dict, quant: str, targets: list[str], gc: bool, folder: Path, device: str = "cpu"):
     """The reference protocol (h100-protocol.md steps 1-5) on the CPU."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -92,7 +97,7 @@ def build(cfg: dict, quant: str, targets: list[str], gc: bool, folder: Path):
         kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                        bnb_4bit_compute_dtype=torch.bfloat16)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, attn_implementation="sdpa",
-                                                 device_map={"": "cpu"}, **kw)
+                                                 device_map={"": device if device == "cpu" else 0}, **kw)
     model.config.use_cache = False
     if quant == "nf4":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc,
@@ -105,7 +110,7 @@ def build(cfg: dict, quant: str, targets: list[str], gc: bool, folder: Path):
     return model
 
 
-def time_steps(model, optimizer: str, steps: int) -> float:
+def time_steps(model, optimizer: str, steps: int, device: str = "cpu") -> float:
     """Least CPU seconds of the process (``time.process_time``: other processes on a shared machine
     do not count; single-threaded, so it is the step's host time) of the protocol's step (h100-protocol.md step 7) after 2 warm-up steps."""
     import torch
@@ -113,16 +118,22 @@ def time_steps(model, optimizer: str, steps: int) -> float:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4) if optimizer == "adamw" else torch.optim.SGD(params, lr=1e-4)
     model.train()
-    ids = torch.randint(0, TINY["vocab_size"], (BATCH, SEQ))
+    ids = torch.randint(0, TINY["vocab_size"], (BATCH, SEQ), device=device)
+    cuda = device != "cpu"
+    clock = time.perf_counter if cuda else time.process_time  # CUDA: wall time between synchronizes
     times = []
     for i in range(steps + 2):
-        t0 = time.process_time()
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = clock()
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
         if i >= 2:
-            times.append(time.process_time() - t0)
+            times.append(clock() - t0)
     return min(times)
 
 
@@ -166,6 +177,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--json", default=None)
     ap.add_argument("--only", default=None, help="run the variants whose id contains this")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     a = ap.parse_args(argv)
     import torch
     import transformers
@@ -183,8 +195,8 @@ def main(argv=None) -> int:
             if a.only and a.only not in vid:
                 continue
             cfg = tiny_config(ref["models"][name])
-            model = build(cfg, quant, TARGETS[tg], gc, Path(tmp) / name)
-            step_s = time_steps(model, optimizer, a.steps)
+            model = build(cfg, quant, TARGETS[tg], gc, Path(tmp) / name, a.device)
+            step_s = time_steps(model, optimizer, a.steps, a.device)
             w = counts(cfg, name, quant, TARGETS[tg], gc, optimizer)
             row = {"id": vid, "step_s": step_s, "ops": float(w.ops), "module_calls": float(w.module_calls),
                    "lora_calls": float(w.lora_calls), "bnb4_calls": float(w.bnb4_calls), "gc_hooks": float(w.gc_hooks)}
@@ -200,7 +212,7 @@ def main(argv=None) -> int:
               f"per checkpoint saved-tensor hook call {1e6 * sol['gc_hook_s']:.2f} us")
         print("fit errors: " + ", ".join(f"{100 * e:+.1f}%" for e in sol["errors"]))
     if a.json:
-        Path(a.json).write_text(json.dumps({"cpu": cpu_name(), "torch": torch.__version__, "rows": rows,
+        Path(a.json).write_text(json.dumps({"cpu": cpu_name(), "device": a.device, "torch": torch.__version__, "rows": rows,
                                             "solution": sol}, indent=1) + "\n")
     return 0
 
