@@ -1,11 +1,13 @@
 """Does calibration help on cases it has not seen? Leave-one-out on the measured records.
 
-    python benchmarks/calibration_holdout.py [RECORDS...] [--gpu ID]
+    python benchmarks/calibration_holdout.py [RECORDS...] [--gpu ID] [--start neutral|priors]
 
 For each record: calibrate on all the others (loraplan.calibrate.calibrate), starting from the
 *uncalibrated* coefficients (catalog/calibrations/default.json with its time coefficients
-replaced by ``NEUTRAL_TIME``: the shipped time coefficients were fitted on these very records,
-so starting from them would leak the held-out case), then compare the held-out record's error before
+replaced by the start: ``neutral`` (default), the round placeholders ``NEUTRAL_TIME``, or ``priors``,
+the measured / sourced host-cost priors of data/host-costs.json at host speed 1.0; the shipped time
+coefficients were scaled on these very records, so starting from them would leak the held-out
+case), then compare the held-out record's error before
 (uncalibrated) and after (calibrated on the rest). Default records: the 10 shipped H100 cases
 (peak allocated and step time; they hold no reserved or NVML figures, so those coefficients are
 not fitted and not scored).
@@ -28,18 +30,28 @@ from loraplan.measurements import load_measurements, select
 #: data/kernel-efficiency.json; time_eff_bw in default.json) and were never fitted on these records)
 NEUTRAL_TIME = {"time_gpu_kernel_s": 3e-6,
                 "time_host_op_s": 1.5e-5, "time_host_lora_call_s": 4e-4, "time_host_bnb4_call_s": 2e-4,
-                "time_host_int8_call_s": 2e-4, "time_host_step_s": 5e-3}
+                "time_host_int8_call_s": 2e-4, "time_host_step_s": 5e-3, "time_host_gc_hook_s": 0.0}
+
+
+def start_coefficients(start: str) -> dict:
+    """The uncalibrated time coefficients: the data priors (host speed 1.0) or NEUTRAL_TIME."""
+    if start == "neutral":
+        return dict(NEUTRAL_TIME)
+    from loraplan.estimate.host_costs import host_priors
+
+    return {"time_gpu_kernel_s": NEUTRAL_TIME["time_gpu_kernel_s"], **host_priors(), "time_host_speed": 1.0}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("records", nargs="*", default=["reference"])
     ap.add_argument("--gpu", default=None)
+    ap.add_argument("--start", choices=("priors", "neutral"), default="neutral")
     a = ap.parse_args(argv)
     ms = select(load_measurements(a.records), a.gpu)
     gpu = ms[0].gpu
     default = load_calibration(None)
-    base = replace(default, coefficients={**default.coefficients, **NEUTRAL_TIME})  # uncalibrated
+    base = replace(default, coefficients={**default.coefficients, **start_coefficients(a.start)})  # uncalibrated
     rows = []
     fitted_names: set[str] = set()
     for i, held in enumerate(ms):
@@ -50,7 +62,7 @@ def main(argv=None) -> int:
         after = metric_pairs(held, predict(held, res.calibration))
         rows.append((held.id, {k: (rel_error(*before[k]), rel_error(*after[k])) for k in before}, res))
     metrics = [k for k in METRIC_LABELS if any(k in r[1] for r in rows)]
-    print(f"leave-one-out on {len(ms)} {gpu} records; base: uncalibrated (default.json + neutral time start)")
+    print(f"leave-one-out on {len(ms)} {gpu} records; base: uncalibrated (default.json + {a.start} time start)")
     print(f"coefficients fitted in at least one fold: {', '.join(sorted(fitted_names)) or 'none'}")
     head = f"{'held-out case':40s}" + "".join(f"{METRIC_LABELS[k] + ' before':>22s}{'after':>9s}" for k in metrics)
     print(head)

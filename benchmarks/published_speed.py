@@ -26,9 +26,15 @@ def load(path: Path = DATA) -> dict:
     return json.loads(Path(path).read_text())
 
 
+#: host costs: ``shipped`` (the GPU's calibration: default.json's H100 fit) or ``priors`` (the measured /
+#: sourced priors of data/host-costs.json, host speed 1.0 = the CPU they were measured on)
+HOST_COSTS = "shipped"
+
+
 def predict(case: dict, data: dict, host_speed: float = 1.0) -> dict:
     """Predicted seconds per micro-step of one published case (the optimizer step amortized over
-    the gradient-accumulation steps as the source measured it: loraplan's step time / accumulation)."""
+    the gradient-accumulation steps as the source measured it: loraplan's step time / accumulation).
+    ``HOST_COSTS`` says which host costs (``--host-costs``)."""
     from loraplan.case import resolve_case
     from loraplan.catalog import load_calibration, load_gpu
     from loraplan.estimate.time import coefficients, step_time, step_work
@@ -39,6 +45,10 @@ def predict(case: dict, data: dict, host_speed: float = 1.0) -> dict:
     m, lora, train = resolve_case(opts)
     gpu = load_gpu(case["gpu"])
     coef = dict(coefficients(load_calibration(gpu.id)), time_host_speed=host_speed)
+    if HOST_COSTS == "priors":
+        from loraplan.estimate.host_costs import host_priors
+
+        coef.update(host_priors())
     work = step_work(m, lora, train)
     t = step_time(work, gpu, coef)
     k = work.micro_steps
@@ -103,7 +113,11 @@ def main(argv=None) -> int:
     ap.add_argument("--data", default=str(DATA))
     ap.add_argument("--only", default=None, help="comma-separated case ids")
     ap.add_argument("--host-speed", type=float, default=1.0)
+    ap.add_argument("--host-costs", choices=("shipped", "priors"), default="shipped",
+                    help="the calibration's host costs, or data/host-costs.json's measured priors")
     a = ap.parse_args(argv)
+    global HOST_COSTS
+    HOST_COSTS = a.host_costs
     data = load(Path(a.data))
     rs = rows(data, set(a.only.split(",")) if a.only else None, a.host_speed)
     print(f"{'case':32s} {'gpu':14s} {'HF':3s} {'published':>9s} {'predicted':>9s} {'ratio':>6s}  "
@@ -116,7 +130,8 @@ def main(argv=None) -> int:
     print()
     speeds = {r["source"]: r["host_speed"] for r in rs if r["host_speed"] is not None}
     for src, v in speeds.items():
-        print(f"host speed pinned by {src}'s most host-bound row: {v:.2f} x the H100 reference host")
+        ref = "the H100 reference host" if HOST_COSTS == "shipped" else "the priors' host (data/host-costs.json)"
+        print(f"host speed pinned by {src}'s most host-bound row: {v:.2f} x {ref}")
     for (src, gpu), (g, n) in sorted(geomeans(rs).items()):
         print(f"geometric mean predicted/published  {src:24s} {gpu:14s} host speed {a.host_speed:.2f}: {g:5.2f}  (n={n})")
     for (src, gpu), (g, n) in sorted(geomeans(rs, "ratio_pinned").items()):

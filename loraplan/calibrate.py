@@ -57,6 +57,7 @@ EFF_GRID = {"time_eff_mm": [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9],
 #: host coefficients of the time model: name(s) -> StepWork counts that multiply them
 HOST_TERMS = (
     (("time_host_op_s",), ("ops", "module_calls")),
+    (("time_host_gc_hook_s",), ("gc_hooks",)),
     (("time_host_lora_call_s",), ("lora_calls",)),
     (("time_host_bnb4_call_s", "time_host_int8_call_s"), ("bnb4_calls", "int8_calls")),  # one bitsandbytes call cost
     (("time_host_step_s",), ()),  # constant per step

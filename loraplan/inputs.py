@@ -289,6 +289,7 @@ COEFFICIENT_RANGES: dict[str, tuple[float, float, str]] = {
     "time_host_bnb4_call_s": (0, 0.1, "host seconds per bitsandbytes 4-bit call"),
     "time_host_int8_call_s": (0, 0.1, "host seconds per bitsandbytes int8 call"),
     "time_host_step_s": (0, 60, "fixed host seconds per step"),
+    "time_host_gc_hook_s": (0, 0.01, "host seconds per gradient-checkpointing saved-tensor hook call"),
     "time_host_speed": (0.01, 100, "host speed relative to the reference host (host costs are divided by it)"),
     "time_eff_attn": (1e-4, 1, "achieved / peak fused-attention throughput"),
 }

@@ -19,7 +19,7 @@ memory              bytes_moved − bytes_gemm (elementwise,   bytes / (bandwidt
                     dequantization, casts, loss, optimizer)
 kernel              kernels (≈ ops)                          kernels · time_gpu_kernel_s
 host                ops + module_calls, lora_calls,          Σ count · per-call cost / time_host_speed
-                    bnb4_calls, int8_calls
+                    bnb4_calls, int8_calls, gc_hooks
 ==================  =======================================  ===================================================
 
 eff_mm / eff_fp32 / eff_attn are sourced priors per GPU generation (data/kernel-efficiency.json,
@@ -104,6 +104,7 @@ COEFFICIENTS: dict[str, str] = {
     "time_host_bnb4_call_s": "extra host time per bitsandbytes 4-bit matmul call (Python, checks)",
     "time_host_int8_call_s": "extra host time per bitsandbytes int8 matmul call",
     "time_host_step_s": "fixed host time per step (loop, synchronize, optimizer bookkeeping)",
+    "time_host_gc_hook_s": "host time per Python saved-tensor hook call of non-reentrant gradient checkpointing",
     "time_host_speed": "host speed relative to the reference host (the H100 reference's CPU): host costs are divided by it",
     "time_eff_attn": "achieved / dense peak for fused attention (FlashAttention-2 class) forward + backward",
 }
@@ -233,6 +234,18 @@ MODEL_MODULE_CALLS = 4
 SOFTMAX_EXTRA_READ_BYTES = 3 * 4
 LOSS_BYTES_FP32_LOGITS = 32 + SOFTMAX_EXTRA_READ_BYTES
 LOSS_BYTES_HALF_LOGITS = 40 + SOFTMAX_EXTRA_READ_BYTES
+#: non-reentrant gradient checkpointing (torch/utils/checkpoint.py ``_checkpoint_hook`` and
+#: ``_recomputation_hook``) runs a Python hook per saved tensor three times: pack in the forward
+#: (a ``_Holder``), pack in the recompute (stores the recomputed tensor in the holder), unpack in
+#: the backward. Saved tensors per decoder layer forward, counted by running a llama / qwen2 layer
+#: under ``torch.autograd.graph.saved_tensors_hooks`` (transformers 5.24, peft 0.21, bitsandbytes
+#: 0.50; llama and qwen2 give the same counts): 15 with bf16/fp16/fp32 frozen Linears, 11 with
+#: bitsandbytes ones (MatMul4Bit / MatMul8bitLt keep their tensors in ``ctx.tensors``, no hook:
+#: bitsandbytes autograd/_functions.py), checked by tests/test_host_costs.py on the real layer;
+#: and 5 more per peft LoRA Linear (dropout mask and input, lora_A input, lora_B input, scaling)
+GC_HOOKS_PER_SAVED = 3
+GC_SAVED_PER_LAYER = {"half": 15, "bnb": 11}
+GC_SAVED_PER_LORA = 5
 #: embedding gather per hidden element: the fp32 index/gradient scatter (4 B) + the output
 EMBEDDING_BYTES = 4
 
@@ -263,6 +276,7 @@ class StepWork:
     sync_before_optimizer: bool = False  # the trainer reads the gradient norm (Trainer's grad_norm.item())
     forward: "StepWork | None" = None    # the counts of the first forward pass of the micro-steps
     optimizer: "StepWork | None" = None  # the counts of the optimizer step (and the gradient norm)
+    gc_hooks: Any = 0.0    # float: gradient checkpointing's Python saved-tensor hook calls (host)
 
     def features(self) -> dict[str, float]:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _NOT_FEATURES}
@@ -479,6 +493,22 @@ def layer_host_work(arch, n_layers: int, fw: int, gc: bool, eager: bool) -> list
             ("module_calls", n_layers * fw * (norms + LAYER_MODULE_CALLS))]
 
 
+def gc_hook_work(n_layers: int, lora_per_layer, bnb_frozen: bool):
+    """Gradient checkpointing's Python saved-tensor hooks (non-reentrant, the transformers default
+    ``use_reentrant=False``; torch/utils/checkpoint.py ``_checkpoint_without_reentrant_generator``):
+    ``GC_HOOKS_PER_SAVED`` calls per saved tensor, saved tensors per layer ``GC_SAVED_PER_LAYER``
+    (by frozen-Linear kind) + ``GC_SAVED_PER_LORA`` per adapted Linear. (increments, forward part):
+    the forward runs the first of the three hooks, the backward the recompute's pack and the unpack."""
+    saved = n_layers * (GC_SAVED_PER_LAYER["bnb" if bnb_frozen else "half"] + GC_SAVED_PER_LORA * lora_per_layer)
+    return [("gc_hooks", GC_HOOKS_PER_SAVED * saved)], [("gc_hooks", saved)]
+
+
+def _adapted_layer_linears(model: ModelSpec, targets: tuple[str, ...], quant) -> int:
+    """Adapted Linears inside the layer stacks (not lm_head): the LoRA modules checkpointing wraps."""
+    return sum(count for (_, head, _, _, adapted, _), count in _linear_groups(model, targets, quant).items()
+               if adapted and not head)
+
+
 def layer_elementwise_work(model: ModelSpec, n_layers: int, T, fw: int, a_stream: int) -> list[tuple[str, Any]]:
     """Elementwise traffic of the norms, residual adds, RoPE, sdpa I/O and the MLP activation
     per layer forward (bytes per element of the tensors touched: the constants above), ×
@@ -670,7 +700,7 @@ def optimizer_work(optimizer: str, n_lora_tensors, trainable) -> list[tuple[str,
 
 #: the StepWork counts a micro-step repeats (all but the optimizer's)
 MICRO_STEP_COUNTS = ("flops_mm", "flops_fp32", "bytes_moved", "ops", "module_calls", "bnb4_calls", "int8_calls",
-                     "lora_calls", "flops_attn", "bytes_gemm")
+                     "lora_calls", "flops_attn", "bytes_gemm", "gc_hooks")
 #: clip_grad_norm_ ops per step: _foreach_norm, stack, vector_norm, add eps, div, clamp, _foreach_mul_
 GRAD_NORM_OPS = 7
 #: bytes read + written per fp32 gradient element: the norm reads it (4), _foreach_mul_ reads and writes it (8)
@@ -750,10 +780,14 @@ def step_work(model: ModelSpec, lora: LoraSpec, train: TrainSpec) -> StepWork:
         stacks.append((model.num_encoder_layers, T_enc, s))
     eager = (model.arch.attention == "eager" or train.attention in ("eager", "math")
              or train.attn_implementation == "eager")
+    lora_per_layer = _adapted_layer_linears(model, lora.targets, quant) / max(1, sum(n for n, _, _ in stacks))
+    bnb_frozen = quant.quant in FOUR_BIT or quant.quant == "int8"
     for n_layers, T, seq in stacks:
         if n_layers == 0:
             continue
         add(*_with_one_pass(lambda p: layer_host_work(model.arch, n_layers, p, gc, eager), fw))
+        if gc:
+            add(*gc_hook_work(n_layers, lora_per_layer, bnb_frozen))
         add(*_with_one_pass(lambda p: layer_elementwise_work(model, n_layers, T, p, a_stream), fw))
         if model.moe is not None and n_layers == model.num_layers:
             add(*_with_one_pass(lambda p: expert_work(model, quant, T, p, a_stream), fw))
@@ -782,7 +816,8 @@ def step_work(model: ModelSpec, lora: LoraSpec, train: TrainSpec) -> StepWork:
             bytes_moved=c["bytes_moved"], kernels=kernel_count(c["ops"]), ops=c["ops"],
             module_calls=c["module_calls"], lora_calls=c["lora_calls"], bnb4_calls=c["bnb4_calls"],
             int8_calls=c["int8_calls"], mm_dtype=mm_dtype, syncs=acc["int8_calls"] > 0,
-            flops_attn=c["flops_attn"], bytes_gemm=c["bytes_gemm"], micro_steps=rc.accumulation, **extra)
+            flops_attn=c["flops_attn"], bytes_gemm=c["bytes_gemm"], micro_steps=rc.accumulation,
+            gc_hooks=c["gc_hooks"], **extra)
 
     return work(acc, forward=work(fwd), optimizer=work(opt),
                 sync_after_forward=trainer == "trl",
@@ -791,7 +826,7 @@ def step_work(model: ModelSpec, lora: LoraSpec, train: TrainSpec) -> StepWork:
 
 #: the counts a StepWork carries (and its forward / optimizer parts)
 _COUNTS = ("flops_mm", "flops_fp32", "flops_attn", "bytes_moved", "bytes_gemm", "ops", "module_calls",
-           "bnb4_calls", "int8_calls", "lora_calls")
+           "bnb4_calls", "int8_calls", "lora_calls", "gc_hooks")
 #: lm_head, the loss and the embedding: the forward phase's share of their work. lm_head runs one
 #: GEMM forward and one (the input gradient) backward; the loss and the gather are about as heavy
 #: forward (log_softmax, gather) as backward (their gradients); trl's fused head computes one of
@@ -864,10 +899,12 @@ def gpu_seconds(work: StepWork, gpu: GpuSpec, coef: Mapping[str, float]) -> dict
 
 
 def host_seconds(work: StepWork, coef: Mapping[str, float]) -> dict[str, Any]:
-    """Host time of ``work``: dispatched ops and module calls × time_host_op_s, peft LoRA calls,
+    """Host time of ``work``: dispatched ops and module calls × time_host_op_s (with gradient
+    checkpointing's saved-tensor hook calls × time_host_gc_hook_s), peft LoRA calls,
     bitsandbytes calls × their per-call costs, all ÷ time_host_speed (1.0: the reference host)."""
     speed = coef.get("time_host_speed", 1.0)
     ops_s = (work.ops + work.module_calls) * coef["time_host_op_s"] / speed
+    ops_s = ops_s + work.gc_hooks * coef.get("time_host_gc_hook_s", 0.0) / speed
     lora_s = work.lora_calls * coef["time_host_lora_call_s"] / speed
     bnb_s = (work.bnb4_calls * coef["time_host_bnb4_call_s"] + work.int8_calls * coef["time_host_int8_call_s"]) / speed
     return {"host_ops_s": ops_s, "host_lora_s": lora_s, "host_bnb_s": bnb_s, "host_s": ops_s + lora_s + bnb_s}
