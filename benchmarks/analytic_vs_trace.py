@@ -28,7 +28,7 @@ FAMILIES = {
     "gemma2": "gemma-2-2b", "phi3": "phi-3-mini-4k", "gpt_neox": "pythia-1b", "opt": "opt-6.7b",
     "falcon": "falcon-7b", "t5": "flan-t5-base", "mt5": "mt0-large",
     "gemma": "gemma-2b", "gemma3_text": "gemma-3-270m", "olmo2": "olmo-2-0425-1b", "granite": "granite-3.2-8b-instruct",
-    "smollm3": "smollm3-like", "mistral_hd": "mistral-nemo-base-2407",
+    "smollm3": "smollm3-like", "mistral_hd": "mistral-nemo-base-2407", "phi4": "phi-4",
     # granite 3.0/3.1 ship attention_dropout 0.1: with nf4's fp32 stream and GQA the math sdpa
     # kernel runs the dropout (the trace replays it with CUDA's native_dropout:
     # emulation.math_sdpa_fused_dropout)
@@ -45,12 +45,9 @@ MOE_FAMILIES = {"mixtral": "mixtral-8x7b", "qwen3_moe": "qwen3-30b-a3b"}
 MOE_TARGETS = {"all-linear": "q_proj,k_proj,v_proj,o_proj"}
 
 #: checked by the benchmark (``--families``) but not gated at 2% by tests/test_analytic_vs_trace.py,
-#: with the reason (see the issue-14 report):
-#: - phi4: phi-4's small config reads -2.0% in one case (bf16, all-linear, checkpointing): the
-#:   trace peaks inside the backward of the adapted fused gate_up_proj (its [T, 2I] output
-#:   gradient in bf16 and twice in fp32: peft's cast back and the scaled lora_B branch), a moment
-#:   the ledger's MLP-out candidates do not model.
-UNGATED = {"phi4": "phi-4"}
+#: with the reason (none now: phi4 was, until the ledger modelled a fused gate_up_proj's LoRA
+#: recompute, transients.layer_backward_transients)
+UNGATED: dict[str, str] = {}
 
 #: families without a catalog entry: a config with the family's defaults (SmolLM3Config: 36
 #: layers, hidden 2048, 16 heads, 4 kv heads, vocab 128256, tied; every 4th layer without RoPE)

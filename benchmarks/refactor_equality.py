@@ -102,6 +102,11 @@ INTENDED = (
      "refitted on the H100 reference (benchmarks/fit_time_h100.py); time_eff_mm / time_eff_fp32 left "
      "calibrations/default.json (priors by generation now). Memory figures do not move",
      None, None, TIME_FIELDS),
+    ("issue 14, phi-3 / phi-4: a fused gate_up_proj with LoRA sets the checkpointed top layer's peak in its "
+     "recompute, at lora_B's scaled [T, 2I] output beside the base output (peft lora/layer.py Linear.forward; "
+     "modeling_phi3.py Phi3MLP), with the down projection's first backward gradients and the layer's "
+     "residual and MLP input alive (transients.layer_backward_transients; checked against the trace)",
+     ("phi-3-mini-4k", "phi-3-medium-4k", "phi-4"), QUANTS, _MEMORY_FIELDS),
 )
 
 
