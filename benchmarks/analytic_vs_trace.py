@@ -42,7 +42,8 @@ FAMILIES = {
 #: step fails -- on meta as on CUDA; the estimate says so loudly. "all-linear" is refused on these
 #: families (PEFT rewrites it into router + expert LoRA, see loraplan.targets); the attention set
 #: stands in for it.
-MOE_FAMILIES = {"mixtral": "mixtral-8x7b", "qwen3_moe": "qwen3-30b-a3b"}
+MOE_FAMILIES = {"mixtral": "mixtral-8x7b", "qwen3_moe": "qwen3-30b-a3b", "qwen2_moe": "qwen1.5-moe-a2.7b",
+                "olmoe": "olmoe-1b-7b-0924"}
 MOE_TARGETS = {"all-linear": "q_proj,k_proj,v_proj,o_proj"}
 
 #: checked by the benchmark (``--families``) but not gated at 2% by tests/test_analytic_vs_trace.py,
