@@ -44,7 +44,7 @@ FAMILIES = {
 #: stands in for it.
 MOE_FAMILIES = {"mixtral": "mixtral-8x7b", "qwen3_moe": "qwen3-30b-a3b", "qwen2_moe": "qwen1.5-moe-a2.7b",
                 "olmoe": "olmoe-1b-7b-0924"}
-MOE_TARGETS = {"all-linear": "q_proj,k_proj,v_proj,o_proj"}
+MOE_TARGETS = {"all-linear": "q_proj,k_proj,v_proj,o_proj", "all-linear,lm_head": "q_proj,k_proj,v_proj,o_proj,lm_head"}
 
 #: checked by the benchmark (``--families``) but not gated at 2% by tests/test_analytic_vs_trace.py,
 #: with the reason (none now: phi4 was, until the ledger modelled a fused gate_up_proj's LoRA
