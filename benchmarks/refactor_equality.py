@@ -102,6 +102,15 @@ INTENDED = (
      "refitted on the H100 reference (benchmarks/fit_time_h100.py); time_eff_mm / time_eff_fp32 left "
      "calibrations/default.json (priors by generation now). Memory figures do not move",
      None, None, TIME_FIELDS),
+    ("issue 14, phi-3 / phi-4: a fused gate_up_proj with LoRA sets the checkpointed top layer's peak in its "
+     "recompute, at lora_B's scaled [T, 2I] output beside the base output (peft lora/layer.py Linear.forward; "
+     "modeling_phi3.py Phi3MLP), with the down projection's first backward gradients and the layer's "
+     "residual and MLP input alive (transients.layer_backward_transients; checked against the trace)",
+     ("phi-3-mini-4k", "phi-3-medium-4k", "phi-4"), QUANTS, _MEMORY_FIELDS),
+    ("issue 14, MoE step time: time.expert_work bills the router's GEMM (mlp.gate, a parameter run by "
+     "F.linear: 2·T·h·E per MoE layer per pass), the remainder tests/test_work_counts.py found against the "
+     "traced FLOPs (now exact for mixtral, qwen2_moe, qwen3_moe, olmoe)",
+     ("mixtral-8x7b", "qwen3-30b-a3b", "qwen1.5-moe-a2.7b", "olmoe-1b-7b-0924"), QUANTS, TIME_FIELDS),
 )
 
 

@@ -60,6 +60,17 @@ QWEN3_CARDS = {"qwen3-0.6b": (0.6, 0.44), "qwen3-1.7b": (1.7, 1.4), "qwen3-4b": 
                "qwen3-8b": (8.2, 6.95), "qwen3-14b": (14.8, 13.2), "qwen3-32b": (32.8, 31.2)}
 
 
+#: MoE checkpoints whose totals are published rounded (billions): OLMoE paper (arXiv 2409.02060)
+#: "7 billion (B) parameters", 6.9B in its tables; the Qwen1.5-MoE-A2.7B model card 14.3B. OLMoE's
+#: experts are 1024 wide in the published config.json, not OlmoeConfig's default 2048 (13.4B)
+MOE_CARDS = {"olmoe-1b-7b-0924": 6.9, "qwen1.5-moe-a2.7b": 14.3}
+
+
+@pytest.mark.parametrize("name,billions", sorted(MOE_CARDS.items()))
+def test_moe_published_rounded_totals(name, billions):
+    assert round(load_model(name).total_params / 1e9, 1) == billions
+
+
 def test_catalog_has_at_least_30_models():
     assert len(NAMES) >= 30
 

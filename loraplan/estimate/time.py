@@ -572,6 +572,7 @@ def expert_work(model: ModelSpec, quant, T, fw: int, a_stream: int) -> list[tupl
     experts' storage dtype (``storage.expert_storage``: bf16, or fp32 under a bitsandbytes base
     upcast by prepare_model_for_kbit_training; the autocast dtype under autocast); the kernel reads
     the weights of the experts it serves (all E once T·k >= E): min(1, S/E)·numel bytes per pass.
+    The router GEMM: 2·T·h·E per MoE layer per pass (its weight read once a pass).
     Elementwise: the gated activation over S·I_e (``MLP_GATED_BYTES``), the dispatch indices and
     rows (``MOE_INDEX_BYTES``, ``MOE_ROW_PASSES``), the router's T·E softmax (``MOE_ROUTER_BYTES``),
     × (forward passes + ``BACKWARD_TRAFFIC_OVER_FORWARD``). Ops ``MOE_OPS``, ``MOE_MODULE_CALLS``."""
@@ -590,10 +591,18 @@ def expert_work(model: ModelSpec, quant, T, fw: int, a_stream: int) -> list[tupl
     active = _min(1.0, S / moe.num_experts)
     weights = sum(e.numel for e in model.experts) * w * active * npass
     n = len(moe.layers)
+    # the router GEMM per MoE layer (``mlp.gate``, a parameter, not an nn.Linear: ``F.linear(x,
+    # self.weight)`` in MixtralTopKRouter / Qwen2MoeTopKRouter / OlmoeTopKRouter): 2·T·h·E per pass,
+    # frozen (forward, recompute, input gradient), in its weight's dtype (the unquantized one,
+    # fp32 after prepare_model_for_kbit_training) or the autocast dtype
+    router_dtype = dt.autocast or dt.unquantized
+    router_flops = FLOPS_PER_MAC * T * model.hidden_size * moe.num_experts * n * npass
+    router_bytes = model.hidden_size * moe.num_experts * n * dtype_bytes(router_dtype) * npass
     elem = (S * moe.expert_intermediate_size * MLP_GATED_BYTES + S * MOE_INDEX_BYTES
             + S * model.hidden_size * a_stream * MOE_ROW_PASSES + T * moe.num_experts * MOE_ROUTER_BYTES)
     return [("flops_fp32" if compute == "fp32" else "flops_mm", flops),
-            ("bytes_moved", weights), ("bytes_gemm", weights),
+            ("flops_fp32" if router_dtype == "fp32" else "flops_mm", router_flops),
+            ("bytes_moved", weights + router_bytes), ("bytes_gemm", weights + router_bytes),
             ("bytes_moved", n * elem * (fw + BACKWARD_TRAFFIC_OVER_FORWARD)),
             ("ops", n * (fw * MOE_OPS[0] + MOE_OPS[1])),
             ("module_calls", n * fw * MOE_MODULE_CALLS)]

@@ -223,6 +223,54 @@ def layer_backward_transients(st: Structure, x: Shape, kind: str = "flash", grad
             # beside the c copy lora_A saves (its argument until lora_A returns)
             candidates.append(ab * T * I + (A * T * I if ab != A else 0) + _where(x.dropout > 0, A * T * I, 0)
                               + ab * T * m.hidden_size)
+    W_in = st.mlp_in_adapted_out.get(stack, 0)
+    moe_top = m.moe is not None and m.moe.layers and m.num_layers - 1 in m.moe.layers
+    h = m.hidden_size
+    # the recompute's locals in the MLP (or MoE block): its input, the norm output (ab·T·h), and in a
+    # sequential layer the residual held for ``residual + mlp_out`` (a·T·h), unless the MLP's norm
+    # saves that very tensor (an RMSNorm on an fp32 stream or T5LayerNorm keep their input; a
+    # LayerNorm does outside autocast: norm_saved)
+    norm_keeps = a == 4 or (m.arch.norm == "rms" and m.arch.norm_keeps_input) or (
+        m.arch.norm == "layer" and not st.autocast_bytes)
+    local = ab * T * h + (0 if (m.arch.parallel_attn or norm_keeps) else a * T * h)
+    if W_in and gradient_checkpointing and not moe_top:
+        # recompute: LoRA branch of the widest adapted MLP-in Linear (W_in its out width: 2·I for a
+        # fused gate_up, modeling_phi3.py::Phi3MLP.forward), at ``lora_B(lora_A(dropout(x))) *
+        # scaling`` (peft lora/layer.py::Linear.forward): the base output (ab·T·W_in), lora_B's
+        # output and its scaled copy (2·o·T·W_in), peft's cast of the MLP input to the adapter
+        # dtype (A·T·h, a forward local; with p = 0 and no autocast it is lora_A's saved input, in
+        # S), and the recompute's locals. None of the MLP's saved tensors nor the down projection's
+        # LoRA inputs exist yet (the recompute makes them later). An adapted down projection
+        # started its backward before the recompute (its LoRA branch has the later sequence
+        # number; lora_B's backward is the first to unpack a saved tensor, torch/utils/checkpoint.py
+        # non-reentrant unpack_hook): its scaled-branch gradient (MulBackward: o·T·h) and, when
+        # peft's sum is wider than the stream, the base branch's gradient cast to the stream dtype
+        # (a·T·h) wait for their nodes. Exact for a fused gate_up or fc_in (checked on meta: phi-4,
+        # phi-3); for separate gate/up it omits what the gate branch made before up (a lower bound
+        # there, where the down's candidates are larger)
+        cast_x = 0 if ab == A else (A * T * h if st.autocast_bytes else _where(x.dropout > 0, A * T * h, 0))
+        down_grads = adapted * (o + (a if o != a else 0)) * T * h
+        candidates.append(-l_saved - adapted * o * T * x.r - mlp_saved(st, T) + (2 * o + ab) * T * W_in
+                          + cast_x + local + down_grads)
+    if moe_top and gradient_checkpointing:
+        # recompute of the top MoE block, at its combine (integrations/moe.py::
+        # grouped_mm_experts_forward: ``weighted_out = proj_out * sample_weights_g``, then
+        # ``inv_perm[perm] = arange(S)`` before ``weighted_out[inv_perm]`` saves inv_perm, the block's
+        # last saved tensor, where the recompute stops): beside the complete S, the dispatched
+        # input ``hidden_states[perm // k]`` (ab·S·h, a local; saved, so in S, when the gate_up
+        # experts carry LoRA), weighted_out (S·h in the promotion of the experts' and the routing
+        # weights' dtypes: fp32 for mixtral's router), the arange (8·S) and the layer's locals.
+        # Without a shared expert the combine's backward ran before the recompute: ``.view(T, k,
+        # h).sum(1)``'s gradient expanded and copied to [S, h] waits for the index node that
+        # unpacks inv_perm; qwen2_moe's shared-expert gate (``sigmoid(gate(x)) * shared``, the
+        # later node) unpacks first, so there it does not exist yet (modeling_qwen2_moe.py
+        # Qwen2MoeSparseMoeBlock.forward). Checked against the meta trace (olmoe, mixtral, qwen2_moe)
+        moe = m.moe
+        rows = T * moe.top_k
+        wo = max(st.expert_bytes, a if moe.router_weights_in_stream_dtype else 4)
+        dispatched = 0 if any(e.role == "gate_up" for e in st.adapted_experts) else ab * rows * h
+        combine_grad = 0 if moe.shared_expert_intermediate_size else wo * rows * h
+        candidates.append(dispatched + wo * rows * h + 8 * rows + local + combine_grad)
     best = candidates[0]
     for c in candidates[1:]:
         best = _max(best, c)

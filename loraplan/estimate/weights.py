@@ -52,6 +52,8 @@ class Structure:
     mlp_out_adapted_in: dict = field(default_factory=dict)
     #: per stack: Σ over all adapted MLP Linears (gate, up, down, fc_in, fc_out) of in_features
     mlp_adapted_in: dict = field(default_factory=dict)
+    #: per stack: out_features of the widest adapted MLP-in Linear (gate, up, fused gate_up, fc_in)
+    mlp_in_adapted_out: dict = field(default_factory=dict)
     #: distinct (stack, MLP-out role?, in, out) of the frozen layer Linears stored as ``quant``
     linear_shapes: tuple = ()
     #: the MLP-out Linear (down, fc_out) is stored quantized (T5's wo is not)
@@ -152,6 +154,7 @@ def _build_structure(model: ModelSpec, adapted, dt: Dtypes, dq: bool, device: st
     lin_n: dict[str, float] = {}
     mlp_out: dict[str, float] = {}
     mlp_all: dict[str, float] = {}
+    mlp_in_out: dict[str, int] = {}
     for l in adapted:
         sizes[l.in_features] += 1
         sizes[l.out_features] += 1
@@ -166,6 +169,8 @@ def _build_structure(model: ModelSpec, adapted, dt: Dtypes, dq: bool, device: st
             mlp_out[l.stack] = mlp_out.get(l.stack, 0.0) + l.in_features / layers
         if _input_group(l.role) in ("mlp_in", "down", "fc_out"):
             mlp_all[l.stack] = mlp_all.get(l.stack, 0.0) + l.in_features / layers
+        if _input_group(l.role) == "mlp_in":
+            mlp_in_out[l.stack] = max(mlp_in_out.get(l.stack, 0), l.out_features)
     groups: dict[str, dict[tuple, int]] = {}
     outl: dict[str, float] = {}
     all_in: dict[str, float] = {}
@@ -196,6 +201,7 @@ def _build_structure(model: ModelSpec, adapted, dt: Dtypes, dq: bool, device: st
         int8_inputs_per_layer=int8_inputs, int8_outlier_in_per_layer=outl, int8_all_in_per_layer=all_in,
         outlier_p=_p_silu_product_exceeds(sigma, 6.0) if effective_linear_quant(model, dt) == "int8" else 0.0,
         first_layer_attn_in_adapted=first_attn_in, mlp_out_adapted_in=mlp_out, mlp_adapted_in=mlp_all,
+        mlp_in_adapted_out=mlp_in_out,
         first_layer_mlp_adapted=any(l.stack == first_stack and l.layer == 0 and _input_group(l.role) in ("mlp_in", "down", "fc_out")
                                     for l in adapted),
         linear_shapes=tuple(sorted({(l.stack, l.role in INT8_OUTLIER_ROLES, l.in_features, l.out_features)
