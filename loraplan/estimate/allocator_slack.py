@@ -25,8 +25,9 @@ for sweep arrays, no torch; cheap enough for ``loraplan sweep``):
     reserved = A + W + phi * B       (A: the ledger's peak allocated)
 
 How well it matches the trace replays over the analytic-vs-trace grid is printed by
-``benchmarks/reserved_from_replay.py`` and stated in the data file; ``uncertainty_bytes`` is the
-fit's spread (``phi_spread * B``), which the fit verdict's band adds.
+``benchmarks/reserved_from_replay.py`` and stated in the data file; ``slack_uncertainty`` is the
+fit's largest under-prediction (``spread_of_allocated`` x peak allocated), which the fit verdict's
+band adds.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def _load(path: str) -> dict:
 
 
 def load_slack_data(path: str | Path | None = None) -> dict:
-    """``reserved-slack.json``: {"configs": {name: {"phi", "phi_spread", "fit": {...}}}, "source": ...}."""
+    """``reserved-slack.json``: {"configs": {name: {"phi", "spread_of_allocated", "fit": {...}}}, "about": ...}."""
     return _load(str(path or _DATA))
 
 
@@ -258,8 +259,10 @@ def peak_reserved(st, x, kind: str, peak_allocated, workspaces: tuple = (), conf
 
 
 def slack_uncertainty(peak_allocated, config: str = "default", data: dict | None = None):
-    """The closed form's spread against the replays: ``spread_of_allocated`` × peak allocated
-    (bytes; the 90th percentile of the fit's |error|, reserved-slack.json)."""
+    """How far the closed form may read under the replays: ``spread_of_allocated`` × peak allocated
+    (bytes; the largest under-prediction of the fit, (replay - closed) / peak allocated,
+    reserved-slack.json). One-sided: the verdict's band guards the fits side only, where an
+    under-prediction is the risk, so over-predictions do not widen it."""
     c = (data or load_slack_data())["configs"][_config_name(config)]
     u = c["spread_of_allocated"] * peak_allocated
     return int(u) if is_scalar(u) else u.astype("int64")
