@@ -88,9 +88,11 @@ INTENDED = (
      None, None, r"^\.estimate\.(detail|memory\.notes)$", "fits with paging"),
     ("issue 16, the allocator-aware device total: peak reserved is the caching allocator's closed form "
      "(estimate/allocator_slack.py: the built model's segments replayed through the allocator rules + the "
-     "step's segments, phi fitted on trace replays, data/reserved-slack.json) instead of allocated x 1.10; "
+     "step's segments, phi and phi_layer fitted on trace replays, data/reserved-slack.json) instead of "
+     "allocated x 1.10; "
      "the CUDA context comes from published figures per module-loading mode (data/cuda-context.json) instead "
-     "of a 0.75 GiB prior; the fit verdict's band uses their spreads; the plan fits 'fits with paging'. Peak "
+     "of a 0.75 GiB prior; the fit verdict's band uses their spreads (the closed form's: its largest "
+     "under-prediction of the replays, one-sided); the plan fits 'fits with paging'. Peak "
      "allocated, every ledger line and every moment are unchanged",
      None, None, r"^\.(estimate\.(headroom_bytes|fits|verdict|margin_bytes|uncertainty_bytes|detail(\.[\w.]+)?|"
                  r"memory\.(peak_reserved_bytes|device_total_bytes|notes(\[\d+\])?|"

@@ -38,6 +38,26 @@ def test_large_blocks_round_to_2mib_and_phi_adds_stranded_blocks():
     assert step_segments_bytes(WeightsState(0, 0), 22 * MiB, 11 * MiB, 1.0) == 34 * MiB  # + one block of B
     # a free tail smaller than B holds none of it (best fit needs a block >= the request)
     assert step_segments_bytes(WeightsState(0, 0, large_free=(10 * MiB,)), 22 * MiB, 11 * MiB, 0.0) == 22 * MiB
+    # the layer block's stranded bytes (phi_layer x B_layer) are placed like the rest: 2 MiB rounding
+    assert step_segments_bytes(WeightsState(0, 0), 22 * MiB, 11 * MiB, 0.0, extra=5 * MiB) == 28 * MiB
+
+
+def test_peak_reserved_adds_phi_layer_times_the_layer_block():
+    from loraplan.estimate.memory import make_setup
+    from loraplan.spec import LoraSpec, TrainSpec
+    from loraplan.targets import select_targets
+
+    model = spec_from_config(LLAMA, "tiny")
+    lora = LoraSpec(rank=8, targets=("q_proj", "v_proj"))
+    s = make_setup(model, lora, TrainSpec(quant="bf16", batch=4, seq=2048), select_targets(model, lora.targets), "9.0")
+    st, x, kind = s.structure, s.shape, s.attention
+    _, layer = sl.step_blocks(st, x, kind)
+    a = 4096 * MiB  # far above the model's segments: every stranded byte is new memory
+    data = {"configs": {"default": {"phi": 0.5, "phi_layer": 0.0}}}
+    base = sl.peak_reserved(st, x, kind, a, (), "default", data)
+    data["configs"]["default"]["phi_layer"] = 2.0
+    more = sl.peak_reserved(st, x, kind, a, (), "default", data)
+    assert layer > 0 and more > base and abs(more - base - 2 * layer) < 2 * MiB  # up to one segment's rounding
 
 
 def test_expandable_segments_grow_by_pages():
@@ -66,6 +86,9 @@ def test_arrays_equal_scalars():
     for cfg in sl.CONFIGS:
         got = step_segments_bytes(w, D, B, 0.7, cfg)
         assert list(got) == [step_segments_bytes(w, int(d), int(b), 0.7, cfg) for d, b in zip(D, B)]
+        E = np.array([0, MiB, 3 * MiB + 7, 40 * MiB])
+        got = step_segments_bytes(w, D, B, 0.7, cfg, E)
+        assert list(got) == [step_segments_bytes(w, int(d), int(b), 0.7, cfg, int(e)) for d, b, e in zip(D, B, E)]
 
 
 def test_peak_reserved_on_a_setup_arrays_and_bounds():

@@ -12,21 +12,28 @@ for sweep arrays, no torch; cheap enough for ``loraplan sweep``):
    ``W`` = reserved - allocated after replaying ``reserved.weight_tensor_bytes`` (+ the cuBLAS
    workspaces) through the allocator model: one short replay per (model, targets, quantization,
    rank), cached.
-2. **step slack** ``phi * B`` (fitted, data with provenance): what the step's churn strands in
-   cached segments. Its size follows the step's *largest single block* ``B``
-   (``largest_step_block``): a freed block is reused for smaller requests by best-fit splitting
-   (``get_free_block``, ``should_split``: remainders > 1 MiB go back to the pool), so the next
-   request of the largest size finds no whole free block and cudaMallocs a new segment; the
-   stranded bytes scale with that largest size. How many such blocks a step strands depends on
-   the order of the step's requests, which the rules do not reduce to a formula: ``phi`` per
-   allocator config is fitted on replays of traced steps (``benchmarks/reserved_from_replay.py
-   --fit``) and read from ``loraplan/data/reserved-slack.json`` with its provenance and spread.
+2. **step slack** ``phi * B + phi_layer * B_layer`` (fitted, data with provenance): what the
+   step's churn strands in cached segments. Its size follows the step's *largest single block*
+   ``B`` (``largest_step_block``): a freed block is reused for smaller requests by best-fit
+   splitting (``get_free_block``, ``should_split``: remainders > 1 MiB go back to the pool), so
+   the next request of the largest size finds no whole free block and cudaMallocs a new segment;
+   the stranded bytes scale with that largest size. The per-layer block ``B_layer``
+   (``step_blocks``: an MLP intermediate, a dequantized weight, materialised scores) strands
+   memory of its own: it is allocated and freed in every layer's forward, recompute and
+   backward, between tensors that stay alive, so when the loss head sets ``B`` the layers'
+   holes still add (on the H100 reference setups, where ``B_layer`` is close to ``B``, ``phi * B``
+   alone read under the replays on 8 of 10). How many such blocks a step strands depends on the
+   order of the step's requests, which the rules do not reduce to a formula: ``phi`` and
+   ``phi_layer`` per allocator config are fitted on replays of traced steps
+   (``benchmarks/reserved_from_replay.py --fit``) and read from
+   ``loraplan/data/reserved-slack.json`` with their provenance and spread.
 
-    reserved = A + W + phi * B       (A: the ledger's peak allocated)
+    reserved = A + W + phi * B + phi_layer * B_layer       (A: the ledger's peak allocated)
 
 How well it matches the trace replays over the analytic-vs-trace grid is printed by
-``benchmarks/reserved_from_replay.py`` and stated in the data file; ``uncertainty_bytes`` is the
-fit's spread (``phi_spread * B``), which the fit verdict's band adds.
+``benchmarks/reserved_from_replay.py`` and stated in the data file; ``slack_uncertainty`` is the
+fit's largest under-prediction (``spread_of_allocated`` x peak allocated), which the fit verdict's
+band adds.
 """
 
 from __future__ import annotations
@@ -55,7 +62,7 @@ def _load(path: str) -> dict:
 
 
 def load_slack_data(path: str | Path | None = None) -> dict:
-    """``reserved-slack.json``: {"configs": {name: {"phi", "phi_spread", "fit": {...}}}, "source": ...}."""
+    """``reserved-slack.json``: {"configs": {name: {"phi", "phi_layer", "spread_of_allocated", "fit": {...}}}, "about": ...}."""
     return _load(str(path or _DATA))
 
 
@@ -174,12 +181,13 @@ def _ceil_div(a, b):
     return -(-a // b)
 
 
-def step_segments_bytes(w: WeightsState, D, B, phi: float, config: str = "default"):
+def step_segments_bytes(w: WeightsState, D, B, phi: float, config: str = "default", extra=0):
     """New device memory the step needs beyond the built model's segments (ints or int64 arrays).
 
     The step needs its D bytes plus ``phi`` blocks of its largest size B that its churn strands
-    (fitted, see the module docstring); B (rounded to 512 B, ``round_size``) decides the pool and
-    the segment granularity, by the allocator rules:
+    and ``extra`` further stranded bytes (``phi_layer`` x the layer block; fitted, see the module
+    docstring); B (rounded to 512 B, ``round_size``) decides the pool and the segment
+    granularity, by the allocator rules:
 
     - the cached free blocks of that pool hold what fits in them in pieces of B (best fit with
       splitting, ``get_free_block``: a free block of f bytes holds floor(f / B)·B);
@@ -191,7 +199,7 @@ def step_segments_bytes(w: WeightsState, D, B, phi: float, config: str = "defaul
     expandable = bool(CONFIGS[_config_name(config)])
     if is_scalar(D) and is_scalar(B):  # pure Python (explain and estimate never import numpy)
         Bs = max(_ceil_div(max(int(B), 1), 512) * 512, 512)
-        need = max(int(D), 0) + math.ceil(phi * Bs)
+        need = max(int(D), 0) + math.ceil(phi * Bs) + int(extra)
         small = Bs <= K_SMALL_SIZE
         pool = w.small_free if small else w.large_free
         if expandable:
@@ -205,7 +213,7 @@ def step_segments_bytes(w: WeightsState, D, B, phi: float, config: str = "defaul
     D = np.maximum(np.asarray(D, dtype=np.int64), 0)
     B = np.maximum(np.asarray(B, dtype=np.int64), 1)
     Bs = np.maximum(_ceil_div(B, 512) * 512, 512)
-    need = D + np.ceil(phi * Bs).astype(np.int64)
+    need = D + np.ceil(phi * Bs).astype(np.int64) + np.asarray(extra, dtype=np.int64)
     small = Bs <= K_SMALL_SIZE
     sf = np.asarray(w.small_free, dtype=np.int64)
     lf = np.asarray(w.large_free, dtype=np.int64)
@@ -235,31 +243,38 @@ def peak_reserved(st, x, kind: str, peak_allocated, workspaces: tuple = (), conf
                   data: dict | None = None):
     """Peak ``max_memory_reserved`` (bytes, ints or int64 arrays): the built model's segments
     (``weights_state``) + the step's new segments (``step_segments_bytes`` of D = peak allocated -
-    the model's bytes and B = ``largest_step_block``), never below peak allocated + the model's
-    own slack."""
-    phi = (data or load_slack_data())["configs"][_config_name(config)]["phi"]
-    B = largest_step_block(st, x, kind)
+    the model's bytes, B = ``largest_step_block`` and the layer block's stranded bytes
+    ``phi_layer`` x ``step_blocks``' layer block), never below peak allocated + the model's own
+    slack."""
+    c = (data or load_slack_data())["configs"][_config_name(config)]
+    phi, phi_layer = c["phi"], c.get("phi_layer", 0.0)
+    head, layer = step_blocks(st, x, kind)
+    B = _max(head, layer)
     if is_scalar(x.r) and is_scalar(peak_allocated) and is_scalar(B):
         w = weights_state(st, x.r, workspaces, config)
-        res = w.reserved + step_segments_bytes(w, peak_allocated - w.allocated, B, phi, config)
+        extra = math.ceil(phi_layer * int(layer))
+        res = w.reserved + step_segments_bytes(w, peak_allocated - w.allocated, B, phi, config, extra)
         return int(max(res, peak_allocated + w.reserved - w.allocated))
     import numpy as np
 
     ranks = np.asarray(x.r)
-    shape = np.broadcast(ranks, np.asarray(peak_allocated), np.asarray(B)).shape
-    A, Bb, rr = (np.broadcast_to(np.asarray(v), shape) for v in (peak_allocated, B, ranks))
+    shape = np.broadcast(ranks, np.asarray(peak_allocated), np.asarray(B), np.asarray(layer)).shape
+    A, Bb, Ll, rr = (np.broadcast_to(np.asarray(v), shape) for v in (peak_allocated, B, layer, ranks))
     out = np.zeros(shape, dtype=np.int64)
     for v in np.unique(rr):
         sel = rr == v
         w = weights_state(st, int(v), workspaces, config)
-        res = w.reserved + step_segments_bytes(w, A[sel] - w.allocated, Bb[sel], phi, config)
+        extra = np.ceil(phi_layer * Ll[sel].astype(np.float64)).astype(np.int64)
+        res = w.reserved + step_segments_bytes(w, A[sel] - w.allocated, Bb[sel], phi, config, extra)
         out[sel] = np.maximum(res, A[sel] + w.reserved - w.allocated)
     return out
 
 
 def slack_uncertainty(peak_allocated, config: str = "default", data: dict | None = None):
-    """The closed form's spread against the replays: ``spread_of_allocated`` × peak allocated
-    (bytes; the 90th percentile of the fit's |error|, reserved-slack.json)."""
+    """How far the closed form may read under the replays: ``spread_of_allocated`` × peak allocated
+    (bytes; the largest under-prediction of the fit, (replay - closed) / peak allocated,
+    reserved-slack.json). One-sided: the verdict's band guards the fits side only, where an
+    under-prediction is the risk, so over-predictions do not widen it."""
     c = (data or load_slack_data())["configs"][_config_name(config)]
     u = c["spread_of_allocated"] * peak_allocated
     return int(u) if is_scalar(u) else u.astype("int64")

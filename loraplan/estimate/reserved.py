@@ -39,7 +39,7 @@ from typing import Sequence
 
 from ..allocator import AllocatorConfig, ReplayResult, replay
 
-__all__ = ["StepScript", "peak_reserved_bytes", "replay_step", "weight_tensor_bytes", "step_script",
+__all__ = ["StepScript", "peak_reserved_bytes", "replay_step", "weight_tensor_bytes", "weight_tensors", "WEIGHT_KINDS", "step_script",
            "reserved_for_setup", "PagingCost", "paging_cost", "load_host_links"]
 
 
@@ -169,6 +169,19 @@ def weight_tensor_bytes(model, adapted, quant: str, double_quant: bool, rank: in
     """Every weight tensor's bytes as allocated, in build order (embeddings and norms with their
     layer are approximated as: non-Linear params first, then Linears, then LoRA A/B per adapted
     Linear; the order moves peak reserved by at most a segment, see run.replay_allocations).
+    The bytes of ``weight_tensors``; see there for each tensor's size."""
+    return [nb for _, nb, _ in weight_tensors(model, adapted, quant, double_quant, rank)]
+
+
+#: ``weight_tensors`` kinds: a frozen param that is not a quantized Linear (embeddings, norms,
+#: biases, an untied lm_head, an unquantized Linear), quantized Linear data, its quantization
+#: state (absmax, code tables, SCB), a LoRA factor
+WEIGHT_KINDS = ("param", "quantized", "quant_state", "lora")
+
+
+def weight_tensors(model, adapted, quant: str, double_quant: bool, rank: int) -> list[tuple[str, int, int]]:
+    """``(kind, bytes, elements)`` of every weight tensor in ``weight_tensor_bytes``' order (kinds:
+    ``WEIGHT_KINDS``; elements 0 for quantization state and LoRA, which no loader counts).
 
     Frozen Linears by storage (storage.py ``linear_storage``): nf4/fp4 -> packed uint8 n/2, code
     table 16 fp32, and with double quant uint8 absmax per 64-block + fp32 nested absmax per 256
@@ -181,27 +194,28 @@ def weight_tensor_bytes(model, adapted, quant: str, double_quant: bool, rank: in
     from ..storage import FOUR_BIT, linear_storage, stream_dtype_bytes
 
     b = stream_dtype_bytes(quant)
-    out = [p.numel * b for p in model.others]
+    out = [("param", p.numel * b, p.numel) for p in model.others]
     for l in model.linears:
+        n = l.in_features * l.out_features
         if l.role == "lm_head":
             if not model.tie_word_embeddings:
-                out.append(l.in_features * l.out_features * b)
+                out.append(("param", n * b, n))
             continue
-        n = l.in_features * l.out_features
         q = linear_storage(model, quant, l)
         if q in FOUR_BIT:
             blocks = -(-n // 64)
-            out += [n // 2 + n % 2, 16 * 4]
-            out += ([blocks, -(-blocks // 256) * 4, 256 * 4, 4] if double_quant else [blocks * 4])
+            out.append(("quantized", n // 2 + n % 2, n))
+            out += [("quant_state", nb, 0) for nb in
+                    [16 * 4] + ([blocks, -(-blocks // 256) * 4, 256 * 4, 4] if double_quant else [blocks * 4])]
         elif q == "int8":
-            out += [n, l.out_features * 4]
+            out += [("quantized", n, n), ("quant_state", l.out_features * 4, 0)]
         else:
-            out.append(n * (4 if q == "fp32" else 2))
+            out.append(("param", n * (4 if q == "fp32" else 2), n))
         if l.bias:
-            out.append(l.out_features * b)
+            out.append(("param", l.out_features * b, l.out_features))
     for l in adapted:
-        out += [rank * l.in_features * 4, l.out_features * rank * 4]
-    return [x for x in out if x > 0]
+        out += [("lora", rank * l.in_features * 4, 0), ("lora", l.out_features * rank * 4, 0)]
+    return [t for t in out if t[1] > 0]
 
 
 def _chunks(total: int, unit: int) -> tuple[int, ...]:
