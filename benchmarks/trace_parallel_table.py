@@ -26,7 +26,7 @@ from loraplan.trace.run import trace_step  # noqa: E402
 
 CASES = (("single", 1, {}), ("ddp", 2, {}), ("fsdp", 2, {}), ("fsdp", 4, {}),
          ("fsdp", 2, {"fsdp_sharding": "shard-grad-op"}), ("fsdp-offload", 2, {}),
-         ("fsdp", 2, {"fsdp_version": 1}), ("fsdp", 4, {"fsdp_version": 1}))
+         ("fsdp", 2, {"fsdp_version": 1}), ("fsdp", 4, {"fsdp_version": 1}), ("fsdp", 2, {"fsdp_version": 2}))
 
 
 def main(argv=None) -> int:
@@ -84,10 +84,10 @@ def main(argv=None) -> int:
 
 
 def _with_layers(spec, layers: int):
-    """The catalog model with ``layers`` decoder layers (dataclasses.replace on num_layers)."""
-    import dataclasses
+    """The catalog model rebuilt from its config with ``layers`` decoder layers (hf.spec_from_config)."""
+    from loraplan.hf import spec_from_config
 
-    return dataclasses.replace(spec, num_layers=layers, config={**spec.config, "num_hidden_layers": layers})
+    return spec_from_config({**spec.config, "num_hidden_layers": layers}, name=f"{spec.name}-{layers}l")
 
 
 def _analytic_streams(spec, lora, train, gpu, cal) -> dict:
