@@ -38,3 +38,37 @@ def test_arrays_of_a_sweep_give_the_same_numbers():
     got = peak_reserved(ms, 1, B=np.array([0, 0]), phi=0.0)
     assert list(got) == [peak_reserved({"m": {k: int(v[i]) for k, v in ms["m"].items()}}, 1, B=0, phi=0.0)
                          for i in range(2)]
+
+
+def test_estimate_takes_the_per_stream_form_under_fsdp_and_the_closed_form_under_ddp():
+    from loraplan.catalog import load_calibration, load_gpu, load_model
+    from loraplan.estimate import allocator_slack, stream_reserved
+    from loraplan.estimate.api import estimate
+    from loraplan.spec import LoraSpec, TrainSpec
+
+    model, gpu = load_model("qwen2.5-0.5b"), load_gpu("h100-sxm-80gb")
+    cal, lora = load_calibration(gpu.id), LoraSpec(rank=16)
+    seen = {}
+    orig = stream_reserved.peak_reserved
+
+    def spy(*a, **k):
+        seen["by_stream"] = stream_reserved.reserved_by_stream(*a, **k)
+        return orig(*a, **k)
+
+    stream_reserved.peak_reserved = spy
+    try:
+        m = estimate(model, lora, TrainSpec(quant="bf16", batch=4, seq=512, strategy="fsdp", num_gpus=2), gpu, cal,
+                     with_time=False).memory
+    finally:
+        stream_reserved.peak_reserved = orig
+    assert m.peak_reserved_bytes == max(sum(seen["by_stream"].values()), m.peak_allocated_bytes)
+    assert seen["by_stream"]["unshard_stream"] > 0  # FSDP1 (the loop's default) gathers on its unshard stream
+    calls = []
+    orig_closed = allocator_slack.peak_reserved
+    allocator_slack.peak_reserved = lambda *a, **k: calls.append(a) or orig_closed(*a, **k)
+    try:
+        estimate(model, lora, TrainSpec(quant="bf16", batch=4, seq=512, strategy="ddp", num_gpus=2), gpu, cal,
+                 with_time=False)
+    finally:
+        allocator_slack.peak_reserved = orig_closed
+    assert calls  # DDP: the whole model and its buckets on the default stream, the one-GPU closed form
