@@ -5,9 +5,10 @@ Feed it an ordered stream of allocations and frees; it answers what
 ``max_memory_reserved`` would report, and whether (and at which event) the real allocator would
 raise ``torch.OutOfMemoryError`` on a card whose allocator can hold ``capacity_bytes``.
 
-Scope: **one device, one stream, no CUDA graphs / private pools, no ``record_stream``**
-(so no deferred frees and no cross-stream events), no IPC, ``cudaMallocAsync`` backend not
-modelled. Pure Python, no torch import (the analytic estimator uses it).
+Scope: **one device, any number of streams, no CUDA graphs / private pools, no
+``record_stream``** (so no deferred frees and no cross-stream events: a block freed with
+recorded stream uses goes back to its pool at once here, after the event there), no IPC,
+``cudaMallocAsync`` backend not modelled. Pure Python, no torch import (the analytic estimator uses it).
 
 Source read: pytorch/pytorch ``c10/cuda/CUDACachingAllocator.cpp`` at commit
 001074d25084fdb87a799823e395a50f5ec044d3 (the ``DeviceCachingAllocator`` class), checked
@@ -46,6 +47,18 @@ constants and option defaults) and the 2.13-era ``c10/core/AllocatorConfig.cpp``
   ``release_cached_blocks`` (OOM retry or ``empty_cache``) -> ``release_blocks`` / ``unmap_block``
   unmaps the pages that lie wholly inside free blocks. ``get_free_block`` prefers, among fitting
   blocks, the one with the smallest size-it-could-expand-to.
+- streams: every block belongs to the stream whose allocation created its segment
+  (``Block::stream``; ``alloc_block`` stamps ``p.stream()``, a split remainder keeps it). The
+  pools order blocks by stream first (``BlockComparatorSize``: stream, size, ptr;
+  ``BlockComparatorAddress``: stream, ptr), ``get_free_block`` searches from the key
+  (stream, size) and gives up when the block found is another stream's (``(*it)->stream !=
+  p.stream()``), ``release_available_cached_blocks`` walks only the request's stream, and an
+  expandable segment serves one stream (``ExpandableSegment::stream_``; ``find_expandable_block``
+  skips the others'). A freed block returns to its own stream's pool (``free_block`` inserts it
+  into ``block->pool`` ordered under ``block->stream``), whichever stream frees it, so memory
+  cached by a side stream (FSDP's all-gather / reduce-scatter streams) is never handed to the
+  default stream's allocations, and vice versa; only ``release_cached_blocks`` (OOM retry,
+  ``empty_cache``) frees every stream's unsplit segments.
 - statistics: ``increase_stat`` / ``decrease_stat`` -- allocated_bytes counts block sizes
   (rounded, incl. an unsplit remainder), reserved_bytes counts cudaMalloc'd segments plus mapped
   pages; peaks are the running maxima (``memory_allocated`` etc. read these).
@@ -65,10 +78,9 @@ Example::
 
 from __future__ import annotations
 
-import math
 from bisect import bisect_left, insort
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 from loraplan.errors import InputError
 
@@ -336,13 +348,14 @@ def get_allocation_size(size: int) -> int:
 
 # ---------------------------------------------------------------------------------------- blocks
 class _Block:
-    """``struct Block`` (one device, one stream)."""
+    """``struct Block`` (one device); ``stream`` is the segment's stream (``Block::stream``)."""
 
     __slots__ = ("size", "ptr", "small", "allocated", "mapped", "prev", "next", "seg",
-                 "gc_base", "requested")
+                 "gc_base", "requested", "stream")
 
     def __init__(self, size: int, ptr: int, small: bool, seg: "_ExpSegment | None" = None,
-                 mapped: bool = True):
+                 mapped: bool = True, stream: int = 0):
+        self.stream = stream  # Block::stream: the stream whose allocation created the segment
         self.size = size
         self.ptr = ptr
         self.small = small
@@ -369,10 +382,10 @@ class _Block:
 class _ExpSegment:
     """``struct ExpandableSegment``: a VA range mapped page by page (handles_)."""
 
-    __slots__ = ("base", "page", "n_pages", "mapped")
+    __slots__ = ("base", "page", "n_pages", "mapped", "stream")
 
-    def __init__(self, base: int, page: int, n_pages: int):
-        self.base, self.page, self.n_pages = base, page, n_pages
+    def __init__(self, base: int, page: int, n_pages: int, stream: int = 0):
+        self.base, self.page, self.n_pages, self.stream = base, page, n_pages, stream
         self.mapped: set[int] = set()
 
     @property
@@ -387,31 +400,31 @@ class _Pool:
 
     def __init__(self, is_small: bool):
         self.is_small = is_small
-        self.keys: list[tuple[int, int]] = []  # BlockComparatorSize order
+        self.keys: list[tuple[int, int, int]] = []  # BlockComparatorSize order: (stream, size, ptr)
         self.by_ptr: dict[int, _Block] = {}
-        self.unmapped_keys: list[int] = []  # BlockComparatorAddress order
+        self.unmapped_keys: list[tuple[int, int]] = []  # BlockComparatorAddress order: (stream, ptr)
         self.unmapped: dict[int, _Block] = {}
         self.gc_calls = 0  # get_free_blocks_call_count
 
     def insert(self, b: _Block) -> None:  # insert_into_blocks
         b.gc_base = self.gc_calls
-        insort(self.keys, (b.size, b.ptr))
+        insort(self.keys, (b.stream, b.size, b.ptr))
         self.by_ptr[b.ptr] = b
 
     def erase(self, b: _Block) -> None:
-        key = (b.size, b.ptr)
+        key = (b.stream, b.size, b.ptr)
         i = bisect_left(self.keys, key)
         assert self.keys[i] == key, "block not in pool"
         del self.keys[i]
         del self.by_ptr[b.ptr]
 
     def add_unmapped(self, b: _Block) -> None:
-        insort(self.unmapped_keys, b.ptr)
+        insort(self.unmapped_keys, (b.stream, b.ptr))
         self.unmapped[b.ptr] = b
 
     def remove_unmapped(self, b: _Block) -> None:
-        i = bisect_left(self.unmapped_keys, b.ptr)
-        assert self.unmapped_keys[i] == b.ptr
+        i = bisect_left(self.unmapped_keys, (b.stream, b.ptr))
+        assert self.unmapped_keys[i] == (b.stream, b.ptr)
         del self.unmapped_keys[i]
         del self.unmapped[b.ptr]
 
@@ -428,6 +441,7 @@ class SegmentInfo:
     is_large: bool
     is_expandable: bool
     blocks: tuple[tuple[int, bool], ...]
+    stream: int = 0
 
 
 class OutOfMemory(Exception):
@@ -483,6 +497,11 @@ class CachingAllocator:
         self.reserved = 0  # stats.reserved_bytes[AGGREGATE].current == memory_reserved()
         self.peak_allocated = 0  # max_memory_allocated()
         self.peak_reserved = 0  # max_memory_reserved()
+        # per stream (not a torch statistic): bytes of blocks allocated from / segments owned by it
+        self.allocated_by_stream: dict[int, int] = {}
+        self.peak_allocated_by_stream: dict[int, int] = {}
+        self.reserved_by_stream: dict[int, int] = {}
+        self.peak_reserved_by_stream: dict[int, int] = {}
         self.requested = 0  # stats.requested_bytes (unrounded)
         self.segments = 0  # stats.segment (cudaMalloc'd, non-expandable)
         self.num_alloc_retries = 0
@@ -491,8 +510,9 @@ class CachingAllocator:
         self.num_device_free = 0
 
     # ------------------------------------------------------------------ public API
-    def malloc(self, nbytes: int) -> int:
-        """``DeviceCachingAllocator::malloc``; raises ``OutOfMemory`` like the real one would."""
+    def malloc(self, nbytes: int, stream: int = 0) -> int:
+        """``DeviceCachingAllocator::malloc`` on ``stream`` (0: the default stream; any int names
+        another); raises ``OutOfMemory`` like the real one would."""
         nbytes = int(nbytes)
         if nbytes < 0:
             raise ValueError(f"cannot allocate {nbytes} bytes")
@@ -502,16 +522,16 @@ class CachingAllocator:
         size = round_size(nbytes, cfg if cfg.roundup_power2_divisions is not None else None)
         pool = self._small if size <= K_SMALL_SIZE else self._large
         alloc_size = get_allocation_size(size)
-        block = self._get_free_block(pool, size)
+        block = self._get_free_block(pool, size, stream)
         if block is None:
             if self._gc:
                 self._garbage_collect_cached_blocks()
-            block = self._alloc_block(pool, size, alloc_size, False)
-            if block is None and self._release_available_cached_blocks(pool, size):
-                block = self._alloc_block(pool, size, alloc_size, False)
+            block = self._alloc_block(pool, size, alloc_size, False, stream)
+            if block is None and self._release_available_cached_blocks(pool, size, stream):
+                block = self._alloc_block(pool, size, alloc_size, False, stream)
             if block is None:
                 self._release_cached_blocks()
-                block = self._alloc_block(pool, size, alloc_size, True)
+                block = self._alloc_block(pool, size, alloc_size, True, stream)
             if block is None:
                 self.num_ooms += 1
                 raise OutOfMemory(nbytes, alloc_size, self.allocated, self.reserved, self.capacity)
@@ -531,6 +551,7 @@ class CachingAllocator:
             return
         block.allocated = False
         self.allocated -= block.size
+        self.allocated_by_stream[block.stream] -= block.size
         self.requested -= block.requested
         self._free_block(block)
 
@@ -541,11 +562,13 @@ class CachingAllocator:
     def reset_peak_stats(self) -> None:
         """``resetPeakStats``: peaks become the current values."""
         self.peak_allocated, self.peak_reserved = self.allocated, self.reserved
+        self.peak_allocated_by_stream = dict(self.allocated_by_stream)
+        self.peak_reserved_by_stream = dict(self.reserved_by_stream)
 
     def free_block_sizes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """Sizes of the cached free (mapped) blocks: (small pool, large pool), each ascending --
         what ``get_free_block`` can hand out without new device memory."""
-        return tuple(k[0] for k in self._small.keys), tuple(k[0] for k in self._large.keys)
+        return tuple(sorted(k[1] for k in self._small.keys)), tuple(sorted(k[1] for k in self._large.keys))
 
     def block_size(self, handle: int) -> int:
         """Bytes the live allocation ``handle`` holds (its block, 0 for a zero-byte request)."""
@@ -560,7 +583,7 @@ class CachingAllocator:
 
     def largest_free_block(self) -> int:
         """``cacheInfo``-style: the largest cached free block (0 when none)."""
-        return max((p.keys[-1][0] for p in (self._small, self._large) if p.keys), default=0)
+        return max((k[1] for p in (self._small, self._large) for k in p.keys), default=0)
 
     def snapshot(self) -> list[SegmentInfo]:
         """Segments and their blocks in address order (``DeviceCachingAllocator::snapshot``)."""
@@ -577,7 +600,7 @@ class CachingAllocator:
                 alloc += b.size if b.allocated else 0
                 b = b.next
             out.append(SegmentInfo(head.ptr, sum(s for s, _ in items), alloc, not head.small,
-                                   head.seg is not None, tuple(items)))
+                                   head.seg is not None, tuple(items), head.stream))
         out.sort(key=lambda s: s.address)
         return out
 
@@ -590,10 +613,17 @@ class CachingAllocator:
     def _pool_of(self, b: _Block) -> _Pool:
         return self._small if b.small else self._large
 
-    def _add_reserved(self, n: int) -> None:
+    def _add_reserved(self, n: int, stream: int = 0) -> None:
         self.reserved += n
         if self.reserved > self.peak_reserved:
             self.peak_reserved = self.reserved
+        r = self.reserved_by_stream[stream] = self.reserved_by_stream.get(stream, 0) + n
+        if r > self.peak_reserved_by_stream.get(stream, 0):
+            self.peak_reserved_by_stream[stream] = r
+
+    def _sub_reserved(self, n: int, stream: int) -> None:
+        self.reserved -= n
+        self.reserved_by_stream[stream] -= n
 
     def _should_split(self, block: _Block, size: int) -> bool:
         """``should_split``."""
@@ -602,22 +632,22 @@ class CachingAllocator:
             return remaining >= K_MIN_BLOCK_SIZE
         return size < self._max_split and remaining > K_SMALL_SIZE
 
-    def _get_free_block(self, pool: _Pool, size: int) -> _Block | None:
-        """``get_free_block``: best fit with the max_split_size rules."""
+    def _get_free_block(self, pool: _Pool, size: int, stream: int = 0) -> _Block | None:
+        """``get_free_block``: best fit among ``stream``'s cached blocks, with the max_split_size rules."""
         if self._gc:
             pool.gc_calls += 1
         keys = pool.keys
-        i = bisect_left(keys, (size, -1))
-        if i == len(keys):
+        i = bisect_left(keys, (stream, size, -1))
+        if i == len(keys) or keys[i][0] != stream:  # get_free_block: (*it)->stream != p.stream()
             return None
-        b = pool.by_ptr[keys[i][1]]
+        b = pool.by_ptr[keys[i][2]]
         if b.seg is not None:
             # prefer the block whose size-it-can-expand-to is smallest
             def expandable_size(x: _Block) -> int:
                 return x.size + (x.next.size if x.next is not None and not x.next.mapped else 0)
             j = i + 1
-            while b.seg is not None and j < len(keys):
-                nb = pool.by_ptr[keys[j][1]]
+            while b.seg is not None and j < len(keys) and keys[j][0] == stream:
+                nb = pool.by_ptr[keys[j][2]]
                 if expandable_size(nb) < expandable_size(b):
                     b, i = nb, j
                     j += 1
@@ -636,7 +666,7 @@ class CachingAllocator:
         """``alloc_found_block``: split off the remainder when ``should_split`` says so."""
         if split:
             remaining = block
-            block = _Block(size, remaining.ptr, remaining.small, remaining.seg)
+            block = _Block(size, remaining.ptr, remaining.small, remaining.seg, stream=remaining.stream)
             block.prev = remaining.prev
             if block.prev is not None:
                 block.prev.next = block
@@ -651,6 +681,9 @@ class CachingAllocator:
         self.allocated += block.size
         if self.allocated > self.peak_allocated:
             self.peak_allocated = self.allocated
+        a = self.allocated_by_stream[block.stream] = self.allocated_by_stream.get(block.stream, 0) + block.size
+        if a > self.peak_allocated_by_stream.get(block.stream, 0):
+            self.peak_allocated_by_stream[block.stream] = a
         return block
 
     def _free_block(self, block: _Block) -> None:
@@ -680,23 +713,24 @@ class CachingAllocator:
         dst.size += src.size
         return src.size
 
-    def _alloc_block(self, pool: _Pool, size: int, alloc_size: int, is_retry: bool) -> _Block | None:
+    def _alloc_block(self, pool: _Pool, size: int, alloc_size: int, is_retry: bool,
+                     stream: int = 0) -> _Block | None:
         """``alloc_block``: cudaMalloc a new segment (or map expandable pages)."""
         if is_retry:
             self.num_alloc_retries += 1
         if self._set_fraction and self.reserved + alloc_size > self._allowed_max:
             return None
         if self.config.expandable_segments:
-            return self._try_allocate_expandable_block(pool, size)
+            return self._try_allocate_expandable_block(pool, size, stream)
         if self.capacity is not None and self.reserved + alloc_size > self.capacity:
             return None  # cudaErrorMemoryAllocation
-        b = _Block(alloc_size, self._new_address(alloc_size), pool.is_small)
-        self._add_reserved(alloc_size)
+        b = _Block(alloc_size, self._new_address(alloc_size), pool.is_small, stream=stream)
+        self._add_reserved(alloc_size, stream)
         self.segments += 1
         self.num_device_alloc += 1
         return b
 
-    def _release_available_cached_blocks(self, pool: _Pool, size: int) -> bool:
+    def _release_available_cached_blocks(self, pool: _Pool, size: int, stream: int = 0) -> bool:
         """``release_available_cached_blocks``: free oversize cached blocks, only enough for size.
 
         Expandable blocks are skipped (newer sources send them down the multi-block path, and
@@ -706,15 +740,15 @@ class CachingAllocator:
             return False
         key = max(size, ms)
         keys = pool.keys
-        i = bisect_left(keys, (key, -1))
-        if i == len(keys) or pool.by_ptr[keys[i][1]].seg is not None:
+        i = bisect_left(keys, (stream, key, -1))
+        if i == len(keys) or keys[i][0] != stream or pool.by_ptr[keys[i][2]].seg is not None:
             if i == 0:
                 return False
             total = 0
             i -= 1
             while total < key:
-                b = pool.by_ptr[keys[i][1]]
-                if b.size < ms or b.seg is not None:
+                b = pool.by_ptr[keys[i][2]]
+                if b.size < ms or b.seg is not None or b.stream != stream:
                     break
                 total += b.size
                 self._release_block(b)
@@ -724,7 +758,7 @@ class CachingAllocator:
             if total < key:
                 return False
         else:
-            self._release_block(pool.by_ptr[keys[i][1]])
+            self._release_block(pool.by_ptr[keys[i][2]])
         return True
 
     def _release_cached_blocks(self) -> None:
@@ -735,7 +769,7 @@ class CachingAllocator:
     def _release_blocks(self, pool: _Pool) -> None:
         """``release_blocks``: cudaFree unsplit blocks, unmap free pages of expandable ones."""
         to_unmap = []
-        for _, ptr in list(pool.keys):
+        for *_, ptr in list(pool.keys):
             b = pool.by_ptr[ptr]
             if b.seg is not None:
                 to_unmap.append(b)
@@ -750,7 +784,7 @@ class CachingAllocator:
         """``release_block``: cudaFree one whole segment."""
         assert b.seg is None and not b.is_split(), "only whole cudaMalloc segments can be freed"
         self._pool_of(b).erase(b)
-        self.reserved -= b.size
+        self._sub_reserved(b.size, b.stream)
         self.segments -= 1
         self.num_device_free += 1
 
@@ -762,7 +796,7 @@ class CachingAllocator:
         target = self.reserved - gc_threshold
         pool = self._large
         total_age, count = 0, 0
-        for _, ptr in pool.keys:
+        for *_, ptr in pool.keys:
             b = pool.by_ptr[ptr]
             if not b.is_split():
                 total_age += pool.gc_calls - b.gc_base
@@ -773,7 +807,7 @@ class CachingAllocator:
         while reclaimed < target and freed and count > 0:
             age_threshold = total_age / count
             freed = False
-            for _, ptr in list(pool.keys):
+            for *_, ptr in list(pool.keys):
                 b = pool.by_ptr[ptr]
                 age = pool.gc_calls - b.gc_base
                 if not b.is_split() and age >= age_threshold:
@@ -784,9 +818,12 @@ class CachingAllocator:
                     self._release_block(b)
 
     # ------------------------------------------------------------------ expandable segments
-    def _find_expandable_block(self, pool: _Pool, size: int) -> _Block:
-        """``find_expandable_block``: lowest address where free + unmapped space fits ``size``."""
-        for ptr in pool.unmapped_keys:
+    def _find_expandable_block(self, pool: _Pool, size: int, stream: int = 0) -> _Block:
+        """``find_expandable_block``: lowest address of ``stream``'s segments where free + unmapped
+        space fits ``size`` (``unmapped`` is ordered by stream first; a new segment per stream)."""
+        for st, ptr in pool.unmapped_keys:
+            if st != stream:
+                continue
             c = pool.unmapped[ptr]
             if c.prev is not None and not c.prev.allocated:
                 c = c.prev
@@ -799,9 +836,9 @@ class CachingAllocator:
         page = K_SMALL_BUFFER if pool.is_small else K_LARGE_BUFFER
         total = self.capacity if self.capacity is not None else _DEFAULT_ADDRESS_SPACE
         n_pages = max(1, -(-(total + total // 8) // page))
-        seg = _ExpSegment(self._new_address(n_pages * page), page, n_pages)
+        seg = _ExpSegment(self._new_address(n_pages * page), page, n_pages, stream)
         self._exp_segments.append(seg)
-        cand = _Block(seg.size, seg.base, pool.is_small, seg, mapped=False)
+        cand = _Block(seg.size, seg.base, pool.is_small, seg, mapped=False, stream=stream)
         pool.add_unmapped(cand)
         return cand
 
@@ -823,20 +860,21 @@ class CachingAllocator:
         pool.remove_unmapped(to_map)
         to_map.mapped = True
         if mapped < to_map.size:
-            rest = _Block(to_map.size - mapped, to_map.ptr + mapped, to_map.small, seg, mapped=False)
+            rest = _Block(to_map.size - mapped, to_map.ptr + mapped, to_map.small, seg, mapped=False,
+                          stream=to_map.stream)
             rest.splice(to_map, to_map.next)
             pool.add_unmapped(rest)
             to_map.size = mapped
         self._try_merge_blocks(to_map, to_map.prev, pool)
         self._try_merge_blocks(to_map, to_map.next, pool)
         pool.insert(to_map)
-        self._add_reserved(mapped)
+        self._add_reserved(mapped, seg.stream)
         self.num_device_alloc += 1
         return True
 
-    def _try_allocate_expandable_block(self, pool: _Pool, size: int) -> _Block | None:
+    def _try_allocate_expandable_block(self, pool: _Pool, size: int, stream: int = 0) -> _Block | None:
         """``try_allocate_expandable_block``."""
-        cand = self._find_expandable_block(pool, size)
+        cand = self._find_expandable_block(pool, size, stream)
         if not cand.mapped and not self._map_block(cand, min(cand.size, size), pool):
             return None
         while cand.size < size:
@@ -860,12 +898,12 @@ class CachingAllocator:
         unmapped = (end - begin) * page
         before = start - b.ptr
         if before > 0:
-            bf = _Block(before, b.ptr, b.small, seg)
+            bf = _Block(before, b.ptr, b.small, seg, stream=b.stream)
             bf.splice(b.prev, b)
             pool.insert(bf)
         after = b.size - (before + unmapped)
         if after > 0:
-            af = _Block(after, start + unmapped, b.small, seg)
+            af = _Block(after, start + unmapped, b.small, seg, stream=b.stream)
             af.splice(b, b.next)
             pool.insert(af)
         b.ptr, b.size, b.mapped = start, unmapped, False
@@ -874,7 +912,7 @@ class CachingAllocator:
         pool.add_unmapped(b)
         for k in range(begin, end):
             seg.mapped.discard(k)
-        self.reserved -= unmapped
+        self._sub_reserved(unmapped, b.stream)
         self.num_device_free += 1
 
     def _release_expandable_segment(self, b: _Block, pool: _Pool) -> None:
@@ -902,6 +940,9 @@ class ReplayResult:
     oom_at: int | None = None
     oom_error: str | None = None
     live_at_end: int = 0  # allocations never freed
+    #: per stream id (0 = default): the largest bytes of its live blocks / of its segments
+    peak_allocated_by_stream: dict = field(default_factory=dict)
+    peak_reserved_by_stream: dict = field(default_factory=dict)
 
     @property
     def fragmentation_at_peak(self) -> float:
@@ -921,12 +962,15 @@ Event = Sequence  # ("alloc", key, nbytes) | ("free", key) | ("empty_cache",)
 
 def replay(events: Iterable[Event], capacity_bytes: int | None = None,
            config: AllocatorConfig | str = AllocatorConfig(),
-           allocator: CachingAllocator | None = None) -> ReplayResult:
+           allocator: CachingAllocator | None = None,
+           streams: Mapping | None = None) -> ReplayResult:
     """Replay ordered events through a fresh ``CachingAllocator`` (or ``allocator``).
 
     Events are tuples: ``("alloc", key, nbytes)`` allocates under any hashable ``key``,
     ``("free", key)`` frees it (extra items ignored), ``("empty_cache",)`` calls
     ``torch.cuda.empty_cache()``. ``config`` may be a ``PYTORCH_CUDA_ALLOC_CONF`` string.
+    ``streams``: allocation key -> stream id (int) for the allocations made on a side stream;
+    keys not in it are on the default stream 0 (see "streams" in the module docstring).
     On ``OutOfMemory`` the replay stops and reports the event index in ``oom_at``.
     """
     if isinstance(config, str):
@@ -934,6 +978,7 @@ def replay(events: Iterable[Event], capacity_bytes: int | None = None,
     a = allocator if allocator is not None else CachingAllocator(capacity_bytes, config)
     handles: dict = {}
     malloc, free = a.malloc, a.free
+    stream_of = (streams or {}).get
     best_res, alloc_at_best = a.peak_reserved, a.allocated
     max_segs = a.segments + len(a._exp_segments)
     oom_at = oom_err = None
@@ -947,7 +992,7 @@ def replay(events: Iterable[Event], capacity_bytes: int | None = None,
                 raise InputError(f"event {idx}: key {key!r} allocated twice without a free; "
                                  "free it first or use a fresh key")
             try:
-                handles[key] = malloc(ev[2])
+                handles[key] = malloc(ev[2], stream_of(key, 0))
             except OutOfMemory as e:
                 oom_at, oom_err = idx, str(e)
                 break
@@ -972,4 +1017,5 @@ def replay(events: Iterable[Event], capacity_bytes: int | None = None,
         allocated_at_peak_reserved=alloc_at_best if best_res == a.peak_reserved else a.allocated,
         segments=a.segments + len(a._exp_segments), max_segments=max_segs,
         num_alloc_retries=a.num_alloc_retries, n_events=n, oom_at=oom_at, oom_error=oom_err,
-        live_at_end=len(handles))
+        live_at_end=len(handles), peak_allocated_by_stream=dict(a.peak_allocated_by_stream),
+        peak_reserved_by_stream=dict(a.peak_reserved_by_stream))

@@ -903,12 +903,14 @@ def _memory_totals(st, train, x, ms, cal, kind, gpu, stored: float = 1):
     from .estimate.parallel import paged_per_rank, rank_moments, worst_rank_peak
 
     # several GPUs: the worst rank's ledger (estimate.parallel; single: the one-GPU moments)
-    peak, moment = worst_rank_peak(rank_moments(ms, st, train, x.r, stored)) if train.strategy != "single" else peak_of(ms)
+    rms = rank_moments(ms, st, train, x.r, stored) if train.strategy != "single" else None
+    peak, moment = worst_rank_peak(rms) if rms is not None else peak_of(ms)
     peak = np.broadcast_to(peak, np.shape(x.b))
     paged = paged_optimizer_state(st, x.r, train.optimizer)
     paged = int(paged) if isinstance(paged, (int, float)) else np.asarray(paged).astype(np.int64)
     paged = paged_per_rank(paged, train)
-    reserved, _ = reserved_and_band(st, x, kind, peak, gpu, cal, train.stack, one_gpu=train.strategy == "single")
+    reserved, _ = reserved_and_band(st, x, kind, peak, gpu, cal, train.stack, one_gpu=train.strategy in ("single", "ddp"),
+                                    train=train, rank_ledgers=rms[0] if rms else None)
     context, _ = context_and_band(gpu, cal, train.stack)
     reserved, device, _ = device_totals(peak, paged, cal, reserved, context)
     return peak, np.broadcast_to(moment, np.shape(x.b)), reserved, device

@@ -381,3 +381,72 @@ def test_tracker_allocation_events_in_order():
     assert r.peak_allocated == 2 * 512 + 4096 - 512 and r.live_at_end == 1  # 512 + 4096, then 4096 + 512
     assert r.final_allocated == 512 and r.peak_reserved == 2 * MiB
     del c, d
+
+
+# ----------------------------------------------------------------------------- streams
+def test_a_block_freed_on_one_stream_is_not_reused_by_another():
+    # get_free_block: the search key is (stream, size); a cached block of stream 1 is
+    # (*it)->stream != p.stream() for stream 0, so stream 0 gets a new segment
+    a = CachingAllocator()
+    h = a.malloc(12 * MiB, stream=1)
+    a.free(h)
+    assert (a.allocated, a.reserved) == (0, 12 * MiB)
+    a.malloc(12 * MiB, stream=0)
+    assert (a.allocated, a.reserved, a.segments) == (12 * MiB, 24 * MiB, 2)
+    assert a.peak_reserved_by_stream == {1: 12 * MiB, 0: 12 * MiB}
+    a.malloc(12 * MiB, stream=1)  # the same stream reuses its own cached block
+    assert a.reserved == 24 * MiB and a.peak_allocated_by_stream == {1: 12 * MiB, 0: 12 * MiB}
+
+
+def test_the_remainder_of_a_split_side_stream_segment_stays_that_streams():
+    # alloc_found_block: the remainder keeps the block's stream; a small pool request of
+    # another stream opens its own 2 MiB segment
+    a = CachingAllocator()
+    a.malloc(100 * KiB, stream=7)
+    a.malloc(100 * KiB, stream=0)
+    assert a.reserved == 4 * MiB and [s.stream for s in a.snapshot()] == [7, 0]
+    a.malloc(100 * KiB, stream=7)  # fits the stream-7 remainder
+    assert a.reserved == 4 * MiB and blocks(a)[0][:2] == [(100 * KiB, True), (100 * KiB, True)]
+
+
+def test_a_block_returns_to_its_own_streams_pool_whoever_frees_it():
+    # free_block inserts into block->pool under block->stream: a free needs no stream
+    a = CachingAllocator()
+    hs = [a.malloc(30 * MiB, stream=2) for _ in range(2)]
+    for h in hs:
+        a.free(h)
+    a.malloc(30 * MiB, stream=0)
+    a.malloc(30 * MiB, stream=2)
+    assert a.reserved == 90 * MiB
+    assert replay([("alloc", "g", 30 * MiB), ("free", "g"), ("alloc", "x", 30 * MiB)],
+                  streams={"g": 1}).peak_reserved == 60 * MiB
+    assert replay([("alloc", "g", 30 * MiB), ("free", "g"), ("alloc", "x", 30 * MiB)],
+                  streams={"g": 1, "x": 1}).peak_reserved == 30 * MiB
+
+
+def test_oom_retry_frees_every_streams_cached_segments():
+    # malloc: release_cached_blocks frees unsplit segments of all streams before the retry
+    a = CachingAllocator(capacity_bytes=60 * MiB)
+    a.free(a.malloc(40 * MiB, stream=1))
+    a.malloc(40 * MiB, stream=0)
+    assert (a.reserved, a.num_alloc_retries, a.reserved_by_stream) == (40 * MiB, 1, {1: 0, 0: 40 * MiB})
+
+
+def test_release_available_cached_blocks_walks_only_the_requests_stream():
+    # the key (stream 0, 40 MiB) lands on stream 1's 44 MiB block: not this stream's, so it
+    # walks down stream 0's oversize blocks (24 + 24 >= 40) and leaves stream 1's alone
+    cfg = AllocatorConfig(max_split_size_bytes=20 * MiB)
+    a = CachingAllocator(capacity_bytes=130 * MiB, config=cfg)
+    h1 = a.malloc(44 * MiB, stream=1)
+    h0 = [a.malloc(24 * MiB, stream=0) for _ in range(2)]
+    for h in [h1, *h0]:
+        a.free(h)
+    a.malloc(40 * MiB, stream=0)
+    assert a.reserved_by_stream == {1: 44 * MiB, 0: 40 * MiB} and a.num_alloc_retries == 0
+
+
+def test_expandable_segments_are_per_stream():
+    a = CachingAllocator(capacity_bytes=1 << 30, config=AllocatorConfig(expandable_segments=True))
+    a.free(a.malloc(30 * MiB, stream=1))
+    a.malloc(30 * MiB, stream=0)  # stream 1's mapped free pages are not stream 0's
+    assert a.reserved == 80 * MiB and {s.stream for s in a.snapshot()} == {0, 1}

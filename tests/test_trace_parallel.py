@@ -219,3 +219,31 @@ def test_fsdp1_gathers_the_next_layer_before_it_frees_this_one_whatever_the_pref
     g = t["components"]["gathered_params"]
     assert ROOT_BYTES + 2 * LAYER_BYTES <= g <= ROOT_BYTES + 2 * LAYER_BYTES + LORA_BYTES
     assert t["parallel"]["fsdp_version"] == 1
+
+
+# ----------------------------------------------------------------------------- streams
+def _by_stream(t, what="peak_allocated_by_stream"):
+    names = t["parallel"]["streams"]
+    return {names[k]: v for k, v in t["allocator"]["default"][what].items()}
+
+
+def test_fsdp1_gathers_on_the_unshard_stream_and_reduces_on_the_post_backward_stream():
+    # _runtime_utils.py::_unshard allocates the padded unsharded flat parameters inside
+    # `with stream(unshard_stream)`: the root (embeddings + lm_head) and at most two layers at once
+    t = trace("fsdp", 2, fsdp_version=1)
+    alloc = _by_stream(t)
+    assert set(alloc) == {"default", "unshard_stream", "post_backward_stream"}
+    assert ROOT_BYTES + LAYER_BYTES <= alloc["unshard_stream"] <= ROOT_BYTES + 2 * LAYER_BYTES + 16 * 1024
+    assert 0 < alloc["post_backward_stream"] <= LORA_BYTES  # the sharded LoRA gradients (fp32) and less
+    # segments are freed only on an OOM retry or empty_cache: reserved peaks add up over streams
+    assert t["peak_reserved_bytes"] == sum(_by_stream(t, "peak_reserved_by_stream").values())
+
+
+def test_fsdp2_all_gather_outputs_live_on_the_copy_in_stream_and_ddp_on_the_default_one():
+    t = trace("fsdp", 2)
+    alloc = _by_stream(t)
+    assert {"all_gather_copy_in_stream", "reduce_scatter_stream"} <= set(alloc)
+    # in forward the previous unit's all-gather output is freed only after the next one is
+    # allocated (_fsdp_param_group.py: all_gather_state): the root's and a layer's coexist
+    assert alloc["all_gather_copy_in_stream"] >= ROOT_BYTES + LAYER_BYTES
+    assert set(_by_stream(trace("ddp", 2))) == {"default"}

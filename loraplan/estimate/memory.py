@@ -284,7 +284,8 @@ def workspace_blocks(gpu: GpuSpec | None, cal: Calibration, device: str = "cuda"
 
 
 def reserved_and_band(st: Structure, x: Shape, kind: str, peak_allocated, gpu: GpuSpec | None, cal: Calibration,
-                      stack=None, alloc_conf: str = "", one_gpu: bool = True):
+                      stack=None, alloc_conf: str = "", one_gpu: bool = True, train: TrainSpec | None = None,
+                      rank_ledgers: dict | None = None):
     """(peak reserved, its uncertainty in bytes) from peak allocated: ints, or int64 arrays.
 
     A GPU calibration that fitted ``reserved_over_allocated_ratio`` from profile records (measured
@@ -294,11 +295,26 @@ def reserved_and_band(st: Structure, x: Shape, kind: str, peak_allocated, gpu: G
     caching-allocator rules + the step's segments; PYTORCH_CUDA_ALLOC_CONF ``alloc_conf``: "" unset,
     or "expandable_segments:True"), band
     ``allocator_slack.slack_uncertainty`` (the fit's spread against the trace replays).
-    ``one_gpu`` False (a multi-GPU engine: each rank holds shards, gathered units and buckets the
-    closed form's one-GPU replay of the built model does not have): the calibration's ratio."""
+    ``one_gpu`` False (a multi-GPU engine): under FSDP (``train.strategy``, with the worst rank's
+    ledger per moment ``rank_ledgers``) the per-stream closed form (``stream_reserved``: the
+    caching allocator keeps the all-gather / reduce-scatter streams' blocks apart from the
+    default stream's), band as above; DeepSpeed ZeRO and device_map (not replayed): the
+    calibration's ratio. DDP (the whole model on the default stream) is ``one_gpu``."""
     from . import allocator_slack
 
     allocator_slack.check_config(alloc_conf)
+    if (not one_gpu and not _calibrated(cal, "reserved_over_allocated_ratio") and train is not None
+            and rank_ledgers and train.strategy in ("fsdp", "fsdp-offload")):
+        from . import stream_reserved
+        from .parallel import layer_unit
+
+        conf = alloc_conf or "default"
+        phi = allocator_slack.load_slack_data()["configs"][allocator_slack._config_name(conf)]["phi"]
+        r = stream_reserved.peak_reserved(rank_ledgers, resolve_recipe(train).fsdp_version,
+                                          allocator_slack.largest_step_block(st, x, kind), phi, conf,
+                                          root=st.unquantized_weights, unit=layer_unit(st, lora_weights(st, x.r)))
+        r = stream_reserved._max(r, peak_allocated)
+        return (int(r) if _is_scalar(r) else r.astype("int64")), allocator_slack.slack_uncertainty(peak_allocated, conf)
     if _calibrated(cal, "reserved_over_allocated_ratio") or not one_gpu:
         r = peak_allocated * (1 + coefficient(cal, "reserved_over_allocated_ratio"))
         u = peak_allocated * coefficient(cal, "reserved_over_allocated_uncertainty")
@@ -356,9 +372,11 @@ def estimate_memory(s: Setup, gpu: GpuSpec | None, cal: Calibration, alloc_conf:
     per_gpu = {k: {c: int(v) for c, v in ranks[k][peaks[k][1]].items() if int(v)} for k in ranks}
     paged = paged_per_rank(int(paged_optimizer_state(st, x.r, s.train.optimizer)), s.train)
     # the allocator's closed form (allocator_slack) replays the one-GPU model's weights, which a
-    # sharded rank does not hold: under a multi-GPU engine reserved_and_band takes the prior ratio
+    # DDP rank holds too (on the default stream); an FSDP rank holds shards and allocates on side
+    # streams (stream_reserved); ZeRO / device_map take the prior ratio
     reserved, reserved_band = reserved_and_band(st, x, s.attention, peak, gpu, cal, s.train.stack, alloc_conf,
-                                                one_gpu=s.train.strategy == "single")
+                                                one_gpu=s.train.strategy in ("single", "ddp"), train=s.train,
+                                                rank_ledgers=ms)
     context, context_band = context_and_band(gpu, cal, s.train.stack)
     reserved, device, context = device_totals(peak, paged, cal, reserved, context)
     outside = {"cuda_context_and_libraries": context}
@@ -389,10 +407,15 @@ def estimate_memory(s: Setup, gpu: GpuSpec | None, cal: Calibration, alloc_conf:
     if st.head_adapted and step_recipe(s.train).loss == "chunked":
         notes.append(FUSED_HEAD_BYPASS_WARNING)
     if not _calibrated(cal, "cuda_context_bytes"):
-        how = ("the caching allocator's closed form (checked against allocator replays of the trace)"
-               if s.train.strategy == "single" else
-               "peak allocated x the prior ratio (the closed form replays one GPU's tensors; multi-GPU engines "
-               "hold more in reserve than it knows: published FSDP runs show 10-25% above this)")
+        if s.train.strategy in ("single", "ddp"):
+            how = "the caching allocator's closed form (checked against allocator replays of the trace)"
+        elif s.train.strategy in ("fsdp", "fsdp-offload") and not _calibrated(cal, "reserved_over_allocated_ratio"):
+            how = ("the caching allocator's closed form per CUDA stream (FSDP's all-gather and reduce-scatter "
+                   "streams keep their own cached blocks; checked against stream-aware replays of the trace; "
+                   "published FSDP runs reserve more, up to 25%)")
+        else:
+            how = ("peak allocated x the prior ratio (the engine's allocations are not replayed; "
+                   "published runs show 10-25% above this)")
         notes.append("device total adds the CUDA context from published figures (data/cuda-context.json), not "
                      f"yet calibrated from NVML on this GPU; peak reserved is {how}; peak allocated is the checked "
                      "figure")

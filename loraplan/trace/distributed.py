@@ -166,6 +166,9 @@ class Engine:
         self.host_components: dict[str, int] = {}
         self._fsdp_groups: list = []
         self._host_grads: dict[int, int] = {}
+        self._wrapped = None
+        self.streams = _StreamIds(torch)
+        tracker.stream_fn = self.streams
 
     # ------------------------------------------------------------------ setup
     @contextlib.contextmanager
@@ -179,10 +182,12 @@ class Engine:
         """The engine applied to the PEFT model; the wrapper's own id is named in ``mod_names``
         so allocations in its forward are attributed."""
         if self.strategy == "ddp":
-            return self._wrap_ddp(model, mod_names)
-        if fsdp_version(self.train) == 1:
-            return self._wrap_fsdp1(model)
-        return self._wrap_fsdp2(model)
+            self._wrapped = self._wrap_ddp(model, mod_names)
+        elif fsdp_version(self.train) == 1:
+            self._wrapped = self._wrap_fsdp1(model)
+        else:
+            self._wrapped = self._wrap_fsdp2(model)
+        return self._wrapped
 
     def _wrap_ddp(self, model, mod_names):
         import torch.nn.parallel.distributed as ddp_mod
@@ -498,7 +503,58 @@ class Engine:
                 "fsdp_version": fsdp_version(self.train) if self.strategy.startswith("fsdp") else None,
                 "fsdp_sharding": self.train.fsdp_sharding if self.strategy.startswith("fsdp") else None,
                 "units": list(self.units), "host_components": dict(self.host_components),
-                "host_bytes": sum(self.host_components.values())}
+                "host_bytes": sum(self.host_components.values()), "streams": self.stream_names()}
+
+    def stream_names(self) -> dict[int, str]:
+        """``{stream id: name}`` of the side streams the trace saw allocations on (0 = default):
+        the engine's attribute that holds the stream (FSDP1 ``_FSDPState._unshard_stream`` ...,
+        FSDP2 ``FSDPCommContext.all_gather_copy_in_stream`` ...)."""
+        attrs = ("_unshard_stream", "_post_backward_stream", "_pre_unshard_stream", "_all_reduce_stream",
+                 "all_gather_copy_in_stream", "all_gather_stream", "reduce_scatter_stream", "all_reduce_stream")
+        names = {0: "default"}
+        holders = []
+        for mod in (self._wrapped.modules() if self._wrapped is not None else ()):
+            holders.append(mod)
+            get_state = getattr(mod, "_get_fsdp_state", None)
+            if get_state is not None:
+                holders.append(getattr(get_state(), "_comm_ctx", None))
+        for sid, obj in self.streams.objects.items():
+            for h in holders:
+                name = next((a.lstrip("_") for a in attrs if h is not None and h.__dict__.get(a) is obj), None)
+                if name:
+                    names[sid] = name
+                    break
+            else:
+                names[sid] = f"stream{sid}"
+        return names
+
+
+class _StreamIds:
+    """The id of the stream current now, for ``LiveTensorTracker.stream_fn``: 0 for the default
+    stream, 1, 2, ... for the others in order of first use. On meta both FSDPs' device handles
+    answer ``torch.cpu`` (FSDP1 through ``_MetaBackend``, FSDP2 through the patched
+    ``_get_device_handle``), whose ``Stream()`` makes distinct objects and whose ``stream(s)``
+    context sets what ``current_stream()`` returns (torch/cpu/__init__.py: ``StreamContext``), so
+    the engine's own ``with device_handle.stream(...)`` blocks (FSDP1 ``_runtime_utils.py::
+    _unshard`` on ``_unshard_stream``, ``_post_backward_hook`` on ``_post_backward_stream``; FSDP2
+    ``_fsdp_collectives.py::foreach_all_gather`` on ``all_gather_copy_in_stream``, ``foreach_reduce``
+    on ``reduce_scatter_stream``) say which stream each allocation is on, as on CUDA."""
+
+    def __init__(self, torch):
+        self._cpu = torch.cpu
+        self._default = torch.cpu.current_stream()
+        self._ids: dict[int, int] = {}
+        self.objects: dict[int, Any] = {}  # id -> stream object (kept alive: ids are by identity)
+
+    def __call__(self) -> int:
+        s = self._cpu.current_stream()
+        if s is self._default:
+            return 0
+        sid = self._ids.get(id(s))
+        if sid is None:
+            sid = self._ids[id(s)] = len(self._ids) + 1
+            self.objects[sid] = s
+        return sid
 
 
 class _KeepBuckets:
@@ -569,6 +625,19 @@ def engine_for(train, rank: int, tracker, torch) -> Engine | None:
 
 
 # ---------------------------------------------------------------------------- several ranks
+def _reserved_by_stream(t: dict) -> dict:
+    """A rank's replayed peak reserved (default allocator config) and its per-stream peaks
+    ({stream name: bytes}, trace/run.py::replay_allocations with the engine's streams)."""
+    rep = (t.get("allocator") or {}).get("default")
+    if not rep:
+        return {}
+    names = (t.get("parallel") or {}).get("streams") or {0: "default"}
+    name = lambda sid: names.get(sid, f"stream{sid}")  # noqa: E731
+    return {"peak_reserved_bytes": int(t.get("peak_reserved_bytes") or 0),
+            "peak_reserved_by_stream": {name(k): int(v) for k, v in rep.get("peak_reserved_by_stream", {}).items()},
+            "peak_allocated_by_stream": {name(k): int(v) for k, v in rep.get("peak_allocated_by_stream", {}).items()}}
+
+
 def traced_ranks(train) -> list[int]:
     """The ranks traced for ``train``: 0 and N-1 (see the module docstring: these engines give
     every rank the same storage sizes, and the two traces check it)."""
@@ -587,7 +656,8 @@ def assemble_ranks(runs: dict[int, dict], train) -> tuple[dict, dict]:
     n, nodes = int(train.num_gpus), max(1, int(getattr(train, "nodes", 1) or 1))
     ranks = {r: {"peak_allocated_bytes": int(t["peak_allocated_bytes"]),
                  "components": {k: int(v) for k, v in t["components"].items()},
-                 "peak_moment": str(t.get("peak_phase", ""))} for r, t in runs.items()}
+                 "peak_moment": str(t.get("peak_phase", "")),
+                 **_reserved_by_stream(t)} for r, t in runs.items()}
     worst = max(ranks, key=lambda r: (ranks[r]["peak_allocated_bytes"], -r))
     agree = len({tuple(sorted(v["components"].items())) for v in ranks.values()}) == 1
     notes = []

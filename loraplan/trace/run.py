@@ -309,7 +309,7 @@ def trace_step(model_config: dict, lora: LoraSpec, train: TrainSpec, gpu_compute
     peak_phase = max(step_phases, key=step_phases.get) if step_phases else ""
     events = tracker.allocation_events(start_seq=getattr(tracker, "setup_end_seq", None), with_phase=True)
     n_weight_events = sum(1 for e in events if e[-1] == "setup")
-    replays = replay_allocations(events, gpu_memory_bytes, n_weight_events)
+    replays = replay_allocations(events, gpu_memory_bytes, n_weight_events, tracker.allocation_streams())
     replays.update(n_resizes=tracker.n_resizes, cublas_workspace_threads=sorted(ws_threads),
                    tracker_peak_allocated_bytes=peak)
     if return_events:
@@ -581,13 +581,17 @@ def _reenter_autocast_in_recompute(model, amp, train, torch) -> None:
                                       gradient_checkpointing_func=functools.partial(checkpoint_func, use_reentrant=True))
 
 
-def replay_allocations(events: list, capacity_bytes: int | None = None, n_weight_events: int = 0) -> dict:
+def replay_allocations(events: list, capacity_bytes: int | None = None, n_weight_events: int = 0,
+                       streams: dict | None = None) -> dict:
     """Replay a trace's allocation stream through ``loraplan.allocator`` under each of
     ``REPLAY_CONFIGS``; plain dict per config: peak_allocated_bytes, peak_reserved_bytes,
     allocated_at_peak_reserved_bytes, fragmentation_at_peak, max_segments, num_alloc_retries and
     oom (None, or {"event": index, "phase": tracker phase path then, "message"}); plus
     ``weights``: a replay of the first ``n_weight_events`` events alone (the built model), whose
-    reserved - allocated is the weights' share of the slack.
+    reserved - allocated is the weights' share of the slack. ``streams``: allocation key ->
+    stream id of the allocations a multi-GPU engine makes on its side streams
+    (``LiveTensorTracker.allocation_streams``); each config's dict then also has
+    ``peak_allocated_by_stream`` / ``peak_reserved_by_stream`` (stream id -> bytes; 0 = default).
 
     The stream starts with the model's tensors allocated in the order the model was built
     (``from_config`` creates each module's parameters in ``__init__`` order, then
@@ -613,7 +617,7 @@ def replay_allocations(events: list, capacity_bytes: int | None = None, n_weight
     out: dict[str, Any] = {"capacity_bytes": capacity_bytes, "n_events": len(events),
                            "configs": dict(REPLAY_CONFIGS)}
     for name, conf in REPLAY_CONFIGS.items():
-        r = replay(events, capacity_bytes=capacity_bytes, config=conf)
+        r = replay(events, capacity_bytes=capacity_bytes, config=conf, streams=streams)
         oom = None
         if r.oom_at is not None:
             oom = {"event": r.oom_at, "phase": str(events[r.oom_at][-1]), "message": r.oom_error}
@@ -622,8 +626,10 @@ def replay_allocations(events: list, capacity_bytes: int | None = None, n_weight
             "allocated_at_peak_reserved_bytes": r.allocated_at_peak_reserved,
             "fragmentation_at_peak": r.fragmentation_at_peak, "max_segments": r.max_segments,
             "num_alloc_retries": r.num_alloc_retries, "oom": oom,
+            "peak_allocated_by_stream": r.peak_allocated_by_stream,
+            "peak_reserved_by_stream": r.peak_reserved_by_stream,
         }
-    w = replay(events[:n_weight_events])
+    w = replay(events[:n_weight_events], streams=streams)
     out["weights"] = {"allocated_bytes": w.final_allocated, "reserved_bytes": w.final_reserved,
                       "n_events": n_weight_events}
     return out

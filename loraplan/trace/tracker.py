@@ -78,7 +78,8 @@ class LiveGroup:
 
 # record layout (plain list for speed): see _track; _PATH / _FPATH: the whole phase stack
 # ("step1/forward") at allocation / at free, for saying where a replayed OOM happens
-_BYTES, _PHASE, _OP, _DTYPE, _SHAPE, _LABEL, _ALLOC, _FREE, _CTX, _PATH, _FPATH = range(11)
+# _STREAM: the stream the allocation was made on (``stream_fn``; 0 = the default stream)
+_BYTES, _PHASE, _OP, _DTYPE, _SHAPE, _LABEL, _ALLOC, _FREE, _CTX, _PATH, _FPATH, _STREAM = range(12)
 
 
 class LiveTensorTracker(TorchDispatchMode):
@@ -94,6 +95,11 @@ class LiveTensorTracker(TorchDispatchMode):
         op_hook: optional callable ``(tracker, func, args, kwargs, out)`` run after every op, once
             its outputs are tracked; it may call ``tracker.transient(...)`` for memory the op's
             kernel uses internally (invisible to dispatch).
+
+    ``stream_fn`` (attribute, default None = every allocation on stream 0): a callable returning
+    the id (int, 0 = default) of the stream current at an allocation; the CUDA caching allocator
+    keeps each stream's blocks apart (``loraplan.allocator``), so ``allocation_streams`` hands
+    the ids to the replay. The multi-GPU trace sets it (trace/distributed.py).
     """
 
     def __init__(self, round_to: int | None = None, device: str | None = None,
@@ -125,6 +131,8 @@ class LiveTensorTracker(TorchDispatchMode):
         #: transients (alloc + free at one moment) and persistent allocations (see ``persistent``)
         self._extra: list[tuple] = []
         self.n_resizes = 0
+        self.stream_fn: Callable[[], int] | None = None
+        self._extra_streams: dict = {}  # key of a transient / persistent allocation -> stream (non-zero)
 
     # ------------------------------------------------------------------ dispatch
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -204,6 +212,7 @@ class LiveTensorTracker(TorchDispatchMode):
             return
         key = ("transient", name, len(self._extra))
         path = self.phase_path
+        self._note_stream(key)
         self._extra.append((self._seq, len(self._extra), "alloc", key, nbytes, path))
         self._extra.append((self._seq, len(self._extra), "free", key, 0, path))
         self.transient_peaks[name] = max(self.transient_peaks.get(name, 0), nbytes)
@@ -221,8 +230,9 @@ class LiveTensorTracker(TorchDispatchMode):
         not change ``current`` / ``peak``: callers that count it in their peak add it as a term."""
         nbytes = round_up(int(nbytes), self.round_to)
         if nbytes > 0:
-            self._extra.append((self._seq, len(self._extra), "alloc", ("persistent", name, len(self._extra)),
-                                nbytes, self.phase_path))
+            key = ("persistent", name, len(self._extra))
+            self._note_stream(key)
+            self._extra.append((self._seq, len(self._extra), "alloc", key, nbytes, self.phase_path))
 
     @property
     def phase_path(self) -> str:
@@ -358,7 +368,22 @@ class LiveTensorTracker(TorchDispatchMode):
             events = [e[:-1] for e in events]
         return events
 
+    def allocation_streams(self) -> dict:
+        """``{allocation key: stream id}`` of the ``allocation_events`` keys made on a stream other
+        than the default (``stream_fn``); what ``loraplan.allocator.replay`` takes as ``streams``."""
+        out = {idx: r[_STREAM] for idx, r in enumerate(self._records) if r[_STREAM]}
+        out.update(self._extra_streams)
+        return out
+
     # ------------------------------------------------------------------ internals
+    def _stream(self) -> int:
+        return self.stream_fn() if self.stream_fn is not None else 0
+
+    def _note_stream(self, key) -> None:
+        s = self._stream()
+        if s:
+            self._extra_streams[key] = s
+
     def _bump_phase(self, name: str) -> None:
         if self.current > self.phase_peaks.get(name, -1):
             self.phase_peaks[name] = self.current
@@ -389,7 +414,7 @@ class LiveTensorTracker(TorchDispatchMode):
             except Exception:  # a context is a nicety, never a failure
                 ctx = None
         rec = [nbytes, self.phase_name, op, str(t.dtype).replace("torch.", ""), tuple(t.shape),
-               label, self._seq, None, ctx, self.phase_path, None]
+               label, self._seq, None, ctx, self.phase_path, None, self._stream()]
         idx = len(self._records)
         self._records.append(rec)
         self._live[key] = idx
@@ -430,6 +455,7 @@ class LiveTensorTracker(TorchDispatchMode):
         self._seq += 1  # the new block (a 0-byte record when resized to 0: never in the stream)
         new = list(rec)
         new[_BYTES], new[_ALLOC], new[_FREE], new[_PATH], new[_FPATH] = nbytes, self._seq, None, self.phase_path, None
+        new[_STREAM] = self._stream()  # resize_bytes_cuda allocates on the current stream
         self._live[key] = len(self._records)
         self._records.append(new)
         weakref.finalize(st, _free, weakref.ref(self), key, len(self._records) - 1)
