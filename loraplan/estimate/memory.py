@@ -309,10 +309,13 @@ def reserved_and_band(st: Structure, x: Shape, kind: str, peak_allocated, gpu: G
         from .parallel import layer_unit
 
         conf = alloc_conf or "default"
-        phi = allocator_slack.load_slack_data()["configs"][allocator_slack._config_name(conf)]["phi"]
+        c = allocator_slack.load_slack_data()["configs"][allocator_slack._config_name(conf)]
+        head, layer = allocator_slack.step_blocks(st, x, kind)
+        extra = stream_reserved._round_up(c.get("phi_layer", 0.0) * layer, 1)
         r = stream_reserved.peak_reserved(rank_ledgers, resolve_recipe(train).fsdp_version,
-                                          allocator_slack.largest_step_block(st, x, kind), phi, conf,
-                                          root=st.unquantized_weights, unit=layer_unit(st, lora_weights(st, x.r)))
+                                          stream_reserved._max(head, layer), c["phi"], conf,
+                                          root=st.unquantized_weights, unit=layer_unit(st, lora_weights(st, x.r)),
+                                          extra=extra)
         r = stream_reserved._max(r, peak_allocated)
         return (int(r) if _is_scalar(r) else r.astype("int64")), allocator_slack.slack_uncertainty(peak_allocated, conf)
     if _calibrated(cal, "reserved_over_allocated_ratio") or not one_gpu:

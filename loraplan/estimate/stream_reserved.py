@@ -24,9 +24,9 @@ FSDP allocates on side streams (read from torch 2.13):
 So, per rank (``reserved_by_stream``):
 
     reserved = R_default + sum over side streams of R_side
-    R_default = A_def + the step's new segments for A_def and phi blocks of the step's largest
-                block B (allocator_slack.step_segments_bytes with no model segments: a rank's
-                shards are a few large flat tensors, each its own segment)
+    R_default = A_def + the step's new segments for A_def, phi blocks of the step's largest
+                block B and phi_layer layer blocks (allocator_slack.step_segments_bytes with no
+                model segments: a rank's shards are a few large flat tensors, each its own segment)
     A_def     = max over moments of the moment's ledger minus its side-stream lines
     R_side    = max over moments of the stream's lines, rounded up to kRoundLarge (2 MiB)
                 (FSDP2 all-gather: max(root, unit) + unit rounded the same way)
@@ -72,14 +72,15 @@ def _round_up(v, g: int):
 
 
 def reserved_by_stream(moments: dict[str, dict], fsdp_version: int, B, phi: float, config: str = "default",
-                       root=0, unit=0) -> dict[str, object]:
+                       root=0, unit=0, extra=0) -> dict[str, object]:
     """{stream name: its peak reserved bytes} of one FSDP rank (module docstring).
 
     ``moments``: the rank's ledger per moment (``parallel.rank_moments``: line -> bytes, ints or
     arrays); ``B``: the step's largest block (``allocator_slack.largest_step_block``); ``phi``
     the closed form's step-slack factor for ``config``; ``root`` / ``unit``: bytes of the
     gathered root unit and of one layer unit (``parallel.layer_unit``), for FSDP2's two
-    coexisting all-gather outputs."""
+    coexisting all-gather outputs; ``extra``: further stranded bytes on the default stream
+    (``phi_layer`` x the layer block, as ``allocator_slack.peak_reserved``)."""
     from .allocator_slack import WeightsState, step_segments_bytes
 
     side = SIDE_LINES[int(fsdp_version)]
@@ -95,16 +96,16 @@ def reserved_by_stream(moments: dict[str, dict], fsdp_version: int, B, phi: floa
     if int(fsdp_version) == 2:
         peaks["all_gather_copy_in_stream"] = _max(peaks["all_gather_copy_in_stream"],
                                                   _round_up(_max(root, unit), K_ROUND_LARGE) + unit)
-    out = {"default": _max(a_def, step_segments_bytes(WeightsState(0, 0), a_def, B, phi, config))}
+    out = {"default": _max(a_def, step_segments_bytes(WeightsState(0, 0), a_def, B, phi, config, extra))}
     for stream, v in peaks.items():
         out[stream] = _round_up(v, K_ROUND_LARGE)
     return out
 
 
 def peak_reserved(moments: dict[str, dict], fsdp_version: int, B, phi: float, config: str = "default",
-                  root=0, unit=0):
+                  root=0, unit=0, extra=0):
     """Peak reserved bytes of one FSDP rank: the sum of ``reserved_by_stream``."""
     total = 0
-    for v in reserved_by_stream(moments, fsdp_version, B, phi, config, root, unit).values():
+    for v in reserved_by_stream(moments, fsdp_version, B, phi, config, root, unit, extra).values():
         total = total + v
     return total
