@@ -102,6 +102,14 @@ INTENDED = (
      "refitted on the H100 reference (benchmarks/fit_time_h100.py); time_eff_mm / time_eff_fp32 left "
      "calibrations/default.json (priors by generation now). Memory figures do not move",
      None, None, TIME_FIELDS),
+    ("issue 14, the layer-backward moment (checked against the trace, small configs at seq 1024): a "
+     "score-matrix attention's (math sdpa, eager) backward runs after the MLP, the norms after the attention "
+     "and the o_proj / MLP LoRA branches have released what they saved, and its stages are counted "
+     "(attention dropout's, v released); an fp32-stream (or LayerNorm) input norm's recompute keeps the "
+     "checkpointed input itself; the RoPE tables are alive; gemma2 holds a causal and a sliding eager mask; "
+     "OPT's (and granite's) embedding leaf is kept apart from the first layer's input",
+     ("llama-2-7b", "mistral-7b", "qwen2.5-0.5b", "qwen3-0.6b", "gemma-2-2b", "phi-3-mini-4k", "pythia-1b",
+      "opt-6.7b", "falcon-7b"), QUANTS, _MEMORY_FIELDS),
 )
 
 
