@@ -315,6 +315,8 @@ def int8_retained_per_step(st: Structure, x: Shape, outlier_fraction=None, gradi
     outlier columns of each call, f·a·T·in (CAt is None when the weight is frozen).
     ``outlier_fraction`` None: the random-init default for MLP-out inputs, 0 elsewhere; a
     number: that share for every int8 Linear.
+    With checkpointing, a layer without an input norm (olmo2) gives q/k/v the checkpointed
+    layer input itself: counted there, not again here.
     ctx.tensors is only set when an input needs a gradient: without checkpointing the first
     layer's input does not (see first_layer_not_saved), so its attention-input Linears keep
     nothing, nor, in a parallel-attention layer with an unadapted MLP, its MLP Linears.
@@ -341,8 +343,17 @@ def int8_retained_per_step(st: Structure, x: Shape, outlier_fraction=None, gradi
             sub = default_int8_outlier_fraction(st, T) * st.int8_outlier_in_per_layer.get(stack, 0.0)
         else:
             sub = outlier_fraction * st.int8_all_in_per_layer.get(stack, 0.0)
+        if gradient_checkpointing and stack == "decoder" and not m.is_encoder_decoder and _no_input_norm(m):
+            # q/k/v read the layer input itself (olmo2: no input norm), the checkpointed input
+            in_sum = in_sum - m.hidden_size
         total = total + L * a * T * (in_sum + sub)
     return total
+
+
+def _no_input_norm(model: ModelSpec) -> bool:
+    """The layer's norms all run after its attention (``ArchSpec.norms_after_attention``: olmo2)."""
+    n_after = model.arch.norms_after_attention
+    return n_after is not None and n_after >= model.arch.norms_per_layer
 
 
 def input_leaf_and_grad(st: Structure, x: Shape, gradient_checkpointing: bool):
