@@ -113,6 +113,14 @@ INTENDED = (
      "F.linear: 2·T·h·E per MoE layer per pass), the remainder tests/test_work_counts.py found against the "
      "traced FLOPs (now exact for mixtral, qwen2_moe, qwen3_moe, olmoe)",
      ("mixtral-8x7b", "qwen3-30b-a3b", "qwen1.5-moe-a2.7b", "olmoe-1b-7b-0924"), QUANTS, TIME_FIELDS),
+    ("issue 14, the layer-backward moment (checked against the trace, small configs at seq 1024): a "
+     "score-matrix attention's (math sdpa, eager) backward runs after the MLP, the norms after the attention "
+     "and the o_proj / MLP LoRA branches have released what they saved, and its stages are counted "
+     "(attention dropout's, v released); an fp32-stream (or LayerNorm) input norm's recompute keeps the "
+     "checkpointed input itself; the RoPE tables are alive; gemma2 holds a causal and a sliding eager mask; "
+     "OPT's (and granite's) embedding leaf is kept apart from the first layer's input",
+     ("llama-2-7b", "mistral-7b", "qwen2.5-0.5b", "qwen3-0.6b", "gemma-2-2b", "phi-3-mini-4k", "pythia-1b",
+      "opt-6.7b", "falcon-7b"), QUANTS, _MEMORY_FIELDS),
 )
 
 

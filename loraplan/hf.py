@@ -148,10 +148,15 @@ def _qwen3(cfg, name):
 def _gemma2(cfg, name):
     # Gemma2: attention_bias (q,k,v,o) default False; head_dim default 256; 4 RMSNorms per layer
     # (pre/post attention, pre/post MLP); tied embeddings by default; every other layer uses a
-    # sliding window. transformers runs it with eager attention (attention-logit softcapping).
+    # sliding window (Gemma2Config ``layer_types`` default: layers 0, 2, ... sliding).
+    # transformers runs it with eager attention (attention-logit softcapping).
     h, n_h = _heads(cfg, "gemma2")
     ab = bool(cfg.get("attention_bias", False))
-    arch = ArchSpec(attention="eager", sliding_window=cfg.get("sliding_window", 4096), norms_per_layer=4,
+    L = _req(cfg, "num_hidden_layers", "gemma2")
+    types = cfg.get("layer_types") or ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(L)]
+    sw = cfg.get("sliding_window", 4096)
+    arch = ArchSpec(attention="eager", sliding_window=sw, norms_per_layer=4,
+                    sliding_layers=sum(t == "sliding_attention" for t in types[:L]) if sw else None,
                     final_logit_softcapping=cfg.get("final_logit_softcapping", 30.0))
     return _llama_like(cfg, name, qkv_bias=ab, o_bias=ab, mlp_bias=False,
                        head_dim=_get(cfg, "head_dim", 256), n_kv=_kv_heads(cfg, n_h, 4),
@@ -210,7 +215,8 @@ def _olmo2(cfg, name):
     d = _get(cfg, "head_dim", h // n_h)
     spec = _llama_like(cfg, name, qkv_bias=ab, o_bias=ab, mlp_bias=False, head_dim=d, n_kv=n_kv,
                        tie=bool(cfg.get("tie_word_embeddings", False)),
-                       arch=ArchSpec(extra_norms=("q_norm", "k_norm"), qk_norm_scope="projection"),
+                       arch=ArchSpec(extra_norms=("q_norm", "k_norm"), qk_norm_scope="projection",
+                                     norms_after_attention=2),
                        layer_norms=("post_attention_layernorm", "post_feedforward_layernorm"))
     from dataclasses import replace
 
@@ -430,7 +436,7 @@ def _falcon(cfg, name):
     # FalconLinear subclasses nn.Linear: transformers' bnb integration leaves it unquantized.
     arch = ArchSpec(mlp="plain", norm="layer", parallel_attn=parallel,
                     position="alibi" if cfg.get("alibi", False) else "rope", norms_per_layer=len(norms),
-                    bnb_converts_linears=False, sdpa_mask=True)
+                    norms_after_attention=0 if parallel else None, bnb_converts_linears=False, sdpa_mask=True)
     return _spec(cfg, name, mt, h=h, L=L, n_h=n_h, n_kv=n_kv, d=d, inter=F, V=V,
                  tie=bool(cfg.get("tie_word_embeddings", True)), linears=linears, others=others,
                  arch=arch, max_pos=cfg.get("max_position_embeddings", 2048))
@@ -664,10 +670,14 @@ MODEL_TYPE_FACTS: dict[str, dict[str, Any]] = {
     # gpt-neox: ``self.query_key_value(x).view(...).transpose(1, 2).chunk(3, dim=-1)``: v is a view of
     # the whole fused output and sdpa saves it (modeling_gpt_neox.py GPTNeoXAttention.forward)
     "gpt_neox": dict(fused_qkv_views=True),
-    "opt": dict(hidden_dropout_key="dropout", hidden_dropout_default=0.1, sublayer_dropout=True),
+    # opt: ``hidden_states = inputs_embeds + pos_embeds``; granite: ``inputs_embeds *
+    # self.embedding_multiplier`` (modeling_opt.py OPTDecoder.forward, modeling_granite.py
+    # GraniteModel.forward): the first layer's input is not the embedding output
+    "opt": dict(hidden_dropout_key="dropout", hidden_dropout_default=0.1, sublayer_dropout=True,
+                embedding_leaf_apart=True),
     "gemma": dict(),
     "gemma3_text": dict(),
-    "granite": dict(),
+    "granite": dict(embedding_leaf_apart=True),
 }
 
 RULES: dict[str, Callable[[Mapping[str, Any], str], ModelSpec]] = {

@@ -140,6 +140,15 @@ class ArchSpec:
     position: str = "rope"  # rope | learned | relative_bias | alibi
     sliding_window: int | None = None
     norms_per_layer: int = 2
+    #: of those, how many run after the (self-)attention core, so that their saved tensors are
+    #: released before its backward; None: all but the input norm (pre-norm layers). olmo2 (norms
+    #: on the sublayer outputs): all; falcon's parallel layers (ln_attn, ln_mlp before both): 0
+    norms_after_attention: int | None = None
+    #: the first layer's input is a new tensor made from the embedding output (granite
+    #: ``inputs_embeds * embedding_multiplier``, OPT ``inputs_embeds + pos_embeds``), so with
+    #: checkpointing the embedding output -- the leaf enable_input_require_grads made -- is kept
+    #: apart from the layer inputs
+    embedding_leaf_apart: bool = False
     extra_norms: tuple = ()  # e.g. ("q_norm","k_norm") for qwen3, post-norms for gemma2
     #: what q_norm/k_norm normalise: "head" (each head's d values: qwen3, gemma3) or
     #: "projection" (the whole n·d output of q_proj/k_proj before the head split: olmo2)

@@ -213,11 +213,15 @@ def attention_dropout_saved(st: Structure, kind: str, b, seq, kv_seq):
     tensor). Source: modeling_granite.py::GraniteAttention.forward (``dropout=0.0 if not
     self.training else self.attention_dropout``), torch aten/src/ATen/native/transformers/attention.cpp.
     """
-    p = float(st.model.config.get("attention_dropout") or 0)
-    if p <= 0 or kind not in ("math", "eager"):
+    if attention_dropout_p(st.model) <= 0 or kind not in ("math", "eager"):
         return 0
     kept = 4 if kind == "math" else st.stream_bytes
     return (kept + _mask_bytes(st, kept)) * b * st.model.num_heads * seq * kv_seq
+
+
+def attention_dropout_p(model: ModelSpec) -> float:
+    """p of the attention-probability dropout in training: the config's ``attention_dropout``."""
+    return float(model.config.get("attention_dropout") or 0)
 
 
 def _has_fused_qkv(model: ModelSpec) -> bool:
@@ -286,8 +290,10 @@ def _attention_core_saved(st: Structure, kind: str, T, b, seq, kv_seq, cross: bo
         return 4 * (T * n_h * d + 2 * b * kv_seq * n_h * d) + 4 * scores
     # eager (transformers eager_attention_forward, repeat_kv): the fp32 softmax (4 B) and its
     # cast back to the stream dtype (a B, a no-op for an fp32 stream) are saved; logit
-    # softcapping (gemma2) keeps tanh's output too (a B).
-    softmax = 4 + (a if a != 4 else 0)
+    # softcapping (gemma2) keeps tanh's output too (a B). With attention dropout the product with
+    # v saves the dropout's output instead of the cast (``attention_dropout_saved``) and
+    # native_dropout keeps only its mask: nothing keeps the cast.
+    softmax = 4 + (a if a != 4 and attention_dropout_p(m) <= 0 else 0)
     softcap = a if m.config.get("attn_logit_softcapping") else 0
     return qkv + (softmax + softcap) * scores
 
@@ -472,6 +478,39 @@ def shared_norm_input(st: Structure, T):
     return (m.arch.norms_per_layer - 1) * st.stream_bytes * T * m.hidden_size
 
 
+def released_before_attention_backward(st: Structure, x: Shape, stack: str = "decoder"):
+    """What the top layer saved for the ops that run after its attention core, all released
+    (autograd release_variables) by the time the core's backward starts: the MLP's saved tensors
+    (``_mlp_saved_per_layer``: a sparse-MoE block's in an MoE model), the norms after the attention
+    (``ArchSpec.norms_after_attention``: llama's post_attention_layernorm; gemma2/3's
+    post_attention, pre_ and post_feedforward norms; olmo2's two output norms; a parallel layer's
+    second norm shares the layer input with the first, so only its statistics go), the model's
+    own sub-layer dropout masks (OPT), and the LoRA branches of the adapted o_proj and MLP
+    Linears (each its saved input ``lora_input_saved_bytes`` and its r-wide lora_A output).
+    Backward runs a layer's nodes in reverse creation order (torch autograd: a higher sequence
+    number first), so the MLP, the post-attention norms and o_proj come before the core.
+    Encoder-decoder decoder layers (a cross-attention after the self-attention): the MLP only."""
+    m, T = st.model, (x.T_enc if stack == "encoder" else x.T)
+    mlp = _mlp_saved_per_layer(st, T)
+    lora_in = st.mlp_adapted_in.get(stack, 0.0)
+    L = max(m.num_layers if stack == "decoder" else m.num_encoder_layers, 1)
+    n_mlp = sum(1 for l in st.adapted if l.stack == stack and l.role in _MLP_ROLES) / L
+    if m.is_encoder_decoder:
+        return mlp + lora_input_saved_bytes(st, x.dropout) * T * lora_in
+    o_in = sum(l.in_features for l in st.adapted if l.stack == stack and l.role == "o") / L
+    n_o = sum(1 for l in st.adapted if l.stack == stack and l.role == "o") / L
+    n_after = m.arch.norms_after_attention
+    if n_after is None:
+        n_after = m.arch.norms_per_layer - 1
+    norms = n_after * norm_saved(st, T) - (shared_norm_input(st, T) if n_after else 0)
+    lora = lora_input_saved_bytes(st, x.dropout) * T * (lora_in + o_in) + (n_mlp + n_o) * lora_output_bytes(st) * T * x.r
+    return mlp + norms + model_dropout_masks_per_layer(st, T, stack) + lora
+
+
+#: the LoRA-adaptable Linears of an MLP (``LinearSpec.role``)
+_MLP_ROLES = ("gate", "up", "gate_up", "down", "fc_in", "fc_out")
+
+
 def head_norms_saved(st: Structure, T):
     """RMSNorms on q and k: like any RMSNorm they keep an fp32 copy of their input (4·T·n·d,
     for n = n_h and n_kv heads) and one fp32 rsqrt per normalised row:
@@ -493,12 +532,25 @@ def checkpoint_inputs(st: Structure, x: Shape, kind: str = "flash"):
     """Non-reentrant checkpointing keeps each checkpointed layer's inputs: L·a·T·h
     (torch/utils/checkpoint.py: the inputs are saved by _NoopSaveInputs for the recompute),
     and the mask passed to every layer: eager attention gets an additive [b, 1, s, s] mask in
-    the stream dtype (transformers masking_utils eager_mask), one tensor shared by all layers;
-    T5 passes its position biases (modeling_t5.py compute_bias) the same way."""
+    the stream dtype (transformers masking_utils eager_mask), one tensor shared by all layers
+    (two when sliding and full layers mix: ``eager_masks``);
+    T5 passes its position biases (modeling_t5.py compute_bias) the same way. When the first
+    layer's input is not the embedding output (``ArchSpec.embedding_leaf_apart``), the embedding
+    output, a leaf that requires grad (enable_input_require_grads), is kept too: a·T·h."""
     m = st.model
-    mask = st.stream_bytes * x.b * x.tseq * x.tseq if kind == "eager" else 0
+    mask = st.stream_bytes * x.b * x.tseq * x.tseq * eager_masks(m) if kind == "eager" else 0
     mask = mask + t5_shared_biases(st, x, checkpointed=True) + sliding_window_mask(st, kind, x)
-    return st.stream_bytes * m.hidden_size * (m.num_layers * x.T + m.num_encoder_layers * x.T_enc) + mask
+    leaf = x.T if m.arch.embedding_leaf_apart else 0  # its AccumulateGrad node keeps the leaf
+    return st.stream_bytes * m.hidden_size * (m.num_layers * x.T + m.num_encoder_layers * x.T_enc + leaf) + mask
+
+
+def eager_masks(model: ModelSpec) -> int:
+    """How many additive eager masks the layers hold: 2 when sliding-window and full-attention
+    layers mix (gemma2, gemma3 ``layer_types``: the model builds ``causal_mask_mapping`` with a
+    causal and a sliding-window mask, each layer takes its type's; modeling_gemma2.py
+    Gemma2Model.forward), else 1."""
+    n_sl = model.arch.sliding_layers
+    return 2 if model.arch.sliding_window and n_sl is not None and 0 < n_sl < model.num_layers else 1
 
 
 def sliding_window_mask(st: Structure, kind: str, x: Shape):
@@ -655,8 +707,36 @@ def saved_activations(st: Structure, kind: str, x: Shape, gradient_checkpointing
     final = norm_saved(st, x.T)
     if m.is_encoder_decoder:
         final = final + norm_saved(st, x.T_enc) + st.stream_bytes * x.T_enc * m.hidden_size
-    rope = 2 * st.stream_bytes * x.rope_rows * x.tseq * m.head_dim if m.arch.position == "rope" else 0
+    rope = rope_tables(st, x)
     return layers + final + rope + head_lora_activations(st, x)
+
+
+def rope_tables(st: Structure, x: Shape):
+    """The RoPE cos/sin tables, computed once per forward and handed to every layer (saved by
+    each layer's rotary products, and inputs of each checkpointed layer): 2·a·rows·s·d
+    (position_ids of batch 1 unless passed per row, ``Shape.rope_rows``); 0 without RoPE."""
+    m = st.model
+    return 2 * st.stream_bytes * x.rope_rows * x.tseq * m.head_dim if m.arch.position == "rope" else 0
+
+
+def recompute_shares_input(st: Structure, x: Shape):
+    """Bytes of a checkpointed layer's recomputed saved tensors that are its checkpointed input
+    itself, already counted among the checkpoint inputs: the input norm saves its input when it
+    needs no copy of it -- an RMSNorm's ``hidden_states.to(torch.float32)`` of an fp32 stream (a
+    quantized base) returns the tensor itself (modeling_llama.py::LlamaRMSNorm, gemma's
+    ``x.float()``), and LayerNorm (native_layer_norm) saves its input as given, or under autocast
+    its fp32 cast, the tensor itself for an fp32 stream. a·T·h then, else 0 (a new fp32 copy);
+    0 for layers without an input norm (olmo2) and encoder-decoder models (T5's own norm rule)."""
+    m = st.model
+    n_after = m.arch.norms_after_attention
+    if m.is_encoder_decoder or (n_after is not None and n_after >= m.arch.norms_per_layer):
+        return 0
+    a = st.stream_bytes
+    if m.arch.norm == "rms":
+        shared = a == 4
+    else:
+        shared = not st.autocast_bytes or a == 4
+    return a * x.T * m.hidden_size if shared else 0
 
 
 def first_layer_not_saved(st: Structure, kind: str, x: Shape):

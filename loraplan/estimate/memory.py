@@ -40,7 +40,7 @@ from ..storage import EXPERT_QUANTIZATION_PATHS, QUANTIZED, experts_unquantized
 from ..trainers import resolve_recipe
 from .activations import (Shape, checkpoint_inputs, choose_attention, encoder_backward_activations,
                           encoder_kept_in_decoder_backward, layer_saved, position_bias_activations,
-                          saved_activations)
+                          recompute_shares_input, rope_tables, saved_activations)
 from .arrays import is_scalar as _is_scalar
 from .arrays import where
 from .coefficients import coefficient
@@ -133,7 +133,7 @@ def moments(st: Structure, train: TrainSpec, kind: str, x: Shape, gpu: GpuSpec |
         below = (m.num_layers - 1) * S
         if m.is_encoder_decoder:
             below = below + m.num_encoder_layers * layer_saved(st, kind, x, "encoder")
-    below = below + encoder_kept_in_decoder_backward(st, x, train.gradient_checkpointing)
+    below = below + encoder_kept_in_decoder_backward(st, x, train.gradient_checkpointing) + rope_tables(st, x)
     # gemma3: a global top layer saves and recomputes with the global layers' kernel; the
     # sliding layer below it (sliding kernel, its mask) may be the larger: the larger of the two
     S_top, top_transients = S, layer_backward_transients(st, x, kind, top_ckpt)
@@ -143,6 +143,8 @@ def moments(st: Structure, train: TrainSpec, kind: str, x: Shape, gpu: GpuSpec |
         T_glob = layer_backward_transients(st, x, x.global_attention, top_ckpt)
         glob = S_glob + T_glob > S_sl + top_transients  # element-wise for the sweep's arrays
         S_top, top_transients = where(glob, S_glob, S_top), where(glob, T_glob, top_transients)
+    if train.gradient_checkpointing and top_ckpt:  # the recompute's input norm keeps the checkpointed input
+        S_top = S_top - recompute_shares_input(st, x)
     out["layer backward"] = dict(base, activations=below + S_top + int8_keep + int8_inside_layer_backward(
                                      int8_all, int8_saved_anyway(st, kind, x, False), st, rc)
                                  + reentrant_layer_output(st, x, rc),

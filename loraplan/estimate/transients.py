@@ -11,8 +11,8 @@ import math
 from .. import versions
 from ..spec import Calibration, GpuSpec, ModelSpec
 from ..storage import FOUR_BIT, QUANTIZED, dtype_bytes, linear_storage
-from .activations import (Shape, _activation, _mask_bytes, _relative_bias, hidden_dropout, lora_input_saved_bytes, lora_output_bytes,
-                          mlp_saved)
+from .activations import (Shape, _activation, _mask_bytes, _relative_bias, attention_dropout_p, hidden_dropout,
+                          lora_input_saved_bytes, lora_output_bytes, released_before_attention_backward)
 from .arrays import ceil as _ceil, maximum as _max, where as _where
 from .coefficients import coefficient
 from .weights import Structure, _p_silu_product_exceeds, _stack_layers
@@ -290,16 +290,45 @@ def layer_backward_transients(st: Structure, x: Shape, kind: str = "flash", grad
         first_block = cross + a * x.T_enc * m.hidden_size
         extra = extra + cross + _max(0, first_block - (m.num_layers - 1) * a * T * m.hidden_size)
     if kind in ("math", "eager"):
-        # score-matrix attention backward, after the MLP's backward has released the MLP's saved
-        # tensors: the softmax output's gradient and the scores' gradient, fp32 [b, n_h, s, s]
-        # each, beside the saved softmax
-        mlp_lora = lora_input_saved_bytes(st, x.dropout) * T * st.mlp_adapted_in.get(stack, 0.0)
-        # eager keeps the probabilities twice (fp32 softmax, stream-dtype cast): the cast copy,
-        # saved by the product with v, is released once that product's backward has run, before
-        # the softmax backward (autograd release_variables; checked against the trace)
-        cast = st.stream_bytes if (kind == "eager" and st.stream_bytes != 4) else 0
-        extra = _max(extra, (2 * 4 - cast) * x.b * m.num_heads * x.tseq * x.tseq - mlp_saved(st, T) - mlp_lora - best)
+        # score-matrix attention backward, once the MLP, the norms after the attention and the
+        # o_proj / MLP LoRA branches have run their backward and released what they saved
+        # (``released_before_attention_backward``)
+        released = released_before_attention_backward(st, x, stack)
+        extra = _max(extra, score_backward_peak(st, kind, x) - released - best)
     return best + a * T * m.hidden_size + extra
+
+
+def score_backward_peak(st: Structure, kind: str, x: Shape):
+    """Bytes above the layer's saved tensors at the largest point of a score-matrix attention's
+    backward (math sdpa, eager), per score element e = b·n_h·s², stage by stage in backward order
+    (p: the probabilities' bytes, 4 for math, which computes in fp32, a for eager):
+
+    1. the product with v: the probabilities' gradient (p) and v's gradient at n_h heads (k and
+       v were repeated: ``repeat_kv`` / math's GQA repeat; alive until the repeat's backward,
+       after the core), beside its input, the output's gradient (a·T·n_h·d): p·e + both; the
+       node then releases what it saved, v as repeated (p·b·n_h·s·d, as large as v's gradient);
+    2. attention dropout (p > 0, ``attention_dropout_saved``): releases the dropped
+       probabilities (p, saved by the product), makes the softmax output's gradient: p·e;
+    3. eager on a half stream: the cast's backward makes an fp32 gradient (4), releasing the
+       cast copy when the product saved it (no dropout) and the dropout's mask (1);
+    4. the softmax backward: the fp32 scores' gradient (4) beside its input gradient (4) and the
+       saved fp32 softmax, with the cast copy (c = a on a half eager stream without dropout) or
+       the dropped probabilities and the mask (p + 1) released: (8 − c)·e or (7 − p)·e.
+    The largest: max(p·e + v grad + out grad, (8 − c)·e) without dropout, (7 − p)·e for the
+    second with it. Source: torch aten/src/ATen/native/transformers/attention.cpp
+    ``_scaled_dot_product_attention_math``, transformers eager_attention_forward, torch's
+    autograd engine (a node's saved tensors are released once it has run); checked against the
+    meta-device trace (granite 3.1 with attention dropout 0.1, gemma3, llama under nf4)."""
+    m = st.model
+    e = x.b * m.num_heads * x.tseq * x.tseq
+    p = 4 if kind == "math" else st.attention_bytes
+    grad_v = p * x.b * m.num_heads * x.tseq * m.head_dim
+    grad_out = st.attention_bytes * x.T * m.num_heads * m.head_dim
+    if attention_dropout_p(m) > 0:
+        late = 7 - p
+    else:
+        late = 8 - (st.stream_bytes if (kind == "eager" and st.stream_bytes != 4) else 0)
+    return _max(p * e + grad_v + grad_out, late * e)
 
 
 
@@ -334,6 +363,8 @@ def int8_retained_per_step(st: Structure, x: Shape, outlier_fraction=None, gradi
     outlier columns of each call, f·a·T·in (CAt is None when the weight is frozen).
     ``outlier_fraction`` None: the random-init default for MLP-out inputs, 0 elsewhere; a
     number: that share for every int8 Linear.
+    With checkpointing, a layer without an input norm (olmo2) gives q/k/v the checkpointed
+    layer input itself: counted there, not again here.
     ctx.tensors is only set when an input needs a gradient: without checkpointing the first
     layer's input does not (see first_layer_not_saved), so its attention-input Linears keep
     nothing, nor, in a parallel-attention layer with an unadapted MLP, its MLP Linears.
@@ -360,8 +391,17 @@ def int8_retained_per_step(st: Structure, x: Shape, outlier_fraction=None, gradi
             sub = default_int8_outlier_fraction(st, T) * st.int8_outlier_in_per_layer.get(stack, 0.0)
         else:
             sub = outlier_fraction * st.int8_all_in_per_layer.get(stack, 0.0)
+        if gradient_checkpointing and stack == "decoder" and not m.is_encoder_decoder and _no_input_norm(m):
+            # q/k/v read the layer input itself (olmo2: no input norm), the checkpointed input
+            in_sum = in_sum - m.hidden_size
         total = total + L * a * T * (in_sum + sub)
     return total
+
+
+def _no_input_norm(model: ModelSpec) -> bool:
+    """The layer's norms all run after its attention (``ArchSpec.norms_after_attention``: olmo2)."""
+    n_after = model.arch.norms_after_attention
+    return n_after is not None and n_after >= model.arch.norms_per_layer
 
 
 def input_leaf_and_grad(st: Structure, x: Shape, gradient_checkpointing: bool):
