@@ -12,7 +12,8 @@ from .. import versions
 from ..spec import Calibration, GpuSpec, ModelSpec
 from ..storage import FOUR_BIT, QUANTIZED, dtype_bytes, linear_storage
 from .activations import (Shape, _activation, _mask_bytes, _relative_bias, attention_dropout_p, hidden_dropout,
-                          lora_input_saved_bytes, lora_output_bytes, released_before_attention_backward)
+                          lora_input_saved_bytes, lora_output_bytes, mlp_saved,
+                          released_before_attention_backward)
 from .arrays import ceil as _ceil, maximum as _max, where as _where
 from .coefficients import coefficient
 from .weights import Structure, _p_silu_product_exceeds, _stack_layers
