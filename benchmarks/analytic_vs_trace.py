@@ -247,8 +247,9 @@ def run_sequences(families, steps=2):
 #: +2.2..+3.9% above the trace (conservative: T5LayerNorm casts its output back to the weight's
 #: dtype while the two half dtypes promote the residual stream to fp32, which the ledger does not
 #: follow per sub-layer; re-run after the issue-14 T5 fixes, t5 only: 34/40 within 2%, these
-#: two recipes +1.6..+4.5%, the trace identical for both orders), and trl / bf16 autocast with
-#: checkpointing -2.0..-2.1% (the top
+#: two recipes +1.6..+4.5%, the trace identical for both orders; again after the T5 wide-grid
+#: fixes, 2026-12-01: 35/40, these two recipes +1.0..+4.4%, nothing else above 2%), and trl / bf16
+#: autocast with checkpointing -2.0..-2.1% (the top
 #: decoder layer's NewGELU backward under autocast). (opt's trl rows, -2.2% in that run, were
 #: fixed after it: LayerNorm blocks of a bnb base run in fp32 under autocast.)
 RECIPES = [

@@ -121,6 +121,21 @@ INTENDED = (
      "OPT's (and granite's) embedding leaf is kept apart from the first layer's input",
      ("llama-2-7b", "mistral-7b", "qwen2.5-0.5b", "qwen3-0.6b", "gemma-2-2b", "phi-3-mini-4k", "pythia-1b",
       "opt-6.7b", "falcon-7b"), QUANTS, _MEMORY_FIELDS),
+    ("issue 14, T5/mT5 wide grid (int8, rank 256, unequal lengths): the decoder's int8 cross-attention k/v "
+     "read the encoder output, one storage of T_enc tokens for every decoder layer (modeling_t5.py "
+     "T5Stack.forward), and the kernel saves the cross- and encoder attention outputs anyway; without "
+     "checkpointing the decoder's first layer input (the frozen embedding's output) needs no gradient, so "
+     "that layer's norm, its q/k/v dropout masks and int8 ctx input are not kept; with checkpointing both "
+     "stacks' embedding outputs and the cross zeros bias are grad-requiring leaves the graph keeps with "
+     "their .grad; the top decoder layer peaks at its FFN backward (FFN and lm_head adapters' grads made, "
+     "not the attention's); the encoder moment is the top or the bottom encoder layer's backward, "
+     "whichever is larger (checked against the trace)",
+     ("flan-t5-base", "mt0-large"), QUANTS, _MEMORY_FIELDS),
+    ("issue 14, int8: the optimizer step (and a clipping norm) runs while the loop's loss still holds the "
+     "step's graph, so MatMul8bitLt's ctx tensors (inputs, subA; bitsandbytes autograd/_functions.py) are "
+     "alive then too (checked against the trace: llama int8 rank 256 to the byte); a non-peak moment in "
+     "this grid for the decoder-only families",
+     None, ("int8",), r"^\.estimate\.memory\.moments\.(optimizer step|grad norm)$"),
 )
 
 

@@ -26,7 +26,8 @@ def test_no_number_changed_unintentionally():
 def test_the_intended_changes_are_what_they_say():
     """Issue 12's time model moved time figures only; before it, the time fix moved step times of
     quantized Falcon/T5 only; the issue-14 physics fixes moved memory figures of T5/mT5, Pythia and
-    the sliding-window families only (and OPT's non-peak "layer backward" moment); the paging cost is
+    the sliding-window families only (and OPT's non-peak "layer backward" moment, and the int8 "optimizer
+    step" moment of every family with int8 Linears); the paging cost is
     a note and a detail of "fits with paging" setups only; the other differences are the keys ADDED lists
     (new keys, never changed ones)."""
     with gzip.open(ROOT / "benchmarks" / "data" / "equality-before.json.gz", "rt") as f:
@@ -51,6 +52,11 @@ def test_the_intended_changes_are_what_they_say():
     timed = [p for p, _ in diffs if re.search(eq.TIME_FIELDS, p.split(":")[0].split("]", 1)[1])]
     assert timed
     diffs = [(p, r) for p, r in diffs if p not in timed]
+    # issue 14's int8 fix (the optimizer step runs while the loop's graph holds MatMul8bitLt's ctx
+    # tensors) moved that non-peak moment of int8 setups of every family with int8 Linears
+    int8_step = [p for p, _ in diffs if p.split(":")[0].split("]", 1)[1] == ".estimate.memory.moments.optimizer step"
+                 and now[int(p.split("]")[0].strip("["))]["case"]["quant"] == "int8"]
+    diffs = [(p, r) for p, r in diffs if p not in set(int8_step)]
     models = {now[int(p.split("]")[0].strip("["))]["case"]["model"] for p, _ in diffs}
     assert models <= {"falcon-7b", "flan-t5-base", "mt0-large", "pythia-1b", "phi-3-mini-4k", "mistral-7b",
                       "opt-6.7b"}, models

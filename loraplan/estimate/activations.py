@@ -619,6 +619,17 @@ def encoder_backward_activations(st: Structure, kind: str, x: Shape, gradient_ch
     return below + S
 
 
+def encoder_layers_above_bottom(st: Structure, kind: str, x: Shape, gradient_checkpointing: bool):
+    """What ``encoder_backward_activations`` counts for the encoder layers above the first one,
+    released by the time the first (bottom) encoder layer runs its backward: their checkpointed
+    inputs ((L_enc − 1)·a·T_enc·h) or, without checkpointing, their saved tensors ((L_enc − 1)·S_enc)."""
+    m = st.model
+    n = max(m.num_encoder_layers - 1, 0)
+    if gradient_checkpointing:
+        return n * st.stream_bytes * x.T_enc * m.hidden_size
+    return n * layer_saved(st, kind, x, "encoder")
+
+
 def encoder_kept_in_decoder_backward(st: Structure, x: Shape, gradient_checkpointing: bool):
     """Encoder-decoder models: what the encoder keeps while the decoder's layers run backward,
     beyond its layers' (checkpointed inputs or saved tensors): its final norm's saved tensors,
@@ -703,7 +714,8 @@ def saved_activations(st: Structure, kind: str, x: Shape, gradient_checkpointing
         layers = m.num_layers * layer_saved(st, kind, x, "decoder")
         if m.is_encoder_decoder:
             layers = layers + m.num_encoder_layers * layer_saved(st, kind, x, "encoder")
-        layers = layers - first_layer_not_saved(st, kind, x) + t5_shared_biases(st, x, checkpointed=False)
+        layers = (layers - first_layer_not_saved(st, kind, x) - first_decoder_layer_not_saved(st, kind, x)
+                  + t5_shared_biases(st, x, checkpointed=False))
     final = norm_saved(st, x.T)
     if m.is_encoder_decoder:
         final = final + norm_saved(st, x.T_enc) + st.stream_bytes * x.T_enc * m.hidden_size
@@ -760,4 +772,21 @@ def first_layer_not_saved(st: Structure, kind: str, x: Shape):
     if m.arch.parallel_attn and not st.first_layer_mlp_adapted:
         # parallel attention (falcon, gpt-neox): the MLP reads the layer input directly
         not_saved = not_saved + mlp_saved(st, T)
+    return not_saved
+
+
+def first_decoder_layer_not_saved(st: Structure, kind: str, x: Shape):
+    """Encoder-decoder models: what the decoder's first layer does not save without
+    checkpointing, as ``first_layer_not_saved`` for the encoder's: its input is the frozen
+    decoder embedding's output (modeling_t5.py T5Stack.forward: ``self.dropout(inputs_embeds)``),
+    which needs no gradient, so its self-attention norm saves nothing, its adapted q/k/v keep no
+    dropout mask, and with none adapted its self-attention saves nothing (the cross-attention
+    and the FFN read tensors that do need a gradient). 0 for decoder-only models."""
+    m = st.model
+    if not m.is_encoder_decoder:
+        return 0
+    not_saved = norm_saved(st, x.T) + _where(x.dropout > 0, _mask_bytes(st, 4), 0) * x.T * \
+        st.first_decoder_layer_attn_in_adapted
+    if not st.first_decoder_layer_attn_in_adapted:
+        not_saved = not_saved + attention_saved_per_layer(st, kind, x.T, x.b, x.tseq, x.tseq)
     return not_saved

@@ -39,8 +39,8 @@ from ..errors import InputError
 from ..storage import EXPERT_QUANTIZATION_PATHS, QUANTIZED, experts_unquantized
 from ..trainers import resolve_recipe
 from .activations import (Shape, checkpoint_inputs, choose_attention, encoder_backward_activations,
-                          encoder_kept_in_decoder_backward, layer_saved, position_bias_activations,
-                          recompute_shares_input, rope_tables, saved_activations)
+                          encoder_kept_in_decoder_backward, encoder_layers_above_bottom, layer_saved,
+                          position_bias_activations, recompute_shares_input, rope_tables, saved_activations)
 from .arrays import is_scalar as _is_scalar
 from .arrays import where
 from .coefficients import coefficient
@@ -49,7 +49,7 @@ from .result import MemoryEstimate
 from .transients import (autocast_copies, cuda_workspaces, default_int8_outlier_fraction, input_leaf_and_grad,
                          int8_matmul_transient, int8_retained_per_step, int8_saved_anyway, last_hidden_state,
                          layer_backward_transients)
-from .steps import (FUSED_HEAD_BYPASS_WARNING, accumulated_gradients, check_loss, offload_host_bytes, offloaded_inputs, loss_backward, loss_forward, grad_norm_temporaries, int8_inside_layer_backward, int8_kept_through_step,
+from .steps import (FUSED_HEAD_BYPASS_WARNING, accumulated_gradients, first_encoder_layer_gradients, check_loss, offload_host_bytes, offloaded_inputs, loss_backward, loss_forward, grad_norm_temporaries, int8_inside_layer_backward, int8_kept_through_step,
                     int8_previous_step, layer_gradients, previous_step_leaf, reentrant_layer_output, step_recipe,
                     top_layer_checkpointed, uncheckpointed_saved)
 from .weights import (Structure, lora_gradients, lora_weights, optimizer_state, optimizer_step_temporaries,
@@ -154,13 +154,20 @@ def moments(st: Structure, train: TrainSpec, kind: str, x: Shape, gpu: GpuSpec |
         out["layer backward"]["autocast_copies"] = amp["layer backward"]
     # 3b. encoder-decoder: the top encoder layer's backward, after the decoder's backward has
     #     released the decoder's saved tensors. It sets the peak when the encoder is the longer stack.
+    #     The top encoder layer, or the bottom one (the last layer backward reaches: fewer
+    #     checkpointed inputs below it, nearly every adapter's gradient made), whichever is larger.
     if m.is_encoder_decoder:
+        enc_top = encoder_backward_activations(st, kind, x, train.gradient_checkpointing)
+        grads_top = (lora_gradients(st, x.r) * m.num_layers / max(m.num_layers + m.num_encoder_layers, 1)
+                     + accumulated_gradients(st, x.r, rc))
+        enc_bottom = enc_top - encoder_layers_above_bottom(st, kind, x, train.gradient_checkpointing)
+        grads_bottom = first_encoder_layer_gradients(st, x.r, rc)
+        bottom = enc_bottom + grads_bottom > enc_top + grads_top  # element-wise for a sweep's arrays
         out["encoder layer backward"] = dict(
-            base, activations=encoder_backward_activations(st, kind, x, train.gradient_checkpointing) + int8_keep,
+            base, activations=where(bottom, enc_bottom, enc_top) + int8_keep,
             backward_transients=layer_backward_transients(st, replace(x, tseq=x.seq), kind,
                                                           train.gradient_checkpointing, stack="encoder"),
-            lora_gradients=lora_gradients(st, x.r) * m.num_layers / max(m.num_layers + m.num_encoder_layers, 1)
-            + accumulated_gradients(st, x.r, rc))
+            lora_gradients=where(bottom, grads_bottom, grads_top))
     # 3c. T5/mT5: the encoder's first block computing its relative position bias (int64 bucketing
     #     temporaries over s_e²), in the forward or, with checkpointing, in its recompute at the
     #     end of backward, when little else is alive but the bucketing is large at long inputs
@@ -170,13 +177,14 @@ def moments(st: Structure, train: TrainSpec, kind: str, x: Shape, gpu: GpuSpec |
                                     lora_gradients=lora_gradients(st, x.r) if train.gradient_checkpointing else grads)
     # 3d. the gradient norm (clipping, and Trainer's logged norm), before the optimizer step
     clip = grad_norm_temporaries(st, rc)
+    #     and 4. the optimizer step. Both run while the loop's ``loss`` still holds this step's
+    #     graph: its grad-requiring leaves with their ``.grad`` and its int8 ctx tensors.
     if clip:
         out["grad norm"] = dict(base, lora_gradients=lora_gradients(st, x.r), optimizer_temporaries=clip,
-                                input_embedding_grad=previous_step_leaf(leaf, rc))
-    # 4. the optimizer step.
+                                input_embedding_grad=previous_step_leaf(leaf, rc), int8_previous_step=int8_prev)
     out["optimizer step"] = dict(base, lora_gradients=lora_gradients(st, x.r),
                                  optimizer_temporaries=optimizer_step_temporaries(st, x.r, opt),
-                                 input_embedding_grad=previous_step_leaf(leaf, rc))
+                                 input_embedding_grad=previous_step_leaf(leaf, rc), int8_previous_step=int8_prev)
     return out
 
 

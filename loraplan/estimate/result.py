@@ -215,7 +215,7 @@ LEDGER: tuple[LedgerLine, ...] = (
     LedgerLine("optimizer_temporaries", "optimizer step temporaries", "#e08a8c"),
     LedgerLine("activations", "activations saved for backward", "#dd8452", _BOTH),
     LedgerLine("autocast_copies", "autocast: low-precision copies of weights and adapters", "#f4a261"),
-    LedgerLine("int8_previous_step", "int8: previous step's kept inputs", "#f2b880"),
+    LedgerLine("int8_previous_step", "int8: inputs kept by the graph loss still holds", "#f2b880"),
     LedgerLine("previous_step_input_grad", "previous step's input embedding + grad", "#ccb974"),
     LedgerLine("input_embedding_grad", "input embedding output + its grad", "#a6d854"),
     LedgerLine("logits_loss", "logits and loss", "#937860", _BOTH),

@@ -151,18 +151,40 @@ def accumulated_gradients(st: Structure, r, rc: StepRecipe):
     return lora_gradients(st, r) if rc.accumulation > 1 else 0
 
 
+#: the roles of a layer's MLP (feed-forward) Linears
+MLP_ROLES = ("gate", "up", "gate_up", "fc_in", "down", "fc_out")
+
+
+def _adapter_grads(st: Structure, r, keep) -> int:
+    """One ``.grad`` per lora_A [r, in] and lora_B [out, r] in the adapter dtype (512 B blocks),
+    summed over the adapted Linears ``keep(l)`` selects."""
+    return sum(_blocks(r * l.in_features * st.adapter_bytes) + _blocks(r * l.out_features * st.adapter_bytes)
+               for l in st.adapted if keep(l))
+
+
 def layer_gradients(st: Structure, r, rc: StepRecipe, layers: int):
     """Gradients alive inside one layer's backward: that layer's new ones (the total over
     ``layers``) and, when accumulating, every accumulated ``.grad`` as well. Encoder-decoder
-    models: the top decoder layer's own (its self- and cross-attention and FFN adapters, one
-    ``.grad`` per lora_A / lora_B in the adapter dtype), not a share of the encoder's too."""
+    models: the ones made by the time the top decoder layer's FFN runs its backward, where its
+    peak sits (``transients.layer_backward_transients``: the FFN sub-layer is the last of T5's
+    block, so its backward runs first, before the cross- and self-attention's; modeling_t5.py
+    T5Block.forward): the FFN adapters' and lm_head's (made at the head of backward), not
+    the attention adapters' nor a share of the encoder's."""
     m = st.model
     if m.is_encoder_decoder:
-        top = [l for l in st.adapted if l.stack == "decoder" and l.layer == m.num_layers - 1]
-        own = sum(_blocks(r * l.in_features * st.adapter_bytes) + _blocks(r * l.out_features * st.adapter_bytes)
-                  for l in top)
+        own = _adapter_grads(st, r, lambda l: l.role == "lm_head" or (
+            l.stack == "decoder" and l.layer == m.num_layers - 1 and l.role in MLP_ROLES))
         return own + accumulated_gradients(st, r, rc)
     return lora_gradients(st, r) / max(layers, 1) + accumulated_gradients(st, r, rc)
+
+
+def first_encoder_layer_gradients(st: Structure, r, rc: StepRecipe):
+    """Encoder-decoder models: the gradients alive at the peak of the encoder's first (bottom)
+    layer's backward, the last layer backward reaches: every adapter's but that layer's own (its
+    peak is in the recompute or the FFN's backward, before its adapters' gradients are made;
+    checked against the meta-device trace at rank 256), plus the accumulated ``.grad``."""
+    own = lora_gradients(st, r) - _adapter_grads(st, r, lambda l: l.stack == "encoder" and l.layer == 0)
+    return own + accumulated_gradients(st, r, rc)
 
 
 def _blocks(n):

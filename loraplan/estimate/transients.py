@@ -368,7 +368,11 @@ def int8_retained_per_step(st: Structure, x: Shape, outlier_fraction=None, gradi
     layer input itself: counted there, not again here.
     ctx.tensors is only set when an input needs a gradient: without checkpointing the first
     layer's input does not (see first_layer_not_saved), so its attention-input Linears keep
-    nothing, nor, in a parallel-attention layer with an unadapted MLP, its MLP Linears.
+    nothing, nor, in a parallel-attention layer with an unadapted MLP, its MLP Linears; in an
+    encoder-decoder model that holds for the decoder's first layer too (its input is the frozen
+    decoder embedding's output). The decoder's cross-attention k/v read the encoder output, one
+    storage of T_enc tokens for every decoder layer (modeling_t5.py T5Stack.forward): a·T_enc·h
+    once, and each call's own subA (T_enc rows).
     """
     if st.linear_quant != "int8":
         return 0
@@ -383,6 +387,15 @@ def int8_retained_per_step(st: Structure, x: Shape, outlier_fraction=None, gradi
                 outlier_fraction or 0)
             idle = idle + m.hidden_size * (0 if m.arch.norms_per_layer == 1 else 1) + m.intermediate_size * (1 + f)
         total = total - a * T0 * idle
+        if m.is_encoder_decoder and st.int8_inputs_per_layer.get("decoder"):
+            total = total - a * x.T * m.hidden_size  # the decoder's first self-attention input
+    if st.int8_encoder_out_in:
+        if st.device == "cpu":
+            sub = 0
+        else:
+            f = 0 if outlier_fraction is None else outlier_fraction  # MLP-out roles only by default
+            sub = f * st.int8_all_in_per_layer.get("cross", 0.0) * m.num_layers
+        total = total + a * x.T_enc * (st.int8_encoder_out_in + sub)
     for stack, in_sum in st.int8_inputs_per_layer.items():
         T = x.T_enc if stack == "encoder" else x.T
         L = _stack_layers(m, stack)
@@ -413,11 +426,18 @@ def input_leaf_and_grad(st: Structure, x: Shape, gradient_checkpointing: bool):
     accumulates a gradient into its ``.grad``, and the AccumulateGrad node of the graph held by
     ``loss`` keeps both alive through the optimizer step and into the next forward, until
     ``loss`` is rebound. Without checkpointing nothing requires the input's grad: 0.
+    Encoder-decoder models (T5): the encoder's and the decoder's embedding outputs are both
+    leaves (one shared embedding module, so the hook fires for both stacks), 2·a·(T_enc + T)·h,
+    and the cross-attention's zeros position bias, made ``requires_grad`` under checkpointing
+    (modeling_t5.py T5Attention.forward), with its ``.grad``: 2·a·n_h·s_t·s_e.
     """
     if not gradient_checkpointing:
         return 0
-    m = st.model
-    return 2 * st.stream_bytes * m.hidden_size * (x.T_enc if m.is_encoder_decoder else x.T)
+    m, a = st.model, st.stream_bytes
+    if m.is_encoder_decoder:
+        bias = 2 * a * m.num_heads * x.tseq * x.seq if m.arch.position == "relative_bias" else 0
+        return 2 * a * m.hidden_size * (x.T_enc + x.T) + bias
+    return 2 * a * m.hidden_size * x.T
 
 
 def final_hidden_dtype(st: Structure) -> str:
@@ -445,12 +465,17 @@ def int8_saved_anyway(st: Structure, kind: str, x: Shape, gradient_checkpointing
     if st.linear_quant != "int8" or gradient_checkpointing:
         return 0
     m, a = st.model, st.stream_bytes
-    per_layer = 0
+    per_layer = enc_layer = 0
     if kind in ("flash", "efficient", "fa2"):
         per_layer = a * x.T * m.num_heads * m.head_dim
-    if m.arch.mlp == "plain" and _activation(m) == "relu":
+        if m.is_encoder_decoder:
+            # the decoder's cross-attention output (read by its int8 o) and each encoder layer's
+            # attention output are saved by the kernel too (modeling_t5.py T5Attention.forward)
+            per_layer = 2 * per_layer
+            enc_layer = a * x.T_enc * m.num_heads * m.head_dim
+    if m.arch.mlp == "plain" and _activation(m) == "relu" and st.mlp_out_quantized:
         per_layer = per_layer + a * x.T * m.intermediate_size
-    return m.num_layers * per_layer
+    return m.num_layers * per_layer + m.num_encoder_layers * enc_layer
 
 
 def int8_matmul_transient(st: Structure, x: Shape, outlier_fraction=None):

@@ -40,13 +40,18 @@ class Structure:
     lora_count_per_layer: dict[str, float]
     head_adapted: bool
     biggest_linear_numel: int
-    #: int8: per stack, Σ in_features over distinct inputs of one layer, and over outlier-prone inputs
+    #: int8: per stack, Σ in_features over distinct inputs of one layer, and over outlier-prone inputs;
+    #: the decoder's cross-attention k/v are not in these (their input is the encoder output, see
+    #: ``int8_encoder_out_in``); ``int8_all_in_per_layer["cross"]``: their Σ in_features per layer
     int8_inputs_per_layer: dict[str, float]
     int8_outlier_in_per_layer: dict[str, float]
     int8_all_in_per_layer: dict[str, float]
     outlier_p: float  # per-element probability that an MLP-out input exceeds 6.0 (random init)
     #: the first layer the input meets: Σ in_features of its adapted attention-input Linears
     first_layer_attn_in_adapted: int = 0
+    #: encoder-decoder models: the same for the decoder's first layer (its input, the decoder
+    #: embedding's output, needs no gradient either without checkpointing)
+    first_decoder_layer_attn_in_adapted: int = 0
     first_layer_mlp_adapted: bool = False
     #: per stack: Σ over adapted MLP-out Linears (down, fc_out) of one layer of in_features
     mlp_out_adapted_in: dict = field(default_factory=dict)
@@ -65,6 +70,9 @@ class Structure:
     adapted_experts: tuple = ()
     #: the recipe's dtypes (``storage.Dtypes``; the protocol's for ``quant`` when not given)
     dtypes: Dtypes | None = None
+    #: int8 encoder-decoder: the width of the encoder output the decoder's int8 cross-attention k/v
+    #: read (one storage for all decoder layers); 0 when they are not int8
+    int8_encoder_out_in: int = 0
 
     @property
     def dt(self) -> Dtypes:
@@ -172,12 +180,20 @@ def _build_structure(model: ModelSpec, adapted, dt: Dtypes, dq: bool, device: st
         if _input_group(l.role) == "mlp_in":
             mlp_in_out[l.stack] = max(mlp_in_out.get(l.stack, 0), l.out_features)
     groups: dict[str, dict[tuple, int]] = {}
+    cross_in = 0
     outl: dict[str, float] = {}
     all_in: dict[str, float] = {}
     for l in model.linears:
         if l.role == "lm_head" or l.layer is None or linear_storage(model, dt, l) != quant:
             continue  # int8 bookkeeping covers the Linears that really are int8
         layers = max(_stack_layers(model, l.stack), 1)
+        if _input_group(l.role) == "encoder_out":
+            # the decoder's cross-attention k/v read the encoder output: one storage of T_enc
+            # tokens shared by every decoder layer (modeling_t5.py T5Stack.forward passes
+            # encoder_hidden_states to each block); each call's subA is its own (key "cross")
+            cross_in = l.in_features
+            all_in["cross"] = all_in.get("cross", 0.0) + l.in_features / layers
+            continue
         groups.setdefault(l.stack, {})[(l.layer, _input_group(l.role))] = l.in_features
         all_in[l.stack] = all_in.get(l.stack, 0.0) + l.in_features / layers
         if l.role in INT8_OUTLIER_ROLES:
@@ -186,6 +202,8 @@ def _build_structure(model: ModelSpec, adapted, dt: Dtypes, dq: bool, device: st
     first_stack = "encoder" if model.is_encoder_decoder else "decoder"
     first_attn_in = sum(l.in_features for l in adapted
                         if l.stack == first_stack and l.layer == 0 and _input_group(l.role) == "attn_in")
+    dec_first_attn_in = sum(l.in_features for l in adapted if model.is_encoder_decoder and l.stack == "decoder"
+                            and l.layer == 0 and _input_group(l.role) == "attn_in")
     sigma = float(model.config.get("initializer_range", 0.02)) * math.sqrt(model.hidden_size)
     return Structure(
         expert_weights=expert_weights(model, dt), adapted_experts=experts, dtypes=dt,
@@ -199,9 +217,10 @@ def _build_structure(model: ModelSpec, adapted, dt: Dtypes, dq: bool, device: st
         mlp_out_quantized=any(l.role in INT8_OUTLIER_ROLES and linear_storage(model, dt, l) == quant
                               for l in model.linears),
         int8_inputs_per_layer=int8_inputs, int8_outlier_in_per_layer=outl, int8_all_in_per_layer=all_in,
+        int8_encoder_out_in=cross_in,
         outlier_p=_p_silu_product_exceeds(sigma, 6.0) if effective_linear_quant(model, dt) == "int8" else 0.0,
-        first_layer_attn_in_adapted=first_attn_in, mlp_out_adapted_in=mlp_out, mlp_adapted_in=mlp_all,
-        mlp_in_adapted_out=mlp_in_out,
+        first_layer_attn_in_adapted=first_attn_in, first_decoder_layer_attn_in_adapted=dec_first_attn_in,
+        mlp_out_adapted_in=mlp_out, mlp_adapted_in=mlp_all, mlp_in_adapted_out=mlp_in_out,
         first_layer_mlp_adapted=any(l.stack == first_stack and l.layer == 0 and _input_group(l.role) in ("mlp_in", "down", "fc_out")
                                     for l in adapted),
         linear_shapes=tuple(sorted({(l.stack, l.role in INT8_OUTLIER_ROLES, l.in_features, l.out_features)
