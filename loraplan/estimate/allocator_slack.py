@@ -47,7 +47,7 @@ from pathlib import Path
 from ..allocator import K_LARGE_BUFFER, K_MIN_LARGE_ALLOC, K_ROUND_LARGE, K_SMALL_BUFFER, K_SMALL_SIZE
 from .arrays import is_scalar
 
-__all__ = ["CONFIGS", "check_config", "WeightsState", "load_slack_data", "largest_step_block", "weights_state", "weights_slack",
+__all__ = ["CONFIGS", "check_config", "WeightsState", "load_slack_data", "slack_factors", "largest_step_block", "weights_state", "weights_slack",
            "step_bytes", "step_segments_bytes", "peak_reserved", "slack_uncertainty"]
 
 _DATA = Path(__file__).resolve().parents[1] / "data" / "reserved-slack.json"
@@ -64,6 +64,18 @@ def _load(path: str) -> dict:
 def load_slack_data(path: str | Path | None = None) -> dict:
     """``reserved-slack.json``: {"configs": {name: {"phi", "phi_layer", "spread_of_allocated", "fit": {...}}}, "about": ...}."""
     return _load(str(path or _DATA))
+
+
+def slack_factors(config: str = "default", engine: str | None = None, data: dict | None = None) -> dict:
+    """{"phi", "phi_layer", "spread_of_allocated"} of an allocator config; ``engine`` (e.g.
+    "fsdp1": a multi-GPU engine's default stream, ``stream_reserved``) takes the config's
+    ``engines`` entry when the data has one (fitted on that engine's stream-aware replays,
+    benchmarks/fsdp_reserved_from_replay.py --fit), else the one-GPU factors."""
+    c = (data or load_slack_data())["configs"][_config_name(config)]
+    e = (c.get("engines") or {}).get(engine) if engine else None
+    src = e or c
+    return {"phi": src["phi"], "phi_layer": src.get("phi_layer", 0.0),
+            "spread_of_allocated": src["spread_of_allocated"]}
 
 
 def _config_name(config: str) -> str:
@@ -270,11 +282,11 @@ def peak_reserved(st, x, kind: str, peak_allocated, workspaces: tuple = (), conf
     return out
 
 
-def slack_uncertainty(peak_allocated, config: str = "default", data: dict | None = None):
+def slack_uncertainty(peak_allocated, config: str = "default", data: dict | None = None,
+                      engine: str | None = None):
     """How far the closed form may read under the replays: ``spread_of_allocated`` × peak allocated
     (bytes; the largest under-prediction of the fit, (replay - closed) / peak allocated,
-    reserved-slack.json). One-sided: the verdict's band guards the fits side only, where an
-    under-prediction is the risk, so over-predictions do not widen it."""
-    c = (data or load_slack_data())["configs"][_config_name(config)]
-    u = c["spread_of_allocated"] * peak_allocated
+    reserved-slack.json; ``engine``: as ``slack_factors``). One-sided: the verdict's band guards the
+    fits side only, where an under-prediction is the risk, so over-predictions do not widen it."""
+    u = slack_factors(config, engine, data)["spread_of_allocated"] * peak_allocated
     return int(u) if is_scalar(u) else u.astype("int64")

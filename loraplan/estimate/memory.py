@@ -295,7 +295,7 @@ def workspace_blocks(gpu: GpuSpec | None, cal: Calibration, device: str = "cuda"
 
 def reserved_and_band(st: Structure, x: Shape, kind: str, peak_allocated, gpu: GpuSpec | None, cal: Calibration,
                       stack=None, alloc_conf: str = "", one_gpu: bool = True, train: TrainSpec | None = None,
-                      rank_ledgers: dict | None = None):
+                      rank_ledgers: dict | None = None, param_factor: float = 1):
     """(peak reserved, its uncertainty in bytes) from peak allocated: ints, or int64 arrays.
 
     A GPU calibration that fitted ``reserved_over_allocated_ratio`` from profile records (measured
@@ -308,7 +308,9 @@ def reserved_and_band(st: Structure, x: Shape, kind: str, peak_allocated, gpu: G
     ``one_gpu`` False (a multi-GPU engine): under FSDP (``train.strategy``, with the worst rank's
     ledger per moment ``rank_ledgers``) the per-stream closed form (``stream_reserved``: the
     caching allocator keeps the all-gather / reduce-scatter streams' blocks apart from the
-    default stream's), band as above; DeepSpeed ZeRO and device_map (not replayed): the
+    default stream's; its default-stream slack factors and band are the engine's, ``fsdp1`` /
+    ``fsdp2``, where reserved-slack.json has them, ``allocator_slack.slack_factors``; ``param_factor``: the shards' stored dtype over the computed,
+    ``parallel.param_factor``), band as above; DeepSpeed ZeRO and device_map (not replayed): the
     calibration's ratio. DDP (the whole model on the default stream) is ``one_gpu``."""
     from . import allocator_slack
 
@@ -316,18 +318,20 @@ def reserved_and_band(st: Structure, x: Shape, kind: str, peak_allocated, gpu: G
     if (not one_gpu and not _calibrated(cal, "reserved_over_allocated_ratio") and train is not None
             and rank_ledgers and train.strategy in ("fsdp", "fsdp-offload")):
         from . import stream_reserved
-        from .parallel import layer_unit
+        from .parallel import layer_unit, shard_group
 
         conf = alloc_conf or "default"
-        c = allocator_slack.load_slack_data()["configs"][allocator_slack._config_name(conf)]
+        engine = f"fsdp{resolve_recipe(train).fsdp_version}"
+        c = allocator_slack.slack_factors(conf, engine)
         head, layer = allocator_slack.step_blocks(st, x, kind)
         extra = stream_reserved._round_up(c.get("phi_layer", 0.0) * layer, 1)
         r = stream_reserved.peak_reserved(rank_ledgers, resolve_recipe(train).fsdp_version,
                                           stream_reserved._max(head, layer), c["phi"], conf,
                                           root=st.unquantized_weights, unit=layer_unit(st, lora_weights(st, x.r)),
-                                          extra=extra)
+                                          extra=extra, shard_group=shard_group(train), param_factor=param_factor)
         r = stream_reserved._max(r, peak_allocated)
-        return (int(r) if _is_scalar(r) else r.astype("int64")), allocator_slack.slack_uncertainty(peak_allocated, conf)
+        return ((int(r) if _is_scalar(r) else r.astype("int64")),
+                allocator_slack.slack_uncertainty(peak_allocated, conf, engine=engine))
     if _calibrated(cal, "reserved_over_allocated_ratio") or not one_gpu:
         r = peak_allocated * (1 + coefficient(cal, "reserved_over_allocated_ratio"))
         u = peak_allocated * coefficient(cal, "reserved_over_allocated_uncertainty")
@@ -389,7 +393,7 @@ def estimate_memory(s: Setup, gpu: GpuSpec | None, cal: Calibration, alloc_conf:
     # streams (stream_reserved); ZeRO / device_map take the prior ratio
     reserved, reserved_band = reserved_and_band(st, x, s.attention, peak, gpu, cal, s.train.stack, alloc_conf,
                                                 one_gpu=s.train.strategy in ("single", "ddp"), train=s.train,
-                                                rank_ledgers=ms)
+                                                rank_ledgers=ms, param_factor=param_factor(loaded, s.train))
     context, context_band = context_and_band(gpu, cal, s.train.stack)
     reserved, device, context = device_totals(peak, paged, cal, reserved, context)
     outside = {"cuda_context_and_libraries": context}

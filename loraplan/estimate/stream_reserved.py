@@ -24,12 +24,35 @@ FSDP allocates on side streams (read from torch 2.13):
 So, per rank (``reserved_by_stream``):
 
     reserved = R_default + sum over side streams of R_side
-    R_default = A_def + the step's new segments for A_def, phi blocks of the step's largest
-                block B and phi_layer layer blocks (allocator_slack.step_segments_bytes with no
-                model segments: a rank's shards are a few large flat tensors, each its own segment)
+    R_default = W_lazy + the step's new segments for A_def, phi blocks of the step's largest
+                block B and phi_layer layer blocks (allocator_slack.step_segments_bytes; a rank's
+                shards are a few large flat tensors, each its own segment, so no model tails)
+    W_lazy    = FSDP1: the segments FSDP1's lazy init leaves cached on the default stream
+                (``lazy_init_state``), whose free blocks the step reuses only for blocks that fit
     A_def     = max over moments of the moment's ledger minus its side-stream lines
     R_side    = max over moments of the stream's lines, rounded up to kRoundLarge (2 MiB)
-                (FSDP2 all-gather: max(root, unit) + unit rounded the same way)
+                (FSDP2 all-gather: max(root, unit) + unit rounded the same way; FSDP1 unshard:
+                at least root + 2 units, each rounded, the backward boundary's two units)
+
+FSDP1's lazy init (first forward: ``_runtime_utils.py::_lazy_init`` ->
+``_share_state_and_init_handle_attrs`` -> ``_flat_param.py::FlatParamHandle.
+init_flat_param_attributes``, on the current, default stream, root handle first then the others in
+``_all_fsdp_states`` order) allocates each handle's padded unsharded flat parameter
+(``_full_param_padded``, numel x world size in the unsharded dtype) and at once frees it
+(``_free_storage``); with parameter mixed precision also the low-precision shard (``_mp_shard``)
+and the full-precision unsharded copy (``_full_prec_full_param_padded``). The caching allocator
+keeps those segments: the root unit's (embeddings + head, the largest) stays cached on the
+default stream as a free block, split by the step's smaller tensors but too small for its
+largest, so on Llama-2-7B QLoRA b4 ctx2048 it strands ~0.5 GiB that the one-GPU closed form
+(whose frozen weights are never freed) has no term for.
+
+What the rules leave to the step's order (``phi`` / ``phi_layer``) is fitted per engine on
+stream-aware replays of full-size FSDP ranks (``engines.fsdp1`` / ``fsdp2`` in
+loraplan/data/reserved-slack.json, ``benchmarks/fsdp_reserved_from_replay.py --fit``): a rank
+strands about one more head block B than one GPU does (fsdp1 phi 1.45 against 0.55). Part of it
+grows with the layer count (each checkpointed layer's kept tensors carved from a freed layer
+block, a new layer-block segment per layer in the full-size replays), which a constant per B
+does not follow: on 4 layers the fitted factors read 9-15% high (the safe side).
 
 Checked against stream-aware replays of the fake-process-group trace
 (``benchmarks/trace_parallel_table.py``). What replays cannot show: a real run frees the
@@ -42,11 +65,12 @@ side-stream figure here is the program-order (lower) bound.
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 from ..allocator import K_ROUND_LARGE
 from .arrays import is_scalar
 
-__all__ = ["SIDE_LINES", "reserved_by_stream", "peak_reserved"]
+__all__ = ["SIDE_LINES", "lazy_init_blocks", "lazy_init_state", "reserved_by_stream", "peak_reserved"]
 
 #: ledger lines allocated on a side stream, per FSDP version: line -> stream (module docstring)
 SIDE_LINES = {
@@ -71,8 +95,75 @@ def _round_up(v, g: int):
     return (np.ceil(np.maximum(v, 0) / g) * g).astype(np.int64)
 
 
+def lazy_init_blocks(fsdp_version: int, root: int, unit: int, shard_group: int = 1,
+                     param_factor: float = 1) -> tuple[int, ...]:
+    """Bytes FSDP1's lazy init allocates and frees at once on the default stream, in order (module
+    docstring): per handle (the root unit of ``root`` bytes, then a layer unit of ``unit`` bytes,
+    both as gathered in the compute dtype) ``_mp_shard`` (1/``shard_group`` of it) with parameter
+    mixed precision, ``_full_param_padded``, and with parameter mixed precision
+    ``_full_prec_full_param_padded`` (``param_factor`` x: the stored dtype over the computed,
+    ``parallel.param_factor``). Identical layer units leave the same blocks, so one stands for
+    all. FSDP2 allocates nothing at lazy init (its buffers come per all-gather): ()."""
+    if int(fsdp_version) != 1:
+        return ()
+    mp = param_factor != 1
+    out: list[int] = []
+    for u in (int(root), int(unit)):
+        if u <= 0:
+            continue
+        if mp:
+            out.append(_ceil(u / max(int(shard_group), 1)))
+        out.append(u)
+        if mp:
+            out.append(_ceil(u * param_factor))
+    return tuple(out)
+
+
+def _ceil(v) -> int:
+    return int(math.ceil(v))
+
+
+@lru_cache(maxsize=256)
+def lazy_init_state(blocks: tuple, config: str = "default"):
+    """``allocator_slack.WeightsState`` of the default stream after the lazy init's allocations,
+    each freed before the next (``lazy_init_blocks``), replayed through ``loraplan.allocator``:
+    nothing allocated, the segments reserved and their free blocks."""
+    from ..allocator import AllocatorConfig, CachingAllocator
+    from .allocator_slack import CONFIGS, WeightsState, _config_name
+
+    a = CachingAllocator(None, AllocatorConfig.parse(CONFIGS[_config_name(config)]))
+    for n in blocks:
+        a.free(a.malloc(int(n)))
+    small, large = a.free_block_sizes()
+    return WeightsState(a.allocated, a.reserved, small, large)
+
+
+def _default_stream(a_def, B, phi, config, extra, lazy):
+    """R_default (module docstring); ``lazy``: (root, unit) -> ``lazy_init_blocks``, or None."""
+    from .allocator_slack import WeightsState, step_segments_bytes
+
+    if lazy is None:
+        return _max(a_def, step_segments_bytes(WeightsState(0, 0), a_def, B, phi, config, extra))
+    fn, root, unit = lazy
+    if is_scalar(root) and is_scalar(unit):
+        w = lazy_init_state(fn(root, unit), config)
+        return _max(a_def, w.reserved + step_segments_bytes(w, a_def, B, phi, config, extra))
+    import numpy as np
+
+    shape = np.broadcast(*(np.asarray(v) for v in (a_def, B, extra, root, unit))).shape
+    A, Bb, E, R, U = (np.broadcast_to(np.asarray(v), shape) for v in (a_def, B, extra, root, unit))
+    out = np.zeros(shape, dtype=np.int64)
+    pairs = np.stack([R.ravel(), U.ravel()], 1)
+    for r, u in np.unique(pairs, axis=0):
+        sel = (R == r) & (U == u)
+        w = lazy_init_state(fn(r, u), config)
+        out[sel] = np.maximum(A[sel], w.reserved + step_segments_bytes(w, A[sel], Bb[sel], phi, config, E[sel]))
+    return out
+
+
 def reserved_by_stream(moments: dict[str, dict], fsdp_version: int, B, phi: float, config: str = "default",
-                       root=0, unit=0, extra=0) -> dict[str, object]:
+                       root=0, unit=0, extra=0, shard_group: int = 1,
+                       param_factor: float = 1) -> dict[str, object]:
     """{stream name: its peak reserved bytes} of one FSDP rank (module docstring).
 
     ``moments``: the rank's ledger per moment (``parallel.rank_moments``: line -> bytes, ints or
@@ -80,8 +171,8 @@ def reserved_by_stream(moments: dict[str, dict], fsdp_version: int, B, phi: floa
     the closed form's step-slack factor for ``config``; ``root`` / ``unit``: bytes of the
     gathered root unit and of one layer unit (``parallel.layer_unit``), for FSDP2's two
     coexisting all-gather outputs; ``extra``: further stranded bytes on the default stream
-    (``phi_layer`` x the layer block, as ``allocator_slack.peak_reserved``)."""
-    from .allocator_slack import WeightsState, step_segments_bytes
+    (``phi_layer`` x the layer block, as ``allocator_slack.peak_reserved``); ``shard_group``,
+    ``param_factor``: for FSDP1's lazy-init blocks (``lazy_init_blocks``)."""
 
     side = SIDE_LINES[int(fsdp_version)]
     a_def, peaks = 0, dict.fromkeys(side.values(), 0)
@@ -93,19 +184,30 @@ def reserved_by_stream(moments: dict[str, dict], fsdp_version: int, B, phi: floa
             on_side = on_side + v
             peaks[stream] = _max(peaks[stream], v)
         a_def = _max(a_def, total - on_side)
+    if int(fsdp_version) == 1:
+        # the stream's own peak is the backward boundary's: the previous unit all-gathered (its
+        # pre-backward hook) before this unit's reshard-only hook frees it, beside the root; the
+        # ledger's moment nets the layer's backward transients against the second unit because
+        # the total peaks inside the layer (parallel.py, BACKWARD_MOMENTS), the stream does not
+        peaks["unshard_stream"] = _max(peaks["unshard_stream"],
+                                       _round_up(root, K_ROUND_LARGE) + 2 * _round_up(unit, K_ROUND_LARGE))
     if int(fsdp_version) == 2:
         peaks["all_gather_copy_in_stream"] = _max(peaks["all_gather_copy_in_stream"],
                                                   _round_up(_max(root, unit), K_ROUND_LARGE) + unit)
-    out = {"default": _max(a_def, step_segments_bytes(WeightsState(0, 0), a_def, B, phi, config, extra))}
+    lazy = None
+    if int(fsdp_version) == 1:
+        lazy = (lambda r, u: lazy_init_blocks(1, r, u, shard_group, param_factor), root, unit)
+    out = {"default": _default_stream(a_def, B, phi, config, extra, lazy)}
     for stream, v in peaks.items():
         out[stream] = _round_up(v, K_ROUND_LARGE)
     return out
 
 
 def peak_reserved(moments: dict[str, dict], fsdp_version: int, B, phi: float, config: str = "default",
-                  root=0, unit=0, extra=0):
+                  root=0, unit=0, extra=0, shard_group: int = 1, param_factor: float = 1):
     """Peak reserved bytes of one FSDP rank: the sum of ``reserved_by_stream``."""
     total = 0
-    for v in reserved_by_stream(moments, fsdp_version, B, phi, config, root, unit, extra).values():
+    for v in reserved_by_stream(moments, fsdp_version, B, phi, config, root, unit, extra,
+                                shard_group, param_factor).values():
         total = total + v
     return total
