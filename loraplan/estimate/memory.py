@@ -95,8 +95,10 @@ def moments(st: Structure, train: TrainSpec, kind: str, x: Shape, gpu: GpuSpec |
             - offloaded_inputs(st, x, rc, "forward"))
     int8_all = int8_retained_per_step(st, x, train.int8_outlier_fraction, train.gradient_checkpointing)
     int8_keep = int8_kept_through_step(int8_all, st, rc)
-    # this step's int8 inputs that autograd saves anyway (no double count); the previous step's
-    # graph holds its own copies in full (the loop only)
+    # this step's int8 inputs that autograd saves anyway (no double count: one storage, held by
+    # both the ctx attribute and the saved tensor until this step's graph dies, so through the
+    # forward, the loss backward and the top layer's backward alike); the previous step's graph
+    # holds its own copies in full (the loop only)
     int8_now = int8_keep - int8_saved_anyway(st, kind, x, train.gradient_checkpointing)
     int8_prev = int8_previous_step(int8_keep, rc)
     grads = accumulated_gradients(st, x.r, rc)
@@ -117,7 +119,7 @@ def moments(st: Structure, train: TrainSpec, kind: str, x: Shape, gpu: GpuSpec |
                                   previous_step_input_grad=previous_step_leaf(leaf, rc), lora_gradients=grads,
                                   kernel_transients=int8_matmul_transient(st, x, train.int8_outlier_fraction))
     # 2. loss backward, at the head.
-    out["loss backward"] = dict(base, activations=acts + int8_keep, logits_loss=loss_backward(st, x, rc),
+    out["loss backward"] = dict(base, activations=acts + int8_now, logits_loss=loss_backward(st, x, rc),
                                 lora_gradients=grads)
     if _present(amp["loss backward"]):
         out["loss backward"]["autocast_copies"] = amp["loss backward"]
@@ -145,7 +147,7 @@ def moments(st: Structure, train: TrainSpec, kind: str, x: Shape, gpu: GpuSpec |
         S_top, top_transients = where(glob, S_glob, S_top), where(glob, T_glob, top_transients)
     if train.gradient_checkpointing and top_ckpt:  # the recompute's input norm keeps the checkpointed input
         S_top = S_top - recompute_shares_input(st, x)
-    out["layer backward"] = dict(base, activations=below + S_top + int8_keep + int8_inside_layer_backward(
+    out["layer backward"] = dict(base, activations=below + S_top + int8_now + int8_inside_layer_backward(
                                      int8_all, int8_saved_anyway(st, kind, x, False), st, rc)
                                  + reentrant_layer_output(st, x, rc),
                                  backward_transients=top_transients,
