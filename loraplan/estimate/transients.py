@@ -136,14 +136,14 @@ def dequantized_weight_transient(st: Structure) -> int:
 
 
 def layer_backward_transients(st: Structure, x: Shape, kind: str = "flash", gradient_checkpointing: bool = True,
-                              stack: str = "decoder"):
+                              stack: str = "decoder", score: bool = True):
     """Bytes above the top layer's saved tensors S at its largest point in backward (may be < 0
     in part: tensors already released), for the MLP, where layers peak.
 
     With D the input width of the MLP-out Linear (down/fc_out; D = I), a the stream bytes,
     l = the bytes its LoRA saves (5·T·D with dropout, released when its backward runs), the
     candidates are, on top of the residual-stream gradient a·T·h:
-    - recompute / forward through an adapted down projection: its input (a·T·D) held while
+    - recompute (checkpointing only) through an adapted down projection: its input (a·T·D) held while
       4-bit dequantizes the weight (W_dq = out·in·2 B) beside a bf16 copy of the input (2·T·D),
       before the LoRA branch exists (−l); then the LoRA branch's fp32 cast of a bf16/fp16
       input (4·T·D), the base output (a·T·h) and lora_B's fp32 output with its scaled copy
@@ -220,7 +220,10 @@ def layer_backward_transients(st: Structure, x: Shape, kind: str = "flash", grad
     # the recomputed down projection's input (ab·T·I), a tensor of its own beside S -- unless the
     # activation's saved output is that very tensor (``down_input_saved``: OPT's ReLU)
     down_in = 0 if down_input_saved(m) else ab * T * I
-    if adapted:
+    # only a checkpointed top layer reruns its forward inside its backward; without checkpointing
+    # the forward's pass through the down projection happened before the loss, beside no gradient
+    # (the forward moment, memory.moments)
+    if adapted and gradient_checkpointing:
         candidates.append(-l_saved + down_in + ((cb * T * I + deq) if four_bit else 0))  # recompute: base
         # recompute: LoRA branch of the down projection: its fp32 cast of a half input (held by
         # peft's forward locals), the base output (a·T·h) and lora_B's fp32 output with its
@@ -297,7 +300,7 @@ def layer_backward_transients(st: Structure, x: Shape, kind: str = "flash", grad
         cross = a * m.num_heads * x.tseq * x.seq
         first_block = cross + a * x.T_enc * m.hidden_size
         extra = extra + cross + _max(0, first_block - (m.num_layers - 1) * a * T * m.hidden_size)
-    if kind in ("math", "eager"):
+    if kind in ("math", "eager") and score:  # ``score=False``: the MLP stage alone
         # score-matrix attention backward, once the MLP, the norms after the attention and the
         # o_proj / MLP LoRA branches have run their backward and released what they saved
         # (``released_before_attention_backward``)
