@@ -51,16 +51,20 @@ def test_the_intended_changes_are_what_they_say():
     timed = [p for p, _ in diffs if re.search(eq.TIME_FIELDS, p.split(":")[0].split("]", 1)[1])]
     assert timed
     diffs = [(p, r) for p, r in diffs if p not in timed]
-    models = {now[int(p.split("]")[0].strip("["))]["case"]["model"] for p, _ in diffs}
-    assert models <= {"falcon-7b", "flan-t5-base", "mt0-large", "pythia-1b", "phi-3-mini-4k", "mistral-7b",
-                      "opt-6.7b"}, models
+    listed = {"falcon-7b", "flan-t5-base", "mt0-large", "pythia-1b", "phi-3-mini-4k", "mistral-7b", "opt-6.7b"}
+    # issue 14's staged layer-backward gradients and int8 saved-anyway inputs (the INTENDED entry for
+    # any model): memory figures of any model, never a step time
+    staged = next(e for e in eq.INTENDED if e[0].startswith("issue 14, the layer-backward and loss-backward"))[3]
     for p, _ in diffs:
         model = now[int(p.split("]")[0].strip("["))]["case"]["model"]
         field = p.split(":")[0].split("]", 1)[1]
+        if model not in listed:
+            assert re.search(staged, field) and not field.startswith(".estimate.time."), (model, field)
+            continue
         if model == "falcon-7b":
-            assert field.startswith(".estimate.time.") or field in (
+            assert field.startswith(".estimate.time.") or re.search(staged, field) or field in (
                 ".sweep_row.step_s", ".sweep_row.tokens_per_s", ".sweep_row.bound"), field
-        if model == "opt-6.7b":  # the residual dropout's branch gradient: a non-peak moment only
-            assert field == ".estimate.memory.moments.layer backward", field
+        if model == "opt-6.7b":  # the residual dropout's branch gradient and the staged gradients: memory only
+            assert re.search(staged, field), field
         if model in ("pythia-1b", "phi-3-mini-4k", "mistral-7b"):
             assert not field.startswith(".estimate.time."), field
