@@ -136,6 +136,15 @@ INTENDED = (
      "alive then too (checked against the trace: llama int8 rank 256 to the byte); a non-peak moment in "
      "this grid for the decoder-only families",
      None, ("int8",), r"^\.estimate\.memory\.moments\.(optimizer step|grad norm)$"),
+    ("issue 14, the layer-backward and loss-backward moments (checked against the trace: opt int8 without "
+     "checkpointing, opt bf16 and gemma nf4 all-linear): int8 inputs autograd saves anyway (ReLU output, "
+     "attention output) are one storage at every moment, not only the forward; the top layer's LoRA gradients "
+     "arrive stage by stage (MLP-out first, then MLP-in and o_proj before the attention core, q/k/v last), so "
+     "the moment is the largest of the MLP stage, a score-matrix core's stage and the layer's end instead of "
+     "every gradient beside the MLP's peak; the down projection's recompute candidates only under "
+     "checkpointing; OPT's ReLU output is the down projection's input; the residual dropout's gradient is gone "
+     "at the sum of the down projection's input gradients",
+     None, None, _MEMORY_FIELDS),
 )
 
 

@@ -40,7 +40,8 @@ from ..storage import EXPERT_QUANTIZATION_PATHS, QUANTIZED, experts_unquantized
 from ..trainers import resolve_recipe
 from .activations import (Shape, checkpoint_inputs, choose_attention, encoder_backward_activations,
                           encoder_kept_in_decoder_backward, encoder_layers_above_bottom, layer_saved,
-                          position_bias_activations, recompute_shares_input, rope_tables, saved_activations)
+                          position_bias_activations, recompute_shares_input, released_before_attention_backward,
+                          rope_tables, saved_activations)
 from .arrays import is_scalar as _is_scalar
 from .arrays import where
 from .coefficients import coefficient
@@ -48,9 +49,12 @@ from .sequences import batch_layout, check_attention, explicit_mask, sequence_no
 from .result import MemoryEstimate
 from .transients import (autocast_copies, cuda_workspaces, default_int8_outlier_fraction, input_leaf_and_grad,
                          int8_matmul_transient, int8_retained_per_step, int8_saved_anyway, last_hidden_state,
-                         layer_backward_transients)
-from .steps import (FUSED_HEAD_BYPASS_WARNING, accumulated_gradients, first_encoder_layer_gradients, check_loss, offload_host_bytes, offloaded_inputs, loss_backward, loss_forward, grad_norm_temporaries, int8_inside_layer_backward, int8_kept_through_step,
-                    int8_previous_step, layer_gradients, previous_step_leaf, reentrant_layer_output, step_recipe,
+                         layer_backward_transients, score_backward_peak)
+from .steps import (_MLP_AND_O_ROLES, FUSED_HEAD_BYPASS_WARNING, checkpointed_layers, accumulated_gradients,
+                    first_encoder_layer_gradients, check_loss, offload_host_bytes, offloaded_inputs, loss_backward,
+                    loss_forward, grad_norm_temporaries, int8_inside_layer_backward, int8_kept_through_step,
+                    int8_previous_step, layer_gradients, top_layer_gradients, previous_step_leaf,
+                    reentrant_layer_output, step_recipe,
                     top_layer_checkpointed, uncheckpointed_saved)
 from .weights import (Structure, lora_gradients, lora_weights, optimizer_state, optimizer_step_temporaries,
                       paged_optimizer_state, structure)
@@ -95,8 +99,10 @@ def moments(st: Structure, train: TrainSpec, kind: str, x: Shape, gpu: GpuSpec |
             - offloaded_inputs(st, x, rc, "forward"))
     int8_all = int8_retained_per_step(st, x, train.int8_outlier_fraction, train.gradient_checkpointing)
     int8_keep = int8_kept_through_step(int8_all, st, rc)
-    # this step's int8 inputs that autograd saves anyway (no double count); the previous step's
-    # graph holds its own copies in full (the loop only)
+    # this step's int8 inputs that autograd saves anyway (no double count: one storage, held by
+    # both the ctx attribute and the saved tensor until this step's graph dies, so through the
+    # forward, the loss backward and the top layer's backward alike); the previous step's graph
+    # holds its own copies in full (the loop only)
     int8_now = int8_keep - int8_saved_anyway(st, kind, x, train.gradient_checkpointing)
     int8_prev = int8_previous_step(int8_keep, rc)
     grads = accumulated_gradients(st, x.r, rc)
@@ -117,7 +123,7 @@ def moments(st: Structure, train: TrainSpec, kind: str, x: Shape, gpu: GpuSpec |
                                   previous_step_input_grad=previous_step_leaf(leaf, rc), lora_gradients=grads,
                                   kernel_transients=int8_matmul_transient(st, x, train.int8_outlier_fraction))
     # 2. loss backward, at the head.
-    out["loss backward"] = dict(base, activations=acts + int8_keep, logits_loss=loss_backward(st, x, rc),
+    out["loss backward"] = dict(base, activations=acts + int8_now, logits_loss=loss_backward(st, x, rc),
                                 lora_gradients=grads)
     if _present(amp["loss backward"]):
         out["loss backward"]["autocast_copies"] = amp["loss backward"]
@@ -145,11 +151,50 @@ def moments(st: Structure, train: TrainSpec, kind: str, x: Shape, gpu: GpuSpec |
         S_top, top_transients = where(glob, S_glob, S_top), where(glob, T_glob, top_transients)
     if train.gradient_checkpointing and top_ckpt:  # the recompute's input norm keeps the checkpointed input
         S_top = S_top - recompute_shares_input(st, x)
-    out["layer backward"] = dict(base, activations=below + S_top + int8_keep + int8_inside_layer_backward(
+    out["layer backward"] = dict(base, activations=below + S_top + int8_now + int8_inside_layer_backward(
                                      int8_all, int8_saved_anyway(st, kind, x, False), st, rc)
                                  + reentrant_layer_output(st, x, rc),
                                  backward_transients=top_transients,
                                  lora_gradients=layer_gradients(st, x.r, rc, m.num_layers))
+    # The top layer's own LoRA gradients arrive as its backward goes: while its MLP runs backward
+    # only the MLP-out adapters' exist (steps.top_layer_gradients); the MLP-in and o_proj
+    # adapters' come once the MLP, the norms after the attention and the o_proj / MLP LoRA
+    # branches have released what they saved (released_before_attention_backward), q/k/v's after
+    # the attention core. The moment is the largest of three stages: the MLP (``top_transients``
+    # without the score stage), a score-matrix core's backward (math, eager:
+    # transients.score_backward_peak) with the MLP and o_proj gradients, and the layer's end, all
+    # its gradients beside what the attention still holds and the input gradient (a·T·h). Each
+    # stage is what ``top_transients`` bounded with every gradient at once. Encoder-decoder,
+    # sparse-MoE and mixed sliding/global (gemma3) models keep that bound: their stage order
+    # differs.
+    if not (m.is_encoder_decoder or m.moe is not None or x.global_attention is not None):
+        lb = out["layer backward"]
+        acc = accumulated_gradients(st, x.r, rc)
+        stream = st.stream_bytes * x.T * m.hidden_size
+        after_mlp = lb["activations"] - released_before_attention_backward(st, x)
+        stages = [dict(activations=lb["activations"],
+                       backward_transients=layer_backward_transients(st, x, kind, top_ckpt, score=False),
+                       lora_gradients=top_layer_gradients(st, x.r) + acc),
+                  dict(activations=after_mlp, backward_transients=stream, lora_gradients=lb["lora_gradients"])]
+        if kind in ("math", "eager"):
+            stages.append(dict(activations=after_mlp, backward_transients=score_backward_peak(st, kind, x) + stream,
+                               lora_gradients=top_layer_gradients(st, x.r, _MLP_AND_O_ROLES) + acc))
+        best = stages[0]
+        for cand in stages[1:]:
+            bigger = sum(cand.values()) > sum(best.values())  # element-wise for a sweep
+            best = {k: where(bigger, cand[k], best[k]) for k in best}
+        # the layers below run the same stages with every gradient of the layers above made and
+        # what each of those held gone: its checkpointed input (a·T·h) or, without checkpointing,
+        # its saved tensors S. Per layer down the change is g − that (g = one layer's LoRA
+        # gradients), so the bottom layer's backward is the larger when g exceeds it (large ranks,
+        # few tokens): (L − 1)·(g − that) above the top layer's
+        if not rc.offload and (not gc or checkpointed_layers(st, rc) == m.num_layers):
+            held = layer_input if gc else S
+            g = lora_gradients(st, x.r) / max(m.num_layers, 1)
+            lower = (g > held) * (m.num_layers - 1)  # element-wise for a sweep
+            best["lora_gradients"] = best["lora_gradients"] + lower * g
+            best["activations"] = best["activations"] - lower * held
+        lb.update(best)
     if _present(amp["layer backward"]):
         out["layer backward"]["autocast_copies"] = amp["layer backward"]
     # 3b. encoder-decoder: the top encoder layer's backward, after the decoder's backward has

@@ -187,6 +187,28 @@ def first_encoder_layer_gradients(st: Structure, r, rc: StepRecipe):
     return own + accumulated_gradients(st, r, rc)
 
 
+#: the LoRA-adaptable Linears that read an MLP's product (``LinearSpec.role``)
+_MLP_OUT_ROLES = ("down", "fc_out")
+
+
+#: ... and every MLP Linear plus the attention output projection
+_MLP_AND_O_ROLES = ("gate", "up", "gate_up", "down", "fc_in", "fc_out", "o")
+
+
+def top_layer_gradients(st: Structure, r, roles=_MLP_OUT_ROLES):
+    """The ``.grad`` of the top decoder layer's adapted Linears of ``roles`` (lora_A and lora_B,
+    one 512 B-rounded block each, as ``lora_weights``). The default, the MLP-out Linears
+    (down_proj / fc2), gives the only LoRA gradients of the layer that exist while its MLP runs
+    backward: autograd runs a layer's nodes in reverse creation order (a higher sequence number
+    first; torch autograd engine.cpp ReadyQueue), so the MLP-out branch's lora_B and lora_A
+    backward (AccumulateGrad) run first; the MLP-in and o_proj adapters' come before the
+    attention core's backward (``_MLP_AND_O_ROLES``), q/k/v's after it."""
+    m = st.model
+    top = [l for l in st.adapted if l.stack == "decoder" and l.layer == m.num_layers - 1 and l.role in roles]
+    return sum(_blocks(r * l.in_features * st.adapter_bytes) + _blocks(r * l.out_features * st.adapter_bytes)
+               for l in top)
+
+
 def _blocks(n):
     return -(-n // 512) * 512
 

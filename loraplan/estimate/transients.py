@@ -136,14 +136,14 @@ def dequantized_weight_transient(st: Structure) -> int:
 
 
 def layer_backward_transients(st: Structure, x: Shape, kind: str = "flash", gradient_checkpointing: bool = True,
-                              stack: str = "decoder"):
+                              stack: str = "decoder", score: bool = True):
     """Bytes above the top layer's saved tensors S at its largest point in backward (may be < 0
     in part: tensors already released), for the MLP, where layers peak.
 
     With D the input width of the MLP-out Linear (down/fc_out; D = I), a the stream bytes,
     l = the bytes its LoRA saves (5·T·D with dropout, released when its backward runs), the
     candidates are, on top of the residual-stream gradient a·T·h:
-    - recompute / forward through an adapted down projection: its input (a·T·D) held while
+    - recompute (checkpointing only) through an adapted down projection: its input (a·T·D) held while
       4-bit dequantizes the weight (W_dq = out·in·2 B) beside a bf16 copy of the input (2·T·D),
       before the LoRA branch exists (−l); then the LoRA branch's fp32 cast of a bf16/fp16
       input (4·T·D), the base output (a·T·h) and lora_B's fp32 output with its scaled copy
@@ -185,7 +185,11 @@ def layer_backward_transients(st: Structure, x: Shape, kind: str = "flash", grad
         product = 3 * st.expert_bytes * T * m.moe.top_k * m.moe.expert_intermediate_size
     # a residual dropout's backward (T5, OPT) makes the MLP branch's gradient a tensor of its own
     # (a·T·h) beside the residual path's; the down projection's input-gradient matmul consumes it,
-    # so it is alive during the down backward only, not at the product backward nor in the recompute
+    # so it is alive during the down projection's backward nodes only: not at the product backward,
+    # nor in the recompute, nor at the sum of the two input gradients, which autograd makes once the
+    # base node (the last to read it) has run and dropped its inputs (torch autograd engine.cpp
+    # evaluate_function: call_function consumes the node's input buffer before the outputs are
+    # added into the next node's buffer)
     branch = a * T * m.hidden_size if hidden_dropout(m) else 0
     # T5's FFN dropout sits between the product and the down projection: its backward has run
     # (and released its saved mask, counted in S) when the product's backward runs
@@ -206,23 +210,29 @@ def layer_backward_transients(st: Structure, x: Shape, kind: str = "flash", grad
         -l_saved + product - inner_mask,  # MLP product backward
         -l_saved + expert_grad,  # LoRA'd experts: the parametrized weight's gradient
         -l_saved + _max(lora_grad_peak, lora_grad_held + base) + branch,  # down backward, base branch
-        -l_saved + adapted * (lora_grad_held + 2 * ab * T * I) + branch,  # down backward, the sum
+        -l_saved + adapted * (lora_grad_held + 2 * ab * T * I),  # down backward, the sum
     ]
     if hidden_dropout(m) and m.arch.ffn_inner_dropout and gradient_checkpointing:
         # T5's FFN dropout comes after the product: the recompute runs to it, making its output
         # beside its input (the product, T5DenseGatedActDense.forward's local until dropout
         # returns), while T5LayerFF.forward holds the norm output it passed in (a·T·h)
         candidates.append(-l_saved + 2 * ab * T * I + a * T * m.hidden_size)
-    if adapted:
-        candidates.append(-l_saved + ab * T * I + ((cb * T * I + deq) if four_bit else 0))  # recompute: base
+    # the recomputed down projection's input (ab·T·I), a tensor of its own beside S -- unless the
+    # activation's saved output is that very tensor (``down_input_saved``: OPT's ReLU)
+    down_in = 0 if down_input_saved(m) else ab * T * I
+    # only a checkpointed top layer reruns its forward inside its backward; without checkpointing
+    # the forward's pass through the down projection happened before the loss, beside no gradient
+    # (the forward moment, memory.moments)
+    if adapted and gradient_checkpointing:
+        candidates.append(-l_saved + down_in + ((cb * T * I + deq) if four_bit else 0))  # recompute: base
         # recompute: LoRA branch of the down projection: its fp32 cast of a half input (held by
         # peft's forward locals), the base output (a·T·h) and lora_B's fp32 output with its
         # scaled copy (2·4·T·h)
-        candidates.append(ab * T * I + (A * T * I if ab != A else 0) + (2 * o + ab) * T * m.hidden_size)
+        candidates.append(down_in + (A * T * I if ab != A else 0) + (2 * o + ab) * T * m.hidden_size)
         if st.autocast_bytes and A != st.autocast_bytes:
             # under autocast, inside the recomputed lora_A: the A-dtype dropout output is alive
             # beside the c copy lora_A saves (its argument until lora_A returns)
-            candidates.append(ab * T * I + (A * T * I if ab != A else 0) + _where(x.dropout > 0, A * T * I, 0)
+            candidates.append(down_in + (A * T * I if ab != A else 0) + _where(x.dropout > 0, A * T * I, 0)
                               + ab * T * m.hidden_size)
     W_in = st.mlp_in_adapted_out.get(stack, 0)
     moe_top = m.moe is not None and m.moe.layers and m.num_layers - 1 in m.moe.layers
@@ -290,13 +300,23 @@ def layer_backward_transients(st: Structure, x: Shape, kind: str = "flash", grad
         cross = a * m.num_heads * x.tseq * x.seq
         first_block = cross + a * x.T_enc * m.hidden_size
         extra = extra + cross + _max(0, first_block - (m.num_layers - 1) * a * T * m.hidden_size)
-    if kind in ("math", "eager"):
+    if kind in ("math", "eager") and score:  # ``score=False``: the MLP stage alone
         # score-matrix attention backward, once the MLP, the norms after the attention and the
         # o_proj / MLP LoRA branches have run their backward and released what they saved
         # (``released_before_attention_backward``)
         released = released_before_attention_backward(st, x, stack)
         extra = _max(extra, score_backward_peak(st, kind, x) - released - best)
     return best + a * T * m.hidden_size + extra
+
+
+def down_input_saved(model: ModelSpec) -> bool:
+    """Whether the MLP-out Linear's input is a tensor the MLP already saves: a plain MLP whose
+    activation is ReLU, which saves its result (torch ``threshold_backward`` reads the output;
+    derivatives.yaml ``relu: result``), feeding fc_out directly -- OPT (modeling_opt.py::
+    OPTDecoderLayer.forward: ``fc2(activation_fn(fc1(h)))``). Not when the model's FFN dropout
+    sits between them (T5 v1.0 ``wo(dropout(relu(wi(h))))``, ``ArchSpec.ffn_inner_dropout``)."""
+    return (model.arch.mlp == "plain" and _activation(model) == "relu"
+            and not (hidden_dropout(model) and model.arch.ffn_inner_dropout))
 
 
 def score_backward_peak(st: Structure, kind: str, x: Shape):
