@@ -35,7 +35,8 @@ ATTN_TARGETS = {
     "t5": ["q", "v"], "mt5": ["q", "v"], "gpt2": ["c_attn"],
     "gemma": ["q_proj", "v_proj"], "gemma3_text": ["q_proj", "v_proj"], "olmo2": ["q_proj", "v_proj"],
     "granite": ["q_proj", "v_proj"], "smollm3": ["q_proj", "v_proj"],
-    "mixtral": ["q_proj", "v_proj"], "qwen3_moe": ["q_proj", "v_proj"],
+    "mixtral": ["q_proj", "v_proj"], "qwen3_moe": ["q_proj", "v_proj"], "qwen2_moe": ["q_proj", "v_proj"],
+    "olmoe": ["q_proj", "v_proj"],
 }
 
 #: small configs that take the branches the catalog does not (rules must match transformers there too)
