@@ -145,6 +145,12 @@ INTENDED = (
      "checkpointing; OPT's ReLU output is the down projection's input; the residual dropout's gradient is gone "
      "at the sum of the down projection's input gradients",
      None, None, _MEMORY_FIELDS),
+    ("issue 14, eager attention (gemma2's own eager path) without checkpointing: the first layer's q·kᵀ "
+     "keeps q only for k's gradient (k_proj not adapted and the embedding output needs no grad: q is not "
+     "saved); a single kv head over one row keeps k and v as views (repeat_kv, matmul reshape), and the "
+     "score backward then carries v's n_h-head gradient (checked against the trace: llama, gemma3, granite, "
+     "gemma2 within 0.02%)",
+     ("gemma-2-2b",), None, _MEMORY_FIELDS),
 )
 
 

@@ -172,6 +172,9 @@ SEQ_CASES = {
     "padding-free-gc": dict(seq=256, padding="padding-free", lengths=(60, 200), quant="nf4"),
     "eager-packing": dict(seq=256, padding="packing", attn_implementation="eager", gradient_checkpointing=False),
     "eager-padding-free-gc": dict(seq=512, padding="padding-free", lengths=(100, 300, 700), attn_implementation="eager"),
+    # one row with a single kv head: eager's k, v are views at one head (activations.eager_kv_heads)
+    "eager-padding-free-nf4": dict(seq=512, padding="padding-free", lengths=(100, 300, 700), attn_implementation="eager",
+                                   quant="nf4", gradient_checkpointing=False),
     "fa2-nf4": dict(seq=512, attn_implementation="flash_attention_2", quant="nf4"),
     "fa2-padding-free": dict(seq=512, attn_implementation="flash_attention_2", padding="padding-free",
                              lengths=(100, 300), gradient_checkpointing=False),
@@ -186,7 +189,8 @@ FAMILY_CASES = (
        for c in ("packing", "longest-nf4", "fa2-longest-nf4", "fa2-padding-free")]
     + [("mistral", "padding-free"), ("opt", "packing"), ("opt", "longest-nf4"), ("falcon", "padding-free"),
        ("opt", "eager-padding-free-gc"), ("gemma2", "eager-padding-free-gc"),
-       ("olmo2", "fa2-nf4"), ("gemma3_text", "padding-free-gc")]
+       ("olmo2", "fa2-nf4"), ("gemma3_text", "padding-free-gc"), ("gemma3_text", "eager-padding-free-nf4"),
+       ("granite_attn_dropout", "eager-padding-free-nf4")]
 )
 
 
@@ -212,6 +216,29 @@ def test_sequences_analytic_within_2_percent_of_trace(family, case):
     assert abs(err) <= 0.02, (family, case, f"{err:+.2%}", analytic.inputs["attention_kernel"], traced["sdpa_backends"])
     if train.attn_implementation == "flash_attention_2":
         assert not traced["sdpa_backends"]  # the emulated FA2 ran, never sdpa
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("targets, quant", [(("k_proj",), "bf16"), (("v_proj",), "bf16"), (("q_proj", "k_proj"), "bf16"),
+                                            (("v_proj",), "nf4")])
+def test_eager_first_layer_saves_per_adapted_projection(targets, quant):
+    """Without checkpointing the first layer's eager products keep q, k, v and the probabilities
+    only for the adapted side's gradient (activations.first_layer_not_saved): to 0.5% of the trace."""
+    from loraplan.catalog import load_calibration, load_gpu
+    from loraplan.estimate.api import estimate
+    from loraplan.hf import spec_from_config
+    from loraplan.spec import LoraSpec
+    from loraplan.trace.run import trace_step
+
+    gpu = load_gpu("h100-sxm-80gb")
+    cal = load_calibration(gpu.id)
+    cfg = small_config(family_config("llama"))
+    model = spec_from_config(cfg, "llama-small")
+    lora = LoraSpec(rank=8, alpha=16, dropout=0.05, targets=targets)
+    train = TrainSpec(quant=quant, batch=2, seq=512, gradient_checkpointing=False, attn_implementation="eager")
+    a = estimate(model, lora, train, gpu, cal, with_time=False).memory.peak_allocated_bytes
+    p = trace_step(cfg, lora, train, gpu.compute_capability, steps=2)["peak_allocated_bytes"]
+    assert abs(a - p) <= 0.005 * p, (targets, quant, f"{(a - p) / p:+.2%}")
 
 
 @pytest.mark.slow

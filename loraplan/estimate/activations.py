@@ -201,6 +201,21 @@ def attention_saved_per_layer(st: Structure, kind: str, T, b, seq, kv_seq, cross
             + attention_dropout_saved(st, kind, b, seq, kv_seq))
 
 
+def eager_kv_heads(model: ModelSpec, b):
+    """Heads of the k and v eager attention's matmuls save: n_h (repeat_kv's copy), or n_kv = 1
+    for a single kv head (MQA) over one row (padding-free).
+
+    modeling_llama.py::repeat_kv expands [b, n_kv, s, d] to [b, n_kv, n_rep, s, d] (stride 0)
+    and reshapes to [b, n_h, s, d]: a copy unless n_kv == 1 (a size-1 dim merges with the
+    stride-0 one: a view). torch's matmul (aten/src/ATen/native/LinearAlgebra.cpp::_matmul_impl)
+    then reshapes each 4-D operand to [b·n_h, s, d] for bmm, which saves what it is given: for
+    the stride-0 view that reshape is again a view only when b == 1, else a copy at n_h heads."""
+    n_kv = model.num_kv_heads
+    if n_kv != 1:
+        return model.num_heads
+    return _where(b == 1, 1, model.num_heads)
+
+
 def attention_dropout_saved(st: Structure, kind: str, b, seq, kv_seq):
     """Attention-probability dropout in training (config ``attention_dropout`` p > 0, granite 3.x:
     0.1): with the math kernel or eager attention the dropped probabilities are a new tensor,
@@ -283,6 +298,8 @@ def _attention_core_saved(st: Structure, kind: str, T, b, seq, kv_seq, cross: bo
         return a * T * n_h * d * 2 + 2 * a * b * kv_seq * kv_heads * d + 4 * b * n_h * (_ceil(seq / 32) * 32) + bias
     scores = b * n_h * seq * kv_seq
     qkv = a * T * n_h * d + 2 * a * b * kv_seq * n_h * d  # k, v repeated to n_h heads
+    if kind == "eager":
+        qkv = a * T * n_h * d + 2 * a * b * kv_seq * eager_kv_heads(m, b) * d
     if kind == "math":
         # aten _scaled_dot_product_attention_math keeps its intermediates in fp32 for half inputs
         # (torch docs): q·√scale, (k·√scale)ᵀ and v (repeated for enable_gqa) and the softmax
@@ -765,6 +782,21 @@ def first_layer_not_saved(st: Structure, kind: str, x: Shape):
     first = "encoder" if m.is_encoder_decoder else "decoder"
     T = x.T_enc if first == "encoder" else x.T
     not_saved = norm_saved(st, T) + _where(x.dropout > 0, _mask_bytes(st, 4), 0) * T * st.first_layer_attn_in_adapted
+    if kind == "eager" and st.first_layer_attn_in_adapted and "qkv" not in st.first_layer_attn_roles:
+        # eager attention (eager_attention_forward: matmul(q, kᵀ), softmax in fp32, cast back,
+        # matmul(p, v)) on the grad-free input: autograd saves a product's input only for the
+        # other input's gradient (torch derivatives.yaml mm/bmm), so q only when k is adapted,
+        # k only when q is, v only when the scores need a gradient (q or k adapted), the cast
+        # probabilities only when v is; softmax keeps its fp32 output when the scores need one
+        roles, a = st.first_layer_attn_roles, st.attention_bytes
+        q, k, v = "q" in roles, "k" in roles, "v" in roles
+        kv = a * T * eager_kv_heads(m, x.b) * m.head_dim
+        e = x.b * m.num_heads * x.tseq * x.tseq
+        not_saved = not_saved + (0 if k else a * T * m.num_heads * m.head_dim) + (0 if q else kv)
+        if not (q or k):
+            not_saved = not_saved + kv + (4 * e if a != 4 else 0)
+        if not v and a != 4 and attention_dropout_p(m) <= 0:
+            not_saved = not_saved + a * e
     if not st.first_layer_attn_in_adapted:
         seq = x.seq if first == "encoder" else x.tseq
         not_saved = not_saved + attention_saved_per_layer(st, kind, T, x.b, seq, seq, masked=x.masked,

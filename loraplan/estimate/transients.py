@@ -13,7 +13,7 @@ from ..spec import Calibration, GpuSpec, ModelSpec
 from ..storage import FOUR_BIT, QUANTIZED, dtype_bytes, linear_storage
 from .activations import (Shape, _activation, _mask_bytes, _relative_bias, attention_dropout_p, hidden_dropout,
                           lora_input_saved_bytes, lora_output_bytes, mlp_saved,
-                          released_before_attention_backward)
+                          eager_kv_heads, released_before_attention_backward)
 from .arrays import ceil as _ceil, maximum as _max, where as _where
 from .coefficients import coefficient
 from .weights import Structure, _p_silu_product_exceeds, _stack_layers
@@ -336,10 +336,12 @@ def score_backward_peak(st: Structure, kind: str, x: Shape):
        saved fp32 softmax, with the cast copy (c = a on a half eager stream without dropout) or
        the dropped probabilities and the mask (p + 1) released: (8 − c)·e or (7 − p)·e.
     The largest: max(p·e + v grad + out grad, (8 − c)·e) without dropout, (7 − p)·e for the
-    second with it. Source: torch aten/src/ATen/native/transformers/attention.cpp
-    ``_scaled_dot_product_attention_math``, transformers eager_attention_forward, torch's
-    autograd engine (a node's saved tensors are released once it has run); checked against the
-    meta-device trace (granite 3.1 with attention dropout 0.1, gemma3, llama under nf4)."""
+    second with it; when eager saved v as a one-kv-head view (``eager_kv_heads``) the product
+    releases less than v's n_h-head gradient, which the later stages then carry. Source: torch
+    aten/src/ATen/native/transformers/attention.cpp ``_scaled_dot_product_attention_math``,
+    transformers eager_attention_forward, torch's autograd engine (a node's saved tensors are
+    released once it has run); checked against the meta-device trace (granite 3.1 with attention
+    dropout 0.1, gemma3, llama under nf4; one-kv-head padding-free rows of the sequence grid)."""
     m = st.model
     e = x.b * m.num_heads * x.tseq * x.tseq
     p = 4 if kind == "math" else st.attention_bytes
@@ -349,7 +351,10 @@ def score_backward_peak(st: Structure, kind: str, x: Shape):
         late = 7 - p
     else:
         late = 8 - (st.stream_bytes if (kind == "eager" and st.stream_bytes != 4) else 0)
-    return _max(p * e + grad_v + grad_out, late * e)
+    # v's gradient (n_h heads) outlives the product's node, which released v as saved: as large
+    # unless eager saved v as a view at one kv head (``eager_kv_heads``: MQA over one row)
+    unreleased = grad_v - p * x.b * eager_kv_heads(m, x.b) * x.tseq * m.head_dim if kind == "eager" else 0
+    return _max(p * e + grad_v + grad_out, late * e + unreleased)
 
 
 

@@ -53,6 +53,8 @@ class Structure:
     #: embedding's output, needs no gradient either without checkpointing)
     first_decoder_layer_attn_in_adapted: int = 0
     first_layer_mlp_adapted: bool = False
+    #: roles (q, k, v, qkv) of the adapted attention-input Linears of the first layer
+    first_layer_attn_roles: frozenset = frozenset()
     #: per stack: Σ over adapted MLP-out Linears (down, fc_out) of one layer of in_features
     mlp_out_adapted_in: dict = field(default_factory=dict)
     #: per stack: Σ over all adapted MLP Linears (gate, up, down, fc_in, fc_out) of in_features
@@ -221,6 +223,8 @@ def _build_structure(model: ModelSpec, adapted, dt: Dtypes, dq: bool, device: st
         outlier_p=_p_silu_product_exceeds(sigma, 6.0) if effective_linear_quant(model, dt) == "int8" else 0.0,
         first_layer_attn_in_adapted=first_attn_in, first_decoder_layer_attn_in_adapted=dec_first_attn_in,
         mlp_out_adapted_in=mlp_out, mlp_adapted_in=mlp_all, mlp_in_adapted_out=mlp_in_out,
+        first_layer_attn_roles=frozenset(l.role for l in adapted if l.stack == first_stack and l.layer == 0
+                                         and _input_group(l.role) == "attn_in"),
         first_layer_mlp_adapted=any(l.stack == first_stack and l.layer == 0 and _input_group(l.role) in ("mlp_in", "down", "fc_out")
                                     for l in adapted),
         linear_shapes=tuple(sorted({(l.stack, l.role in INT8_OUTLIER_ROLES, l.in_features, l.out_features)
