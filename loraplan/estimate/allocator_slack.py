@@ -46,6 +46,7 @@ from pathlib import Path
 
 from ..allocator import K_LARGE_BUFFER, K_MIN_LARGE_ALLOC, K_ROUND_LARGE, K_SMALL_BUFFER, K_SMALL_SIZE
 from .arrays import is_scalar
+from .arrays import maximum as _max
 
 __all__ = ["CONFIGS", "check_config", "WeightsState", "load_slack_data", "slack_factors", "largest_step_block", "weights_state", "weights_slack",
            "step_bytes", "step_segments_bytes", "peak_reserved", "slack_uncertainty"]
@@ -91,14 +92,6 @@ def _config_name(config: str) -> str:
 def check_config(config: str) -> None:
     """InputError (one line) for an allocator config without a closed form; "" is torch's default."""
     _config_name(config or "default")
-
-
-def _max(a, b):
-    if is_scalar(a) and is_scalar(b):
-        return max(a, b)
-    import numpy as np
-
-    return np.maximum(a, b)
 
 
 def step_blocks(st, x, kind: str):

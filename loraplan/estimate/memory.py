@@ -43,7 +43,7 @@ from .activations import (Shape, checkpoint_inputs, choose_attention, encoder_ba
                           position_bias_activations, recompute_shares_input, released_before_attention_backward,
                           rope_tables, saved_activations)
 from .arrays import is_scalar as _is_scalar
-from .arrays import where
+from .arrays import maximum, where
 from .coefficients import coefficient
 from .sequences import batch_layout, check_attention, explicit_mask, sequence_notes
 from .result import MemoryEstimate
@@ -366,15 +366,15 @@ def reserved_and_band(st: Structure, x: Shape, kind: str, peak_allocated, gpu: G
         from .parallel import layer_unit, shard_group
 
         conf = alloc_conf or "default"
-        engine = f"fsdp{resolve_recipe(train).fsdp_version}"
+        version = resolve_recipe(train).fsdp_version
+        engine = f"fsdp{version}"
         c = allocator_slack.slack_factors(conf, engine)
         head, layer = allocator_slack.step_blocks(st, x, kind)
-        extra = stream_reserved._round_up(c.get("phi_layer", 0.0) * layer, 1)
-        r = stream_reserved.peak_reserved(rank_ledgers, resolve_recipe(train).fsdp_version,
-                                          stream_reserved._max(head, layer), c["phi"], conf,
+        extra = stream_reserved.round_up(c.get("phi_layer", 0.0) * layer, 1)
+        r = stream_reserved.peak_reserved(rank_ledgers, version, maximum(head, layer), c["phi"], conf,
                                           root=st.unquantized_weights, unit=layer_unit(st, lora_weights(st, x.r)),
                                           extra=extra, shard_group=shard_group(train), param_factor=param_factor)
-        r = stream_reserved._max(r, peak_allocated)
+        r = maximum(r, peak_allocated)
         return ((int(r) if _is_scalar(r) else r.astype("int64")),
                 allocator_slack.slack_uncertainty(peak_allocated, conf, engine=engine))
     if _calibrated(cal, "reserved_over_allocated_ratio") or not one_gpu:

@@ -69,6 +69,7 @@ from functools import lru_cache
 
 from ..allocator import K_ROUND_LARGE
 from .arrays import is_scalar
+from .arrays import maximum as _max
 
 __all__ = ["SIDE_LINES", "lazy_init_blocks", "lazy_init_state", "reserved_by_stream", "peak_reserved"]
 
@@ -79,15 +80,8 @@ SIDE_LINES = {
 }
 
 
-def _max(a, b):
-    if is_scalar(a) and is_scalar(b):
-        return max(a, b)
-    import numpy as np
-
-    return np.maximum(a, b)
-
-
-def _round_up(v, g: int):
+def round_up(v, g: int):
+    """``v`` rounded up to a multiple of ``g`` bytes, negatives to 0 (an int, or an int64 array)."""
     if is_scalar(v):
         return int(math.ceil(max(v, 0) / g)) * g
     import numpy as np
@@ -190,16 +184,16 @@ def reserved_by_stream(moments: dict[str, dict], fsdp_version: int, B, phi: floa
         # ledger's moment nets the layer's backward transients against the second unit because
         # the total peaks inside the layer (parallel.py, BACKWARD_MOMENTS), the stream does not
         peaks["unshard_stream"] = _max(peaks["unshard_stream"],
-                                       _round_up(root, K_ROUND_LARGE) + 2 * _round_up(unit, K_ROUND_LARGE))
+                                       round_up(root, K_ROUND_LARGE) + 2 * round_up(unit, K_ROUND_LARGE))
     if int(fsdp_version) == 2:
         peaks["all_gather_copy_in_stream"] = _max(peaks["all_gather_copy_in_stream"],
-                                                  _round_up(_max(root, unit), K_ROUND_LARGE) + unit)
+                                                  round_up(_max(root, unit), K_ROUND_LARGE) + unit)
     lazy = None
     if int(fsdp_version) == 1:
         lazy = (lambda r, u: lazy_init_blocks(1, r, u, shard_group, param_factor), root, unit)
     out = {"default": _default_stream(a_def, B, phi, config, extra, lazy)}
     for stream, v in peaks.items():
-        out[stream] = _round_up(v, K_ROUND_LARGE)
+        out[stream] = round_up(v, K_ROUND_LARGE)
     return out
 
 
