@@ -182,6 +182,9 @@ class GpuPlan:
     layout_options: str = ""
     #: dollars per million trained tokens (price x N GPUs / tokens per second); None without a price
     usd_per_mtok: float | None = None
+    #: (fastest, slowest) seconds per step over the host speeds seen (TimeEstimate.step_s_host_range):
+    #: set when the user's host is unknown and the step depends on it
+    step_s_host_range: tuple[float, float] | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -495,6 +498,7 @@ def plan_job(model: ModelSpec, lora: LoraSpec, train: TrainSpec, gpus: list[GpuS
             num_gpus=n_gpus, strategy=train.strategy, nodes=train.nodes, layout_options=layout_opts,
             usd_per_mtok=(price * n_gpus / (te.tokens_per_s * 3600) * 1e6
                           if price is not None and te.tokens_per_s else None),
+            step_s_host_range=getattr(te, "step_s_host_range", None),
         ))
         if fits and n_gpus == 1:
             one_fits.add(gpu.id)

@@ -174,4 +174,12 @@ def with_host_speed(cal: Calibration, host_speed: float | None) -> Calibration:
     if not is_finite(host_speed) or not lo <= host_speed <= hi:
         raise InputError(f"--host-speed {host_speed!r} is not a speed relative to the reference host; "
                          f"give a number from {lo:g} to {hi:g} (1.0: the H100 reference host, 2.0: twice as fast)")
-    return replace(cal, coefficients={**cal.coefficients, "time_host_speed": float(host_speed)})
+    return replace(cal, coefficients={**cal.coefficients, "time_host_speed": float(host_speed)},
+                   provenance={**cal.provenance, "host_speed": "--host-speed: set by the user"})
+
+
+def host_speed_known(cal: Calibration) -> bool:
+    """True when ``cal``'s host speed describes the user's machine: set with --host-speed
+    (``with_host_speed``) or read from a calibration file (``loraplan calibrate`` fits it from the
+    user's records); False for the shipped calibration (the H100 reference host's)."""
+    return "host_speed" in cal.provenance or "file" in cal.provenance

@@ -159,6 +159,8 @@ def _print_table(d: dict, labels: dict[str, str] | None = None) -> None:
         comm = (d.get("detail") or {}).get("communication")
         if comm:
             con.print(escape(communication_line(comm, tm)))
+        if tm.get("notes"):
+            bullets(con, tm["notes"], mark="note:")
     if mem.get("notes"):
         bullets(con, mem["notes"], mark="note:")
 

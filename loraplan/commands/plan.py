@@ -215,6 +215,15 @@ def _print_table(d: dict) -> None:
         con.print(f"[yellow]{sk['gpu']}[/] not planned: {sk['reason']}")
     for n in d.get("notes", []):  # what the estimate says about this setup on every GPU
         con.print(f"{'[bold red]' if n.startswith('WARNING') else '[dim]'}note: {escape(n)}[/]")
+    hosty = [g for g in d["gpus"] if g.get("step_s_host_range")]
+    if hosty:
+        from ..estimate.host_costs import host_speed_range
+
+        lo = min(g["step_s_host_range"][0] / g["step_s"] for g in hosty)
+        con.print(f"[dim]note: {len(hosty)} of {len(d['gpus'])} rows depend on the host CPU's speed (priced at the "
+                  f"H100 reference host's; published transformers + peft hosts ran up to "
+                  f"{host_speed_range()[1]:.1f}x faster: their hours and $ down to {lo:.0%} of those shown); give "
+                  f"--host-speed, or calibrate from a profile of your machine[/]")
     con.print("[dim]times: analytic step-time model: GEMM/attention efficiencies sourced per GPU generation, "
               "host costs fitted on the H100 reference host (--host-speed scales them)."
               + (" Prices: catalog list prices unless --price." if sized else "")

@@ -40,6 +40,7 @@ def estimate(model: ModelSpec, lora: LoraSpec, train: TrainSpec, gpu: GpuSpec | 
         time = estimate_step_time(model, lora, train, gpu, cal)
         # several GPUs: + the exposed communication of the engine (estimate/comm.py)
         time, comm = with_communication(model, lora, train, gpu, time, adapted)
+        time = _with_host_range(time, model, lora, train, gpu, cal, adapted)
     inputs = run_inputs(model, lora, train)
     inputs["attention_kernel"] = setup.attention
     if alloc_conf:
@@ -57,6 +58,39 @@ def estimate(model: ModelSpec, lora: LoraSpec, train: TrainSpec, gpu: GpuSpec | 
         detail={"communication": comm} if comm else {},
     )
     return _with_paging_cost(result, gpu)
+
+
+#: the host-speed note appears when the step at the slowest and fastest hosts seen differ by more
+#: than this fraction of the predicted step
+HOST_RANGE_NOTE_FRACTION = 0.10
+
+
+def _with_host_range(time, model, lora, train, gpu, cal, adapted):
+    """``time`` with ``step_s_host_range`` and a note when the user's host is unknown
+    (``catalog.host_speed_known``) and the step would change by more than
+    ``HOST_RANGE_NOTE_FRACTION`` between the slowest and fastest host speeds seen
+    (``host_costs.host_speed_range``: the H100 reference host and published HF-stack hosts)."""
+    from ..catalog import host_speed_known
+    from .host_costs import host_speed_range
+
+    if time is None or host_speed_known(cal):
+        return time
+    lo, hi = host_speed_range()
+    at = []
+    for speed in (lo, hi):
+        c = replace(cal, coefficients={**cal.coefficients, "time_host_speed": speed})
+        t, _ = with_communication(model, lora, train, gpu, estimate_step_time(model, lora, train, gpu, c), adapted)
+        at.append(float(t.step_s))
+    slow, fast = at
+    if slow - fast <= HOST_RANGE_NOTE_FRACTION * time.step_s:
+        return time
+    c = time.components
+    note = (f"host: the CPU's work (Python, kernel launches) takes {c.get('host_s', 0.0):.3f} s per step beside "
+            f"the GPU's {c.get('gpu_s', 0.0):.3f} s, priced at the H100 reference host's speed; hosts running "
+            f"transformers + peft measured {lo:.1f}-{hi:.1f}x that speed in published runs (data/host-speeds.json), "
+            f"which gives {fast:.3f}-{slow:.3f} s per step here. Give --host-speed, or calibrate from a profile "
+            f"of your machine")
+    return replace(time, notes=time.notes + (note,), step_s_host_range=(fast, slow))
 
 
 def _with_paging_cost(e: Estimate, gpu: GpuSpec | None) -> Estimate:

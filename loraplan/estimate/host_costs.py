@@ -23,3 +23,21 @@ def host_priors() -> dict[str, float]:
     time_host_gc_hook_s, time_host_step_s}`` in seconds: the priors of a CUDA host as fast as the
     measured CPU (``time_host_speed`` 1.0)."""
     return {k: float(v) for k, v in table()["priors"].items()}
+
+
+HOST_SPEEDS_PATH = PATH.parent / "host-speeds.json"
+
+
+@lru_cache(maxsize=1)
+def published_host_speeds() -> tuple[dict, ...]:
+    """The hosts of published runs (data/host-speeds.json, benchmarks/host_speeds.py): each
+    ``{source, gpu, pinned_by, hf_stack, host_speed, url}``, ``host_speed`` relative to the H100
+    reference host (1.0, the shipped calibration's host)."""
+    return tuple(json.loads(HOST_SPEEDS_PATH.read_text())["hosts"])
+
+
+def host_speed_range() -> tuple[float, float]:
+    """(slowest, fastest) host speed seen on the stack loraplan models (transformers + peft): the
+    H100 reference host (1.0) and the published HF-stack hosts."""
+    speeds = [1.0] + [float(h["host_speed"]) for h in published_host_speeds() if h["hf_stack"]]
+    return min(speeds), max(speeds)

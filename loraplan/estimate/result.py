@@ -46,6 +46,10 @@ class TimeEstimate:
     tokens_per_s: float
     components: dict[str, float] = field(default_factory=dict)  # seconds by part
     bound: str = ""  # what limits the step: host | compute | memory
+    notes: tuple[str, ...] = ()
+    #: the step at the slowest and fastest host speeds seen (estimate/host_costs.host_speed_range),
+    #: seconds, when the user's host is unknown and the step depends on it; else None
+    step_s_host_range: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -129,7 +133,10 @@ class Estimate:
             d["detail"] = self.detail
         if self.time is not None:
             d["time"] = {"step_s": self.time.step_s, "tokens_per_s": self.time.tokens_per_s,
-                         "components": dict(self.time.components), "bound": self.time.bound}
+                         "components": dict(self.time.components), "bound": self.time.bound,
+                         "notes": list(self.time.notes),
+                         "step_s_host_range": (list(self.time.step_s_host_range)
+                                               if self.time.step_s_host_range else None)}
         return d
 
 
