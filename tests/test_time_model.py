@@ -138,11 +138,18 @@ def test_published_speed_benchmark_runs_on_a_subset():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import published_speed as ps
 
+    from loraplan.catalog import model_entries
+
     data = ps.load()
+    pins: dict[str, int] = {}
     for c in data["cases"]:
         src = data["sources"][c["source"]]
         assert src["url"].startswith("https://") and src["quote"] and src["stack"] and src["differs"], c["id"]
-        assert c["published_s"] > 0 and c["gpu"] in gpu_entries()
+        assert c["published_s"] > 0 and c["gpu"] in gpu_entries() and c["published"], c["id"]
+        assert c["case"]["model"] in data["models"] or c["case"]["model"] in model_entries(), c["id"]
+        pins[c["source"]] = pins.get(c["source"], 0) + bool(c.get("pins_host_speed"))
+    assert len({c["id"] for c in data["cases"]}) == len(data["cases"])
+    assert max(pins.values()) == 1  # one host speed per source at most, pinned by one row
     rows = ps.rows(data, {"qwen7b-lora-a100-s2048", "litgpt-l2-7b-bf16-a100-40gb"})
     assert len(rows) == 2
     for r in rows:
