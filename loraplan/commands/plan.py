@@ -59,7 +59,7 @@ def plan_command(gpu_list, tokens, examples, tokens_per_example, epochs, effecti
         raise InputError("--tokens-per-example needs --examples N (the number of examples)")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        # the case on one GPU; the layouts (plan.search_layouts / layout_train) put the engine on it,
+        # the case on one GPU; the layouts (plan.search_layouts / layout_case) put the engine on it,
         # so that --strategy fsdp alone (or --num-gpus 4 alone) is a search, not a refusal
         layout = {k: opts.pop(k, None) for k in PARALLEL_FIELDS}
         model, lora, train = resolve_case(opts)
