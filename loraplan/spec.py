@@ -275,8 +275,16 @@ def _positive_int(hint: str = "", optional: bool = False) -> Callable[[str, Any]
 
 
 def _check_alpha(key: str, v: Any) -> None:
-    if v is None or _is_array(v) or is_finite(v):
+    """peft takes any number as lora_alpha (LoraConfig has no check) and multiplies the adapter's
+    output by scaling = alpha / r (peft tuners/lora/layer.py::LoraLayer.update_layer; alpha /
+    sqrt(r) with rslora), so alpha 0 makes the adapter output and its gradients zero: nothing
+    trains. A negative alpha is kept: lora_B starts at zero (``reset_lora_parameters``), so the
+    run is that of -alpha with B mirrored."""
+    if v is None or _is_array(v) or (is_finite(v) and v != 0):
         return
+    if is_finite(v):
+        raise InputError(f"{_opt(key)} {_shown(v)} makes peft's scaling alpha / r zero, so the adapters output and "
+                         f"learn nothing; give a nonzero alpha, e.g. 16 (default: 2 x rank)")
     raise InputError(f"{_opt(key)} {_shown(v)} must be a finite number (default: 2 x rank)")
 
 

@@ -199,6 +199,8 @@ def test_plan_gpu_empty_is_not_every_gpu(run_cli):
     (["--seq", "100:1000:x1.5"], "not an integer"),
     (["--dropout", "inf"], "--dropout"),
     (["--rank", "0,8"], "--rank"),
+    (["--alpha", "16,0"], "nonzero alpha"),  # every value of a list or range is checked
+    (["--alpha", "-8:8:+8"], "nonzero alpha"),
     (["--targets", "nonexistent_proj"], "none of the"),
     (["--gpu", ""], "--gpu"),
     (["--model", "x" * 5000], "characters"),
