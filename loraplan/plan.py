@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Callable, Iterable
 
 from .errors import InputError, LoraplanError, UnknownNameError, suggest
-from .spec import PARALLEL_FIELDS, Calibration, GpuSpec, LoraSpec, ModelSpec, TrainSpec
+from .spec import MAX_OPTION, PARALLEL_FIELDS, Calibration, GpuSpec, LoraSpec, ModelSpec, TrainSpec
 
 #: upper bounds of the binary searches (a search stops at the first size that does not fit)
 MAX_SEARCH_BATCH = 4096
@@ -49,6 +49,13 @@ MAX_SEARCH_SEQ = 1 << 20
 MAX_SEQ_OVER_POSITIONS = 4
 
 EstimateFn = Callable[..., object]  # estimate(model, lora, train, gpu, calibration) -> Estimate
+
+#: job sizes beyond these are typos, not jobs: 10^15 tokens (or examples) per epoch is ~30 x the
+#: largest pretraining corpora (Qwen3: 36T tokens), 10^4 passes over the data; an effective batch
+#: is at most spec.MAX_OPTION's accumulation bound (2^16 sequences), so that the accumulation it
+#: implies at micro-batch 1 is one a TrainSpec takes
+MAX_JOB_TOKENS = 10**15
+MAX_EPOCHS = 10_000
 
 #: GPU counts a plan searches when --num-gpus is not given
 SEARCH_GPU_COUNTS = (1, 2, 4, 8)
@@ -105,19 +112,21 @@ class Job:
         if self.tokens is not None and self.examples is not None:
             raise InputError("give either --tokens or --examples, not both")
         if self.tokens is not None:
-            positive_int(self.tokens, "--tokens", "give the training tokens per epoch, e.g. --tokens 5e7")
+            positive_int(self.tokens, "--tokens", "give the training tokens per epoch, e.g. --tokens 5e7", MAX_JOB_TOKENS)
         if self.examples is not None:
-            positive_int(self.examples, "--examples", "give the number of examples per epoch, e.g. --examples 50000")
+            positive_int(self.examples, "--examples", "give the number of examples per epoch, e.g. --examples 50000",
+                         MAX_JOB_TOKENS)
         if self.tokens_per_example is not None:
             positive_int(self.tokens_per_example, "--tokens-per-example", "give typical tokens per example, e.g. 512")
         if self.tokens_per_example is not None and self.examples is None:
             raise InputError("--tokens-per-example needs --examples N (the number of examples)")
         fix = "give a positive number of passes over the data, e.g. --epochs 1"
-        if finite(self.epochs, "--epochs", fix) <= 0:
-            raise InputError(f"--epochs {self.epochs!r} is not positive; {fix}")
+        if not 0 < finite(self.epochs, "--epochs", fix) <= MAX_EPOCHS:
+            raise InputError(f"--epochs {self.epochs!r} is not a number of passes from 0 to {MAX_EPOCHS:,}; {fix}")
         if self.effective_batch is not None:
             positive_int(self.effective_batch, "--effective-batch",
-                         "give the sequences per optimizer step, e.g. --effective-batch 16, or leave it out")
+                         "give the sequences per optimizer step, e.g. --effective-batch 16, or leave it out",
+                         MAX_OPTION["gradient_accumulation"])
 
     def micro_steps(self, micro_batch: int, seq: int) -> int | None:
         """Forward/backward passes of ``micro_batch`` rows of ``seq`` tokens over the whole job

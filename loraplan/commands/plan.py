@@ -109,9 +109,13 @@ def _count(name: str, v: float | None) -> int | None:
     if v is None:
         return None
     fix = f"give a positive whole number, e.g. --{name} {'5e7' if name == 'tokens' else '50000'}"
+    from ..plan import MAX_JOB_TOKENS
+
     v = finite(v, f"--{name}", fix)
     if v != int(v) or v <= 0:
         raise InputError(f"--{name} {v:g} is not a positive whole number; {fix}")
+    if v > MAX_JOB_TOKENS:
+        raise InputError(f"--{name} {v:g} is more than {MAX_JOB_TOKENS:.0e}, beyond any training job; {fix}")
     return int(v)
 
 
