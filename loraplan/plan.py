@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Callable, Iterable
 
 from .errors import InputError, LoraplanError, UnknownNameError, suggest
-from .spec import PARALLEL_FIELDS, Calibration, GpuSpec, LoraSpec, ModelSpec, TrainSpec
+from .spec import MAX_OPTION, PARALLEL_FIELDS, Calibration, GpuSpec, LoraSpec, ModelSpec, TrainSpec
 
 #: upper bounds of the binary searches (a search stops at the first size that does not fit)
 MAX_SEARCH_BATCH = 4096
@@ -49,6 +49,13 @@ MAX_SEARCH_SEQ = 1 << 20
 MAX_SEQ_OVER_POSITIONS = 4
 
 EstimateFn = Callable[..., object]  # estimate(model, lora, train, gpu, calibration) -> Estimate
+
+#: job sizes beyond these are typos, not jobs: 10^15 tokens (or examples) per epoch is ~30 x the
+#: largest pretraining corpora (Qwen3: 36T tokens), 10^4 passes over the data; an effective batch
+#: is at most spec.MAX_OPTION's accumulation bound (2^16 sequences), so that the accumulation it
+#: implies at micro-batch 1 is one a TrainSpec takes
+MAX_JOB_TOKENS = 10**15
+MAX_EPOCHS = 10_000
 
 #: GPU counts a plan searches when --num-gpus is not given
 SEARCH_GPU_COUNTS = (1, 2, 4, 8)
@@ -105,19 +112,21 @@ class Job:
         if self.tokens is not None and self.examples is not None:
             raise InputError("give either --tokens or --examples, not both")
         if self.tokens is not None:
-            positive_int(self.tokens, "--tokens", "give the training tokens per epoch, e.g. --tokens 5e7")
+            positive_int(self.tokens, "--tokens", "give the training tokens per epoch, e.g. --tokens 5e7", MAX_JOB_TOKENS)
         if self.examples is not None:
-            positive_int(self.examples, "--examples", "give the number of examples per epoch, e.g. --examples 50000")
+            positive_int(self.examples, "--examples", "give the number of examples per epoch, e.g. --examples 50000",
+                         MAX_JOB_TOKENS)
         if self.tokens_per_example is not None:
             positive_int(self.tokens_per_example, "--tokens-per-example", "give typical tokens per example, e.g. 512")
         if self.tokens_per_example is not None and self.examples is None:
             raise InputError("--tokens-per-example needs --examples N (the number of examples)")
         fix = "give a positive number of passes over the data, e.g. --epochs 1"
-        if finite(self.epochs, "--epochs", fix) <= 0:
-            raise InputError(f"--epochs {self.epochs!r} is not positive; {fix}")
+        if not 0 < finite(self.epochs, "--epochs", fix) <= MAX_EPOCHS:
+            raise InputError(f"--epochs {self.epochs!r} is not a number of passes from 0 to {MAX_EPOCHS:,}; {fix}")
         if self.effective_batch is not None:
             positive_int(self.effective_batch, "--effective-batch",
-                         "give the sequences per optimizer step, e.g. --effective-batch 16, or leave it out")
+                         "give the sequences per optimizer step, e.g. --effective-batch 16, or leave it out",
+                         MAX_OPTION["gradient_accumulation"])
 
     def micro_steps(self, micro_batch: int, seq: int) -> int | None:
         """Forward/backward passes of ``micro_batch`` rows of ``seq`` tokens over the whole job
@@ -373,14 +382,13 @@ def _position_cap(model: ModelSpec, max_mem: int) -> tuple[int, str]:
 ONE_GPU = {f.name: f.default for f in fields(TrainSpec) if f.name in PARALLEL_FIELDS}
 
 
-def layout_train(train: TrainSpec, layout: Layout, gpu: GpuSpec) -> tuple[TrainSpec, str]:
+def layout_case(train: TrainSpec, layout: Layout) -> tuple[TrainSpec, str]:
     """``train`` on ``layout`` (on ``train.nodes`` machines; a 4-bit base under FSDP gets a float
     ``quant_storage``, the mixed-precision dtype or bf16) and the options that select it. Raises
-    InputError (``comm.check_layout``) where the engines cannot run it (e.g. more GPUs than a node
-    holds without --nodes)."""
-    from .estimate.comm import check_layout
+    the InputError ``estimate`` raises where no GPU can run it (``trainers.check_recipe``: e.g.
+    int8 sharded by FSDP, an FSDP1 option under FSDP2, flash_attention_2 on fp32)."""
     from .storage import Dtypes
-    from .trainers import BASE_SHARDING, FSDP_STRATEGIES, default_of, resolve_recipe
+    from .trainers import BASE_SHARDING, FSDP_STRATEGIES, check_recipe, default_of
 
     t = replace(train, strategy=layout.strategy, num_gpus=layout.num_gpus)
     opts = [f"--strategy {layout.strategy}", f"--num-gpus {layout.num_gpus}"] if layout.num_gpus > 1 or \
@@ -396,8 +404,7 @@ def layout_train(train: TrainSpec, layout: Layout, gpu: GpuSpec) -> tuple[TrainS
                 Dtypes.of(replace(train, **ONE_GPU)).prepare_kbit:  # the one-GPU recipe's (t's would refuse it)
             t = replace(t, prepare_kbit=False)  # FSDP1 flattens norms and packed weights into one dtype
             opts.append("--no-prepare-kbit")
-    check_layout(t, gpu)
-    resolve_recipe(t)  # the engines' own refusals (trainers.check_parallel), one line each
+    check_recipe(t)  # the engines' own refusals (trainers.check_parallel), one line each
     return t, " ".join(opts)
 
 
@@ -414,7 +421,7 @@ def plan_job(model: ModelSpec, lora: LoraSpec, train: TrainSpec, gpus: list[GpuS
     ``job.effective_batch``) use the largest micro-batch that fits, up to the effective batch.
     """
     from .catalog import load_calibration
-    from .estimate.comm import DATA_PARALLEL
+    from .estimate.comm import DATA_PARALLEL, check_layout
     from .estimate.time import estimate_step_time
     from .spec import run_inputs
     from .trainers import gpu_refusal
@@ -436,25 +443,40 @@ def plan_job(model: ModelSpec, lora: LoraSpec, train: TrainSpec, gpus: list[GpuS
     layouts = list(layouts) if layouts is not None else [Layout(train.strategy, train.num_gpus)]
     searching = len(layouts) > 1
     base_train = train
+    # what no GPU can run (int8 sharded, an FSDP1 option under FSDP2, ...) is refused once, before
+    # the GPUs: a layout that does not apply is not offered, and when none applies the input is
+    # wrong on every GPU: the one-line error estimate gives (exit 2), not a table of refusals
+    cases: dict[Layout, tuple[TrainSpec, str]] = {}
+    refusals: list[str] = []
+    for layout in layouts:
+        try:
+            cases[layout] = layout_case(base_train, layout)
+        except InputError as e:
+            refusals.append(str(e))
+    if not cases:
+        raise InputError(refusals[0])
     one_fits: set[str] = set()  # GPU types a search found to fit on one GPU
-    for gpu, layout in ((g, lay) for g in gpus for lay in layouts):
+    gpu_why: dict[str, str] = {}  # a GPU's first refusal (its platform, its kernels)
+    planned: set[str] = set()  # GPU types with a row
+    for gpu, layout in ((g, lay) for g in gpus for lay in layouts if lay in cases):
         if searching and layout.num_gpus > 1 and gpu.id in one_fits:
             continue  # one GPU already fits: more of them are not searched (give --num-gpus to compare)
-        why = None
+        train, layout_opts = cases[layout]
         try:
-            train, layout_opts = layout_train(base_train, layout, gpu)
-        except InputError as e:
-            if searching:  # a strategy that does not apply here (int8 sharded, too many GPUs): not offered
-                continue
-            why = str(e)
-        if why is None:
+            check_layout(train, gpu)  # the GPU's platform: GPUs per node
             why = gpu_refusal(train, gpu)  # the GPU cannot run the recipe at all
-        if why is not None:  # one GPU asked for: the one-line error; among several: listed as skipped
-            if len(gpus) == 1:
+        except InputError as e:
+            why = str(e)
+        if why is not None:
+            gpu_why.setdefault(gpu.id, why)
+            if searching:  # a layout this GPU cannot take (too many GPUs per node): not offered
+                continue
+            if len(gpus) == 1:  # one GPU asked for: the one-line error; among several: listed as skipped
                 raise InputError(why)
             if gpu.id not in {g for g, _ in skipped}:
                 skipped.append((gpu.id, why))
             continue
+        planned.add(gpu.id)
         cal = calibrations.get(gpu.id) or load_calibration(gpu.id)
         ev = _Evaluator(estimate_fn, model, lora, gpu, cal)
         seq = train.seq
@@ -502,7 +524,12 @@ def plan_job(model: ModelSpec, lora: LoraSpec, train: TrainSpec, gpus: list[GpuS
         ))
         if fits and n_gpus == 1:
             one_fits.add(gpu.id)
-    if searching:
+    if searching:  # a GPU type none of whose layouts it can take: listed with its first refusal
+        for gpu in gpus:
+            if gpu.id not in planned and gpu.id in gpu_why:
+                if len(gpus) == 1:
+                    raise InputError(gpu_why[gpu.id])
+                skipped.append((gpu.id, gpu_why[gpu.id]))
         rows.sort(key=_rank_key)
     fit_rows = [r for r in rows if r.fits and r.total_hours is not None]
     if fit_rows:

@@ -261,11 +261,14 @@ def _short(v: Any) -> str:
 
 def read_file(path: str | Path) -> dict:
     """A YAML or JSON file -> its top-level mapping. ConfigError (one line) when unreadable."""
+    from .inputs import check_depth, read_text_file
+
     p = Path(path).expanduser()
-    try:
-        text = p.read_text()
-    except OSError as e:
-        raise ConfigError(f"--config {path}: cannot read it ({e.strerror or e}); give a YAML or JSON file") from None
+    hint = "give a YAML or JSON training config"
+    # a regular UTF-8 file of at most inputs.MAX_JSON_BYTES (a FIFO, /dev/zero or a folder is refused
+    # before it is opened), brackets nested at most inputs.MAX_JSON_DEPTH deep, before a parser sees it
+    text = read_text_file(p, "--config file", hint)
+    check_depth(text, "--config file", str(path), hint)
     try:
         if p.suffix.lower() == ".json":
             data = json.loads(text)

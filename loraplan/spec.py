@@ -12,7 +12,7 @@ from numbers import Real
 from typing import Any, Callable, Literal, Mapping, get_args
 
 from .errors import InputError, suggest
-from .inputs import is_finite, is_int
+from .inputs import MAX_LAYERS, is_finite, is_int
 
 Quant = Literal["bf16", "fp16", "fp32", "nf4", "fp4", "int8"]
 Optimizer = Literal["adamw", "sgd", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"]
@@ -266,17 +266,49 @@ def _choice(choices: tuple[str, ...]) -> Callable[[str, Any], None]:
     return lambda key, v: check_choice(key, v, choices)
 
 
+#: upper bounds of the count options: beyond them a value is a typo, never a run. They keep every
+#: command fast and its integers exact (the sweep computes in int64, where 10^20 raises
+#: OverflowError; time.step_time queues one phase pair per micro-step, so accumulation 10^8 took
+#: a minute and 11 GB). Each is far above what training runs use:
+#: - rank: 2^16, above every public model's hidden size (Llama-3.1-405B: 16,384); the update B·A
+#:   has rank at most min(d_in, d_out, r), so a larger r adds parameters, not rank;
+#: - batch (per micro-step, per GPU): 2^16, 16 x plan's search bound (plan.MAX_SEARCH_BATCH 4,096);
+#: - seq, target_seq, row lengths: 2^24 tokens, 16 x plan's (plan.MAX_SEARCH_SEQ 2^20) and above
+#:   the longest published context (10M tokens);
+#: - gradient accumulation: 2^16 micro-steps, 32 x the largest published global batches taken at
+#:   micro-batch 1 on one GPU (Llama 3: 16M tokens = 2,048 x 8,192);
+#: - num_gpus, nodes: 2^20, above the largest clusters (~10^5 GPUs);
+#: - checkpoint_every_n_layers: inputs.MAX_LAYERS (no model has more layers).
+MAX_OPTION = {"rank": 1 << 16, "batch": 1 << 16, "seq": 1 << 24, "target_seq": 1 << 24, "lengths": 1 << 24,
+              "gradient_accumulation": 1 << 16, "num_gpus": 1 << 20, "nodes": 1 << 20,
+              "checkpoint_every_n_layers": MAX_LAYERS}
+
+
 def _positive_int(hint: str = "", optional: bool = False) -> Callable[[str, Any], None]:
     def check(key: str, v: Any) -> None:
-        if (optional and v is None) or _is_array(v) or (is_int(v) and v > 0):
+        if (optional and v is None) or _is_array(v):
             return
+        upper = MAX_OPTION.get(key)
+        if is_int(v) and v > 0 and (upper is None or v <= upper):
+            return
+        if is_int(v) and upper is not None and v > upper:
+            raise InputError(f"{_opt(key)} {v:,} is more than {upper:,}, beyond any training run; "
+                             f"give a value up to {upper:,}{hint}")
         raise InputError(f"{_opt(key)} {_shown(v)} must be a positive integer{hint}")
     return check
 
 
 def _check_alpha(key: str, v: Any) -> None:
-    if v is None or _is_array(v) or is_finite(v):
+    """peft takes any number as lora_alpha (LoraConfig has no check) and multiplies the adapter's
+    output by scaling = alpha / r (peft tuners/lora/layer.py::LoraLayer.update_layer; alpha /
+    sqrt(r) with rslora), so alpha 0 makes the adapter output and its gradients zero: nothing
+    trains. A negative alpha is kept: lora_B starts at zero (``reset_lora_parameters``), so the
+    run is that of -alpha with B mirrored."""
+    if v is None or _is_array(v) or (is_finite(v) and v != 0):
         return
+    if is_finite(v):
+        raise InputError(f"{_opt(key)} {_shown(v)} makes peft's scaling alpha / r zero, so the adapters output and "
+                         f"learn nothing; give a nonzero alpha, e.g. 16 (default: 2 x rank)")
     raise InputError(f"{_opt(key)} {_shown(v)} must be a finite number (default: 2 x rank)")
 
 
@@ -310,8 +342,12 @@ def _check_grad_norm(key: str, v: Any) -> None:
 
 
 def _check_lengths(key: str, v: Any) -> None:
-    if v is None or (isinstance(v, tuple) and v and all(is_int(x) and x > 0 for x in v)):
+    upper = MAX_OPTION["lengths"]
+    if v is None or (isinstance(v, tuple) and v and all(is_int(x) and 0 < x <= upper for x in v)):
         return
+    if isinstance(v, tuple) and all(is_int(x) and x > 0 for x in v):
+        raise InputError(f"{_opt(key)}: a row of {max(v):,} tokens is more than {upper:,}, beyond any training "
+                         f"run; give token counts up to {upper:,}")
     raise InputError(f"{_opt(key)} {v!r} must be positive token counts, e.g. (412, 1830, 4096) "
                      f"(p50, p99, max or every row's count)")
 

@@ -346,6 +346,19 @@ def recipe_levers(train: TrainSpec) -> list[tuple[str, str, TrainSpec]]:
     return out
 
 
+def check_recipe(train: TrainSpec) -> TrainSpec:
+    """The refusals of :func:`gpu_refusal` that hold on every GPU: ``resolve_recipe``'s (the
+    trainers' and engines' own, ``check_parallel`` among them) and flash_attention_2 on fp32
+    inputs (``estimate.sequences.check_attention_dtype``). Returns the resolved recipe; raises
+    the one-line InputError that ``estimate`` raises for the same input."""
+    from .estimate.sequences import check_attention_dtype
+    from .storage import Dtypes, dtype_bytes
+
+    r = resolve_recipe(train)
+    check_attention_dtype(r, dtype_bytes(Dtypes.of(r).stream))
+    return r
+
+
 def gpu_refusal(train: TrainSpec, gpu) -> str | None:
     """Why ``gpu`` cannot run ``train``'s recipe at all, as estimate() would refuse it (bf16
     without bf16 tensor cores: ``check_gpu_dtypes``; flash_attention_2 below sm80 or on an fp32

@@ -89,9 +89,25 @@ def test_target_matching_nothing_lists_modules(run_cli):
 
 @pytest.mark.parametrize("opt,val,needle", [("--rank", "0", "--rank 0"), ("--batch", "0", "--batch 0"),
                                             ("--rank", "abc", "not an integer"), ("--seq", "-5", "--seq -5"),
-                                            ("--dropout", "1.5", "--dropout")])
+                                            ("--rank", "-8", "--rank -8"), ("--rank", "1.5", "not an integer"),
+                                            ("--dropout", "1.5", "--dropout"), ("--dropout", "1", "[0, 1)"),
+                                            ("--dropout", "-0.1", "[0, 1)"), ("--dropout", "nan", "--dropout"),
+                                            ("--alpha", "0", "nonzero alpha"), ("--alpha", "-0.0", "nonzero alpha"),
+                                            ("--alpha", "inf", "finite"), ("--alpha", "x", "not a number")])
 def test_bad_numbers(run_cli, opt, val, needle):
     _one_line_error(run_cli, "estimate", opt, val, contains=(needle,))
+
+
+def test_negative_alpha_is_a_mirrored_run(run_cli):
+    """peft scales by alpha / r with lora_B starting at zero: -16 trains as 16 with B mirrored, so
+    it is accepted (the prediction does not depend on alpha)."""
+    import json
+
+    runs = [run_cli("estimate", "--alpha", a, "--format", "json") for a in ("-16", "16")]
+    assert [c for c, _, _ in runs] == [0, 0]
+    neg, pos = (json.loads(out) for _, out, _ in runs)
+    assert neg["inputs"]["alpha"] == -16.0
+    assert neg["memory"]["peak_allocated_bytes"] == pos["memory"]["peak_allocated_bytes"]
 
 
 def test_unknown_gpu_and_optimizer(run_cli):

@@ -187,6 +187,61 @@ def test_estimate_options(run_cli, args, words):
     assert words in _one_line_refusal(run_cli, "estimate", "--format", "json", *args)
 
 
+@pytest.mark.parametrize("opt, value, words", [
+    ("--rank", "99999999999999999999", "more than 65,536"),
+    ("--batch", "65537", "more than 65,536"),
+    ("--seq", "99999999999999999999", "more than 16,777,216"),
+    ("--gradient-accumulation", "100000000", "more than 65,536"),  # was a minute and 11 GB of RAM
+    ("--checkpoint-every-n-layers", "10001", "more than 10,000"),
+    ("--lengths", "512,99999999999999999999", "more than 16,777,216"),
+    ("--num-gpus", "99999999999999999999", "more than 1,048,576"),
+])
+def test_counts_beyond_any_run_are_refused_by_every_command(tmp_path, run_cli, opt, value, words):
+    """spec.MAX_OPTION: one line, exit 2, in estimate and in the sweep (whose int64 columns raised
+    OverflowError with a traceback)."""
+    assert words in _one_line_refusal(run_cli, "estimate", "--model", "qwen2.5-0.5b", opt, value)
+    out = tmp_path / "o.csv"
+    assert words in _one_line_refusal(run_cli, "sweep", "--model", "qwen2.5-0.5b", "--out", str(out), opt, value)
+    assert not out.exists()
+
+
+def test_counts_at_the_bounds_are_estimated(run_cli):
+    code, _, err = run_cli("estimate", "--model", "qwen2.5-0.5b", "--rank", "65536", "--gradient-accumulation", "65536",
+                           "--format", "json")
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--effective-batch", "1000000000"], "--effective-batch"),  # named as given, not as the accumulation it implies
+    (["--tokens", "1e300"], "--tokens 1e+300"),
+    (["--examples", "2e15"], "--examples"),
+    (["--epochs", "1e300", "--tokens", "1e6"], "--epochs"),
+])
+def test_plan_job_sizes_beyond_any_job(run_cli, args, words):
+    assert words in _one_line_refusal(run_cli, "plan", "--model", "qwen2.5-0.5b", "--gpu", "l4-24gb", *args)
+
+
+def test_recipe_config_goes_through_the_reader(tmp_path, run_cli):
+    """--config: a FIFO hung, /dev/zero was read until the process was killed, UTF-16 was a traceback."""
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)
+    utf16 = tmp_path / "c.yaml"
+    utf16.write_bytes("model_name_or_path: x\n".encode("utf-16"))
+    deep = tmp_path / "d.yaml"
+    deep.write_text("a: " + "[" * 100 + "]" * 100 + "\n")
+    for path, words in ((fifo, "not a regular file"), ("/dev/zero", "not a regular file"), (utf16, "UTF-16"),
+                        (deep, "nests 100 levels")):
+        assert words in _one_line_refusal(run_cli, "estimate", "--model", "qwen2.5-0.5b", "--config", str(path))
+
+
+@pytest.mark.parametrize("args", [["--timeout", "nan"], ["--timeout", "inf"], ["--trace-timeout", "nan"]])
+def test_time_limits_are_finite(tmp_path, run_cli, args):
+    """click's FloatRange lets NaN through; options.Seconds refuses it (and inf) before any case runs."""
+    line = _one_line_refusal(run_cli, "profile", "--model", "qwen2.5-0.5b", "--device", "cpu",
+                             "--out", str(tmp_path / "p.jsonl"), *args)
+    assert "finite number of seconds" in line and not (tmp_path / "p.jsonl").exists()
+
+
 def test_plan_gpu_empty_is_not_every_gpu(run_cli):
     assert "--gpu" in _one_line_refusal(run_cli, "plan", "--gpu", "", "--tokens", "1e6", "--format", "json")
 
@@ -199,6 +254,8 @@ def test_plan_gpu_empty_is_not_every_gpu(run_cli):
     (["--seq", "100:1000:x1.5"], "not an integer"),
     (["--dropout", "inf"], "--dropout"),
     (["--rank", "0,8"], "--rank"),
+    (["--alpha", "16,0"], "nonzero alpha"),  # every value of a list or range is checked
+    (["--alpha", "-8:8:+8"], "nonzero alpha"),
     (["--targets", "nonexistent_proj"], "none of the"),
     (["--gpu", ""], "--gpu"),
     (["--model", "x" * 5000], "characters"),

@@ -148,3 +148,33 @@ def test_cli_plan_fixed_layout_and_search(capsys):
     code, out, err = _run(capsys, "plan", "--model", "qwen2.5-0.5b", "--tokens", "1e6", "--gpu", "l4-24gb",
                           "--strategy", "ddp", "--num-gpus", "16")
     assert code == 2 and "--nodes 2" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("args, estimate_also", [
+    (["--quant", "int8", "--strategy", "fsdp", "--num-gpus", "2"], []),  # LLM.int8 cannot be sharded
+    (["--quant", "int8", "--strategy", "fsdp"], ["--num-gpus", "2"]),  # plan searches 2, 4, 8 GPUs: none applies
+    (["--strategy", "fsdp", "--fsdp-version", "2", "--fsdp-backward-prefetch", "backward-pre", "--num-gpus", "2"], []),
+    (["--quant", "fp32", "--attn-implementation", "flash_attention_2"], []),  # fp32 inputs on every GPU
+])
+def test_cli_plan_refuses_what_no_gpu_can_run_as_estimate_does(capsys, args, estimate_also):
+    """An input every GPU refuses for the same reason is the input's error: plan exits 2 with the
+    line estimate prints, not a table of 'not planned' rows (``estimate_also``: the GPU count
+    estimate needs where plan searches GPU counts)."""
+    code, out, err = _run(capsys, "estimate", "--model", "qwen2.5-0.5b", "--gpu", "h100-sxm-80gb", *args,
+                          *estimate_also)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    line = err
+    code, out, err = _run(capsys, "plan", "--model", "qwen2.5-0.5b", "--gpu", "t4-16gb,l4-24gb,h100-sxm-80gb", *args)
+    assert code == 2 and err == line and not out
+
+
+def test_cli_plan_keeps_the_table_when_the_refusal_is_the_gpus(capsys):
+    """flash_attention_2 needs sm80 and bf16 autocast needs bf16 tensor cores: the T4 is listed as
+    not planned, the other GPUs are planned (exit 0)."""
+    for args in (["--attn-implementation", "flash_attention_2"], ["--mixed-precision", "bf16"]):
+        code, out, err = _run(capsys, "plan", "--model", "qwen2.5-0.5b", "--gpu", "t4-16gb,l4-24gb", *args,
+                              "--format", "json")
+        assert code == 0, err
+        d = json.loads(out)
+        assert {g["gpu"] for g in d["gpus"]} == {"l4-24gb"}
+        assert [s["gpu"] for s in d["skipped"]] == ["t4-16gb"] and "7.5" in d["skipped"][0]["reason"]

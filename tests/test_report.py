@@ -90,3 +90,12 @@ def test_validation_report_mixed_gpus(run_cli, tmp_path, profile_record, write_j
     f = write_jsonl(tmp_path / "a.jsonl", [profile_record(2 * 2**30, gpu="a10g-24gb")])
     code, _, err = run_cli("report", "validation", str(f), "reference", "--out", str(tmp_path))
     assert code == 2 and "--gpu" in err
+
+
+@pytest.mark.parametrize("tokens", ["nan", "inf", "-1", "1e300"])
+def test_compare_job_tokens_are_a_finite_count(run_cli, tmp_path, tokens):
+    """NaN passed 'tokens <= 0' and wrote a report with NaN hours; now one line, exit 2, nothing written."""
+    code, _, err = run_cli("report", "compare", "--model", "qwen2.5-0.5b", "--gpu", "l4-24gb", "--tokens", tokens,
+                           "--out", str(tmp_path))
+    assert code == 2 and "--tokens" in err and len(err.strip().splitlines()) == 1
+    assert not list(tmp_path.iterdir())

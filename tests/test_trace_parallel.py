@@ -112,13 +112,23 @@ def test_what_is_not_traced_is_refused_in_one_line(strategy, extra, word):
     assert "\n" not in str(e.value) and "--method analytic" in str(e.value)
 
 
-@pytest.mark.parametrize("quant,extra,word", [("int8", {}, "int8"), ("nf4", {"fsdp_version": 1}, "quant-storage bf16")])
+@pytest.mark.parametrize("quant,extra,word", [("int8", {}, "int8"), ("nf4", {"fsdp_version": 1}, "quant-storage bf16"),
+                                               ("int8", {"strategy": "zero3"}, "int8"),
+                                               ("bf16", {"num_gpus": 1}, "--num-gpus 2 or more")])
 def test_what_fsdp_cannot_shard_is_bad_input(quant, extra, word):
+    """The engines' refusals are trainers.check_parallel's, word for word, whether the trace or
+    the analytic path (which resolves the recipe) meets them first."""
     from loraplan.errors import InputError
+    from loraplan.trace.distributed import check_traceable
+    from loraplan.trainers import resolve_recipe
 
-    with pytest.raises(InputError, match=word) as e:
-        trace_step(CFG, LORA, TrainSpec(quant=quant, batch=2, seq=64, strategy="fsdp", num_gpus=2, **extra))
-    assert "\n" not in str(e.value)
+    t = TrainSpec(quant=quant, batch=2, seq=64, **{"strategy": "fsdp", "num_gpus": 2, **extra})
+    with pytest.raises(InputError, match=word) as analytic:
+        resolve_recipe(t)
+    for refuse in (lambda: check_traceable(t), lambda: trace_step(CFG, LORA, t)):
+        with pytest.raises(InputError) as e:
+            refuse()
+        assert str(e.value) == str(analytic.value) and "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("n", [2, 4])

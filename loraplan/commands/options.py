@@ -9,6 +9,7 @@ profile) use ``case_options(multi=True)``, where every option takes comma lists 
 from __future__ import annotations
 
 import functools
+import math
 
 import click
 
@@ -180,7 +181,23 @@ def _with_config(f, multi: bool, gpu: bool, config_in_json: bool):
     return run
 
 
+class Seconds(click.FloatRange):
+    """A time limit: a finite number of seconds > 0. click's FloatRange lets NaN through (every
+    comparison with NaN is false) and takes inf; both are refused here."""
+
+    name = "seconds"
+
+    def __init__(self):
+        super().__init__(min=0, min_open=True)
+
+    def convert(self, value, param, ctx):
+        v = super().convert(value, param, ctx)
+        if not math.isfinite(v):
+            self.fail(f"{v} is not a finite number of seconds (e.g. 600)", param, ctx)
+        return v
+
+
 def trace_timeout_option(f):
     """``--trace-timeout``: shared by the commands that can run the meta-device trace."""
-    return click.option("--trace-timeout", type=click.FloatRange(min=0, min_open=True), default=300.0,
+    return click.option("--trace-timeout", type=Seconds(), default=300.0,
                         show_default=True, help="Seconds one case's trace may take")(f)

@@ -59,7 +59,7 @@ def plan_command(gpu_list, tokens, examples, tokens_per_example, epochs, effecti
         raise InputError("--tokens-per-example needs --examples N (the number of examples)")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        # the case on one GPU; the layouts (plan.search_layouts / layout_train) put the engine on it,
+        # the case on one GPU; the layouts (plan.search_layouts / layout_case) put the engine on it,
         # so that --strategy fsdp alone (or --num-gpus 4 alone) is a search, not a refusal
         layout = {k: opts.pop(k, None) for k in PARALLEL_FIELDS}
         model, lora, train = resolve_case(opts)
@@ -109,9 +109,13 @@ def _count(name: str, v: float | None) -> int | None:
     if v is None:
         return None
     fix = f"give a positive whole number, e.g. --{name} {'5e7' if name == 'tokens' else '50000'}"
+    from ..plan import MAX_JOB_TOKENS
+
     v = finite(v, f"--{name}", fix)
     if v != int(v) or v <= 0:
         raise InputError(f"--{name} {v:g} is not a positive whole number; {fix}")
+    if v > MAX_JOB_TOKENS:
+        raise InputError(f"--{name} {v:g} is more than {MAX_JOB_TOKENS:.0e}, beyond any training job; {fix}")
     return int(v)
 
 

@@ -13,7 +13,7 @@ import warnings
 import click
 
 from ..case import expand_grid
-from .options import case_options, trace_timeout_option
+from .options import Seconds, case_options, trace_timeout_option
 
 
 def _fmt_bytes(n) -> str:
@@ -43,7 +43,7 @@ def _fmt_s(x) -> str:
 @click.option("--steps", type=click.IntRange(1, 10000), default=6, show_default=True, help="Training steps per case")
 @click.option("--warmup", type=click.IntRange(0, 10000), default=2, show_default=True,
               help="Steps left out of the median step time")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=600.0, show_default=True,
+@click.option("--timeout", type=Seconds(), default=600.0, show_default=True,
               help="Seconds one case may take (building a cached model does not count)")
 @click.option("--force", is_flag=True, help="Run cases that are already recorded again (appends new records)")
 @click.option("--out", type=click.Path(dir_okay=False), default=None,

@@ -40,8 +40,12 @@ def compare_command(grid_file, tokens, calibration_file, out, name, **opts):
     from ..report.document import ensure_writable, require_report_extra
 
     require_report_extra()
-    if tokens <= 0:
-        raise InputError(f"--tokens {tokens:g} must be positive")
+    from ..inputs import finite
+    from ..plan import MAX_JOB_TOKENS
+
+    fix = "give the job's training tokens, e.g. --tokens 1e8"
+    if not 0 < finite(tokens, "--tokens", fix) <= MAX_JOB_TOKENS:  # finite() refuses NaN, which no comparison catches
+        raise InputError(f"--tokens {tokens:g} is not a number of tokens from 0 to {MAX_JOB_TOKENS:.0e}; {fix}")
     ensure_writable(out, name)
     gpu_opt = opts.pop("gpu", None)
     if grid_file:

@@ -151,6 +151,15 @@ def check_attention(train, compute_capability: str | None, stream_bytes: int) ->
     if float(compute_capability) < 8.0:
         raise InputError(f"--attn-implementation flash_attention_2 needs compute capability >= 8.0 (Ampere or newer), "
                          f"the GPU has {compute_capability}; use --attn-implementation sdpa")
+    check_attention_dtype(train, stream_bytes)
+
+
+def check_attention_dtype(train, stream_bytes: int) -> None:
+    """The part of :func:`check_attention` that holds on every GPU: flash_attention_2 with fp32
+    inputs (an fp32 model without autocast), a one-line InputError. ``plan`` runs it once before
+    the GPUs, so a setup no GPU can run is an input error (exit 2), not a table of refusals."""
+    if train.attn_implementation != "flash_attention_2":
+        return
     if stream_bytes == 4 and train.quant == "fp32" and (train.mixed_precision or "no") == "no":
         raise InputError("--attn-implementation flash_attention_2 takes fp16/bf16 only, and --quant fp32 without "
                          "autocast gives it fp32; use --mixed-precision bf16, --quant bf16 or --attn-implementation sdpa")

@@ -96,8 +96,16 @@ def is_parallel(train) -> bool:
 
 
 def check_traceable(train) -> None:
-    """Refuse, in one line with the fix, what this module cannot trace (see the module docstring)."""
-    s = train.strategy
+    """Refuse, in one line with the fix, what this module cannot trace (see the module docstring).
+
+    What the engines themselves refuse (int8 or a uint8 4-bit storage sharded, a multi-GPU engine
+    on one rank, FSDP options that do not apply, ...) is ``trainers.check_parallel``'s, run here
+    through ``resolve_recipe`` so the trace refuses it with the line estimate prints (InputError);
+    what is left is the trace's own limits (TraceError)."""
+    from ..trainers import resolve_recipe
+
+    r = resolve_recipe(train)  # trainers.check_parallel: the engines' refusals
+    s = r.strategy
     if s.startswith("zero"):
         raise TraceError(f"--strategy {s}: DeepSpeed needs CUDA and its compiled ops, which the meta trace "
                          "cannot run; use --method analytic (modelled from DeepSpeed's source)")
@@ -106,22 +114,12 @@ def check_traceable(train) -> None:
                          "not traced; use --method analytic")
     if s not in TRACED:
         raise InputError(f"--strategy {s} is not known to the trace; use one of {', '.join(TRACED)}")
-    if s == "fsdp-offload" and fsdp_version(train) == 1:
+    if s == "fsdp-offload" and r.fsdp_version == 1:
         raise TraceError("--strategy fsdp-offload --fsdp-version 1: FSDP1's CPUOffload is not traced; "
                          "use --fsdp-version 2 or --method analytic")
-    if s.startswith("fsdp") and train.quant == "int8":
-        raise InputError(f"--quant int8 with --strategy {s}: FSDP cannot shard bitsandbytes' int8 weights "
-                         "(Int8Params with their SCB state); use --quant nf4 --quant-storage bf16 or --strategy ddp")
-    if (s.startswith("fsdp") and fsdp_version(train) == 1 and train.quant in ("nf4", "fp4")
-            and getattr(train, "quant_storage", None) in (None, "uint8")):
-        raise InputError(f"--quant {train.quant} with --fsdp-version 1 and a uint8 quant storage: FSDP1 cannot flatten "
-                         "integer tensors (_flat_param.py: 'Cannot flatten integer dtype tensors'); "
-                         "use --quant-storage bf16")
-    if s.startswith("fsdp") and train.fsdp_sharding == "hybrid":
+    if r.fsdp_sharding == "hybrid":  # check_parallel refuses it on one node, and for every strategy but FSDP
         raise TraceError("--fsdp-sharding hybrid: the trace runs one flat mesh; use full or shard-grad-op, "
                          "or --method analytic")
-    if int(train.num_gpus) < 2:
-        raise InputError(f"--num-gpus {train.num_gpus} with --strategy {s}: the engine needs at least 2 ranks")
 
 
 def fsdp_version(train) -> int:
