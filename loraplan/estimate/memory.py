@@ -355,7 +355,8 @@ def reserved_and_band(st: Structure, x: Shape, kind: str, peak_allocated, gpu: G
     caching allocator keeps the all-gather / reduce-scatter streams' blocks apart from the
     default stream's; its default-stream slack factors and band are the engine's, ``fsdp1`` /
     ``fsdp2``, where reserved-slack.json has them, ``allocator_slack.slack_factors``; ``param_factor``: the shards' stored dtype over the computed,
-    ``parallel.param_factor``), band as above; DeepSpeed ZeRO and device_map (not replayed): the
+    ``parallel.param_factor``; FSDP1 with RAM-efficient loading: the constructor's blocks first,
+    ``stream_reserved.construction_events``), band as above; DeepSpeed ZeRO and device_map (not replayed): the
     calibration's ratio. DDP (the whole model on the default stream) is ``one_gpu``."""
     from . import allocator_slack
 
