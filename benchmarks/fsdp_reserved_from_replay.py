@@ -168,7 +168,9 @@ def fit(rows, engine: int) -> dict:
                     "max_rel_error_default_stream": [round(100 * min(rel), 2), round(100 * max(rel), 2)],
                     "source": f"benchmarks/fsdp_reserved_from_replay.py --fit: stream-aware allocator replays "
                               f"(loraplan.allocator, PYTORCH_CUDA_ALLOC_CONF='') of rank 0 of fake-process-group "
-                              f"traces (loraplan.trace.run.trace_step, FSDP{engine}) of the cases named, torch 2.13 / "
+                              f"traces (loraplan.trace.run.trace_step, FSDP{engine}; RAM-efficient FSDP1 recipes with the "
+                              f"constructor's blocks first, trace/distributed.py::Engine.construction_prefix) of the "
+                              f"cases named, torch 2.13 / "
                               f"transformers 5.24 / peft 0.21.2 / bitsandbytes 0.50.2 on CPU emulating sm90; the "
                               f"default stream's phi, phi_layer on a 0.05 grid minimising its mean relative error "
                               f"with under-predictions counted twice; spread_of_allocated the largest "

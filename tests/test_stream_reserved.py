@@ -161,3 +161,96 @@ def test_fsdp1_full_size_rank_reserved_within_5_percent_of_the_stream_aware_repl
     for stream, v in replay.items():
         assert abs(an[stream] - v) <= 0.05 * v, (stream, an, replay)
     assert abs(an_total - replay_total) <= 0.05 * replay_total, (an_total, replay_total)
+
+
+def test_fsdp1_construction_from_the_host_leaves_the_moved_tensors_and_the_flat_parameter_cached():
+    # a root unit of two 100 MiB tensors on 2 ranks: moved (2 x 100), broadcast as one 200 MiB cat
+    # copy (freed; the flat parameter takes its block), this rank's 100 MiB shard kept
+    ev = sr.construction_events((100 * MiB, 100 * MiB), (), 0, 2, sync=True)
+    w = sr.lazy_init_state((), "default", ev)
+    assert w.allocated == 100 * MiB and w.reserved == 500 * MiB
+    assert sorted(w.large_free) == [100 * MiB, 100 * MiB, 200 * MiB]
+    # the lazy init's unsharded root (200 MiB) takes the freed flat parameter's block: nothing new
+    assert sr.lazy_init_state((200 * MiB,), "default", ev).reserved == 500 * MiB
+    # CPU offload: the shard leaves for the host, its block stays cached
+    w = sr.lazy_init_state((), "default", sr.construction_events((100 * MiB, 100 * MiB), (), 0, 2, offload=True))
+    assert w.allocated == 0 and w.reserved == 500 * MiB
+    # one-tensor broadcast buckets are views: no copy (250 MiB closes a bucket)
+    big = sr.PARAM_BROADCAST_BUCKET_SIZE
+    assert not [e for e in sr.construction_events((big, big), (), 0, 2) if e[1][1] == "bucket"]
+
+
+def test_cached_blocks_smaller_than_the_head_block_take_the_steps_layer_tensors():
+    from loraplan.estimate.allocator_slack import WeightsState, step_segments_bytes
+
+    w = WeightsState(0, 200 * MiB, (), (200 * MiB,))
+    # the head's 300 MiB block does not fit the cached 200 MiB: without fill it is no use to the step
+    assert step_segments_bytes(w, 400 * MiB, 300 * MiB, 0.0) == 400 * MiB
+    # with the layer's 64 MiB tensors it holds three of them (192 MiB)
+    assert step_segments_bytes(w, 400 * MiB, 300 * MiB, 0.0, fill=64 * MiB) == 208 * MiB
+
+
+def test_ram_efficient_fsdp1_rank_keeps_the_constructors_segments_on_its_default_stream():
+    import json
+    from pathlib import Path
+
+    from loraplan.case import resolve_case
+    from loraplan.catalog import load_calibration, load_gpu
+    from loraplan.estimate.api import estimate
+
+    data = Path(__file__).resolve().parents[1] / "benchmarks" / "data" / "published-multigpu.json"
+    case = next(c["case"] for c in json.loads(data.read_text())["cases"]
+                if c["id"] == "answerai-fsdp-qlora-llama-2-7b-b1-ctx512")
+    gpu = load_gpu("rtx3090-24gb")
+    seen: dict = {}
+    orig = sr.peak_reserved
+
+    def spy(*args, **kw):
+        seen[kw["construction"] != ()] = (sr.reserved_by_stream(*args, **kw), kw)
+        return orig(*args, **kw)
+
+    sr.peak_reserved = spy
+    try:
+        for ram_efficient in (True, False):
+            model, lora, train = resolve_case({**case, "ram_efficient_loading": ram_efficient})
+            estimate(model, lora, train, gpu, load_calibration(gpu.id), with_time=False)
+    finally:
+        sr.peak_reserved = orig
+    (built, kw), (plain, _) = seen[True], seen[False]
+    w = sr.lazy_init_state((), "default", kw["construction"])
+    # Llama-2-7B nf4 in bf16 storage on 2 ranks: the root's moved embedding and head and its flat
+    # parameter (~1 GiB) stay cached; a b1 ctx512 step cannot fill them
+    assert w.reserved - w.allocated > 1 << 30
+    assert built["default"] >= w.reserved and built["default"] > plain["default"]
+    assert {k: v for k, v in built.items() if k != "default"} == {k: v for k, v in plain.items() if k != "default"}
+
+
+def test_fsdp1_ram_efficient_small_rank_replays_the_constructor_and_the_analytic_follows():
+    from loraplan.hf import spec_from_config
+    from loraplan.spec import LoraSpec, TrainSpec
+
+    lora = LoraSpec(rank=8, targets=("q_proj", "v_proj"))
+    kw = dict(quant="bf16", batch=1, seq=128, strategy="fsdp", num_gpus=2, fsdp_version=1)
+    spec = spec_from_config(CFG, name="small")
+    plain, _, an_plain, _ = _replay_and_analytic(CFG, lora, TrainSpec(**kw), spec)
+    built, _, an_built, _ = _replay_and_analytic(CFG, lora, TrainSpec(**kw, ram_efficient_loading=True), spec)
+    # the constructor's blocks (the root's moved embedding and head, 2 x 31.25 MiB, beside the
+    # flat parameter's 62.5 MiB that the lazy init caches anyway) stay cached on the default
+    # stream; a b1 x 128 step fills part of them
+    assert built["default"] >= plain["default"] + 32 * MiB, (built, plain)
+    assert {k: v for k, v in built.items() if k != "default"} == {k: v for k, v in plain.items() if k != "default"}
+    assert an_built["default"] > an_plain["default"]
+    assert abs(an_built["default"] - built["default"]) <= 0.10 * built["default"], (an_built, built)
+
+
+def test_arrays_with_the_constructor_and_fill_give_the_scalar_numbers():
+    import numpy as np
+
+    ev = sr.construction_events((100 * MiB, 100 * MiB), (30 * MiB, 30 * MiB), 2, 2)
+    a = np.array([300 * MiB, 500 * MiB, 900 * MiB])
+    B, fill, unit = np.array([150 * MiB, 300 * MiB, 600 * MiB]), np.array([20 * MiB, 40 * MiB, 60 * MiB]), 60 * MiB
+    ms = {"m": {"weights": a, "gathered_params": np.array([5 * MiB] * 3)}}
+    got = peak_reserved(ms, 1, B, 0.5, root=200 * MiB, unit=np.array([unit] * 3), construction=ev, fill=fill)
+    want = [peak_reserved({"m": {k: int(v[i]) for k, v in ms["m"].items()}}, 1, int(B[i]), 0.5, root=200 * MiB,
+                          unit=unit, construction=ev, fill=int(fill[i])) for i in range(3)]
+    assert list(got) == want

@@ -186,7 +186,7 @@ def _ceil_div(a, b):
     return -(-a // b)
 
 
-def step_segments_bytes(w: WeightsState, D, B, phi: float, config: str = "default", extra=0):
+def step_segments_bytes(w: WeightsState, D, B, phi: float, config: str = "default", extra=0, fill=0):
     """New device memory the step needs beyond the built model's segments (ints or int64 arrays).
 
     The step needs its D bytes plus ``phi`` blocks of its largest size B that its churn strands
@@ -195,7 +195,11 @@ def step_segments_bytes(w: WeightsState, D, B, phi: float, config: str = "defaul
     granularity, by the allocator rules:
 
     - the cached free blocks of that pool hold what fits in them in pieces of B (best fit with
-      splitting, ``get_free_block``: a free block of f bytes holds floor(f / B)·B);
+      splitting, ``get_free_block``: a free block of f bytes holds floor(f / B)·B); with ``fill``
+      (> 0: the step's per-layer block, ``step_blocks``) a large free block smaller than B holds
+      the step's smaller tensors instead, floor(f / fill)·fill (best fit hands a cached block to
+      any request it fits: FSDP1's cached construction / lazy-init blocks take a layer's tensors
+      when the head's are larger);
     - the rest is new memory in whole segments of ``get_allocation_size``: 2 MiB for B <= 1 MiB
       (small pool), 20 MiB (``kLargeBuffer``) for B < 10 MiB, else rounded up to 2 MiB
       (``kRoundLarge``); with ``expandable_segments:True`` in pages of 2 MiB (small) / 20 MiB
@@ -210,7 +214,8 @@ def step_segments_bytes(w: WeightsState, D, B, phi: float, config: str = "defaul
         if expandable:
             free, gran = sum(pool), (K_SMALL_BUFFER if small else K_LARGE_BUFFER)
         else:
-            free = sum(f // Bs * Bs for f in pool)
+            Fs = max(_ceil_div(int(fill), 512) * 512, 512) if fill and not small else Bs
+            free = sum(f // Bs * Bs if f >= Bs else f // Fs * Fs for f in pool)
             gran = K_SMALL_BUFFER if small else (K_LARGE_BUFFER if Bs < K_MIN_LARGE_ALLOC else K_ROUND_LARGE)
         return _ceil_div(max(need - free, 0), gran) * gran
     import numpy as np
@@ -228,7 +233,13 @@ def step_segments_bytes(w: WeightsState, D, B, phi: float, config: str = "defaul
     else:
         flat = Bs.reshape(1, -1)
         fs = ((sf[:, None] // flat) * flat).sum(0).reshape(Bs.shape) if sf.size else 0
-        fl = ((lf[:, None] // flat) * flat).sum(0).reshape(Bs.shape) if lf.size else 0
+        if lf.size:
+            F = np.broadcast_to(np.asarray(fill, dtype=np.int64), Bs.shape)
+            Fs = np.where(F > 0, np.maximum(_ceil_div(F, 512) * 512, 512), Bs).reshape(1, -1)
+            fl = np.where(lf[:, None] >= flat, (lf[:, None] // flat) * flat,
+                          (lf[:, None] // Fs) * Fs).sum(0).reshape(Bs.shape)
+        else:
+            fl = 0
         free = np.where(small, fs, fl)
         gran = np.where(small, K_SMALL_BUFFER, np.where(Bs < K_MIN_LARGE_ALLOC, K_LARGE_BUFFER, K_ROUND_LARGE))
     return (_ceil_div(np.maximum(need - free, 0), gran) * gran).astype(np.int64)

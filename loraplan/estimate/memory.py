@@ -355,7 +355,8 @@ def reserved_and_band(st: Structure, x: Shape, kind: str, peak_allocated, gpu: G
     caching allocator keeps the all-gather / reduce-scatter streams' blocks apart from the
     default stream's; its default-stream slack factors and band are the engine's, ``fsdp1`` /
     ``fsdp2``, where reserved-slack.json has them, ``allocator_slack.slack_factors``; ``param_factor``: the shards' stored dtype over the computed,
-    ``parallel.param_factor``), band as above; DeepSpeed ZeRO and device_map (not replayed): the
+    ``parallel.param_factor``; FSDP1 with RAM-efficient loading: the constructor's blocks first,
+    ``stream_reserved.construction_events``), band as above; DeepSpeed ZeRO and device_map (not replayed): the
     calibration's ratio. DDP (the whole model on the default stream) is ``one_gpu``."""
     from . import allocator_slack
 
@@ -363,17 +364,26 @@ def reserved_and_band(st: Structure, x: Shape, kind: str, peak_allocated, gpu: G
     if (not one_gpu and not _calibrated(cal, "reserved_over_allocated_ratio") and train is not None
             and rank_ledgers and train.strategy in ("fsdp", "fsdp-offload")):
         from . import stream_reserved
-        from .parallel import layer_unit, shard_group
+        from .parallel import construction_tensors, layer_unit, layers_total, shard_group
 
         conf = alloc_conf or "default"
-        version = resolve_recipe(train).fsdp_version
+        recipe = resolve_recipe(train)
+        version = recipe.fsdp_version
         engine = f"fsdp{version}"
+        built = ()
+        if version == 1 and recipe.ram_efficient_loading:
+            # rank 0 on the host, the others on meta: the constructor moves / materializes each
+            # unit on the GPU and broadcasts it (stream_reserved.construction_events)
+            root_t, layer_t = construction_tensors(st, param_factor)
+            built = stream_reserved.construction_events(root_t, layer_t, layers_total(st), shard_group(train),
+                                                         offload=train.strategy == "fsdp-offload")
         c = allocator_slack.slack_factors(conf, engine)
         head, layer = allocator_slack.step_blocks(st, x, kind)
         extra = stream_reserved.round_up(c.get("phi_layer", 0.0) * layer, 1)
         r = stream_reserved.peak_reserved(rank_ledgers, version, maximum(head, layer), c["phi"], conf,
                                           root=st.unquantized_weights, unit=layer_unit(st, lora_weights(st, x.r)),
-                                          extra=extra, shard_group=shard_group(train), param_factor=param_factor)
+                                          extra=extra, shard_group=shard_group(train), param_factor=param_factor,
+                                          construction=built, fill=layer if version == 1 else 0)
         r = maximum(r, peak_allocated)
         return ((int(r) if _is_scalar(r) else r.astype("int64")),
                 allocator_slack.slack_uncertainty(peak_allocated, conf, engine=engine))

@@ -141,6 +141,27 @@ def layer_unit(st: Structure, lora_weights) -> Any:
     return (st.frozen_linear_weights - quant_state_bytes(st) + st.expert_weights + lora_weights) / layers_total(st)
 
 
+def construction_tensors(st: Structure, param_factor: float = 1) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(root, layer): bytes of each tensor FSDP1's constructor moves onto the GPU for the root
+    unit (embeddings, position tables, an untied lm_head) and for one decoder-layer unit (its
+    frozen Linear weights as stored: ``layer_unit``'s frozen part split by element count; the
+    replicated 4-bit quant state is not a parameter), in the stored dtype (x ``param_factor``).
+    Norms and biases (small-pool blocks) and LoRA factors (their own units) are left out; fused
+    MoE experts too (one tensor per layer, not split here). For ``stream_reserved.construction_events``."""
+    m = st.model
+    numel = sum(p.numel for p in m.others) + sum(l.out_features for l in m.linears if l.bias and l.role != "lm_head")
+    head = [l for l in m.linears if l.role == "lm_head" and not m.tie_word_embeddings]
+    numel += sum(l.in_features * l.out_features for l in head)
+    b = st.unquantized_weights / max(numel, 1) * param_factor
+    root = [p.numel * b for p in m.others if p.kind in ("embedding", "position")]
+    root += [l.in_features * l.out_features * b for l in head]
+    first = [l for l in m.linears if l.role != "lm_head" and l.layer == 0 and l.stack == "decoder"]
+    elems = sum(l.in_features * l.out_features for l in first)
+    frozen = (st.frozen_linear_weights - quant_state_bytes(st)) / layers_total(st) * param_factor
+    layer = [frozen * l.in_features * l.out_features / elems for l in first] if elems else []
+    return tuple(int(v) for v in root), tuple(int(v) for v in layer)
+
+
 def _replicate_quant_state(c: dict, st: Structure) -> None:
     """Move the 4-bit quant state out of ``frozen_linear_weights`` into its own, unsharded line
     (``quant_state``) before the shards are scaled."""

@@ -28,7 +28,10 @@ So, per rank (``reserved_by_stream``):
                 block B and phi_layer layer blocks (allocator_slack.step_segments_bytes; a rank's
                 shards are a few large flat tensors, each its own segment, so no model tails)
     W_lazy    = FSDP1: the segments FSDP1's lazy init leaves cached on the default stream
-                (``lazy_init_state``), whose free blocks the step reuses only for blocks that fit
+                (``lazy_init_state``), whose free blocks the step reuses only for blocks that fit;
+                a model that reaches the constructor off the GPU first replays the constructor's
+                blocks (``construction_events``), and the step then needs A_def minus the shards
+                the construction left allocated
     A_def     = max over moments of the moment's ledger minus its side-stream lines
     R_side    = max over moments of the stream's lines, rounded up to kRoundLarge (2 MiB)
                 (FSDP2 all-gather: max(root, unit) + unit rounded the same way; FSDP1 unshard:
@@ -46,10 +49,30 @@ default stream as a free block, split by the step's smaller tensors but too smal
 largest, so on Llama-2-7B QLoRA b4 ctx2048 it strands ~0.5 GiB that the one-GPU closed form
 (whose frozen weights are never freed) has no term for.
 
+FSDP1's construction (``_init_utils.py::_init_param_handle_from_module``, each unit as auto-wrap
+builds it: a layer's units before their parent, the root last) when the model is on the host
+or the meta device and ``device_id`` is given -- accelerate's RAM-efficient loading (rank 0 on
+the host, the others on meta, ``sync_module_states``) and Answer.AI's fsdp_qlora ``low_memory``
+(train.py: rank 0 quantizes each layer on the GPU, moves it to the host, ``empty_cache``, then
+``FSDP(..., device_id=..., sync_module_states=True, param_init_fn=to_empty on cuda)``), per unit
+on the default stream: ``_move_module_to_device`` / ``param_init_fn`` put every parameter of the
+unit on the GPU (one block per tensor, as stored); ``_sync_module_params_and_buffers`` broadcasts
+them in buckets of ``PARAM_BROADCAST_BUCKET_SIZE`` (250 MiB; c10d ``broadcast_coalesced``: a
+bucket of one tensor is a view, of several a ``cat`` copy, freed after the broadcast);
+``FlatParamHandle.flatten_tensors`` cats the unit into its flat parameter; ``shard()`` clones
+this rank's chunk (kept) and frees the flat parameter; the moved originals die when the
+constructor returns. The root's blocks (the embedding and the head moved, their flat cat) come
+last and stay cached: Llama-2-7B QLoRA on 2 ranks leaves 1.2 GiB free on the default stream
+(reserved 3.5 GiB after the wrap, Answer.AI's benchmarks_03_2024.md reads "about 3.72GiB (see
+reserved_after_model_wrap)"), which a small step never fills while its small-pool blocks
+(the sharded LoRA state, <= 1 MiB each) cannot use it at all. A model already on the GPU
+before the wrap (a bitsandbytes base loaded with a device map) is not modelled: its originals
+were allocated together by the load.
+
 What the rules leave to the step's order (``phi`` / ``phi_layer``) is fitted per engine on
 stream-aware replays of full-size FSDP ranks (``engines.fsdp1`` / ``fsdp2`` in
 loraplan/data/reserved-slack.json, ``benchmarks/fsdp_reserved_from_replay.py --fit``): a rank
-strands about one more head block B than one GPU does (fsdp1 phi 1.45 against 0.55). Part of it
+strands about one more head block B than one GPU does (fsdp1 phi 1.3 against 0.55). Part of it
 grows with the layer count (each checkpointed layer's kept tensors carved from a freed layer
 block, a new layer-block segment per layer in the full-size replays), which a constant per B
 does not follow: on 4 layers the fitted factors read 9-15% high (the safe side).
@@ -71,7 +94,8 @@ from ..allocator import K_ROUND_LARGE
 from .arrays import is_scalar
 from .arrays import maximum as _max
 
-__all__ = ["SIDE_LINES", "lazy_init_blocks", "lazy_init_state", "reserved_by_stream", "peak_reserved"]
+__all__ = ["SIDE_LINES", "PARAM_BROADCAST_BUCKET_SIZE", "construction_events", "unit_construction_events",
+           "lazy_init_blocks", "lazy_init_state", "reserved_by_stream", "peak_reserved"]
 
 #: ledger lines allocated on a side stream, per FSDP version: line -> stream (module docstring)
 SIDE_LINES = {
@@ -118,46 +142,108 @@ def _ceil(v) -> int:
 
 
 @lru_cache(maxsize=256)
-def lazy_init_state(blocks: tuple, config: str = "default"):
+def lazy_init_state(blocks: tuple, config: str = "default", construction: tuple = ()):
     """``allocator_slack.WeightsState`` of the default stream after the lazy init's allocations,
-    each freed before the next (``lazy_init_blocks``), replayed through ``loraplan.allocator``:
-    nothing allocated, the segments reserved and their free blocks."""
+    each freed before the next (``lazy_init_blocks``), replayed through ``loraplan.allocator``
+    after the ``construction`` events (``construction_events``; () for a model built on the
+    GPU): allocated the shards the construction keeps, the segments reserved and their free
+    blocks."""
     from ..allocator import AllocatorConfig, CachingAllocator
     from .allocator_slack import CONFIGS, WeightsState, _config_name
 
     a = CachingAllocator(None, AllocatorConfig.parse(CONFIGS[_config_name(config)]))
+    live: dict = {}
+    for op, key, *nb in construction:
+        if op == "alloc":
+            live[key] = a.malloc(int(nb[0]))
+        else:
+            a.free(live.pop(key))
     for n in blocks:
         a.free(a.malloc(int(n)))
     small, large = a.free_block_sizes()
     return WeightsState(a.allocated, a.reserved, small, large)
 
 
-def _default_stream(a_def, B, phi, config, extra, lazy):
-    """R_default (module docstring); ``lazy``: (root, unit) -> ``lazy_init_blocks``, or None."""
+#: torch/distributed/fsdp/_init_utils.py::PARAM_BROADCAST_BUCKET_SIZE (sync_module_states buckets)
+PARAM_BROADCAST_BUCKET_SIZE = 250 * 1024 * 1024
+
+
+def construction_events(root: tuple, layer: tuple, n_layers: int, world: int, sync: bool = True,
+                        offload: bool = False) -> tuple:
+    """FSDP1's constructor on the default stream (``unit_construction_events``) for ``n_layers``
+    identical layer units of tensors ``layer`` (bytes as stored), then the root unit of tensors
+    ``root``. LoRA factors (their own small-pool units) are left out: the step's ledger counts them."""
+    return unit_construction_events([tuple(layer)] * int(n_layers) + [tuple(root)], world, sync, offload)
+
+
+def unit_construction_events(units, world: int, sync: bool = True, offload: bool = False) -> tuple:
+    """FSDP1's constructor on the default stream, for a model that reaches it on the host or meta
+    (module docstring), as ``(op, key, bytes)`` replay events; ``units``: per FSDP unit in
+    construction order, the bytes of each tensor it flattens, as stored. Per unit: every tensor
+    moved (``_move_states_to_device``) or materialized; with ``sync`` (``sync_module_states``)
+    each broadcast bucket of several tensors copied by ``cat`` and freed
+    (``PARAM_BROADCAST_BUCKET_SIZE``, a bucket closes when it reaches the size; one-tensor buckets
+    are views); the flat parameter (the sum, padded to ``world``) allocated; this rank's shard
+    (1/``world`` of it, ``FlatParamHandle._get_shard``) allocated and kept, the flat parameter
+    freed (``shard``: ``_resize_(0)``), the originals freed; with ``offload`` (CPUOffload) the
+    shard then goes to the host (``_init_param_handle_from_params``: ``flat_param_to(cpu)``), its
+    GPU block freed."""
+    ev: list[tuple] = []
+    world = max(int(world), 1)
+    for u, tensors in enumerate(units):
+        tensors = tuple(int(t) for t in tensors if int(t) > 0)
+        if not tensors:
+            continue
+        for j, nb in enumerate(tensors):
+            ev.append(("alloc", (u, "orig", j), nb))
+        if sync:
+            buckets, cur, size = [], [], 0
+            for nb in tensors:
+                cur.append(nb)
+                size += nb
+                if size >= PARAM_BROADCAST_BUCKET_SIZE:
+                    buckets.append(cur)
+                    cur, size = [], 0
+            buckets += [cur] if cur else []
+            for j, b in enumerate(buckets):
+                if len(b) > 1:
+                    ev += [("alloc", (u, "bucket", j), sum(b)), ("free", (u, "bucket", j))]
+        full = _ceil(sum(tensors) / (2 * world)) * 2 * world
+        ev += [("alloc", (u, "flat"), full), ("alloc", (u, "shard"), full // world), ("free", (u, "flat"))]
+        ev += [("free", (u, "shard"))] if offload else []
+        ev += [("free", (u, "orig", j)) for j in range(len(tensors))]
+    return tuple(ev)
+
+
+def _default_stream(a_def, B, phi, config, extra, lazy, construction: tuple = (), fill=0):
+    """R_default (module docstring); ``lazy``: (root, unit) -> ``lazy_init_blocks``, or None;
+    ``construction``: ``construction_events`` or (); ``fill``: the step's layer block
+    (``allocator_slack.step_segments_bytes``)."""
     from .allocator_slack import WeightsState, step_segments_bytes
 
     if lazy is None:
         return _max(a_def, step_segments_bytes(WeightsState(0, 0), a_def, B, phi, config, extra))
     fn, root, unit = lazy
     if is_scalar(root) and is_scalar(unit):
-        w = lazy_init_state(fn(root, unit), config)
-        return _max(a_def, w.reserved + step_segments_bytes(w, a_def, B, phi, config, extra))
+        w = lazy_init_state(fn(root, unit), config, construction)
+        return _max(a_def, w.reserved + step_segments_bytes(w, a_def - w.allocated, B, phi, config, extra, fill))
     import numpy as np
 
-    shape = np.broadcast(*(np.asarray(v) for v in (a_def, B, extra, root, unit))).shape
-    A, Bb, E, R, U = (np.broadcast_to(np.asarray(v), shape) for v in (a_def, B, extra, root, unit))
+    shape = np.broadcast(*(np.asarray(v) for v in (a_def, B, extra, root, unit, fill))).shape
+    A, Bb, E, R, U, Fl = (np.broadcast_to(np.asarray(v), shape) for v in (a_def, B, extra, root, unit, fill))
     out = np.zeros(shape, dtype=np.int64)
     pairs = np.stack([R.ravel(), U.ravel()], 1)
     for r, u in np.unique(pairs, axis=0):
         sel = (R == r) & (U == u)
-        w = lazy_init_state(fn(r, u), config)
-        out[sel] = np.maximum(A[sel], w.reserved + step_segments_bytes(w, A[sel], Bb[sel], phi, config, E[sel]))
+        w = lazy_init_state(fn(r, u), config, construction)
+        out[sel] = np.maximum(A[sel], w.reserved + step_segments_bytes(w, A[sel] - w.allocated, Bb[sel], phi,
+                                                                       config, E[sel], Fl[sel]))
     return out
 
 
 def reserved_by_stream(moments: dict[str, dict], fsdp_version: int, B, phi: float, config: str = "default",
                        root=0, unit=0, extra=0, shard_group: int = 1,
-                       param_factor: float = 1) -> dict[str, object]:
+                       param_factor: float = 1, construction: tuple = (), fill=0) -> dict[str, object]:
     """{stream name: its peak reserved bytes} of one FSDP rank (module docstring).
 
     ``moments``: the rank's ledger per moment (``parallel.rank_moments``: line -> bytes, ints or
@@ -166,7 +252,9 @@ def reserved_by_stream(moments: dict[str, dict], fsdp_version: int, B, phi: floa
     gathered root unit and of one layer unit (``parallel.layer_unit``), for FSDP2's two
     coexisting all-gather outputs; ``extra``: further stranded bytes on the default stream
     (``phi_layer`` x the layer block, as ``allocator_slack.peak_reserved``); ``shard_group``,
-    ``param_factor``: for FSDP1's lazy-init blocks (``lazy_init_blocks``)."""
+    ``param_factor``: for FSDP1's lazy-init blocks (``lazy_init_blocks``); ``construction``: FSDP1's
+    constructor's events for a model built off the GPU (``construction_events``), () otherwise;
+    ``fill``: the step's layer block, which fills FSDP1's cached blocks smaller than B."""
 
     side = SIDE_LINES[int(fsdp_version)]
     a_def, peaks = 0, dict.fromkeys(side.values(), 0)
@@ -191,17 +279,19 @@ def reserved_by_stream(moments: dict[str, dict], fsdp_version: int, B, phi: floa
     lazy = None
     if int(fsdp_version) == 1:
         lazy = (lambda r, u: lazy_init_blocks(1, r, u, shard_group, param_factor), root, unit)
-    out = {"default": _default_stream(a_def, B, phi, config, extra, lazy)}
+    out = {"default": _default_stream(a_def, B, phi, config, extra, lazy,
+                                      construction if int(fsdp_version) == 1 else (), fill)}
     for stream, v in peaks.items():
         out[stream] = round_up(v, K_ROUND_LARGE)
     return out
 
 
 def peak_reserved(moments: dict[str, dict], fsdp_version: int, B, phi: float, config: str = "default",
-                  root=0, unit=0, extra=0, shard_group: int = 1, param_factor: float = 1):
+                  root=0, unit=0, extra=0, shard_group: int = 1, param_factor: float = 1, construction: tuple = (),
+                  fill=0):
     """Peak reserved bytes of one FSDP rank: the sum of ``reserved_by_stream``."""
     total = 0
     for v in reserved_by_stream(moments, fsdp_version, B, phi, config, root, unit, extra,
-                                shard_group, param_factor).values():
+                                shard_group, param_factor, construction, fill).values():
         total = total + v
     return total

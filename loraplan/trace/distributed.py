@@ -496,6 +496,40 @@ class Engine:
             comp[line] += r["bytes"]
         return comp
 
+    def construction_prefix(self) -> list[tuple]:
+        """FSDP1's constructor's allocations on the default stream, as replay events labelled
+        "setup", for a recipe whose model reaches ``FullyShardedDataParallel`` on the host or meta
+        (RAM-efficient loading: ``sync_module_states``, ``device_id`` the GPU) -- what the meta
+        wrap here (``device_id`` meta, ``param_init_fn`` a no-op) does not allocate: per unit,
+        in the order auto-wrap builds them (children first, the root last), the tensors of its
+        flat parameter as stored (``FlatParameter._numels`` x element size) replayed by
+        ``stream_reserved.unit_construction_events``; each kept shard is freed at the end, so
+        the traced shards that follow take their blocks back (same sizes, best fit). [] for
+        every other engine or recipe (the built model as traced)."""
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        from ..estimate.stream_reserved import unit_construction_events
+        from ..trainers import resolve_recipe
+
+        if (self._wrapped is None or not self.strategy.startswith("fsdp") or fsdp_version(self.train) != 1
+                or not resolve_recipe(self.train).ram_efficient_loading):
+            return []
+        order: list = []
+
+        def visit(m):
+            for c in m.children():
+                visit(c)
+            if isinstance(m, FSDP) and m._handle is not None:
+                order.append(m._handle.flat_param)
+
+        visit(self._wrapped)
+        units = [tuple(n * fp.element_size() for n in fp._numels) for fp in order]
+        world = self.world // max(int(self.train.nodes), 1) if self.train.fsdp_sharding == "hybrid" else self.world
+        ev = unit_construction_events(units, world, sync=True, offload=self.strategy == "fsdp-offload")
+        freed = {e[1] for e in ev if e[0] == "free"}
+        kept = [("free", e[1]) for e in ev if e[0] == "alloc" and e[1] not in freed]
+        return [e[:1] + (("construction",) + e[1],) + e[2:] + ("setup",) for e in list(ev) + kept]
+
     def summary(self) -> dict[str, Any]:
         return {"strategy": self.strategy, "world_size": self.world, "rank": self.rank,
                 "fsdp_version": fsdp_version(self.train) if self.strategy.startswith("fsdp") else None,

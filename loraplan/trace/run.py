@@ -308,6 +308,8 @@ def trace_step(model_config: dict, lora: LoraSpec, train: TrainSpec, gpu_compute
     step_phases = {k: v for k, v in phase_peaks.items() if k in ("forward", "backward", "optimizer")}
     peak_phase = max(step_phases, key=step_phases.get) if step_phases else ""
     events = tracker.allocation_events(start_seq=getattr(tracker, "setup_end_seq", None), with_phase=True)
+    if engine is not None:  # FSDP1 built from the host: the constructor's blocks first (Engine.construction_prefix)
+        events = engine.construction_prefix() + events
     n_weight_events = sum(1 for e in events if e[-1] == "setup")
     replays = replay_allocations(events, gpu_memory_bytes, n_weight_events, tracker.allocation_streams())
     replays.update(n_resizes=tracker.n_resizes, cublas_workspace_threads=sorted(ws_threads),
