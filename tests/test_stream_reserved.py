@@ -161,3 +161,41 @@ def test_fsdp1_full_size_rank_reserved_within_5_percent_of_the_stream_aware_repl
     for stream, v in replay.items():
         assert abs(an[stream] - v) <= 0.05 * v, (stream, an, replay)
     assert abs(an_total - replay_total) <= 0.05 * replay_total, (an_total, replay_total)
+
+
+def test_fsdp1_fp32_base_under_bf16_mixed_precision_gathers_in_bf16_on_both_views():
+    """PEFT's FSDP recipe (run_peft_fsdp.sh: an fp32-loaded base, accelerate ``mixed_precision: bf16``):
+    accelerate's MixedPrecision(param_dtype=bf16) makes FSDP1 all-gather every unit in bf16 on the
+    unshard stream (_flat_param.py::_init_param_reduce_dtypes, _get_padded_unsharded_flat_param:
+    ``_full_param_padded`` is low precision) after casting the fp32 shard to ``_mp_shard`` on the
+    pre-unshard stream (_use_low_precision_shard). Gathered in fp32, the unshard stream would be
+    twice the analytic's."""
+    from loraplan.hf import spec_from_config
+    from loraplan.spec import LoraSpec, TrainSpec
+
+    lora = LoraSpec(rank=8, targets=("q_proj", "v_proj"))
+    train = TrainSpec(quant="fp32", batch=2, seq=512, strategy="fsdp", num_gpus=2, fsdp_version=1, trainer="hf",
+                      mixed_precision="bf16", use_orig_params=False)
+    replay, _, an, _ = _replay_and_analytic(CFG, lora, train, spec_from_config(CFG, name="small"))
+    assert set(an) == set(replay) == {"default", "pre_unshard_stream", "unshard_stream", "post_backward_stream"}
+    root_bf16 = 2 * CFG["vocab_size"] * CFG["hidden_size"] * 2  # embeddings + lm_head, 62.5 MiB
+    assert root_bf16 < replay["unshard_stream"] < 1.5 * root_bf16  # the root and two small layers, in bf16
+    assert abs(an["unshard_stream"] - replay["unshard_stream"]) <= 0.10 * replay["unshard_stream"], (an, replay)
+    # the root's bf16 shard (31.25 MiB -> 32), the layers' reuse it, the fp32 LoRA units' shards a small segment
+    assert an["pre_unshard_stream"] == replay["pre_unshard_stream"] == 34 * MiB, (an, replay)
+
+
+def test_fsdp2_fp32_base_under_bf16_mixed_precision_casts_the_shard_beside_the_output():
+    """FSDP2 under accelerate's MixedPrecisionPolicy(param_dtype=bf16) casts each fp32 shard in the
+    copy-in stream before the copy-in (_fsdp_collectives.py::foreach_all_gather ->
+    FSDPParam.all_gather_inputs): the root's bf16 shard (31.25 MiB -> 32) beside its bf16 output
+    (62.5 MiB -> 64); an fp32 all-gather would hold twice the output."""
+    from loraplan.hf import spec_from_config
+    from loraplan.spec import LoraSpec, TrainSpec
+
+    lora = LoraSpec(rank=8, targets=("q_proj", "v_proj"))
+    train = TrainSpec(quant="fp32", batch=2, seq=512, strategy="fsdp", num_gpus=2, fsdp_version=2, trainer="hf",
+                      mixed_precision="bf16")
+    replay, _, an, _ = _replay_and_analytic(CFG, lora, train, spec_from_config(CFG, name="small"))
+    assert an["all_gather_copy_in_stream"] == replay["all_gather_copy_in_stream"] == 96 * MiB, (an, replay)
+    assert an["reduce_scatter_stream"] == replay["reduce_scatter_stream"]

@@ -9,7 +9,15 @@ FSDP allocates on side streams (read from torch 2.13):
 
 - FSDP1: the padded unsharded flat parameters (``gathered_params``) inside
   ``_runtime_utils.py::_unshard``'s ``with stream(unshard_stream)``
-  (``_flat_param.py::FlatParamHandle._alloc_padded_unsharded_flat_param``); the reduce-scatter
+  (``_flat_param.py::FlatParamHandle._alloc_padded_unsharded_flat_param``), in the
+  mixed-precision param dtype when the unit has one (``_get_padded_unsharded_flat_param``:
+  ``_full_param_padded``, allocated low precision); with parameter mixed precision (a flat
+  parameter stored in another dtype than MixedPrecision's ``param_dtype``: an fp32-loaded base
+  or fp32 adapters under accelerate's bf16 policy, ``_init_param_reduce_dtypes``) each unshard
+  first casts the rank's shard to ``_mp_shard`` inside ``with stream(pre_unshard_stream)``
+  (``pre_unshard`` -> ``_use_low_precision_shard``) and frees it after the all-gather
+  (``post_unshard`` -> ``_free_low_precision_sharded_param``): one shard-sized block at a time on
+  ``pre_unshard_stream``, the pool of ``mp_shard_blocks``; the reduce-scatter
   output, kept as the sharded gradient (``lora_gradients``), inside ``_post_backward_hook``'s
   ``with stream(post_backward_stream)`` (``_reduce_grad``: ``new_sharded_grad``).
 - FSDP2: the flat all-gather output inside ``_fsdp_collectives.py::foreach_all_gather``'s
@@ -17,7 +25,10 @@ FSDP allocates on side streams (read from torch 2.13):
   only at the next unit's ``wait_for_unshard`` (``_fsdp_param_group.py``: ``all_gather_state``),
   after the next all-gather was allocated, so two consecutive units' outputs coexist: the root's
   and the first layer's. The unsharded parameters are copied out on the default stream
-  (``foreach_all_gather_copy_out``). The reduce-scatter output / new sharded gradients
+  (``foreach_all_gather_copy_out``). Under a MixedPrecisionPolicy whose ``param_dtype`` is not the
+  stored dtype (an fp32-loaded base under accelerate's bf16 policy) each shard is first cast in
+  the copy-in stream (``FSDPParam.all_gather_inputs``), beside the output until the copy-in.
+  The reduce-scatter output / new sharded gradients
   (``lora_gradients``) are allocated in ``reduce_scatter_stream`` (``foreach_reduce``).
 - DDP allocates its buckets on the default stream (one stream: the one-GPU closed form).
 
@@ -31,8 +42,11 @@ So, per rank (``reserved_by_stream``):
                 (``lazy_init_state``), whose free blocks the step reuses only for blocks that fit
     A_def     = max over moments of the moment's ledger minus its side-stream lines
     R_side    = max over moments of the stream's lines, rounded up to kRoundLarge (2 MiB)
-                (FSDP2 all-gather: max(root, unit) + unit rounded the same way; FSDP1 unshard:
-                at least root + 2 units, each rounded, the backward boundary's two units)
+                (FSDP2 all-gather: max(root, unit) + unit rounded the same way, and with a cast
+                the largest unit's cast shard + its output, each rounded; FSDP1 unshard:
+                at least root + 2 units, each rounded, the backward boundary's two units;
+                FSDP1 pre-unshard: the segments the ``_mp_shard`` blocks leave, each freed before
+                the next, replayed through ``loraplan.allocator``)
 
 FSDP1's lazy init (first forward: ``_runtime_utils.py::_lazy_init`` ->
 ``_share_state_and_init_handle_attrs`` -> ``_flat_param.py::FlatParamHandle.
@@ -71,7 +85,8 @@ from ..allocator import K_ROUND_LARGE
 from .arrays import is_scalar
 from .arrays import maximum as _max
 
-__all__ = ["SIDE_LINES", "lazy_init_blocks", "lazy_init_state", "reserved_by_stream", "peak_reserved"]
+__all__ = ["SIDE_LINES", "lazy_init_blocks", "lazy_init_state", "mp_shard_blocks", "reserved_by_stream",
+           "peak_reserved"]
 
 #: ledger lines allocated on a side stream, per FSDP version: line -> stream (module docstring)
 SIDE_LINES = {
@@ -113,6 +128,22 @@ def lazy_init_blocks(fsdp_version: int, root: int, unit: int, shard_group: int =
     return tuple(out)
 
 
+def mp_shard_blocks(fsdp_version: int, root: int, unit: int, shard_group: int = 1, param_factor: float = 1,
+                    lora_block: int = 0) -> tuple[int, ...]:
+    """Bytes FSDP1 allocates and frees at once on ``pre_unshard_stream`` per unshard, in order (module
+    docstring): the ``_mp_shard`` of the root unit and of a layer unit (``root`` / ``unit`` bytes
+    as gathered, 1/``shard_group`` of it) when the frozen base is stored in another dtype than it
+    is gathered in (``param_factor`` != 1), then ``lora_block``: the largest LoRA unit's
+    ``_mp_shard`` (0: the adapters are stored in the param dtype). Identical units leave the same
+    blocks, so one stands for all. FSDP2 and FSDP1 without parameter mixed precision: ()."""
+    if int(fsdp_version) != 1:
+        return ()
+    out = [_ceil(u / max(int(shard_group), 1)) for u in (int(root), int(unit)) if param_factor != 1 and u > 0]
+    if int(lora_block) > 0:
+        out.append(int(lora_block))
+    return tuple(out)
+
+
 def _ceil(v) -> int:
     return int(math.ceil(v))
 
@@ -130,6 +161,20 @@ def lazy_init_state(blocks: tuple, config: str = "default"):
         a.free(a.malloc(int(n)))
     small, large = a.free_block_sizes()
     return WeightsState(a.allocated, a.reserved, small, large)
+
+
+def _pre_unshard_stream(fn, root, unit, lora, config):
+    """Reserved bytes of FSDP1's ``pre_unshard_stream``: ``lazy_init_state`` of the blocks
+    ``fn(root, unit, lora)`` (``mp_shard_blocks``), per distinct triple of a sweep's arrays."""
+    if is_scalar(root) and is_scalar(unit) and is_scalar(lora):
+        return lazy_init_state(fn(root, unit, lora), config).reserved
+    import numpy as np
+
+    R, U, P = np.broadcast_arrays(np.asarray(root), np.asarray(unit), np.asarray(lora))
+    out = np.zeros(R.shape, dtype=np.int64)
+    for r, u, p in np.unique(np.stack([R.ravel(), U.ravel(), P.ravel()], 1), axis=0):
+        out[(R == r) & (U == u) & (P == p)] = lazy_init_state(fn(r, u, p), config).reserved
+    return out
 
 
 def _default_stream(a_def, B, phi, config, extra, lazy):
@@ -157,7 +202,7 @@ def _default_stream(a_def, B, phi, config, extra, lazy):
 
 def reserved_by_stream(moments: dict[str, dict], fsdp_version: int, B, phi: float, config: str = "default",
                        root=0, unit=0, extra=0, shard_group: int = 1,
-                       param_factor: float = 1) -> dict[str, object]:
+                       param_factor: float = 1, lora_block: int = 0) -> dict[str, object]:
     """{stream name: its peak reserved bytes} of one FSDP rank (module docstring).
 
     ``moments``: the rank's ledger per moment (``parallel.rank_moments``: line -> bytes, ints or
@@ -166,7 +211,9 @@ def reserved_by_stream(moments: dict[str, dict], fsdp_version: int, B, phi: floa
     gathered root unit and of one layer unit (``parallel.layer_unit``), for FSDP2's two
     coexisting all-gather outputs; ``extra``: further stranded bytes on the default stream
     (``phi_layer`` x the layer block, as ``allocator_slack.peak_reserved``); ``shard_group``,
-    ``param_factor``: for FSDP1's lazy-init blocks (``lazy_init_blocks``)."""
+    ``param_factor``: for FSDP1's lazy-init blocks (``lazy_init_blocks``) and, with
+    ``lora_block``, its pre-unshard blocks (``mp_shard_blocks``: ``pre_unshard_stream``, present
+    only when FSDP1 casts shards)."""
 
     side = SIDE_LINES[int(fsdp_version)]
     a_def, peaks = 0, dict.fromkeys(side.values(), 0)
@@ -188,20 +235,32 @@ def reserved_by_stream(moments: dict[str, dict], fsdp_version: int, B, phi: floa
     if int(fsdp_version) == 2:
         peaks["all_gather_copy_in_stream"] = _max(peaks["all_gather_copy_in_stream"],
                                                   round_up(_max(root, unit), K_ROUND_LARGE) + unit)
+        if param_factor != 1:
+            # a shard stored in another dtype than MixedPrecisionPolicy's param_dtype is cast first, in
+            # the same stream, and freed after the copy-in (_fsdp_collectives.py::foreach_all_gather:
+            # _get_param_all_gather_inputs -> _fsdp_param.py::FSDPParam.all_gather_inputs, ``.to(param_dtype)``):
+            # the largest unit's cast shard beside its output
+            big = _max(root, unit)
+            peaks["all_gather_copy_in_stream"] = _max(
+                peaks["all_gather_copy_in_stream"],
+                round_up(big / max(int(shard_group), 1), K_ROUND_LARGE) + round_up(big, K_ROUND_LARGE))
     lazy = None
     if int(fsdp_version) == 1:
         lazy = (lambda r, u: lazy_init_blocks(1, r, u, shard_group, param_factor), root, unit)
     out = {"default": _default_stream(a_def, B, phi, config, extra, lazy)}
     for stream, v in peaks.items():
         out[stream] = round_up(v, K_ROUND_LARGE)
+    if int(fsdp_version) == 1 and (param_factor != 1 or (lora_block > 0 if is_scalar(lora_block) else bool((lora_block > 0).any()))):
+        out["pre_unshard_stream"] = _pre_unshard_stream(
+            lambda r, u, p: mp_shard_blocks(1, r, u, shard_group, param_factor, p), root, unit, lora_block, config)
     return out
 
 
 def peak_reserved(moments: dict[str, dict], fsdp_version: int, B, phi: float, config: str = "default",
-                  root=0, unit=0, extra=0, shard_group: int = 1, param_factor: float = 1):
+                  root=0, unit=0, extra=0, shard_group: int = 1, param_factor: float = 1, lora_block: int = 0):
     """Peak reserved bytes of one FSDP rank: the sum of ``reserved_by_stream``."""
     total = 0
     for v in reserved_by_stream(moments, fsdp_version, B, phi, config, root, unit, extra,
-                                shard_group, param_factor).values():
+                                shard_group, param_factor, lora_block).values():
         total = total + v
     return total
