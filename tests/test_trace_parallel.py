@@ -262,3 +262,6 @@ def test_an_fp32_base_under_bf16_mixed_precision_is_gathered_in_bf16(version, st
     assert t["components"]["weights"] >= 1.9 * b["components"]["weights"]
     if version == 1:  # each fp32 shard cast to bf16 (_mp_shard) before its all-gather, one at a time (+ norms)
         assert LAYER_BYTES // 2 <= alloc["pre_unshard_stream"] <= LAYER_BYTES // 2 + 1024
+        # a plain loop wraps with torch's defaults (no policy, autocast only; profile/distributed.py): fp32 units
+        loop = _by_stream(trace("fsdp", 2, quant="fp32", **{**kw, "trainer": "loop"}))
+        assert "pre_unshard_stream" not in loop and loop[stream] >= 2 * (ROOT_BYTES + LAYER_BYTES)

@@ -393,7 +393,8 @@ def lora_mp_shard(st: Structure, train: TrainSpec, r):
     """Bytes of the largest LoRA unit's low-precision shard FSDP1 casts before each all-gather
     (``stream_reserved.mp_shard_blocks``), 0 when none is cast: PEFT's wrap policy makes each
     lora_A / lora_B its own flat parameter in the adapter dtype, and accelerate's MixedPrecision
-    (``param_dtype`` = ``mixed_precision``) casts it when the two differ
+    (``param_dtype`` = ``mixed_precision``; not under ``--trainer loop``,
+    ``train_step.fsdp_mixed_precision``) casts it when the two differ
     (_flat_param.py::FlatParamHandle._init_param_reduce_dtypes, ``_use_low_precision_shard``).
     The block is bounded by A and B together, r·(in+out) elements in the param dtype over N_s
     (padded to N_s: _flat_param.py::FlatParamHandle._get_shard); it decides the pool (small
@@ -401,8 +402,9 @@ def lora_mp_shard(st: Structure, train: TrainSpec, r):
     from ..storage import dtype_bytes
     from .parallel import shard_group
 
-    mp = resolve_recipe(train).mixed_precision
-    if (train.strategy not in ("fsdp", "fsdp-offload") or resolve_recipe(train).fsdp_version != 1
+    rr = resolve_recipe(train)
+    mp = rr.mixed_precision
+    if (train.strategy not in ("fsdp", "fsdp-offload") or rr.fsdp_version != 1 or rr.trainer == "loop"
             or mp not in ("bf16", "fp16") or dtype_bytes(mp) == st.adapter_bytes or not st.lora_sizes):
         return 0
     ns = shard_group(train)

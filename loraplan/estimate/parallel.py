@@ -98,7 +98,9 @@ BACKWARD_MOMENTS = ("layer backward", "encoder layer backward")
 def compute_train(train: TrainSpec) -> TrainSpec:
     """The recipe the GPUs compute with. FSDP's MixedPrecision(param_dtype=bf16/fp16) (accelerate
     builds it from mixed_precision: utils/dataclasses.py::FullyShardedDataParallelPlugin.set_mixed_precision;
-    FSDP2 MixedPrecisionPolicy) gathers an fp32 base's parameters in 16 bit, and DeepSpeed casts
+    FSDP2 MixedPrecisionPolicy; the trace and the bursts: ``train_step.fsdp_mixed_precision``, which
+    ``--trainer loop``, a plain loop under torch.autocast with torch's FSDP defaults, does not
+    use) gathers an fp32 base's parameters in 16 bit, and DeepSpeed casts
     the module to 16 bit (runtime/engine.py::_configure_distributed_model: ``module.bfloat16()``),
     so an fp32-loaded base under bf16/fp16 mixed precision runs as a 16-bit model (its
     activations, gathered units); FSDP keeps the shards in fp32 (``param_factor``). Otherwise
@@ -109,8 +111,9 @@ def compute_train(train: TrainSpec) -> TrainSpec:
 
     from ..trainers import resolve_recipe
 
-    mp = resolve_recipe(train).mixed_precision
-    if mp not in ("bf16", "fp16"):
+    r = resolve_recipe(train)
+    mp = r.mixed_precision
+    if mp not in ("bf16", "fp16") or (train.strategy in FSDP_STRATEGIES and r.trainer == "loop"):
         return train
     return replace(train, quant=mp, load_dtype=None)
 

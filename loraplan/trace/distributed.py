@@ -22,7 +22,7 @@ engine's own allocations:
 - ``fsdp`` with ``fsdp_version`` 1: ``FullyShardedDataParallel`` with peft's
   ``fsdp_auto_wrap_policy`` (``Engine._wrap_fsdp1``): flat parameters, one per unit, sharded
   with padding to N, ``use_orig_params`` as given (default False), accelerate's ``MixedPrecision``
-  for a bf16 / fp16 ``mixed_precision`` (``Engine._mixed_precision``: an fp32-loaded base is
+  for a bf16 / fp16 ``mixed_precision`` (``train_step.fsdp_mixed_precision``: an fp32-loaded base is
   gathered in 16 bit); ``device_id`` meta (its device handle answers ``torch.cpu``'s no-op
   streams) and a no-op ``param_init_fn``, so nothing is materialized. FSDP1 flattens each unit
   into one dtype: a 4-bit base needs a float ``quant_storage`` (uint8 cannot be flattened), and
@@ -33,7 +33,7 @@ engine's own allocations:
   model's ``_no_split_modules`` classes, as accelerate's transformer auto-wrap does) and on the
   root, ``reshard_after_forward`` True for ``full`` (FULL_SHARD) and False for
   ``shard-grad-op`` (SHARD_GRAD_OP), accelerate's ``MixedPrecisionPolicy`` for a bf16 / fp16
-  ``mixed_precision`` (``Engine._mixed_precision``), else the default one (parameters gathered
+  ``mixed_precision`` (``train_step.fsdp_mixed_precision``), else the default one (parameters gathered
   in their own dtypes). ``fsdp-offload`` is ``CPUOffloadPolicy(pin_memory=True)``
   emulated (a meta tensor cannot be copied to the host: ``foreach_reduce``'s
   ``new_sharded_grad.to("cpu")`` fails on meta): FSDP2 runs without the policy and the tracker
@@ -247,28 +247,10 @@ class Engine:
         return model
 
     def _mixed_precision(self, version: int):
-        """The FSDP mixed-precision policy accelerate builds from ``mixed_precision`` bf16 / fp16
-        (accelerate 1.15 state.py: ``fsdp_plugin.set_mixed_precision(mixed_precision)`` when it is not
-        "no"; utils/dataclasses.py::FullyShardedDataParallelPlugin.set_mixed_precision: FSDP1
-        ``MixedPrecision(param_dtype=d, reduce_dtype=d, buffer_dtype=d)``, FSDP2
-        ``MixedPrecisionPolicy(param_dtype=d, reduce_dtype=d, output_dtype=d)``), or None without
-        mixed precision. With it FSDP gathers every unit in ``d`` whatever dtype its flat parameter
-        / shards are stored in (an fp32-loaded base: fp32 shards, 16-bit all-gathers;
-        _flat_param.py::FlatParamHandle._init_param_reduce_dtypes, ``_use_low_precision_shard``)."""
-        from ..train_step import torch_dtype
-        from ..trainers import resolve_recipe
+        """accelerate's FSDP mixed-precision policy for the recipe, or None (``train_step.fsdp_mixed_precision``)."""
+        from ..train_step import fsdp_mixed_precision
 
-        mp = resolve_recipe(self.train).mixed_precision
-        if mp not in ("bf16", "fp16"):
-            return None
-        d = torch_dtype(mp)
-        if version == 1:
-            from torch.distributed.fsdp import MixedPrecision
-
-            return MixedPrecision(param_dtype=d, reduce_dtype=d, buffer_dtype=d)
-        from torch.distributed.fsdp import MixedPrecisionPolicy
-
-        return MixedPrecisionPolicy(param_dtype=d, reduce_dtype=d, output_dtype=d)
+        return fsdp_mixed_precision(self.train, version)
 
     def _wrap_fsdp1(self, model):
         """FullyShardedDataParallel as accelerate builds it for a PEFT model: peft's
