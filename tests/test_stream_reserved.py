@@ -199,3 +199,29 @@ def test_fsdp2_fp32_base_under_bf16_mixed_precision_casts_the_shard_beside_the_o
     replay, _, an, _ = _replay_and_analytic(CFG, lora, train, spec_from_config(CFG, name="small"))
     assert an["all_gather_copy_in_stream"] == replay["all_gather_copy_in_stream"] == 96 * MiB, (an, replay)
     assert an["reduce_scatter_stream"] == replay["reduce_scatter_stream"]
+
+
+def test_fsdp1_lazy_init_of_an_fp32_base_is_the_peak_of_a_short_step_on_both_views():
+    """FSDP1's lazy init allocates and frees each unit's fp32 ``_full_prec_full_param_padded`` beside the
+    rank's shards (_flat_param.py::FlatParamHandle.init_flat_param_attributes, parameter mixed
+    precision): with one short row the root's (embeddings + head, 125 MiB in fp32) is the rank's peak,
+    above every moment of the step (estimate/parallel.py::_fsdp1_lazy_init)."""
+    for mod in ("torch", "transformers", "peft"):
+        pytest.importorskip(mod)
+    from loraplan.catalog import load_calibration, load_gpu
+    from loraplan.estimate.api import estimate
+    from loraplan.hf import spec_from_config
+    from loraplan.spec import LoraSpec, TrainSpec
+    from loraplan.trace.run import trace_step
+
+    lora = LoraSpec(rank=8, targets=("q_proj", "v_proj"))
+    train = TrainSpec(quant="fp32", batch=1, seq=64, strategy="fsdp", num_gpus=2, fsdp_version=1, trainer="hf",
+                      mixed_precision="bf16", use_orig_params=False)
+    t = trace_step(CFG, lora, train, rank=0)
+    gpu = load_gpu("h100-sxm-80gb")
+    m = estimate(spec_from_config(CFG, name="small"), lora, train, gpu, load_calibration(gpu.id), with_time=False).memory
+    assert m.peak_moment == "lazy init" and t["peak_phase"] == "forward"  # the first forward's root pre-forward
+    root_fp32 = 2 * CFG["vocab_size"] * CFG["hidden_size"] * 4  # + the norms (fp32, 2h per layer + h)
+    assert root_fp32 <= m.components["gathered_params"] <= root_fp32 + 4 * CFG["hidden_size"] * (2 * 4 + 1)
+    assert abs(m.peak_allocated_bytes - t["peak_allocated_bytes"]) <= 0.01 * t["peak_allocated_bytes"], \
+        (m.peak_allocated_bytes, t["peak_allocated_bytes"])

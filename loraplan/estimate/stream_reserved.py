@@ -84,6 +84,7 @@ from functools import lru_cache
 from ..allocator import K_ROUND_LARGE
 from .arrays import is_scalar
 from .arrays import maximum as _max
+from .parallel import LAZY_INIT
 
 __all__ = ["SIDE_LINES", "lazy_init_blocks", "lazy_init_state", "mp_shard_blocks", "reserved_by_stream",
            "peak_reserved"]
@@ -217,7 +218,9 @@ def reserved_by_stream(moments: dict[str, dict], fsdp_version: int, B, phi: floa
 
     side = SIDE_LINES[int(fsdp_version)]
     a_def, peaks = 0, dict.fromkeys(side.values(), 0)
-    for c in moments.values():
+    for name, c in moments.items():
+        if name == LAZY_INIT:  # FSDP1's lazy-init blocks: default-stream segments, W_lazy (lazy_init_state)
+            continue
         total = sum(c.values())
         on_side = 0
         for line, stream in side.items():
