@@ -35,11 +35,14 @@ FSDP allocates on side streams (read from torch 2.13):
 So, per rank (``reserved_by_stream``):
 
     reserved = R_default + sum over side streams of R_side
-    R_default = W_lazy + the step's new segments for A_def, phi blocks of the step's largest
+    R_default = S + W_lazy + the step's new segments for A_def - S, phi blocks of the step's largest
                 block B and phi_layer layer blocks (allocator_slack.step_segments_bytes; a rank's
                 shards are a few large flat tensors, each its own segment, so no model tails)
     W_lazy    = FSDP1: the segments FSDP1's lazy init leaves cached on the default stream
                 (``lazy_init_state``), whose free blocks the step reuses only for blocks that fit
+    S         = FSDP1: what the constructor allocated before the lazy init and keeps (the rank's
+                shards, adapters, 4-bit quant state: ``HELD_LINES``), in segments of its own,
+                rounded to kRoundLarge; 0 for FSDP2 (no lazy-init blocks, S is part of A_def)
     A_def     = max over moments of the moment's ledger minus its side-stream lines
     R_side    = max over moments of the stream's lines, rounded up to kRoundLarge (2 MiB)
                 (FSDP2 all-gather: max(root, unit) + unit rounded the same way, and with a cast
@@ -84,7 +87,11 @@ from functools import lru_cache
 from ..allocator import K_ROUND_LARGE
 from .arrays import is_scalar
 from .arrays import maximum as _max
-from .parallel import LAZY_INIT
+from .parallel import LAZY_INIT, PARAM_LINES
+
+#: lines FSDP1 holds from its constructor, before the lazy init: the rank's shards (frozen and LoRA
+#: flat parameters) and the replicated 4-bit quant state (segments of their own, allocated first)
+HELD_LINES = PARAM_LINES + ("quant_state", "lora_weights")
 
 __all__ = ["SIDE_LINES", "lazy_init_blocks", "lazy_init_state", "mp_shard_blocks", "reserved_by_stream",
            "peak_reserved"]
@@ -178,26 +185,32 @@ def _pre_unshard_stream(fn, root, unit, lora, config):
     return out
 
 
-def _default_stream(a_def, B, phi, config, extra, lazy):
-    """R_default (module docstring); ``lazy``: (root, unit) -> ``lazy_init_blocks``, or None."""
+def _default_stream(a_def, B, phi, config, extra, lazy, held=0):
+    """R_default (module docstring); ``lazy``: (root, unit) -> ``lazy_init_blocks``, or None;
+    ``held``: bytes allocated before the lazy init and kept (the shards and adapters
+    ``FullyShardedDataParallel.__init__`` made), in segments of their own that the lazy-init
+    blocks' free space cannot hold: only ``a_def - held`` reuses them."""
     from .allocator_slack import WeightsState, step_segments_bytes
 
     if lazy is None:
         return _max(a_def, step_segments_bytes(WeightsState(0, 0), a_def, B, phi, config, extra))
     fn, root, unit = lazy
+    held_r = round_up(held, K_ROUND_LARGE)
     if is_scalar(root) and is_scalar(unit):
         w = lazy_init_state(fn(root, unit), config)
-        return _max(a_def, w.reserved + step_segments_bytes(w, a_def, B, phi, config, extra))
+        return _max(a_def, held_r + w.reserved + step_segments_bytes(w, a_def - held, B, phi, config, extra))
     import numpy as np
 
-    shape = np.broadcast(*(np.asarray(v) for v in (a_def, B, extra, root, unit))).shape
-    A, Bb, E, R, U = (np.broadcast_to(np.asarray(v), shape) for v in (a_def, B, extra, root, unit))
+    shape = np.broadcast(*(np.asarray(v) for v in (a_def, B, extra, root, unit, held))).shape
+    A, Bb, E, R, U, H, HR = (np.broadcast_to(np.asarray(v), shape)
+                             for v in (a_def, B, extra, root, unit, held, held_r))
     out = np.zeros(shape, dtype=np.int64)
     pairs = np.stack([R.ravel(), U.ravel()], 1)
     for r, u in np.unique(pairs, axis=0):
         sel = (R == r) & (U == u)
         w = lazy_init_state(fn(r, u), config)
-        out[sel] = np.maximum(A[sel], w.reserved + step_segments_bytes(w, A[sel], Bb[sel], phi, config, E[sel]))
+        out[sel] = np.maximum(A[sel], HR[sel] + w.reserved
+                              + step_segments_bytes(w, A[sel] - H[sel], Bb[sel], phi, config, E[sel]))
     return out
 
 
@@ -217,10 +230,11 @@ def reserved_by_stream(moments: dict[str, dict], fsdp_version: int, B, phi: floa
     only when FSDP1 casts shards)."""
 
     side = SIDE_LINES[int(fsdp_version)]
-    a_def, peaks = 0, dict.fromkeys(side.values(), 0)
+    a_def, held, peaks = 0, 0, dict.fromkeys(side.values(), 0)
     for name, c in moments.items():
         if name == LAZY_INIT:  # FSDP1's lazy-init blocks: default-stream segments, W_lazy (lazy_init_state)
             continue
+        held = _max(held, sum(c.get(k, 0) for k in HELD_LINES))
         total = sum(c.values())
         on_side = 0
         for line, stream in side.items():
@@ -250,7 +264,7 @@ def reserved_by_stream(moments: dict[str, dict], fsdp_version: int, B, phi: floa
     lazy = None
     if int(fsdp_version) == 1:
         lazy = (lambda r, u: lazy_init_blocks(1, r, u, shard_group, param_factor), root, unit)
-    out = {"default": _default_stream(a_def, B, phi, config, extra, lazy)}
+    out = {"default": _default_stream(a_def, B, phi, config, extra, lazy, held)}
     for stream, v in peaks.items():
         out[stream] = round_up(v, K_ROUND_LARGE)
     if int(fsdp_version) == 1 and (param_factor != 1 or (lora_block > 0 if is_scalar(lora_block) else bool((lora_block > 0).any()))):
