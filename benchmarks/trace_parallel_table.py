@@ -2,6 +2,8 @@
 beside the one-GPU trace, for a tiny llama: the table the analytic per-GPU ledger is compared with.
 
     python benchmarks/trace_parallel_table.py [--model tiny-llama] [--quant bf16,nf4] [--seq 128]
+    python benchmarks/trace_parallel_table.py --model llama-3.2-1b --layers 2 --quant fp32 \
+        --trainer hf --mixed-precision bf16 --cases 6     # PEFT's FSDP recipe: fp32 shards, bf16 gathers
 
 Each case traces ranks 0 and N-1 in this process (a fake process group each); prints
 (case, rank, line, bytes) rows and each rank's peak allocated, then its peak reserved from the
@@ -41,6 +43,8 @@ def main(argv=None) -> int:
     ap.add_argument("--lora-rank", type=int, default=8)
     ap.add_argument("--targets", default="q_proj,v_proj")
     ap.add_argument("--cases", default=None, help="comma-separated indices into CASES (default all)")
+    ap.add_argument("--trainer", default=None, help="loop, hf or trl (default: the TrainSpec default)")
+    ap.add_argument("--mixed-precision", default=None, help="no, bf16 or fp16 (default: the trainer's)")
     a = ap.parse_args(argv)
     spec = load_model(a.model)
     cfg = dict(spec.config)
@@ -58,7 +62,8 @@ def main(argv=None) -> int:
                 extra = {**extra, "quant_storage": "bf16"}  # FSDP-QLoRA's float storage
                 if extra.get("fsdp_version") == 1:  # one dtype per flat parameter: no fp32 upcast
                     extra["prepare_kbit"] = False
-            train = TrainSpec(quant=quant, batch=a.batch, seq=a.seq, strategy=strategy, num_gpus=n, **extra)
+            recipe = {k: v for k, v in (("trainer", a.trainer), ("mixed_precision", a.mixed_precision)) if v}
+            train = TrainSpec(quant=quant, batch=a.batch, seq=a.seq, strategy=strategy, num_gpus=n, **extra, **recipe)
             name = f"{quant} {strategy} N={n}" + "".join(f" {k}={v}" for k, v in extra.items())
             for r in (traced_ranks(train) if a.ranks == "first-last" else [0]):
                 t = trace_step(cfg, lora, train, rank=r)

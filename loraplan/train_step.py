@@ -71,6 +71,34 @@ def torch_dtype(name: str):
     return getattr(torch, TORCH_DTYPE_NAMES[name])
 
 
+def fsdp_mixed_precision(train, version: int):
+    """The FSDP mixed-precision policy accelerate builds from the resolved ``mixed_precision``
+    bf16 / fp16 (accelerate 1.15 state.py: ``fsdp_plugin.set_mixed_precision(mixed_precision)``
+    unless it is "no"; utils/dataclasses.py::FullyShardedDataParallelPlugin.set_mixed_precision):
+    FSDP1 ``MixedPrecision(param_dtype=d, reduce_dtype=d, buffer_dtype=d)``, FSDP2
+    ``MixedPrecisionPolicy(param_dtype=d, reduce_dtype=d, output_dtype=d)``; None without mixed
+    precision and under ``--trainer loop``, a plain PyTorch loop that wraps with torch's defaults
+    (``mixed_precision=None``) and runs its forward under ``torch.autocast`` (as the bursts do,
+    profile/distributed.py::wrap_model). FSDP then all-gathers every unit in ``d`` whatever dtype its
+    shards are stored in (an fp32-loaded base keeps fp32 shards: _flat_param.py::FlatParamHandle.
+    _init_param_reduce_dtypes, ``_use_low_precision_shard``; FSDP2 _fsdp_param.py::FSDPParam.
+    all_gather_inputs). The analytic side of the same rule: ``estimate.parallel.compute_train``."""
+    from .trainers import resolve_recipe
+
+    r = resolve_recipe(train)
+    mp = r.mixed_precision
+    if r.trainer == "loop" or mp not in ("bf16", "fp16"):
+        return None
+    d = torch_dtype(mp)
+    if int(version) == 1:
+        from torch.distributed.fsdp import MixedPrecision
+
+        return MixedPrecision(param_dtype=d, reduce_dtype=d, buffer_dtype=d)
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return MixedPrecisionPolicy(param_dtype=d, reduce_dtype=d, output_dtype=d)
+
+
 def checkpoint_kwargs(train) -> dict[str, Any]:
     """``gradient_checkpointing_kwargs`` of the resolved recipe: {'use_reentrant': bool}."""
     return {"use_reentrant": bool(resolve_recipe(train).reentrant)}

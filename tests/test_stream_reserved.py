@@ -254,3 +254,85 @@ def test_arrays_with_the_constructor_and_fill_give_the_scalar_numbers():
     want = [peak_reserved({"m": {k: int(v[i]) for k, v in ms["m"].items()}}, 1, int(B[i]), 0.5, root=200 * MiB,
                           unit=unit, construction=ev, fill=int(fill[i])) for i in range(3)]
     assert list(got) == want
+
+
+def test_fsdp1_fp32_base_under_bf16_mixed_precision_gathers_in_bf16_on_both_views():
+    """PEFT's FSDP recipe (run_peft_fsdp.sh: an fp32-loaded base, accelerate ``mixed_precision: bf16``):
+    accelerate's MixedPrecision(param_dtype=bf16) makes FSDP1 all-gather every unit in bf16 on the
+    unshard stream (_flat_param.py::_init_param_reduce_dtypes, _get_padded_unsharded_flat_param:
+    ``_full_param_padded`` is low precision) after casting the fp32 shard to ``_mp_shard`` on the
+    pre-unshard stream (_use_low_precision_shard). Gathered in fp32, the unshard stream would be
+    twice the analytic's."""
+    from loraplan.hf import spec_from_config
+    from loraplan.spec import LoraSpec, TrainSpec
+
+    lora = LoraSpec(rank=8, targets=("q_proj", "v_proj"))
+    train = TrainSpec(quant="fp32", batch=2, seq=512, strategy="fsdp", num_gpus=2, fsdp_version=1, trainer="hf",
+                      mixed_precision="bf16", use_orig_params=False)
+    replay, _, an, _ = _replay_and_analytic(CFG, lora, train, spec_from_config(CFG, name="small"))
+    assert set(an) == set(replay) == {"default", "pre_unshard_stream", "unshard_stream", "post_backward_stream"}
+    root_bf16 = 2 * CFG["vocab_size"] * CFG["hidden_size"] * 2  # embeddings + lm_head, 62.5 MiB
+    assert root_bf16 < replay["unshard_stream"] < 1.5 * root_bf16  # the root and two small layers, in bf16
+    assert abs(an["unshard_stream"] - replay["unshard_stream"]) <= 0.10 * replay["unshard_stream"], (an, replay)
+    # the root's bf16 shard (31.25 MiB -> 32), the layers' reuse it, the fp32 LoRA units' shards a small segment
+    assert an["pre_unshard_stream"] == replay["pre_unshard_stream"] == 34 * MiB, (an, replay)
+    # the default stream's fitted factors read high on 4 small layers (as in the bf16 test above)
+    assert replay["default"] <= an["default"] <= 1.15 * replay["default"], (an, replay)
+
+
+def test_fsdp1_shards_made_before_the_lazy_init_do_not_fit_in_its_free_blocks():
+    """FullyShardedDataParallel.__init__ makes the rank's shards; the lazy init then allocates and frees
+    each unit's buffers (here an fp32-loaded base under a bf16 policy: the root's bf16 shard, bf16 and
+    fp32 unsharded copies). Only what the step allocates later can reuse those free blocks; the
+    shards keep their own segments (llama-3.2-1b with 2 layers, the trace's default stream: 2,632 MB
+    replayed, 1,843 MB analytic when the shards were counted into the free blocks, 2,613 MB now)."""
+    root, unit = 500 * MiB, 60 * MiB
+    ms = {"forward": {"frozen_linear_weights": 120 * MiB, "unquantized_weights": 250 * MiB, "lora_weights": 1 * MiB,
+                      "activations": 50 * MiB, "gathered_params": root}}
+    out = sr.reserved_by_stream(ms, 1, B=10 * MiB, phi=0.0, root=root, unit=unit, shard_group=2, param_factor=2)
+    lazy = sr.lazy_init_state(sr.lazy_init_blocks(1, root, unit, 2, 2)).reserved  # 250 + 500 + 1000 MiB
+    assert lazy == 1750 * MiB
+    # the 50 MiB of activations fit in the lazy init's free blocks; the 371 MiB held before it do not
+    assert out["default"] == 372 * MiB + lazy
+
+
+def test_fsdp2_fp32_base_under_bf16_mixed_precision_casts_the_shard_beside_the_output():
+    """FSDP2 under accelerate's MixedPrecisionPolicy(param_dtype=bf16) casts each fp32 shard in the
+    copy-in stream before the copy-in (_fsdp_collectives.py::foreach_all_gather ->
+    FSDPParam.all_gather_inputs): the root's bf16 shard (31.25 MiB -> 32) beside its bf16 output
+    (62.5 MiB -> 64); an fp32 all-gather would hold twice the output."""
+    from loraplan.hf import spec_from_config
+    from loraplan.spec import LoraSpec, TrainSpec
+
+    lora = LoraSpec(rank=8, targets=("q_proj", "v_proj"))
+    train = TrainSpec(quant="fp32", batch=2, seq=512, strategy="fsdp", num_gpus=2, fsdp_version=2, trainer="hf",
+                      mixed_precision="bf16")
+    replay, _, an, _ = _replay_and_analytic(CFG, lora, train, spec_from_config(CFG, name="small"))
+    assert an["all_gather_copy_in_stream"] == replay["all_gather_copy_in_stream"] == 96 * MiB, (an, replay)
+    assert an["reduce_scatter_stream"] == replay["reduce_scatter_stream"]
+
+
+def test_fsdp1_lazy_init_of_an_fp32_base_is_the_peak_of_a_short_step_on_both_views():
+    """FSDP1's lazy init allocates and frees each unit's fp32 ``_full_prec_full_param_padded`` beside the
+    rank's shards (_flat_param.py::FlatParamHandle.init_flat_param_attributes, parameter mixed
+    precision): with one short row the root's (embeddings + head, 125 MiB in fp32) is the rank's peak,
+    above every moment of the step (estimate/parallel.py::_fsdp1_lazy_init)."""
+    for mod in ("torch", "transformers", "peft"):
+        pytest.importorskip(mod)
+    from loraplan.catalog import load_calibration, load_gpu
+    from loraplan.estimate.api import estimate
+    from loraplan.hf import spec_from_config
+    from loraplan.spec import LoraSpec, TrainSpec
+    from loraplan.trace.run import trace_step
+
+    lora = LoraSpec(rank=8, targets=("q_proj", "v_proj"))
+    train = TrainSpec(quant="fp32", batch=1, seq=64, strategy="fsdp", num_gpus=2, fsdp_version=1, trainer="hf",
+                      mixed_precision="bf16", use_orig_params=False)
+    t = trace_step(CFG, lora, train, rank=0)
+    gpu = load_gpu("h100-sxm-80gb")
+    m = estimate(spec_from_config(CFG, name="small"), lora, train, gpu, load_calibration(gpu.id), with_time=False).memory
+    assert m.peak_moment == "lazy init" and t["peak_phase"] == "forward"  # the first forward's root pre-forward
+    root_fp32 = 2 * CFG["vocab_size"] * CFG["hidden_size"] * 4  # + the norms (fp32, 2h per layer + h)
+    assert root_fp32 <= m.components["gathered_params"] <= root_fp32 + 4 * CFG["hidden_size"] * (2 * 4 + 1)
+    assert abs(m.peak_allocated_bytes - t["peak_allocated_bytes"]) <= 0.01 * t["peak_allocated_bytes"], \
+        (m.peak_allocated_bytes, t["peak_allocated_bytes"])

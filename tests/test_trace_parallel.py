@@ -257,3 +257,21 @@ def test_fsdp2_all_gather_outputs_live_on_the_copy_in_stream_and_ddp_on_the_defa
     # allocated (_fsdp_param_group.py: all_gather_state): the root's and a layer's coexist
     assert alloc["all_gather_copy_in_stream"] >= ROOT_BYTES + LAYER_BYTES
     assert set(_by_stream(trace("ddp", 2))) == {"default"}
+
+
+@pytest.mark.parametrize("version,stream", [(1, "unshard_stream"), (2, "all_gather_copy_in_stream")])
+def test_an_fp32_base_under_bf16_mixed_precision_is_gathered_in_bf16(version, stream):
+    """accelerate builds FSDP's mixed-precision policy from ``mixed_precision`` (utils/dataclasses.py::
+    FullyShardedDataParallelPlugin.set_mixed_precision: param_dtype bf16), so PEFT's FSDP recipe
+    (fp32-loaded base, bf16) keeps fp32 shards and all-gathers bf16 units: the side stream holds the
+    bf16 root and layers (LAYER_BYTES / ROOT_BYTES are bf16), and the shards stay fp32 (2x the bf16 trace's)."""
+    kw = dict(fsdp_version=version, trainer="hf", mixed_precision="bf16", use_orig_params=False)
+    t, b = trace("fsdp", 2, quant="fp32", **kw), trace("fsdp", 2, quant="bf16", **kw)
+    alloc = _by_stream(t)
+    assert ROOT_BYTES + LAYER_BYTES <= alloc[stream] <= ROOT_BYTES + 2 * LAYER_BYTES + ROOT_BYTES // 2 + 16 * 1024
+    assert t["components"]["weights"] >= 1.9 * b["components"]["weights"]
+    if version == 1:  # each fp32 shard cast to bf16 (_mp_shard) before its all-gather, one at a time (+ norms)
+        assert LAYER_BYTES // 2 <= alloc["pre_unshard_stream"] <= LAYER_BYTES // 2 + 1024
+        # a plain loop wraps with torch's defaults (no policy, autocast only; profile/distributed.py): fp32 units
+        loop = _by_stream(trace("fsdp", 2, quant="fp32", **{**kw, "trainer": "loop"}))
+        assert "pre_unshard_stream" not in loop and loop[stream] >= 2 * (ROOT_BYTES + LAYER_BYTES)

@@ -383,7 +383,8 @@ def reserved_and_band(st: Structure, x: Shape, kind: str, peak_allocated, gpu: G
         r = stream_reserved.peak_reserved(rank_ledgers, version, maximum(head, layer), c["phi"], conf,
                                           root=st.unquantized_weights, unit=layer_unit(st, lora_weights(st, x.r)),
                                           extra=extra, shard_group=shard_group(train), param_factor=param_factor,
-                                          construction=built, fill=layer if version == 1 else 0)
+                                          construction=built, fill=layer if version == 1 else 0,
+                                          lora_block=lora_mp_shard(st, train, x.r))
         r = maximum(r, peak_allocated)
         return ((int(r) if _is_scalar(r) else r.astype("int64")),
                 allocator_slack.slack_uncertainty(peak_allocated, conf, engine=engine))
@@ -396,6 +397,28 @@ def reserved_and_band(st: Structure, x: Shape, kind: str, peak_allocated, gpu: G
     ws = workspace_blocks(gpu, cal, st.device, stack)
     return (allocator_slack.peak_reserved(st, x, kind, peak_allocated, ws, alloc_conf or "default"),
             allocator_slack.slack_uncertainty(peak_allocated, alloc_conf or "default"))
+
+
+def lora_mp_shard(st: Structure, train: TrainSpec, r):
+    """Bytes of the largest LoRA unit's low-precision shard FSDP1 casts before each all-gather
+    (``stream_reserved.mp_shard_blocks``), 0 when none is cast: PEFT's wrap policy makes each
+    lora_A / lora_B its own flat parameter in the adapter dtype, and accelerate's MixedPrecision
+    (``param_dtype`` = ``mixed_precision``; not under ``--trainer loop``,
+    ``train_step.fsdp_mixed_precision``) casts it when the two differ
+    (_flat_param.py::FlatParamHandle._init_param_reduce_dtypes, ``_use_low_precision_shard``).
+    The block is bounded by A and B together, r·(in+out) elements in the param dtype over N_s
+    (padded to N_s: _flat_param.py::FlatParamHandle._get_shard); it decides the pool (small
+    below 1 MiB)."""
+    from ..storage import dtype_bytes
+    from .parallel import shard_group
+
+    rr = resolve_recipe(train)
+    mp = rr.mixed_precision
+    if (train.strategy not in ("fsdp", "fsdp-offload") or rr.fsdp_version != 1 or rr.trainer == "loop"
+            or mp not in ("bf16", "fp16") or dtype_bytes(mp) == st.adapter_bytes or not st.lora_sizes):
+        return 0
+    ns = shard_group(train)
+    return -(-(r * max(st.lora_sizes)) // ns) * dtype_bytes(mp)
 
 
 def context_and_band(gpu: GpuSpec | None, cal: Calibration, stack=None) -> tuple[int, int]:

@@ -51,7 +51,9 @@ CUDA here: its rules are read from deepspeedai/DeepSpeed's source and modelled a
   gathered from forward to the end of backward; in backward the current layer is gathered,
   plus the next: FSDP2 prefetches it when the layer's backward starts; FSDP1 all-gathers it
   before it frees the current frozen unit, whatever ``--fsdp-backward-prefetch`` (``_fsdp``). A gathered unit is a full-size
-  allocation beside the rank's shard, which stays allocated. SHARD_GRAD_OP keeps every unit gathered
+  allocation beside the rank's shard, which stays allocated. FSDP1 adds a first moment, its lazy
+  init (``LAZY_INIT``: each unit's unsharded buffers allocated and freed beside the shards, the
+  fp32 copy too under parameter mixed precision; ``_fsdp1_lazy_init``). SHARD_GRAD_OP keeps every unit gathered
   from its forward until its backward. Sharded gradients and optimizer state are 1/N_s.
   ``use_orig_params`` changes no line: with PEFT's wrap policy (which transformers' Trainer applies,
   distributed/fsdp.py::update_fsdp_plugin_peft) no unit mixes frozen and trainable parameters,
@@ -98,7 +100,9 @@ BACKWARD_MOMENTS = ("layer backward", "encoder layer backward")
 def compute_train(train: TrainSpec) -> TrainSpec:
     """The recipe the GPUs compute with. FSDP's MixedPrecision(param_dtype=bf16/fp16) (accelerate
     builds it from mixed_precision: utils/dataclasses.py::FullyShardedDataParallelPlugin.set_mixed_precision;
-    FSDP2 MixedPrecisionPolicy) gathers an fp32 base's parameters in 16 bit, and DeepSpeed casts
+    FSDP2 MixedPrecisionPolicy; the trace and the bursts: ``train_step.fsdp_mixed_precision``, which
+    ``--trainer loop``, a plain loop under torch.autocast with torch's FSDP defaults, does not
+    use) gathers an fp32 base's parameters in 16 bit, and DeepSpeed casts
     the module to 16 bit (runtime/engine.py::_configure_distributed_model: ``module.bfloat16()``),
     so an fp32-loaded base under bf16/fp16 mixed precision runs as a 16-bit model (its
     activations, gathered units); FSDP keeps the shards in fp32 (``param_factor``). Otherwise
@@ -109,8 +113,9 @@ def compute_train(train: TrainSpec) -> TrainSpec:
 
     from ..trainers import resolve_recipe
 
-    mp = resolve_recipe(train).mixed_precision
-    if mp not in ("bf16", "fp16"):
+    r = resolve_recipe(train)
+    mp = r.mixed_precision
+    if mp not in ("bf16", "fp16") or (train.strategy in FSDP_STRATEGIES and r.trainer == "loop"):
         return train
     return replace(train, quant=mp, load_dtype=None)
 
@@ -228,7 +233,31 @@ def rank_moments(ms: dict[str, dict[str, Any]], st: Structure, train: TrainSpec,
     if stored != 1:
         for c in one.values():
             _scale(c, PARAM_LINES, stored)
+    if rule is _fsdp and train.fsdp_version == 1 and one:
+        one = {LAZY_INIT: _fsdp1_lazy_init(next(iter(one.values())), st, stored), **one}  # first in step order
     return {k: one for k in range(train.num_gpus)}
+
+
+#: FSDP1's lazy init (the first forward's root pre-forward), a moment before the step's own
+LAZY_INIT = "lazy init"
+#: lines alive at FSDP1's lazy init: the rank's shards and adapters, the constant workspaces (no
+#: optimizer state yet, no activations)
+_LAZY_INIT_LINES = PARAM_LINES + ("quant_state", "lora_weights", "cuda_workspaces")
+
+
+def _fsdp1_lazy_init(c: dict, st: Structure, stored: float = 1) -> dict:
+    """FSDP1's lazy init (``_runtime_utils.py::_lazy_init`` -> ``_flat_param.py::FlatParamHandle.
+    init_flat_param_attributes``, on the default stream): per handle it allocates and at once frees
+    ``_full_param_padded`` (the unit as gathered) and, with parameter mixed precision,
+    ``_full_prec_full_param_padded`` (the unit as stored: ``stored`` x, an fp32-loaded base gathered
+    in 16 bit), beside the shards that ``FullyShardedDataParallel.__init__`` made. The moment: the
+    ``_LAZY_INIT_LINES`` of ``c`` (a rank's moment) plus the largest such block as
+    ``gathered_params`` (the trace's line for it: the root or a layer unit, frozen; each LoRA unit
+    is smaller). Above the step's own moments when the fp32 root outweighs the activations (small
+    batches); its segments are ``stream_reserved.lazy_init_state``'s."""
+    out = {k: c[k] for k in _LAZY_INIT_LINES if k in c}
+    out["gathered_params"] = maximum(st.unquantized_weights, layer_unit(st, 0)) * max(stored, 1)
+    return out
 
 
 def _scale(c: dict, keys, f) -> None:

@@ -9,7 +9,15 @@ FSDP allocates on side streams (read from torch 2.13):
 
 - FSDP1: the padded unsharded flat parameters (``gathered_params``) inside
   ``_runtime_utils.py::_unshard``'s ``with stream(unshard_stream)``
-  (``_flat_param.py::FlatParamHandle._alloc_padded_unsharded_flat_param``); the reduce-scatter
+  (``_flat_param.py::FlatParamHandle._alloc_padded_unsharded_flat_param``), in the
+  mixed-precision param dtype when the unit has one (``_get_padded_unsharded_flat_param``:
+  ``_full_param_padded``, allocated low precision); with parameter mixed precision (a flat
+  parameter stored in another dtype than MixedPrecision's ``param_dtype``: an fp32-loaded base
+  or fp32 adapters under accelerate's bf16 policy, ``_init_param_reduce_dtypes``) each unshard
+  first casts the rank's shard to ``_mp_shard`` inside ``with stream(pre_unshard_stream)``
+  (``pre_unshard`` -> ``_use_low_precision_shard``) and frees it after the all-gather
+  (``post_unshard`` -> ``_free_low_precision_sharded_param``): one shard-sized block at a time on
+  ``pre_unshard_stream``, the pool of ``mp_shard_blocks``; the reduce-scatter
   output, kept as the sharded gradient (``lora_gradients``), inside ``_post_backward_hook``'s
   ``with stream(post_backward_stream)`` (``_reduce_grad``: ``new_sharded_grad``).
 - FSDP2: the flat all-gather output inside ``_fsdp_collectives.py::foreach_all_gather``'s
@@ -17,14 +25,17 @@ FSDP allocates on side streams (read from torch 2.13):
   only at the next unit's ``wait_for_unshard`` (``_fsdp_param_group.py``: ``all_gather_state``),
   after the next all-gather was allocated, so two consecutive units' outputs coexist: the root's
   and the first layer's. The unsharded parameters are copied out on the default stream
-  (``foreach_all_gather_copy_out``). The reduce-scatter output / new sharded gradients
+  (``foreach_all_gather_copy_out``). Under a MixedPrecisionPolicy whose ``param_dtype`` is not the
+  stored dtype (an fp32-loaded base under accelerate's bf16 policy) each shard is first cast in
+  the copy-in stream (``FSDPParam.all_gather_inputs``), beside the output until the copy-in.
+  The reduce-scatter output / new sharded gradients
   (``lora_gradients``) are allocated in ``reduce_scatter_stream`` (``foreach_reduce``).
 - DDP allocates its buckets on the default stream (one stream: the one-GPU closed form).
 
 So, per rank (``reserved_by_stream``):
 
     reserved = R_default + sum over side streams of R_side
-    R_default = W_lazy + the step's new segments for A_def, phi blocks of the step's largest
+    R_default = S + W_lazy + the step's new segments for A_def - S, phi blocks of the step's largest
                 block B and phi_layer layer blocks (allocator_slack.step_segments_bytes; a rank's
                 shards are a few large flat tensors, each its own segment, so no model tails)
     W_lazy    = FSDP1: the segments FSDP1's lazy init leaves cached on the default stream
@@ -32,10 +43,17 @@ So, per rank (``reserved_by_stream``):
                 a model that reaches the constructor off the GPU first replays the constructor's
                 blocks (``construction_events``), and the step then needs A_def minus the shards
                 the construction left allocated
+    S         = FSDP1 without a replayed construction: what the constructor allocated before the
+                lazy init and keeps (the rank's shards, adapters, 4-bit quant state: ``HELD_LINES``),
+                in segments of its own, rounded to kRoundLarge; 0 for FSDP2 (no lazy-init blocks, S
+                is part of A_def) and when ``construction_events`` replay the shards
     A_def     = max over moments of the moment's ledger minus its side-stream lines
     R_side    = max over moments of the stream's lines, rounded up to kRoundLarge (2 MiB)
-                (FSDP2 all-gather: max(root, unit) + unit rounded the same way; FSDP1 unshard:
-                at least root + 2 units, each rounded, the backward boundary's two units)
+                (FSDP2 all-gather: max(root, unit) + unit rounded the same way, and with a cast
+                the largest unit's cast shard + its output, each rounded; FSDP1 unshard:
+                at least root + 2 units, each rounded, the backward boundary's two units;
+                FSDP1 pre-unshard: the segments the ``_mp_shard`` blocks leave, each freed before
+                the next, replayed through ``loraplan.allocator``)
 
 FSDP1's lazy init (first forward: ``_runtime_utils.py::_lazy_init`` ->
 ``_share_state_and_init_handle_attrs`` -> ``_flat_param.py::FlatParamHandle.
@@ -93,9 +111,14 @@ from functools import lru_cache
 from ..allocator import K_ROUND_LARGE
 from .arrays import is_scalar
 from .arrays import maximum as _max
+from .parallel import LAZY_INIT, PARAM_LINES
 
-__all__ = ["SIDE_LINES", "PARAM_BROADCAST_BUCKET_SIZE", "construction_events", "unit_construction_events",
-           "lazy_init_blocks", "lazy_init_state", "reserved_by_stream", "peak_reserved"]
+#: lines FSDP1 holds from its constructor, before the lazy init: the rank's shards (frozen and LoRA
+#: flat parameters) and the replicated 4-bit quant state (segments of their own, allocated first)
+HELD_LINES = PARAM_LINES + ("quant_state", "lora_weights")
+
+__all__ = ["SIDE_LINES", "HELD_LINES", "PARAM_BROADCAST_BUCKET_SIZE", "construction_events", "unit_construction_events",
+           "lazy_init_blocks", "lazy_init_state", "mp_shard_blocks", "reserved_by_stream", "peak_reserved"]
 
 #: ledger lines allocated on a side stream, per FSDP version: line -> stream (module docstring)
 SIDE_LINES = {
@@ -134,6 +157,22 @@ def lazy_init_blocks(fsdp_version: int, root: int, unit: int, shard_group: int =
         out.append(u)
         if mp:
             out.append(_ceil(u * param_factor))
+    return tuple(out)
+
+
+def mp_shard_blocks(fsdp_version: int, root: int, unit: int, shard_group: int = 1, param_factor: float = 1,
+                    lora_block: int = 0) -> tuple[int, ...]:
+    """Bytes FSDP1 allocates and frees at once on ``pre_unshard_stream`` per unshard, in order (module
+    docstring): the ``_mp_shard`` of the root unit and of a layer unit (``root`` / ``unit`` bytes
+    as gathered, 1/``shard_group`` of it) when the frozen base is stored in another dtype than it
+    is gathered in (``param_factor`` != 1), then ``lora_block``: the largest LoRA unit's
+    ``_mp_shard`` (0: the adapters are stored in the param dtype). Identical units leave the same
+    blocks, so one stands for all. FSDP2 and FSDP1 without parameter mixed precision: ()."""
+    if int(fsdp_version) != 1:
+        return ()
+    out = [_ceil(u / max(int(shard_group), 1)) for u in (int(root), int(unit)) if param_factor != 1 and u > 0]
+    if int(lora_block) > 0:
+        out.append(int(lora_block))
     return tuple(out)
 
 
@@ -215,35 +254,57 @@ def unit_construction_events(units, world: int, sync: bool = True, offload: bool
     return tuple(ev)
 
 
-def _default_stream(a_def, B, phi, config, extra, lazy, construction: tuple = (), fill=0):
+def _pre_unshard_stream(fn, root, unit, lora, config):
+    """Reserved bytes of FSDP1's ``pre_unshard_stream``: ``lazy_init_state`` of the blocks
+    ``fn(root, unit, lora)`` (``mp_shard_blocks``), per distinct triple of a sweep's arrays."""
+    if is_scalar(root) and is_scalar(unit) and is_scalar(lora):
+        return lazy_init_state(fn(root, unit, lora), config).reserved
+    import numpy as np
+
+    R, U, P = np.broadcast_arrays(np.asarray(root), np.asarray(unit), np.asarray(lora))
+    out = np.zeros(R.shape, dtype=np.int64)
+    for r, u, p in np.unique(np.stack([R.ravel(), U.ravel(), P.ravel()], 1), axis=0):
+        out[(R == r) & (U == u) & (P == p)] = lazy_init_state(fn(r, u, p), config).reserved
+    return out
+
+
+def _default_stream(a_def, B, phi, config, extra, lazy, construction: tuple = (), fill=0, held=0):
     """R_default (module docstring); ``lazy``: (root, unit) -> ``lazy_init_blocks``, or None;
     ``construction``: ``construction_events`` or (); ``fill``: the step's layer block
-    (``allocator_slack.step_segments_bytes``)."""
+    (``allocator_slack.step_segments_bytes``); ``held``: bytes allocated before the lazy init and
+    kept (the shards and adapters ``FullyShardedDataParallel.__init__`` made), in segments of their
+    own that the lazy-init blocks' free space cannot hold: only ``a_def - held`` reuses them. With
+    ``construction`` the replay allocates the shards itself (``held`` is then not added)."""
     from .allocator_slack import WeightsState, step_segments_bytes
 
     if lazy is None:
         return _max(a_def, step_segments_bytes(WeightsState(0, 0), a_def, B, phi, config, extra))
     fn, root, unit = lazy
+    held_r = round_up(held, K_ROUND_LARGE)
     if is_scalar(root) and is_scalar(unit):
         w = lazy_init_state(fn(root, unit), config, construction)
-        return _max(a_def, w.reserved + step_segments_bytes(w, a_def - w.allocated, B, phi, config, extra, fill))
+        return _max(a_def, held_r + w.reserved + step_segments_bytes(w, a_def - held - w.allocated, B, phi, config,
+                                                                     extra, fill))
     import numpy as np
 
-    shape = np.broadcast(*(np.asarray(v) for v in (a_def, B, extra, root, unit, fill))).shape
-    A, Bb, E, R, U, Fl = (np.broadcast_to(np.asarray(v), shape) for v in (a_def, B, extra, root, unit, fill))
+    shape = np.broadcast(*(np.asarray(v) for v in (a_def, B, extra, root, unit, fill, held))).shape
+    A, Bb, E, R, U, Fl, H, HR = (np.broadcast_to(np.asarray(v), shape)
+                                 for v in (a_def, B, extra, root, unit, fill, held, held_r))
     out = np.zeros(shape, dtype=np.int64)
     pairs = np.stack([R.ravel(), U.ravel()], 1)
     for r, u in np.unique(pairs, axis=0):
         sel = (R == r) & (U == u)
         w = lazy_init_state(fn(r, u), config, construction)
-        out[sel] = np.maximum(A[sel], w.reserved + step_segments_bytes(w, A[sel] - w.allocated, Bb[sel], phi,
-                                                                       config, E[sel], Fl[sel]))
+        out[sel] = np.maximum(A[sel], HR[sel] + w.reserved
+                              + step_segments_bytes(w, A[sel] - H[sel] - w.allocated, Bb[sel], phi, config,
+                                                    E[sel], Fl[sel]))
     return out
 
 
 def reserved_by_stream(moments: dict[str, dict], fsdp_version: int, B, phi: float, config: str = "default",
                        root=0, unit=0, extra=0, shard_group: int = 1,
-                       param_factor: float = 1, construction: tuple = (), fill=0) -> dict[str, object]:
+                       param_factor: float = 1, construction: tuple = (), fill=0,
+                       lora_block: int = 0) -> dict[str, object]:
     """{stream name: its peak reserved bytes} of one FSDP rank (module docstring).
 
     ``moments``: the rank's ledger per moment (``parallel.rank_moments``: line -> bytes, ints or
@@ -252,13 +313,18 @@ def reserved_by_stream(moments: dict[str, dict], fsdp_version: int, B, phi: floa
     gathered root unit and of one layer unit (``parallel.layer_unit``), for FSDP2's two
     coexisting all-gather outputs; ``extra``: further stranded bytes on the default stream
     (``phi_layer`` x the layer block, as ``allocator_slack.peak_reserved``); ``shard_group``,
-    ``param_factor``: for FSDP1's lazy-init blocks (``lazy_init_blocks``); ``construction``: FSDP1's
-    constructor's events for a model built off the GPU (``construction_events``), () otherwise;
-    ``fill``: the step's layer block, which fills FSDP1's cached blocks smaller than B."""
+    ``param_factor``: for FSDP1's lazy-init blocks (``lazy_init_blocks``) and, with
+    ``lora_block``, its pre-unshard blocks (``mp_shard_blocks``: ``pre_unshard_stream``, present
+    only when FSDP1 casts shards); ``construction``: FSDP1's constructor's events for a model built
+    off the GPU (``construction_events``), () otherwise; ``fill``: the step's layer block, which
+    fills FSDP1's cached blocks smaller than B."""
 
     side = SIDE_LINES[int(fsdp_version)]
-    a_def, peaks = 0, dict.fromkeys(side.values(), 0)
-    for c in moments.values():
+    a_def, held, peaks = 0, 0, dict.fromkeys(side.values(), 0)
+    for name, c in moments.items():
+        if name == LAZY_INIT:  # FSDP1's lazy-init blocks: default-stream segments, W_lazy (lazy_init_state)
+            continue
+        held = _max(held, sum(c.get(k, 0) for k in HELD_LINES))
         total = sum(c.values())
         on_side = 0
         for line, stream in side.items():
@@ -276,22 +342,35 @@ def reserved_by_stream(moments: dict[str, dict], fsdp_version: int, B, phi: floa
     if int(fsdp_version) == 2:
         peaks["all_gather_copy_in_stream"] = _max(peaks["all_gather_copy_in_stream"],
                                                   round_up(_max(root, unit), K_ROUND_LARGE) + unit)
+        if param_factor != 1:
+            # a shard stored in another dtype than MixedPrecisionPolicy's param_dtype is cast first, in
+            # the same stream, and freed after the copy-in (_fsdp_collectives.py::foreach_all_gather:
+            # _get_param_all_gather_inputs -> _fsdp_param.py::FSDPParam.all_gather_inputs, ``.to(param_dtype)``):
+            # the largest unit's cast shard beside its output
+            big = _max(root, unit)
+            peaks["all_gather_copy_in_stream"] = _max(
+                peaks["all_gather_copy_in_stream"],
+                round_up(big / max(int(shard_group), 1), K_ROUND_LARGE) + round_up(big, K_ROUND_LARGE))
     lazy = None
     if int(fsdp_version) == 1:
         lazy = (lambda r, u: lazy_init_blocks(1, r, u, shard_group, param_factor), root, unit)
-    out = {"default": _default_stream(a_def, B, phi, config, extra, lazy,
-                                      construction if int(fsdp_version) == 1 else (), fill)}
+    fsdp1 = int(fsdp_version) == 1
+    out = {"default": _default_stream(a_def, B, phi, config, extra, lazy, construction if fsdp1 else (), fill,
+                                      0 if (construction and fsdp1) else held)}
     for stream, v in peaks.items():
         out[stream] = round_up(v, K_ROUND_LARGE)
+    if int(fsdp_version) == 1 and (param_factor != 1 or (lora_block > 0 if is_scalar(lora_block) else bool((lora_block > 0).any()))):
+        out["pre_unshard_stream"] = _pre_unshard_stream(
+            lambda r, u, p: mp_shard_blocks(1, r, u, shard_group, param_factor, p), root, unit, lora_block, config)
     return out
 
 
 def peak_reserved(moments: dict[str, dict], fsdp_version: int, B, phi: float, config: str = "default",
                   root=0, unit=0, extra=0, shard_group: int = 1, param_factor: float = 1, construction: tuple = (),
-                  fill=0):
+                  fill=0, lora_block: int = 0):
     """Peak reserved bytes of one FSDP rank: the sum of ``reserved_by_stream``."""
     total = 0
     for v in reserved_by_stream(moments, fsdp_version, B, phi, config, root, unit, extra,
-                                shard_group, param_factor, construction, fill).values():
+                                shard_group, param_factor, construction, fill, lora_block).values():
         total = total + v
     return total

@@ -21,7 +21,9 @@ engine's own allocations:
   ``DDP.__init__`` (which reads values) is skipped too.
 - ``fsdp`` with ``fsdp_version`` 1: ``FullyShardedDataParallel`` with peft's
   ``fsdp_auto_wrap_policy`` (``Engine._wrap_fsdp1``): flat parameters, one per unit, sharded
-  with padding to N, ``use_orig_params`` as given (default False); ``device_id`` meta (its device handle answers ``torch.cpu``'s no-op
+  with padding to N, ``use_orig_params`` as given (default False), accelerate's ``MixedPrecision``
+  for a bf16 / fp16 ``mixed_precision`` (``train_step.fsdp_mixed_precision``: an fp32-loaded base is
+  gathered in 16 bit); ``device_id`` meta (its device handle answers ``torch.cpu``'s no-op
   streams) and a no-op ``param_init_fn``, so nothing is materialized. FSDP1 flattens each unit
   into one dtype: a 4-bit base needs a float ``quant_storage`` (uint8 cannot be flattened), and
   the fp32 norms / embeddings of ``prepare_model_for_kbit_training`` cannot share a unit with a
@@ -30,8 +32,9 @@ engine's own allocations:
 - ``fsdp`` / ``fsdp-offload`` with ``fsdp_version`` 2: ``fully_shard`` per decoder layer (the
   model's ``_no_split_modules`` classes, as accelerate's transformer auto-wrap does) and on the
   root, ``reshard_after_forward`` True for ``full`` (FULL_SHARD) and False for
-  ``shard-grad-op`` (SHARD_GRAD_OP), the default ``MixedPrecisionPolicy()`` (parameters
-  gathered in their own dtypes). ``fsdp-offload`` is ``CPUOffloadPolicy(pin_memory=True)``
+  ``shard-grad-op`` (SHARD_GRAD_OP), accelerate's ``MixedPrecisionPolicy`` for a bf16 / fp16
+  ``mixed_precision`` (``train_step.fsdp_mixed_precision``), else the default one (parameters gathered
+  in their own dtypes). ``fsdp-offload`` is ``CPUOffloadPolicy(pin_memory=True)``
   emulated (a meta tensor cannot be copied to the host: ``foreach_reduce``'s
   ``new_sharded_grad.to("cpu")`` fails on meta): FSDP2 runs without the policy and the tracker
   ignores, as host memory, what the policy keeps on the host: the sharded parameters, the
@@ -221,7 +224,7 @@ class Engine:
 
         mesh = init_device_mesh("cpu", (self.world,))
         reshard = self.train.fsdp_sharding != "shard-grad-op"
-        kw = dict(mesh=mesh, reshard_after_forward=reshard, mp_policy=MixedPrecisionPolicy(),
+        kw = dict(mesh=mesh, reshard_after_forward=reshard, mp_policy=self._mixed_precision(2) or MixedPrecisionPolicy(),
                   offload_policy=OffloadPolicy())  # fsdp-offload: emulated (_offload_to_host)
         no_split = set(getattr(_base_model(model), "_no_split_modules", None) or ())
         if not no_split:
@@ -240,6 +243,12 @@ class Engine:
         if self.strategy == "fsdp-offload":
             self._offload_to_host(model)
         return model
+
+    def _mixed_precision(self, version: int):
+        """accelerate's FSDP mixed-precision policy for the recipe, or None (``train_step.fsdp_mixed_precision``)."""
+        from ..train_step import fsdp_mixed_precision
+
+        return fsdp_mixed_precision(self.train, version)
 
     def _wrap_fsdp1(self, model):
         """FullyShardedDataParallel as accelerate builds it for a PEFT model: peft's
@@ -264,7 +273,7 @@ class Engine:
         wrapped = FSDP(model, auto_wrap_policy=fsdp_auto_wrap_policy(model), sharding_strategy=strategy,
                        use_orig_params=bool(self.train.use_orig_params), device_id=self.torch.device("meta"),
                        param_init_fn=lambda module: None, sync_module_states=False, limit_all_gathers=True,
-                       backward_prefetch=prefetch)
+                       backward_prefetch=prefetch, mixed_precision=self._mixed_precision(1))
         self.units = [n or "(root)" for n, m in wrapped.named_modules() if isinstance(m, FSDP)]
         gc.collect()  # the flattened originals sit in reference cycles of the built model
         return wrapped
