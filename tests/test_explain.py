@@ -176,3 +176,14 @@ def test_stream_fact_follows_the_recipe():
     trl = stream_fact(TrainSpec(quant="nf4", trainer="trl"))
     assert trl.startswith("the residual stream is bf16") and "prepare_model_for_kbit_training" not in trl
     assert "promotion" in stream_fact(TrainSpec(quant="fp16", mixed_precision="bf16"))
+
+
+def test_levers_column_and_attention_say_which_figure(run_cli):
+    """The saving is the drop in device total (explain.explain: base - device_total_bytes), and the
+    column and title say so next to a header that prints both peak allocated and device total; the
+    header's attention is the kernel sdpa dispatches to, the recipe's is the attn_implementation."""
+    code, out, err = run_cli("explain", "--model", "llama-3-8b", "--quant", "bf16", "--gpu", "rtx4090-24gb")
+    assert code == 0, err
+    assert "saves (device total)" in out and "largest device-total saving first" in out
+    assert "attention kernel flash" in out and "attn_implementation sdpa" in out
+    assert " attention sdpa" not in out
