@@ -171,5 +171,6 @@ def per_gpu_summary(mem: dict) -> tuple[list[str], Any]:
     if len(per) > 1 or any(k != "model_load_copies" for k in host):
         parts = ", ".join(f"{k.replace('_', ' ')} {size(v)}" for k, v in host.items())
         lines.append(f"host RAM per machine {size(mem.get('host_bytes'))} "
-                     f"(the larger of load time and the step: {parts})")
+                     + (f"(the larger of load time and the step: {parts})" if host else
+                        "(no model copy or offloaded state on the host; see the notes)"))
     return lines, table
