@@ -279,3 +279,18 @@ def test_plan_max_batch_column_is_the_clear_maximum(capsys):
     assert str(g["max_micro_batch_clear"]) in cells and str(g["max_micro_batch"]) not in cells
     assert f"{g['max_seq_clear']:,}" in cells
     assert f"rtx4090-24gb batch {g['max_micro_batch']}, seq {g['max_seq']:,}" in " ".join(out.split())
+
+
+def test_position_cap_footnote_names_the_field_when_its_column_is_hidden(capsys):
+    """The '*' of 'max seq' marks a cell; when 80 columns drop that column, the footnote names the
+    field instead of pointing at a mark nobody sees."""
+    code, out, err = run(capsys, "plan", "--model", "llama-2-7b", "--tokens", "1e7", "--strategy", "ddp",
+                         "--gpu", "h100-sxm-80gb")
+    assert code == 0, err
+    flat = " ".join(out.split())
+    assert "max seq" in flat.split("not shown at this width:")[1]
+    assert "max seq (in --format json / csv) is capped at max_position_embeddings 4,096" in flat
+    assert "* capped" not in flat
+    code, out, err = run(capsys, "plan", "--model", "llama-2-7b", "--gpu", "h100-sxm-80gb")
+    assert code == 0, err
+    assert "4,096*" in out and "* capped at max_position_embeddings 4,096" in out
