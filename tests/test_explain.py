@@ -184,7 +184,8 @@ def test_levers_column_and_attention_say_which_figure(run_cli):
     header's attention is the kernel sdpa dispatches to, the recipe's is the attn_implementation."""
     code, out, err = run_cli("explain", "--model", "llama-3-8b", "--quant", "bf16", "--gpu", "rtx4090-24gb")
     assert code == 0, err
-    assert "saves (device total)" in out and "largest device-total saving first" in out
+    assert "total saved" in out and "(total saved: drop in device total)" in out
+    assert "│ step" in out or "step ┃" in out  # the step column still fits 80 columns
     assert "attention kernel flash" in out and "attn_implementation sdpa" in out
     assert " attention sdpa" not in out
 
