@@ -514,7 +514,9 @@ def host_notes(st: Structure, train: TrainSpec, r, components: dict[str, int], c
         how = ("bitsandbytes quantizes each tensor onto the rank's GPU as it is read (from_pretrained skips "
                "zero.Init for quantized models: modeling_utils needs_zero3_init)" if is_quantized(train.quant) else
                "transformers' from_pretrained builds it inside deepspeed.zero.Init under ZeRO-3 (modeling_utils "
-               "needs_zero3_init: each parameter is partitioned onto the GPUs as it is created)")
+               "needs_zero3_init: each parameter is partitioned onto the GPUs as it is created), given the "
+               "DeepSpeed config before from_pretrained: TrainingArguments(deepspeed=...) or accelerate's "
+               "zero3_init_flag, on by default for stage 3")
         out.append(f"host RAM: no rank holds a CPU copy of the model: {how}; the checkpoint is read memory-mapped")
     return out
 
