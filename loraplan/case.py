@@ -305,7 +305,8 @@ def resolve_case(case: dict, model: ModelSpec | None = None) -> tuple[ModelSpec,
     for k in CHECK_ORDER:  # before the specs: target_seq and the int8 fraction are checked even when unused
         check_value(k, v[k])
     frac = v["int8_outlier_fraction"]
-    targets = parse_targets(v["targets"]) if v["targets"] is not None else default_targets(model)  # '' is refused
+    targets = (parse_targets(v["targets"]) if v["targets"] is not None  # '' is refused
+               else default_targets(model, parse_stack(case.get("stack"))))  # peft's, at --stack's version
     lora = LoraSpec(rank=v["rank"], alpha=v["alpha"], dropout=v["dropout"], targets=targets)  # alpha None: 2 x rank
     select_targets(model, targets)  # raises TargetError listing the module names that exist
     if v["target_seq"] is not None and not model.is_encoder_decoder:

@@ -26,7 +26,7 @@ from .estimate.activations import (attention_saved_per_layer, checkpoint_inputs,
 from .errors import LoraplanError
 from .estimate.api import estimate
 from .estimate.memory import make_setup
-from .estimate.result import Estimate, ledger_label
+from .estimate.result import Estimate, ledger_labels
 from .estimate.transients import default_int8_outlier_fraction, loss_backward_transient
 from .spec import Calibration, GpuSpec, LoraSpec, ModelSpec, TrainSpec
 from .storage import FOUR_BIT, QUANTIZED, Dtypes, effective_linear_quant, stream_dtype_bytes
@@ -323,10 +323,11 @@ def _drivers(setup, e: Estimate, model, lora, cc) -> tuple[Driver, ...]:
     comps = sorted(e.memory.components.items(), key=lambda kv: -kv[1])
     total = e.memory.peak_allocated_bytes or 1
     out = []
+    labels = ledger_labels(e.memory.components, setup.train, model, e.memory.peak_moment)
     for i, (k, v) in enumerate(comps):
         if i and v / total < DRIVER_MIN_SHARE:
             break
-        out.append(Driver(k, ledger_label(k, Dtypes.of(setup.train), model), int(v), v / total,
+        out.append(Driver(k, labels[k], int(v), v / total,
                           tuple(_why(k, setup, e, model, lora, cc))))
     return tuple(out)
 

@@ -128,16 +128,53 @@ class Job:
                          "give the sequences per optimizer step, e.g. --effective-batch 16, or leave it out",
                          MAX_OPTION["gradient_accumulation"])
 
-    def micro_steps(self, micro_batch: int, seq: int) -> int | None:
-        """Forward/backward passes of ``micro_batch`` rows of ``seq`` tokens over the whole job
-        (None for a job without a size)."""
+    def rows(self, seq: int, padding: str = "max-length") -> float | None:
+        """Rows of ``seq`` tokens the whole job trains (None without a size). ``--tokens``: packed,
+        tokens / seq. ``--examples``: one row per example, padded or truncated to ``seq``
+        (max-length / longest padding), unless the rows are packed ("packing", "padding-free": TRL's
+        SFTConfig(packing=True / padding_free=True) concatenates examples), where examples x
+        tokens per example fill tokens / seq rows."""
         if not self.sized:
             return None
-        if self.examples is not None:
-            rows = self.examples * self.epochs
-        else:
-            rows = self.tokens * self.epochs / seq
-        return max(1, math.ceil(rows / micro_batch))
+        if self.examples is None:
+            return self.tokens * self.epochs / seq
+        if self.tokens_per_example is not None and padding in PACKED:
+            return self.examples * self.tokens_per_example * self.epochs / seq
+        return self.examples * self.epochs
+
+    def micro_steps(self, micro_batch: int, seq: int, padding: str = "max-length") -> int | None:
+        """Forward/backward passes of ``micro_batch`` rows of ``seq`` tokens over the whole job
+        (None for a job without a size); rows as ``rows``."""
+        rows = self.rows(seq, padding)
+        return None if rows is None else max(1, math.ceil(rows / micro_batch))
+
+    def assumption(self, seq: int, padding: str = "max-length") -> str | None:
+        """One line on how ``--tokens-per-example`` and ``--seq`` combine when they differ (None
+        when they agree or one is missing): what each example becomes and what that costs."""
+        tpe, n = self.tokens_per_example, self.examples
+        if tpe is None or n is None or tpe == seq:
+            return None
+        if padding in PACKED:
+            rows = self.rows(seq, padding) / self.epochs
+            return (f"{n:,} examples x {tpe:,} tokens packed ({padding}) into {math.ceil(rows):,} rows of "
+                    f"--seq {seq:,} per epoch")
+        if tpe > seq:
+            return (f"each of the {n:,} examples is one row truncated to --seq {seq:,}: {tpe - seq:,} of its "
+                    f"{tpe:,} tokens ({(tpe - seq) / tpe:.0%}) are not trained; give --seq {tpe} to train "
+                    f"them, or --padding packing")
+        if padding == "longest":
+            return (f"each of the {n:,} examples is one row, padded to the longest row of its micro-batch "
+                    f"(at most --seq {seq:,})")
+        return (f"each of the {n:,} examples is one row padded to --seq {seq:,}: {(seq - tpe) / seq:.0%} of "
+                f"every row is padding; give --seq {tpe}, or --padding packing")
+
+
+#: hours or dollars within this fraction of the best tie for fastest / cheapest: the printed
+#: precision (3 significant digits); e.g. host-bound steps take the same time on every GPU
+TIE_REL = 1e-3
+
+#: paddings that concatenate examples into full rows (spec.Padding): a job of examples counts tokens
+PACKED = ("packing", "padding-free")
 
 
 @dataclass(frozen=True)
@@ -171,8 +208,8 @@ class GpuPlan:
     total_hours: float | None
     price_usd_per_hour: float | None
     total_usd: float | None
-    cheapest: bool = False
-    fastest: bool = False
+    cheapest: bool = False    # the least total $ (every row within TIE_REL of it: a tie)
+    fastest: bool = False     # the fewest hours (every row within TIE_REL of it: a tie)
     suggestions: list[Suggestion] = field(default_factory=list)
     verdict: str | None = None          # Estimate.verdict: the headroom against the model's uncertainty
     margin_bytes: int | None = None     # headroom beyond the uncertainty band
@@ -502,7 +539,7 @@ def plan_job(model: ModelSpec, lora: LoraSpec, train: TrainSpec, gpus: list[GpuS
         total = int(est.memory.device_total_bytes)
         fits = ev.fits(t)
         te = getattr(est, "time", None) or estimate_step_time(model, lora, t, gpu, cal)
-        steps = job.micro_steps(micro * dp, seq)  # micro-steps of each rank
+        steps = job.micro_steps(micro * dp, seq, train.padding)  # micro-steps of each rank
         # te.step_s is one optimizer step: ``accum`` micro-steps (estimate/time.py step_work)
         hours = math.ceil(steps / accum) * te.step_s / 3600.0 if steps is not None else None
         price = prices.get(gpu.id, gpu.price_usd_per_hour)
@@ -532,14 +569,20 @@ def plan_job(model: ModelSpec, lora: LoraSpec, train: TrainSpec, gpus: list[GpuS
                 skipped.append((gpu.id, gpu_why[gpu.id]))
         rows.sort(key=_rank_key)
     fit_rows = [r for r in rows if r.fits and r.total_hours is not None]
-    if fit_rows:
-        min(fit_rows, key=lambda r: r.total_hours).fastest = True
+    if fit_rows:  # every row that ties with the best is marked (host-bound steps tie across GPUs)
+        best = min(r.total_hours for r in fit_rows)
+        for r in fit_rows:
+            r.fastest = math.isclose(r.total_hours, best, rel_tol=TIE_REL)
         priced = [r for r in fit_rows if r.total_usd is not None]
         if priced:
-            min(priced, key=lambda r: r.total_usd).cheapest = True
+            low = min(r.total_usd for r in priced)
+            for r in priced:
+                r.cheapest = math.isclose(r.total_usd, low, rel_tol=TIE_REL)
     # the inputs: one layout -> that layout's case; a search -> the one-GPU case the layouts vary
     inputs = run_inputs(model, lora, train if rows and not searching else replace(base_train, **ONE_GPU))
     common = tuple(n for n in (notes[0] if notes else ()) if all(n in ns for ns in notes))
+    said = job.assumption(base_train.seq, base_train.padding)  # how --tokens-per-example met --seq
+    common = ((said,) if said else ()) + common
     return Plan(inputs=inputs, job=job, gpus=rows, notes=common, skipped=tuple(skipped))
 
 

@@ -615,20 +615,15 @@ class _Reader:
 def resolve_model_name(name: str) -> str | None:
     """A catalog name for ``name`` (a catalog name, a Hugging Face id whose config.json the catalog
     holds, or an existing path), or None."""
-    from .catalog import model_entries
+    from .catalog import hub_model, model_entries
 
-    entries = model_entries()
     key = name.strip().lower()
-    if key in entries:
+    if key in model_entries():
         return key
-    for k, e in entries.items():
-        src = str(e.get("source", "")).lower()
-        if f"huggingface.co/{key}/" in src:
-            return k
     p = Path(name).expanduser()
-    if p.exists():
+    if p.exists():  # a local folder wins, as from_pretrained's does (catalog.load_model)
         return str(p)
-    return None
+    return hub_model(key)
 
 
 # ---- TRL / Transformers -----------------------------------------------------------------------

@@ -126,13 +126,14 @@ def bullets(console, lines, indent: int = 0, mark: str = "-") -> None:
 
 
 def verdict_line(d: dict) -> str:
-    """'GPU: capacity -> verdict (headroom X; margin Y beyond the ±Z uncertainty)' from an
+    """'GPU: capacity -> verdict (headroom X; uncertainty +Z (one-sided), margin Y)' from an
     Estimate/Explanation dict (keys gpu, gpu_memory_bytes, verdict, headroom_bytes, margin_bytes,
-    uncertainty_bytes)."""
+    uncertainty_bytes). The band is one-sided: how much more the run may need than predicted (the
+    largest under-predictions; over-predictions are not the verdict's risk); margin = headroom - band."""
     line = (f"{d['gpu']}: {size(d['gpu_memory_bytes'])} -> [bold]{verdict_text(d.get('verdict'))}[/] "
             f"(headroom {size(d['headroom_bytes'])}")
     if d.get("uncertainty_bytes") is not None:
-        line += f"; uncertainty ±{size(d['uncertainty_bytes'])}, margin {size(d['margin_bytes'])}"
+        line += f"; uncertainty +{size(d['uncertainty_bytes'])} (one-sided), margin {size(d['margin_bytes'])}"
     return line + ")"
 
 
@@ -171,5 +172,6 @@ def per_gpu_summary(mem: dict) -> tuple[list[str], Any]:
     if len(per) > 1 or any(k != "model_load_copies" for k in host):
         parts = ", ".join(f"{k.replace('_', ' ')} {size(v)}" for k, v in host.items())
         lines.append(f"host RAM per machine {size(mem.get('host_bytes'))} "
-                     f"(the larger of load time and the step: {parts})")
+                     + (f"(the larger of load time and the step: {parts})" if host else
+                        "(no model copy or offloaded state on the host; see the notes)"))
     return lines, table

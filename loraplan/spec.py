@@ -619,7 +619,7 @@ def run_inputs(model: ModelSpec, lora: LoraSpec, train: TrainSpec) -> dict:
     if lora.targets is None:
         from .targets import default_targets
 
-        targets = default_targets(model)
+        targets = default_targets(model, train.stack)
     else:
         targets = lora.targets
     d.update(rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, targets=list(targets))

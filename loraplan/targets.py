@@ -38,45 +38,44 @@ EXPERTS = "experts"
 #: adapts every router (``gate.weight``) and every fused expert parameter, gate_up_proj at rank 2r
 PEFT_MOE_ALL_LINEAR_REWRITE = ("mixtral", "qwen3_moe", "olmoe")
 
-#: What PEFT targets when LoraConfig.target_modules is None
-#: (peft/utils/constants.py::TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, peft 0.21).
-#: phi3 has no entry there (PEFT asks for target_modules); loraplan uses its fused qkv_proj.
-#: olmo2, granite and smollm3 have none either: loraplan uses q_proj, v_proj, the attention
-#: pair PEFT picks for every llama-shaped family it lists (their modules carry those names).
-#: Of the MoE families PEFT lists mixtral (q_proj, v_proj); qwen2_moe, qwen3_moe and olmoe have no
-#: entry, and loraplan uses the same q_proj, v_proj.
-PEFT_DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
-    "llama": ("q_proj", "v_proj"),
-    "mistral": ("q_proj", "v_proj"),
-    "qwen2": ("q_proj", "v_proj"),
-    "qwen3": ("q_proj", "v_proj"),
-    "gemma2": ("q_proj", "v_proj"),
-    "opt": ("q_proj", "v_proj"),
-    "gpt_neox": ("query_key_value",),
-    "falcon": ("query_key_value",),
-    "t5": ("q", "v"),
-    "mt5": ("q", "v"),
+#: What PEFT targets when LoraConfig.target_modules is None is data keyed by peft's version: the rule
+#: ``peft_lora_default_targets`` (data/version-rules.json, written from the installed peft's
+#: peft/utils/constants.py::TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING by
+#: benchmarks/peft_targets.py; a list of names, or one regular expression). For a family PEFT has
+#: no entry for, peft raises (lora/model.py::_prepare_adapter_config asks for target_modules); for
+#: the catalog's, loraplan picks these (``LORAPLAN_TARGETS``): phi3's fused qkv_proj; q_proj,
+#: v_proj, the attention pair PEFT picks for every llama-shaped family it lists, for olmo2, granite,
+#: smollm3 and the MoE families qwen2_moe, qwen3_moe, olmoe (their modules carry those names).
+LORAPLAN_TARGETS: dict[str, tuple[str, ...]] = {
     "phi3": ("qkv_proj",),
-    "gemma": ("q_proj", "v_proj"),
-    "gemma3_text": ("q_proj", "v_proj"),
     "olmo2": ("q_proj", "v_proj"),
     "granite": ("q_proj", "v_proj"),
     "smollm3": ("q_proj", "v_proj"),
-    "mixtral": ("q_proj", "v_proj"),
     "qwen2_moe": ("q_proj", "v_proj"),
     "qwen3_moe": ("q_proj", "v_proj"),
     "olmoe": ("q_proj", "v_proj"),
 }
 
 
-def default_targets(model: ModelSpec) -> tuple[str, ...]:
-    """PEFT's default target modules for the model's family; TargetError when it has none."""
-    try:
-        return PEFT_DEFAULT_TARGETS[model.model_type]
-    except KeyError:
-        raise TargetError(
-            f"PEFT has no default LoRA targets for model_type '{model.model_type}'; pass --targets "
-            f"(its Linear modules are: {', '.join(linear_leaf_names(model))}, or 'all-linear')") from None
+def peft_default_targets(stack=None) -> dict[str, tuple[str, ...]]:
+    """{model_type: targets} PEFT picks for ``LoraConfig(target_modules=None)`` at the stack's peft
+    version (``versions.rule``); a regex entry is a one-element tuple (``_matches`` fullmatches it)."""
+    from .versions import rule
+
+    return {k: (v,) if isinstance(v, str) else tuple(v)
+            for k, v in (rule("peft_lora_default_targets", stack) or {}).items()}
+
+
+def default_targets(model: ModelSpec, stack=None) -> tuple[str, ...]:
+    """PEFT's default target modules for the model's family (``peft_default_targets``), else
+    loraplan's pick for a catalog family PEFT does not list (``LORAPLAN_TARGETS``); TargetError
+    when neither has it."""
+    found = peft_default_targets(stack).get(model.model_type) or LORAPLAN_TARGETS.get(model.model_type)
+    if found:
+        return found
+    raise TargetError(
+        f"PEFT has no default LoRA targets for model_type '{model.model_type}'; pass --targets "
+        f"(its Linear modules are: {', '.join(linear_leaf_names(model))}, or 'all-linear')")
 
 
 _PLAIN = re.compile(r"^[A-Za-z0-9_.]+$")

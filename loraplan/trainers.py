@@ -300,7 +300,7 @@ def recipe_summary(inputs: dict) -> str:
         ck += f" every {n} layers" if n > 1 else ""
         ck += ", offloaded" if d["checkpoint_offload"] else ""
         parts.append(f"checkpointing {ck}")
-    parts.append(f"attention {d['attn_implementation']}")
+    parts.append(f"attn_implementation {d['attn_implementation']}")  # what from_pretrained is given
     pad = d["padding"] + (f" (lengths {_lengths_text(d['lengths'])})" if d.get("lengths") else "")
     parts.append(f"padding {pad}")
     parts.append(f"loss {d['loss']}")

@@ -225,3 +225,30 @@ def test_catalog_has_70_models_with_sources():
     entries = model_entries()
     assert len(entries) >= 70
     assert all(e.get("source", "").startswith("https://") for e in entries.values() if not e.get("test_shape"))
+
+
+def test_hugging_face_ids_resolve_like_the_recipe_files(tmp_path, monkeypatch, run_cli):
+    """--model takes the Hugging Face id of a catalog model (its config.json source), as a TRL YAML's
+    model_name_or_path does (recipes.resolve_model_name, the same catalog.hub_model); an unknown
+    org/name is one line naming the close catalog ids; a local folder of that name wins."""
+    from loraplan.catalog import hub_model
+    from loraplan.errors import UnknownNameError
+    from loraplan.recipes import resolve_model_name
+
+    assert hub_model("meta-llama/Meta-Llama-3-8B") == "llama-3-8b" == resolve_model_name("meta-llama/Meta-Llama-3-8B")
+    assert load_model("meta-llama/Meta-Llama-3-8B").name == load_model("llama-3-8b").name
+    with pytest.raises(UnknownNameError, match=r"did you mean llama-3-8b \(meta-llama/meta-llama-3-8b\)"):
+        load_model("meta-llama/Meta-Llama-3-8B-Instructx")
+    code, out, err = run_cli("estimate", "--model", "nobody/nothing-7b")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "huggingface.co/nobody" in err
+    code, out, err = run_cli("estimate", "--model", "meta-llama/Meta-Llama-3-8B")
+    assert code == 0 and out.startswith("llama-3-8b (llama)"), err
+    local = tmp_path / "meta-llama" / "Meta-Llama-3-8B"
+    local.mkdir(parents=True)
+    (local / "config.json").write_text(json.dumps(model_entries()["llama-3-8b"]["config"]
+                                                  | {"num_hidden_layers": 2}))
+    monkeypatch.chdir(tmp_path)
+    load_model.cache_clear()
+    assert load_model("meta-llama/Meta-Llama-3-8B").num_layers == 2
+    assert resolve_model_name("meta-llama/Meta-Llama-3-8B") == "meta-llama/Meta-Llama-3-8B"
+    load_model.cache_clear()

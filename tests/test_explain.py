@@ -176,3 +176,42 @@ def test_stream_fact_follows_the_recipe():
     trl = stream_fact(TrainSpec(quant="nf4", trainer="trl"))
     assert trl.startswith("the residual stream is bf16") and "prepare_model_for_kbit_training" not in trl
     assert "promotion" in stream_fact(TrainSpec(quant="fp16", mixed_precision="bf16"))
+
+
+def test_levers_column_and_attention_say_which_figure(run_cli):
+    """The saving is the drop in device total (explain.explain: base - device_total_bytes), and the
+    column and title say so next to a header that prints both peak allocated and device total; the
+    header's attention is the kernel sdpa dispatches to, the recipe's is the attn_implementation."""
+    code, out, err = run_cli("explain", "--model", "llama-3-8b", "--quant", "bf16", "--gpu", "rtx4090-24gb")
+    assert code == 0, err
+    assert "total saved" in out and "(total saved: drop in device total)" in out
+    assert "│ step" in out or "step ┃" in out  # the step column still fits 80 columns
+    assert "attention kernel flash" in out and "attn_implementation sdpa" in out
+    assert " attention sdpa" not in out
+
+
+def test_verdict_band_prints_as_one_sided(run_cli):
+    """The uncertainty band is one-sided (the largest under-predictions; README): '+X (one-sided)',
+    never '±X', and margin = headroom - band."""
+    code, out, err = run_cli("estimate", "--quant", "bf16", "--gpu", "rtx4090-24gb", "--format", "json")
+    d = json.loads(out)
+    assert d["margin_bytes"] == d["headroom_bytes"] - d["uncertainty_bytes"]
+    code, out, err = run_cli("estimate", "--quant", "bf16", "--gpu", "rtx4090-24gb")
+    assert code == 0, err
+    flat = " ".join(out.split())
+    assert "±" not in flat and "(one-sided), margin" in flat
+
+
+def test_profile_summary_names_the_records_file_it_wrote(capsys):
+    """Columns dropped at 80 columns point at the --out file, not a fixed profiles/ folder."""
+    from types import SimpleNamespace
+
+    from loraplan.commands.profile import _summary
+
+    rec = {"status": "ok", "memory": {"peak_allocated_bytes": 2**30}, "time": {"step_s_median": 0.5, "tokens_per_s": 1e3},
+           "estimate": {"memory": {"peak_allocated_bytes": 2**30}, "time": {"step_s": 0.5}}, "trace": {"peak_allocated_bytes": 2**30}}
+    res = [SimpleNamespace(record=rec, skipped=False, case=SimpleNamespace(label="llama-3-8b nf4 b1 s512 " * 3))]
+    _summary(res, SimpleNamespace(device="cpu", gpu_id="cpu"), "/tmp/x.jsonl")
+    out = " ".join(capsys.readouterr().out.split())
+    assert "not shown at this width" in out and "the records in /tmp/x.jsonl have them" in out
+    assert "profiles/" not in out

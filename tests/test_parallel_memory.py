@@ -271,3 +271,55 @@ def test_zero_ipg_bucket_is_the_whole_reduce_bucket_at_every_moment(buckets, ele
     assert ledger(replace(t, strategy="zero2"), "forward")["reduce_scatter_buffers"] == 2 * elements
     with pytest.raises(InputError, match="DeepSpeed setting"):
         mem(BF16, strategy="fsdp", num_gpus=2, deepspeed_buckets="auto")
+
+
+def test_host_ram_notes_say_what_ram_efficient_loading_saves_and_why_zero3_holds_none():
+    """FSDP without RAM-efficient loading: every rank of the node loads the model on the CPU; the
+    note gives the host need with --ram-efficient-loading (host_ledger's own figure). ZeRO-3
+    holds no copy (zero.Init), and says so; the table line names no empty list of parts."""
+    from loraplan.estimate.memory import make_setup
+    from loraplan.estimate.parallel import host_ledger, host_total
+    from loraplan.render import per_gpu_summary
+    from loraplan.targets import select_targets
+
+    t = replace(BF16, strategy="fsdp", num_gpus=4, ram_efficient_loading=False)
+    m = mem(t)
+    s = make_setup(MODEL, LORA, t, select_targets(MODEL, LORA.targets))
+    alt = host_total(host_ledger(s.structure, replace(s.train, ram_efficient_loading=True), LORA.rank))
+    assert alt < m.host_bytes
+    (note,) = [n for n in m.notes if n.startswith("host RAM")]
+    assert "--ram-efficient-loading" in note and "4 ranks" in note
+    assert f"needs {alt / 2**30:,.2f} GiB per machine instead of {m.host_bytes / 2**30:,.2f} GiB" in note
+    assert not any(n.startswith("host RAM") for n in mem(t, ram_efficient_loading=True).notes)
+    z = mem(BF16, strategy="zero3", num_gpus=2)
+    assert z.host_bytes == 0 and any("deepspeed.zero.Init" in n for n in z.notes)
+    lines, _ = per_gpu_summary({"per_gpu": z.per_gpu, "host_bytes": 0, "host_components": {}})
+    assert not any(line.endswith(": )") for line in lines) and any("no model copy" in line for line in lines)
+    zq = mem(QLORA, strategy="zero3", num_gpus=2)
+    assert any("skips zero.Init for quantized" in n for n in zq.notes)
+
+
+@pytest.mark.parametrize("strategy, mp, moment, weights, grads", [
+    ("zero3", "bf16", "layer backward", "bf16", "bf16"),
+    ("zero3", "bf16", "optimizer step", "bf16", "bf16 + fp32"),
+    ("zero2", "bf16", "optimizer step", "bf16", "fp32"),
+    ("zero2", "bf16", "layer backward", "bf16", "bf16"),
+    ("zero3", "no", "layer backward", "fp32", "fp32"),
+])
+def test_zero_lora_labels_come_from_the_bytes_dtype(strategy, mp, moment, weights, grads):
+    """ZeRO holds the LoRA weights as 16-bit copies under bf16 mixed precision: the label names
+    the dtype the bytes were computed in (parallel.zero_bit16_dtype), not PEFT's fp32."""
+    from loraplan.estimate.parallel import trainable_params, zero_bit16_bytes
+    from loraplan.estimate.memory import make_setup
+    from loraplan.estimate.result import ledger_labels
+    from loraplan.storage import dtype_bytes
+    from loraplan.targets import select_targets
+
+    t = replace(BF16, trainer="hf", strategy=strategy, num_gpus=8, mixed_precision=mp)
+    labels = ledger_labels(("lora_weights", "lora_gradients"), t, MODEL, moment)
+    assert labels == {"lora_weights": f"LoRA weights ({weights})", "lora_gradients": f"LoRA gradients ({grads})"}
+    s = make_setup(MODEL, LORA, t, select_targets(MODEL, LORA.targets))
+    assert zero_bit16_bytes(s.structure, s.train) == dtype_bytes(weights)
+    if strategy == "zero2" and moment == "layer backward":
+        p = trainable_params(s.structure, LORA.rank)
+        assert ledger(t, moment)["lora_weights"] == pytest.approx(p * dtype_bytes(weights), rel=0.01)

@@ -1,6 +1,7 @@
 """loraplan plan: search, ranking, suggestions, job arithmetic and one-line errors."""
 
 import json
+import math
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -204,3 +205,92 @@ def test_plan_fits_with_paging_and_reads_the_allocator_aware_total():
     small = replace(a100, id="a100-sxm-80gb", memory_bytes=resident - 1)
     g = plan_job(m, l, t, [small], Job()).gpus[0]
     assert not g.fits and g.verdict == "does not fit" and g.max_micro_batch == 0 and g.suggestions
+
+
+def test_job_rows_count_tokens_per_example_against_seq():
+    """--examples with --tokens-per-example and --seq: one row per example, padded or truncated to
+    --seq, unless the rows are packed, where examples x tokens fill tokens / seq rows; a note says
+    which when the two differ."""
+    long, short = Job(examples=10_000, tokens_per_example=2000), Job(examples=10_000, tokens_per_example=300)
+    assert long.micro_steps(8, 512) == short.micro_steps(8, 512) == 1250
+    assert long.micro_steps(8, 512, "packing") == math.ceil(10_000 * 2000 / 512 / 8)
+    assert long.rows(512, "packing") == pytest.approx(10_000 * 2000 / 512)
+    assert short.rows(512, "padding-free") == pytest.approx(10_000 * 300 / 512)
+    assert "truncated to --seq 512" in long.assumption(512) and "74%" in long.assumption(512)
+    assert "padded to --seq 512" in short.assumption(512) and "41%" in short.assumption(512)
+    assert "packed" in long.assumption(512, "packing")
+    assert Job(examples=10, tokens_per_example=512).assumption(512) is None
+    assert Job(tokens=10**6).assumption(512) is None
+
+
+def test_cli_plan_tokens_per_example_with_seq_is_counted_or_said(capsys):
+    base = ["plan", "--model", "llama-3-8b", "--quant", "bf16", "--batch", "8", "--seq", "512",
+            "--examples", "10000", "--gpu", "h100-sxm-80gb"]
+    hours = {}
+    for tpe in ("2000", "300"):
+        code, out, err = run(capsys, *base, "--tokens-per-example", tpe, "--padding", "packing", "--format", "json")
+        assert code == 0, err
+        d = json.loads(out)
+        hours[tpe] = d["gpus"][0]["total_hours"]
+        assert any("packed (packing)" in n for n in d["notes"])
+    assert hours["2000"] > 5 * hours["300"]  # 2,000 / 300 tokens per example, packed
+    code, out, err = run(capsys, *base, "--tokens-per-example", "2000")
+    assert code == 0, err
+    assert "of 2,000 tokens" in out and "truncated to --seq" in out
+
+
+def _timed_estimate(step_s):
+    def est(model, lora, train, gpu, cal, with_time=True):
+        e = fake_estimate(model, lora, train, gpu, cal)
+        e.time = SimpleNamespace(step_s=step_s(gpu), tokens_per_s=train.batch * train.seq / step_s(gpu),
+                                 bound="host", step_s_host_range=None)
+        return e
+    return est
+
+
+def test_a_tie_for_fastest_marks_every_row_and_says_tie():
+    """Host-bound steps take the same time on several GPUs: none of them is 'the' fastest."""
+    from loraplan.commands.plan import _mark
+
+    m, l, t = resolve_case({"model": "qwen2.5-0.5b", "seq": 1024, "batch": 4})
+    gpus = [load_gpu(g) for g in ("l4-24gb", "rtx4090-24gb", "h100-sxm-80gb")]
+    p = plan_job(m, l, t, gpus, Job(tokens=10**7),
+                 estimate_fn=_timed_estimate(lambda g: 1.0 if g.id == "l4-24gb" else 0.5))
+    by = {g.gpu: g for g in p.gpus}
+    assert by["rtx4090-24gb"].fastest and by["h100-sxm-80gb"].fastest and not by["l4-24gb"].fastest
+    text = _mark("fastest", [g.to_dict() for g in p.gpus if g.fastest])
+    assert text.startswith("fastest: 2 tie at") and "(host-bound)" in text
+    assert "rtx4090-24gb" in text and "h100-sxm-80gb" in text
+    assert _mark("fastest", [by["l4-24gb"].to_dict()]) == "fastest: [bold]l4-24gb[/]"
+
+
+def test_plan_max_batch_column_is_the_clear_maximum(capsys):
+    """The 'max batch' / 'max seq' cells keep the uncertainty band to spare (max_*_clear); the
+    in-band maxima are in the footnote."""
+    base = ["plan", "--model", "llama-3-8b", "--tokens", "1e7", "--gpu", "rtx4090-24gb"]
+    code, out, err = run(capsys, *base, "--format", "json")
+    assert code == 0, err
+    g = json.loads(out)["gpus"][0]
+    assert g["max_micro_batch_clear"] < g["max_micro_batch"]
+    code, out, err = run(capsys, *base)
+    assert code == 0, err
+    row = next(line for line in out.splitlines() if line.strip().startswith("rtx4090-24gb"))
+    cells = row.split()
+    assert str(g["max_micro_batch_clear"]) in cells and str(g["max_micro_batch"]) not in cells
+    assert f"{g['max_seq_clear']:,}" in cells
+    assert f"rtx4090-24gb batch {g['max_micro_batch']}, seq {g['max_seq']:,}" in " ".join(out.split())
+
+
+def test_position_cap_footnote_names_the_field_when_its_column_is_hidden(capsys):
+    """The '*' of 'max seq' marks a cell; when 80 columns drop that column, the footnote names the
+    field instead of pointing at a mark nobody sees."""
+    code, out, err = run(capsys, "plan", "--model", "llama-2-7b", "--tokens", "1e7", "--strategy", "ddp",
+                         "--gpu", "h100-sxm-80gb")
+    assert code == 0, err
+    flat = " ".join(out.split())
+    assert "max seq" in flat.split("not shown at this width:")[1]
+    assert "max seq (in --format json / csv) is capped at max_position_embeddings 4,096" in flat
+    assert "* capped" not in flat
+    code, out, err = run(capsys, "plan", "--model", "llama-2-7b", "--gpu", "h100-sxm-80gb")
+    assert code == 0, err
+    assert "4,096*" in out and "* capped at max_position_embeddings 4,096" in out

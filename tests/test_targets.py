@@ -80,3 +80,43 @@ def test_peft_adapts_what_select_targets_counts(family, form):
                    "regex+name": (REGEX[family], EXPLICIT[family][0])}[form]
     want = [l.name for l in select_targets(spec, targets)]
     assert want and _adapted(cfg, targets) == want
+
+
+def test_default_targets_are_pefts_mapping_for_every_family_it_knows():
+    """The defaults are peft's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as data keyed by
+    peft's version (version-rules.json, benchmarks/peft_targets.py), equal to the installed peft's
+    source; gpt2 (not in the catalog) gets c_attn from it, and a config.json of it estimates."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from loraplan.targets import LORAPLAN_TARGETS, peft_default_targets
+
+    mapping = peft_default_targets()
+    assert mapping["gpt2"] == ("c_attn",) and mapping["bloom"] == ("query_key_value",)
+    assert not set(LORAPLAN_TARGETS) & set(mapping)  # loraplan picks only where peft has no entry
+    if importlib.util.find_spec("peft") is not None:  # the data holds the installed peft's mapping
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+        try:
+            from peft_targets import installed_mapping
+        finally:
+            sys.path.pop(0)
+        _, src = installed_mapping()
+        assert mapping == {k: (v,) if isinstance(v, str) else tuple(v) for k, v in src.items()}
+    assert default_targets(SimpleNamespace(model_type="gpt2")) == ("c_attn",)
+
+
+@pytest.mark.slow
+def test_a_gpt2_config_estimates_with_pefts_default_targets(tmp_path):
+    """End to end (a meta-device build of a family without a shape rule: seconds)."""
+    import json
+
+    from loraplan.catalog import load_model
+    from loraplan.cli import main
+
+    cfg = {"model_type": "gpt2", "n_embd": 64, "n_head": 4, "n_layer": 2, "n_positions": 128,
+           "vocab_size": 256, "activation_function": "gelu_new"}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert default_targets(load_model(str(tmp_path / "config.json"))) == ("c_attn",)
+    assert main(["estimate", "--model", str(tmp_path / "config.json"), "--format", "json"]) == 0

@@ -38,13 +38,41 @@ def gpu_entries() -> dict[str, dict]:
     return _read_dir("gpus", "id")
 
 
+@lru_cache(maxsize=None)
+def hub_ids() -> dict[str, str]:
+    """Hugging Face repo id ("org/name", lower case) -> catalog name, from each entry's config.json
+    source (https://huggingface.co/ORG/NAME/...)."""
+    out = {}
+    for k, e in model_entries().items():
+        src = str(e.get("source", "")).lower()
+        if "huggingface.co/" in src:
+            parts = src.split("huggingface.co/", 1)[1].split("/")
+            if len(parts) > 2 and all(parts[:2]):
+                out.setdefault(f"{parts[0]}/{parts[1]}", k)
+    return out
+
+
+def hub_model(hub_id: str) -> str | None:
+    """The catalog name whose config.json source is the Hugging Face repo ``hub_id`` ("org/name",
+    any case; e.g. meta-llama/Meta-Llama-3-8B -> llama-3-8b), or None."""
+    return hub_ids().get(hub_id.strip().strip("/").lower())
+
+
+def hub_id_like(name: str) -> bool:
+    """True for "org/name" with neither part a path word ("." / "..", "~") nor a .json file."""
+    parts = name.strip().split("/")
+    return (len(parts) == 2 and all(parts) and not name.endswith(".json")
+            and not any(p in (".", "..") or p.startswith("~") for p in parts))
+
+
 def model_names() -> list[str]:
     return sorted(model_entries())
 
 
 @lru_cache(maxsize=256)
 def load_model(name_or_path: str) -> ModelSpec:
-    """A catalog name, a folder holding config.json, or a path to a config.json."""
+    """A catalog name, a folder holding config.json, a path to a config.json, or a Hugging Face id
+    whose config.json the catalog holds (``hub_model``; an existing local path of that name wins)."""
     from ..hf import load_config, spec_from_config
 
     entries = model_entries()
@@ -59,6 +87,18 @@ def load_model(name_or_path: str) -> ModelSpec:
     except OSError as e:  # e.g. a path component longer than the file system allows
         raise UnknownNameError(f"--model '{name_or_path[:60]}...' is not a usable path ({e.strerror}); "
                                f"give a catalog name (see 'loraplan models') or a path to a config.json") from None
+    hub = None if exists else hub_model(name_or_path)  # a local folder wins, as from_pretrained's does
+    if hub is not None:
+        return load_model(hub)
+    if not exists and hub_id_like(name_or_path):  # an org/name the catalog does not hold
+        import difflib
+
+        ids = hub_ids()
+        close = difflib.get_close_matches(key, list(ids), n=3, cutoff=0.75)
+        hint = f"; did you mean {', '.join(f'{ids[c]} ({c})' for c in close)}?" if close else ""
+        raise UnknownNameError(
+            f"--model '{name_or_path}' is not a file and no catalog model comes from huggingface.co/"
+            f"{name_or_path}{hint}; give a catalog name (see 'loraplan models') or the path to its config.json")
     if exists or "/" in name_or_path or name_or_path.endswith(".json"):
         cfg = load_config(p)
         name = p.parent.name if p.name == "config.json" else (p.name if p.is_dir() else p.stem)

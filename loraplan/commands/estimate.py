@@ -8,7 +8,7 @@ import click
 
 from ..case import resolve_case
 from ..errors import InputError
-from ..estimate.result import ledger_label
+from ..estimate.result import ledger_label, ledger_labels
 from .options import case_options
 
 
@@ -88,9 +88,7 @@ def estimate_command(method, calibration_file, host_speed, fmt, explain_, alloc_
 
         click.echo(to_csv([data]), nl=False)
     else:
-        from ..storage import Dtypes
-
-        labels = {k: ledger_label(k, Dtypes.of(train), model) for k in data["memory"]["components"]}
+        labels = ledger_labels(data["memory"]["components"], train, model, data["memory"].get("peak_moment"))
         _print_table(data, labels)
         if explanation is not None:
             from ..render import console

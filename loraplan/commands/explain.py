@@ -60,7 +60,7 @@ def print_header(con, inp: dict, method: str) -> None:
     con.print(f"optimizer {inp['optimizer']}  batch {inp['batch']} x seq {inp['seq']}"
               + (f" (target {inp['target_seq']})" if inp.get("target_seq") else "")
               + f"  checkpointing {'on' if inp['gradient_checkpointing'] else 'off'}"
-              + f"  attention {inp.get('attention_kernel', inp['attention'])}")
+              + f"  attention kernel {inp.get('attention_kernel', inp['attention'])}")  # the kernel sdpa dispatches to
 
 
 def print_explanation(con, d: dict) -> None:
@@ -82,12 +82,12 @@ def print_explanation(con, d: dict) -> None:
         con.print("No single change lowers the peak.")
     else:
         gpu = bool(d.get("gpu"))
-        cols = [("option", "left", 0), ("saves", "right", 0), ("fits?", "left", 1 if gpu else 9),
+        cols = [("option", "left", 0), ("total saved", "right", 0), ("fits?", "left", 1 if gpu else 9),
                 ("change", "left", 4), ("device total", "right", 3), ("step", "right", 2 if gpu else 9)]
         rows = [[escape(lv["option"]), size(lv["saving_bytes"]), verdict_text(lv["verdict"], short=True),
                  escape(lv["change"]), size(lv["device_total_bytes"]),
                  f"{lv['step_s']:.3f} s" if lv["step_s"] is not None else "-"] for lv in d["levers"]]
-        t, _ = fit_columns(con, cols, rows, title="Levers, each re-estimated (largest saving first)",
+        t, _ = fit_columns(con, cols, rows, title="Levers, each re-estimated (total saved: drop in device total)",
                            title_justify="left")
         con.print(t)
         if gpu:

@@ -18,9 +18,9 @@ from .options import case_options
 @click.option("--gpu", "gpu_list", default=None,
               help="Comma list of GPU ids to compare [default: every GPU in the catalog; see 'loraplan gpus']")
 @click.option("--tokens", type=float, default=None, help="Job size in training tokens per epoch (packed rows of --seq tokens)")
-@click.option("--examples", type=float, default=None, help="Job size in examples per epoch (one row each, padded to --seq)")
+@click.option("--examples", type=float, default=None, help="Job size in examples per epoch (one row each, padded or truncated to --seq; packed with --padding packing)")
 @click.option("--tokens-per-example", type=int, default=None,
-              help="Typical tokens per example; sets --seq when --seq is not given")
+              help="Typical tokens per example; sets --seq when --seq is not given, else counts packed rows (--padding packing)")
 @click.option("--epochs", type=float, default=1.0, show_default=True, help="Passes over the data")
 @click.option("--effective-batch", type=int, default=None,
               help="Sequences per optimizer step: the micro-batch is the largest that fits (up to this), "
@@ -119,6 +119,12 @@ def _count(name: str, v: float | None) -> int | None:
     return int(v)
 
 
+def _clear(clear: int, in_band: int, mark: str = "") -> str:
+    """A "max batch" / "max seq" cell: the largest value with the band to spare ("-": none fits;
+    0 when only values inside the band fit, which the footnote gives)."""
+    return f"{clear:,}{mark}" if clear or in_band else "-"
+
+
 def _hours(h) -> str:
     if h is None:
         return "-"
@@ -147,7 +153,8 @@ def _print_table(d: dict) -> None:
 
         con.print("recipe " + escape(recipe_summary(inp)))
     if sized:
-        size_txt = (f"{job['tokens']:,} tokens" if job["tokens"] is not None else f"{job['examples']:,} examples")
+        size_txt = (f"{job['tokens']:,} tokens" if job["tokens"] is not None else f"{job['examples']:,} examples"
+                    + (f" of {job['tokens_per_example']:,} tokens" if job.get("tokens_per_example") else ""))
         con.print(f"job: {size_txt} x {job['epochs']:g} epochs"
                   + (f", effective batch {job['effective_batch']}" if job.get("effective_batch") else ""))
     else:
@@ -167,8 +174,10 @@ def _print_table(d: dict) -> None:
         row = [
             _config(g), verdict_text(g.get("verdict") or ("fits" if g["fits"] else "does not fit"), short=True),
             size(g["device_total_bytes"]), size(g["memory_bytes"]), f"{g['micro_batch']} x {g['grad_accum']}",
-            str(g["max_micro_batch"]) if g["max_micro_batch"] else "-",
-            (f"{g['max_seq']:,}" + ("*" if g.get("seq_limit") else "")) if g["max_seq"] else "-",
+            # the largest that fit with the uncertainty band to spare; the in-band ones in a footnote
+            _clear(g["max_micro_batch_clear"], g["max_micro_batch"]),
+            _clear(g["max_seq_clear"], g["max_seq"], "*" if g.get("seq_limit") and g["max_seq_clear"] == g["max_seq"]
+                   else ""),
             f"{g['step_s']:.3f} s" if g["step_s"] is not None else "-",
             f"{g['tokens_per_s']:,.0f}" if g["tokens_per_s"] else "-",
         ]
@@ -185,26 +194,28 @@ def _print_table(d: dict) -> None:
     con.print(f"[dim]{VERDICT_LEGEND}[/]")
     if hidden:
         con.print(f"[dim]{hidden} more configurations (--format json or csv lists them all)[/]")
-    marks = [f"{m}: [bold]{_config(g)}[/]" + (f" ({g['layout_options']})" if g.get("layout_options") else "")
-             for m in ("cheapest", "fastest") for g in d["gpus"] if g[m]]
-    if marks:
-        con.print("; ".join(marks))
-    limits = [g for g in shown if g.get("seq_limit")]
+    marks = [_mark(m, [g for g in d["gpus"] if g[m]]) for m in ("cheapest", "fastest")]
+    if any(marks):
+        con.print("; ".join(m for m in marks if m))
+    limits = [g for g in shown if g.get("seq_limit") and g["max_seq_clear"] == g["max_seq"]]
     if limits:
         lo = min(g["max_seq_memory"] for g in limits)
         hi = max(g["max_seq_memory"] for g in limits)
         top = max(g["max_positions"] for g in limits) * MAX_SEQ_OVER_POSITIONS
         span = f"{lo:,}" + (f" to {'>= ' if hi >= top else ''}{hi:,}" if hi != lo else "")
         rope = any("RoPE" in g["seq_limit"] for g in limits)
-        con.print(f"* capped at max_position_embeddings {limits[0]['max_positions']:,}; memory alone allows "
+        # the mark is on the "max seq" column; when the width drops it, the footnote names the field
+        star = "*" if "max seq" not in dropped else "max seq (in --format json / csv) is"
+        con.print(f"{star} capped at max_position_embeddings {limits[0]['max_positions']:,}; memory alone allows "
                   f"{span} tokens" + ("; longer sequences need RoPE scaling (rope_scaling in config.json)"
                                       if rope else f"; {limits[0]['seq_limit'].split(', but ')[-1]}"))
     edge = [g for g in shown if g["max_micro_batch"] and (g["max_micro_batch_clear"] < g["max_micro_batch"]
                                                               or g["max_seq_clear"] < g["max_seq"])]
     if edge:
         more = f"; {len(edge) - 3} more" if len(edge) > 3 else ""
-        con.print("max batch / max seq fit, but inside the model's uncertainty band; with the band to spare: "
-                  + "; ".join(f"{_config(g)} batch {g['max_micro_batch_clear']}, seq {g['max_seq_clear']:,}"
+        con.print("max batch / max seq keep the model's uncertainty band to spare; larger ones fit only inside "
+                  "the band ('yes, in band'), up to: "
+                  + "; ".join(f"{_config(g)} batch {g['max_micro_batch']}, seq {g['max_seq']:,}"
                               for g in edge[:3]) + more)
     if dropped:
         con.print(f"[dim]not shown at this width: {', '.join(dropped)} "
@@ -232,6 +243,26 @@ def _print_table(d: dict) -> None:
               "host costs fitted on the H100 reference host (--host-speed scales them)."
               + (" Prices: catalog list prices unless --price." if sized else "")
               + "[/]")
+
+
+#: names a tie for cheapest / fastest lists before "and N more"
+MAX_TIE_NAMES = 4
+
+
+def _mark(what: str, rows: list[dict]) -> str:
+    """'fastest: X (options)' for one row; for rows that tie (plan.TIE_REL) 'fastest: N tie at
+    2.60 h (host-bound): a, b, ...', never one of them called the fastest."""
+    if not rows:
+        return ""
+    if len(rows) == 1:
+        g = rows[0]
+        return f"{what}: [bold]{_config(g)}[/]" + (f" ({g['layout_options']})" if g.get("layout_options") else "")
+    at = _hours(rows[0]["total_hours"]) if what == "fastest" else f"${rows[0]['total_usd']:,.2f}"
+    bounds = {g["bound"] for g in rows}
+    why = f" ({bounds.pop()}-bound)" if len(bounds) == 1 and what == "fastest" else ""
+    names = ", ".join(_config(g) for g in rows[:MAX_TIE_NAMES])
+    more = f" and {len(rows) - MAX_TIE_NAMES} more" if len(rows) > MAX_TIE_NAMES else ""
+    return f"{what}: {len(rows)} tie at {at}{why}: {names}{more}"
 
 
 def _config(g: dict) -> str:

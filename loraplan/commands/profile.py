@@ -168,10 +168,11 @@ def profile_command(gpu, device, steps, warmup, timeout, force, out, cache_dir, 
                           trace=trace, trace_timeout=trace_timeout, kernel_summary=kernel_summary)
     finally:
         progress.stop()
-    _summary(results, dev)
+    _summary(results, dev, path)
 
 
-def _summary(results, dev) -> None:
+def _summary(results, dev, path: str | None = None) -> None:
+    """The measured-vs-estimated table; ``path``: the records file (named when columns drop)."""
     from rich.console import Console
     from rich.markup import escape
 
@@ -222,7 +223,8 @@ def _summary(results, dev) -> None:
     t, dropped = fit_columns(con, cols, rows, title=title)
     con.print(t)
     if dropped:
-        con.print(f"[dim]not shown at this width: {', '.join(dropped)} (the records in profiles/ have them)[/]")
+        where = escape(str(path)) if path else "the records file"
+        con.print(f"[dim]not shown at this width: {', '.join(dropped)} (the records in {where} have them)[/]")
     why = {rec.get("estimate_error") for rec in (r.record or {} for r in results) if rec.get("estimate_error")}
     for w in sorted(why)[:3]:
         con.print(f"[dim]no estimate: {escape(str(w))}[/]")

@@ -451,7 +451,7 @@ def device_totals(peak_allocated, paged, cal: Calibration, reserved=None, contex
 def estimate_memory(s: Setup, gpu: GpuSpec | None, cal: Calibration, alloc_conf: str = "") -> MemoryEstimate:
     """Peak allocated = the largest moment; reserved and device totals from named coefficients."""
     from ..storage import dtype_bytes
-    from .parallel import host_ledger, host_total, paged_per_rank, param_factor, rank_moments
+    from .parallel import host_ledger, host_notes, host_total, paged_per_rank, param_factor, rank_moments
 
     st, x = s.structure, s.shape
     one_gpu = moments(st, s.train, s.attention, x, gpu, cal)
@@ -491,10 +491,11 @@ def estimate_memory(s: Setup, gpu: GpuSpec | None, cal: Calibration, alloc_conf:
     if st.model.arch.from_meta_build:
         notes.append(generic_terms_note(st.model))
     host = offload_host_bytes(st, x, step_recipe(s.train))
-    host_components = host_ledger(st, s.train, x.r, int(host),
-                                  dtype_bytes(loaded.quant) / dtype_bytes(s.train.quant) if s.loaded else 1)
+    load_ratio = dtype_bytes(loaded.quant) / dtype_bytes(s.train.quant) if s.loaded else 1
+    host_components = host_ledger(st, s.train, x.r, int(host), load_ratio)
     if s.train.strategy != "single":
         notes.append(parallel_note(s.train, worst, peaks))
+        notes.extend(host_notes(st, s.train, x.r, host_components, int(host), load_ratio))
     if host:
         notes.append(f"checkpoint offload: {int(host) / 2**20:.1f} MiB of layer inputs sit in pinned host memory "
                      f"(torch.autograd.graph.save_on_cpu), not on the GPU")

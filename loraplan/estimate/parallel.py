@@ -329,10 +329,33 @@ def deepspeed_setting(st: Structure, train: TrainSpec, key: str) -> int:
     return int(v)
 
 
+def zero_bit16_dtype(adapter: str, train: TrainSpec) -> str:
+    """The dtype DeepSpeed holds the trainables in: bf16/fp16 under that mixed precision (the
+    engine casts the module: runtime/engine.py::_configure_distributed_model), else ``adapter``
+    (PEFT's adapter dtype, ``Dtypes.adapter``)."""
+    return train.mixed_precision if train.mixed_precision in ("bf16", "fp16") else adapter
+
+
 def zero_bit16_bytes(st: Structure, train: TrainSpec) -> int:
-    """Bytes per trainable element under DeepSpeed: 2 with bf16/fp16 (the engine casts the
-    module: runtime/engine.py::_configure_distributed_model), else the adapter dtype's."""
-    return 2 if train.mixed_precision in ("bf16", "fp16") else st.adapter_bytes
+    """Bytes per trainable element under DeepSpeed (``zero_bit16_dtype``)."""
+    return dtype_bytes(zero_bit16_dtype(st.dt.adapter, train))
+
+
+def engine_line_dtypes(train: TrainSpec, adapter: str, moment: str | None) -> dict[str, str]:
+    """The dtype of the trainable ledger lines where the engine holds them in another than PEFT's
+    ``adapter`` dtype, at ``moment`` (the ledger shown), from the same places as ``_zero``'s bytes:
+    ZeRO's LoRA weights are the 16-bit copies (``zero_bit16_dtype``); its gradients are 16-bit
+    until the step, where stage 1/2 hold the fp32 partition and stage 3 its 16-bit flat buffer
+    and the fp32 copy. Other strategies: {} (the adapter dtype)."""
+    if train.strategy not in ZERO:
+        return {}
+    b16 = zero_bit16_dtype(adapter, train)
+    step = moment in ("grad norm", "optimizer step")
+    if int(train.strategy[4]) == 3:
+        grads = f"{b16} + fp32" if step and b16 != "fp32" else b16
+    else:
+        grads = "fp32" if step else b16
+    return {"lora_weights": b16, "lora_gradients": grads}
 
 
 def persistent_lora(st: Structure, train: TrainSpec, r) -> Any:
@@ -507,6 +530,45 @@ def host_ledger(st: Structure, train: TrainSpec, r, checkpoint_offload_bytes=0, 
     if checkpoint_offload_bytes:
         out["checkpoint_offload"] = checkpoint_offload_bytes * (per_node if s != "device-map" else 1)
     return {k: int(v) for k, v in out.items() if v}
+
+
+def host_notes(st: Structure, train: TrainSpec, r, components: dict[str, int], checkpoint_offload_bytes=0,
+               loaded: float = 1) -> list[str]:
+    """What the host ledger (``host_ledger``: ``components``) assumed, when the user can change it:
+    FSDP without RAM-efficient loading, where every rank of a node loads the whole model on the CPU
+    and ``--ram-efficient-loading`` (rank 0 loads, the others start on meta: accelerate
+    ``fsdp_cpu_ram_efficient_loading`` / transformers ``fsdp_config`` ``cpu_ram_efficient_loading``,
+    with ``sync_module_states``) would cut the machine's need, by how much (both from
+    ``host_ledger``); ZeRO-3, where no rank holds a copy (zero.Init, see ``host_ledger``)."""
+    from dataclasses import replace
+
+    from .arrays import is_scalar
+
+    gib = 2**30
+    per_node = train.num_gpus // train.nodes
+    out = []
+    if train.strategy in FSDP_STRATEGIES and not train.ram_efficient_loading and per_node > 1:
+        now = host_total(components)
+        alt = host_total(host_ledger(st, replace(train, ram_efficient_loading=True), r, checkpoint_offload_bytes,
+                                     loaded))
+        if is_scalar(alt) and is_scalar(now) and alt < now:  # a sweep's arrays: no note
+            copy = components.get("model_load_copies", 0) / per_node
+            out.append(f"host RAM: each of the node's {per_node} ranks loads the whole model on the CPU "
+                       f"({copy / gib:,.2f} GiB each); --ram-efficient-loading (rank 0 loads, the others start on "
+                       f"the meta device and receive it by sync_module_states: accelerate "
+                       f"fsdp_cpu_ram_efficient_loading, or fsdp_config cpu_ram_efficient_loading) needs "
+                       f"{alt / gib:,.2f} GiB per machine instead of {now / gib:,.2f} GiB")
+    elif train.strategy in ("zero3", "zero3-offload") and "model_load_copies" not in components:
+        from ..storage import is_quantized
+
+        how = ("bitsandbytes quantizes each tensor onto the rank's GPU as it is read (from_pretrained skips "
+               "zero.Init for quantized models: modeling_utils needs_zero3_init)" if is_quantized(train.quant) else
+               "transformers' from_pretrained builds it inside deepspeed.zero.Init under ZeRO-3 (modeling_utils "
+               "needs_zero3_init: each parameter is partitioned onto the GPUs as it is created), given the "
+               "DeepSpeed config before from_pretrained: TrainingArguments(deepspeed=...) or accelerate's "
+               "zero3_init_flag, on by default for stage 3")
+        out.append(f"host RAM: no rank holds a CPU copy of the model: {how}; the checkpoint is read memory-mapped")
+    return out
 
 
 def fsdp1_units(st: Structure, loaded: float = 1) -> list[tuple[float, int]]:

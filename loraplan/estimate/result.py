@@ -248,16 +248,33 @@ def ledger_keys(view: str | None = None) -> tuple[str, ...]:
     return tuple(line.key for line in LEDGER if view is None or view in line.views)
 
 
-def ledger_label(key: str, quant=None, model=None) -> str:
+def ledger_labels(keys, train, model=None, moment: str | None = None) -> dict[str, str]:
+    """{key: display label} for a ledger of ``train`` (a TrainSpec) at ``moment``: the recipe's
+    dtypes (``storage.Dtypes.of``) and the engine's own for the trainable lines
+    (``parallel.engine_line_dtypes``, from the same function as their bytes)."""
+    from ..storage import Dtypes
+    from ..trainers import resolve_recipe
+    from .parallel import engine_line_dtypes
+
+    r = resolve_recipe(train)
+    dt = Dtypes.of(r)
+    engine = engine_line_dtypes(r, dt.adapter, moment)
+    return {k: ledger_label(k, dt, model, engine) for k in keys}
+
+
+def ledger_label(key: str, quant=None, model=None, engine: dict[str, str] | None = None) -> str:
     """The display label of a ledger key (the key with spaces when it is not in the vocabulary).
 
     With the setup's ``quant`` (and ``model``, for families whose Linears bitsandbytes does not
     convert), the weight lines say what is true for it (loraplan.storage): "frozen Linear weights
     (nf4)", "(bf16)" for an unquantized base, "(fp32, not quantized)" for a Falcon "4-bit" base;
     "embeddings, norms, lm_head, biases (fp32)" after prepare_model_for_kbit_training; the LoRA
-    lines name the adapter dtype. ``quant`` may be the recipe's ``storage.Dtypes``."""
+    lines name the adapter dtype, or ``engine``'s for the key (``parallel.engine_line_dtypes``:
+    ZeRO's 16-bit copies). ``quant`` may be the recipe's ``storage.Dtypes``."""
     line = LEDGER_BY_KEY.get(key)
     label = line.label if line else key.replace("_", " ")
+    if engine and key in engine:
+        return f"{label} ({engine[key]})"
     if key in ("lora_weights", "lora_gradients"):
         from ..storage import as_dtypes
 
