@@ -773,8 +773,19 @@ def _evaluate_group(p: _Group, idx, C, gpu_entry, data, none, rank_v, batch_v, s
     lora = replace(p.lora, rank=r, alpha=alpha, dropout=d)
     train = replace(p.resolved, batch=b, seq=s, target_seq=ts, int8_outlier_fraction=frac, **nums)
 
-    # step time and parameter counts: the scalar functions, on arrays
-    t = step_time(step_work(p.model, lora, train), gpu, coef)
+    # memory and time: the attention kernel per case (it can change with the sequence length)
+    cc = gpu.compute_capability
+    seqs, inv = np.unique(s, return_inverse=True)
+    kinds = []
+    for v in seqs.tolist():
+        kk = (v, cc)
+        if kk not in p.kinds:
+            p.kinds[kk] = choose_attention(p.model, replace(p.resolved, seq=v), cc)
+        kinds.append(p.kinds[kk])
+    case_kinds = np.asarray(kinds, dtype=object)[inv] if len(set(kinds)) > 1 else kinds[0]
+
+    # step time and parameter counts: the scalar functions, on arrays (the ledger's kernel)
+    t = step_time(step_work(p.model, lora, train, case_kinds), gpu, coef)
     if p.parallel:  # + the engine's exposed communication (estimate/comm.py), as estimate() adds it
         from .estimate.comm import with_communication
 
@@ -784,15 +795,7 @@ def _evaluate_group(p: _Group, idx, C, gpu_entry, data, none, rank_v, batch_v, s
         p.params = (np.broadcast_to(pc.trainable, rank_v.shape), np.broadcast_to(pc.total, rank_v.shape))
     trainable, total = p.params[0][rc], p.params[1][rc]
 
-    # memory: the ledger's moments per attention kernel (it can change with the sequence length)
-    cc = gpu.compute_capability
-    seqs, inv = np.unique(s, return_inverse=True)
-    kinds = []
-    for v in seqs.tolist():
-        kk = (v, cc)
-        if kk not in p.kinds:
-            p.kinds[kk] = choose_attention(p.model, replace(p.resolved, seq=v), cc)
-        kinds.append(p.kinds[kk])
+    # memory: the ledger's moments per attention kernel
     peak = np.empty(len(idx), dtype=np.int64)
     reserved = np.empty(len(idx), dtype=np.int64)
     device = np.empty(len(idx), dtype=np.int64)
@@ -836,15 +839,15 @@ def _evaluate_sequence_case(p: _Group, idx, gpu_entry, data, none, rank, alpha, 
     gpu, cal, coef = gpu_entry
     lora = replace(p.lora, rank=rank, alpha=alpha, dropout=dropout)
     train = replace(p.resolved, batch=batch, seq=seq, int8_outlier_fraction=frac, **nums)
-    t = step_time(step_work(p.model, lora, train), gpu, coef)
+    cc = gpu.compute_capability
+    kind = choose_attention(p.model, train, cc)
+    t = step_time(step_work(p.model, lora, train, kind), gpu, coef)
     if p.parallel:
         from .estimate.comm import with_communication
 
         t, _ = with_communication(p.model, lora, train, gpu, t, p.adapted)
     pc = count_params(p.model, lora, p.adapted)
-    cc = gpu.compute_capability
     x = with_global_attention(p.model, train, cc, sequence_shape(p.model, train, lora, cc))
-    kind = choose_attention(p.model, train, cc)
     ms = moments(p.structure, train, kind, x, gpu, cal)
     peak, moment, reserved, device = _memory_totals(p.structure, train, x, ms, cal, kind, gpu, p.stored)
     row = case_row(p.model, lora, train, gpu, pc.trainable, pc.total, peak, reserved, device, moment, t,
@@ -1002,11 +1005,12 @@ def evaluate_each(cases: Iterable[dict], *, estimate_fn: Callable | None = None,
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     model, lora, train = resolve_case(case, model=models[name])
-                wkey = (name, lora, train)
-                if wkey not in works:
-                    works[wkey] = step_work(model, lora, train)
                 gpu = gpus[gid]
                 est = estimate_fn(model, lora, train, gpu, cals[gid], with_time=False)
+                kind = est.inputs.get("attention_kernel")  # the ledger's kernel: the time prices it
+                wkey = (name, lora, train, kind)
+                if wkey not in works:
+                    works[wkey] = step_work(model, lora, train, kind)
                 t = step_time(works[wkey], gpu, coefs[gid])
                 if train.strategy != "single":  # several GPUs: + the exposed communication, as estimate()
                     from .estimate.comm import with_communication

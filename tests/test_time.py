@@ -88,3 +88,43 @@ def test_frozen_linears_billed_by_their_storage():
     m, l, t = resolve_case(dict(model="flan-t5-base", quant="nf4", gradient_checkpointing=True))
     four_bit = [x for x in m.linears if x.role != "lm_head" and x.leaf != "wo"]
     assert step_work(m, l, t).bnb4_calls == 3 * len(four_bit)  # forward, recompute, backward
+
+
+def test_time_prices_the_kernel_the_ledger_resolved():
+    """issue 12 review: ``--attention auto`` resolving to sdpa's math kernel (fp32 stream with
+    grouped-query heads: nf4 Llama-3) was priced as a fused kernel. The time takes the ledger's
+    kernel (``Setup.attention``): auto and an explicit math give one step; the math kernel has no
+    fused attention time, bills its bmms at the fp32 rate and its s² scores as traffic."""
+    from loraplan.estimate.api import estimate
+
+    case = dict(model="llama-3.1-8b", batch=2, seq=1024)
+    auto, math = (estimate(*resolve_case(dict(case, attention=a)), load_gpu("rtx4090-24gb")) for a in ("auto", "math"))
+    assert auto.inputs["attention_kernel"] == math.inputs["attention_kernel"] == "math"
+    assert auto.time.step_s == pytest.approx(math.time.step_s, rel=1e-12)
+    assert auto.time.components["gpu_attention_s"] == 0
+    fa2 = estimate(*resolve_case(dict(case, attn_implementation="flash_attention_2")), load_gpu("rtx4090-24gb"))
+    assert fa2.inputs["attention_kernel"] == "fa2"
+    assert fa2.time.components["gpu_attention_s"] > 0 and fa2.time.step_s < auto.time.step_s
+    # the math kernel's score traffic grows with s²: per score element more than the fused kernel's none
+    m, l, t = resolve_case(case)
+    w_math, w_fused = step_work(m, l, t, "math"), step_work(m, l, t, "efficient")
+    scores = t.batch * m.num_heads * t.seq ** 2 * m.num_layers
+    from loraplan.estimate.time import MATH_SCORE_BYTES
+    fw = 2  # checkpointing: forward + recompute
+    assert w_math.bytes_moved - w_fused.bytes_moved >= scores * (MATH_SCORE_BYTES[0] * fw + MATH_SCORE_BYTES[1])
+    assert w_math.flops_attn == 0 and w_math.flops_fp32 > w_fused.flops_fp32
+
+
+def test_array_kernels_price_each_case_as_its_scalar():
+    """A grid whose cases resolve to different kernels (a sliding window reached at one length)
+    prices each element as the scalar step_work with that element's kernel."""
+    import numpy as np
+
+    m, l, t = resolve_case(dict(model="llama-3.1-8b", batch=1, seq=512))
+    kinds = np.asarray(["flash", "math"], dtype=object)
+    w = step_work(m, l, replace(t, seq=np.asarray([512, 512]), batch=np.asarray([1, 1])), kinds)
+    for i, k in enumerate(kinds):
+        one = step_work(m, l, t, k)
+        assert w.bytes_moved[i] == pytest.approx(one.bytes_moved, rel=1e-12)
+        assert w.flops_fp32[i] == pytest.approx(one.flops_fp32, rel=1e-12)
+        assert w.ops[i] == pytest.approx(one.ops, rel=1e-12)

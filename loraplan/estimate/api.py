@@ -37,10 +37,11 @@ def estimate(model: ModelSpec, lora: LoraSpec, train: TrainSpec, gpu: GpuSpec | 
     memory = estimate_memory(setup, gpu, cal, alloc_conf)
     time, comm = None, {}
     if with_time and gpu is not None:
-        time = estimate_step_time(model, lora, train, gpu, cal)
+        # the kernel the ledger resolved (setup.attention): the time prices the same one
+        time = estimate_step_time(model, lora, train, gpu, cal, setup.attention)
         # several GPUs: + the exposed communication of the engine (estimate/comm.py)
         time, comm = with_communication(model, lora, train, gpu, time, adapted)
-        time = _with_host_range(time, model, lora, train, gpu, cal, adapted)
+        time = _with_host_range(time, model, lora, train, gpu, cal, adapted, setup.attention)
     inputs = run_inputs(model, lora, train)
     inputs["attention_kernel"] = setup.attention
     if alloc_conf:
@@ -65,7 +66,7 @@ def estimate(model: ModelSpec, lora: LoraSpec, train: TrainSpec, gpu: GpuSpec | 
 HOST_RANGE_NOTE_FRACTION = 0.10
 
 
-def _with_host_range(time, model, lora, train, gpu, cal, adapted):
+def _with_host_range(time, model, lora, train, gpu, cal, adapted, attention=None):
     """``time`` with ``step_s_host_range`` and a note when the user's host is unknown
     (``catalog.host_speed_known``) and the step would change by more than
     ``HOST_RANGE_NOTE_FRACTION`` between the slowest and fastest host speeds seen
@@ -79,7 +80,8 @@ def _with_host_range(time, model, lora, train, gpu, cal, adapted):
     at = []
     for speed in (lo, hi):
         c = replace(cal, coefficients={**cal.coefficients, "time_host_speed": speed})
-        t, _ = with_communication(model, lora, train, gpu, estimate_step_time(model, lora, train, gpu, c), adapted)
+        t, _ = with_communication(model, lora, train, gpu, estimate_step_time(model, lora, train, gpu, c, attention),
+                                  adapted)
         at.append(float(t.step_s))
     slow, fast = at
     if slow - fast <= HOST_RANGE_NOTE_FRACTION * time.step_s:
