@@ -128,3 +128,49 @@ def test_array_kernels_price_each_case_as_its_scalar():
         assert w.bytes_moved[i] == pytest.approx(one.bytes_moved, rel=1e-12)
         assert w.flops_fp32[i] == pytest.approx(one.flops_fp32, rel=1e-12)
         assert w.ops[i] == pytest.approx(one.ops, rel=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_paging_adds_to_the_step_and_the_plan():
+    """issue 12 review: "fits with paging" moved its paging seconds into a note only. bitsandbytes'
+    paged optimizer prefetches each state then updates and syncs on the same stream: the paging
+    adds to the step (``paging_s``) and the plan's step and hours follow; a card that holds it all
+    has no paging term."""
+    from loraplan.estimate.api import estimate
+    from loraplan.plan import Job, plan_job
+
+    m, l, t = resolve_case({"model": "llama-2-7b", "rank": 256, "targets": "all-linear",
+                            "optimizer": "paged_adamw_32bit", "seq": 512})
+    a100 = load_gpu("a100-sxm-80gb")
+    cal = load_calibration(a100.id)
+    mem = estimate(m, l, t, a100, cal, with_time=False).memory
+    paged = mem.outside_allocator_bytes["paged_optimizer_state"]
+    card = replace(a100, memory_bytes=mem.device_total_bytes - paged // 2)
+    full, paging = estimate(m, l, t, a100, cal), estimate(m, l, t, card, cal)
+    assert full.verdict == "fits" and "paging_s" not in full.time.components
+    assert paging.verdict == "fits with paging"
+    p = paging.time.components["paging_s"]
+    assert p == pytest.approx(paging.detail["paging"]["seconds_per_step"]) and p > 0
+    assert paging.time.step_s == pytest.approx(full.time.step_s + p)
+    assert paging.time.tokens_per_s == pytest.approx(full.time.tokens_per_s * full.time.step_s / paging.time.step_s)
+    g = plan_job(m, l, t, [card], Job()).gpus[0]
+    assert g.verdict == "fits with paging" and g.step_s == pytest.approx(paging.time.step_s)
+
+
+def test_checkpoint_offload_copies_over_the_host_link():
+    """issue 12 review: --checkpoint-offload (save_on_cpu(pin_memory=True)) copies every
+    checkpointed layer's input a·T·h to the host in forward and back in backward, on the compute
+    stream: GPU-stream time at the host link's rate, half of it in the forward phase."""
+    from loraplan.estimate.time import host_link_bytes_per_s
+
+    case = dict(model="llama-2-7b", quant="nf4", batch=2, seq=1024)
+    m, l, t = resolve_case(case)
+    off, on = step_work(m, l, t), step_work(m, l, replace(t, checkpoint_offload=True))
+    moved = m.num_layers * 4 * m.hidden_size * 2 * 1024  # fp32 stream (prepare_model_for_kbit_training)
+    assert off.bytes_host == 0 and on.bytes_host == 2 * moved and on.forward.bytes_host == moved
+    assert on.gc_hooks == off.gc_hooks + 2 * m.num_layers
+    t4, a100 = _t("t4-16gb", **case, checkpoint_offload=True), _t("a100-sxm-80gb", **case, checkpoint_offload=True)
+    for g, te in (("t4-16gb", t4), ("a100-sxm-80gb", a100)):
+        assert te.components["gpu_host_copy_s"] == pytest.approx(2 * moved / host_link_bytes_per_s(load_gpu(g)))
+    assert a100.step_s > _t("a100-sxm-80gb", **case).step_s
+    assert t4.components["gpu_host_copy_s"] == pytest.approx(2 * a100.components["gpu_host_copy_s"], rel=1e-3)

@@ -97,7 +97,15 @@ def _with_host_range(time, model, lora, train, gpu, cal, adapted, attention=None
 
 def _with_paging_cost(e: Estimate, gpu: GpuSpec | None) -> Estimate:
     """For "fits with paging": what moves over the GPU's host link every step, and how long it
-    takes (``reserved.paging_cost``), as ``detail["paging"]`` and a note. Other verdicts: as is."""
+    takes (``reserved.paging_cost``), as ``detail["paging"]``, a note, and a step-time component
+    ``paging_s`` added to the step. Other verdicts: as is.
+
+    The paging adds to the step, it does not overlap it: bitsandbytes' paged optimizers
+    (optim/optimizer.py::Optimizer8bit.step) prefetch each parameter's managed state
+    (``prefetch_state``: cudaMemPrefetchAsync) then run its update kernel on the same stream and
+    ``sync_gpu`` after every parameter, so the update waits for the migration and the host waits
+    for the update; the pages evicted to make room are faulted out while the next forward's
+    kernels allocate (a faulting kernel stalls until its pages arrive)."""
     if e.verdict != "fits with paging" or gpu is None or not gpu.host_link:
         return e
     from .reserved import paging_cost
@@ -105,8 +113,16 @@ def _with_paging_cost(e: Estimate, gpu: GpuSpec | None) -> Estimate:
     cost = paging_cost(e.memory.device_total_bytes - gpu.memory_bytes, gpu.host_link)
     note = (f"paging: {cost.evicted_bytes / 2**30:.2f} GiB of paged optimizer state moves over {cost.link} "
             f"every step, about {cost.seconds_per_step:.2f} s per step (at least {cost.lower_bound_s:.2f} s; "
-            f"uncertain: {cost.uncertain})")
+            f"uncertain: {cost.uncertain}); the step time includes it (paging_s)")
     detail = dict(e.detail, paging={"evicted_bytes": cost.evicted_bytes, "link": cost.link,
                                      "seconds_per_step": cost.seconds_per_step, "lower_bound_s": cost.lower_bound_s,
                                      "uncertain": cost.uncertain, "sources": list(cost.sources)})
-    return replace(e, memory=replace(e.memory, notes=e.memory.notes + (note,)), detail=detail)
+    time = e.time
+    if time is not None:
+        p = cost.seconds_per_step
+        step = time.step_s + p
+        rng = time.step_s_host_range
+        time = replace(time, step_s=step, tokens_per_s=time.tokens_per_s * time.step_s / step if step else 0.0,
+                       components={**time.components, "paging_s": p},
+                       step_s_host_range=None if rng is None else (rng[0] + p, rng[1] + p))
+    return replace(e, memory=replace(e.memory, notes=e.memory.notes + (note,)), detail=detail, time=time)

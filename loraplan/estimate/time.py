@@ -79,6 +79,7 @@ recompute of each decoder layer's forward):
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
+from functools import lru_cache
 from typing import Any, Mapping
 
 from ..spec import Calibration, GpuSpec, LoraSpec, ModelSpec, TrainSpec
@@ -305,6 +306,7 @@ class StepWork:
     forward: "StepWork | None" = None    # the counts of the first forward pass of the micro-steps
     optimizer: "StepWork | None" = None  # the counts of the optimizer step (and the gradient norm)
     gc_hooks: Any = 0.0    # float: gradient checkpointing's Python saved-tensor hook calls (host)
+    bytes_host: Any = 0.0  # float: bytes copied over the host link on the compute stream (checkpoint offload)
 
     def features(self) -> dict[str, float]:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _NOT_FEATURES}
@@ -833,9 +835,36 @@ def optimizer_work(optimizer: str, n_lora_tensors, trainable) -> list[tuple[str,
             ("bytes_moved", trainable * OPTIMIZER_BYTES.get(optimizer, 36))]
 
 
+#: torch.autograd.graph.save_on_cpu(pin_memory=True) per packed tensor: forward ``torch.empty(...,
+#: pin_memory=True)`` + ``copy_`` (2 ops), backward ``tensor.to(device)`` (1 op)
+OFFLOAD_OPS = (2, 1)
+
+
+def checkpoint_offload_work(model: ModelSpec, train: TrainSpec, T, a_stream: int):
+    """``--checkpoint-offload`` (transformers modeling_utils.py::_activation_checkpointing_enable
+    (offload=True) runs each checkpoint under ``torch.autograd.graph.save_on_cpu(pin_memory=True)``;
+    torch/autograd/graph.py::save_on_cpu): every checkpointed layer's input (a·T·h, what the ledger
+    moves to pinned host memory: ``steps.offload_host_bytes``) is copied device→host in forward
+    (``packed.copy_(tensor, non_blocking=True)``) and host→device in backward
+    (``tensor.to(device, non_blocking=True)``). Both copies are enqueued on the current (compute)
+    stream, so the host does not wait but the next kernels do: they are GPU-stream time over the
+    host link (``bytes_host``, ``gpu_seconds``), in the phase that issues them. Each pack and unpack
+    is a Python saved-tensor hook call (``gc_hooks``) and ``OFFLOAD_OPS`` ops.
+    (increments, forward part); nothing without offload."""
+    from .steps import checkpointed_layer_count
+
+    rc = step_recipe(train)
+    if not rc.offload:
+        return [], []
+    n = checkpointed_layer_count(model, rc)
+    moved = n * a_stream * model.hidden_size * T
+    return ([("bytes_host", 2 * moved), ("gc_hooks", 2 * n), ("ops", n * sum(OFFLOAD_OPS))],
+            [("bytes_host", moved), ("gc_hooks", n), ("ops", n * OFFLOAD_OPS[0])])
+
+
 #: the StepWork counts a micro-step repeats (all but the optimizer's)
 MICRO_STEP_COUNTS = ("flops_mm", "flops_fp32", "bytes_moved", "ops", "module_calls", "bnb4_calls", "int8_calls",
-                     "lora_calls", "flops_attn", "bytes_gemm", "gc_hooks")
+                     "lora_calls", "flops_attn", "bytes_gemm", "gc_hooks", "bytes_host")
 #: clip_grad_norm_ ops per step: _foreach_norm, stack, vector_norm, add eps, div, clamp, _foreach_mul_
 GRAD_NORM_OPS = 7
 #: bytes read + written per fp32 gradient element: the norm reads it (4), _foreach_mul_ reads and writes it (8)
@@ -936,6 +965,7 @@ def step_work(model: ModelSpec, lora: LoraSpec, train: TrainSpec, attention=None
         else:
             add(*_with_one_pass(lambda p: sequence_attention_work(model, n_layers, span, p, kind, dt.attention, T), fw))
 
+    add(*checkpoint_offload_work(model, train, T_dec, a_stream))
     add(fused_head_work(model, quant, T_dec, b) if fused_head else loss_work(model, quant, T_dec), HEAD_FORWARD_SHARE)
     add(embedding_work(model, T_dec, a_stream), HEAD_FORWARD_SHARE)
     # accumulation (steps.py): k micro-steps of forward + backward per optimizer step
@@ -957,7 +987,7 @@ def step_work(model: ModelSpec, lora: LoraSpec, train: TrainSpec, attention=None
             module_calls=c["module_calls"], lora_calls=c["lora_calls"], bnb4_calls=c["bnb4_calls"],
             int8_calls=c["int8_calls"], mm_dtype=mm_dtype, syncs=acc["int8_calls"] > 0,
             flops_attn=c["flops_attn"], bytes_gemm=c["bytes_gemm"], micro_steps=rc.accumulation,
-            gc_hooks=c["gc_hooks"], **extra)
+            gc_hooks=c["gc_hooks"], bytes_host=c["bytes_host"], **extra)
 
     return work(acc, forward=work(fwd), optimizer=work(opt),
                 sync_after_forward=trainer == "trl",
@@ -966,7 +996,7 @@ def step_work(model: ModelSpec, lora: LoraSpec, train: TrainSpec, attention=None
 
 #: the counts a StepWork carries (and its forward / optimizer parts)
 _COUNTS = ("flops_mm", "flops_fp32", "flops_attn", "bytes_moved", "bytes_gemm", "ops", "module_calls",
-           "bnb4_calls", "int8_calls", "lora_calls", "gc_hooks")
+           "bnb4_calls", "int8_calls", "lora_calls", "gc_hooks", "bytes_host")
 #: lm_head, the loss and the embedding: the forward phase's share of their work. lm_head runs one
 #: GEMM forward and one (the input gradient) backward; the loss and the gather are about as heavy
 #: forward (log_softmax, gather) as backward (their gradients); trl's fused head computes one of
@@ -1020,7 +1050,9 @@ def gpu_seconds(work: StepWork, gpu: GpuSpec, coef: Mapping[str, float]) -> dict
     - fp32 GEMMs: ``flops_fp32`` / (fp32 peak · time_eff_fp32);
     - the rest of the traffic (elementwise, dequantization, casts, loss, optimizer):
       (bytes_moved − bytes_gemm) / (bandwidth · time_eff_bw);
-    - kernels × time_gpu_kernel_s (launch gap and tail of each kernel).
+    - kernels × time_gpu_kernel_s (launch gap and tail of each kernel);
+    - with checkpoint offload, ``bytes_host`` / the host link's line rate (``gpu_host_copy_s``: the
+      copies run in stream order, ``checkpoint_offload_work``).
     Efficiencies: the calibration's when it sets them, else the generation's priors."""
     from .efficiency import efficiencies
 
@@ -1034,8 +1066,29 @@ def gpu_seconds(work: StepWork, gpu: GpuSpec, coef: Mapping[str, float]) -> dict
     fp32_s = work.flops_fp32 / (gpu.fp32_tflops * 1e12 * eff["time_eff_fp32"])
     memory_s = (work.bytes_moved - work.bytes_gemm) / bw
     kernel_s = work.kernels * coef["time_gpu_kernel_s"]
-    return {"gpu_gemm_s": gemm_s, "gpu_attention_s": attn_s, "gpu_fp32_s": fp32_s, "gpu_memory_s": memory_s,
-            "gpu_kernel_s": kernel_s, "gpu_s": gemm_s + attn_s + fp32_s + memory_s + kernel_s}
+    out = {"gpu_gemm_s": gemm_s, "gpu_attention_s": attn_s, "gpu_fp32_s": fp32_s, "gpu_memory_s": memory_s,
+           "gpu_kernel_s": kernel_s, "gpu_s": gemm_s + attn_s + fp32_s + memory_s + kernel_s}
+    if not (_is_scalar(work.bytes_host) and work.bytes_host == 0):
+        # host-link copies on the compute stream (checkpoint offload): at the link's line rate, a
+        # lower bound on their time (data/host-links.json); 0 for a GPU whose link the catalog lacks
+        link = host_link_bytes_per_s(gpu)
+        out["gpu_host_copy_s"] = work.bytes_host / link if link else 0.0 * work.bytes_host
+        out["gpu_s"] = out["gpu_s"] + out["gpu_host_copy_s"]
+    return out
+
+
+def host_link_bytes_per_s(gpu: GpuSpec) -> float | None:
+    """The line rate of ``gpu``'s host link per direction (``GpuSpec.host_link`` in
+    loraplan/data/host-links.json, with sources); None when the catalog names none."""
+    return _link_bytes_per_s(gpu.host_link) if gpu.host_link else None
+
+
+@lru_cache(maxsize=None)
+def _link_bytes_per_s(link_id: str) -> float | None:
+    from .reserved import load_host_links
+
+    link = load_host_links()["links"].get(link_id)
+    return float(link["bytes_per_s"]) if link else None
 
 
 def host_seconds(work: StepWork, coef: Mapping[str, float]) -> dict[str, Any]:
