@@ -174,3 +174,24 @@ def test_checkpoint_offload_copies_over_the_host_link():
         assert te.components["gpu_host_copy_s"] == pytest.approx(2 * moved / host_link_bytes_per_s(load_gpu(g)))
     assert a100.step_s > _t("a100-sxm-80gb", **case).step_s
     assert t4.components["gpu_host_copy_s"] == pytest.approx(2 * a100.components["gpu_host_copy_s"], rel=1e-3)
+
+
+def test_emulated_bf16_says_what_fp16_gives():
+    """issue 12 review: the default QLoRA compute dtype bf16 on a T4 (no bf16 tensor cores) is
+    priced at the emulated (fp32) rate silently. estimate's time and plan's rows say so and give
+    the step with fp16; an A100, or fp16 asked for, have no such note."""
+    from loraplan.estimate.api import estimate
+    from loraplan.plan import Job, plan_job
+
+    t4 = load_gpu("t4-16gb")
+    m, l, t = resolve_case(dict(model="llama-2-7b", quant="nf4", seq=512, batch=1))
+    e = estimate(m, l, t, t4)
+    fp16 = estimate(m, l, replace(t, compute_dtype="fp16"), t4)
+    assert e.time.fp16_option == "--compute-dtype fp16"
+    assert e.time.step_s_fp16 == pytest.approx(fp16.time.step_s) and e.time.step_s_fp16 < e.time.step_s
+    assert any("emulated" in n and "--compute-dtype fp16" in n for n in e.time.notes)
+    assert fp16.time.step_s_fp16 is None and not any("emulated" in n for n in fp16.time.notes)
+    assert estimate(m, l, t, load_gpu("a100-sxm-80gb")).time.step_s_fp16 is None
+    g = plan_job(m, l, t, [t4], Job()).gpus[0]
+    assert g.step_s == pytest.approx(e.time.step_s) and g.step_s_fp16 == pytest.approx(fp16.time.step_s)
+    assert g.fp16_option == "--compute-dtype fp16"

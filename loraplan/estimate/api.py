@@ -42,6 +42,7 @@ def estimate(model: ModelSpec, lora: LoraSpec, train: TrainSpec, gpu: GpuSpec | 
         # several GPUs: + the exposed communication of the engine (estimate/comm.py)
         time, comm = with_communication(model, lora, train, gpu, time, adapted)
         time = _with_host_range(time, model, lora, train, gpu, cal, adapted, setup.attention)
+        time = _with_emulated_bf16(time, model, lora, train, gpu, cal, adapted)
     inputs = run_inputs(model, lora, train)
     inputs["attention_kernel"] = setup.attention
     if alloc_conf:
@@ -93,6 +94,47 @@ def _with_host_range(time, model, lora, train, gpu, cal, adapted, attention=None
             f"which gives {fast:.3f}-{slow:.3f} s per step here. Give --host-speed, or calibrate from a profile "
             f"of your machine")
     return replace(time, notes=time.notes + (note,), step_s_host_range=(fast, slow))
+
+
+def fp16_alternative(train: TrainSpec, gpu: GpuSpec) -> tuple[str, TrainSpec] | None:
+    """(option, recipe) that replaces emulated bf16 compute with fp16 on a GPU without bf16 tensor
+    cores (compute capability below ``trainers.BF16_MIN_COMPUTE_CAPABILITY``: T4, V100), or None when
+    the run computes no bf16 matmul there. ``check_gpu_dtypes`` refuses the bf16 the user asks for
+    (``--compute-dtype bf16``, ``--mixed-precision bf16``); what it leaves alone is the implicit bf16:
+    a 4-bit base's default ``bnb_4bit_compute_dtype`` and a ``--quant bf16`` base, which torch runs
+    emulated (torch/cuda/__init__.py::is_bf16_supported: ``major >= 8`` for native bf16), priced at
+    the GPU's fp32 rate (``time._peak_mm_tflops``: the catalog's bf16 rate is the fp32 one there)."""
+    from ..storage import FOUR_BIT, Dtypes
+    from ..trainers import BF16_MIN_COMPUTE_CAPABILITY
+
+    cc = gpu.compute_capability
+    try:
+        if not cc or float(cc) >= BF16_MIN_COMPUTE_CAPABILITY:
+            return None
+    except ValueError:
+        return None
+    dt = Dtypes.of(train)
+    if dt.frozen_matmul != "bf16":
+        return None
+    if dt.quant in FOUR_BIT:
+        return "--compute-dtype fp16", replace(train, compute_dtype="fp16")
+    if dt.quant == "bf16":
+        return "--quant fp16", replace(train, quant="fp16", load_dtype=None)
+    return None
+
+
+def _with_emulated_bf16(time, model, lora, train, gpu, cal, adapted):
+    """``time`` with ``step_s_fp16``, ``fp16_option`` and a note when the run computes in bf16 on a
+    GPU without bf16 tensor cores (``fp16_alternative``): the step with fp16 instead."""
+    alt = fp16_alternative(train, gpu)
+    if time is None or alt is None:
+        return time
+    option, t16 = alt
+    fast, _ = with_communication(model, lora, t16, gpu, estimate_step_time(model, lora, t16, gpu, cal), adapted)
+    note = (f"bf16 compute on {gpu.id} (compute capability {gpu.compute_capability} < 8.0, no bf16 tensor cores) is "
+            f"emulated: priced at its fp32 rate, {time.step_s:.3f} s per step; {option} runs on its fp16 tensor cores: "
+            f"{float(fast.step_s):.3f} s per step")
+    return replace(time, notes=time.notes + (note,), step_s_fp16=float(fast.step_s), fp16_option=option)
 
 
 def _with_paging_cost(e: Estimate, gpu: GpuSpec | None) -> Estimate:
