@@ -799,6 +799,7 @@ def _evaluate_group(p: _Group, idx, C, gpu_entry, data, none, rank_v, batch_v, s
     peak = np.empty(len(idx), dtype=np.int64)
     reserved = np.empty(len(idx), dtype=np.int64)
     device = np.empty(len(idx), dtype=np.int64)
+    paged = np.empty(len(idx), dtype=np.int64)
     moment = np.empty(len(idx), dtype=object)
     tseq = ts if p.encoder_decoder else s
     glob = global_attention(p.model, p.resolved, cc)  # gemma3: the global layers' kernel (memory.make_setup)
@@ -811,8 +812,9 @@ def _evaluate_group(p: _Group, idx, C, gpu_entry, data, none, rank_v, batch_v, s
         tr = replace(train, batch=x.b, seq=x.seq, target_seq=None if ts is None else ts[sel],
                      int8_outlier_fraction=None if frac is None else frac[sel])
         ms = moments(p.structure, tr, kind, x, gpu, cal)
-        peak[sel], moment[sel], reserved[sel], device[sel] = _memory_totals(p.structure, tr, x, ms, cal, kind, gpu,
-                                                                             p.stored)
+        peak[sel], moment[sel], reserved[sel], device[sel], paged[sel] = _memory_totals(
+            p.structure, tr, x, ms, cal, kind, gpu, p.stored)
+    t = _with_paging(t, device, paged, gpu)  # "fits with paging": + the paging time, as estimate()
 
     nums = {k: getattr(train, k) for k in _RECIPE_NUMBERS}  # the other recipe cells: evaluate_table, per column
     row = case_row(p.model, lora, train, gpu, trainable, total, peak, reserved, device, moment, t, recipe=nums)
@@ -849,7 +851,8 @@ def _evaluate_sequence_case(p: _Group, idx, gpu_entry, data, none, rank, alpha, 
     pc = count_params(p.model, lora, p.adapted)
     x = with_global_attention(p.model, train, cc, sequence_shape(p.model, train, lora, cc))
     ms = moments(p.structure, train, kind, x, gpu, cal)
-    peak, moment, reserved, device = _memory_totals(p.structure, train, x, ms, cal, kind, gpu, p.stored)
+    peak, moment, reserved, device, paged = _memory_totals(p.structure, train, x, ms, cal, kind, gpu, p.stored)
+    t = _with_paging(t, device, paged, gpu)
     row = case_row(p.model, lora, train, gpu, pc.trainable, pc.total, peak, reserved, device, moment, t,
                    recipe={k: getattr(train, k) for k in _RECIPE_NUMBERS})
     for c, v in row.items():
@@ -916,7 +919,29 @@ def _memory_totals(st, train, x, ms, cal, kind, gpu, stored: float = 1):
                                     train=train, rank_ledgers=rms[0] if rms else None)
     context, _ = context_and_band(gpu, cal, train.stack)
     reserved, device, _ = device_totals(peak, paged, cal, reserved, context)
-    return peak, np.broadcast_to(moment, np.shape(x.b)), reserved, device
+    return peak, np.broadcast_to(moment, np.shape(x.b)), reserved, device, np.broadcast_to(paged, np.shape(x.b))
+
+
+def _with_paging(t, device, paged, gpu):
+    """``t`` with the paging time of the cases whose verdict is "fits with paging" (the device total
+    over the card, but not once the paged optimizer state is evicted: ``result._verdict``), as
+    ``estimate()`` adds it (``api.with_paging_time``, ``reserved.paging_seconds``); as is otherwise."""
+    import numpy as np
+
+    from .estimate.api import with_paging_time
+    from .estimate.reserved import paging_seconds
+
+    if not gpu.host_link:
+        return t
+    over = np.asarray(device, dtype=np.float64) - gpu.memory_bytes
+    paged = np.asarray(paged, dtype=np.float64)
+    pages = (over > 0) & (paged > 0) & (over <= paged)
+    if not pages.any():
+        return t
+    secs = np.where(pages, paging_seconds(np.where(pages, over, 0), gpu.host_link), 0.0)
+    if np.ndim(t.step_s) == 0:
+        return with_paging_time(t, float(secs.reshape(-1)[0]))
+    return with_paging_time(t, secs.reshape(np.shape(t.step_s)))
 
 
 def _obj_array(values: list):
@@ -1016,6 +1041,10 @@ def evaluate_each(cases: Iterable[dict], *, estimate_fn: Callable | None = None,
                     from .estimate.comm import with_communication
 
                     t, _ = with_communication(model, lora, train, gpu, t)
+                if "paging" in est.detail:  # "fits with paging": + the paging time, as estimate()
+                    from .estimate.api import with_paging_time
+
+                    t = with_paging_time(t, est.detail["paging"]["seconds_per_step"])
                 m = est.memory
                 row.update(case_row(model, lora, train, gpu, est.params.trainable, est.params.total,
                                     m.peak_allocated_bytes, m.peak_reserved_bytes, m.device_total_bytes,

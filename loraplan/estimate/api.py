@@ -159,12 +159,24 @@ def _with_paging_cost(e: Estimate, gpu: GpuSpec | None) -> Estimate:
     detail = dict(e.detail, paging={"evicted_bytes": cost.evicted_bytes, "link": cost.link,
                                      "seconds_per_step": cost.seconds_per_step, "lower_bound_s": cost.lower_bound_s,
                                      "uncertain": cost.uncertain, "sources": list(cost.sources)})
-    time = e.time
-    if time is not None:
-        p = cost.seconds_per_step
-        step = time.step_s + p
-        rng = time.step_s_host_range
-        time = replace(time, step_s=step, tokens_per_s=time.tokens_per_s * time.step_s / step if step else 0.0,
-                       components={**time.components, "paging_s": p},
-                       step_s_host_range=None if rng is None else (rng[0] + p, rng[1] + p))
+    time = None if e.time is None else with_paging_time(e.time, cost.seconds_per_step)
     return replace(e, memory=replace(e.memory, notes=e.memory.notes + (note,)), detail=detail, time=time)
+
+
+def with_paging_time(time, paging_s):
+    """``time`` with ``paging_s`` seconds of paging added to the step (component ``paging_s``;
+    tokens/s and the host-speed range follow). Numbers or numpy arrays (the sweep: 0 where a case
+    does not page)."""
+    from .arrays import is_scalar
+
+    step = time.step_s + paging_s
+    if is_scalar(step):
+        tps = time.tokens_per_s * time.step_s / step if step else 0.0
+    else:
+        import numpy as np
+
+        with np.errstate(divide="ignore", invalid="ignore"):
+            tps = np.where(step > 0, time.tokens_per_s * time.step_s / step, 0.0)
+    rng = time.step_s_host_range
+    return replace(time, step_s=step, tokens_per_s=tps, components={**time.components, "paging_s": paging_s},
+                   step_s_host_range=None if rng is None else (rng[0] + paging_s, rng[1] + paging_s))
