@@ -10,14 +10,19 @@ gemm (half)         flops_mm − flops_attn, bytes_gemm        max(FLOPs / (peak
                     (frozen Linears, lm_head, LoRA under               bytes_gemm / (bandwidth · eff_bw))
                     autocast, MoE experts; in an fp32 run
                     the fp32 peak and eff_fp32)
-attention           flops_attn (sdpa flash / mem-efficient,  flops_attn / (peak(mm_dtype) · eff_attn)
-                    FA2; eager attention is gemm + memory)
+attention           flops_attn (the fused kernels the ledger  flops_attn / (peak(mm_dtype) · eff_attn)
+                    resolved: sdpa flash / mem-efficient,
+                    FA2; eager and sdpa's math kernel are
+                    gemm + memory)
 gemm (fp32)         flops_fp32 (fp32 LoRA without autocast,  flops_fp32 / (fp32 peak · eff_fp32)
                     fp32 lm_head, T5's wo, Falcon's Linears,
-                    fp32 experts)
+                    fp32 experts, math attention's bmms)
 memory              bytes_moved − bytes_gemm (elementwise,   bytes / (bandwidth · eff_bw)
-                    dequantization, casts, loss, optimizer)
+                    dequantization, casts, loss, optimizer,
+                    math / eager attention's scores)
 kernel              kernels (≈ ops)                          kernels · time_gpu_kernel_s
+host copy           bytes_host (checkpoint offload's         bytes_host / host link line rate
+                    copies on the compute stream)            (data/host-links.json)
 host                ops + module_calls, lora_calls,          Σ count · per-call cost / time_host_speed
                     bnb4_calls, int8_calls, gc_hooks
 ==================  =======================================  ===================================================
