@@ -37,7 +37,7 @@ def predict(case: dict, data: dict, host_speed: float = 1.0) -> dict:
     ``HOST_COSTS`` says which host costs (``--host-costs``)."""
     from loraplan.case import resolve_case
     from loraplan.catalog import load_calibration, load_gpu
-    from loraplan.estimate.time import coefficients, step_time, step_work
+    from loraplan.estimate.time import coefficients, resolve_attention, step_time, step_work
 
     opts = dict(case["case"])
     if opts["model"] in data.get("models", {}):
@@ -49,7 +49,8 @@ def predict(case: dict, data: dict, host_speed: float = 1.0) -> dict:
         from loraplan.estimate.host_costs import host_priors
 
         coef.update(host_priors())
-    work = step_work(m, lora, train)
+    # the attention kernel for this GPU, as estimate() resolves it (memory and time price one kernel)
+    work = step_work(m, lora, train, resolve_attention(m, train, gpu.compute_capability))
     t = step_time(work, gpu, coef)
     k = work.micro_steps
     return {"predicted_s": t.step_s / k, "bound": t.bound, "host_s": t.components["host_s"] / k,

@@ -155,6 +155,15 @@ INTENDED = (
      "score backward then carries v's n_h-head gradient (checked against the trace: llama, gemma3, granite, "
      "gemma2 within 0.02%)",
      ("gemma-2-2b",), None, _MEMORY_FIELDS),
+    ("issue 12 review (1), the time prices the attention kernel the ledger resolved (Setup.attention): "
+     "--attention auto resolving to sdpa's math kernel (fp32 stream with grouped-query heads, or below sm80) "
+     "was priced as a fused kernel; the math kernel's bmms run at the fp32 rate and its score tensors are "
+     "traffic (38 B per score element forward, 28 B backward, traced from aten _scaled_dot_product_attention_math), "
+     "plus its q/k scaling, GQA repeat and ops; eager attention in an fp32 stream runs its matmuls at the fp32 rate",
+     None, None, TIME_FIELDS),
+    ("issue 12 review (3a), 'fits with paging' adds the paging seconds (reserved.paging_cost) to the step: "
+     "bitsandbytes' paged optimizer prefetches and syncs per parameter on the compute stream",
+     None, None, TIME_FIELDS, "fits with paging"),
 )
 
 
@@ -192,6 +201,12 @@ ADDED = (
      "and memory.host_bytes / host_components (the load-time copy of the model, checkpoint offload); the "
      "top-level numbers are the worst rank's, on one GPU unchanged",
      r"^\.estimate\.memory\.(per_gpu|host_bytes|host_components)$"),
+    ("issue 12 (host speeds, 9f0ebf6): the time's notes and its step range over the host speeds seen",
+     r"^\.estimate\.time\.(notes|step_s_host_range)$"),
+    ("issue 12 review: paging_s (the paging time added to a 'fits with paging' step), gpu_host_copy_s "
+     "(checkpoint offload's host-link copies), and on GPUs without bf16 tensor cores the step with fp16 "
+     "in place of emulated bf16 (step_s_fp16, fp16_option)",
+     r"^\.estimate\.time\.(step_s_fp16|fp16_option|components\.(paging_s|gpu_host_copy_s))$"),
 )
 
 

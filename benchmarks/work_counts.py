@@ -71,12 +71,12 @@ def analytic_classes(model, lora: LoraSpec, train: TrainSpec) -> dict[str, dict[
     stacks = [(model.num_layers, T_dec, s_dec)]
     if model.is_encoder_decoder and model.num_encoder_layers:
         stacks.append((model.num_encoder_layers, T_enc, s))
-    eager = (model.arch.attention == "eager" or train.attention in ("eager", "math")
-             or train.attn_implementation == "eager")
+    kind = tm.resolve_attention(model, train)  # the ledger's kernel, as step_work resolves it
+    gqa = model.num_kv_heads != model.num_heads
     for n_layers, T, seq in stacks:
         if n_layers:
-            add("elementwise", tm.layer_host_work(model.arch, n_layers, fw, gc, eager))
-            add("attention", tm.attention_work(model, n_layers, T, seq, fw, eager))
+            add("elementwise", tm.layer_host_work(model.arch, n_layers, fw, gc, kind, gqa))
+            add("attention", tm.attention_work(model, n_layers, T, seq, fw, kind, dt.attention))
             if model.moe is not None and n_layers == model.num_layers:  # the experts' grouped GEMMs + router
                 add("frozen_linear", tm.expert_work(model, dt, T, fw, a_stream))
     add("loss", tm.loss_work(model, dt, T_dec))

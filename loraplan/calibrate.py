@@ -307,8 +307,10 @@ def fit_time(ms: list[Measurement], base: Calibration) -> dict[str, CoefficientF
 
     if len(timed) < MIN_RECORDS:
         return keep(f"{len(timed)} records with step times on a catalog GPU (needs {MIN_RECORDS})")
-    works = [tmod.step_work(m.model, m.lora, m.train) for m in timed]
     gpus = [gpu_for(m) for m in timed]
+    # each record's attention kernel on its GPU, as estimate() prices it (time.resolve_attention)
+    works = [tmod.step_work(m.model, m.lora, m.train, tmod.resolve_attention(m.model, m.train, g.compute_capability))
+             for m, g in zip(timed, gpus)]
     n_free = len(HOST_TERMS) + len(EFF_GRID)
     if len(timed) < RECORDS_PER_COEFFICIENT * n_free:
         return _fit_host_speed(tmod, names, coef0, works, gpus, [m.step_s for m in timed], n_free)

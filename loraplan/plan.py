@@ -231,6 +231,10 @@ class GpuPlan:
     #: (fastest, slowest) seconds per step over the host speeds seen (TimeEstimate.step_s_host_range):
     #: set when the user's host is unknown and the step depends on it
     step_s_host_range: tuple[float, float] | None = None
+    #: bf16 compute emulated on a GPU without bf16 tensor cores (T4, V100): the step with fp16
+    #: instead and the option that gives it (TimeEstimate.step_s_fp16 / fp16_option); else None, ""
+    step_s_fp16: float | None = None
+    fp16_option: str = ""
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -558,6 +562,7 @@ def plan_job(model: ModelSpec, lora: LoraSpec, train: TrainSpec, gpus: list[GpuS
             usd_per_mtok=(price * n_gpus / (te.tokens_per_s * 3600) * 1e6
                           if price is not None and te.tokens_per_s else None),
             step_s_host_range=getattr(te, "step_s_host_range", None),
+            step_s_fp16=getattr(te, "step_s_fp16", None), fp16_option=getattr(te, "fp16_option", ""),
         ))
         if fits and n_gpus == 1:
             one_fits.add(gpu.id)

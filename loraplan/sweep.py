@@ -773,8 +773,19 @@ def _evaluate_group(p: _Group, idx, C, gpu_entry, data, none, rank_v, batch_v, s
     lora = replace(p.lora, rank=r, alpha=alpha, dropout=d)
     train = replace(p.resolved, batch=b, seq=s, target_seq=ts, int8_outlier_fraction=frac, **nums)
 
-    # step time and parameter counts: the scalar functions, on arrays
-    t = step_time(step_work(p.model, lora, train), gpu, coef)
+    # memory and time: the attention kernel per case (it can change with the sequence length)
+    cc = gpu.compute_capability
+    seqs, inv = np.unique(s, return_inverse=True)
+    kinds = []
+    for v in seqs.tolist():
+        kk = (v, cc)
+        if kk not in p.kinds:
+            p.kinds[kk] = choose_attention(p.model, replace(p.resolved, seq=v), cc)
+        kinds.append(p.kinds[kk])
+    case_kinds = np.asarray(kinds, dtype=object)[inv] if len(set(kinds)) > 1 else kinds[0]
+
+    # step time and parameter counts: the scalar functions, on arrays (the ledger's kernel)
+    t = step_time(step_work(p.model, lora, train, case_kinds), gpu, coef)
     if p.parallel:  # + the engine's exposed communication (estimate/comm.py), as estimate() adds it
         from .estimate.comm import with_communication
 
@@ -784,18 +795,11 @@ def _evaluate_group(p: _Group, idx, C, gpu_entry, data, none, rank_v, batch_v, s
         p.params = (np.broadcast_to(pc.trainable, rank_v.shape), np.broadcast_to(pc.total, rank_v.shape))
     trainable, total = p.params[0][rc], p.params[1][rc]
 
-    # memory: the ledger's moments per attention kernel (it can change with the sequence length)
-    cc = gpu.compute_capability
-    seqs, inv = np.unique(s, return_inverse=True)
-    kinds = []
-    for v in seqs.tolist():
-        kk = (v, cc)
-        if kk not in p.kinds:
-            p.kinds[kk] = choose_attention(p.model, replace(p.resolved, seq=v), cc)
-        kinds.append(p.kinds[kk])
+    # memory: the ledger's moments per attention kernel
     peak = np.empty(len(idx), dtype=np.int64)
     reserved = np.empty(len(idx), dtype=np.int64)
     device = np.empty(len(idx), dtype=np.int64)
+    paged = np.empty(len(idx), dtype=np.int64)
     moment = np.empty(len(idx), dtype=object)
     tseq = ts if p.encoder_decoder else s
     glob = global_attention(p.model, p.resolved, cc)  # gemma3: the global layers' kernel (memory.make_setup)
@@ -808,8 +812,9 @@ def _evaluate_group(p: _Group, idx, C, gpu_entry, data, none, rank_v, batch_v, s
         tr = replace(train, batch=x.b, seq=x.seq, target_seq=None if ts is None else ts[sel],
                      int8_outlier_fraction=None if frac is None else frac[sel])
         ms = moments(p.structure, tr, kind, x, gpu, cal)
-        peak[sel], moment[sel], reserved[sel], device[sel] = _memory_totals(p.structure, tr, x, ms, cal, kind, gpu,
-                                                                             p.stored)
+        peak[sel], moment[sel], reserved[sel], device[sel], paged[sel] = _memory_totals(
+            p.structure, tr, x, ms, cal, kind, gpu, p.stored)
+    t = _with_paging(t, device, paged, gpu)  # "fits with paging": + the paging time, as estimate()
 
     nums = {k: getattr(train, k) for k in _RECIPE_NUMBERS}  # the other recipe cells: evaluate_table, per column
     row = case_row(p.model, lora, train, gpu, trainable, total, peak, reserved, device, moment, t, recipe=nums)
@@ -836,17 +841,18 @@ def _evaluate_sequence_case(p: _Group, idx, gpu_entry, data, none, rank, alpha, 
     gpu, cal, coef = gpu_entry
     lora = replace(p.lora, rank=rank, alpha=alpha, dropout=dropout)
     train = replace(p.resolved, batch=batch, seq=seq, int8_outlier_fraction=frac, **nums)
-    t = step_time(step_work(p.model, lora, train), gpu, coef)
+    cc = gpu.compute_capability
+    kind = choose_attention(p.model, train, cc)
+    t = step_time(step_work(p.model, lora, train, kind), gpu, coef)
     if p.parallel:
         from .estimate.comm import with_communication
 
         t, _ = with_communication(p.model, lora, train, gpu, t, p.adapted)
     pc = count_params(p.model, lora, p.adapted)
-    cc = gpu.compute_capability
     x = with_global_attention(p.model, train, cc, sequence_shape(p.model, train, lora, cc))
-    kind = choose_attention(p.model, train, cc)
     ms = moments(p.structure, train, kind, x, gpu, cal)
-    peak, moment, reserved, device = _memory_totals(p.structure, train, x, ms, cal, kind, gpu, p.stored)
+    peak, moment, reserved, device, paged = _memory_totals(p.structure, train, x, ms, cal, kind, gpu, p.stored)
+    t = _with_paging(t, device, paged, gpu)
     row = case_row(p.model, lora, train, gpu, pc.trainable, pc.total, peak, reserved, device, moment, t,
                    recipe={k: getattr(train, k) for k in _RECIPE_NUMBERS})
     for c, v in row.items():
@@ -913,7 +919,29 @@ def _memory_totals(st, train, x, ms, cal, kind, gpu, stored: float = 1):
                                     train=train, rank_ledgers=rms[0] if rms else None)
     context, _ = context_and_band(gpu, cal, train.stack)
     reserved, device, _ = device_totals(peak, paged, cal, reserved, context)
-    return peak, np.broadcast_to(moment, np.shape(x.b)), reserved, device
+    return peak, np.broadcast_to(moment, np.shape(x.b)), reserved, device, np.broadcast_to(paged, np.shape(x.b))
+
+
+def _with_paging(t, device, paged, gpu):
+    """``t`` with the paging time of the cases whose verdict is "fits with paging" (the device total
+    over the card, but not once the paged optimizer state is evicted: ``result._verdict``), as
+    ``estimate()`` adds it (``api.with_paging_time``, ``reserved.paging_seconds``); as is otherwise."""
+    import numpy as np
+
+    from .estimate.api import with_paging_time
+    from .estimate.reserved import paging_seconds
+
+    if not gpu.host_link:
+        return t
+    over = np.asarray(device, dtype=np.float64) - gpu.memory_bytes
+    paged = np.asarray(paged, dtype=np.float64)
+    pages = (over > 0) & (paged > 0) & (over <= paged)
+    if not pages.any():
+        return t
+    secs = np.where(pages, paging_seconds(np.where(pages, over, 0), gpu.host_link), 0.0)
+    if np.ndim(t.step_s) == 0:
+        return with_paging_time(t, float(secs.reshape(-1)[0]))
+    return with_paging_time(t, secs.reshape(np.shape(t.step_s)))
 
 
 def _obj_array(values: list):
@@ -1002,16 +1030,21 @@ def evaluate_each(cases: Iterable[dict], *, estimate_fn: Callable | None = None,
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     model, lora, train = resolve_case(case, model=models[name])
-                wkey = (name, lora, train)
-                if wkey not in works:
-                    works[wkey] = step_work(model, lora, train)
                 gpu = gpus[gid]
                 est = estimate_fn(model, lora, train, gpu, cals[gid], with_time=False)
+                kind = est.inputs.get("attention_kernel")  # the ledger's kernel: the time prices it
+                wkey = (name, lora, train, kind)
+                if wkey not in works:
+                    works[wkey] = step_work(model, lora, train, kind)
                 t = step_time(works[wkey], gpu, coefs[gid])
                 if train.strategy != "single":  # several GPUs: + the exposed communication, as estimate()
                     from .estimate.comm import with_communication
 
                     t, _ = with_communication(model, lora, train, gpu, t)
+                if "paging" in est.detail:  # "fits with paging": + the paging time, as estimate()
+                    from .estimate.api import with_paging_time
+
+                    t = with_paging_time(t, est.detail["paging"]["seconds_per_step"])
                 m = est.memory
                 row.update(case_row(model, lora, train, gpu, est.params.trainable, est.params.total,
                                     m.peak_allocated_bytes, m.peak_reserved_bytes, m.device_total_bytes,

@@ -3,6 +3,8 @@ against hand computation, NCCL's ring formulas, the overlap limits, NVLink vs PC
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from loraplan.case import resolve_case
@@ -258,3 +260,31 @@ def test_cli_estimate_names_the_communication(capsys):
     code = main(["estimate", "--model", TINY, "--quant", "int8", "--strategy", "fsdp", "--num-gpus", "2"])
     out, err = capsys.readouterr()
     assert code == 2 and "--quant int8" in err and len(err.strip().splitlines()) == 1
+
+
+def test_bound_names_what_sets_the_step():
+    """issue 12 review: a phase whose collectives outlast its compute by a little (0.002 s exposed
+    of a 0.575 s host-bound step) is not communication-bound. The label is "communication" only
+    when the communication stream is busy at least as long as the compute step; otherwise the
+    compute step's own bound, scalar and array alike."""
+    import numpy as np
+
+    m, lora, t = _case(strategy="fsdp", num_gpus=8, model="llama-2-7b", seq=512, batch=1)
+    gpu = load_gpu("h100-pcie-80gb")
+    total = comm.parallel_time(m, lora, t, gpu, _fake(1.0))[0].components["comm_s"]
+    # compute a little shorter than the communication: comm-bound; a little longer: the compute's
+    # bound, though the forward phase's all-gathers still outlast the forward window (exposed > fixed)
+    below, _ = comm.parallel_time(m, lora, t, gpu, _fake(0.9 * total))
+    above, _ = comm.parallel_time(m, lora, t, gpu, replace(_fake(1.2 * total), bound="host"))
+    assert below.bound == "communication"
+    assert above.bound == "host" and above.components["comm_exposed_s"] > 0
+    arr = TimeEstimate(step_s=np.asarray([0.9 * total, 1.2 * total]), tokens_per_s=np.asarray([1.0, 1.0]),
+                       components={}, bound=np.asarray(["compute", "host"], dtype=object))
+    both, _ = comm.parallel_time(m, lora, t, gpu, arr)
+    assert list(both.bound) == ["communication", "host"]
+    # the reviewer's case: ZeRO-3 of llama-2-70b on two H100s is host-bound
+    e = estimate(*_case(model="llama-2-70b", quant="bf16", strategy="zero3", num_gpus=2, targets="q_proj,v_proj",
+                        batch=1, seq=512),
+                 load_gpu("h100-sxm-80gb"))
+    assert e.time.components["comm_s"] < e.time.components["compute_s"]
+    assert e.time.bound != "communication"

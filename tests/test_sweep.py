@@ -434,3 +434,25 @@ def test_parallel_keys_in_grid_files(tmp_path):
     rows = list(evaluate_table(expand_cases({"num_gpus": "8"}, load_grid(g))).rows())  # the command line wins
     assert {r["num_gpus"] for r in rows} == {8}
     assert set(PARALLEL_FIELDS) <= set(CASE_KEYS)  # profile grids take them too
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_paging_time_in_rows_as_in_estimate():
+    """issue 12 review: a "fits with paging" case's step includes the paging time (estimate()'s
+    paging_s); the sweep's rows, vectorized and per case, add it the same way, and only there."""
+    from loraplan.case import resolve_case
+    from loraplan.catalog import load_gpu
+    from loraplan.estimate.api import estimate
+    from loraplan.sweep import evaluate_each, evaluate_table, expand_cases
+
+    table = expand_cases({}, [{"model": "llama-2-7b", "quant": "nf4", "rank": 256, "targets": "all-linear",
+                               "optimizer": "paged_adamw_32bit", "seq": [512, 1024, 2048], "gpu": "t4-16gb"}])
+    rows, each = list(evaluate_table(table).rows()), list(evaluate_each(table))
+    verdicts = []
+    for i, (r, r1) in enumerate(zip(rows, each)):
+        e = estimate(*resolve_case(table.case(i)), load_gpu("t4-16gb"))
+        verdicts.append(e.verdict)
+        assert r["step_s"] == pytest.approx(e.time.step_s, rel=1e-9) == r1["step_s"]
+        assert r["tokens_per_s"] == pytest.approx(e.time.tokens_per_s, rel=1e-9)
+        assert ("paging_s" in e.time.components) == (e.verdict == "fits with paging")
+    assert verdicts.count("fits with paging") >= 1 and verdicts.count("fits with paging") < len(verdicts)

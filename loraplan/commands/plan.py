@@ -230,6 +230,10 @@ def _print_table(d: dict) -> None:
         con.print(f"[yellow]{sk['gpu']}[/] not planned: {sk['reason']}")
     for n in d.get("notes", []):  # what the estimate says about this setup on every GPU
         con.print(f"{'[bold red]' if n.startswith('WARNING') else '[dim]'}note: {escape(n)}[/]")
+    for g in d["gpus"]:  # bf16 emulated on a GPU without bf16 tensor cores: what fp16 gives
+        if g.get("step_s_fp16") is not None:
+            con.print(f"[yellow]{_config(g)}[/]: bf16 compute is emulated (no bf16 tensor cores), priced at its "
+                      f"fp32 rate: {g['step_s']:.3f} s per step; {g['fp16_option']} gives {g['step_s_fp16']:.3f} s")
     hosty = [g for g in d["gpus"] if g.get("step_s_host_range")]
     if hosty:
         from ..estimate.host_costs import host_speed_range

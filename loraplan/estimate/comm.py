@@ -66,9 +66,10 @@ prefetch, DDP's bucket hooks); the backward share of a step is (1 + c)/(2 + c), 
 gradient checkpointing (estimate/time.py's counting rules: one forward pass, one input-gradient
 pass ``FROZEN_BACKWARD_PASSES``, one recompute). Per phase, exposed = max(the part that cannot
 hide — the first unit's all-gather, the last bucket's or unit's reduction —, communication −
-compute); step-end collectives (ZeRO's, device_map's transfers) are exposed whole. When the
-communication of a phase exceeds its compute, the step is communication-bound
-(``TimeEstimate.bound = "communication"``).
+compute); step-end collectives (ZeRO's, device_map's transfers) are exposed whole. The step is
+communication-bound (``TimeEstimate.bound = "communication"``) when the communication stream's
+total time is at least the compute step's (the links are the critical path); otherwise it keeps
+the compute step's own bound (host, compute, memory), however much communication is exposed.
 """
 
 from __future__ import annotations
@@ -457,16 +458,13 @@ def parallel_time(model: ModelSpec, lora: LoraSpec, train: TrainSpec, gpu: GpuSp
         by_op[c.op] = by_op.get(c.op, 0.0) + secs
         rows.append((c, ranks, nn, secs))
     exposed = per_phase["step"]
-    worst = 0.0 * step0  # the largest excess of a phase's communication over its compute
     for p in ("forward", "backward"):
-        over = per_phase[p] - windows[p]
-        exposed = exposed + _max(fixed[p], over)
-        worst = _max(worst, over)
-    # the communication stream is the critical path when a phase's collectives outlast its compute,
-    # or when step-end transfers (ZeRO-1/2, device_map) take longer than the compute itself
-    comm_bound = (worst > 0) | (per_phase["step"] > step0) if not _is_scalar(worst) else (
-        worst > 0 or per_phase["step"] > step0)
+        exposed = exposed + _max(fixed[p], per_phase[p] - windows[p])
     total = sum(per_phase.values())
+    # the links are the critical path when the communication stream is busy at least as long as the
+    # compute step (the step cannot be shorter than either); a phase whose collectives outlast its
+    # compute by a little adds that little (``comm_exposed_s``) but does not set the step
+    comm_bound = total >= step0
     step = step0 + exposed
     dp = n if r.strategy in DATA_PARALLEL else 1
     tokens = compute.tokens_per_s * step0 * dp

@@ -377,7 +377,18 @@ def paging_cost(evicted_bytes: int, link: str, host_links: dict | None = None) -
     if link not in links:
         raise KeyError(f"host link {link!r} is not in host-links.json; use one of {', '.join(sorted(links))}")
     bw = float(links[link]["bytes_per_s"])
-    eff = float(data["paging_efficiency"]["value"])
     moved = max(int(evicted_bytes), 0)
-    return PagingCost(moved, moved / (eff * bw), moved / bw, link, uncertain=data["paging_efficiency"]["uncertain"],
+    return PagingCost(moved, paging_seconds(moved, link, data), moved / bw, link,
+                      uncertain=data["paging_efficiency"]["uncertain"],
                       sources=(links[link]["source"], data["paging_efficiency"]["source"]))
+
+
+def paging_seconds(evicted_bytes, link: str, host_links: dict | None = None):
+    """``paging_cost``'s seconds per step: evicted / (paging_efficiency × link bandwidth), for a
+    number or a numpy array of evicted bytes (negative counts as 0). KeyError for an unknown link."""
+    from .arrays import maximum
+
+    data = host_links if host_links is not None else load_host_links()
+    bw = float(data["links"][link]["bytes_per_s"])
+    eff = float(data["paging_efficiency"]["value"])
+    return maximum(evicted_bytes, 0) / (eff * bw)

@@ -50,6 +50,11 @@ class TimeEstimate:
     #: the step at the slowest and fastest host speeds seen (estimate/host_costs.host_speed_range),
     #: seconds, when the user's host is unknown and the step depends on it; else None
     step_s_host_range: tuple[float, float] | None = None
+    #: on a GPU without bf16 tensor cores (compute capability < 8.0) running bf16 compute: the
+    #: step with fp16 in its place (``fp16_option``), seconds; else None
+    step_s_fp16: float | None = None
+    #: the option that gives ``step_s_fp16`` (e.g. "--compute-dtype fp16"); "" when none
+    fp16_option: str = ""
 
 
 @dataclass(frozen=True)

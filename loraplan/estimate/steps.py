@@ -78,7 +78,11 @@ def checkpointed_layers(st: Structure, rc: StepRecipe) -> int:
     layer i when i % n == 0 -> ceil(L / n); all with n = 1, none without checkpointing.
     Raises InputError for an encoder-decoder model with n > 1 (its count runs over encoder then
     decoder layers; not modelled)."""
-    m = st.model
+    return checkpointed_layer_count(st.model, rc)
+
+
+def checkpointed_layer_count(m, rc: StepRecipe) -> int:
+    """``checkpointed_layers`` of a ModelSpec ``m`` (the time model's entry: no Structure)."""
     if not rc.checkpointing:
         return 0
     if rc.offload and m.is_encoder_decoder:

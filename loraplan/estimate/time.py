@@ -10,14 +10,19 @@ gemm (half)         flops_mm − flops_attn, bytes_gemm        max(FLOPs / (peak
                     (frozen Linears, lm_head, LoRA under               bytes_gemm / (bandwidth · eff_bw))
                     autocast, MoE experts; in an fp32 run
                     the fp32 peak and eff_fp32)
-attention           flops_attn (sdpa flash / mem-efficient,  flops_attn / (peak(mm_dtype) · eff_attn)
-                    FA2; eager attention is gemm + memory)
+attention           flops_attn (the fused kernels the ledger  flops_attn / (peak(mm_dtype) · eff_attn)
+                    resolved: sdpa flash / mem-efficient,
+                    FA2; eager and sdpa's math kernel are
+                    gemm + memory)
 gemm (fp32)         flops_fp32 (fp32 LoRA without autocast,  flops_fp32 / (fp32 peak · eff_fp32)
                     fp32 lm_head, T5's wo, Falcon's Linears,
-                    fp32 experts)
+                    fp32 experts, math attention's bmms)
 memory              bytes_moved − bytes_gemm (elementwise,   bytes / (bandwidth · eff_bw)
-                    dequantization, casts, loss, optimizer)
+                    dequantization, casts, loss, optimizer,
+                    math / eager attention's scores)
 kernel              kernels (≈ ops)                          kernels · time_gpu_kernel_s
+host copy           bytes_host (checkpoint offload's         bytes_host / host link line rate
+                    copies on the compute stream)            (data/host-links.json)
 host                ops + module_calls, lora_calls,          Σ count · per-call cost / time_host_speed
                     bnb4_calls, int8_calls, gc_hooks
 ==================  =======================================  ===================================================
@@ -79,6 +84,7 @@ recompute of each decoder layer's forward):
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
+from functools import lru_cache
 from typing import Any, Mapping
 
 from ..spec import Calibration, GpuSpec, LoraSpec, ModelSpec, TrainSpec
@@ -216,8 +222,36 @@ EAGER_BACKWARD_OVER_FORWARD = 2.0
 #: eager attention: ops per layer forward (and backward) beyond sdpa's: matmul, scale, mask
 #: add, softmax, matmul (transformers eager_attention_forward)
 EAGER_EXTRA_OPS = 5
-#: eager score traffic per element: written bf16 (2), softmax fp32 read/write (8), read for PV (2)
-EAGER_SCORE_BYTES = 2 + 8 + 2
+#: eager score traffic per element besides the two writes/reads in the attention dtype a (the
+#: scores written, the probabilities read for PV): the fp32 softmax read and written (8):
+#: 2·a + 8 per element per pass (12 B for bf16)
+EAGER_SOFTMAX_BYTES = 8
+#: sdpa's math kernel (torch ``aten._scaled_dot_product_attention_math``, CompositeImplicitAutograd:
+#: its ops traced on the meta device under a TorchDispatchMode, torch 2.13) computes in fp32 (half
+#: inputs are upcast unless ``allow_fp16_bf16_reduction_math_sdp``), bytes per score element
+#: b·n_h·s·s_kv (4 B each), no causal skipping. Forward: bmm writes the scores (4), the causal
+#: mask add reads and writes them (8), ``_safe_softmax`` (torch/_decomp/decompositions.py::
+#: safe_softmax: softmax read + write 8, ``eq(-inf)`` read 4 + bool write 1, ``all`` reads the
+#: bool 1, ``where`` reads the softmax and writes 8), the PV bmm reads the probabilities (4): 38.
+#: Backward: the dV bmm reads P (4), the dP bmm writes dP (4), ``_softmax_backward_data`` reads dP
+#: and P and writes dS (12), the dQ and dK bmms read dS (8): 28
+MATH_SCORE_BYTES = (4 + 8 + 8 + 5 + 1 + 8 + 4, 4 + 4 + 12 + 8)
+#: with attention dropout p > 0 (``at::dropout`` on the softmax output): forward reads P, writes
+#: the dropped copy and its 1-byte mask (9); backward reads the gradient and the mask and writes (9)
+MATH_DROPOUT_BYTES = (9, 9)
+#: the math kernel's per-token traffic per head element, fp32: q and k scaled by √scale (read +
+#: write 8 each) forward and their gradients scaled backward; with grouped-query heads
+#: (``enable_gqa``) k and v are repeated to n_h heads (``repeat_interleave``: read n_kv, write
+#: n_h) and their gradients summed back (read n_h, write n_kv): 4·(n_h + n_kv) per k and v
+MATH_SCALE_BYTES = 2 * 8
+#: kernels of the math kernel per layer beyond sdpa's one op (traced as above): forward mul(q),
+#: ones, tril, where (the causal mask), mul(k), bmm, add, softmax, eq, all, zeros_like, where,
+#: bmm: 13 - 1; backward bmm x2, softmax backward, bmm x2, mul x2: 7 - 1; grouped-query heads add
+#: the two k/v copies forward and the two head sums backward
+MATH_EXTRA_OPS = (12, 6)
+MATH_GQA_OPS = (2, 2)
+#: the attention kernels that materialise the s² scores (no fused kernel)
+UNFUSED_ATTENTION = ("eager", "math")
 #: module calls per layer forward: the layer, its norms (added separately), attention, MLP, activation
 LAYER_MODULE_CALLS = 1 + 1 + 1 + 1
 #: module calls of the model outside its layers: embedding, final norm, lm_head glue, loss
@@ -277,6 +311,7 @@ class StepWork:
     forward: "StepWork | None" = None    # the counts of the first forward pass of the micro-steps
     optimizer: "StepWork | None" = None  # the counts of the optimizer step (and the gradient norm)
     gc_hooks: Any = 0.0    # float: gradient checkpointing's Python saved-tensor hook calls (host)
+    bytes_host: Any = 0.0  # float: bytes copied over the host link on the compute stream (checkpoint offload)
 
     def features(self) -> dict[str, float]:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _NOT_FEATURES}
@@ -476,21 +511,35 @@ def lora_work(count: int, T, fin: int, fout: int, r, dropout, npass_f: int, a_st
             ("lora_calls", count * (npass_f))]
 
 
-def layer_host_work(arch, n_layers: int, fw: int, gc: bool, eager: bool) -> list[tuple[str, Any]]:
+def layer_host_work(arch, n_layers: int, fw: int, gc: bool, kind="flash", gqa: bool = False) -> list[tuple[str, Any]]:
     """Per-layer ops of norms, attention, MLP and residuals (``OPS``; eager attention
-    ``EAGER_EXTRA_OPS`` more each way), checkpointing's bookkeeping, and module calls per layer
-    forward (the layer, its norms, attention, MLP, activation)."""
+    ``EAGER_EXTRA_OPS`` more each way, sdpa's math kernel ``MATH_EXTRA_OPS`` (+ ``MATH_GQA_OPS``
+    with grouped-query heads)), checkpointing's bookkeeping, and module calls per layer forward
+    (the layer, its norms, attention, MLP, activation). ``kind``: the attention kernel
+    (``activations.choose_attention``), a string or a numpy array of them."""
     norms = arch.norms_per_layer + len(arch.extra_norms)
     norm_kind = "rmsnorm" if arch.norm == "rms" else "layernorm"
     attn_kind = "attn_rope" if arch.position == "rope" else "attn_norope"
     mlp_kind = "mlp_gated" if arch.mlp == "gated" else "mlp_plain"
     layer_f = norms * OPS[norm_kind][0] + OPS[attn_kind][0] + OPS[mlp_kind][0] + OPS["residual"][0]
     layer_b = norms * OPS[norm_kind][1] + OPS[attn_kind][1] + OPS[mlp_kind][1] + OPS["residual"][1]
-    if eager:
-        layer_f += EAGER_EXTRA_OPS
-        layer_b += EAGER_EXTRA_OPS
+    math_f = MATH_EXTRA_OPS[0] + (MATH_GQA_OPS[0] if gqa else 0)
+    math_b = MATH_EXTRA_OPS[1] + (MATH_GQA_OPS[1] if gqa else 0)
+    layer_f = layer_f + _where(_is_kind(kind, "eager"), EAGER_EXTRA_OPS, _where(_is_kind(kind, "math"), math_f, 0))
+    layer_b = layer_b + _where(_is_kind(kind, "eager"), EAGER_EXTRA_OPS, _where(_is_kind(kind, "math"), math_b, 0))
     return [("ops", n_layers * (fw * layer_f + layer_b + (OPS["gc_layer"][0] if gc else 0))),
             ("module_calls", n_layers * fw * (norms + LAYER_MODULE_CALLS))]
+
+
+def _is_kind(kind, names):
+    """``kind`` (an attention kernel name, or a numpy array of them) is one of ``names``: a bool,
+    or a bool array."""
+    names = (names,) if isinstance(names, str) else tuple(names)
+    if isinstance(kind, str):
+        return kind in names
+    import numpy as np
+
+    return np.isin(kind, names)
 
 
 def gc_hook_work(n_layers: int, lora_per_layer, bnb_frozen: bool):
@@ -527,21 +576,80 @@ def layer_elementwise_work(model: ModelSpec, n_layers: int, T, fw: int, a_stream
     return [("bytes_moved", n_layers * elem * (fw + BACKWARD_TRAFFIC_OVER_FORWARD))]
 
 
-def attention_work(model: ModelSpec, n_layers: int, T, seq, fw: int, eager: bool) -> list[tuple[str, Any]]:
-    """Attention FLOPs per layer: forward 4·b·s·s_kv·n_h·d (s_kv = min(s, sliding window)).
-    sdpa flash / mem-efficient (causal): × ``CAUSAL_FRACTION``, backward
-    ``FLASH_BACKWARD_OVER_FORWARD`` × forward. eager / math: full scores, backward 2 × forward,
-    plus the s² score tensors' traffic (``EAGER_SCORE_BYTES`` per element per pass)."""
+def attention_work(model: ModelSpec, n_layers: int, T, seq, fw: int, kind="flash",
+                   attn_dtype: str = "bf16") -> list[tuple[str, Any]]:
+    """Attention per layer, forward 4·b·s·s_kv·n_h·d FLOPs (s_kv = min(s, sliding window)), by the
+    kernel ``kind`` the memory model resolved (``activations.choose_attention``; a string or a
+    numpy array of them), ``attn_dtype`` the dtype sdpa gets (``storage.Dtypes.attention``):
+    ``unfused_attention_work`` for eager / math, else fused (sdpa flash / mem-efficient, FA2, causal):
+    × ``CAUSAL_FRACTION``, backward ``FLASH_BACKWARD_OVER_FORWARD`` × forward."""
     arch = model.arch
     n_h, d = model.num_heads, model.head_dim
     s_eff = _min(seq, arch.sliding_window) if arch.sliding_window else seq
-    fwd = ATTENTION_FLOPS * (T // seq) * seq * s_eff * n_h * d
-    if eager:
-        return [("flops_mm", n_layers * fwd * (fw + EAGER_BACKWARD_OVER_FORWARD)),
-                ("bytes_moved", n_layers * (T // seq) * n_h * seq * s_eff * EAGER_SCORE_BYTES
-                 * (fw + BACKWARD_TRAFFIC_OVER_FORWARD))]
-    flops = n_layers * fwd * CAUSAL_FRACTION * (fw + FLASH_BACKWARD_OVER_FORWARD)
-    return [("flops_mm", flops), ("flops_attn", flops)]
+    scores = (T // seq) * seq * s_eff * n_h
+    flops = n_layers * ATTENTION_FLOPS * scores * d * CAUSAL_FRACTION * (fw + FLASH_BACKWARD_OVER_FORWARD)
+    fused = [("flops_mm", flops), ("flops_attn", flops)]
+    return _by_kind(kind, fused, lambda k: unfused_attention_work(model, n_layers, T, scores, fw, k, attn_dtype))
+
+
+def unfused_attention_work(model: ModelSpec, n_layers: int, T, scores, fw: int, kind: str,
+                           attn_dtype: str) -> list[tuple[str, Any]]:
+    """Attention that materialises the ``scores`` = b·n_h·s·s_kv score matrix per layer (no
+    causal skipping): forward 4·scores·d FLOPs per pass, backward ``EAGER_BACKWARD_OVER_FORWARD``×
+    (4 bmm vs 2), and the score tensors' traffic.
+
+    - eager (transformers eager_attention_forward): matmuls in the attention dtype (fp32 for an
+      fp32 stream: the fp32 rate), 2·a + ``EAGER_SOFTMAX_BYTES`` per score element per pass
+      (backward ``BACKWARD_TRAFFIC_OVER_FORWARD`` passes).
+    - math (sdpa's ``_scaled_dot_product_attention_math``, what ``--attention auto`` resolves to
+      for an fp32 stream with grouped-query heads): fp32 bmms (the fp32 rate) and
+      ``MATH_SCORE_BYTES`` per score element (forward per pass, backward once; + ``MATH_DROPOUT_BYTES``
+      with the config's attention dropout), plus ``MATH_SCALE_BYTES`` per q/k head element and,
+      with grouped-query heads, the k/v repeat and its gradient sum.
+    Source: torch aten _scaled_dot_product_attention_math (traced, see ``MATH_SCORE_BYTES``),
+    transformers integrations/sdpa_attention.py, models/llama/modeling_llama.py."""
+    from .activations import attention_dropout_p
+
+    d = model.head_dim
+    flops = n_layers * ATTENTION_FLOPS * scores * d * (fw + EAGER_BACKWARD_OVER_FORWARD)
+    if kind == "eager":
+        a = dtype_bytes(attn_dtype)
+        return [("flops_fp32" if a == 4 else "flops_mm", flops),
+                ("bytes_moved", n_layers * scores * (2 * a + EAGER_SOFTMAX_BYTES) * (fw + BACKWARD_TRAFFIC_OVER_FORWARD))]
+    n_h, n_kv = model.num_heads, model.num_kv_heads
+    drop = attention_dropout_p(model) > 0
+    per_f = MATH_SCORE_BYTES[0] + (MATH_DROPOUT_BYTES[0] if drop else 0)
+    per_b = MATH_SCORE_BYTES[1] + (MATH_DROPOUT_BYTES[1] if drop else 0)
+    heads = T * d * (n_h * MATH_SCALE_BYTES + (2 * 4 * (n_h + n_kv) if n_kv != n_h else 0))
+    return [("flops_fp32", flops),
+            ("bytes_moved", n_layers * (scores * (per_f * fw + per_b) + heads * (fw + 1)))]
+
+
+def _by_kind(kind, fused, unfused):
+    """Increments of a fused attention kernel (``fused``) or of ``unfused(kind)`` for eager / math;
+    for an array ``kind``, element by element (each count is ``where(kind == k, ...)``)."""
+    if isinstance(kind, str):
+        return unfused(kind) if kind in UNFUSED_ATTENTION else fused
+    import numpy as np
+
+    present = [k for k in UNFUSED_ATTENTION if np.any(kind == k)]
+    if not present:
+        return fused
+    parts = {None: dict()}
+    for name, amount in fused:
+        parts[None][name] = parts[None].get(name, 0.0) + amount
+    for k in present:
+        parts[k] = {}
+        for name, amount in unfused(k):
+            parts[k][name] = parts[k].get(name, 0.0) + amount
+    names = list(dict.fromkeys(n for p in parts.values() for n in p))
+    out = []
+    for name in names:
+        v = parts[None].get(name, 0.0)
+        for k in present:
+            v = _where(kind == k, parts[k].get(name, 0.0), v)
+        out.append((name, v))
+    return out
 
 
 #: a sparse-MoE block's dispatched ops per layer (forward, backward), read from transformers 5.24
@@ -608,34 +716,59 @@ def expert_work(model: ModelSpec, quant, T, fw: int, a_stream: int) -> list[tupl
             ("module_calls", n * fw * MOE_MODULE_CALLS)]
 
 
-def sequence_tokens(model: ModelSpec, train: TrainSpec):
+def sequence_tokens(model: ModelSpec, train: TrainSpec, kind: str | None = None):
     """(tokens processed, real tokens, ``sequences.AttentionSpan``) per step for a padding mode
     other than max-length: the expected batch (``sequences.expected_tokens``; longest processes
-    b·E[max length], padding-free b·E[length]), and the attention kind the ledger picks for it
-    (``activations.choose_attention`` on the GPU path). tokens/s counts real (non-pad) tokens."""
+    b·E[max length], padding-free b·E[length]), and the attention kernel ``kind`` the ledger
+    picked for it (``resolve_attention`` when None). tokens/s counts real (non-pad) tokens."""
     from ..trainers import resolve_recipe
-    from .activations import choose_attention
     from .sequences import NO_PACKED_MASK, attention_span, expected_tokens
 
     recipe = resolve_recipe(train)
     processed, real = expected_tokens(recipe)
-    span = attention_span(recipe, choose_attention(model, recipe, "9.0"), model.model_type not in NO_PACKED_MASK)
+    kind = kind if kind is not None else resolve_attention(model, train)
+    span = attention_span(recipe, kind, model.model_type not in NO_PACKED_MASK)
     return processed, real, span
 
 
-def sequence_attention_work(model: ModelSpec, n_layers: int, span, fw: int, eager: bool) -> list[tuple[str, Any]]:
+#: the compute capability the attention kernel is resolved for when no GPU is given (as
+#: ``estimate.memory.make_setup`` without a GPU)
+DEFAULT_COMPUTE_CAPABILITY = "9.0"
+
+
+def resolve_attention(model: ModelSpec, train: TrainSpec, compute_capability: str | None = None):
+    """The attention kernel of ``train`` on a GPU of ``compute_capability``: the memory model's
+    resolution (``activations.choose_attention`` of the resolved recipe; ``Setup.attention``), so
+    the time and the ledger price one kernel. Array-valued ``train.seq`` (a grid): a numpy array
+    of kernel names, resolved per distinct sequence length (the sweep's rule)."""
+    from ..trainers import resolve_recipe
+    from .activations import choose_attention
+
+    cc = compute_capability or DEFAULT_COMPUTE_CAPABILITY
+    recipe = resolve_recipe(train)
+    if _is_scalar(train.seq) and _is_scalar(train.batch):
+        return choose_attention(model, recipe, cc)
+    import numpy as np
+
+    seq = np.asarray(train.seq)
+    b0 = int(np.asarray(train.batch).flat[0])
+    seqs, inv = np.unique(seq, return_inverse=True)
+    kinds = np.asarray([choose_attention(model, replace(recipe, seq=int(v), batch=b0), cc) for v in seqs.tolist()],
+                       dtype=object)
+    return np.broadcast_to(kinds[inv].reshape(seq.shape), np.broadcast(seq, np.asarray(train.batch)).shape)
+
+
+def sequence_attention_work(model: ModelSpec, n_layers: int, span, fw: int, kind="flash",
+                            attn_dtype: str = "bf16", T=0) -> list[tuple[str, Any]]:
     """``attention_work`` over an ``AttentionSpan``: forward 4·pairs·n_h·d FLOPs, × ``CAUSAL_FRACTION``
     when the kernel skips the masked triangle (is_causal; FA2 per row or document), backward
     ``FLASH_BACKWARD_OVER_FORWARD`` ×; eager / math (or an explicit mask: no skipping) as in
-    ``attention_work`` with pairs in place of b·s·s_kv."""
+    ``unfused_attention_work`` with pairs in place of b·s·s_kv."""
     n_h, d = model.num_heads, model.head_dim
-    fwd = ATTENTION_FLOPS * span.pairs * n_h * d
-    if eager:
-        return [("flops_mm", n_layers * fwd * (fw + EAGER_BACKWARD_OVER_FORWARD)),
-                ("bytes_moved", n_layers * n_h * span.pairs * EAGER_SCORE_BYTES * (fw + BACKWARD_TRAFFIC_OVER_FORWARD))]
     frac = CAUSAL_FRACTION if span.causal else 1.0
-    flops = n_layers * fwd * frac * (fw + FLASH_BACKWARD_OVER_FORWARD)
-    return [("flops_mm", flops), ("flops_attn", flops)]
+    flops = n_layers * ATTENTION_FLOPS * span.pairs * n_h * d * frac * (fw + FLASH_BACKWARD_OVER_FORWARD)
+    fused = [("flops_mm", flops), ("flops_attn", flops)]
+    return _by_kind(kind, fused, lambda k: unfused_attention_work(model, n_layers, T, span.pairs * n_h, fw, k, attn_dtype))
 
 
 def loss_work(model: ModelSpec, quant, T) -> list[tuple[str, Any]]:
@@ -707,9 +840,36 @@ def optimizer_work(optimizer: str, n_lora_tensors, trainable) -> list[tuple[str,
             ("bytes_moved", trainable * OPTIMIZER_BYTES.get(optimizer, 36))]
 
 
+#: torch.autograd.graph.save_on_cpu(pin_memory=True) per packed tensor: forward ``torch.empty(...,
+#: pin_memory=True)`` + ``copy_`` (2 ops), backward ``tensor.to(device)`` (1 op)
+OFFLOAD_OPS = (2, 1)
+
+
+def checkpoint_offload_work(model: ModelSpec, train: TrainSpec, T, a_stream: int):
+    """``--checkpoint-offload`` (transformers modeling_utils.py::_activation_checkpointing_enable
+    (offload=True) runs each checkpoint under ``torch.autograd.graph.save_on_cpu(pin_memory=True)``;
+    torch/autograd/graph.py::save_on_cpu): every checkpointed layer's input (a·T·h, what the ledger
+    moves to pinned host memory: ``steps.offload_host_bytes``) is copied device→host in forward
+    (``packed.copy_(tensor, non_blocking=True)``) and host→device in backward
+    (``tensor.to(device, non_blocking=True)``). Both copies are enqueued on the current (compute)
+    stream, so the host does not wait but the next kernels do: they are GPU-stream time over the
+    host link (``bytes_host``, ``gpu_seconds``), in the phase that issues them. Each pack and unpack
+    is a Python saved-tensor hook call (``gc_hooks``) and ``OFFLOAD_OPS`` ops.
+    (increments, forward part); nothing without offload."""
+    from .steps import checkpointed_layer_count
+
+    rc = step_recipe(train)
+    if not rc.offload:
+        return [], []
+    n = checkpointed_layer_count(model, rc)
+    moved = n * a_stream * model.hidden_size * T
+    return ([("bytes_host", 2 * moved), ("gc_hooks", 2 * n), ("ops", n * sum(OFFLOAD_OPS))],
+            [("bytes_host", moved), ("gc_hooks", n), ("ops", n * OFFLOAD_OPS[0])])
+
+
 #: the StepWork counts a micro-step repeats (all but the optimizer's)
 MICRO_STEP_COUNTS = ("flops_mm", "flops_fp32", "bytes_moved", "ops", "module_calls", "bnb4_calls", "int8_calls",
-                     "lora_calls", "flops_attn", "bytes_gemm", "gc_hooks")
+                     "lora_calls", "flops_attn", "bytes_gemm", "gc_hooks", "bytes_host")
 #: clip_grad_norm_ ops per step: _foreach_norm, stack, vector_norm, add eps, div, clamp, _foreach_mul_
 GRAD_NORM_OPS = 7
 #: bytes read + written per fp32 gradient element: the norm reads it (4), _foreach_mul_ reads and writes it (8)
@@ -732,8 +892,13 @@ def kernel_count(ops):
     return ops
 
 
-def step_work(model: ModelSpec, lora: LoraSpec, train: TrainSpec) -> StepWork:
+def step_work(model: ModelSpec, lora: LoraSpec, train: TrainSpec, attention=None) -> StepWork:
     """Count FLOPs, bytes, ops and calls of one step: the terms above, added in one order.
+
+    ``attention``: the attention kernel the memory model resolved (``Setup.attention``,
+    ``estimate()``'s ``inputs["attention_kernel"]``; a numpy array of names for a grid), so the
+    time prices the kernel the ledger holds; None: ``resolve_attention`` at
+    ``DEFAULT_COMPUTE_CAPABILITY`` (the GPU-less setup's).
 
     ``train.batch``, ``train.seq``, ``train.target_seq``, ``lora.rank`` and ``lora.dropout`` may
     be numpy arrays of one shape: the counts are then arrays too, element for element equal to
@@ -744,8 +909,9 @@ def step_work(model: ModelSpec, lora: LoraSpec, train: TrainSpec) -> StepWork:
     s_dec = _decoder_seq(model, train)
     T_dec, T_enc = b * s_dec, b * s
     tokens, span = T_dec, None
+    kind = attention if attention is not None else resolve_attention(model, train)
     if train.padding != "max-length":  # decoder-only (sequences: the expected batch)
-        T_dec, tokens, span = sequence_tokens(model, train)
+        T_dec, tokens, span = sequence_tokens(model, train, kind)
     mm_dtype = dt.frozen_matmul
     a_mm = dtype_bytes(mm_dtype)
     a_stream = dtype_bytes(dt.stream)
@@ -787,24 +953,24 @@ def step_work(model: ModelSpec, lora: LoraSpec, train: TrainSpec) -> StepWork:
     stacks = [(model.num_layers, T_dec, s_dec)]
     if model.is_encoder_decoder and model.num_encoder_layers:
         stacks.append((model.num_encoder_layers, T_enc, s))
-    eager = (model.arch.attention == "eager" or train.attention in ("eager", "math")
-             or train.attn_implementation == "eager")
+    gqa = model.num_kv_heads != model.num_heads
     lora_per_layer = _adapted_layer_linears(model, lora.targets, quant) / max(1, sum(n for n, _, _ in stacks))
     bnb_frozen = quant.quant in FOUR_BIT or quant.quant == "int8"
     for n_layers, T, seq in stacks:
         if n_layers == 0:
             continue
-        add(*_with_one_pass(lambda p: layer_host_work(model.arch, n_layers, p, gc, eager), fw))
+        add(*_with_one_pass(lambda p: layer_host_work(model.arch, n_layers, p, gc, kind, gqa), fw))
         if gc:
             add(*gc_hook_work(n_layers, lora_per_layer, bnb_frozen))
         add(*_with_one_pass(lambda p: layer_elementwise_work(model, n_layers, T, p, a_stream), fw))
         if model.moe is not None and n_layers == model.num_layers:
             add(*_with_one_pass(lambda p: expert_work(model, quant, T, p, a_stream), fw))
         if span is None:
-            add(*_with_one_pass(lambda p: attention_work(model, n_layers, T, seq, p, eager), fw))
+            add(*_with_one_pass(lambda p: attention_work(model, n_layers, T, seq, p, kind, dt.attention), fw))
         else:
-            add(*_with_one_pass(lambda p: sequence_attention_work(model, n_layers, span, p, eager), fw))
+            add(*_with_one_pass(lambda p: sequence_attention_work(model, n_layers, span, p, kind, dt.attention, T), fw))
 
+    add(*checkpoint_offload_work(model, train, T_dec, a_stream))
     add(fused_head_work(model, quant, T_dec, b) if fused_head else loss_work(model, quant, T_dec), HEAD_FORWARD_SHARE)
     add(embedding_work(model, T_dec, a_stream), HEAD_FORWARD_SHARE)
     # accumulation (steps.py): k micro-steps of forward + backward per optimizer step
@@ -826,7 +992,7 @@ def step_work(model: ModelSpec, lora: LoraSpec, train: TrainSpec) -> StepWork:
             module_calls=c["module_calls"], lora_calls=c["lora_calls"], bnb4_calls=c["bnb4_calls"],
             int8_calls=c["int8_calls"], mm_dtype=mm_dtype, syncs=acc["int8_calls"] > 0,
             flops_attn=c["flops_attn"], bytes_gemm=c["bytes_gemm"], micro_steps=rc.accumulation,
-            gc_hooks=c["gc_hooks"], **extra)
+            gc_hooks=c["gc_hooks"], bytes_host=c["bytes_host"], **extra)
 
     return work(acc, forward=work(fwd), optimizer=work(opt),
                 sync_after_forward=trainer == "trl",
@@ -835,7 +1001,7 @@ def step_work(model: ModelSpec, lora: LoraSpec, train: TrainSpec) -> StepWork:
 
 #: the counts a StepWork carries (and its forward / optimizer parts)
 _COUNTS = ("flops_mm", "flops_fp32", "flops_attn", "bytes_moved", "bytes_gemm", "ops", "module_calls",
-           "bnb4_calls", "int8_calls", "lora_calls", "gc_hooks")
+           "bnb4_calls", "int8_calls", "lora_calls", "gc_hooks", "bytes_host")
 #: lm_head, the loss and the embedding: the forward phase's share of their work. lm_head runs one
 #: GEMM forward and one (the input gradient) backward; the loss and the gather are about as heavy
 #: forward (log_softmax, gather) as backward (their gradients); trl's fused head computes one of
@@ -889,7 +1055,9 @@ def gpu_seconds(work: StepWork, gpu: GpuSpec, coef: Mapping[str, float]) -> dict
     - fp32 GEMMs: ``flops_fp32`` / (fp32 peak · time_eff_fp32);
     - the rest of the traffic (elementwise, dequantization, casts, loss, optimizer):
       (bytes_moved − bytes_gemm) / (bandwidth · time_eff_bw);
-    - kernels × time_gpu_kernel_s (launch gap and tail of each kernel).
+    - kernels × time_gpu_kernel_s (launch gap and tail of each kernel);
+    - with checkpoint offload, ``bytes_host`` / the host link's line rate (``gpu_host_copy_s``: the
+      copies run in stream order, ``checkpoint_offload_work``).
     Efficiencies: the calibration's when it sets them, else the generation's priors."""
     from .efficiency import efficiencies
 
@@ -903,8 +1071,29 @@ def gpu_seconds(work: StepWork, gpu: GpuSpec, coef: Mapping[str, float]) -> dict
     fp32_s = work.flops_fp32 / (gpu.fp32_tflops * 1e12 * eff["time_eff_fp32"])
     memory_s = (work.bytes_moved - work.bytes_gemm) / bw
     kernel_s = work.kernels * coef["time_gpu_kernel_s"]
-    return {"gpu_gemm_s": gemm_s, "gpu_attention_s": attn_s, "gpu_fp32_s": fp32_s, "gpu_memory_s": memory_s,
-            "gpu_kernel_s": kernel_s, "gpu_s": gemm_s + attn_s + fp32_s + memory_s + kernel_s}
+    out = {"gpu_gemm_s": gemm_s, "gpu_attention_s": attn_s, "gpu_fp32_s": fp32_s, "gpu_memory_s": memory_s,
+           "gpu_kernel_s": kernel_s, "gpu_s": gemm_s + attn_s + fp32_s + memory_s + kernel_s}
+    if not (_is_scalar(work.bytes_host) and work.bytes_host == 0):
+        # host-link copies on the compute stream (checkpoint offload): at the link's line rate, a
+        # lower bound on their time (data/host-links.json); 0 for a GPU whose link the catalog lacks
+        link = host_link_bytes_per_s(gpu)
+        out["gpu_host_copy_s"] = work.bytes_host / link if link else 0.0 * work.bytes_host
+        out["gpu_s"] = out["gpu_s"] + out["gpu_host_copy_s"]
+    return out
+
+
+def host_link_bytes_per_s(gpu: GpuSpec) -> float | None:
+    """The line rate of ``gpu``'s host link per direction (``GpuSpec.host_link`` in
+    loraplan/data/host-links.json, with sources); None when the catalog names none."""
+    return _link_bytes_per_s(gpu.host_link) if gpu.host_link else None
+
+
+@lru_cache(maxsize=None)
+def _link_bytes_per_s(link_id: str) -> float | None:
+    from .reserved import load_host_links
+
+    link = load_host_links()["links"].get(link_id)
+    return float(link["bytes_per_s"]) if link else None
 
 
 def host_seconds(work: StepWork, coef: Mapping[str, float]) -> dict[str, Any]:
@@ -982,7 +1171,10 @@ def step_time(work: StepWork, gpu: GpuSpec, coef: Mapping[str, float]) -> TimeEs
 
 
 def estimate_step_time(model: ModelSpec, lora: LoraSpec, train: TrainSpec, gpu: GpuSpec,
-                       calibration: Calibration | None = None) -> TimeEstimate:
+                       calibration: Calibration | None = None, attention=None) -> TimeEstimate:
     """Predicted wall time of one optimizer step: the recipe's k micro-steps of forward + backward, then
-    the gradient norm (when computed) and the optimizer step; ``tokens_per_s`` counts all k micro-batches."""
-    return step_time(step_work(model, lora, train), gpu, coefficients(calibration))
+    the gradient norm (when computed) and the optimizer step; ``tokens_per_s`` counts all k micro-batches.
+    ``attention``: the kernel the memory model resolved (``Setup.attention``); None: resolved for
+    ``gpu``'s compute capability (``resolve_attention``, the same rule)."""
+    kind = attention if attention is not None else resolve_attention(model, train, gpu.compute_capability)
+    return step_time(step_work(model, lora, train, kind), gpu, coefficients(calibration))
