@@ -83,10 +83,6 @@ INTENDED = (
      "is consumed by the down projection's input-gradient matmul, so it is not alive at the MLP product's "
      "backward (transients.layer_backward_transients); OPT's 'layer backward' moment only, never its peak",
      ("opt-6.7b",), QUANTS, r"^\.estimate\.memory\.moments\.layer backward$"),
-    ("issue 12, the host-speed range: a step that hangs on the host's speed (the published transformers + peft "
-     "hosts ran 1.0-3.2x the H100 reference host, data/host-speeds.json) carries time.step_s_host_range and a "
-     "note (estimate.api._with_host_range); step_s itself is unchanged",
-     None, None, r"^\.estimate\.time\.(notes(\[\d+\])?|step_s_host_range(\[\d+\])?)$"),
     ("a 'fits with paging' verdict carries the per-step paging time over the GPU's host link: a note and "
      "detail['paging'] (estimate.api._with_paging_cost)",
      None, None, r"^\.estimate\.(detail|memory\.notes)$", "fits with paging"),
