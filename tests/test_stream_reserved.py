@@ -276,8 +276,10 @@ def test_fsdp1_fp32_base_under_bf16_mixed_precision_gathers_in_bf16_on_both_view
     assert abs(an["unshard_stream"] - replay["unshard_stream"]) <= 0.10 * replay["unshard_stream"], (an, replay)
     # the root's bf16 shard (31.25 MiB -> 32), the layers' reuse it, the fp32 LoRA units' shards a small segment
     assert an["pre_unshard_stream"] == replay["pre_unshard_stream"] == 34 * MiB, (an, replay)
-    # the default stream's fitted factors read high on 4 small layers (as in the bf16 test above)
-    assert replay["default"] <= an["default"] <= 1.15 * replay["default"], (an, replay)
+    # the default stream is the fitted closed form (phi, phi_layer and the layer block's fill of cached
+    # blocks, reserved-slack.json engines.fsdp1, fitted on full-size replays: -1.2%..+8.5% there); on
+    # two small layers it reads -1.9% (without the fill credit +10.8%): held to 5% either way
+    assert abs(an["default"] - replay["default"]) <= 0.05 * replay["default"], (an, replay)
 
 
 def test_fsdp1_shards_made_before_the_lazy_init_do_not_fit_in_its_free_blocks():
