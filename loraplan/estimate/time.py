@@ -586,7 +586,8 @@ def attention_work(model: ModelSpec, n_layers: int, T, seq, fw: int, kind="flash
     arch = model.arch
     n_h, d = model.num_heads, model.head_dim
     s_eff = _min(seq, arch.sliding_window) if arch.sliding_window else seq
-    scores = (T // seq) * seq * s_eff * n_h
+    # float from the first factor: b·s·s_kv·n_h overflows int64 at extreme batch x sequence (sweep arrays)
+    scores = 1.0 * (T // seq) * seq * s_eff * n_h
     flops = n_layers * ATTENTION_FLOPS * scores * d * CAUSAL_FRACTION * (fw + FLASH_BACKWARD_OVER_FORWARD)
     fused = [("flops_mm", flops), ("flops_attn", flops)]
     return _by_kind(kind, fused, lambda k: unfused_attention_work(model, n_layers, T, scores, fw, k, attn_dtype))
