@@ -151,6 +151,11 @@ INTENDED = (
      "score backward then carries v's n_h-head gradient (checked against the trace: llama, gemma3, granite, "
      "gemma2 within 0.02%)",
      ("gemma-2-2b",), None, _MEMORY_FIELDS),
+    ("sdpa kernels from one rule set (estimate/sdpa.py, torch sdp_utils.cpp can_use_mem_efficient_attention): "
+     "mem-efficient takes bf16 on sm80+ only (less_than_sm80_mem_efficient_dtypes = {Half, Float}), so a bf16 "
+     "stream on the T4 (sm75) runs the math kernel, as the trace's emulation now does too",
+     None, ("bf16",), _MEMORY_FIELDS + "|" + TIME_FIELDS + r"|\.estimate\.inputs\.attention_kernel$|"
+     r"\.estimate\.(verdict|fit_\w+|max_\w+)$"),
 )
 
 

@@ -464,7 +464,7 @@ def plan_job(model: ModelSpec, lora: LoraSpec, train: TrainSpec, gpus: list[GpuS
         train, layout_opts = cases[layout]
         try:
             check_layout(train, gpu)  # the GPU's platform: GPUs per node
-            why = gpu_refusal(train, gpu)  # the GPU cannot run the recipe at all
+            why = gpu_refusal(train, gpu, model)  # the GPU cannot run the recipe at all
         except InputError as e:
             why = str(e)
         if why is not None:

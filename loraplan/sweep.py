@@ -649,7 +649,7 @@ def _gpu_refusal(p: "_Group", gpu_entry, msg) -> int | None:
 
     gpu = gpu_entry[0]
     if gpu.id not in p.gpu_checks:
-        why = gpu_refusal(p.train, gpu)
+        why = gpu_refusal(p.train, gpu, p.model)
         if why is None:  # a multi-GPU layout the engines cannot run (on this GPU's platform)
             from .estimate.comm import check_layout
 
