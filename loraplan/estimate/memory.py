@@ -34,6 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from .. import versions
 from ..spec import Calibration, ExpertSpec, GpuSpec, LinearSpec, ModelSpec, TrainSpec
 from ..errors import InputError
 from ..storage import EXPERT_QUANTIZATION_PATHS, QUANTIZED, experts_unquantized
@@ -447,6 +448,9 @@ def estimate_memory(s: Setup, gpu: GpuSpec | None, cal: Calibration, alloc_conf:
     if paged:
         outside["paged_optimizer_state"] = paged
     notes = []
+    newer = versions.stack_note(s.train.stack)
+    if newer:  # --stack torch=9.9: a release the rules do not index yet
+        notes.append(newer)
     if st.linear_quant == "fp32" and s.train.quant in QUANTIZED:
         notes.append(f"{st.model.model_type}: transformers' bitsandbytes quantizer converts only exact nn.Linear "
                      f"modules; this family's Linears stay unquantized and are upcast to fp32 by "
