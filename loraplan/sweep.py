@@ -359,15 +359,11 @@ def count_cases(cli_opts: dict[str, Any], grids: list[dict[str, Any]] | None = N
 
 
 def _check_contradictions(opts: dict[str, Any]) -> None:
-    from .case import split_values
+    """An option no point of the grid uses (double quant with no 4-bit quant swept, ...):
+    ``case.check_grid_options``, the rule of every grid command."""
+    from .case import check_grid_options
 
-    quants = split_values("quant", opts.get("quant"))
-    if opts.get("double_quant") not in (None, False, "false", "False") and not {"nf4", "fp4"} & set(quants):
-        raise InputError(f"contradictory grid: double_quant is on but no 4-bit quant is swept "
-                         f"(quant = {', '.join(quants)}); add nf4/fp4 or drop double_quant")
-    if opts.get("int8_outlier_fraction") is not None and "int8" not in quants:
-        raise InputError(f"contradictory grid: int8_outlier_fraction is set but int8 is not swept "
-                         f"(quant = {', '.join(quants)}); add int8 or drop int8_outlier_fraction")
+    check_grid_options(opts)
 
 
 # ---------------------------------------------------------------------------------------------
