@@ -531,6 +531,11 @@ def plan_job(model: ModelSpec, lora: LoraSpec, train: TrainSpec, gpus: list[GpuS
                     raise InputError(gpu_why[gpu.id])
                 skipped.append((gpu.id, gpu_why[gpu.id]))
         rows.sort(key=_rank_key)
+    whys = {why for _, why in skipped}
+    if not rows and len(whys) == 1 and len({g for g, _ in skipped}) == len({g.id for g in gpus}):
+        # every GPU refuses the case for the same reason (an --attention kernel this model cannot
+        # take on any of them): the input is wrong, one line (exit 2), not an empty table
+        raise InputError(whys.pop())
     fit_rows = [r for r in rows if r.fits and r.total_hours is not None]
     if fit_rows:
         min(fit_rows, key=lambda r: r.total_hours).fastest = True

@@ -366,6 +366,10 @@ def test_attention_refusal_per_gpu_in_plan_and_sweep(tmp_path, run_cli):
     d = json.loads(out)
     assert [r["gpu"] for r in d["gpus"]] == ["h100-sxm-80gb"]
     assert any("needs sm80+" in why for _, why in (tuple(s) for s in d["skipped"])) or "needs sm80+" in out
+    # no GPU of the list can run it, for the same reason: the input is wrong (exit 2), not an empty table
+    line = _one_line_refusal(run_cli, "plan", "--model", "llama-3-8b", "--quant", "bf16", "--attention", "efficient",
+                             "--gpu", "a100-sxm-80gb,h100-sxm-80gb")
+    assert "rejects grouped-query attention" in line
     csv = tmp_path / "s.csv"
     code, _, err = run_cli("sweep", "--model", "llama-3-8b", "--quant", "bf16", "--attention", "flash",
                            "--gpu", "v100-sxm2-16gb,h100-sxm-80gb", "--out", str(csv))
