@@ -439,3 +439,17 @@ def test_parallel_keys_in_grid_files(tmp_path):
     rows = list(evaluate_table(expand_cases({"num_gpus": "8"}, load_grid(g))).rows())  # the command line wins
     assert {r["num_gpus"] for r in rows} == {8}
     assert set(PARALLEL_FIELDS) <= set(CASE_KEYS)  # profile grids take them too
+
+
+def test_explicit_kernel_refused_per_sequence_length():
+    """--attention flash runs on mistral below its sliding window and not at it (transformers passes
+    a mask there, which flash does not take): the vectorized rows refuse per length, as estimate does."""
+    from loraplan.sweep import evaluate_each, evaluate_table, expand_cases
+
+    table = expand_cases({}, [{"model": "mistral-7b", "quant": "bf16", "attention": "flash", "seq": [2048, 8192],
+                               "gpu": ["h100-sxm-80gb", "t4-16gb"]}])
+    new = list(evaluate_table(table).rows())
+    _same_rows(new, list(evaluate_each(table)))
+    ok = {(r["seq"], r["gpu"]) for r in new if not r["error"]}
+    assert ok == {(2048, "h100-sxm-80gb")}
+    assert all("--attention auto" in r["error"] for r in new if r["error"])
