@@ -265,7 +265,12 @@ class _Evaluator:
         """The fit predicate of every search: the estimate's verdict (``Estimate.verdict``: device
         total with the caching allocator's peak reserved, the CUDA context, paged optimizer state
         that the driver may evict) is not "does not fit"; an estimate without a verdict: device
-        total <= the card."""
+        total <= the card. A size the setup cannot run at all (an explicit --attention flash once a
+        sliding window is reached: ``activations.check_attention_kernel``) does not fit."""
+        try:
+            self(train)
+        except InputError:
+            return False
         verdict = getattr(self(train), "verdict", None)
         if verdict is not None:
             return verdict != "does not fit"
@@ -273,6 +278,8 @@ class _Evaluator:
 
     def clear(self, train: TrainSpec) -> bool:
         """Fits with the whole uncertainty band to spare (Estimate.verdict "fits")."""
+        if not self.fits(train):
+            return False
         band = getattr(self(train), "uncertainty_bytes", None) or 0
         return self.total(train) + band <= self.gpu.memory_bytes
 

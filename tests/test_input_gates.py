@@ -435,3 +435,13 @@ def test_config_settings_without_effect_are_listed_as_ignored(tmp_path, run_cli)
     assert code == 0 and json.loads(out)["inputs"]["reentrant"] is True
     code, _, err = run_cli("estimate", "--config", str(cfg), "--reentrant")  # the account, then the refusal
     assert code == 2 and err.strip().splitlines()[-1].startswith("error: --reentrant has no effect here"), err
+
+
+def test_plan_search_stops_where_an_explicit_kernel_stops(run_cli):
+    """mistral-7b --attention flash: flash runs below the 4096-token sliding window and not at it, so
+    plan's largest sequence is 4095 (not an error from the search's first probe past it)."""
+    code, out, err = run_cli("plan", "--model", "mistral-7b", "--quant", "bf16", "--attention", "flash", "--seq", "2048",
+                             "--gpu", "h100-sxm-80gb", "--format", "json")
+    assert code == 0, err
+    row = json.loads(out)["gpus"][0]
+    assert row["max_seq"] == 4095 and row["fits"]
