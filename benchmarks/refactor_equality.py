@@ -160,6 +160,11 @@ INTENDED = (
     ("issue 12 review (3a), 'fits with paging' adds the paging seconds (reserved.paging_cost) to the step: "
      "bitsandbytes' paged optimizer prefetches and syncs per parameter on the compute stream",
      None, None, TIME_FIELDS, "fits with paging"),
+    ("sdpa kernels from one rule set (estimate/sdpa.py, torch sdp_utils.cpp can_use_mem_efficient_attention): "
+     "mem-efficient takes bf16 on sm80+ only (less_than_sm80_mem_efficient_dtypes = {Half, Float}), so a bf16 "
+     "stream on the T4 (sm75) runs the math kernel, as the trace's emulation now does too",
+     None, ("bf16",), _MEMORY_FIELDS + "|" + TIME_FIELDS + r"|\.estimate\.inputs\.attention_kernel$|"
+     r"\.estimate\.(verdict|fit_\w+|max_\w+)$"),
 )
 
 

@@ -259,7 +259,9 @@ def _range(key: str, text: str) -> list:
 
 
 def expand_grid(opts: dict) -> list[dict]:
-    """Cartesian product of every multi-valued option -> list of single-valued case dicts."""
+    """Cartesian product of every multi-valued option -> list of single-valued case dicts.
+    InputError for an option no point of the grid uses (``check_grid_options``)."""
+    check_grid_options(opts)
     keys = [k for k in PARSERS if k in opts]
     values = [split_values(k, opts.get(k)) for k in keys]
     return [dict(zip(keys, combo)) for combo in itertools.product(*values)]
@@ -288,6 +290,113 @@ def merge_grid(cli_opts: dict, grid: dict, keys: tuple[str, ...]) -> dict:
     opts.update((k, grid_option(k, v)) for k, v in grid.items())
     opts.update((k, v) for k, v in cli_opts.items() if k in keys and v is not None and v != ())
     return opts
+
+
+#: options that act only in some setups: a 4-bit base (double quant, bnb_4bit_compute_dtype), an
+#: int8 base (the outlier fraction), gradient checkpointing (its variants). Given where they do
+#: nothing, the command line refuses them (``check_given_options``), a grid refuses them when no
+#: point uses them (``check_grid_options``), and a config file's are listed as ignored
+#: (``config_no_ops``)
+NO_OP_OPTIONS = ("double_quant", "compute_dtype", "int8_outlier_fraction", "reentrant", "checkpoint_offload",
+                 "checkpoint_every_n_layers")
+
+
+def _asks(key: str, value: Any) -> bool:
+    """Whether a parsed ``value`` of ``key`` asks for something (off, 1 and None ask for nothing:
+    ``--no-double-quant`` with a bf16 base is what runs anyway)."""
+    if value is None:
+        return False
+    if key in ("double_quant", "checkpoint_offload", "reentrant"):
+        return bool(value)
+    if key == "checkpoint_every_n_layers":
+        return value != 1
+    return True
+
+
+def no_op_reason(key: str, quant: str, checkpointing: bool) -> tuple[str, str] | None:
+    """(why ``key`` has no effect, the fix) with ``quant`` and gradient ``checkpointing``, or None
+    where it acts. Sources: bitsandbytes reads ``bnb_4bit_use_double_quant`` and
+    ``bnb_4bit_compute_dtype`` only for Linear4bit (transformers BitsAndBytesConfig;
+    bitsandbytes/nn/modules.py::Linear4bit), the outlier threshold only for Linear8bitLt;
+    ``use_reentrant``, every_n_layers and offload are arguments of
+    ``gradient_checkpointing_enable`` (transformers modeling_utils.py), never called without it."""
+    if key in ("double_quant", "compute_dtype") and quant not in ("nf4", "fp4"):
+        return (f"it applies to 4-bit bases only and the base is {quant}", "use --quant nf4 (or fp4)")
+    if key == "int8_outlier_fraction" and quant != "int8":
+        return (f"it applies to int8 bases only and the base is {quant}", "use --quant int8")
+    if key in ("reentrant", "checkpoint_offload", "checkpoint_every_n_layers") and not checkpointing:
+        return ("it is a gradient checkpointing setting and checkpointing is off",
+                "drop --no-gradient-checkpointing")
+    return None
+
+
+def _opt_text(key: str, value: Any) -> str:
+    opt = "--" + key.replace("_", "-")
+    return opt if isinstance(value, bool) else f"{opt} {value}"
+
+
+def _parsed(case: dict, key: str) -> Any:
+    return DEFAULTS.get(key) if case.get(key) is None else PARSERS[key](case[key])
+
+
+def check_given_options(case: dict, given) -> None:
+    """InputError (one line: both options and the fix) for an option of ``given`` (the ones the
+    user typed) that the rest of the single-valued ``case`` makes a no-op (``no_op_reason``), as
+    ``--quant-storage`` with a base that is not 4-bit is refused (trainers.check_parallel)."""
+    quant, ckpt = _parsed(case, "quant"), _parsed(case, "gradient_checkpointing")
+    for key in NO_OP_OPTIONS:
+        if key not in given or not _asks(key, _parsed(case, key)):
+            continue
+        why = no_op_reason(key, quant, ckpt)
+        if why:
+            opt = _opt_text(key, _parsed(case, key))
+            raise InputError(f"{opt} has no effect here: {why[0]}; drop {opt.split()[0]} or {why[1]}")
+
+
+def check_grid_options(opts: dict) -> None:
+    """InputError for an option of the grid ``opts`` (comma lists / ranges, ``expand_grid``'s form)
+    that no point of the grid uses: ``--quant bf16,nf4 --double-quant`` is fine (the nf4 points use
+    it, the bf16 points run without it, as ``resolve_case`` builds them), ``--quant bf16
+    --double-quant`` is refused."""
+    quants = split_values("quant", opts.get("quant"))
+    ckpts = split_values("gradient_checkpointing", opts.get("gradient_checkpointing"))
+    for key in NO_OP_OPTIONS:
+        if opts.get(key) is None:
+            continue
+        asked = [v for v in split_values(key, opts[key]) if _asks(key, v)]
+        if not asked:
+            continue
+        whys = [no_op_reason(key, q, c) for q in quants for c in ckpts]
+        if all(whys):
+            opt = _opt_text(key, asked[0])
+            raise InputError(f"contradictory grid: {opt.split()[0]} has no effect on any point ({whys[0][0]}); "
+                             f"drop {opt.split()[0]} or {whys[0][1]}")
+
+
+def config_no_ops(case: dict, from_config, multi: bool = False) -> tuple[dict, list[tuple[str, str]]]:
+    """``case`` without the options of ``from_config`` (set by a config file, not typed) that have no
+    effect in it (a real recipe may carry ``use_reentrant`` with checkpointing off), and
+    (key, reason) for each, for the config reader's "ignored" list. ``multi``: grid values, dropped
+    only when no point uses them."""
+    out, ignored = dict(case), []
+    for key in NO_OP_OPTIONS:
+        if key not in from_config or out.get(key) is None:
+            continue
+        if multi:
+            try:
+                check_grid_options({"quant": out.get("quant"), "gradient_checkpointing": out.get("gradient_checkpointing"),
+                                    key: out[key]})
+                continue
+            except InputError:
+                why = no_op_reason(key, split_values("quant", out.get("quant"))[0],
+                                   split_values("gradient_checkpointing", out.get("gradient_checkpointing"))[0])
+        else:
+            why = no_op_reason(key, _parsed(out, "quant"), _parsed(out, "gradient_checkpointing")) \
+                if _asks(key, _parsed(out, key)) else None
+        if why:
+            out[key] = None
+            ignored.append((key, f"no effect here: {why[0]}"))
+    return out, ignored
 
 
 def resolve_case(case: dict, model: ModelSpec | None = None) -> tuple[ModelSpec, LoraSpec, TrainSpec]:

@@ -133,61 +133,43 @@ def attention_reason(model: ModelSpec, train: TrainSpec, compute_capability: str
                                           "this family's logit softcapping never reaches sdpa"))
     if train.device == "cpu":
         return "attention runs on sdpa's math kernel (the CPU path)"
+    from .estimate.activations import choose_attention
+
+    kind = choose_attention(model, train, compute_capability)
+    why = valid_kernels(model, train, compute_capability)
+    if kind == "flash":
+        return "attention runs on the flash kernel (fp16/bf16 stream, head dim <= 256, sm80+, no mask)"
     reasons = []
-    masked = _masked(model, train)
     if train.padding != "max-length":
         from .estimate.sequences import batch_layout, explicit_mask
 
         if explicit_mask(batch_layout(train), model.model_type):
             reasons.append(f"--padding {train.padding} makes transformers pass an explicit "
                            f"{'padding' if train.padding == 'longest' else 'packed-sequence'} mask, which rules out flash")
-    if masked:
-        reasons.append("a mask is passed (sliding window shorter than the sequence, a position bias, or an "
-                       "additive causal mask), which rules out flash")
-    if stream_dtype_bytes(Dtypes.of(train)) != 2:
-        reasons.append("the stream is fp32" + (" after prepare_model_for_kbit_training" if train.quant in QUANTIZED
-                                               else "") + " and flash needs fp16/bf16")
-    if model.head_dim > 256:
-        reasons.append(f"head dim {model.head_dim} > 256 rules out flash")
-    cc = float(compute_capability) if compute_capability else 8.0
-    if cc < 8.0:
-        reasons.append(f"compute capability {compute_capability} < 8.0 rules out flash")
-    from .estimate.activations import choose_attention
-
-    kind = choose_attention(model, train, compute_capability)
-    if kind == "flash":
-        return "attention runs on the flash kernel (fp16/bf16 stream, head dim <= 256, sm80+, no mask)"
+    if "needs an fp16/bf16 stream" in why["flash"]:
+        reasons.append(f"attention runs in {Dtypes.of(train).attention}" + (
+            " after prepare_model_for_kbit_training" if train.quant in QUANTIZED else "") + " and flash needs fp16/bf16")
+    said = {"", "needs an fp16/bf16 stream"} | ({"takes no mask"} if reasons else set())  # the padding line says it
+    mask = ("a mask is passed (sliding window shorter than the sequence, a position bias, or an additive causal "
+            "mask), which rules out flash")
+    reasons += [mask if w == "takes no mask" else f"flash {w}" for w in why["flash"].split(", ") if w not in said]
     if kind == "math":
-        gqa = f"grouped-query attention ({model.num_heads} query / {model.num_kv_heads} key-value heads)"
-        return (f"attention runs on the math kernel because {'; '.join(reasons)}, and {gqa} needs flash or "
-                f"math in this torch (mem-efficient rejects it)")
+        return (f"attention runs on the math kernel because {'; '.join(reasons)}, and mem-efficient "
+                f"{why['efficient']} in this torch" + (
+                    f" ({model.num_heads} query / {model.num_kv_heads} key-value heads)"
+                    if "grouped-query" in why["efficient"] else ""))
     return f"attention runs on the mem-efficient kernel because {'; '.join(reasons) or 'flash is not eligible'}"
 
 
-def _masked(model: ModelSpec, train: TrainSpec) -> bool:
-    return bool(model.arch.position == "relative_bias" or model.arch.sdpa_mask or (
-        model.arch.sliding_window is not None and train.seq > model.arch.sliding_window))
-
-
 def valid_kernels(model: ModelSpec, train: TrainSpec, compute_capability: str | None) -> dict[str, str]:
-    """kernel -> "" when torch can run it for this setup, else why not (sdp_utils.cpp checks)."""
+    """kernel -> "" when torch can run it for this setup, else why not: sdpa's kernels from
+    ``estimate.activations.sdpa_kernel_refusals`` (the rules estimate and the trace use, torch
+    sdp_utils.cpp), plus eager attention; a family whose attention is eager has only eager."""
     if model.arch.attention == "eager":
         return {"eager": ""}
-    cc = float(compute_capability) if compute_capability else 8.0
-    out = {"math": "", "eager": ""}
-    why_flash = []
-    if stream_dtype_bytes(Dtypes.of(train)) != 2:
-        why_flash.append("needs an fp16/bf16 stream")
-    if model.head_dim > 256:
-        why_flash.append("needs head dim <= 256")
-    if cc < 8.0:
-        why_flash.append("needs sm80+")
-    if _masked(model, train):
-        why_flash.append("takes no mask")
-    out["flash"] = ", ".join(why_flash)
-    gqa = model.num_kv_heads != model.num_heads and not _masked(model, train)
-    out["efficient"] = "rejects grouped-query attention" if gqa else ""
-    return out
+    from .estimate.activations import sdpa_kernel_refusals
+
+    return {**sdpa_kernel_refusals(model, train, compute_capability), "eager": ""}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -306,7 +306,12 @@ class _Evaluator:
         """The fit predicate of every search: the estimate's verdict (``Estimate.verdict``: device
         total with the caching allocator's peak reserved, the CUDA context, paged optimizer state
         that the driver may evict) is not "does not fit"; an estimate without a verdict: device
-        total <= the card."""
+        total <= the card. A size the setup cannot run at all (an explicit --attention flash once a
+        sliding window is reached: ``activations.check_attention_kernel``) does not fit."""
+        try:
+            self(train)
+        except InputError:
+            return False
         verdict = getattr(self(train), "verdict", None)
         if verdict is not None:
             return verdict != "does not fit"
@@ -314,6 +319,8 @@ class _Evaluator:
 
     def clear(self, train: TrainSpec) -> bool:
         """Fits with the whole uncertainty band to spare (Estimate.verdict "fits")."""
+        if not self.fits(train):
+            return False
         band = getattr(self(train), "uncertainty_bytes", None) or 0
         return self.total(train) + band <= self.gpu.memory_bytes
 
@@ -505,7 +512,7 @@ def plan_job(model: ModelSpec, lora: LoraSpec, train: TrainSpec, gpus: list[GpuS
         train, layout_opts = cases[layout]
         try:
             check_layout(train, gpu)  # the GPU's platform: GPUs per node
-            why = gpu_refusal(train, gpu)  # the GPU cannot run the recipe at all
+            why = gpu_refusal(train, gpu, model)  # the GPU cannot run the recipe at all
         except InputError as e:
             why = str(e)
         if why is not None:
@@ -573,6 +580,11 @@ def plan_job(model: ModelSpec, lora: LoraSpec, train: TrainSpec, gpus: list[GpuS
                     raise InputError(gpu_why[gpu.id])
                 skipped.append((gpu.id, gpu_why[gpu.id]))
         rows.sort(key=_rank_key)
+    whys = {why for _, why in skipped}
+    if not rows and len(whys) == 1 and len({g for g, _ in skipped}) == len({g.id for g in gpus}):
+        # every GPU refuses the case for the same reason (an --attention kernel this model cannot
+        # take on any of them): the input is wrong, one line (exit 2), not an empty table
+        raise InputError(whys.pop())
     fit_rows = [r for r in rows if r.fits and r.total_hours is not None]
     if fit_rows:  # every row that ties with the best is marked (host-bound steps tie across GPUs)
         best = min(r.total_hours for r in fit_rows)

@@ -359,15 +359,11 @@ def count_cases(cli_opts: dict[str, Any], grids: list[dict[str, Any]] | None = N
 
 
 def _check_contradictions(opts: dict[str, Any]) -> None:
-    from .case import split_values
+    """An option no point of the grid uses (double quant with no 4-bit quant swept, ...):
+    ``case.check_grid_options``, the rule of every grid command."""
+    from .case import check_grid_options
 
-    quants = split_values("quant", opts.get("quant"))
-    if opts.get("double_quant") not in (None, False, "false", "False") and not {"nf4", "fp4"} & set(quants):
-        raise InputError(f"contradictory grid: double_quant is on but no 4-bit quant is swept "
-                         f"(quant = {', '.join(quants)}); add nf4/fp4 or drop double_quant")
-    if opts.get("int8_outlier_fraction") is not None and "int8" not in quants:
-        raise InputError(f"contradictory grid: int8_outlier_fraction is set but int8 is not swept "
-                         f"(quant = {', '.join(quants)}); add int8 or drop int8_outlier_fraction")
+    check_grid_options(opts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -608,6 +604,15 @@ def evaluate_table(table: CaseTable, on_progress: Callable[[int], None] | None =
                 if gpu_msg is not None:  # the recipe on this GPU: bf16 without bf16, FA2 below sm80
                     err[idx] = gpu_msg
                     continue
+            if not isinstance(probe, int) and probe.train.attention in ("flash", "efficient", "math"):
+                # an explicit sdpa kernel may run at one length and not at another (a sliding window
+                # reached builds a mask): estimate()'s refusal per sequence length
+                bad = _kernel_refusals(probe, gpus[int(C["gpu"][i0])][0], seq_v[C["seq"][idx]], msg)
+                if bad is not None:
+                    err[idx[bad >= 0]] = bad[bad >= 0]
+                    idx = idx[bad < 0]
+                    if not len(idx):
+                        continue
             if isinstance(probe, int):
                 err[idx] = probe
             else:
@@ -649,7 +654,7 @@ def _gpu_refusal(p: "_Group", gpu_entry, msg) -> int | None:
 
     gpu = gpu_entry[0]
     if gpu.id not in p.gpu_checks:
-        why = gpu_refusal(p.train, gpu)
+        why = gpu_refusal(p.train, gpu)  # an explicit --attention kernel: per length, _kernel_refusals
         if why is None:  # a multi-GPU layout the engines cannot run (on this GPU's platform)
             from .estimate.comm import check_layout
 
@@ -659,6 +664,25 @@ def _gpu_refusal(p: "_Group", gpu_entry, msg) -> int | None:
                 why = str(e)
         p.gpu_checks[gpu.id] = None if why is None else msg(InputError(why))
     return p.gpu_checks[gpu.id]
+
+
+def _kernel_refusals(p: "_Group", gpu, seqs, msg):
+    """Per row of ``seqs``: the message index of estimate()'s refusal of the group's explicit
+    ``--attention`` kernel at that length on ``gpu`` (``activations.check_attention_kernel``), else
+    -1; None when no row is refused."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    from .estimate.activations import check_attention_kernel
+
+    out = np.full(len(seqs), -1, dtype=np.int64)
+    for v in np.unique(seqs).tolist():
+        try:
+            check_attention_kernel(p.model, replace(p.resolved, seq=int(v)), gpu.compute_capability)
+        except InputError as e:
+            out[seqs == v] = msg(e)
+    return out if (out >= 0).any() else None
 
 
 def _resolve(case: dict, model):

@@ -359,11 +359,13 @@ def check_recipe(train: TrainSpec) -> TrainSpec:
     return r
 
 
-def gpu_refusal(train: TrainSpec, gpu) -> str | None:
+def gpu_refusal(train: TrainSpec, gpu, model=None) -> str | None:
     """Why ``gpu`` cannot run ``train``'s recipe at all, as estimate() would refuse it (bf16
     without bf16 tensor cores: ``check_gpu_dtypes``; flash_attention_2 below sm80 or on an fp32
-    model: ``estimate.sequences.check_attention``), or None. Used by plan (which lists such GPUs)
-    and sweep (which reports them per row)."""
+    model: ``estimate.sequences.check_attention``; with ``model``, an explicit ``--attention``
+    kernel torch's sdpa cannot run: ``estimate.activations.check_attention_kernel``), or None.
+    Used by plan (which lists such GPUs) and sweep (which reports them per row)."""
+    from .estimate.activations import check_attention_kernel
     from .estimate.sequences import check_attention
     from .storage import Dtypes, dtype_bytes
 
@@ -371,6 +373,8 @@ def gpu_refusal(train: TrainSpec, gpu) -> str | None:
         check_gpu_dtypes(train, gpu)
         r = resolve_recipe(train)
         check_attention(r, gpu.compute_capability, dtype_bytes(Dtypes.of(r).stream))
+        if model is not None:
+            check_attention_kernel(model, r, gpu.compute_capability)
     except InputError as e:
         return str(e)
     return None

@@ -116,6 +116,26 @@ def rule(name: str, stack=None) -> Any:
     return value
 
 
+def beyond_known(stack=None) -> tuple[tuple[str, str, str], ...]:
+    """(library, version, newest known) for each library of ``stack`` newer than ``newest_known``:
+    its rules are ranges ("the last entry whose since <= version"), so a newer release gets the
+    newest known release's rules, which it may have changed. Only given versions are listed (an
+    installed release newer than the data is the maintainers' to index)."""
+    known = newest_known()
+    return tuple((lib, ver, known[lib]) for lib, ver in (parse_stack(stack) or ())
+                 if lib in known and version_tuple(ver) > version_tuple(known[lib]))
+
+
+def stack_note(stack=None) -> str | None:
+    """The note for :func:`beyond_known` versions (None when every given version is known)."""
+    newer = beyond_known(stack)
+    if not newer:
+        return None
+    return ("; ".join(f"{lib} {ver} is newer than the newest {lib} loraplan's version rules know ({known})"
+                      for lib, ver, known in newer)
+            + ": the rules of the newest known releases are applied (loraplan/data/version-rules.json)")
+
+
 def describe(stack=None) -> str:
     """One line for tables: 'torch 2.13.0, transformers 5.3.0, ...' plus where it came from."""
     full = resolve(stack)

@@ -322,3 +322,126 @@ def test_opt_needs_a_position_table_size():
         spec_from_config({**cfg, "max_position_embeddings": None}, "opt")
     cfg.pop("max_position_embeddings")
     assert spec_from_config(cfg, "opt").max_positions == 2048
+
+
+# ---- setups torch cannot run, and options that do nothing (issue 13 review) -------------------
+
+
+@pytest.mark.parametrize("args, words", [
+    # nf4 + prepare_kbit: an fp32 stream; sdpa_kernel([FLASH]) raises "No available kernel"
+    (["--model", "llama-3-8b", "--attention", "flash"], "flash needs an fp16/bf16 stream"),
+    # grouped-query heads reach sdpa with enable_gqa: mem-efficient rejects them
+    (["--model", "llama-3-8b", "--attention", "efficient"], "rejects grouped-query attention"),
+    (["--model", "llama-3-8b", "--quant", "bf16", "--attention", "flash", "--gpu", "v100-sxm2-16gb"], "needs sm80+"),
+    (["--model", "llama-2-7b", "--quant", "bf16", "--attention", "efficient", "--gpu", "v100-sxm2-16gb"],
+     "takes bf16 on sm80+ only"),
+])
+def test_attention_torch_cannot_run_is_refused(run_cli, args, words):
+    line = _one_line_refusal(run_cli, "estimate", *args)
+    assert words in line and "--attention auto" in line, line
+
+
+def test_attention_refusals_are_what_explain_does_not_offer(run_cli):
+    """One rule set: every kernel explain lists as not offered is one estimate refuses, and the
+    kernel explain names is one estimate runs."""
+    for args in (["--model", "llama-3-8b"], ["--model", "llama-2-7b", "--quant", "bf16", "--gpu", "v100-sxm2-16gb"]):
+        code, out, _ = run_cli("explain", *args, "--format", "json")
+        assert code == 0
+        rejected = [r for r in json.loads(out)["rejected"] if r.startswith("--attention")]
+        assert rejected
+        for r in rejected:
+            kind = r.split(":")[0].split()[-1]
+            line = _one_line_refusal(run_cli, "estimate", *args, "--attention", kind)
+            assert r.split(": ", 1)[1].removesuffix(" here") in line, (r, line)
+    code, out, _ = run_cli("estimate", "--model", "llama-2-7b", "--quant", "fp16", "--gpu", "v100-sxm2-16gb",
+                           "--attention", "efficient", "--format", "json")
+    assert code == 0 and json.loads(out)["inputs"]["attention_kernel"] == "efficient"
+
+
+def test_attention_refusal_per_gpu_in_plan_and_sweep(tmp_path, run_cli):
+    """A GPU that cannot run the kernel is skipped (plan) or one row's error (sweep); the others run."""
+    code, out, err = run_cli("plan", "--model", "llama-3-8b", "--quant", "bf16", "--attention", "flash",
+                             "--gpu", "v100-sxm2-16gb,h100-sxm-80gb", "--format", "json")
+    assert code == 0, err
+    d = json.loads(out)
+    assert [r["gpu"] for r in d["gpus"]] == ["h100-sxm-80gb"]
+    assert any("needs sm80+" in why for _, why in (tuple(s) for s in d["skipped"])) or "needs sm80+" in out
+    # no GPU of the list can run it, for the same reason: the input is wrong (exit 2), not an empty table
+    line = _one_line_refusal(run_cli, "plan", "--model", "llama-3-8b", "--quant", "bf16", "--attention", "efficient",
+                             "--gpu", "a100-sxm-80gb,h100-sxm-80gb")
+    assert "rejects grouped-query attention" in line
+    csv = tmp_path / "s.csv"
+    code, _, err = run_cli("sweep", "--model", "llama-3-8b", "--quant", "bf16", "--attention", "flash",
+                           "--gpu", "v100-sxm2-16gb,h100-sxm-80gb", "--out", str(csv))
+    assert code == 0 and "needs sm80+" in err
+
+
+def test_stack_beyond_the_rules_is_said_and_malformed_is_refused(run_cli):
+    code, out, _ = run_cli("estimate", "--stack", "torch=9.9", "--format", "json")
+    assert code == 0
+    notes = json.loads(out)["memory"]["notes"]
+    assert any("torch 9.9 is newer" in n and "2.15" in n for n in notes), notes
+    code, out, _ = run_cli("estimate", "--stack", "torch=2.13", "--format", "json")
+    assert not any("newer" in n for n in json.loads(out)["memory"]["notes"])
+    assert "malformed" in _one_line_refusal(run_cli, "estimate", "--stack", "torch=abc")
+
+
+@pytest.mark.parametrize("command", ["estimate", "explain", "plan"])
+@pytest.mark.parametrize("args, words", [
+    (["--quant", "bf16", "--double-quant"], "--double-quant has no effect here"),
+    (["--quant", "bf16", "--compute-dtype", "fp16"], "--compute-dtype fp16 has no effect"),
+    (["--quant", "nf4", "--int8-outlier-fraction", "0.1"], "--int8-outlier-fraction 0.1 has no effect"),
+    (["--no-gradient-checkpointing", "--reentrant"], "--reentrant has no effect"),
+    (["--no-gradient-checkpointing", "--checkpoint-offload"], "--checkpoint-offload has no effect"),
+    (["--no-gradient-checkpointing", "--checkpoint-every-n-layers", "2"], "--checkpoint-every-n-layers 2"),
+])
+def test_options_without_effect_are_refused(run_cli, command, args, words):
+    line = _one_line_refusal(run_cli, command, "--model", "qwen2.5-0.5b", *args)
+    assert words in line and "drop" in line, line
+
+
+def test_options_without_effect_off_values_and_grids(tmp_path, run_cli):
+    # asking for nothing is fine: a bf16 base runs without double quant anyway
+    code, _, err = run_cli("estimate", "--model", "qwen2.5-0.5b", "--quant", "bf16", "--no-double-quant")
+    assert code == 0, err
+    out = tmp_path / "g.csv"
+    # a grid applies double quant where it acts (the nf4 points) and runs the bf16 points without it
+    code, _, err = run_cli("sweep", "--model", "qwen2.5-0.5b", "--quant", "bf16,nf4", "--double-quant",
+                           "--out", str(out))
+    assert code == 0, err
+    rows = out.read_text().splitlines()
+    assert len(rows) == 3 and not any(r.endswith(",") is False and "error" in r for r in rows[1:])
+    for cmd in (["sweep", "--out", str(out)], ["report", "compare"]):
+        line = _one_line_refusal(run_cli, *cmd, "--model", "qwen2.5-0.5b", "--quant", "bf16", "--double-quant")
+        assert "contradictory grid: --double-quant has no effect on any point" in line
+
+
+def test_config_settings_without_effect_are_listed_as_ignored(tmp_path, run_cli):
+    """A real recipe may carry use_reentrant with checkpointing off: listed as ignored, not refused;
+    typing the same combination is refused."""
+    cfg = tmp_path / "trl.yaml"
+    cfg.write_text("model_name_or_path: Qwen/Qwen2.5-0.5B\ngradient_checkpointing: false\n"
+                   "gradient_checkpointing_kwargs:\n  use_reentrant: true\n")
+    code, _, err = run_cli("estimate", "--config", str(cfg))
+    assert code == 0, err
+    assert "ignored  gradient_checkpointing_kwargs.use_reentrant: no effect here" in err
+    assert "used     gradient_checkpointing_kwargs.use_reentrant" not in err
+    code, out, err = run_cli("estimate", "--config", str(cfg), "--format", "json")
+    d = json.loads(out)
+    assert d["inputs"]["reentrant"] is False and d["inputs"]["gradient_checkpointing"] is False
+    assert any(i["key"] == "gradient_checkpointing_kwargs.use_reentrant" for i in d["inputs"]["config"]["ignored"]), d["inputs"]
+    # with checkpointing turned on by the command line, the file's use_reentrant acts
+    code, out, err = run_cli("estimate", "--config", str(cfg), "--gradient-checkpointing", "--format", "json")
+    assert code == 0 and json.loads(out)["inputs"]["reentrant"] is True
+    code, _, err = run_cli("estimate", "--config", str(cfg), "--reentrant")  # the account, then the refusal
+    assert code == 2 and err.strip().splitlines()[-1].startswith("error: --reentrant has no effect here"), err
+
+
+def test_plan_search_stops_where_an_explicit_kernel_stops(run_cli):
+    """mistral-7b --attention flash: flash runs below the 4096-token sliding window and not at it, so
+    plan's largest sequence is 4095 (not an error from the search's first probe past it)."""
+    code, out, err = run_cli("plan", "--model", "mistral-7b", "--quant", "bf16", "--attention", "flash", "--seq", "2048",
+                             "--gpu", "h100-sxm-80gb", "--format", "json")
+    assert code == 0, err
+    row = json.loads(out)["gpus"][0]
+    assert row["max_seq"] == 4095 and row["fits"]

@@ -155,7 +155,12 @@ def test_vectorized_rows_equal_per_case_estimate():
     ref = list(evaluate_each(table))
     _same_rows(new, ref)
     errors = [r for r in new if r["error"]]
-    assert errors and all("q_proj" in r["error"] for r in errors)  # falcon has query_key_value
+    # falcon has query_key_value; llama-3.2-1b's grouped-query heads reach sdpa with enable_gqa,
+    # which mem-efficient rejects (sdp_utils.cpp check_batch_size_and_num_heads_dense<false>)
+    gqa = [r for r in errors if r["model"] == "llama-3.2-1b"]
+    assert gqa and all(r["attention"] == "efficient" and "rejects grouped-query" in r["error"] for r in gqa)
+    assert all("q_proj" in r["error"] for r in errors if r["model"] != "llama-3.2-1b")
+    assert any(r["model"] == "llama-3.2-1b" and not r["error"] for r in new)  # flash runs
     assert len({r["peak_moment"] for r in new if not r["error"]}) >= 3
     assert {"host", "compute", "host+gpu (int8 syncs)"} <= {r["bound"] for r in new}
     assert any(r["target_seq"] == 32 for r in new) and any(r["int8_outlier_fraction"] == 0.3 for r in new)
@@ -456,3 +461,17 @@ def test_paging_time_in_rows_as_in_estimate():
         assert r["tokens_per_s"] == pytest.approx(e.time.tokens_per_s, rel=1e-9)
         assert ("paging_s" in e.time.components) == (e.verdict == "fits with paging")
     assert verdicts.count("fits with paging") >= 1 and verdicts.count("fits with paging") < len(verdicts)
+
+
+def test_explicit_kernel_refused_per_sequence_length():
+    """--attention flash runs on mistral below its sliding window and not at it (transformers passes
+    a mask there, which flash does not take): the vectorized rows refuse per length, as estimate does."""
+    from loraplan.sweep import evaluate_each, evaluate_table, expand_cases
+
+    table = expand_cases({}, [{"model": "mistral-7b", "quant": "bf16", "attention": "flash", "seq": [2048, 8192],
+                               "gpu": ["h100-sxm-80gb", "t4-16gb"]}])
+    new = list(evaluate_table(table).rows())
+    _same_rows(new, list(evaluate_each(table)))
+    ok = {(r["seq"], r["gpu"]) for r in new if not r["error"]}
+    assert ok == {(2048, "h100-sxm-80gb")}
+    assert all("--attention auto" in r["error"] for r in new if r["error"])

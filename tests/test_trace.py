@@ -13,6 +13,7 @@ pytest.importorskip("peft")
 
 from loraplan.estimate.result import ledger_keys  # noqa: E402
 from loraplan.spec import LoraSpec, TrainSpec  # noqa: E402
+from loraplan.errors import InputError  # noqa: E402
 from loraplan.trace import emulation as em  # noqa: E402
 from loraplan.trace.tracker import LiveTensorTracker, round_up  # noqa: E402
 
@@ -162,7 +163,9 @@ def test_tracker_resize_to_zero_only_frees():
     (torch.bfloat16, 128, True, "9.0", "efficient"),
     (torch.float32, 128, False, "9.0", "efficient"),
     (torch.bfloat16, 288, False, "9.0", "efficient"),
-    (torch.bfloat16, 128, False, "7.5", "efficient"),
+    (torch.float16, 128, False, "7.5", "efficient"),
+    # sdp_utils.cpp can_use_mem_efficient_attention: less_than_sm80_mem_efficient_dtypes = {Half, Float}
+    (torch.bfloat16, 128, False, "7.5", "math"),
     (torch.bfloat16, 100, True, "9.0", "math"),
     (torch.float64, 64, False, "9.0", "math"),
     (torch.bfloat16, 128, False, None, "math"),
@@ -170,6 +173,16 @@ def test_tracker_resize_to_zero_only_frees():
 def test_choose_sdpa_backend(dtype, hd, mask, cc, want):
     assert em.choose_sdpa_backend(dtype, hd, hd, mask, cc) == want
     assert em.choose_sdpa_backend(dtype, hd, hd, mask, cc, requested="math") == "math"
+
+
+def test_choose_sdpa_backend_refuses_a_forced_kernel_torch_cannot_run():
+    """sdpa_kernel([FLASH_ATTENTION]) on fp32 inputs raises 'No available kernel' in torch: the
+    emulation refuses it in one line with the fix, as estimate does."""
+    with pytest.raises(InputError, match=r"--attention flash: flash needs an fp16/bf16 stream.*--attention auto"):
+        em.choose_sdpa_backend(torch.float32, 128, 128, False, "9.0", requested="flash")
+    with pytest.raises(InputError, match=r"efficient takes bf16 on sm80\+ only"):
+        em.choose_sdpa_backend(torch.bfloat16, 128, 128, False, "7.0", requested="efficient")
+    assert em.choose_sdpa_backend(torch.float16, 128, 128, False, "7.0", requested="efficient") == "efficient"
 
 
 def _saved_bytes(fn, *inputs):

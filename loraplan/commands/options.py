@@ -8,6 +8,7 @@ profile) use ``case_options(multi=True)``, where every option takes comma lists 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -158,25 +159,40 @@ def _with_config(f, multi: bool, gpu: bool, config_in_json: bool):
 
     @functools.wraps(f)
     def run(*args, config_file=None, **kw):
-        if config_file is not None:
-            from click.core import ParameterSource
+        from click.core import ParameterSource
 
+        from ..case import check_given_options, config_no_ops
+
+        ctx = click.get_current_context()
+        keys = [k for k in PARSERS if k in kw and (gpu or k != "gpu")]
+        typed = {k for k in keys if ctx.get_parameter_source(k) not in (ParameterSource.DEFAULT,
+                                                                         ParameterSource.DEFAULT_MAP)
+                 and kw.get(k) not in (None, ())}
+        if config_file is not None:
             from ..recipes import apply_recipe, load_recipe
 
-            ctx = click.get_current_context()
-            keys = [k for k in PARSERS if k in kw and (gpu or k != "gpu")]
-            given = {k for k in keys if ctx.get_parameter_source(k) not in (ParameterSource.DEFAULT,
-                                                                             ParameterSource.DEFAULT_MAP)
-                     and kw.get(k) not in (None, ())}
-            recipe = load_recipe(config_file, model_given="model" in given)
+            recipe = load_recipe(config_file, model_given="model" in typed)
             case = {k: kw[k] for k in keys}
-            case, overridden, unused = apply_recipe(recipe, case, given, multi)
+            case, overridden, unused = apply_recipe(recipe, case, typed, multi)
+            # a real recipe may carry settings that do nothing with the rest of it (use_reentrant
+            # with checkpointing off): listed as ignored, not refused (only typed options are)
+            case, no_ops = config_no_ops(case, {k for k in keys if k not in typed}, multi)
+            if no_ops:  # the file's key moves from "used" to "ignored", with the reason
+                opt = {n: "--" + n.replace("_", "-") for n, _ in no_ops}
+                file_key = {n: next((k for k, _, what in recipe.used if what.split()[0] == opt[n]), n)
+                            for n, _ in no_ops}
+                recipe = dataclasses.replace(
+                    recipe, used=tuple(u for u in recipe.used if u[0] not in file_key.values()),
+                    ignored=tuple(recipe.ignored) + tuple((file_key[n], why) for n, why in no_ops),
+                    options={k: v for k, v in recipe.options.items() if k not in opt})
             kw.update(case)
             ctx.meta["loraplan.config"] = {**recipe.to_dict(), "overridden_by_command_line": list(overridden),
                                            "not_used_by_this_command": list(unused)}
             if not (config_in_json and kw.get("fmt") == "json"):
                 for line in recipe.lines(overridden, unused):
                     click.echo(line, err=True)
+        if not multi:  # grids: case.check_grid_options, once the grid file is merged in
+            check_given_options({k: kw[k] for k in keys}, typed)
         return f(*args, **kw)
     return run
 

@@ -12,9 +12,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import versions
+from ..errors import InputError
 from ..spec import ModelSpec, TrainSpec
-from ..storage import Dtypes, dtype_bytes
+from ..storage import Dtypes
 from .arrays import ceil as _ceil, where as _where
+from .sdpa import first_kernel, sdpa_refusals
 from .sequences import batch_layout, explicit_mask
 from .weights import Structure
 
@@ -25,8 +27,9 @@ def choose_attention(model: ModelSpec, train: TrainSpec, compute_capability: str
     - eager attention (gemma2 logit softcapping) never reaches sdpa;
     - a mask (a sliding window shorter than the sequence, T5's position bias) rules out flash;
     - flash needs fp16/bf16, head dim <= 256 and sm80+, and supports grouped-query attention;
-    - mem-efficient takes fp32 too, but not grouped-query attention
-      (``check_batch_size_and_num_heads_dense<false>``) -> math.
+    - mem-efficient takes fp32 too (bf16 only on sm80+, a half head dim a multiple of 8), but
+      not grouped-query attention (``check_batch_size_and_num_heads_dense<false>``) -> math.
+    The rules are ``sdpa.sdpa_refusals`` (shared with the trace's emulation and explain).
     Which kernel takes GQA and fp32 depends on the torch version: rules ``sdpa_flash_gqa`` and
     ``sdpa_efficient_gqa`` of loraplan/data/version-rules.json, for ``train.stack``.
     transformers passes no mask and ``is_causal=True`` for an unpadded batch, and
@@ -47,20 +50,42 @@ def choose_attention(model: ModelSpec, train: TrainSpec, compute_capability: str
         return "eager"
     if train.device == "cpu":  # loraplan profile --device cpu runs sdpa on the math backend
         return "math"
+    return first_kernel(sdpa_kernel_refusals(model, train, compute_capability, sliding))
+
+
+def sdpa_kernel_refusals(model: ModelSpec, train: TrainSpec, compute_capability: str | None,
+                         sliding: bool = True) -> dict[str, str]:
+    """kernel (flash, efficient, math) -> "" when CUDA sdpa can run it for this setup, else why not
+    (``sdpa.sdpa_refusals`` on the setup's facts: the attention dtype ``Dtypes.attention``, the
+    head dim, an explicit mask, grouped-query heads reaching sdpa; see :func:`choose_attention`).
+    No compute capability: sm80 is assumed (the analytic default GPU class)."""
     layout = batch_layout(train)
-    masked = (model.arch.position == "relative_bias" or model.arch.sdpa_mask
-              or (sliding and sliding_window_reached(model, layout.row_len)) or explicit_mask(layout, model.model_type))
-    cc = float(compute_capability) if compute_capability else 8.0
+    masked = bool(model.arch.position == "relative_bias" or model.arch.sdpa_mask
+                  or (sliding and sliding_window_reached(model, layout.row_len))
+                  or explicit_mask(layout, model.model_type))
     # grouped-query heads reach sdpa only without a mask and with a torch that has enable_gqa;
     # otherwise transformers repeats k, v to n_h heads (repeat_kv) and any kernel takes them
-    gqa = model.num_kv_heads != model.num_heads and not masked and versions.rule("sdpa_flash_gqa", train.stack)
-    half = dtype_bytes(Dtypes.of(train).attention) == 2  # rule sdpa_flash_dtypes: fp16/bf16 only
-    if not masked and half and model.head_dim <= 256 and cc >= 8.0:
-        return "flash"
-    if gqa and not versions.rule("sdpa_efficient_gqa", train.stack):
-        return "math"
-    return "efficient"
+    gqa = bool(model.num_kv_heads != model.num_heads and not masked and versions.rule("sdpa_flash_gqa", train.stack))
+    return sdpa_refusals(Dtypes.of(train).attention, model.head_dim, model.head_dim, masked,
+                         compute_capability or "8.0", gqa, train.stack)
 
+
+def check_attention_kernel(model: ModelSpec, train: TrainSpec, compute_capability: str | None) -> None:
+    """InputError (one line: the kernel, why torch cannot run it here, the fix) for an explicit
+    ``--attention flash|efficient|math`` that this setup cannot run: torch's
+    ``sdpa_kernel([backend])`` raises "No available kernel" there (sdp_utils.cpp). Not checked: the
+    CPU profile path (``device`` cpu: its math backend is modelled) and families whose attention
+    loraplan models as eager (``arch.attention``: gemma2's softcapping)."""
+    kind = train.attention
+    if kind not in ("flash", "efficient", "math") or train.device == "cpu":
+        return
+    if model.arch.attention == "eager":  # the family's own attention (gemma2 softcapping): not sdpa's rules
+        return
+    why = sdpa_kernel_refusals(model, train, compute_capability)
+    if why[kind]:
+        auto = first_kernel(why)
+        raise InputError(f"--attention {kind}: {kind} {why[kind]} here, so torch's sdpa has no kernel to run; "
+                         f"use --attention auto (torch picks {auto} here)")
 
 
 def sliding_window_reached(model: ModelSpec, seq):

@@ -34,11 +34,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from .. import versions
 from ..spec import Calibration, ExpertSpec, GpuSpec, LinearSpec, ModelSpec, TrainSpec
 from ..errors import InputError
 from ..storage import EXPERT_QUANTIZATION_PATHS, QUANTIZED, experts_unquantized
 from ..trainers import resolve_recipe
-from .activations import (Shape, checkpoint_inputs, choose_attention, encoder_backward_activations,
+from .activations import (Shape, check_attention_kernel, checkpoint_inputs, choose_attention, encoder_backward_activations,
                           encoder_kept_in_decoder_backward, encoder_layers_above_bottom, layer_saved,
                           position_bias_activations, recompute_shares_input, released_before_attention_backward,
                           rope_tables, saved_activations)
@@ -308,11 +309,13 @@ def sequence_shape(model: ModelSpec, train: TrainSpec, lora, compute_capability:
     batch (an explicit mask for sdpa/eager; none for flash_attention_2, which unpads or runs
     varlen), ``rope_rows`` = rows when position ids are passed (the RoPE tables are built from
     them: [rows, s, d]). Raises InputError for flash_attention_2 where flash-attn refuses
-    (``sequences.check_attention``) and for a padding mode on an encoder-decoder model."""
+    (``sequences.check_attention``), for an sdpa kernel torch cannot run here
+    (``activations.check_attention_kernel``) and for a padding mode on an encoder-decoder model."""
     recipe = resolve_recipe(train)
     from ..storage import Dtypes, dtype_bytes
 
     check_attention(recipe, compute_capability, dtype_bytes(Dtypes.of(recipe).stream))
+    check_attention_kernel(model, recipe, compute_capability)  # an explicit --attention torch cannot run
     if train.padding == "max-length":  # today's shape (arrays from a sweep pass through)
         tseq = (train.target_seq if train.target_seq is not None else train.seq) if model.is_encoder_decoder else train.seq
         return Shape(b=train.batch, seq=train.seq, tseq=tseq, r=lora.rank, dropout=lora.dropout)
@@ -478,6 +481,9 @@ def estimate_memory(s: Setup, gpu: GpuSpec | None, cal: Calibration, alloc_conf:
     if paged:
         outside["paged_optimizer_state"] = paged
     notes = []
+    newer = versions.stack_note(s.train.stack)
+    if newer:  # --stack torch=9.9: a release the rules do not index yet
+        notes.append(newer)
     if st.linear_quant == "fp32" and s.train.quant in QUANTIZED:
         notes.append(f"{st.model.model_type}: transformers' bitsandbytes quantizer converts only exact nn.Linear "
                      f"modules; this family's Linears stay unquantized and are upcast to fp32 by "

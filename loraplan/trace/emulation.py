@@ -82,30 +82,29 @@ def choose_sdpa_backend(dtype: torch.dtype, head_dim_qk: int, head_dim_v: int, h
 
     Rules (torch ``sdp_utils.cpp``, priority flash > efficient > math):
     flash needs no explicit mask, fp16/bf16, sm80+, equal q/k/v head dims <= 256 (padded to a
-    multiple of 8 by the caller); mem-efficient takes a mask and fp32 too, sm50+, head dim <= 512
+    multiple of 8 by the caller); mem-efficient takes a mask and fp32 too, sm50+ (bf16: sm80+), head dim <= 512
     (the fp16/bf16 kernel wants a multiple of 8, torch pads the mask but not the head dim, so an
-    odd head dim in half precision falls to math); everything else is math. ``requested`` forces
-    a backend (as ``torch.nn.attention.sdpa_kernel`` would, without its fallback). Grouped-query
+    odd head dim in half precision falls to math); everything else is math: the one rule set,
+    ``loraplan.estimate.sdpa.sdpa_refusals``. ``requested`` forces a backend (as
+    ``torch.nn.attention.sdpa_kernel`` would, without its fallback): InputError where it cannot run. Grouped-query
     attention (``enable_gqa`` with fewer kv heads) runs on flash or math only (torch's
     scaled_dot_product_attention docstring; mem-efficient checks
     ``check_batch_size_and_num_heads_dense<false>``). The dtypes flash takes and whether
     mem-efficient takes GQA are version rules (loraplan/data/version-rules.json, ``stack``).
     """
-    from .. import versions
+    from ..errors import InputError
+    from ..estimate.sdpa import first_kernel, sdpa_refusals
 
-    if requested in ("flash", "efficient", "math"):
-        return requested
     cc = parse_cc(gpu_cc)
     if cc is None:
-        return "math"
-    half = dtype in (torch.float16, torch.bfloat16)
-    flash_dtypes = tuple(getattr(torch, n) for n in versions.rule("sdpa_flash_dtypes", stack))
-    if (not has_mask and dtype in flash_dtypes and cc >= (8, 0) and head_dim_qk == head_dim_v and head_dim_qk <= 256):
-        return "flash"
-    if (not gqa or versions.rule("sdpa_efficient_gqa", stack)) and cc >= (5, 0) and dtype in (torch.float16, torch.bfloat16, torch.float32) and head_dim_qk <= 512:
-        if not half or (head_dim_qk % 8 == 0 and head_dim_v % 8 == 0):
-            return "efficient"
-    return "math"
+        return requested if requested in ("flash", "efficient", "math") else "math"
+    why = sdpa_refusals(str(dtype).removeprefix("torch."), head_dim_qk, head_dim_v, has_mask, gpu_cc, gqa, stack)
+    if requested in ("flash", "efficient", "math"):
+        if why[requested]:  # sdpa_kernel([backend]) raises "No available kernel" (sdp_utils.cpp)
+            raise InputError(f"--attention {requested}: {requested} {why[requested]} here, so torch's sdpa has no "
+                             f"kernel to run; use --attention auto (torch picks {first_kernel(why)} here)")
+        return requested
+    return first_kernel(why)
 
 
 def _pad8(x: torch.Tensor) -> torch.Tensor:
