@@ -927,13 +927,13 @@ def _memory_totals(st, train, x, ms, cal, kind, gpu, stored: float = 1):
     (``memory.peak_of``, ``memory.reserved_and_band``, ``memory.device_totals``)."""
     import numpy as np
 
-    from .estimate.memory import context_and_band, device_totals, peak_of, reserved_and_band
+    from .estimate.memory import context_and_band, device_totals, first_layer_input, peak_of, reserved_and_band
     from .estimate.weights import paged_optimizer_state
 
     from .estimate.parallel import paged_per_rank, rank_moments, worst_rank_peak
 
     # several GPUs: the worst rank's ledger (estimate.parallel; single: the one-GPU moments)
-    rms = rank_moments(ms, st, train, x.r, stored) if train.strategy != "single" else None
+    rms = rank_moments(ms, st, train, x.r, stored, first_layer_input(st, x)) if train.strategy != "single" else None
     peak, moment = worst_rank_peak(rms) if rms is not None else peak_of(ms)
     peak = np.broadcast_to(peak, np.shape(x.b))
     paged = paged_optimizer_state(st, x.r, train.optimizer)

@@ -167,6 +167,7 @@ def test_worst_rank_over_a_sweeps_arrays():
 
 
 @pytest.mark.parametrize("kw", [dict(strategy="fsdp", num_gpus=4), dict(strategy="device-map", num_gpus=3, batch=4),
+                                dict(strategy="fsdp", num_gpus=2, fsdp_version=2, batch=1, seq=64),  # first layer all-gather
                                 dict(strategy="zero3", num_gpus=8, quant="fp32", mixed_precision="bf16")])
 def test_sweep_totals_match_estimate(kw):
     """sweep's per-group totals (_memory_totals) read the same per-GPU rules as estimate()."""

@@ -451,6 +451,13 @@ def device_totals(peak_allocated, paged, cal: Calibration, reserved=None, contex
     return reserved, reserved + context + paged, context
 
 
+def first_layer_input(st: Structure, x: Shape):
+    """Activations alive when the first layer's forward starts: its input hidden states
+    (a·T·h; the encoder's for an encoder-decoder model) and the RoPE tables (``rope_tables``)."""
+    m = st.model
+    return st.stream_bytes * m.hidden_size * (x.T_enc if m.is_encoder_decoder else x.T) + rope_tables(st, x)
+
+
 def estimate_memory(s: Setup, gpu: GpuSpec | None, cal: Calibration, alloc_conf: str = "") -> MemoryEstimate:
     """Peak allocated = the largest moment; reserved and device totals from named coefficients."""
     from ..storage import dtype_bytes
@@ -461,7 +468,7 @@ def estimate_memory(s: Setup, gpu: GpuSpec | None, cal: Calibration, alloc_conf:
     # per rank (estimate.parallel; --strategy single: {0: the one-GPU moments}); the worst rank
     # (the first largest) gives the top-level numbers
     loaded = s.loaded or s.train
-    ranks = rank_moments(one_gpu, st, s.train, x.r, param_factor(loaded, s.train))
+    ranks = rank_moments(one_gpu, st, s.train, x.r, param_factor(loaded, s.train), first_layer_input(st, x))
     peaks = {k: peak_of(v) for k, v in ranks.items()}
     worst = max(peaks, key=lambda k: peaks[k][0])
     ms = ranks[worst]

@@ -24,7 +24,8 @@ Ledger lines (stable names; the fake-process-group trace compares with them):
   ``lora_gradients``, ``optimizer_state``, ``optimizer_temporaries``, and the per-rank
   activation lines unchanged;
 - ``gathered_params``: all-gathered (unsharded) units alive at the moment, on top of the shard;
-- ``all_gather_buffers``: FSDP2's flat all-gather output before copy-out to the parameters;
+- ``all_gather_buffers``: FSDP2's flat all-gather outputs alive beside the unsharded parameters
+  they are copied out to (in forward each lives until the next unit's copy-out: ``FIRST_GATHER``);
 - ``reduce_scatter_buffers``: a unit's unsharded gradient handed to reduce-scatter, plus its
   1/N_s output (FSDP), or DeepSpeed's gradient bucket (``reduce_bucket_size``);
 - ``ddp_buckets``: DDP's flat gradient buckets;
@@ -48,7 +49,10 @@ CUDA here: its rules are read from deepspeedai/DeepSpeed's source and modelled a
   unit's gathered parameters after its forward except the root's
   (_runtime_utils.py::_post_forward_reshard: ``not state._is_root``; FSDP2
   _fsdp_state.py::_lazy_init: the root's post_forward_mesh_info = None), so the root stays
-  gathered from forward to the end of backward; in backward the current layer is gathered,
+  gathered from forward to the end of backward; FSDP2's forward frees a unit's all-gather output
+  only after the next unit's copy-out, so its first decoder layer holds the root and the layer
+  twice each (unsharded + output: ``FIRST_GATHER``), the rank's peak when the weights outweigh
+  the activations; in backward the current layer is gathered,
   plus the next: FSDP2 prefetches it when the layer's backward starts; FSDP1 all-gathers it
   before it frees the current frozen unit, whatever ``--fsdp-backward-prefetch`` (``_fsdp``). A gathered unit is a full-size
   allocation beside the rank's shard, which stays allocated. FSDP1 adds a first moment, its lazy
@@ -208,13 +212,15 @@ def trainable_params(st: Structure, r) -> Any:
 
 
 def rank_moments(ms: dict[str, dict[str, Any]], st: Structure, train: TrainSpec, r,
-                 stored: float = 1) -> dict[int, dict[str, dict]]:
+                 stored: float = 1, first_layer_input: Any = 0) -> dict[int, dict[str, dict]]:
     """Rank -> (moment -> ledger) for ``train.strategy`` over ``train.num_gpus`` ranks.
 
     ``single``: {0: ms}, unchanged. Data-parallel engines (DDP, FSDP, ZeRO) run the same step on
     every rank, so all ranks have one ledger (rank 0's is returned for every rank);
     device-map ranks differ. ``r`` is the LoRA rank (an int or a sweep array); ``stored``: bytes of
-    a stored base parameter over its computed size (``param_factor``: FSDP's fp32 shards)."""
+    a stored base parameter over its computed size (``param_factor``: FSDP's fp32 shards).
+    ``first_layer_input``: bytes of activations alive when the first decoder layer's forward
+    starts (its input hidden states and the RoPE tables), for FSDP2's ``FIRST_GATHER`` moment."""
     s = train.strategy
     if s == "single":
         return {0: ms}
@@ -229,6 +235,8 @@ def rank_moments(ms: dict[str, dict[str, Any]], st: Structure, train: TrainSpec,
         rule = _fsdp
     else:
         rule = _zero
+    if rule is _fsdp and train.fsdp_version == 2 and "forward" in ms:
+        ms = {**_fsdp2_forward_gathers(ms["forward"], first_layer_input), **ms}  # before "forward" in step order
     one = {name: rule(name, dict(c), st, train, r) for name, c in ms.items()}
     if stored != 1:
         for c in one.values():
@@ -236,6 +244,34 @@ def rank_moments(ms: dict[str, dict[str, Any]], st: Structure, train: TrainSpec,
     if rule is _fsdp and train.fsdp_version == 1 and one:
         one = {LAZY_INIT: _fsdp1_lazy_init(next(iter(one.values())), st, stored), **one}  # first in step order
     return {k: one for k in range(train.num_gpus)}
+
+
+#: FSDP2's forward all-gathers (``_fsdp2_forward_gathers``): the copy-out of the first decoder
+#: layer's all-gather (the root's all-gather output still alive) and of the last layer's
+FIRST_GATHER = "first layer all-gather"
+LAST_GATHER = "last layer all-gather"
+#: lines of the one-GPU "forward" ledger not yet made when a layer's forward starts
+_AFTER_LAYERS = ("logits_loss",)
+
+
+def _fsdp2_forward_gathers(fwd: dict, first_layer_input: Any) -> dict[str, dict]:
+    """The one-GPU ledgers of FSDP2's two forward all-gather moments, from the forward's.
+
+    FSDP2 in forward (implicit prefetch: ``_fsdp_param_group.py::FSDPParamGroup.wait_for_unshard``)
+    keeps a unit's flat all-gather output in ``comm_ctx.all_gather_state`` after its copy-out, and
+    the next unit's ``wait_for_unshard`` drops it -- but through the local ``prev_all_gather_state``,
+    so the output is freed only when that function returns, after this unit's copy-out
+    (``foreach_all_gather_copy_out`` -> ``FSDPParam.alloc_all_gather_outputs``, the unsharded
+    parameters). At that copy-out the previous unit's output, this unit's output and its unsharded
+    parameters are alive at once (``_fsdp`` says which units). The two candidate moments:
+    ``FIRST_GATHER``, the first decoder layer (after the root's: the largest all-gathers, almost no
+    activations yet: ``first_layer_input``) and ``LAST_GATHER``, the last layer (the others'
+    saved activations: the forward's ``activations`` line, an upper bound by the last layer's
+    own saved tensors and the final norm's, which do not exist yet). Neither holds the loss."""
+    last = {k: v for k, v in fwd.items() if k not in _AFTER_LAYERS}
+    first = {k: v for k, v in last.items() if k not in ("activations", "autocast_copies")}
+    first["activations"] = first_layer_input
+    return {FIRST_GATHER: first, LAST_GATHER: last}
 
 
 #: FSDP1's lazy init (the first forward's root pre-forward), a moment before the step's own
@@ -284,10 +320,14 @@ def _fsdp(moment: str, c: dict, st: Structure, train: TrainSpec, r) -> dict:
     root = st.unquantized_weights
     if moment in ("grad norm", "optimizer step"):
         gathered = 0  # every unit resharded after its backward
+    elif moment == FIRST_GATHER:  # FSDP2: the root and the first layer being copied out, either sharding
+        gathered = root + unit  # (_fsdp2_forward_gathers)
     elif train.fsdp_sharding == "shard-grad-op":
         gathered = root + L * unit  # kept gathered from each unit's forward until its backward
     elif moment in BACKWARD_MOMENTS and train.fsdp_version == 2:
         gathered = root + 2 * unit  # fully_shard prefetches the next layer when this one's backward starts
+    elif moment == LAST_GATHER:  # FSDP2 FULL_SHARD: the root (resharded only after the loss) and the
+        gathered = root + unit  # last layer being copied out; the others resharded after their forward
     elif moment in BACKWARD_MOMENTS:
         # FSDP1, any backward_prefetch: under PEFT's wrap policy a layer unit holds only frozen
         # parameters, so it is resharded by a hook on its input (_runtime_utils.py::
@@ -299,7 +339,8 @@ def _fsdp(moment: str, c: dict, st: Structure, train: TrainSpec, r) -> dict:
         # last LoRA unit (_exec_order_utils.py::get_handle_to_backward_prefetch), and reaches the
         # previous layer only from the layer's first LoRA unit, at the same boundary.
         gathered = root + unit + maximum(unit - c.get("backward_transients", 0), 0)
-    else:  # forward / loss backward: the root only (never resharded after forward)
+    else:  # forward / loss backward: the root only (never resharded after forward; FSDP2's last
+        # layer all-gather output at the loss: all_gather_buffers below)
         gathered = root
     # the unsharded flat parameter / all-gather output is a full-size allocation beside the rank's
     # own shard, which stays allocated (_flat_param.py::FlatParamHandle._alloc_padded_unsharded_flat_param;
@@ -309,6 +350,12 @@ def _fsdp(moment: str, c: dict, st: Structure, train: TrainSpec, r) -> dict:
         # _fsdp_collectives.py::foreach_all_gather: one flat output buffer of the unit, copied out
         # to the per-parameter tensors (foreach_all_gather_copy_out) before it is freed
         c["all_gather_buffers"] = unit
+    elif train.fsdp_version == 2 and moment in (FIRST_GATHER, LAST_GATHER, "forward"):
+        # forward: the all-gather outputs FSDPParamGroup.wait_for_unshard keeps (_fsdp2_forward_gathers):
+        # the first layer's beside the root's, the last layer's beside the one before, and at the
+        # loss the last layer's, which only the root's post-forward frees
+        # (_fsdp_state.py::FSDPState._post_forward: ``all_gather_state = None``)
+        c["all_gather_buffers"] = {FIRST_GATHER: root + unit, LAST_GATHER: 2 * unit}.get(moment, unit)
     if moment in BACKWARD_MOMENTS:
         # the layer's LoRA gradients unsharded (FSDP1: the flat parameter's .grad; FSDP2: the
         # reduce-scatter input) and the 1/N_s output (_runtime_utils.py::_reduce_grad)
