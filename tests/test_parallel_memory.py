@@ -28,7 +28,7 @@ def mem(train, **kw):
 
 def ledger(train, moment, **kw):
     """The rank-0 ledger at ``moment`` (all moments: estimate.parallel.rank_moments)."""
-    from loraplan.estimate.memory import make_setup, moments
+    from loraplan.estimate.memory import first_layer_input, make_setup, moments
     from loraplan.estimate.parallel import rank_moments
     from loraplan.catalog import load_calibration
     from loraplan.targets import select_targets
@@ -36,7 +36,7 @@ def ledger(train, moment, **kw):
     t = replace(train, **kw)
     s = make_setup(MODEL, LORA, t, select_targets(MODEL, LORA.targets))
     ms = moments(s.structure, t, s.attention, s.shape, None, load_calibration(None))
-    return rank_moments(ms, s.structure, t, LORA.rank)[0][moment]
+    return rank_moments(ms, s.structure, t, LORA.rank, first_layer_input=first_layer_input(s.structure, s.shape))[0][moment]
 
 
 def test_single_is_the_one_gpu_estimate_exactly():
@@ -74,6 +74,28 @@ def test_fsdp_gathered_units_are_root_plus_layers_in_backward():
     # SHARD_GRAD_OP keeps every layer gathered through forward: about the whole base
     sgo = ledger(QLORA, "forward", strategy="fsdp", num_gpus=2, fsdp_sharding="shard-grad-op")
     assert sgo["gathered_params"] > 0.9 * sgo["frozen_linear_weights"]
+
+
+def test_fsdp2_forward_all_gather_outputs_outlive_the_next_copy_out():
+    """FSDP2 frees a unit's all-gather output in forward only when the next unit's wait_for_unshard
+    returns, after its copy-out (_fsdp_param_group.py): the first layer holds root + layer twice,
+    the last layer the previous output beside its own, the loss the last layer's output."""
+    from loraplan.estimate.memory import make_setup
+    from loraplan.estimate.parallel import FIRST_GATHER, LAST_GATHER, layer_unit
+    from loraplan.targets import select_targets
+
+    kw = dict(strategy="fsdp", num_gpus=2, fsdp_version=2)
+    st = make_setup(MODEL, LORA, replace(QLORA, **kw), select_targets(MODEL, LORA.targets)).structure
+    root = st.unquantized_weights
+    first, last, fwd = (ledger(QLORA, m, **kw) for m in (FIRST_GATHER, LAST_GATHER, "forward"))
+    unit = layer_unit(st, first["lora_weights"] * 2)  # the rank holds 1/2
+    assert first["gathered_params"] == first["all_gather_buffers"] == pytest.approx(root + unit, rel=1e-9)
+    assert last["all_gather_buffers"] == pytest.approx(2 * unit, rel=1e-9)
+    assert fwd["all_gather_buffers"] == pytest.approx(unit, rel=1e-9) and fwd["gathered_params"] == root
+    assert "logits_loss" not in first and "logits_loss" not in last
+    assert first["activations"] < last["activations"] == fwd["activations"]
+    with pytest.raises(KeyError):  # FSDP1 frees the unsharded flat parameter at once: no such moments
+        ledger(QLORA, FIRST_GATHER, strategy="fsdp", num_gpus=2, fsdp_version=1)
 
 
 def test_trainable_state_is_sharded_1_over_n():
