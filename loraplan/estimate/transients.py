@@ -459,7 +459,8 @@ def int8_retained_per_layer(st: Structure, x: Shape, stack: str, outlier_fractio
     if stack == "decoder" and not m.is_encoder_decoder and _no_input_norm(m):
         in_sum = in_sum - m.hidden_size  # q/k/v read the checkpointed layer input itself (olmo2)
     total = a * T * (in_sum + _int8_outlier_in(st, T, stack, outlier_fraction)) if stack in st.int8_inputs_per_layer else 0
-    if stack == "decoder" and st.int8_encoder_out_in and st.device != "cpu" and outlier_fraction:
+    if stack == "decoder" and st.int8_encoder_out_in and st.device != "cpu" and outlier_fraction is not None:
+        # MLP-out roles only by default: none of the cross k/v (as int8_retained_per_step)
         total = total + a * x.T_enc * outlier_fraction * st.int8_all_in_per_layer.get("cross", 0.0)
     return total
 
