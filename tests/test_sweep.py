@@ -475,3 +475,18 @@ def test_explicit_kernel_refused_per_sequence_length():
     ok = {(r["seq"], r["gpu"]) for r in new if not r["error"]}
     assert ok == {(2048, "h100-sxm-80gb")}
     assert all("--attention auto" in r["error"] for r in new if r["error"])
+
+
+def test_vectorized_rows_equal_per_case_estimate_t5_int8_reentrant():
+    """T5 int8 under reentrant checkpointing (one block's int8 ctx tensors, its bias output grads)
+    and lengths off the 16-multiple (the padded T5 bias holds all b rows): the vectorized path
+    equals the per-case estimate, an outlier fraction given or not."""
+    from loraplan.sweep import evaluate_each, evaluate_table, expand_cases
+
+    for extra in ({}, {"int8_outlier_fraction": [0.1, 0.3]}):
+        table = expand_cases({}, [{"model": "flan-t5-base", "quant": "int8", "seq": [255, 256], "target_seq": [50, 64],
+                                   "batch": [1, 8], "trainer": "hf", "reentrant": [True, False], "gpu": "a10g-24gb",
+                                   **extra}])
+        new = list(evaluate_table(table).rows())
+        assert not any(r["error"] for r in new)
+        _same_rows(new, list(evaluate_each(table)))

@@ -300,8 +300,13 @@ def _attention_core_saved(st: Structure, kind: str, T, b, seq, kv_seq, cross: bo
     if kind == "efficient":
         # T5: the relative position bias plus the mask goes in as an additive mask [1, n_h, s, kv]
         # in the stream dtype, made per self-attention call (last dim padded to 16) and saved for
-        # backward; cross-attention reuses one zeros bias (see t5_shared_biases).
-        bias = a * n_h * seq * (_ceil(kv_seq / 16) * 16) if _relative_bias(m) and not cross else 0
+        # backward; cross-attention reuses one zeros bias (see t5_shared_biases). torch's
+        # preprocess_mask expands it to [b, n_h, s, kv] first (a view) and, when kv is not a
+        # multiple of 16, pad_bias materialises the expanded view: all b rows
+        # (aten/src/ATen/native/transformers/attention.cpp preprocess_mask, pad_bias;
+        # emulation._mem_eff_mask)
+        bias = (a * _where(kv_seq % 16 == 0, 1, b) * n_h * seq * (_ceil(kv_seq / 16) * 16)
+                if _relative_bias(m) and not cross else 0)
         if m.arch.sdpa_mask:  # falcon: the causal mask, made additive per call [b, 1, s, kv]
             # (all n_h heads when the pad to 16 materialises the expanded mask, see below)
             bias = a * b * _where(kv_seq % 16 == 0, 1, n_h) * seq * (_ceil(kv_seq / 16) * 16)

@@ -55,7 +55,7 @@ from .steps import (_MLP_AND_O_ROLES, FUSED_HEAD_BYPASS_WARNING, checkpointed_la
                     first_encoder_layer_gradients, check_loss, offload_host_bytes, offloaded_inputs, loss_backward,
                     loss_forward, grad_norm_temporaries, int8_inside_layer_backward, int8_kept_through_step,
                     int8_previous_step, layer_gradients, top_layer_gradients, previous_step_leaf,
-                    reentrant_layer_output, step_recipe,
+                    reentrant_bias_output_grads, reentrant_layer_output, step_recipe,
                     top_layer_checkpointed, uncheckpointed_saved)
 from .weights import (Structure, lora_gradients, lora_weights, optimizer_state, optimizer_step_temporaries,
                       paged_optimizer_state, structure)
@@ -152,9 +152,9 @@ def moments(st: Structure, train: TrainSpec, kind: str, x: Shape, gpu: GpuSpec |
         S_top, top_transients = where(glob, S_glob, S_top), where(glob, T_glob, top_transients)
     if train.gradient_checkpointing and top_ckpt:  # the recompute's input norm keeps the checkpointed input
         S_top = S_top - recompute_shares_input(st, x)
-    out["layer backward"] = dict(base, activations=below + S_top + int8_now + int8_inside_layer_backward(
-                                     int8_all, int8_saved_anyway(st, kind, x, False), st, rc)
-                                 + reentrant_layer_output(st, x, rc),
+    out["layer backward"] = dict(base, activations=below + S_top + int8_now
+                                 + int8_inside_layer_backward(st, x, kind, rc, train.int8_outlier_fraction)
+                                 + reentrant_layer_output(st, x, rc) + reentrant_bias_output_grads(st, x, rc),
                                  backward_transients=top_transients,
                                  lora_gradients=layer_gradients(st, x.r, rc, m.num_layers))
     # The top layer's own LoRA gradients arrive as its backward goes: while its MLP runs backward
@@ -210,7 +210,10 @@ def moments(st: Structure, train: TrainSpec, kind: str, x: Shape, gpu: GpuSpec |
         grads_bottom = first_encoder_layer_gradients(st, x.r, rc)
         bottom = enc_bottom + grads_bottom > enc_top + grads_top  # element-wise for a sweep's arrays
         out["encoder layer backward"] = dict(
-            base, activations=where(bottom, enc_bottom, enc_top) + int8_keep,
+            base, activations=where(bottom, enc_bottom, enc_top) + int8_keep
+            + int8_inside_layer_backward(st, x, kind, rc, train.int8_outlier_fraction, stack="encoder")
+            + reentrant_layer_output(st, x, rc, stack="encoder")
+            + reentrant_bias_output_grads(st, x, rc, stack="encoder"),
             backward_transients=layer_backward_transients(st, replace(x, tseq=x.seq), kind,
                                                           train.gradient_checkpointing, stack="encoder"),
             lora_gradients=where(bottom, grads_bottom, grads_top))

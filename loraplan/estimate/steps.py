@@ -37,6 +37,8 @@ from ..errors import InputError
 from ..storage import dtype_bytes
 from ..trainers import fused_lm_head, fused_lm_head_outputs, resolve_recipe
 from .arrays import maximum as _max, minimum as _min, where as _where
+from .activations import _relative_bias
+from .transients import int8_retained_per_layer, int8_saved_anyway_per_layer
 from .weights import Structure, lora_gradients
 
 
@@ -109,11 +111,15 @@ def uncheckpointed_saved(st: Structure, rc: StepRecipe, S, layer_input):
 def int8_kept_through_step(int8_keep, st: Structure, rc: StepRecipe):
     """This step's MatMul8bitLt ctx tensors alive from the forward until backward ends.
     Reentrant: checkpointed layers ran their forward under no_grad (the ctx dies with the
-    Function call), so only the layers left out by every_n_layers keep theirs."""
+    Function call), so only the layers left out by every_n_layers keep theirs. An
+    encoder-decoder model's encoder blocks are checkpointed too (T5Block is a
+    GradientCheckpointingLayer; transformers modeling_utils.py::_set_gradient_checkpointing
+    flags every one, encoder and decoder, and every_n_layers > 1 is refused for these models)."""
     if not (rc.checkpointing and rc.reentrant):
         return int8_keep
-    L = st.model.num_layers + st.model.num_encoder_layers
-    return int8_keep * (L - checkpointed_layers(st, rc)) / max(L, 1)
+    m = st.model
+    L = m.num_layers + m.num_encoder_layers
+    return int8_keep * (L - checkpointed_layers(st, rc) - m.num_encoder_layers) / max(L, 1)
 
 
 def int8_previous_step(int8_kept, rc: StepRecipe):
@@ -122,26 +128,46 @@ def int8_previous_step(int8_kept, rc: StepRecipe):
     return int8_kept if rc.graph_outlives_step else 0
 
 
-def int8_inside_layer_backward(int8_keep, saved_anyway, st: Structure, rc: StepRecipe):
-    """Reentrant: the top layer's int8 ctx tensors, recreated by its recompute and held by the
-    inner graph during its backward (one decoder layer's share of ``int8_keep``, the whole step's
-    with checkpointing), less the inputs the recompute's autograd saves anyway (one storage:
-    ``saved_anyway``, the per-model total of ``transients.int8_saved_anyway`` without
-    checkpointing, e.g. the attention output o_proj reads). 0 otherwise (they are already in
-    ``int8_kept_through_step``)."""
-    if not (top_layer_checkpointed(st, rc) and rc.reentrant):
+def int8_inside_layer_backward(st: Structure, x, kind: str, rc: StepRecipe, outlier_fraction=None,
+                               stack: str = "decoder"):
+    """Reentrant: the backward-running layer's int8 ctx tensors (the top decoder layer's, or with
+    ``stack="encoder"`` the encoder layer's), recreated by its recompute and held by the inner
+    graph during its backward (``transients.int8_retained_per_layer``), less the inputs the
+    recompute's autograd saves anyway (one storage: ``transients.int8_saved_anyway_per_layer``,
+    e.g. the attention output o reads). torch/utils/checkpoint.py::CheckpointFunction.backward
+    reruns one layer and frees its inner graph before the next layer's backward, so one layer's
+    worth at a time. 0 otherwise (non-reentrant: already in ``int8_kept_through_step``)."""
+    if not (rc.checkpointing and rc.reentrant) or (stack == "decoder" and not top_layer_checkpointed(st, rc)):
         return 0
-    m = st.model
-    return int8_keep / max(m.num_layers + m.num_encoder_layers, 1) - saved_anyway / max(m.num_layers, 1)
+    return (int8_retained_per_layer(st, x, stack, outlier_fraction)
+            - int8_saved_anyway_per_layer(st, kind, x, stack))
 
 
-def reentrant_layer_output(st: Structure, x, rc: StepRecipe):
+def reentrant_layer_output(st: Structure, x, rc: StepRecipe, stack: str = "decoder"):
     """Reentrant recompute runs the whole layer and CheckpointFunction.backward holds its
-    ``outputs`` (the layer output, a·T·h) during the inner backward; the non-reentrant recompute
-    stops once the last saved tensor exists and makes no output."""
-    if not (top_layer_checkpointed(st, rc) and rc.reentrant):
+    ``outputs`` (the layer output, a·T·h; T = T_enc for ``stack="encoder"``) during the inner
+    backward; the non-reentrant recompute stops once the last saved tensor exists and makes no
+    output."""
+    if not (rc.checkpointing and rc.reentrant) or (stack == "decoder" and not top_layer_checkpointed(st, rc)):
         return 0
-    return st.stream_bytes * x.T * st.model.hidden_size
+    return st.stream_bytes * (x.T_enc if stack == "encoder" else x.T) * st.model.hidden_size
+
+
+def reentrant_bias_output_grads(st: Structure, x, rc: StepRecipe, stack: str = "decoder"):
+    """Reentrant, T5/mT5: a T5Block also returns the position biases it was given
+    (modeling_t5.py T5Block.forward: self-attention, and for a decoder block cross-attention),
+    and CheckpointFunction's outputs all require grad. The top block's are used by no one, so
+    autograd hands its backward zero-filled gradients for them (torch/autograd/function.py
+    FunctionCtx.set_materialize_grads, True by default), alive while CheckpointFunction.backward
+    runs: a·n_h·s_e² for the top encoder block, a·n_h·s_t·(s_t + s_e) for the top decoder block.
+    0 otherwise (non-reentrant checkpointing is not a Function: the unused outputs get no grad)."""
+    m = st.model
+    if not (rc.checkpointing and rc.reentrant) or not m.is_encoder_decoder or not _relative_bias(m):
+        return 0
+    if stack == "decoder" and not top_layer_checkpointed(st, rc):
+        return 0
+    a = st.stream_bytes * m.num_heads
+    return a * x.seq * x.seq if stack == "encoder" else a * x.tseq * (x.tseq + x.seq)
 
 
 def previous_step_leaf(leaf, rc: StepRecipe):

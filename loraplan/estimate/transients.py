@@ -424,17 +424,63 @@ def int8_retained_per_step(st: Structure, x: Shape, outlier_fraction=None, gradi
     for stack, in_sum in st.int8_inputs_per_layer.items():
         T = x.T_enc if stack == "encoder" else x.T
         L = _stack_layers(m, stack)
-        if st.device == "cpu":  # MatMul8bitFp keeps ctx.A only: no outlier columns
-            sub = 0
-        elif outlier_fraction is None:
-            sub = default_int8_outlier_fraction(st, T) * st.int8_outlier_in_per_layer.get(stack, 0.0)
-        else:
-            sub = outlier_fraction * st.int8_all_in_per_layer.get(stack, 0.0)
+        sub = _int8_outlier_in(st, T, stack, outlier_fraction)
         if gradient_checkpointing and stack == "decoder" and not m.is_encoder_decoder and _no_input_norm(m):
             # q/k/v read the layer input itself (olmo2: no input norm), the checkpointed input
             in_sum = in_sum - m.hidden_size
         total = total + L * a * T * (in_sum + sub)
     return total
+
+
+def _int8_outlier_in(st: Structure, T, stack: str, outlier_fraction=None):
+    """Per layer of ``stack``: the input columns whose fp32 outlier copies (subA) MatMul8bitLt
+    keeps, f·in summed over its int8 Linears (``int8_retained_per_step``). 0 on CPU
+    (MatMul8bitFp keeps ctx.A only)."""
+    if st.device == "cpu":
+        return 0
+    if outlier_fraction is None:
+        return default_int8_outlier_fraction(st, T) * st.int8_outlier_in_per_layer.get(stack, 0.0)
+    return outlier_fraction * st.int8_all_in_per_layer.get(stack, 0.0)
+
+
+def int8_retained_per_layer(st: Structure, x: Shape, stack: str, outlier_fraction=None):
+    """One checkpointed layer's MatMul8bitLt ctx tensors (``int8_retained_per_step`` for a single
+    layer of ``stack``, "encoder" or "decoder", checkpointing on): a·T·(in + f·in) over its
+    distinct int8 inputs (T = T_enc for the encoder). A decoder layer's cross-attention k/v read
+    the encoder output, already alive (reentrant recompute detaches it: one storage,
+    torch/utils/checkpoint.py::detach_variable), so only their subA is new: f·a·T_enc·in.
+    Reentrant checkpointing recreates exactly these in the layer's recompute and frees them with
+    its inner graph (CheckpointFunction.backward), see ``steps.int8_inside_layer_backward``."""
+    if st.linear_quant != "int8":
+        return 0
+    a, m = st.stream_bytes, st.model
+    T = x.T_enc if stack == "encoder" else x.T
+    in_sum = st.int8_inputs_per_layer.get(stack, 0.0)
+    if stack == "decoder" and not m.is_encoder_decoder and _no_input_norm(m):
+        in_sum = in_sum - m.hidden_size  # q/k/v read the checkpointed layer input itself (olmo2)
+    total = a * T * (in_sum + _int8_outlier_in(st, T, stack, outlier_fraction)) if stack in st.int8_inputs_per_layer else 0
+    if stack == "decoder" and st.int8_encoder_out_in and st.device != "cpu" and outlier_fraction is not None:
+        # MLP-out roles only by default: none of the cross k/v (as int8_retained_per_step)
+        total = total + a * x.T_enc * outlier_fraction * st.int8_all_in_per_layer.get("cross", 0.0)
+    return total
+
+
+def int8_saved_anyway_per_layer(st: Structure, kind: str, x: Shape, stack: str):
+    """One layer's int8 Linear inputs that its (recomputed) autograd graph saves anyway, one
+    storage with ctx.A: the attention output read by o (saved by the flash / mem-efficient
+    kernel; a decoder layer of an encoder-decoder model has two, self and cross) and, for a plain
+    ReLU MLP (OPT, T5 v1.0), the ReLU output read by fc_out / wo (ReLU saves its result).
+    ``int8_saved_anyway``'s terms for one layer of ``stack`` (T = T_enc for the encoder)."""
+    if st.linear_quant != "int8":
+        return 0
+    m, a = st.model, st.stream_bytes
+    T = x.T_enc if stack == "encoder" else x.T
+    out = 0
+    if kind in ("flash", "efficient", "fa2"):
+        out = a * T * m.num_heads * m.head_dim * (2 if stack == "decoder" and m.is_encoder_decoder else 1)
+    if m.arch.mlp == "plain" and _activation(m) == "relu" and st.mlp_out_quantized:
+        out = out + a * T * m.intermediate_size
+    return out
 
 
 def _no_input_norm(model: ModelSpec) -> bool:
