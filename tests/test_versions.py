@@ -120,3 +120,34 @@ def test_estimate_json_names_the_stack():
     d = estimate(model, lora, train, load_gpu("h100-sxm-80gb"), load_calibration("h100-sxm-80gb")).to_dict()
     assert d["inputs"]["stack"]["torch"] == "2.15"
     assert d["memory"]["components"].get("cuda_workspaces", 0) == 0
+
+
+def test_logits_upcast_follows_transformers_version():
+    """bf16 logits at the loss, T·V = seq·vocab: transformers 4.38 llama (``logits =
+    logits.float()`` in the model, then the shift's fp32 .contiguous() copy) holds 2·T·V more at
+    the end of the forward than 5.x ForCausalLMLoss (bf16 logits + fp32 copy, labels padded),
+    4.46 llama (bf16 logits + fp32 copy + fp32 shift copy) 4·T·V more; the head of backward is
+    the same 12·T·V. qwen2 at 4.46 is not listed by the rule: the newest form."""
+    from loraplan.case import resolve_case
+    from loraplan.estimate.api import estimate
+    from loraplan.estimate.steps import lm_loss_form, lm_loss_forms
+
+    assert lm_loss_form("llama", lm_loss_forms("transformers=4.45")) == "model_upcast"
+    assert lm_loss_form("llama", lm_loss_forms("transformers=4.46")) == "loss_shift"
+    assert lm_loss_form("llama", lm_loss_forms("transformers=4.49")) == "loss_pad"
+    assert lm_loss_form("gpt2", lm_loss_forms("transformers=4.38")) == "loss_pad"
+    gpu = load_gpu("h100-sxm-80gb")
+    cal = load_calibration(gpu.id)
+
+    def moments(name, stack):
+        case = {"model": name, "quant": "bf16", "batch": 1, "seq": 256}
+        model, lora, train = resolve_case(dict(case, stack=stack) if stack else case)
+        return estimate(model, lora, train, gpu, cal, with_time=False).memory.moments, model
+
+    for name, stack, extra in (("llama-3.2-1b", "transformers=4.38", 2), ("llama-3.2-1b", "transformers=4.46", 4),
+                               ("llama-3.2-1b", "transformers=4.49", 0), ("qwen2.5-0.5b", "transformers=4.38", 2),
+                               ("qwen2.5-0.5b", "transformers=4.46", 0)):
+        new, m = moments(name, None)
+        old, _ = moments(name, stack)
+        assert old["forward"] - new["forward"] == extra * 256 * m.vocab_size, (name, stack)
+        assert old["loss backward"] == new["loss backward"], (name, stack)

@@ -234,6 +234,7 @@ def step_script(model, lora, train, adapted, compute_capability: str | None = "9
     from ..storage import FOUR_BIT, linear_storage
     from .activations import layer_saved
     from .memory import make_setup
+    from .steps import lm_loss_form, lm_loss_forms
     from .transients import int8_retained_per_step, layer_backward_transients, logits_bytes
 
     st_setup = make_setup(model, lora, train, adapted, compute_capability)
@@ -283,13 +284,23 @@ def step_script(model, lora, train, adapted, compute_capability: str | None = "9
         hb = (("alloc", "g_nll", c * TV), ("alloc", "g_lsm", c * TV), ("free", "g_nll"), ("free", "lsm"),
               ("alloc", "g_h", a * x.T * h), ("free", "g_lsm"), ("free", "g_h"))
     else:
+        # older transformers (version rule causal_lm_loss_logits; transients.loss_forward_transient):
+        # "loss_shift" adds the fp32 shift copy; "model_upcast" also frees the c logits on upcast
+        form = lm_loss_form(model.model_type, lm_loss_forms(train.stack))
         hf = [("alloc", "logits", c * TV)]
         if c == 2:
             hf.append(("alloc", "logits32", 4 * TV))
+            if form == "model_upcast":
+                hf.append(("free", "logits"))
+        if form != "loss_pad":
+            hf.append(("alloc", "shift32", 4 * TV))
         hf.append(("alloc", "lsm", 4 * TV))
+        if form != "loss_pad":
+            hf.append(("free", "shift32"))
         if c == 2:
             hf.append(("free", "logits32"))
-        hf.append(("free", "logits"))  # the model output is dropped: `loss = model(...).loss`
+        if c != 2 or form != "model_upcast":
+            hf.append(("free", "logits"))  # the model output is dropped: `loss = model(...).loss`
         hb = [("alloc", "g_nll", 4 * TV), ("alloc", "g_lsm", 4 * TV), ("free", "g_nll"), ("free", "lsm")]
         if c == 2:
             hb += [("alloc", "g_logits", 2 * TV), ("free", "g_lsm"), ("alloc", "g_h", a * x.T * h),

@@ -33,6 +33,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from .. import versions
 from ..errors import InputError
 from ..storage import dtype_bytes
 from ..trainers import fused_lm_head, fused_lm_head_outputs, resolve_recipe
@@ -54,6 +55,9 @@ class StepRecipe:
     every_n_layers: int
     loss: str = "standard"
     offload: bool = False
+    #: (model_type, form) pairs: how the stack's transformers holds the logits at the standard
+    #: loss (version rule ``causal_lm_loss_logits``; ``lm_loss_form``)
+    lm_loss_forms: tuple = ()
 
     @property
     def graph_outlives_step(self) -> bool:
@@ -72,7 +76,19 @@ def step_recipe(train) -> StepRecipe:
     return StepRecipe(trainer=r.trainer, checkpointing=bool(r.gradient_checkpointing), reentrant=bool(r.reentrant),
                       accumulation=int(r.gradient_accumulation), max_grad_norm=float(r.max_grad_norm or 0.0),
                       every_n_layers=int(r.checkpoint_every_n_layers), loss=r.loss,
-                      offload=bool(r.checkpoint_offload) and bool(r.gradient_checkpointing))
+                      offload=bool(r.checkpoint_offload) and bool(r.gradient_checkpointing),
+                      lm_loss_forms=lm_loss_forms(train.stack))
+
+
+def lm_loss_forms(stack) -> tuple:
+    """Version rule ``causal_lm_loss_logits`` for ``stack`` as sorted (model_type, form) pairs."""
+    return tuple(sorted(versions.rule("causal_lm_loss_logits", stack).items()))
+
+
+def lm_loss_form(model_type: str, forms: tuple) -> str:
+    """"model_upcast", "loss_shift" or "loss_pad" (a model_type the rule does not list: the
+    newest form) for ``model_type`` under ``forms`` (``lm_loss_forms``)."""
+    return dict(forms).get(model_type, "loss_pad")
 
 
 def checkpointed_layers(st: Structure, rc: StepRecipe) -> int:
@@ -446,7 +462,8 @@ def loss_forward(st: Structure, x, rc: StepRecipe):
 
     if rc.loss == "chunked":
         return fused_head_forward_bytes(st, x, rc)
-    return liger_forward_bytes(st, x) if rc.loss == "liger" else loss_forward_transient(st, x)
+    return liger_forward_bytes(st, x) if rc.loss == "liger" else loss_forward_transient(
+        st, x, lm_loss_form(st.model.model_type, rc.lm_loss_forms))
 
 
 def loss_backward(st: Structure, x, rc: StepRecipe):

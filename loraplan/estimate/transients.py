@@ -96,11 +96,15 @@ def logit_softcap_saved(st: Structure, x: Shape):
     return logits_bytes(st) * x.T * st.model.vocab_size
 
 
-def loss_forward_transient(st: Structure, x: Shape):
+def loss_forward_transient(st: Structure, x: Shape, form: str = "loss_pad"):
     """Live at the end of the forward inside the loss: the logits (c·T·V), their fp32 copy when
     c = 2 (ForCausalLMLoss: ``logits.float()``) and log_softmax's fp32 output (saved):
     10·T·V for bf16 logits, 8·T·V for fp32 (transformers loss/loss_utils.py; the default
-    logits_to_keep=0 keeps every position)."""
+    logits_to_keep=0 keeps every position). ``form`` (version rule ``causal_lm_loss_logits``)
+    for older transformers: "loss_shift" (4.46-4.48 ForCausalLMLoss) adds the fp32 shifted
+    ``logits[..., :-1, :].contiguous()`` copy (4·T·V); "model_upcast" (<= 4.45
+    LlamaForCausalLM.forward: ``logits = logits.float()`` frees the c logits, then the shift
+    copy): 12·T·V for either c. The shift covers T − batch rows; counted as T (an upper bound)."""
     TV = x.T * st.model.vocab_size
     c = logits_bytes(st)
     if not st.model.arch.loss_upcasts_logits and not st.dt.autocast:
@@ -108,7 +112,12 @@ def loss_forward_transient(st: Structure, x: Shape):
         # runs in fp32 -- log_softmax/nll_loss are fp32 ops -- so the logits get an fp32 copy as below)
         loss = 2 * c * TV
     else:
-        loss = c * TV + (4 * TV if c == 2 else 0) + 4 * TV + logit_softcap_saved(st, x)
+        upcast = 4 * TV if c == 2 else 0  # .float() of fp32 logits returns them (no copy)
+        if form == "model_upcast":  # the c logits are released when `logits` is rebound to the fp32 copy
+            loss = (4 * TV if c == 2 else c * TV) + 4 * TV + 4 * TV + logit_softcap_saved(st, x)
+        else:
+            shift = 4 * TV if form == "loss_shift" else 0
+            loss = c * TV + upcast + shift + 4 * TV + logit_softcap_saved(st, x)
     if st.head_adapted:
         # LoRA on lm_head: the base logits, the LoRA branch's scaled fp32 output and their fp32
         # sum are alive together (peft Linear.forward: result + lora_B(lora_A(x)) * scaling)
