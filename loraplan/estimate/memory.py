@@ -215,7 +215,8 @@ def moments(st: Structure, train: TrainSpec, kind: str, x: Shape, gpu: GpuSpec |
             + reentrant_layer_output(st, x, rc, stack="encoder")
             + reentrant_bias_output_grads(st, x, rc, stack="encoder"),
             backward_transients=layer_backward_transients(st, replace(x, tseq=x.seq), kind,
-                                                          train.gradient_checkpointing, stack="encoder"),
+                                                          train.gradient_checkpointing, stack="encoder",
+                                                          bias_grad=rc.checkpointing and rc.reentrant),
             lora_gradients=where(bottom, grads_bottom, grads_top))
     # 3c. T5/mT5: the encoder's first block computing its relative position bias (int64 bucketing
     #     temporaries over s_e²), in the forward or, with checkpointing, in its recompute at the
