@@ -55,7 +55,7 @@ from .steps import (_MLP_AND_O_ROLES, FUSED_HEAD_BYPASS_WARNING, checkpointed_la
                     first_encoder_layer_gradients, check_loss, offload_host_bytes, offloaded_inputs, loss_backward,
                     loss_forward, grad_norm_temporaries, int8_inside_layer_backward, int8_kept_through_step,
                     int8_previous_step, layer_gradients, top_layer_gradients, previous_step_leaf,
-                    reentrant_bias_output_grads, reentrant_layer_output, step_recipe,
+                    reentrant_bias_output_grads, reentrant_layer_output, reentrant_position_bias_grad, step_recipe,
                     top_layer_checkpointed, uncheckpointed_saved)
 from .weights import (Structure, lora_gradients, lora_weights, optimizer_state, optimizer_step_temporaries,
                       paged_optimizer_state, structure)
@@ -223,7 +223,7 @@ def moments(st: Structure, train: TrainSpec, kind: str, x: Shape, gpu: GpuSpec |
     #     end of backward, when little else is alive but the bucketing is large at long inputs
     pb = position_bias_activations(st, x, train.gradient_checkpointing)
     if _present(pb):
-        out["position bias"] = dict(base, activations=pb + int8_keep,
+        out["position bias"] = dict(base, activations=pb + int8_keep + reentrant_position_bias_grad(st, x, rc),
                                     lora_gradients=lora_gradients(st, x.r) if train.gradient_checkpointing else grads)
     # 3d. the gradient norm (clipping, and Trainer's logged norm), before the optimizer step
     clip = grad_norm_temporaries(st, rc)
