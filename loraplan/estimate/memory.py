@@ -55,7 +55,7 @@ from .steps import (_MLP_AND_O_ROLES, FUSED_HEAD_BYPASS_WARNING, checkpointed_la
                     first_encoder_layer_gradients, check_loss, offload_host_bytes, offloaded_inputs, loss_backward,
                     loss_forward, grad_norm_temporaries, int8_inside_layer_backward, int8_kept_through_step,
                     int8_previous_step, layer_gradients, top_layer_gradients, previous_step_leaf,
-                    reentrant_bias_output_grads, reentrant_layer_output, step_recipe,
+                    reentrant_bias_output_grads, reentrant_layer_output, reentrant_position_bias_grad, step_recipe,
                     top_layer_checkpointed, uncheckpointed_saved)
 from .weights import (Structure, lora_gradients, lora_weights, optimizer_state, optimizer_step_temporaries,
                       paged_optimizer_state, structure)
@@ -215,14 +215,15 @@ def moments(st: Structure, train: TrainSpec, kind: str, x: Shape, gpu: GpuSpec |
             + reentrant_layer_output(st, x, rc, stack="encoder")
             + reentrant_bias_output_grads(st, x, rc, stack="encoder"),
             backward_transients=layer_backward_transients(st, replace(x, tseq=x.seq), kind,
-                                                          train.gradient_checkpointing, stack="encoder"),
+                                                          train.gradient_checkpointing, stack="encoder",
+                                                          bias_grad=rc.checkpointing and rc.reentrant),
             lora_gradients=where(bottom, grads_bottom, grads_top))
     # 3c. T5/mT5: the encoder's first block computing its relative position bias (int64 bucketing
     #     temporaries over s_e²), in the forward or, with checkpointing, in its recompute at the
     #     end of backward, when little else is alive but the bucketing is large at long inputs
     pb = position_bias_activations(st, x, train.gradient_checkpointing)
     if _present(pb):
-        out["position bias"] = dict(base, activations=pb + int8_keep,
+        out["position bias"] = dict(base, activations=pb + int8_keep + reentrant_position_bias_grad(st, x, rc),
                                     lora_gradients=lora_gradients(st, x.r) if train.gradient_checkpointing else grads)
     # 3d. the gradient norm (clipping, and Trainer's logged norm), before the optimizer step
     clip = grad_norm_temporaries(st, rc)

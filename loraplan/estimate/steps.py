@@ -186,6 +186,24 @@ def reentrant_bias_output_grads(st: Structure, x, rc: StepRecipe, stack: str = "
     return a * x.seq * x.seq if stack == "encoder" else a * x.tseq * (x.tseq + x.seq)
 
 
+def reentrant_position_bias_grad(st: Structure, x, rc: StepRecipe):
+    """Reentrant, T5/mT5 with two or more encoder blocks: the gradient of the position bias the
+    first encoder block returns, alive through that block's backward (its bias recompute
+    included, ``activations.position_bias_activations``): a·n_h·s_e². The blocks above take the
+    bias as a grad-requiring input (every CheckpointFunction output requires grad); their
+    backward accumulates its gradient into the detached input's ``.grad`` (AccumulateGrad
+    copies it to the permuted bias's strides: clone_obey_contract, new_empty_strided [1, n_h, s,
+    s]) and returns it, and autograd hands it to the first block's CheckpointFunction.backward
+    as a grad output, held while it runs (torch/utils/checkpoint.py CheckpointFunction.backward).
+    Checked against the meta trace (small t5, bf16, b1 s2048). 0 otherwise (non-reentrant: the
+    bias comes from the frozen relative_attention_bias and needs no gradient)."""
+    m = st.model
+    if (not (rc.checkpointing and rc.reentrant) or not m.is_encoder_decoder or not _relative_bias(m)
+            or m.num_encoder_layers < 2):
+        return 0
+    return st.stream_bytes * m.num_heads * x.seq * x.seq
+
+
 def previous_step_leaf(leaf, rc: StepRecipe):
     """The grad-requiring embedding output and its ``.grad`` (``input_leaf_and_grad``), kept by
     the graph ``loss`` holds: into the next forward for the loop only."""

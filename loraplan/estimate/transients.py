@@ -145,7 +145,7 @@ def dequantized_weight_transient(st: Structure) -> int:
 
 
 def layer_backward_transients(st: Structure, x: Shape, kind: str = "flash", gradient_checkpointing: bool = True,
-                              stack: str = "decoder", score: bool = True):
+                              stack: str = "decoder", score: bool = True, bias_grad: bool = False):
     """Bytes above the top layer's saved tensors S at its largest point in backward (may be < 0
     in part: tensors already released), for the MLP, where layers peak.
 
@@ -165,6 +165,9 @@ def layer_backward_transients(st: Structure, x: Shape, kind: str = "flash", grad
       3·a·T·I; plain MLP: 2·a·T·I; a sparse-MoE top layer: 3·w·(T·k)·I_e over the routed rows.
     ``stack="encoder"`` (encoder-decoder models): the top encoder layer, with ``x`` the encoder's
     shape (T = T_enc); its position bias is an input, not recomputed.
+    ``bias_grad`` (reentrant checkpointing, ``stack="encoder"``): the top encoder block's position
+    bias requires grad, so its attention backward makes the bias's gradient
+    (``reentrant_bias_grad_stage``).
     Non-reentrant recompute stops early once the last saved tensor is made, so without LoRA on
     the down projection its forward is not recomputed. Saved tensors of nodes already run are
     released as backward goes (autograd release_variables). Sources: peft/tuners/lora/layer.py
@@ -309,6 +312,9 @@ def layer_backward_transients(st: Structure, x: Shape, kind: str = "flash", grad
         cross = a * m.num_heads * x.tseq * x.seq
         first_block = cross + a * x.T_enc * m.hidden_size
         extra = extra + cross + _max(0, first_block - (m.num_layers - 1) * a * T * m.hidden_size)
+    if bias_grad and stack == "encoder" and kind == "efficient":
+        released = released_before_attention_backward(st, x, stack)
+        extra = _max(extra, reentrant_bias_grad_stage(st, x) - released - best)
     if kind in ("math", "eager") and score:  # ``score=False``: the MLP stage alone
         # score-matrix attention backward, once the MLP, the norms after the attention and the
         # o_proj / MLP LoRA branches have run their backward and released what they saved
@@ -316,6 +322,36 @@ def layer_backward_transients(st: Structure, x: Shape, kind: str = "flash", grad
         released = released_before_attention_backward(st, x, stack)
         extra = _max(extra, score_backward_peak(st, kind, x) - released - best)
     return best + a * T * m.hidden_size + extra
+
+
+def reentrant_bias_grad_stage(st: Structure, x: Shape):
+    """Bytes above the top encoder layer's saved tensors at its memory-efficient attention backward
+    when its position bias requires grad (T5/mT5 under reentrant checkpointing), with ``x`` the
+    encoder's shape (tseq = s_e, T = b·s_e); 0 for a one-layer encoder or no relative bias.
+
+    Why it requires grad: T5Block returns the position bias it was given (modeling_t5.py
+    T5Block.forward / T5Stack.forward pass the first block's bias to the blocks above), and every
+    output of reentrant checkpointing's CheckpointFunction requires grad once an input does (the
+    hidden states), so the blocks above the first get a bias that requires grad and the recompute
+    keeps that flag (torch/utils/checkpoint.py CheckpointFunction.backward: detach_variable). The
+    sdpa call (integrations/sdpa_attention.py create_position_bias_mask: the bias itself as the
+    additive mask without a padding mask) expands the mask to [b, n_h, s, s] and pads its last dim
+    to a multiple of 16 (aten attention.cpp preprocess_mask / pad_bias); the efficient backward
+    then allocates the bias gradient at that padded, batch-wide size (aten
+    ``_efficient_attention_backward``; torch/_meta_registrations.py
+    meta__efficient_attention_backward: ``new_sizes[-1] = lastDimAligned``): a·b·n_h·s·⌈s⌉₁₆,
+    beside the q, k, v gradients (3·a·T·n_h·d) and, while the node runs, the output's gradient
+    (a·T·n_h·d). For b > 1 the expand's backward then sums it to [1, n_h, s, s] (a·n_h·s²), once
+    the efficient node has released what it saved (the bias's contiguous copy, a·n_h·s², q, k, v):
+    no higher. Checked against the meta trace (t5 small, b 1 and 2, s_e 2048). Without reentrant checkpointing the bias comes from
+    the frozen relative_attention_bias and needs no gradient."""
+    m = st.model
+    if not _relative_bias(m) or m.num_encoder_layers < 2:
+        return 0
+    a, s = st.attention_bytes, x.tseq
+    heads = a * x.T * m.num_heads * m.head_dim
+    grad_bias = a * x.b * m.num_heads * s * (_ceil(s / 16) * 16)
+    return grad_bias + 4 * heads
 
 
 def down_input_saved(model: ModelSpec) -> bool:
