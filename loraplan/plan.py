@@ -309,10 +309,10 @@ class _Evaluator:
         total <= the card. A size the setup cannot run at all (an explicit --attention flash once a
         sliding window is reached: ``activations.check_attention_kernel``) does not fit."""
         try:
-            self(train)
+            est = self(train)
         except InputError:
             return False
-        verdict = getattr(self(train), "verdict", None)
+        verdict = getattr(est, "verdict", None)
         if verdict is not None:
             return verdict != "does not fit"
         return self.total(train) <= self.gpu.memory_bytes
