@@ -16,7 +16,7 @@ from ..errors import InputError
 from ..spec import ModelSpec, TrainSpec
 from ..storage import Dtypes
 from .arrays import ceil as _ceil, where as _where
-from .sdpa import first_kernel, sdpa_refusals
+from .sdpa import explicit_kernel_refusal, first_kernel, sdpa_refusals
 from .sequences import batch_layout, explicit_mask
 from .weights import Structure
 
@@ -81,11 +81,9 @@ def check_attention_kernel(model: ModelSpec, train: TrainSpec, compute_capabilit
         return
     if model.arch.attention == "eager":  # the family's own attention (gemma2 softcapping): not sdpa's rules
         return
-    why = sdpa_kernel_refusals(model, train, compute_capability)
-    if why[kind]:
-        auto = first_kernel(why)
-        raise InputError(f"--attention {kind}: {kind} {why[kind]} here, so torch's sdpa has no kernel to run; "
-                         f"use --attention auto (torch picks {auto} here)")
+    why = explicit_kernel_refusal(kind, sdpa_kernel_refusals(model, train, compute_capability))
+    if why:
+        raise InputError(why)
 
 
 def sliding_window_reached(model: ModelSpec, seq):

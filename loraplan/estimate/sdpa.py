@@ -80,3 +80,13 @@ def sdpa_refusals(dtype: str, head_dim_qk: int, head_dim_v: int, masked: bool, c
 def first_kernel(refusals: dict[str, str]) -> str:
     """The kernel sdpa picks: the first of flash, efficient, math that can run."""
     return next(k for k in KERNELS if not refusals.get(k, ""))
+
+
+def explicit_kernel_refusal(kind: str, refusals: dict[str, str]) -> str | None:
+    """The one-line refusal of an explicit ``--attention kind`` that ``refusals``
+    (``sdpa_refusals``) rule out (torch's ``sdpa_kernel([backend])`` raises "No available
+    kernel" there), naming the kernel torch would pick instead; None when it can run."""
+    if not refusals.get(kind, ""):
+        return None
+    return (f"--attention {kind}: {kind} {refusals[kind]} here, so torch's sdpa has no kernel to run; "
+            f"use --attention auto (torch picks {first_kernel(refusals)} here)")

@@ -93,16 +93,16 @@ def choose_sdpa_backend(dtype: torch.dtype, head_dim_qk: int, head_dim_v: int, h
     mem-efficient takes GQA are version rules (loraplan/data/version-rules.json, ``stack``).
     """
     from ..errors import InputError
-    from ..estimate.sdpa import first_kernel, sdpa_refusals
+    from ..estimate.sdpa import explicit_kernel_refusal, first_kernel, sdpa_refusals
 
     cc = parse_cc(gpu_cc)
     if cc is None:
         return requested if requested in ("flash", "efficient", "math") else "math"
     why = sdpa_refusals(str(dtype).removeprefix("torch."), head_dim_qk, head_dim_v, has_mask, gpu_cc, gqa, stack)
     if requested in ("flash", "efficient", "math"):
-        if why[requested]:  # sdpa_kernel([backend]) raises "No available kernel" (sdp_utils.cpp)
-            raise InputError(f"--attention {requested}: {requested} {why[requested]} here, so torch's sdpa has no "
-                             f"kernel to run; use --attention auto (torch picks {first_kernel(why)} here)")
+        refusal = explicit_kernel_refusal(requested, why)  # sdpa_kernel([backend]): "No available kernel"
+        if refusal:
+            raise InputError(refusal)
         return requested
     return first_kernel(why)
 
