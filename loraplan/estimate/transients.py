@@ -466,15 +466,23 @@ def int8_retained_per_step(st: Structure, x: Shape, outlier_fraction=None, gradi
             f = 0 if outlier_fraction is None else outlier_fraction  # MLP-out roles only by default
             sub = f * st.int8_all_in_per_layer.get("cross", 0.0) * m.num_layers
         total = total + a * x.T_enc * (st.int8_encoder_out_in + sub)
-    for stack, in_sum in st.int8_inputs_per_layer.items():
-        T = x.T_enc if stack == "encoder" else x.T
-        L = _stack_layers(m, stack)
-        sub = _int8_outlier_in(st, T, stack, outlier_fraction)
-        if gradient_checkpointing and stack == "decoder" and not m.is_encoder_decoder and _no_input_norm(m):
-            # q/k/v read the layer input itself (olmo2: no input norm), the checkpointed input
-            in_sum = in_sum - m.hidden_size
-        total = total + L * a * T * (in_sum + sub)
+    for stack in st.int8_inputs_per_layer:
+        T, cols = _int8_layer_columns(st, x, stack, outlier_fraction, gradient_checkpointing)
+        total = total + _stack_layers(m, stack) * a * T * cols
     return total
+
+
+def _int8_layer_columns(st: Structure, x: Shape, stack: str, outlier_fraction=None, gradient_checkpointing=True):
+    """(T, in + f·in): the tokens of ``stack`` (T_enc for the encoder) and one of its layers'
+    distinct int8 input columns plus their outlier copies (cross-attention k/v apart), so one
+    layer keeps a·T·(in + f·in). With checkpointing a decoder layer without an input norm (olmo2)
+    gives q/k/v the checkpointed layer input itself: counted there, not here."""
+    m = st.model
+    T = x.T_enc if stack == "encoder" else x.T
+    in_sum = st.int8_inputs_per_layer.get(stack, 0.0)
+    if gradient_checkpointing and stack == "decoder" and not m.is_encoder_decoder and _no_input_norm(m):
+        in_sum = in_sum - m.hidden_size
+    return T, in_sum + _int8_outlier_in(st, T, stack, outlier_fraction)
 
 
 def _int8_outlier_in(st: Structure, T, stack: str, outlier_fraction=None):
@@ -498,12 +506,10 @@ def int8_retained_per_layer(st: Structure, x: Shape, stack: str, outlier_fractio
     its inner graph (CheckpointFunction.backward), see ``steps.int8_inside_layer_backward``."""
     if st.linear_quant != "int8":
         return 0
-    a, m = st.stream_bytes, st.model
-    T = x.T_enc if stack == "encoder" else x.T
-    in_sum = st.int8_inputs_per_layer.get(stack, 0.0)
-    if stack == "decoder" and not m.is_encoder_decoder and _no_input_norm(m):
-        in_sum = in_sum - m.hidden_size  # q/k/v read the checkpointed layer input itself (olmo2)
-    total = a * T * (in_sum + _int8_outlier_in(st, T, stack, outlier_fraction)) if stack in st.int8_inputs_per_layer else 0
+    a, total = st.stream_bytes, 0
+    if stack in st.int8_inputs_per_layer:
+        T, cols = _int8_layer_columns(st, x, stack, outlier_fraction)
+        total = a * T * cols
     if stack == "decoder" and st.int8_encoder_out_in and st.device != "cpu" and outlier_fraction is not None:
         # MLP-out roles only by default: none of the cross k/v (as int8_retained_per_step)
         total = total + a * x.T_enc * outlier_fraction * st.int8_all_in_per_layer.get("cross", 0.0)
