@@ -75,7 +75,7 @@ TRACE_LINES = {
     "optimizer_state": ("optimizer_state", "optimizer_temporaries"),
     "activations": ("activations", "backward_transients", "autocast_copies", "int8_previous_step",
                     "previous_step_input_grad", "input_embedding_grad"),
-    "logits_loss": ("logits_loss",),
+    "logits_loss": ("logits_loss", "model_output"),
     "other": ("cuda_workspaces", "kernel_transients", "allocator_overhead"),
 }
 
@@ -264,6 +264,9 @@ RECIPES = [
     dict(quant="nf4", trainer="trl"),
     dict(quant="bf16", adapter_dtype="bf16"),
     dict(quant="nf4", mixed_precision="fp16", load_dtype="fp16", compute_dtype="fp16"),
+    # a loop that binds the model output (--loop-outputs): logits alive through backward / into the next forward
+    dict(quant="bf16", loop_outputs="micro-step"),
+    dict(quant="nf4", loop_outputs="next-forward", gradient_accumulation=2),
 ]
 
 

@@ -78,8 +78,10 @@ def traced(case: dict, over: dict) -> dict:
 
 def analytic_inputs(case: dict, over: dict) -> dict:
     """What ``estimate`` hands ``stream_reserved.peak_reserved`` (read by wrapping it), the layer
-    block of ``allocator_slack.step_blocks``, and the estimate's peak allocated / reserved."""
-    model, lora, train = resolve_case({**case, **over})
+    block of ``allocator_slack.step_blocks``, and the estimate's peak allocated / reserved. The case's
+    ``stack`` is left out: the trace runs the installed libraries (their loss head, their FSDP), so
+    the analytic side assumes the same versions."""
+    model, lora, train = resolve_case({k: v for k, v in {**case, **over}.items() if k != "stack"})
     seen: dict = {}
     orig_pr, orig_sb = sr.peak_reserved, sl.step_blocks
 

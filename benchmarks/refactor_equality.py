@@ -208,6 +208,9 @@ ADDED = (
      "(checkpoint offload's host-link copies), and on GPUs without bf16 tensor cores the step with fp16 "
      "in place of emulated bf16 (step_s_fp16, fp16_option)",
      r"^\.estimate\.time\.(step_s_fp16|fp16_option|components\.(paging_s|gpu_host_copy_s))$"),
+    ("issue 13 (Answer.AI's loop): how long a plain loop keeps the model output is an input "
+     "(--loop-outputs; the default 'dropped' is the protocol's loop, no number moves)",
+     r"^\.(estimate\.inputs|sweep_row)\.loop_outputs$"),
 )
 
 

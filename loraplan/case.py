@@ -16,7 +16,7 @@ from dataclasses import fields
 from typing import Any, Callable
 
 from .errors import InputError
-from .spec import (ATTENTION, ATTN_IMPLEMENTATIONS, FLOAT_DTYPES, LOSSES, MIXED_PRECISION, OPTIMIZERS, PADDINGS,
+from .spec import (ATTENTION, ATTN_IMPLEMENTATIONS, FLOAT_DTYPES, LOOP_OUTPUTS, LOSSES, MIXED_PRECISION, OPTIMIZERS, PADDINGS,
                    QUANTS, RECIPE_FIELDS, TRAINERS, PARALLEL_FIELDS, STRATEGIES, FSDP_SHARDINGS, FSDP_BACKWARD_PREFETCHES, DEEPSPEED_BUCKETS, QUANT_STORAGES, LoraSpec, ModelSpec, TrainSpec, check_choice, check_value)
 
 #: default model and GPU: a common QLoRA setup (seed 001/002: Llama-2-7B, nf4 + double quant, r8 q,v)
@@ -138,6 +138,7 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
     "padding": _choice("padding", PADDINGS),
     "lengths": lambda v: parse_lengths(v),
     "loss": _choice("loss", LOSSES),
+    "loop_outputs": _choice("loop-outputs", LOOP_OUTPUTS),
     "checkpoint_every_n_layers": _int("checkpoint-every-n-layers"),
     "checkpoint_offload": _bool("checkpoint-offload"),
     "strategy": _choice("strategy", STRATEGIES),

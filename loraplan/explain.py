@@ -279,6 +279,14 @@ def _why_one_gpu(key: str, setup, e: Estimate, model: ModelSpec, lora: LoraSpec,
             return [f"at loss backward the fp32 log-softmax and its gradients: 12 B x T·V = 12 x {x.T:,} x "
                     f"{model.vocab_size:,} = {_gib(lb)}"]
         return [f"the logits [T={x.T:,}, V={model.vocab_size:,}] and the loss's fp32 copies"]
+    if key == "model_output":
+        from .trainers import resolve_recipe
+
+        until = "the next forward returns" if resolve_recipe(train).loop_outputs == "next-forward" else \
+            "the micro-step ends"
+        return [f"the loop binds the model's output (outputs = model(...)): its logits [T={x.T:,}, "
+                f"V={model.vocab_size:,}] stay alive until {until}; `del outputs` after reading the loss "
+                f"frees them (--loop-outputs dropped)"]
     if key in ("int8_previous_step", "kernel_transients"):
         f = train.int8_outlier_fraction
         f = default_int8_outlier_fraction(st, x.T) if f is None else f

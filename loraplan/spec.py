@@ -26,6 +26,10 @@ FloatDtype = Literal["bf16", "fp16", "fp32"]
 AttnImplementation = Literal["sdpa", "eager", "flash_attention_2"]
 Padding = Literal["max-length", "longest", "packing", "padding-free"]
 Loss = Literal["standard", "chunked", "liger"]
+#: how long a plain loop keeps the model's output object (its logits): "dropped" (``loss =
+#: model(...).loss``), "micro-step" (``outputs = model(...)`` ... ``outputs = None`` at the end of
+#: the micro-step), "next-forward" (``outputs`` rebound only when the next forward returns)
+LoopOutputs = Literal["dropped", "micro-step", "next-forward"]
 # Several GPUs (issue 13): the engine that spreads the step over them, as the engines name it.
 Strategy = Literal["single", "ddp", "fsdp", "fsdp-offload", "zero1", "zero2", "zero3", "zero3-offload", "device-map"]
 #: FSDP ShardingStrategy (torch.distributed.fsdp.ShardingStrategy FULL_SHARD / SHARD_GRAD_OP /
@@ -50,6 +54,7 @@ FLOAT_DTYPES: tuple[str, ...] = get_args(FloatDtype)
 ATTN_IMPLEMENTATIONS: tuple[str, ...] = get_args(AttnImplementation)
 PADDINGS: tuple[str, ...] = get_args(Padding)
 LOSSES: tuple[str, ...] = get_args(Loss)
+LOOP_OUTPUTS: tuple[str, ...] = get_args(LoopOutputs)
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
 FSDP_SHARDINGS: tuple[str, ...] = get_args(FsdpSharding)
 QUANT_STORAGES: tuple[str, ...] = get_args(QuantStorage)
@@ -395,6 +400,7 @@ CHECKS: dict[str, Callable[[str, Any], None]] = {
     "padding": _choice(PADDINGS),
     "lengths": _check_lengths,
     "loss": _optional(_choice(LOSSES)),
+    "loop_outputs": _optional(_choice(LOOP_OUTPUTS)),
     "checkpoint_every_n_layers": _positive_int(" (1: every decoder layer)"),
     "checkpoint_offload": _check_bool,
     "strategy": _choice(STRATEGIES),
@@ -429,7 +435,7 @@ def _checks(names: tuple[str, ...]) -> tuple[tuple[str, Callable[[str, Any], Non
 #: the training-stack fields of TrainSpec (issue 11); None values are the trainer's defaults
 RECIPE_FIELDS = ("trainer", "mixed_precision", "load_dtype", "prepare_kbit", "compute_dtype", "adapter_dtype", "gradient_accumulation",
                  "max_grad_norm", "reentrant", "attn_implementation", "padding", "lengths", "loss",
-                 "checkpoint_every_n_layers", "checkpoint_offload")
+                 "checkpoint_every_n_layers", "checkpoint_offload", "loop_outputs")
 #: the multi-GPU fields of TrainSpec (issue 13); "single" on one GPU is the one-GPU step
 PARALLEL_FIELDS = ("strategy", "num_gpus", "nodes", "fsdp_sharding", "fsdp_version", "use_orig_params", "quant_storage",
                    "ram_efficient_loading", "fsdp_backward_prefetch", "deepspeed_buckets")
@@ -531,6 +537,9 @@ class TrainSpec:
     checkpoint_every_n_layers: int = 1
     #: hold checkpointed inputs in host memory (transformers >= 5 ``offload``)
     checkpoint_offload: bool = False
+    #: a plain loop's lifetime of the model output (``LoopOutputs``): "dropped" (the protocol),
+    #: "micro-step" or "next-forward"; Trainer drops it in compute_loss. None: the trainer's default
+    loop_outputs: LoopOutputs | None = None
     # --- several GPUs (issue 13; ``PARALLEL_FIELDS``). "single" with one GPU is the one-GPU step.
     #: the engine: DDP, FSDP (incl. CPU offload), DeepSpeed ZeRO 1-3 (3 with offload), or
     #: accelerate's device_map layer split

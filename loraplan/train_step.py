@@ -178,6 +178,9 @@ class StepRunner:
         self.clip = clip or torch.nn.utils.clip_grad_norm_
         self.after_update = after_update or (lambda: None)
         self.loss = None  # the loop's `loss`: the last graph, alive until the next forward returns
+        #: the loop's `outputs` (``--loop-outputs``): "dropped" never binds it
+        self.outputs_kept = r.loop_outputs or "dropped"
+        self.outputs = None
         self.loss_kwargs = self.trainer != "loop" and accepts_loss_kwargs(model)
         self.tr_loss = None  # Trainer._tr_loss
         #: trl's fused chunked LM head in the loop (``--loss chunked``: add_fused_lm_head applied)
@@ -216,18 +219,29 @@ class StepRunner:
         return None if t is None or t.is_meta else float(t.detach().float().item())
 
     def _loop_step(self) -> None:
-        for _ in range(self.ga):
+        """``--loop-outputs``: "dropped" ``loss = model(...).loss``; otherwise ``outputs =
+        model(...)`` (rebound when the next forward returns), and "micro-step" sets ``outputs =
+        None`` at the end of each micro-step, after the optimizer step on the last (AnswerDotAI
+        fsdp_qlora train.py's order)."""
+        for i in range(self.ga):
             with self.phase("forward"):
                 with self._forward_context():
-                    self.loss = self.model(input_ids=self.ids, labels=self.labels, **self.inputs, **self.fused).loss
+                    out = self.model(input_ids=self.ids, labels=self.labels, **self.inputs, **self.fused)
+                    if self.outputs_kept != "dropped":
+                        self.outputs = out
+                    self.loss = out.loss
+                    del out
                 if self.ga > 1:
                     self.loss = self.loss / self.ga
             with self.phase("backward"):
                 self._backward(self.loss)
-        with self.phase("optimizer"):
-            self._update(self.trainable, self.max_norm if self.max_norm > 0 else None)
-            self.after_update()
-            self.opt.zero_grad(set_to_none=True)
+            if i == self.ga - 1:
+                with self.phase("optimizer"):
+                    self._update(self.trainable, self.max_norm if self.max_norm > 0 else None)
+                    self.after_update()
+                    self.opt.zero_grad(set_to_none=True)
+            if self.outputs_kept == "micro-step":
+                self.outputs = None
 
     def _trainer_step(self) -> None:
         torch = self.torch

@@ -110,7 +110,7 @@ def resolve_recipe(train: TrainSpec) -> TrainSpec:
     t = train.trainer
     changes: dict[str, Any] = {}
     for key in ("mixed_precision", "load_dtype", "prepare_kbit", "compute_dtype", "adapter_dtype",
-                "max_grad_norm", "reentrant", "attn_implementation", "loss"):
+                "max_grad_norm", "reentrant", "attn_implementation", "loss", "loop_outputs"):
         if getattr(train, key) is None:
             changes[key] = default_of(t, key, q, train.stack)
     if not q:
@@ -304,6 +304,8 @@ def recipe_summary(inputs: dict) -> str:
     pad = d["padding"] + (f" (lengths {_lengths_text(d['lengths'])})" if d.get("lengths") else "")
     parts.append(f"padding {pad}")
     parts.append(f"loss {d['loss']}")
+    if d.get("loop_outputs", "dropped") != "dropped":
+        parts.append(f"model outputs kept until the {'next forward' if d['loop_outputs'] == 'next-forward' else 'micro-step ends'}")
     if d.get("strategy", "single") != "single":  # several GPUs (issue 13): the layout the per-GPU numbers assume
         lay = f"{d['strategy']} on {d['num_gpus']} GPUs" + (f" ({d['nodes']} nodes)" if d.get("nodes", 1) > 1 else "")
         if d["strategy"].startswith("fsdp"):
@@ -333,6 +335,9 @@ def recipe_levers(train: TrainSpec) -> list[tuple[str, str, TrainSpec]]:
     if train.gradient_checkpointing and not r.checkpoint_offload:
         cands.append(("checkpointed inputs in host memory", "--checkpoint-offload",
                       replace(train, checkpoint_offload=True)))
+    if r.loop_outputs != "dropped":
+        cands.append(("the model output dropped before backward (loss = model(...).loss, or del outputs)",
+                      "--loop-outputs dropped", replace(train, loop_outputs="dropped")))
     if r.attn_implementation != "flash_attention_2":
         cands.append(("FlashAttention-2", "--attn-implementation flash_attention_2",
                       replace(train, attn_implementation="flash_attention_2", attention="auto")))

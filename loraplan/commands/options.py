@@ -15,7 +15,7 @@ import math
 import click
 
 from ..case import DEFAULTS
-from ..spec import (ATTN_IMPLEMENTATIONS, DEEPSPEED_BUCKETS, FLOAT_DTYPES, FSDP_BACKWARD_PREFETCHES, FSDP_SHARDINGS, LOSSES, MIXED_PRECISION, OPTIMIZERS, PADDINGS, QUANT_STORAGES,
+from ..spec import (ATTN_IMPLEMENTATIONS, DEEPSPEED_BUCKETS, FLOAT_DTYPES, FSDP_BACKWARD_PREFETCHES, FSDP_SHARDINGS, LOOP_OUTPUTS, LOSSES, MIXED_PRECISION, OPTIMIZERS, PADDINGS, QUANT_STORAGES,
                     QUANTS, STRATEGIES, TRAINERS)
 
 
@@ -97,6 +97,12 @@ def case_options(multi: bool = False, gpu: bool = True, config_in_json: bool = F
                               "call it too), liger: Liger's fused linear cross-entropy; neither holds the B*T*V "
                               "logits. hf has standard/liger, trl only chunked [default: loop/hf standard, "
                               "trl chunked]" + c),
+            click.option("--loop-outputs", default=None,
+                         help=f"--trainer loop only: how long the loop keeps the model's output (its B*T*V logits): "
+                              f"{', '.join(LOOP_OUTPUTS)} -- dropped: loss = model(**batch).loss; micro-step: outputs = "
+                              "model(**batch) ... outputs = None at the end of the micro-step; next-forward: outputs = "
+                              "model(**batch) rebound only when the next forward returns (the common loop) "
+                              "[default: dropped]" + c),
             click.option("--checkpoint-every-n-layers", default=None,
                          help="Checkpoint every n-th decoder layer (transformers >= 5) [default: 1]" + m),
             click.option("--checkpoint-offload/--no-checkpoint-offload", default=None,

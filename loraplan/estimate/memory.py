@@ -54,7 +54,7 @@ from .transients import (autocast_copies, cuda_workspaces, default_int8_outlier_
 from .steps import (_MLP_AND_O_ROLES, FUSED_HEAD_BYPASS_WARNING, checkpointed_layers, accumulated_gradients,
                     first_encoder_layer_gradients, check_loss, offload_host_bytes, offloaded_inputs, loss_backward,
                     loss_forward, grad_norm_temporaries, int8_inside_layer_backward, int8_kept_through_step,
-                    int8_previous_step, layer_gradients, top_layer_gradients, previous_step_leaf,
+                    int8_previous_step, kept_model_output, layer_gradients, top_layer_gradients, previous_step_leaf,
                     reentrant_bias_output_grads, reentrant_layer_output, reentrant_position_bias_grad, step_recipe,
                     top_layer_checkpointed, uncheckpointed_saved)
 from .weights import (Structure, lora_gradients, lora_weights, optimizer_state, optimizer_step_temporaries,
@@ -235,6 +235,11 @@ def moments(st: Structure, train: TrainSpec, kind: str, x: Shape, gpu: GpuSpec |
     out["optimizer step"] = dict(base, lora_gradients=lora_gradients(st, x.r),
                                  optimizer_temporaries=optimizer_step_temporaries(st, x.r, opt),
                                  input_embedding_grad=previous_step_leaf(leaf, rc), int8_previous_step=int8_prev)
+    # 5. a loop that binds the model's output keeps its logits (--loop-outputs; steps.kept_model_output)
+    for name, ledger in out.items():
+        held = kept_model_output(st, x, rc, name, gc)
+        if _present(held):
+            ledger["model_output"] = held
     return out
 
 

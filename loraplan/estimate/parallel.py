@@ -485,7 +485,7 @@ def device_map_layers(num_layers: int, n: int) -> list[int]:
 _PER_LAYER = ("frozen_linear_weights", "expert_weights", "lora_weights", "lora_gradients", "optimizer_state",
               "optimizer_temporaries", "activations", "autocast_copies", "int8_previous_step")
 _FIRST_ONLY = ("previous_step_input_grad", "input_embedding_grad")
-_LAST_ONLY = ("logits_loss",)
+_LAST_ONLY = ("logits_loss", "model_output")
 
 
 def _device_map(ms: dict[str, dict[str, Any]], st: Structure, train: TrainSpec) -> dict[int, dict[str, dict]]:

@@ -62,6 +62,9 @@ class StepScript:
       together during each ``step()``).
     - ``step_retained``: per layer, tensors a step keeps until the next step's forward ends
       (int8 ctx tensors held by the graph that ``loss`` keeps).
+    - ``output_kept`` / ``output_until``: names of ``head_forward`` tensors the loop's bound model
+      output keeps (``--loop-outputs``; ``head_forward`` does not free them), freed at the end of
+      the step ("micro-step") or when the next step's head forward is done ("next-forward").
     """
 
     layers: tuple = ()
@@ -75,6 +78,8 @@ class StepScript:
     persistent_bytes: tuple = ()
     step_retained: tuple = ()
     input_bytes: tuple = ()
+    output_kept: tuple = ()
+    output_until: str = "micro-step"
 
 
 def _events(weights: Sequence[int], s: StepScript, steps: int):
@@ -108,6 +113,9 @@ def _events(weights: Sequence[int], s: StepScript, steps: int):
         for key in retained_prev:  # the previous graph dies when `loss` is rebound
             add(("free", key))
         retained_prev = retained
+        if k and s.output_until == "next-forward":  # the previous output dies when `outputs` is rebound
+            for name in s.output_kept:
+                add(("free", (k - 1, "h", name)))
         # ---- backward
         for e in s.head_backward:
             add((e[0], (k, "h", e[1])) + tuple(e[2:]))
@@ -145,6 +153,9 @@ def _events(weights: Sequence[int], s: StepScript, steps: int):
                     add(("free", (k, "g", li, j)))
         for j in range(len(s.head_lora_grad_bytes)):
             add(("free", (k, "hg", j)))
+        if s.output_until == "micro-step":  # outputs = None at the end of the micro-step
+            for name in s.output_kept:
+                add(("free", (k, "h", name)))
     return ev
 
 
@@ -279,6 +290,12 @@ def step_script(model, lora, train, adapted, compute_capability: str | None = "9
     # the loss head (transformers loss/loss_utils.py ForCausalLMLoss; T5: CrossEntropyLoss)
     TV = x.T * model.vocab_size
     c = logits_bytes(st)
+    # the loop's bound model output keeps its logits (steps.kept_model_output): not freed in the head
+    from ..trainers import resolve_recipe
+
+    rr = resolve_recipe(train)
+    outputs = rr.loop_outputs if rr.trainer == "loop" and rr.loss == "standard" else "dropped"
+    kept: tuple = ()
     if not model.arch.loss_upcasts_logits:  # T5: CrossEntropyLoss on the raw logits
         hf = (("alloc", "logits", c * TV), ("alloc", "lsm", c * TV), ("free", "logits"))
         hb = (("alloc", "g_nll", c * TV), ("alloc", "g_lsm", c * TV), ("free", "g_nll"), ("free", "lsm"),
@@ -301,6 +318,8 @@ def step_script(model, lora, train, adapted, compute_capability: str | None = "9
             hf.append(("free", "logits32"))
         if c != 2 or form != "model_upcast":
             hf.append(("free", "logits"))  # the model output is dropped: `loss = model(...).loss`
+        # the output's logits: the fp32 upcast where the model upcasts them, else lm_head's
+        kept = ("logits32",) if c == 2 and form == "model_upcast" else ("logits",)
         hb = [("alloc", "g_nll", 4 * TV), ("alloc", "g_lsm", 4 * TV), ("free", "g_nll"), ("free", "lsm")]
         if c == 2:
             hb += [("alloc", "g_logits", 2 * TV), ("free", "g_lsm"), ("alloc", "g_h", a * x.T * h),
@@ -309,6 +328,12 @@ def step_script(model, lora, train, adapted, compute_capability: str | None = "9
             hb += [("alloc", "g_h", a * x.T * h), ("free", "g_lsm")]
         hb.append(("free", "g_h"))
         hf, hb = tuple(hf), tuple(hb)
+    if not model.arch.loss_upcasts_logits:
+        kept = ("logits",)
+    if outputs == "dropped":
+        kept = ()
+    else:
+        hf = tuple(e for e in hf if not (e[0] == "free" and e[1] in kept))
     # optimizer (weights.py optimizer_state / optimizer_step_temporaries, per tensor)
     sizes = [lora.rank * l.in_features for l in adapted] + [lora.rank * l.out_features for l in adapted]
     opt = train.optimizer
@@ -329,7 +354,8 @@ def step_script(model, lora, train, adapted, compute_capability: str | None = "9
                       lora_grad_bytes=tuple(grads), head_lora_grad_bytes=tuple(head_grads),
                       optimizer_state_bytes=tuple(state), optimizer_temp_bytes=tuple(temps),
                       persistent_bytes=tuple(cublas_workspace_bytes), input_bytes=ids,
-                      step_retained=tuple(keep) if retained else ())
+                      step_retained=tuple(keep) if retained else (), output_kept=kept,
+                      output_until=outputs)
 
 
 def reserved_for_setup(model, lora, train, compute_capability: str | None = "9.0",

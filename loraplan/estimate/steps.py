@@ -58,6 +58,8 @@ class StepRecipe:
     #: (model_type, form) pairs: how the stack's transformers holds the logits at the standard
     #: loss (version rule ``causal_lm_loss_logits``; ``lm_loss_form``)
     lm_loss_forms: tuple = ()
+    #: how long the loop keeps the model's output object (``TrainSpec.loop_outputs``)
+    loop_outputs: str = "dropped"
 
     @property
     def graph_outlives_step(self) -> bool:
@@ -77,7 +79,7 @@ def step_recipe(train) -> StepRecipe:
                       accumulation=int(r.gradient_accumulation), max_grad_norm=float(r.max_grad_norm or 0.0),
                       every_n_layers=int(r.checkpoint_every_n_layers), loss=r.loss,
                       offload=bool(r.checkpoint_offload) and bool(r.gradient_checkpointing),
-                      lm_loss_forms=lm_loss_forms(train.stack))
+                      lm_loss_forms=lm_loss_forms(train.stack), loop_outputs=r.loop_outputs or "dropped")
 
 
 def lm_loss_forms(stack) -> tuple:
@@ -89,6 +91,54 @@ def lm_loss_form(model_type: str, forms: tuple) -> str:
     """"model_upcast", "loss_shift" or "loss_pad" (a model_type the rule does not list: the
     newest form) for ``model_type`` under ``forms`` (``lm_loss_forms``)."""
     return dict(forms).get(model_type, "loss_pad")
+
+
+#: the moments after this step's forward at which a kept output (``--loop-outputs``) is alive
+_AFTER_FORWARD = ("loss backward", "layer backward", "encoder layer backward", "grad norm", "optimizer step")
+
+
+def kept_model_output(st: Structure, x, rc: StepRecipe, moment: str, gradient_checkpointing: bool = True):
+    """Bytes of the model's output object a plain loop keeps bound at ``moment`` (a MOMENTS name),
+    beyond what the ledger counts there anyway: 0 for ``loop_outputs`` "dropped" (``loss =
+    model(...).loss``: the output dies as ``.loss`` is read, the protocol) and for every Trainer
+    (compute_loss returns the loss).
+
+    With ``outputs = model(**batch)`` the output is bound through backward and the optimizer
+    step: "micro-step" (``outputs = None`` at the end of the micro-step, AnswerDotAI fsdp_qlora
+    train.py) holds it at every moment after this step's forward; "next-forward" (the name is
+    rebound only when the next forward returns) also at the next forward's moments, where it is
+    the previous micro-step's. What it holds (use_cache=False: no cache): ``logits``, [T, V] in
+    the dtype the forward returns them -- fp32 where the stack's transformers upcasts inside
+    ``*ForCausalLM.forward`` (version rule ``causal_lm_loss_logits`` "model_upcast": ``logits =
+    logits.float()``), else lm_head's dtype (the upcast is the loss's own copy,
+    loss/loss_utils.py::ForCausalLMLoss); none with a fused loss (trl's chunked head returns
+    ``log_probs``, fp32 [B, S] per field; Liger returns no logits when labels are given).
+    Encoder-decoder models (Seq2SeqLMOutput) also hold ``encoder_last_hidden_state``
+    (a·T_enc·h), which the decoder's layers keep anyway in their backward
+    (``encoder_kept_in_decoder_backward``) and, with checkpointing, their checkpointed inputs at
+    the loss backward: it counts at the other moments after the forward and in the next forward. Without
+    checkpointing the position-bias moment is in the forward, before the output exists."""
+    mode = rc.loop_outputs
+    if mode == "dropped" or rc.trainer != "loop":
+        return 0
+    before = moment in ("forward", "int8 matmul") or (moment == "position bias" and not gradient_checkpointing)
+    if before and mode != "next-forward":
+        return 0
+    m = st.model
+    if rc.loss == "chunked":
+        logits = len(fused_lm_head_outputs(rc.trainer)) * _blk(4 * x.T)
+    elif rc.loss == "liger":
+        logits = 0
+    else:
+        from .transients import logits_bytes
+
+        up = m.arch.loss_upcasts_logits and lm_loss_form(m.model_type, rc.lm_loss_forms) == "model_upcast"
+        logits = (4 if up else logits_bytes(st)) * x.T * m.vocab_size
+    enc = 0
+    kept_anyway = ("layer backward",) + (("loss backward",) if gradient_checkpointing else ())
+    if m.is_encoder_decoder and (before or moment not in kept_anyway):
+        enc = st.stream_bytes * x.T_enc * m.hidden_size
+    return logits + enc
 
 
 def checkpointed_layers(st: Structure, rc: StepRecipe) -> int:

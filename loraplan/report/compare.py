@@ -53,7 +53,8 @@ def configs_from_cases(cases: list[dict]) -> tuple[list[Config], list[str]]:
 def _short(k: str) -> str:
     return {"gradient_checkpointing": "gc", "double_quant": "dq", "optimizer": "opt", "mixed_precision": "mp",
             "gradient_accumulation": "ga", "max_grad_norm": "clip", "attn_implementation": "attn",
-            "checkpoint_every_n_layers": "ckpt_every", "checkpoint_offload": "offload"}.get(k, k)
+            "checkpoint_every_n_layers": "ckpt_every", "checkpoint_offload": "offload",
+            "loop_outputs": "outputs"}.get(k, k)
 
 
 def compare_document(configs: list[Config], gpus: list[GpuSpec], calibration_for, tokens: float,
