@@ -5,7 +5,10 @@ trace against the analytic per-stream closed form (``loraplan.estimate.stream_re
     python benchmarks/fsdp_reserved_from_replay.py [--engines 1,2] [--cache FILE] [--fit]
 
 Cases: the traceable FSDP rows of benchmarks/data/published-multigpu.json at full size (Llama-2-7B
-answerai QLoRA / LoRA, Llama-2-70B PEFT QLoRA) plus batch / context variants of the 7B ones; with
+answerai QLoRA / LoRA, Llama-2-70B PEFT QLoRA) plus batch / context variants of the 7B ones and,
+for the larger batches, the same steps with the model output dropped (the answerai loop keeps it:
+--loop-outputs micro-step). Both views run each case's stack (its loss head: trace/loss_paths.py
+::apply_loss_form); with
 ``--engines 2`` the same recipes under FSDP2 (``fully_shard``). Each is traced for rank 0
 (``trace_step``, a fake process group) and its allocation stream replayed with per-stream pools
 (``trace/run.py::replay_allocations``, ``PYTORCH_CUDA_ALLOC_CONF`` unset). Prints per stream:
@@ -54,6 +57,12 @@ CASES = (
     ("answerai-fsdp-lora-llama-2-7b-b6-ctx2048", {}),
     ("answerai-fsdp-lora-llama-2-7b-b4-ctx2048", {"batch": 2, "rank": 16}),
     ("peft-fsdp-qlora-llama-2-70b-2x-gpu-no-offload", {}),
+    # the answerai loop keeps the model output (--loop-outputs micro-step); the same steps with it
+    # dropped (a Trainer's, the protocol's), where the logits are large enough to move the slack
+    ("answerai-fsdp-qlora-llama-2-7b-b4-ctx2048", {"loop_outputs": "dropped"}),
+    ("answerai-fsdp-qlora-llama-2-7b-b10-ctx2048", {"loop_outputs": "dropped"}),
+    ("answerai-fsdp-lora-llama-2-7b-b4-ctx2048", {"loop_outputs": "dropped"}),
+    ("answerai-fsdp-lora-llama-2-7b-b6-ctx2048", {"loop_outputs": "dropped"}),
 )
 FSDP2 = {"fsdp_version": 2, "fsdp_backward_prefetch": None}
 
@@ -78,10 +87,8 @@ def traced(case: dict, over: dict) -> dict:
 
 def analytic_inputs(case: dict, over: dict) -> dict:
     """What ``estimate`` hands ``stream_reserved.peak_reserved`` (read by wrapping it), the layer
-    block of ``allocator_slack.step_blocks``, and the estimate's peak allocated / reserved. The case's
-    ``stack`` is left out: the trace runs the installed libraries (their loss head, their FSDP), so
-    the analytic side assumes the same versions."""
-    model, lora, train = resolve_case({k: v for k, v in {**case, **over}.items() if k != "stack"})
+    block of ``allocator_slack.step_blocks``, and the estimate's peak allocated / reserved."""
+    model, lora, train = resolve_case({**case, **over})
     seen: dict = {}
     orig_pr, orig_sb = sr.peak_reserved, sl.step_blocks
 

@@ -24,6 +24,14 @@ into the buffers the Python code allocated), ``_addmm_fp32`` is CUDA's ``torch.a
 out_dtype=float32, out=acc)`` (no fp32 copies of the tile), and ``torch.is_autocast_enabled`` /
 ``get_autocast_dtype`` for meta report the emulated autocast (``trace/autocast.py``), which
 ``ChunkedLogProbFunction.forward`` reads for its compute dtype.
+
+``standard`` under an older ``--stack`` (``apply_loss_form``): the installed transformers computes
+the loss the newest way (``loss_pad``); the version rule ``causal_lm_loss_logits`` names how older
+releases held the logits, and the trace reproduces their tensors: "model_upcast" (<= 4.45
+``LlamaForCausalLM.forward``: ``logits = logits.float()`` right after lm_head, so the model's output
+holds fp32 logits, then the shifted ``.contiguous()`` copy and ``CrossEntropyLoss``) and
+"loss_shift" (4.46-4.48 ``loss/loss_utils.py::ForCausalLMLoss``: ``logits.float()`` and the shifted
+copy inside the loss, the lm_head logits in the output).
 """
 
 from __future__ import annotations
@@ -190,3 +198,35 @@ def fused_head_cuda(train, torch):
                 delattr(mod, name)
             else:
                 setattr(mod, name, value)
+
+
+def apply_loss_form(model, train, torch) -> None:
+    """Give the PEFT-wrapped causal LM ``model`` the stack's older loss head (module docstring;
+    ``loraplan.estimate.steps.lm_loss_form``); a no-op for the newest form, encoder-decoder models
+    and the fused losses. The upcast is a forward hook on the (LoRA-wrapped) output embedding, as
+    4.38 upcast what ``self.lm_head(hidden_states)`` returned; the shifted cross-entropy replaces
+    ``loss_function`` (``PreTrainedModel.loss_function``'s setter)."""
+    from ..estimate.steps import lm_loss_form, lm_loss_forms
+    from ..trainers import resolve_recipe
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if resolve_recipe(train).loss != "standard" or getattr(base.config, "is_encoder_decoder", False):
+        return
+    form = lm_loss_form(base.config.model_type, lm_loss_forms(train.stack))
+    if form == "loss_pad":
+        return
+    if form == "model_upcast":
+        base.get_output_embeddings().register_forward_hook(lambda module, args, out: out.float())
+
+    def shifted_cross_entropy(logits, labels, vocab_size, num_items_in_batch=None, ignore_index=-100, **kwargs):
+        # transformers 4.46 loss/loss_utils.py::ForCausalLMLoss and fixed_cross_entropy (4.38: the
+        # same tensors inline, CrossEntropyLoss with reduction 'mean')
+        logits = logits.float()
+        shift_logits = logits[..., :-1, :].contiguous()
+        shift_labels = labels.to(logits.device)[..., 1:].contiguous()
+        reduction = "sum" if num_items_in_batch is not None else "mean"
+        loss = torch.nn.functional.cross_entropy(shift_logits.view(-1, vocab_size), shift_labels.view(-1),
+                                                 ignore_index=ignore_index, reduction=reduction)
+        return loss / num_items_in_batch if reduction == "sum" else loss
+
+    base.loss_function = shifted_cross_entropy

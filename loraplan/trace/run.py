@@ -37,7 +37,7 @@ from ..storage import Dtypes, is_quantized
 from ..hf import MOE_RULES
 from ..targets import expert_parameter_targets, peft_target_modules, peft_target_parameters
 from ..train_step import apply_checkpoint_layout, check_supported, checkpoint_kwargs, torch_dtype
-from .loss_paths import FUSED_HEAD_UNCERTAIN, apply_loss_path, fused_head_cuda
+from .loss_paths import FUSED_HEAD_UNCERTAIN, apply_loss_form, apply_loss_path, fused_head_cuda
 from .steps import meta_offload_hooks, run_steps
 
 #: the trace's ledger lines (coarser than the analytic ledger's; see estimate.result.LEDGER)
@@ -132,7 +132,7 @@ def _versions() -> dict[str, str]:
 def _stack(train: TrainSpec) -> dict[str, str]:
     """The versions the trace's rules assumed (``--stack`` over the installed ones). The code
     that runs is always the installed one: a given stack changes only the emulated kernel
-    choice and constant terms."""
+    choice, the constant terms and the loss head's form (``loss_paths.apply_loss_form``)."""
     from ..versions import resolve
 
     return resolve(train.stack)
@@ -437,6 +437,7 @@ def _run(torch, transformers, auto, config, load_dtype, attn_impl, quantized, se
             from ..errors import TargetError
 
             raise TargetError(f"LoRA targets {list(lora.targets)}: {str(e).splitlines()[0]}") from None
+        apply_loss_form(model, train, torch)  # an older --stack's loss head (trace/loss_paths.py)
         if dt.adapter != "fp32":
             # get_peft_model(autocast_adapter_dtype=True) made the adapters fp32; cast them as trl's
             # SFTTrainer does for a quantized model (sft_trainer.py: param.data = param.data.to(bf16))
