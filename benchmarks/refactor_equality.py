@@ -211,6 +211,9 @@ ADDED = (
     ("issue 13 (Answer.AI's loop): how long a plain loop keeps the model output is an input "
      "(--loop-outputs; the default 'dropped' is the protocol's loop, no number moves)",
      r"^\.(estimate\.inputs|sweep_row)\.loop_outputs$"),
+    ("issue 13 (accelerate's FSDP2 units): accelerate is a stack library (version rule accelerate_fsdp2_units); "
+     "every estimate names its version beside the others'",
+     r"^\.estimate\.inputs\.stack\.accelerate$"),
 )
 
 

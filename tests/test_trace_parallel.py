@@ -282,7 +282,8 @@ SMALL = dict(model_type="llama", hidden_size=512, intermediate_size=1376, num_hi
              num_key_value_heads=8, vocab_size=32000, max_position_embeddings=1024)
 
 
-@pytest.mark.parametrize("quant,extra", [("bf16", {}), ("fp32", {"trainer": "hf", "mixed_precision": "bf16"})])
+@pytest.mark.parametrize("quant,extra", [("bf16", {}), ("fp32", {"trainer": "hf", "mixed_precision": "bf16",
+                                                                    "stack": "accelerate=1.13"})])
 def test_fsdp2_forward_holds_the_root_and_first_layer_twice_on_both_views(quant, extra):
     """FSDP2's forward frees the previous unit's all-gather output only when the next unit's
     ``wait_for_unshard`` returns (``prev_all_gather_state`` is a local), after that unit's copy-out
@@ -304,3 +305,31 @@ def test_fsdp2_forward_holds_the_root_and_first_layer_twice_on_both_views(quant,
     gathered = m.components["gathered_params"] + m.components["all_gather_buffers"]
     assert 2 * root < gathered == pytest.approx(t["components"]["gathered_params"], rel=0.005)
     assert m.peak_allocated_bytes == pytest.approx(t["peak_allocated_bytes"], rel=0.01)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("batch", [1, 8])
+def test_accelerate_fsdp2_embedding_and_tail_units_on_both_views(tied, batch):
+    """A Trainer's accelerate >= 1.14 (version rule accelerate_fsdp2_units) cuts the input embedding
+    and the tail (output embedding, or the tied embedding) into units of their own: the untied
+    embedding is resharded after its forward, the tail from its post-backward on, so neither is
+    gathered while the layers run backward, where the plain root unit stays. Both views follow it
+    (measured: +0.03..+0.13%); accelerate 1.13's root unit keeps the embeddings gathered longer."""
+    from loraplan.catalog import load_calibration, load_gpu
+    from loraplan.estimate.api import estimate
+    from loraplan.hf import spec_from_config
+
+    cfg = dict(SMALL, tie_word_embeddings=tied)
+    gpu = load_gpu("h100-sxm-80gb")
+    peaks = {}
+    for stack in (None, "accelerate=1.13"):
+        train = TrainSpec(quant="bf16", batch=batch, seq=256, strategy="fsdp", num_gpus=2, fsdp_version=2,
+                          trainer="hf", stack=stack)
+        t = trace_step(cfg, LORA, train, rank=0)
+        e = estimate(spec_from_config(cfg, name="small"), LORA, train, gpu, load_calibration(gpu.id), with_time=False)
+        assert e.memory.peak_allocated_bytes == pytest.approx(t["peak_allocated_bytes"], rel=0.005)
+        peaks[stack] = (t["peak_allocated_bytes"], e.memory.moments["layer backward"])
+    assert peaks[None][0] <= peaks["accelerate=1.13"][0]
+    embedding = SMALL["vocab_size"] * SMALL["hidden_size"] * 2  # bf16, 31.25 MiB
+    # the root's embeddings (both, or the tied one) are not gathered in the layers' backward any more
+    assert peaks["accelerate=1.13"][1] - peaks[None][1] == (1 if tied else 2) * embedding

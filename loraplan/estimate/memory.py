@@ -376,7 +376,7 @@ def reserved_and_band(st: Structure, x: Shape, kind: str, peak_allocated, gpu: G
     if (not one_gpu and not _calibrated(cal, "reserved_over_allocated_ratio") and train is not None
             and rank_ledgers and train.strategy in ("fsdp", "fsdp-offload")):
         from . import stream_reserved
-        from .parallel import construction_tensors, layer_unit, layers_total, shard_group
+        from .parallel import construction_tensors, fsdp_root_unit, layer_unit, layers_total, shard_group
 
         conf = alloc_conf or "default"
         recipe = resolve_recipe(train)
@@ -393,7 +393,7 @@ def reserved_and_band(st: Structure, x: Shape, kind: str, peak_allocated, gpu: G
         head, layer = allocator_slack.step_blocks(st, x, kind)
         extra = stream_reserved.round_up(c.get("phi_layer", 0.0) * layer, 1)
         r = stream_reserved.peak_reserved(rank_ledgers, version, maximum(head, layer), c["phi"], conf,
-                                          root=st.unquantized_weights, unit=layer_unit(st, lora_weights(st, x.r)),
+                                          root=fsdp_root_unit(st, recipe), unit=layer_unit(st, lora_weights(st, x.r)),
                                           extra=extra, shard_group=shard_group(train), param_factor=param_factor,
                                           construction=built, fill=layer if version == 1 else 0,
                                           lora_block=lora_mp_shard(st, train, x.r))

@@ -87,7 +87,7 @@ from typing import Any
 
 from ..spec import TrainSpec
 from ..storage import dtype_bytes
-from .arrays import maximum
+from .arrays import is_scalar, maximum
 from .weights import Structure
 
 #: the FSDP strategies (trainers.py owns the layout refusals)
@@ -150,6 +150,52 @@ def layer_unit(st: Structure, lora_weights) -> Any:
     return (st.frozen_linear_weights - quant_state_bytes(st) + st.expert_weights + lora_weights) / layers_total(st)
 
 
+def _root_bytes_per_element(st: Structure) -> float:
+    """Bytes per element of the root's parameters as ``unquantized_weights`` stores them (embeddings,
+    position tables, norms, biases, an untied lm_head)."""
+    m = st.model
+    numel = sum(p.numel for p in m.others) + sum(l.out_features for l in m.linears if l.bias and l.role != "lm_head")
+    numel += sum(l.in_features * l.out_features for l in m.linears if l.role == "lm_head" and not m.tie_word_embeddings)
+    return st.unquantized_weights / max(numel, 1)
+
+
+def accelerate_carves_fsdp2(train: TrainSpec) -> bool:
+    """Whether the resolved ``train`` runs FSDP2 FULL_SHARD under a Trainer whose accelerate cuts the
+    input embedding and the tail into units of their own (version rule ``accelerate_fsdp2_units``)."""
+    from ..versions import rule
+
+    return (train.strategy in FSDP_STRATEGIES and train.fsdp_version == 2 and train.trainer != "loop"
+            and train.fsdp_sharding != "shard-grad-op"
+            and rule("accelerate_fsdp2_units", train.stack) == "embed_and_tail")
+
+
+def fsdp2_units(st: Structure, train: TrainSpec) -> dict | None:
+    """The non-layer FSDP2 units a Trainer's accelerate builds (version rule ``accelerate_fsdp2_units``):
+    None where the root holds everything but the decoder layers (a plain loop's fully_shard, accelerate
+    < 1.14, SHARD_GRAD_OP where every unit stays gathered anyway); else bytes as gathered of ``rest`` (the
+    root: norms, position tables, biases; torch's None heuristic keeps it gathered from its forward to
+    its post-backward), ``embed`` (the untied input embedding, resharded after its forward: 0 when
+    tied), ``tail`` (the output embedding, or the tied embedding, gathered from its forward until its
+    post-backward at the start of backward: reshard_after_forward=False) and ``tied``."""
+    if not accelerate_carves_fsdp2(train):
+        return None
+    m = st.model
+    b = _root_bytes_per_element(st)
+    embeds = [p.numel for p in m.others if p.kind == "embedding"]
+    token = embeds[0] * b if embeds else 0
+    tied = bool(m.tie_word_embeddings)
+    head = 0 if tied else sum(l.in_features * l.out_features for l in m.linears if l.role == "lm_head") * b
+    return {"rest": st.unquantized_weights - token - head, "embed": 0 if tied else token,
+            "tail": token if tied else head, "tied": tied}
+
+
+def fsdp_root_unit(st: Structure, train: TrainSpec):
+    """The largest non-layer unit FSDP all-gathers (``fsdp2_units``; else the root, every parameter
+    outside the decoder layers): for the all-gather stream's two coexisting outputs."""
+    u = fsdp2_units(st, train)
+    return st.unquantized_weights if u is None else maximum(maximum(u["rest"], u["embed"]), u["tail"])
+
+
 def construction_tensors(st: Structure, param_factor: float = 1) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(root, layer): bytes of each tensor FSDP1's constructor moves onto the GPU for the root
     unit (embeddings, position tables, an untied lm_head) and for one decoder-layer unit (its
@@ -158,10 +204,8 @@ def construction_tensors(st: Structure, param_factor: float = 1) -> tuple[tuple[
     Norms and biases (small-pool blocks) and LoRA factors (their own units) are left out; fused
     MoE experts too (one tensor per layer, not split here). For ``stream_reserved.construction_events``."""
     m = st.model
-    numel = sum(p.numel for p in m.others) + sum(l.out_features for l in m.linears if l.bias and l.role != "lm_head")
     head = [l for l in m.linears if l.role == "lm_head" and not m.tie_word_embeddings]
-    numel += sum(l.in_features * l.out_features for l in head)
-    b = st.unquantized_weights / max(numel, 1) * param_factor
+    b = _root_bytes_per_element(st) * param_factor
     root = [p.numel * b for p in m.others if p.kind in ("embedding", "position")]
     root += [l.in_features * l.out_features * b for l in head]
     first = [l for l in m.linears if l.role != "lm_head" and l.layer == 0 and l.stack == "decoder"]
@@ -318,8 +362,11 @@ def _fsdp(moment: str, c: dict, st: Structure, train: TrainSpec, r) -> dict:
     L = layers_total(st)
     unit = layer_unit(st, lw)
     root = st.unquantized_weights
+    carved = fsdp2_units(st, train) if train.fsdp_version == 2 else None
     if moment in ("grad norm", "optimizer step"):
         gathered = 0  # every unit resharded after its backward
+    elif carved is not None:
+        gathered, buffers = _fsdp2_carved(moment, carved, unit)
     elif moment == FIRST_GATHER:  # FSDP2: the root and the first layer being copied out, either sharding
         gathered = root + unit  # (_fsdp2_forward_gathers)
     elif train.fsdp_sharding == "shard-grad-op":
@@ -346,15 +393,20 @@ def _fsdp(moment: str, c: dict, st: Structure, train: TrainSpec, r) -> dict:
     # own shard, which stays allocated (_flat_param.py::FlatParamHandle._alloc_padded_unsharded_flat_param;
     # FSDP2 _fsdp_param.py::FSDPParam.init_unsharded_param)
     c["gathered_params"] = gathered
-    if train.fsdp_version == 2 and moment in BACKWARD_MOMENTS:
+    if carved is not None and moment not in ("grad norm", "optimizer step"):
+        if not is_scalar(buffers) or buffers:
+            c["all_gather_buffers"] = buffers
+    elif train.fsdp_version == 2 and moment in BACKWARD_MOMENTS:
         # _fsdp_collectives.py::foreach_all_gather: one flat output buffer of the unit, copied out
         # to the per-parameter tensors (foreach_all_gather_copy_out) before it is freed
         c["all_gather_buffers"] = unit
-    elif train.fsdp_version == 2 and moment in (FIRST_GATHER, LAST_GATHER, "forward"):
+    elif train.fsdp_version == 2 and moment in (FIRST_GATHER, LAST_GATHER, "forward", "loss backward"):
         # forward: the all-gather outputs FSDPParamGroup.wait_for_unshard keeps (_fsdp2_forward_gathers):
         # the first layer's beside the root's, the last layer's beside the one before, and at the
         # loss the last layer's, which only the root's post-forward frees
-        # (_fsdp_state.py::FSDPState._post_forward: ``all_gather_state = None``)
+        # (_fsdp_state.py::FSDPState._post_forward: ``all_gather_state = None``); at the loss
+        # backward the last layer's, which the root's pre-backward prefetches
+        # (FSDPParamGroup.pre_backward -> _backward_prefetch) and nothing copies out yet
         c["all_gather_buffers"] = {FIRST_GATHER: root + unit, LAST_GATHER: 2 * unit}.get(moment, unit)
     if moment in BACKWARD_MOMENTS:
         # the layer's LoRA gradients unsharded (FSDP1: the flat parameter's .grad; FSDP2: the
@@ -365,6 +417,26 @@ def _fsdp(moment: str, c: dict, st: Structure, train: TrainSpec, r) -> dict:
             if k in c:
                 c[k] = c[k] * 0
     return c
+
+
+def _fsdp2_carved(moment: str, u: dict, unit) -> tuple:
+    """(gathered, all-gather outputs) of ``_fsdp`` under accelerate's embedding / tail units
+    (``fsdp2_units``): the root's rest is gathered throughout; the untied input embedding only inside
+    its own forward, so its flat all-gather output is the one alive at the first layer's copy-out;
+    the tail (output embedding, or the tied embedding from the forward's start) from its forward until
+    its post-backward, before the layers' backward; the layers as in ``_fsdp`` (FULL_SHARD: resharded
+    after forward, the next prefetched in backward)."""
+    rest, tied, tail = u["rest"], u["tied"], u["tail"]
+    held_tail = tail if tied else 0  # the tied embedding is gathered from the forward's start
+    if moment == FIRST_GATHER:
+        return rest + held_tail + unit, (tail if tied else u["embed"]) + unit
+    if moment == LAST_GATHER:
+        return rest + held_tail + unit, 2 * unit
+    if moment in BACKWARD_MOMENTS:
+        return rest + 2 * unit, unit
+    if moment == "forward":  # at the loss: the tail's all-gather output (untied) or the last layer's
+        return rest + tail, unit if tied else tail
+    return rest + tail, 0  # loss backward: the tail still gathered, no all-gather output held
 
 
 def deepspeed_setting(st: Structure, train: TrainSpec, key: str) -> int:

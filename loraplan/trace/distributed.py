@@ -80,6 +80,8 @@ import functools
 from typing import Any, Callable
 
 from ..errors import InputError, TraceError
+from ..estimate.parallel import accelerate_carves_fsdp2
+from ..trainers import resolve_recipe
 
 #: strategies this module runs (the others raise TraceError naming why)
 TRACED = ("ddp", "fsdp", "fsdp-offload")
@@ -218,6 +220,32 @@ class Engine:
         self.units = ["ddp"]
         return ddp
 
+    def _carve_embed_and_tail(self, model, kw: dict, fully_shard) -> None:
+        """accelerate >= 1.14's units beside the decoder layers (version rule ``accelerate_fsdp2_units``;
+        accelerate utils/fsdp_utils.py::fsdp2_prepare_model): the untied input embedding with the
+        plugin's reshard_after_forward, then the tail [final norm, (tied input embedding,) output
+        embedding] with reshard_after_forward=False. The final norm is accelerate's own
+        ``_find_final_norm`` (None under PEFT: it scans the *ForCausalLM's children)."""
+        from torch.distributed.fsdp import FSDPModule
+
+        inp = model.get_input_embeddings()
+        out = model.get_output_embeddings()
+        tied = getattr(inp, "weight", None) is not None and getattr(inp, "weight", None) is getattr(out, "weight", None)
+        if not tied and inp is not None and not isinstance(inp, FSDPModule):
+            fully_shard(inp, **kw)
+            self.units.append("(input embedding)")
+        try:
+            from accelerate.utils.fsdp_utils import _find_final_norm
+            norm = _find_final_norm(model)
+        except ImportError:  # an accelerate older than the rule's 1.14 installed: the same scan
+            base = getattr(model, getattr(model, "base_model_prefix", ""), None) or model
+            norms = [m for _, m in base.named_children() if "Norm" in type(m).__name__]
+            norm = norms[-1] if norms else None
+        tail = [m for m in ((norm, inp, out) if tied else (norm, out)) if m is not None and not isinstance(m, FSDPModule)]
+        if tail:
+            fully_shard(tail, **{**kw, "reshard_after_forward": False})
+            self.units.append("(tail)")
+
     def _wrap_fsdp2(self, model):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, OffloadPolicy, fully_shard
@@ -234,7 +262,12 @@ class Engine:
             if type(mod).__name__ in no_split:
                 fully_shard(mod, **kw)
                 self.units.append(name)
-        fully_shard(model, **kw)
+        if accelerate_carves_fsdp2(resolve_recipe(self.train)):
+            self._carve_embed_and_tail(model, kw, fully_shard)
+            root_kw = {k: v for k, v in kw.items() if k != "reshard_after_forward"}  # torch's None: False for the root
+        else:
+            root_kw = kw
+        fully_shard(model, **root_kw)
         self.units.append("(root)")
         import gc
 
