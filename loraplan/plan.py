@@ -186,6 +186,7 @@ class Suggestion:
     device_total_bytes: int
     saving_bytes: int
     fits: bool
+    verdict: str | None = None  # Estimate.verdict of the changed setup ("fits, within the uncertainty": in band)
 
 
 @dataclass
@@ -317,6 +318,13 @@ class _Evaluator:
             return verdict != "does not fit"
         return self.total(train) <= self.gpu.memory_bytes
 
+    def verdict(self, train: TrainSpec) -> str | None:
+        """The estimate's verdict (``Estimate.verdict``); "does not fit" for a size the setup cannot run."""
+        try:
+            return getattr(self(train), "verdict", None)
+        except InputError:
+            return "does not fit"
+
     def clear(self, train: TrainSpec) -> bool:
         """Fits with the whole uncertainty band to spare (Estimate.verdict "fits")."""
         if not self.fits(train):
@@ -354,7 +362,10 @@ _LEVER_FIELDS = ("gradient_accumulation", "loss", "mixed_precision", "prepare_kb
                  "attn_implementation", "attention")
 
 
-def _suggestions(ev: _Evaluator, train: TrainSpec, max_seq: int) -> list[Suggestion]:
+def _suggestions(ev: _Evaluator, train: TrainSpec, max_seq: int, clear_seq: int = 0) -> list[Suggestion]:
+    """Changes that lower the device total of a setup that does not fit, each with the changed
+    setup's verdict; the shorter sequence is the longest that keeps the uncertainty band
+    (``clear_seq``), else the longest that fits inside it (``max_seq``)."""
     base = ev.total(train)
     cands: list[tuple[str, str, TrainSpec]] = []
     if not train.gradient_checkpointing:
@@ -369,8 +380,9 @@ def _suggestions(ev: _Evaluator, train: TrainSpec, max_seq: int) -> list[Suggest
         cands.append((f"micro-batch 1 + gradient accumulation x{ga}",
                       f"--batch 1 --gradient-accumulation {ga} (or --effective-batch {ga})",
                       replace(train, batch=1, gradient_accumulation=ga)))
-    if 0 < max_seq < train.seq:
-        cands.append((f"shorter sequences ({max_seq} tokens)", f"--seq {max_seq}", replace(train, seq=max_seq)))
+    short = clear_seq if 0 < clear_seq < train.seq else max_seq
+    if 0 < short < train.seq:
+        cands.append((f"shorter sequences ({short} tokens)", f"--seq {short}", replace(train, seq=short)))
     elif max_seq == 0 and train.seq > 128:
         cands.append(("shorter sequences (128 tokens)", "--seq 128", replace(train, seq=128)))
     from .trainers import recipe_levers
@@ -384,7 +396,7 @@ def _suggestions(ev: _Evaluator, train: TrainSpec, max_seq: int) -> list[Suggest
         except LoraplanError:  # a change this setup cannot take (e.g. a kernel the GPU lacks): not offered
             continue
         if total < base:  # a 4-bit base alone can cost more (fp32 stream) without checkpointing
-            out.append(Suggestion(change, option, total, base - total, ev.fits(t)))
+            out.append(Suggestion(change, option, total, base - total, ev.fits(t), ev.verdict(t)))
         if not change.startswith("shorter"):
             # greedy combination: apply this change on top of the ones kept so far
             trial = replace(combined, **{f: getattr(t, f) for f in
@@ -404,11 +416,13 @@ def _suggestions(ev: _Evaluator, train: TrainSpec, max_seq: int) -> list[Suggest
         change = "these changes together"
         if not fits:
             ms = _largest(lambda n: ev.fits(replace(combined, seq=n)), 1, train.seq)
+            ms = (_largest(lambda n: ev.clear(replace(combined, seq=n)), 1, ms) if ms else 0) or ms
             if ms:
                 options.append(f"--seq {ms}")
                 change = f"these changes together, with sequences of {ms} tokens"
-                total, fits = ev.total(replace(combined, seq=ms)), True
-        out.append(Suggestion(change, " ".join(options), total, base - total, fits))
+                combined = replace(combined, seq=ms)
+                total, fits = ev.total(combined), True
+        out.append(Suggestion(change, " ".join(options), total, base - total, fits, ev.verdict(combined)))
     return out
 
 
@@ -561,7 +575,7 @@ def plan_job(model: ModelSpec, lora: LoraSpec, train: TrainSpec, gpus: list[GpuS
             max_micro_batch=max_b, max_seq=max_s, step_s=te.step_s, tokens_per_s=te.tokens_per_s,
             bound=te.bound, micro_steps=steps, total_hours=hours, price_usd_per_hour=price,
             total_usd=hours * price * n_gpus if price is not None and hours is not None else None,
-            suggestions=[] if fits else _suggestions(ev, t, max_s),
+            suggestions=[] if fits else _suggestions(ev, t, max_s, clear_s),
             verdict=getattr(est, "verdict", None), margin_bytes=getattr(est, "margin_bytes", None),
             max_positions=model.max_positions, max_seq_memory=max_mem, seq_limit=seq_limit,
             max_micro_batch_clear=clear_b, max_seq_clear=clear_s,

@@ -461,7 +461,8 @@ class _Reader:
             val = tuple(int(x) for x in v) if all(isinstance(x, int) for x in v) else val
         prev = self.opts.pop(key, None)  # the loraplan section says it outright: it wins over what the file implied
         self.defaults = [d for d in self.defaults if d[0] != key]
-        self.set(key, val, f"loraplan.{k}", v, "" if prev is None else f"instead of {_short(prev)} from the file")
+        differs = prev is not None and str(prev).lower() != str(val).lower()
+        self.set(key, val, f"loraplan.{k}", v, f"instead of {_short(prev)} from the file" if differs else "")
 
     # -- model
     def model(self, key: str, v: Any) -> None:

@@ -264,6 +264,9 @@ def check_choice(key: str, v: Any, choices: tuple[str, ...]) -> None:
     """InputError unless ``v`` is one of ``choices`` (with the closest names as suggestions)."""
     if isinstance(v, str) and v in choices:
         return
+    if isinstance(v, str) and "," in v and all(p.strip() in choices for p in v.split(",")):
+        raise InputError(f"{_opt(key)} '{v}' is a list: this command takes one value; give one of them, or "
+                         f"compare them with 'loraplan sweep' or 'loraplan report compare'")
     raise InputError(f"{_opt(key)} '{v}' is not one of {', '.join(choices)}{suggest(str(v), choices)}")
 
 

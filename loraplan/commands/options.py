@@ -99,10 +99,10 @@ def case_options(multi: bool = False, gpu: bool = True, config_in_json: bool = F
                               "trl chunked]" + c),
             click.option("--loop-outputs", default=None,
                          help=f"--trainer loop only: how long the loop keeps the model's output (its B*T*V logits): "
-                              f"{', '.join(LOOP_OUTPUTS)} -- dropped: loss = model(**batch).loss; micro-step: outputs = "
-                              "model(**batch) ... outputs = None at the end of the micro-step; next-forward: outputs = "
-                              "model(**batch) rebound only when the next forward returns (the common loop) "
-                              "[default: dropped]" + c),
+                              f"{', '.join(LOOP_OUTPUTS)} -- dropped: loss = model(**batch).loss (the H100 protocol's "
+                              "loop); micro-step: outputs = model(**batch) ... outputs = None at the end of the "
+                              "micro-step; next-forward: outputs = model(**batch) rebound only when the next forward "
+                              "returns (the transformers course's loop) [default: dropped]" + c),
             click.option("--checkpoint-every-n-layers", default=None,
                          help="Checkpoint every n-th decoder layer (transformers >= 5) [default: 1]" + m),
             click.option("--checkpoint-offload/--no-checkpoint-offload", default=None,

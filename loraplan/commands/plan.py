@@ -224,7 +224,7 @@ def _print_table(d: dict) -> None:
         if g["fits"] or not g["suggestions"]:
             continue
         con.print(f"[red]{_config(g)}[/] needs {size(g['device_total_bytes'])} of {size(g['memory_bytes'])}; changes:")
-        bullets(con, [f"{s['option']}: {s['change']}, saves {size(s['saving_bytes'])}" + (" -> fits" if s["fits"] else "")
+        bullets(con, [f"{s['option']}: {s['change']}, saves {size(s['saving_bytes'])}" + _fits_text(s)
                       for s in g["suggestions"]], indent=2)
     for sk in d.get("skipped", []):  # GPUs that cannot run the recipe at all
         con.print(f"[yellow]{sk['gpu']}[/] not planned: {sk['reason']}")
@@ -299,3 +299,12 @@ def _shown_rows(gpus: list[dict]) -> tuple[list[dict], int]:
             closest[g["gpu"]] = g
     shown += list(closest.values())
     return shown, len(gpus) - len(shown)
+
+
+def _fits_text(s: dict) -> str:
+    """' -> fits' for a suggestion whose setup fits with the uncertainty band to spare; the verdict's
+    own words where it fits only inside the band or with paging; '' where it still does not fit."""
+    if not s["fits"]:
+        return ""
+    v = s.get("verdict")
+    return {"fits, within the uncertainty": " -> fits, in band", "fits with paging": " -> fits with paging"}.get(v, " -> fits")

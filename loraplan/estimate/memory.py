@@ -54,7 +54,7 @@ from .transients import (autocast_copies, cuda_workspaces, default_int8_outlier_
 from .steps import (_MLP_AND_O_ROLES, FUSED_HEAD_BYPASS_WARNING, checkpointed_layers, accumulated_gradients,
                     first_encoder_layer_gradients, check_loss, offload_host_bytes, offloaded_inputs, loss_backward,
                     loss_forward, grad_norm_temporaries, int8_inside_layer_backward, int8_kept_through_step,
-                    int8_previous_step, kept_model_output, layer_gradients, top_layer_gradients, previous_step_leaf,
+                    int8_previous_step, kept_model_output, layer_gradients, loss_form_note, top_layer_gradients, previous_step_leaf,
                     reentrant_bias_output_grads, reentrant_layer_output, reentrant_position_bias_grad, step_recipe,
                     top_layer_checkpointed, uncheckpointed_saved)
 from .weights import (Structure, lora_gradients, lora_weights, optimizer_state, optimizer_step_temporaries,
@@ -500,6 +500,9 @@ def estimate_memory(s: Setup, gpu: GpuSpec | None, cal: Calibration, alloc_conf:
     newer = versions.stack_note(s.train.stack)
     if newer:  # --stack torch=9.9: a release the rules do not index yet
         notes.append(newer)
+    old_loss = loss_form_note(st.model, s.train)
+    if old_loss:  # --stack transformers=4.40 with a family the loss-head rule does not list
+        notes.append(old_loss)
     if st.linear_quant == "fp32" and s.train.quant in QUANTIZED:
         notes.append(f"{st.model.model_type}: transformers' bitsandbytes quantizer converts only exact nn.Linear "
                      f"modules; this family's Linears stay unquantized and are upcast to fp32 by "

@@ -231,7 +231,7 @@ LEDGER: tuple[LedgerLine, ...] = (
     LedgerLine("previous_step_input_grad", "previous step's input embedding + grad", "#ccb974"),
     LedgerLine("input_embedding_grad", "input embedding output + its grad", "#a6d854"),
     LedgerLine("logits_loss", "logits and loss", "#937860", _BOTH),
-    LedgerLine("model_output", "the loop's kept model output (logits)", "#b39b7c"),
+    LedgerLine("model_output", "the loop's kept model output", "#c9a66b"),
     LedgerLine("backward_transients", "backward transients (grads, dequantized weight)", "#da8bc3"),
     LedgerLine("kernel_transients", "int8 matmul transients (int32 result, outlier columns)", "#b5556e"),
     # several GPUs (estimate.parallel): what the engines add per rank

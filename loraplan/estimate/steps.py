@@ -87,6 +87,26 @@ def lm_loss_forms(stack) -> tuple:
     return tuple(sorted(versions.rule("causal_lm_loss_logits", stack).items()))
 
 
+def loss_form_note(model, train) -> str:
+    """A note when ``train.stack``'s transformers predates the rule ``causal_lm_loss_logits``'s last
+    boundary and the causal LM's model_type is not among the families it lists for that release:
+    the newest loss head is assumed there, and an older release may hold fp32 logits in the model
+    (its output's logits, the shifted copy). '' otherwise (encoder-decoder models, fused losses)."""
+    r = resolve_recipe(train)
+    if r.loss != "standard" or model.is_encoder_decoder or not model.arch.loss_upcasts_logits:
+        return ""
+    entries = versions.rules_data()["rules"]["causal_lm_loss_logits"]["values"]
+    tf = versions.resolve(train.stack)["transformers"]
+    if versions.version_tuple(tf) >= versions.version_tuple(entries[-1]["since"]):
+        return ""
+    if model.model_type in dict(lm_loss_forms(train.stack)):
+        return ""
+    return (f"transformers {tf}: how {model.model_type}'s loss head held the logits in that release is not in the "
+            f"version rules (causal_lm_loss_logits); the newest form is assumed (lm_head's logits, their fp32 copy "
+            f"inside the loss), while older releases upcast them in the model for some families: up to 2·T·V more "
+            f"bytes at the loss")
+
+
 def lm_loss_form(model_type: str, forms: tuple) -> str:
     """"model_upcast", "loss_shift" or "loss_pad" (a model_type the rule does not list: the
     newest form) for ``model_type`` under ``forms`` (``lm_loss_forms``)."""
