@@ -68,9 +68,15 @@ def test_fsdp_gathered_units_are_root_plus_layers_in_backward():
     c_opt = ledger(QLORA, "optimizer step", strategy="fsdp", num_gpus=2, fsdp_version=1)
     assert c2["gathered_params"] > c_fwd["gathered_params"] > 0  # the root stays gathered after forward
     assert c_opt["gathered_params"] == 0
-    # FSDP2 prefetches one more layer in backward and stages the all-gather output
-    v2 = ledger(QLORA, "layer backward", strategy="fsdp", num_gpus=2, fsdp_version=2)
+    # FSDP2 prefetches one more layer in backward and stages the all-gather output (accelerate 1.13's
+    # units: the root holds the embeddings and lm_head through the backward)
+    v2 = ledger(QLORA, "layer backward", strategy="fsdp", num_gpus=2, fsdp_version=2, stack="accelerate=1.13")
     assert v2["gathered_params"] >= c2["gathered_params"] and v2["all_gather_buffers"] > 0
+    # accelerate >= 1.14 cuts the embeddings into their own units: not gathered in the layers' backward
+    v2c = ledger(QLORA, "layer backward", strategy="fsdp", num_gpus=2, fsdp_version=2)
+    root = 2 * MODEL.vocab_size * MODEL.hidden_size * 2  # untied embedding + lm_head, bf16
+    assert v2["gathered_params"] - v2c["gathered_params"] == root
+    assert v2c["all_gather_buffers"] == v2["all_gather_buffers"]
     # SHARD_GRAD_OP keeps every layer gathered through forward: about the whole base
     sgo = ledger(QLORA, "forward", strategy="fsdp", num_gpus=2, fsdp_sharding="shard-grad-op")
     assert sgo["gathered_params"] > 0.9 * sgo["frozen_linear_weights"]
@@ -84,7 +90,7 @@ def test_fsdp2_forward_all_gather_outputs_outlive_the_next_copy_out():
     from loraplan.estimate.parallel import FIRST_GATHER, LAST_GATHER, layer_unit
     from loraplan.targets import select_targets
 
-    kw = dict(strategy="fsdp", num_gpus=2, fsdp_version=2)
+    kw = dict(strategy="fsdp", num_gpus=2, fsdp_version=2, stack="accelerate=1.13")  # the root-unit layout
     st = make_setup(MODEL, LORA, replace(QLORA, **kw), select_targets(MODEL, LORA.targets)).structure
     root = st.unquantized_weights
     first, last, fwd = (ledger(QLORA, m, **kw) for m in (FIRST_GATHER, LAST_GATHER, "forward"))
@@ -96,6 +102,14 @@ def test_fsdp2_forward_all_gather_outputs_outlive_the_next_copy_out():
     assert first["activations"] < last["activations"] == fwd["activations"]
     with pytest.raises(KeyError):  # FSDP1 frees the unsharded flat parameter at once: no such moments
         ledger(QLORA, FIRST_GATHER, strategy="fsdp", num_gpus=2, fsdp_version=1)
+    # accelerate >= 1.14's units: the first layer's copy-out holds the input embedding's output, not
+    # its parameters (resharded after its forward); the loss holds lm_head's output and parameters
+    kw.pop("stack")
+    first, fwd = (ledger(QLORA, m, **kw) for m in (FIRST_GATHER, "forward"))
+    embedding = MODEL.vocab_size * MODEL.hidden_size * 2
+    assert first["all_gather_buffers"] == pytest.approx(embedding + unit, rel=1e-9)
+    assert first["gathered_params"] == pytest.approx(root - 2 * embedding + unit, rel=1e-9)
+    assert fwd["all_gather_buffers"] == embedding and fwd["gathered_params"] == pytest.approx(root - embedding, rel=1e-9)
 
 
 def test_trainable_state_is_sharded_1_over_n():

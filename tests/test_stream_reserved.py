@@ -302,7 +302,27 @@ def test_fsdp2_fp32_base_under_bf16_mixed_precision_casts_the_shard_beside_the_o
     """FSDP2 under accelerate's MixedPrecisionPolicy(param_dtype=bf16) casts each fp32 shard in the
     copy-in stream before the copy-in (_fsdp_collectives.py::foreach_all_gather ->
     FSDPParam.all_gather_inputs): the root's bf16 shard (31.25 MiB -> 32) beside its bf16 output
-    (62.5 MiB -> 64); an fp32 all-gather would hold twice the output."""
+    (62.5 MiB -> 64); an fp32 all-gather would hold twice the output. The root unit is accelerate
+    1.13's (--stack accelerate=1.13); from 1.14 the embeddings are units of their own
+    (test_fsdp2_embedding_units_under_bf16_mixed_precision_keep_the_rank_total_above_the_replay)."""
+    from loraplan.hf import spec_from_config
+    from loraplan.spec import LoraSpec, TrainSpec
+
+    lora = LoraSpec(rank=8, targets=("q_proj", "v_proj"))
+    train = TrainSpec(quant="fp32", batch=2, seq=512, strategy="fsdp", num_gpus=2, fsdp_version=2, trainer="hf",
+                      mixed_precision="bf16", stack="accelerate=1.13")
+    replay, _, an, _ = _replay_and_analytic(CFG, lora, train, spec_from_config(CFG, name="small"))
+    assert an["all_gather_copy_in_stream"] == replay["all_gather_copy_in_stream"] == 96 * MiB, (an, replay)
+    assert an["reduce_scatter_stream"] == replay["reduce_scatter_stream"]
+
+
+def test_fsdp2_embedding_units_under_bf16_mixed_precision_keep_the_rank_total_above_the_replay():
+    """accelerate >= 1.14's embedding / tail units with an fp32 base under bf16 mixed precision: the
+    copy-in stream holds the input embedding's cast shard and output beside the first layer's
+    (the previous all-gather's state lives until the next unit's wait_for_unshard), spread over more
+    segments than the closed form's two blocks (measured: 82 MiB replayed, 48 MiB analytic), while
+    the default stream's slack over-covers it: the rank's total stays at or above the replay,
+    within 5%."""
     from loraplan.hf import spec_from_config
     from loraplan.spec import LoraSpec, TrainSpec
 
@@ -310,8 +330,8 @@ def test_fsdp2_fp32_base_under_bf16_mixed_precision_casts_the_shard_beside_the_o
     train = TrainSpec(quant="fp32", batch=2, seq=512, strategy="fsdp", num_gpus=2, fsdp_version=2, trainer="hf",
                       mixed_precision="bf16")
     replay, _, an, _ = _replay_and_analytic(CFG, lora, train, spec_from_config(CFG, name="small"))
-    assert an["all_gather_copy_in_stream"] == replay["all_gather_copy_in_stream"] == 96 * MiB, (an, replay)
-    assert an["reduce_scatter_stream"] == replay["reduce_scatter_stream"]
+    total_an, total_replay = sum(an.values()), sum(replay.values())
+    assert total_replay <= total_an <= 1.05 * total_replay, (an, replay)
 
 
 def test_fsdp1_lazy_init_of_an_fp32_base_is_the_peak_of_a_short_step_on_both_views():
