@@ -358,3 +358,18 @@ def test_fsdp1_lazy_init_of_an_fp32_base_is_the_peak_of_a_short_step_on_both_vie
     assert root_fp32 <= m.components["gathered_params"] <= root_fp32 + 4 * CFG["hidden_size"] * (2 * 4 + 1)
     assert abs(m.peak_allocated_bytes - t["peak_allocated_bytes"]) <= 0.01 * t["peak_allocated_bytes"], \
         (m.peak_allocated_bytes, t["peak_allocated_bytes"])
+
+
+def test_fsdp1_cpu_offload_copies_each_shard_to_the_device_before_its_all_gather():
+    """FSDP1 with CPU offload and no parameter mixed precision: FlatParamHandle.pre_unshard copies the
+    host shard to the device on the pre-unshard stream (flat_param_to(self.device)), a shard-sized
+    block freed once the all-gather has read it; the root's shard is the largest, the layers' reuse
+    its block. Without offload nothing is allocated there."""
+    root, unit = 1000 * MiB, 400 * MiB
+    assert sr.mp_shard_blocks(1, root, unit, 2) == ()
+    assert sr.mp_shard_blocks(1, root, unit, 2, offload=True) == (500 * MiB, 200 * MiB)
+    assert sr.mp_shard_blocks(2, root, unit, 2, offload=True) == ()  # FSDP2: not this path
+    ms = {"layer backward": {"activations": 2000 * MiB}}
+    on = sr.reserved_by_stream(ms, 1, 100 * MiB, 1.0, root=root, unit=unit, shard_group=2, offload=True)
+    off = sr.reserved_by_stream(ms, 1, 100 * MiB, 1.0, root=root, unit=unit, shard_group=2)
+    assert "pre_unshard_stream" not in off and on["pre_unshard_stream"] == 500 * MiB

@@ -396,7 +396,8 @@ def reserved_and_band(st: Structure, x: Shape, kind: str, peak_allocated, gpu: G
                                           root=fsdp_root_unit(st, recipe), unit=layer_unit(st, lora_weights(st, x.r)),
                                           extra=extra, shard_group=shard_group(train), param_factor=param_factor,
                                           construction=built, fill=layer if version == 1 else 0,
-                                          lora_block=lora_mp_shard(st, train, x.r))
+                                          lora_block=lora_mp_shard(st, train, x.r),
+                                          offload=train.strategy == "fsdp-offload")
         r = maximum(r, peak_allocated)
         return ((int(r) if _is_scalar(r) else r.astype("int64")),
                 allocator_slack.slack_uncertainty(peak_allocated, conf, engine=engine))

@@ -161,16 +161,21 @@ def lazy_init_blocks(fsdp_version: int, root: int, unit: int, shard_group: int =
 
 
 def mp_shard_blocks(fsdp_version: int, root: int, unit: int, shard_group: int = 1, param_factor: float = 1,
-                    lora_block: int = 0) -> tuple[int, ...]:
+                    lora_block: int = 0, offload: bool = False) -> tuple[int, ...]:
     """Bytes FSDP1 allocates and frees at once on ``pre_unshard_stream`` per unshard, in order (module
     docstring): the ``_mp_shard`` of the root unit and of a layer unit (``root`` / ``unit`` bytes
     as gathered, 1/``shard_group`` of it) when the frozen base is stored in another dtype than it
     is gathered in (``param_factor`` != 1), then ``lora_block``: the largest LoRA unit's
     ``_mp_shard`` (0: the adapters are stored in the param dtype). Identical units leave the same
-    blocks, so one stands for all. FSDP2 and FSDP1 without parameter mixed precision: ()."""
+    blocks, so one stands for all. ``offload`` (CPU offload of the parameters, the frozen units
+    without parameter mixed precision): ``FlatParamHandle.pre_unshard`` copies each unit's host
+    shard to the device (``flat_param_to(self.device, non_blocking=True)``) on the same stream, a
+    shard-sized block freed once the all-gather has read it (``_use_unsharded_flat_param`` rebinds
+    ``flat_param.data``). FSDP2 and FSDP1 without either: ()."""
     if int(fsdp_version) != 1:
         return ()
-    out = [_ceil(u / max(int(shard_group), 1)) for u in (int(root), int(unit)) if param_factor != 1 and u > 0]
+    out = [_ceil(u / max(int(shard_group), 1)) for u in (int(root), int(unit))
+           if (param_factor != 1 or offload) and u > 0]
     if int(lora_block) > 0:
         out.append(int(lora_block))
     return tuple(out)
@@ -304,7 +309,7 @@ def _default_stream(a_def, B, phi, config, extra, lazy, construction: tuple = ()
 def reserved_by_stream(moments: dict[str, dict], fsdp_version: int, B, phi: float, config: str = "default",
                        root=0, unit=0, extra=0, shard_group: int = 1,
                        param_factor: float = 1, construction: tuple = (), fill=0,
-                       lora_block: int = 0) -> dict[str, object]:
+                       lora_block: int = 0, offload: bool = False) -> dict[str, object]:
     """{stream name: its peak reserved bytes} of one FSDP rank (module docstring).
 
     ``moments``: the rank's ledger per moment (``parallel.rank_moments``: line -> bytes, ints or
@@ -317,7 +322,8 @@ def reserved_by_stream(moments: dict[str, dict], fsdp_version: int, B, phi: floa
     ``lora_block``, its pre-unshard blocks (``mp_shard_blocks``: ``pre_unshard_stream``, present
     only when FSDP1 casts shards); ``construction``: FSDP1's constructor's events for a model built
     off the GPU (``construction_events``), () otherwise; ``fill``: the step's layer block, which
-    fills FSDP1's cached blocks smaller than B."""
+    fills FSDP1's cached blocks smaller than B; ``offload``: FSDP1 CPU offload (its shards copied to
+    the device before each all-gather: ``mp_shard_blocks``)."""
 
     side = SIDE_LINES[int(fsdp_version)]
     a_def, held, peaks = 0, 0, dict.fromkeys(side.values(), 0)
@@ -359,18 +365,20 @@ def reserved_by_stream(moments: dict[str, dict], fsdp_version: int, B, phi: floa
                                       0 if (construction and fsdp1) else held)}
     for stream, v in peaks.items():
         out[stream] = round_up(v, K_ROUND_LARGE)
-    if int(fsdp_version) == 1 and (param_factor != 1 or (lora_block > 0 if is_scalar(lora_block) else bool((lora_block > 0).any()))):
+    if int(fsdp_version) == 1 and (param_factor != 1 or offload
+                                   or (lora_block > 0 if is_scalar(lora_block) else bool((lora_block > 0).any()))):
         out["pre_unshard_stream"] = _pre_unshard_stream(
-            lambda r, u, p: mp_shard_blocks(1, r, u, shard_group, param_factor, p), root, unit, lora_block, config)
+            lambda r, u, p: mp_shard_blocks(1, r, u, shard_group, param_factor, p, offload), root, unit, lora_block,
+            config)
     return out
 
 
 def peak_reserved(moments: dict[str, dict], fsdp_version: int, B, phi: float, config: str = "default",
                   root=0, unit=0, extra=0, shard_group: int = 1, param_factor: float = 1, construction: tuple = (),
-                  fill=0, lora_block: int = 0):
+                  fill=0, lora_block: int = 0, offload: bool = False):
     """Peak reserved bytes of one FSDP rank: the sum of ``reserved_by_stream``."""
     total = 0
     for v in reserved_by_stream(moments, fsdp_version, B, phi, config, root, unit, extra,
-                                shard_group, param_factor, construction, fill, lora_block).values():
+                                shard_group, param_factor, construction, fill, lora_block, offload).values():
         total = total + v
     return total
