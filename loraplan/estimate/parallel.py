@@ -362,7 +362,7 @@ def _fsdp(moment: str, c: dict, st: Structure, train: TrainSpec, r) -> dict:
     L = layers_total(st)
     unit = layer_unit(st, lw)
     root = st.unquantized_weights
-    carved = fsdp2_units(st, train) if train.fsdp_version == 2 else None
+    carved = fsdp2_units(st, train)
     if moment in ("grad norm", "optimizer step"):
         gathered = 0  # every unit resharded after its backward
     elif carved is not None:

@@ -295,9 +295,9 @@ def step_script(model, lora, train, adapted, compute_capability: str | None = "9
 
     rr = resolve_recipe(train)
     outputs = rr.loop_outputs if rr.trainer == "loop" and rr.loss == "standard" else "dropped"
-    kept: tuple = ()
     if not model.arch.loss_upcasts_logits:  # T5: CrossEntropyLoss on the raw logits
         hf = (("alloc", "logits", c * TV), ("alloc", "lsm", c * TV), ("free", "logits"))
+        kept = ("logits",)  # the output's logits
         hb = (("alloc", "g_nll", c * TV), ("alloc", "g_lsm", c * TV), ("free", "g_nll"), ("free", "lsm"),
               ("alloc", "g_h", a * x.T * h), ("free", "g_lsm"), ("free", "g_h"))
     else:
@@ -328,8 +328,6 @@ def step_script(model, lora, train, adapted, compute_capability: str | None = "9
             hb += [("alloc", "g_h", a * x.T * h), ("free", "g_lsm")]
         hb.append(("free", "g_h"))
         hf, hb = tuple(hf), tuple(hb)
-    if not model.arch.loss_upcasts_logits:
-        kept = ("logits",)
     if outputs == "dropped":
         kept = ()
     else:

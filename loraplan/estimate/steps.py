@@ -113,10 +113,6 @@ def lm_loss_form(model_type: str, forms: tuple) -> str:
     return dict(forms).get(model_type, "loss_pad")
 
 
-#: the moments after this step's forward at which a kept output (``--loop-outputs``) is alive
-_AFTER_FORWARD = ("loss backward", "layer backward", "encoder layer backward", "grad norm", "optimizer step")
-
-
 def kept_model_output(st: Structure, x, rc: StepRecipe, moment: str, gradient_checkpointing: bool = True):
     """Bytes of the model's output object a plain loop keeps bound at ``moment`` (a MOMENTS name),
     beyond what the ledger counts there anyway: 0 for ``loop_outputs`` "dropped" (``loss =

@@ -107,8 +107,6 @@ def check_traceable(train) -> None:
     on one rank, FSDP options that do not apply, ...) is ``trainers.check_parallel``'s, run here
     through ``resolve_recipe`` so the trace refuses it with the line estimate prints (InputError);
     what is left is the trace's own limits (TraceError)."""
-    from ..trainers import resolve_recipe
-
     r = resolve_recipe(train)  # trainers.check_parallel: the engines' refusals
     s = r.strategy
     if s.startswith("zero"):
@@ -132,8 +130,6 @@ def fsdp_version(train) -> int:
     trainers.json)."""
     v = getattr(train, "fsdp_version", None)
     if v is None:
-        from ..trainers import resolve_recipe
-
         v = resolve_recipe(train).fsdp_version
     return int(v)
 
@@ -296,8 +292,6 @@ class Engine:
         from torch.distributed.fsdp import BackwardPrefetch
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
         from torch.distributed.fsdp import ShardingStrategy
-
-        from ..trainers import resolve_recipe
 
         strategy = ShardingStrategy.SHARD_GRAD_OP if self.train.fsdp_sharding == "shard-grad-op" \
             else ShardingStrategy.FULL_SHARD
@@ -551,7 +545,6 @@ class Engine:
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
         from ..estimate.stream_reserved import unit_construction_events
-        from ..trainers import resolve_recipe
 
         if (self._wrapped is None or not self.strategy.startswith("fsdp") or fsdp_version(self.train) != 1
                 or not resolve_recipe(self.train).ram_efficient_loading):
